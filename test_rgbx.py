@@ -1,16 +1,21 @@
 """Tests for rgbx: tiny configs on CPU, each checked against something computed another way."""
 import itertools
 import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import data
 import rgbx
 
 REALDATA = Path(__file__).resolve().parent.parent / 'shared' / 'realdata'
+NYU = REALDATA / 'NYUDepthv2'
 
 
 def tiny_swin(**kw):
@@ -286,3 +291,906 @@ def test_resize_logits_keeps_cells_over_their_pixels():
     r = np.clip((np.arange(7) + 0.5) / 4 - 0.5, 0, 1)
     c = np.clip((np.arange(10) + 0.5) / 4 - 0.5, 0, 2)
     np.testing.assert_allclose(out[0, 0].numpy(), 3 * r[:, None] + c[None, :], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+def denorm(t, mean, std):
+    """A normalised (C, H, W) tensor back to its [0, 1] scale as numpy (H, W, C)."""
+    return (t * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)).permute(1, 2, 0).numpy()
+
+
+def png(path, arr, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode).save(path)
+
+
+# ----------------------------------------------------------------------------
+# Real samples
+# ----------------------------------------------------------------------------
+
+def test_nyu_class_names_equal_meta_file():
+    names = (REALDATA / 'nyuv2_meta' / 'class_names_40.txt').read_text().splitlines()
+    assert data.PRESETS['nyudv2'].class_names == tuple(names)
+    assert data.PRESETS['sunrgbd'].num_classes == 37
+
+
+def test_nyu_real_rgb_depth():
+    ds = data.RGBXDataset(NYU, 'test', 'nyudv2', 'depth')
+    assert ds.names == ['0', '432', '463']
+    preset = data.PRESETS['nyudv2']
+    for i, name in enumerate(ds.names):
+        rgb, x, label = ds[i]
+        assert rgb.shape == (3, 480, 640) and x.shape == (1, 480, 640) and label.shape == (480, 640)
+        assert rgb.dtype == x.dtype == torch.float32 and label.dtype == torch.int64
+        # RGB order and scale: back to uint8 it is the PNG as PIL decodes it (R, G, B)
+        png_rgb = np.array(Image.open(NYU / 'RGB' / f'{name}.png'))
+        assert np.abs(denorm(rgb, *preset.rgb_norm) * 255 - png_rgb).max() < 1e-3
+        # depth: millimetres / 10000, holes stay 0
+        mm = np.array(Image.open(NYU / 'Depth' / f'{name}.png')).astype(np.float64)
+        assert np.abs(denorm(x, *preset.x_norm('depth'))[..., 0] * 10000 - mm).max() < 0.1
+        raw = np.array(Image.open(NYU / 'Label' / f'{name}.png')).astype(np.int64)
+        assert np.array_equal(label.numpy(), np.where(raw == 0, 255, raw - 1))
+    assert sorted(ds[0][2].unique().tolist()) == [0, 1, 2, 4, 6, 11, 21, 23, 25, 37, 38, 39, 255]
+
+
+def test_nyu_real_hha_through_a_split_file(tmp_path):
+    split = tmp_path / 'hha.txt'
+    split.write_text('RGB/0.jpg\tLabel/0.png\n')  # CMX writes .jpg; the files found are RGB/0.png, HHA/0.jpg
+    ds = data.RGBXDataset(NYU, split, 'nyudv2', 'hha')
+    rgb, x, label = ds[0]
+    assert x.shape == (3, 480, 640) and data.PRESETS['nyudv2'].x_channels() == 3
+    hha = np.array(Image.open(NYU / 'HHA' / '0.jpg')).astype(np.float64)
+    assert np.abs(denorm(x, *data.PRESETS['nyudv2'].x_norm('hha')) * 255 - hha).max() < 1e-3
+    assert label.shape == (480, 640)
+
+
+def test_nyu_rgb_only_frames_labels_in_range():
+    files = sorted((REALDATA / 'NYUDepthv2_rgb_label_only' / 'Label').glob('*.png'))
+    assert len(files) == 5
+    for f in files:
+        label = data.read_label(f, 'nyudv2')
+        raw = np.array(Image.open(f)).astype(np.int64)
+        assert label.shape == (468, 625) and label.dtype == np.int64
+        assert set(np.unique(label)) <= set(range(40)) | {255}
+        assert np.array_equal(label, np.where(raw == 0, 255, raw - 1))
+
+
+def test_pst900_real_sample(tmp_path):
+    split = tmp_path / 'one.txt'
+    split.write_text('pst900_readme_sample\n')  # one-column form: the id
+    ds = data.RGBXDataset(REALDATA / 'PST900', split, 'pst900')
+    assert ds.layout.rgb == 'rgb' and ds.names == ['pst900_readme_sample']
+    rgb, x, label = ds[0]
+    assert rgb.shape == (3, 720, 1280) and x.shape == (1, 720, 1280) and label.shape == (720, 1280)
+    assert set(label.unique().tolist()) == {0, 1, 2, 3}
+    thermal = np.array(Image.open(REALDATA / 'PST900' / 'thermal' / 'pst900_readme_sample.png'))
+    assert np.abs(denorm(x, *data.PRESETS['pst900'].x_norm())[..., 0] * 255 - thermal).max() < 1e-3
+
+
+def test_mfnet_rgba_splits_into_rgb_and_thermal(tmp_path):
+    for f in sorted((REALDATA / 'MFNet_unlabeled' / 'rgbt_4ch').glob('*.png')):
+        rgba = np.array(Image.open(f))
+        rgb, thermal = data.split_rgbt(data.read_rgb(f, alpha=True))
+        assert np.array_equal(rgb, rgba[..., :3]) and np.array_equal(thermal[..., 0], rgba[..., 3])
+    # MFNet's own layout: images/ hold the RGBA files (linked here), labels/ the classes
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'images' / '01234N.png').symlink_to(REALDATA / 'MFNet_unlabeled' / 'rgbt_4ch' / '01234N.png')
+    label = np.random.default_rng(0).integers(0, 9, (480, 640)).astype(np.uint8)
+    png(tmp_path / 'labels' / '01234N.png', label)
+    (tmp_path / 'test.txt').write_text('01234N\n')
+    rgb, x, lab = data.build_dataset('mfnet', tmp_path, 'test')[0]
+    preset, rgba = data.PRESETS['mfnet'], np.array(Image.open(tmp_path / 'images' / '01234N.png'))
+    assert np.abs(denorm(rgb, *preset.rgb_norm) * 255 - rgba[..., :3]).max() < 1e-3
+    assert np.abs(denorm(x, *preset.x_norm())[..., 0] * 255 - rgba[..., 3]).max() < 1e-3
+    assert np.array_equal(lab.numpy(), label)  # no shift: 0 = unlabelled is a class
+
+
+def test_load_pair_real_and_size_mismatch(tmp_path):
+    rgb, x = data.load_pair(NYU / 'RGB' / '0.png', NYU / 'Depth' / '0.png', 'nyudv2', 'depth')
+    ref_rgb, ref_x, _ = data.RGBXDataset(NYU, 'test', 'nyudv2', 'depth')[0]
+    assert torch.equal(rgb, ref_rgb) and torch.equal(x, ref_x)
+    png(tmp_path / 'small.png', np.zeros((100, 100), np.uint8))
+    with pytest.raises(ValueError, match='disagree'):
+        data.load_pair(NYU / 'RGB' / '0.png', tmp_path / 'small.png', 'nyudv2', 'depth')
+
+
+# ----------------------------------------------------------------------------
+# Labels, palettes
+# ----------------------------------------------------------------------------
+
+def test_label_shift_int64_with_explicit_void():
+    raw = np.array([[0, 1, 40, 255]], np.uint8)
+    assert data.shift_label(raw, 'nyudv2').tolist() == [[255, 0, 39, 255]]
+    assert data.shift_label(raw[:, :2], 'mfnet').tolist() == [[0, 1]]  # no shift
+    with pytest.raises(ValueError, match=r'lab\.png.*\[41\]'):
+        data.shift_label(np.array([[1, 41]], np.uint8), 'nyudv2', 'lab.png')
+    with pytest.raises(ValueError, match=r'\[256\]'):  # 256 - 1 = 255 must not pass as ignore
+        data.shift_label(np.array([[256]], np.uint16), 'nyudv2')
+
+
+def test_palettes():
+    npy = np.load(REALDATA / 'nyuv2_meta' / 'nyu40_colormap_256x3.npy')
+    assert np.array_equal(data.voc_colormap(), npy)
+    nyu = data.palette('nyudv2')
+    assert nyu.shape == (256, 3) and nyu.dtype == np.uint8
+    assert np.array_equal(nyu[:40], npy[1:41]) and not nyu[255].any()
+    mfnet = data.palette('mfnet')
+    assert mfnet[:9].tolist() == [[0, 0, 0], [64, 0, 128], [64, 64, 0], [0, 128, 192], [0, 0, 192],
+                                  [128, 128, 0], [64, 64, 128], [192, 128, 128], [192, 64, 0]]
+    assert np.array_equal(data.palette('pst900')[:5], npy[:5])
+    label = np.array([[0, 1], [39, 255]])
+    img = data.colorize(label, nyu)
+    assert img.shape == (2, 2, 3) and img.dtype == np.uint8
+    assert img[0, 0].tolist() == npy[1].tolist() and img[1, 0].tolist() == npy[40].tolist()
+    assert img[1, 1].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError):
+        data.colorize(np.array([[256]]), nyu)
+
+
+# ----------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------
+
+COLOURS = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20], [20, 230, 230]], np.uint8)
+X_NORM = ((0.0,), (1.0,))
+
+
+def block_sample(seed=0, h=57, w=83):
+    """Random 10x10-pixel blocks of classes 0..4; rgb and x are functions of the class."""
+    rng = np.random.default_rng(seed)
+    label = np.kron(rng.integers(0, 5, (h // 10 + 1, w // 10 + 1)), np.ones((10, 10), np.int64))[:h, :w]
+    return COLOURS[label], ((label + 1) / 10).astype(np.float32)[..., None], label
+
+
+def decode(rgb, x):
+    """Classes read back from augmented rgb (nearest colour) and x ((c + 1) / 10)."""
+    img = denorm(rgb, *data.IMAGENET) * 255
+    from_rgb = np.linalg.norm(img[:, :, None] - COLOURS[None, None].astype(float), axis=-1).argmin(-1)
+    return from_rgb, np.rint(x[0].numpy() * 10).astype(np.int64) - 1
+
+
+def test_augmentation_keeps_rgb_x_label_aligned():
+    rgb, x, label = block_sample()
+    tf = data.TrainTransform((64, 72), data.IMAGENET, X_NORM, jitter_p=0, blur_p=0)
+    padded = 0
+    for seed in range(30):
+        r, xx, lab = tf(rgb, x, label, np.random.default_rng(seed))
+        assert r.shape == (3, 64, 72) and xx.shape == (1, 64, 72) and lab.shape == (64, 72)
+        assert lab.dtype == torch.int64 and set(lab.unique().tolist()) <= {0, 1, 2, 3, 4, 255}
+        pad = lab == 255  # the source has no ignore: 255 is padding, where rgb and x are 0
+        assert torch.equal(pad, (r == 0).all(0)) and torch.equal(pad, xx[0] == 0)
+        padded += bool(pad.any())
+        # away from block edges (constant 5x5 label neighbourhood) rgb and x give the label
+        lo = -F.max_pool2d(-lab[None, None].float(), 5, 1, 2)[0, 0]
+        hi = F.max_pool2d(lab[None, None].float(), 5, 1, 2)[0, 0]
+        inner = ((lo == hi) & ~pad).numpy()
+        from_rgb, from_x = decode(r, xx)
+        assert inner.sum() > 100
+        assert (from_rgb[inner] == lab.numpy()[inner]).mean() > 0.99
+        assert (from_x[inner] == lab.numpy()[inner]).mean() > 0.99
+    assert 0 < padded < 30  # both small (padded) and large (cropped) scales were drawn
+
+
+def test_augmentation_at_scale_one_is_identity_or_mirror():
+    rgb, x, label = block_sample(1)
+    tf = data.TrainTransform(label.shape, data.IMAGENET, X_NORM, scale=(1, 1), jitter_p=0, blur_p=0)
+    ref_rgb, ref_x, ref_label = data.EvalTransform(data.IMAGENET, X_NORM)(rgb, x, label)
+    flips = set()
+    for seed in range(8):
+        r, xx, lab = tf(rgb, x, label, np.random.default_rng(seed))
+        flip = not torch.equal(lab, ref_label)
+        flips.add(flip)
+        expect = [t.flip(-1) if flip else t for t in (ref_rgb, ref_x, ref_label)]
+        assert torch.allclose(r, expect[0], atol=1e-5) and torch.allclose(xx, expect[1], atol=1e-6)
+        assert torch.equal(lab, expect[2])
+    assert flips == {True, False}
+
+
+def test_jitter_and_blur_touch_rgb_only():
+    rgb, x, label = block_sample(2)
+    plain = data.TrainTransform((32, 32), data.IMAGENET, X_NORM, jitter_p=0, blur_p=0)
+    both = data.TrainTransform((32, 32), data.IMAGENET, X_NORM, jitter_p=1, blur_p=1)
+    for seed in range(4):
+        a, b = plain(rgb, x, label, np.random.default_rng(seed)), both(rgb, x, label, np.random.default_rng(seed))
+        assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+        assert not torch.allclose(a[0], b[0])
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index():
+    def make():
+        return data.build_dataset('demo', '', 'train', crop=(48, 48), train=True, seed=5)
+    ds, again = make(), make()
+    ds.set_epoch(2)
+    again.set_epoch(2)
+    later = again[7]  # another access order, another object
+    first = again[3]
+    for a, b in zip(ds[3] + ds[7], first + later):
+        assert torch.equal(a, b)
+    ds.set_epoch(3)
+    assert not torch.equal(ds[3][0], first[0])
+    assert ds[3][0].shape == (3, 48, 48) and ds[3][1].shape == (1, 48, 48)
+
+
+# ----------------------------------------------------------------------------
+# Demo dataset
+# ----------------------------------------------------------------------------
+
+def test_demo_deterministic_splits_differ_labels_in_range():
+    a, b = data.DemoDataset('train', n=4), data.DemoDataset('train', n=4)
+    for i in range(4):
+        assert all(torch.equal(u, v) for u, v in zip(a[i], b[i]))
+    test, other_seed = data.DemoDataset('test', n=4), data.DemoDataset('train', n=4, seed=1)
+    assert not np.array_equal(a.read(0)[0], test.read(0)[0])
+    assert not np.array_equal(a.read(0)[0], other_seed.read(0)[0])
+    rgb, x, label = a[0]
+    assert rgb.shape == (3, 64, 64) and x.shape == (1, 64, 64) and label.dtype == torch.int64
+    assert set(torch.cat([a[i][2].flatten() for i in range(4)]).unique().tolist()) <= set(range(5))
+    assert len(data.DemoDataset('train')) == 256 and len(data.DemoDataset('test')) == 64
+
+
+def pixel_features(ds, n):
+    """Per-pixel features of n scenes: chromaticity (3) and depth relative to the
+    scene's median (1), labels; invalid depth pixels dropped."""
+    feats, labels = [], []
+    for i in range(n):
+        rgb, depth, label = ds.read(i)
+        rgb = rgb.reshape(-1, 3).astype(np.float64) + 1
+        d = depth.reshape(-1).astype(np.float64)
+        valid = d > 0
+        feats.append(np.column_stack([rgb / rgb.sum(1, keepdims=True), d - np.median(d[valid])])[valid])
+        labels.append(label.reshape(-1)[valid])
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def nearest_centroid_miou(train, test, cols):
+    (xa, ya), (xb, yb) = train, test
+    scale = xa[:, cols].std(0)
+    centroids = np.stack([xa[ya == c][:, cols].mean(0) for c in range(5)]) / scale
+    pred = np.linalg.norm(xb[:, cols, None] / scale[:, None] - centroids.T[None], axis=1).argmin(1)
+    conf = np.bincount(yb * 5 + pred, minlength=25).reshape(5, 5)
+    return np.mean(np.diag(conf) / (conf.sum(0) + conf.sum(1) - np.diag(conf)))
+
+
+def test_demo_needs_both_modalities():
+    train = pixel_features(data.DemoDataset('train'), 48)
+    test = pixel_features(data.DemoDataset('test'), 24)
+    rgb_only = nearest_centroid_miou(train, test, [0, 1, 2])
+    depth_only = nearest_centroid_miou(train, test, [3])
+    both = nearest_centroid_miou(train, test, [0, 1, 2, 3])
+    assert rgb_only < 0.55 and depth_only < 0.55  # each confuses half of the object classes
+    assert both > 0.8 and both - max(rgb_only, depth_only) > 0.3
+
+
+def test_demo_x_statistics_match_preset():
+    ds = data.DemoDataset('train', n=32)
+    x = torch.stack([ds[i][1] for i in range(32)])
+    assert abs(x.mean()) < 0.1 and abs(x.std() - 1) < 0.1
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------
+
+@pytest.fixture
+def nyu_like(tmp_path):
+    """A two-sample NYUDv2-layout dataset of 8x10 images in tmp_path."""
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        png(tmp_path / 'RGB' / f'{i}.png', rng.integers(0, 256, (8, 10, 3), dtype=np.uint8))
+        png(tmp_path / 'HHA' / f'{i}.png', rng.integers(0, 256, (8, 10, 3), dtype=np.uint8))
+        png(tmp_path / 'Depth' / f'{i}.png', rng.integers(0, 5000, (8, 10)).astype(np.uint16))
+        png(tmp_path / 'Label' / f'{i}.png', rng.integers(0, 41, (8, 10)).astype(np.uint8))
+    (tmp_path / 'train.txt').write_text('RGB/0.jpg\tLabel/0.png\nRGB/1.jpg Label/1.png\n\n')
+    return tmp_path
+
+
+def test_fake_dataset_loads(nyu_like):
+    ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2', 'depth')
+    rgb, x, label = ds[1]
+    assert rgb.shape == (3, 8, 10) and x.shape == (1, 8, 10) and len(ds) == 2
+    mm = np.array(Image.open(nyu_like / 'Depth' / '1.png')).astype(np.float64)
+    assert np.abs(denorm(x, *data.PRESETS['nyudv2'].x_norm('depth'))[..., 0] * 10000 - mm).max() < 0.1
+
+
+def test_missing_x_file_names_it(nyu_like):
+    (nyu_like / 'HHA' / '1.png').unlink()
+    with pytest.raises(FileNotFoundError, match=r'line 2.*HHA/1'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2', 'hha')
+
+
+def test_missing_rgb_file_names_it(nyu_like):
+    (nyu_like / 'RGB' / '0.png').unlink()
+    with pytest.raises(FileNotFoundError, match=r'RGB/0\.jpg not found'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+
+
+def test_unreadable_and_truncated_images(nyu_like):
+    good = (nyu_like / 'RGB' / '0.png').read_bytes()
+    (nyu_like / 'RGB' / '0.png').write_bytes(b'not an image at all')
+    (nyu_like / 'HHA' / '1.png').write_bytes((nyu_like / 'HHA' / '1.png').read_bytes()[:60])
+    ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2', 'hha')
+    with pytest.raises(ValueError, match=r'RGB/0\.png cannot be decoded'):
+        ds[0]
+    with pytest.raises(ValueError, match=r'HHA/1\.png cannot be decoded'):
+        ds[1]
+    (nyu_like / 'RGB' / '0.png').write_bytes(good)
+    ds[0]
+
+
+def test_sizes_that_disagree(nyu_like):
+    png(nyu_like / 'Depth' / '1.png', np.zeros((8, 11), np.uint16))
+    ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2', 'depth')
+    with pytest.raises(ValueError, match=r'disagree.*\(8, 11\)'):
+        ds[1]
+
+
+def test_label_values_outside_the_classes(nyu_like):
+    png(nyu_like / 'Label' / '0.png', np.full((8, 10), 41, np.uint8))
+    with pytest.raises(ValueError, match=r'Label/0\.png.*\[41\]'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2')[0]
+    png(nyu_like / 'Label' / '1.png', np.zeros((8, 10, 3), np.uint8))  # colour-coded label
+    with pytest.raises(ValueError, match=r"Label/1\.png is a PIL 'RGB' image"):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2')[1]
+
+
+def test_wrong_image_kinds(nyu_like):
+    png(nyu_like / 'RGB' / '0.png', np.zeros((8, 10, 4), np.uint8))
+    png(nyu_like / 'HHA' / '1.png', np.zeros((8, 10), np.uint8))
+    ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2', 'hha')
+    with pytest.raises(ValueError, match=r"RGB/0\.png is a PIL 'RGBA' image.*MFNet"):
+        ds[0]
+    with pytest.raises(ValueError, match=r'HHA/1\.png has 1 channels'):
+        ds[1]
+    png(nyu_like / 'Thermal' / '0.png', np.zeros((8, 10), np.uint16))
+    with pytest.raises(ValueError, match='16-bit'):
+        data.read_x(nyu_like / 'Thermal' / '0.png', data.PRESETS['pst900'].modalities['thermal'])
+
+
+def test_grey_saved_as_three_channels_reads_as_one(nyu_like):
+    grey = np.random.default_rng(1).integers(0, 256, (8, 10), dtype=np.uint8)
+    png(nyu_like / 't.png', np.stack([grey] * 3, -1))
+    x = data.read_x(nyu_like / 't.png', data.PRESETS['pst900'].modalities['thermal'])
+    assert x.shape == (8, 10, 1) and np.array_equal(x[..., 0], grey / np.float32(255))
+    png(nyu_like / 't.png', np.stack([grey, grey, grey // 2], -1))
+    with pytest.raises(ValueError, match='3 channels'):
+        data.read_x(nyu_like / 't.png', data.PRESETS['pst900'].modalities['thermal'])
+
+
+def test_split_file_problems(nyu_like):
+    with pytest.raises(FileNotFoundError, match=r'val\.txt not found'):
+        data.RGBXDataset(nyu_like, 'val', 'nyudv2')
+    (nyu_like / 'test.txt').write_text('\n  \n')
+    with pytest.raises(ValueError, match=r'test\.txt is empty'):
+        data.RGBXDataset(nyu_like, 'test', 'nyudv2')
+    (nyu_like / 'test.txt').write_text('RGB/0.png HHA/0.png Label/0.png\n')
+    with pytest.raises(ValueError, match='3 columns'):
+        data.RGBXDataset(nyu_like, 'test', 'nyudv2')
+    (nyu_like / 'test.txt').write_text('images/0.png\n')
+    with pytest.raises(ValueError, match=r'not in the RGB folder RGB/'):
+        data.RGBXDataset(nyu_like, 'test', 'nyudv2')
+
+
+def test_unknown_preset_or_modality(nyu_like):
+    with pytest.raises(ValueError, match=r"unknown dataset 'nyu'.*nyudv2"):
+        data.build_dataset('nyu', nyu_like, 'train')
+    with pytest.raises(ValueError, match=r"unknown X modality 'thermal'.*depth.*hha"):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2', 'thermal')
+
+
+def test_missing_dataset_root_describes_the_layout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape('datasets/NYUDepthv2/{RGB/<id>.jpg|png, HHA/')):
+        data.build_dataset('nyudv2', '', 'train')
+    with pytest.raises(FileNotFoundError, match=r'images/<id>.*thermal in alpha'):
+        data.build_dataset('mfnet', None, 'test')
+
+
+def test_pst900_release_split_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ('a', 'b'):
+        png(tmp_path / 'test' / 'rgb' / f'{name}.png', rng.integers(0, 256, (6, 7, 3), dtype=np.uint8))
+        png(tmp_path / 'test' / 'thermal' / f'{name}.png', rng.integers(0, 256, (6, 7), dtype=np.uint8))
+        png(tmp_path / 'test' / 'labels' / f'{name}.png', rng.integers(0, 5, (6, 7)).astype(np.uint8))
+    ds = data.build_dataset('pst900', tmp_path, 'test')
+    assert ds.names == ['a', 'b'] and ds[1][2].shape == (6, 7)
+
+
+def test_build_dataset_train_uses_recipe_crop():
+    ds = data.build_dataset('demo', '', 'train', train=True)
+    rgb, x, label = ds[0]
+    assert rgb.shape[1:] == x.shape[1:] == label.shape == data.PRESETS['demo'].recipe.crop
+    assert data.PRESETS['nyudv2'].recipe == data.Recipe((480, 640), 400, 4e-4, 0.01)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: metrics and inference
+# ----------------------------------------------------------------------------
+
+import eval as ev  # noqa: E402  (the module of eval.py; `eval` the builtin stays untouched)
+
+
+def test_metrics_hand_computed():
+    label = torch.tensor([[0, 0, 1], [2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1], [2, 0, 0]])
+    conf = ev.confusion(pred, label, 4)
+    expect = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])  # rows: ground truth
+    assert torch.equal(conf, expect)  # the ignored pixel (predicted 0) does not count
+    m = ev.metrics(conf)
+    # class 0: tp 1, gt 2, pred 2 -> 1/3; class 1 the same; class 2: 1/1; class 3 absent from both: left out
+    assert m['iou'][:3] == pytest.approx([1 / 3, 1 / 3, 1.0]) and math.isnan(m['iou'][3])
+    assert m['miou'] == pytest.approx(5 / 9)
+    assert m['macc'] == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert m['pixel_acc'] == pytest.approx(3 / 5)
+    pe = (2 * 2 + 2 * 2 + 1 * 1) / 25  # chance agreement from the marginals
+    assert m['kappa'] == pytest.approx((3 / 5 - pe) / (1 - pe))
+    # a class predicted but absent from the ground truth scores 0 and counts
+    m2 = ev.metrics(ev.confusion(torch.tensor([3, 0]), torch.tensor([0, 0]), 4))
+    assert m2['iou'][3] == 0 and m2['miou'] == pytest.approx((1 / 2 + 0) / 2)
+
+
+class PixelModel(torch.nn.Module):
+    """A 1x1-convolution model: every pixel's logits depend on that pixel only."""
+
+    def __init__(self, k=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, k, 1)
+
+    def forward(self, rgb, x, label=None):
+        return self.conv(torch.cat([rgb, x], 1))
+
+
+def test_sliding_window_equals_whole_image():
+    model = PixelModel()
+    rgb, x = torch.randn(2, 3, 37, 53), torch.randn(2, 1, 37, 53)  # non-square, not a multiple of the stride
+    with torch.no_grad():
+        whole = model(rgb, x)
+        slid = ev.sliding_logits(model, rgb, x, 3, crop=(16, 24))
+    torch.testing.assert_close(slid, whole)
+    assert ev.window_starts(37, 16, 10) == [0, 10, 20, 21] and ev.window_starts(10, 16, 10) == [0]
+
+
+def test_multiscale_flip_fusion():
+    class Known(torch.nn.Module):  # class-0 logit = the column's position, class 1 = 0
+        def forward(self, rgb, x, label=None):
+            B, _, H, W = rgb.shape
+            col = (torch.arange(W, dtype=torch.float32) + 0.5) / W
+            return torch.stack([col.expand(B, H, W), torch.zeros(B, H, W)], 1)
+
+    rgb, x = torch.zeros(1, 3, 8, 10), torch.zeros(1, 1, 8, 10)
+    col = (torch.arange(10) + 0.5) / 10
+    p0 = torch.sigmoid(col)  # softmax over (col, 0) for class 0
+    got = ev.predict(Known(), rgb, x, 2, flip=True)
+    # the flipped pass sees reversed columns and is flipped back: p(col) + p(1 - col)
+    torch.testing.assert_close(got[0, 0, 0], p0 + torch.sigmoid(1 - col))
+    torch.testing.assert_close(got.sum(1), torch.full((1, 8, 10), 2.0))
+
+    class Constant(torch.nn.Module):
+        def forward(self, rgb, x, label=None):
+            return torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1).expand(rgb.shape[0], 3, *rgb.shape[-2:])
+
+    got = ev.predict(Constant(), rgb, x, 3, scales=ev.SCALES, flip=True)
+    torch.testing.assert_close(got, 12 * torch.tensor([1.0, 0.0, -1.0]).softmax(0).view(1, 3, 1, 1).expand(1, 3, 8, 10))
+
+
+def test_drop_modality():
+    rgb, x = torch.ones(1, 3, 2, 2), torch.ones(1, 1, 2, 2)
+    r, t = ev.drop_modality(rgb, x, 'rgb')
+    assert r.eq(1).all() and t.eq(0).all()
+    r, t = ev.drop_modality(rgb, x, 'x')
+    assert r.eq(0).all() and t.eq(1).all()
+    with pytest.raises(ValueError, match='both'):
+        ev.drop_modality(rgb, x, 'depth')
+
+
+# ----------------------------------------------------------------------------
+# Training: schedule, checkpoints, resume, accumulation, DDP
+# ----------------------------------------------------------------------------
+
+import train as tr  # noqa: E402
+
+
+def test_lr_schedule():
+    lrs = [tr.lr_at(s, 100, 10, 1.0) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[5] == pytest.approx(0.55) and lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5 ** 0.9) and lrs[100] == 0.0
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_param_groups_no_decay_on_norms_biases_tokens():
+    model = rgbx.build_model('early_fusion', 'vit-nano', 5, 1)
+    model.backbone.blocks[0].requires_grad_(False)
+    decay, plain = tr.param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert plain['weight_decay'] == 0 and decay['weight_decay'] == 0.01
+    assert {names[id(p)] for p in plain['params']} >= {'backbone.cls_token', 'backbone.norm.weight', 'head.conv1.bias'}
+    assert all(p.ndim > 1 for p in decay['params'])
+    assert not any(names[id(p)].startswith('backbone.blocks.0.') for p in decay['params'] + plain['params'])
+
+
+def test_sampler_resumes_and_shards():
+    full = tr.ResumableSampler(10, seed=1, batch=2)
+    full.set_epoch(3)
+    order = list(full)
+    assert sorted(order) == list(range(10))
+    full.set_epoch(3, start=4)
+    assert list(full) == order[4:]
+    shards = [tr.ResumableSampler(10, seed=1, rank=r, world=2, batch=2) for r in range(2)]
+    for s in shards:
+        s.set_epoch(3)
+    assert list(shards[0]) == order[0:8:2] and list(shards[1]) == order[1:8:2]  # whole batches per rank
+
+
+def test_checkpoint_atomic_and_verified(tmp_path, monkeypatch):
+    path = str(tmp_path / 'last.pt')
+    tr.save_checkpoint({'model': {'w': torch.ones(3)}, 'config': {}, 'step': 1}, path)
+    real_replace = os.replace
+
+    def crash(src, dst):  # the process dies after writing the temporary file, before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr.os, 'replace', crash)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save_checkpoint({'model': {'w': torch.zeros(3)}, 'config': {}, 'step': 2}, path)
+    monkeypatch.setattr(tr.os, 'replace', real_replace)
+    ckpt = tr.load_run_checkpoint(path)
+    assert ckpt['step'] == 1 and torch.equal(ckpt['model']['w'], torch.ones(3))
+    blob = open(path, 'rb').read()
+    open(path, 'wb').write(blob[:len(blob) - 100])
+    with pytest.raises(RuntimeError, match='truncated'):
+        tr.load_run_checkpoint(path)
+    torch.save({'w': torch.ones(1)}, path)
+    with pytest.raises(ValueError, match='not an rgbx training checkpoint'):
+        tr.load_run_checkpoint(path)
+
+
+class SplitInvariantModel(torch.nn.Module):
+    """A 1x1-conv segmenter without batch statistics whose loss is a sum over pixels
+    divided by a constant, so that splitting a batch into micro-batches or across
+    processes gives exactly the same gradient."""
+
+    def __init__(self, x_channels=1, k=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3 + x_channels, k, 1)
+
+    def forward(self, rgb, x, label=None):
+        logits = self.conv(torch.cat([rgb, x], 1))
+        if label is None:
+            return logits
+        ce = F.cross_entropy(logits, label, ignore_index=255, reduction='none')
+        return ce.sum() / label.numel(), logits
+
+
+def demo_config(tmp_path, **kw):
+    return tr.resolve(tr.Config(**{**dict(dataset='demo', crop='32x32', batch_size=2, epochs=1, max_steps=4, workers=0,
+                                          out_dir=str(tmp_path / 'run'), log_every=1, lr=1e-3), **kw}))
+
+
+def trained_state(cfg):
+    return tr.load_run_checkpoint(os.path.join(cfg.out_dir, 'last.pt'))['model']
+
+
+def test_grad_accumulation_equals_large_batch(tmp_path):
+    tr.train(demo_config(tmp_path / 'a', batch_size=4, grad_accum=1), model=SplitInvariantModel())
+    tr.train(demo_config(tmp_path / 'b', batch_size=2, grad_accum=2), model=SplitInvariantModel())
+    a, b = trained_state(demo_config(tmp_path / 'a')), trained_state(demo_config(tmp_path / 'b'))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a['conv.weight'], SplitInvariantModel().conv.weight)
+
+
+def test_kill_and_resume_is_bit_exact(tmp_path):
+    """Kill a real run (early fusion on the demo, with dropout and BatchNorm) at step 5,
+    resume from the step-4 checkpoint: the final weights equal an uninterrupted run's."""
+    kw = dict(method='early_fusion', backbone='swin-nano', max_steps=7, save_every=2, workers=1)
+    tr.train(demo_config(tmp_path / 'full', **kw))
+
+    def kill(step):
+        if step == 5:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(demo_config(tmp_path / 'cut', **kw), on_step=kill)
+    assert tr.load_run_checkpoint(os.path.join(demo_config(tmp_path / 'cut').out_dir, 'last.pt'))['step'] == 4
+    tr.train(demo_config(tmp_path / 'cut', resume=True, **kw))
+    a, b = trained_state(demo_config(tmp_path / 'full')), trained_state(demo_config(tmp_path / 'cut'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_loss_stops_or_skips(tmp_path):
+    class Exploding(SplitInvariantModel):
+        def forward(self, rgb, x, label=None):
+            if label is None:
+                return super().forward(rgb, x)
+            loss, logits = super().forward(rgb, x, label)
+            self.calls = getattr(self, 'calls', 0) + 1
+            return (loss * float('nan') if self.calls == 3 else loss), logits
+
+    with pytest.raises(tr.NonFiniteLoss, match=r'step 3.*last good checkpoint'):
+        tr.train(demo_config(tmp_path / 'stop'), model=Exploding())
+    out = tr.train(demo_config(tmp_path / 'skip', nonfinite='skip'), model=Exploding())
+    assert out['skipped'] == 1 and out['step'] == 4
+    assert all(torch.isfinite(v).all() for v in trained_state(demo_config(tmp_path / 'skip')).values())
+
+
+def ddp_worker(rank, world, cfg, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        tr.train(cfg, model=SplitInvariantModel())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    one = demo_config(tmp_path / 'one', batch_size=4)
+    two = demo_config(tmp_path / 'two', batch_size=2)
+    tr.train(one, model=SplitInvariantModel())
+    torch.multiprocessing.spawn(ddp_worker, args=(2, two, port), nprocs=2)
+    a, b = trained_state(one), trained_state(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# MaskMentor
+# ----------------------------------------------------------------------------
+
+MM_TINY = dict(dim=32, depth=2, heads=2, img_size=64)
+
+
+def mm_pretrain(**kw):
+    return rgbx.build_maskmentor('nano', 5, 1, stage='pretrain',
+                                 **{**MM_TINY, 'decoder_dim': 32, 'decoder_heads': 2, **kw})
+
+
+def mm_finetune(num_classes=5, **kw):
+    return rgbx.build_maskmentor('nano', num_classes, 1, **{**MM_TINY, 'head_dim': 16, 'head_depth': 1, **kw})
+
+
+def mm_batch(B=2, H=64, W=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, 5, (B, H, W), generator=g)
+    label[:, :5] = 255
+    return torch.randn(B, 3, H, W, generator=g), torch.randn(B, 1, H, W, generator=g), label
+
+
+def m2im_exact(K, p):
+    """Algorithm 1's distribution over kept subsets, by enumerating its branches:
+    every shuffle (prob 1/K!) and every outcome of its coins."""
+    dist = {}
+    for perm in itertools.permutations(range(K)):
+        for coins in itertools.product((True, False), repeat=K - 1):
+            pr = math.prod((1 - p) if c else p for c in coins) / math.factorial(K)
+            kept = frozenset(perm[i] for i, c in enumerate(coins) if c)
+            last = kept | {perm[-1]}
+            outcomes = [(last, 1.0)] if not kept else [(last, 1 - p), (kept, p)]
+            for subset, q in outcomes:
+                dist[subset] = dist.get(subset, 0.0) + pr * q
+    return dist
+
+
+@pytest.mark.parametrize('K,p', [(2, 0.5), (3, 0.5), (3, 0.3)])
+def test_m2im_keep_distribution(K, p):
+    exact = m2im_exact(K, p)
+    assert abs(sum(exact.values()) - 1) < 1e-12 and frozenset() not in exact
+    g = torch.Generator().manual_seed(K)
+    n = 6000
+    draws = [frozenset(torch.nonzero(rgbx.m2im_keep(K, p, generator=g))[:, 0].tolist()) for _ in range(n)]
+    assert frozenset() not in draws
+    for subset in {frozenset(s) for r in range(1, K + 1) for s in itertools.combinations(range(K), r)}:
+        q = exact.get(subset, 0.0)
+        assert abs(draws.count(subset) / n - q) < 4.5 * math.sqrt(q * (1 - q) / n) + 1e-3, (subset, q)
+
+
+def test_patch_masking_exact_counts():
+    torch.manual_seed(0)
+    B, K, N, T = 5, 3, 12, 6
+    keep = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1]], dtype=torch.bool)
+    counts = rgbx.visible_counts(keep, T)
+    assert counts.sum(1).eq(T).all() and counts[~keep].eq(0).all()
+    ids_keep, ids_restore, mask = rgbx.random_masking(counts, N)
+    assert mask.shape == (B, K, N) and torch.equal((~mask).sum(-1), counts)
+    for b in range(B):  # the kept indices are exactly the unmasked tokens
+        assert sorted(ids_keep[b].tolist()) == torch.nonzero(~mask[b].flatten())[:, 0].tolist()
+    assert torch.equal(torch.gather(ids_restore, 1, ids_keep), torch.arange(T).expand(B, -1))
+    with pytest.raises(ValueError, match='same number'):
+        rgbx.random_masking(torch.tensor([[2, 1], [1, 1]]), N)
+
+
+def test_decoder_restores_grid_order():
+    """Decoder made an identity on its query grid: its output tokens minus the
+    position embedding are the known tokens where visible and the mask token elsewhere."""
+    torch.manual_seed(0)
+    B, K, (h, w), D = 3, 3, (3, 4), 8
+    N = h * w
+    dec = rgbx.MIMDecoder(1, K, D, D, 2, 0, 4, (h, w))
+    with torch.no_grad():
+        dec.proj_context.weight.copy_(torch.eye(D))
+        dec.proj_context.bias.zero_()
+        dec.modality_embed.weight.zero_()
+        dec.mask_token.fill_(-7.0)
+        for lin in (dec.cross_attn.proj, dec.mlp.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    known = torch.randn(B, K * N, D)
+    counts = rgbx.visible_counts(torch.ones(B, K, dtype=torch.bool), 10)
+    ids_keep, ids_restore, mask = rgbx.random_masking(counts, N)
+    x = torch.cat([torch.gather(known, 1, ids_keep[..., None].expand(-1, -1, D)), torch.randn(B, 1, D)], 1)
+    with torch.no_grad():
+        out = dec.attend(x, ids_keep, ids_restore, (h, w)) - rgbx.sincos_pos_embed(D, h, w)
+    expect = torch.where(mask[:, 1, :, None], torch.tensor(-7.0), known[:, N:2 * N])
+    torch.testing.assert_close(out, expect)
+
+
+def test_sttp_schedule():
+    phases = [rgbx.sttp_phase(s, 2) for s in range(11)]
+    assert phases == ['mim', 'mim'] + ['teacher'] * 3 + ['student'] + ['teacher'] * 3 + ['student', 'teacher']
+    assert [rgbx.sttp_batch_index(s, 2) for s in range(11)] == [0, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4]
+    with pytest.raises(ValueError):
+        rgbx.sttp_phase(-1, 0)
+
+
+def test_sttp_student_step_teacher_targets_without_gradient(monkeypatch):
+    torch.manual_seed(0)
+    model = mm_pretrain()
+    calls = []
+    original = rgbx.MaskMentorPretrain.reconstruct
+
+    def recording(self, inputs, keep):
+        out = original(self, inputs, keep)
+        calls.append((keep.clone(), out, torch.is_grad_enabled()))
+        return out
+
+    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'reconstruct', recording)
+    terms = model.losses(*mm_batch(B=4), 'student')
+    (keep_t, (teacher, _), grad_t), (keep_s, (student, mask), grad_s) = calls
+    assert keep_t.all() and not grad_t and grad_s
+    assert all(not t.requires_grad and t.grad_fn is None for _, t in teacher.values())
+    assert all(t.requires_grad for _, t in student.values())
+    assert mask[~keep_s].all()  # a dropped modality is masked everywhere
+    cos = [torch.nn.functional.cosine_similarity(student[n][1], teacher[n][1], dim=-1) for n in student]
+    torch.testing.assert_close(terms['token'], (1 - torch.stack(cos)).mean())
+    assert set(terms) == {'rgb', 'depth', 'semseg', 'token'}
+
+
+def test_sttp_cycle_changes_shared_weights(monkeypatch):
+    torch.manual_seed(0)
+    model = mm_pretrain(warmup_steps=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seen = []
+    original = rgbx.MaskMentorPretrain.losses
+    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'losses',
+                        lambda self, *a: seen.append(a[-1]) or original(self, *a))
+    batch = mm_batch()
+    shared = model.backbone.blocks[0].attn.qkv.weight
+    for _ in range(5):  # step=None: the model counts its own steps
+        before = shared.detach().clone()
+        loss, none = model(*batch)
+        assert none is None and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+        opt.step()
+        assert not torch.equal(before, shared)
+    assert seen == ['mim', 'teacher', 'teacher', 'teacher', 'student'] and int(model.steps_done) == 5
+    model.eval()  # an explicit step wins over the counter
+    model(*batch, step=4)
+    assert seen[-1] == 'student' and int(model.steps_done) == 5
+
+
+def mm_read_nyu(ids, top=200, left=300, H=72, W=88):
+    """NYUDv2 samples, cropped: ImageNet-normalised RGB, depth in m standardised
+    roughly, label value - 1 with void -> 255."""
+    root = REALDATA / 'NYUDepthv2'
+    crop = (slice(top, top + H), slice(left, left + W))
+    rgb = np.stack([np.asarray(Image.open(root / 'RGB' / f'{i}.png').convert('RGB'), np.float32)[crop] for i in ids])
+    rgb = (torch.from_numpy(rgb).permute(0, 3, 1, 2) / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+        / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    depth = np.stack([np.asarray(Image.open(root / 'Depth' / f'{i}.png'), np.float32)[crop] / 1000 for i in ids])
+    depth = (torch.from_numpy(depth)[:, None] - 2.5) / 1.5
+    label = np.stack([np.asarray(Image.open(root / 'Label' / f'{i}.png'), np.int64)[crop] for i in ids]) - 1
+    label = torch.from_numpy(np.where(label < 0, 255, label))
+    return rgb, depth, label
+
+
+def test_finetune_missing_modalities_on_nyu():
+    torch.manual_seed(0)
+    rgb, x, label = mm_read_nyu([0, 432])
+    assert label.max() == 255 and label[label != 255].max() < 40
+    model = mm_finetune(40).eval()
+    with torch.no_grad():
+        both, only_rgb, only_d = (model(rgb, x, present=p) for p in (None, ('rgb',), ('depth',)))
+        assert both.shape == (2, 40, 72, 88) and torch.isfinite(both).all()
+        # eval.py zeroes the missing input: that is absence
+        torch.testing.assert_close(model(rgb, torch.zeros_like(x)), only_rgb)
+        torch.testing.assert_close(model(torch.zeros_like(rgb), x), only_d)
+        torch.testing.assert_close(model(rgb, 3 * x + 1, present=('rgb',)), only_rgb)
+        assert (both - only_rgb).abs().max() > 1e-4 and (both - only_d).abs().max() > 1e-4
+        rgb3, x3 = rgb[[1, 0, 1]], x[[1, 0, 1]]
+        x3[1], rgb3[2] = 0, 0  # RGB-D, RGB-only and depth-only samples in one batch
+        mixed = model(rgb3, x3)
+        torch.testing.assert_close(mixed, torch.stack([both[1], only_rgb[0], only_d[1]]))
+        with pytest.raises(ValueError, match='no modality'):
+            model(torch.zeros_like(rgb), torch.zeros_like(x))
+        with pytest.raises(ValueError, match='present'):
+            model(rgb, x, present=('thermal',))
+    model.train()
+    loss, logits = model(rgb, x, label)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.shape == (2, 40, 72, 88)
+    # modality_drop=0 and complete input: every trainable parameter gets a gradient
+    full = mm_finetune(40, modality_drop=0.0).train()
+    full(rgb, x, label)[0].backward()
+    assert all(p.grad is not None for p in full.parameters())
+
+
+def test_finetune_frozen_backbone_honoured():
+    torch.manual_seed(0)
+    rgb, x, label = mm_batch(H=48, W=40)
+    model = mm_finetune(freeze_backbone=True).train()
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    counts = model.param_counts()
+    assert counts['trainable'] == counts['head'] and counts['total'] == counts['head'] + counts['backbone']
+    frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head = model.head.final_layer.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(rgb, x, label)[0].backward()
+    opt.step()
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in frozen.items())
+    assert not torch.equal(head, model.head.final_layer.weight)
+
+
+def test_maskmentor_loads_mae_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    mae = rgbx.VisionTransformer(**MM_TINY).state_dict()
+    assert set(mae) == {k for k in mae if k.startswith(('blocks.', 'norm.', 'patch_embed.'))} | {'cls_token', 'pos_embed'}
+    torch.save({'model': {**mae, 'mask_token': torch.zeros(1, 1, 16), 'decoder_embed.weight': torch.zeros(16, 32)}},
+               tmp_path / 'mae.pth')
+    model = mm_pretrain(pretrained=str(tmp_path / 'mae.pth'))
+    enc = model.backbone.state_dict()
+    assert torch.equal(enc['global_token'], mae['cls_token'])
+    assert torch.equal(enc['adapters.rgb.patch_embed.proj.weight'], mae['patch_embed.proj.weight'])
+    assert all(torch.equal(enc[k], v) for k, v in mae.items() if k.startswith(('blocks.', 'norm.')))
+    del mae['blocks.1.mlp.fc1.weight']
+    torch.save(mae, tmp_path / 'broken.pth')
+    with pytest.raises(ValueError, match=r'blocks\.1\.mlp\.fc1\.weight'):
+        mm_finetune(pretrained=str(tmp_path / 'broken.pth'))
+
+
+def test_pretrain_then_finetune_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    pre = mm_pretrain(warmup_steps=2)
+    opt = torch.optim.AdamW(pre.parameters(), lr=1e-3)
+    for step in range(6):  # 2 warm-up MIM, 3 teacher, 1 student iterations on the same batch
+        loss, _ = pre(*mm_batch(seed=rgbx.sttp_batch_index(step, 2)), step=step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save({'model': pre.state_dict()}, tmp_path / 'pretrain.pt')
+    ft = rgbx.build_model('maskmentor', 'vit-nano', 5, 1, pretrained=str(tmp_path / 'pretrain.pt'),
+                          **MM_TINY, head_dim=16, head_depth=1)
+    assert isinstance(ft, rgbx.MaskMentorSeg) and 'adapters.semseg.class_embed.weight' not in ft.state_dict()
+    src = pre.backbone.state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in ft.backbone.state_dict().items())
+    opt = torch.optim.AdamW(ft.parameters(), lr=1e-3)
+    rgb, x, label = mm_batch()
+    losses = []
+    for _ in range(4):
+        loss, logits = ft.train()(rgb, x, label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and logits.shape == (2, 5, 64, 80)
+    assert not torch.equal(ft.backbone.blocks[1].mlp.fc2.weight, pre.backbone.blocks[1].mlp.fc2.weight)
+    ft.eval()
+    with torch.no_grad():
+        assert ft(rgb, x).shape == (2, 5, 64, 80)

@@ -1,0 +1,642 @@
+"""Data for RGB-X semantic segmentation: dataset presets with the training recipes of
+design/ktb.md sec. 7, the community's prepared folder layout (CMX / SA-Gate / DFormer),
+a built-in synthetic RGB-D demo, joint augmentation and colourising.
+
+Every dataset item is a triple (rgb, x, label):
+    rgb   float32 (3, H, W)    channel order R, G, B (never BGR): v / 255, then
+                               (v - mean) / std with the ImageNet statistics;
+    x     float32 (C_x, H, W)  8-bit files: v / 255; 16-bit files (depth in mm):
+                               v / Modality.max16 (10000: 1.0 = 10 m; 0 = invalid
+                               stays 0, nothing is filled); then (v - mean) / std of
+                               the modality (Preset.x_norm);
+    label int64 (H, W)         classes 0..K-1 and 255 = ignore.
+Labels on disk: value v becomes v + Preset.label_shift, computed in int64; negative
+results and an on-disk 255 become 255. NYUDv2 stores 0 = void and 1..40, so with
+shift -1: 0 -> 255, 1 -> 0, 40 -> 39, and 41 is an error (never `label - 1` on uint8).
+Nothing is resized, clipped or skipped when reading: a missing file, undecodable image,
+sizes that disagree or a label value outside the classes raises an error naming the
+file and the fix.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IGNORE = 255
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # (mean, std) on [0, 1] RGB
+EXTENSIONS = ('.png', '.jpg', '.jpeg')  # tried in this order where a split file gives no or another extension
+
+
+# ----------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training recipe (design/ktb.md sec. 7): AdamW, linear warm-up from 0.1 x lr,
+    then poly decay (power 0.9); crop is (H, W)."""
+    crop: tuple
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int = 4
+    warmup_epochs: float = 10
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One X modality: channels, normalisation (mean, std per channel on the [0, 1]
+    scale) and max16, the divisor of 16-bit files (0: 16-bit files are an error)."""
+    channels: int
+    mean: tuple
+    std: tuple
+    max16: float = 0.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Folder names under a dataset root. x maps each modality to its folder; None
+    means X is the 4th channel of the RGB file (MFNet's own RGBA release)."""
+    rgb: str
+    label: str
+    x: dict
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A dataset: classes, X modalities, folder layouts (the first whose RGB folder
+    exists under the root is read), training recipe and default root (relative to
+    the working directory, as CMX's `datasets/`)."""
+    class_names: tuple
+    modalities: dict
+    default_x: str
+    layouts: tuple
+    recipe: Recipe
+    root: str = ''
+    label_shift: int = 0
+    ignore_index: int = IGNORE
+    palette: tuple = ()  # colours of the classes; () = the VOC colormap
+    rgb_norm: tuple = IMAGENET
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def x_name(self, x=None):
+        """The X modality name: `x`, or the preset's default when None."""
+        x = x or self.default_x
+        if x not in self.modalities:
+            raise ValueError(f"unknown X modality {x!r} for this dataset; choose one of {sorted(self.modalities)}")
+        return x
+
+    def x_channels(self, x=None):
+        return self.modalities[self.x_name(x)].channels
+
+    def x_norm(self, x=None):
+        m = self.modalities[self.x_name(x)]
+        return m.mean, m.std
+
+
+# X statistics. Depth: measured on the realdata NYU frames (mm / 10000, holes included).
+# Other X images have no measured statistics here: ImageNet's, as CMX normalises every
+# X (their mean for 1-channel X, which KTB repeats to 3 channels).
+IMAGE = Modality(3, *IMAGENET)  # 8-bit 3-channel X: HHA, AoLP, DeLiVER's
+GREY = Modality(1, (0.449,), (0.226,))  # 8-bit 1-channel X: thermal, NIR, DoLP, SAR
+DEPTH = Modality(1, (0.25,), (0.15,), max16=10000.0)
+
+NYU40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'window', 'bookshelf',
+         'picture', 'counter', 'blinds', 'desk', 'shelves', 'curtain', 'dresser', 'pillow', 'mirror',
+         'floor mat', 'clothes', 'ceiling', 'books', 'refridgerator', 'television', 'paper', 'towel',
+         'shower curtain', 'box', 'whiteboard', 'person', 'night stand', 'toilet', 'sink', 'lamp',
+         'bathtub', 'bag', 'otherstructure', 'otherfurniture', 'otherprop')
+RGBD_LAYOUT = (Layout('RGB', 'Label', {'hha': 'HHA', 'depth': 'Depth'}),)
+
+PRESETS = {
+    # synthetic, in memory (DemoDataset); its depth is generated in [0, 1] (statistics measured on it)
+    'demo': Preset(('background', 'red low', 'red high', 'blue low', 'blue high'),
+                   {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (),
+                   Recipe((64, 64), epochs=20, lr=1e-3, weight_decay=0.01, warmup_epochs=1)),
+    # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
+    'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
+                     Recipe((480, 640), epochs=400, lr=4e-4, weight_decay=0.01),
+                     'datasets/NYUDepthv2', label_shift=-1),
+    # SUN RGB-D's 37 classes are NYU-40's first 37; on disk 0 = void, 1..37. The original
+    # bit-rotated 16-bit depth must be converted to millimetres first. lr: the release's 4e-4
+    # (the supplement says 1e-4).
+    'sunrgbd': Preset(NYU40[:37], {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
+                      Recipe((480, 480), epochs=300, lr=4e-4, weight_decay=0.01),
+                      'datasets/SUNRGBD', label_shift=-1),
+    # 0 = unlabelled is a class, as in the community. Two layouts: prepared RGB/ Thermal/
+    # Label/, or MFNet's release: images/ (RGBA PNG, thermal in alpha), labels/, {train,val,test}.txt
+    'mfnet': Preset(('unlabelled', 'car', 'person', 'bike', 'curve', 'car_stop', 'guardrail', 'color_cone',
+                     'bump'), {'thermal': GREY}, 'thermal',
+                    (Layout('RGB', 'Label', {'thermal': 'Thermal'}), Layout('images', 'labels', {'thermal': None})),
+                    Recipe((480, 640), epochs=200, lr=8e-5, weight_decay=5e-4), 'datasets/MFNet',
+                    palette=((0, 0, 0), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 192), (128, 128, 0),
+                             (64, 64, 128), (192, 128, 128), (192, 64, 0))),
+    # prepared RGB/ Thermal/ Label/, or the release's rgb/ thermal/ labels/ (per split folder,
+    # see RGBXDataset). lr: the release's 6e-4 (the supplement says 1e-4).
+    'pst900': Preset(('background', 'fire extinguisher', 'backpack', 'hand drill', 'survivor'),
+                     {'thermal': GREY}, 'thermal',
+                     (Layout('RGB', 'Label', {'thermal': 'Thermal'}), Layout('rgb', 'labels', {'thermal': 'thermal'})),
+                     Recipe((480, 640), epochs=200, lr=6e-4, weight_decay=0.01), 'datasets/PST900'),
+    # CMNeXt's class order; GT 0..19, 255 = void. The release's .npy AoLP (sin, cos) and DoLP
+    # must be saved as 8-bit images first: AoLP/ as (sin, cos, sin) scaled to 0..255, as CMNeXt
+    # stacks them. Recipe: sec. 7 gives 250-500 epochs and 4e-4 / 6e-5; we take 500 / 6e-5.
+    'mcubes': Preset(('asphalt', 'concrete', 'metal', 'road_marking', 'fabric', 'glass', 'plaster', 'plastic',
+                      'rubber', 'sand', 'gravel', 'ceramic', 'cobblestone', 'brick', 'grass', 'wood', 'leaf',
+                      'water', 'human', 'sky'), {'aolp': IMAGE, 'dolp': GREY, 'nir': GREY}, 'aolp',
+                     (Layout('RGB', 'Label', {'aolp': 'AoLP', 'dolp': 'DoLP', 'nir': 'NIR'}),),
+                     Recipe((512, 512), epochs=500, lr=6e-5, weight_decay=0.01), 'datasets/MCubeS'),
+    # CMNeXt's classes; on disk 0 and 255 = void, 1..25. X with 3 channels, as CMNeXt feeds
+    # them (it repeats 1-channel files: save those as 3 channels). The release's
+    # img/<weather>/<split>/... tree must be flattened into this layout. Default X = event,
+    # the setting KTB reports (58.4); lr 1e-4 of "1e-4 / 2e-4".
+    'deliver': Preset(('Building', 'Fence', 'Other', 'Pedestrian', 'Pole', 'RoadLine', 'Road', 'SideWalk',
+                       'Vegetation', 'Cars', 'Wall', 'TrafficSign', 'Sky', 'Ground', 'Bridge', 'RailTrack',
+                       'GroundRail', 'TrafficLight', 'Static', 'Dynamic', 'Water', 'Terrain', 'TwoWheeler', 'Bus',
+                       'Truck'), {'depth': IMAGE, 'event': IMAGE, 'lidar': IMAGE}, 'event',
+                      (Layout('RGB', 'Label', {'depth': 'Depth', 'event': 'Event', 'lidar': 'LiDAR'}),),
+                      Recipe((768, 768), epochs=200, lr=1e-4, weight_decay=0.01), 'datasets/DELIVER',
+                      label_shift=-1),
+    # The official README gives 0 background, 10 farmland, ..., 70 others: 7 land-use
+    # classes; background is ignored (as SOLC does). Labels must be stored divided by 10
+    # (0..7). Not in sec. 7: crop 512 and 60 epochs at lr 4e-5 follow GoPT (its batch 64).
+    'whu-opt-sar': Preset(('farmland', 'city', 'village', 'water', 'forest', 'road', 'others'),
+                          {'sar': GREY}, 'sar', (Layout('RGB', 'Label', {'sar': 'SAR'}),),
+                          Recipe((512, 512), epochs=60, lr=4e-5, weight_decay=0.01), 'datasets/WHU-OPT-SAR',
+                          label_shift=-1),
+}
+
+
+def get_preset(preset):
+    """A Preset, given one or its name in PRESETS."""
+    if isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown dataset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
+
+
+# ----------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------
+
+def open_image(path, modes, what):
+    """Decode an image file with PIL into a numpy array as stored ((H, W) or (H, W, C);
+    uint8, or uint16 / int32 for 16-bit PNGs; palette images give their indices).
+    `modes` are the PIL modes accepted for `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (the {what})")
+    try:
+        with Image.open(path) as im:
+            mode, arr = im.mode, np.array(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path} cannot be decoded as an image ({e}); re-save it as PNG") from e
+    if mode not in modes:
+        raise ValueError(f"{path} is a PIL {mode!r} image; the {what} must be one of the modes {modes}")
+    return arr
+
+
+def read_rgb(path, alpha=False):
+    """An 8-bit RGB file -> uint8 (H, W, 3); with alpha=True an RGBA file -> (H, W, 4)."""
+    return open_image(path, ('RGBA',) if alpha else ('RGB',),
+                      'RGBA image (RGB + thermal in alpha)' if alpha else
+                      "8-bit RGB image (convert with Image.open(p).convert('RGB'); MFNet's RGBA files "
+                      "belong in the images/ folder of its layout, or split them with split_rgbt)")
+
+
+def split_rgbt(rgbt):
+    """MFNet's 4-channel image (H, W, 4) -> rgb (H, W, 3) and thermal (H, W, 1), both uint8."""
+    if rgbt.ndim != 3 or rgbt.shape[2] != 4:
+        raise ValueError(f"an RGB-thermal image has shape (H, W, 4), not {rgbt.shape}")
+    return rgbt[..., :3], rgbt[..., 3:]
+
+
+def scale_x(arr, modality, path):
+    """A stored X image -> float32 (H, W, C) on its [0, 1] scale: 8-bit / 255, 16-bit /
+    modality.max16. Grey saved as 3 equal channels (as many RGB-T releases do) is read
+    as 1 channel, losslessly; any other channel mismatch is an error."""
+    if arr.dtype == np.uint8:
+        v = arr.astype(np.float32) / 255
+    elif arr.ndim == 2 and modality.max16:
+        v = arr.astype(np.float32) / modality.max16
+    else:
+        raise ValueError(f"{path}: a {arr.dtype} image cannot be this X (16-bit files are read for depth only, "
+                         f"in millimetres); save it as an 8-bit PNG")
+    v = v.reshape(*v.shape[:2], -1)  # (H, W, C)
+    c, want = v.shape[2], modality.channels
+    if c == want:
+        return v
+    if c == 3 and want == 1 and (v == v[..., :1]).all():
+        return v[..., :1]
+    raise ValueError(f"{path} has {c} channels; this X modality has {want}: re-save it with {want}")
+
+
+def read_x(path, modality):
+    """An X file (8-bit grey or RGB, or 16-bit grey) -> float32 (H, W, C), see scale_x."""
+    arr = open_image(path, ('L', 'RGB', 'I;16', 'I'), 'X image (8-bit grey/RGB, or 16-bit grey depth in mm)')
+    return scale_x(arr, modality, path)
+
+
+def shift_label(raw, preset, path='label'):
+    """On-disk label values (H, W) -> classes int64 (H, W): v + shift in int64; negative
+    results and on-disk 255 become 255 (NYUDv2: 0 -> 255, 1 -> 0, 40 -> 39). Any other
+    value outside 0..K-1 is an error naming the file and the values."""
+    preset = get_preset(preset)
+    lab = raw.astype(np.int64) + preset.label_shift
+    void = (lab < 0) | (raw == preset.ignore_index)
+    bad = ~void & (lab >= preset.num_classes)
+    if bad.any():
+        stored = sorted(set(np.unique(raw[bad]).tolist()))
+        raise ValueError(f"{path}: on-disk label values {stored} are outside the {preset.num_classes} classes "
+                         f"(on disk {-preset.label_shift}..{preset.num_classes - 1 - preset.label_shift}, "
+                         f"255 = ignore, {'0 = void, ' if preset.label_shift else ''}shift {preset.label_shift}): "
+                         f"wrong dataset preset, or the labels need converting to class indices")
+    lab[void] = preset.ignore_index
+    return lab
+
+
+def read_label(path, preset):
+    """A label file of class indices (8/16-bit grey or palette PNG) -> int64 (H, W)."""
+    arr = open_image(path, ('L', 'P', 'I;16', 'I'),
+                     'label image of class indices (a colour-coded label must be converted to indices first)')
+    return shift_label(arr, preset, path)
+
+
+def check_sizes(*pairs):
+    """Raise unless all arrays of (path, array) pairs share their (H, W)."""
+    sizes = {str(p): a.shape[:2] for p, a in pairs}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"sizes (H, W) disagree: {sizes}; nothing is resized here: re-export the files "
+                         f"at one size (and check they are the same scene)")
+
+
+def load_pair(rgb_path, x_path, preset, x_modality=None):
+    """Your own RGB and X images -> normalised rgb (3, H, W) and x (C, H, W) tensors."""
+    preset = get_preset(preset)
+    rgb = read_rgb(rgb_path)
+    x = read_x(x_path, preset.modalities[preset.x_name(x_modality)])
+    check_sizes((rgb_path, rgb), (x_path, x))
+    return normalize(*to_chw(rgb, x), preset.rgb_norm, preset.x_norm(x_modality))
+
+
+# ----------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------
+
+AUGMENT, DEMO = 0, 1  # independent random streams
+
+
+def sample_rng(stream, seed, step, index):
+    """The random numbers of one sample, a pure function of (stream, seed, step, index),
+    step = the epoch for augmentation, the split for demo scenes: any worker, any sample
+    order and a resumed run draw the same numbers (the stream leads: numpy's seeding
+    ignores trailing zeros)."""
+    return np.random.default_rng([stream, seed, step, index])
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Items (rgb, x, label) = transform(*read(i), rng); the augmentation rng of item i
+    is sample_rng(AUGMENT, seed, epoch, i), with the epoch set by set_epoch."""
+
+    def __init__(self, preset, x_modality, transform, seed):
+        self.preset = get_preset(preset)
+        self.x_modality = self.preset.x_name(x_modality)
+        self.transform = transform or EvalTransform(self.preset.rgb_norm, self.preset.x_norm(self.x_modality))
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        return self.transform(*self.read(index), sample_rng(AUGMENT, self.seed, self.epoch, index))
+
+    def __len__(self):
+        return len(self.names)
+
+
+class RGBXDataset(SegmentationDataset):
+    """A dataset in the community's prepared layout:
+        root/RGB/<id>.jpg|png, root/<X folder>/<id>.png|jpg, root/Label/<id>.png,
+        root/train.txt, root/test.txt
+    (folder names per preset: Preset.layouts). A split file line is either
+    "RGB/<id>.jpg Label/<id>.png" (tab or space separated) or just "<id>"; the X file is
+    the RGB path with the X folder instead of RGB and any of the EXTENSIONS. `split` is
+    a name (root/<split>.txt) or a path to a split file (lines relative to root). When
+    root/<split>.txt is absent but root/<split>/ exists (PST900's release: test/rgb/...),
+    every image in its RGB folder is a sample. MFNet's release is read through its
+    layout: images/<id>.png are RGBA, thermal is the alpha channel (split_rgbt).
+    All files are located when the dataset is built; `names` are the sample ids."""
+
+    def __init__(self, root, split, preset, x_modality=None, transform=None, seed=0):
+        super().__init__(preset, x_modality, transform, seed)
+        self.root, lines, source = read_split(Path(root), split, self.preset, self.x_modality)
+        self.layout = find_layout(self.root, self.preset, self.x_modality)
+        self.samples = [self.locate(line, f"{source} line {i + 1}") for i, line in enumerate(lines)]
+        self.names = [name for name, *_ in self.samples]
+
+    def locate(self, line, where):
+        """One split-file line -> (name, rgb path, x path or None, label path)."""
+        cols = line.split()
+        if len(cols) > 2:
+            raise ValueError(f"{where}: {line!r} has {len(cols)} columns; expected 'RGB/<id>.jpg Label/<id>.png' "
+                             f"or '<id>'")
+        lay = self.layout
+        rgb = cols[0] if '/' in cols[0] else f"{lay.rgb}/{cols[0]}"
+        folder, _, rest = rgb.partition('/')
+        if folder != lay.rgb:
+            raise ValueError(f"{where}: {rgb!r} is not in the RGB folder {lay.rgb}/ of this layout")
+        stem = str(Path(rest).with_suffix('')) if Path(rest).suffix.lower() in EXTENSIONS else rest
+        x_folder = lay.x[self.x_modality]
+        return (stem.replace('/', '_'), find_file(self.root, rgb, where),
+                None if x_folder is None else find_file(self.root, f"{x_folder}/{stem}", where),
+                find_file(self.root, cols[1] if len(cols) == 2 else f"{lay.label}/{stem}", where))
+
+    def read(self, index):
+        """Sample `index` before the transform: rgb uint8 (H, W, 3), x float32 (H, W, C)
+        on its [0, 1] scale, label int64 (H, W)."""
+        _, rgb_path, x_path, label_path = self.samples[index]
+        modality = self.preset.modalities[self.x_modality]
+        if x_path is None:
+            rgb, x = split_rgbt(read_rgb(rgb_path, alpha=True))
+            x, x_path = scale_x(x, modality, rgb_path), rgb_path
+        else:
+            rgb, x = read_rgb(rgb_path), read_x(x_path, modality)
+        label = read_label(label_path, self.preset)
+        check_sizes((rgb_path, rgb), (x_path, x), (label_path, label))
+        return rgb, x, label
+
+
+def describe(root, preset, x_modality):
+    """The layouts a preset reads, as text for error messages."""
+    x = preset.x_name(x_modality)
+    return ' or '.join(f"{root}/{{{lay.rgb}/<id>.jpg|png, "
+                       f"{lay.x[x] + '/<id>.png|jpg, ' if lay.x[x] else ''}{lay.label}/<id>.png, train.txt, test.txt}}"
+                       + (' (RGBA: thermal in alpha)' if lay.x[x] is None else '') for lay in preset.layouts)
+
+
+def find_layout(root, preset, x_modality):
+    """The first layout of the preset whose RGB folder exists under root."""
+    for lay in preset.layouts:
+        if (root / lay.rgb).is_dir():
+            return lay
+    raise FileNotFoundError(f"no dataset found at {root}: expected {describe(root, preset, x_modality)}. "
+                            f"Put the data there or pass the folder that holds it (--data-root)")
+
+
+def read_split(root, split, preset, x_modality):
+    """(root, lines, source) of a split: the non-blank lines of root/<split>.txt, or of
+    the split file `split`; or, when root/<split>/ is a folder holding the layout instead
+    (PST900's release), that folder as root and the ids of the images in its RGB folder."""
+    named = not str(split).endswith('.txt')
+    path = root / f"{split}.txt" if named else Path(split)
+    if named and not path.is_file() and (root / split).is_dir():
+        folder = root / split
+        images = (folder / find_layout(folder, preset, x_modality).rgb).iterdir()
+        return folder, sorted(p.stem for p in images if p.suffix.lower() in EXTENSIONS), folder
+    if not path.is_file():
+        find_layout(root, preset, x_modality)  # a root that holds no dataset at all is reported as such
+        raise FileNotFoundError(f"split file {path} not found: expected lines like 'RGB/0.jpg Label/0.png' or "
+                                f"'0' (or a folder {root / str(split)}/ holding the layout)")
+    lines = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    if not lines:
+        raise ValueError(f"split file {path} is empty: list one sample per line, e.g. 'RGB/0.jpg Label/0.png'")
+    return root, lines, path
+
+
+def find_file(root, rel, where):
+    """root/rel as listed, else root/rel with its extension replaced by one of EXTENSIONS."""
+    path = root / rel
+    if path.is_file():
+        return path
+    stem = str(path.with_suffix('') if path.suffix.lower() in EXTENSIONS else path)
+    for ext in EXTENSIONS:
+        if Path(stem + ext).is_file():
+            return Path(stem + ext)
+    raise FileNotFoundError(f"{where}: {path} not found (also tried {', '.join(EXTENSIONS)}); every sample needs "
+                            f"its RGB, X and label file in the layout's folders, under the same id")
+
+
+class DemoDataset(SegmentationDataset):
+    """Built-in synthetic RGB-D scenes, generated in memory from (seed, split, index);
+    preset 'demo', X = 1-channel depth.
+
+    A top-down view of a floor with 3-6 objects (discs and rectangles of random size
+    and position, drawn in random order, so they occlude each other at random).
+    Classes: 0 background, 1 red low, 2 red high, 3 blue low, 4 blue high: colour and
+    height are drawn independently, so a class needs both.
+    - RGB: floor of a random dull hue (never red or blue) with a smooth texture; red or
+      blue objects with per-object tint and noise; a multiplicative illumination ramp
+      (0.5-1.3) and pixel noise. Nothing in RGB depends on height.
+    - Depth in [0, 1]: a tilted floor plane whose level varies per scene (0.6-0.85),
+      objects raised 0.08-0.14 (low) or 0.20-0.28 (high) above it, noise (sigma 0.015)
+      and 1 % invalid pixels (0). Absolute depth overlaps across scenes: height is
+      relative to the floor around the object. Nothing in depth depends on colour.
+    So RGB alone tells colour but not height, depth alone height but not colour, RGB-D
+    everything. Best expected mIoU with one modality: background about 1 and each colour
+    (or height) pair split at random, IoU 1/3 per object class: (1 + 4/3) / 5 = 0.47;
+    with both close to 1. Measured with a per-pixel nearest-centroid classifier (tests):
+    on chromaticity and depth minus the scene's median, RGB 0.43, depth 0.42, both 0.98;
+    on raw RGB and depth values both reach only 0.62 (the floor level needs context).
+    """
+    SPLITS = ('train', 'test')
+
+    def __init__(self, split='train', n=None, size=64, seed=0, transform=None):
+        if split not in self.SPLITS:
+            raise ValueError(f"demo split {split!r}: choose one of {self.SPLITS}")
+        super().__init__('demo', None, transform, seed)
+        self.split, self.size = split, size
+        self.names = [f"{split}_{i:04d}" for i in range(n or {'train': 256, 'test': 64}[split])]
+
+    def read(self, index):
+        """Scene `index`: rgb uint8 (H, W, 3), depth float32 (H, W, 1), label int64 (H, W)."""
+        return demo_scene(sample_rng(DEMO, self.seed, self.SPLITS.index(self.split), index), self.size)
+
+
+def demo_scene(rng, size):
+    """One demo scene (see DemoDataset) drawn from the generator `rng`."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (H, W) in [0, 1)
+    floor = rng.uniform(0.6, 0.85) + rng.uniform(-0.05, 0.05) * (xx - 0.5) + rng.uniform(-0.05, 0.05) * (yy - 0.5)
+    waves = sum(np.sin(2 * np.pi * (rng.uniform(1, 4) * (np.cos(a) * xx + np.sin(a) * yy) + rng.uniform()))
+                for a in rng.uniform(0, np.pi, 3))
+    hue = np.array([rng.uniform(0.35, 0.6), rng.uniform(0.45, 0.65), rng.uniform(0.25, 0.45)])  # dull green-grey
+    rgb = hue * (1 + 0.06 * waves)[..., None]
+    depth, label = floor.copy(), np.zeros((size, size), np.int64)
+    for _ in range(rng.integers(3, 7)):
+        cls, disc = rng.integers(1, 5), rng.random() < 0.5
+        cy, cx, ry, rx = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.07, 0.18), rng.uniform(0.07, 0.18)
+        mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1) if disc else \
+            (abs(yy - cy) < ry) & (abs(xx - cx) < rx)
+        red, high = cls in (1, 2), cls in (2, 4)
+        base = np.array([0.75, 0.15, 0.15] if red else [0.15, 0.25, 0.75]) + rng.uniform(-0.08, 0.08, 3)
+        rgb[mask] = base * (1 + 0.08 * rng.standard_normal((mask.sum(), 1)))
+        depth[mask] = floor[mask] - (rng.uniform(0.20, 0.28) if high else rng.uniform(0.08, 0.14))
+        label[mask] = cls
+    light = rng.uniform(0.5, 1.3) + rng.uniform(-0.3, 0.3) * (xx - 0.5)  # illumination ramp
+    rgb = rgb * light[..., None] + 0.04 * rng.standard_normal(rgb.shape)
+    depth = depth + 0.015 * rng.standard_normal(depth.shape)
+    depth[rng.random(depth.shape) < 0.01] = 0  # invalid pixels, as Kinect holes
+    rgb = (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+    return rgb, np.clip(depth, 0, 1).astype(np.float32)[..., None], label
+
+
+def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0):
+    """The dataset `name` of PRESETS: 'demo' (root ignored) or RGBXDataset at `root`
+    ('' or None: the preset's default root, e.g. ./datasets/NYUDepthv2). train=True
+    augments with TrainTransform(crop or the recipe's crop); `seed` seeds augmentation
+    (and the demo's scenes)."""
+    preset = get_preset(name)
+    norms = preset.rgb_norm, preset.x_norm(x_modality)
+    transform = TrainTransform(crop or preset.recipe.crop, *norms) if train else EvalTransform(*norms)
+    if name == 'demo':
+        return DemoDataset(split, seed=seed, transform=transform)
+    return RGBXDataset(root or preset.root, split, preset, x_modality, transform, seed)
+
+
+# ----------------------------------------------------------------------------
+# Transforms
+# ----------------------------------------------------------------------------
+
+def to_chw(rgb, x):
+    """numpy rgb uint8 (H, W, 3) and x float32 (H, W, C) -> tensors (3, H, W) in [0, 1] and (C, H, W)."""
+    return (torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float() / 255,
+            torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), np.float32)))
+
+
+def normalize(rgb, x, rgb_norm, x_norm):
+    """(v - mean) / std per channel; rgb (3, H, W), x (C, H, W), norms are (mean, std)."""
+    def norm(t, mean, std):
+        return (t - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    return norm(rgb, *rgb_norm), norm(x, *x_norm)
+
+
+class EvalTransform:
+    """No augmentation: (rgb uint8 (H, W, 3), x float32 (H, W, C), label int64 (H, W))
+    -> normalised rgb (3, H, W), x (C, H, W) and label (H, W) tensors. rng is unused."""
+
+    def __init__(self, rgb_norm, x_norm):
+        self.rgb_norm, self.x_norm = rgb_norm, x_norm
+
+    def __call__(self, rgb, x, label, rng=None):
+        return *normalize(*to_chw(rgb, x), self.rgb_norm, self.x_norm), torch.from_numpy(label)
+
+
+class TrainTransform(EvalTransform):
+    """Joint augmentation (design/ktb.md sec. 7, the CMNeXt pipeline of the release):
+    random resize by s in `scale` (bilinear with antialiasing for rgb and x, nearest for
+    the label, the same geometry); a random crop of `crop` (H, W), at a random offset
+    also where the image is smaller; on the RGB crop only, colour jitter (p 0.2;
+    brightness, contrast and saturation factors in [0.5, 1.5]) and a 3x3 Gaussian blur
+    (p 0.2, sigma 0.8); normalisation; padding up to `crop` where the image is smaller
+    (rgb and x with 0 after normalisation, i.e. the mean; label with 255); horizontal
+    flip (p 0.5). All random numbers come from `rng` (numpy Generator), drawn up front
+    in a fixed order, so one rng gives the same geometry whether or not jitter or blur
+    apply."""
+
+    def __init__(self, crop, rgb_norm, x_norm, scale=(0.5, 2.0), jitter_p=0.2, blur_p=0.2):
+        super().__init__(rgb_norm, x_norm)
+        self.crop, self.scale, self.jitter_p, self.blur_p = tuple(crop), scale, jitter_p, blur_p
+
+    def __call__(self, rgb, x, label, rng):
+        u = rng.random(9)
+        s = self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]
+        size = max(1, round(label.shape[0] * s)), max(1, round(label.shape[1] * s))
+        rgb, x = (resize(t, size) for t in to_chw(rgb, x))
+        label = resize(torch.from_numpy(label)[None].float(), size, nearest=True)[0].long()
+        top, left = (offset(n, c, v) for n, c, v in zip(size, self.crop, u[1:3]))
+        rgb, x, label = (t[..., max(top, 0):top + self.crop[0], max(left, 0):left + self.crop[1]]
+                         for t in (rgb, x, label))  # the part of the image inside the crop
+        if u[3] < self.jitter_p:
+            rgb = color_jitter(rgb, *(0.5 + u[4:7]))
+        if u[7] < self.blur_p:
+            rgb = gaussian_blur(rgb, 0.8)
+        rgb, x = normalize(rgb, x, self.rgb_norm, self.x_norm)
+        rgb, x, label = (pad(t, top, left, self.crop, fill) for t, fill in ((rgb, 0), (x, 0), (label, IGNORE)))
+        if u[8] < 0.5:
+            rgb, x, label = (t.flip(-1) for t in (rgb, x, label))
+        return rgb, x, label
+
+
+def resize(t, size, nearest=False):
+    """t (C, H, W) -> (C, *size): bilinear with antialiasing, or nearest (pixel centres)."""
+    if nearest:
+        return F.interpolate(t[None], size, mode='nearest-exact')[0]
+    return F.interpolate(t[None], size, mode='bilinear', align_corners=False, antialias=True)[0]
+
+
+def offset(n, c, u):
+    """The start of a crop of c from n pixels, uniform over the valid starts; negative
+    when n < c (the image lies inside the padded crop)."""
+    lo, hi = min(0, n - c), max(0, n - c)
+    return lo + int(u * (hi - lo + 1))
+
+
+def pad(t, top, left, size, fill):
+    """The image part t of a crop at (top, left) placed in a `size` (H, W) crop filled
+    with `fill` (a negative top or left: the image starts inside the crop)."""
+    out = t.new_full((*t.shape[:-2], *size), fill)
+    y, x = max(-top, 0), max(-left, 0)
+    out[..., y:y + t.shape[-2], x:x + t.shape[-1]] = t
+    return out
+
+
+def grey(rgb):
+    """ITU-R 601 luma of rgb (3, H, W) -> (1, H, W)."""
+    return (torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1) * rgb).sum(0, keepdim=True)
+
+
+def color_jitter(rgb, brightness, contrast, saturation):
+    """rgb (3, H, W) in [0, 1] blended with black, its mean grey and its grey by the
+    factors (as torchvision's adjust_brightness / contrast / saturation)."""
+    rgb = (rgb * brightness).clamp(0, 1)
+    mean = grey(rgb).mean()
+    rgb = (mean + contrast * (rgb - mean)).clamp(0, 1)
+    g = grey(rgb)
+    return (g + saturation * (rgb - g)).clamp(0, 1)
+
+
+def gaussian_blur(rgb, sigma):
+    """rgb (3, H, W) convolved with a 3x3 Gaussian of `sigma`, replicated borders."""
+    k = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * sigma ** 2))
+    k = (k[:, None] * k[None, :]) / k.sum() ** 2  # (3, 3), sums to 1
+    return F.conv2d(F.pad(rgb[None], (1, 1, 1, 1), mode='replicate'), k.expand(3, 1, 3, 3), groups=3)[0]
+
+
+# ----------------------------------------------------------------------------
+# Colourising
+# ----------------------------------------------------------------------------
+
+def voc_colormap(n=256):
+    """The PASCAL VOC colormap (n, 3) uint8: bits 3j, 3j+1, 3j+2 of the index become
+    bit 7-j of R, G, B."""
+    idx = np.arange(n)[:, None]
+    return sum((((idx >> (3 * j + np.arange(3))) & 1) << (7 - j)) for j in range(8)).astype(np.uint8)
+
+
+def palette(preset_name):
+    """(256, 3) uint8 colours indexed by class; 255 (ignore) is black. MFNet: its
+    community palette; others: the VOC colormap at the on-disk value (class - shift),
+    so NYUDv2 class c has DFormer's nyucmap.npy colour [c + 1]."""
+    preset = get_preset(preset_name)
+    if preset.palette:
+        colours = np.zeros((256, 3), np.uint8)
+        colours[:len(preset.palette)] = preset.palette
+    else:
+        colours = voc_colormap()[np.clip(np.arange(256) - preset.label_shift, 0, 255)]
+    colours[IGNORE] = 0
+    return colours
+
+
+def colorize(label, palette):
+    """label (H, W) ints in 0..255 -> (H, W, 3) uint8 colours; ignore (255) is black."""
+    label = np.asarray(label)
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"labels must lie in 0..255 to colourise, got {label.min()}..{label.max()}")
+    out = np.asarray(palette, np.uint8)[label]
+    out[label == IGNORE] = 0
+    return out
