@@ -336,7 +336,7 @@ def main(argv=None):
     if not args.benchmark and not args.checkpoint:
         p.error('--checkpoint is required (or --benchmark)')
     try:
-        run(args)
+        return run(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

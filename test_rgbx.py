@@ -1,8 +1,10 @@
 """Tests for rgbx: tiny configs on CPU, each checked against something computed another way."""
 import itertools
+import json
 import math
 import os
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -926,7 +928,6 @@ def ddp_worker(rank, world, cfg, port):
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
-    import socket
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -1194,3 +1195,55 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     ft.eval()
     with torch.no_grad():
         assert ft(rgb, x).shape == (2, 5, 64, 80)
+
+
+# ----------------------------------------------------------------------------
+# End to end: the demo trains, eval.py reproduces, saves and benchmarks
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+    cfg = tr.resolve(tr.Config(dataset='demo', max_steps=150, warmup_epochs=0.3, workers=0, log_every=1000,
+                               out_dir=str(tmp_path_factory.mktemp('demo') / 'run')))
+    return cfg, tr.train(cfg)
+
+
+def test_demo_trains_well_beyond_chance(demo_run):
+    cfg, out = demo_run
+    test = data.build_dataset('demo', '', 'test')
+    labels = torch.stack([test[i][2] for i in range(len(test))])
+    background_only = ev.metrics(ev.confusion(torch.zeros_like(labels), labels, 5))['miou']
+    assert background_only < 0.2 and out['miou'] > 0.45 and out['miou'] > 3 * background_only
+
+
+def test_eval_cli_reproduces_saves_and_segments_own_images(demo_run, tmp_path):
+    cfg, out = demo_run
+    best = os.path.join(cfg.out_dir, 'best.pt')
+    ev.main(['--checkpoint', best, '--save-pred', str(tmp_path / 'pred'), '--json', str(tmp_path / 'm.json')])
+    m = json.load(open(tmp_path / 'm.json'))
+    assert m['miou'] == pytest.approx(out['best'], abs=1e-9)  # same model, same single-scale pass
+    panel = np.array(Image.open(tmp_path / 'pred' / 'test_0000_panel.png'))
+    assert panel.shape == (64, 4 * 64, 3)
+    pred = np.array(Image.open(tmp_path / 'pred' / 'test_0000.png'))
+    assert np.array_equal(panel[:, 3 * 64:], pred)
+    rgb, depth, _ = data.DemoDataset('test').read(0)  # the user's own pair: an RGB PNG and an 8-bit depth PNG
+    Image.fromarray(rgb).save(tmp_path / 'rgb.png')
+    Image.fromarray((depth[..., 0] * 255).round().astype(np.uint8)).save(tmp_path / 'x.png')
+    ev.main(['--checkpoint', best, '--rgb', str(tmp_path / 'rgb.png'), '--x', str(tmp_path / 'x.png'),
+             '--out', str(tmp_path / 'seg.png')])
+    seg = np.array(Image.open(tmp_path / 'seg.png'))
+    colours = {tuple(c) for c in data.palette('demo')[:5].tolist()}
+    assert seg.shape == (64, 64, 3) and {tuple(c) for c in seg.reshape(-1, 3).tolist()} <= colours
+    with pytest.raises(SystemExit, match='--rgb, --x and --out'):
+        ev.main(['--checkpoint', best, '--rgb', str(tmp_path / 'rgb.png')])
+
+
+def test_benchmark_fields_present_and_positive(tmp_path):
+    figures = ev.main(['--benchmark', '--method', 'early_fusion', '--backbone', 'swin-nano', '--size', '40x56',
+                       '--repeats', '1', '--workers', '0', '--json', str(tmp_path / 'b.json')])
+    saved = json.load(open(tmp_path / 'b.json'))
+    numbers = {k: v for k, v in saved.items() if isinstance(v, (int, float))}
+    assert {'trainable_params', 'total_params', 'gflops', 'latency_s', 'latency_ms_flip_s', 'images_per_s',
+            'train_step_s', 'train_peak_mem_mb', 'infer_peak_mem_mb', 'data_samples_per_s', 'backbone_fwd_s',
+            'backbone_fwd_bwd_s', 'train_step_over_floor'} <= set(numbers)
+    assert all(v > 0 for v in numbers.values())
