@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import eval as ev  # eval.py; the builtin `eval` is not used here
 import rgbx
+import train as tr
 
 REALDATA = Path(__file__).resolve().parent.parent / 'shared' / 'realdata'
 NYU = REALDATA / 'NYUDepthv2'
@@ -710,9 +712,6 @@ def test_build_dataset_train_uses_recipe_crop():
 # Evaluation: metrics and inference
 # ----------------------------------------------------------------------------
 
-import eval as ev  # noqa: E402  (the module of eval.py; `eval` the builtin stays untouched)
-
-
 def test_metrics_hand_computed():
     label = torch.tensor([[0, 0, 1], [2, 255, 1]])
     pred = torch.tensor([[0, 1, 1], [2, 0, 0]])
@@ -790,9 +789,6 @@ def test_drop_modality():
 # ----------------------------------------------------------------------------
 # Training: schedule, checkpoints, resume, accumulation, DDP
 # ----------------------------------------------------------------------------
-
-import train as tr  # noqa: E402
-
 
 def test_lr_schedule():
     lrs = [tr.lr_at(s, 100, 10, 1.0) for s in range(101)]
