@@ -83,6 +83,9 @@ def eval_type(t):
     return {'int': int, 'float': float, 'str': str}.get(t, t) if isinstance(t, str) else t
 
 
+PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
+
+
 def resolve(cfg):
     """Fill the recipe fields left unset from the dataset preset (design/ktb.md sec. 7)."""
     if cfg.dataset not in data.PRESETS:
@@ -95,6 +98,9 @@ def resolve(cfg):
             setattr(cfg, k, v)
     if not cfg.out_dir:
         cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
+    if cfg.method in PEFT and not cfg.pretrained:
+        raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
+                         f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
     if cfg.nonfinite not in ('stop', 'skip') or cfg.amp not in ('none', 'bf16', 'fp16'):
         raise ValueError(f"--nonfinite takes stop|skip and --amp none|bf16|fp16, not {cfg.nonfinite!r} / {cfg.amp!r}")
     return cfg
@@ -121,14 +127,8 @@ def _number(v):
     return v
 
 
-PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
-
-
 def build_model(cfg, num_classes, x_channels):
     """The model of `cfg` (rgbx.build_model), with pretrained weights when given."""
-    if cfg.method in PEFT and not cfg.pretrained:
-        raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
-                         f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
     pretrained = None if cfg.pretrained in ('', 'none') else cfg.pretrained
     opts = parse_opts(cfg.opts)
     if cfg.method == 'maskmentor' and 'stage' not in opts:
@@ -435,9 +435,8 @@ def train(cfg, model=None, on_step=None):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
     try:
-        train(cfg)
+        train(parse_config(argv))
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         sys.exit(f"error: {e}")
     finally:
