@@ -154,14 +154,14 @@ class WindowAttention(nn.Module):
         B, nW, N, C = x.shape
         N_ = self.window * self.window
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
-        bias = bias.view(N_, N_, self.heads).permute(2, 0, 1).to(x.dtype)  # (heads, N, N)
         qkv = self.qkv(x).view(B, nW, N, 3, self.heads, C // self.heads).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, d)
+        bias = bias.view(N_, N_, self.heads).permute(2, 0, 1).to(qkv.dtype)  # (heads, N, N), in autocast's dtype
         if mask is None:  # one bias for every window
             q, k, v = qkv.flatten(1, 2).unbind(0)  # each (B*nW, heads, N, d)
             bias = bias.expand(B * nW, -1, -1, -1)  # (B*nW, heads, N, N), a view
         else:  # a bias per window: windows join the heads axis, the batch axis stays a view
             q, k, v = qkv.reshape(3, B, nW * self.heads, N, -1).unbind(0)  # each (B, nW*heads, N, d)
-            bias = (bias + mask.to(x.dtype)).flatten(0, 1).expand(B, -1, -1, -1)  # (B, nW*heads, N, N)
+            bias = (bias + mask.to(qkv.dtype)).flatten(0, 1).expand(B, -1, -1, -1)  # (B, nW*heads, N, N)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.view(B, nW, self.heads, N, -1).transpose(2, 3).reshape(B, nW, N, C))
 
