@@ -403,6 +403,12 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def vit_blocks(dim, depth, heads, mlp_ratio=4.0, drop_path_rate=0.0):
+    """`depth` Blocks with stochastic depth rising linearly to drop_path_rate."""
+    rates = torch.linspace(0, drop_path_rate, depth).tolist()
+    return nn.ModuleList(Block(dim, heads, mlp_ratio, rates[i]) for i in range(depth))
+
+
 VIT_PRESETS = {  # ViT Table 1
     'nano': dict(dim=64, depth=4, heads=4),  # demo and tests only
     'tiny': dict(dim=192, depth=12, heads=3),
@@ -436,8 +442,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.cat([torch.zeros(1, dim), sincos_pos_embed(dim, *self.grid)])[None],
                                       requires_grad=False)  # MAE: fixed sin-cos, cls row zeros
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, rates[i]) for i in range(depth))
+        self.blocks = vit_blocks(dim, depth, heads, mlp_ratio, drop_path_rate)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.apply(_init_transformer_weights)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -936,8 +941,7 @@ class MultiModalViT(nn.Module):
         self.global_token = nn.Parameter(torch.zeros(1, 1, dim))
         # design choice: the fixed sin-cos table is rebuilt, never loaded (MAE's pos_embed holds the same values)
         self.register_buffer('pos_embed', sincos_pos_embed(dim, *self.grid)[None], persistent=False)  # (1, N0, D)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, rates[i]) for i in range(depth))
+        self.blocks = vit_blocks(dim, depth, heads, mlp_ratio, drop_path_rate)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.apply(_init_transformer_weights)
         nn.init.normal_(self.global_token, std=0.02)
