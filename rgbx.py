@@ -6,11 +6,16 @@ One file of models, readable beside the papers:
   (He et al., CVPR 2022), hand-written so that they load the official
   checkpoints, run at any input size and expose the seams the methods need;
   `load_pretrained`; the SegFormer, SETR-Naive and ConvNeXt segmentation heads.
+- Baselines: early fusion with full fine-tuning, and RGB only.
+- KTB (MAPA prompting and adapters, DSCF, MMST) on a frozen Swin.
+- GoPT (CUP and ACP grouping prompters, eq. 3-15) on a frozen MAE ViT, and its VPT baselines.
+- MaskMentor (M2IM, Alg. 1; STTP) on a MultiMAE-style multi-modal ViT.
 
 Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
+import copy
 import hashlib
 import math
 
@@ -48,6 +53,12 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path_rates(rate, n):
+    """Stochastic depth decay rule: n rates rising linearly from 0 to `rate` (plain floats,
+    so that models can be built on the meta device)."""
+    return [rate * i / max(n - 1, 1) for i in range(n)]
 
 
 def pad_to_multiple(x, multiple, dims):
@@ -303,7 +314,7 @@ class SwinTransformer(nn.Module):
         self.window_size = window_size
         self.dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(in_chans, embed_dim, 4, norm=True)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth decay rule
+        rates = drop_path_rates(drop_path_rate, sum(depths))
         starts = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList(
             BasicLayer(self.dims[i], depths[i], heads[i], window_size, mlp_ratio,
@@ -405,8 +416,7 @@ class Block(nn.Module):
 
 def vit_blocks(dim, depth, heads, mlp_ratio=4.0, drop_path_rate=0.0):
     """`depth` Blocks with stochastic depth rising linearly to drop_path_rate."""
-    rates = torch.linspace(0, drop_path_rate, depth).tolist()
-    return nn.ModuleList(Block(dim, heads, mlp_ratio, rates[i]) for i in range(depth))
+    return nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in drop_path_rates(drop_path_rate, depth))
 
 
 VIT_PRESETS = {  # ViT Table 1
@@ -760,6 +770,699 @@ def load_trained(model, state, source='checkpoint'):
                          f"method, backbone and options the checkpoint was trained with.")
     model.load_state_dict(state, strict=keys == full)
     return model
+
+
+# ----------------------------------------------------------------------------
+# KTB (Keep the Balance: a parameter-efficient symmetrical framework for RGB+X
+# semantic segmentation). One frozen ImageNet-22K Swin runs twice, on the RGB
+# and on the X token stream; only MAPA (modality-aware prompting and adapters),
+# DSCF (dynamic sparse cross-modality fusion), the X patch embedding and three
+# SegFormer heads are trained, with MMST (masked modality self-teaching).
+# Facts and parameter counts: design/ktb.md; rank tables: supplement Tables 1-3.
+#
+# Stream layout: the two streams are stacked along the batch axis,
+# (2B, H, W, C) channels-last, rows [0, B) the RGB stream and [B, 2B) the X
+# stream, so that every frozen Swin block runs once for both (half the kernel
+# launches) while the MAPA modules treat the halves separately.
+# ----------------------------------------------------------------------------
+
+class MAPAPrompt(nn.Module):
+    """KTB MAPA, part 1: modality-aware prompting (design/ktb.md sec. 2), once at
+    the start of every Swin stage.
+
+        X~_rgb = W_rgb X_rgb,  X~_x = W_x X_x                 (C -> r)
+        X_uni  = W_up W_p [X~_rgb ; X~_x]                     (2r -> r -> C, no activation)
+        P_m    = gamma_m * X_uni + beta_m                     (per channel, m = rgb, x)
+        X_m   <- X_m + X_uni + P_m
+    forward(streams: (2B, H, W, C), RGB rows first) -> (2B, H, W, C).
+    `gamma` and `beta` are (2, C): row 0 RGB, row 1 X.
+    """
+
+    def __init__(self, dim, rank):
+        super().__init__()
+        self.w_rgb = nn.Linear(dim, rank)
+        self.w_x = nn.Linear(dim, rank)
+        self.w_p = nn.Linear(2 * rank, rank)
+        self.w_up = nn.Linear(rank, dim)
+        # design choice: trunc-normal(0.02) linears, zero biases (the Swin / SegFormer init), so that
+        # the prompt starts as a small perturbation of the frozen features
+        self.apply(_init_transformer_weights)
+        self.gamma = nn.Parameter(1 + 0.02 * torch.randn(2, dim))  # gamma ~ N(1, 0.02)
+        self.beta = nn.Parameter(0.02 * torch.randn(2, dim))  # beta ~ N(0, 0.02)
+
+    def forward(self, streams):
+        s = streams.unflatten(0, (2, -1))  # (2, B, H, W, C)
+        low = torch.cat([self.w_rgb(s[0]), self.w_x(s[1])], -1)  # (B, H, W, 2r): [X~_rgb ; X~_x]
+        uni = self.w_up(self.w_p(low))  # (B, H, W, C): X_uni
+        gamma, beta = self.gamma[:, None, None, None], self.beta[:, None, None, None]  # (2, 1, 1, 1, C)
+        return (s + uni + gamma * uni + beta).flatten(0, 1)  # X_m + X_uni + P_m, (2B, H, W, C)
+
+
+class MAPAAdapter(nn.Module):
+    """KTB MAPA, part 2: the modality-specific adapters of one Swin block
+    (design/ktb.md sec. 3), one per modality, in parallel with the frozen FFN:
+
+        A_m(z) = W2_m Dropout_0.1(ReLU(W1_m z))          W1_m: C -> r, W2_m: r -> C
+        out    = z + FFN(LN2(z)) + 0.5 * A_m(z),  z = x + WMSA(LN1(x))
+    Used as the block's `parallel` module (see SwinTransformerBlock): forward(z:
+    (2B, H, W, C), RGB rows first) -> 0.5 * [A_rgb(z_rgb) ; A_x(z_x)], (2B, H, W, C).
+    The weights of both modalities are stacked, (2, out, in) as nn.Linear's,
+    so one batched matmul serves both halves. W1 is kaiming-uniform(a=sqrt 5)
+    (nn.Linear's init), W2 and both biases are 0: A_m is exactly 0 at the start.
+    """
+
+    scale = 0.5
+
+    def __init__(self, dim, rank, dropout=0.1):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(2, rank, dim))
+        self.b1 = nn.Parameter(torch.zeros(2, 1, rank))
+        self.w2 = nn.Parameter(torch.zeros(2, dim, rank))
+        self.b2 = nn.Parameter(torch.zeros(2, 1, dim))
+        for w in self.w1:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, z):
+        z2 = z.reshape(2, -1, z.shape[-1])  # (2, B*H*W, C): RGB tokens, X tokens
+        h = self.dropout(F.relu(torch.baddbmm(self.b1, z2, self.w1.transpose(1, 2))))  # (2, B*H*W, r)
+        out = torch.baddbmm(self.b2, h, self.w2.transpose(1, 2), beta=self.scale, alpha=self.scale)  # 0.5 A_m(z)
+        return out.view(z.shape)  # (2B, H, W, C)
+
+
+def _normalised(pixels, size):
+    """Pixel coordinates -> grid_sample's align_corners=True frame [-1, 1] (a map of size 1 -> -1)."""
+    return 2 * pixels / max(size - 1, 1) - 1
+
+
+def query_grid(H, W, device=None):
+    """Every pixel of an H x W map in grid_sample's (x, y) order, normalised: (H*W, 2)."""
+    y, x = torch.meshgrid(_normalised(torch.arange(H, device=device, dtype=torch.float), H),
+                          _normalised(torch.arange(W, device=device, dtype=torch.float), W), indexing='ij')
+    return torch.stack([x, y], -1).view(-1, 2)
+
+
+def reference_points(H, W, Hk, Wk, device=None):
+    """DSCF reference points: the centres of a uniform Hk x Wk tiling of an H x W
+    map, in grid_sample's normalised (x, y) frame: (Hk, Wk, 2)."""
+    # design choice: cell centres, which stay inside [-1, 1] for every size (the DAT-style
+    # (j + 0.5) / (Hk - 1) grid of the release leaves it, and divides by 0 when Hk = 1)
+    centre = lambda n, k: _normalised((torch.arange(k, device=device, dtype=torch.float) + 0.5) * n / k - 0.5, n)
+    y, x = torch.meshgrid(centre(H, Hk), centre(W, Wk), indexing='ij')
+    return torch.stack([x, y], -1)
+
+
+def relative_position_bias(table, queries, keys):
+    """DSCF's relative-position bias (design/ktb.md sec. 4.6; DAT's table read by
+    bilinear sampling): the learnable table (h, 2Gh - 1, 2Gw - 1), made for a
+    Gh x Gw query grid, is read at (query - key) / 2 in normalised coordinates,
+    which hits its cells exactly on a Gh x Gw grid and interpolates on others.
+
+    table (h, Th, Tw); queries (Nq, 2); keys (B, g, Nk, 2) per offset group, the
+    h heads split evenly over the g groups -> bias (B, h, Nq, Nk).
+    """
+    B, g, Nk, _ = keys.shape
+    h = table.shape[0]
+    # (query - key) / 2, scaled and negated on the small operands: their backward then stays small too
+    disp = (0.5 * queries)[None, :, None] + (-0.5 * keys).flatten(0, 1)[:, None]  # (B*g, Nq, Nk, 2), in [-1, 1]
+    tab = table.view(1, g, h // g, *table.shape[1:]).expand(B, -1, -1, -1, -1).flatten(0, 1)  # (B*g, h/g, Th, Tw)
+    bias = F.grid_sample(tab, disp.to(tab.dtype), mode='bilinear', align_corners=True)  # (B*g, h/g, Nq, Nk)
+    return bias.view(B, h, queries.shape[0], Nk)  # (B, h, Nq, Nk), head j of group j // (h/g)
+
+
+class OffsetNet(nn.Module):
+    """DSCF offset network theta_m of one modality (design/ktb.md sec. 4.3, DAT's
+    conv_offset), shared by the offset groups: depth-wise k x k conv of stride s,
+    LayerNorm over channels, GELU, 1x1 conv to 2 (no bias).
+    forward((B*g, c, H, W)) -> offsets (B*g, ceil(H/s), ceil(W/s), 2) in (x, y) order.
+    """
+
+    def __init__(self, channels, kernel, stride):
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.proj = nn.Linear(channels, 2, bias=False)  # the 1x1 conv, on channels-last maps
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))  # (B*g, Hk, Wk, 2)
+
+
+class DSCF(nn.Module):
+    """KTB DSCF: dynamic sparse cross-modality fusion of one stage (design/ktb.md sec. 4).
+
+    1. x = W_a X_rgb, y = W_b X_x                        (C -> r, the normed stage outputs)
+    2. Q0 = GELU(BN(Conv3x3([x ; y]))),  Q = W_q Q0       (2r -> r, r -> r)
+    3. offsets per modality and group: theta_rgb(x), theta_x(y) on a grid of
+       (H/s) x (W/s) reference points; p_m = clamp(ref + theta_m, -1, 1)
+    4. bilinear sampling (align_corners=True) at both point sets:
+       F_rgb = [x(p_rgb), x(p_x)], F_x = [y(p_rgb), y(p_x)], F_q = [Q(p_rgb), Q(p_x)]
+    5. dynamic modality gate per sampled point: w = softmax_2(W_g2 ReLU(W_g1 F_q)),
+       S = w_rgb F_rgb + w_x F_x                          ("dynamic")
+    6. all H*W queries attend to the 2 (H/s)(W/s) keys (SDPA; "sparse"):
+       O = W_o softmax(Q K^T / sqrt(d) + B) V,  K = W_k S, V = W_v S, B read from
+       the relative-position table (`relative_position_bias`)
+    7. Fused = alpha * O + beta * Q0 (per channel);  8. output W_up Fused (r -> C);
+       the model applies the frozen fuse norm.
+    forward(f_rgb, f_x: (B, H, W, C) each, any H, W) -> (B, H, W, C).
+    Channel c of the sampled maps belongs to offset group c // (r/g); head j
+    reads the bias at the points of group j // (h/g).
+    """
+
+    def __init__(self, dim, rank, stride, groups, heads, kernel=9, bias_grid=(60, 80), alpha=1e-3):
+        super().__init__()
+        if rank % groups or rank % heads or heads % groups:
+            raise ValueError(f"DSCF rank {rank} must be divisible by groups {groups} and heads {heads}, "
+                             f"and heads by groups")
+        self.rank, self.stride, self.groups, self.heads = rank, stride, groups, heads
+        self.w_a = nn.Linear(dim, rank)
+        self.w_b = nn.Linear(dim, rank)
+        self.query = nn.Sequential(nn.Conv2d(2 * rank, rank, 3, padding=1), nn.BatchNorm2d(rank), nn.GELU())  # Q0
+        self.w_q = nn.Linear(rank, rank)
+        self.offset_rgb = OffsetNet(rank // groups, kernel, stride)
+        self.offset_x = OffsetNet(rank // groups, kernel, stride)
+        self.gate = nn.Sequential(nn.Linear(rank, rank), nn.ReLU(), nn.Linear(rank, 2))
+        self.w_k = nn.Linear(rank, rank)
+        self.w_v = nn.Linear(rank, rank)
+        self.w_o = nn.Linear(rank, rank)
+        self.rpe_table = nn.Parameter(torch.zeros(heads, 2 * bias_grid[0] - 1, 2 * bias_grid[1] - 1))
+        nn.init.trunc_normal_(self.rpe_table, std=0.01)  # DAT's init
+        self.alpha = nn.Parameter(torch.full((rank,), float(alpha)))
+        self.beta = nn.Parameter(torch.ones(rank))
+        self.w_up = nn.Linear(rank, dim)
+
+    def sampling_points(self, x, y):
+        """Step 3: x, y (B, H, W, r) -> points (B, g, 2 Nk, 2), p_rgb then p_x, Nk = Hk*Wk."""
+        B, H, W, r = x.shape
+        g = self.groups
+        grouped = torch.stack([x, y]).permute(0, 1, 4, 2, 3).reshape(2, B * g, r // g, H, W)  # (2, B*g, r/g, H, W)
+        offsets = [self.offset_rgb(grouped[0]), self.offset_x(grouped[1])]  # each (B*g, Hk, Wk, 2)
+        ref = reference_points(H, W, *offsets[0].shape[1:3], device=x.device)  # (Hk, Wk, 2)
+        points = torch.stack([(ref + off).clamp(-1, 1) for off in offsets], 1)  # (B*g, 2, Hk, Wk, 2)
+        return points.view(B, g, -1, 2)  # (B, g, 2*Nk, 2)
+
+    def forward(self, f_rgb, f_x):
+        B, H, W, _ = f_rgb.shape
+        r, g, h = self.rank, self.groups, self.heads
+        x, y = self.w_a(f_rgb), self.w_b(f_x)  # (B, H, W, r)
+        q0 = self.query(torch.cat([x, y], -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, r)
+        q = self.w_q(q0)  # (B, H, W, r)
+        points = self.sampling_points(x, y)  # (B, g, 2Nk, 2)
+        n = points.shape[2]  # 2 Nk keys
+        # one grid_sample reads x, y and Q of every group at that group's points
+        src = torch.stack([x, y, q], 3).view(B, H, W, 3, g, r // g).permute(0, 4, 3, 5, 1, 2)  # (B, g, 3, r/g, H, W)
+        sampled = F.grid_sample(src.reshape(B * g, 3 * r // g, H, W), points.flatten(0, 1)[:, None].to(src.dtype),
+                                mode='bilinear', align_corners=True)  # (B*g, 3r/g, 1, 2Nk)
+        sampled = sampled.view(B, g, 3, r // g, n).permute(2, 0, 4, 1, 3).reshape(3, B, n, r)  # (3, B, 2Nk, r)
+        feat_rgb, feat_x, feat_q = sampled  # F_rgb, F_x, F_q
+        w = self.gate(feat_q).softmax(-1)  # (B, 2Nk, 2): per-point modality gate
+        s = w[..., :1] * feat_rgb + w[..., 1:] * feat_x  # (B, 2Nk, r)
+        k = self.w_k(s).view(B, n, h, r // h).transpose(1, 2)  # (B, h, 2Nk, d)
+        v = self.w_v(s).view(B, n, h, r // h).transpose(1, 2)  # (B, h, 2Nk, d)
+        qh = q.view(B, H * W, h, r // h).transpose(1, 2)  # (B, h, H*W, d)
+        bias = relative_position_bias(self.rpe_table, query_grid(H, W, x.device), points)  # (B, h, H*W, 2Nk)
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=bias.to(qh.dtype))  # (B, h, H*W, d)
+        o = self.w_o(o.transpose(1, 2).reshape(B, H, W, r))  # (B, H, W, r)
+        return self.w_up(self.alpha * o + self.beta * q0)  # (B, H, W, C)
+
+
+def mmst_drop(batch, generator=None):
+    """KTB MMST modality masking: which samples lose which modality (design/ktb.md sec. 5).
+
+    The release hard-codes a batch of 4: one sample without RGB, one without X,
+    two intact. Generalised (design choice): the batch is shuffled and dealt,
+    from a random starting phase, the repeating roles (intact, no RGB, intact,
+    no X). Every batch of 4k then has exactly k samples without RGB, k without
+    X and 2k intact; for other sizes the counts are those in expectation (each
+    sample is intact with probability 1/2 and loses either modality with 1/4);
+    batch 2 always has one intact sample and one without RGB or X (a coin flip);
+    batch 1 is intact, without RGB or without X with probabilities 1/2, 1/4, 1/4.
+    Draws come from `generator` (torch's global RNG when None).
+    Returns drop (2, batch) bool: row 0 = RGB tokens zeroed, row 1 = X tokens zeroed.
+    """
+    if batch < 1:
+        raise ValueError(f"mmst_drop needs a batch of at least 1, got {batch}")
+    phase = torch.randint(4, (), generator=generator)
+    order = torch.randperm(batch, generator=generator)
+    role = torch.empty(batch, dtype=torch.long)
+    role[order] = (torch.arange(batch) + phase) % 4  # 0, 2 intact; 1 no RGB; 3 no X
+    return torch.stack([role == 1, role == 3])
+
+
+def self_teaching_labels(logits, label, ignore_index=255):
+    """KTB MMST self-teaching target M: the ground truth where the fused head S1
+    is right, `ignore_index` where it is wrong (y_hat = argmax S1, no gradient).
+    logits (B, K, H, W), label (B, H, W) int64 -> M (B, H, W) int64."""
+    pred = logits.detach().argmax(1)
+    return torch.where(pred == label, label, torch.full_like(label, ignore_index))
+
+
+def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
+    """Pixel cross-entropy, the mean over labelled pixels (0, still a graph, when
+    none is labelled). With `ohem` (KTB on MCubeS; CMNeXt's OhemCrossEntropy):
+    the mean over the pixels whose loss exceeds -log(thresh), or over the
+    (labelled pixels // 16) hardest ones when fewer exceed it.
+    logits (B, K, H, W), label (B, H, W) int64 -> scalar."""
+    loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction='none').flatten()  # (B*H*W,)
+    valid = int((label != ignore_index).sum())
+    if ohem:
+        hard = loss > -math.log(thresh)
+        if int(hard.sum()) < valid // 16:
+            return loss.topk(valid // 16).values.mean()
+        return (loss * hard).sum() / hard.sum().clamp(min=1)
+    return loss.sum() / max(valid, 1)
+
+
+class KTB(nn.Module):
+    """KTB: Keep the Balance (design/ktb.md), RGB + X segmentation on one frozen Swin.
+
+    - symmetrical streams (sec. 1): the frozen Swin (blocks, patch merging, RGB
+      patch embedding) runs each stage on the RGB and the X stream; X has its
+      own trainable patch embedding, a copy of the RGB one; 1-channel X is
+      repeated to 3 channels;
+    - MAPA prompting (`MAPAPrompt`, sec. 2) at the start of every stage, MAPA
+      adapters (`MAPAAdapter`, sec. 3) in every block;
+    - DSCF (`DSCF`, sec. 4) fuses the two normed outputs of every stage;
+    - heads (sec. 5): S1 (`s1`, SegFormer, embed 512) on the fused maps, S2 / S3
+      (`s2`, `s3`, embed 256) on the RGB / X stream maps; only S1 at inference;
+    - MMST (sec. 5): in training, `mmst_drop` zeroes a modality's tokens of some
+      samples right after the patch embeddings, and
+      L = CE(S1, gt) + lambda2 (CE(S2, M) + CE(S3, M)), M = `self_teaching_labels`.
+    Output norms: rgb_norms[i], x_norms[i] on the stream outputs and
+    fuse_norms[i] on DSCF's, all frozen as in the release; design choice:
+    rgb_norms[3] and x_norms[3] are the backbone's pretrained final `norm`, the
+    others fresh LayerNorms (unit weight, zero bias).
+
+    forward(rgb (B, 3, H, W), x (B, Cx, H, W), label=None) -> logits (B, K, H, W),
+    or (L, logits) when label (B, H, W) int64 (255 = ignore) is given.
+    Ranks (lists, one per stage; None = the paper's C/8, C/16, C/8):
+    `prompt_ranks` (Table 1), `adapter_ranks` (Table 2), `dscf_ranks` (Table 3).
+    Ablations: mmst, dscf (False: fuse by addition), prompting, adapters.
+    Build from a backbone that already holds its pretrained weights (the X patch
+    embedding is copied at construction), e.g. with `build_ktb`.
+    """
+
+    streams = 2  # the frozen backbone runs once per modality (eval.py's speed floor)
+
+    def __init__(self, backbone, num_classes, x_channels, prompt_ranks=None, adapter_ranks=None, dscf_ranks=None,
+                 dscf_strides=(8, 4, 2, 1), dscf_groups=(1, 2, 4, 8), dscf_heads=(2, 4, 8, 16), dscf_kernel=9,
+                 bias_grid=(60, 80), mmst=True, dscf=True, prompting=True, adapters=True, lambda2=0.01, ohem=False,
+                 fused_head_dim=512, aux_head_dim=256):
+        super().__init__()
+        if not isinstance(backbone, SwinTransformer):
+            raise TypeError(f"KTB runs on a SwinTransformer backbone, got {type(backbone).__name__}")
+        if x_channels not in (1, 3):
+            raise ValueError(f"KTB's X patch embedding is a copy of the RGB one: x_channels must be 1 "
+                             f"(repeated to 3) or 3, got {x_channels}")
+        dims = backbone.dims
+        n = len(dims)
+        ranks = {}
+        for name, given, div in (('prompt_ranks', prompt_ranks, 8), ('adapter_ranks', adapter_ranks, 16),
+                                 ('dscf_ranks', dscf_ranks, 8), ('dscf_strides', dscf_strides, None),
+                                 ('dscf_groups', dscf_groups, None), ('dscf_heads', dscf_heads, None)):
+            ranks[name] = list(given) if given is not None else [max(1, c // div) for c in dims]
+            if len(ranks[name]) != n:
+                raise ValueError(f"{name} needs one value per stage ({n}), got {ranks[name]}")
+        self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, mmst, lambda2, ohem
+        self.ranks = ranks
+        self.backbone = backbone.requires_grad_(False)
+        self.x_patch_embed = copy.deepcopy(backbone.patch_embed).requires_grad_(True)
+        self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, ranks['prompt_ranks'])) if prompting else None
+        self.adapters = nn.ModuleList(
+            nn.ModuleList(MAPAAdapter(c, r) for _ in layer.blocks)
+            for c, r, layer in zip(dims, ranks['adapter_ranks'], backbone.layers)) if adapters else None
+        alphas = [1e-3] * (n - 1) + [1.0]  # alpha init: 1e-3 for stages 1-3, 1 for stage 4
+        self.dscf = nn.ModuleList(
+            DSCF(c, r, s, g, h, dscf_kernel, bias_grid, a)
+            for c, r, s, g, h, a in zip(dims, ranks['dscf_ranks'], ranks['dscf_strides'], ranks['dscf_groups'],
+                                        ranks['dscf_heads'], alphas)) if dscf else None
+        fresh = lambda: nn.ModuleList([nn.LayerNorm(c) for c in dims[:-1]])
+        self.rgb_norms = fresh().append(backbone.norm)
+        self.x_norms = fresh().append(backbone.norm)
+        self.fuse_norms = nn.ModuleList(nn.LayerNorm(c) for c in dims)
+        for norms in (self.rgb_norms, self.x_norms, self.fuse_norms):
+            norms.requires_grad_(False)
+        self.s1 = SegFormerHead(dims, fused_head_dim, num_classes)
+        self.s2 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
+        self.s3 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
+
+    def embed(self, rgb, x):
+        """Patch embeddings of both streams, (2B, H/4, W/4, C), RGB rows first.
+        A modality whose input is exactly all zeros for a sample (eval.py's missing
+        modality) has its tokens zeroed, the state MMST trains for (design
+        choice); in training, `mmst_drop` zeroes more (MMST masking)."""
+        B = rgb.shape[0]
+        x = x.expand(-1, 3, -1, -1)  # 1-channel X repeated to 3 channels
+        tokens = torch.cat([self.backbone.patch_embed(rgb), self.x_patch_embed(x)])  # (2B, h, w, C)
+        drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
+        if self.training and self.mmst:
+            drop = drop | mmst_drop(B).to(rgb.device)
+        return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]  # keep (2B, 1, 1, 1)
+
+    def encode(self, tokens):
+        """The four stages on both streams: tokens (2B, h, w, C) -> (fused, rgb, x),
+        each a list of four (B, C_i, H_i, W_i) maps (fused = after DSCF and the fuse norm)."""
+        B = tokens.shape[0] // 2
+        s, fused, f_rgb, f_x = tokens, [], [], []
+        for i, layer in enumerate(self.backbone.layers):
+            if self.prompts is not None:
+                s = self.prompts[i](s)
+            s = layer(s, None if self.adapters is None else self.adapters[i])  # (2B, H_i, W_i, C_i), both streams
+            a, b = self.rgb_norms[i](s[:B]), self.x_norms[i](s[B:])  # (B, H_i, W_i, C_i)
+            fused.append(self.fuse_norms[i](self.dscf[i](a, b) if self.dscf is not None else a + b))
+            f_rgb.append(a)
+            f_x.append(b)
+            if layer.downsample is not None:
+                s = layer.downsample(s)
+        return tuple([f.permute(0, 3, 1, 2) for f in maps] for maps in (fused, f_rgb, f_x))  # (B, C_i, H_i, W_i)
+
+    def forward(self, rgb, x, label=None):
+        if rgb.ndim != 4 or rgb.shape[1] != 3 or x.ndim != 4 or x.shape[1] != self.x_channels \
+                or x.shape[0] != rgb.shape[0] or x.shape[-2:] != rgb.shape[-2:]:
+            raise ValueError(f"expected rgb (B, 3, H, W) and x (B, {self.x_channels}, H, W), "
+                             f"got {tuple(rgb.shape)} and {tuple(x.shape)}")
+        size = rgb.shape[-2:]
+        fused, f_rgb, f_x = self.encode(self.embed(rgb, x))
+        logits = self.s1(fused, size)
+        if label is None:
+            return logits
+        if label.shape != (rgb.shape[0], *size) or label.dtype != torch.long:
+            raise ValueError(f"label must be (B, H, W) int64, got {tuple(label.shape)} {label.dtype}")
+        loss = segmentation_loss(logits, label, self.ohem)
+        if self.mmst:
+            teach = self_teaching_labels(logits, label)
+            loss = loss + self.lambda2 * (segmentation_loss(self.s2(f_rgb, size), teach, self.ohem)
+                                          + segmentation_loss(self.s3(f_x, size), teach, self.ohem))
+        return loss, logits
+
+    def param_counts(self):
+        """{'trainable', 'total', and the trainable parameters per part of the paper}."""
+        count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters() if p.requires_grad)
+        return {'trainable': count(self), 'total': sum(p.numel() for p in self.parameters()),
+                'adapters': count(self.adapters), 'prompting': count(self.prompts), 'dscf': count(self.dscf),
+                'dscf_bias_tables': 0 if self.dscf is None else sum(d.rpe_table.numel() for d in self.dscf),
+                'x_patch_embed': count(self.x_patch_embed), 's1': count(self.s1),
+                's2+s3': count(self.s2) + count(self.s3)}
+
+
+def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_size=12, drop_path_rate=0.0, **options):
+    """KTB on a Swin preset ('base' or 'large'; window 12 for the official
+    swin_*_patch4_window12_384_22k.pth files). `pretrained` is loaded into the
+    backbone before the X patch embedding is copied from the RGB one; the
+    backbone is frozen. `options` go to KTB (ranks, ablation switches, lambda2, ohem)."""
+    backbone = swin(backbone_name, window_size=window_size, drop_path_rate=drop_path_rate)
+    if pretrained:
+        load_pretrained(backbone, pretrained)
+    return KTB(backbone, num_classes, x_channels, **options)
+
+
+# ----------------------------------------------------------------------------
+# GoPT (He, "Prompting Multi-Modal Image Segmentation with Semantic Grouping",
+# AAAI 2024). A frozen MAE ViT and its frozen RGB patch embedding; before each
+# prompted layer l a grouping prompter turns the auxiliary modality into one
+# multiplicative prompt per RGB patch token (eq. 3). A prompter is a CUP
+# (eq. 4-10: self-attention over aux tokens and C class tokens, then grouping of
+# the aux tokens into C class-aware prompts) followed by an ACP (eq. 11-14: RGB
+# tokens cross-attend to the class-aware prompts, then a grouping of the same
+# form gives each RGB token its prompt); the class-aware prompts are the class
+# tokens of the next prompter (eq. 15). Trained: prompters, aux patch embedding
+# and the SETR-Naive head. No official code exists: design/gopt.md lists what
+# the paper fixes and what is decided here ("design choice, paper silent").
+#
+# Prompt space: the prompters work in a low-rank width d_p (`prompt_dim`). One
+# LayerNorm + linear `down` (D -> d_p) maps both modalities into it (the paper's
+# ACP "shares prompt parameters among different modalities") and one linear `up`
+# (d_p -> D, zero-initialised) maps a prompt back: p = 1 + up(prompt), so the
+# prompted model is exactly the foundation model at initialisation.
+# Parameter budget, ViT-B, 40 classes, 3-channel HHA, head excluded: d_p = 55
+# gives 0.975M for GoPT (paper 0.97M), 0.704M for GoPT-shallow (paper 0.68M),
+# 0.591M for VPT-shallow (paper 0.54M); see `gopt_param_counts`.
+# ----------------------------------------------------------------------------
+
+def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
+    """GoPT eq. 8-9: assignment of S tokens to C groups.
+
+    logits (..., S, C) -> A_hat (..., S, C). Gumbel(0, 1) noise (drawn from
+    torch's global RNG) is added only when `noise` (training). hard: the forward
+    value is exactly one-hot (argmax), the gradient is that of the soft A
+    (straight-through); written one_hot + (A - sg(A)) so that the forward value
+    is bit-exact. soft: A itself (the ablation of Fig. 7).
+    """
+    gumbel = -torch.empty_like(logits).exponential_().log() if noise else 0.0  # gamma ~ Gumbel(0, 1)
+    A = F.softmax((logits + gumbel) / tau, -1)  # eq. 8
+    return F.one_hot(A.argmax(-1), A.shape[-1]).to(A.dtype) + (A - A.detach()) if hard else A  # eq. 9
+
+
+class Grouping(nn.Module):
+    """GoPT eq. 8-10: the grouping module, g_m of CUP (eq. 7) and g_{rgb,m} of ACP (eq. 11).
+
+    Every token picks one of the C groups (softmax over the groups, eq. 8-9),
+    then eq. 10 merges the values of one side into the other, averaged over
+    the assignment weights:
+      into groups (CUP):  out_j = g_j + W_o (sum_i A_ij W_v t_i) / (sum_i A_ij)
+      into tokens (ACP):  out_i = t_i + W_o (sum_j A_ij W_v g_j) / (sum_j A_ij),
+    i.e. each token receives the group it is assigned to (design choice, paper
+    silent: eq. 11 outputs one prompt per RGB token, so ACP's merge runs along
+    the token's row of A, where sum_j A_ij = 1).
+    forward(tokens (B, S, d), groups (B, C, d), into_tokens=False)
+    -> (out (B, C, d) or (B, S, d), A_hat (B, S, C)).
+    """
+
+    def __init__(self, dim, hard=True, tau=1.0):
+        super().__init__()
+        self.hard, self.tau = hard, tau
+        self.scale = dim ** -0.5  # design choice, paper silent: logits scaled by 1/sqrt(d) (as GroupViT), else softmax saturates
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, tokens, groups, into_tokens=False):
+        logits = self.q(tokens) @ self.k(groups).transpose(1, 2) * self.scale  # (B, S, C)
+        A_hat = gumbel_assign(logits, self.tau, self.hard, noise=self.training)  # eq. 8-9, (B, S, C)
+        M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups, tokens)  # M: (B, dst, src)
+        # design choice, paper silent: the weight sum is clamped at 1, so that an empty group (hard) keeps its token
+        return dst + self.o(M @ self.v(src) / M.sum(-1, keepdim=True).clamp(min=1)), A_hat  # eq. 10
+
+
+class CUP(nn.Module):
+    """GoPT eq. 4-10, class-aware uni-modal prompter.
+
+    Self-attention (eq. 4-6, single head, no projections, as written) over [aux tokens ; class tokens],
+    then the grouping g_m (eq. 7-10) merges the aux tokens into C class-aware prompts.
+    forward(aux (B, S, d), classes (B, C, d)) -> (aux_hat (B, S, d), prompts (B, C, d), A_hat (B, S, C)).
+    """
+
+    def __init__(self, dim, hard=True, tau=1.0):
+        super().__init__()
+        self.group = Grouping(dim, hard, tau)
+
+    def forward(self, aux, classes):
+        S = aux.shape[1]
+        z = torch.cat([aux, classes], 1)[:, None]  # eq. 5, (B, 1, S + C, d): one head
+        z = F.scaled_dot_product_attention(z, z, z)[:, 0]  # eq. 4, 6, (B, S + C, d)
+        aux_hat, classes_hat = z[:, :S], z[:, S:]
+        prompts, A_hat = self.group(aux_hat, classes_hat)  # eq. 7-10
+        return aux_hat, prompts, A_hat
+
+
+class ACP(nn.Module):
+    """GoPT eq. 11-14, alignment-induced cross-modal prompter.
+
+    The RGB tokens cross-attend (eq. 14, single head, no projections) to `keys` (the
+    class-aware prompts P_m, eq. 12-13), then the grouping g_{rgb,m} (eq. 11)
+    assigns every read-out to one of `groups` and adds that group's value.
+    forward(rgb (B, S, d), keys (B, K, d), groups (B, C, d)) -> prompts (B, S, d).
+    """
+
+    def __init__(self, dim, hard=True, tau=1.0):
+        super().__init__()
+        self.group = Grouping(dim, hard, tau)
+
+    def forward(self, rgb, keys, groups):
+        read = F.scaled_dot_product_attention(rgb[:, None], keys[:, None], keys[:, None])[:, 0]  # eq. 12, 14, (B, S, d)
+        return self.group(read, groups, into_tokens=True)[0]  # eq. 11
+
+
+class GroupingPrompter(nn.Module):
+    """One grouping prompter of GoPT (Fig. 3-4), at a prompted layer l: CUP, then ACP.
+
+    forward(rgb (B, S, d), aux (B, S, d), classes (B, C, d)) -> (prompt (B, S, d),
+    aux tokens for the next prompter (B, S, d), class tokens for the next prompter (B, C, d)).
+    The self-attended aux tokens of CUP are the next prompter's aux tokens
+    (design choice, paper silent); the class-aware prompts are its class tokens (eq. 15).
+    Ablations of Table 4 (design choice, paper silent):
+      w/o ACP: each RGB token takes the class-aware prompt to which CUP assigned
+               the aux token at the same place (the modalities are aligned);
+      w/o CUP: ACP reads the aux tokens themselves (keys) and groups with the
+               class tokens, which then stay the learned ones at every layer.
+    """
+
+    def __init__(self, dim, cup=True, acp=True, hard=True, tau=1.0):
+        super().__init__()
+        if not (cup or acp):
+            raise ValueError("a grouping prompter needs CUP, ACP or both")
+        self.cup = CUP(dim, hard, tau) if cup else None
+        self.acp = ACP(dim, hard, tau) if acp else None
+
+    def forward(self, rgb, aux, classes):
+        if self.cup is None:
+            return self.acp(rgb, aux, classes), aux, classes
+        aux, prompts, A_hat = self.cup(aux, classes)  # eq. 4-10
+        if self.acp is None:
+            return A_hat @ prompts, aux, prompts  # (B, S, d)
+        return self.acp(rgb, prompts, prompts), aux, prompts  # eq. 11-15
+
+
+class GroupingPrompts(nn.Module):
+    """The prompts of GoPT (eq. 3 and 15): aux patch embedding, class tokens and
+    one GroupingPrompter per prompted layer, in the low-rank prompt space.
+
+    begin(x (B, Cx, H, W), pos (1, N, D)) -> state (aux tokens (B, N, d), class tokens (B, C, d)).
+    forward(l, tokens (B, N, D) RGB patch tokens entering block l, state)
+    -> (multiplicative prompt (B, N, D), state for the next prompted layer).
+    `rgb_embed`: the frozen RGB PatchEmbed; the aux embedding starts as its mean
+    filter (design choice, paper silent; as the early-fusion baseline).
+    """
+
+    def __init__(self, rgb_embed, x_channels, num_classes, layers, prompt_dim=55, cup=True, acp=True,
+                 hard=True, tau=1.0):
+        super().__init__()
+        dim, self.x_channels, self.layers = rgb_embed.proj.out_channels, x_channels, tuple(layers)
+        # design choice, paper silent: a full-width aux patch embedding (the VPT variants' prompt
+        # generator, the paper's large shared part: 0.68M shallow vs 0.97M deep), plus the ViT's position
+        self.aux_embed = PatchEmbed(x_channels, dim, rgb_embed.patch, norm=False)
+        # design choice, paper silent: one `down` and one `up` serve both modalities and all layers
+        self.down = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, prompt_dim))
+        self.up = nn.Linear(prompt_dim, dim)
+        self.class_tokens = nn.Parameter(torch.empty(1, num_classes, prompt_dim))  # c^0
+        self.prompters = nn.ModuleList(GroupingPrompter(prompt_dim, cup, acp, hard, tau) for _ in self.layers)
+        for m in self.modules():  # the paper: prompt parameters are xavier-uniform initialised
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.class_tokens[0])
+        # design choice, paper silent: up = 0, so p = 1 (identity) at the start; this zero blocks the
+        # gradient to everything before `up` in the first step only (see test_gopt_gradients)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        with torch.no_grad():
+            self.aux_embed.proj.weight.copy_(rgb_embed.proj.weight.mean(1, keepdim=True).expand(-1, x_channels, -1, -1))
+            self.aux_embed.proj.bias.copy_(rgb_embed.proj.bias)
+
+    def begin(self, x, pos):
+        aux = self.down(self.aux_embed(x).flatten(1, 2) + pos)  # (B, N, d)
+        return aux, self.class_tokens.expand(x.shape[0], -1, -1)
+
+    def forward(self, l, tokens, state):
+        prompt, *state = self.prompters[self.layers.index(l)](self.down(tokens), *state)  # (B, N, d)
+        return 1 + self.up(prompt), state
+
+
+class AuxVPT(nn.Module):
+    """GoPT Table 4, VPT-shallow / VPT-deep (Jia et al. 2022) as the paper adapts
+    them: the prompts of a layer are an embedding of the aux image, multiplied
+    element-wise into the RGB tokens (eq. 3); one patch embedding per prompted layer.
+
+    begin(x (B, Cx, H, W), pos) -> x.  forward(l, tokens (B, N, D), x) -> (prompt (B, N, D), x).
+    The embeddings start at zero, so p = 1 + E_l(x) is the identity at the start
+    (design choice, paper silent).
+    """
+
+    def __init__(self, rgb_embed, x_channels, layers):
+        super().__init__()
+        self.x_channels, self.layers = x_channels, tuple(layers)
+        self.embeds = nn.ModuleList(PatchEmbed(x_channels, rgb_embed.proj.out_channels, rgb_embed.patch, norm=False)
+                                    for _ in self.layers)
+        for e in self.embeds:
+            nn.init.zeros_(e.proj.weight)
+            nn.init.zeros_(e.proj.bias)
+
+    def begin(self, x, pos):
+        return x
+
+    def forward(self, l, tokens, x):
+        return 1 + self.embeds[self.layers.index(l)](x).flatten(1, 2), x  # (B, N, D)
+
+
+class GoPT(nn.Module):
+    """GoPT segmentation model: frozen MAE ViT, `prompts` (GroupingPrompts or
+    AuxVPT) before the prompted blocks, SETR-Naive head Psi on the last layer.
+
+    forward(rgb (B, 3, H, W), x (B, Cx, H, W), label=None) -> logits (B, K, H, W),
+    or (cross-entropy loss, logits) when label (B, H, W) int64 (255 = ignore) is given.
+    Eq. 3 multiplies the patch tokens only; the cls token is not prompted (design
+    choice, paper silent). The ViT pads the input to a multiple of 16; the aux
+    embedding pads the same way, so the two token grids are aligned.
+    """
+
+    def __init__(self, backbone, prompts, num_classes, head_dim=256):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        self.prompts = prompts
+        self.head = SETRNaiveHead(backbone.dim, num_classes, head_dim)
+
+    def forward(self, rgb, x, label=None):
+        if rgb.ndim != 4 or rgb.shape[1] != 3 or x.ndim != 4 or x.shape[1] != self.prompts.x_channels \
+                or x.shape[0] != rgb.shape[0] or x.shape[-2:] != rgb.shape[-2:]:
+            raise ValueError(f"expected rgb (B, 3, H, W) and x (B, {self.prompts.x_channels}, H, W) of one size, "
+                             f"got {tuple(rgb.shape)} and {tuple(x.shape)}")
+        tokens, grid = self.backbone.embed(rgb)  # (B, 1 + N, D)
+        pos = resize_pos_embed(self.backbone.pos_embed, self.backbone.grid, grid)[:, 1:]  # (1, N, D)
+        state = self.prompts.begin(x, pos)
+        for l, blk in enumerate(self.backbone.blocks):
+            if l in self.prompts.layers:
+                prompt, state = self.prompts(l, tokens[:, 1:], state)  # (B, N, D)
+                tokens = torch.cat([tokens[:, :1], tokens[:, 1:] * prompt], 1)  # eq. 3
+            tokens = blk(tokens)
+        logits = self.head(self.backbone.norm(tokens)[:, 1:], grid, rgb.shape[-2:])
+        if label is None:
+            return logits
+        return F.cross_entropy(logits, label, ignore_index=255), logits
+
+    def param_counts(self):
+        """Trainable and total counts, with and without the head (the paper's 0.97M excludes it)."""
+        count = lambda ps: sum(p.numel() for p in ps)
+        trainable = count(p for p in self.parameters() if p.requires_grad)
+        head = count(self.head.parameters())
+        return {'trainable': trainable, 'total': count(self.parameters()), 'trainable_without_head': trainable - head,
+                'head': head, 'prompts': count(self.prompts.parameters()), 'backbone': count(self.backbone.parameters())}
+
+
+GOPT_VARIANTS = ('gopt', 'gopt_shallow', 'no_acp', 'no_cup', 'vpt_shallow', 'vpt_deep')  # Table 4
+
+
+def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant='gopt', interval=1,
+               assignment='hard', prompt_dim=55, tau=1.0, head_dim=256, **overrides):
+    """GoPT on a ViT preset ('base', 'large'; `overrides` change dim, depth, heads, img_size, ...).
+
+    variant: 'gopt' (CUP + ACP), 'no_acp', 'no_cup', 'gopt_shallow' (one prompter,
+    at layer 0), 'vpt_shallow', 'vpt_deep' (Table 4). interval: a prompter
+    before every `interval`-th block, starting at block 0 (Fig. 6: 1, 2, 4, 6, 12; design choice, paper silent: where to start).
+    assignment: 'hard' (eq. 9) or 'soft' (Fig. 7). prompt_dim: d_p. tau: Gumbel
+    temperature (design choice, paper silent: 1). `pretrained`: an MAE file, loaded into the ViT,
+    which is then frozen with its RGB patch embedding.
+    """
+    if variant not in GOPT_VARIANTS:
+        raise ValueError(f"unknown GoPT variant {variant!r}; choose one of {GOPT_VARIANTS}")
+    if assignment not in ('hard', 'soft'):
+        raise ValueError(f"assignment must be 'hard' or 'soft', not {assignment!r}")
+    if not isinstance(interval, int) or interval < 1 or (variant.endswith('_shallow') and interval != 1):
+        raise ValueError(f"interval must be an int >= 1 (and 1 for {variant}, which prompts block 0 only), got {interval!r}")
+    if x_channels < 1 or prompt_dim < 1 or tau <= 0:
+        raise ValueError(f"GoPT needs x_channels >= 1, prompt_dim >= 1 and tau > 0, got {x_channels}, {prompt_dim}, {tau}")
+    backbone = vit(backbone_name, **overrides)
+    if pretrained:
+        load_pretrained(backbone, pretrained)
+    layers = (0,) if variant.endswith('_shallow') else range(0, len(backbone.blocks), interval)
+    if variant.startswith('vpt'):
+        prompts = AuxVPT(backbone.patch_embed, x_channels, layers)
+    else:
+        prompts = GroupingPrompts(backbone.patch_embed, x_channels, num_classes, layers, prompt_dim,
+                                  cup=variant != 'no_cup', acp=variant != 'no_acp', hard=assignment == 'hard', tau=tau)
+    return GoPT(backbone, prompts, num_classes, head_dim)
+
+
+def gopt_param_counts(backbone_name='base', num_classes=40, x_channels=3, **options):
+    """{variant: param_counts()} for every Table 4 variant (ViT-B: about 1.5 s per variant on CPU)."""
+    return {v: build_gopt(backbone_name, num_classes, x_channels, variant=v, **options).param_counts()
+            for v in GOPT_VARIANTS}
 
 
 # ----------------------------------------------------------------------------
