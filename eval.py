@@ -275,17 +275,23 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
     out['train_peak_mem_mb'] = peak_memory(device) / 2 ** 20
 
     backbone = model.backbone
-    in_chans = backbone.patch_embed.proj.in_channels  # 3, or 3 + Cx for early fusion
-    img = torch.randn(batch, in_chans, H, W, device=device, requires_grad=True)  # input grad: backward runs through every block
+    if isinstance(backbone, rgbx.MultiModalViT):  # MaskMentor: the encoder on the tokens of both modalities
+        with torch.no_grad():
+            tokens = backbone.embed({'rgb': rgb2, 'depth': x2})[0]  # (B, 2, N, D)
+        inp = tokens.flatten(1, 2).requires_grad_()  # (B, 2N, D)
+    else:
+        in_chans = backbone.patch_embed.proj.in_channels  # 3, or 3 + Cx for early fusion
+        inp = torch.randn(batch, in_chans, H, W, device=device, requires_grad=True)
+    # the input needs a gradient, so that backward runs through every block even when all weights are frozen
 
     def backbone_fwd_bwd():
         with ctx():
-            feats = backbone(img)
+            feats = backbone(inp)
         sum(f.float().sum() for f in (feats if isinstance(feats, list) else [feats])).backward()
-        img.grad = None
+        inp.grad = None
         backbone.zero_grad(set_to_none=True)
     with torch.no_grad(), ctx():
-        out['backbone_fwd_s'] = timed(lambda: backbone(img), device, repeats)
+        out['backbone_fwd_s'] = timed(lambda: backbone(inp), device, repeats)
     out['backbone_fwd_bwd_s'] = timed(backbone_fwd_bwd, device, repeats)
     streams = getattr(model, 'streams', 1)  # KTB runs the backbone once per modality
     out['train_step_over_floor'] = out['train_step_s'] / (streams * out['backbone_fwd_bwd_s'])

@@ -55,6 +55,22 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
+    """Pixel cross-entropy, the mean over labelled pixels (0, still a graph, when
+    none is labelled). With `ohem` (KTB on MCubeS; CMNeXt's OhemCrossEntropy):
+    the mean over the pixels whose loss exceeds -log(thresh), or over the
+    (labelled pixels // 16) hardest ones when fewer exceed it.
+    logits (B, K, H, W), label (B, H, W) int64 -> scalar."""
+    loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction='none').flatten()  # (B*H*W,)
+    valid = int((label != ignore_index).sum())
+    if ohem:
+        hard = loss > -math.log(thresh)
+        if int(hard.sum()) < valid // 16:
+            return loss.topk(valid // 16).values.mean()
+        return (loss * hard).sum() / hard.sum().clamp(min=1)
+    return loss.sum() / max(valid, 1)
+
+
 def drop_path_rates(rate, n):
     """Stochastic depth decay rule: n rates rising linearly from 0 to `rate` (plain floats,
     so that models can be built on the meta device)."""
@@ -700,7 +716,7 @@ class EarlyFusion(nn.Module):
             logits = self.head(self.backbone(img)[:, 1:], grid, size)
         if label is None:
             return logits
-        return F.cross_entropy(logits, label, ignore_index=255), logits
+        return segmentation_loss(logits, label), logits
 
 
 def build_early_fusion(backbone_name, num_classes, x_channels, pretrained=None, use_x=True, **overrides):
@@ -735,7 +751,13 @@ def build_model(method, backbone, num_classes, x_channels, pretrained=None, **op
             raise ValueError(f"{method} is built on a {METHOD_FAMILY[method]} backbone, not {backbone!r}: "
                              f"use --backbone {METHOD_FAMILY[method]}-base (or -large)")
         backbone = size
-    return builder(backbone, num_classes, x_channels, pretrained=pretrained, **options)
+    try:
+        return builder(backbone, num_classes, x_channels, pretrained=pretrained, **options)
+    except TypeError as e:
+        if 'unexpected keyword argument' not in str(e):
+            raise
+        raise ValueError(f"{method} does not take that option ({e}); see the docstring of rgbx.build_{method} "
+                         f"and of its model class for the options") from None
 
 
 def trainable_state(model):
@@ -1016,22 +1038,6 @@ def self_teaching_labels(logits, label, ignore_index=255):
     return torch.where(pred == label, label, torch.full_like(label, ignore_index))
 
 
-def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
-    """Pixel cross-entropy, the mean over labelled pixels (0, still a graph, when
-    none is labelled). With `ohem` (KTB on MCubeS; CMNeXt's OhemCrossEntropy):
-    the mean over the pixels whose loss exceeds -log(thresh), or over the
-    (labelled pixels // 16) hardest ones when fewer exceed it.
-    logits (B, K, H, W), label (B, H, W) int64 -> scalar."""
-    loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction='none').flatten()  # (B*H*W,)
-    valid = int((label != ignore_index).sum())
-    if ohem:
-        hard = loss > -math.log(thresh)
-        if int(hard.sum()) < valid // 16:
-            return loss.topk(valid // 16).values.mean()
-        return (loss * hard).sum() / hard.sum().clamp(min=1)
-    return loss.sum() / max(valid, 1)
-
-
 class KTB(nn.Module):
     """KTB: Keep the Balance (design/ktb.md), RGB + X segmentation on one frozen Swin.
 
@@ -1195,7 +1201,9 @@ def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_si
 # prompted model is exactly the foundation model at initialisation.
 # Parameter budget, ViT-B, 40 classes, 3-channel HHA, head excluded: d_p = 55
 # gives 0.975M for GoPT (paper 0.97M), 0.704M for GoPT-shallow (paper 0.68M),
-# 0.591M for VPT-shallow (paper 0.54M); see `gopt_param_counts`.
+# 0.591M for VPT-shallow (paper 0.54M), 7.09M for VPT-deep (paper 3.39M: here one
+# full aux patch embedding per layer; the paper does not say how its per-layer
+# prompts are made smaller); see `gopt_param_counts`.
 # ----------------------------------------------------------------------------
 
 def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
@@ -1237,8 +1245,9 @@ class Grouping(nn.Module):
         logits = self.q(tokens) @ self.k(groups).transpose(1, 2) * self.scale  # (B, S, C)
         A_hat = gumbel_assign(logits, self.tau, self.hard, noise=self.training)  # eq. 8-9, (B, S, C)
         M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups, tokens)  # M: (B, dst, src)
-        # design choice, paper silent: the weight sum is clamped at 1, so that an empty group (hard) keeps its token
-        return dst + self.o(M @ self.v(src) / M.sum(-1, keepdim=True).clamp(min=1)), A_hat  # eq. 10
+        den = M.sum(-1, keepdim=True)  # (B, dst, 1): sum_i A_ij
+        # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0
+        return dst + self.o(M @ self.v(src) / den.where(den > 0, 1)), A_hat  # eq. 10
 
 
 class CUP(nn.Module):
@@ -1307,6 +1316,8 @@ class GroupingPrompter(nn.Module):
         aux, prompts, A_hat = self.cup(aux, classes)  # eq. 4-10
         if self.acp is None:
             return A_hat @ prompts, aux, prompts  # (B, S, d)
+        # design choice, paper ambiguous: P_m of eq. 15 read as CUP's class-aware prompts p_hat_m,
+        # the same P_m that eq. 12-13 feed to ACP
         return self.acp(rgb, prompts, prompts), aux, prompts  # eq. 11-15
 
 
@@ -1333,7 +1344,7 @@ class GroupingPrompts(nn.Module):
         self.up = nn.Linear(prompt_dim, dim)
         self.class_tokens = nn.Parameter(torch.empty(1, num_classes, prompt_dim))  # c^0
         self.prompters = nn.ModuleList(GroupingPrompter(prompt_dim, cup, acp, hard, tau) for _ in self.layers)
-        for m in self.modules():  # the paper: prompt parameters are xavier-uniform initialised
+        for m in self.modules():  # design choice, paper silent: xavier-uniform linears and c^0 (design/gopt.md)
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -1348,7 +1359,9 @@ class GroupingPrompts(nn.Module):
 
     def begin(self, x, pos):
         aux = self.down(self.aux_embed(x).flatten(1, 2) + pos)  # (B, N, d)
-        return aux, self.class_tokens.expand(x.shape[0], -1, -1)
+        # a copy, not an expanded view: a view of a parameter made under no_grad claims to need a
+        # gradient without having a grad_fn, which breaks torch's module tracker (FlopCounterMode)
+        return aux, self.class_tokens.repeat(x.shape[0], 1, 1)
 
     def forward(self, l, tokens, state):
         prompt, *state = self.prompters[self.layers.index(l)](self.down(tokens), *state)  # (B, N, d)
@@ -1414,7 +1427,7 @@ class GoPT(nn.Module):
         logits = self.head(self.backbone.norm(tokens)[:, 1:], grid, rgb.shape[-2:])
         if label is None:
             return logits
-        return F.cross_entropy(logits, label, ignore_index=255), logits
+        return segmentation_loss(logits, label), logits
 
     def param_counts(self):
         """Trainable and total counts, with and without the head (the paper's 0.97M excludes it)."""
@@ -1971,7 +1984,7 @@ class MaskMentorSeg(MaskMentorModel):
         logits = self.head(feats, grid, rgb.shape[-2:])
         if label is None:
             return logits
-        return F.cross_entropy(logits, label, ignore_index=255), logits
+        return segmentation_loss(logits, label), logits
 
 
 def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, stage='finetune', img_size=224,

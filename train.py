@@ -40,7 +40,7 @@ class Config:
     method: str = 'early_fusion'    # early_fusion | rgb_only | ktb | gopt | maskmentor
     backbone: str = 'swin-nano'     # swin-{nano,tiny,small,base,large} | vit-{nano,base,large}
     pretrained: str = ''            # official backbone file; 'none' trains a PEFT method from scratch on purpose
-    opts: str = ''                  # method options, e.g. "variant=vpt_deep,interval=2" or "stage=pretrain"
+    opts: str = ''                  # method options, e.g. "variant=vpt_deep,interval=2", "stage=pretrain", "adapter_ranks=64:64:64:64"
     # optimisation; 0 or -1 = the dataset preset's recipe
     epochs: int = 0
     batch_size: int = 0             # per process; the global batch is batch_size * processes * grad_accum
@@ -107,14 +107,16 @@ def resolve(cfg):
 
 
 def parse_opts(text):
-    """"a=1,b=x,c=true" -> {'a': 1, 'b': 'x', 'c': True} (numbers and booleans converted)."""
+    """"a=1,b=x,c=true,d=8:16:32:64" -> {'a': 1, 'b': 'x', 'c': True, 'd': [8, 16, 32, 64]}
+    (numbers and booleans converted; ':' separates the items of a list, e.g. KTB's per-stage ranks)."""
     out = {}
     for item in filter(None, text.split(',')):
         if '=' not in item:
             raise ValueError(f"--opts item {item!r} is not key=value")
         k, v = item.split('=', 1)
         low = v.lower()
-        out[k.strip()] = True if low == 'true' else False if low == 'false' else _number(v)
+        out[k.strip()] = True if low == 'true' else False if low == 'false' else \
+            [_number(i) for i in v.split(':')] if ':' in v else _number(v)
     return out
 
 
@@ -133,6 +135,8 @@ def build_model(cfg, num_classes, x_channels):
     opts = parse_opts(cfg.opts)
     if cfg.method == 'maskmentor' and 'stage' not in opts:
         opts['stage'] = 'finetune'
+    if cfg.method == 'ktb' and cfg.dataset == 'mcubes':
+        opts.setdefault('ohem', True)  # KTB's release trains MCubeS with OHEM cross-entropy
     return rgbx.build_model(cfg.method, cfg.backbone, num_classes, x_channels, pretrained=pretrained, **opts)
 
 
