@@ -1,4 +1,5 @@
 """Tests for rgbx: tiny configs on CPU, each checked against something computed another way."""
+import copy
 import itertools
 import json
 import math
@@ -937,6 +938,1024 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------
+# KTB
+# ----------------------------------------------------------------------------
+
+def nano_ktb(num_classes=3, x_channels=3, seed=0, **options):
+    """KTB on the 'nano' Swin (widths 32..256, window 4): fast enough for a CPU test."""
+    torch.manual_seed(seed)
+    return rgbx.build_ktb('nano', num_classes, x_channels, window_size=4, **options)
+
+
+def all_adapters(model):
+    return [a for stage in model.adapters for a in stage]
+
+
+@pytest.fixture(scope='module')
+def ktb():
+    """One nano KTB (3 classes, 3-channel X) shared by the tests that only read it; the others copy it."""
+    return nano_ktb(num_classes=3)
+
+
+def rgbx_batch(B, H=37, W=53, x_channels=3, num_classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 3, H, W, generator=g), torch.randn(B, x_channels, H, W, generator=g),
+            torch.randint(num_classes, (B, H, W), generator=g))
+
+
+# ----------------------------------------------------------------------------
+# Parameter counts (supplement Tables 1-3, design/ktb.md sec. 6)
+# ----------------------------------------------------------------------------
+
+SWIN_B = dict(dims=[128, 256, 512, 1024], depths=[2, 2, 18, 2])
+TABLE_ROWS = [  # (the one rank list changed, the supplement's total trainable parameters in M, 40 classes)
+    ({}, 7.5),  # the default row of Tables 1, 2 and 3: ranks C/8, C/16, C/8
+    (dict(prompt_ranks=[32, 64, 128, 256]), 8.2),  # Table 1, X~_i rank x2
+    (dict(prompt_ranks=[8, 16, 32, 64]), 7.3),  # Table 1, /2
+    (dict(adapter_ranks=[64, 64, 64, 64]), 8.9),  # Table 2, constant 64
+    (dict(adapter_ranks=[16, 32, 64, 128]), 9.2),  # Table 2, x2
+    (dict(adapter_ranks=[4, 8, 16, 32]), 6.7),  # Table 2, /2
+    (dict(dscf_ranks=[32, 64, 128, 256]), 9.6),  # Table 3, DSCF rank x2
+    (dict(dscf_ranks=[8, 16, 32, 64]), 6.9),  # Table 3, /2
+]
+
+
+def adapter_params(dims, depths, ranks):
+    """Design sec. 3 by formula: per block two adapters, each W1 (C x r + r) and W2 (r x C + C)."""
+    return sum(d * 2 * (2 * c * r + r + c) for c, d, r in zip(dims, depths, ranks))
+
+
+def prompt_params(dims, ranks):
+    """Design sec. 2 by formula: W_rgb, W_x (C -> r), W_p (2r -> r), W_up (r -> C), gamma and beta (2 x C)."""
+    return sum(2 * (c * r + r) + (2 * r * r + r) + (r * c + c) + 4 * c for c, r in zip(dims, ranks))
+
+
+@pytest.mark.parametrize('ranks, total', TABLE_ROWS)
+def test_ktb_trainable_params_match_supplement_tables(ranks, total):
+    with torch.device('meta'):
+        model = rgbx.build_ktb('base', 40, 3, **ranks)
+    counts = model.param_counts()
+    assert abs(counts['trainable'] / 1e6 - total) <= 0.15
+    # the parts add up to the total (no stray trainable parameter, e.g. an unfrozen norm) ...
+    parts = ('adapters', 'prompting', 'dscf', 'x_patch_embed', 's1', 's2+s3')
+    assert sum(counts[p] for p in parts) == counts['trainable']
+    # ... and the ranks reach the modules they name
+    dims, depths = SWIN_B['dims'], SWIN_B['depths']
+    assert counts['adapters'] == adapter_params(dims, depths, ranks.get('adapter_ranks', [c // 16 for c in dims]))
+    assert counts['prompting'] == prompt_params(dims, ranks.get('prompt_ranks', [c // 8 for c in dims]))
+
+
+def test_ktb_swin_b_breakdown_matches_design():
+    with torch.device('meta'):
+        counts = rgbx.build_ktb('base', 40, 3).param_counts()
+    expected = {'adapters': 1.770, 'prompting': 0.576, 'dscf': 1.607, 'dscf_bias_tables': 0.568,
+                'x_patch_embed': 0.007, 's1': 2.055, 's2+s3': 1.531}  # design/ktb.md sec. 6, in M
+    for part, m in expected.items():
+        assert abs(counts[part] / 1e6 - m) <= 0.002, part
+    # bias tables by hand: heads [2, 4, 8, 16] x (2*60 - 1) x (2*80 - 1)
+    assert counts['dscf_bias_tables'] == 30 * 119 * 159
+
+
+def test_ktb_swin_l_count():
+    # design/ktb.md sec. 6: C/8, C/16, C/8 on Swin-L gives 12.7M. The 16.1M of a secondary
+    # summary of the paper is unverified (the paper text is not available), so it is not asserted.
+    with torch.device('meta'):
+        counts = rgbx.build_ktb('large', 40, 3).param_counts()
+    assert abs(counts['trainable'] / 1e6 - 12.7) <= 0.1
+
+
+# ----------------------------------------------------------------------------
+# What is trained and what is frozen
+# ----------------------------------------------------------------------------
+
+# Biases whose gradient is 0 by the algebra (float round-off only, < 1e-8 here): a bias followed by
+# BatchNorm in training mode (the heads' linear_c before linear_fuse's BN; DSCF's Q0 conv before its BN),
+# and W_k's bias, which adds q.b to every key logit of a query (the softmax ignores it). The release
+# has them too and they count in Tables 1-3 (4576 parameters on Swin-B), so they are kept.
+DEAD_BY_DESIGN = re.compile(r'(linear_c\.\d+\.bias|query\.0\.bias|w_k\.bias)$')
+
+
+def test_frozen_untouched_and_every_trainable_param_learns(ktb):
+    model = copy.deepcopy(ktb).train()
+    # At init W2 = 0 (sec. 3: the adapter starts as exactly 0), so W1 and b1 get a zero gradient in the
+    # first backward, and alpha = 1e-3 scales DSCF's attention path (offsets, gate, keys, bias table) down
+    # to round-off size. Move both, as training soon does, so that every gradient is clearly non-zero.
+    with torch.no_grad():
+        for a in all_adapters(model):
+            a.w2.normal_(std=0.02)
+        for d in model.dscf:
+            d.alpha.fill_(1.0)
+    trained_parts = ('x_patch_embed.', 'prompts.', 'adapters.', 'dscf.', 's1.', 's2.', 's3.')
+    frozen_parts = ('backbone.', 'rgb_norms.', 'x_norms.', 'fuse_norms.')
+    names = [n for n, _ in model.named_parameters()]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in names if n.startswith(trained_parts)}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == {n for n in names if n.startswith(frozen_parts)}
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)  # every parameter, frozen ones too
+    rgb, x, label = rgbx_batch(4)
+    label[:, :5] = 255
+    torch.manual_seed(2)
+    drop = rgbx.mmst_drop(4)
+    assert drop.sum(1).tolist() == [1, 1]  # batch 4: one sample without RGB, one without X, two intact
+    torch.manual_seed(2)  # the same draw inside the forward
+    loss, _ = model(rgb, x, label)
+    loss.backward()
+    dead = set()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
+        elif DEAD_BY_DESIGN.search(n):
+            assert p.grad is not None and p.grad.abs().max() < 1e-7, n
+            dead.add(n)
+        else:
+            assert p.grad is not None and p.grad.abs().max() > 1e-7, n  # measured: >= 2e-6
+    assert len(dead) == 3 * 4 + 2 * 4
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n
+
+
+def test_adapters_add_exactly_zero_at_init(ktb):
+    model = copy.deepcopy(ktb).train()  # train mode: the adapters' dropout is active too
+    H, W = 7, 9
+    for layer, adapters in zip(model.backbone.layers, model.adapters):
+        z = torch.randn(4, H, W, layer.blocks[0].norm1.normalized_shape[0])  # 2 streams x batch 2
+        layouts = layer.layouts(H, W, z.device)
+        for i, (blk, adapter) in enumerate(zip(layer.blocks, adapters)):
+            assert torch.equal(blk(z, layouts[i % 2], adapter), blk(z, layouts[i % 2], None))
+    # the whole model: the same logits as without adapters
+    model.eval()
+    rgb, x, _ = rgbx_batch(1)
+    with torch.no_grad():
+        with_adapters = model(rgb, x)
+        adapters, model.adapters = model.adapters, None
+        without = model(rgb, x)
+        model.adapters = adapters
+        assert torch.equal(with_adapters, without)
+        # not vacuous: once W2 moves, the adapters change the output
+        for a in all_adapters(model):
+            a.w2.normal_(std=0.02)
+        assert not torch.allclose(model(rgb, x), without)
+
+
+def test_adapter_is_its_formula():
+    """MAPAAdapter against sec. 3 written per modality with nn.functional (eval: no dropout)."""
+    adapter = rgbx.MAPAAdapter(12, 5).eval()
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_()
+    z = torch.randn(2 * 3, 4, 6, 12)  # (2B, H, W, C), RGB rows first
+    out = adapter(z)
+    for m in range(2):
+        h = F.relu(F.linear(z[3 * m:3 * (m + 1)], adapter.w1[m], adapter.b1[m, 0]))
+        ref = 0.5 * F.linear(h, adapter.w2[m], adapter.b2[m, 0])
+        torch.testing.assert_close(out[3 * m:3 * (m + 1)], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_is_its_formula():
+    """MAPAPrompt against sec. 2 written out: X_m + X_uni + gamma_m X_uni + beta_m."""
+    torch.manual_seed(0)
+    prompt = rgbx.MAPAPrompt(16, 4)
+    s = torch.randn(2 * 2, 3, 5, 16)
+    rgb, x = s[:2], s[2:]
+    uni = prompt.w_up(prompt.w_p(torch.cat([prompt.w_rgb(rgb), prompt.w_x(x)], -1)))
+    ref = torch.cat([rgb + uni + prompt.gamma[0] * uni + prompt.beta[0], x + uni + prompt.gamma[1] * uni + prompt.beta[1]])
+    torch.testing.assert_close(prompt(s), ref, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# MMST (sec. 5)
+# ----------------------------------------------------------------------------
+
+def test_mmst_masks_exactly_the_drawn_samples(ktb):
+    model = copy.deepcopy(ktb)
+    B = 8
+    rgb, x, _ = rgbx_batch(B)
+    with torch.no_grad():
+        plain = model.eval().embed(rgb, x)  # (2B, h, w, C), nothing masked
+        assert (plain.flatten(1).abs().amax(1) > 0).all()
+        for seed in range(6):
+            torch.manual_seed(seed)
+            drop = rgbx.mmst_drop(B)  # the pattern embed will draw with this seed
+            torch.manual_seed(seed)
+            tokens = model.train().embed(rgb, x)
+            for row, dropped in enumerate(drop.flatten().tolist()):  # rows: RGB of samples 0..B-1, then X
+                if dropped:
+                    assert (tokens[row] == 0).all()
+                else:
+                    assert torch.equal(tokens[row], plain[row])
+            torch.manual_seed(seed)
+            assert torch.equal(model.eval().embed(rgb, x), plain)  # never in eval mode
+        model.train().mmst = False
+        assert torch.equal(model.embed(rgb, x), plain)  # nor with MMST switched off
+
+
+def test_embed_zeroes_a_modality_given_as_zeros(ktb):
+    """eval.py's missing modality: an all-zero input gives all-zero tokens (and only for that sample)."""
+    model = ktb.eval()
+    rgb, x, _ = rgbx_batch(3)
+    rgb[1], x[2] = 0, 0
+    with torch.no_grad():
+        tokens = model.embed(rgb, x)
+    zero = [bool((t == 0).all()) for t in tokens]
+    assert zero == [False, True, False, False, False, True]
+
+
+@pytest.mark.parametrize('k', [1, 2, 3])
+def test_mmst_batch_4k_exact_counts(k):
+    g = torch.Generator().manual_seed(k)
+    for _ in range(200):
+        drop = rgbx.mmst_drop(4 * k, g)
+        assert drop.shape == (2, 4 * k) and drop.dtype == torch.bool
+        assert drop[0].sum() == k and drop[1].sum() == k
+        assert not (drop[0] & drop[1]).any()  # never both modalities of one sample
+
+
+def role_frequencies(drop_draws):
+    """(n, 2, B) bool -> (B, 3) frequencies of intact / without RGB / without X per sample."""
+    d = drop_draws.double()
+    return torch.stack([1 - d[:, 0] - d[:, 1], d[:, 0], d[:, 1]], -1).mean(0)
+
+
+def test_mmst_distribution_small_batches():
+    n = 2000
+    g = torch.Generator().manual_seed(0)
+    # batch 1: intact, without RGB, without X with probabilities 1/2, 1/4, 1/4
+    one = torch.stack([rgbx.mmst_drop(1, g) for _ in range(n)])
+    assert not (one[:, 0] & one[:, 1]).any()
+    np.testing.assert_allclose(role_frequencies(one)[0].numpy(), [0.5, 0.25, 0.25], atol=0.04)
+    # batch 2: always one intact sample and one without RGB or X (a coin flip), either position
+    two = torch.stack([rgbx.mmst_drop(2, g) for _ in range(n)])
+    dropped = two.any(1)  # (n, 2): sample lost a modality
+    assert (dropped.sum(1) == 1).all() and (two.sum((1, 2)) == 1).all()
+    np.testing.assert_allclose(two[:, 0].any(1).double().mean().item(), 0.5, atol=0.04)  # RGB vs X
+    np.testing.assert_allclose(role_frequencies(two).numpy(), [[0.5, 0.25, 0.25]] * 2, atol=0.04)
+    # other sizes: every sample intact / without RGB / without X with 1/2, 1/4, 1/4
+    three = torch.stack([rgbx.mmst_drop(3, g) for _ in range(n)])
+    np.testing.assert_allclose(role_frequencies(three).numpy(), [[0.5, 0.25, 0.25]] * 3, atol=0.04)
+    with pytest.raises(ValueError):
+        rgbx.mmst_drop(0)
+
+
+def test_self_teaching_labels_hand_made():
+    pred = torch.tensor([[[0, 1, 2], [2, 1, 0]],
+                         [[1, 1, 1], [0, 0, 2]]])  # (2, 2, 3) the argmax of S1
+    label = torch.tensor([[[0, 2, 2], [255, 1, 1]],
+                          [[1, 255, 0], [0, 2, 2]]])
+    expect = torch.tensor([[[0, 255, 2], [255, 1, 255]],
+                           [[1, 255, 255], [0, 255, 2]]])
+    logits = 3 * F.one_hot(pred, 3).permute(0, 3, 1, 2).float() + 0.1 * torch.rand(2, 3, 2, 3)
+    logits.requires_grad_(True)
+    teach = rgbx.self_teaching_labels(logits, label)
+    assert teach.dtype == torch.int64 and torch.equal(teach, expect)
+    assert torch.equal(rgbx.self_teaching_labels(logits, label, ignore_index=-1),
+                       torch.where(expect == 255, -1, expect).masked_fill(label == 255, -1))
+
+
+def test_ktb_loss_is_the_mmst_formula(ktb):
+    """L = CE(S1, gt) + 0.01 (CE(S2, M) + CE(S3, M)), M = gt where argmax S1 is right (eval: no masking)."""
+    model = ktb.eval()
+    rgb, x, label = rgbx_batch(2)
+    label[0, :4] = 255
+    with torch.no_grad():
+        loss, logits = model(rgb, x, label)
+        fused, f_rgb, f_x = model.encode(model.embed(rgb, x))
+        s1 = model.s1(fused, (37, 53))
+        pred = s1.argmax(1)
+        teach = torch.where((pred == label), label, 255)
+        ref = F.cross_entropy(s1, label, ignore_index=255) + 0.01 * (
+            F.cross_entropy(model.s2(f_rgb, (37, 53)), teach, ignore_index=255)
+            + F.cross_entropy(model.s3(f_x, (37, 53)), teach, ignore_index=255))
+    assert 0 < (teach != 255).sum() < (label != 255).sum()  # S1 right on some pixels, wrong on others
+    torch.testing.assert_close(logits, s1)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# DSCF (sec. 4)
+# ----------------------------------------------------------------------------
+
+def dscf_by_definition(d, f_rgb, f_x):
+    """DSCF (design/ktb.md sec. 4) one sample, one offset group and one head at a time, with plain
+    grid_sample calls and an explicit softmax: the reference for the batched, grouped layout of DSCF."""
+    r, g, h = d.rank, d.groups, d.heads
+    c, dh = r // g, r // h
+    x, y = d.w_a(f_rgb), d.w_b(f_x)  # (B, H, W, r)
+    q0 = d.query(torch.cat([x, y], -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    q = d.w_q(q0)
+    B, H, W, _ = x.shape
+    queries = rgbx.query_grid(H, W)  # (H*W, 2)
+    out = []
+    for b in range(B):
+        maps = [t[b].permute(2, 0, 1) for t in (x, y, q)]  # (r, H, W) each
+        points, sampled = [], []
+        for gi in range(g):
+            ch = slice(gi * c, (gi + 1) * c)
+            off_rgb, off_x = d.offset_rgb(maps[0][None, ch])[0], d.offset_x(maps[1][None, ch])[0]  # (Hk, Wk, 2)
+            ref = rgbx.reference_points(H, W, *off_rgb.shape[:2])
+            p = torch.cat([(ref + off_rgb).clamp(-1, 1).view(-1, 2), (ref + off_x).clamp(-1, 1).view(-1, 2)])  # (2Nk, 2)
+            points.append(p)
+            sampled.append([F.grid_sample(m[None, ch], p[None, None], mode='bilinear', align_corners=True)[0, :, 0].T
+                            for m in maps])  # [F_rgb, F_x, F_q] of this group, (2Nk, c) each
+        feat_rgb, feat_x, feat_q = (torch.cat([sampled[gi][i] for gi in range(g)], -1) for i in range(3))  # (2Nk, r)
+        w = d.gate(feat_q).softmax(-1)
+        s = w[:, :1] * feat_rgb + w[:, 1:] * feat_x
+        k, v = d.w_k(s), d.w_v(s)
+        heads = []
+        for j in range(h):
+            ch = slice(j * dh, (j + 1) * dh)
+            p = points[j // (h // g)]
+            disp = (queries[:, None] - p[None]) / 2  # (H*W, 2Nk, 2)
+            bias = F.grid_sample(d.rpe_table[j][None, None], disp[None], mode='bilinear', align_corners=True)[0, 0]
+            a = (q[b].reshape(H * W, r)[:, ch] @ k[:, ch].T / math.sqrt(dh) + bias).softmax(-1)
+            heads.append(a @ v[:, ch])  # (H*W, dh)
+        o = d.w_o(torch.cat(heads, -1)).view(H, W, r)
+        out.append(d.w_up(d.alpha * o + d.beta * q0[b]))
+    return torch.stack(out)
+
+
+def test_dscf_equals_its_definition():
+    torch.manual_seed(0)
+    d = rgbx.DSCF(16, 8, 2, 2, 4, kernel=3, bias_grid=(4, 5)).eval()
+    with torch.no_grad():
+        d.alpha.fill_(1.0)
+        for off in (d.offset_rgb, d.offset_x):  # offsets of a few pixels, so that the points move
+            off.proj.weight.normal_(std=0.3)
+        f_rgb, f_x = torch.randn(2, 7, 11, 16), torch.randn(2, 7, 11, 16)
+        torch.testing.assert_close(d(f_rgb, f_x), dscf_by_definition(d, f_rgb, f_x), atol=1e-5, rtol=1e-4)
+
+
+def test_dscf_points_follow_their_group_and_modality():
+    """p_rgb of group g depends only on x's channels of group g, p_x only on y's (sec. 4.3)."""
+    torch.manual_seed(0)
+    d = rgbx.DSCF(16, 8, 2, 2, 4).eval()
+    x, y = torch.randn(1, 7, 11, 8), torch.randn(1, 7, 11, 8)
+    with torch.no_grad():
+        base = d.sampling_points(x, y)  # (1, g, 2Nk, 2): p_rgb then p_x
+        nk = base.shape[2] // 2
+        x2 = x.clone()
+        x2[..., 4:] += torch.randn(1, 7, 11, 4)  # group 1 of the RGB features
+        moved = (d.sampling_points(x2, y) != base).any(-1)[0]  # (g, 2Nk); a point clamped at a corner may stay
+        assert moved[1, :nk].float().mean() > 0.8 and not moved[1, nk:].any() and not moved[0].any()
+        y2 = y.clone()
+        y2[..., :4] += torch.randn(1, 7, 11, 4)  # group 0 of the X features
+        moved = (d.sampling_points(x, y2) != base).any(-1)[0]
+        assert moved[0, nk:].float().mean() > 0.8 and not moved[0, :nk].any() and not moved[1].any()
+
+
+@pytest.mark.parametrize('stride, groups, heads', [(8, 1, 2), (2, 2, 4), (1, 4, 8)])
+def test_dscf_odd_sizes_batch_equals_one_by_one(stride, groups, heads):
+    torch.manual_seed(0)
+    dscf = rgbx.DSCF(16, 8, stride, groups, heads).eval()  # eval: BatchNorm uses its running statistics
+    with torch.no_grad():
+        dscf.alpha.fill_(1.0)  # let the attention path count as much as Q0
+        bn = dscf.query[1]
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    for H, W in [(7, 11), (5, 3), (1, 1)]:
+        f_rgb, f_x = torch.randn(3, H, W, 16), torch.randn(3, H, W, 16)
+        with torch.no_grad():
+            out = dscf(f_rgb, f_x)
+            points = dscf.sampling_points(dscf.w_a(f_rgb), dscf.w_b(f_x))
+            singles = torch.cat([dscf(f_rgb[i:i + 1], f_x[i:i + 1]) for i in range(3)])
+        assert out.shape == (3, H, W, 16) and torch.isfinite(out).all()
+        # sparse: 2 (H/s)(W/s) sampled keys per group, inside [-1, 1]
+        assert points.shape == (3, groups, 2 * math.ceil(H / stride) * math.ceil(W / stride), 2)
+        assert points.abs().max() <= 1
+        torch.testing.assert_close(out, singles, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_position_bias_on_table_cells():
+    """On a query grid equal to bias_grid, (query - key) / 2 falls on cells: the bias is the table entry
+    at row (i_q - i_k) + Gh - 1, column (j_q - j_k) + Gw - 1; head j reads the keys of group j // (h/g)."""
+    Gh, Gw, h, g, B, Nk = 3, 4, 4, 2, 2, 5
+    torch.manual_seed(0)
+    table = torch.randn(h, 2 * Gh - 1, 2 * Gw - 1)
+    queries = rgbx.query_grid(Gh, Gw)  # (12, 2) in (x, y) order, row-major pixels
+    idx = torch.stack([torch.randperm(Gh * Gw)[:Nk] for _ in range(B * g)]).view(B, g, Nk)  # key pixels
+    keys = queries[idx]  # (B, g, Nk, 2)
+    bias = rgbx.relative_position_bias(table, queries, keys)
+    assert bias.shape == (B, h, Gh * Gw, Nk)
+    expect = torch.empty(B, h, Gh * Gw, Nk)
+    for b in range(B):
+        for j in range(h):
+            for q in range(Gh * Gw):
+                for k in range(Nk):
+                    key = int(idx[b, j // (h // g), k])
+                    expect[b, j, q, k] = table[j, q // Gw - key // Gw + Gh - 1, q % Gw - key % Gw + Gw - 1]
+    torch.testing.assert_close(bias, expect, atol=1e-5, rtol=0)
+    # a key half a pixel to the right of a grid point: the mean of two neighbouring columns
+    half = keys.clone()
+    half[..., 0] += 1 / (Gw - 1)
+    key0 = int(idx[0, 0, 0])
+    q = Gh * Gw - 1  # bottom-right query, so that the shifted key stays on the table
+    bias_half = rgbx.relative_position_bias(table, queries, half)[0, 0, q, 0]
+    r, c = q // Gw - key0 // Gw + Gh - 1, q % Gw - key0 % Gw + Gw - 1
+    torch.testing.assert_close(bias_half, (table[0, r, c] + table[0, r, c - 1]) / 2, atol=1e-5, rtol=0)
+
+
+def test_reference_points_are_cell_centres():
+    ref = rgbx.reference_points(7, 11, 4, 6)  # stride 2 on a 7 x 11 map
+    # cell centres in pixels: (k + 0.5) * n / K - 0.5, then align_corners=True normalisation
+    ys = ((np.arange(4) + 0.5) * 7 / 4 - 0.5) / 6 * 2 - 1
+    xs = ((np.arange(6) + 0.5) * 11 / 6 - 0.5) / 10 * 2 - 1
+    np.testing.assert_allclose(ref[..., 1].numpy(), np.repeat(ys[:, None], 6, 1), atol=1e-6)
+    np.testing.assert_allclose(ref[..., 0].numpy(), np.repeat(xs[None, :], 4, 0), atol=1e-6)
+    assert rgbx.reference_points(1, 1, 1, 1).abs().max() == 1  # a 1-pixel axis sits at -1, grid_sample's frame
+
+
+# ----------------------------------------------------------------------------
+# KTB forward
+# ----------------------------------------------------------------------------
+
+def test_ktb_any_size_one_and_three_channel_x(ktb):
+    m3 = ktb.eval()
+    m1 = nano_ktb(num_classes=3, x_channels=1, seed=5).eval()
+    m1.load_state_dict(m3.state_dict())
+    rgb, depth, _ = rgbx_batch(2, x_channels=1)  # 37 x 53: no multiple of the 32-pixel stride
+    with torch.no_grad():
+        out = m1(rgb, depth)
+        assert out.shape == (2, 3, 37, 53) and torch.isfinite(out).all()
+        # 1-channel X is the 3-channel model on X repeated to 3 channels
+        torch.testing.assert_close(out, m3(rgb, depth.repeat(1, 3, 1, 1)), atol=1e-5, rtol=1e-5)
+        # the batch is the samples one by one (padding and the stacked streams do not mix samples)
+        singles = torch.cat([m1(rgb[i:i + 1], depth[i:i + 1]) for i in range(2)])
+        torch.testing.assert_close(out, singles, atol=1e-4, rtol=1e-4)
+
+
+def test_ktb_stacked_streams_equal_streams_run_apart(ktb):
+    """KTB.encode runs both streams as one batch (RGB rows first); the reference runs each stream by
+    itself through the frozen stages with its own adapter (sec. 3), after the prompt of sec. 2."""
+    model = copy.deepcopy(ktb).eval()
+    with torch.no_grad():
+        for a in all_adapters(model):
+            a.w2.normal_(std=0.05)
+            a.b1.normal_(std=0.05)
+        rgb, x, _ = rgbx_batch(2)
+        tokens = model.embed(rgb, x)
+        fused, f_rgb, f_x = model.encode(tokens)
+        streams = [tokens[:2], tokens[2:]]  # RGB, X
+        for i, layer in enumerate(model.backbone.layers):
+            p = model.prompts[i]
+            uni = p.w_up(p.w_p(torch.cat([p.w_rgb(streams[0]), p.w_x(streams[1])], -1)))
+            streams = [s + uni + p.gamma[m] * uni + p.beta[m] for m, s in enumerate(streams)]
+            for m in range(2):
+                adapters = [lambda z, a=a, m=m: 0.5 * F.linear(F.relu(F.linear(z, a.w1[m], a.b1[m, 0])),
+                                                               a.w2[m], a.b2[m, 0]) for a in model.adapters[i]]
+                streams[m] = layer(streams[m], adapters)
+            a, b = model.rgb_norms[i](streams[0]), model.x_norms[i](streams[1])
+            torch.testing.assert_close(f_rgb[i], a.permute(0, 3, 1, 2), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(f_x[i], b.permute(0, 3, 1, 2), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(fused[i], model.fuse_norms[i](model.dscf[i](a, b)).permute(0, 3, 1, 2),
+                                       atol=1e-4, rtol=1e-4)
+            if layer.downsample is not None:
+                streams = [layer.downsample(s) for s in streams]
+
+
+def test_ktb_init_values_follow_design(ktb):
+    """sec. 2-4: gamma ~ N(1, 0.02), beta ~ N(0, 0.02); adapters W2 = 0 and zero biases; DSCF alpha 1e-3
+    in stages 1-3 and 1 in stage 4, beta 1; X patch embedding a copy of the RGB one; output norms frozen."""
+    gammas = torch.cat([p.gamma.flatten() for p in ktb.prompts])
+    betas = torch.cat([p.beta.flatten() for p in ktb.prompts])
+    assert abs(gammas.mean() - 1) < 0.005 and abs(gammas.std() - 0.02) < 0.003
+    assert abs(betas.mean()) < 0.005 and abs(betas.std() - 0.02) < 0.003
+    for a in all_adapters(ktb):
+        assert not a.w2.any() and not a.b1.any() and not a.b2.any() and a.w1.std() > 0
+    assert [d.alpha.unique().tolist() for d in ktb.dscf] == [[pytest.approx(1e-3)]] * 3 + [[1.0]]
+    assert all((d.beta == 1).all() for d in ktb.dscf)
+    for name, p in ktb.x_patch_embed.state_dict().items():
+        assert torch.equal(p, ktb.backbone.patch_embed.state_dict()[name])
+    assert ktb.rgb_norms[3] is ktb.backbone.norm and ktb.x_norms[3] is ktb.backbone.norm
+
+
+def test_ktb_wrong_shapes_raise(ktb):
+    model = copy.copy(ktb).eval()  # a shallow copy shares the weights; only x_channels differs
+    model.x_channels = 1
+    rgb, x, label = rgbx_batch(2, 9, 13, x_channels=1)
+    for bad_rgb, bad_x in [(rgb[:, :1], x), (rgb, x.repeat(1, 3, 1, 1)), (rgb, x[..., :12]), (rgb, x[:1]),
+                           (rgb[0], x), (rgb, x[:, 0])]:
+        with pytest.raises(ValueError):
+            model(bad_rgb, bad_x)
+    for bad_label in [label.int(), label[:, :8], label[:1], label.float()]:
+        with pytest.raises(ValueError):
+            model(rgb, x, bad_label)
+    with pytest.raises(ValueError):
+        rgbx.build_ktb('nano', 5, 2, window_size=4)
+    with pytest.raises(ValueError):
+        rgbx.build_ktb('nano', 5, 3, window_size=4, adapter_ranks=[2, 2, 2])
+    with pytest.raises(ValueError):
+        rgbx.DSCF(16, 6, 1, 4, 2)  # rank not divisible by the groups
+
+
+# ----------------------------------------------------------------------------
+# OHEM (CMNeXt's OhemCrossEntropy: thresh 0.7, at least valid // 16 pixels)
+# ----------------------------------------------------------------------------
+
+def ce_by_hand(logits, label):
+    """Per-pixel cross-entropy in float64 numpy: logsumexp - logit of the label; 0 where ignored."""
+    z = logits.double().numpy().transpose(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    y = label.numpy().reshape(-1)
+    lse = np.log(np.exp(z).sum(1))
+    loss = lse - z[np.arange(len(y)), np.where(y == 255, 0, y)]
+    return np.where(y == 255, 0.0, loss), y != 255
+
+
+def test_ohem_hand_computed_both_branches():
+    torch.manual_seed(0)
+    label = torch.randint(3, (1, 5, 9))
+    label.view(-1)[:5] = 255  # 40 labelled pixels -> at least 40 // 16 = 2 kept
+    onehot = F.one_hot(torch.where(label == 255, 0, label), 3).permute(0, 3, 1, 2).float()
+    easy = 6 * onehot + 0.5 * torch.rand(1, 3, 5, 9)  # every labelled pixel right and confident
+    easy[0, :, 0, :5] = torch.tensor([0.0, 9.0, 0.0])[:, None]  # ignored pixels: confidently wrong, must not count
+    thresh = -math.log(0.7)
+
+    # fewer hard pixels than 40 // 16: the mean of the 2 largest losses
+    loss, valid = ce_by_hand(easy, label)
+    assert valid.sum() == 40 and (loss > thresh).sum() == 0
+    expect = np.sort(loss)[-2:].mean()
+    np.testing.assert_allclose(rgbx.segmentation_loss(easy, label, ohem=True).item(), expect, rtol=1e-5)
+
+    # 1 hard pixel (still fewer than 2): the top 2 again, the hard one among them
+    one_hard = easy.clone()
+    one_hard[0, :, 3, 4] = 0.0
+    loss, _ = ce_by_hand(one_hard, label)
+    assert (loss > thresh).sum() == 1
+    np.testing.assert_allclose(rgbx.segmentation_loss(one_hard, label, ohem=True).item(),
+                               np.sort(loss)[-2:].mean(), rtol=1e-5)
+
+    # enough hard pixels (5 >= 2): the mean over exactly the hard ones
+    hard = easy.clone()
+    for r, c in [(1, 1), (2, 2), (3, 3), (4, 4), (4, 8)]:
+        hard[0, :, r, c] = torch.randn(3)
+        hard[0, label[0, r, c], r, c] = -2.0
+    loss, valid = ce_by_hand(hard, label)
+    assert (loss > thresh).sum() == 5
+    np.testing.assert_allclose(rgbx.segmentation_loss(hard, label, ohem=True).item(),
+                               loss[loss > thresh].mean(), rtol=1e-5)
+    # without OHEM: the mean over the 40 labelled pixels
+    np.testing.assert_allclose(rgbx.segmentation_loss(hard, label).item(), loss[valid].mean(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# One training step on real NYUDv2 samples
+# ----------------------------------------------------------------------------
+
+def test_ktb_train_step_on_real_nyu():
+    ds = data.build_dataset('nyudv2', NYU, 'test', 'depth')
+    crop = (slice(200, 264), slice(280, 360))  # a 64 x 80 piece of each 480 x 640 frame
+    samples = [ds[i] for i in range(2)]
+    rgb = torch.stack([s[0][:, crop[0], crop[1]] for s in samples])
+    x = torch.stack([s[1][:, crop[0], crop[1]] for s in samples])
+    label = torch.stack([s[2][crop] for s in samples])
+    assert rgb.shape == (2, 3, 64, 80) and x.shape == (2, 1, 64, 80) and label.shape == (2, 64, 80)
+    assert ((label >= 0) & (label < 40)).any()
+    model = nano_ktb(num_classes=40, x_channels=1).train()
+    frozen = rgbx.frozen_fingerprint(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=4e-4, weight_decay=0.01)
+    head_before = model.s1.linear_pred.weight.detach().clone()
+    loss, logits = model(rgb, x, label)
+    assert torch.isfinite(loss) and logits.shape == (2, 40, 64, 80)
+    # at init S1 is close to uniform over 40 classes
+    assert abs(loss.item() - math.log(40)) < 1.5
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(model.s1.linear_pred.weight, head_before)
+    assert rgbx.frozen_fingerprint(model) == frozen
+    loss2, _ = model(rgb, x, label)
+    assert torch.isfinite(loss2)
+
+
+# ----------------------------------------------------------------------------
+# GoPT
+# ----------------------------------------------------------------------------
+
+GH, GW = 37, 53  # odd, not a multiple of 16: grid (3, 4), padded
+GOPT_GRID = (math.ceil(GH / 16), math.ceil(GW / 16))
+GROUPING_VARIANTS = tuple(v for v in rgbx.GOPT_VARIANTS if not v.startswith('vpt'))
+
+
+def gopt(variant='gopt', num_classes=5, x_channels=2, **kw):
+    torch.manual_seed(0)
+    return rgbx.build_gopt('nano', num_classes, x_channels, variant=variant, **kw)
+
+
+def inputs(x_channels=2, B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, GH, GW, generator=g), torch.randn(B, x_channels, GH, GW, generator=g)
+
+
+def wake_up(model, std=0.05):
+    """`up` (and the VPT embeddings) start at zero, so p = 1 and the prompts have no
+    effect; give them small random weights so that the prompts matter."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for name, p in model.prompts.named_parameters():
+            if name.startswith(('up.', 'embeds.')):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def foundation(model, rgb):
+    """The frozen foundation model F = Psi o B (eq. 1-2): the head on the plain ViT's tokens."""
+    grid = (math.ceil(rgb.shape[-2] / 16), math.ceil(rgb.shape[-1] / 16))
+    return model.head(model.backbone(rgb)[:, 1:], grid, rgb.shape[-2:])
+
+
+# ----------------------------------------------------------------------------
+# Identity at initialisation (design/gopt.md decision 3)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('variant', rgbx.GOPT_VARIANTS)
+def test_gopt_is_the_foundation_model_at_init(variant):
+    model = gopt(variant).eval()
+    rgb, x = inputs()
+    with torch.no_grad():
+        out, ref = model(rgb, x), foundation(model, rgb)
+        assert out.shape == (2, 5, GH, GW) and torch.isfinite(out).all()
+        assert torch.equal(out, ref)
+        # control: once the prompts are non-trivial, the output is no longer the foundation's
+        assert (wake_up(model)(rgb, x) - ref).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------
+# Gumbel-softmax and straight-through (eq. 8-9)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('tau', [1.0, 0.5])
+def test_straight_through_forward_one_hot_gradient_soft(tau):
+    logits = torch.randn(2, 7, 5, requires_grad=True)
+    upstream = torch.randn(2, 7, 5)
+    hard = rgbx.gumbel_assign(logits, tau, hard=True, noise=False)
+    soft = rgbx.gumbel_assign(logits, tau, hard=False, noise=False)
+    # forward: exactly one-hot, at the argmax of the soft assignment
+    assert set(hard.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(hard.detach().sum(-1), torch.ones(2, 7))
+    assert torch.equal(hard.detach().argmax(-1), soft.detach().argmax(-1))
+    torch.testing.assert_close(soft, F.softmax(logits / tau, -1), rtol=0, atol=1e-7)
+    # backward: the gradient of the soft A (eq. 9), and the softmax Jacobian written out
+    g_hard, = torch.autograd.grad(hard, logits, upstream)
+    g_soft, = torch.autograd.grad(soft, logits, upstream)
+    torch.testing.assert_close(g_hard, g_soft, rtol=0, atol=1e-7)
+    A = soft.detach()
+    torch.testing.assert_close(g_hard, A * (upstream - (A * upstream).sum(-1, keepdim=True)) / tau,
+                               rtol=1e-5, atol=1e-7)
+    # with noise, the same seed gives the same noise: same argmax, same gradient
+    torch.manual_seed(7)
+    hard_n = rgbx.gumbel_assign(logits, tau, hard=True, noise=True)
+    torch.manual_seed(7)
+    soft_n = rgbx.gumbel_assign(logits, tau, hard=False, noise=True)
+    assert torch.equal(hard_n.detach().argmax(-1), soft_n.detach().argmax(-1))
+    g_hard_n, = torch.autograd.grad(hard_n, logits, upstream)
+    g_soft_n, = torch.autograd.grad(soft_n, logits, upstream)
+    torch.testing.assert_close(g_hard_n, g_soft_n, rtol=0, atol=1e-7)
+    assert not torch.equal(soft_n, soft)  # the noise was there
+
+
+def test_gumbel_noise_is_gumbel_0_1():
+    """Gumbel-max trick: with Gumbel(0, 1) noise, argmax(logits + gamma) ~ softmax(logits)."""
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
+    n = 40000
+    hard = rgbx.gumbel_assign(logits.expand(n, -1).clone(), hard=True, noise=True)
+    freq = hard.mean(0)
+    torch.testing.assert_close(freq, F.softmax(logits, -1), rtol=0, atol=0.01)  # ~4 sigma
+
+
+# ----------------------------------------------------------------------------
+# Eq. 10 by hand
+# ----------------------------------------------------------------------------
+
+def eq10_by_hand(g, tokens, groups, hard, into_tokens):
+    """The grouping written from the paper, one entry at a time, B = 1:
+    A_ij = softmax_j((W_q t_i) . (W_k g_j) / sqrt(d)) (one-hot at the argmax when hard),
+    into groups (CUP, eq. 10): out_j = g_j + W_o (sum_i A_ij W_v t_i) / (sum_i A_ij),
+    into tokens (ACP):         out_i = t_i + W_o (sum_j A_ij W_v g_j) / (sum_j A_ij).
+    An empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0 (the documented choice)."""
+    def lin(name, v):
+        m = getattr(g, name)
+        return m.weight @ v + m.bias
+
+    t, c = tokens[0], groups[0]
+    S, C, d = len(t), len(c), t.shape[1]
+    A = torch.zeros(S, C)
+    for i in range(S):
+        e = torch.stack([torch.exp(lin('q', t[i]) @ lin('k', c[j]) / math.sqrt(d)) for j in range(C)])
+        A[i] = F.one_hot(e.argmax(), C).float() if hard else e / e.sum()
+    dst, src, M = (t, c, A) if into_tokens else (c, t, A.T)  # M[a, b]: weight of src b in dst a
+    out = []
+    for a in range(len(dst)):
+        merged = torch.zeros(d)
+        for b in range(len(src)):
+            merged = merged + M[a, b] * lin('v', src[b])
+        den = M[a].sum()
+        out.append(dst[a] + lin('o', merged / den if den > 0 else torch.zeros(d)))
+    return torch.stack(out)[None], A[None]
+
+
+def grouping_example(hard, condition, dim=4, S=5, C=3):
+    """A seeded Grouping and (tokens, groups), B = 1, for which condition(A soft (S, C)) holds."""
+    for seed in range(200):
+        torch.manual_seed(seed)
+        g = rgbx.Grouping(dim, hard=hard).eval()
+        tokens, groups = torch.randn(1, S, dim), torch.randn(1, C, dim)
+        with torch.no_grad():
+            logits = g.q(tokens) @ g.k(groups).transpose(1, 2) * dim ** -0.5
+        if condition(F.softmax(logits[0], -1)):
+            return g, tokens, groups
+    raise AssertionError('no example found')
+
+
+def every_group_used(A):
+    return len(A.argmax(-1).unique()) == A.shape[1]
+
+
+def some_group_empty(A):
+    return len(A.argmax(-1).unique()) < A.shape[1]
+
+
+def soft_sums_at_least_one(A):
+    return A.sum(0).min() >= 1
+
+
+@pytest.mark.parametrize('hard, into_tokens, condition', [
+    (True, False, every_group_used),
+    (True, False, some_group_empty),
+    (True, True, some_group_empty),
+    (False, True, some_group_empty),
+    (False, False, soft_sums_at_least_one),
+])
+def test_grouping_eq10_by_hand(hard, into_tokens, condition):
+    g, tokens, groups = grouping_example(hard, condition)
+    with torch.no_grad():
+        out, A_hat = g(tokens, groups, into_tokens=into_tokens)
+        ref, A_ref = eq10_by_hand(g, tokens, groups, hard, into_tokens)
+    assert out.shape == ((1, 5, 4) if into_tokens else (1, 3, 4))
+    torch.testing.assert_close(A_hat, A_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grouping_eq10_soft_light_group():
+    g, tokens, groups = grouping_example(False, lambda A: A.sum(0).min() < 0.9)
+    with torch.no_grad():
+        out, _ = g(tokens, groups)
+        ref, _ = eq10_by_hand(g, tokens, groups, hard=False, into_tokens=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grouping_hard_gradient_reaches_the_assignment():
+    """Eq. 9 inside eq. 10: the hard grouping's gradient w.r.t. q and k is that of the
+    same merge computed with A_hat = one_hot + A - sg(A) written out by hand."""
+    g, tokens, groups = grouping_example(True, every_group_used)  # eval: no noise
+    out, _ = g(tokens, groups)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [g.q.weight, g.k.weight], upstream)
+    logits = g.q(tokens) @ g.k(groups).transpose(1, 2) / 2  # dim 4: 1/sqrt(d) = 1/2
+    A = F.softmax(logits, -1)
+    A_hat = F.one_hot(A.argmax(-1), 3).float() + A - A.detach()
+    M = A_hat.transpose(1, 2)
+    ref = groups + g.o(M @ g.v(tokens) / M.sum(-1, keepdim=True))
+    torch.testing.assert_close(out, ref)
+    ref_grads = torch.autograd.grad(ref, [g.q.weight, g.k.weight], upstream)
+    for a, b in zip(grads, ref_grads):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------
+# Noise only in training (design/gopt.md decision 6)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('assignment', ['hard', 'soft'])
+def test_gumbel_noise_only_in_training(assignment):
+    model = wake_up(gopt(assignment=assignment))
+    rgb, x = inputs()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(rgb, x)
+
+    model.eval()
+    assert torch.equal(run(0), run(1))
+    model.train()
+    assert torch.equal(run(0), run(0))  # train mode is deterministic given the seed
+    assert any(not torch.equal(run(s), run(s + 100)) for s in range(5))
+
+
+# ----------------------------------------------------------------------------
+# Prompter chain: eq. 3 and eq. 15, checked with hooks
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('variant', ['gopt', 'no_acp', 'no_cup'])
+def test_class_tokens_are_previous_prompts_and_eq3(variant):
+    model = wake_up(gopt(variant)).eval()
+    prompts = model.prompts
+    assert prompts.layers == (0, 1, 2, 3)
+    rgb, x = inputs()
+    calls, block_in, block_out = [], {}, {}
+    hooks = [p.register_forward_hook(lambda m, args, out: calls.append((args, out))) for p in prompts.prompters]
+    for l, blk in enumerate(model.backbone.blocks):
+        hooks.append(blk.register_forward_pre_hook(lambda m, args, l=l: block_in.__setitem__(l, args[0])))
+        hooks.append(blk.register_forward_hook(lambda m, args, out, l=l: block_out.__setitem__(l, out)))
+    with torch.no_grad():
+        model(rgb, x)
+        for h in hooks:
+            h.remove()
+        assert len(calls) == 4
+        B = rgb.shape[0]
+        pos = rgbx.resize_pos_embed(model.backbone.pos_embed, model.backbone.grid, GOPT_GRID)[:, 1:]
+        (rgb0, aux0, classes0), _ = calls[0]
+        assert torch.equal(classes0, prompts.class_tokens.expand(B, -1, -1))  # c^0: the learned class tokens
+        torch.testing.assert_close(aux0, prompts.down(prompts.aux_embed(x).flatten(1, 2) + pos))
+        for l, ((rgb_in, aux, classes), (prompt, aux_next, classes_next)) in enumerate(calls):
+            assert prompt.shape == (B, 12, 55) and classes_next.shape == (B, 5, 55)
+            # the prompter reads the RGB tokens entering block l (before the prompt), in the prompt space
+            before = model.backbone.embed(rgb)[0] if l == 0 else block_out[l - 1]
+            torch.testing.assert_close(rgb_in, prompts.down(before[:, 1:]))
+            # eq. 3: block l sees the RGB patch tokens times p = 1 + up(prompt); the cls token is not prompted
+            expect = torch.cat([before[:, :1], before[:, 1:] * (1 + prompts.up(prompt))], 1)
+            torch.testing.assert_close(block_in[l], expect)
+            if l + 1 < len(calls):
+                (_, aux_l1, classes_l1), _ = calls[l + 1]
+                assert torch.equal(aux_l1, aux_next)  # aux tokens carried (design decision 1)
+                assert torch.equal(classes_l1, classes_next)  # eq. 15: c^{l+1} = P^l
+            if variant == 'no_cup':  # without CUP the class tokens stay the learned ones
+                assert torch.equal(classes_next, classes0)
+            else:
+                assert not torch.allclose(classes_next, classes)
+
+
+# ----------------------------------------------------------------------------
+# Gradients and frozen parameters
+# ----------------------------------------------------------------------------
+
+def backward(model, x_channels=2, seed=3):
+    rgb, x = inputs(x_channels)
+    label = torch.randint(0, 5, (2, GH, GW), generator=torch.Generator().manual_seed(seed))
+    label[:, :4] = 255
+    model.zero_grad(set_to_none=True)
+    loss, logits = model(rgb, x, label)
+    loss.backward()
+    return loss, logits
+
+
+@pytest.mark.parametrize('variant', rgbx.GOPT_VARIANTS)
+def test_gopt_gradients(variant):
+    model = gopt(variant).train()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {'backbone.' + n for n, _ in model.backbone.named_parameters()}
+    if variant in GROUPING_VARIANTS:
+        # at initialisation up = 0: the first backward reaches `up` and the head only
+        backward(model)
+        for n, p in model.prompts.named_parameters():
+            assert (p.grad.abs().sum() > 0) == n.startswith('up.'), n
+    wake_up(model)
+    backward(model)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert p.grad is None, n
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize('variant', rgbx.GOPT_VARIANTS)
+@pytest.mark.parametrize('assignment', ['hard', 'soft'])
+def test_every_variant_forward_backward_odd_size(variant, assignment):
+    model = wake_up(gopt(variant, assignment=assignment, x_channels=1)).train()
+    loss, logits = backward(model, x_channels=1)
+    assert logits.shape == (2, 5, GH, GW) and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize('interval, layers', [
+    (1, tuple(range(12))), (2, (0, 2, 4, 6, 8, 10)), (4, (0, 4, 8)), (6, (0, 6)), (12, (0,)),
+])
+def test_prompter_intervals(interval, layers):
+    """Fig. 6: a prompter before every `interval`-th block of a 12-block ViT, from block 0."""
+    torch.manual_seed(0)
+    model = rgbx.build_gopt('nano', 5, 1, interval=interval, depth=12).eval()
+    assert len(model.backbone.blocks) == 12
+    assert model.prompts.layers == layers and len(model.prompts.prompters) == len(layers)
+    # the prompters really run before those blocks, in order
+    seen, block = [], [None]
+    hooks = [blk.register_forward_pre_hook(lambda m, a, l=l: block.__setitem__(0, l))
+             for l, blk in enumerate(model.backbone.blocks)]
+    hooks += [p.register_forward_hook(lambda m, a, o, i=i: seen.append((i, block[0])))
+              for i, p in enumerate(model.prompts.prompters)]
+    with torch.no_grad():
+        model(*inputs(1, B=1))
+    for h in hooks:
+        h.remove()
+    # a prompter runs after block l-1 (the hook above last saw l - 1) and before block l
+    assert seen == [(i, l - 1 if l else None) for i, l in enumerate(layers)]
+    assert rgbx.build_gopt('nano', 5, 1, variant='vpt_deep', interval=interval, depth=12).prompts.layers == layers
+    assert rgbx.build_gopt('nano', 5, 1, variant='gopt_shallow', depth=12).prompts.layers == (0,)
+
+
+# ----------------------------------------------------------------------------
+# A training step on real NYUDv2 samples
+# ----------------------------------------------------------------------------
+
+def test_gopt_train_step_on_nyu():
+    ds = data.build_dataset('nyudv2', NYU, 'test', 'depth', crop=(64, 80), train=True, seed=0)
+    rgb, x, label = (torch.stack(t) for t in zip(ds[0], ds[1]))
+    assert rgb.shape == (2, 3, 64, 80) and x.shape == (2, 1, 64, 80) and label.shape == (2, 64, 80)
+    assert (label != 255).any() and label[label != 255].max() < 40
+    model = gopt(num_classes=40, x_channels=1).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)  # all of them: frozen ones must not move
+    loss, logits = model(rgb, x, label)
+    assert torch.isfinite(loss) and logits.shape == (2, 40, 64, 80)
+    assert abs(loss.item() - F.cross_entropy(logits, label, ignore_index=255).item()) < 1e-6
+    loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        assert torch.equal(p, before[n]), n
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert {'prompts.up.weight', 'head.conv2.weight'} <= changed
+    # after the step the prompts are no longer the identity
+    with torch.no_grad():
+        model.eval()
+        assert (model(rgb, x) - foundation(model, rgb)).abs().max() > 0
+
+
+# ----------------------------------------------------------------------------
+# Parameter budget (Table 4)
+# ----------------------------------------------------------------------------
+
+def test_gopt_param_counts_vit_base():
+    with torch.device('meta'):
+        counts = rgbx.gopt_param_counts('base', 40, 3)
+    D, d, C, p, cx = 768, 55, 40, 16, 3
+    patch_embed = cx * p * p * D + D
+    shared = patch_embed + (2 * D + D * d + d) + (d * D + D) + C * d  # aux embed, down (LN + linear), up, c^0
+    grouping = 4 * (d * d + d)  # W_q, W_k, W_v, W_o
+    head = 2 * D + (D * 256 + 256) + 2 * 256 + (256 * C + C)
+    expect = {
+        'gopt': shared + 12 * 2 * grouping,  # 975311
+        'gopt_shallow': shared + 2 * grouping,  # 704271
+        'no_acp': shared + 12 * grouping,  # 827471
+        'no_cup': shared + 12 * grouping,  # 827471
+        'vpt_shallow': patch_embed,  # 590592
+        'vpt_deep': 12 * patch_embed,  # 7087104
+    }
+    assert set(counts) == set(rgbx.GOPT_VARIANTS)
+    for v, c in counts.items():
+        assert c['trainable_without_head'] == c['prompts'] == expect[v], v
+        assert c['head'] == head == 209192
+        assert c['trainable'] == expect[v] + head
+        assert c['backbone'] == 85798656  # ViT-B/16 with its fixed pos_embed
+    # the paper's GoPT: 0.97M without the SETR head
+    assert abs(counts['gopt']['trainable_without_head'] - 0.97e6) < 0.03e6
+    # Table 4 for the others: GoPT-shallow 0.68M (here 0.704M), VPT-shallow 0.54M (here 0.591M),
+    # VPT-deep 3.39M (here 7.09M: 12 full-width aux patch embeddings; the paper's count is not
+    # reproduced), w/o ACP and w/o CUP not given (here 0.827M each).
+    assert abs(counts['gopt_shallow']['trainable_without_head'] - 0.68e6) < 0.03e6
+    assert abs(counts['vpt_shallow']['trainable_without_head'] - 0.54e6) < 0.06e6
+
+
+# ----------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------
+
+def test_gopt_bad_input():
+    model = gopt(x_channels=2).eval()
+    rgb, x = inputs(2)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match='expected rgb'):
+            model(rgb, x[:, :1])  # wrong x channel count
+        with pytest.raises(ValueError, match='one size'):
+            model(rgb, x[..., :-1])  # sizes differ
+        with pytest.raises(ValueError):
+            model(rgb[:1], x)  # batch sizes differ
+        with pytest.raises(ValueError):
+            model(torch.cat([rgb, x[:, :1]], 1), x)  # 4-channel "RGB"
+        with pytest.raises(ValueError):
+            model(rgb[0], x[0])  # no batch dimension
+    with pytest.raises(ValueError, match='unknown GoPT variant'):
+        rgbx.build_gopt('nano', 5, 1, variant='vpt_medium')
+    with pytest.raises(ValueError, match='assignment'):
+        rgbx.build_gopt('nano', 5, 1, assignment='gumbel')
+    for interval in (0, -2, 1.5, '2'):
+        with pytest.raises(ValueError, match='interval'):
+            rgbx.build_gopt('nano', 5, 1, interval=interval)
+    for variant in ('gopt_shallow', 'vpt_shallow'):
+        with pytest.raises(ValueError, match='interval'):
+            rgbx.build_gopt('nano', 5, 1, variant=variant, interval=2)
+    with pytest.raises(ValueError):
+        rgbx.build_gopt('nano', 5, 0)
+    with pytest.raises(ValueError):
+        rgbx.GroupingPrompter(8, cup=False, acp=False)
+
+
+# ----------------------------------------------------------------------------
 # MaskMentor
 # ----------------------------------------------------------------------------
 
@@ -1234,12 +2253,19 @@ def test_eval_cli_reproduces_saves_and_segments_own_images(demo_run, tmp_path):
         ev.main(['--checkpoint', best, '--rgb', str(tmp_path / 'rgb.png')])
 
 
-def test_benchmark_fields_present_and_positive(tmp_path):
-    figures = ev.main(['--benchmark', '--method', 'early_fusion', '--backbone', 'swin-nano', '--size', '40x56',
+@pytest.mark.parametrize('method,backbone', [('early_fusion', 'swin-nano'), ('ktb', 'swin-nano'),
+                                              ('gopt', 'vit-nano'), ('maskmentor', 'vit-nano')])
+def test_benchmark_fields_present_and_positive(tmp_path, method, backbone):
+    figures = ev.main(['--benchmark', '--method', method, '--backbone', backbone, '--size', '40x56',
                        '--repeats', '1', '--workers', '0', '--json', str(tmp_path / 'b.json')])
     saved = json.load(open(tmp_path / 'b.json'))
+    assert saved == json.loads(json.dumps(figures))
     numbers = {k: v for k, v in saved.items() if isinstance(v, (int, float))}
     assert {'trainable_params', 'total_params', 'gflops', 'latency_s', 'latency_ms_flip_s', 'images_per_s',
             'train_step_s', 'train_peak_mem_mb', 'infer_peak_mem_mb', 'data_samples_per_s', 'backbone_fwd_s',
             'backbone_fwd_bwd_s', 'train_step_over_floor'} <= set(numbers)
     assert all(v > 0 for v in numbers.values())
+    torch.manual_seed(0)
+    model = rgbx.build_model(method, backbone, 5, 1)
+    assert saved['trainable_params'] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert saved['total_params'] == sum(p.numel() for p in model.parameters())

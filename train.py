@@ -12,7 +12,6 @@ A run directory holds config.json, log.jsonl, last.pt and best.pt.
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
