@@ -270,8 +270,9 @@ class BasicLayer(nn.Module):
         key = (H, W, str(device))
         if key not in self._layouts:
             one_window = H <= self.window and W <= self.window
-            self._layouts[key] = tuple(window_layout(H, W, self.window, s, device)
-                                       for s in (0, 0 if one_window else self.window // 2))
+            with torch.inference_mode(False):  # plain tensors: a cache filled under inference_mode must serve autograd too
+                self._layouts[key] = tuple(window_layout(H, W, self.window, s, device)
+                                           for s in (0, 0 if one_window else self.window // 2))
         return self._layouts[key]
 
     def forward(self, x, parallel=None):

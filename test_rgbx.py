@@ -130,6 +130,16 @@ def test_shifted_window_receptive_field():
         assert torch.equal(changed, expect), (pi, pj)
 
 
+def test_layout_cache_filled_in_inference_mode_serves_autograd():
+    model = tiny_swin().eval()
+    img = torch.randn(1, 3, 37, 53)
+    with torch.inference_mode():
+        expected = model(img)[-1]
+    out = model(img.requires_grad_())[-1]  # same size: the cached layouts are reused under autograd
+    out.sum().backward()
+    assert torch.allclose(out.detach(), expected, atol=1e-5) and img.grad is not None
+
+
 def test_padded_path_equals_plain_path():
     """A map that needs no padding gives the same output alone and as the top-left
     of a padded map whose extra rows are then cropped by the stage (W-MSA only:
