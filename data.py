@@ -114,11 +114,20 @@ NYU40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'w
          'bathtub', 'bag', 'otherstructure', 'otherfurniture', 'otherprop')
 RGBD_LAYOUT = (Layout('RGB', 'Label', {'hha': 'HHA', 'depth': 'Depth'}),)
 
+
+
+def demo_preset(size):
+    """The built-in synthetic dataset (DemoDataset) with scenes of size x size pixels:
+    no folder layout (nothing is read from disk); depth generated in [0, 1], its
+    statistics measured on the scenes."""
+    return Preset(('background', 'red low', 'red high', 'blue low', 'blue high'),
+                  {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (),
+                  Recipe((size, size), epochs=20, lr=1e-3, weight_decay=0.01, warmup_epochs=1))
+
+
 PRESETS = {
-    # synthetic, in memory (DemoDataset); its depth is generated in [0, 1] (statistics measured on it)
-    'demo': Preset(('background', 'red low', 'red high', 'blue low', 'blue high'),
-                   {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (),
-                   Recipe((64, 64), epochs=20, lr=1e-3, weight_decay=0.01, warmup_epochs=1)),
+    'demo': demo_preset(64),
+    'demo128': demo_preset(128),  # an 8 x 8 token grid for ViT/16: the reproduction study's data
     # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
     'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
                      Recipe((480, 640), epochs=400, lr=4e-4, weight_decay=0.01),
@@ -424,7 +433,7 @@ def find_file(root, rel, where):
 
 class DemoDataset(SegmentationDataset):
     """Built-in synthetic RGB-D scenes, generated in memory from (seed, split, index);
-    preset 'demo', X = 1-channel depth.
+    presets 'demo' (64 x 64) and 'demo128' (128 x 128), X = 1-channel depth.
 
     A top-down view of a floor with 3-6 objects (discs and rectangles of random size
     and position, drawn in random order, so they occlude each other at random).
@@ -446,10 +455,10 @@ class DemoDataset(SegmentationDataset):
     """
     SPLITS = ('train', 'test')
 
-    def __init__(self, split='train', n=None, size=64, seed=0, transform=None):
+    def __init__(self, split='train', n=None, size=64, seed=0, transform=None, preset='demo'):
         if split not in self.SPLITS:
             raise ValueError(f"demo split {split!r}: choose one of {self.SPLITS}")
-        super().__init__('demo', None, transform, seed)
+        super().__init__(preset, None, transform, seed)
         self.split, self.size = split, size
         self.names = [f"{split}_{i:04d}" for i in range(n or {'train': 256, 'test': 64}[split])]
 
@@ -486,15 +495,15 @@ def demo_scene(rng, size):
 
 
 def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0):
-    """The dataset `name` of PRESETS: 'demo' (root ignored) or RGBXDataset at `root`
+    """The dataset `name` of PRESETS: 'demo' / 'demo128' (generated; root ignored) or RGBXDataset at `root`
     ('' or None: the preset's default root, e.g. ./datasets/NYUDepthv2). train=True
     augments with TrainTransform(crop or the recipe's crop); `seed` seeds augmentation
     (and the demo's scenes)."""
     preset = get_preset(name)
     norms = preset.rgb_norm, preset.x_norm(x_modality)
     transform = TrainTransform(crop or preset.recipe.crop, *norms) if train else EvalTransform(*norms)
-    if name == 'demo':
-        return DemoDataset(split, seed=seed, transform=transform)
+    if not preset.layouts:  # a preset without a folder layout is the generated demo
+        return DemoDataset(split, size=preset.recipe.crop[0], seed=seed, transform=transform, preset=name)
     return RGBXDataset(root or preset.root, split, preset, x_modality, transform, seed)
 
 

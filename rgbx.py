@@ -720,17 +720,18 @@ class EarlyFusion(nn.Module):
         return segmentation_loss(logits, label), logits
 
 
-def build_early_fusion(backbone_name, num_classes, x_channels, pretrained=None, use_x=True, **overrides):
-    """Early fusion (use_x=True) or RGB-only (use_x=False) baseline, fully trainable."""
+def build_early_fusion(backbone_name, num_classes, x_channels, pretrained=None, use_x=True, head_dim=256, **overrides):
+    """Early fusion (use_x=True) or RGB-only (use_x=False) baseline, fully trainable;
+    `head_dim`: the head's width, `overrides` go to the backbone preset."""
     backbone = backbone_from_name(backbone_name, **overrides)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    return EarlyFusion(backbone, num_classes, x_channels if use_x else 0)
+    return EarlyFusion(backbone, num_classes, x_channels if use_x else 0, head_dim)
 
 
-def build_rgb_only(backbone_name, num_classes, x_channels, pretrained=None, **overrides):
+def build_rgb_only(backbone_name, num_classes, x_channels, pretrained=None, **options):
     """The RGB "foundation" baseline: the early-fusion model with X ignored."""
-    return build_early_fusion(backbone_name, num_classes, x_channels, pretrained, use_x=False, **overrides)
+    return build_early_fusion(backbone_name, num_classes, x_channels, pretrained, use_x=False, **options)
 
 
 # ----------------------------------------------------------------------------
@@ -1897,13 +1898,15 @@ class MaskMentorPretrain(MaskMentorModel):
         if phase not in ('mim', 'teacher', 'student'):
             raise ValueError(f"phase must be 'mim', 'teacher' or 'student', not {phase!r}")
         keep = torch.ones(rgb.shape[0], len(inputs), dtype=torch.bool, device=rgb.device)  # complete modalities
-        if phase == 'student':
+        teach = phase == 'student' and self.token_weight != 0  # token_weight 0: M2IM without STTP's token loss
+        if teach:
             with torch.no_grad():  # the teacher: complete modalities, patch masking only; its tokens carry no gradient
                 teacher, _ = self.reconstruct(inputs, keep)
+        if phase == 'student':
             keep = m2im_keep_batch(rgb.shape[0], len(inputs), self.p_m, rgb.device)
         outs, mask = self.reconstruct(inputs, keep)
         terms = {name: self.pixel_loss(name, outs[name][0], inputs[name], mask[:, k]) for k, name in enumerate(inputs)}
-        if phase == 'student':
+        if teach:
             # design choice: token loss = mean over modalities and grid places, weight token_weight (1)
             cos = torch.stack([F.cosine_similarity(outs[n][1], teacher[n][1], dim=-1) for n in inputs])  # (K, B, N)
             terms['token'] = self.token_weight * (1 - cos).mean()

@@ -545,6 +545,14 @@ def test_demo_deterministic_splits_differ_labels_in_range():
     assert len(data.DemoDataset('train')) == 256 and len(data.DemoDataset('test')) == 64
 
 
+def test_demo128_is_the_demo_drawn_at_128():
+    ds = data.build_dataset('demo128', '', 'test')
+    rgb, x, label = ds[1]
+    assert rgb.shape == (3, 128, 128) and x.shape == (1, 128, 128) and label.shape == (128, 128)
+    assert np.array_equal(ds.read(1)[2], data.DemoDataset('test', size=128).read(1)[2])
+    assert ds.preset is data.PRESETS['demo128'] and ds.preset.class_names == data.PRESETS['demo'].class_names
+
+
 def pixel_features(ds, n):
     """Per-pixel features of n scenes: chromaticity (3) and depth relative to the
     scene's median (1), labels; invalid depth pixels dropped."""
@@ -2087,6 +2095,21 @@ def test_sttp_student_step_teacher_targets_without_gradient(monkeypatch):
     assert set(terms) == {'rgb', 'depth', 'semseg', 'token'}
 
 
+def test_m2im_without_token_loss_runs_no_teacher(monkeypatch):
+    """token_weight 0 (the study's 'M2IM' pre-training): the student step is M2IM input with
+    pixel losses only, and the teacher's pass, whose tokens nothing would use, is not run."""
+    torch.manual_seed(0)
+    model = mm_pretrain(token_weight=0.0)
+    keeps = []
+    original = rgbx.MaskMentorPretrain.reconstruct
+    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'reconstruct',
+                        lambda self, inputs, keep: keeps.append(keep.clone()) or original(self, inputs, keep))
+    torch.manual_seed(1)
+    terms = model.losses(*mm_batch(B=8), 'student')
+    assert len(keeps) == 1 and set(terms) == {'rgb', 'depth', 'semseg'}
+    assert not keeps[0].all() and keeps[0].any(1).all()  # M2IM: some modality dropped, one always kept
+
+
 def test_sttp_cycle_changes_shared_weights(monkeypatch):
     torch.manual_seed(0)
     model = mm_pretrain(warmup_steps=1)
@@ -2279,3 +2302,49 @@ def test_benchmark_fields_present_and_positive(tmp_path, method, backbone):
     model = rgbx.build_model(method, backbone, 5, 1)
     assert saved['trainable_params'] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert saved['total_params'] == sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------
+# The reproduction study (study/run.py)
+# ----------------------------------------------------------------------------
+
+def test_study_summary_and_paired_claims_by_hand():
+    from study import run as study
+    fake = {}
+    for seed, (a, b) in enumerate([(0.50, 0.40), (0.30, 0.35), (0.60, 0.40)]):
+        for name, v in (('GoPT soft', b), ('GoPT (hard, 4 prompters)', a)):
+            fake[f'{name}/{seed}'] = dict(name=name, seed=seed, trainable=10, total=100, step_seconds=0.1 * (seed + 1),
+                                          both=v, rgb=v / 2, x=v / 4)
+    table = study.summarise(fake)
+    assert list(table) == ['GoPT (hard, 4 prompters)', 'GoPT soft']  # CONDITIONS order
+    mean, std, values = table['GoPT (hard, 4 prompters)']['both']
+    assert values == [0.5, 0.3, 0.6] and mean == pytest.approx(1.4 / 3) and std == pytest.approx(np.std(values, ddof=1))
+    assert table['GoPT soft']['step_seconds'] == pytest.approx(0.2)
+    (claim,) = [c for c in study.claim_rows(fake) if c['claim'].startswith('hard beats soft')]
+    assert (claim['wins'], claim['n']) == (2, 3)
+    assert (claim['mean'], claim['low'], claim['high']) == pytest.approx((0.25 / 3, -0.05, 0.2))
+    text = study.markdown(table, study.claim_rows(fake), 'test')
+    assert '| GoPT soft | 38.3 ± 2.9 |' in text and '+8.3 (-5.0, +20.0) | 2/3 seeds |' in text
+
+
+def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
+    """A foundation run saves its backbone as an official-format file, KTB starts from
+    it with --pretrained, both are evaluated on the three inputs; a second call reads the
+    finished runs back instead of training them again."""
+    from study import run as study
+    runs = [r for r in study.plan([0], steps=2, foundation_steps=2) if r['name'] in ('Swin foundation (RGB)', 'KTB')]
+    assert runs[1]['need'] == runs[0]['key']
+    results = study.run_all(runs, str(tmp_path), jobs=1)
+    assert set(results) == {'Swin foundation (RGB)/0', 'KTB/0'}
+    for r in results.values():
+        assert all(0 <= r[c] <= 1 for c in ('both', 'rgb', 'x')) and r['step_seconds'] > 0
+    foundation = results['Swin foundation (RGB)/0']
+    assert foundation['both'] == foundation['rgb']  # an RGB-only model does not see X
+    backbone = rgbx.load_pretrained(rgbx.swin('nano'), study.backbone_file(str(tmp_path), runs[0]['key']))
+    ktb = study.folder(str(tmp_path), 'KTB/0')
+    assert tr.load_run_checkpoint(os.path.join(ktb, 'last.pt'))['config']['pretrained'] == \
+        study.backbone_file(str(tmp_path), runs[0]['key'])
+    stamp = os.path.getmtime(os.path.join(ktb, 'result.json'))
+    assert study.run_all(runs, str(tmp_path), jobs=1) == results
+    assert os.path.getmtime(os.path.join(ktb, 'result.json')) == stamp
+    assert backbone.patch_embed.proj.weight.abs().sum() > 0

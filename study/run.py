@@ -1,0 +1,308 @@
+"""Small-scale reproduction study: each paper's central claim, tested on CPU on the
+built-in demo data (README, "Results").
+
+    python -m study.run            # the whole study, from the repository's root (under an hour on 2 cores)
+    python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~2 min)
+
+Set-up, mirroring the papers at toy scale (`demo128`: 128 x 128 synthetic RGB-D scenes
+where RGB tells an object's colour and only depth its height, see data.DemoDataset):
+1. foundation: a Swin-nano and a ViT-nano trained with RGB only (full fine-tuning,
+   method rgb_only), the stand-ins for the ImageNet / MAE files the papers start
+   from; their backbones are saved in the official key format and loaded with
+   --pretrained like those files. One foundation per seed.
+2. adaptation, the same number of steps for every method, from the foundation of
+   the same seed: early fusion with full fine-tuning (the papers' reference line),
+   KTB with and without MMST (Swin), GoPT hard / soft / one prompter and VPT-deep
+   (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM and M2IM + STTP
+   pre-training (ViT, the pre-training on the demo's training split with its labels
+   as the semantic-map modality).
+3. evaluation of the final weights (no selection on the test split) with RGB + X,
+   RGB only and X only (eval.py's --modality: the missing input is zeroed).
+
+Every run is a train.py configuration (its command line is in the log); runs go to
+--out (default runs/study), each with result.json, so an interrupted study resumes
+where it stopped. The tables go to study/results.md, the plot to study/results.png,
+every figure to study/results.json.
+"""
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import train
+from eval import evaluate, metrics, shard_loader
+
+DATASET = 'demo128'
+STEPS, FOUNDATION_STEPS = 400, 800  # optimizer steps of batch 4
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# design choice: the papers' sizes scaled to the nano widths. Swin-nano is Swin-B / 4 (C = 32): KTB's
+# C/8, C/16 ranks scale by themselves, its heads 512 / 256 become 128 / 64, the baselines' head 64.
+# ViT-nano has D = 64: GoPT's d_p of 55 (of 768) would not be low rank, 16 is; heads 64 wide.
+HEAD = 'head_dim=64'
+KTB = 'fused_head_dim=128,aux_head_dim=64'
+GOPT = 'prompt_dim=16,head_dim=64'
+# MaskMentor: a decoder and a ConvNeXt head as wide as the encoder
+MM = 'decoder_dim=64,decoder_heads=4,decoder_depth=1,head_dim=64,head_depth=2'
+
+# (name, family, method, options, what its backbone comes from); 'pretrain:<name>' = that
+# MaskMentor pre-training run of the same seed
+CONDITIONS = [
+    ('Swin foundation (RGB)', 'swin', 'rgb_only', HEAD, None),
+    ('Swin early fusion, full FT', 'swin', 'early_fusion', HEAD, 'foundation'),
+    ('KTB', 'swin', 'ktb', KTB, 'foundation'),
+    ('KTB w/o MMST', 'swin', 'ktb', KTB + ',mmst=false', 'foundation'),
+    ('ViT foundation (RGB)', 'vit', 'rgb_only', HEAD, None),
+    ('ViT early fusion, full FT', 'vit', 'early_fusion', HEAD, 'foundation'),
+    ('GoPT (hard, 4 prompters)', 'vit', 'gopt', GOPT, 'foundation'),
+    ('GoPT soft', 'vit', 'gopt', GOPT + ',assignment=soft', 'foundation'),
+    ('GoPT 2 prompters', 'vit', 'gopt', GOPT + ',interval=2', 'foundation'),
+    ('GoPT 1 prompter', 'vit', 'gopt', GOPT + ',interval=4', 'foundation'),
+    ('VPT-deep', 'vit', 'gopt', 'variant=vpt_deep,head_dim=64', 'foundation'),
+    ('MIM pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain,warmup_steps=1000000000', 'foundation'),
+    ('M2IM pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain,teacher_iters=0,token_weight=0', 'foundation'),
+    ('M2IM + STTP pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain', 'foundation'),
+    ('MaskMentor FT, no pre-training', 'vit', 'maskmentor', MM, 'foundation'),
+    ('MaskMentor FT after MIM', 'vit', 'maskmentor', MM, 'pretrain:MIM pre-training'),
+    ('MaskMentor FT after M2IM', 'vit', 'maskmentor', MM, 'pretrain:M2IM pre-training'),
+    ('MaskMentor FT after M2IM + STTP', 'vit', 'maskmentor', MM, 'pretrain:M2IM + STTP pre-training'),
+]
+
+# each claim: (paper, what it says, condition A, condition B, the columns A should beat B in)
+CLAIMS = [
+    ('KTB', 'RGB+X beats the RGB foundation', 'KTB', 'Swin foundation (RGB)', ('both',)),
+    ('KTB', 'MMST raises the single-modality columns (supp. Fig. 1, Table 5)', 'KTB', 'KTB w/o MMST', ('rgb', 'x', 'both')),
+    ('KTB', 'close to full fine-tuning at a fraction of the parameters', 'KTB', 'Swin early fusion, full FT', ('both',)),
+    ('GoPT', 'beats the foundation', 'GoPT (hard, 4 prompters)', 'ViT foundation (RGB)', ('both',)),
+    ('GoPT', 'beats VPT-deep (Table 4)', 'GoPT (hard, 4 prompters)', 'VPT-deep', ('both',)),
+    ('GoPT', 'hard beats soft assignment (Fig. 7)', 'GoPT (hard, 4 prompters)', 'GoPT soft', ('both',)),
+    ('GoPT', 'more prompters is better (Fig. 6): 4 vs 1', 'GoPT (hard, 4 prompters)', 'GoPT 1 prompter', ('both',)),
+    ('GoPT', 'more prompters is better (Fig. 6): 2 vs 1', 'GoPT 2 prompters', 'GoPT 1 prompter', ('both',)),
+    ('MaskMentor', 'MIM pre-training helps (Table 3)', 'MaskMentor FT after MIM', 'MaskMentor FT, no pre-training', ('rgb', 'x', 'both')),
+    ('MaskMentor', 'M2IM beats plain MIM (Table 3)', 'MaskMentor FT after M2IM', 'MaskMentor FT after MIM', ('rgb', 'x', 'both')),
+    ('MaskMentor', 'STTP adds on top of M2IM (Table 3)', 'MaskMentor FT after M2IM + STTP', 'MaskMentor FT after M2IM', ('rgb', 'x', 'both')),
+]
+COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
+
+
+def plan(seeds, steps, foundation_steps):
+    """Every run of the study: dicts with name, seed, key 'name/seed', needs (the key
+    of the run whose weights it starts from) and the train.Config fields it sets."""
+    runs = []
+    for seed in seeds:
+        for name, family, method, opts, source in CONDITIONS:
+            need = None if source is None else \
+                f"{'Swin' if family == 'swin' else 'ViT'} foundation (RGB)/{seed}" if source == 'foundation' else \
+                f"{source[len('pretrain:'):]}/{seed}"
+            runs.append(dict(name=name, seed=seed, key=f'{name}/{seed}', need=need, pretraining='stage=pretrain' in opts,
+                             config=dict(dataset=DATASET, method=method, backbone=f'{family}-nano', opts=opts, seed=seed,
+                                         max_steps=steps if need else foundation_steps)))
+    return runs
+
+
+def folder(out, key):
+    """The run folder of 'name/seed': 'KTB w/o MMST/0' -> out/KTB_w_o_MMST-0."""
+    name, seed = key.rsplit('/', 1)
+    return os.path.join(out, re.sub('[^A-Za-z0-9]+', '_', name.replace('+', 'plus')).strip('_') + f'-{seed}')
+
+
+def backbone_file(out, key):
+    """Where a run's weights are stored for the runs that start from it: the foundation's
+    backbone in the official key format, a pre-training run's last checkpoint."""
+    return os.path.join(folder(out, key), 'backbone.pth')
+
+
+def execute(args):
+    """Train one run, evaluate its final weights on the three inputs; returns (key, figures).
+    Runs in a worker process with one thread (two runs share the two cores)."""
+    run, out = args
+    torch.set_num_threads(1)
+    cfg = train.resolve(train.Config(**run['config'], pretrained=backbone_file(out, run['need']) if run['need'] else '',
+                                     out_dir=folder(out, run['key']), workers=0, eval_every=0, log_every=50))
+    preset = data.PRESETS[cfg.dataset]
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as log, contextlib.redirect_stdout(log):
+        print('python train.py ' + ' '.join(f"--{k.replace('_', '-')} '{v}'" for k, v in asdict(cfg).items()
+                                             if v != getattr(train.Config, k)))
+        model = train.build_model(cfg, preset.num_classes, preset.x_channels())
+        start = time.perf_counter()
+        report = train.train(cfg, model=model)
+        seconds = time.perf_counter() - start
+    result = dict(name=run['name'], seed=run['seed'], trainable=report['params']['trainable'],
+                  total=report['params']['total'], step_seconds=seconds / report['step'])
+    if run['pretraining']:  # its last checkpoint is what the fine-tuning runs load
+        os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
+    else:
+        test = shard_loader(data.build_dataset(cfg.dataset, '', 'test'), workers=0, batch_size=8)
+        for modality, _ in COLUMNS:
+            result[modality] = metrics(evaluate(model, test, preset.num_classes, torch.device('cpu'),
+                                                modality=modality))['miou']
+        if run['need'] is None:  # a foundation: its backbone in the format of an official file, for load_pretrained
+            train.save_checkpoint({'model': model.backbone.state_dict()}, backbone_file(out, run['key']))
+    with open(os.path.join(cfg.out_dir, 'result.json'), 'w') as f:
+        json.dump(result, f)
+    return run['key'], result
+
+
+def run_all(runs, out, jobs):
+    """Each run starts as soon as the run it loads has finished, longest first, `jobs`
+    at a time; finished runs (result.json present) are read back, not repeated."""
+    results = {}
+    for run in runs:
+        done = os.path.join(folder(out, run['key']), 'result.json')
+        if os.path.exists(done):
+            with open(done) as f:
+                results[run['key']] = json.load(f)
+    pending = sorted((r for r in runs if r['key'] not in results),
+                     key=lambda r: (-r['config']['max_steps'], r['config']['method'] not in ('ktb', 'maskmentor')))
+    running = {}
+    # spawn: no fork of a process that holds torch's threads
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
+        while pending or running:
+            for run in [r for r in pending if r['need'] is None or r['need'] in results]:
+                running[pool.submit(execute, (run, out))] = run
+                pending.remove(run)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                key, result = future.result()
+                del running[future]
+                results[key] = result
+                print(f"  {key}: " + ', '.join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)),
+                      flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------
+# Report: tables, claims, plot
+# ----------------------------------------------------------------------------
+
+def summarise(results):
+    """{condition: {'n', 'trainable', 'step_seconds', column: (mean, std, per-seed list)}} in CONDITIONS order."""
+    table = {}
+    for name, *_ in CONDITIONS:
+        rows = sorted((r for r in results.values() if r['name'] == name), key=lambda r: r['seed'])
+        if not rows:
+            continue
+        entry = dict(n=len(rows), trainable=rows[0]['trainable'], total=rows[0]['total'],
+                     step_seconds=float(np.mean([r['step_seconds'] for r in rows])))
+        for column, _ in COLUMNS:
+            if column in rows[0]:
+                v = np.array([r[column] for r in rows])
+                entry[column] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, v.tolist())
+        table[name] = entry
+    return table
+
+
+def claim_rows(results):
+    """Per claim and column: the paired (same seed) differences A - B of mIoU."""
+    rows = []
+    for paper, text, a, b, columns in CLAIMS:
+        seeds = sorted({r['seed'] for r in results.values() if r['name'] == a} &
+                       {r['seed'] for r in results.values() if r['name'] == b})
+        if not seeds:
+            continue
+        by = {(r['name'], r['seed']): r for r in results.values()}
+        for column in columns:
+            d = np.array([by[a, s][column] - by[b, s][column] for s in seeds])
+            rows.append(dict(paper=paper, claim=text, a=a, b=b, column=column, mean=float(d.mean()),
+                             low=float(d.min()), high=float(d.max()), wins=int((d > 0).sum()), n=len(d)))
+    return rows
+
+
+def markdown(table, claims, setup):
+    pct = lambda m: f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}"
+    lines = [f"Set-up: {setup}. mIoU (%) on the 64 test scenes, mean ± standard deviation over seeds, of the final "
+             f"weights; a missing input is zeroed.", '',
+             '| condition | RGB+X | RGB only | X only | trainable params | step (s) |', '|---|---|---|---|---|---|']
+    for name, e in table.items():
+        cells = [pct(e[c]) if c in e else '-' for c, _ in COLUMNS]
+        lines.append(f"| {name} | {' | '.join(cells)} | {e['trainable'] / 1e3:.1f}k of {e['total'] / 1e3:.0f}k | "
+                     f"{e['step_seconds']:.3f} |")
+    lines += ['', 'Claims: A - B in mIoU points, paired by seed (the same foundation and data order).', '',
+              '| paper | claim | A | B | input | A - B: mean (min, max) | A > B in |', '|---|---|---|---|---|---|---|']
+    for c in claims:
+        label = dict(COLUMNS)[c['column']]
+        lines.append(f"| {c['paper']} | {c['claim']} | {c['a']} | {c['b']} | {label} | {100 * c['mean']:+.1f} "
+                     f"({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {c['wins']}/{c['n']} seeds |")
+    return '\n'.join(lines) + '\n'
+
+
+def plot(table, path):
+    """Grouped bars (RGB+X, RGB only, X only) per condition with each seed as a dot; Pillow only."""
+    names = [n for n, e in table.items() if 'both' in e]
+    colours = ((70, 110, 200), (220, 90, 60), (90, 170, 90))
+    W, H, left, bottom, top = 140 + 62 * len(names), 520, 60, 190, 30
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
+    y = lambda v: H - bottom - v * (H - bottom - top)
+    for t in range(0, 101, 20):
+        d.line([(left, y(t / 100)), (W - 20, y(t / 100))], fill=(225, 225, 225))
+        d.text((left - 28, y(t / 100) - 6), f"{t}", fill='black')
+    d.text((8, top - 20), 'mIoU (%)', fill='black')
+    for i, name in enumerate(names):
+        x0 = left + 10 + 62 * i
+        for j, (column, label) in enumerate(COLUMNS):
+            mean, _, values = table[name][column]
+            x = x0 + 17 * j
+            d.rectangle([x, y(mean), x + 14, y(0)], fill=colours[j])
+            for v in values:
+                d.ellipse([x + 5, y(v) - 2, x + 9, y(v) + 2], fill='black')
+        words, line, lines = name.split(), '', []
+        for w in words:  # wrap the condition's name under its bars
+            if len(line) + len(w) > 10 and line:
+                lines.append(line)
+                line = ''
+            line = f"{line} {w}".strip()
+        lines.append(line)
+        for k, text in enumerate(lines[:8]):
+            d.text((x0, H - bottom + 6 + 12 * k), text, fill='black')
+    for j, (_, label) in enumerate(COLUMNS):
+        d.rectangle([left + 120 * j, 8, left + 120 * j + 12, 20], fill=colours[j])
+        d.text((left + 120 * j + 18, 8), label, fill='black')
+    img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--quick', action='store_true', help='a few steps and one seed: checks that every step runs')
+    p.add_argument('--seeds', type=int, default=3)
+    p.add_argument('--steps', type=int, default=0, help='optimizer steps of each adaptation run (0 = the study\'s)')
+    p.add_argument('--foundation-steps', type=int, default=0)
+    p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
+    p.add_argument('--out', default='', help='run folders (default runs/study, runs/study-quick)')
+    p.add_argument('--report', default='', help='where results.md/.png/.json go (default study/; --quick: --out)')
+    args = p.parse_args(argv)
+    seeds = range(1 if args.quick else args.seeds)
+    steps = args.steps or (4 if args.quick else STEPS)
+    foundation_steps = args.foundation_steps or (6 if args.quick else FOUNDATION_STEPS)
+    out = args.out or ('runs/study-quick' if args.quick else 'runs/study')
+    report = args.report or (out if args.quick else HERE)
+    runs = plan(seeds, steps, foundation_steps)
+    print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
+    start = time.time()
+    results = run_all(runs, out, args.jobs)
+    setup = (f"`{DATASET}` (128 x 128), {len(seeds)} seed(s), foundations {foundation_steps} steps, every "
+             f"adaptation and pre-training {steps} steps, batch 4, AdamW lr 1e-3 (warm-up 1 epoch, poly decay)")
+    table, claims = summarise(results), claim_rows(results)
+    os.makedirs(report, exist_ok=True)
+    with open(os.path.join(report, 'results.md'), 'w') as f:
+        f.write(markdown(table, claims, setup))
+    with open(os.path.join(report, 'results.json'), 'w') as f:
+        json.dump(dict(setup=setup, runs=sorted(results.values(), key=lambda r: (r['name'], r['seed']))), f, indent=1)
+    plot(table, os.path.join(report, 'results.png'))
+    print(f"study: done in {(time.time() - start) / 60:.1f} min; {os.path.join(report, 'results.md')}")
+
+
+if __name__ == '__main__':
+    sys.exit(main())
