@@ -12,7 +12,7 @@ where RGB tells an object's colour and only depth its height, see data.DemoDatas
    --pretrained like those files. One foundation per seed.
 2. adaptation, the same number of steps for every method, from the foundation of
    the same seed: early fusion with full fine-tuning (the papers' reference line),
-   KTB with and without MMST (Swin), GoPT hard / soft / one prompter and VPT-deep
+   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP, VPT-deep
    (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM and M2IM + STTP
    pre-training (ViT, the pre-training on the demo's training split with its labels
    as the semantic-map modality).
@@ -70,6 +70,7 @@ CONDITIONS = [
     ('GoPT 2 prompters', 'vit', 'gopt', GOPT + ',interval=2', 'foundation'),
     ('GoPT 1 prompter', 'vit', 'gopt', GOPT + ',interval=4', 'foundation'),
     ('VPT-deep', 'vit', 'gopt', 'variant=vpt_deep,head_dim=64', 'foundation'),
+    ('GoPT w/o ACP', 'vit', 'gopt', GOPT + ',variant=no_acp', 'foundation'),  # X by place: see README
     ('MIM pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain,warmup_steps=1000000000', 'foundation'),
     ('M2IM pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain,teacher_iters=0,token_weight=0', 'foundation'),
     ('M2IM + STTP pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain', 'foundation'),
