@@ -98,8 +98,8 @@ COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 
 
 def plan(seeds, steps, foundation_steps):
-    """Every run of the study: dicts with name, seed, key 'name/seed', needs (the key
-    of the run whose weights it starts from) and the train.Config fields it sets."""
+    """Every run of the study: dicts with name, seed, key 'name/seed', need (the key
+    of the run whose weights it starts from, None for a foundation) and the train.Config fields it sets."""
     runs = []
     for seed in seeds:
         for name, family, method, opts, source in CONDITIONS:
