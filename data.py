@@ -115,7 +115,6 @@ NYU40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'w
 RGBD_LAYOUT = (Layout('RGB', 'Label', {'hha': 'HHA', 'depth': 'Depth'}),)
 
 
-
 def demo_preset(size):
     """The built-in synthetic dataset (DemoDataset) with scenes of size x size pixels:
     no folder layout (nothing is read from disk); depth generated in [0, 1], its

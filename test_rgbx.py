@@ -2347,4 +2347,9 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     stamp = os.path.getmtime(os.path.join(ktb, 'result.json'))
     assert study.run_all(runs, str(tmp_path), jobs=1) == results
     assert os.path.getmtime(os.path.join(ktb, 'result.json')) == stamp
-    assert backbone.patch_embed.proj.weight.abs().sum() > 0
+    longer = study.plan([0], steps=3, foundation_steps=2)  # another budget in the same folder is refused, not reused
+    with pytest.raises(ValueError, match='KTB-0.*another --out'):
+        study.run_all([r for r in longer if r['name'] in ('Swin foundation (RGB)', 'KTB')], str(tmp_path), jobs=1)
+    trained = tr.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
+    for name, p in backbone.named_parameters():  # the file holds exactly the foundation's trained backbone
+        assert torch.equal(p, trained['backbone.' + name]), name

@@ -140,7 +140,7 @@ def execute(args):
         start = time.perf_counter()
         report = train.train(cfg, model=model)
         seconds = time.perf_counter() - start
-    result = dict(name=run['name'], seed=run['seed'], trainable=report['params']['trainable'],
+    result = dict(name=run['name'], seed=run['seed'], config=run['config'], trainable=report['params']['trainable'],
                   total=report['params']['total'], step_seconds=seconds / report['step'])
     if run['pretraining']:  # its last checkpoint is what the fine-tuning runs load
         os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
@@ -165,6 +165,9 @@ def run_all(runs, out, jobs):
         if os.path.exists(done):
             with open(done) as f:
                 results[run['key']] = json.load(f)
+            if results[run['key']].get('config') != run['config']:
+                raise ValueError(f"{done} was trained with {results[run['key']].get('config')}, not the planned "
+                                 f"{run['config']}: give this study another --out, or delete that folder to redo it")
     pending = sorted((r for r in runs if r['key'] not in results),
                      key=lambda r: (-r['config']['max_steps'], r['config']['method'] not in ('ktb', 'maskmentor')))
     running = {}
@@ -284,6 +287,9 @@ def main(argv=None):
     p.add_argument('--out', default='', help='run folders (default runs/study, runs/study-quick)')
     p.add_argument('--report', default='', help='where results.md/.png/.json go (default study/; --quick: --out)')
     args = p.parse_args(argv)
+    if args.seeds < 1 or args.jobs < 1 or args.steps < 0 or args.foundation_steps < 0:
+        p.error(f"need --seeds >= 1, --jobs >= 1 and step counts >= 0, got {args.seeds}, {args.jobs}, "
+                f"{args.steps}, {args.foundation_steps}")
     seeds = range(1 if args.quick else args.seeds)
     steps = args.steps or (4 if args.quick else STEPS)
     foundation_steps = args.foundation_steps or (6 if args.quick else FOUNDATION_STEPS)
