@@ -17,8 +17,10 @@ Nothing is resized, clipped or skipped when reading: a missing file, undecodable
 sizes that disagree or a label value outside the classes raises an error naming the
 file and the fix.
 """
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -187,6 +189,185 @@ def get_preset(preset):
     if preset not in PRESETS:
         raise ValueError(f"unknown dataset {preset!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[preset]
+
+
+# ----------------------------------------------------------------------------
+# Run configuration: one home for train.py and eval.py
+# ----------------------------------------------------------------------------
+# Here, beside the presets it resolves against, so that train.py (which writes a
+# config into every checkpoint) and eval.py (which rebuilds a model from one) share
+# it without importing each other.
+
+@dataclass
+class Config:
+    """A run's configuration: every field is a train.py flag (`batch_size` ->
+    --batch-size). None = the dataset preset's recipe (filled by `resolve`), so that
+    every real value, 0 included, is taken as given."""
+    # data
+    dataset: str = 'demo'           # a key of PRESETS
+    data_root: str = ''             # '' = the dataset's default place (Preset.root)
+    x_modality: str = ''            # '' = the dataset's default X (nyudv2: hha)
+    # model
+    method: str = 'early_fusion'    # early_fusion | rgb_only | ktb | gopt | maskmentor
+    backbone: str = 'swin-nano'     # swin-{nano,tiny,small,base,large} | vit-{nano,base,large}
+    pretrained: str = ''            # official backbone file; 'none' trains a PEFT method from scratch on purpose
+    opts: str = ''                  # method options, e.g. "variant=vpt_deep,interval=2", "stage=pretrain", "adapter_ranks=64:64:64:64"
+    # optimisation; None = the dataset preset's recipe
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None  # per process; the global batch is batch_size * processes * grad_accum
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    warmup_epochs: Optional[float] = None
+    crop: Optional[str] = None      # training crop "HxW"
+    grad_accum: int = 1
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (None = all epochs)
+    # system
+    device: str = ''                # '' = cuda if available, else cpu
+    amp: str = 'none'               # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)
+    compile: bool = False
+    sync_bn: bool = False           # SyncBatchNorm across GPUs (CUDA only)
+    workers: int = 2
+    seed: int = 3407
+    # run
+    out_dir: str = ''               # '' = runs/<dataset>-<method>-<backbone>
+    resume: bool = False            # continue the run in out_dir; refused if the config differs from the run's
+    allow_changes: bool = False     # with --resume: accept changes to the fields of HARMLESS_CHANGES
+    overwrite: bool = False         # start afresh in an out_dir that holds a run, deleting its checkpoints and log
+    save_every: int = 0             # also checkpoint every N steps (0 = at the end of each epoch only)
+    eval_every: int = 1             # epochs (0 = never)
+    log_every: int = 10             # steps
+    save_full: bool = False         # also store the frozen weights in checkpoints
+    nonfinite: str = 'stop'         # stop | skip: what a non-finite loss does (skip: at most MAX_SKIPPED of the steps)
+
+
+PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
+# Fields a resumed run may change with --allow-changes: they decide what is logged,
+# saved, evaluated or where files are found, not the weights a step computes.
+HARMLESS_CHANGES = ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every', 'save_full',
+                    'nonfinite')
+RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir')  # say how to run, not what: never compared
+# design choice (issue 16): a run may skip at most 5% of its steps (at least 1) under
+# --nonfinite skip; a diverged run (lr 1e9 skipped 63 of 64) then stops instead of
+# "finishing" on the few steps it took
+MAX_SKIPPED = 0.05
+
+
+def config_from_dict(d, source):
+    """A Config from a saved dict (config.json, a checkpoint's 'config'), naming unknown fields."""
+    unknown = sorted(set(d) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ValueError(f"{source} has config fields this code does not know: {unknown}; "
+                         f"use the version of the code that wrote it")
+    return Config(**d)
+
+
+def parse_size(text, flag):
+    """'480x640' -> (480, 640), positive integers, or an error naming `flag`."""
+    try:
+        size = tuple(int(v) for v in text.lower().split('x'))
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{flag} takes HxW in pixels, e.g. 480x640, not {text!r}")
+    return size
+
+
+def check_device(name, flag='--device'):
+    """A torch.device of `name` ('' = cuda if available, else cpu) that exists on this machine."""
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                         f"use {flag} cpu")
+    if device.type not in ('cpu', 'cuda'):
+        raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}")
+    return device
+
+
+# (field, lowest allowed value, whether the lowest is allowed itself)
+RANGES = (('epochs', 1, True), ('batch_size', 1, True), ('lr', 0, False), ('weight_decay', 0, True),
+          ('warmup_epochs', 0, True), ('grad_accum', 1, True), ('max_steps', 1, True), ('workers', 0, True),
+          ('seed', 0, True), ('save_every', 0, True), ('eval_every', 0, True), ('log_every', 1, True))
+
+
+def resolve(cfg):
+    """Fill the recipe fields left at None from the dataset preset (design/ktb.md
+    sec. 7) and check every field, raising a one-line error naming the flag.
+    Returns `cfg` (resolving twice changes nothing)."""
+    recipe = get_preset(cfg.dataset).recipe
+    fill = dict(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                warmup_epochs=recipe.warmup_epochs, crop='%dx%d' % tuple(recipe.crop))
+    for k, v in fill.items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    for name, low, inclusive in RANGES:
+        v = getattr(cfg, name)
+        if v is not None and (v < low or (v == low and not inclusive)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {low}, not {v}")
+    cfg.crop = '%dx%d' % parse_size(cfg.crop, '--crop')
+    check_device(cfg.device)
+    if not cfg.out_dir:
+        cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
+    if cfg.method in PEFT and not cfg.pretrained:
+        raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
+                         f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
+    if cfg.nonfinite not in ('stop', 'skip') or cfg.amp not in ('none', 'bf16', 'fp16'):
+        raise ValueError(f"--nonfinite takes stop|skip and --amp none|bf16|fp16, not {cfg.nonfinite!r} / {cfg.amp!r}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
+    return cfg
+
+
+def resume_changes(saved, cfg, allow, source):
+    """Check that a resumed run's config `cfg` is the saved one: a one-line error listing
+    every differing field (run value -> now); with `allow`, the HARMLESS_CHANGES pass.
+    Returns the accepted changes as text ('' when none)."""
+    now = asdict(cfg)
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and k not in RUN_ONLY and saved[k] != now[k]}
+    refused = {k: v for k, v in changed.items() if not (allow and k in HARMLESS_CHANGES)}
+    text = lambda d: ', '.join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in d.items())
+    if refused:
+        harmless = [k for k in refused if k in HARMLESS_CHANGES]
+        raise ValueError(f"--resume: the config differs from the run in {source}: {text(refused)}. Pass the run's "
+                         f"values (see its config.json)" + (f", or --allow-changes to accept {harmless}" if harmless
+                                                            else ", or start a new run in another --out-dir"))
+    return text(changed)
+
+
+def parse_opts(text):
+    """"a=1,b=x,c=true,d=8:16:32:64" -> {'a': 1, 'b': 'x', 'c': True, 'd': [8, 16, 32, 64]}
+    (numbers and booleans converted; ':' separates the items of a list, e.g. KTB's per-stage ranks)."""
+    out = {}
+    for item in filter(None, text.split(',')):
+        if '=' not in item:
+            raise ValueError(f"--opts item {item!r} is not key=value")
+        k, v = item.split('=', 1)
+        low = v.lower()
+        out[k.strip()] = True if low == 'true' else False if low == 'false' else \
+            [_number(i) for i in v.split(':')] if ':' in v else _number(v)
+    return out
+
+
+def _number(v):
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
+
+
+def model_options(cfg):
+    """The rgbx.build_model keyword arguments of a config: the pretrained file (None
+    for '' and 'none') and the method options, with the recipe defaults of a method."""
+    opts = parse_opts(cfg.opts)
+    if cfg.method == 'maskmentor' and 'stage' not in opts:
+        opts['stage'] = 'finetune'
+    if cfg.method == 'ktb' and cfg.dataset == 'mcubes':
+        opts.setdefault('ohem', True)  # KTB's release trains MCubeS with OHEM cross-entropy
+    return dict(pretrained=None if cfg.pretrained in ('', 'none') else cfg.pretrained, **opts)
 
 
 # ----------------------------------------------------------------------------
@@ -504,6 +685,14 @@ def build_dataset(name, root, split, x_modality=None, crop=None, train=False, se
     if not preset.layouts:  # a preset without a folder layout is the generated demo
         return DemoDataset(split, size=preset.recipe.crop[0], seed=seed, transform=transform, preset=name)
     return RGBXDataset(root or preset.root, split, preset, x_modality, transform, seed)
+
+
+def shard_loader(dataset, rank=0, world=1, workers=2, pin=False, batch_size=1):
+    """Evaluation loader over this rank's share rank::world, without the padding
+    duplicates of DistributedSampler (so the summed confusion counts each image once)."""
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(rank, len(dataset), world)),
+                                       batch_size, shuffle=False, num_workers=workers, pin_memory=pin,
+                                       generator=torch.Generator())  # leaves the global RNG alone
 
 
 # ----------------------------------------------------------------------------

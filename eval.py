@@ -4,14 +4,15 @@
     python eval.py --checkpoint best.pt --data-root DIR --multi-scale --flip --modality rgb
     python eval.py --checkpoint best.pt --save-pred preds/          # colourised maps + RGB | X | GT | prediction panels
     python eval.py --checkpoint best.pt --rgb room.png --x room_depth.png --out room_seg.png
+    python eval.py --benchmark [--checkpoint best.pt | --method ktb --backbone swin-base]
 
-Metrics come from one confusion matrix (rows = ground truth, columns =
-prediction), summed over processes under torchrun. mIoU is the mean IoU over
-the classes that occur in the ground truth or in the prediction of the whole
-evaluated set (a class absent from both has no IoU and is left out; a class
-predicted but never present scores 0).
+Metrics and inference (one confusion matrix; mIoU over the classes present in
+the ground truth or the prediction; multi-scale, flip, sliding window, missing
+modality) are rgbx.evaluate and the functions it calls; the run configuration is
+data.Config, shared with train.py.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,141 +21,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 
 import data
 import rgbx
-
-SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the papers' multi-scale test
-
-
-# ----------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------
-
-def confusion(pred, label, num_classes, ignore=255):
-    """(K, K) int64 confusion matrix, rows = ground truth, columns = prediction;
-    pixels labelled `ignore` do not count."""
-    valid = label != ignore
-    idx = label[valid] * num_classes + pred[valid]
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
-def metrics(conf):
-    """mIoU, per-class IoU, mAcc, pixel accuracy, and OA / AA / Cohen's kappa (the
-    WHU-OPT-SAR figures: OA = pixel accuracy, AA = mAcc). Classes with an empty
-    union (IoU) or no ground truth (accuracy) are NaN and left out of the means."""
-    conf = conf.double()
-    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
-    union = gt + pr - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float('nan')))
-    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float('nan')))
-    n = conf.sum().clamp(min=1)
-    oa = (tp.sum() / n).item()
-    pe = ((gt * pr).sum() / n ** 2).item()
-    return dict(miou=iou.nanmean().item(), macc=acc.nanmean().item(), pixel_acc=oa, oa=oa,
-                aa=acc.nanmean().item(), kappa=(oa - pe) / (1 - pe) if pe < 1 else 0.0, iou=iou.tolist())
-
-
-def format_metrics(m, class_names, short=False):
-    head = (f"mIoU {100 * m['miou']:.2f} | mAcc {100 * m['macc']:.2f} | pixel acc {100 * m['pixel_acc']:.2f} | "
-            f"kappa {m['kappa']:.4f}")
-    if short:
-        return head
-    rows = [f"  {name:<24s} {'   n/a' if np.isnan(v) else f'{100 * v:6.2f}'}" for name, v in zip(class_names, m['iou'])]
-    return head + '\n  class                     IoU %\n' + '\n'.join(rows)
-
-
-# ----------------------------------------------------------------------------
-# Inference: sliding window, multi-scale, flip, missing modality
-# ----------------------------------------------------------------------------
-
-def window_starts(size, crop, stride):
-    """Start offsets of windows of length `crop` with step `stride` that cover
-    [0, size); the last window ends exactly at size."""
-    if size <= crop:
-        return [0]
-    starts = list(range(0, size - crop, stride))
-    return starts + [size - crop]
-
-
-def sliding_logits(model, rgb, x, num_classes, crop, stride=None):
-    """Average the logits of crop-sized windows over an image larger than the crop.
-    rgb (B, 3, H, W), x (B, Cx, H, W) -> (B, K, H, W). Height and width use their
-    own crop and stride (crop = (ch, cw), stride defaults to 2/3 of the crop)."""
-    H, W = rgb.shape[-2:]
-    (ch, cw) = crop
-    sh, sw = stride or (max(1, 2 * ch // 3), max(1, 2 * cw // 3))
-    if H <= ch and W <= cw:
-        return model(rgb, x)
-    out = rgb.new_zeros(rgb.shape[0], num_classes, H, W)
-    count = rgb.new_zeros(1, 1, H, W)
-    for top in window_starts(H, ch, sh):
-        for left in window_starts(W, cw, sw):
-            win = (..., slice(top, top + ch), slice(left, left + cw))
-            out[win] += model(rgb[win], x[win])
-            count[win] += 1
-    return out / count
-
-
-def predict(model, rgb, x, num_classes, scales=(1.0,), flip=False, crop=None):
-    """Sum of softmax probabilities over scales (and horizontal flips), at the
-    input size: (B, K, H, W). Each scaled input goes through `sliding_logits`
-    when `crop` is given and the input is larger than it."""
-    H, W = rgb.shape[-2:]
-    probs = rgb.new_zeros(rgb.shape[0], num_classes, H, W)
-    for s in scales:
-        size = (max(1, round(H * s)), max(1, round(W * s)))
-        r, t = ((F.interpolate(v, size=size, mode='bilinear', align_corners=False) if s != 1 else v) for v in (rgb, x))
-        for flipped in ((False, True) if flip else (False,)):
-            ri, ti = (r.flip(-1), t.flip(-1)) if flipped else (r, t)
-            logits = sliding_logits(model, ri, ti, num_classes, crop) if crop else model(ri, ti)
-            logits = logits.flip(-1) if flipped else logits
-            if s != 1:
-                logits = F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
-            probs += logits.float().softmax(1)
-    return probs
-
-
-def drop_modality(rgb, x, modality):
-    """--modality both|rgb|x: zero the input that is missing (normalised zero = dataset mean)."""
-    if modality not in ('both', 'rgb', 'x'):
-        raise ValueError(f"--modality takes both|rgb|x, not {modality!r}")
-    return (rgb if modality != 'x' else torch.zeros_like(rgb)), (x if modality != 'rgb' else torch.zeros_like(x))
-
-
-def shard_loader(dataset, rank=0, world=1, workers=2, pin=False, batch_size=1):
-    """Evaluation loader over this rank's share rank::world, without the padding
-    duplicates of DistributedSampler (so the summed confusion counts each image once)."""
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(rank, len(dataset), world)),
-                                       batch_size, shuffle=False, num_workers=workers, pin_memory=pin,
-                                       generator=torch.Generator())  # leaves the global RNG alone
-
-
-@torch.no_grad()
-def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop=None, modality='both',
-             amp='none', on_batch=None):
-    """Confusion matrix of `model` over `loader`, summed over processes when
-    torch.distributed is initialised. `on_batch(index, rgb, x, label, pred)` sees
-    every batch (used to save predictions)."""
-    was_training = model.training
-    model.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16) \
-        if amp != 'none' else torch.autocast(device.type, enabled=False)
-    for i, (rgb, x, label) in enumerate(loader):
-        rgb, x, label = rgb.to(device), x.to(device), label.to(device)
-        with ctx:
-            pred = predict(model, *drop_modality(rgb, x, modality), num_classes, scales, flip, crop).argmax(1)
-        conf += confusion(pred, label, num_classes)
-        if on_batch is not None:
-            on_batch(i, rgb, x, label, pred)
-    if dist.is_initialized():
-        dist.all_reduce(conf)
-    model.train(was_training)
-    return conf.cpu()
-
+from data import shard_loader
+from rgbx import SCALES, drop_modality, evaluate, format_metrics, metrics, predict
 
 # ----------------------------------------------------------------------------
 # Loading a trained model, saving pictures
@@ -162,26 +34,34 @@ def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop
 
 def load_model(path, pretrained=None, device='cpu'):
     """Rebuild the model of a training checkpoint and load its weights. The frozen
-    backbone comes from the run's --pretrained file (or `pretrained`), checked
-    against the fingerprint stored at training time. Returns (model, config dict)."""
-    import train  # train imports this module: import it here, when both are loaded
-    ckpt = train.load_run_checkpoint(path)
-    cfg = train.Config(**ckpt['config'])
+    backbone comes from the checkpoint when it holds every weight (--save-full, or
+    a run without a pretrained file), else from the run's --pretrained file (or
+    `pretrained`), checked against the fingerprint stored at training time.
+    Returns (model, data.Config)."""
+    ckpt = rgbx.load_run_checkpoint(path)
+    cfg = data.config_from_dict(ckpt['config'], path)
     if pretrained:
         cfg.pretrained = pretrained
     preset = data.PRESETS[cfg.dataset]
     x_channels = preset.x_channels(cfg.x_modality or None)
-    pretrained, cfg.pretrained = cfg.pretrained, 'none'
-    model = train.build_model(cfg, preset.num_classes, x_channels)  # first without the backbone file
-    cfg.pretrained = pretrained
+    model = build_model(dataclasses.replace(cfg, pretrained='none'), preset, x_channels)  # first without the file
     full = set(ckpt['model']) == set(model.state_dict())
-    if not full and any(not p.requires_grad for p in model.parameters()):  # frozen weights come from the file
-        model = train.build_model(cfg, preset.num_classes, x_channels)
+    if not full and cfg.pretrained not in ('', 'none'):  # the frozen weights come from the file
+        model = build_model(cfg, preset, x_channels)
     if not full and ckpt['frozen_sha1'] != rgbx.frozen_fingerprint(model):
         raise ValueError(f"{path} holds only the trained weights, and the frozen ones built here differ from those "
-                         f"it was trained with: pass --pretrained with the file the run used ({cfg.pretrained!r})")
+                         f"it was trained with: " + (
+                             f"pass --pretrained with the file the run used ({cfg.pretrained!r})"
+                             if cfg.pretrained not in ('', 'none') else
+                             "the run had no pretrained file and this checkpoint predates saving its random frozen "
+                             "weights; train it again"))
     rgbx.load_trained(model, ckpt['model'], path)
     return model.to(device).eval(), cfg
+
+
+def build_model(cfg, preset, x_channels):
+    """The model of a run config, as train.py builds it."""
+    return rgbx.build_model(cfg.method, cfg.backbone, preset.num_classes, x_channels, **data.model_options(cfg))
 
 
 def to_image(t, mean, std):
@@ -315,7 +195,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--checkpoint', default=None, help='a training checkpoint (last.pt / best.pt)')
     p.add_argument('--data-root', default=None, help='dataset folder (default: the one the run used)')
-    p.add_argument('--split', default='test')
+    p.add_argument('--split', default=None, help='default test')
     p.add_argument('--pretrained', default=None, help='frozen backbone file, if not where the run found it')
     p.add_argument('--multi-scale', action='store_true', help=f'scales {SCALES}')
     p.add_argument('--flip', action='store_true')
@@ -327,30 +207,59 @@ def main(argv=None):
     p.add_argument('--out', default=None, help='... written here as a colourised PNG')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
+    p.add_argument('--workers', type=int, default=2, help='data-loading processes')
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
-    b = p.add_argument_group('benchmark (no checkpoint needed: random weights)')
+    b = p.add_argument_group('benchmark: the --checkpoint model, or a random-weights one chosen by '
+                             '--method/--backbone/--opts/--dataset')
     b.add_argument('--benchmark', action='store_true')
-    b.add_argument('--method', default='early_fusion')
-    b.add_argument('--backbone', default='swin-nano')
-    b.add_argument('--opts', default='', help='method options, as for train.py')
-    b.add_argument('--dataset', default='demo', help='sets classes, X channels and the data-throughput source')
-    b.add_argument('--size', default='480x640')
-    b.add_argument('--batch', type=int, default=2)
-    b.add_argument('--workers', type=int, default=2)
-    b.add_argument('--repeats', type=int, default=3)
+    b.add_argument('--method', default=None, help='default early_fusion')
+    b.add_argument('--backbone', default=None, help='default swin-nano')
+    b.add_argument('--opts', default=None, help='method options, as for train.py')
+    b.add_argument('--dataset', default=None, help='sets classes, X channels and the data-throughput source; '
+                                                   'default demo')
+    b.add_argument('--size', default=None, help='input HxW, default 480x640')
+    b.add_argument('--batch', type=int, default=None, help='training-step batch, default 2')
+    b.add_argument('--repeats', type=int, default=None, help='default 3')
     args = p.parse_args(argv)
-    if not args.benchmark and not args.checkpoint:
-        p.error('--checkpoint is required (or --benchmark)')
     try:
+        check_flags(args)
         return run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, rgbx.CheckpointError) as e:
         sys.exit(f"error: {e}")
+
+
+def check_flags(args):
+    """Refuse flags that would be ignored: every flag given must act."""
+    def given(*names):
+        return ', '.join('--' + n.replace('_', '-') for n in names if getattr(args, n) not in (None, False))
+    model_choice = given('method', 'backbone', 'opts', 'dataset')
+    if args.benchmark:
+        evaluation_only = given('save_pred', 'rgb', 'x', 'out', 'multi_scale', 'flip', 'sliding', 'split')
+        if evaluation_only or args.modality != 'both':
+            raise ValueError(f"--benchmark measures a model and takes no evaluation flags: drop "
+                             f"{evaluation_only or '--modality'}")
+        if args.checkpoint and model_choice:
+            raise ValueError(f"--benchmark --checkpoint measures the checkpoint's model: drop {model_choice} "
+                             f"(they choose a random-weights model)")
+    else:
+        if not args.checkpoint:
+            raise ValueError("--checkpoint is required (or --benchmark)")
+        benchmark_only = given('method', 'backbone', 'opts', 'dataset', 'size', 'batch', 'repeats')
+        if benchmark_only:
+            raise ValueError(f"{benchmark_only} only act with --benchmark; the checkpoint sets the model and dataset")
+        if args.save_pred and given('rgb', 'x', 'out'):
+            raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'out')} "
+                             f"segment one image pair: use one or the other")
+    for name in ('workers', 'batch', 'repeats'):
+        low = 0 if name == 'workers' else 1
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name} must be >= {low}, not {getattr(args, name)}")
 
 
 def run(args):
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if 'RANK' in os.environ else (0, 1)
-    device = torch.device(args.device if world == 1 or not args.device.startswith('cuda')
-                          else f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+    device = data.check_device(args.device)
+    device = torch.device(device if world == 1 or device.type != 'cuda' else f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     if args.benchmark:
@@ -359,7 +268,7 @@ def run(args):
     preset = data.PRESETS[cfg.dataset]
     palette = data.palette(cfg.dataset)
     scales = SCALES if args.multi_scale else (1.0,)
-    crop = tuple(int(v) for v in cfg.crop.split('x')) if args.sliding else None
+    crop = data.parse_size(cfg.crop, 'the checkpoint\'s crop') if args.sliding else None
 
     if args.rgb or args.x or args.out:
         if not (args.rgb and args.x and args.out):
@@ -372,9 +281,10 @@ def run(args):
         print(f"wrote {args.out}")
         return
 
+    split = args.split or 'test'
     dataset = data.build_dataset(cfg.dataset, args.data_root if args.data_root is not None else cfg.data_root,
-                                 args.split, cfg.x_modality or None)
-    loader = shard_loader(dataset, rank, world, workers=2, pin=device.type == 'cuda')
+                                 split, cfg.x_modality or None)
+    loader = shard_loader(dataset, rank, world, workers=args.workers, pin=device.type == 'cuda')
     on_batch = None
     if args.save_pred:
         os.makedirs(args.save_pred, exist_ok=True)
@@ -388,7 +298,7 @@ def run(args):
     conf = evaluate(model, loader, preset.num_classes, device, scales, args.flip, crop, args.modality, args.amp, on_batch)
     m = metrics(conf)
     if rank == 0:
-        print(f"{cfg.dataset} {args.split} ({len(dataset)} images), modality {args.modality}, "
+        print(f"{cfg.dataset} {split} ({len(dataset)} images), modality {args.modality}, "
               f"scales {list(scales)}{' + flip' if args.flip else ''}")
         print(format_metrics(m, preset.class_names))
         if args.json:
@@ -399,16 +309,24 @@ def run(args):
 
 
 def run_benchmark(args, device):
-    import train
-    cfg = train.resolve(train.Config(dataset=args.dataset, data_root=args.data_root or '', method=args.method,
-                                     backbone=args.backbone, opts=args.opts, pretrained=args.pretrained or 'none'))
-    size = tuple(int(v) for v in args.size.split('x'))
-    dataset = data.build_dataset(cfg.dataset, cfg.data_root, 'train', None, crop=size, train=True, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    num_classes = data.PRESETS[cfg.dataset].num_classes
-    model = train.build_model(cfg, num_classes, dataset[0][1].shape[0])
-    figures = dict(method=args.method, backbone=args.backbone, opts=args.opts,
-                   **benchmark(model, dataset, num_classes, size, device, args.repeats, args.batch, args.workers, args.amp))
+    """The cost figures of the --checkpoint model, or of a random-weights model of --method/--backbone."""
+    if args.checkpoint:
+        model, cfg = load_model(args.checkpoint, args.pretrained, device)
+        cfg.data_root = args.data_root if args.data_root is not None else cfg.data_root
+    else:
+        model, cfg = None, data.resolve(data.Config(
+            dataset=args.dataset or 'demo', data_root=args.data_root or '', method=args.method or 'early_fusion',
+            backbone=args.backbone or 'swin-nano', opts=args.opts or '', pretrained=args.pretrained or 'none'))
+    size = data.parse_size(args.size or '480x640', '--size')
+    preset = data.PRESETS[cfg.dataset]
+    dataset = data.build_dataset(cfg.dataset, cfg.data_root, 'train', cfg.x_modality or None, crop=size, train=True,
+                                 seed=cfg.seed)
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, preset, dataset[0][1].shape[0])
+    figures = dict(method=cfg.method, backbone=cfg.backbone, opts=cfg.opts, checkpoint=args.checkpoint,
+                   **benchmark(model, dataset, preset.num_classes, size, device, args.repeats or 3, args.batch or 2,
+                               args.workers, args.amp))
     for k, v in figures.items():
         print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
     if args.json:

@@ -526,6 +526,10 @@ def _init_transformer_weights(m):
 # Loading official checkpoints
 # ----------------------------------------------------------------------------
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, corrupted, not PyTorch)."""
+
+
 def read_checkpoint(path):
     """torch.load a checkpoint safely (weights_only) with a clear error when the
     file is missing, truncated or not a PyTorch file."""
@@ -534,7 +538,7 @@ def read_checkpoint(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. The file is truncated, "
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. The file is truncated, "
                            f"corrupted or not a PyTorch checkpoint; download or copy it again.") from None
 
 
@@ -558,6 +562,10 @@ def load_pretrained(model, path):
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"checkpoint {path} does not hold a state dict of tensors (top-level keys: "
                          f"{list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__})")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"checkpoint {path} holds NaN or Inf values in {len(bad)} tensors, the first {bad[0]!r}: "
+                         f"the file is corrupted; download or copy it again")
     sd = target.adapt_checkpoint(sd)
     own = target.state_dict()
     absent = target.checkpoint_absent_keys(sd) if hasattr(target, 'checkpoint_absent_keys') else set()
@@ -794,6 +802,139 @@ def load_trained(model, state, source='checkpoint'):
                          f"method, backbone and options the checkpoint was trained with.")
     model.load_state_dict(state, strict=keys == full)
     return model
+
+
+def load_run_checkpoint(path):
+    """Read a training checkpoint of train.py, refusing anything that is not one."""
+    ckpt = read_checkpoint(path)
+    needed = {'model', 'config', 'step'}
+    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+        raise ValueError(f"{path} is not an rgbx training checkpoint (needs keys {sorted(needed)}); "
+                         f"for an official backbone file use --pretrained")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------
+# Running a trained model: metrics and inference (eval.py, and the evaluation
+# during training in train.py). Metrics come from one confusion matrix (rows =
+# ground truth, columns = prediction), summed over processes under torchrun.
+# mIoU is the mean IoU over the classes that occur in the ground truth or in the
+# prediction of the whole evaluated set (a class absent from both has no IoU and is
+# left out; a class predicted but never present scores 0).
+# ----------------------------------------------------------------------------
+
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the papers' multi-scale test
+
+
+def confusion(pred, label, num_classes, ignore=255):
+    """(K, K) int64 confusion matrix, rows = ground truth, columns = prediction;
+    pixels labelled `ignore` do not count."""
+    valid = label != ignore
+    idx = label[valid] * num_classes + pred[valid]
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def metrics(conf):
+    """mIoU, per-class IoU, mAcc, pixel accuracy, and OA / AA / Cohen's kappa (the
+    WHU-OPT-SAR figures: OA = pixel accuracy, AA = mAcc). Classes with an empty
+    union (IoU) or no ground truth (accuracy) are NaN and left out of the means."""
+    conf = conf.double()
+    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
+    union = gt + pr - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float('nan')))
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float('nan')))
+    n = conf.sum().clamp(min=1)
+    oa = (tp.sum() / n).item()
+    pe = ((gt * pr).sum() / n ** 2).item()
+    return dict(miou=iou.nanmean().item(), macc=acc.nanmean().item(), pixel_acc=oa, oa=oa,
+                aa=acc.nanmean().item(), kappa=(oa - pe) / (1 - pe) if pe < 1 else 0.0, iou=iou.tolist())
+
+
+def format_metrics(m, class_names, short=False):
+    head = (f"mIoU {100 * m['miou']:.2f} | mAcc {100 * m['macc']:.2f} | pixel acc {100 * m['pixel_acc']:.2f} | "
+            f"kappa {m['kappa']:.4f}")
+    if short:
+        return head
+    rows = [f"  {name:<24s} {'   n/a' if math.isnan(v) else f'{100 * v:6.2f}'}" for name, v in zip(class_names, m['iou'])]
+    return head + '\n  class                     IoU %\n' + '\n'.join(rows)
+
+
+def window_starts(size, crop, stride):
+    """Start offsets of windows of length `crop` with step `stride` that cover
+    [0, size); the last window ends exactly at size."""
+    if size <= crop:
+        return [0]
+    starts = list(range(0, size - crop, stride))
+    return starts + [size - crop]
+
+
+def sliding_logits(model, rgb, x, num_classes, crop, stride=None):
+    """Average the logits of crop-sized windows over an image larger than the crop.
+    rgb (B, 3, H, W), x (B, Cx, H, W) -> (B, K, H, W). Height and width use their
+    own crop and stride (crop = (ch, cw), stride defaults to 2/3 of the crop)."""
+    H, W = rgb.shape[-2:]
+    (ch, cw) = crop
+    sh, sw = stride or (max(1, 2 * ch // 3), max(1, 2 * cw // 3))
+    if H <= ch and W <= cw:
+        return model(rgb, x)
+    out = rgb.new_zeros(rgb.shape[0], num_classes, H, W)
+    count = rgb.new_zeros(1, 1, H, W)
+    for top in window_starts(H, ch, sh):
+        for left in window_starts(W, cw, sw):
+            win = (..., slice(top, top + ch), slice(left, left + cw))
+            out[win] += model(rgb[win], x[win])
+            count[win] += 1
+    return out / count
+
+
+def predict(model, rgb, x, num_classes, scales=(1.0,), flip=False, crop=None):
+    """Sum of softmax probabilities over scales (and horizontal flips), at the
+    input size: (B, K, H, W). Each scaled input goes through `sliding_logits`
+    when `crop` is given and the input is larger than it."""
+    H, W = rgb.shape[-2:]
+    probs = rgb.new_zeros(rgb.shape[0], num_classes, H, W)
+    for s in scales:
+        size = (max(1, round(H * s)), max(1, round(W * s)))
+        r, t = ((F.interpolate(v, size=size, mode='bilinear', align_corners=False) if s != 1 else v) for v in (rgb, x))
+        for flipped in ((False, True) if flip else (False,)):
+            ri, ti = (r.flip(-1), t.flip(-1)) if flipped else (r, t)
+            logits = sliding_logits(model, ri, ti, num_classes, crop) if crop else model(ri, ti)
+            logits = logits.flip(-1) if flipped else logits
+            if s != 1:
+                logits = F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
+            probs += logits.float().softmax(1)
+    return probs
+
+
+def drop_modality(rgb, x, modality):
+    """--modality both|rgb|x: zero the input that is missing (normalised zero = dataset mean)."""
+    if modality not in ('both', 'rgb', 'x'):
+        raise ValueError(f"--modality takes both|rgb|x, not {modality!r}")
+    return (rgb if modality != 'x' else torch.zeros_like(rgb)), (x if modality != 'rgb' else torch.zeros_like(x))
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop=None, modality='both',
+             amp='none', on_batch=None):
+    """Confusion matrix of `model` over `loader`, summed over processes when
+    torch.distributed is initialised. `on_batch(index, rgb, x, label, pred)` sees
+    every batch (used to save predictions)."""
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16) \
+        if amp != 'none' else torch.autocast(device.type, enabled=False)
+    for i, (rgb, x, label) in enumerate(loader):
+        rgb, x, label = rgb.to(device), x.to(device), label.to(device)
+        with ctx:
+            pred = predict(model, *drop_modality(rgb, x, modality), num_classes, scales, flip, crop).argmax(1)
+        conf += confusion(pred, label, num_classes)
+        if on_batch is not None:
+            on_batch(i, rgb, x, label, pred)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(conf)
+    model.train(was_training)
+    return conf.cpu()
 
 
 # ----------------------------------------------------------------------------

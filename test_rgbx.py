@@ -734,7 +734,7 @@ def test_build_dataset_train_uses_recipe_crop():
 def test_metrics_hand_computed():
     label = torch.tensor([[0, 0, 1], [2, 255, 1]])
     pred = torch.tensor([[0, 1, 1], [2, 0, 0]])
-    conf = ev.confusion(pred, label, 4)
+    conf = rgbx.confusion(pred, label, 4)
     expect = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])  # rows: ground truth
     assert torch.equal(conf, expect)  # the ignored pixel (predicted 0) does not count
     m = ev.metrics(conf)
@@ -746,7 +746,7 @@ def test_metrics_hand_computed():
     pe = (2 * 2 + 2 * 2 + 1 * 1) / 25  # chance agreement from the marginals
     assert m['kappa'] == pytest.approx((3 / 5 - pe) / (1 - pe))
     # a class predicted but absent from the ground truth scores 0 and counts
-    m2 = ev.metrics(ev.confusion(torch.tensor([3, 0]), torch.tensor([0, 0]), 4))
+    m2 = ev.metrics(rgbx.confusion(torch.tensor([3, 0]), torch.tensor([0, 0]), 4))
     assert m2['iou'][3] == 0 and m2['miou'] == pytest.approx((1 / 2 + 0) / 2)
 
 
@@ -767,9 +767,9 @@ def test_sliding_window_equals_whole_image():
     rgb, x = torch.randn(2, 3, 37, 53), torch.randn(2, 1, 37, 53)  # non-square, not a multiple of the stride
     with torch.no_grad():
         whole = model(rgb, x)
-        slid = ev.sliding_logits(model, rgb, x, 3, crop=(16, 24))
+        slid = rgbx.sliding_logits(model, rgb, x, 3, crop=(16, 24))
     torch.testing.assert_close(slid, whole)
-    assert ev.window_starts(37, 16, 10) == [0, 10, 20, 21] and ev.window_starts(10, 16, 10) == [0]
+    assert rgbx.window_starts(37, 16, 10) == [0, 10, 20, 21] and rgbx.window_starts(10, 16, 10) == [0]
 
 
 def test_multiscale_flip_fusion():
@@ -2260,7 +2260,7 @@ def test_demo_trains_well_beyond_chance(demo_run):
     cfg, out = demo_run
     test = data.build_dataset('demo', '', 'test')
     labels = torch.stack([test[i][2] for i in range(len(test))])
-    background_only = ev.metrics(ev.confusion(torch.zeros_like(labels), labels, 5))['miou']
+    background_only = ev.metrics(rgbx.confusion(torch.zeros_like(labels), labels, 5))['miou']
     assert background_only < 0.2 and out['miou'] > 0.45 and out['miou'] > 3 * background_only
 
 

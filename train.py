@@ -11,13 +11,15 @@ variable, device, precision), data, model, optimizer, the loop, checkpoints.
 A run directory holds config.json, log.jsonl, last.pt and best.pt.
 """
 import argparse
+import errno
 import json
 import os
 import random
 import sys
 import time
+import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -26,117 +28,30 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import rgbx
-from eval import evaluate, format_metrics, metrics, shard_loader
-
-
-@dataclass
-class Config:
-    # data
-    dataset: str = 'demo'           # a key of data.PRESETS
-    data_root: str = ''             # '' = the dataset's default place (see data.py)
-    x_modality: str = ''            # '' = the dataset's default X (nyudv2: hha)
-    # model
-    method: str = 'early_fusion'    # early_fusion | rgb_only | ktb | gopt | maskmentor
-    backbone: str = 'swin-nano'     # swin-{nano,tiny,small,base,large} | vit-{nano,base,large}
-    pretrained: str = ''            # official backbone file; 'none' trains a PEFT method from scratch on purpose
-    opts: str = ''                  # method options, e.g. "variant=vpt_deep,interval=2", "stage=pretrain", "adapter_ranks=64:64:64:64"
-    # optimisation; 0 or -1 = the dataset preset's recipe
-    epochs: int = 0
-    batch_size: int = 0             # per process; the global batch is batch_size * processes * grad_accum
-    lr: float = 0.0
-    weight_decay: float = -1.0
-    warmup_epochs: float = -1.0
-    crop: str = ''                  # training crop "HxW"
-    grad_accum: int = 1
-    max_steps: int = 0              # stop after this many optimizer steps (0 = all epochs)
-    # system
-    device: str = ''                # '' = cuda if available, else cpu
-    amp: str = 'none'               # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)
-    compile: bool = False
-    sync_bn: bool = False           # SyncBatchNorm across GPUs (CUDA only)
-    workers: int = 2
-    seed: int = 3407
-    # run
-    out_dir: str = ''               # '' = runs/<dataset>-<method>-<backbone>
-    resume: bool = False
-    save_every: int = 0             # also checkpoint every N steps (0 = at the end of each epoch only)
-    eval_every: int = 1             # epochs (0 = never)
-    log_every: int = 10             # steps
-    save_full: bool = False         # also store the frozen weights in checkpoints
-    nonfinite: str = 'stop'         # stop | skip: what a non-finite loss does
+from data import MAX_SKIPPED, Config, resolve, shard_loader  # the run configuration lives in data.py, shared with eval.py
+from rgbx import evaluate, format_metrics, load_run_checkpoint, metrics
 
 
 def parse_config(argv=None):
-    """argparse built from the Config fields; a preset fills what is left at 0 / -1 / ''."""
+    """argparse built from the Config fields; the dataset preset fills the fields left at None."""
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     for f in fields(Config):
         flag = '--' + f.name.replace('_', '-')
-        if f.type is bool or f.type == 'bool':
+        if f.type is bool:
             p.add_argument(flag, action='store_true')
         else:
-            p.add_argument(flag, type=eval_type(f.type), default=f.default)
+            p.add_argument(flag, type=flag_type(f.type), default=f.default)
     return resolve(Config(**vars(p.parse_args(argv))))
 
 
-def eval_type(t):
-    return {'int': int, 'float': float, 'str': str}.get(t, t) if isinstance(t, str) else t
-
-
-PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
-
-
-def resolve(cfg):
-    """Fill the recipe fields left unset from the dataset preset (design/ktb.md sec. 7)."""
-    if cfg.dataset not in data.PRESETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {sorted(data.PRESETS)}")
-    recipe = data.PRESETS[cfg.dataset].recipe
-    fill = dict(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                warmup_epochs=recipe.warmup_epochs, crop='%dx%d' % tuple(recipe.crop))
-    for k, v in fill.items():
-        if getattr(cfg, k) in (0, -1, ''):
-            setattr(cfg, k, v)
-    if not cfg.out_dir:
-        cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
-    if cfg.method in PEFT and not cfg.pretrained:
-        raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
-                         f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
-    if cfg.nonfinite not in ('stop', 'skip') or cfg.amp not in ('none', 'bf16', 'fp16'):
-        raise ValueError(f"--nonfinite takes stop|skip and --amp none|bf16|fp16, not {cfg.nonfinite!r} / {cfg.amp!r}")
-    return cfg
-
-
-def parse_opts(text):
-    """"a=1,b=x,c=true,d=8:16:32:64" -> {'a': 1, 'b': 'x', 'c': True, 'd': [8, 16, 32, 64]}
-    (numbers and booleans converted; ':' separates the items of a list, e.g. KTB's per-stage ranks)."""
-    out = {}
-    for item in filter(None, text.split(',')):
-        if '=' not in item:
-            raise ValueError(f"--opts item {item!r} is not key=value")
-        k, v = item.split('=', 1)
-        low = v.lower()
-        out[k.strip()] = True if low == 'true' else False if low == 'false' else \
-            [_number(i) for i in v.split(':')] if ':' in v else _number(v)
-    return out
-
-
-def _number(v):
-    for t in (int, float):
-        try:
-            return t(v)
-        except ValueError:
-            pass
-    return v
+def flag_type(t):
+    """The argparse type of a field: int, float or str (Optional[int] -> int)."""
+    return next((a for a in typing.get_args(t) if a is not type(None)), t)
 
 
 def build_model(cfg, num_classes, x_channels):
     """The model of `cfg` (rgbx.build_model), with pretrained weights when given."""
-    pretrained = None if cfg.pretrained in ('', 'none') else cfg.pretrained
-    opts = parse_opts(cfg.opts)
-    if cfg.method == 'maskmentor' and 'stage' not in opts:
-        opts['stage'] = 'finetune'
-    if cfg.method == 'ktb' and cfg.dataset == 'mcubes':
-        opts.setdefault('ohem', True)  # KTB's release trains MCubeS with OHEM cross-entropy
-    return rgbx.build_model(cfg.method, cfg.backbone, num_classes, x_channels, pretrained=pretrained, **opts)
+    return rgbx.build_model(cfg.method, cfg.backbone, num_classes, x_channels, **data.model_options(cfg))
 
 
 # ----------------------------------------------------------------------------
@@ -189,23 +104,107 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: atomic, verified, exact
+# Checkpoints and the run folder: atomic, verified, exact, nothing overwritten
 # ----------------------------------------------------------------------------
+
+class DiskFull(OSError):
+    pass
+
 
 def save_checkpoint(obj, path):
     """Write atomically: temporary file, flush + fsync, rename, fsync the folder.
-    A crash at any moment leaves either the old file or the new one, never a torn one."""
+    A crash at any moment leaves either the old file or the new one, never a torn one;
+    a failed write removes its temporary file, and a full disk raises DiskFull naming `path`."""
     tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if no_space(e):
+            raise DiskFull(f"disk full: cannot write {path} (nothing was changed there); free space on that disk "
+                           f"or pass another --out-dir") from None
+        raise
     os.replace(tmp, path)
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def no_space(e):
+    """Whether an exception, or one it arose from, is the OS saying the disk is full
+    (torch.save reports it as a RuntimeError "unexpected pos" raised while handling it)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def remove_stale_tmp(folder):
+    """Delete the temporary checkpoint files ('<name>.tmp.<pid>') of processes that no
+    longer run: a process killed while writing leaves one. Returns their names."""
+    stale = []
+    for name in sorted(os.listdir(folder)):
+        pid = name.rpartition('.tmp.')[2]
+        if '.tmp.' in name and pid.isdigit() and not process_alive(int(pid)):
+            os.remove(os.path.join(folder, name))
+            stale.append(name)
+    return stale
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def check_out_dir(cfg, master, say):
+    """Before anything is written: a folder holding a run's checkpoint is continued
+    (--resume) or replaced (--overwrite, which deletes its checkpoints), never
+    overwritten silently. Rank 0 removes stale temporary files."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    held = [n for n in ('last.pt', 'best.pt') if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{cfg.out_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+                         f"another --out-dir, or --overwrite to replace it")
+    if master:
+        stale = remove_stale_tmp(cfg.out_dir)
+        if stale:
+            say(f"removed {len(stale)} temporary file(s) of killed runs: {', '.join(stale)}")
+        if cfg.overwrite:
+            for n in held:
+                os.remove(os.path.join(cfg.out_dir, n))
+            if held:
+                say(f"--overwrite: deleted {', '.join(held)} of the run in {cfg.out_dir}")
+
+
+def trim_log(path, step):
+    """Keep the records of log.jsonl up to `step`: a resumed run writes the later ones
+    again (a torn last line, from a kill mid-write, goes too)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record['step'] <= step:
+                keep.append(json.dumps(record) + '\n')
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
 
 def rng_state():
@@ -225,18 +224,8 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s['cuda'])
 
 
-def load_run_checkpoint(path):
-    """Read a training checkpoint, refusing anything that is not one of ours."""
-    ckpt = rgbx.read_checkpoint(path)
-    needed = {'model', 'config', 'step'}
-    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
-        raise ValueError(f"{path} is not an rgbx training checkpoint (needs keys {sorted(needed)}); "
-                         f"for an official backbone file use --pretrained")
-    return ckpt
-
-
 # ----------------------------------------------------------------------------
-# The run
+# The run: set-up steps, one optimizer step, the loop
 # ----------------------------------------------------------------------------
 
 class NonFiniteLoss(RuntimeError):
@@ -245,11 +234,11 @@ class NonFiniteLoss(RuntimeError):
 
 def setup_distributed(cfg):
     """DDP when launched by torchrun (RANK in the environment): nccl on CUDA, gloo on CPU."""
+    device = data.check_device(cfg.device)
     if 'RANK' not in os.environ:
-        device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         return 0, 1, device
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
-    use_cuda = (cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
+    use_cuda = device.type == 'cuda'
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
@@ -266,24 +255,12 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == 'bf16' else torch.float16)
 
 
-def train(cfg, model=None, on_step=None):
-    """Run training as `cfg` says; `model` replaces the one `cfg` would build (tests),
-    `on_step(step)` is called after each optimizer step and its checkpoint.
-    Returns a dict with the last evaluation and the run's figures."""
-    rank, world, device = setup_distributed(cfg)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    os.makedirs(cfg.out_dir, exist_ok=True)
-
-    # data: augmentation randomness is a function of (seed, epoch, sample), so the
-    # order of workers and a resume cannot change it
-    preset = data.PRESETS[cfg.dataset]
-    crop = tuple(int(v) for v in cfg.crop.split('x'))
-    train_set = data.build_dataset(cfg.dataset, cfg.data_root, 'train', cfg.x_modality or None, crop=crop,
-                                   train=True, seed=cfg.seed)
+def make_loaders(cfg, rank, world, device):
+    """The training set, its resumable sampler and loader, and the test loader. The
+    augmentation randomness is a function of (seed, epoch, sample), so the order of
+    workers and a resume cannot change it."""
+    train_set = data.build_dataset(cfg.dataset, cfg.data_root, 'train', cfg.x_modality or None,
+                                   crop=data.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed)
     test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', cfg.x_modality or None)
     sampler = ResumableSampler(len(train_set), cfg.seed, rank, world, cfg.batch_size)
     if len(sampler.indices()) < cfg.batch_size * cfg.grad_accum:
@@ -294,153 +271,193 @@ def train(cfg, model=None, on_step=None):
         train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=pin, drop_last=True,
         persistent_workers=False,  # the sampler's start offset changes per epoch; workers restart with it
         generator=torch.Generator())  # worker seeds drawn from here, not from the global RNG
-    test_loader = shard_loader(test_set, rank, world, cfg.workers, pin)
+    return train_set, sampler, loader, shard_loader(test_set, rank, world, cfg.workers, pin)
 
-    # model
-    x_channels = train_set[0][1].shape[0]
-    if model is None:
-        model = build_model(cfg, preset.num_classes, x_channels)
-    model.to(device)
+
+def restore(cfg, model, optimizer, scaler, fingerprint, rank, say):
+    """--resume: the run's last.pt into model, optimizer, scaler and the RNGs, after
+    checking that it is the same run (config, frozen weights); log.jsonl is cut back
+    to its step. Returns (step, best, skipped)."""
+    last_path = os.path.join(cfg.out_dir, 'last.pt')
+    if not os.path.exists(last_path):
+        raise FileNotFoundError(f"--resume: no checkpoint {last_path}; start without --resume or set --out-dir")
+    ckpt = load_run_checkpoint(last_path)
+    changes = data.resume_changes(ckpt['config'], cfg, cfg.allow_changes, last_path)
+    if ckpt['frozen_sha1'] != fingerprint:
+        raise ValueError(f"{last_path} was trained on other frozen weights: pass the same --pretrained "
+                         f"({ckpt['config']['pretrained']!r})")
+    rgbx.load_trained(model, ckpt['model'], last_path)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+    if rank == 0:
+        trim_log(os.path.join(cfg.out_dir, 'log.jsonl'), ckpt['step'])
+    say(f"resumed from {last_path} at step {ckpt['step']}" + (f", with the changes {changes}" if changes else ''))
+    return ckpt['step'], ckpt['best'], ckpt['skipped']
+
+
+def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, schedule_step=None):
+    """One optimizer step over cfg.grad_accum micro-batches (gradient sync on the
+    last one only); a non-finite loss leaves the weights untouched. Returns the mean
+    loss over micro-batches and processes. `schedule_step`: the global step, for a
+    model with its own schedule (MaskMentor pre-training)."""
+    for g in optimizer.param_groups:
+        g['lr'] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        rgb, x, label = (t.to(device, non_blocking=device.type == 'cuda') for t in next(batches))
+        if world > 1:
+            model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+        with autocast(cfg, device):
+            loss, _ = model(rgb, x, label, **({} if schedule_step is None else {'step': schedule_step}))
+            loss = loss / cfg.grad_accum
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= world
+    if torch.isfinite(loss_sum):
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def train(cfg, model=None, on_step=None):
+    """Run training as `cfg` says; `model` replaces the one `cfg` would build (tests),
+    `on_step(step)` is called after each optimizer step and its checkpoint.
+    Returns a dict with the last evaluation and the run's figures."""
+    cfg = resolve(cfg)
+    rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    check_out_dir(cfg, master, say)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+    preset = data.PRESETS[cfg.dataset]
+    train_set, sampler, loader, test_loader = make_loaders(cfg, rank, world, device)
+
+    raw = (model if model is not None else build_model(cfg, preset.num_classes, train_set[0][1].shape[0])).to(device)
     if cfg.sync_bn:
         if device.type != 'cuda':
             raise ValueError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    counts = dict(trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  total=sum(p.numel() for p in model.parameters()))
+        raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    counts = dict(trainable=sum(p.numel() for p in raw.parameters() if p.requires_grad),
+                  total=sum(p.numel() for p in raw.parameters()))
     say(f"config: {json.dumps(asdict(cfg))}")
     say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} total"
-        + (f" | {model.param_counts()}" if hasattr(model, 'param_counts') else ''))
-    fingerprint = rgbx.frozen_fingerprint(model)
+        + (f" | {raw.param_counts()}" if hasattr(raw, 'param_counts') else ''))
+    fingerprint = rgbx.frozen_fingerprint(raw)
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    max_skipped = max(1, int(MAX_SKIPPED * total))
 
-    # resume
-    step, best, skipped = 0, -1.0, 0
+    step, best, skipped = restore(cfg, raw, optimizer, scaler, fingerprint, rank, say) if cfg.resume else (0, -1.0, 0)
     last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
-    if cfg.resume:
-        if not os.path.exists(last_path):
-            raise FileNotFoundError(f"--resume: no checkpoint {last_path}; start without --resume or set --out-dir")
-        ckpt = load_run_checkpoint(last_path)
-        if ckpt['frozen_sha1'] != fingerprint:
-            raise ValueError(f"{last_path} was trained on other frozen weights: pass the same --pretrained "
-                             f"({ckpt['config']['pretrained']!r})")
-        rgbx.load_trained(model, ckpt['model'], last_path)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        step, best, skipped = ckpt['step'], ckpt['best'], ckpt['skipped']
-        set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
-        say(f"resumed from {last_path} at step {step}")
     if master:
         with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
             json.dump(asdict(cfg), f, indent=2)
-
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
+    model = torch.compile(raw) if cfg.compile else raw
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
                     find_unused_parameters=getattr(raw, 'find_unused_parameters', False))
 
     def checkpoint(path, evaluation=None):
-        """Every rank's RNG state is gathered; rank 0 writes."""
+        """Every rank's RNG state is gathered; rank 0 writes. Non-finite weights are never saved.
+        Without a pretrained file the frozen weights are random and exist nowhere else: they are saved too."""
+        state = raw.state_dict() if cfg.save_full or cfg.pretrained in ('', 'none') else rgbx.trainable_state(raw)
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLoss(f"the weights are non-finite at step {step} ({len(bad)} tensors, the first {bad[0]!r}) "
+                                f"and were not saved; {last_good()}. Lower --lr or try --amp none")
         states = [rng_state()]
         if world > 1:
             states = [None] * world
             dist.all_gather_object(states, rng_state())
         if master:
-            save_checkpoint(dict(model=raw.state_dict() if cfg.save_full else rgbx.trainable_state(raw),
-                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, best=best,
-                                 skipped=skipped, config=asdict(cfg), rng=states, frozen_sha1=fingerprint,
+            save_checkpoint(dict(model=state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                                 best=best, skipped=skipped, config=asdict(cfg), rng=states, frozen_sha1=fingerprint,
                                  evaluation=evaluation), path)
+
+    def last_good():
+        return f"the last good checkpoint is {last_path if os.path.exists(last_path) else 'none (none saved yet)'}"
+
+    def write_log(**record):
+        if master:
+            log.write(json.dumps(record) + '\n')
+            log.flush()
 
     # a pre-training model (MaskMentor stage 1) takes the global step for its schedule and has no logits to evaluate
     pretraining = getattr(raw, 'pretraining', False)
-    log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') if master else None
+    log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a' if cfg.resume else 'w') if master else None
     result, t0, t_last, step_at_t = {}, time.time(), time.time(), step
-    while step < total:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, done_in_epoch * cfg.batch_size * cfg.grad_accum)
-        train_set.set_epoch(epoch)
-        model.train()
-        batches = iter(loader)
-        for _ in range(done_in_epoch, steps_per_epoch):
-            lr = lr_at(step, total, warmup, cfg.lr)
-            for g in optimizer.param_groups:
-                g['lr'] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                rgb, x, label = (t.to(device, non_blocking=pin) for t in next(batches))
-                if world > 1:  # sync gradients on the last micro-step only
-                    model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-                with autocast(cfg, device):
-                    loss, _ = model(rgb, x, label, **({'step': step} if pretraining else {}))
-                    loss = loss / cfg.grad_accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if world > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            step += 1
-            if not torch.isfinite(loss_sum):
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.nonfinite == 'stop':
-                    raise NonFiniteLoss(f"non-finite loss ({loss_sum.item()}) at step {step}; the last good "
-                                        f"checkpoint is {last_path if os.path.exists(last_path) else 'none (none saved yet)'}. "
-                                        f"Lower --lr, try --amp none, or pass --nonfinite skip")
-                skipped += 1
-                say(f"step {step}: non-finite loss, step skipped ({skipped} so far)")
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            if master and (step % cfg.log_every == 0 or step == total):
-                now = time.time()
-                rate = (step - step_at_t) / max(now - t_last, 1e-9)
-                t_last, step_at_t = now, step
-                eta = (total - step) / max(rate, 1e-9)
-                say(f"step {step}/{total} | epoch {epoch + 1} | loss {loss_sum.item():.4f} | lr {lr:.2e} | "
-                    f"{rate:.2f} it/s | ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-                log.write(json.dumps(dict(step=step, epoch=epoch + 1, loss=loss_sum.item(), lr=lr,
-                                          time=now - t0)) + '\n')
-                log.flush()
-            end_of_epoch = step % steps_per_epoch == 0 or step == total
-            if cfg.save_every and step % cfg.save_every == 0 and not end_of_epoch:
-                checkpoint(last_path)
-            if end_of_epoch:
-                evaluation = None
-                if not pretraining and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step == total):
-                    conf = evaluate(raw, test_loader, preset.num_classes, device, amp=cfg.amp)
-                    evaluation = metrics(conf)
-                    result = dict(evaluation)
-                    say(format_metrics(evaluation, preset.class_names, short=True))
-                    if master:
-                        log.write(json.dumps(dict(step=step, epoch=epoch + 1, eval={k: v for k, v in evaluation.items()
-                                                                                   if k != 'iou'})) + '\n')
-                        log.flush()
-                    if evaluation['miou'] > best:
-                        best = evaluation['miou']
-                        checkpoint(best_path, evaluation)
-                checkpoint(last_path, evaluation)
-            if on_step is not None:
-                on_step(step)
-            if step >= total:
-                break
-    if master:
-        log.close()
-        say(f"done: {step} steps in {time.time() - t0:.0f}s" + (f", best mIoU {100 * best:.2f}" if best >= 0 else "")
-            + f", checkpoints in {cfg.out_dir}")
+    try:
+        while step < total:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, done_in_epoch * cfg.batch_size * cfg.grad_accum)
+            train_set.set_epoch(epoch)
+            model.train()
+            batches = iter(loader)
+            for _ in range(done_in_epoch, steps_per_epoch):
+                lr = lr_at(step, total, warmup, cfg.lr)
+                loss = train_step(model, batches, optimizer, scaler, cfg, device, world, lr,
+                                  step if pretraining else None)
+                step += 1
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    if cfg.nonfinite == 'stop' or skipped > max_skipped:
+                        raise NonFiniteLoss(
+                            f"non-finite loss ({loss.item()}) at step {step}" + (
+                                f", {skipped} of {step} steps skipped, more than --nonfinite skip allows "
+                                f"({max_skipped}: {MAX_SKIPPED:.0%} of {total})" if cfg.nonfinite == 'skip' else '')
+                            + f"; {last_good()}. Lower --lr, try --amp none"
+                            + ('' if cfg.nonfinite == 'skip' else ', or pass --nonfinite skip'))
+                    say(f"step {step}: non-finite loss, step skipped ({skipped} so far, at most {max_skipped})")
+                if step % cfg.log_every == 0 or step == total:
+                    now = time.time()
+                    rate = (step - step_at_t) / max(now - t_last, 1e-9)
+                    t_last, step_at_t = now, step
+                    eta = (total - step) / max(rate, 1e-9)
+                    say(f"step {step}/{total} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                        f"{rate:.2f} it/s | ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+                    write_log(step=step, epoch=epoch + 1, loss=loss.item(), lr=lr, time=now - t0)
+                end_of_epoch = step % steps_per_epoch == 0 or step == total
+                if cfg.save_every and step % cfg.save_every == 0 and not end_of_epoch:
+                    checkpoint(last_path)
+                if end_of_epoch:
+                    evaluation = None
+                    if not pretraining and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step == total):
+                        evaluation = metrics(evaluate(raw, test_loader, preset.num_classes, device, amp=cfg.amp))
+                        result = dict(evaluation)
+                        say(format_metrics(evaluation, preset.class_names, short=True))
+                        write_log(step=step, epoch=epoch + 1, eval={k: v for k, v in evaluation.items() if k != 'iou'})
+                        if evaluation['miou'] > best:
+                            best = evaluation['miou']
+                            checkpoint(best_path, evaluation)
+                    checkpoint(last_path, evaluation)
+                if on_step is not None:
+                    on_step(step)
+                if step >= total:
+                    break
+    finally:
+        if master:
+            log.close()
+    say(f"done: {step} steps" + (f" ({skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
+        + f" in {time.time() - t0:.0f}s" + (f", best mIoU {100 * best:.2f}" if best >= 0 else "")
+        + f", checkpoints in {cfg.out_dir}")
     return dict(result, best=best, step=step, skipped=skipped, params=counts)
 
 
 def main(argv=None):
     try:
         train(parse_config(argv))
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ValueError, OSError, NonFiniteLoss, rgbx.CheckpointError) as e:
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():

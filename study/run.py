@@ -130,7 +130,8 @@ def execute(args):
     run, out = args
     torch.set_num_threads(1)
     cfg = train.resolve(train.Config(**run['config'], pretrained=backbone_file(out, run['need']) if run['need'] else '',
-                                     out_dir=folder(out, run['key']), workers=0, eval_every=0, log_every=50))
+                                     out_dir=folder(out, run['key']), workers=0, eval_every=0, log_every=50,
+                                     overwrite=True))  # a run without result.json is redone
     preset = data.PRESETS[cfg.dataset]
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as log, contextlib.redirect_stdout(log):
