@@ -329,10 +329,14 @@ def resume_changes(saved, cfg, allow, source):
     refused = {k: v for k, v in changed.items() if not (allow and k in HARMLESS_CHANGES)}
     text = lambda d: ', '.join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in d.items())
     if refused:
-        harmless = [k for k in refused if k in HARMLESS_CHANGES]
-        raise ValueError(f"--resume: the config differs from the run in {source}: {text(refused)}. Pass the run's "
-                         f"values (see its config.json)" + (f", or --allow-changes to accept {harmless}" if harmless
-                                                            else ", or start a new run in another --out-dir"))
+        weights = [k for k in refused if k not in HARMLESS_CHANGES]
+        flags = lambda ks: ', '.join('--' + k.replace('_', '-') for k in ks)
+        raise ValueError(f"--resume: the config differs from the run in {source}: {text(refused)}. "
+                         + (f"{flags(weights)} change what is trained: pass the run's values (its config.json) or "
+                            f"start a new run in another --out-dir" if weights else '')
+                         + ('; ' if weights and len(weights) < len(refused) else '')
+                         + (f"--allow-changes accepts {flags(k for k in refused if k in HARMLESS_CHANGES)}"
+                            if len(weights) < len(refused) else ''))
     return text(changed)
 
 

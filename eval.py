@@ -246,7 +246,7 @@ def check_flags(args):
             raise ValueError("--checkpoint is required (or --benchmark)")
         benchmark_only = given('method', 'backbone', 'opts', 'dataset', 'size', 'batch', 'repeats')
         if benchmark_only:
-            raise ValueError(f"{benchmark_only} only act with --benchmark; the checkpoint sets the model and dataset")
+            raise ValueError(f"{benchmark_only} act only with --benchmark; the checkpoint sets the model and dataset")
         if args.save_pred and given('rgb', 'x', 'out'):
             raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'out')} "
                              f"segment one image pair: use one or the other")

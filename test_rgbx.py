@@ -2353,3 +2353,258 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     trained = tr.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
     for name, p in backbone.named_parameters():  # the file holds exactly the foundation's trained backbone
         assert torch.equal(p, trained['backbone.' + name]), name
+
+
+# --- robustness of train.py / eval.py: bad flags, reruns, resumes, faults (issue 16, part A) ---
+
+def cli_error(main, argv):
+    """The message a command line ends with: exactly one line, 'error: ...', no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value.code)
+    assert message.startswith('error: ') and '\n' not in message, message
+    return message
+
+
+def test_train_and_eval_do_not_import_each_other():
+    import subprocess
+    import sys
+    for module, other in (('train', 'eval'), ('eval', 'train')):
+        code = f"import sys, {module}; assert {other!r} not in sys.modules, 'imported {other}'"
+        subprocess.run([sys.executable, '-c', code], cwd=Path(__file__).resolve().parent, check=True)
+    assert tr.Config is data.Config and tr.resolve is data.resolve  # the one config home, under its old names
+
+
+@pytest.mark.parametrize('argv,flag', [
+    (['--epochs', '-5'], '--epochs'), (['--epochs', '0'], '--epochs'), (['--lr', '-0.5'], '--lr'),
+    (['--lr', '0'], '--lr'), (['--batch-size', '-1'], '--batch-size'), (['--save-every', '-1'], '--save-every'),
+    (['--crop', '0x0'], '--crop'), (['--crop', 'abc'], '--crop'), (['--grad-accum', '0'], '--grad-accum'),
+    (['--log-every', '0'], '--log-every'), (['--weight-decay', '-1'], '--weight-decay'),
+    (['--warmup-epochs', '-1'], '--warmup-epochs'), (['--max-steps', '0'], '--max-steps'),
+    (['--device', 'tpu'], '--device')]
+    + ([] if torch.cuda.is_available() else [(['--device', 'cuda'], '--device cuda')]))
+def test_bad_train_flags_are_one_line_errors_naming_the_flag(tmp_path, argv, flag):
+    assert flag in cli_error(tr.main, argv + ['--out-dir', str(tmp_path / 'run')])
+    assert not (tmp_path / 'run').exists()  # refused before anything is written
+
+
+def test_preset_sentinels_are_none_and_real_zeros_are_honoured():
+    recipe = data.PRESETS['nyudv2'].recipe
+    cfg = tr.parse_config(['--dataset', 'nyudv2', '--weight-decay', '0', '--warmup-epochs', '0'])
+    assert (cfg.weight_decay, cfg.warmup_epochs) == (0.0, 0.0)
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.crop) == (recipe.epochs, recipe.lr, recipe.batch_size, '480x640')
+    assert recipe.warmup_epochs > 0 and recipe.weight_decay > 0  # so the zeros above were not the preset's
+    assert tr.resolve(cfg) == cfg  # resolving twice changes nothing
+    assert tr.lr_at(0, 100, 0, 1e-3) == 1e-3  # zero warm-up: the base lr from the first step
+
+
+def test_rerun_into_a_run_folder_keeps_best_pt(tmp_path):
+    """The issue's data loss: a second run without --resume in the folder of a good run."""
+    cfg = demo_config(tmp_path)
+    tr.train(cfg, model=SplitInvariantModel())
+    best = open(os.path.join(cfg.out_dir, 'best.pt'), 'rb').read()
+    with pytest.raises(ValueError, match='already holds a run.*--resume.*another --out-dir.*--overwrite'):
+        tr.train(demo_config(tmp_path, max_steps=1), model=SplitInvariantModel())
+    message = cli_error(tr.main, ['--max-steps', '1', '--crop', '32x32', '--out-dir', cfg.out_dir])
+    assert cfg.out_dir in message
+    assert open(os.path.join(cfg.out_dir, 'best.pt'), 'rb').read() == best
+    out = tr.train(demo_config(tmp_path, max_steps=1, save_every=1, eval_every=0, overwrite=True),
+                   model=SplitInvariantModel())  # replacing it is explicit
+    assert out['step'] == 1 and not os.path.exists(os.path.join(cfg.out_dir, 'best.pt'))
+    assert [r['step'] for r in map(json.loads, open(os.path.join(cfg.out_dir, 'log.jsonl')))] == [1]
+
+
+def test_resume_with_another_config_is_refused_listing_the_fields(tmp_path):
+    cfg = demo_config(tmp_path, max_steps=2, eval_every=0)
+    tr.train(cfg, model=SplitInvariantModel())
+    saved = open(os.path.join(cfg.out_dir, 'config.json')).read()
+    for changed, listed in ((dict(batch_size=4, lr=0.1, seed=1), ['--batch-size 2 -> 4', '--lr 0.001 -> 0.1',
+                                                                  '--seed 3407 -> 1']),
+                            (dict(dataset='demo128'), ['--dataset']), (dict(log_every=5), ['--log-every 1 -> 5'])):
+        with pytest.raises(ValueError) as e:
+            tr.train(demo_config(tmp_path, max_steps=2, eval_every=0, resume=True, **changed),
+                     model=SplitInvariantModel())
+        assert str(e.value).startswith('--resume: the config differs') and all(s in str(e.value) for s in listed)
+    assert 'allow-changes accepts --log-every' in str(e.value)
+    with pytest.raises(ValueError, match='--lr change what is trained'):  # harmless ones only, even when allowed
+        tr.train(demo_config(tmp_path, max_steps=2, eval_every=0, resume=True, allow_changes=True, lr=0.1),
+                 model=SplitInvariantModel())
+    assert open(os.path.join(cfg.out_dir, 'config.json')).read() == saved  # not overwritten by a refused resume
+    out = tr.train(demo_config(tmp_path, max_steps=2, eval_every=0, resume=True, allow_changes=True, log_every=5),
+                   model=SplitInvariantModel())
+    assert out['step'] == 2 and json.load(open(os.path.join(cfg.out_dir, 'config.json')))['log_every'] == 5
+
+
+class NaNAfter(SplitInvariantModel):
+    """Its loss is NaN from the `first`-th call on: a diverged run."""
+
+    def __init__(self, first):
+        super().__init__()
+        self.first, self.calls = first, 0
+
+    def forward(self, rgb, x, label=None):
+        if label is None:
+            return super().forward(rgb, x)
+        loss, logits = super().forward(rgb, x, label)
+        self.calls += 1
+        return (loss * float('nan') if self.calls >= self.first else loss), logits
+
+
+def test_nonfinite_skip_is_capped_counted_and_never_saves_bad_weights(tmp_path, capsys):
+    cfg = demo_config(tmp_path / 'skip', nonfinite='skip', max_steps=4, save_every=1)
+    out = tr.train(cfg, model=NaNAfter(first=4))  # 1 of 4 steps: within 5% (at least 1)
+    assert out['skipped'] == 1 and 'done: 4 steps (1 skipped: non-finite loss)' in capsys.readouterr().out
+    with pytest.raises(tr.NonFiniteLoss, match=r'2 of 3 steps skipped, more than --nonfinite skip allows \(1: '):
+        tr.train(demo_config(tmp_path / 'diverged', nonfinite='skip', max_steps=4, save_every=1), model=NaNAfter(2))
+    kept = tr.load_run_checkpoint(os.path.join(demo_config(tmp_path / 'diverged').out_dir, 'last.pt'))
+    assert kept['step'] == 2 and kept['skipped'] == 1  # the step before the one too many
+
+    class Overflowing(SplitInvariantModel):  # a finite loss, but a weight overflows in the optimizer step
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+    model = Overflowing()
+
+    def overflow(step):
+        if step == 2:
+            model.scale.data.fill_(float('inf'))
+    cfg = demo_config(tmp_path / 'inf', max_steps=4, save_every=1)
+    with pytest.raises(tr.NonFiniteLoss, match=r"non-finite at step 3 .*'scale'.*not saved.*last.pt"):
+        tr.train(cfg, model=model, on_step=overflow)
+    saved = tr.load_run_checkpoint(os.path.join(cfg.out_dir, 'last.pt'))
+    assert saved['step'] == 2 and torch.isfinite(saved['model']['scale']).all()
+
+
+@pytest.mark.parametrize('method,backbone', [('ktb', 'swin-nano'), ('gopt', 'vit-nano')])
+def test_peft_trained_without_pretrained_file_is_evaluable(tmp_path, method, backbone):
+    """--pretrained none: the random frozen weights exist nowhere else, so the checkpoint holds them."""
+    cfg = demo_config(tmp_path, method=method, backbone=backbone, pretrained='none', max_steps=1, batch_size=2)
+    out = tr.train(cfg)
+    best = os.path.join(cfg.out_dir, 'best.pt')
+    ev.main(['--checkpoint', best, '--workers', '0', '--json', str(tmp_path / 'm.json')])
+    assert json.load(open(tmp_path / 'm.json'))['miou'] == pytest.approx(out['best'], abs=1e-9)
+    model, _ = ev.load_model(best)
+    assert rgbx.frozen_fingerprint(model) == tr.load_run_checkpoint(best)['frozen_sha1']
+
+
+@pytest.mark.parametrize('argv,words', [
+    (['--save-pred', 'P', '--rgb', 'a.png'], '--save-pred .*--rgb'),
+    (['--benchmark', '--method', 'gopt'], "checkpoint's model: drop --method"),
+    (['--benchmark', '--save-pred', 'P'], 'no evaluation flags: drop --save-pred'),
+    (['--benchmark', '--modality', 'rgb'], 'drop --modality'),
+    (['--size', '32x32'], '--size act only with --benchmark'),
+    (['--workers', '-1'], '--workers must be >= 0'),
+    (['--device', 'tpu'], '--device')])
+def test_eval_conflicting_flags_are_refused(tmp_path, argv, words):
+    assert re.search(words, cli_error(ev.main, ['--checkpoint', str(tmp_path / 'none.pt')] + argv))
+
+
+def test_eval_benchmarks_the_checkpoint_and_honours_workers(tmp_path, monkeypatch):
+    cfg = demo_config(tmp_path, max_steps=1, lr=0.05)
+    tr.train(cfg, model=None)
+    best = os.path.join(cfg.out_dir, 'best.pt')
+    seen = {}
+    monkeypatch.setattr(ev, 'benchmark', lambda model, *a, **k: seen.update(model=model) or {})
+    ev.main(['--checkpoint', best, '--benchmark', '--workers', '0'])
+    trained, _ = ev.load_model(best)
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in seen['model'].state_dict().items())
+    real_loader = ev.shard_loader
+    monkeypatch.setattr(ev, 'shard_loader', lambda *a, **k: seen.update(workers=k['workers']) or real_loader(*a, **k))
+    ev.main(['--checkpoint', best, '--workers', '0'])
+    assert seen['workers'] == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A folder on a real 256 KiB tmpfs where the OS allows mounting one (root);
+    elsewhere a folder whose writes fail with ENOSPC after 256 KiB, injected at the
+    write call."""
+    import subprocess
+    folder = tmp_path / 'disk'
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', str(folder)],
+                                                   capture_output=True).returncode == 0
+    if not mounted:
+        import errno
+        import io
+        real_save = torch.save
+
+        def save(obj, f, *a, **k):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *a, **k)
+            if str(folder) in getattr(f, 'name', str(f)) and buffer.tell() > 256 * 1024:
+                f.write(buffer.getvalue()[:256 * 1024])
+                raise RuntimeError('unexpected pos') from OSError(errno.ENOSPC, 'No space left on device')
+            f.write(buffer.getvalue())
+        monkeypatch.setattr(torch, 'save', save)
+    yield folder
+    if mounted:
+        subprocess.run(['umount', str(folder)], check=True)
+
+
+def test_full_disk_is_a_one_line_error_and_leaves_no_partial_file(small_disk):
+    path = str(small_disk / 'last.pt')
+    tr.save_checkpoint({'model': {'w': torch.ones(8)}, 'config': {}, 'step': 1}, path)
+    with pytest.raises(tr.DiskFull, match=f'disk full: cannot write {re.escape(path)}'):
+        tr.save_checkpoint({'model': {'w': torch.ones(1 << 20)}, 'config': {}, 'step': 2}, path)
+    assert sorted(os.listdir(small_disk)) == ['last.pt'] and tr.load_run_checkpoint(path)['step'] == 1
+    os.remove(path)
+    message = cli_error(tr.main, ['--max-steps', '1', '--crop', '32x32', '--workers', '0', '--eval-every', '0',
+                                  '--out-dir', str(small_disk)])  # a 10 MB checkpoint on a 256 KiB disk
+    assert 'disk full' in message and str(small_disk) in message
+    assert not [n for n in os.listdir(small_disk) if '.tmp' in n]
+
+
+def test_stale_tmp_of_dead_runs_removed_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+    dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                              text=True, check=True).stdout)
+    live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        cfg = demo_config(tmp_path, max_steps=1, eval_every=0)
+        os.makedirs(cfg.out_dir)
+        for pid in (dead, live.pid):
+            (Path(cfg.out_dir) / f'last.pt.tmp.{pid}').write_bytes(b'\0' * 1000)
+        tr.train(cfg, model=SplitInvariantModel())
+        assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'last.pt', f'last.pt.tmp.{live.pid}', 'log.jsonl']
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_resumed_log_has_each_step_once(tmp_path):
+    kw = dict(max_steps=6, save_every=2, eval_every=0, log_every=1)
+
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(demo_config(tmp_path, **kw), model=SplitInvariantModel(), on_step=kill)
+    log = os.path.join(demo_config(tmp_path).out_dir, 'log.jsonl')
+    with open(log, 'a') as f:
+        f.write('{"step": 4, "epo')  # killed in the middle of a record
+    tr.train(demo_config(tmp_path, resume=True, **kw), model=SplitInvariantModel())
+    assert [json.loads(line)['step'] for line in open(log)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_in_a_pretrained_file_is_found_at_load(tmp_path):
+    sd = rgbx.swin('nano').state_dict()
+    sd['layers.1.blocks.0.mlp.fc1.weight'][0, 0] = float('nan')
+    torch.save({'model': sd}, tmp_path / 'swin.pth')
+    message = cli_error(tr.main, ['--method', 'ktb', '--pretrained', str(tmp_path / 'swin.pth'), '--max-steps', '1',
+                                  '--out-dir', str(tmp_path / 'run')])
+    assert str(tmp_path / 'swin.pth') in message and "'layers.1.blocks.0.mlp.fc1.weight'" in message
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    cfg = demo_config(tmp_path, max_steps=1, eval_every=0)
+    tr.train(cfg, model=None)
+    last = os.path.join(cfg.out_dir, 'last.pt')
+    blob = open(last, 'rb').read()
+    open(last, 'wb').write(blob[:len(blob) // 2])  # a torn file
+    argv = ['--crop', '32x32', '--batch-size', '2', '--epochs', '1', '--max-steps', '1', '--workers', '0', '--lr',
+            '1e-3', '--log-every', '1', '--eval-every', '0', '--out-dir', cfg.out_dir, '--resume']
+    for main, args in ((tr.main, argv), (ev.main, ['--checkpoint', last])):
+        assert 'truncated' in cli_error(main, args) and last in cli_error(main, args)

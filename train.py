@@ -274,15 +274,21 @@ def make_loaders(cfg, rank, world, device):
     return train_set, sampler, loader, shard_loader(test_set, rank, world, cfg.workers, pin)
 
 
-def restore(cfg, model, optimizer, scaler, fingerprint, rank, say):
-    """--resume: the run's last.pt into model, optimizer, scaler and the RNGs, after
-    checking that it is the same run (config, frozen weights); log.jsonl is cut back
-    to its step. Returns (step, best, skipped)."""
+def resume_checkpoint(cfg):
+    """--resume: the run's last.pt, read before anything is built, refused unless it
+    was trained with this config (data.resume_changes)."""
     last_path = os.path.join(cfg.out_dir, 'last.pt')
     if not os.path.exists(last_path):
         raise FileNotFoundError(f"--resume: no checkpoint {last_path}; start without --resume or set --out-dir")
     ckpt = load_run_checkpoint(last_path)
-    changes = data.resume_changes(ckpt['config'], cfg, cfg.allow_changes, last_path)
+    ckpt['changes'] = data.resume_changes(ckpt['config'], cfg, cfg.allow_changes, last_path)
+    return ckpt
+
+
+def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, say):
+    """Load a resume checkpoint into model, optimizer, scaler and the RNGs, after
+    checking the frozen weights; log.jsonl is cut back to its step. Returns (step, best, skipped)."""
+    last_path = os.path.join(cfg.out_dir, 'last.pt')
     if ckpt['frozen_sha1'] != fingerprint:
         raise ValueError(f"{last_path} was trained on other frozen weights: pass the same --pretrained "
                          f"({ckpt['config']['pretrained']!r})")
@@ -292,7 +298,8 @@ def restore(cfg, model, optimizer, scaler, fingerprint, rank, say):
     set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
     if rank == 0:
         trim_log(os.path.join(cfg.out_dir, 'log.jsonl'), ckpt['step'])
-    say(f"resumed from {last_path} at step {ckpt['step']}" + (f", with the changes {changes}" if changes else ''))
+    say(f"resumed from {last_path} at step {ckpt['step']}"
+        + (f", with the changes {ckpt['changes']}" if ckpt['changes'] else ''))
     return ckpt['step'], ckpt['best'], ckpt['skipped']
 
 
@@ -332,6 +339,7 @@ def train(cfg, model=None, on_step=None):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     check_out_dir(cfg, master, say)
+    resumed = resume_checkpoint(cfg) if cfg.resume else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
@@ -358,7 +366,7 @@ def train(cfg, model=None, on_step=None):
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     max_skipped = max(1, int(MAX_SKIPPED * total))
 
-    step, best, skipped = restore(cfg, raw, optimizer, scaler, fingerprint, rank, say) if cfg.resume else (0, -1.0, 0)
+    step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, say) if resumed else (0, -1.0, 0)
     last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
     if master:
         with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
