@@ -13,6 +13,7 @@ A run directory holds config.json, log.jsonl, last.pt and best.pt.
 import argparse
 import errno
 import json
+import math
 import os
 import random
 import sys
@@ -330,81 +331,132 @@ def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, schedu
     return loss_sum
 
 
+def prepare_model(cfg, model, num_classes, x_channels, device, say):
+    """The model `cfg` names (or `model`) on `device`, with SyncBatchNorm when asked;
+    prints the config and the parameter counts. Returns (model, counts)."""
+    model = (model if model is not None else build_model(cfg, num_classes, x_channels)).to(device)
+    if cfg.sync_bn:
+        if device.type != 'cuda':
+            raise ValueError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    counts = dict(trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  total=sum(p.numel() for p in model.parameters()))
+    say(f"config: {json.dumps(asdict(cfg))}")
+    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} total"
+        + (f" | {model.param_counts()}" if hasattr(model, 'param_counts') else ''))
+    return model, counts
+
+
+class RunFiles:
+    """What a run writes to its folder (rank 0): config.json, the log.jsonl records and
+    the progress line, and the checkpoints, which hold every rank's RNG state and
+    never non-finite weights. Without a pretrained file the frozen weights are random
+    and exist nowhere else: checkpoints then hold them too."""
+
+    def __init__(self, cfg, model, optimizer, scaler, fingerprint, world, master, step):
+        self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
+        self.fingerprint, self.world, self.master = fingerprint, world, master
+        self.last, self.best = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
+        self.log = None
+        if master:
+            with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
+                json.dump(asdict(cfg), f, indent=2)
+            self.log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a' if cfg.resume else 'w')
+        self.t0 = self.t_last = time.time()
+        self.step_at_t = step
+
+    def say(self, *text):
+        if self.master:
+            print(*text)
+
+    def record(self, **record):
+        if self.master:
+            self.log.write(json.dumps(record) + '\n')
+            self.log.flush()
+
+    def progress(self, step, total, epoch, loss, lr):
+        """The progress line (loss, lr, it/s, ETA) and its log record."""
+        now = time.time()
+        rate = (step - self.step_at_t) / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_at_t = now, step
+        eta = (total - step) / max(rate, 1e-9)
+        self.say(f"step {step}/{total} | epoch {epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | {rate:.2f} it/s | "
+                 f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+        self.record(step=step, epoch=epoch + 1, loss=loss, lr=lr, time=now - self.t0)
+
+    def last_good(self):
+        return f"the last good checkpoint is {self.last if os.path.exists(self.last) else 'none (none saved yet)'}"
+
+    def checkpoint(self, path, step, best, skipped, evaluation=None):
+        full = self.cfg.save_full or self.cfg.pretrained in ('', 'none')
+        state = self.model.state_dict() if full else rgbx.trainable_state(self.model)
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLoss(f"the weights are non-finite at step {step} ({len(bad)} tensors, the first {bad[0]!r}) "
+                                f"and were not saved; {self.last_good()}. Lower --lr or try --amp none")
+        states = [rng_state()]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, rng_state())
+        if self.master:
+            save_checkpoint(dict(model=state, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                                 step=step, best=best, skipped=skipped, config=asdict(self.cfg), rng=states,
+                                 frozen_sha1=self.fingerprint, evaluation=evaluation), path)
+
+    def close(self):
+        if self.master:
+            self.log.close()
+
+
+def nonfinite(cfg, loss, step, skipped, total, files):
+    """A non-finite loss at `step` (its update was not applied, `skipped` so far with
+    this one): stop, or under --nonfinite skip go on while at most MAX_SKIPPED of the
+    run's steps (at least 1) are skipped."""
+    limit = max(1, int(MAX_SKIPPED * total))
+    if cfg.nonfinite == 'skip' and skipped <= limit:
+        files.say(f"step {step}: non-finite loss, step skipped ({skipped} so far, at most {limit})")
+        return
+    raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}"
+                        + (f", {skipped} of {step} steps skipped, more than --nonfinite skip allows ({limit}: "
+                           f"{MAX_SKIPPED:.0%} of {total})" if cfg.nonfinite == 'skip' else '')
+                        + f"; {files.last_good()}. Lower --lr, try --amp none"
+                        + ('' if cfg.nonfinite == 'skip' else ', or pass --nonfinite skip'))
+
+
 def train(cfg, model=None, on_step=None):
     """Run training as `cfg` says; `model` replaces the one `cfg` would build (tests),
     `on_step(step)` is called after each optimizer step and its checkpoint.
     Returns a dict with the last evaluation and the run's figures."""
+    # set-up: processes, the run folder, seeds, data, model, optimizer, schedule, resume
     cfg = resolve(cfg)
     rank, world, device = setup_distributed(cfg)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    check_out_dir(cfg, master, say)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    check_out_dir(cfg, rank == 0, say)
     resumed = resume_checkpoint(cfg) if cfg.resume else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     preset = data.PRESETS[cfg.dataset]
     train_set, sampler, loader, test_loader = make_loaders(cfg, rank, world, device)
-
-    raw = (model if model is not None else build_model(cfg, preset.num_classes, train_set[0][1].shape[0])).to(device)
-    if cfg.sync_bn:
-        if device.type != 'cuda':
-            raise ValueError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
-        raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-    counts = dict(trainable=sum(p.numel() for p in raw.parameters() if p.requires_grad),
-                  total=sum(p.numel() for p in raw.parameters()))
-    say(f"config: {json.dumps(asdict(cfg))}")
-    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} total"
-        + (f" | {raw.param_counts()}" if hasattr(raw, 'param_counts') else ''))
+    raw, counts = prepare_model(cfg, model, preset.num_classes, train_set[0][1].shape[0], device, say)
     fingerprint = rgbx.frozen_fingerprint(raw)
-
     optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    max_skipped = max(1, int(MAX_SKIPPED * total))
-
     step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, say) if resumed else (0, -1.0, 0)
-    last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
-    if master:
-        with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
-            json.dump(asdict(cfg), f, indent=2)
+    files = RunFiles(cfg, raw, optimizer, scaler, fingerprint, world, rank == 0, step)
     model = torch.compile(raw) if cfg.compile else raw
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
                     find_unused_parameters=getattr(raw, 'find_unused_parameters', False))
-
-    def checkpoint(path, evaluation=None):
-        """Every rank's RNG state is gathered; rank 0 writes. Non-finite weights are never saved.
-        Without a pretrained file the frozen weights are random and exist nowhere else: they are saved too."""
-        state = raw.state_dict() if cfg.save_full or cfg.pretrained in ('', 'none') else rgbx.trainable_state(raw)
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteLoss(f"the weights are non-finite at step {step} ({len(bad)} tensors, the first {bad[0]!r}) "
-                                f"and were not saved; {last_good()}. Lower --lr or try --amp none")
-        states = [rng_state()]
-        if world > 1:
-            states = [None] * world
-            dist.all_gather_object(states, rng_state())
-        if master:
-            save_checkpoint(dict(model=state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                                 best=best, skipped=skipped, config=asdict(cfg), rng=states, frozen_sha1=fingerprint,
-                                 evaluation=evaluation), path)
-
-    def last_good():
-        return f"the last good checkpoint is {last_path if os.path.exists(last_path) else 'none (none saved yet)'}"
-
-    def write_log(**record):
-        if master:
-            log.write(json.dumps(record) + '\n')
-            log.flush()
-
     # a pre-training model (MaskMentor stage 1) takes the global step for its schedule and has no logits to evaluate
     pretraining = getattr(raw, 'pretraining', False)
-    log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a' if cfg.resume else 'w') if master else None
-    result, t0, t_last, step_at_t = {}, time.time(), time.time(), step
+
+    # the loop: optimizer steps, each epoch ended by an evaluation and the checkpoints
+    result = {}
     try:
         while step < total:
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -415,49 +467,35 @@ def train(cfg, model=None, on_step=None):
             for _ in range(done_in_epoch, steps_per_epoch):
                 lr = lr_at(step, total, warmup, cfg.lr)
                 loss = train_step(model, batches, optimizer, scaler, cfg, device, world, lr,
-                                  step if pretraining else None)
+                                  step if pretraining else None).item()
                 step += 1
-                if not torch.isfinite(loss):
+                if not math.isfinite(loss):
                     skipped += 1
-                    if cfg.nonfinite == 'stop' or skipped > max_skipped:
-                        raise NonFiniteLoss(
-                            f"non-finite loss ({loss.item()}) at step {step}" + (
-                                f", {skipped} of {step} steps skipped, more than --nonfinite skip allows "
-                                f"({max_skipped}: {MAX_SKIPPED:.0%} of {total})" if cfg.nonfinite == 'skip' else '')
-                            + f"; {last_good()}. Lower --lr, try --amp none"
-                            + ('' if cfg.nonfinite == 'skip' else ', or pass --nonfinite skip'))
-                    say(f"step {step}: non-finite loss, step skipped ({skipped} so far, at most {max_skipped})")
+                    nonfinite(cfg, loss, step, skipped, total, files)
                 if step % cfg.log_every == 0 or step == total:
-                    now = time.time()
-                    rate = (step - step_at_t) / max(now - t_last, 1e-9)
-                    t_last, step_at_t = now, step
-                    eta = (total - step) / max(rate, 1e-9)
-                    say(f"step {step}/{total} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                        f"{rate:.2f} it/s | ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-                    write_log(step=step, epoch=epoch + 1, loss=loss.item(), lr=lr, time=now - t0)
+                    files.progress(step, total, epoch, loss, lr)
                 end_of_epoch = step % steps_per_epoch == 0 or step == total
                 if cfg.save_every and step % cfg.save_every == 0 and not end_of_epoch:
-                    checkpoint(last_path)
+                    files.checkpoint(files.last, step, best, skipped)
                 if end_of_epoch:
                     evaluation = None
                     if not pretraining and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step == total):
-                        evaluation = metrics(evaluate(raw, test_loader, preset.num_classes, device, amp=cfg.amp))
-                        result = dict(evaluation)
+                        evaluation = result = metrics(evaluate(raw, test_loader, preset.num_classes, device,
+                                                               amp=cfg.amp))
                         say(format_metrics(evaluation, preset.class_names, short=True))
-                        write_log(step=step, epoch=epoch + 1, eval={k: v for k, v in evaluation.items() if k != 'iou'})
+                        files.record(step=step, epoch=epoch + 1, eval={k: v for k, v in evaluation.items() if k != 'iou'})
                         if evaluation['miou'] > best:
                             best = evaluation['miou']
-                            checkpoint(best_path, evaluation)
-                    checkpoint(last_path, evaluation)
+                            files.checkpoint(files.best, step, best, skipped, evaluation)
+                    files.checkpoint(files.last, step, best, skipped, evaluation)
                 if on_step is not None:
                     on_step(step)
                 if step >= total:
                     break
     finally:
-        if master:
-            log.close()
+        files.close()
     say(f"done: {step} steps" + (f" ({skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
-        + f" in {time.time() - t0:.0f}s" + (f", best mIoU {100 * best:.2f}" if best >= 0 else "")
+        + f" in {time.time() - files.t0:.0f}s" + (f", best mIoU {100 * best:.2f}" if best >= 0 else "")
         + f", checkpoints in {cfg.out_dir}")
     return dict(result, best=best, step=step, skipped=skipped, params=counts)
 
