@@ -1,6 +1,7 @@
 """Data for RGB-X semantic segmentation: dataset presets with the training recipes of
-design/ktb.md sec. 7, the community's prepared folder layout (CMX / SA-Gate / DFormer),
-a built-in synthetic RGB-D demo, joint augmentation and colourising.
+design/ktb.md sec. 7, the run configuration resolved against them (Config, shared
+by train.py and eval.py), the community's prepared folder layout (CMX / SA-Gate /
+DFormer), a built-in synthetic RGB-D demo, joint augmentation and colourising.
 
 Every dataset item is a triple (rgb, x, label):
     rgb   float32 (3, H, W)    channel order R, G, B (never BGR): v / 255, then
@@ -242,9 +243,10 @@ class Config:
 
 PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
 # Fields a resumed run may change with --allow-changes: they decide what is logged,
-# saved, evaluated or where files are found, not the weights a step computes.
+# saved, evaluated or where files are found, not what a step computes (device and
+# compile: only its float rounding; pretrained: the frozen weights are checked by fingerprint).
 HARMLESS_CHANGES = ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every', 'save_full',
-                    'nonfinite')
+                    'nonfinite', 'device', 'compile')
 RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir')  # say how to run, not what: never compared
 # design choice (issue 16): a run may skip at most 5% of its steps (at least 1) under
 # --nonfinite skip; a diverged run (lr 1e9 skipped 63 of 64) then stops instead of

@@ -10,6 +10,8 @@ One file of models, readable beside the papers:
 - KTB (MAPA prompting and adapters, DSCF, MMST) on a frozen Swin.
 - GoPT (CUP and ACP grouping prompters, eq. 3-15) on a frozen MAE ViT, and its VPT baselines.
 - MaskMentor (M2IM, Alg. 1; STTP) on a MultiMAE-style multi-modal ViT.
+- Running a trained model: the confusion matrix and mIoU, multi-scale / flip /
+  sliding-window inference, a missing modality (used by eval.py and train.py).
 
 Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,

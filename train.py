@@ -6,9 +6,12 @@
     torchrun --nproc_per_node 4 train.py ...           # DDP: one process per GPU (gloo on CPU)
     python train.py ... --resume                       # continue the run in --out-dir exactly where it stopped
 
-Reads top to bottom: configuration, set-up (DDP from the RANK environment
-variable, device, precision), data, model, optimizer, the loop, checkpoints.
-A run directory holds config.json, log.jsonl, last.pt and best.pt.
+Reads top to bottom: the command line (data.Config, shared with eval.py), the
+schedule and sampler, checkpoints and the run folder, then `train`: set-up (DDP
+from the RANK environment variable, device, precision, data, model, optimizer,
+resume) and the loop. A run directory holds config.json, log.jsonl, last.pt and
+best.pt; a new run never writes into a folder holding a run's checkpoints (--resume
+or --overwrite), and a resume with another config is refused.
 """
 import argparse
 import errno
