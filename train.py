@@ -283,7 +283,8 @@ def resume_checkpoint(cfg):
     was trained with this config (data.resume_changes)."""
     last_path = os.path.join(cfg.out_dir, 'last.pt')
     if not os.path.exists(last_path):
-        raise FileNotFoundError(f"--resume: no checkpoint {last_path}; start without --resume or set --out-dir")
+        raise FileNotFoundError(f"--resume: no checkpoint {last_path}; start afresh without --resume (and with "
+                                f"--overwrite if the folder holds best.pt) or set --out-dir")
     ckpt = load_run_checkpoint(last_path)
     ckpt['changes'] = data.resume_changes(ckpt['config'], cfg, cfg.allow_changes, last_path)
     return ckpt
