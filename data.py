@@ -260,6 +260,8 @@ def config_from_dict(d, source):
     if unknown:
         raise ValueError(f"{source} has config fields this code does not know: {unknown}; "
                          f"use the version of the code that wrote it")
+    if d.get('max_steps') == 0:  # written when 0 meant "all epochs" (now None)
+        d = dict(d, max_steps=None)
     return Config(**d)
 
 
@@ -326,8 +328,8 @@ def resume_changes(saved, cfg, allow, source):
     """Check that a resumed run's config `cfg` is the saved one: a one-line error listing
     every differing field (run value -> now); with `allow`, the HARMLESS_CHANGES pass.
     Returns the accepted changes as text ('' when none)."""
-    now = asdict(cfg)
-    changed = {k: (saved[k], now[k]) for k in now if k in saved and k not in RUN_ONLY and saved[k] != now[k]}
+    saved, now = asdict(config_from_dict(saved, source)), asdict(cfg)
+    changed = {k: (saved[k], now[k]) for k in now if k not in RUN_ONLY and saved[k] != now[k]}
     refused = {k: v for k, v in changed.items() if not (allow and k in HARMLESS_CHANGES)}
     text = lambda d: ', '.join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in d.items())
     if refused:

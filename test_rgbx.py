@@ -2396,6 +2396,9 @@ def test_preset_sentinels_are_none_and_real_zeros_are_honoured():
     assert recipe.warmup_epochs > 0 and recipe.weight_decay > 0  # so the zeros above were not the preset's
     assert tr.resolve(cfg) == cfg  # resolving twice changes nothing
     assert tr.lr_at(0, 100, 0, 1e-3) == 1e-3  # zero warm-up: the base lr from the first step
+    assert data.config_from_dict(dict(max_steps=0), 'old.pt').max_steps is None  # the former "all epochs"
+    with pytest.raises(ValueError, match="old.pt has config fields this code does not know: \\['colour'\\]"):
+        data.config_from_dict(dict(colour='red'), 'old.pt')
 
 
 def test_rerun_into_a_run_folder_keeps_best_pt(tmp_path):
