@@ -540,8 +540,12 @@ def read_checkpoint(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. The file is truncated, "
-                           f"corrupted or not a PyTorch checkpoint; download or copy it again.") from None
+        reason = str(e)
+        if 'WeightsUnpickler error:' in reason:  # torch's advice around it (weights_only=False) is not ours to give
+            reason = reason.split('WeightsUnpickler error:', 1)[1].strip().split('\n')[0].split('. ')[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {' '.join(reason.split())}. The "
+                              f"file is truncated, corrupted or not a PyTorch checkpoint of tensors; download or copy "
+                              f"it again.") from None
 
 
 def load_pretrained(model, path):

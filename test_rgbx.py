@@ -2611,3 +2611,5 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
             '1e-3', '--log-every', '1', '--eval-every', '0', '--out-dir', cfg.out_dir, '--resume']
     for main, args in ((tr.main, argv), (ev.main, ['--checkpoint', last])):
         assert 'truncated' in cli_error(main, args) and last in cli_error(main, args)
+    open(last, 'wb').write(bytes(range(256)) * 4)  # not a PyTorch file: torch's own message spans lines
+    assert 'Unsupported operand' in cli_error(ev.main, ['--checkpoint', last])
