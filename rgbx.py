@@ -543,9 +543,9 @@ def read_checkpoint(path):
         reason = str(e)
         if 'WeightsUnpickler error:' in reason:  # torch's advice around it (weights_only=False) is not ours to give
             reason = reason.split('WeightsUnpickler error:', 1)[1].strip().split('\n')[0].split('. ')[0]
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {' '.join(reason.split())}. The "
-                              f"file is truncated, corrupted or not a PyTorch checkpoint of tensors; download or copy "
-                              f"it again.") from None
+        reason = ' '.join([type(e).__name__ + ':' if reason.strip() else type(e).__name__] + reason.split())
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}. The file is truncated, corrupted or not a "
+                              f"PyTorch checkpoint of tensors; download or copy it again.") from None
 
 
 def load_pretrained(model, path):
