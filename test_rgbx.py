@@ -2557,6 +2557,12 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_partial_file(small_disk):
                                   '--out-dir', str(small_disk)])  # a 10 MB checkpoint on a 256 KiB disk
     assert 'disk full' in message and str(small_disk) in message
     assert not [n for n in os.listdir(small_disk) if '.tmp' in n]
+    if os.path.ismount(small_disk):  # the run's small files too (one 4 KiB page left)
+        (small_disk / 'filler').write_bytes(b'\0' * (252 * 1024))
+        message = cli_error(tr.main, ['--max-steps', '2', '--crop', '32x32', '--workers', '0', '--eval-every', '0',
+                                      '--log-every', '1', '--out-dir', str(small_disk / 'run')])
+        assert re.fullmatch(f"error: disk full: cannot write {re.escape(str(small_disk / 'run'))}/"
+                            f"(log.jsonl|config.json); free space on that disk or pass another --out-dir", message)
 
 
 def test_stale_tmp_of_dead_runs_removed_live_ones_kept(tmp_path):

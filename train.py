@@ -22,7 +22,7 @@ import random
 import sys
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -121,16 +121,13 @@ def save_checkpoint(obj, path):
     a failed write removes its temporary file, and a full disk raises DiskFull naming `path`."""
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
-        with open(tmp, 'wb') as f:
+        with disk_full_names(path), open(tmp, 'wb') as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException as e:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if no_space(e):
-            raise DiskFull(f"disk full: cannot write {path} (nothing was changed there); free space on that disk "
-                           f"or pass another --out-dir") from None
         raise
     os.replace(tmp, path)
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -138,6 +135,18 @@ def save_checkpoint(obj, path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def disk_full_names(path):
+    """Turn the OS's "no space left" while writing `path` into a DiskFull error naming it."""
+    try:
+        yield
+    except BaseException as e:
+        if no_space(e):
+            raise DiskFull(f"disk full: cannot write {path}; free space on that disk or pass another --out-dir") \
+                from None
+        raise
 
 
 def no_space(e):
@@ -362,10 +371,12 @@ class RunFiles:
         self.fingerprint, self.world, self.master = fingerprint, world, master
         self.last, self.best = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
         self.log = None
+        self.log_path = os.path.join(cfg.out_dir, 'log.jsonl')
         if master:
-            with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
+            config_path = os.path.join(cfg.out_dir, 'config.json')
+            with disk_full_names(config_path), open(config_path, 'w') as f:
                 json.dump(asdict(cfg), f, indent=2)
-            self.log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a' if cfg.resume else 'w')
+            self.log = open(self.log_path, 'a' if cfg.resume else 'w')
         self.t0 = self.t_last = time.time()
         self.step_at_t = step
 
@@ -375,8 +386,9 @@ class RunFiles:
 
     def record(self, **record):
         if self.master:
-            self.log.write(json.dumps(record) + '\n')
-            self.log.flush()
+            with disk_full_names(self.log_path):
+                self.log.write(json.dumps(record) + '\n')
+                self.log.flush()
 
     def progress(self, step, total, epoch, loss, lr):
         """The progress line (loss, lr, it/s, ETA) and its log record."""
@@ -409,7 +421,8 @@ class RunFiles:
 
     def close(self):
         if self.master:
-            self.log.close()
+            with disk_full_names(self.log_path):
+                self.log.close()
 
 
 def nonfinite(cfg, loss, step, skipped, total, files):
