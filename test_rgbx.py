@@ -2558,7 +2558,8 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_partial_file(small_disk):
     assert 'disk full' in message and str(small_disk) in message
     assert not [n for n in os.listdir(small_disk) if '.tmp' in n]
     if os.path.ismount(small_disk):  # the run's small files too (one 4 KiB page left)
-        (small_disk / 'filler').write_bytes(b'\0' * (252 * 1024))
+        free = os.statvfs(small_disk)
+        (small_disk / 'filler').write_bytes(b'\0' * (free.f_bavail * free.f_frsize - 4096))
         message = cli_error(tr.main, ['--max-steps', '2', '--crop', '32x32', '--workers', '0', '--eval-every', '0',
                                       '--log-every', '1', '--out-dir', str(small_disk / 'run')])
         assert re.fullmatch(f"error: disk full: cannot write {re.escape(str(small_disk / 'run'))}/"
