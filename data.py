@@ -248,7 +248,7 @@ PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
 HARMLESS_CHANGES = ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every', 'save_full',
                     'nonfinite', 'device', 'compile')
 RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir')  # say how to run, not what: never compared
-# design choice (issue 16): a run may skip at most 5% of its steps (at least 1) under
+# design choice: a run may skip at most 5% of its steps (at least 1) under
 # --nonfinite skip; a diverged run (lr 1e9 skipped 63 of 64) then stops instead of
 # "finishing" on the few steps it took
 MAX_SKIPPED = 0.05
@@ -321,6 +321,8 @@ def resolve(cfg):
         raise ValueError(f"--nonfinite takes stop|skip and --amp none|bf16|fp16, not {cfg.nonfinite!r} / {cfg.amp!r}")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
+    if cfg.allow_changes and not cfg.resume:
+        raise ValueError("--allow-changes only acts with --resume")
     return cfg
 
 
