@@ -2382,7 +2382,7 @@ def test_train_and_eval_do_not_import_each_other():
     (['--log-every', '0'], '--log-every'), (['--weight-decay', '-1'], '--weight-decay'),
     (['--warmup-epochs', '-1'], '--warmup-epochs'), (['--max-steps', '0'], '--max-steps'),
     (['--device', 'tpu'], '--device'), (['--allow-changes'], '--allow-changes only acts with --resume'),
-    (['--resume', '--overwrite'], '--resume .* --overwrite')]
+    (['--resume', '--overwrite'], '--overwrite replaces it')]
     + ([] if torch.cuda.is_available() else [(['--device', 'cuda'], '--device cuda')]))
 def test_bad_train_flags_are_one_line_errors_naming_the_flag(tmp_path, argv, flag):
     assert flag in cli_error(tr.main, argv + ['--out-dir', str(tmp_path / 'run')])
