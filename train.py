@@ -425,7 +425,7 @@ class RunFiles:
                 self.log.close()
 
 
-def nonfinite(cfg, loss, step, skipped, total, files):
+def on_nonfinite_loss(cfg, loss, step, skipped, total, files):
     """A non-finite loss at `step` (its update was not applied, `skipped` so far with
     this one): stop, or under --nonfinite skip go on while at most MAX_SKIPPED of the
     run's steps (at least 1) are skipped."""
@@ -488,7 +488,7 @@ def train(cfg, model=None, on_step=None):
                 step += 1
                 if not math.isfinite(loss):
                     skipped += 1
-                    nonfinite(cfg, loss, step, skipped, total, files)
+                    on_nonfinite_loss(cfg, loss, step, skipped, total, files)
                 if step % cfg.log_every == 0 or step == total:
                     files.progress(step, total, epoch, loss, lr)
                 end_of_epoch = step % steps_per_epoch == 0 or step == total
