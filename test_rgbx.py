@@ -45,13 +45,14 @@ def test_swin_shapes_any_size():
 
 def brute_force_swa(x, attn, shift):
     """Reference (S)W-MSA written from the definition, one query at a time: the map
-    is padded to a multiple of the window and shifted; query p attends to every real
-    key that shares its window in the shifted frame and its region of the unshifted
-    map; the bias is read at their offset in the shifted frame. x: (H, W, C)."""
+    is zero-padded to a multiple of the window and shifted; query p attends to every
+    key of the padded map (padding included: zero tokens, keys and values = the qkv
+    bias) that shares its window in the shifted frame and its region of the padded,
+    unshifted frame; the bias is read at their offset in the shifted frame. x: (H, W, C)."""
     H, W, C = x.shape
     w, nh = attn.window, attn.heads
     Hp, Wp = H + (-H) % w, W + (-W) % w
-    qkv = attn.qkv(x)  # (H, W, 3C)
+    qkv = attn.qkv(F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H)))  # (Hp, Wp, 3C)
     q, k, v = qkv.split(C, -1)
     out = torch.zeros(H, W, C)
 
@@ -64,7 +65,7 @@ def brute_force_swa(x, attn, shift):
 
     for i, j in itertools.product(range(H), range(W)):
         si, sj = shifted(i, Hp), shifted(j, Wp)
-        keys = [(a, b) for a, b in itertools.product(range(H), range(W))
+        keys = [(a, b) for a, b in itertools.product(range(Hp), range(Wp))
                 if shifted(a, Hp) // w == si // w and shifted(b, Wp) // w == sj // w
                 and region(a, Hp) == region(i, Hp) and region(b, Wp) == region(j, Wp)]
         for h in range(nh):
@@ -91,22 +92,16 @@ def test_window_attention_matches_definition(size, shift):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_padding_never_leaks():
-    """Point the padded window slots at other tokens: real outputs must not move."""
-    torch.manual_seed(0)
-    blk = rgbx.SwinTransformerBlock(dim=8, heads=2, window=4).eval()
-    x = torch.randn(2, 7, 10, 8)
+def test_padded_slots_read_the_zero_token():
+    """Padding is one zero token (index H*W, appended by the block): every padded window slot
+    reads it, every real token sits in exactly one slot, and without a shift there is no mask."""
     for shift in (0, 2):
         order, back, mask = rgbx.window_layout(7, 10, 4, shift, 'cpu')
         padded = torch.ones_like(order, dtype=torch.bool)
         padded[back] = False
-        assert padded.sum() == 8 * 12 - 7 * 10
-        other = order.clone()
-        other[padded] = torch.randint(0, 70, (int(padded.sum()),))
-        with torch.no_grad():
-            a = blk(x, (order, back, mask))
-            b = blk(x, (other, back, mask))
-        assert torch.equal(a, b)
+        assert padded.sum() == 8 * 12 - 7 * 10 and (order[padded] == 70).all()
+        assert torch.equal(order[back], torch.arange(70))
+        assert (mask is None) == (shift == 0)
 
 
 def test_shifted_window_receptive_field():
@@ -1274,7 +1269,7 @@ def dscf_by_definition(d, f_rgb, f_x):
         for gi in range(g):
             ch = slice(gi * c, (gi + 1) * c)
             off_rgb, off_x = d.offset_rgb(maps[0][None, ch])[0], d.offset_x(maps[1][None, ch])[0]  # (Hk, Wk, 2)
-            ref = rgbx.reference_points(H, W, *off_rgb.shape[:2])
+            ref = rgbx.reference_points(*off_rgb.shape[:2])
             p = torch.cat([(ref + off_rgb).clamp(-1, 1).view(-1, 2), (ref + off_x).clamp(-1, 1).view(-1, 2)])  # (2Nk, 2)
             points.append(p)
             sampled.append([F.grid_sample(m[None, ch], p[None, None], mode='bilinear', align_corners=True)[0, :, 0].T
@@ -1376,14 +1371,15 @@ def test_relative_position_bias_on_table_cells():
     torch.testing.assert_close(bias_half, (table[0, r, c] + table[0, r, c - 1]) / 2, atol=1e-5, rtol=0)
 
 
-def test_reference_points_are_cell_centres():
-    ref = rgbx.reference_points(7, 11, 4, 6)  # stride 2 on a 7 x 11 map
-    # cell centres in pixels: (k + 0.5) * n / K - 0.5, then align_corners=True normalisation
-    ys = ((np.arange(4) + 0.5) * 7 / 4 - 0.5) / 6 * 2 - 1
-    xs = ((np.arange(6) + 0.5) * 11 / 6 - 0.5) / 10 * 2 - 1
+def test_reference_points_are_the_release_dat_grid():
+    ref = rgbx.reference_points(4, 6)
+    # DAT's grid, as the release writes it: linspace(0.5, K - 0.5, K) / (K - 1) * 2 - 1, a little wider than [-1, 1]
+    ys, xs = (np.linspace(0.5, k - 0.5, k) / (k - 1) * 2 - 1 for k in (4, 6))
     np.testing.assert_allclose(ref[..., 1].numpy(), np.repeat(ys[:, None], 6, 1), atol=1e-6)
     np.testing.assert_allclose(ref[..., 0].numpy(), np.repeat(xs[None, :], 4, 0), atol=1e-6)
-    assert rgbx.reference_points(1, 1, 1, 1).abs().max() == 1  # a 1-pixel axis sits at -1, grid_sample's frame
+    assert ref[..., 0].max() > 1
+    # one key point on an axis: 0.5 / 0 = +inf, which the clamp puts on the bottom / right border
+    assert (rgbx.reference_points(1, 3)[..., 1] == math.inf).all()
 
 
 # ----------------------------------------------------------------------------
@@ -1447,7 +1443,11 @@ def test_ktb_init_values_follow_design(ktb):
     assert all((d.beta == 1).all() for d in ktb.dscf)
     for name, p in ktb.x_patch_embed.state_dict().items():
         assert torch.equal(p, ktb.backbone.patch_embed.state_dict()[name])
-    assert ktb.rgb_norms[3] is ktb.backbone.norm and ktb.x_norms[3] is ktb.backbone.norm
+    # twelve separate fresh output norms (the release's norm{i}, extra_norm{i}, fuse_norm{i}), frozen;
+    # the backbone's final norm is not used
+    norms = [n for group in (ktb.rgb_norms, ktb.x_norms, ktb.fuse_norms) for n in group]
+    assert len({id(n) for n in norms}) == 12 and isinstance(ktb.backbone.norm, torch.nn.Identity)
+    assert all((n.weight == 1).all() and not n.bias.any() and not n.weight.requires_grad for n in norms)
 
 
 def test_ktb_wrong_shapes_raise(ktb):
@@ -2353,3 +2353,116 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     trained = tr.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
     for name, p in backbone.named_parameters():  # the file holds exactly the foundation's trained backbone
         assert torch.equal(p, trained['backbone.' + name]), name
+
+
+# --- ktb release parity ---
+# The KTB release fixture (../shared/fixtures/ktb-release, README there): a tiny KTB saved by the authors'
+# code, an input pair at 200 x 264 and the release's eval outputs.
+
+KTB_FIXTURE = Path(__file__).resolve().parent.parent / 'shared' / 'fixtures' / 'ktb-release'
+
+
+def release_fixture():
+    if not (KTB_FIXTURE / 'ktb_release_tiny.pth').exists():
+        pytest.skip(f"KTB release fixture absent ({KTB_FIXTURE})")
+    cfg = json.loads((KTB_FIXTURE / 'ktb_release_tiny.json').read_text())
+    io = torch.load(KTB_FIXTURE / 'ktb_release_tiny_io.pt', map_location='cpu', weights_only=True)
+    return cfg, io
+
+
+def release_sized_ktb(cfg, **changes):
+    cfg = {**cfg, **changes}
+    backbone = rgbx.SwinTransformer(embed_dim=cfg['embed_dim'], depths=cfg['depths'], heads=cfg['heads'],
+                                    window_size=cfg['window_size'])
+    return rgbx.KTB(backbone, cfg['num_classes'], cfg['x_channels'], fused_head_dim=cfg['fused_head_dim'],
+                    aux_head_dim=cfg['aux_head_dim'])
+
+
+def rel_max_err(got, expected):
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def test_ktb_release_fixture_every_output_matches():
+    """Same weights, same numbers: the release's saved tiny KTB, loaded through load_pretrained, gives the
+    release's S1/S2/S3 logits and its fused / RGB / X stage maps (stages not multiples of the window,
+    stage 4 smaller than one window) to a relative max error < 1e-5 in fp32."""
+    cfg, io = release_fixture()
+    model = rgbx.load_pretrained(release_sized_ktb(cfg), KTB_FIXTURE / 'ktb_release_tiny.pth').eval()
+    size = io['rgb'].shape[-2:]
+    with torch.no_grad():
+        fused, f_rgb, f_x = model.encode(model.embed(io['rgb'], io['x']))
+        for name, maps in (('fused', fused), ('rgb_stream', f_rgb), ('x_stream', f_x)):
+            for i, (got, expected) in enumerate(zip(maps, io[name])):
+                assert got.shape == expected.shape and rel_max_err(got, expected) < 1e-5, (name, i)
+        for head, maps, name in ((model.s1, fused, 's1_logits'), (model.s2, f_rgb, 's2_logits'),
+                                 (model.s3, f_x, 's3_logits')):
+            assert rel_max_err(head(maps, size), io[name]) < 1e-5, name
+        assert rel_max_err(model(io['rgb'], io['x']), io['s1_logits']) < 1e-5
+
+
+def mmseg_swin_state(release_sd):
+    """The fixture's frozen Swin keys, as a mmsegmentation Swin file holds them (no adapters, a final norm)."""
+    sd = {k[len('backbone.'):]: v for k, v in release_sd.items()
+          if k.startswith(('backbone.patch_embed.', 'backbone.stages.')) and 'Adapter' not in k}
+    torch.manual_seed(0)
+    sd['norm.weight'], sd['norm.bias'] = 1 + 0.1 * torch.randn(256), 0.1 * torch.randn(256)
+    return sd
+
+
+def microsoft_from_mmseg(sd):
+    """The Microsoft naming, written out by hand: renames, and the Unfold channel order c*4 + (2 dy + dx)
+    rewritten column by column into the concat order (x0, x1, x2, x3) = offsets (0,0), (1,0), (0,1), (1,1)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith('relative_position_index'):
+            continue
+        n = (k.replace('patch_embed.projection', 'patch_embed.proj').replace('stages.', 'layers.')
+             .replace('attn.w_msa.', 'attn.').replace('ffn.layers.0.0.', 'mlp.fc1.').replace('ffn.layers.1.', 'mlp.fc2.'))
+        if '.downsample.' in k:
+            C = v.shape[-1] // 4
+            cols = [c * 4 + 2 * dy + dx for dy, dx in ((0, 0), (1, 0), (0, 1), (1, 1)) for c in range(C)]
+            v = v[..., cols]
+        out[n] = v
+    return out
+
+
+@pytest.mark.parametrize('wrap', ['plain', 'state_dict+backbone'])
+def test_mmseg_swin_file_equals_microsoft_naming(tmp_path, wrap):
+    cfg, io = release_fixture()
+    mm = mmseg_swin_state(torch.load(KTB_FIXTURE / 'ktb_release_tiny.pth', map_location='cpu', weights_only=True))
+    saved = mm if wrap == 'plain' else {'state_dict': {'backbone.' + k: v for k, v in mm.items()}}
+    torch.save(saved, tmp_path / 'mmseg.pth')
+    torch.save({'model': microsoft_from_mmseg(mm)}, tmp_path / 'microsoft.pth')
+    make = lambda: rgbx.SwinTransformer(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), window_size=12).eval()
+    a, b = rgbx.load_pretrained(make(), tmp_path / 'mmseg.pth'), rgbx.load_pretrained(make(), tmp_path / 'microsoft.pth')
+    with torch.no_grad():
+        for x, y in zip(a(io['rgb']), b(io['rgb'])):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        # the merged downsample is nn.Unfold's, computed as mmsegmentation does, on the file's own tensors
+        t = torch.randn(1, 6, 10, 32)
+        unfolded = F.unfold(t.permute(0, 3, 1, 2), 2, stride=2).transpose(1, 2)  # (1, 15, 128), c*4 + (2 dy + dx)
+        ref = F.linear(F.layer_norm(unfolded, (128,), mm['stages.0.downsample.norm.weight'],
+                                    mm['stages.0.downsample.norm.bias']), mm['stages.0.downsample.reduction.weight'])
+        torch.testing.assert_close(a.layers[0].downsample(t).flatten(1, 2), ref, atol=1e-5, rtol=1e-5)
+    # the same file also fills a KTB's backbone (which has no final norm)
+    rgbx.load_pretrained(release_sized_ktb(cfg), tmp_path / 'mmseg.pth')
+
+
+def test_release_checkpoint_bad_input_names_keys_or_file(tmp_path):
+    cfg, _ = release_fixture()
+    path = KTB_FIXTURE / 'ktb_release_tiny.pth'
+    with pytest.raises(ValueError, match=r's1\.linear_pred\.weight: checkpoint \(5, 64, 1, 1\) vs model \(4, 64, 1, 1\)'):
+        rgbx.load_pretrained(release_sized_ktb(cfg, num_classes=4), path)
+    with pytest.raises(ValueError, match=r'shape mismatches.*backbone\.patch_embed\.proj\.weight'):
+        rgbx.load_pretrained(release_sized_ktb(cfg, embed_dim=64), path)
+    with pytest.raises(ValueError, match=r'missing keys \(34\).*adapters\.1\.2\.b1.*backbone\.layers\.1\.blocks\.2'):
+        rgbx.load_pretrained(release_sized_ktb(cfg, depths=[2, 4, 2, 2]), path)
+    with pytest.raises(ValueError, match='trained KTB of the authors.*not into a SwinTransformer'):
+        rgbx.load_pretrained(rgbx.SwinTransformer(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8)), path)
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    torch.save({k: v for k, v in sd.items() if 'MPGBlocks.1.tfts_beta_dte' not in k}, tmp_path / 'part.pth')
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['prompts\.1\.beta'\]"):
+        rgbx.load_pretrained(release_sized_ktb(cfg), tmp_path / 'part.pth')
+    (tmp_path / 'cut.pth').write_bytes(path.read_bytes()[:100000])
+    with pytest.raises(RuntimeError, match='cannot read checkpoint .*cut.pth.*truncated'):
+        rgbx.load_pretrained(release_sized_ktb(cfg), tmp_path / 'cut.pth')
