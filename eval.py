@@ -4,6 +4,8 @@
     python eval.py --checkpoint best.pt --data-root DIR --multi-scale --flip --modality rgb
     python eval.py --checkpoint best.pt --save-pred preds/          # colourised maps + RGB | X | GT | prediction panels
     python eval.py --checkpoint best.pt --rgb room.png --x room_depth.png --out room_seg.png
+    python eval.py --checkpoint nyu_ktb_swinb.pth --method ktb --backbone swin-base --dataset nyudv2 --data-root DIR
+                                        # a trained KTB of the authors' release (no rgbx config inside)
 
 Metrics come from one confusion matrix (rows = ground truth, columns =
 prediction), summed over processes under torchrun. mIoU is the mean IoU over
@@ -184,6 +186,24 @@ def load_model(path, pretrained=None, device='cpu'):
     return model.to(device).eval(), cfg
 
 
+def load_model_from_flags(args, device):
+    """A checkpoint without rgbx's training config, e.g. a trained KTB of the
+    authors' release: the model is built from --method, --backbone, --dataset
+    (classes, X channels), --x-modality and --opts, and the whole file is loaded
+    by rgbx.load_pretrained, which checks every key. Returns (model, config)."""
+    import train
+    if not (args.method and args.backbone and args.dataset):
+        raise ValueError(f"{args.checkpoint} holds no rgbx training config: pass --method, --backbone and "
+                         f"--dataset to build its model (e.g. --method ktb --backbone swin-base --dataset nyudv2)")
+    cfg = train.resolve(train.Config(dataset=args.dataset, data_root=args.data_root or '', method=args.method,
+                                     backbone=args.backbone, opts=args.opts, x_modality=args.x_modality,
+                                     pretrained='none'))
+    preset = data.PRESETS[cfg.dataset]
+    model = train.build_model(cfg, preset.num_classes, preset.x_channels(cfg.x_modality or None))
+    rgbx.load_pretrained(model, args.checkpoint)
+    return model.to(device).eval(), cfg
+
+
 def to_image(t, mean, std):
     """A normalised (C, H, W) tensor back to uint8 (H, W, 3) for display: channel
     1 is shown grey, 3 as RGB."""
@@ -313,7 +333,10 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--checkpoint', default=None, help='a training checkpoint (last.pt / best.pt)')
+    p.add_argument('--checkpoint', default=None,
+                   help="a training checkpoint (last.pt / best.pt), or a file without rgbx's config (a trained "
+                        "KTB of the authors' release): its model is then built from --method, --backbone, "
+                        "--dataset, --x-modality and --opts")
     p.add_argument('--data-root', default=None, help='dataset folder (default: the one the run used)')
     p.add_argument('--split', default='test')
     p.add_argument('--pretrained', default=None, help='frozen backbone file, if not where the run found it')
@@ -330,10 +353,12 @@ def main(argv=None):
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
     b = p.add_argument_group('benchmark (no checkpoint needed: random weights)')
     b.add_argument('--benchmark', action='store_true')
-    b.add_argument('--method', default='early_fusion')
-    b.add_argument('--backbone', default='swin-nano')
+    b.add_argument('--method', default=None, help='default early_fusion (benchmark)')
+    b.add_argument('--backbone', default=None, help='default swin-nano (benchmark)')
     b.add_argument('--opts', default='', help='method options, as for train.py')
-    b.add_argument('--dataset', default='demo', help='sets classes, X channels and the data-throughput source')
+    b.add_argument('--dataset', default=None,
+                   help='sets classes, X channels and the data-throughput source; default demo (benchmark)')
+    b.add_argument('--x-modality', default='', help="X modality of a checkpoint without rgbx's config")
     b.add_argument('--size', default='480x640')
     b.add_argument('--batch', type=int, default=2)
     b.add_argument('--workers', type=int, default=2)
@@ -355,7 +380,15 @@ def run(args):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     if args.benchmark:
         return run_benchmark(args, device)
-    model, cfg = load_model(args.checkpoint, args.pretrained, device)
+    try:
+        ckpt = rgbx.read_checkpoint(args.checkpoint)
+    except RuntimeError as e:  # truncated or not a PyTorch file: one line
+        raise ValueError(str(e)) from None
+    if isinstance(ckpt, dict) and 'config' in ckpt:
+        model, cfg = load_model(args.checkpoint, args.pretrained, device)
+    else:
+        model, cfg = load_model_from_flags(args, device)
+    del ckpt
     preset = data.PRESETS[cfg.dataset]
     palette = data.palette(cfg.dataset)
     scales = SCALES if args.multi_scale else (1.0,)
@@ -364,7 +397,7 @@ def run(args):
     if args.rgb or args.x or args.out:
         if not (args.rgb and args.x and args.out):
             raise ValueError("segmenting your own images needs all of --rgb, --x and --out")
-        rgb, x = data.load_pair(args.rgb, args.x, cfg.dataset, cfg.x_modality or None)
+        rgb, x = data.load_pair(args.rgb, args.x, cfg.dataset, cfg.x_modality or None, cfg.method)
         with torch.no_grad():
             pred = predict(model, *drop_modality(rgb[None].to(device), x[None].to(device), args.modality),
                            preset.num_classes, scales, args.flip, crop).argmax(1)[0]
@@ -373,12 +406,12 @@ def run(args):
         return
 
     dataset = data.build_dataset(cfg.dataset, args.data_root if args.data_root is not None else cfg.data_root,
-                                 args.split, cfg.x_modality or None)
+                                 args.split, cfg.x_modality or None, method=cfg.method)
     loader = shard_loader(dataset, rank, world, workers=2, pin=device.type == 'cuda')
     on_batch = None
     if args.save_pred:
         os.makedirs(args.save_pred, exist_ok=True)
-        mean_x, std_x = preset.x_norm(cfg.x_modality or None)
+        mean_x, std_x = preset.x_norm(cfg.x_modality or None, cfg.method)
 
         def on_batch(i, rgb, x, label, pred):
             name = str(dataset.names[rank + i * world])
@@ -400,10 +433,13 @@ def run(args):
 
 def run_benchmark(args, device):
     import train
+    args.method, args.backbone, args.dataset = (args.method or 'early_fusion', args.backbone or 'swin-nano',
+                                                args.dataset or 'demo')
     cfg = train.resolve(train.Config(dataset=args.dataset, data_root=args.data_root or '', method=args.method,
                                      backbone=args.backbone, opts=args.opts, pretrained=args.pretrained or 'none'))
     size = tuple(int(v) for v in args.size.split('x'))
-    dataset = data.build_dataset(cfg.dataset, cfg.data_root, 'train', None, crop=size, train=True, seed=cfg.seed)
+    dataset = data.build_dataset(cfg.dataset, cfg.data_root, 'train', None, crop=size, train=True, seed=cfg.seed,
+                                 method=cfg.method)
     torch.manual_seed(cfg.seed)
     num_classes = data.PRESETS[cfg.dataset].num_classes
     model = train.build_model(cfg, num_classes, dataset[0][1].shape[0])

@@ -15,7 +15,6 @@ Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
-import copy
 import hashlib
 import math
 import re
@@ -681,10 +680,10 @@ def load_pretrained(model, path):
                     for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
     if missing or unexpected or shapes:
         raise ValueError(
-            f"checkpoint {path} does not fit {type(target).__name__}:\n"
-            + (f"  missing keys ({len(missing)}): {missing}\n" if missing else '')
-            + (f"  unexpected keys ({len(unexpected)}): {unexpected}\n" if unexpected else '')
-            + (f"  shape mismatches: {shapes}\n" if shapes else '')
+            f"checkpoint {path} does not fit {type(target).__name__}: "
+            + (f"missing keys ({len(missing)}): {missing}; " if missing else '')
+            + (f"unexpected keys ({len(unexpected)}): {unexpected}; " if unexpected else '')
+            + (f"shape mismatches: {shapes}; " if shapes else '')
             + fix)
     target.load_state_dict(sd, strict=False)  # only the declared `absent` keys keep their initial values
     return model
@@ -923,6 +922,23 @@ def load_trained(model, state, source='checkpoint'):
 # launches) while the MAPA modules treat the halves separately.
 # ----------------------------------------------------------------------------
 
+def release_init(module, conv_like=()):
+    """The KTB release's initialisation of what it trains (its CMNeXt._init_weights,
+    run over the whole model before the pretrained Swin is loaded over it):
+    linears trunc-normal(0.02); convolutions, and the linears in `conv_like`
+    (1x1 convolutions there), normal with std sqrt(2 / fan_out), fan_out =
+    k*k*out_channels (groups not divided out); biases 0; norms weight 1."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) or any(m is c for c in conv_like):
+            nn.init.normal_(m.weight, std=math.sqrt(2.0 / (m.weight.shape[0] * math.prod(m.weight.shape[2:]))))
+        elif isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class MAPAPrompt(nn.Module):
     """KTB MAPA, part 1: modality-aware prompting (design/ktb.md sec. 2), once at
     the start of every Swin stage.
@@ -941,9 +957,7 @@ class MAPAPrompt(nn.Module):
         self.w_x = nn.Linear(dim, rank)
         self.w_p = nn.Linear(2 * rank, rank)
         self.w_up = nn.Linear(rank, dim)
-        # design choice: trunc-normal(0.02) linears, zero biases (the Swin / SegFormer init), so that
-        # the prompt starts as a small perturbation of the frozen features
-        self.apply(_init_transformer_weights)
+        release_init(self)  # the release's: trunc-normal(0.02) linears, zero biases
         self.gamma = nn.Parameter(1 + 0.02 * torch.randn(2, dim))  # gamma ~ N(1, 0.02)
         self.beta = nn.Parameter(0.02 * torch.randn(2, dim))  # beta ~ N(0, 0.02)
 
@@ -964,20 +978,19 @@ class MAPAAdapter(nn.Module):
     Used as the block's `parallel` module (see SwinTransformerBlock): forward(z:
     (2B, H, W, C), RGB rows first) -> 0.5 * [A_rgb(z_rgb) ; A_x(z_x)], (2B, H, W, C).
     The weights of both modalities are stacked, (2, out, in) as nn.Linear's,
-    so one batched matmul serves both halves. W1 is kaiming-uniform(a=sqrt 5)
-    (nn.Linear's init), W2 and both biases are 0: A_m is exactly 0 at the start.
+    so one batched matmul serves both halves. W1 and W2 trunc-normal(0.02),
+    biases 0: the release's init (its model-wide `release_init` overrides the
+    adapter's own kaiming / zero init).
     """
 
     scale = 0.5
 
     def __init__(self, dim, rank, dropout=0.1):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(2, rank, dim))
+        self.w1 = nn.Parameter(nn.init.trunc_normal_(torch.empty(2, rank, dim), std=0.02))
         self.b1 = nn.Parameter(torch.zeros(2, 1, rank))
-        self.w2 = nn.Parameter(torch.zeros(2, dim, rank))
+        self.w2 = nn.Parameter(nn.init.trunc_normal_(torch.empty(2, dim, rank), std=0.02))
         self.b2 = nn.Parameter(torch.zeros(2, 1, dim))
-        for w in self.w1:
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, z):
@@ -1088,6 +1101,10 @@ class DSCF(nn.Module):
         self.alpha = nn.Parameter(torch.full((rank,), float(alpha)))
         self.beta = nn.Parameter(torch.ones(rank))
         self.w_up = nn.Linear(rank, dim)
+        # the release's init; its W_q, gate, W_k, W_v, W_o and offset projections are 1x1 convolutions, so the
+        # offsets start large (std 1: most sampling points start on the border) and the gate near-hard
+        release_init(self, conv_like=(self.w_q, self.gate[0], self.gate[2], self.w_k, self.w_v, self.w_o,
+                                      self.offset_rgb.proj, self.offset_x.proj))
 
     def sampling_points(self, x, y):
         """Step 3: x, y (B, H, W, r) -> points (B, g, 2 Nk, 2), p_rgb then p_x, Nk = Hk*Wk."""
@@ -1160,8 +1177,9 @@ class KTB(nn.Module):
 
     - symmetrical streams (sec. 1): the frozen Swin (blocks, patch merging, RGB
       patch embedding) runs each stage on the RGB and the X stream; X has its
-      own trainable patch embedding, a copy of the RGB one; 1-channel X is
-      repeated to 3 channels;
+      own trainable patch embedding, freshly initialised as in the release
+      (`release_init`, like the other trained parts); 1-channel X is repeated
+      to 3 channels;
     - MAPA prompting (`MAPAPrompt`, sec. 2) at the start of every stage, MAPA
       adapters (`MAPAAdapter`, sec. 3) in every block;
     - DSCF (`DSCF`, sec. 4) fuses the two normed outputs of every stage;
@@ -1180,8 +1198,8 @@ class KTB(nn.Module):
     Ranks (lists, one per stage; None = the paper's C/8, C/16, C/8):
     `prompt_ranks` (Table 1), `adapter_ranks` (Table 2), `dscf_ranks` (Table 3).
     Ablations: mmst, dscf (False: fuse by addition), prompting, adapters.
-    Build from a backbone that already holds its pretrained weights (the X patch
-    embedding is copied at construction), e.g. with `build_ktb`.
+    Build from a backbone that already holds its pretrained weights, e.g. with
+    `build_ktb`, or load a whole trained KTB of the release with `load_pretrained`.
     """
 
     streams = 2  # the frozen backbone runs once per modality (eval.py's speed floor)
@@ -1194,7 +1212,7 @@ class KTB(nn.Module):
         if not isinstance(backbone, SwinTransformer):
             raise TypeError(f"KTB runs on a SwinTransformer backbone, got {type(backbone).__name__}")
         if x_channels not in (1, 3):
-            raise ValueError(f"KTB's X patch embedding is a copy of the RGB one: x_channels must be 1 "
+            raise ValueError(f"KTB's X patch embedding takes 3 channels: x_channels must be 1 "
                              f"(repeated to 3) or 3, got {x_channels}")
         dims = backbone.dims
         n = len(dims)
@@ -1208,7 +1226,7 @@ class KTB(nn.Module):
         self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, mmst, lambda2, ohem
         self.ranks = ranks
         self.backbone = backbone.requires_grad_(False)
-        self.x_patch_embed = copy.deepcopy(backbone.patch_embed).requires_grad_(True)
+        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=True)
         self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, ranks['prompt_ranks'])) if prompting else None
         self.adapters = nn.ModuleList(
             nn.ModuleList(MAPAAdapter(c, r) for _ in layer.blocks)
@@ -1225,6 +1243,9 @@ class KTB(nn.Module):
         self.s1 = SegFormerHead(dims, fused_head_dim, num_classes)
         self.s2 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
         self.s3 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
+        for part in (self.x_patch_embed, self.s1, self.s2, self.s3):
+            if part is not None:  # fresh, as in the release: its X patch embedding is not loaded from the Swin file
+                release_init(part)
 
     def embed(self, rgb, x):
         """Patch embeddings of both streams, (2B, H/4, W/4, C), RGB rows first.
@@ -1285,11 +1306,12 @@ class KTB(nn.Module):
                 's2+s3': count(self.s2) + count(self.s3)}
 
 
-def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_size=12, drop_path_rate=0.0, **options):
+def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_size=12, drop_path_rate=0.3, **options):
     """KTB on a Swin preset ('base' or 'large'; window 12 for the official
-    swin_*_patch4_window12_384_22k.pth files). `pretrained` is loaded into the
-    backbone before the X patch embedding is copied from the RGB one; the
-    backbone is frozen. `options` go to KTB (ranks, ablation switches, lambda2, ohem)."""
+    swin_*_patch4_window12_384_22k.pth files, Microsoft's or mmsegmentation's),
+    `pretrained` loaded into the frozen backbone. Stochastic depth 0.3 (rates
+    0 .. 0.3 over the blocks) as the release trains the frozen Swin; it acts in
+    training only. `options` go to KTB (ranks, ablation switches, lambda2, ohem)."""
     backbone = swin(backbone_name, window_size=window_size, drop_path_rate=drop_path_rate)
     if pretrained:
         load_pretrained(backbone, pretrained)

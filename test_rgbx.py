@@ -955,9 +955,10 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 # ----------------------------------------------------------------------------
 
 def nano_ktb(num_classes=3, x_channels=3, seed=0, **options):
-    """KTB on the 'nano' Swin (widths 32..256, window 4): fast enough for a CPU test."""
+    """KTB on the 'nano' Swin (widths 32..256, window 4): fast enough for a CPU test. Without stochastic
+    depth unless asked (train-mode tests compare two passes); build_ktb's default is the release's 0.3."""
     torch.manual_seed(seed)
-    return rgbx.build_ktb('nano', num_classes, x_channels, window_size=4, **options)
+    return rgbx.build_ktb('nano', num_classes, x_channels, window_size=4, **{'drop_path_rate': 0.0, **options})
 
 
 def all_adapters(model):
@@ -1041,7 +1042,7 @@ def test_ktb_swin_l_count():
 # What is trained and what is frozen
 # ----------------------------------------------------------------------------
 
-# Biases whose gradient is 0 by the algebra (float round-off only, < 1e-8 here): a bias followed by
+# Biases whose gradient is 0 by the algebra (float round-off only, < 1e-4 of their weight's): a bias followed by
 # BatchNorm in training mode (the heads' linear_c before linear_fuse's BN; DSCF's Q0 conv before its BN),
 # and W_k's bias, which adds q.b to every key logit of a query (the softmax ignores it). The release
 # has them too and they count in Tables 1-3 (4576 parameters on Swin-B), so they are kept.
@@ -1050,12 +1051,9 @@ DEAD_BY_DESIGN = re.compile(r'(linear_c\.\d+\.bias|query\.0\.bias|w_k\.bias)$')
 
 def test_frozen_untouched_and_every_trainable_param_learns(ktb):
     model = copy.deepcopy(ktb).train()
-    # At init W2 = 0 (sec. 3: the adapter starts as exactly 0), so W1 and b1 get a zero gradient in the
-    # first backward, and alpha = 1e-3 scales DSCF's attention path (offsets, gate, keys, bias table) down
-    # to round-off size. Move both, as training soon does, so that every gradient is clearly non-zero.
+    # alpha = 1e-3 scales DSCF's attention path (offsets, gate, keys, bias table) down to round-off size.
+    # Move it, as training soon does, so that every gradient is clearly non-zero.
     with torch.no_grad():
-        for a in all_adapters(model):
-            a.w2.normal_(std=0.02)
         for d in model.dscf:
             d.alpha.fill_(1.0)
     trained_parts = ('x_patch_embed.', 'prompts.', 'adapters.', 'dscf.', 's1.', 's2.', 's3.')
@@ -1075,11 +1073,12 @@ def test_frozen_untouched_and_every_trainable_param_learns(ktb):
     loss, _ = model(rgb, x, label)
     loss.backward()
     dead = set()
+    grads = {n: p.grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, n
         elif DEAD_BY_DESIGN.search(n):
-            assert p.grad is not None and p.grad.abs().max() < 1e-7, n
+            assert p.grad is not None and p.grad.abs().max() < 1e-4 * grads[n[:-len('bias')] + 'weight'].abs().max(), n
             dead.add(n)
         else:
             assert p.grad is not None and p.grad.abs().max() > 1e-7, n  # measured: >= 2e-6
@@ -1092,8 +1091,12 @@ def test_frozen_untouched_and_every_trainable_param_learns(ktb):
             assert torch.equal(p, before[n]), n
 
 
-def test_adapters_add_exactly_zero_at_init(ktb):
+def test_adapters_with_zero_w2_add_exactly_zero(ktb):
+    """The `parallel` seam adds A_m(z) and nothing else: with W2 = 0 the block is the frozen block."""
     model = copy.deepcopy(ktb).train()  # train mode: the adapters' dropout is active too
+    with torch.no_grad():
+        for a in all_adapters(model):
+            a.w2.zero_()
     H, W = 7, 9
     for layer, adapters in zip(model.backbone.layers, model.adapters):
         z = torch.randn(4, H, W, layer.blocks[0].norm1.normalized_shape[0])  # 2 streams x batch 2
@@ -1431,18 +1434,36 @@ def test_ktb_stacked_streams_equal_streams_run_apart(ktb):
 
 
 def test_ktb_init_values_follow_design(ktb):
-    """sec. 2-4: gamma ~ N(1, 0.02), beta ~ N(0, 0.02); adapters W2 = 0 and zero biases; DSCF alpha 1e-3
-    in stages 1-3 and 1 in stage 4, beta 1; X patch embedding a copy of the RGB one; output norms frozen."""
+    """sec. 2-4 and the release's init (its model-wide CMNeXt._init_weights): gamma ~ N(1, 0.02), beta ~
+    N(0, 0.02); linears (prompts, adapters W1 and W2, DSCF W_a / W_b / W_up, heads' linear_c) trunc-normal(0.02);
+    convolutions and DSCF's 1x1-convolution linears normal with std sqrt(2 / (k*k*out)); biases 0; DSCF alpha
+    1e-3 in stages 1-3 and 1 in stage 4, beta 1; the X patch embedding fresh (not a copy of the RGB one)."""
     gammas = torch.cat([p.gamma.flatten() for p in ktb.prompts])
     betas = torch.cat([p.beta.flatten() for p in ktb.prompts])
     assert abs(gammas.mean() - 1) < 0.005 and abs(gammas.std() - 0.02) < 0.003
     assert abs(betas.mean()) < 0.005 and abs(betas.std() - 0.02) < 0.003
+    fan_out_std = lambda w: math.sqrt(2 / (w.shape[0] * math.prod(w.shape[2:])))
+    groups = {  # weights -> expected std, pooled over the model (each divided by its own expected std)
+        'trunc-normal 0.02': [(w, 0.02) for w in [a.w1 for a in all_adapters(ktb)] + [a.w2 for a in all_adapters(ktb)]
+                              + [m.weight for p in ktb.prompts for m in (p.w_rgb, p.w_x, p.w_p, p.w_up)]
+                              + [m.weight for d in ktb.dscf for m in (d.w_a, d.w_b, d.w_up)]
+                              + [m.weight for h in (ktb.s1, ktb.s2, ktb.s3) for m in h.linear_c]],
+        'he fan_out, linears': [(m.weight, fan_out_std(m.weight)) for d in ktb.dscf for m in
+                                (d.w_q, d.gate[0], d.gate[2], d.w_k, d.w_v, d.w_o, d.offset_rgb.proj, d.offset_x.proj)],
+        'he fan_out, convs': [(m.weight, fan_out_std(m.weight)) for m in ktb.modules()
+                              if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad],
+    }
+    for name, pairs in groups.items():
+        pooled = torch.cat([(w / std).flatten() for w, std in pairs])
+        assert abs(pooled.std().item() - 1) < 0.1 and abs(pooled.mean().item()) < 0.1, name
+    trained_biases = [m.bias for m in ktb.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                      and m.bias is not None and m.bias.requires_grad]
+    assert len(trained_biases) > 40 and not any(b.any() for b in trained_biases)
     for a in all_adapters(ktb):
-        assert not a.w2.any() and not a.b1.any() and not a.b2.any() and a.w1.std() > 0
+        assert not a.b1.any() and not a.b2.any()
     assert [d.alpha.unique().tolist() for d in ktb.dscf] == [[pytest.approx(1e-3)]] * 3 + [[1.0]]
     assert all((d.beta == 1).all() for d in ktb.dscf)
-    for name, p in ktb.x_patch_embed.state_dict().items():
-        assert torch.equal(p, ktb.backbone.patch_embed.state_dict()[name])
+    assert not torch.equal(ktb.x_patch_embed.proj.weight, ktb.backbone.patch_embed.proj.weight)
     # twelve separate fresh output norms (the release's norm{i}, extra_norm{i}, fuse_norm{i}), frozen;
     # the backbone's final norm is not used
     norms = [n for group in (ktb.rgb_norms, ktb.x_norms, ktb.fuse_norms) for n in group]
@@ -1537,8 +1558,6 @@ def test_ktb_train_step_on_real_nyu():
     head_before = model.s1.linear_pred.weight.detach().clone()
     loss, logits = model(rgb, x, label)
     assert torch.isfinite(loss) and logits.shape == (2, 40, 64, 80)
-    # at init S1 is close to uniform over 40 classes
-    assert abs(loss.item() - math.log(40)) < 1.5
     opt.zero_grad()
     loss.backward()
     opt.step()
