@@ -2485,3 +2485,32 @@ def test_release_checkpoint_bad_input_names_keys_or_file(tmp_path):
     (tmp_path / 'cut.pth').write_bytes(path.read_bytes()[:100000])
     with pytest.raises(RuntimeError, match='cannot read checkpoint .*cut.pth.*truncated'):
         rgbx.load_pretrained(release_sized_ktb(cfg), tmp_path / 'cut.pth')
+
+
+def test_ktb_training_defaults_follow_the_release():
+    with torch.device('meta'):
+        model = rgbx.build_ktb('base', 40, 3)
+    rates = [b.drop_path.p for layer in model.backbone.layers for b in layer.blocks]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.3) and len(rates) == 24  # stochastic depth 0 .. 0.3
+    groups = tr.param_groups(model, 0.01)  # weight decay on every trainable tensor, biases and norms too
+    assert [len(g['params']) for g in groups] == [sum(p.requires_grad for p in model.parameters()), 0]
+    assert data.PRESETS['nyudv2'].x_norm('hha', 'ktb') == ((0.0,) * 3, (1.0,) * 3)  # X as [0, 1] values
+    assert data.PRESETS['nyudv2'].x_norm('hha', 'gopt') == data.PRESETS['nyudv2'].x_norm('hha')
+
+
+def test_eval_cli_takes_a_release_checkpoint_from_flags(capsys, tmp_path):
+    release_fixture()
+    path = str(KTB_FIXTURE / 'ktb_release_tiny.pth')
+    # the fixture is the 'nano' Swin with window 12, 5 classes (the demo's), head widths 64 / 32
+    ev.main(['--checkpoint', path, '--method', 'ktb', '--backbone', 'swin-nano', '--dataset', 'demo',
+             '--opts', 'fused_head_dim=64,aux_head_dim=32', '--device', 'cpu'])
+    assert 'mIoU' in capsys.readouterr().out
+    for argv, expected in (([], 'holds no rgbx training config: pass --method, --backbone and --dataset'),
+                           (['--method', 'ktb', '--backbone', 'swin-nano', '--dataset', 'demo'],
+                            r"shape mismatches: \['s1.linear_c.0.bias: checkpoint \(64,\) vs model \(512,\)")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(['--checkpoint', path, '--device', 'cpu'] + argv)
+        assert re.search(expected, str(e.value)) and '\n' not in str(e.value)
+    (tmp_path / 'cut.pth').write_bytes(Path(path).read_bytes()[:5000])
+    with pytest.raises(SystemExit, match=r'cut\.pth.*truncated'):
+        ev.main(['--checkpoint', str(tmp_path / 'cut.pth'), '--method', 'ktb', '--backbone', 'swin-nano'])
