@@ -627,7 +627,7 @@ def convert_release_keys(sd, own):
 def checkpoint_naming(sd):
     """Which naming a state dict uses: 'ktb' (the KTB release's whole model), 'mmseg'
     (a mmsegmentation Swin, with or without `backbone.`), or None (Microsoft / MAE)."""
-    if any(k.startswith(('backbone.MPGBlocks.', 'decode_head.')) for k in sd):
+    if any(k.startswith('backbone.MPGBlocks.') for k in sd):
         return 'ktb'
     if any(k.endswith('patch_embed.projection.weight') for k in sd):
         return 'mmseg'
