@@ -351,7 +351,8 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
-    b = p.add_argument_group('benchmark (no checkpoint needed: random weights)')
+    b = p.add_argument_group('model from flags: --benchmark (no checkpoint needed: random weights), or a checkpoint '
+                             "without rgbx's config (a trained KTB of the authors' release)")
     b.add_argument('--benchmark', action='store_true')
     b.add_argument('--method', default=None, help='default early_fusion (benchmark)')
     b.add_argument('--backbone', default=None, help='default swin-nano (benchmark)')
