@@ -138,7 +138,7 @@ def test_layout_cache_filled_in_inference_mode_serves_autograd():
 def test_padded_path_equals_plain_path():
     """A map that needs no padding gives the same output alone and as the top-left
     of a padded map whose extra rows are then cropped by the stage (W-MSA only:
-    padding stays invisible, and without a shift the windows coincide)."""
+    the windows of its top rows hold no padding, and without a shift the windows coincide)."""
     torch.manual_seed(0)
     blk = rgbx.SwinTransformerBlock(dim=8, heads=2, window=4).eval()
     x = torch.randn(1, 8, 8, 8)
