@@ -80,7 +80,7 @@ def brute_force_swa(x, attn, shift):
     return attn.proj(out)
 
 
-@pytest.mark.parametrize('size', [(8, 12), (7, 10)])  # no padding / padding on both axes
+@pytest.mark.parametrize('size', [(8, 12), (7, 10), (3, 2)])  # no padding / padding on both axes / inside one window
 @pytest.mark.parametrize('shift', [0, 2])
 def test_window_attention_matches_definition(size, shift):
     torch.manual_seed(0)
@@ -102,6 +102,9 @@ def test_padded_slots_read_the_zero_token():
         assert padded.sum() == 8 * 12 - 7 * 10 and (order[padded] == 70).all()
         assert torch.equal(order[back], torch.arange(70))
         assert (mask is None) == (shift == 0)
+    # a map that fits in one window is shifted too (the segmentation Swins, the KTB release)
+    layer = rgbx.BasicLayer(8, 2, 2, 4, 4.0, [0.0, 0.0], downsample=False)
+    assert layer.layouts(3, 2, 'cpu')[1][2] is not None
 
 
 def test_shifted_window_receptive_field():
