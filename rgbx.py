@@ -599,15 +599,16 @@ def convert_release_keys(sd, own):
     `RELEASE_KEYS`. Keys no rule matches are kept as they are (the caller reports
     them as unexpected). `own` (the model's state dict) gives the shapes of the
     tensors stacked from one row per modality."""
+    def rule(key):
+        for pattern, name, how in RELEASE_KEYS:
+            m = re.fullmatch(pattern, key)
+            if m:
+                return (m.expand(name) if isinstance(name, str) else name(m)), how
+        return key, None
+
     out, rows = {}, {}
     for key, v in sd.items():
-        match = next(((m, name, how) for pattern, name, how in RELEASE_KEYS
-                      for m in [re.fullmatch(pattern, key)] if m), None)
-        if match is None:
-            out[key] = v
-            continue
-        m, name, how = match
-        name = m.expand(name) if isinstance(name, str) else name(m)
+        name, how = rule(key)
         if how == 'unfold':  # (..., C*4) -> (..., 4, C) in the order x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1)
             v = v.unflatten(-1, (-1, 4))[..., [0, 2, 1, 3]].transpose(-1, -2).flatten(-2)
         elif how in ('1x1', 'yx') and v.ndim == 4:
