@@ -98,9 +98,11 @@ class Preset:
     def x_channels(self, x=None):
         return self.modalities[self.x_name(x)].channels
 
-    def x_norm(self, x=None):
+    def x_norm(self, x=None, method=None):
+        """(mean, std) of X on the [0, 1] scale: the modality's, except for KTB,
+        whose release feeds X as [0, 1] values (8-bit / 255, no mean / std)."""
         m = self.modalities[self.x_name(x)]
-        return m.mean, m.std
+        return ((0.0,) * m.channels, (1.0,) * m.channels) if method == 'ktb' else (m.mean, m.std)
 
 
 # X statistics. Depth: measured on the realdata NYU frames (mm / 10000, holes included).
@@ -165,13 +167,13 @@ PRESETS = {
     # CMNeXt's classes; on disk 0 and 255 = void, 1..25. X with 3 channels, as CMNeXt feeds
     # them (it repeats 1-channel files: save those as 3 channels). The release's
     # img/<weather>/<split>/... tree must be flattened into this layout. Default X = event,
-    # the setting KTB reports (58.4); lr 1e-4 of "1e-4 / 2e-4".
+    # the setting KTB reports (58.4); lr 2e-4, the release's (of the paper's "1e-4 / 2e-4").
     'deliver': Preset(('Building', 'Fence', 'Other', 'Pedestrian', 'Pole', 'RoadLine', 'Road', 'SideWalk',
                        'Vegetation', 'Cars', 'Wall', 'TrafficSign', 'Sky', 'Ground', 'Bridge', 'RailTrack',
                        'GroundRail', 'TrafficLight', 'Static', 'Dynamic', 'Water', 'Terrain', 'TwoWheeler', 'Bus',
                        'Truck'), {'depth': IMAGE, 'event': IMAGE, 'lidar': IMAGE}, 'event',
                       (Layout('RGB', 'Label', {'depth': 'Depth', 'event': 'Event', 'lidar': 'LiDAR'}),),
-                      Recipe((768, 768), epochs=200, lr=1e-4, weight_decay=0.01), 'datasets/DELIVER',
+                      Recipe((768, 768), epochs=200, lr=2e-4, weight_decay=0.01), 'datasets/DELIVER',
                       label_shift=-1),
     # The official README gives 0 background, 10 farmland, ..., 70 others: 7 land-use
     # classes; background is ignored (as SOLC does). Labels must be stored divided by 10
@@ -475,13 +477,14 @@ def check_sizes(*pairs):
                          f"at one size (and check they are the same scene)")
 
 
-def load_pair(rgb_path, x_path, preset, x_modality=None):
-    """Your own RGB and X images -> normalised rgb (3, H, W) and x (C, H, W) tensors."""
+def load_pair(rgb_path, x_path, preset, x_modality=None, method=None):
+    """Your own RGB and X images -> normalised rgb (3, H, W) and x (C, H, W) tensors
+    (X normalised for `method`, see Preset.x_norm)."""
     preset = get_preset(preset)
     rgb = read_rgb(rgb_path)
     x = read_x(x_path, preset.modalities[preset.x_name(x_modality)])
     check_sizes((rgb_path, rgb), (x_path, x))
-    return normalize(*to_chw(rgb, x), preset.rgb_norm, preset.x_norm(x_modality))
+    return normalize(*to_chw(rgb, x), preset.rgb_norm, preset.x_norm(x_modality, method))
 
 
 # ----------------------------------------------------------------------------
@@ -684,13 +687,13 @@ def demo_scene(rng, size):
     return rgb, np.clip(depth, 0, 1).astype(np.float32)[..., None], label
 
 
-def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0):
+def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, method=None):
     """The dataset `name` of PRESETS: 'demo' / 'demo128' (generated; root ignored) or RGBXDataset at `root`
     ('' or None: the preset's default root, e.g. ./datasets/NYUDepthv2). train=True
     augments with TrainTransform(crop or the recipe's crop); `seed` seeds augmentation
-    (and the demo's scenes)."""
+    (and the demo's scenes); X is normalised for `method` (Preset.x_norm)."""
     preset = get_preset(name)
-    norms = preset.rgb_norm, preset.x_norm(x_modality)
+    norms = preset.rgb_norm, preset.x_norm(x_modality, method)
     transform = TrainTransform(crop or preset.recipe.crop, *norms) if train else EvalTransform(*norms)
     if not preset.layouts:  # a preset without a folder layout is the generated demo
         return DemoDataset(split, size=preset.recipe.crop[0], seed=seed, transform=transform, preset=name)

@@ -5,6 +5,8 @@
     python eval.py --checkpoint best.pt --save-pred preds/          # colourised maps + RGB | X | GT | prediction panels
     python eval.py --checkpoint best.pt --rgb room.png --x room_depth.png --out room_seg.png
     python eval.py --benchmark [--checkpoint best.pt | --method ktb --backbone swin-base]
+    python eval.py --checkpoint nyu_ktb_swinb.pth --method ktb --backbone swin-base --dataset nyudv2 --data-root DIR
+                                        # a trained KTB of the authors' release (no rgbx config inside)
 
 Metrics and inference (one confusion matrix; mIoU over the classes present in
 the ground truth or the prediction; multi-scale, flip, sliding window, missing
@@ -62,6 +64,21 @@ def load_model(path, pretrained=None, device='cpu'):
 def build_model(cfg, preset, x_channels):
     """The model of a run config, as train.py builds it."""
     return rgbx.build_model(cfg.method, cfg.backbone, preset.num_classes, x_channels, **data.model_options(cfg))
+def load_model_from_flags(args, device):
+    """A checkpoint without rgbx's training config, e.g. a trained KTB of the
+    authors' release: the model is built from --method, --backbone, --dataset
+    (classes, X channels), --x-modality and --opts, and the whole file is loaded
+    by rgbx.load_pretrained, which checks every key. Returns (model, config)."""
+    if not (args.method and args.backbone and args.dataset):
+        raise ValueError(f"{args.checkpoint} holds no rgbx training config: pass --method, --backbone and "
+                         f"--dataset to build its model (e.g. --method ktb --backbone swin-base --dataset nyudv2)")
+    cfg = data.resolve(data.Config(dataset=args.dataset, data_root=args.data_root or '', method=args.method,
+                                   backbone=args.backbone, opts=args.opts or '', x_modality=args.x_modality or '',
+                                   pretrained='none'))
+    preset = data.PRESETS[cfg.dataset]
+    model = build_model(cfg, preset, preset.x_channels(cfg.x_modality or None))
+    rgbx.load_pretrained(model, args.checkpoint)
+    return model.to(device).eval(), cfg
 
 
 def to_image(t, mean, std):
@@ -193,7 +210,10 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--checkpoint', default=None, help='a training checkpoint (last.pt / best.pt)')
+    p.add_argument('--checkpoint', default=None,
+                   help="a training checkpoint (last.pt / best.pt), or a file without rgbx's config (a trained "
+                        "KTB of the authors' release): its model is then built from --method, --backbone, "
+                        "--dataset, --x-modality and --opts")
     p.add_argument('--data-root', default=None, help='dataset folder (default: the one the run used)')
     p.add_argument('--split', default=None, help='default test')
     p.add_argument('--pretrained', default=None, help='frozen backbone file, if not where the run found it')
@@ -209,14 +229,16 @@ def main(argv=None):
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
     p.add_argument('--workers', type=int, default=2, help='data-loading processes')
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
-    b = p.add_argument_group('benchmark: the --checkpoint model, or a random-weights one chosen by '
-                             '--method/--backbone/--opts/--dataset')
+    b = p.add_argument_group('model from flags: --benchmark (the --checkpoint model, or a random-weights one chosen by '
+                             "these flags), or a --checkpoint without rgbx's config (a trained KTB of the authors' "
+                             "release), whose model these flags describe")
     b.add_argument('--benchmark', action='store_true')
-    b.add_argument('--method', default=None, help='default early_fusion')
-    b.add_argument('--backbone', default=None, help='default swin-nano')
+    b.add_argument('--method', default=None, help='default early_fusion (benchmark)')
+    b.add_argument('--backbone', default=None, help='default swin-nano (benchmark)')
     b.add_argument('--opts', default=None, help='method options, as for train.py')
     b.add_argument('--dataset', default=None, help='sets classes, X channels and the data-throughput source; '
-                                                   'default demo')
+                                                   'default demo (benchmark)')
+    b.add_argument('--x-modality', default=None, help="X modality of a checkpoint without rgbx's config")
     b.add_argument('--size', default=None, help='input HxW, default 480x640')
     b.add_argument('--batch', type=int, default=None, help='training-step batch, default 2')
     b.add_argument('--repeats', type=int, default=None, help='default 3')
@@ -232,7 +254,7 @@ def check_flags(args):
     """Refuse flags that would be ignored: every flag given must act."""
     def given(*names):
         return ', '.join('--' + n.replace('_', '-') for n in names if getattr(args, n) not in (None, False))
-    model_choice = given('method', 'backbone', 'opts', 'dataset')
+    model_choice = given('method', 'backbone', 'opts', 'dataset', 'x_modality')
     if args.benchmark:
         evaluation_only = given('save_pred', 'rgb', 'x', 'out', 'multi_scale', 'flip', 'sliding', 'split')
         if evaluation_only or args.modality != 'both':
@@ -244,9 +266,9 @@ def check_flags(args):
     else:
         if not args.checkpoint:
             raise ValueError("--checkpoint is required (or --benchmark)")
-        benchmark_only = given('method', 'backbone', 'opts', 'dataset', 'size', 'batch', 'repeats')
+        benchmark_only = given('size', 'batch', 'repeats')
         if benchmark_only:
-            raise ValueError(f"{benchmark_only} act only with --benchmark; the checkpoint sets the model and dataset")
+            raise ValueError(f"{benchmark_only} act only with --benchmark")
         if args.save_pred and given('rgb', 'x', 'out'):
             raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'out')} "
                              f"segment one image pair: use one or the other")
@@ -264,7 +286,18 @@ def run(args):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     if args.benchmark:
         return run_benchmark(args, device)
-    model, cfg = load_model(args.checkpoint, args.pretrained, device)
+    ckpt = rgbx.read_checkpoint(args.checkpoint)
+    if isinstance(ckpt, dict) and 'config' in ckpt:  # an rgbx run: the checkpoint sets the model and dataset
+        del ckpt
+        model_choice = ', '.join('--' + n.replace('_', '-') for n in ('method', 'backbone', 'opts', 'dataset', 'x_modality')
+                                 if getattr(args, n) is not None)
+        if model_choice:
+            raise ValueError(f"{args.checkpoint} holds its run's config, which sets the model and dataset: drop "
+                             f"{model_choice}")
+        model, cfg = load_model(args.checkpoint, args.pretrained, device)
+    else:  # e.g. a trained KTB of the authors' release: the model from the flags
+        del ckpt
+        model, cfg = load_model_from_flags(args, device)
     preset = data.PRESETS[cfg.dataset]
     palette = data.palette(cfg.dataset)
     scales = SCALES if args.multi_scale else (1.0,)
@@ -273,7 +306,7 @@ def run(args):
     if args.rgb or args.x or args.out:
         if not (args.rgb and args.x and args.out):
             raise ValueError("segmenting your own images needs all of --rgb, --x and --out")
-        rgb, x = data.load_pair(args.rgb, args.x, cfg.dataset, cfg.x_modality or None)
+        rgb, x = data.load_pair(args.rgb, args.x, cfg.dataset, cfg.x_modality or None, cfg.method)
         with torch.no_grad():
             pred = predict(model, *drop_modality(rgb[None].to(device), x[None].to(device), args.modality),
                            preset.num_classes, scales, args.flip, crop).argmax(1)[0]
@@ -283,12 +316,12 @@ def run(args):
 
     split = args.split or 'test'
     dataset = data.build_dataset(cfg.dataset, args.data_root if args.data_root is not None else cfg.data_root,
-                                 split, cfg.x_modality or None)
+                                 split, cfg.x_modality or None, method=cfg.method)
     loader = shard_loader(dataset, rank, world, workers=args.workers, pin=device.type == 'cuda')
     on_batch = None
     if args.save_pred:
         os.makedirs(args.save_pred, exist_ok=True)
-        mean_x, std_x = preset.x_norm(cfg.x_modality or None)
+        mean_x, std_x = preset.x_norm(cfg.x_modality or None, cfg.method)
 
         def on_batch(i, rgb, x, label, pred):
             name = str(dataset.names[rank + i * world])
@@ -316,11 +349,12 @@ def run_benchmark(args, device):
     else:
         model, cfg = None, data.resolve(data.Config(
             dataset=args.dataset or 'demo', data_root=args.data_root or '', method=args.method or 'early_fusion',
-            backbone=args.backbone or 'swin-nano', opts=args.opts or '', pretrained=args.pretrained or 'none'))
+            backbone=args.backbone or 'swin-nano', opts=args.opts or '', x_modality=args.x_modality or '',
+            pretrained=args.pretrained or 'none'))
     size = data.parse_size(args.size or '480x640', '--size')
     preset = data.PRESETS[cfg.dataset]
     dataset = data.build_dataset(cfg.dataset, cfg.data_root, 'train', cfg.x_modality or None, crop=size, train=True,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, method=cfg.method)
     if model is None:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, preset, dataset[0][1].shape[0])

@@ -17,9 +17,9 @@ Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
-import copy
 import hashlib
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -121,20 +121,22 @@ def window_partition(x, window):
 
 
 def window_layout(H, W, window, shift, device):
-    """Where each token of an H x W map sits when (S)W-MSA attends (Swin Sec. 3.2).
+    """Where each token of an H x W map sits when (S)W-MSA attends (Swin Sec. 3.2),
+    as the segmentation Swins compute it (mmsegmentation's and Microsoft's
+    Swin-Transformer-Semantic-Segmentation, hence the KTB release).
 
-    The map is padded at the bottom/right to Hp x Wp, a multiple of the window,
-    cyclically shifted by -shift and cut into nW windows of N = w*w tokens.
-    Gathering by index does the pad, the shift and the partition in one copy:
-      order: (nW*N,) long, the flat index (row*W + col) of the token in each window
-             slot; padded slots repeat token 0, since the mask makes them invisible;
+    The normed map is zero-padded at the bottom/right to Hp x Wp, a multiple of
+    the window, cyclically shifted by -shift and cut into nW windows of N = w*w
+    tokens. The padded tokens are real keys: zero inputs whose keys and values
+    are the qkv bias, which every query in their window attends to. Gathering by
+    index does the pad, the shift and the partition in one copy, from the map
+    flattened with one zero token appended at index H*W:
+      order: (nW*N,) long, the flat index (row*W + col, or H*W for padding) of the
+             token in each window slot;
       back:  (H*W,) long, the window slot of each real token (undoes `order`);
-      mask:  additive (nW, 1, N, N), 0 = may attend, -inf = may not, or None when
-             every window sees all of its keys (no shift, no padding). A query
-             attends to a key when both come from the same region of the unshifted
-             map (the cyclic-shift mask) and the key is real, so padding never
-             leaks into real tokens; a padded query attends to itself, which keeps
-             every softmax row finite.
+      mask:  additive (nW, 1, N, N), 0 = may attend, -inf = may not, or None
+             without a shift. Only the cyclic-shift mask: a query attends to a key
+             when both come from the same region of the padded, unshifted frame.
     """
     Hp, Wp = H + (-H) % window, W + (-W) % window
     r = torch.arange(Hp, device=device)[:, None]
@@ -144,16 +146,14 @@ def window_layout(H, W, window, shift, device):
     band = lambda i, n: (i >= n - window).long() + (i >= n - shift).long() if shift else 0 * i
     region = band(r, Hp) * 3 + band(c, Wp)  # (Hp, Wp), the 9 regions of the shifted frame
     part = lambda t: window_partition(t.expand(Hp, Wp)[None, :, :, None], window).flatten()  # (Hp, Wp) -> (nW*N,)
-    order, real, region = part(torch.where(real, src_r * W + src_c, 0)), part(real), part(region)
+    order, real, region = part(torch.where(real, src_r * W + src_c, H * W)), part(real), part(region)
     back = torch.empty(H * W, dtype=torch.long, device=device)
     back[order[real]] = torch.arange(order.numel(), device=device)[real]
-    if shift == 0 and (Hp, Wp) == (H, W):
+    if shift == 0:
         return order, back, None
-    N = window * window
-    real, region = real.view(-1, N), region.view(-1, N)  # (nW, N)
+    region = region.view(-1, window * window)  # (nW, N)
     same = region[:, :, None] == region[:, None, :]  # (nW, N, N)
-    allowed = same & (real[:, None, :] | torch.eye(N, dtype=torch.bool, device=device))
-    mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float('-inf'))
+    mask = torch.zeros(same.shape, device=device).masked_fill_(~same, float('-inf'))
     return order, back, mask[:, None]  # mask (nW, 1, N, N)
 
 
@@ -218,7 +218,8 @@ class SwinTransformerBlock(nn.Module):
         """(S)W-MSA of a normed map x: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         order, back, mask = layout
-        x = x.reshape(B, H * W, C).index_select(1, order)  # pad, cyclic shift, partition: (B, nW*N, C)
+        x = F.pad(x.reshape(B, H * W, C), (0, 0, 0, 1))  # (B, H*W + 1, C): the zero padding token last
+        x = x.index_select(1, order)  # pad, cyclic shift, partition: (B, nW*N, C)
         x = self.attn(x.view(B, -1, self.window ** 2, C), mask)  # (B, nW, N, C)
         return x.flatten(1, 2).index_select(1, back).view(B, H, W, C)  # reverse shift, crop
 
@@ -267,14 +268,12 @@ class BasicLayer(nn.Module):
 
     def layouts(self, H, W, device):
         """`window_layout` of the W-MSA and of the SW-MSA blocks for an H x W map,
-        cached per size and device. A map that fits in one window is not shifted
-        (as in the official code): the shift would only cut the window apart."""
+        cached per size and device. Every SW-MSA block shifts, also on a map that
+        fits in one window (as the segmentation Swins and the KTB release do)."""
         key = (H, W, str(device))
         if key not in self._layouts:
-            one_window = H <= self.window and W <= self.window
             with torch.inference_mode(False):  # plain tensors: a cache filled under inference_mode must serve autograd too
-                self._layouts[key] = tuple(window_layout(H, W, self.window, s, device)
-                                           for s in (0, 0 if one_window else self.window // 2))
+                self._layouts[key] = tuple(window_layout(H, W, self.window, s, device) for s in (0, self.window // 2))
         return self._layouts[key]
 
     def forward(self, x, parallel=None):
@@ -354,10 +353,13 @@ class SwinTransformer(nn.Module):
         return [o.permute(0, 3, 1, 2) for o in outs]
 
     def adapt_checkpoint(self, sd):
-        """Official Microsoft Swin keys -> this model: drop the classifier and the
-        buffers we rebuild, resize bias tables trained with another window."""
+        """Official Microsoft Swin keys -> this model: drop the classifier, the
+        buffers we rebuild and the final norm when this model has none (KTB's
+        backbone), resize bias tables trained with another window."""
+        no_norm = isinstance(self.norm, nn.Identity)
         sd = {k: v for k, v in sd.items()
-              if not (k.startswith('head.') or k.endswith('relative_position_index') or k.endswith('attn_mask'))}
+              if not (k.startswith('head.') or k.endswith('relative_position_index') or k.endswith('attn_mask')
+                      or (no_norm and k.startswith('norm.')))}
         n = 2 * self.window_size - 1
         for k, v in sd.items():
             if k.endswith('relative_position_bias_table') and v.shape[0] != n * n:
@@ -548,19 +550,117 @@ def read_checkpoint(path):
                               f"PyTorch checkpoint of tensors; download or copy it again.") from None
 
 
-def load_pretrained(model, path):
-    """Load an official pretrained file into a backbone (or a model's `.backbone`).
+# The mmsegmentation Swin and the KTB release, key by key: (key there, key here, how the tensor
+# changes). First match wins; `(backbone\.)?` keeps the release's prefix. Conversions:
+#   unfold  nn.Unfold channel order (c*4 + j, j over (0,0) (0,1) (1,0) (1,1)) -> the Microsoft concat order
+#   1x1     a 1x1 conv weight (O, I, 1, 1) -> nn.Linear's (O, I)
+#   yx      a 1x1 conv to (y, x) offsets -> nn.Linear to (x, y), grid_sample's order
+#   rgb, x  one modality's row of a tensor stacked (2, ...) here, RGB row first
+RELEASE_HEADS = {'': 's1', '_rgb': 's2', '_dte': 's3'}
+RELEASE_KEYS = (
+    (r'(backbone\.)?patch_embed\.projection\.(.*)', r'\1patch_embed.proj.\2', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.(.*)', r'\1layers.\2.blocks.\3.attn.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(.*)', r'\1layers.\2.blocks.\3.mlp.fc1.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.(.*)', r'\1layers.\2.blocks.\3.mlp.fc2.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.(norm[12]\..*)', r'\1layers.\2.blocks.\3.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.downsample\.(.*)', r'\1layers.\2.downsample.\3', 'unfold'),
+    (r'backbone\.extra_patch_embed\.projection\.(.*)', r'x_patch_embed.proj.\1', None),
+    (r'backbone\.extra_patch_embed\.norm\.(.*)', r'x_patch_embed.norm.\1', None),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.weight', r'adapters.\1.\2.w\3', 'rgb'),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.bias', r'adapters.\1.\2.b\3', 'rgb'),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.weight', r'adapters.\1.\2.w\3', 'x'),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.bias', r'adapters.\1.\2.b\3', 'x'),
+    (r'backbone\.MPGBlocks\.(\d+)\.D_fc1\.(.*)', r'prompts.\1.w_rgb.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.D_fc2\.(.*)', r'prompts.\1.w_x.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.P_fc2\.(.*)', r'prompts.\1.w_p.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.U_fc1\.(.*)', r'prompts.\1.w_up.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_rgb', r'prompts.\1.\2', 'rgb'),
+    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_dte', r'prompts.\1.\2', 'x'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc1\.(.*)', r'dscf.\1.w_a.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc2\.(.*)', r'dscf.\1.w_b.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.U_fc1\.(.*)', r'dscf.\1.w_up.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.deform_weight', r'dscf.\1.alpha', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.identity_weight', r'dscf.\1.beta', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.rpe_table', r'dscf.\1.rpe_table', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.0\.(.*)', r'dscf.\1.offset_rgb.dwconv.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.1\.norm\.(.*)', r'dscf.\1.offset_rgb.norm.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.3\.weight', r'dscf.\1.offset_rgb.proj.weight', 'yx'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.0\.(.*)', r'dscf.\1.offset_x.dwconv.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.1\.norm\.(.*)', r'dscf.\1.offset_x.norm.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.3\.weight', r'dscf.\1.offset_x.proj.weight', 'yx'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.fuse_q\.conv\.(.*)', r'dscf.\1.query.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_q\.(.*)', r'dscf.\1.w_q.\2', '1x1'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.get_sample_weight\.(.*)', r'dscf.\1.gate.\2', '1x1'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_(k|v)\.(.*)', r'dscf.\1.w_\2.\3', '1x1'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_out\.(.*)', r'dscf.\1.w_o.\2', '1x1'),
+    (r'backbone\.norm(\d)\.(.*)', r'rgb_norms.\1.\2', None),
+    (r'backbone\.extra_norm(\d)\.(.*)', r'x_norms.\1.\2', None),
+    (r'backbone\.fuse_norm(\d)\.(.*)', r'fuse_norms.\1.\2', None),
+    (r'decode_head(|_rgb|_dte)\.linear_c(\d)\.proj\.(.*)',
+     lambda m: f"{RELEASE_HEADS[m[1]]}.linear_c.{int(m[2]) - 1}.{m[3]}", None),
+    (r'decode_head(|_rgb|_dte)\.linear_fuse\.conv\.(.*)', lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.0.{m[2]}", None),
+    (r'decode_head(|_rgb|_dte)\.linear_fuse\.bn\.(.*)', lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.1.{m[2]}", None),
+    (r'decode_head(|_rgb|_dte)\.(linear_pred\..*)', lambda m: f"{RELEASE_HEADS[m[1]]}.{m[2]}", None),
+)
 
-    Reads the Microsoft Swin `.pth` and the MAE ViT `.pth` (also MAE's `_full`
-    file, whose decoder is ignored) with weights_only=True; unwraps "model" or
-    "state_dict"; lets the backbone's `adapt_checkpoint` drop classifier heads
-    and rebuilt buffers and resize bias tables / `pos_embed`; then loads and
-    raises an error listing every missing, unexpected or mis-shaped key. A
-    backbone whose checkpoints legitimately lack some of its keys (a multi-modal
-    encoder started from an RGB file) names them in `checkpoint_absent_keys(sd)`.
-    Returns the model.
+
+def convert_release_keys(sd, own):
+    """A mmsegmentation Swin or KTB release state dict -> this module's names, by
+    `RELEASE_KEYS`. Keys no rule matches are kept as they are (the caller reports
+    them as unexpected). `own` (the model's state dict) gives the shapes of the
+    tensors stacked from one row per modality."""
+    def rule(key):
+        for pattern, name, how in RELEASE_KEYS:
+            m = re.fullmatch(pattern, key)
+            if m:
+                return (m.expand(name) if isinstance(name, str) else name(m)), how
+        return key, None
+
+    out, rows = {}, {}
+    for key, v in sd.items():
+        name, how = rule(key)
+        if how == 'unfold':  # (..., C*4) -> (..., 4, C) in the order x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1)
+            v = v.unflatten(-1, (-1, 4))[..., [0, 2, 1, 3]].transpose(-1, -2).flatten(-2)
+        elif how in ('1x1', 'yx') and v.ndim == 4:
+            v = v.flatten(1) if how == '1x1' else v.flatten(1).flip(0)
+        if how in ('rgb', 'x'):
+            rows.setdefault(name, [None, None])[how == 'x'] = v
+        else:
+            out[name] = v
+    for name, (rgb, x) in rows.items():
+        if rgb is None or x is None:  # a modality's row is missing: reported as a missing key
+            continue
+        v = torch.stack([rgb, x])  # (2, ...): an adapter bias (2, r) becomes the model's (2, 1, r)
+        out[name] = v.view(own[name].shape) if name in own and v.squeeze().shape == own[name].squeeze().shape else v
+    return out
+
+
+def checkpoint_naming(sd):
+    """Which naming a state dict uses: 'ktb' (the KTB release's whole model), 'mmseg'
+    (a mmsegmentation Swin, with or without `backbone.`), or None (Microsoft / MAE)."""
+    if any(k.startswith('backbone.MPGBlocks.') for k in sd):
+        return 'ktb'
+    if any(k.endswith('patch_embed.projection.weight') for k in sd):
+        return 'mmseg'
+    return None
+
+
+def load_pretrained(model, path):
+    """Load an official pretrained file into a backbone (or a model's `.backbone`),
+    or a trained KTB of the authors' release into a `KTB`.
+
+    Reads, with weights_only=True, the Microsoft Swin `.pth`, the mmsegmentation
+    Swin `.pth` (the files the KTB release asks for; renamed by `RELEASE_KEYS`),
+    the MAE ViT `.pth` (also MAE's `_full` file, whose decoder is ignored) and
+    the KTB release's saved models (a plain state dict of the whole model, keys
+    `backbone.*` and `decode_head*`; `model` must then be a KTB); recognises
+    them by their keys (`checkpoint_naming`); unwraps "model" or "state_dict";
+    lets the backbone's `adapt_checkpoint` drop classifier heads and rebuilt
+    buffers and resize bias tables / `pos_embed`; then loads and raises an error
+    listing every missing, unexpected or mis-shaped key. A backbone whose
+    checkpoints legitimately lack some of its keys (a multi-modal encoder started
+    from an RGB file) names them in `checkpoint_absent_keys(sd)`. Returns the model.
     """
-    target = getattr(model, 'backbone', model)
     sd = read_checkpoint(path)
     for wrapper in ('model', 'state_dict'):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
@@ -572,7 +672,21 @@ def load_pretrained(model, path):
     if bad:
         raise ValueError(f"checkpoint {path} holds NaN or Inf values in {len(bad)} tensors, the first {bad[0]!r}: "
                          f"the file is corrupted; download or copy it again")
-    sd = target.adapt_checkpoint(sd)
+    naming = checkpoint_naming(sd)
+    if naming == 'ktb':
+        if not isinstance(model, KTB):
+            raise ValueError(f"checkpoint {path} is a trained KTB of the authors' release; load it into a rgbx.KTB "
+                             f"(eval.py --method ktb), not into a {type(model).__name__}")
+        target, fix = model, "Build the KTB with the backbone, window, class count and head widths the file was trained with."
+        sd = {k: v for k, v in convert_release_keys(sd, model.state_dict()).items()
+              if not k.endswith('relative_position_index')}  # a buffer rebuilt here
+    else:
+        target, fix = getattr(model, 'backbone', model), "Check that the preset (tiny/small/base/large) and the file belong together."
+        if naming == 'mmseg':
+            if all(k.startswith('backbone.') for k in sd):
+                sd = {k[len('backbone.'):]: v for k, v in sd.items()}
+            sd = convert_release_keys(sd, target.state_dict())
+        sd = target.adapt_checkpoint(sd)
     own = target.state_dict()
     absent = target.checkpoint_absent_keys(sd) if hasattr(target, 'checkpoint_absent_keys') else set()
     missing = sorted(set(own) - set(sd) - absent)
@@ -581,11 +695,11 @@ def load_pretrained(model, path):
                     for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
     if missing or unexpected or shapes:
         raise ValueError(
-            f"checkpoint {path} does not fit {type(target).__name__}:\n"
-            + (f"  missing keys ({len(missing)}): {missing}\n" if missing else '')
-            + (f"  unexpected keys ({len(unexpected)}): {unexpected}\n" if unexpected else '')
-            + (f"  shape mismatches: {shapes}\n" if shapes else '')
-            + "Check that the preset (tiny/small/base/large) and the file belong together.")
+            f"checkpoint {path} does not fit {type(target).__name__}: "
+            + (f"missing keys ({len(missing)}): {missing}; " if missing else '')
+            + (f"unexpected keys ({len(unexpected)}): {unexpected}; " if unexpected else '')
+            + (f"shape mismatches: {shapes}; " if shapes else '')
+            + fix)
     target.load_state_dict(sd, strict=False)  # only the declared `absent` keys keep their initial values
     return model
 
@@ -603,8 +717,6 @@ class SegFormerHead(nn.Module):
     forward(feats: list of (B, C_i, H_i, W_i), size=(H, W)) -> (B, classes, H, W).
     """
 
-    stride = 4
-
     def __init__(self, in_dims, embed_dim, num_classes, dropout=0.1):
         super().__init__()
         self.linear_c = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_dims)
@@ -619,7 +731,8 @@ class SegFormerHead(nn.Module):
                            size=(h, w), mode='bilinear', align_corners=False)  # (B, E, h, w)
              for lin, f in zip(self.linear_c, feats)]
         x = self.linear_fuse(torch.cat(x[::-1], 1))  # (B, E, h, w)
-        return resize_logits(self.linear_pred(self.dropout(x)), size, self.stride)
+        # straight to the input size, as SegFormer and the KTB release do (not `resize_logits`)
+        return F.interpolate(self.linear_pred(self.dropout(x)), size=size, mode='bilinear', align_corners=False)
 
 
 class SETRNaiveHead(nn.Module):
@@ -957,6 +1070,23 @@ def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop
 # launches) while the MAPA modules treat the halves separately.
 # ----------------------------------------------------------------------------
 
+def release_init(module, conv_like=()):
+    """The KTB release's initialisation of what it trains (its CMNeXt._init_weights,
+    run over the whole model before the pretrained Swin is loaded over it):
+    linears trunc-normal(0.02); convolutions, and the linears in `conv_like`
+    (1x1 convolutions there), normal with std sqrt(2 / fan_out), fan_out =
+    k*k*out_channels (groups not divided out); biases 0; norms weight 1."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) or any(m is c for c in conv_like):
+            nn.init.normal_(m.weight, std=math.sqrt(2.0 / (m.weight.shape[0] * math.prod(m.weight.shape[2:]))))
+        elif isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class MAPAPrompt(nn.Module):
     """KTB MAPA, part 1: modality-aware prompting (design/ktb.md sec. 2), once at
     the start of every Swin stage.
@@ -975,9 +1105,7 @@ class MAPAPrompt(nn.Module):
         self.w_x = nn.Linear(dim, rank)
         self.w_p = nn.Linear(2 * rank, rank)
         self.w_up = nn.Linear(rank, dim)
-        # design choice: trunc-normal(0.02) linears, zero biases (the Swin / SegFormer init), so that
-        # the prompt starts as a small perturbation of the frozen features
-        self.apply(_init_transformer_weights)
+        release_init(self)  # the release's: trunc-normal(0.02) linears, zero biases
         self.gamma = nn.Parameter(1 + 0.02 * torch.randn(2, dim))  # gamma ~ N(1, 0.02)
         self.beta = nn.Parameter(0.02 * torch.randn(2, dim))  # beta ~ N(0, 0.02)
 
@@ -998,20 +1126,19 @@ class MAPAAdapter(nn.Module):
     Used as the block's `parallel` module (see SwinTransformerBlock): forward(z:
     (2B, H, W, C), RGB rows first) -> 0.5 * [A_rgb(z_rgb) ; A_x(z_x)], (2B, H, W, C).
     The weights of both modalities are stacked, (2, out, in) as nn.Linear's,
-    so one batched matmul serves both halves. W1 is kaiming-uniform(a=sqrt 5)
-    (nn.Linear's init), W2 and both biases are 0: A_m is exactly 0 at the start.
+    so one batched matmul serves both halves. W1 and W2 trunc-normal(0.02),
+    biases 0: the release's init (its model-wide `release_init` overrides the
+    adapter's own kaiming / zero init).
     """
 
     scale = 0.5
 
     def __init__(self, dim, rank, dropout=0.1):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(2, rank, dim))
+        self.w1 = nn.Parameter(nn.init.trunc_normal_(torch.empty(2, rank, dim), std=0.02))
         self.b1 = nn.Parameter(torch.zeros(2, 1, rank))
-        self.w2 = nn.Parameter(torch.zeros(2, dim, rank))
+        self.w2 = nn.Parameter(nn.init.trunc_normal_(torch.empty(2, dim, rank), std=0.02))
         self.b2 = nn.Parameter(torch.zeros(2, 1, dim))
-        for w in self.w1:
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, z):
@@ -1033,13 +1160,15 @@ def query_grid(H, W, device=None):
     return torch.stack([x, y], -1).view(-1, 2)
 
 
-def reference_points(H, W, Hk, Wk, device=None):
-    """DSCF reference points: the centres of a uniform Hk x Wk tiling of an H x W
-    map, in grid_sample's normalised (x, y) frame: (Hk, Wk, 2)."""
-    # design choice: cell centres, which stay inside [-1, 1] for every size (the DAT-style
-    # (j + 0.5) / (Hk - 1) grid of the release leaves it, and divides by 0 when Hk = 1)
-    centre = lambda n, k: _normalised((torch.arange(k, device=device, dtype=torch.float) + 0.5) * n / k - 0.5, n)
-    y, x = torch.meshgrid(centre(H, Hk), centre(W, Wk), indexing='ij')
+def reference_points(Hk, Wk, device=None):
+    """DSCF reference points, DAT's grid as the KTB release computes it: on each
+    axis of Hk (Wk) key points, (j + 0.5) / (Hk - 1) * 2 - 1, j = 0 .. Hk-1, in
+    grid_sample's normalised (x, y) frame: (Hk, Wk, 2). It is slightly wider than
+    [-1, 1] (the clamp of the sampling points pulls the outer ones in); on an
+    axis with one key point the division by 0 gives +inf, which the clamp puts
+    on the bottom / right border, as in the release."""
+    axis = lambda k: (torch.arange(k, device=device, dtype=torch.float) + 0.5) / (k - 1) * 2 - 1
+    y, x = torch.meshgrid(axis(Hk), axis(Wk), indexing='ij')
     return torch.stack([x, y], -1)
 
 
@@ -1120,6 +1249,10 @@ class DSCF(nn.Module):
         self.alpha = nn.Parameter(torch.full((rank,), float(alpha)))
         self.beta = nn.Parameter(torch.ones(rank))
         self.w_up = nn.Linear(rank, dim)
+        # the release's init; its W_q, gate, W_k, W_v, W_o and offset projections are 1x1 convolutions, so the
+        # offsets start large (std 1: most sampling points start on the border) and the gate near-hard
+        release_init(self, conv_like=(self.w_q, self.gate[0], self.gate[2], self.w_k, self.w_v, self.w_o,
+                                      self.offset_rgb.proj, self.offset_x.proj))
 
     def sampling_points(self, x, y):
         """Step 3: x, y (B, H, W, r) -> points (B, g, 2 Nk, 2), p_rgb then p_x, Nk = Hk*Wk."""
@@ -1127,7 +1260,7 @@ class DSCF(nn.Module):
         g = self.groups
         grouped = torch.stack([x, y]).permute(0, 1, 4, 2, 3).reshape(2, B * g, r // g, H, W)  # (2, B*g, r/g, H, W)
         offsets = [self.offset_rgb(grouped[0]), self.offset_x(grouped[1])]  # each (B*g, Hk, Wk, 2)
-        ref = reference_points(H, W, *offsets[0].shape[1:3], device=x.device)  # (Hk, Wk, 2)
+        ref = reference_points(*offsets[0].shape[1:3], device=x.device)  # (Hk, Wk, 2)
         points = torch.stack([(ref + off).clamp(-1, 1) for off in offsets], 1)  # (B*g, 2, Hk, Wk, 2)
         return points.view(B, g, -1, 2)  # (B, g, 2*Nk, 2)
 
@@ -1192,8 +1325,9 @@ class KTB(nn.Module):
 
     - symmetrical streams (sec. 1): the frozen Swin (blocks, patch merging, RGB
       patch embedding) runs each stage on the RGB and the X stream; X has its
-      own trainable patch embedding, a copy of the RGB one; 1-channel X is
-      repeated to 3 channels;
+      own trainable patch embedding, freshly initialised as in the release
+      (`release_init`, like the other trained parts); 1-channel X is repeated
+      to 3 channels;
     - MAPA prompting (`MAPAPrompt`, sec. 2) at the start of every stage, MAPA
       adapters (`MAPAAdapter`, sec. 3) in every block;
     - DSCF (`DSCF`, sec. 4) fuses the two normed outputs of every stage;
@@ -1203,17 +1337,17 @@ class KTB(nn.Module):
       samples right after the patch embeddings, and
       L = CE(S1, gt) + lambda2 (CE(S2, M) + CE(S3, M)), M = `self_teaching_labels`.
     Output norms: rgb_norms[i], x_norms[i] on the stream outputs and
-    fuse_norms[i] on DSCF's, all frozen as in the release; design choice:
-    rgb_norms[3] and x_norms[3] are the backbone's pretrained final `norm`, the
-    others fresh LayerNorms (unit weight, zero bias).
+    fuse_norms[i] on DSCF's: twelve fresh LayerNorms (unit weight, zero bias),
+    all frozen, as in the release (its norm{i}, extra_norm{i}, fuse_norm{i});
+    the backbone's pretrained final `norm` is not used (replaced by Identity).
 
     forward(rgb (B, 3, H, W), x (B, Cx, H, W), label=None) -> logits (B, K, H, W),
     or (L, logits) when label (B, H, W) int64 (255 = ignore) is given.
     Ranks (lists, one per stage; None = the paper's C/8, C/16, C/8):
     `prompt_ranks` (Table 1), `adapter_ranks` (Table 2), `dscf_ranks` (Table 3).
     Ablations: mmst, dscf (False: fuse by addition), prompting, adapters.
-    Build from a backbone that already holds its pretrained weights (the X patch
-    embedding is copied at construction), e.g. with `build_ktb`.
+    Build from a backbone that already holds its pretrained weights, e.g. with
+    `build_ktb`, or load a whole trained KTB of the release with `load_pretrained`.
     """
 
     streams = 2  # the frozen backbone runs once per modality (eval.py's speed floor)
@@ -1226,7 +1360,7 @@ class KTB(nn.Module):
         if not isinstance(backbone, SwinTransformer):
             raise TypeError(f"KTB runs on a SwinTransformer backbone, got {type(backbone).__name__}")
         if x_channels not in (1, 3):
-            raise ValueError(f"KTB's X patch embedding is a copy of the RGB one: x_channels must be 1 "
+            raise ValueError(f"KTB's X patch embedding takes 3 channels: x_channels must be 1 "
                              f"(repeated to 3) or 3, got {x_channels}")
         dims = backbone.dims
         n = len(dims)
@@ -1240,7 +1374,7 @@ class KTB(nn.Module):
         self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, mmst, lambda2, ohem
         self.ranks = ranks
         self.backbone = backbone.requires_grad_(False)
-        self.x_patch_embed = copy.deepcopy(backbone.patch_embed).requires_grad_(True)
+        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=True)
         self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, ranks['prompt_ranks'])) if prompting else None
         self.adapters = nn.ModuleList(
             nn.ModuleList(MAPAAdapter(c, r) for _ in layer.blocks)
@@ -1250,15 +1384,16 @@ class KTB(nn.Module):
             DSCF(c, r, s, g, h, dscf_kernel, bias_grid, a)
             for c, r, s, g, h, a in zip(dims, ranks['dscf_ranks'], ranks['dscf_strides'], ranks['dscf_groups'],
                                         ranks['dscf_heads'], alphas)) if dscf else None
-        fresh = lambda: nn.ModuleList([nn.LayerNorm(c) for c in dims[:-1]])
-        self.rgb_norms = fresh().append(backbone.norm)
-        self.x_norms = fresh().append(backbone.norm)
-        self.fuse_norms = nn.ModuleList(nn.LayerNorm(c) for c in dims)
+        backbone.norm = nn.Identity()  # unused: every stage output has its own norms (release: no final norm)
+        self.rgb_norms, self.x_norms, self.fuse_norms = (nn.ModuleList(nn.LayerNorm(c) for c in dims) for _ in range(3))
         for norms in (self.rgb_norms, self.x_norms, self.fuse_norms):
             norms.requires_grad_(False)
         self.s1 = SegFormerHead(dims, fused_head_dim, num_classes)
         self.s2 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
         self.s3 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
+        for part in (self.x_patch_embed, self.s1, self.s2, self.s3):
+            if part is not None:  # fresh, as in the release: its X patch embedding is not loaded from the Swin file
+                release_init(part)
 
     def embed(self, rgb, x):
         """Patch embeddings of both streams, (2B, H/4, W/4, C), RGB rows first.
@@ -1319,11 +1454,12 @@ class KTB(nn.Module):
                 's2+s3': count(self.s2) + count(self.s3)}
 
 
-def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_size=12, drop_path_rate=0.0, **options):
+def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_size=12, drop_path_rate=0.3, **options):
     """KTB on a Swin preset ('base' or 'large'; window 12 for the official
-    swin_*_patch4_window12_384_22k.pth files). `pretrained` is loaded into the
-    backbone before the X patch embedding is copied from the RGB one; the
-    backbone is frozen. `options` go to KTB (ranks, ablation switches, lambda2, ohem)."""
+    swin_*_patch4_window12_384_22k.pth files, Microsoft's or mmsegmentation's),
+    `pretrained` loaded into the frozen backbone. Stochastic depth 0.3 (rates
+    0 .. 0.3 over the blocks) as the release trains the frozen Swin; it acts in
+    training only. `options` go to KTB (ranks, ablation switches, lambda2, ohem)."""
     backbone = swin(backbone_name, window_size=window_size, drop_path_rate=drop_path_rate)
     if pretrained:
         load_pretrained(backbone, pretrained)

@@ -72,12 +72,14 @@ def lr_at(step, total, warmup, base, warmup_ratio=0.1, power=0.9):
 
 def param_groups(model, weight_decay):
     """AdamW groups over the trainable parameters only: no weight decay on norms,
-    biases, embeddings, tokens and bias tables (every tensor of ndim <= 1, and by name)."""
+    biases, embeddings, tokens and bias tables (every tensor of ndim <= 1, and by
+    name), except in KTB, whose release decays every trainable tensor."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        plain = p.ndim <= 1 or any(s in name for s in ('token', 'pos_embed', 'bias_table', 'embed.weight'))
+        plain = not isinstance(model, rgbx.KTB) and (
+            p.ndim <= 1 or any(s in name for s in ('token', 'pos_embed', 'bias_table', 'embed.weight')))
         (no_decay if plain else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
@@ -273,8 +275,8 @@ def make_loaders(cfg, rank, world, device):
     augmentation randomness is a function of (seed, epoch, sample), so the order of
     workers and a resume cannot change it."""
     train_set = data.build_dataset(cfg.dataset, cfg.data_root, 'train', cfg.x_modality or None,
-                                   crop=data.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed)
-    test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', cfg.x_modality or None)
+                                   crop=data.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed, method=cfg.method)
+    test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', cfg.x_modality or None, method=cfg.method)
     sampler = ResumableSampler(len(train_set), cfg.seed, rank, world, cfg.batch_size)
     if len(sampler.indices()) < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"{len(train_set)} training samples cannot fill one step of {world} x {cfg.batch_size} x "

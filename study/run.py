@@ -146,7 +146,7 @@ def execute(args):
     if run['pretraining']:  # its last checkpoint is what the fine-tuning runs load
         os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
     else:
-        test = shard_loader(data.build_dataset(cfg.dataset, '', 'test'), workers=0, batch_size=8)
+        test = shard_loader(data.build_dataset(cfg.dataset, '', 'test', method=cfg.method), workers=0, batch_size=8)
         for modality, _ in COLUMNS:
             result[modality] = metrics(evaluate(model, test, preset.num_classes, torch.device('cpu'),
                                                 modality=modality))['miou']
