@@ -21,6 +21,7 @@ import train as tr
 
 REALDATA = Path(__file__).resolve().parent.parent / 'shared' / 'realdata'
 NYU = REALDATA / 'NYUDepthv2'
+needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason=f"{REALDATA} is absent (the real frames are not part of a clone)")
 
 
 def tiny_swin(**kw):
@@ -325,12 +326,14 @@ def png(path, arr, mode=None):
 # Real samples
 # ----------------------------------------------------------------------------
 
+@needs_realdata
 def test_nyu_class_names_equal_meta_file():
     names = (REALDATA / 'nyuv2_meta' / 'class_names_40.txt').read_text().splitlines()
     assert data.PRESETS['nyudv2'].class_names == tuple(names)
     assert data.PRESETS['sunrgbd'].num_classes == 37
 
 
+@needs_realdata
 def test_nyu_real_rgb_depth():
     ds = data.RGBXDataset(NYU, 'test', 'nyudv2', 'depth')
     assert ds.names == ['0', '432', '463']
@@ -350,6 +353,7 @@ def test_nyu_real_rgb_depth():
     assert sorted(ds[0][2].unique().tolist()) == [0, 1, 2, 4, 6, 11, 21, 23, 25, 37, 38, 39, 255]
 
 
+@needs_realdata
 def test_nyu_real_hha_through_a_split_file(tmp_path):
     split = tmp_path / 'hha.txt'
     split.write_text('RGB/0.jpg\tLabel/0.png\n')  # CMX writes .jpg; the files found are RGB/0.png, HHA/0.jpg
@@ -361,6 +365,7 @@ def test_nyu_real_hha_through_a_split_file(tmp_path):
     assert label.shape == (480, 640)
 
 
+@needs_realdata
 def test_nyu_rgb_only_frames_labels_in_range():
     files = sorted((REALDATA / 'NYUDepthv2_rgb_label_only' / 'Label').glob('*.png'))
     assert len(files) == 5
@@ -372,6 +377,7 @@ def test_nyu_rgb_only_frames_labels_in_range():
         assert np.array_equal(label, np.where(raw == 0, 255, raw - 1))
 
 
+@needs_realdata
 def test_pst900_real_sample(tmp_path):
     split = tmp_path / 'one.txt'
     split.write_text('pst900_readme_sample\n')  # one-column form: the id
@@ -384,6 +390,7 @@ def test_pst900_real_sample(tmp_path):
     assert np.abs(denorm(x, *data.PRESETS['pst900'].x_norm())[..., 0] * 255 - thermal).max() < 1e-3
 
 
+@needs_realdata
 def test_mfnet_rgba_splits_into_rgb_and_thermal(tmp_path):
     for f in sorted((REALDATA / 'MFNet_unlabeled' / 'rgbt_4ch').glob('*.png')):
         rgba = np.array(Image.open(f))
@@ -402,6 +409,7 @@ def test_mfnet_rgba_splits_into_rgb_and_thermal(tmp_path):
     assert np.array_equal(lab.numpy(), label)  # no shift: 0 = unlabelled is a class
 
 
+@needs_realdata
 def test_load_pair_real_and_size_mismatch(tmp_path):
     rgb, x = data.load_pair(NYU / 'RGB' / '0.png', NYU / 'Depth' / '0.png', 'nyudv2', 'depth')
     ref_rgb, ref_x, _ = data.RGBXDataset(NYU, 'test', 'nyudv2', 'depth')[0]
@@ -425,6 +433,7 @@ def test_label_shift_int64_with_explicit_void():
         data.shift_label(np.array([[256]], np.uint16), 'nyudv2')
 
 
+@needs_realdata
 def test_palettes():
     npy = np.load(REALDATA / 'nyuv2_meta' / 'nyu40_colormap_256x3.npy')
     assert np.array_equal(data.voc_colormap(), npy)
@@ -1522,6 +1531,7 @@ def test_ohem_hand_computed_both_branches():
 # One training step on real NYUDv2 samples
 # ----------------------------------------------------------------------------
 
+@needs_realdata
 def test_ktb_train_step_on_real_nyu():
     ds = data.build_dataset('nyudv2', NYU, 'test', 'depth')
     crop = (slice(200, 264), slice(280, 360))  # a 64 x 80 piece of each 480 x 640 frame
@@ -1879,6 +1889,7 @@ def test_prompter_intervals(interval, layers):
 # A training step on real NYUDv2 samples
 # ----------------------------------------------------------------------------
 
+@needs_realdata
 def test_gopt_train_step_on_nyu():
     ds = data.build_dataset('nyudv2', NYU, 'test', 'depth', crop=(64, 80), train=True, seed=0)
     rgb, x, label = (torch.stack(t) for t in zip(ds[0], ds[1]))
@@ -2150,6 +2161,7 @@ def mm_read_nyu(ids, top=200, left=300, H=72, W=88):
     return rgb, depth, label
 
 
+@needs_realdata
 def test_finetune_missing_modalities_on_nyu():
     torch.manual_seed(0)
     rgb, x, label = mm_read_nyu([0, 432])
