@@ -20,6 +20,7 @@ import hashlib
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -28,18 +29,119 @@ import torch.nn.functional as F
 # Shared pieces
 # ----------------------------------------------------------------------------
 
-class DropPath(nn.Module):
-    """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample."""
+# Data-parallel training: process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1
+# of the global batch of world*B (train.ResumableSampler deals them so). So that it
+# equals one process at the global batch, the random draws of a training step are made
+# for the global batch and cut to this share (every process draws the same numbers: the
+# generators, seeded alike, stay in step), loss means divide by the global count, and
+# BatchNorm uses the global batch's statistics (SyncBatchNorm).
 
-    def __init__(self, p=0.0):
+def batch_share():
+    """(rank, world) under torch.distributed, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share_draw(draw, n, dim=0):
+    """`draw(n)`, a random tensor with n rows along `dim` for this process's share,
+    drawn as draw(world * n) for the global batch and cut to rows rank*n .. (rank+1)*n - 1."""
+    rank, world = batch_share()
+    return draw(n) if world == 1 else draw(world * n).narrow(dim, rank * n, n)
+
+
+def global_count(n):
+    """The denominator of a mean over this share's n items that makes the average of
+    the processes' gradients (DDP) the gradient of the global batch's mean: n in one
+    process, else the global count / world (at least 1)."""
+    rank, world = batch_share()
+    if world == 1:
+        return max(n, 1)
+    total = torch.tensor([n], dtype=torch.float64)
+    dist.all_reduce(total)
+    return max(total.item(), 1.0) / world
+
+
+class Dropout(nn.Module):
+    """Dropout with its keep mask drawn for the global batch (share_draw; the batch is
+    axis `dim`): one draw per element (`per='element'`, nn.Dropout), per sample and
+    channel of (B, C, ...) ('channel', nn.Dropout2d) or per sample ('sample': stochastic
+    depth, Huang et al. 2016, which drops the whole residual branch)."""
+
+    def __init__(self, p=0.0, per='element', dim=0):
         super().__init__()
-        self.p = p
+        self.p, self.per, self.dim = p, per, dim
 
     def forward(self, x):
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        kept = {'element': x.ndim, 'channel': 2, 'sample': 1}[self.per]  # leading axes drawn separately
+        shape = list(x.shape[:kept]) + [1] * (x.ndim - kept)
+
+        def draw(n):
+            return x.new_empty(shape[:self.dim] + [n] + shape[self.dim + 1:]).bernoulli_(1.0 - self.p)
+        return x * share_draw(draw, x.shape[self.dim], self.dim) / (1.0 - self.p)
+
+
+class DropPath(Dropout):
+    """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample."""
+
+    def __init__(self, p=0.0):
+        super().__init__(p, per='sample')
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the processes; its gradient is the sum of theirs."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduceSum.forward(ctx, grad)
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with the statistics of the global batch in training: the per-channel
+    sum and sum of squared deviations are summed over the processes (AllReduceSum), as torch.nn.SyncBatchNorm, which has CUDA kernels only;
+    this one runs on any backend (gloo on CPU). Eval and one process: BatchNorm2d."""
+
+    def forward(self, x):
+        if not self.training or batch_share()[1] == 1:
+            return super().forward(x)
+        count = torch.tensor(float(x.numel() // x.shape[1]))
+        dist.all_reduce(count)
+        mean = AllReduceSum.apply(x.sum((0, 2, 3))) / count  # (C,)
+        var = AllReduceSum.apply(((x - mean[:, None, None]) ** 2).sum((0, 2, 3))) / count  # (C,), biased
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), m)
+        out = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
+        return out * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else out
+
+
+def sync_batchnorm(module, device):
+    """`module` with every BatchNorm2d made to use the global batch's statistics under
+    data parallelism: torch.nn.SyncBatchNorm on CUDA, SyncBatchNorm above elsewhere
+    (same parameters, buffers and names)."""
+    if device.type == 'cuda':
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(child.weight.device if child.affine else device)
+            synced.load_state_dict(child.state_dict())
+            synced.train(child.training).requires_grad_(child.affine and child.weight.requires_grad)
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child, device)
+    return module
 
 
 class Mlp(nn.Module):
@@ -68,7 +170,7 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
         if int(hard.sum()) < valid // 16:
             return loss.topk(valid // 16).values.mean()
         return (loss * hard).sum() / hard.sum().clamp(min=1)
-    return loss.sum() / max(valid, 1)
+    return loss.sum() / global_count(valid)  # the mean over the global batch's labelled pixels
 
 
 def drop_path_rates(rate, n):
@@ -596,7 +698,7 @@ class SegFormerHead(nn.Module):
         self.linear_c = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_dims)
         self.linear_fuse = nn.Sequential(nn.Conv2d(len(in_dims) * embed_dim, embed_dim, 1, bias=False),
                                          nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
-        self.dropout = nn.Dropout2d(dropout)
+        self.dropout = Dropout(dropout, per='channel')
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
 
     def forward(self, feats, size):
@@ -865,7 +967,7 @@ class MAPAAdapter(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(2, 1, dim))
         for w in self.w1:
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout, dim=1)  # on (2, B*H*W, r): the batch is axis 1
 
     def forward(self, z):
         z2 = z.reshape(2, -1, z.shape[-1])  # (2, B*H*W, C): RGB tokens, X tokens
@@ -1123,7 +1225,7 @@ class KTB(nn.Module):
         tokens = torch.cat([self.backbone.patch_embed(rgb), self.x_patch_embed(x)])  # (2B, h, w, C)
         drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
         if self.training and self.mmst:
-            drop = drop | mmst_drop(B).to(rgb.device)
+            drop = drop | share_draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
         return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]  # keep (2B, 1, 1, 1)
 
     def encode(self, tokens):

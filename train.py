@@ -164,9 +164,11 @@ def param_groups(model, weight_decay):
 
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """DistributedSampler semantics (a seeded shuffle per epoch, the shard
-    rank::world of it, set_epoch) plus `start`: the number of this rank's samples
-    of the epoch already consumed, so that a resumed run sees the same order."""
+    """A seeded shuffle per epoch (set_epoch), dealt in global batches of world x
+    batch: rank r takes rows r*batch .. (r+1)*batch - 1 of each, so the processes
+    together see exactly one process's batches at the global batch size (rgbx.batch_share);
+    `start`: the number of this rank's samples of the epoch already consumed, so that
+    a resumed run sees the same order."""
 
     def __init__(self, n, seed, rank=0, world=1, batch=1):
         self.n, self.seed, self.rank, self.world, self.batch = n, seed, rank, world, batch
@@ -178,8 +180,9 @@ class ResumableSampler(torch.utils.data.Sampler):
     def indices(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        per_rank = len(order) // (self.world * self.batch) * self.batch  # whole batches only (drop_last)
-        return order[self.rank::self.world][:per_rank]
+        steps = len(order) // (self.world * self.batch)  # whole global batches only (drop_last)
+        dealt = torch.tensor(order[:steps * self.world * self.batch]).view(steps, self.world, self.batch)  # (step, rank, row)
+        return dealt[:, self.rank].flatten().tolist()
 
     def __iter__(self):
         return iter(self.indices()[self.start:])
@@ -305,6 +308,8 @@ def train(cfg, model=None, on_step=None):
         if device.type != 'cuda':
             raise ValueError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world > 1:  # BatchNorm on the global batch's statistics (README, "Several processes")
+        model = rgbx.sync_batchnorm(model, device)
     counts = dict(trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   total=sum(p.numel() for p in model.parameters()))
     say(f"config: {json.dumps(asdict(cfg))}")
