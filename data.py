@@ -193,10 +193,24 @@ def get_preset(preset):
 # Reading files
 # ----------------------------------------------------------------------------
 
-def open_image(path, modes, what):
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+TO_8BIT = ("save it as 8 bits per channel on 0..255 (full-range 16-bit data: round(v / 257); 12-bit data: "
+           "round(v * 255 / 4095))")
+
+
+def png_bit_depth(path):
+    """Bits per channel a PNG stores (its IHDR header), 8 for any other file."""
+    with open(path, 'rb') as f:
+        head = f.read(26)
+    return head[24] if head[:8] == PNG_SIGNATURE and head[12:16] == b'IHDR' else 8
+
+
+def open_image(path, modes, what, fix16=TO_8BIT):
     """Decode an image file with PIL into a numpy array as stored ((H, W) or (H, W, C);
-    uint8, or uint16 / int32 for 16-bit PNGs; palette images give their indices).
-    `modes` are the PIL modes accepted for `what`."""
+    uint8, or uint16 / int32 for 16-bit grey PNGs; palette images give their indices).
+    `modes` are the PIL modes accepted for `what`. A PNG of 16 bits per channel in
+    colour (PIL mode RGB / RGBA, which keeps only the high byte: 12-bit data comes back
+    near-black) is an error whose fix is `fix16`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (the {what})")
@@ -207,6 +221,9 @@ def open_image(path, modes, what):
         raise ValueError(f"{path} cannot be decoded as an image ({e}); re-save it as PNG") from e
     if mode not in modes:
         raise ValueError(f"{path} is a PIL {mode!r} image; the {what} must be one of the modes {modes}")
+    if arr.dtype == np.uint8 and arr.ndim == 3 and png_bit_depth(path) == 16:
+        raise ValueError(f"{path} stores 16 bits per channel in {arr.shape[2]} channels, which Pillow reads as 8 "
+                         f"(the high byte only); the {what}: {fix16}")
     return arr
 
 
@@ -226,9 +243,14 @@ def split_rgbt(rgbt):
 
 
 def scale_x(arr, modality, path):
-    """A stored X image -> float32 (H, W, C) on its [0, 1] scale: 8-bit / 255, 16-bit /
-    modality.max16. Grey saved as 3 equal channels (as many RGB-T releases do) is read
+    """A stored X image -> float32 (H, W, C) on its [0, 1] scale: 8-bit / 255 for X
+    without max16, 16-bit grey / modality.max16 for X with it (depth in mm); the other
+    bit depth is an error. Grey saved as 3 equal channels (as many RGB-T releases do) is read
     as 1 channel, losslessly; any other channel mismatch is an error."""
+    if arr.dtype == np.uint8 and modality.max16:
+        raise ValueError(f"{path} is an 8-bit image; this X is read from 16-bit files (depth in millimetres, "
+                         f"/ {modality.max16:g}), never as v / 255: save it as a 1-channel 16-bit PNG in millimetres "
+                         f"(Image.fromarray(mm.astype(np.uint16)).save(p))")
     if arr.dtype == np.uint8:
         v = arr.astype(np.float32) / 255
     elif arr.ndim == 2 and modality.max16:
@@ -247,7 +269,8 @@ def scale_x(arr, modality, path):
 
 def read_x(path, modality):
     """An X file (8-bit grey or RGB, or 16-bit grey) -> float32 (H, W, C), see scale_x."""
-    arr = open_image(path, ('L', 'RGB', 'I;16', 'I'), 'X image (8-bit grey/RGB, or 16-bit grey depth in mm)')
+    arr = open_image(path, ('L', 'RGB', 'I;16', 'I'), 'X image (8-bit grey/RGB, or 16-bit grey depth in mm)',
+                     "save depth as a 1-channel 16-bit PNG in millimetres" if modality.max16 else TO_8BIT)
     return scale_x(arr, modality, path)
 
 
@@ -347,6 +370,13 @@ class RGBXDataset(SegmentationDataset):
         self.layout = find_layout(self.root, self.preset, self.x_modality)
         self.samples = [self.locate(line, f"{source} line {i + 1}") for i, line in enumerate(lines)]
         self.names = [name for name, *_ in self.samples]
+        seen = {}
+        for i, name in enumerate(self.names):
+            if name in seen:
+                raise ValueError(f"{source}: sample {name!r} is listed twice ({'lines' if source.is_file() else 'images'} "
+                                 f"{seen[name] + 1} and {i + 1}); "
+                                 f"each sample once, or the mIoU counts it twice")
+            seen[name] = i
 
     def locate(self, line, where):
         """One split-file line -> (name, rgb path, x path or None, label path)."""
@@ -411,7 +441,12 @@ def read_split(root, split, preset, x_modality):
         find_layout(root, preset, x_modality)  # a root that holds no dataset at all is reported as such
         raise FileNotFoundError(f"split file {path} not found: expected lines like 'RGB/0.jpg Label/0.png' or "
                                 f"'0' (or a folder {root / str(split)}/ holding the layout)")
-    lines = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    try:
+        text = path.read_bytes().decode('utf-8-sig')  # a UTF-8 byte order mark is dropped
+    except UnicodeDecodeError as e:
+        raise ValueError(f"split file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                         f"re-save it as UTF-8") from None
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
     if not lines:
         raise ValueError(f"split file {path} is empty: list one sample per line, e.g. 'RGB/0.jpg Label/0.png'")
     return root, lines, path

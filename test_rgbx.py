@@ -6,6 +6,8 @@ import math
 import os
 import re
 import socket
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -414,7 +416,7 @@ def test_load_pair_real_and_size_mismatch(tmp_path):
     rgb, x = data.load_pair(NYU / 'RGB' / '0.png', NYU / 'Depth' / '0.png', 'nyudv2', 'depth')
     ref_rgb, ref_x, _ = data.RGBXDataset(NYU, 'test', 'nyudv2', 'depth')[0]
     assert torch.equal(rgb, ref_rgb) and torch.equal(x, ref_x)
-    png(tmp_path / 'small.png', np.zeros((100, 100), np.uint8))
+    png(tmp_path / 'small.png', np.zeros((100, 100), np.uint16))  # depth: 16-bit mm
     with pytest.raises(ValueError, match='disagree'):
         data.load_pair(NYU / 'RGB' / '0.png', tmp_path / 'small.png', 'nyudv2', 'depth')
 
@@ -2389,3 +2391,55 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     trained = tr.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
     for name, p in backbone.named_parameters():  # the file holds exactly the foundation's trained backbone
         assert torch.equal(p, trained['backbone.' + name]), name
+
+
+# --- robustness B: file formats, split files, DDP, data-loading threads, panels ---
+
+def png16(path, arr):
+    """Write uint16 (H, W) or (H, W, 3) as a PNG of 16 bits per channel (Pillow cannot
+    write 16-bit colour): signature, IHDR, one IDAT of unfiltered rows, IEND."""
+    h, w = arr.shape[:2]
+    chunk = lambda kind, body: (struct.pack('>I', len(body)) + kind + body
+                                + struct.pack('>I', zlib.crc32(kind + body)))
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), arr.astype('>u2').view(np.uint8).reshape(h, -1)], 1)  # filter 0
+    colour = 0 if arr.ndim == 2 else 2  # grey | RGB
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.PNG_SIGNATURE + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, colour, 0, 0, 0))
+                     + chunk(b'IDAT', zlib.compress(rows.tobytes())) + chunk(b'IEND', b''))
+
+
+def test_bit_depth_decides_how_a_file_is_read(nyu_like):
+    rng = np.random.default_rng(0)
+    # 16-bit grey depth at full precision (the whole 0..65535 range, written by hand)
+    mm = rng.integers(0, 65536, (8, 10)).astype(np.uint16)
+    png16(nyu_like / 'Depth' / '0.png', mm)
+    x = data.read_x(nyu_like / 'Depth' / '0.png', data.DEPTH)
+    assert np.array_equal(x[..., 0], mm / np.float32(10000))
+    ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2', 'depth')
+    # 8-bit depth: never v / 255 for depth in millimetres
+    png(nyu_like / 'Depth' / '1.png', rng.integers(0, 256, (8, 10), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r'Depth/1\.png is an 8-bit image.*16-bit PNG in millimetres'):
+        ds[1]
+    # 3 x 16-bit depth: Pillow would keep the high byte only
+    png16(nyu_like / 'Depth' / '1.png', np.repeat(mm[..., None], 3, -1))
+    assert Image.open(nyu_like / 'Depth' / '1.png').mode == 'RGB'  # what Pillow makes of it
+    with pytest.raises(ValueError, match=r'Depth/1\.png stores 16 bits per channel in 3 channels.*1-channel 16-bit PNG'):
+        ds[1]
+    # 12-bit RGB in a 16-bit PNG (near-black at 8 bits): refused with the conversion
+    png16(nyu_like / 'RGB' / '0.png', rng.integers(0, 4096, (8, 10, 3)).astype(np.uint16))
+    with pytest.raises(ValueError, match=r'RGB/0\.png stores 16 bits.*round\(v \* 255 / 4095\)'):
+        ds[0]
+    png16(nyu_like / 'HHA' / '1.png', rng.integers(0, 65536, (8, 10, 3)).astype(np.uint16))
+    with pytest.raises(ValueError, match=r'HHA/1\.png stores 16 bits.*round\(v / 257\)'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2', 'hha')[1]
+
+
+def test_split_file_duplicates_encoding_and_bom(nyu_like):
+    (nyu_like / 'train.txt').write_text('RGB/0.jpg Label/0.png\n1\n0\n')
+    with pytest.raises(ValueError, match=r"train\.txt: sample '0' is listed twice \(lines 1 and 3\)"):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+    (nyu_like / 'train.txt').write_bytes('RGB/0.png\nRGB/caf\u00e9.png\n'.encode('latin-1'))
+    with pytest.raises(ValueError, match=r'train\.txt is not UTF-8 text \(byte 0xe9 at offset 17\)'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+    (nyu_like / 'train.txt').write_bytes('RGB/0.png Label/0.png\n1\n'.encode('utf-8-sig'))  # with a byte order mark
+    assert data.RGBXDataset(nyu_like, 'train', 'nyudv2').names == ['0', '1']
