@@ -17,6 +17,7 @@ Nothing is resized, clipped or skipped when reading: a missing file, undecodable
 sizes that disagree or a label value outside the classes raises an error naming the
 file and the fix.
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -528,6 +529,29 @@ def demo_scene(rng, size):
     return rgb, np.clip(depth, 0, 1).astype(np.float32)[..., None], label
 
 
+def usable_cores():
+    """The cores this process may run on (its CPU affinity), capped by OMP_NUM_THREADS
+    when set (torchrun sets it to 1 per process)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(cores, int(os.environ.get('OMP_NUM_THREADS') or cores))
+
+
+def one_thread(worker_id):
+    """worker_init_fn: a loader worker computes on 1 thread."""
+    torch.set_num_threads(1)
+
+
+def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False):
+    """A DataLoader that keeps to the cores: each of the `workers` processes runs 1
+    thread and the main process usable_cores() - workers (at least 1), so that loading
+    and the model never oversubscribe the cores. Worker seeds come from a fresh
+    generator: the global RNG is left alone."""
+    torch.set_num_threads(max(1, usable_cores() - workers))
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                                       drop_last=drop_last, worker_init_fn=one_thread if workers else None,
+                                       generator=torch.Generator())
+
+
 def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0):
     """The dataset `name` of PRESETS: 'demo' / 'demo128' (generated; root ignored) or RGBXDataset at `root`
     ('' or None: the preset's default root, e.g. ./datasets/NYUDepthv2). train=True
@@ -675,11 +699,17 @@ def palette(preset_name):
     return colours
 
 
-def colorize(label, palette):
-    """label (H, W) ints in 0..255 -> (H, W, 3) uint8 colours; ignore (255) is black."""
+def colorize(label, palette, hatch=False):
+    """label (H, W) ints in 0..255 -> (H, W, 3) uint8 colours; ignore (255) is black,
+    or with hatch=True black and white diagonal stripes (2 px), unlike any class colour
+    (class 0 is black in several palettes)."""
     label = np.asarray(label)
     if label.size and (label.min() < 0 or label.max() > 255):
         raise ValueError(f"labels must lie in 0..255 to colourise, got {label.min()}..{label.max()}")
     out = np.asarray(palette, np.uint8)[label]
-    out[label == IGNORE] = 0
+    void = label == IGNORE
+    out[void] = 0
+    if hatch:
+        yy, xx = np.indices(label.shape)
+        out[void & ((yy + xx) // 2 % 2 == 0)] = 255
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 import rgbx
@@ -127,9 +127,7 @@ def drop_modality(rgb, x, modality):
 def shard_loader(dataset, rank=0, world=1, workers=2, pin=False, batch_size=1):
     """Evaluation loader over this rank's share rank::world, without the padding
     duplicates of DistributedSampler (so the summed confusion counts each image once)."""
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(rank, len(dataset), world)),
-                                       batch_size, shuffle=False, num_workers=workers, pin_memory=pin,
-                                       generator=torch.Generator())  # leaves the global RNG alone
+    return data.loader(torch.utils.data.Subset(dataset, range(rank, len(dataset), world)), batch_size, workers, pin=pin)
 
 
 @torch.no_grad()
@@ -195,10 +193,29 @@ def to_image(t, mean, std):
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def save_panel(path, rgb_img, x_img, gt, pred, palette):
-    """RGB | X | ground truth | prediction, side by side, as one PNG."""
-    panel = np.concatenate([rgb_img, x_img, data.colorize(gt, palette), data.colorize(pred, palette)], 1)
-    Image.fromarray(panel).save(path)
+def legend(classes, class_names, palette, width, row=14):
+    """A white strip (h, width, 3) uint8 of swatches and names: each class in `classes`,
+    then void (hatched, as data.colorize draws it), in as many columns as fit."""
+    font = ImageFont.load_default()
+    entries = [(c, class_names[c]) for c in classes] + [(data.IGNORE, 'void (not scored)')]
+    cell = 16 + max(int(ImageDraw.Draw(Image.new('RGB', (1, 1))).textlength(name, font=font)) for _, name in entries)
+    cols = max(1, width // cell)
+    strip = Image.new('RGB', (width, row * -(-len(entries) // cols) + 2), 'white')
+    draw = ImageDraw.Draw(strip)
+    for i, (c, name) in enumerate(entries):
+        x, y = i % cols * cell + 2, i // cols * row + 2
+        strip.paste(Image.fromarray(data.colorize(np.full((row - 4, row - 4), c), palette, hatch=True)), (x, y))
+        draw.rectangle((x, y, x + row - 5, y + row - 5), outline=(128, 128, 128))
+        draw.text((x + row, y), name, fill='black', font=font)
+    return np.array(strip)
+
+
+def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
+    """RGB | X | ground truth | prediction, side by side, over a legend of the classes
+    present in either map (void hatched), as one PNG."""
+    panel = np.concatenate([rgb_img, x_img, data.colorize(gt, palette, hatch=True), data.colorize(pred, palette)], 1)
+    present = sorted(set(np.unique(gt).tolist()) - {data.IGNORE} | set(np.unique(pred).tolist()))
+    Image.fromarray(np.concatenate([panel, legend(present, class_names, palette, panel.shape[1])])).save(path)
 
 
 # ----------------------------------------------------------------------------
@@ -296,8 +313,7 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
     streams = getattr(model, 'streams', 1)  # KTB runs the backbone once per modality
     out['train_step_over_floor'] = out['train_step_s'] / (streams * out['backbone_fwd_bwd_s'])
 
-    loader = torch.utils.data.DataLoader(dataset, batch, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == 'cuda', generator=torch.Generator())
+    loader = data.loader(dataset, batch, workers, pin=device.type == 'cuda')
     n, t = 0, time.perf_counter()
     for i, (r, _, _) in enumerate(loader):
         n += r.shape[0]
@@ -374,7 +390,7 @@ def run(args):
 
     dataset = data.build_dataset(cfg.dataset, args.data_root if args.data_root is not None else cfg.data_root,
                                  args.split, cfg.x_modality or None)
-    loader = shard_loader(dataset, rank, world, workers=2, pin=device.type == 'cuda')
+    loader = shard_loader(dataset, rank, world, args.workers, pin=device.type == 'cuda')
     on_batch = None
     if args.save_pred:
         os.makedirs(args.save_pred, exist_ok=True)
@@ -384,7 +400,8 @@ def run(args):
             name = str(dataset.names[rank + i * world])
             Image.fromarray(data.colorize(pred[0].cpu().numpy(), palette)).save(os.path.join(args.save_pred, f'{name}.png'))
             save_panel(os.path.join(args.save_pred, f'{name}_panel.png'), to_image(rgb[0], *preset.rgb_norm),
-                       to_image(x[0], mean_x, std_x), label[0].cpu().numpy(), pred[0].cpu().numpy(), palette)
+                       to_image(x[0], mean_x, std_x), label[0].cpu().numpy(), pred[0].cpu().numpy(), palette,
+                       preset.class_names)
     conf = evaluate(model, loader, preset.num_classes, device, scales, args.flip, crop, args.modality, args.amp, on_batch)
     m = metrics(conf)
     if rank == 0:

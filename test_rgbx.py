@@ -2309,9 +2309,9 @@ def test_eval_cli_reproduces_saves_and_segments_own_images(demo_run, tmp_path):
     m = json.load(open(tmp_path / 'm.json'))
     assert m['miou'] == pytest.approx(out['best'], abs=1e-9)  # same model, same single-scale pass
     panel = np.array(Image.open(tmp_path / 'pred' / 'test_0000_panel.png'))
-    assert panel.shape == (64, 4 * 64, 3)
+    assert panel.shape[0] > 64 and panel.shape[1:] == (4 * 64, 3)  # the maps over a legend
     pred = np.array(Image.open(tmp_path / 'pred' / 'test_0000.png'))
-    assert np.array_equal(panel[:, 3 * 64:], pred)
+    assert np.array_equal(panel[:64, 3 * 64:], pred)
     rgb, depth, _ = data.DemoDataset('test').read(0)  # the user's own pair: an RGB PNG and an 8-bit depth PNG
     Image.fromarray(rgb).save(tmp_path / 'rgb.png')
     Image.fromarray((depth[..., 0] * 255).round().astype(np.uint8)).save(tmp_path / 'x.png')
@@ -2443,3 +2443,24 @@ def test_split_file_duplicates_encoding_and_bom(nyu_like):
         data.RGBXDataset(nyu_like, 'train', 'nyudv2')
     (nyu_like / 'train.txt').write_bytes('RGB/0.png Label/0.png\n1\n'.encode('utf-8-sig'))  # with a byte order mark
     assert data.RGBXDataset(nyu_like, 'train', 'nyudv2').names == ['0', '1']
+
+
+def test_panel_has_a_legend_and_void_apart_from_class_0(tmp_path):
+    palette, names = data.palette('demo'), data.PRESETS['demo'].class_names
+    assert palette[0].tolist() == [0, 0, 0]  # class 0 (background) is black, as void used to be
+    gt = np.zeros((32, 40), np.int64)
+    gt[:, 20:] = 255  # right half void
+    gt[:8, :8] = 1
+    pred = np.full((32, 40), 2)
+    img = np.full((32, 40, 3), 90, np.uint8)
+    ev.save_panel(tmp_path / 'p.png', img, img, gt, pred, palette, names)
+    panel = np.array(Image.open(tmp_path / 'p.png'))
+    assert panel.shape[1:] == (4 * 40, 3) and panel.shape[0] > 32
+    shown_gt, strip = panel[:32, 80:120], panel[32:]
+    assert (shown_gt[8:, :20] == 0).all()  # class 0: black
+    void = shown_gt[:, 20:].reshape(-1, 3).tolist()
+    assert [255, 255, 255] in void and [0, 0, 0] in void  # void: hatched, not class 0's plain black
+    colours = {tuple(c) for c in strip.reshape(-1, 3).tolist()}
+    assert {tuple(palette[c]) for c in (0, 1, 2)} <= colours  # a swatch per class present in either map
+    assert tuple(palette[3]) not in colours and tuple(palette[4]) not in colours
+    assert (255, 255, 255) in colours and (strip < 255).any(axis=2).sum() > 300  # names drawn

@@ -293,10 +293,7 @@ def train(cfg, model=None, on_step=None):
         raise ValueError(f"{len(train_set)} training samples cannot fill one step of {world} x {cfg.batch_size} x "
                          f"{cfg.grad_accum} (processes x batch x accumulation)")
     pin = device.type == 'cuda'
-    loader = torch.utils.data.DataLoader(
-        train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=pin, drop_last=True,
-        persistent_workers=False,  # the sampler's start offset changes per epoch; workers restart with it
-        generator=torch.Generator())  # worker seeds drawn from here, not from the global RNG
+    loader = data.loader(train_set, cfg.batch_size, cfg.workers, sampler, drop_last=True, pin=pin)
     test_loader = shard_loader(test_set, rank, world, cfg.workers, pin)
 
     # model
