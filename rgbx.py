@@ -1313,13 +1313,14 @@ def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_si
 def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
     """GoPT eq. 8-9: assignment of S tokens to C groups.
 
-    logits (..., S, C) -> A_hat (..., S, C). Gumbel(0, 1) noise (drawn from
-    torch's global RNG) is added only when `noise` (training). hard: the forward
-    value is exactly one-hot (argmax), the gradient is that of the soft A
-    (straight-through); written one_hot + (A - sg(A)) so that the forward value
-    is bit-exact. soft: A itself (the ablation of Fig. 7).
+    logits (B, ..., S, C) -> A_hat (B, ..., S, C). Gumbel(0, 1) noise (drawn from
+    torch's global RNG for the global batch: share_draw) is added only when `noise`
+    (training). hard: the forward value is exactly one-hot (argmax), the gradient is
+    that of the soft A (straight-through); written one_hot + (A - sg(A)) so that the
+    forward value is bit-exact. soft: A itself (the ablation of Fig. 7).
     """
-    gumbel = -torch.empty_like(logits).exponential_().log() if noise else 0.0  # gamma ~ Gumbel(0, 1)
+    gumbel = -share_draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
+                         logits.shape[0]).log() if noise else 0.0  # gamma ~ Gumbel(0, 1), drawn for the global batch
     A = F.softmax((logits + gumbel) / tau, -1)  # eq. 8
     return F.one_hot(A.argmax(-1), A.shape[-1]).to(A.dtype) + (A - A.detach()) if hard else A  # eq. 9
 
