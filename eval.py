@@ -198,7 +198,7 @@ def legend(classes, class_names, palette, width, row=14):
     then void (hatched, as data.colorize draws it), in as many columns as fit."""
     font = ImageFont.load_default()
     entries = [(c, class_names[c]) for c in classes] + [(data.IGNORE, 'void (not scored)')]
-    cell = 16 + max(int(ImageDraw.Draw(Image.new('RGB', (1, 1))).textlength(name, font=font)) for _, name in entries)
+    cell = 16 + max(int(font.getlength(name)) for _, name in entries)  # swatch, gap, the longest name
     cols = max(1, width // cell)
     strip = Image.new('RGB', (width, row * -(-len(entries) // cols) + 2), 'white')
     draw = ImageDraw.Draw(strip)

@@ -946,8 +946,7 @@ def test_nonfinite_loss_stops_or_skips(tmp_path):
 def ddp_worker(rank, world, rendezvous, configs):
     """One process of a 2-process run: the process group meets through a file (no port
     to pick, so no race for it), then trains each config as torchrun would run train.py."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')  # as torchrun
     torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world)
     try:
         for cfg in configs:
@@ -2466,3 +2465,45 @@ def test_panel_has_a_legend_and_void_apart_from_class_0(tmp_path):
     assert {tuple(palette[c]) for c in (0, 1, 2)} <= colours  # a swatch per class present in either map
     assert tuple(palette[3]) not in colours and tuple(palette[4]) not in colours
     assert (255, 255, 255) in colours and (strip < 255).any(axis=2).sum() > 300  # names drawn
+
+
+class ThreadsSeen(torch.utils.data.Dataset):
+    """Items report the torch threads of the process that loads them."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.get_num_threads()
+
+
+def test_loader_keeps_workers_and_main_process_to_the_cores(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})  # a 4-core machine
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    try:
+        loader = data.loader(ThreadsSeen(), 2, workers=1)
+        assert torch.get_num_threads() == 3  # 4 cores - 1 worker
+        assert next(iter(loader)).tolist() == [1, 1]  # the worker computes on 1 thread
+        data.loader(ThreadsSeen(), 2, workers=0)
+        assert torch.get_num_threads() == 4
+        data.loader(ThreadsSeen(), 2, workers=6)  # more workers than cores: the main process keeps 1
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv('OMP_NUM_THREADS', '2')  # as torchrun sets it (to 1) per process
+        data.loader(ThreadsSeen(), 2, workers=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_eval_honours_workers(demo_run, tmp_path, monkeypatch):
+    cfg, out = demo_run
+    seen, make = [], data.loader
+    monkeypatch.setattr(data, 'loader', lambda dataset, batch_size=1, workers=0, *a, **k:
+                        seen.append(workers) or make(dataset, batch_size, workers, *a, **k))
+    before = torch.get_num_threads()
+    try:
+        ev.main(['--checkpoint', os.path.join(cfg.out_dir, 'best.pt'), '--workers', '1', '--json', str(tmp_path / 'm.json')])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1] and json.load(open(tmp_path / 'm.json'))['miou'] == pytest.approx(out['best'], abs=1e-9)
