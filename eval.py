@@ -352,7 +352,7 @@ def main(argv=None):
     b.add_argument('--dataset', default='demo', help='sets classes, X channels and the data-throughput source')
     b.add_argument('--size', default='480x640')
     b.add_argument('--batch', type=int, default=2)
-    b.add_argument('--workers', type=int, default=2)
+    b.add_argument('--workers', type=int, default=0, help='loader processes (evaluation too); see README')
     b.add_argument('--repeats', type=int, default=3)
     args = p.parse_args(argv)
     if not args.benchmark and not args.checkpoint:

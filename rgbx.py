@@ -106,8 +106,9 @@ class AllReduceSum(torch.autograd.Function):
 
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d with the statistics of the global batch in training: the per-channel
-    sum and sum of squared deviations are summed over the processes (AllReduceSum), as torch.nn.SyncBatchNorm, which has CUDA kernels only;
-    this one runs on any backend (gloo on CPU). Eval and one process: BatchNorm2d."""
+    sum and sum of squared deviations are summed over the processes (AllReduceSum), as
+    in torch.nn.SyncBatchNorm, which has CUDA kernels only; this one runs on any backend
+    (gloo on CPU). In eval mode and in one process it is BatchNorm2d."""
 
     def forward(self, x):
         if not self.training or batch_share()[1] == 1:

@@ -54,7 +54,7 @@ class Config:
     amp: str = 'none'               # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)
     compile: bool = False
     sync_bn: bool = False           # SyncBatchNorm across GPUs (CUDA only)
-    workers: int = 2
+    workers: int = 0                # loader processes; 0 measured fastest for the demo on 2 cores (README)
     seed: int = 3407
     # run
     out_dir: str = ''               # '' = runs/<dataset>-<method>-<backbone>
