@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import socket
 import struct
 import zlib
 from pathlib import Path
@@ -23,7 +22,8 @@ import train as tr
 
 REALDATA = Path(__file__).resolve().parent.parent / 'shared' / 'realdata'
 NYU = REALDATA / 'NYUDepthv2'
-needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason=f"{REALDATA} is absent (the real frames are not part of a clone)")
+needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(),
+                                    reason=f"{REALDATA} is absent (the real frames are not part of a clone)")
 
 
 def tiny_swin(**kw):
@@ -848,7 +848,8 @@ def test_sampler_resumes_and_shards():
     shards = [tr.ResumableSampler(10, seed=1, rank=r, world=2, batch=2) for r in range(2)]
     for s in shards:
         s.set_epoch(3)
-    assert list(shards[0]) == order[0:2] + order[4:6] and list(shards[1]) == order[2:4] + order[6:8]  # rank r: rows r*2, r*2+1 of each global batch of 4
+    # rank r takes rows 2r, 2r + 1 of each global batch of 4
+    assert list(shards[0]) == order[0:2] + order[4:6] and list(shards[1]) == order[2:4] + order[6:8]
 
 
 def test_checkpoint_atomic_and_verified(tmp_path, monkeypatch):
@@ -977,7 +978,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     for cfg_one, cfg_two in zip(one, two):
         tr.train(cfg_one)
         a, b = (tr.load_run_checkpoint(os.path.join(c.out_dir, 'last.pt')) for c in (cfg_one, cfg_two))
-        losses = [[json.loads(line)['loss'] for line in open(os.path.join(c.out_dir, 'log.jsonl'))] for c in (cfg_one, cfg_two)]
+        losses = [[json.loads(line)['loss'] for line in open(os.path.join(c.out_dir, 'log.jsonl'))]
+                  for c in (cfg_one, cfg_two)]
         assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
         moments = [{i: s['exp_avg'] for i, s in ckpt['optimizer']['state'].items()} for ckpt in (a, b)]
         scale = max(m.abs().max().item() for m in moments[0].values())

@@ -181,7 +181,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         steps = len(order) // (self.world * self.batch)  # whole global batches only (drop_last)
-        dealt = torch.tensor(order[:steps * self.world * self.batch]).view(steps, self.world, self.batch)  # (step, rank, row)
+        dealt = torch.tensor(order[:steps * self.world * self.batch]).view(steps, self.world, self.batch)  # (step, rank, i)
         return dealt[:, self.rank].flatten().tolist()
 
     def __iter__(self):
