@@ -50,14 +50,14 @@ def share_draw(draw, n, dim=0):
     return draw(n) if world == 1 else draw(world * n).narrow(dim, rank * n, n)
 
 
-def global_count(n):
+def global_count(n, device):
     """The denominator of a mean over this share's n items that makes the average of
     the processes' gradients (DDP) the gradient of the global batch's mean: n in one
-    process, else the global count / world (at least 1)."""
+    process, else the global count / world (at least 1), all-reduced on `device`."""
     rank, world = batch_share()
     if world == 1:
         return max(n, 1)
-    total = torch.tensor([n], dtype=torch.float64)
+    total = torch.tensor([n], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return max(total.item(), 1.0) / world
 
@@ -113,18 +113,19 @@ class SyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training or batch_share()[1] == 1:
             return super().forward(x)
-        count = torch.tensor(float(x.numel() // x.shape[1]))
+        xf = x.float()  # statistics in float32 also under autocast
+        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)  # pixels per channel
         dist.all_reduce(count)
-        mean = AllReduceSum.apply(x.sum((0, 2, 3))) / count  # (C,)
-        var = AllReduceSum.apply(((x - mean[:, None, None]) ** 2).sum((0, 2, 3))) / count  # (C,), biased
+        mean = AllReduceSum.apply(xf.sum((0, 2, 3))) / count  # (C,)
+        var = AllReduceSum.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))) / count  # (C,), biased
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
                 self.running_mean.lerp_(mean, m)
                 self.running_var.lerp_(var * count / (count - 1).clamp(min=1), m)
-        out = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
-        return out * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else out
+        out = (xf - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
+        return (out * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else out).to(x.dtype)
 
 
 def sync_batchnorm(module, device):
@@ -171,7 +172,7 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
         if int(hard.sum()) < valid // 16:
             return loss.topk(valid // 16).values.mean()
         return (loss * hard).sum() / hard.sum().clamp(min=1)
-    return loss.sum() / global_count(valid)  # the mean over the global batch's labelled pixels
+    return loss.sum() / global_count(valid, loss.device)  # the mean over the global batch's labelled pixels
 
 
 def drop_path_rates(rate, n):
