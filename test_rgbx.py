@@ -2509,3 +2509,18 @@ def test_eval_honours_workers(demo_run, tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert seen == [1] and json.load(open(tmp_path / 'm.json'))['miou'] == pytest.approx(out['best'], abs=1e-9)
+
+
+def test_every_real_data_test_skips_without_the_frames():
+    """A clone has no ../shared/realdata: every test that reads it (directly, through NYU
+    or through a helper that reads it) carries needs_realdata, so it skips with its reason."""
+    import inspect
+    functions = {n: f for n, f in globals().items() if inspect.isfunction(f) and f.__module__ == __name__}
+    this = test_every_real_data_test_skips_without_the_frames
+    readers = {'REALDATA', 'NYU'} | {n for n, f in functions.items()
+                                     if not n.startswith('test_') and 'REALDATA' in inspect.getsource(f)}
+    reading = {n for n, f in functions.items() if n.startswith('test_') and f is not this
+               and readers & set(re.findall(r'\w+', inspect.getsource(f).split(':', 1)[1]))}
+    assert len(reading) >= 11
+    for name in reading:
+        assert needs_realdata.mark in getattr(functions[name], 'pytestmark', []), name
