@@ -5,17 +5,20 @@ a built-in synthetic RGB-D demo, joint augmentation and colourising.
 Every dataset item is a triple (rgb, x, label):
     rgb   float32 (3, H, W)    channel order R, G, B (never BGR): v / 255, then
                                (v - mean) / std with the ImageNet statistics;
-    x     float32 (C_x, H, W)  8-bit files: v / 255; 16-bit files (depth in mm):
+    x     float32 (C_x, H, W)  8-bit files: v / 255; 16-bit grey files (depth in mm):
                                v / Modality.max16 (10000: 1.0 = 10 m; 0 = invalid
                                stays 0, nothing is filled); then (v - mean) / std of
-                               the modality (Preset.x_norm);
+                               the modality (Preset.x_norm). Each modality reads one
+                               bit depth: 8-bit depth (mm expected) and any PNG of 16
+                               bits per colour channel (which Pillow cuts to 8) are
+                               errors that say which conversion to do;
     label int64 (H, W)         classes 0..K-1 and 255 = ignore.
 Labels on disk: value v becomes v + Preset.label_shift, computed in int64; negative
 results and an on-disk 255 become 255. NYUDv2 stores 0 = void and 1..40, so with
 shift -1: 0 -> 255, 1 -> 0, 40 -> 39, and 41 is an error (never `label - 1` on uint8).
 Nothing is resized, clipped or skipped when reading: a missing file, undecodable image,
-sizes that disagree or a label value outside the classes raises an error naming the
-file and the fix.
+sizes that disagree, a label value outside the classes, an id listed twice in a split
+or a split file that is not UTF-8 raises an error naming the file and the fix.
 """
 import os
 from dataclasses import dataclass
