@@ -1625,8 +1625,9 @@ def m2im_keep(num_modalities, p_m=0.5, generator=None):
 
 
 def m2im_keep_batch(batch, num_modalities, p_m=0.5, device=None):
-    """An independent `m2im_keep` draw per sample: (batch, num_modalities) bool, True = kept."""
-    return torch.stack([m2im_keep(num_modalities, p_m) for _ in range(batch)]).to(device)
+    """An independent `m2im_keep` draw per sample of the global batch (share_draw):
+    (batch, num_modalities) bool, True = kept."""
+    return share_draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
 
 
 def visible_counts(keep, budget):

@@ -959,8 +959,9 @@ def ddp_worker(rank, world, rendezvous, configs):
 def test_two_process_ddp_equals_one_process(tmp_path):
     """2 real processes (gloo, CPU) at batch 2 = 1 process at batch 4, for the demo
     model (SegFormer head: BatchNorm, Dropout2d), a nano KTB (MMST drops, adapter
-    dropout, DSCF BatchNorm, self-teaching loss) and a nano GoPT (Gumbel noise, BatchNorm
-    in the SETR head), 4 AdamW steps at lr 1e-3. Compared:
+    dropout, DSCF BatchNorm, self-teaching loss), a nano GoPT (Gumbel noise, BatchNorm
+    in the SETR head) and a MaskMentor fine-tuning (M2IM modality drops), 4 AdamW steps
+    at lr 1e-3. Compared:
     the loss of every step (rel 1e-5), Adam's first moments (a running sum of the
     gradients: within 1e-5 of their largest value; measured 2e-6), and every tensor of
     the final state: weights within 5e-5 (measured 3e-5); biases and BN running means
@@ -971,7 +972,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     all-reduced). Before the fix weights differed by 3e-3 and BN running means by 0.17."""
     kw = [dict(method='early_fusion', backbone='swin-nano'),
           dict(method='ktb', backbone='swin-nano', pretrained='none', opts='window_size=4'),
-          dict(method='gopt', backbone='vit-nano', pretrained='none')]
+          dict(method='gopt', backbone='vit-nano', pretrained='none'),
+          dict(method='maskmentor', backbone='vit-nano', pretrained='none')]
     one = [demo_config(tmp_path / f'one{i}', batch_size=4, eval_every=0, **k) for i, k in enumerate(kw)]
     two = [demo_config(tmp_path / f'two{i}', batch_size=2, eval_every=0, **k) for i, k in enumerate(kw)]
     torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / 'rendezvous'), two), nprocs=2)
