@@ -293,6 +293,7 @@ def train(cfg, model=None, on_step=None):
         raise ValueError(f"{len(train_set)} training samples cannot fill one step of {world} x {cfg.batch_size} x "
                          f"{cfg.grad_accum} (processes x batch x accumulation)")
     pin = device.type == 'cuda'
+    # workers are not persistent: they restart each epoch with the sampler's start offset
     loader = data.loader(train_set, cfg.batch_size, cfg.workers, sampler, drop_last=True, pin=pin)
     test_loader = shard_loader(test_set, rank, world, cfg.workers, pin)
 
