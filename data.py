@@ -6,17 +6,20 @@ DFormer), a built-in synthetic RGB-D demo, joint augmentation and colourising.
 Every dataset item is a triple (rgb, x, label):
     rgb   float32 (3, H, W)    channel order R, G, B (never BGR): v / 255, then
                                (v - mean) / std with the ImageNet statistics;
-    x     float32 (C_x, H, W)  8-bit files: v / 255; 16-bit files (depth in mm):
+    x     float32 (C_x, H, W)  8-bit files: v / 255; 16-bit grey files (depth in mm):
                                v / Modality.max16 (10000: 1.0 = 10 m; 0 = invalid
                                stays 0, nothing is filled); then (v - mean) / std of
-                               the modality (Preset.x_norm);
+                               the modality (Preset.x_norm). Each modality reads one
+                               bit depth: 8-bit depth (mm expected) and any PNG of 16
+                               bits per colour channel (which Pillow cuts to 8) are
+                               errors that say which conversion to do;
     label int64 (H, W)         classes 0..K-1 and 255 = ignore.
 Labels on disk: value v becomes v + Preset.label_shift, computed in int64; negative
 results and an on-disk 255 become 255. NYUDv2 stores 0 = void and 1..40, so with
 shift -1: 0 -> 255, 1 -> 0, 40 -> 39, and 41 is an error (never `label - 1` on uint8).
 Nothing is resized, clipped or skipped when reading: a missing file, undecodable image,
-sizes that disagree or a label value outside the classes raises an error naming the
-file and the fix.
+sizes that disagree, a label value outside the classes, an id listed twice in a split
+or a split file that is not UTF-8 raises an error naming the file and the fix.
 """
 import os
 from dataclasses import asdict, dataclass, fields
@@ -228,8 +231,7 @@ class Config:
     device: str = ''                # '' = cuda if available, else cpu
     amp: str = 'none'               # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)
     compile: bool = False
-    sync_bn: bool = False           # SyncBatchNorm across GPUs (CUDA only)
-    workers: int = 2
+    workers: int = 0                # loader processes; 0 measured fastest for the demo on 2 cores (README)
     seed: int = 3407
     # run
     out_dir: str = ''               # '' = runs/<dataset>-<method>-<backbone>
@@ -254,10 +256,12 @@ RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir')  # say how to run
 # --nonfinite skip; a diverged run (lr 1e9 skipped 63 of 64) then stops instead of
 # "finishing" on the few steps it took
 MAX_SKIPPED = 0.05
+RETIRED = ('sync_bn',)  # fields of older configs that no longer act (BatchNorm is always synchronised under DDP)
 
 
 def config_from_dict(d, source):
     """A Config from a saved dict (config.json, a checkpoint's 'config'), naming unknown fields."""
+    d = {k: v for k, v in d.items() if k not in RETIRED}
     unknown = sorted(set(d) - {f.name for f in fields(Config)})
     if unknown:
         raise ValueError(f"{source} has config fields this code does not know: {unknown}; "
@@ -386,10 +390,24 @@ def model_options(cfg):
 # Reading files
 # ----------------------------------------------------------------------------
 
-def open_image(path, modes, what):
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+TO_8BIT = ("save it as 8 bits per channel on 0..255 (full-range 16-bit data: round(v / 257); 12-bit data: "
+           "round(v * 255 / 4095))")
+
+
+def png_bit_depth(path):
+    """Bits per channel a PNG stores (its IHDR header), 8 for any other file."""
+    with open(path, 'rb') as f:
+        head = f.read(26)
+    return head[24] if head[:8] == PNG_SIGNATURE and head[12:16] == b'IHDR' else 8
+
+
+def open_image(path, modes, what, fix16=TO_8BIT):
     """Decode an image file with PIL into a numpy array as stored ((H, W) or (H, W, C);
-    uint8, or uint16 / int32 for 16-bit PNGs; palette images give their indices).
-    `modes` are the PIL modes accepted for `what`."""
+    uint8, or uint16 / int32 for 16-bit grey PNGs; palette images give their indices).
+    `modes` are the PIL modes accepted for `what`. A PNG of 16 bits per channel in
+    colour (PIL mode RGB / RGBA, which keeps only the high byte: 12-bit data comes back
+    near-black) is an error whose fix is `fix16`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (the {what})")
@@ -400,6 +418,9 @@ def open_image(path, modes, what):
         raise ValueError(f"{path} cannot be decoded as an image ({e}); re-save it as PNG") from e
     if mode not in modes:
         raise ValueError(f"{path} is a PIL {mode!r} image; the {what} must be one of the modes {modes}")
+    if arr.dtype == np.uint8 and arr.ndim == 3 and png_bit_depth(path) == 16:
+        raise ValueError(f"{path} stores 16 bits per channel in {arr.shape[2]} channels, which Pillow reads as 8 "
+                         f"(the high byte only); the {what}: {fix16}")
     return arr
 
 
@@ -419,9 +440,14 @@ def split_rgbt(rgbt):
 
 
 def scale_x(arr, modality, path):
-    """A stored X image -> float32 (H, W, C) on its [0, 1] scale: 8-bit / 255, 16-bit /
-    modality.max16. Grey saved as 3 equal channels (as many RGB-T releases do) is read
+    """A stored X image -> float32 (H, W, C) on its [0, 1] scale: 8-bit / 255 for X
+    without max16, 16-bit grey / modality.max16 for X with it (depth in mm); the other
+    bit depth is an error. Grey saved as 3 equal channels (as many RGB-T releases do) is read
     as 1 channel, losslessly; any other channel mismatch is an error."""
+    if arr.dtype == np.uint8 and modality.max16:
+        raise ValueError(f"{path} is an 8-bit image; this X is read from 16-bit files (depth in millimetres, "
+                         f"/ {modality.max16:g}), never as v / 255: save it as a 1-channel 16-bit PNG in millimetres "
+                         f"(Image.fromarray(mm.astype(np.uint16)).save(p))")
     if arr.dtype == np.uint8:
         v = arr.astype(np.float32) / 255
     elif arr.ndim == 2 and modality.max16:
@@ -440,7 +466,8 @@ def scale_x(arr, modality, path):
 
 def read_x(path, modality):
     """An X file (8-bit grey or RGB, or 16-bit grey) -> float32 (H, W, C), see scale_x."""
-    arr = open_image(path, ('L', 'RGB', 'I;16', 'I'), 'X image (8-bit grey/RGB, or 16-bit grey depth in mm)')
+    arr = open_image(path, ('L', 'RGB', 'I;16', 'I'), 'X image (8-bit grey/RGB, or 16-bit grey depth in mm)',
+                     "save depth as a 1-channel 16-bit PNG in millimetres" if modality.max16 else TO_8BIT)
     return scale_x(arr, modality, path)
 
 
@@ -541,6 +568,13 @@ class RGBXDataset(SegmentationDataset):
         self.layout = find_layout(self.root, self.preset, self.x_modality)
         self.samples = [self.locate(line, f"{source} line {i + 1}") for i, line in enumerate(lines)]
         self.names = [name for name, *_ in self.samples]
+        seen = {}
+        for i, name in enumerate(self.names):
+            if name in seen:
+                raise ValueError(f"{source}: sample {name!r} is listed twice ({'lines' if source.is_file() else 'images'} "
+                                 f"{seen[name] + 1} and {i + 1}); "
+                                 f"each sample once, or the mIoU counts it twice")
+            seen[name] = i
 
     def locate(self, line, where):
         """One split-file line -> (name, rgb path, x path or None, label path)."""
@@ -605,7 +639,12 @@ def read_split(root, split, preset, x_modality):
         find_layout(root, preset, x_modality)  # a root that holds no dataset at all is reported as such
         raise FileNotFoundError(f"split file {path} not found: expected lines like 'RGB/0.jpg Label/0.png' or "
                                 f"'0' (or a folder {root / str(split)}/ holding the layout)")
-    lines = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    try:
+        text = path.read_bytes().decode('utf-8-sig')  # a UTF-8 byte order mark is dropped
+    except UnicodeDecodeError as e:
+        raise ValueError(f"split file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                         f"re-save it as UTF-8") from None
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
     if not lines:
         raise ValueError(f"split file {path} is empty: list one sample per line, e.g. 'RGB/0.jpg Label/0.png'")
     return root, lines, path
@@ -687,6 +726,29 @@ def demo_scene(rng, size):
     return rgb, np.clip(depth, 0, 1).astype(np.float32)[..., None], label
 
 
+def usable_cores():
+    """The cores this process may run on (its CPU affinity), capped by OMP_NUM_THREADS
+    when set (torchrun sets it to 1 per process)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(cores, int(os.environ.get('OMP_NUM_THREADS') or cores))
+
+
+def one_thread(worker_id):
+    """worker_init_fn: a loader worker computes on 1 thread."""
+    torch.set_num_threads(1)
+
+
+def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False):
+    """A DataLoader that keeps to the cores: each of the `workers` processes runs 1
+    thread and the main process usable_cores() - workers (at least 1), so that loading
+    and the model never oversubscribe the cores. Worker seeds come from a fresh
+    generator: the global RNG is left alone."""
+    torch.set_num_threads(max(1, usable_cores() - workers))
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                                       drop_last=drop_last, worker_init_fn=one_thread if workers else None,
+                                       generator=torch.Generator())
+
+
 def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, method=None):
     """The dataset `name` of PRESETS: 'demo' / 'demo128' (generated; root ignored) or RGBXDataset at `root`
     ('' or None: the preset's default root, e.g. ./datasets/NYUDepthv2). train=True
@@ -700,12 +762,10 @@ def build_dataset(name, root, split, x_modality=None, crop=None, train=False, se
     return RGBXDataset(root or preset.root, split, preset, x_modality, transform, seed)
 
 
-def shard_loader(dataset, rank=0, world=1, workers=2, pin=False, batch_size=1):
+def shard_loader(dataset, rank=0, world=1, workers=0, pin=False, batch_size=1):
     """Evaluation loader over this rank's share rank::world, without the padding
     duplicates of DistributedSampler (so the summed confusion counts each image once)."""
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(rank, len(dataset), world)),
-                                       batch_size, shuffle=False, num_workers=workers, pin_memory=pin,
-                                       generator=torch.Generator())  # leaves the global RNG alone
+    return loader(torch.utils.data.Subset(dataset, range(rank, len(dataset), world)), batch_size, workers, pin=pin)
 
 
 # ----------------------------------------------------------------------------
@@ -842,11 +902,17 @@ def palette(preset_name):
     return colours
 
 
-def colorize(label, palette):
-    """label (H, W) ints in 0..255 -> (H, W, 3) uint8 colours; ignore (255) is black."""
+def colorize(label, palette, hatch=False):
+    """label (H, W) ints in 0..255 -> (H, W, 3) uint8 colours; ignore (255) is black,
+    or with hatch=True black and white diagonal stripes (2 px), unlike any class colour
+    (class 0 is black in several palettes)."""
     label = np.asarray(label)
     if label.size and (label.min() < 0 or label.max() > 255):
         raise ValueError(f"labels must lie in 0..255 to colourise, got {label.min()}..{label.max()}")
     out = np.asarray(palette, np.uint8)[label]
-    out[label == IGNORE] = 0
+    void = label == IGNORE
+    out[void] = 0
+    if hatch:
+        yy, xx = np.indices(label.shape)
+        out[void & ((yy + xx) // 2 % 2 == 0)] = 255
     return out

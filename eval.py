@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 import rgbx
@@ -92,10 +92,29 @@ def to_image(t, mean, std):
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def save_panel(path, rgb_img, x_img, gt, pred, palette):
-    """RGB | X | ground truth | prediction, side by side, as one PNG."""
-    panel = np.concatenate([rgb_img, x_img, data.colorize(gt, palette), data.colorize(pred, palette)], 1)
-    Image.fromarray(panel).save(path)
+def legend(classes, class_names, palette, width, row=14):
+    """A white strip (h, width, 3) uint8 of swatches and names: each class in `classes`,
+    then void (hatched, as data.colorize draws it), in as many columns as fit."""
+    font = ImageFont.load_default()
+    entries = [(c, class_names[c]) for c in classes] + [(data.IGNORE, 'void (not scored)')]
+    cell = 16 + max(int(font.getlength(name)) for _, name in entries)  # swatch, gap, the longest name
+    cols = max(1, width // cell)
+    strip = Image.new('RGB', (width, row * -(-len(entries) // cols) + 2), 'white')
+    draw = ImageDraw.Draw(strip)
+    for i, (c, name) in enumerate(entries):
+        x, y = i % cols * cell + 2, i // cols * row + 2
+        strip.paste(Image.fromarray(data.colorize(np.full((row - 4, row - 4), c), palette, hatch=True)), (x, y))
+        draw.rectangle((x, y, x + row - 5, y + row - 5), outline=(128, 128, 128))
+        draw.text((x + row, y), name, fill='black', font=font)
+    return np.array(strip)
+
+
+def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
+    """RGB | X | ground truth | prediction, side by side, over a legend of the classes
+    present in either map (void hatched), as one PNG."""
+    panel = np.concatenate([rgb_img, x_img, data.colorize(gt, palette, hatch=True), data.colorize(pred, palette)], 1)
+    present = sorted(set(np.unique(gt).tolist()) - {data.IGNORE} | set(np.unique(pred).tolist()))
+    Image.fromarray(np.concatenate([panel, legend(present, class_names, palette, panel.shape[1])])).save(path)
 
 
 # ----------------------------------------------------------------------------
@@ -193,8 +212,7 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
     streams = getattr(model, 'streams', 1)  # KTB runs the backbone once per modality
     out['train_step_over_floor'] = out['train_step_s'] / (streams * out['backbone_fwd_bwd_s'])
 
-    loader = torch.utils.data.DataLoader(dataset, batch, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == 'cuda', generator=torch.Generator())
+    loader = data.loader(dataset, batch, workers, pin=device.type == 'cuda')
     n, t = 0, time.perf_counter()
     for i, (r, _, _) in enumerate(loader):
         n += r.shape[0]
@@ -227,7 +245,7 @@ def main(argv=None):
     p.add_argument('--out', default=None, help='... written here as a colourised PNG')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
-    p.add_argument('--workers', type=int, default=2, help='data-loading processes')
+    p.add_argument('--workers', type=int, default=0, help='loader processes (evaluation and benchmark); see README')
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
     b = p.add_argument_group('model from flags: --benchmark (the --checkpoint model, or a random-weights one chosen by '
                              "these flags), or a --checkpoint without rgbx's config (a trained KTB of the authors' "
@@ -327,7 +345,8 @@ def run(args):
             name = str(dataset.names[rank + i * world])
             Image.fromarray(data.colorize(pred[0].cpu().numpy(), palette)).save(os.path.join(args.save_pred, f'{name}.png'))
             save_panel(os.path.join(args.save_pred, f'{name}_panel.png'), to_image(rgb[0], *preset.rgb_norm),
-                       to_image(x[0], mean_x, std_x), label[0].cpu().numpy(), pred[0].cpu().numpy(), palette)
+                       to_image(x[0], mean_x, std_x), label[0].cpu().numpy(), pred[0].cpu().numpy(), palette,
+                       preset.class_names)
     conf = evaluate(model, loader, preset.num_classes, device, scales, args.flip, crop, args.modality, args.amp, on_batch)
     m = metrics(conf)
     if rank == 0:

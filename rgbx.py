@@ -22,6 +22,7 @@ import math
 import re
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -30,18 +31,125 @@ import torch.nn.functional as F
 # Shared pieces
 # ----------------------------------------------------------------------------
 
-class DropPath(nn.Module):
-    """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample."""
+# Data-parallel training: process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1
+# of the global batch of world*B (train.ResumableSampler deals them so). So that it
+# equals one process at the global batch, the random draws of a training step are made
+# for the global batch and cut to this share (every process draws the same numbers: the
+# generators, seeded alike, stay in step), loss means divide by the global count, and
+# BatchNorm uses the global batch's statistics (SyncBatchNorm).
 
-    def __init__(self, p=0.0):
+def batch_share():
+    """(rank, world) under torch.distributed, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share_draw(draw, n, dim=0):
+    """`draw(n)`, a random tensor with n rows along `dim` for this process's share,
+    drawn as draw(world * n) for the global batch and cut to rows rank*n .. (rank+1)*n - 1."""
+    rank, world = batch_share()
+    return draw(n) if world == 1 else draw(world * n).narrow(dim, rank * n, n)
+
+
+def global_count(n, device):
+    """The denominator of a mean over this share's n items that makes the average of
+    the processes' gradients (DDP) the gradient of the global batch's mean: n in one
+    process, else the global count / world (at least 1), all-reduced on `device`."""
+    rank, world = batch_share()
+    if world == 1:
+        return max(n, 1)
+    total = torch.tensor([n], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return max(total.item(), 1.0) / world
+
+
+class Dropout(nn.Module):
+    """Dropout with its keep mask drawn for the global batch (share_draw; the batch is
+    axis `dim`): one draw per element (`per='element'`, nn.Dropout), per sample and
+    channel of (B, C, ...) ('channel', nn.Dropout2d) or per sample ('sample': stochastic
+    depth, Huang et al. 2016, which drops the whole residual branch). `streams` > 1: the
+    batch axis stacks that many streams of one batch (KTB's RGB rows, then X rows), each
+    drawn for the global batch on its own, so that the rows of a process stay its share."""
+
+    def __init__(self, p=0.0, per='element', dim=0, streams=1):
         super().__init__()
-        self.p = p
+        self.p, self.per, self.dim, self.streams = p, per, dim, streams
 
     def forward(self, x):
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        kept = {'element': x.ndim, 'channel': 2, 'sample': 1}[self.per]  # leading axes drawn separately
+        shape = list(x.shape[:kept]) + [1] * (x.ndim - kept)
+
+        def draw(n):
+            return x.new_empty(shape[:self.dim] + [n] + shape[self.dim + 1:]).bernoulli_(1.0 - self.p)
+        per_stream = x.shape[self.dim] // self.streams
+        keep = torch.cat([share_draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
         return x * keep / (1.0 - self.p)
+
+
+class DropPath(Dropout):
+    """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample."""
+
+    def __init__(self, p=0.0):
+        super().__init__(p, per='sample')
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the processes; its gradient is the sum of theirs."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduceSum.forward(ctx, grad)
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with the statistics of the global batch in training: the per-channel
+    sum and sum of squared deviations are summed over the processes (AllReduceSum), as
+    in torch.nn.SyncBatchNorm, which has CUDA kernels only; this one runs on any backend
+    (gloo on CPU). In eval mode and in one process it is BatchNorm2d."""
+
+    def forward(self, x):
+        if not self.training or batch_share()[1] == 1:
+            return super().forward(x)
+        xf = x.float()  # statistics in float32 also under autocast
+        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)  # pixels per channel
+        dist.all_reduce(count)
+        mean = AllReduceSum.apply(xf.sum((0, 2, 3))) / count  # (C,)
+        var = AllReduceSum.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))) / count  # (C,), biased
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), m)
+        out = (xf - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
+        return (out * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else out).to(x.dtype)
+
+
+def sync_batchnorm(module, device):
+    """`module` with every BatchNorm2d made to use the global batch's statistics under
+    data parallelism: torch.nn.SyncBatchNorm on CUDA, SyncBatchNorm above elsewhere
+    (same parameters, buffers and names)."""
+    if device.type == 'cuda':
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(child.weight.device if child.affine else device)
+            synced.load_state_dict(child.state_dict())
+            synced.train(child.training).requires_grad_(child.affine and child.weight.requires_grad)
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child, device)
+    return module
 
 
 class Mlp(nn.Module):
@@ -70,7 +178,7 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
         if int(hard.sum()) < valid // 16:
             return loss.topk(valid // 16).values.mean()
         return (loss * hard).sum() / hard.sum().clamp(min=1)
-    return loss.sum() / max(valid, 1)
+    return loss.sum() / global_count(valid, loss.device)  # the mean over the global batch's labelled pixels
 
 
 def drop_path_rates(rate, n):
@@ -722,7 +830,7 @@ class SegFormerHead(nn.Module):
         self.linear_c = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_dims)
         self.linear_fuse = nn.Sequential(nn.Conv2d(len(in_dims) * embed_dim, embed_dim, 1, bias=False),
                                          nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
-        self.dropout = nn.Dropout2d(dropout)
+        self.dropout = Dropout(dropout, per='channel')
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
 
     def forward(self, feats, size):
@@ -1139,7 +1247,7 @@ class MAPAAdapter(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(2, 1, rank))
         self.w2 = nn.Parameter(nn.init.trunc_normal_(torch.empty(2, dim, rank), std=0.02))
         self.b2 = nn.Parameter(torch.zeros(2, 1, dim))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout, dim=1)  # on (2, B*H*W, r): the batch is axis 1
 
     def forward(self, z):
         z2 = z.reshape(2, -1, z.shape[-1])  # (2, B*H*W, C): RGB tokens, X tokens
@@ -1385,6 +1493,9 @@ class KTB(nn.Module):
             for c, r, s, g, h, a in zip(dims, ranks['dscf_ranks'], ranks['dscf_strides'], ranks['dscf_groups'],
                                         ranks['dscf_heads'], alphas)) if dscf else None
         backbone.norm = nn.Identity()  # unused: every stage output has its own norms (release: no final norm)
+        for m in backbone.modules():
+            if isinstance(m, Dropout):  # stochastic depth over the stacked streams (2B rows), drawn per stream
+                m.streams = 2
         self.rgb_norms, self.x_norms, self.fuse_norms = (nn.ModuleList(nn.LayerNorm(c) for c in dims) for _ in range(3))
         for norms in (self.rgb_norms, self.x_norms, self.fuse_norms):
             norms.requires_grad_(False)
@@ -1405,7 +1516,7 @@ class KTB(nn.Module):
         tokens = torch.cat([self.backbone.patch_embed(rgb), self.x_patch_embed(x)])  # (2B, h, w, C)
         drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
         if self.training and self.mmst:
-            drop = drop | mmst_drop(B).to(rgb.device)
+            drop = drop | share_draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
         return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]  # keep (2B, 1, 1, 1)
 
     def encode(self, tokens):
@@ -1494,13 +1605,14 @@ def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_si
 def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
     """GoPT eq. 8-9: assignment of S tokens to C groups.
 
-    logits (..., S, C) -> A_hat (..., S, C). Gumbel(0, 1) noise (drawn from
-    torch's global RNG) is added only when `noise` (training). hard: the forward
-    value is exactly one-hot (argmax), the gradient is that of the soft A
-    (straight-through); written one_hot + (A - sg(A)) so that the forward value
-    is bit-exact. soft: A itself (the ablation of Fig. 7).
+    logits (B, ..., S, C) -> A_hat (B, ..., S, C). Gumbel(0, 1) noise (drawn from
+    torch's global RNG for the global batch: share_draw) is added only when `noise`
+    (training). hard: the forward value is exactly one-hot (argmax), the gradient is
+    that of the soft A (straight-through); written one_hot + (A - sg(A)) so that the
+    forward value is bit-exact. soft: A itself (the ablation of Fig. 7).
     """
-    gumbel = -torch.empty_like(logits).exponential_().log() if noise else 0.0  # gamma ~ Gumbel(0, 1)
+    gumbel = -share_draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
+                         logits.shape[0]).log() if noise else 0.0  # gamma ~ Gumbel(0, 1), drawn for the global batch
     A = F.softmax((logits + gumbel) / tau, -1)  # eq. 8
     return F.one_hot(A.argmax(-1), A.shape[-1]).to(A.dtype) + (A - A.detach()) if hard else A  # eq. 9
 
@@ -1803,8 +1915,9 @@ def m2im_keep(num_modalities, p_m=0.5, generator=None):
 
 
 def m2im_keep_batch(batch, num_modalities, p_m=0.5, device=None):
-    """An independent `m2im_keep` draw per sample: (batch, num_modalities) bool, True = kept."""
-    return torch.stack([m2im_keep(num_modalities, p_m) for _ in range(batch)]).to(device)
+    """An independent `m2im_keep` draw per sample of the global batch (share_draw):
+    (batch, num_modalities) bool, True = kept."""
+    return share_draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
 
 
 def visible_counts(keep, budget):

@@ -85,9 +85,11 @@ def param_groups(model, weight_decay):
 
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """DistributedSampler semantics (a seeded shuffle per epoch, the shard
-    rank::world of it, set_epoch) plus `start`: the number of this rank's samples
-    of the epoch already consumed, so that a resumed run sees the same order."""
+    """A seeded shuffle per epoch (set_epoch), dealt in global batches of world x
+    batch: rank r takes rows r*batch .. (r+1)*batch - 1 of each, so the processes
+    together see exactly one process's batches at the global batch size (rgbx.batch_share);
+    `start`: the number of this rank's samples of the epoch already consumed, so that
+    a resumed run sees the same order."""
 
     def __init__(self, n, seed, rank=0, world=1, batch=1):
         self.n, self.seed, self.rank, self.world, self.batch = n, seed, rank, world, batch
@@ -99,8 +101,9 @@ class ResumableSampler(torch.utils.data.Sampler):
     def indices(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        per_rank = len(order) // (self.world * self.batch) * self.batch  # whole batches only (drop_last)
-        return order[self.rank::self.world][:per_rank]
+        steps = len(order) // (self.world * self.batch)  # whole global batches only (drop_last)
+        dealt = torch.tensor(order[:steps * self.world * self.batch]).view(steps, self.world, self.batch)  # (step, rank, i)
+        return dealt[:, self.rank].flatten().tolist()
 
     def __iter__(self):
         return iter(self.indices()[self.start:])
@@ -282,10 +285,8 @@ def make_loaders(cfg, rank, world, device):
         raise ValueError(f"{len(train_set)} training samples cannot fill one step of {world} x {cfg.batch_size} x "
                          f"{cfg.grad_accum} (processes x batch x accumulation)")
     pin = device.type == 'cuda'
-    loader = torch.utils.data.DataLoader(
-        train_set, cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=pin, drop_last=True,
-        persistent_workers=False,  # the sampler's start offset changes per epoch; workers restart with it
-        generator=torch.Generator())  # worker seeds drawn from here, not from the global RNG
+    # workers are not persistent: they restart each epoch with the sampler's start offset
+    loader = data.loader(train_set, cfg.batch_size, cfg.workers, sampler, drop_last=True, pin=pin)
     return train_set, sampler, loader, shard_loader(test_set, rank, world, cfg.workers, pin)
 
 
@@ -346,14 +347,13 @@ def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, schedu
     return loss_sum
 
 
-def prepare_model(cfg, model, num_classes, x_channels, device, say):
-    """The model `cfg` names (or `model`) on `device`, with SyncBatchNorm when asked;
-    prints the config and the parameter counts. Returns (model, counts)."""
+def prepare_model(cfg, model, num_classes, x_channels, device, world, say):
+    """The model `cfg` names (or `model`) on `device`, its BatchNorms synchronised
+    across processes under DDP; prints the config and the parameter counts.
+    Returns (model, counts)."""
     model = (model if model is not None else build_model(cfg, num_classes, x_channels)).to(device)
-    if cfg.sync_bn:
-        if device.type != 'cuda':
-            raise ValueError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world > 1:  # BatchNorm on the global batch's statistics (README, "Several processes")
+        model = rgbx.sync_batchnorm(model, device)
     counts = dict(trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   total=sum(p.numel() for p in model.parameters()))
     say(f"config: {json.dumps(asdict(cfg))}")
@@ -457,7 +457,7 @@ def train(cfg, model=None, on_step=None):
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     preset = data.PRESETS[cfg.dataset]
     train_set, sampler, loader, test_loader = make_loaders(cfg, rank, world, device)
-    raw, counts = prepare_model(cfg, model, preset.num_classes, train_set[0][1].shape[0], device, say)
+    raw, counts = prepare_model(cfg, model, preset.num_classes, train_set[0][1].shape[0], device, world, say)
     fingerprint = rgbx.frozen_fingerprint(raw)
     optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == 'cuda')
