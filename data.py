@@ -80,6 +80,7 @@ class Preset:
     ignore_index: int = IGNORE
     palette: tuple = ()  # colours of the classes; () = the VOC colormap
     rgb_norm: tuple = IMAGENET
+    holdout: int = 0  # the demo only: training scenes held out as its 'test' split (a validation preset)
 
     @property
     def num_classes(self):
@@ -115,18 +116,21 @@ NYU40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'w
 RGBD_LAYOUT = (Layout('RGB', 'Label', {'hha': 'HHA', 'depth': 'Depth'}),)
 
 
-def demo_preset(size):
+def demo_preset(size, holdout=0):
     """The built-in synthetic dataset (DemoDataset) with scenes of size x size pixels:
     no folder layout (nothing is read from disk); depth generated in [0, 1], its
-    statistics measured on the scenes."""
+    statistics measured on the scenes. holdout > 0: a validation preset whose 'train'
+    split is the first 256 - holdout training scenes and whose 'test' split is the last
+    `holdout` training scenes (never the test scenes)."""
     return Preset(('background', 'red low', 'red high', 'blue low', 'blue high'),
                   {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (),
-                  Recipe((size, size), epochs=20, lr=1e-3, weight_decay=0.01, warmup_epochs=1))
+                  Recipe((size, size), epochs=20, lr=1e-3, weight_decay=0.01, warmup_epochs=1), holdout=holdout)
 
 
 PRESETS = {
     'demo': demo_preset(64),
     'demo128': demo_preset(128),  # an 8 x 8 token grid for ViT/16: the reproduction study's data
+    'demo128-val': demo_preset(128, holdout=64),  # the study's validation split, for decisions a paper leaves open
     # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
     'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
                      Recipe((480, 640), epochs=400, lr=4e-4, weight_decay=0.01),
@@ -459,11 +463,14 @@ class DemoDataset(SegmentationDataset):
             raise ValueError(f"demo split {split!r}: choose one of {self.SPLITS}")
         super().__init__(preset, None, transform, seed)
         self.split, self.size = split, size
-        self.names = [f"{split}_{i:04d}" for i in range(n or {'train': 256, 'test': 64}[split])]
+        holdout = self.preset.holdout  # a validation preset: both splits are drawn from the training scenes
+        first, count = {'train': (0, 256 - holdout), 'test': (256 - holdout, holdout) if holdout else (0, 64)}[split]
+        self.stream, self.first = self.SPLITS.index('train' if holdout else split), first
+        self.names = [f"{self.SPLITS[self.stream]}_{first + i:04d}" for i in range(n or count)]
 
     def read(self, index):
         """Scene `index`: rgb uint8 (H, W, 3), depth float32 (H, W, 1), label int64 (H, W)."""
-        return demo_scene(sample_rng(DEMO, self.seed, self.SPLITS.index(self.split), index), self.size)
+        return demo_scene(sample_rng(DEMO, self.seed, self.stream, self.first + index), self.size)
 
 
 def demo_scene(rng, size):
@@ -493,14 +500,15 @@ def demo_scene(rng, size):
     return rgb, np.clip(depth, 0, 1).astype(np.float32)[..., None], label
 
 
-def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0):
+def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, augment=True):
     """The dataset `name` of PRESETS: 'demo' / 'demo128' (generated; root ignored) or RGBXDataset at `root`
     ('' or None: the preset's default root, e.g. ./datasets/NYUDepthv2). train=True
     augments with TrainTransform(crop or the recipe's crop); `seed` seeds augmentation
-    (and the demo's scenes)."""
+    (and the demo's scenes); augment=False keeps only the random crop (GoPT's recipe)."""
     preset = get_preset(name)
     norms = preset.rgb_norm, preset.x_norm(x_modality)
-    transform = TrainTransform(crop or preset.recipe.crop, *norms) if train else EvalTransform(*norms)
+    plain = {} if augment else dict(scale=(1.0, 1.0), jitter_p=0.0, blur_p=0.0, flip_p=0.0)
+    transform = TrainTransform(crop or preset.recipe.crop, *norms, **plain) if train else EvalTransform(*norms)
     if not preset.layouts:  # a preset without a folder layout is the generated demo
         return DemoDataset(split, size=preset.recipe.crop[0], seed=seed, transform=transform, preset=name)
     return RGBXDataset(root or preset.root, split, preset, x_modality, transform, seed)
@@ -546,9 +554,9 @@ class TrainTransform(EvalTransform):
     in a fixed order, so one rng gives the same geometry whether or not jitter or blur
     apply."""
 
-    def __init__(self, crop, rgb_norm, x_norm, scale=(0.5, 2.0), jitter_p=0.2, blur_p=0.2):
+    def __init__(self, crop, rgb_norm, x_norm, scale=(0.5, 2.0), jitter_p=0.2, blur_p=0.2, flip_p=0.5):
         super().__init__(rgb_norm, x_norm)
-        self.crop, self.scale, self.jitter_p, self.blur_p = tuple(crop), scale, jitter_p, blur_p
+        self.crop, self.scale, self.jitter_p, self.blur_p, self.flip_p = tuple(crop), scale, jitter_p, blur_p, flip_p
 
     def __call__(self, rgb, x, label, rng):
         u = rng.random(9)
@@ -565,7 +573,7 @@ class TrainTransform(EvalTransform):
             rgb = gaussian_blur(rgb, 0.8)
         rgb, x = normalize(rgb, x, self.rgb_norm, self.x_norm)
         rgb, x, label = (pad(t, top, left, self.crop, fill) for t, fill in ((rgb, 0), (x, 0), (label, IGNORE)))
-        if u[8] < 0.5:
+        if u[8] < self.flip_p:
             rgb, x, label = (t.flip(-1) for t in (rgb, x, label))
         return rgb, x, label
 
