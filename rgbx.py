@@ -1367,7 +1367,7 @@ class GroupingPrompts(nn.Module):
     """
 
     def __init__(self, rgb_embed, x_channels, num_classes, layers, prompt_dim=55, cup=True, acp=True,
-                 hard=True, tau=1.0, attention='prenorm', class_scale=1.0, carry_aux=False, identity=False,
+                 hard=True, tau=1.0, attention='prenorm', class_scale=1.0, carry_aux=False, identity=True,
                  scaled=False):
         super().__init__()
         dim, self.x_channels, self.layers = rgb_embed.proj.out_channels, x_channels, tuple(layers)
@@ -1412,7 +1412,7 @@ class AuxVPT(nn.Module):
     begin(x (B, Cx, H, W), pos) -> E(x) (B, N, rank).  forward(l, tokens (B, N, D), e) -> (prompt (B, N, D), e).
     """
 
-    def __init__(self, rgb_embed, x_channels, layers, rank=336, identity=False):
+    def __init__(self, rgb_embed, x_channels, layers, rank=336, identity=True):
         super().__init__()
         self.x_channels, self.layers = x_channels, tuple(layers)
         self.embed = PatchEmbed(x_channels, rank, rgb_embed.patch, norm=False)
@@ -1573,7 +1573,7 @@ GOPT_VARIANTS = ('gopt', 'gopt_shallow', 'no_acp', 'no_cup', 'vpt_shallow', 'vpt
 
 def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant='gopt', interval=1,
                assignment='hard', prompt_dim=55, tau=1.0, head_dim=256, attention='prenorm', class_scale=1.0,
-               carry_aux=False, identity=False, scaled=False, vpt_rank=336, head_from='', **overrides):
+               carry_aux=False, identity=True, scaled=False, vpt_rank=336, head_from='', **overrides):
     """GoPT on a ViT preset ('base', 'large'; `overrides` change dim, depth, heads, img_size, ...).
 
     variant: 'gopt' (CUP + ACP), 'no_acp', 'no_cup', 'gopt_shallow' (one prompter,

@@ -3,6 +3,8 @@ built-in demo data (README, "Results").
 
     python -m study.run            # the whole study, from the repository's root (under an hour on 2 cores)
     python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~2 min)
+    python -m study.run --part gopt      # only the ViT foundation and the GoPT family (report in study/gopt)
+    python -m study.run --decide --seeds 2   # GoPT's open decisions on held-out training scenes (study/gopt-validation)
 
 Set-up, mirroring the papers at toy scale (`demo128`: 128 x 128 synthetic RGB-D scenes
 where RGB tells an object's colour and only depth its height, see data.DemoDataset):
@@ -12,12 +14,14 @@ where RGB tells an object's colour and only depth its height, see data.DemoDatas
    --pretrained like those files. One foundation per seed.
 2. adaptation, the same number of steps for every method, from the foundation of
    the same seed: early fusion with full fine-tuning (the papers' reference line),
-   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP, VPT-deep
-   (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM and M2IM + STTP
+   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP, VPT-shallow and
+   VPT-deep at the paper's budget ratios to GoPT, the frozen foundation with a trained head and no
+   prompts (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM and M2IM + STTP
    pre-training (ViT, the pre-training on the demo's training split with its labels
    as the semantic-map modality).
 3. evaluation of the final weights (no selection on the test split) with RGB + X,
-   RGB only and X only (eval.py's --modality: the missing input is zeroed).
+   RGB only and X only (eval.py's --modality: the missing input is zeroed); GoPT's models also
+   with rgbx.gopt_diagnostics (class-token collapse, assignments flipped by the Gumbel noise).
 
 Every run is a train.py configuration (its command line is in the log); runs go to
 --out (default runs/study), each with result.json, so an interrupted study resumes
@@ -53,12 +57,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ViT-nano has D = 64: GoPT's d_p of 55 (of 768) would not be low rank, 16 is; heads 64 wide.
 HEAD = 'head_dim=64'
 KTB = 'fused_head_dim=128,aux_head_dim=64'
-GOPT = 'prompt_dim=16,head_dim=64'
+# GoPT and its variants start Psi from the head of their foundation (decided on demo128-val, see DECISIONS)
+GOPT = 'prompt_dim=16,head_dim=64,head_from=foundation'
 # the VPT variants at the paper's budget ratios to GoPT (Table 4, ViT-B: VPT-shallow 0.54M / 0.97M = 0.56,
 # VPT-deep 3.39M / 0.97M = 3.5): at nano GoPT trains 27.6k without its head, VPT-shallow with rank 48
 # 15.5k (0.56), VPT-deep with rank 187 96.2k (3.5); ViT-nano's 4 layers cannot give both with one rank
-VPT_SHALLOW = 'variant=vpt_shallow,vpt_rank=48,head_dim=64'
-VPT_DEEP = 'variant=vpt_deep,vpt_rank=187,head_dim=64'
+VPT_SHALLOW = 'variant=vpt_shallow,vpt_rank=48,head_dim=64,head_from=foundation'
+VPT_DEEP = 'variant=vpt_deep,vpt_rank=187,head_dim=64,head_from=foundation'
 # MaskMentor: a decoder and a ConvNeXt head as wide as the encoder
 MM = 'decoder_dim=64,decoder_heads=4,decoder_depth=1,head_dim=64,head_depth=2'
 
@@ -71,7 +76,8 @@ CONDITIONS = [
     ('KTB w/o MMST', 'swin', 'ktb', KTB + ',mmst=false', 'foundation'),
     ('ViT foundation (RGB)', 'vit', 'rgb_only', HEAD, None),
     ('ViT early fusion, full FT', 'vit', 'early_fusion', HEAD, 'foundation'),
-    ('Frozen foundation + head, no prompts', 'vit', 'gopt', 'variant=head_only,head_dim=64', 'foundation'),
+    ('Frozen foundation + head, no prompts', 'vit', 'gopt', 'variant=head_only,head_dim=64,head_from=foundation',
+     'foundation'),
     ('GoPT (hard, 4 prompters)', 'vit', 'gopt', GOPT, 'foundation'),
     ('GoPT soft', 'vit', 'gopt', GOPT + ',assignment=soft', 'foundation'),
     ('GoPT 2 prompters', 'vit', 'gopt', GOPT + ',interval=2', 'foundation'),
@@ -107,30 +113,35 @@ CLAIMS = [
 ]
 COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 
-# GoPT's decisions the paper leaves open (`--decide`): each switch flipped alone from the defaults of
-# rgbx.build_gopt, on `demo128-val` (64 of the training scenes held out; the foundation is trained on the
-# other 192), never on the test scenes. (name, options, train.Config fields besides the study's).
+# GoPT's decisions the paper leaves open (`--decide`), on `demo128-val` (64 of the training scenes held
+# out; the foundation is trained on the other 192), never on the test scenes. Round 1: each switch flipped
+# alone from the paper's xavier start with a fresh head; round 2: the two winners together (the
+# defaults), with and without the one switch that round 1 left unclear. (name, options, extra
+# train.Config fields besides the study's.)
+R1 = 'prompt_dim=16,head_dim=64,identity=false'
 DECISIONS = [
-    ('GoPT defaults', GOPT, {}),
-    ('CUP attention plain (eq. 6 as written)', GOPT + ',attention=plain', {}),
-    ('class tokens x4 at init', GOPT + ',class_scale=4.0', {}),
-    ('aux tokens carried', GOPT + ',carry_aux=true', {}),
-    ('identity at init (up = 0)', GOPT + ',identity=true', {}),
-    ('head from the foundation', GOPT + ',head_from=foundation', {}),
-    ('no augmentation (random crop only)', GOPT, dict(augment='crop')),
-    ('logits scaled by 1/sqrt(d_p)', GOPT + ',scaled=true', {}),
+    ('R1: xavier start, fresh head', R1, {}),
+    ('R1 + CUP attention plain (eq. 6 as written)', R1 + ',attention=plain', {}),
+    ('R1 + class tokens x4 at init', R1 + ',class_scale=4.0', {}),
+    ('R1 + aux tokens carried', R1 + ',carry_aux=true', {}),
+    ('R1 + identity at init (up = 0)', 'prompt_dim=16,head_dim=64,identity=true', {}),
+    ('R1 + head from the foundation', R1 + ',head_from=foundation', {}),
+    ('R1 + no augmentation (random crop only)', R1, dict(augment='crop')),
+    ('R1 + logits scaled by 1/sqrt(d_p)', R1 + ',scaled=true', {}),
+    ('R2: identity start, head from the foundation', GOPT, {}),
+    ('R2 + CUP attention plain (eq. 6 as written)', GOPT + ',attention=plain', {}),
 ]
 
 
 def conditions(part='all', decide=False):
-    """The CONDITIONS of `part` ('all' or 'gopt': the ViT foundation, early fusion and the GoPT
-    family), or with `decide` the ViT foundation and the DECISIONS, as (name, family, method,
+    """The CONDITIONS of `part` ('all' or 'gopt': the ViT foundation and the GoPT family), or
+    with `decide` the ViT foundation and the DECISIONS, as (name, family, method,
     options, source, extra train.Config fields)."""
     vit_foundation = next(c for c in CONDITIONS if c[0] == 'ViT foundation (RGB)')
     if decide:
         return [(*vit_foundation, {})] + [(name, 'vit', 'gopt', opts, 'foundation', extra)
                                           for name, opts, extra in DECISIONS]
-    return [(*c, {}) for c in CONDITIONS if part == 'all' or c[1] == 'vit' and c[2] in ('rgb_only', 'early_fusion', 'gopt')]
+    return [(*c, {}) for c in CONDITIONS if part == 'all' or c[1] == 'vit' and c[2] in ('rgb_only', 'gopt')]
 
 
 def plan(seeds, steps, foundation_steps, part='all', decide=False):
@@ -349,7 +360,7 @@ def main(argv=None):
     p.add_argument('--foundation-steps', type=int, default=0)
     p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
     p.add_argument('--part', choices=('all', 'gopt'), default='all',
-                   help="gopt: only the ViT foundation, early fusion and the GoPT family (report in study/gopt)")
+                   help="gopt: only the ViT foundation and the GoPT family (report in study/gopt)")
     p.add_argument('--decide', action='store_true',
                    help="GoPT's open decisions on the validation preset demo128-val (report in study/gopt-validation)")
     p.add_argument('--out', default='', help='run folders (default runs/study[-gopt|-gopt-val][-quick])')
