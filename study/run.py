@@ -118,7 +118,7 @@ COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 # alone from the paper's xavier start with a fresh head; round 2: the two winners together (the
 # defaults), with and without the one switch that round 1 left unclear. (name, options, extra
 # train.Config fields besides the study's.) The study keeps its shared augmentation for GoPT too: the
-# paper's "no data expansion" gave 33.1 +- 4.4 against 33.9 +- 2.3 (round 1, one seed each way).
+# paper's "no data expansion" gave 33.1 +- 4.4 against 33.9 +- 2.3 (round 1; -2.2 and +0.6 by seed).
 R1 = 'prompt_dim=16,head_dim=64,identity=false'
 DECISIONS = [
     ('R1: xavier start, fresh head', R1, {}),
