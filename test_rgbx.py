@@ -1572,7 +1572,7 @@ def wake_up(model, std=0.05):
     no effect; give them small random weights so that the prompts matter."""
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
-        for name, p in model.prompts.named_parameters():
+        for name, p in (model.prompts.named_parameters() if model.prompts is not None else ()):
             if name.startswith(('up.', 'ups.')):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
