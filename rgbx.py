@@ -1257,8 +1257,10 @@ class Grouping(nn.Module):
         A_hat = gumbel_assign(self.logits(tokens, groups), self.tau, self.hard, noise=self.training)  # eq. 8-9, (B, S, C)
         M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups, tokens)  # M: (B, dst, src)
         den = M.sum(-1, keepdim=True)  # (B, dst, 1): sum_i A_ij
-        # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0
-        return dst + self.o(M @ self.v(src) / den.where(den > 0, 1)), A_hat  # eq. 10
+        # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0;
+        # a soft group lighter than 1e-6 is divided by 1e-6 (with eq. 8's unscaled logits a soft group
+        # can weigh 1e-38, and 1 / den made the study's soft runs NaN at step 92)
+        return dst + self.o(M @ self.v(src) / den.clamp_min(1e-6)), A_hat  # eq. 10
 
 
 CUP_ATTENTION = ('prenorm', 'plain')

@@ -1667,7 +1667,8 @@ def eq10_by_hand(g, tokens, groups, hard, into_tokens, scale=1.0):
     A_ij = softmax_j((W_q t_i) . (W_k g_j) * scale) (eq. 8: scale 1; one-hot at the argmax when hard),
     into groups (CUP, eq. 10): out_j = g_j + W_o (sum_i A_ij W_v t_i) / (sum_i A_ij),
     into tokens (ACP):         out_i = t_i + W_o (sum_j A_ij W_v g_j) / (sum_j A_ij).
-    An empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0 (the documented choice)."""
+    An empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0 (the documented choice);
+    a soft group lighter than 1e-6 is divided by 1e-6."""
     def lin(name, v):
         m = getattr(g, name)
         return m.weight @ v + m.bias
@@ -1685,7 +1686,7 @@ def eq10_by_hand(g, tokens, groups, hard, into_tokens, scale=1.0):
         for b in range(len(src)):
             merged = merged + M[a, b] * lin('v', src[b])
         den = M[a].sum()
-        out.append(dst[a] + lin('o', merged / den if den > 0 else torch.zeros(d)))
+        out.append(dst[a] + lin('o', merged / max(den, 1e-6)))
     return torch.stack(out)[None], A[None]
 
 
