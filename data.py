@@ -86,6 +86,7 @@ class Preset:
     ignore_index: int = IGNORE
     palette: tuple = ()  # colours of the classes; () = the VOC colormap
     rgb_norm: tuple = IMAGENET
+    holdout: int = 0  # the demo only: training scenes held out as its 'test' split (a validation preset)
 
     @property
     def num_classes(self):
@@ -123,18 +124,21 @@ NYU40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'w
 RGBD_LAYOUT = (Layout('RGB', 'Label', {'hha': 'HHA', 'depth': 'Depth'}),)
 
 
-def demo_preset(size):
+def demo_preset(size, holdout=0):
     """The built-in synthetic dataset (DemoDataset) with scenes of size x size pixels:
     no folder layout (nothing is read from disk); depth generated in [0, 1], its
-    statistics measured on the scenes."""
+    statistics measured on the scenes. holdout > 0: a validation preset whose 'train'
+    split is the first 256 - holdout training scenes and whose 'test' split is the last
+    `holdout` training scenes (never the test scenes)."""
     return Preset(('background', 'red low', 'red high', 'blue low', 'blue high'),
                   {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (),
-                  Recipe((size, size), epochs=20, lr=1e-3, weight_decay=0.01, warmup_epochs=1))
+                  Recipe((size, size), epochs=20, lr=1e-3, weight_decay=0.01, warmup_epochs=1), holdout=holdout)
 
 
 PRESETS = {
     'demo': demo_preset(64),
     'demo128': demo_preset(128),  # an 8 x 8 token grid for ViT/16: the reproduction study's data
+    'demo128-val': demo_preset(128, holdout=64),  # the study's validation split, for decisions a paper leaves open
     # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
     'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
                      Recipe((480, 640), epochs=400, lr=4e-4, weight_decay=0.01),
@@ -225,7 +229,8 @@ class Config:
     weight_decay: Optional[float] = None
     warmup_epochs: Optional[float] = None
     crop: Optional[str] = None      # training crop "HxW"
-    grad_accum: int = 1
+    grad_accum: Optional[int] = None  # None = the recipe's (1; gopt on a real dataset: enough for a global batch of 64)
+    augment: Optional[str] = None   # full (the joint augmentation) | crop (the random crop only); None = the recipe's (gopt: crop)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (None = all epochs)
     # system
     device: str = ''                # '' = cuda if available, else cpu
@@ -246,6 +251,11 @@ class Config:
 
 
 PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
+# GoPT's own recipe (paper, "Experimental Setup"): AdamW, lr 4e-5 with polynomial decay (no warm-up
+# named), batch 64, 60 epochs, "without introducing other algorithms for data expansion" (no
+# augmentation); a process keeps the preset's batch and --grad-accum reaches 64. The built-in demo
+# presets keep their recipe: the study gives every method the same steps and batch.
+GOPT_RECIPE = dict(epochs=60, lr=4e-5, warmup_epochs=0, global_batch=64)
 # Fields a resumed run may change with --allow-changes: they decide what is logged,
 # saved, evaluated or where files are found, not what a step computes (device and
 # compile: only its float rounding; pretrained: the frozen weights are checked by fingerprint).
@@ -306,9 +316,15 @@ def resolve(cfg):
     """Fill the recipe fields left at None from the dataset preset (design/ktb.md
     sec. 7) and check every field, raising a one-line error naming the flag.
     Returns `cfg` (resolving twice changes nothing)."""
-    recipe = get_preset(cfg.dataset).recipe
+    preset = get_preset(cfg.dataset)
+    recipe = preset.recipe
     fill = dict(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                warmup_epochs=recipe.warmup_epochs, crop='%dx%d' % tuple(recipe.crop))
+                warmup_epochs=recipe.warmup_epochs, crop='%dx%d' % tuple(recipe.crop), grad_accum=1, augment='full')
+    if cfg.method == 'gopt' and preset.layouts:  # a real dataset: GoPT's own recipe
+        world = int(os.environ.get('WORLD_SIZE', 1))
+        per_step = (cfg.batch_size or recipe.batch_size) * world
+        fill.update(epochs=GOPT_RECIPE['epochs'], lr=GOPT_RECIPE['lr'], warmup_epochs=GOPT_RECIPE['warmup_epochs'],
+                    augment='crop', grad_accum=max(1, GOPT_RECIPE['global_batch'] // per_step))
     for k, v in fill.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -323,6 +339,8 @@ def resolve(cfg):
     if cfg.method in PEFT and not cfg.pretrained:
         raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
                          f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
+    if cfg.augment not in ('full', 'crop'):
+        raise ValueError(f"--augment takes full|crop, not {cfg.augment!r}")
     if cfg.nonfinite not in ('stop', 'skip') or cfg.amp not in ('none', 'bf16', 'fp16'):
         raise ValueError(f"--nonfinite takes stop|skip and --amp none|bf16|fp16, not {cfg.nonfinite!r} / {cfg.amp!r}")
     if cfg.resume and cfg.overwrite:
@@ -692,11 +710,14 @@ class DemoDataset(SegmentationDataset):
             raise ValueError(f"demo split {split!r}: choose one of {self.SPLITS}")
         super().__init__(preset, None, transform, seed)
         self.split, self.size = split, size
-        self.names = [f"{split}_{i:04d}" for i in range(n or {'train': 256, 'test': 64}[split])]
+        holdout = self.preset.holdout  # a validation preset: both splits are drawn from the training scenes
+        first, count = {'train': (0, 256 - holdout), 'test': (256 - holdout, holdout) if holdout else (0, 64)}[split]
+        self.stream, self.first = self.SPLITS.index('train' if holdout else split), first
+        self.names = [f"{self.SPLITS[self.stream]}_{first + i:04d}" for i in range(n or count)]
 
     def read(self, index):
         """Scene `index`: rgb uint8 (H, W, 3), depth float32 (H, W, 1), label int64 (H, W)."""
-        return demo_scene(sample_rng(DEMO, self.seed, self.SPLITS.index(self.split), index), self.size)
+        return demo_scene(sample_rng(DEMO, self.seed, self.stream, self.first + index), self.size)
 
 
 def demo_scene(rng, size):
@@ -749,14 +770,16 @@ def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=
                                        generator=torch.Generator())
 
 
-def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, method=None):
+def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, method=None, augment=True):
     """The dataset `name` of PRESETS: 'demo' / 'demo128' (generated; root ignored) or RGBXDataset at `root`
     ('' or None: the preset's default root, e.g. ./datasets/NYUDepthv2). train=True
-    augments with TrainTransform(crop or the recipe's crop); `seed` seeds augmentation
-    (and the demo's scenes); X is normalised for `method` (Preset.x_norm)."""
+    augments with TrainTransform(crop or the recipe's crop); augment=False keeps only
+    the random crop (GoPT's recipe); `seed` seeds augmentation (and the demo's scenes);
+    X is normalised for `method` (Preset.x_norm)."""
     preset = get_preset(name)
     norms = preset.rgb_norm, preset.x_norm(x_modality, method)
-    transform = TrainTransform(crop or preset.recipe.crop, *norms) if train else EvalTransform(*norms)
+    plain = {} if augment else dict(scale=(1.0, 1.0), jitter_p=0.0, blur_p=0.0, flip_p=0.0)
+    transform = TrainTransform(crop or preset.recipe.crop, *norms, **plain) if train else EvalTransform(*norms)
     if not preset.layouts:  # a preset without a folder layout is the generated demo
         return DemoDataset(split, size=preset.recipe.crop[0], seed=seed, transform=transform, preset=name)
     return RGBXDataset(root or preset.root, split, preset, x_modality, transform, seed)
@@ -808,9 +831,9 @@ class TrainTransform(EvalTransform):
     in a fixed order, so one rng gives the same geometry whether or not jitter or blur
     apply."""
 
-    def __init__(self, crop, rgb_norm, x_norm, scale=(0.5, 2.0), jitter_p=0.2, blur_p=0.2):
+    def __init__(self, crop, rgb_norm, x_norm, scale=(0.5, 2.0), jitter_p=0.2, blur_p=0.2, flip_p=0.5):
         super().__init__(rgb_norm, x_norm)
-        self.crop, self.scale, self.jitter_p, self.blur_p = tuple(crop), scale, jitter_p, blur_p
+        self.crop, self.scale, self.jitter_p, self.blur_p, self.flip_p = tuple(crop), scale, jitter_p, blur_p, flip_p
 
     def __call__(self, rgb, x, label, rng):
         u = rng.random(9)
@@ -827,7 +850,7 @@ class TrainTransform(EvalTransform):
             rgb = gaussian_blur(rgb, 0.8)
         rgb, x = normalize(rgb, x, self.rgb_norm, self.x_norm)
         rgb, x, label = (pad(t, top, left, self.crop, fill) for t, fill in ((rgb, 0), (x, 0), (label, IGNORE)))
-        if u[8] < 0.5:
+        if u[8] < self.flip_p:
             rgb, x, label = (t.flip(-1) for t in (rgb, x, label))
         return rgb, x, label
 

@@ -1587,20 +1587,27 @@ def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_si
 # tokens cross-attend to the class-aware prompts, then a grouping of the same
 # form gives each RGB token its prompt); the class-aware prompts are the class
 # tokens of the next prompter (eq. 15). Trained: prompters, aux patch embedding
-# and the SETR-Naive head. No official code exists: design/gopt.md lists what
+# and the SETR-Naive head Psi. No official code exists: design/gopt.md lists what
 # the paper fixes and what is decided here ("design choice, paper silent").
 #
 # Prompt space: the prompters work in a low-rank width d_p (`prompt_dim`). One
 # LayerNorm + linear `down` (D -> d_p) maps both modalities into it (the paper's
 # ACP "shares prompt parameters among different modalities") and one linear `up`
-# (d_p -> D, zero-initialised) maps a prompt back: p = 1 + up(prompt), so the
-# prompted model is exactly the foundation model at initialisation.
-# Parameter budget, ViT-B, 40 classes, 3-channel HHA, head excluded: d_p = 55
-# gives 0.975M for GoPT (paper 0.97M), 0.704M for GoPT-shallow (paper 0.68M),
-# 0.591M for VPT-shallow (paper 0.54M), 7.09M for VPT-deep (paper 3.39M: here one
-# full aux patch embedding per layer; the paper does not say how its per-layer
-# prompts are made smaller); see `gopt_param_counts`.
+# (d_p -> D) maps a prompt back: p = 1 + up(prompt), the paper's "prompts added to
+# the RGB stream as residuals" written in eq. 3's product: f * p = f + f * up(prompt).
+# Every prompt parameter starts xavier-uniform (the paper's implementation section).
+# Parameter budget, ViT-B, 40 classes, 3-channel HHA, head excluded (Table 4):
+# GoPT 0.977M (paper 0.97M), GoPT-shallow 0.704M (0.68M), VPT-shallow 0.517M
+# (0.54M), VPT-deep 3.364M (3.39M); see `gopt_param_counts`.
+#
+# Decisions the paper leaves open were made on a validation split: 64 scenes held out
+# from the demo's training scenes (preset demo128-val; the nano foundation trained on the
+# other 192), never the test scenes; `python -m study.run --decide`, 2 seeds, 400 steps,
+# figures (val mIoU, RGB+X) in study/gopt-validation/results.md and at each switch below.
 # ----------------------------------------------------------------------------
+
+GUMBEL_STD = math.pi / math.sqrt(6)  # standard deviation of Gumbel(0, 1), the noise of eq. 8
+
 
 def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
     """GoPT eq. 8-9: assignment of S tokens to C groups.
@@ -1620,9 +1627,9 @@ def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
 class Grouping(nn.Module):
     """GoPT eq. 8-10: the grouping module, g_m of CUP (eq. 7) and g_{rgb,m} of ACP (eq. 11).
 
-    Every token picks one of the C groups (softmax over the groups, eq. 8-9),
-    then eq. 10 merges the values of one side into the other, averaged over
-    the assignment weights:
+    Every token picks one of the C groups (softmax over the groups of the logits
+    (W_q t_i) . (W_k g_j), unscaled as eq. 8 writes them, eq. 8-9), then eq. 10
+    merges the values of one side into the other, averaged over the assignment weights:
       into groups (CUP):  out_j = g_j + W_o (sum_i A_ij W_v t_i) / (sum_i A_ij)
       into tokens (ACP):  out_i = t_i + W_o (sum_j A_ij W_v g_j) / (sum_j A_ij),
     i.e. each token receives the group it is assigned to (design choice, paper
@@ -1632,37 +1639,52 @@ class Grouping(nn.Module):
     -> (out (B, C, d) or (B, S, d), A_hat (B, S, C)).
     """
 
-    def __init__(self, dim, hard=True, tau=1.0):
+    def __init__(self, dim, hard=True, tau=1.0, scaled=False):
         super().__init__()
-        self.hard, self.tau = hard, tau
-        self.scale = dim ** -0.5  # design choice, paper silent: logits scaled by 1/sqrt(d) (as GroupViT), else softmax saturates
+        self.hard, self.tau, self.scale = hard, tau, dim ** -0.5 if scaled else 1.0
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
+    def logits(self, tokens, groups):
+        """Eq. 8 before the noise: (B, S, C); times 1/sqrt(d) when `scaled` (not in eq. 8)."""
+        return self.q(tokens) @ self.k(groups).transpose(1, 2) * self.scale
+
     def forward(self, tokens, groups, into_tokens=False):
-        logits = self.q(tokens) @ self.k(groups).transpose(1, 2) * self.scale  # (B, S, C)
-        A_hat = gumbel_assign(logits, self.tau, self.hard, noise=self.training)  # eq. 8-9, (B, S, C)
+        A_hat = gumbel_assign(self.logits(tokens, groups), self.tau, self.hard, noise=self.training)  # eq. 8-9, (B, S, C)
         M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups, tokens)  # M: (B, dst, src)
         den = M.sum(-1, keepdim=True)  # (B, dst, 1): sum_i A_ij
-        # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0
-        return dst + self.o(M @ self.v(src) / den.where(den > 0, 1)), A_hat  # eq. 10
+        # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0;
+        # a soft group lighter than 1e-6 is divided by 1e-6 (with eq. 8's unscaled logits a soft group
+        # can weigh 1e-38, and 1 / den made the study's soft runs NaN at step 92)
+        return dst + self.o(M @ self.v(src) / den.clamp_min(1e-6)), A_hat  # eq. 10
+
+
+CUP_ATTENTION = ('prenorm', 'plain')
 
 
 class CUP(nn.Module):
     """GoPT eq. 4-10, class-aware uni-modal prompter.
 
-    Self-attention (eq. 4-6, single head, no projections, as written) over [aux tokens ; class tokens],
+    Self-attention (eq. 4-6, single head, no projections) over [aux tokens ; class tokens],
     then the grouping g_m (eq. 7-10) merges the aux tokens into C class-aware prompts.
+    attention: 'plain' is eq. 6 as written, z_hat = softmax(z Z^T / sqrt(d)) Z;
+    'prenorm' reads the paper's "a self-attention layer" as a standard pre-norm residual
+    layer, z_hat = z + softmax(n Z_n^T / sqrt(d)) Z_n with n = LayerNorm(z)
+    (design choice, paper silent: 'plain' averages every token towards one vector,
+    so all class tokens leave it alike, see `gopt_diagnostics`).
     forward(aux (B, S, d), classes (B, C, d)) -> (aux_hat (B, S, d), prompts (B, C, d), A_hat (B, S, C)).
     """
 
-    def __init__(self, dim, hard=True, tau=1.0):
+    def __init__(self, dim, hard=True, tau=1.0, attention='prenorm', scaled=False):
         super().__init__()
-        self.group = Grouping(dim, hard, tau)
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if attention == 'prenorm' else None
+        self.group = Grouping(dim, hard, tau, scaled)
 
     def forward(self, aux, classes):
         S = aux.shape[1]
-        z = torch.cat([aux, classes], 1)[:, None]  # eq. 5, (B, 1, S + C, d): one head
-        z = F.scaled_dot_product_attention(z, z, z)[:, 0]  # eq. 4, 6, (B, S + C, d)
+        z = torch.cat([aux, classes], 1)  # eq. 5, (B, S + C, d)
+        n = (z if self.norm is None else self.norm(z))[:, None]  # (B, 1, S + C, d): one head
+        a = F.scaled_dot_product_attention(n, n, n)[:, 0]  # eq. 4, 6, (B, S + C, d)
+        z = a if self.norm is None else z + a
         aux_hat, classes_hat = z[:, :S], z[:, S:]
         prompts, A_hat = self.group(aux_hat, classes_hat)  # eq. 7-10
         return aux_hat, prompts, A_hat
@@ -1677,9 +1699,9 @@ class ACP(nn.Module):
     forward(rgb (B, S, d), keys (B, K, d), groups (B, C, d)) -> prompts (B, S, d).
     """
 
-    def __init__(self, dim, hard=True, tau=1.0):
+    def __init__(self, dim, hard=True, tau=1.0, scaled=False):
         super().__init__()
-        self.group = Grouping(dim, hard, tau)
+        self.group = Grouping(dim, hard, tau, scaled)
 
     def forward(self, rgb, keys, groups):
         read = F.scaled_dot_product_attention(rgb[:, None], keys[:, None], keys[:, None])[:, 0]  # eq. 12, 14, (B, S, d)
@@ -1690,9 +1712,8 @@ class GroupingPrompter(nn.Module):
     """One grouping prompter of GoPT (Fig. 3-4), at a prompted layer l: CUP, then ACP.
 
     forward(rgb (B, S, d), aux (B, S, d), classes (B, C, d)) -> (prompt (B, S, d),
-    aux tokens for the next prompter (B, S, d), class tokens for the next prompter (B, C, d)).
-    The self-attended aux tokens of CUP are the next prompter's aux tokens
-    (design choice, paper silent); the class-aware prompts are its class tokens (eq. 15).
+    CUP's self-attended aux tokens (B, S, d), class tokens for the next prompter (B, C, d)).
+    The class-aware prompts are the next prompter's class tokens (eq. 15).
     Ablations of Table 4 (design choice, paper silent):
       w/o ACP: each RGB token takes the class-aware prompt to which CUP assigned
                the aux token at the same place (the modalities are aligned);
@@ -1700,12 +1721,12 @@ class GroupingPrompter(nn.Module):
                class tokens, which then stay the learned ones at every layer.
     """
 
-    def __init__(self, dim, cup=True, acp=True, hard=True, tau=1.0):
+    def __init__(self, dim, cup=True, acp=True, hard=True, tau=1.0, attention='prenorm', scaled=False):
         super().__init__()
         if not (cup or acp):
             raise ValueError("a grouping prompter needs CUP, ACP or both")
-        self.cup = CUP(dim, hard, tau) if cup else None
-        self.acp = ACP(dim, hard, tau) if acp else None
+        self.cup = CUP(dim, hard, tau, attention, scaled) if cup else None
+        self.acp = ACP(dim, hard, tau, scaled) if acp else None
 
     def forward(self, rgb, aux, classes):
         if self.cup is None:
@@ -1718,21 +1739,46 @@ class GroupingPrompter(nn.Module):
         return self.acp(rgb, prompts, prompts), aux, prompts  # eq. 11-15
 
 
+def xavier_(module):
+    """Xavier-uniform weights (a conv's as MAE's patch embedding: over (out, in * k * k)),
+    zero biases, for every Linear and Conv2d of `module` (GoPT's prompt initialisation)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+
+
 class GroupingPrompts(nn.Module):
     """The prompts of GoPT (eq. 3 and 15): aux patch embedding, class tokens and
     one GroupingPrompter per prompted layer, in the low-rank prompt space.
 
-    begin(x (B, Cx, H, W), pos (1, N, D)) -> state (aux tokens (B, N, d), class tokens (B, C, d)).
+    begin(x (B, Cx, H, W), pos (1, N, D)) -> state (first aux tokens, aux tokens, class tokens),
     forward(l, tokens (B, N, D) RGB patch tokens entering block l, state)
     -> (multiplicative prompt (B, N, D), state for the next prompted layer).
-    `rgb_embed`: the frozen RGB PatchEmbed; the aux embedding starts as its mean
-    filter (design choice, paper silent; as the early-fusion baseline).
+    Switches; defaults from the validation split (val mIoU, mean of 2 seeds; round 1 flips one
+    switch from the paper's xavier start with a fresh head, 33.9; round 2 from the defaults, 39.8):
+      attention: CUP's self-attention, 'prenorm' or 'plain' (see CUP). Design choice, paper silent:
+                 'prenorm'. Round 2: 39.8 vs plain 39.2 (2 of 2 seeds); round 1 plain scored
+                 36.4 vs 33.9, but with its class tokens collapsing (mean pairwise cosine 0.76 vs
+                 0.25) and Gumbel noise deciding 34% of CUP's assignments (vs 4%);
+      class_scale: c^0 is xavier-uniform times this. Design choice, paper silent: 1 (x4: 34.1
+                 vs 33.9, no difference; the paper's xavier as is);
+      carry_aux: each prompter reads the previous CUP's self-attended aux tokens (True) or the
+                 first ones, the embedded aux image (False). Design choice, paper silent:
+                 False (carried: 29.6 vs 33.9, 2 of 2 seeds lower);
+      identity: `up` starts at zero, so that p = 1 and the model starts as the foundation.
+                The paper initialises every prompt parameter xavier-uniform (False); True
+                here because it matters: 39.4 vs 33.9 (2 of 2 seeds);
+      scaled: eq. 8's logits times 1/sqrt(d_p), not in the paper: False (scaled: 33.6 vs
+                33.9, and the noise then flips 28% of CUP's assignments, vs 4%).
     """
 
     def __init__(self, rgb_embed, x_channels, num_classes, layers, prompt_dim=55, cup=True, acp=True,
-                 hard=True, tau=1.0):
+                 hard=True, tau=1.0, attention='prenorm', class_scale=1.0, carry_aux=False, identity=True,
+                 scaled=False):
         super().__init__()
         dim, self.x_channels, self.layers = rgb_embed.proj.out_channels, x_channels, tuple(layers)
+        self.carry_aux = carry_aux
         # design choice, paper silent: a full-width aux patch embedding (the VPT variants' prompt
         # generator, the paper's large shared part: 0.68M shallow vs 0.97M deep), plus the ViT's position
         self.aux_embed = PatchEmbed(x_channels, dim, rgb_embed.patch, norm=False)
@@ -1740,60 +1786,60 @@ class GroupingPrompts(nn.Module):
         self.down = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, prompt_dim))
         self.up = nn.Linear(prompt_dim, dim)
         self.class_tokens = nn.Parameter(torch.empty(1, num_classes, prompt_dim))  # c^0
-        self.prompters = nn.ModuleList(GroupingPrompter(prompt_dim, cup, acp, hard, tau) for _ in self.layers)
-        for m in self.modules():  # design choice, paper silent: xavier-uniform linears and c^0 (design/gopt.md)
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.class_tokens[0])
-        # design choice, paper silent: up = 0, so p = 1 (identity) at the start; this zero blocks the
-        # gradient to everything before `up` in the first step only (see test_gopt_gradients)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        self.prompters = nn.ModuleList(GroupingPrompter(prompt_dim, cup, acp, hard, tau, attention, scaled)
+                                       for _ in self.layers)
+        xavier_(self)
         with torch.no_grad():
-            self.aux_embed.proj.weight.copy_(rgb_embed.proj.weight.mean(1, keepdim=True).expand(-1, x_channels, -1, -1))
-            self.aux_embed.proj.bias.copy_(rgb_embed.proj.bias)
+            nn.init.xavier_uniform_(self.class_tokens[0]).mul_(class_scale)
+            if identity:
+                self.up.weight.zero_()
 
     def begin(self, x, pos):
         aux = self.down(self.aux_embed(x).flatten(1, 2) + pos)  # (B, N, d)
         # a copy, not an expanded view: a view of a parameter made under no_grad claims to need a
         # gradient without having a grad_fn, which breaks torch's module tracker (FlopCounterMode)
-        return aux, self.class_tokens.repeat(x.shape[0], 1, 1)
+        return aux, aux, self.class_tokens.repeat(x.shape[0], 1, 1)
 
     def forward(self, l, tokens, state):
-        prompt, *state = self.prompters[self.layers.index(l)](self.down(tokens), *state)  # (B, N, d)
-        return 1 + self.up(prompt), state
+        first, aux, classes = state
+        prompt, aux_hat, classes = self.prompters[self.layers.index(l)](self.down(tokens), aux, classes)  # (B, N, d)
+        return 1 + self.up(prompt), (first, aux_hat if self.carry_aux else first, classes)
 
 
 class AuxVPT(nn.Module):
     """GoPT Table 4, VPT-shallow / VPT-deep (Jia et al. 2022) as the paper adapts
     them: the prompts of a layer are an embedding of the aux image, multiplied
-    element-wise into the RGB tokens (eq. 3); one patch embedding per prompted layer.
+    element-wise into the RGB tokens (eq. 3): p_l = 1 + W_l E(x), with E a shared
+    aux patch embedding of width `rank` and W_l a linear rank -> D per prompted layer.
 
-    begin(x (B, Cx, H, W), pos) -> x.  forward(l, tokens (B, N, D), x) -> (prompt (B, N, D), x).
-    The embeddings start at zero, so p = 1 + E_l(x) is the identity at the start
-    (design choice, paper silent).
+    Design choice, paper silent: this factored patch embedding is the one construction
+    found that gives both of the paper's counts with one width: rank 336 at ViT-B,
+    3-channel aux, gives 0.517M for one layer (paper 0.54M) and 3.364M for 12 (3.39M),
+    a shared part of 0.26M plus 0.26M per layer (the counts ask for ~0.28M + ~0.26M).
+    begin(x (B, Cx, H, W), pos) -> E(x) (B, N, rank).  forward(l, tokens (B, N, D), e) -> (prompt (B, N, D), e).
     """
 
-    def __init__(self, rgb_embed, x_channels, layers):
+    def __init__(self, rgb_embed, x_channels, layers, rank=336, identity=True):
         super().__init__()
         self.x_channels, self.layers = x_channels, tuple(layers)
-        self.embeds = nn.ModuleList(PatchEmbed(x_channels, rgb_embed.proj.out_channels, rgb_embed.patch, norm=False)
-                                    for _ in self.layers)
-        for e in self.embeds:
-            nn.init.zeros_(e.proj.weight)
-            nn.init.zeros_(e.proj.bias)
+        self.embed = PatchEmbed(x_channels, rank, rgb_embed.patch, norm=False)
+        self.ups = nn.ModuleList(nn.Linear(rank, rgb_embed.proj.out_channels) for _ in self.layers)
+        xavier_(self)
+        if identity:
+            for up in self.ups:
+                nn.init.zeros_(up.weight)
 
     def begin(self, x, pos):
-        return x
+        return self.embed(x).flatten(1, 2)  # (B, N, rank)
 
-    def forward(self, l, tokens, x):
-        return 1 + self.embeds[self.layers.index(l)](x).flatten(1, 2), x  # (B, N, D)
+    def forward(self, l, tokens, e):
+        return 1 + self.ups[self.layers.index(l)](e), e  # (B, N, D)
 
 
 class GoPT(nn.Module):
     """GoPT segmentation model: frozen MAE ViT, `prompts` (GroupingPrompts or
-    AuxVPT) before the prompted blocks, SETR-Naive head Psi on the last layer.
+    AuxVPT; None: the control "frozen foundation + head, no prompts") before the
+    prompted blocks, SETR-Naive head Psi on the last layer.
 
     forward(rgb (B, 3, H, W), x (B, Cx, H, W), label=None) -> logits (B, K, H, W),
     or (cross-entropy loss, logits) when label (B, H, W) int64 (255 = ignore) is given.
@@ -1802,22 +1848,24 @@ class GoPT(nn.Module):
     embedding pads the same way, so the two token grids are aligned.
     """
 
-    def __init__(self, backbone, prompts, num_classes, head_dim=256):
+    def __init__(self, backbone, prompts, num_classes, x_channels, head_dim=256):
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
-        self.prompts = prompts
+        self.prompts, self.x_channels = prompts, x_channels
         self.head = SETRNaiveHead(backbone.dim, num_classes, head_dim)
 
     def forward(self, rgb, x, label=None):
-        if rgb.ndim != 4 or rgb.shape[1] != 3 or x.ndim != 4 or x.shape[1] != self.prompts.x_channels \
+        if rgb.ndim != 4 or rgb.shape[1] != 3 or x.ndim != 4 or x.shape[1] != self.x_channels \
                 or x.shape[0] != rgb.shape[0] or x.shape[-2:] != rgb.shape[-2:]:
-            raise ValueError(f"expected rgb (B, 3, H, W) and x (B, {self.prompts.x_channels}, H, W) of one size, "
+            raise ValueError(f"expected rgb (B, 3, H, W) and x (B, {self.x_channels}, H, W) of one size, "
                              f"got {tuple(rgb.shape)} and {tuple(x.shape)}")
         tokens, grid = self.backbone.embed(rgb)  # (B, 1 + N, D)
-        pos = resize_pos_embed(self.backbone.pos_embed, self.backbone.grid, grid)[:, 1:]  # (1, N, D)
-        state = self.prompts.begin(x, pos)
+        layers = self.prompts.layers if self.prompts is not None else ()
+        if layers:
+            pos = resize_pos_embed(self.backbone.pos_embed, self.backbone.grid, grid)[:, 1:]  # (1, N, D)
+            state = self.prompts.begin(x, pos)
         for l, blk in enumerate(self.backbone.blocks):
-            if l in self.prompts.layers:
+            if l in layers:
                 prompt, state = self.prompts(l, tokens[:, 1:], state)  # (B, N, D)
                 tokens = torch.cat([tokens[:, :1], tokens[:, 1:] * prompt], 1)  # eq. 3
             tokens = blk(tokens)
@@ -1826,47 +1874,155 @@ class GoPT(nn.Module):
             return logits
         return segmentation_loss(logits, label), logits
 
+    def diagnostics(self, rgb, x):
+        """`gopt_diagnostics` on this batch (train.py logs it)."""
+        return gopt_diagnostics(self, rgb, x)
+
     def param_counts(self):
         """Trainable and total counts, with and without the head (the paper's 0.97M excludes it)."""
         count = lambda ps: sum(p.numel() for p in ps)
         trainable = count(p for p in self.parameters() if p.requires_grad)
         head = count(self.head.parameters())
         return {'trainable': trainable, 'total': count(self.parameters()), 'trainable_without_head': trainable - head,
-                'head': head, 'prompts': count(self.prompts.parameters()), 'backbone': count(self.backbone.parameters())}
+                'head': head, 'prompts': trainable - head, 'backbone': count(self.backbone.parameters())}
 
 
-GOPT_VARIANTS = ('gopt', 'gopt_shallow', 'no_acp', 'no_cup', 'vpt_shallow', 'vpt_deep')  # Table 4
+def mean_pairwise_cosine(t):
+    """t (B, C, d) -> the cosine of every pair of the C vectors (j != k), averaged over pairs and batch."""
+    u = F.normalize(t, dim=-1)
+    cos = u @ u.transpose(1, 2)  # (B, C, C)
+    C = t.shape[1]
+    return ((cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)) / (C * (C - 1))).mean().item()
+
+
+def token_spread(t):
+    """t (B, S, d) -> RMS distance of the tokens from their mean over S, over their RMS norm:
+    0 when every token is the same vector, 1 when the tokens average to zero."""
+    return ((t - t.mean(1, keepdim=True)).pow(2).sum(-1).mean() / t.pow(2).sum(-1).mean().clamp_min(1e-30)).sqrt().item()
+
+
+def noise_flips(logits, generator):
+    """logits (..., C) -> the fraction of argmaxes over C that one draw of eq. 8's Gumbel(0, 1) noise changes."""
+    gumbel = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return ((logits + gumbel).argmax(-1) != logits.argmax(-1)).float().mean().item()
+
+
+@torch.no_grad()
+def gopt_diagnostics(model, rgb, x, seed=0):
+    """How GoPT's prompters behave on a batch (rgb (B, 3, H, W), x (B, Cx, H, W)), the
+    model run in eval mode (no noise), per prompted layer, in the order of `layers`:
+      class_cos      mean pairwise cosine of the class tokens after CUP's self-attention
+                     (c_hat, eq. 4): 1 = the C groups are one vector;
+      aux_spread     token_spread of CUP's self-attended aux tokens (f_hat): 0 = all alike;
+      cup_logit_std, acp_logit_std
+                     std over the C groups of eq. 8's logits (CUP's g_m, ACP's g_{rgb,m}),
+                     mean over tokens; Gumbel(0, 1) noise has std GUMBEL_STD = 1.28;
+      cup_flips, acp_flips
+                     fraction of the tokens whose group one draw of that noise changes: the
+                     assignments training sees and evaluation does not (generator `seed`);
+      prompt_spread  token_spread of p - 1, the prompt multiplied into the RGB tokens
+                     (eq. 3): 0 = one prompt for the whole image.
+    Returns {'layers': [...], key: [one value per layer]}; a variant without CUP, ACP or
+    grouping (VPT) has only the keys it has. The model's mode and torch's RNG are unchanged.
+    """
+    prompts = model.prompts
+    out = {'layers': list(prompts.layers) if prompts is not None else []}
+    if prompts is None:
+        return out
+    generator = torch.Generator(device=rgb.device).manual_seed(seed)
+    add = lambda key, value: out.setdefault(key, []).append(value)
+
+    def on_prompt(module, args, result):
+        add('prompt_spread', token_spread(result[0] - 1))
+
+    def on_group(kind):
+        def hook(group, args, result):
+            tokens, groups = args[:2]
+            logits = group.logits(tokens, groups)  # (B, S, C)
+            if kind == 'cup':
+                add('class_cos', mean_pairwise_cosine(groups))
+                add('aux_spread', token_spread(tokens))
+            add(f'{kind}_logit_std', logits.std(-1).mean().item())
+            add(f'{kind}_flips', noise_flips(logits, generator))
+        return hook
+
+    hooks = [prompts.register_forward_hook(on_prompt)]
+    for p in getattr(prompts, 'prompters', ()):
+        hooks += [part.group.register_forward_hook(on_group(kind))
+                  for kind, part in (('cup', p.cup), ('acp', p.acp)) if part is not None]
+    was_training = model.training
+    try:
+        model.eval()(rgb, x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def load_head(head, path):
+    """Psi started from a trained segmenter's head: the 'head.*' entries of `path` (a
+    train.py checkpoint such as the RGB foundation's last.pt, or a state dict)."""
+    sd = read_checkpoint(path)
+    sd = sd.get('model', sd) if isinstance(sd, dict) else {}
+    found = {k[len('head.'):]: v for k, v in sd.items() if k.startswith('head.')}
+    own = head.state_dict()
+    if set(found) != set(own) or any(found[k].shape != own[k].shape for k in own):
+        raise ValueError(f"head_from={path}: no SETR-Naive head of this model's shape in it (needs 'head.*' keys "
+                         f"{sorted(own)}, with {own['conv2.weight'].shape[0]} classes and head_dim "
+                         f"{own['conv1.weight'].shape[0]}; found {sorted(found) or 'none'}); pass the checkpoint "
+                         f"of an rgb_only or gopt run on the same dataset and head_dim")
+    head.load_state_dict(found)
+
+
+GOPT_VARIANTS = ('gopt', 'gopt_shallow', 'no_acp', 'no_cup', 'vpt_shallow', 'vpt_deep', 'head_only')  # Table 4 + control
 
 
 def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant='gopt', interval=1,
-               assignment='hard', prompt_dim=55, tau=1.0, head_dim=256, **overrides):
+               assignment='hard', prompt_dim=55, tau=1.0, head_dim=256, attention='prenorm', class_scale=1.0,
+               carry_aux=False, identity=True, scaled=False, vpt_rank=336, head_from='', **overrides):
     """GoPT on a ViT preset ('base', 'large'; `overrides` change dim, depth, heads, img_size, ...).
 
     variant: 'gopt' (CUP + ACP), 'no_acp', 'no_cup', 'gopt_shallow' (one prompter,
-    at layer 0), 'vpt_shallow', 'vpt_deep' (Table 4). interval: a prompter
+    at layer 0), 'vpt_shallow', 'vpt_deep' (Table 4), 'head_only' (the control: the
+    frozen foundation and a trained head, no prompts). interval: a prompter
     before every `interval`-th block, starting at block 0 (Fig. 6: 1, 2, 4, 6, 12; design choice, paper silent: where to start).
     assignment: 'hard' (eq. 9) or 'soft' (Fig. 7). prompt_dim: d_p. tau: Gumbel
-    temperature (design choice, paper silent: 1). `pretrained`: an MAE file, loaded into the ViT,
-    which is then frozen with its RGB patch embedding.
+    temperature (design choice, paper silent: 1). attention, class_scale, carry_aux,
+    identity, scaled: see GroupingPrompts (identity also zeroes the VPT variants' W_l). vpt_rank:
+    the VPT variants' embedding width. head_from: a checkpoint whose 'head.*' entries
+    start Psi, e.g. the RGB foundation's (the paper fine-tunes the foundation's Psi; its
+    head on our validation split: 38.6 vs a fresh head 33.9); '' = a fresh head. `pretrained`: an MAE file,
+    loaded into the ViT, which is then frozen with its RGB patch embedding.
     """
     if variant not in GOPT_VARIANTS:
         raise ValueError(f"unknown GoPT variant {variant!r}; choose one of {GOPT_VARIANTS}")
     if assignment not in ('hard', 'soft'):
         raise ValueError(f"assignment must be 'hard' or 'soft', not {assignment!r}")
+    if attention not in CUP_ATTENTION:
+        raise ValueError(f"attention must be one of {CUP_ATTENTION}, not {attention!r}")
     if not isinstance(interval, int) or interval < 1 or (variant.endswith('_shallow') and interval != 1):
         raise ValueError(f"interval must be an int >= 1 (and 1 for {variant}, which prompts block 0 only), got {interval!r}")
-    if x_channels < 1 or prompt_dim < 1 or tau <= 0:
-        raise ValueError(f"GoPT needs x_channels >= 1, prompt_dim >= 1 and tau > 0, got {x_channels}, {prompt_dim}, {tau}")
+    if x_channels < 1 or prompt_dim < 1 or vpt_rank < 1 or tau <= 0 or class_scale <= 0:
+        raise ValueError(f"GoPT needs x_channels, prompt_dim, vpt_rank >= 1 and tau, class_scale > 0, got "
+                         f"{x_channels}, {prompt_dim}, {vpt_rank}, {tau}, {class_scale}")
     backbone = vit(backbone_name, **overrides)
     if pretrained:
         load_pretrained(backbone, pretrained)
     layers = (0,) if variant.endswith('_shallow') else range(0, len(backbone.blocks), interval)
-    if variant.startswith('vpt'):
-        prompts = AuxVPT(backbone.patch_embed, x_channels, layers)
+    if variant == 'head_only':
+        prompts = None
+    elif variant.startswith('vpt'):
+        prompts = AuxVPT(backbone.patch_embed, x_channels, layers, vpt_rank, identity)
     else:
         prompts = GroupingPrompts(backbone.patch_embed, x_channels, num_classes, layers, prompt_dim,
-                                  cup=variant != 'no_cup', acp=variant != 'no_acp', hard=assignment == 'hard', tau=tau)
-    return GoPT(backbone, prompts, num_classes, head_dim)
+                                  cup=variant != 'no_cup', acp=variant != 'no_acp', hard=assignment == 'hard', tau=tau,
+                                  attention=attention, class_scale=class_scale, carry_aux=carry_aux, identity=identity,
+                                  scaled=scaled)
+    model = GoPT(backbone, prompts, num_classes, x_channels, head_dim)
+    if head_from:
+        load_head(model.head, head_from)
+    return model
 
 
 def gopt_param_counts(backbone_name='base', num_classes=40, x_channels=3, **options):

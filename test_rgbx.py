@@ -1619,7 +1619,7 @@ def test_ktb_train_step_on_real_nyu():
 
 GH, GW = 37, 53  # odd, not a multiple of 16: grid (3, 4), padded
 GOPT_GRID = (math.ceil(GH / 16), math.ceil(GW / 16))
-GROUPING_VARIANTS = tuple(v for v in rgbx.GOPT_VARIANTS if not v.startswith('vpt'))
+GROUPING_VARIANTS = tuple(v for v in rgbx.GOPT_VARIANTS if not v.startswith('vpt') and v != 'head_only')
 
 
 def gopt(variant='gopt', num_classes=5, x_channels=2, **kw):
@@ -1633,12 +1633,12 @@ def inputs(x_channels=2, B=2, seed=1):
 
 
 def wake_up(model, std=0.05):
-    """`up` (and the VPT embeddings) start at zero, so p = 1 and the prompts have no
-    effect; give them small random weights so that the prompts matter."""
+    """With identity=True `up` (and the VPT W_l) start at zero, so p = 1 and the prompts have
+    no effect; give them small random weights so that the prompts matter."""
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
-        for name, p in model.prompts.named_parameters():
-            if name.startswith(('up.', 'embeds.')):
+        for name, p in (model.prompts.named_parameters() if model.prompts is not None else ()):
+            if name.startswith(('up.', 'ups.')):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
 
@@ -1650,19 +1650,33 @@ def foundation(model, rgb):
 
 
 # ----------------------------------------------------------------------------
-# Identity at initialisation (design/gopt.md decision 3)
+# Initialisation: xavier-uniform (the paper), or the identity switch (design/gopt.md decision 3)
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('variant', rgbx.GOPT_VARIANTS)
-def test_gopt_is_the_foundation_model_at_init(variant):
-    model = gopt(variant).eval()
+def test_gopt_is_the_foundation_model_at_init_with_identity(variant):
+    model = gopt(variant, identity=True).eval()
     rgb, x = inputs()
     with torch.no_grad():
         out, ref = model(rgb, x), foundation(model, rgb)
         assert out.shape == (2, 5, GH, GW) and torch.isfinite(out).all()
         assert torch.equal(out, ref)
-        # control: once the prompts are non-trivial, the output is no longer the foundation's
-        assert (wake_up(model)(rgb, x) - ref).abs().max() > 1e-4
+        if variant != 'head_only':
+            # control: once the prompts are non-trivial, the output is no longer the foundation's
+            assert (wake_up(model)(rgb, x) - ref).abs().max() > 1e-4
+            # and the paper's xavier start prompts from the first step
+            assert (gopt(variant, identity=False).eval()(rgb, x) - ref).abs().max() > 1e-3
+
+
+def test_gopt_prompt_parameters_start_xavier_uniform():
+    model = gopt('gopt', num_classes=5, prompt_dim=16, identity=False)
+    for name, p in model.prompts.named_parameters():
+        if name.endswith('bias') or p.ndim == 1:  # LayerNorms are (1, 0), biases 0
+            continue
+        w = p.reshape(p.shape[0], -1) if name != 'class_tokens' else p[0]
+        bound = math.sqrt(6 / sum(w.shape))
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound, name  # uniform up to the bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.25 * bound / math.sqrt(3), name
 
 
 # ----------------------------------------------------------------------------
@@ -1713,12 +1727,13 @@ def test_gumbel_noise_is_gumbel_0_1():
 # Eq. 10 by hand
 # ----------------------------------------------------------------------------
 
-def eq10_by_hand(g, tokens, groups, hard, into_tokens):
+def eq10_by_hand(g, tokens, groups, hard, into_tokens, scale=1.0):
     """The grouping written from the paper, one entry at a time, B = 1:
-    A_ij = softmax_j((W_q t_i) . (W_k g_j) / sqrt(d)) (one-hot at the argmax when hard),
+    A_ij = softmax_j((W_q t_i) . (W_k g_j) * scale) (eq. 8: scale 1; one-hot at the argmax when hard),
     into groups (CUP, eq. 10): out_j = g_j + W_o (sum_i A_ij W_v t_i) / (sum_i A_ij),
     into tokens (ACP):         out_i = t_i + W_o (sum_j A_ij W_v g_j) / (sum_j A_ij).
-    An empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0 (the documented choice)."""
+    An empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0 (the documented choice);
+    a soft group lighter than 1e-6 is divided by 1e-6."""
     def lin(name, v):
         m = getattr(g, name)
         return m.weight @ v + m.bias
@@ -1727,7 +1742,7 @@ def eq10_by_hand(g, tokens, groups, hard, into_tokens):
     S, C, d = len(t), len(c), t.shape[1]
     A = torch.zeros(S, C)
     for i in range(S):
-        e = torch.stack([torch.exp(lin('q', t[i]) @ lin('k', c[j]) / math.sqrt(d)) for j in range(C)])
+        e = torch.stack([torch.exp(lin('q', t[i]) @ lin('k', c[j]) * scale) for j in range(C)])
         A[i] = F.one_hot(e.argmax(), C).float() if hard else e / e.sum()
     dst, src, M = (t, c, A) if into_tokens else (c, t, A.T)  # M[a, b]: weight of src b in dst a
     out = []
@@ -1736,18 +1751,18 @@ def eq10_by_hand(g, tokens, groups, hard, into_tokens):
         for b in range(len(src)):
             merged = merged + M[a, b] * lin('v', src[b])
         den = M[a].sum()
-        out.append(dst[a] + lin('o', merged / den if den > 0 else torch.zeros(d)))
+        out.append(dst[a] + lin('o', merged / max(den, 1e-6)))
     return torch.stack(out)[None], A[None]
 
 
-def grouping_example(hard, condition, dim=4, S=5, C=3):
+def grouping_example(hard, condition, dim=4, S=5, C=3, scaled=False):
     """A seeded Grouping and (tokens, groups), B = 1, for which condition(A soft (S, C)) holds."""
     for seed in range(200):
         torch.manual_seed(seed)
-        g = rgbx.Grouping(dim, hard=hard).eval()
-        tokens, groups = torch.randn(1, S, dim), torch.randn(1, C, dim)
+        g = rgbx.Grouping(dim, hard=hard, scaled=scaled).eval()
+        tokens, groups = 0.5 * torch.randn(1, S, dim), 0.5 * torch.randn(1, C, dim)
         with torch.no_grad():
-            logits = g.q(tokens) @ g.k(groups).transpose(1, 2) * dim ** -0.5
+            logits = g.q(tokens) @ g.k(groups).transpose(1, 2) * (dim ** -0.5 if scaled else 1)
         if condition(F.softmax(logits[0], -1)):
             return g, tokens, groups
     raise AssertionError('no example found')
@@ -1765,18 +1780,19 @@ def soft_sums_at_least_one(A):
     return A.sum(0).min() >= 1
 
 
-@pytest.mark.parametrize('hard, into_tokens, condition', [
-    (True, False, every_group_used),
-    (True, False, some_group_empty),
-    (True, True, some_group_empty),
-    (False, True, some_group_empty),
-    (False, False, soft_sums_at_least_one),
+@pytest.mark.parametrize('hard, into_tokens, condition, scaled', [
+    (True, False, every_group_used, False),
+    (True, False, some_group_empty, False),
+    (True, True, some_group_empty, False),
+    (False, True, some_group_empty, False),
+    (False, False, soft_sums_at_least_one, False),
+    (False, False, soft_sums_at_least_one, True),
 ])
-def test_grouping_eq10_by_hand(hard, into_tokens, condition):
-    g, tokens, groups = grouping_example(hard, condition)
+def test_grouping_eq10_by_hand(hard, into_tokens, condition, scaled):
+    g, tokens, groups = grouping_example(hard, condition, scaled=scaled)
     with torch.no_grad():
         out, A_hat = g(tokens, groups, into_tokens=into_tokens)
-        ref, A_ref = eq10_by_hand(g, tokens, groups, hard, into_tokens)
+        ref, A_ref = eq10_by_hand(g, tokens, groups, hard, into_tokens, scale=4 ** -0.5 if scaled else 1.0)
     assert out.shape == ((1, 5, 4) if into_tokens else (1, 3, 4))
     torch.testing.assert_close(A_hat, A_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -1797,7 +1813,7 @@ def test_grouping_hard_gradient_reaches_the_assignment():
     out, _ = g(tokens, groups)
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad(out, [g.q.weight, g.k.weight], upstream)
-    logits = g.q(tokens) @ g.k(groups).transpose(1, 2) / 2  # dim 4: 1/sqrt(d) = 1/2
+    logits = g.q(tokens) @ g.k(groups).transpose(1, 2)  # eq. 8, unscaled
     A = F.softmax(logits, -1)
     A_hat = F.one_hot(A.argmax(-1), 3).float() + A - A.detach()
     M = A_hat.transpose(1, 2)
@@ -1834,9 +1850,9 @@ def test_gumbel_noise_only_in_training(assignment):
 # Prompter chain: eq. 3 and eq. 15, checked with hooks
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('variant', ['gopt', 'no_acp', 'no_cup'])
-def test_class_tokens_are_previous_prompts_and_eq3(variant):
-    model = wake_up(gopt(variant)).eval()
+@pytest.mark.parametrize('variant, carry_aux', [('gopt', False), ('gopt', True), ('no_acp', False), ('no_cup', False)])
+def test_class_tokens_are_previous_prompts_and_eq3(variant, carry_aux):
+    model = wake_up(gopt(variant, carry_aux=carry_aux)).eval()
     prompts = model.prompts
     assert prompts.layers == (0, 1, 2, 3)
     rgb, x = inputs()
@@ -1865,7 +1881,8 @@ def test_class_tokens_are_previous_prompts_and_eq3(variant):
             torch.testing.assert_close(block_in[l], expect)
             if l + 1 < len(calls):
                 (_, aux_l1, classes_l1), _ = calls[l + 1]
-                assert torch.equal(aux_l1, aux_next)  # aux tokens carried (design decision 1)
+                # aux tokens: CUP's self-attended ones carried, or the first ones (design decision 1)
+                assert torch.equal(aux_l1, aux_next if carry_aux else aux0)
                 assert torch.equal(classes_l1, classes_next)  # eq. 15: c^{l+1} = P^l
             if variant == 'no_cup':  # without CUP the class tokens stay the learned ones
                 assert torch.equal(classes_next, classes0)
@@ -1889,16 +1906,16 @@ def backward(model, x_channels=2, seed=3):
 
 @pytest.mark.parametrize('variant', rgbx.GOPT_VARIANTS)
 def test_gopt_gradients(variant):
-    model = gopt(variant).train()
+    model = gopt(variant, identity=False).train()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {'backbone.' + n for n, _ in model.backbone.named_parameters()}
     if variant in GROUPING_VARIANTS:
-        # at initialisation up = 0: the first backward reaches `up` and the head only
-        backward(model)
-        for n, p in model.prompts.named_parameters():
+        # with identity=True (the default), up = 0: the first backward reaches `up` and the head only
+        identity = gopt(variant).train()
+        backward(identity)
+        for n, p in identity.prompts.named_parameters():
             assert (p.grad.abs().sum() > 0) == n.startswith('up.'), n
-    wake_up(model)
-    backward(model)
+    backward(model)  # the paper's xavier start: every trainable parameter from the first step
     for n, p in model.named_parameters():
         if n in frozen:
             assert p.grad is None, n
@@ -1977,18 +1994,21 @@ def test_gopt_train_step_on_nyu():
 def test_gopt_param_counts_vit_base():
     with torch.device('meta'):
         counts = rgbx.gopt_param_counts('base', 40, 3)
-    D, d, C, p, cx = 768, 55, 40, 16, 3
+    D, d, C, p, cx, r = 768, 55, 40, 16, 3, 336
     patch_embed = cx * p * p * D + D
     shared = patch_embed + (2 * D + D * d + d) + (d * D + D) + C * d  # aux embed, down (LN + linear), up, c^0
     grouping = 4 * (d * d + d)  # W_q, W_k, W_v, W_o
+    cup_norm = 2 * d  # CUP's pre-norm LayerNorm
+    vpt_embed, vpt_up = cx * p * p * r + r, r * D + D  # VPT: shared aux embedding of width r, W_l per layer
     head = 2 * D + (D * 256 + 256) + 2 * 256 + (256 * C + C)
     expect = {
-        'gopt': shared + 12 * 2 * grouping,  # 975311
-        'gopt_shallow': shared + 2 * grouping,  # 704271
-        'no_acp': shared + 12 * grouping,  # 827471
+        'gopt': shared + 12 * (2 * grouping + cup_norm),  # 976631
+        'gopt_shallow': shared + 2 * grouping + cup_norm,  # 704381
+        'no_acp': shared + 12 * (grouping + cup_norm),  # 828791
         'no_cup': shared + 12 * grouping,  # 827471
-        'vpt_shallow': patch_embed,  # 590592
-        'vpt_deep': 12 * patch_embed,  # 7087104
+        'vpt_shallow': vpt_embed + vpt_up,  # 517200
+        'vpt_deep': vpt_embed + 12 * vpt_up,  # 3364176
+        'head_only': 0,
     }
     assert set(counts) == set(rgbx.GOPT_VARIANTS)
     for v, c in counts.items():
@@ -1996,13 +2016,10 @@ def test_gopt_param_counts_vit_base():
         assert c['head'] == head == 209192
         assert c['trainable'] == expect[v] + head
         assert c['backbone'] == 85798656  # ViT-B/16 with its fixed pos_embed
-    # the paper's GoPT: 0.97M without the SETR head
-    assert abs(counts['gopt']['trainable_without_head'] - 0.97e6) < 0.03e6
-    # Table 4 for the others: GoPT-shallow 0.68M (here 0.704M), VPT-shallow 0.54M (here 0.591M),
-    # VPT-deep 3.39M (here 7.09M: 12 full-width aux patch embeddings; the paper's count is not
-    # reproduced), w/o ACP and w/o CUP not given (here 0.827M each).
-    assert abs(counts['gopt_shallow']['trainable_without_head'] - 0.68e6) < 0.03e6
-    assert abs(counts['vpt_shallow']['trainable_without_head'] - 0.54e6) < 0.06e6
+    # Table 4, without the SETR head, each within 0.06M: GoPT 0.97M, GoPT-shallow 0.68M,
+    # VPT-shallow 0.54M, VPT-deep 3.39M (w/o ACP and w/o CUP not given: here 0.829M, 0.827M)
+    for v, paper in (('gopt', 0.97e6), ('gopt_shallow', 0.68e6), ('vpt_shallow', 0.54e6), ('vpt_deep', 3.39e6)):
+        assert abs(counts[v]['trainable_without_head'] - paper) < 0.06e6, v
 
 
 # ----------------------------------------------------------------------------
@@ -2037,6 +2054,123 @@ def test_gopt_bad_input():
         rgbx.build_gopt('nano', 5, 0)
     with pytest.raises(ValueError):
         rgbx.GroupingPrompter(8, cup=False, acp=False)
+
+
+# --- GoPT diagnostics, recipe and decisions (issue 14) ---
+
+def test_diagnostic_measures_by_hand():
+    e = torch.eye(3)[None]  # three orthogonal vectors
+    assert rgbx.mean_pairwise_cosine(e) == pytest.approx(0, abs=1e-7)
+    assert rgbx.mean_pairwise_cosine(torch.ones(2, 4, 3)) == pytest.approx(1)
+    assert rgbx.mean_pairwise_cosine(torch.tensor([[[1.0, 2.0], [-1.0, -2.0]]])) == pytest.approx(-1)
+    assert rgbx.token_spread(torch.ones(2, 5, 3)) == pytest.approx(0, abs=1e-7)  # one vector for all tokens
+    assert rgbx.token_spread(torch.tensor([[[1.0, 2.0], [-1.0, -2.0]]])) == pytest.approx(1)  # mean 0
+    # (1, 0) and (3, 0): mean (2, 0), RMS distance 1, RMS norm sqrt(5)
+    assert rgbx.token_spread(torch.tensor([[[1.0, 0.0], [3.0, 0.0]]])) == pytest.approx(5 ** -0.5)
+    g = torch.Generator().manual_seed(0)
+    n = 40000
+    # equal logits over C groups: the noise picks uniformly, argmax without noise is group 0: (C - 1) / C flip
+    assert rgbx.noise_flips(torch.zeros(n, 4), g) == pytest.approx(0.75, abs=0.01)
+    # two groups a gap delta apart: the difference of two Gumbel(0, 1) is logistic, P(flip) = 1 / (1 + e^delta)
+    assert rgbx.noise_flips(torch.tensor([1.0, 0.0]).expand(n, 2), g) == pytest.approx(1 / (1 + math.e), abs=0.01)
+    assert rgbx.noise_flips(torch.tensor([100.0, 0.0, 0.0]).expand(n, 3), g) == 0
+    assert rgbx.GUMBEL_STD == pytest.approx((-torch.empty(n).exponential_(generator=g).log()).std().item(), abs=0.03)
+
+
+def test_gopt_diagnostics_sees_a_known_collapse():
+    """Plain CUP attention (eq. 6 as written) with C identical class tokens: every class token
+    leaves CUP as the same vector (cosine 1), the C logits of a token are equal (spread 0), so
+    Gumbel noise decides the group: (C - 1) / C of the argmaxes flip."""
+    model = gopt('gopt', num_classes=5, x_channels=1, attention='plain', prompt_dim=16).train()
+    with torch.no_grad():
+        model.prompts.class_tokens.copy_(torch.randn(1, 1, 16).expand(1, 5, 16))
+    g = torch.Generator().manual_seed(4)
+    rgb, x = torch.randn(4, 3, 128, 128, generator=g), torch.randn(4, 1, 128, 128, generator=g)
+    rng = torch.get_rng_state()
+    d = model.diagnostics(rgb, x)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)  # mode and global RNG untouched
+    assert d['layers'] == [0, 1, 2, 3] and all(len(d[k]) == 4 for k in d)
+    assert d['class_cos'][0] == pytest.approx(1, abs=1e-5)
+    assert d['cup_logit_std'][0] < 1e-3
+    assert d['cup_flips'][0] == pytest.approx(0.8, abs=0.1)  # 256 tokens, C = 5
+    assert all(0 <= v <= 1.0001 for k in ('aux_spread', 'prompt_spread', 'acp_flips') for v in d[k])
+    # distinct class tokens (the default, pre-norm residual attention) stay distinct
+    assert gopt('gopt', num_classes=5, x_channels=1, prompt_dim=16).diagnostics(rgb, x)['class_cos'][0] < 0.5
+    # variants report what they have
+    assert rgbx.build_gopt('nano', 5, 1, variant='head_only').diagnostics(rgb, x) == {'layers': []}
+    assert set(rgbx.build_gopt('nano', 5, 1, variant='vpt_deep').diagnostics(rgb, x)) == {'layers', 'prompt_spread'}
+    assert 'class_cos' not in rgbx.build_gopt('nano', 5, 1, variant='no_cup').diagnostics(rgb, x)
+
+
+def test_gopt_training_logs_diagnostics(tmp_path):
+    cfg = tr.resolve(tr.Config(dataset='demo', method='gopt', backbone='vit-nano', pretrained='none', max_steps=2,
+                               batch_size=2, crop='32x32', workers=0, eval_every=0, log_every=1,
+                               opts='prompt_dim=8,head_dim=16', out_dir=str(tmp_path / 'run')))
+    tr.train(cfg)
+    lines = [json.loads(l) for l in open(tmp_path / 'run' / 'log.jsonl')]
+    assert [l['step'] for l in lines] == [1, 2]
+    for l in lines:
+        assert l['diagnostics']['layers'] == [0, 1, 2, 3] and len(l['diagnostics']['cup_flips']) == 4
+
+
+def test_gopt_head_from_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    source = rgbx.build_rgb_only('vit-nano', 5, 1, head_dim=16)
+    tr.save_checkpoint({'model': rgbx.trainable_state(source)}, str(tmp_path / 'last.pt'))
+    model = rgbx.build_gopt('nano', 5, 1, head_dim=16, head_from=str(tmp_path / 'last.pt'))
+    for k, v in source.head.state_dict().items():
+        assert torch.equal(model.head.state_dict()[k], v), k
+    with pytest.raises(ValueError, match='head_from=.*3 classes'):
+        rgbx.build_gopt('nano', 3, 1, head_dim=16, head_from=str(tmp_path / 'last.pt'))
+
+
+def test_gopt_recipe_and_no_augmentation():
+    nyu = tr.resolve(tr.Config(dataset='nyudv2', method='gopt', backbone='vit-base', pretrained='mae.pth'))
+    assert (nyu.lr, nyu.epochs, nyu.warmup_epochs, nyu.augment) == (4e-5, 60, 0, 'crop')
+    assert nyu.batch_size * nyu.grad_accum == 64
+    mine = tr.resolve(tr.Config(dataset='nyudv2', method='gopt', pretrained='mae.pth', lr=1e-4, batch_size=8,
+                                augment='full'))
+    assert (mine.lr, mine.grad_accum, mine.augment) == (1e-4, 8, 'full')
+    ktb = tr.resolve(tr.Config(dataset='nyudv2', method='ktb', pretrained='swin.pth'))
+    assert (ktb.lr, ktb.grad_accum, ktb.augment) == (4e-4, 1, 'full')
+    demo = tr.resolve(tr.Config(dataset='demo', method='gopt', pretrained='none'))
+    assert (demo.lr, demo.grad_accum, demo.augment) == (1e-3, 1, 'full')  # the study's shared recipe
+    with pytest.raises(ValueError, match='--augment'):
+        tr.resolve(tr.Config(augment='some'))
+    # the random crop only: at the full size the training sample is the evaluation sample
+    plain = data.build_dataset('demo', '', 'train', train=True, augment=False)
+    ref = data.build_dataset('demo', '', 'train')
+    for i in range(4):
+        plain.set_epoch(i)
+        for a, b in zip(plain[i], ref[i]):
+            assert torch.equal(a, b)
+
+
+def test_demo_validation_preset_is_carved_from_the_training_scenes():
+    train, val = (data.build_dataset('demo128-val', '', s) for s in ('train', 'test'))
+    full, test = (data.build_dataset('demo128', '', s) for s in ('train', 'test'))
+    assert (len(train), len(val)) == (192, 64)
+    assert train.names + val.names == full.names and not set(val.names) & set(test.names)
+    for i, j in ((0, 0), (191, 191)):
+        assert torch.equal(train[i][0], full[j][0])
+    assert torch.equal(val[0][0], full[192][0]) and torch.equal(val[63][2], full[255][2])
+
+
+def test_study_gopt_part_and_decisions():
+    from study import run as study
+    names = {r['name'] for r in study.plan([0], 2, 2, part='gopt')}
+    assert {'ViT foundation (RGB)', 'Frozen foundation + head, no prompts', 'VPT-shallow', 'VPT-deep',
+            'GoPT (hard, 4 prompters)', 'GoPT soft', 'GoPT 1 prompter'} <= names
+    assert not any(n.startswith(('KTB', 'Swin', 'MaskMentor', 'MIM', 'M2IM')) for n in names)
+    decide = study.plan([0, 1], 2, 2, decide=True)
+    assert {r['config']['dataset'] for r in decide} == {study.VALIDATION}
+    assert len(decide) == 2 * (1 + len(study.DECISIONS))
+    # the budgets the study's VPT ranks claim: the paper's ratios to GoPT (0.56 and 3.5), at nano
+    count = lambda opts: rgbx.build_model('gopt', 'vit-nano', 5, 1, **data.parse_opts(opts.replace(
+        ',head_from=foundation', ''))).param_counts()['prompts']  # the head: started from the foundation's
+    gopt_n = count(study.GOPT)
+    assert count(study.VPT_SHALLOW) / gopt_n == pytest.approx(0.54 / 0.97, rel=0.05)
+    assert count(study.VPT_DEEP) / gopt_n == pytest.approx(3.39 / 0.97, rel=0.05)
 
 
 # ----------------------------------------------------------------------------

@@ -278,7 +278,8 @@ def make_loaders(cfg, rank, world, device):
     augmentation randomness is a function of (seed, epoch, sample), so the order of
     workers and a resume cannot change it."""
     train_set = data.build_dataset(cfg.dataset, cfg.data_root, 'train', cfg.x_modality or None,
-                                   crop=data.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed, method=cfg.method)
+                                   crop=data.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed, method=cfg.method,
+                                   augment=cfg.augment == 'full')
     test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', cfg.x_modality or None, method=cfg.method)
     sampler = ResumableSampler(len(train_set), cfg.seed, rank, world, cfg.batch_size)
     if len(sampler.indices()) < cfg.batch_size * cfg.grad_accum:
@@ -323,8 +324,9 @@ def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, say):
 def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, schedule_step=None):
     """One optimizer step over cfg.grad_accum micro-batches (gradient sync on the
     last one only); a non-finite loss leaves the weights untouched. Returns the mean
-    loss over micro-batches and processes. `schedule_step`: the global step, for a
-    model with its own schedule (MaskMentor pre-training)."""
+    loss over micro-batches and processes, and the last micro-batch's (rgb, x).
+    `schedule_step`: the global step, for a model with its own schedule (MaskMentor
+    pre-training)."""
     for g in optimizer.param_groups:
         g['lr'] = lr
     loss_sum = torch.zeros((), device=device)
@@ -344,7 +346,7 @@ def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, schedu
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum
+    return loss_sum, (rgb, x)
 
 
 def prepare_model(cfg, model, num_classes, x_channels, device, world, say):
@@ -392,15 +394,15 @@ class RunFiles:
                 self.log.write(json.dumps(record) + '\n')
                 self.log.flush()
 
-    def progress(self, step, total, epoch, loss, lr):
-        """The progress line (loss, lr, it/s, ETA) and its log record."""
+    def progress(self, step, total, epoch, loss, lr, **extra):
+        """The progress line (loss, lr, it/s, ETA) and its log record (with `extra`)."""
         now = time.time()
         rate = (step - self.step_at_t) / max(now - self.t_last, 1e-9)
         self.t_last, self.step_at_t = now, step
         eta = (total - step) / max(rate, 1e-9)
         self.say(f"step {step}/{total} | epoch {epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | {rate:.2f} it/s | "
                  f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-        self.record(step=step, epoch=epoch + 1, loss=loss, lr=lr, time=now - self.t0)
+        self.record(step=step, epoch=epoch + 1, loss=loss, lr=lr, time=now - self.t0, **extra)
 
     def last_good(self):
         return f"the last good checkpoint is {self.last if os.path.exists(self.last) else 'none (none saved yet)'}"
@@ -485,14 +487,17 @@ def train(cfg, model=None, on_step=None):
             batches = iter(loader)
             for _ in range(done_in_epoch, steps_per_epoch):
                 lr = lr_at(step, total, warmup, cfg.lr)
-                loss = train_step(model, batches, optimizer, scaler, cfg, device, world, lr,
-                                  step if pretraining else None).item()
+                loss, inputs = train_step(model, batches, optimizer, scaler, cfg, device, world, lr,
+                                          step if pretraining else None)
+                loss = loss.item()
                 step += 1
                 if not math.isfinite(loss):
                     skipped += 1
                     on_nonfinite_loss(cfg, loss, step, skipped, total, files)
                 if step % cfg.log_every == 0 or step == total:
-                    files.progress(step, total, epoch, loss, lr)
+                    # a model that reports its own health (GoPT: gopt_diagnostics) logs it on the last micro-batch
+                    health = dict(diagnostics=raw.diagnostics(*inputs)) if hasattr(raw, 'diagnostics') else {}
+                    files.progress(step, total, epoch, loss, lr, **health)
                 end_of_epoch = step % steps_per_epoch == 0 or step == total
                 if cfg.save_every and step % cfg.save_every == 0 and not end_of_epoch:
                     files.checkpoint(files.last, step, best, skipped)

@@ -3,6 +3,8 @@ built-in demo data (README, "Results").
 
     python -m study.run            # the whole study, from the repository's root (under an hour on 2 cores)
     python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~2 min)
+    python -m study.run --part gopt      # only the ViT foundation and the GoPT family (report in study/gopt)
+    python -m study.run --decide --seeds 2   # GoPT's open decisions on held-out training scenes (study/gopt-validation)
 
 Set-up, mirroring the papers at toy scale (`demo128`: 128 x 128 synthetic RGB-D scenes
 where RGB tells an object's colour and only depth its height, see data.DemoDataset):
@@ -12,12 +14,14 @@ where RGB tells an object's colour and only depth its height, see data.DemoDatas
    --pretrained like those files. One foundation per seed.
 2. adaptation, the same number of steps for every method, from the foundation of
    the same seed: early fusion with full fine-tuning (the papers' reference line),
-   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP, VPT-deep
-   (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM and M2IM + STTP
+   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP, VPT-shallow and
+   VPT-deep at the paper's budget ratios to GoPT, the frozen foundation with a trained head and no
+   prompts (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM and M2IM + STTP
    pre-training (ViT, the pre-training on the demo's training split with its labels
    as the semantic-map modality).
 3. evaluation of the final weights (no selection on the test split) with RGB + X,
-   RGB only and X only (eval.py's --modality: the missing input is zeroed).
+   RGB only and X only (eval.py's --modality: the missing input is zeroed); GoPT's models also
+   with rgbx.gopt_diagnostics (class-token collapse, assignments flipped by the Gumbel noise).
 
 Every run is a train.py configuration (its command line is in the log); runs go to
 --out (default runs/study), each with result.json, so an interrupted study resumes
@@ -44,6 +48,7 @@ import train
 from eval import evaluate, metrics, shard_loader
 
 DATASET = 'demo128'
+VALIDATION = 'demo128-val'  # GoPT's decisions (--decide): 64 training scenes held out, the foundation trained on the rest
 STEPS, FOUNDATION_STEPS = 400, 800  # optimizer steps of batch 4
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,7 +57,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ViT-nano has D = 64: GoPT's d_p of 55 (of 768) would not be low rank, 16 is; heads 64 wide.
 HEAD = 'head_dim=64'
 KTB = 'fused_head_dim=128,aux_head_dim=64'
-GOPT = 'prompt_dim=16,head_dim=64'
+# GoPT and its variants start Psi from the head of their foundation (decided on demo128-val, see DECISIONS)
+GOPT = 'prompt_dim=16,head_dim=64,head_from=foundation'
+# the VPT variants at the paper's budget ratios to GoPT (Table 4, ViT-B: VPT-shallow 0.54M / 0.97M = 0.56,
+# VPT-deep 3.39M / 0.97M = 3.5): at nano GoPT trains 27.6k without its head, VPT-shallow with rank 48
+# 15.5k (0.56), VPT-deep with rank 187 96.2k (3.5); ViT-nano's 4 layers cannot give both with one rank
+VPT_SHALLOW = 'variant=vpt_shallow,vpt_rank=48,head_dim=64,head_from=foundation'
+VPT_DEEP = 'variant=vpt_deep,vpt_rank=187,head_dim=64,head_from=foundation'
 # MaskMentor: a decoder and a ConvNeXt head as wide as the encoder
 MM = 'decoder_dim=64,decoder_heads=4,decoder_depth=1,head_dim=64,head_depth=2'
 
@@ -65,11 +76,14 @@ CONDITIONS = [
     ('KTB w/o MMST', 'swin', 'ktb', KTB + ',mmst=false', 'foundation'),
     ('ViT foundation (RGB)', 'vit', 'rgb_only', HEAD, None),
     ('ViT early fusion, full FT', 'vit', 'early_fusion', HEAD, 'foundation'),
+    ('Frozen foundation + head, no prompts', 'vit', 'gopt', 'variant=head_only,head_dim=64,head_from=foundation',
+     'foundation'),
     ('GoPT (hard, 4 prompters)', 'vit', 'gopt', GOPT, 'foundation'),
     ('GoPT soft', 'vit', 'gopt', GOPT + ',assignment=soft', 'foundation'),
     ('GoPT 2 prompters', 'vit', 'gopt', GOPT + ',interval=2', 'foundation'),
     ('GoPT 1 prompter', 'vit', 'gopt', GOPT + ',interval=4', 'foundation'),
-    ('VPT-deep', 'vit', 'gopt', 'variant=vpt_deep,head_dim=64', 'foundation'),
+    ('VPT-shallow', 'vit', 'gopt', VPT_SHALLOW, 'foundation'),
+    ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation'),
     ('GoPT w/o ACP', 'vit', 'gopt', GOPT + ',variant=no_acp', 'foundation'),  # X by place: see README
     ('MIM pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain,warmup_steps=1000000000', 'foundation'),
     ('M2IM pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain,teacher_iters=0,token_weight=0', 'foundation'),
@@ -86,6 +100,9 @@ CLAIMS = [
     ('KTB', 'MMST raises the single-modality columns (supp. Fig. 1, Table 5)', 'KTB', 'KTB w/o MMST', ('rgb', 'x', 'both')),
     ('KTB', 'close to full fine-tuning at a fraction of the parameters', 'KTB', 'Swin early fusion, full FT', ('both',)),
     ('GoPT', 'beats the foundation', 'GoPT (hard, 4 prompters)', 'ViT foundation (RGB)', ('both',)),
+    ('GoPT', 'the prompts help: beats the frozen foundation + trained head', 'GoPT (hard, 4 prompters)',
+     'Frozen foundation + head, no prompts', ('both',)),
+    ('GoPT', 'beats VPT-shallow (Table 4)', 'GoPT (hard, 4 prompters)', 'VPT-shallow', ('both',)),
     ('GoPT', 'beats VPT-deep (Table 4)', 'GoPT (hard, 4 prompters)', 'VPT-deep', ('both',)),
     ('GoPT', 'hard beats soft assignment (Fig. 7)', 'GoPT (hard, 4 prompters)', 'GoPT soft', ('both',)),
     ('GoPT', 'more prompters is better (Fig. 6): 4 vs 1', 'GoPT (hard, 4 prompters)', 'GoPT 1 prompter', ('both',)),
@@ -96,19 +113,52 @@ CLAIMS = [
 ]
 COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 
+# GoPT's decisions the paper leaves open (`--decide`), on `demo128-val` (64 of the training scenes held
+# out; the foundation is trained on the other 192), never on the test scenes. Round 1: each switch flipped
+# alone from the paper's xavier start with a fresh head; round 2: the two winners together (the
+# defaults), with and without the one switch that round 1 left unclear. (name, options, extra
+# train.Config fields besides the study's.) The study keeps its shared augmentation for GoPT too: the
+# paper's "no data expansion" gave 33.1 +- 4.4 against 33.9 +- 2.3 (round 1; -2.2 and +0.6 by seed).
+R1 = 'prompt_dim=16,head_dim=64,identity=false'
+DECISIONS = [
+    ('R1: xavier start, fresh head', R1, {}),
+    ('R1 + CUP attention plain (eq. 6 as written)', R1 + ',attention=plain', {}),
+    ('R1 + class tokens x4 at init', R1 + ',class_scale=4.0', {}),
+    ('R1 + aux tokens carried', R1 + ',carry_aux=true', {}),
+    ('R1 + identity at init (up = 0)', 'prompt_dim=16,head_dim=64,identity=true', {}),
+    ('R1 + head from the foundation', R1 + ',head_from=foundation', {}),
+    ('R1 + no augmentation (random crop only)', R1, dict(augment='crop')),
+    ('R1 + logits scaled by 1/sqrt(d_p)', R1 + ',scaled=true', {}),
+    ('R2: identity start, head from the foundation', GOPT, {}),
+    ('R2 + CUP attention plain (eq. 6 as written)', GOPT + ',attention=plain', {}),
+]
 
-def plan(seeds, steps, foundation_steps):
+
+def conditions(part='all', decide=False):
+    """The CONDITIONS of `part` ('all' or 'gopt': the ViT foundation and the GoPT family), or
+    with `decide` the ViT foundation and the DECISIONS, as (name, family, method,
+    options, source, extra train.Config fields)."""
+    vit_foundation = next(c for c in CONDITIONS if c[0] == 'ViT foundation (RGB)')
+    if decide:
+        return [(*vit_foundation, {})] + [(name, 'vit', 'gopt', opts, 'foundation', extra)
+                                          for name, opts, extra in DECISIONS]
+    return [(*c, {}) for c in CONDITIONS if part == 'all' or c[1] == 'vit' and c[2] in ('rgb_only', 'gopt')]
+
+
+def plan(seeds, steps, foundation_steps, part='all', decide=False):
     """Every run of the study: dicts with name, seed, key 'name/seed', need (the key
-    of the run whose weights it starts from, None for a foundation) and the train.Config fields it sets."""
+    of the run whose weights it starts from, None for a foundation) and the train.Config fields it sets.
+    `decide`: the GoPT decisions on the validation preset instead (see DECISIONS)."""
     runs = []
     for seed in seeds:
-        for name, family, method, opts, source in CONDITIONS:
+        for name, family, method, opts, source, extra in conditions(part, decide):
             need = None if source is None else \
                 f"{'Swin' if family == 'swin' else 'ViT'} foundation (RGB)/{seed}" if source == 'foundation' else \
                 f"{source[len('pretrain:'):]}/{seed}"
             runs.append(dict(name=name, seed=seed, key=f'{name}/{seed}', need=need, pretraining='stage=pretrain' in opts,
-                             config=dict(dataset=DATASET, method=method, backbone=f'{family}-nano', opts=opts, seed=seed,
-                                         max_steps=steps if need else foundation_steps)))
+                             config=dict(dataset=VALIDATION if decide else DATASET, method=method,
+                                         backbone=f'{family}-nano', opts=opts, seed=seed,
+                                         max_steps=steps if need else foundation_steps, **extra)))
     return runs
 
 
@@ -129,7 +179,11 @@ def execute(args):
     Runs in a worker process with one thread (two runs share the two cores)."""
     run, out = args
     torch.set_num_threads(1)
-    cfg = train.resolve(train.Config(**run['config'], pretrained=backbone_file(out, run['need']) if run['need'] else '',
+    config = dict(run['config'])
+    if run['need']:  # 'head_from=foundation': Psi starts from the head of the foundation this run loads
+        config['opts'] = config['opts'].replace('head_from=foundation',
+                                                'head_from=' + os.path.join(folder(out, run['need']), 'last.pt'))
+    cfg = train.resolve(train.Config(**config, pretrained=backbone_file(out, run['need']) if run['need'] else '',
                                      out_dir=folder(out, run['key']), workers=0, eval_every=0, log_every=50,
                                      overwrite=True))  # a run without result.json is redone
     preset = data.PRESETS[cfg.dataset]
@@ -150,6 +204,9 @@ def execute(args):
         for modality, _ in COLUMNS:
             result[modality] = metrics(evaluate(model, test, preset.num_classes, torch.device('cpu'),
                                                 modality=modality))['miou']
+        if hasattr(model, 'diagnostics'):  # GoPT: how its prompters behave, on the first 8 evaluation scenes
+            rgb, x, _ = next(iter(test))
+            result['diagnostics'] = model.diagnostics(rgb, x)
         if run['need'] is None:  # a foundation: its backbone in the format of an official file, for load_pretrained
             train.save_checkpoint({'model': model.backbone.state_dict()}, backbone_file(out, run['key']))
     with open(os.path.join(cfg.out_dir, 'result.json'), 'w') as f:
@@ -192,12 +249,17 @@ def run_all(runs, out, jobs):
 # Report: tables, claims, plot
 # ----------------------------------------------------------------------------
 
+DIAGNOSTICS = (('class_cos', 'class-token cosine'), ('cup_flips', 'CUP flips'), ('acp_flips', 'ACP flips'),
+               ('cup_logit_std', 'CUP logit std'), ('prompt_spread', 'prompt spread'))
+
+
 def summarise(results):
-    """{condition: {'n', 'trainable', 'step_seconds', column: (mean, std, per-seed list)}} in CONDITIONS order."""
+    """{condition: {'n', 'trainable', 'step_seconds', column: (mean, std, per-seed list), 'diagnostics':
+    {key: mean over layers and seeds}}} in CONDITIONS (then DECISIONS) order."""
     table = {}
-    for name, *_ in CONDITIONS:
+    for name in [c[0] for c in CONDITIONS] + [d[0] for d in DECISIONS]:
         rows = sorted((r for r in results.values() if r['name'] == name), key=lambda r: r['seed'])
-        if not rows:
+        if not rows or name in table:
             continue
         entry = dict(n=len(rows), trainable=rows[0]['trainable'], total=rows[0]['total'],
                      step_seconds=float(np.mean([r['step_seconds'] for r in rows])))
@@ -205,6 +267,9 @@ def summarise(results):
             if column in rows[0]:
                 v = np.array([r[column] for r in rows])
                 entry[column] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, v.tolist())
+        diagnostics = [r['diagnostics'] for r in rows if r.get('diagnostics', {}).get('layers')]
+        entry['diagnostics'] = {key: float(np.mean([np.mean(d[key]) for d in diagnostics]))
+                                for key, _ in DIAGNOSTICS if diagnostics and key in diagnostics[0]}
         table[name] = entry
     return table
 
@@ -227,13 +292,26 @@ def claim_rows(results):
 
 def markdown(table, claims, setup):
     pct = lambda m: f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}"
-    lines = [f"Set-up: {setup}. mIoU (%) on the 64 test scenes, mean ± standard deviation over seeds, of the final "
+    lines = [f"Set-up: {setup}. mIoU (%) on the 64 {'validation' if VALIDATION in setup else 'test'} scenes, mean ± standard deviation over seeds, of the final "
              f"weights; a missing input is zeroed.", '',
              '| condition | RGB+X | RGB only | X only | trainable params | step (s) |', '|---|---|---|---|---|---|']
     for name, e in table.items():
         cells = [pct(e[c]) if c in e else '-' for c, _ in COLUMNS]
         lines.append(f"| {name} | {' | '.join(cells)} | {e['trainable'] / 1e3:.1f}k of {e['total'] / 1e3:.0f}k | "
                      f"{e['step_seconds']:.3f} |")
+    healthy = {name: e['diagnostics'] for name, e in table.items() if e.get('diagnostics')}
+    if healthy:
+        lines += ['', "GoPT's prompters in the final models (`rgbx.gopt_diagnostics` on the first 8 evaluation "
+                  "scenes, mean over prompters and seeds): the class tokens' mean pairwise cosine after CUP "
+                  "(1 = one vector), the fraction of assignments one draw of Gumbel noise flips (CUP's g_m, "
+                  "ACP's g_rgb,m), the std of CUP's logits over the groups (the noise's is 1.28), and the "
+                  "prompt's spread over the tokens relative to its norm (0 = one prompt per image).", '',
+                  '| condition | ' + ' | '.join(label for _, label in DIAGNOSTICS) + ' |',
+                  '|---|' + '---|' * len(DIAGNOSTICS)]
+        for name, d in healthy.items():
+            lines.append(f"| {name} | " + ' | '.join(f"{d[k]:.3f}" if k in d else '-' for k, _ in DIAGNOSTICS) + ' |')
+    if not claims:
+        return '\n'.join(lines) + '\n'
     lines += ['', 'Claims: A - B in mIoU points, paired by seed (the same foundation and data order).', '',
               '| paper | claim | A | B | input | A - B: mean (min, max) | A > B in |', '|---|---|---|---|---|---|---|']
     for c in claims:
@@ -285,8 +363,13 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=0, help='optimizer steps of each adaptation run (0 = the study\'s)')
     p.add_argument('--foundation-steps', type=int, default=0)
     p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
-    p.add_argument('--out', default='', help='run folders (default runs/study, runs/study-quick)')
-    p.add_argument('--report', default='', help='where results.md/.png/.json go (default study/; --quick: --out)')
+    p.add_argument('--part', choices=('all', 'gopt'), default='all',
+                   help="gopt: only the ViT foundation and the GoPT family (report in study/gopt)")
+    p.add_argument('--decide', action='store_true',
+                   help="GoPT's open decisions on the validation preset demo128-val (report in study/gopt-validation)")
+    p.add_argument('--out', default='', help='run folders (default runs/study[-gopt|-gopt-val][-quick])')
+    p.add_argument('--report', default='', help='where results.md/.png/.json go (default study/[gopt|gopt-validation]; '
+                                                '--quick: --out)')
     args = p.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1 or args.steps < 0 or args.foundation_steps < 0:
         p.error(f"need --seeds >= 1, --jobs >= 1 and step counts >= 0, got {args.seeds}, {args.jobs}, "
@@ -294,14 +377,16 @@ def main(argv=None):
     seeds = range(1 if args.quick else args.seeds)
     steps = args.steps or (4 if args.quick else STEPS)
     foundation_steps = args.foundation_steps or (6 if args.quick else FOUNDATION_STEPS)
-    out = args.out or ('runs/study-quick' if args.quick else 'runs/study')
-    report = args.report or (out if args.quick else HERE)
-    runs = plan(seeds, steps, foundation_steps)
+    part = 'gopt-validation' if args.decide else '' if args.part == 'all' else args.part
+    out = args.out or 'runs/study' + ('-' + part.replace('validation', 'val') if part else '') + ('-quick' if args.quick else '')
+    report = args.report or (out if args.quick else os.path.join(HERE, part))
+    runs = plan(seeds, steps, foundation_steps, args.part, args.decide)
     print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
     start = time.time()
     results = run_all(runs, out, args.jobs)
-    setup = (f"`{DATASET}` (128 x 128), {len(seeds)} seed(s), foundations {foundation_steps} steps, every "
-             f"adaptation and pre-training {steps} steps, batch 4, AdamW lr 1e-3 (warm-up 1 epoch, poly decay)")
+    setup = (f"`{VALIDATION if args.decide else DATASET}` (128 x 128), {len(seeds)} seed(s), foundations "
+             f"{foundation_steps} steps, every adaptation and pre-training {steps} steps, batch 4, AdamW lr 1e-3 "
+             f"(warm-up 1 epoch, poly decay)")
     table, claims = summarise(results), claim_rows(results)
     os.makedirs(report, exist_ok=True)
     with open(os.path.join(report, 'results.md'), 'w') as f:
