@@ -587,6 +587,13 @@ class SegFormerHead(nn.Module):
     first as in SegFormer), 1x1 conv 4E -> E (no bias) + BN + ReLU, dropout 0.1,
     1x1 conv E -> classes, bilinear to the input size.
     forward(feats: list of (B, C_i, H_i, W_i), size=(H, W)) -> (B, classes, H, W).
+
+    Speed, same function: the fuse conv on the concat is the sum of its column
+    slices W_f,i, one per stage, and bilinear upsampling is linear and acts per
+    channel, so W_f,i commutes with it. Each stage's linear_c and its slice are
+    composed into one C_i -> E map (W_f,i W_c,i, bias W_f,i b_c,i), applied at
+    the stage's own resolution, and only the E-channel results are upsampled and
+    summed; BN and ReLU follow as before. Maps stay channels-last throughout.
     """
 
     stride = 4
@@ -601,10 +608,13 @@ class SegFormerHead(nn.Module):
 
     def forward(self, feats, size):
         h, w = feats[0].shape[-2:]
-        x = [F.interpolate(lin(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(f.shape[0], -1, *f.shape[-2:]),
-                           size=(h, w), mode='bilinear', align_corners=False)  # (B, E, h, w)
-             for lin, f in zip(self.linear_c, feats)]
-        x = self.linear_fuse(torch.cat(x[::-1], 1))  # (B, E, h, w)
+        fuse = self.linear_fuse[0].weight.flatten(1).chunk(len(feats), 1)[::-1]  # W_f,i (E, E), stage order
+        x = 0
+        for lin, w_f, f in zip(self.linear_c, fuse, feats):
+            y = F.linear(f.permute(0, 2, 3, 1), w_f @ lin.weight, w_f @ lin.bias)  # (B, H_i, W_i, E)
+            y = y.permute(0, 3, 1, 2)  # (B, E, H_i, W_i), a channels-last view
+            x = x + (y if y.shape[-2:] == (h, w) else F.interpolate(y, size=(h, w), mode='bilinear', align_corners=False))
+        x = self.linear_fuse[2](self.linear_fuse[1](x))  # BN + ReLU, (B, E, h, w)
         return resize_logits(self.linear_pred(self.dropout(x)), size, self.stride)
 
 

@@ -2353,3 +2353,45 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     trained = tr.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
     for name, p in backbone.named_parameters():  # the file holds exactly the foundation's trained backbone
         assert torch.equal(p, trained['backbone.' + name]), name
+
+
+# --- speed (issue 17): same function, less work ---
+
+def segformer_head_reference(head, feats, size):
+    """SegFormerHead as its definition reads: linear_c, upsample, concat (deepest first), fuse conv at 1/4."""
+    h, w = feats[0].shape[-2:]
+    x = [F.interpolate(lin(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(f.shape[0], -1, *f.shape[-2:]),
+                       size=(h, w), mode='bilinear', align_corners=False) for lin, f in zip(head.linear_c, feats)]
+    x = head.linear_fuse(torch.cat(x[::-1], 1))  # (B, E, h, w)
+    return rgbx.resize_logits(head.linear_pred(head.dropout(x)), size, head.stride)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_segformer_head_equals_its_definition(train):
+    """The fuse conv applied per stage before upsampling, composed with linear_c, equals the
+    concat-then-fuse definition: logits, every gradient, BN running statistics (random weights)."""
+    torch.manual_seed(0)
+    size = (45, 61)  # odd: padded grids, 1/4 .. 1/32 maps of unequal aspect
+    head = rgbx.SegFormerHead([16, 32, 64, 128], 24, 5).train(train)
+    for p in head.parameters():
+        p.data.normal_(0, 0.2)
+    ref = copy.deepcopy(head)
+    feats = [f.detach().requires_grad_() for f in tiny_swin(embed_dim=16).eval()(torch.randn(2, 3, *size))]
+    torch.manual_seed(1)
+    out = head(feats, size)
+    torch.manual_seed(1)  # the same Dropout2d mask
+    expected = segformer_head_reference(ref, feats, size)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), feats + list(head.parameters()))
+    grads_ref = torch.autograd.grad((expected * weight).sum(), feats + list(ref.parameters()))
+    names = [f'feat{i}' for i in range(4)] + [n for n, _ in head.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        if train and name.startswith('linear_c.') and name.endswith('.bias'):
+            continue  # removed by training-mode BN: both are ~0 (DEAD_BY_DESIGN)
+        torch.testing.assert_close(g, g_ref, atol=1e-4 * g_ref.abs().max().item(), rtol=1e-4, msg=name)
+    for (name, b), b_ref in zip(head.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, b_ref, msg=name)
+    assert set(head.state_dict()) == {f'linear_c.{i}.{p}' for i in range(4) for p in ('weight', 'bias')} | {
+        'linear_fuse.0.weight', 'linear_pred.weight', 'linear_pred.bias'} | {
+        f'linear_fuse.1.{k}' for k in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')}
