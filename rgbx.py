@@ -593,7 +593,7 @@ class SegFormerHead(nn.Module):
     channel, so W_f,i commutes with it. Each stage's linear_c and its slice are
     composed into one C_i -> E map (W_f,i W_c,i, bias W_f,i b_c,i), applied at
     the stage's own resolution, and only the E-channel results are upsampled and
-    summed; BN and ReLU follow as before. Maps stay channels-last throughout.
+    summed; BN and ReLU follow as before. Maps stay channels-last up to the logits.
     """
 
     stride = 4
@@ -608,14 +608,19 @@ class SegFormerHead(nn.Module):
 
     def forward(self, feats, size):
         h, w = feats[0].shape[-2:]
-        fuse = self.linear_fuse[0].weight.flatten(1).chunk(len(feats), 1)[::-1]  # W_f,i (E, E), stage order
-        x = 0
-        for lin, w_f, f in zip(self.linear_c, fuse, feats):
+        fuse = self.linear_fuse[0].weight.flatten(1).chunk(len(feats), 1)[::-1]  # W_f,i (E, E), in stage order
+        x = None
+        for lin, w_f, f in list(zip(self.linear_c, fuse, feats))[::-1]:  # deepest first: x starts as a fresh map
             y = F.linear(f.permute(0, 2, 3, 1), w_f @ lin.weight, w_f @ lin.bias)  # (B, H_i, W_i, E)
             y = y.permute(0, 3, 1, 2)  # (B, E, H_i, W_i), a channels-last view
-            x = x + (y if y.shape[-2:] == (h, w) else F.interpolate(y, size=(h, w), mode='bilinear', align_corners=False))
+            if y.shape[-2:] != (h, w):
+                y = F.interpolate(y, size=(h, w), mode='bilinear', align_corners=False)  # (B, E, h, w)
+            x = y if x is None else x.add_(y)  # in place: no new 1/4-resolution map per stage
         x = self.linear_fuse[2](self.linear_fuse[1](x))  # BN + ReLU, (B, E, h, w)
-        return resize_logits(self.linear_pred(self.dropout(x)), size, self.stride)
+        pred = self.linear_pred  # the 1x1 conv as a linear map on the channels-last map
+        logits = F.linear(self.dropout(x).permute(0, 2, 3, 1), pred.weight.flatten(1), pred.bias)  # (B, h, w, K)
+        logits = logits.permute(0, 3, 1, 2).contiguous()  # (B, K, h, w), channels-first: the loss's softmax
+        return resize_logits(logits, size, self.stride)  # over channels is ~4x slower on channels-last
 
 
 class SETRNaiveHead(nn.Module):
