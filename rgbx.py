@@ -854,7 +854,7 @@ class MAPAPrompt(nn.Module):
         low = torch.cat([self.w_rgb(s[0]), self.w_x(s[1])], -1)  # (B, H, W, 2r): [X~_rgb ; X~_x]
         uni = self.w_up(self.w_p(low))  # (B, H, W, C): X_uni
         gamma, beta = self.gamma[:, None, None, None], self.beta[:, None, None, None]  # (2, 1, 1, 1, C)
-        return (s + uni + gamma * uni + beta).flatten(0, 1)  # X_m + X_uni + P_m, (2B, H, W, C)
+        return torch.addcmul(s + beta, 1 + gamma, uni).flatten(0, 1)  # X_m + X_uni + P_m, (2B, H, W, C), in 2 passes
 
 
 class MAPAAdapter(nn.Module):
