@@ -2395,3 +2395,17 @@ def test_segformer_head_equals_its_definition(train):
     assert set(head.state_dict()) == {f'linear_c.{i}.{p}' for i in range(4) for p in ('weight', 'bias')} | {
         'linear_fuse.0.weight', 'linear_pred.weight', 'linear_pred.bias'} | {
         f'linear_fuse.1.{k}' for k in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')}
+
+
+def test_convnext_head_channels_last_equals_channels_first():
+    """ConvNeXtHead on channels-last maps equals the same modules run on the channels-first layout."""
+    torch.manual_seed(0)
+    head = rgbx.ConvNeXtHead(32, 5, dim=16, depth=2).train()
+    tokens = torch.randn(2, 7 * 9, 32, requires_grad=True)
+    out = head(tokens, (7, 9), (27, 35))
+    x = head.proj_dec(tokens).view(2, 7, 9, 4, 4, -1).permute(0, 5, 1, 3, 2, 4).reshape(2, -1, 28, 36)  # (B, C, H/4, W/4)
+    expected = rgbx.resize_logits(head.final_layer(head.blocks(x)), (27, 35), 4)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), [tokens] + list(head.parameters()))
+    for g, g_ref in zip(grads, torch.autograd.grad(expected.square().sum(), [tokens] + list(head.parameters()))):
+        torch.testing.assert_close(g, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=1e-4)
