@@ -2409,3 +2409,18 @@ def test_convnext_head_channels_last_equals_channels_first():
     grads = torch.autograd.grad(out.square().sum(), [tokens] + list(head.parameters()))
     for g, g_ref in zip(grads, torch.autograd.grad(expected.square().sum(), [tokens] + list(head.parameters()))):
         torch.testing.assert_close(g, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=1e-4)
+
+
+def test_floor_timings_floor_is_the_backbone_on_every_stream():
+    """KTB's floors: the frozen Swin on batch streams x batch (training, input with a gradient)
+    and on one image per stream (inference); the ratios are the quotients of the timings."""
+    torch.manual_seed(0)
+    model = rgbx.build_ktb('nano', 5, 1)
+    seen = []
+    model.backbone.register_forward_hook(lambda m, inp, out: seen.append((inp[0].shape[0], inp[0].requires_grad)))
+    out = ev.floor_timings(model, (40, 56), 5, 1, torch.device('cpu'), repeats=1, batch=2)
+    assert set(seen) == {(4, True), (2, False)} and len(seen) == 4  # a warm-up round and one timed round
+    assert out['train_step_over_floor'] == out['train_step_s'] / out['backbone_fwd_bwd_s']
+    assert out['latency_over_floor'] == out['latency_s'] / out['backbone_fwd_s']
+    assert all(out[k] > 0 for k in ('train_step_s', 'backbone_fwd_bwd_s', 'latency_s', 'backbone_fwd_s'))
+    assert not model.training
