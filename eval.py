@@ -150,67 +150,115 @@ def timed(fn, device, repeats):
     return best
 
 
-def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, workers=2, amp='none'):
+def floor_timings(model, size, num_classes, x_channels, device, repeats=3, batch=2, ctx=None):
+    """A method's training step and inference against its frozen-backbone floor,
+    timed in turns in one process (seconds, the best of `repeats` rounds after a
+    warm-up round; each round runs all four, so that other jobs on the machine
+    weigh on them alike; the machine's load still blurs the ratios).
+
+    - train_step_s: forward + loss + backward at `batch` (optimizer excluded);
+    - backbone_fwd_bwd_s, the training floor: the model's backbone forward +
+      backward on the images of every stream as one batch (streams x batch; KTB
+      runs the frozen Swin once per modality), the input requiring a gradient so
+      that backward runs through every block even when all weights are frozen;
+    - latency_s: inference on one image (every stream);
+    - backbone_fwd_s, the inference floor: the backbone forward on `streams` images.
+    Returns those and train_step_over_floor, latency_over_floor. Leaves the model in eval mode.
+    """
+    H, W = size
+    ctx = ctx or (lambda: torch.autocast(device.type, enabled=False))
+    streams = getattr(model, 'streams', 1)
+    rgb, x = torch.randn(batch, 3, H, W, device=device), torch.randn(batch, x_channels, H, W, device=device)
+    label = torch.randint(0, num_classes, (batch, H, W), device=device)
+    backbone = model.backbone
+
+    def floor_input(n):  # n samples of the backbone's own input
+        if isinstance(backbone, rgbx.MultiModalViT):  # MaskMentor: the encoder on the tokens of both modalities
+            with torch.no_grad():
+                rgb_n, x_n = torch.randn(n, 3, H, W, device=device), torch.randn(n, x_channels, H, W, device=device)
+                return backbone.embed({'rgb': rgb_n, 'depth': x_n})[0].flatten(1, 2)  # (n, 2N, D)
+        return torch.randn(n, backbone.patch_embed.proj.in_channels, H, W, device=device)  # 3, or 3 + Cx (early fusion)
+    train_in, infer_in = floor_input(streams * batch).requires_grad_(), floor_input(streams)
+
+    def train_step():
+        model.train()
+        with ctx():
+            loss, _ = model(rgb, x, label)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def floor_train():
+        with ctx():
+            feats = backbone(train_in)
+        sum(f.float().sum() for f in (feats if isinstance(feats, list) else [feats])).backward()
+        train_in.grad = None
+        backbone.zero_grad(set_to_none=True)
+
+    def infer():
+        model.eval()
+        with torch.no_grad(), ctx():
+            model(rgb[:1], x[:1])
+
+    def floor_infer():
+        with torch.no_grad(), ctx():
+            backbone(infer_in)
+    fns = dict(train_step_s=train_step, backbone_fwd_bwd_s=floor_train, latency_s=infer, backbone_fwd_s=floor_infer)
+    out = {k: float('inf') for k in fns}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            fn()
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            if r:  # round 0 warms up
+                out[k] = min(out[k], time.perf_counter() - t)
+    out['train_step_over_floor'] = out['train_step_s'] / out['backbone_fwd_bwd_s']
+    out['latency_over_floor'] = out['latency_s'] / out['backbone_fwd_s']
+    return out
+
+
+def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, workers=2, amp='none', floor_only=False):
     """Cost figures of `model` at input `size` (H, W), measured in one run so that
     ratios between them are meaningful: parameters, FLOPs of one forward pass,
     inference latency (single-scale, and multi-scale + flip), training-step time
     at `batch` (forward + backward, optimizer excluded), peak memory, data
-    throughput, and the model's own backbone alone forward and forward+backward."""
+    throughput, and the frozen-backbone floors (`floor_timings`, timed in turns
+    with the step and the latency). `floor_only`: the parameters and `floor_timings` alone."""
     from torch.utils.flop_counter import FlopCounterMode
     H, W = size
     x_channels = dataset[0][1].shape[0]
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)) \
         if amp != 'none' else (lambda: torch.autocast(device.type, enabled=False))
-    model = model.to(device).eval()
-    rgb, x = torch.randn(1, 3, H, W, device=device), torch.randn(1, x_channels, H, W, device=device)
+    model = model.to(device)
     out = dict(size=[H, W], device=str(device), threads=torch.get_num_threads(),
                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                total_params=sum(p.numel() for p in model.parameters()))
+    out.update(floor_timings(model, size, num_classes, x_channels, device, repeats, batch, ctx))
+    out['images_per_s'] = 1 / out['latency_s']
+    if floor_only:
+        return out
+    rgb, x = torch.randn(1, 3, H, W, device=device), torch.randn(1, x_channels, H, W, device=device)
     with torch.no_grad(), ctx():
         with FlopCounterMode(display=False) as fc:
             model(rgb, x)
         out['gflops'] = fc.get_total_flops() / 1e9
         peak_memory(device, reset=True)
-        out['latency_s'] = timed(lambda: model(rgb, x), device, repeats)
+        model(rgb, x)
         out['infer_peak_mem_mb'] = peak_memory(device) / 2 ** 20
         out['latency_ms_flip_s'] = timed(lambda: predict(model, rgb, x, num_classes, SCALES, True), device, 1)
-    out['images_per_s'] = 1 / out['latency_s']
     out['images_per_s_ms_flip'] = 1 / out['latency_ms_flip_s']
 
     model.train()
     rgb2, x2 = rgb.expand(batch, -1, -1, -1).clone(), x.expand(batch, -1, -1, -1).clone()
     label = torch.randint(0, num_classes, (batch, H, W), device=device)
-
-    def step():
-        with ctx():
-            loss, _ = model(rgb2, x2, label)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
     peak_memory(device, reset=True)
-    out['train_step_s'] = timed(step, device, repeats)
+    with ctx():
+        loss, _ = model(rgb2, x2, label)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
     out['train_peak_mem_mb'] = peak_memory(device) / 2 ** 20
-
-    backbone = model.backbone
-    if isinstance(backbone, rgbx.MultiModalViT):  # MaskMentor: the encoder on the tokens of both modalities
-        with torch.no_grad():
-            tokens = backbone.embed({'rgb': rgb2, 'depth': x2})[0]  # (B, 2, N, D)
-        inp = tokens.flatten(1, 2).requires_grad_()  # (B, 2N, D)
-    else:
-        in_chans = backbone.patch_embed.proj.in_channels  # 3, or 3 + Cx for early fusion
-        inp = torch.randn(batch, in_chans, H, W, device=device, requires_grad=True)
-    # the input needs a gradient, so that backward runs through every block even when all weights are frozen
-
-    def backbone_fwd_bwd():
-        with ctx():
-            feats = backbone(inp)
-        sum(f.float().sum() for f in (feats if isinstance(feats, list) else [feats])).backward()
-        inp.grad = None
-        backbone.zero_grad(set_to_none=True)
-    with torch.no_grad(), ctx():
-        out['backbone_fwd_s'] = timed(lambda: backbone(inp), device, repeats)
-    out['backbone_fwd_bwd_s'] = timed(backbone_fwd_bwd, device, repeats)
-    streams = getattr(model, 'streams', 1)  # KTB runs the backbone once per modality
-    out['train_step_over_floor'] = out['train_step_s'] / (streams * out['backbone_fwd_bwd_s'])
 
     loader = data.loader(dataset, batch, workers, pin=device.type == 'cuda')
     n, t = 0, time.perf_counter()
@@ -260,6 +308,8 @@ def main(argv=None):
     b.add_argument('--size', default=None, help='input HxW, default 480x640')
     b.add_argument('--batch', type=int, default=None, help='training-step batch, default 2')
     b.add_argument('--repeats', type=int, default=None, help='default 3')
+    b.add_argument('--floor-only', action='store_true',
+                   help='only the training step and latency against the frozen-backbone floor, timed in turns')
     args = p.parse_args(argv)
     try:
         check_flags(args)
@@ -284,7 +334,7 @@ def check_flags(args):
     else:
         if not args.checkpoint:
             raise ValueError("--checkpoint is required (or --benchmark)")
-        benchmark_only = given('size', 'batch', 'repeats')
+        benchmark_only = given('size', 'batch', 'repeats', 'floor_only')
         if benchmark_only:
             raise ValueError(f"{benchmark_only} act only with --benchmark")
         if args.save_pred and given('rgb', 'x', 'out'):
@@ -379,7 +429,7 @@ def run_benchmark(args, device):
         model = build_model(cfg, preset, dataset[0][1].shape[0])
     figures = dict(method=cfg.method, backbone=cfg.backbone, opts=cfg.opts, checkpoint=args.checkpoint,
                    **benchmark(model, dataset, preset.num_classes, size, device, args.repeats or 3, args.batch or 2,
-                               args.workers, args.amp))
+                               args.workers, args.amp, args.floor_only))
     for k, v in figures.items():
         print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
     if args.json:

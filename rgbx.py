@@ -823,6 +823,13 @@ class SegFormerHead(nn.Module):
     first as in SegFormer), 1x1 conv 4E -> E (no bias) + BN + ReLU, dropout 0.1,
     1x1 conv E -> classes, bilinear to the input size.
     forward(feats: list of (B, C_i, H_i, W_i), size=(H, W)) -> (B, classes, H, W).
+
+    Speed, same function: the fuse conv on the concat is the sum of its column
+    slices W_f,i, one per stage, and bilinear upsampling is linear and acts per
+    channel, so W_f,i commutes with it. Each stage's linear_c and its slice are
+    composed into one C_i -> E map (W_f,i W_c,i, bias W_f,i b_c,i), applied at
+    the stage's own resolution, and only the E-channel results are upsampled and
+    summed; BN and ReLU follow as before. Maps stay channels-last up to the logits.
     """
 
     def __init__(self, in_dims, embed_dim, num_classes, dropout=0.1):
@@ -835,12 +842,21 @@ class SegFormerHead(nn.Module):
 
     def forward(self, feats, size):
         h, w = feats[0].shape[-2:]
-        x = [F.interpolate(lin(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(f.shape[0], -1, *f.shape[-2:]),
-                           size=(h, w), mode='bilinear', align_corners=False)  # (B, E, h, w)
-             for lin, f in zip(self.linear_c, feats)]
-        x = self.linear_fuse(torch.cat(x[::-1], 1))  # (B, E, h, w)
+        fuse = self.linear_fuse[0].weight.flatten(1).chunk(len(feats), 1)[::-1]  # W_f,i (E, E), in stage order
+        x = None
+        for lin, w_f, f in list(zip(self.linear_c, fuse, feats))[::-1]:  # deepest first: x starts as a fresh map
+            y = F.linear(f.permute(0, 2, 3, 1), w_f @ lin.weight, w_f @ lin.bias)  # (B, H_i, W_i, E)
+            y = y.permute(0, 3, 1, 2)  # (B, E, H_i, W_i), a channels-last view
+            if y.shape[-2:] != (h, w):
+                y = F.interpolate(y, size=(h, w), mode='bilinear', align_corners=False)  # (B, E, h, w)
+            x = y if x is None else x.add_(y)  # in place: no new 1/4-resolution map per stage
+        x = self.linear_fuse[2](self.linear_fuse[1](x))  # BN + ReLU, (B, E, h, w)
+        pred = self.linear_pred  # the 1x1 conv as a linear map on the channels-last map
+        logits = F.linear(self.dropout(x).permute(0, 2, 3, 1), pred.weight.flatten(1), pred.bias)  # (B, h, w, K)
+        logits = logits.permute(0, 3, 1, 2).contiguous()  # (B, K, h, w)
+        # channels-first: the loss's softmax over channels is ~4x slower on channels-last; then
         # straight to the input size, as SegFormer and the KTB release do (not `resize_logits`)
-        return F.interpolate(self.linear_pred(self.dropout(x)), size=size, mode='bilinear', align_corners=False)
+        return F.interpolate(logits, size=size, mode='bilinear', align_corners=False)
 
 
 class SETRNaiveHead(nn.Module):
@@ -901,8 +917,10 @@ class ConvNeXtHead(nn.Module):
     def forward(self, tokens, grid, size):
         B, (h, w), s = tokens.shape[0], grid, self.sub
         x = self.proj_dec(tokens).view(B, h, w, s, s, -1)  # (B, h, w, s, s, C)
-        x = x.permute(0, 5, 1, 3, 2, 4).reshape(B, -1, h * s, w * s)  # (B, C, h*s, w*s)
-        return resize_logits(self.final_layer(self.blocks(x)), size, self.stride)
+        x = x.transpose(2, 3).reshape(B, h * s, w * s, -1).permute(0, 3, 1, 2)  # (B, C, h*s, w*s), channels-last
+        # channels-last maps: the blocks' LN and MLP need no copy, the 7x7 convs run faster; channels-first
+        # logits: the loss's softmax over channels is ~4x slower on channels-last
+        return resize_logits(self.final_layer(self.blocks(x)).contiguous(), size, self.stride)
 
 
 # ----------------------------------------------------------------------------
@@ -1222,7 +1240,7 @@ class MAPAPrompt(nn.Module):
         low = torch.cat([self.w_rgb(s[0]), self.w_x(s[1])], -1)  # (B, H, W, 2r): [X~_rgb ; X~_x]
         uni = self.w_up(self.w_p(low))  # (B, H, W, C): X_uni
         gamma, beta = self.gamma[:, None, None, None], self.beta[:, None, None, None]  # (2, 1, 1, 1, C)
-        return (s + uni + gamma * uni + beta).flatten(0, 1)  # X_m + X_uni + P_m, (2B, H, W, C)
+        return torch.addcmul(s + beta, 1 + gamma, uni).flatten(0, 1)  # X_m + X_uni + P_m, (2B, H, W, C), in 2 passes
 
 
 class MAPAAdapter(nn.Module):

@@ -3094,3 +3094,72 @@ def test_every_real_data_test_skips_without_the_frames():
     assert len(reading) >= 11
     for name in reading:
         assert needs_realdata.mark in getattr(functions[name], 'pytestmark', []), name
+# --- speed (issue 17): same function, less work ---
+
+def segformer_head_reference(head, feats, size):
+    """SegFormerHead as its definition reads: linear_c, upsample, concat (deepest first), fuse conv at 1/4."""
+    h, w = feats[0].shape[-2:]
+    x = [F.interpolate(lin(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(f.shape[0], -1, *f.shape[-2:]),
+                       size=(h, w), mode='bilinear', align_corners=False) for lin, f in zip(head.linear_c, feats)]
+    x = head.linear_fuse(torch.cat(x[::-1], 1))  # (B, E, h, w)
+    return F.interpolate(head.linear_pred(head.dropout(x)), size=size, mode='bilinear', align_corners=False)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_segformer_head_equals_its_definition(train):
+    """The fuse conv applied per stage before upsampling, composed with linear_c, equals the
+    concat-then-fuse definition: logits, every gradient, BN running statistics (random weights)."""
+    torch.manual_seed(0)
+    size = (45, 61)  # odd: padded grids, 1/4 .. 1/32 maps of unequal aspect
+    head = rgbx.SegFormerHead([16, 32, 64, 128], 24, 5).train(train)
+    for p in head.parameters():
+        p.data.normal_(0, 0.2)
+    ref = copy.deepcopy(head)
+    feats = [f.detach().requires_grad_() for f in tiny_swin(embed_dim=16).eval()(torch.randn(2, 3, *size))]
+    torch.manual_seed(1)
+    out = head(feats, size)
+    torch.manual_seed(1)  # the same Dropout2d mask
+    expected = segformer_head_reference(ref, feats, size)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), feats + list(head.parameters()))
+    grads_ref = torch.autograd.grad((expected * weight).sum(), feats + list(ref.parameters()))
+    names = [f'feat{i}' for i in range(4)] + [n for n, _ in head.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        if train and name.startswith('linear_c.') and name.endswith('.bias'):
+            continue  # removed by training-mode BN: both are ~0 (DEAD_BY_DESIGN)
+        torch.testing.assert_close(g, g_ref, atol=1e-4 * g_ref.abs().max().item(), rtol=1e-4, msg=name)
+    for (name, b), b_ref in zip(head.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, b_ref, msg=name)
+    assert set(head.state_dict()) == {f'linear_c.{i}.{p}' for i in range(4) for p in ('weight', 'bias')} | {
+        'linear_fuse.0.weight', 'linear_pred.weight', 'linear_pred.bias'} | {
+        f'linear_fuse.1.{k}' for k in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')}
+
+
+def test_convnext_head_channels_last_equals_channels_first():
+    """ConvNeXtHead on channels-last maps equals the same modules run on the channels-first layout."""
+    torch.manual_seed(0)
+    head = rgbx.ConvNeXtHead(32, 5, dim=16, depth=2).train()
+    tokens = torch.randn(2, 7 * 9, 32, requires_grad=True)
+    out = head(tokens, (7, 9), (27, 35))
+    x = head.proj_dec(tokens).view(2, 7, 9, 4, 4, -1).permute(0, 5, 1, 3, 2, 4).reshape(2, -1, 28, 36)  # (B, C, H/4, W/4)
+    expected = rgbx.resize_logits(head.final_layer(head.blocks(x)), (27, 35), 4)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), [tokens] + list(head.parameters()))
+    for g, g_ref in zip(grads, torch.autograd.grad(expected.square().sum(), [tokens] + list(head.parameters()))):
+        torch.testing.assert_close(g, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=1e-4)
+
+
+def test_floor_timings_floor_is_the_backbone_on_every_stream():
+    """KTB's floors: the frozen Swin on batch streams x batch (training, input with a gradient)
+    and on one image per stream (inference); the ratios are the quotients of the timings."""
+    torch.manual_seed(0)
+    model = rgbx.build_ktb('nano', 5, 1)
+    seen = []
+    model.backbone.register_forward_hook(lambda m, inp, out: seen.append((inp[0].shape[0], inp[0].requires_grad)))
+    out = ev.floor_timings(model, (40, 56), 5, 1, torch.device('cpu'), repeats=1, batch=2)
+    assert set(seen) == {(4, True), (2, False)} and len(seen) == 4  # a warm-up round and one timed round
+    assert out['train_step_over_floor'] == out['train_step_s'] / out['backbone_fwd_bwd_s']
+    assert out['latency_over_floor'] == out['latency_s'] / out['backbone_fwd_s']
+    assert all(out[k] > 0 for k in ('train_step_s', 'backbone_fwd_bwd_s', 'latency_s', 'backbone_fwd_s'))
+    assert not model.training
