@@ -1810,8 +1810,8 @@ class MaskMentorModel(nn.Module):
         - a MultiMAE file: the encoder keys get the prefix of MULTIMAE_RENAMES; output
           adapters this model lacks (all of them when fine-tuning; `norm_rgb` without
           norm_pix_rgb) and input adapters it lacks (semseg when fine-tuning) are
-          dropped and named; a semseg class table of another class count (MultiMAE's
-          133 COCO classes) is left out, so this model's table stays at its initial values;
+          dropped and named in one line; the CLASS_COUNT_KEYS tensors of another class
+          count (MultiMAE's 133 COCO classes) are left out and named: they keep their initial values;
         - an MAE ViT file: the encoder through MultiModalViT.adapt_checkpoint;
         - an rgbx MaskMentor state dict ('backbone.*'): as it is, minus what this model lacks."""
         if not any(k.startswith('backbone.') for k in sd):
@@ -1825,19 +1825,20 @@ class MaskMentorModel(nn.Module):
         if dropped:
             print(f"load_pretrained: ignoring parts this model does not have: {', '.join(dropped)}")
         sd = {k: v for k, v in sd.items() if adapter_part(k) not in dropped and (k in own or k != 'steps_done')}
-        table = 'backbone.input_adapters.semseg.class_emb.weight'
-        if table in sd and table in own and sd[table].shape != own[table].shape:
-            print(f"load_pretrained: the checkpoint's semantic-map embedding has {sd[table].shape[0]} classes, this "
-                  f"model {own[table].shape[0]}: that embedding is re-initialised")
-            self._reinit = {table}
-            del sd[table]
+        per_class = {k for k in CLASS_COUNT_KEYS if k in sd and k in own and sd[k].shape != own[k].shape}
+        if per_class:
+            print(f"load_pretrained: another number of semantic classes in the checkpoint than in this model: "
+                  + ', '.join(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}" for k in sorted(per_class))
+                  + " re-initialised")
+        self._reinit = per_class
+        sd = {k: v for k, v in sd.items() if k not in per_class}
         return sd
 
     def checkpoint_absent_keys(self, sd):
         """Keys a checkpoint legitimately lacks: the fine-tuning head, the step counter, a
         re-initialised class table; for an MAE file (RGB only) also the other adapters and decoders."""
         own = self.state_dict()
-        absent = {k for k in own if k.startswith('head.')} | {'steps_done'} | set(getattr(self, '_reinit', ()))
+        absent = {k for k in own if k.startswith('head.')} | {'steps_done'} | getattr(self, '_reinit', set())
         if 'backbone.input_adapters.depth.proj.weight' not in sd:
             absent |= {k for k in own if k.startswith(('backbone.input_adapters.', 'output_adapters.'))}
         return absent
@@ -1853,6 +1854,10 @@ def adapter_part(key):
         return '.'.join(parts[:3])
     return None
 
+
+# The tensors whose shape follows the number of semantic classes (MultiMAE's files: 133 COCO classes).
+CLASS_COUNT_KEYS = ('backbone.input_adapters.semseg.class_emb.weight', 'output_adapters.semseg.out_proj.weight',
+                    'output_adapters.semseg.out_proj.bias')
 
 # MultiMAE checkpoint prefix -> this model's; below the prefix the names are MultiMAE's.
 MULTIMAE_RENAMES = (

@@ -2030,38 +2030,10 @@ def test_patch_masking_exact_counts():
     keep = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1]], dtype=torch.bool)
     counts = rgbx.visible_counts(keep, T)
     assert counts.sum(1).eq(T).all() and counts[~keep].eq(0).all()
-    ids_keep, ids_restore, mask = rgbx.random_masking(counts, N)
+    mask = rgbx.random_masking(counts, N)
     assert mask.shape == (B, K, N) and torch.equal((~mask).sum(-1), counts)
-    for b in range(B):  # the kept indices are exactly the unmasked tokens
-        assert sorted(ids_keep[b].tolist()) == torch.nonzero(~mask[b].flatten())[:, 0].tolist()
-    assert torch.equal(torch.gather(ids_restore, 1, ids_keep), torch.arange(T).expand(B, -1))
     with pytest.raises(ValueError, match='same number'):
         rgbx.random_masking(torch.tensor([[2, 1], [1, 1]]), N)
-
-
-def test_decoder_restores_grid_order():
-    """Decoder made an identity on its query grid: its output tokens minus the
-    position embedding are the known tokens where visible and the mask token elsewhere."""
-    torch.manual_seed(0)
-    B, K, (h, w), D = 3, 3, (3, 4), 8
-    N = h * w
-    dec = rgbx.MIMDecoder(1, K, D, D, 2, 0, 4, (h, w))
-    with torch.no_grad():
-        dec.proj_context.weight.copy_(torch.eye(D))
-        dec.proj_context.bias.zero_()
-        dec.modality_embed.weight.zero_()
-        dec.mask_token.fill_(-7.0)
-        for lin in (dec.cross_attn.proj, dec.mlp.fc2):
-            lin.weight.zero_()
-            lin.bias.zero_()
-    known = torch.randn(B, K * N, D)
-    counts = rgbx.visible_counts(torch.ones(B, K, dtype=torch.bool), 10)
-    ids_keep, ids_restore, mask = rgbx.random_masking(counts, N)
-    x = torch.cat([torch.gather(known, 1, ids_keep[..., None].expand(-1, -1, D)), torch.randn(B, 1, D)], 1)
-    with torch.no_grad():
-        out = dec.attend(x, ids_keep, ids_restore, (h, w)) - rgbx.sincos_pos_embed(D, h, w)
-    expect = torch.where(mask[:, 1, :, None], torch.tensor(-7.0), known[:, N:2 * N])
-    torch.testing.assert_close(out, expect)
 
 
 def test_sttp_schedule():
@@ -2076,23 +2048,23 @@ def test_sttp_student_step_teacher_targets_without_gradient(monkeypatch):
     torch.manual_seed(0)
     model = mm_pretrain()
     calls = []
-    original = rgbx.MaskMentorPretrain.reconstruct
+    original = rgbx.MaskMentorPretrain.decode
 
-    def recording(self, inputs, keep):
-        out = original(self, inputs, keep)
-        calls.append((keep.clone(), out, torch.is_grad_enabled()))
+    def recording(self, inputs, mask):
+        out = original(self, inputs, mask)
+        calls.append((mask.clone(), out, torch.is_grad_enabled()))
         return out
 
-    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'reconstruct', recording)
+    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'decode', recording)
     terms = model.losses(*mm_batch(B=4), 'student')
-    (keep_t, (teacher, _), grad_t), (keep_s, (student, mask), grad_s) = calls
-    assert keep_t.all() and not grad_t and grad_s
+    (mask_t, teacher, grad_t), (mask_s, student, grad_s) = calls
+    assert not grad_t and grad_s
     assert all(not t.requires_grad and t.grad_fn is None for _, t in teacher.values())
     assert all(t.requires_grad for _, t in student.values())
-    assert mask[~keep_s].all()  # a dropped modality is masked everywhere
-    cos = [torch.nn.functional.cosine_similarity(student[n][1], teacher[n][1], dim=-1) for n in student]
+    assert mask_s.all(-1).any() and (~mask_s).flatten(1).any(1).all()  # M2IM drops modalities, never all
+    cos = [torch.nn.functional.cosine_similarity(student[n][1], teacher[n][1], dim=-1) for n in ('rgb', 'depth', 'semseg')]
     torch.testing.assert_close(terms['token'], (1 - torch.stack(cos)).mean())
-    assert set(terms) == {'rgb', 'depth', 'semseg', 'token'}
+    assert set(terms) == {'rgb', 'depth', 'semseg', 'norm_rgb', 'token'}
 
 
 def test_m2im_without_token_loss_runs_no_teacher(monkeypatch):
@@ -2100,14 +2072,14 @@ def test_m2im_without_token_loss_runs_no_teacher(monkeypatch):
     pixel losses only, and the teacher's pass, whose tokens nothing would use, is not run."""
     torch.manual_seed(0)
     model = mm_pretrain(token_weight=0.0)
-    keeps = []
-    original = rgbx.MaskMentorPretrain.reconstruct
-    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'reconstruct',
-                        lambda self, inputs, keep: keeps.append(keep.clone()) or original(self, inputs, keep))
+    masks = []
+    original = rgbx.MaskMentorPretrain.decode
+    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'decode',
+                        lambda self, inputs, mask: masks.append(mask.clone()) or original(self, inputs, mask))
     torch.manual_seed(1)
     terms = model.losses(*mm_batch(B=8), 'student')
-    assert len(keeps) == 1 and set(terms) == {'rgb', 'depth', 'semseg'}
-    assert not keeps[0].all() and keeps[0].any(1).all()  # M2IM: some modality dropped, one always kept
+    assert len(masks) == 1 and set(terms) == {'rgb', 'depth', 'semseg', 'norm_rgb'}
+    assert masks[0].all(-1).any() and (~masks[0]).flatten(1).any(1).all()  # M2IM: some modality dropped, one kept
 
 
 def test_sttp_cycle_changes_shared_weights(monkeypatch):
@@ -2119,14 +2091,14 @@ def test_sttp_cycle_changes_shared_weights(monkeypatch):
     monkeypatch.setattr(rgbx.MaskMentorPretrain, 'losses',
                         lambda self, *a: seen.append(a[-1]) or original(self, *a))
     batch = mm_batch()
-    shared = model.backbone.blocks[0].attn.qkv.weight
+    shared = model.backbone.encoder[0].attn.qkv.weight
     for _ in range(5):  # step=None: the model counts its own steps
         before = shared.detach().clone()
         loss, none = model(*batch)
         assert none is None and torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
-        assert all(p.grad is not None for p in model.parameters())
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
         opt.step()
         assert not torch.equal(before, shared)
     assert seen == ['mim', 'teacher', 'teacher', 'teacher', 'student'] and int(model.steps_done) == 5
@@ -2178,7 +2150,7 @@ def test_finetune_missing_modalities_on_nyu():
     # modality_drop=0 and complete input: every trainable parameter gets a gradient
     full = mm_finetune(40, modality_drop=0.0).train()
     full(rgb, x, label)[0].backward()
-    assert all(p.grad is not None for p in full.parameters())
+    assert all(p.grad is not None for p in full.parameters() if p.requires_grad)
 
 
 def test_finetune_frozen_backbone_honoured():
@@ -2205,12 +2177,12 @@ def test_maskmentor_loads_mae_checkpoint(tmp_path):
                tmp_path / 'mae.pth')
     model = mm_pretrain(pretrained=str(tmp_path / 'mae.pth'))
     enc = model.backbone.state_dict()
-    assert torch.equal(enc['global_token'], mae['cls_token'])
-    assert torch.equal(enc['adapters.rgb.patch_embed.proj.weight'], mae['patch_embed.proj.weight'])
-    assert all(torch.equal(enc[k], v) for k, v in mae.items() if k.startswith(('blocks.', 'norm.')))
+    assert torch.equal(enc['global_tokens'], mae['cls_token'] + mae['pos_embed'][:, :1])
+    assert torch.equal(enc['input_adapters.rgb.proj.weight'], mae['patch_embed.proj.weight'])
+    assert all(torch.equal(enc['encoder.' + k[len('blocks.'):]], v) for k, v in mae.items() if k.startswith('blocks.'))
     del mae['blocks.1.mlp.fc1.weight']
     torch.save(mae, tmp_path / 'broken.pth')
-    with pytest.raises(ValueError, match=r'blocks\.1\.mlp\.fc1\.weight'):
+    with pytest.raises(ValueError, match=r'encoder\.1\.mlp\.fc1\.weight'):
         mm_finetune(pretrained=str(tmp_path / 'broken.pth'))
 
 
@@ -2226,7 +2198,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     torch.save({'model': pre.state_dict()}, tmp_path / 'pretrain.pt')
     ft = rgbx.build_model('maskmentor', 'vit-nano', 5, 1, pretrained=str(tmp_path / 'pretrain.pt'),
                           **MM_TINY, head_dim=16, head_depth=1)
-    assert isinstance(ft, rgbx.MaskMentorSeg) and 'adapters.semseg.class_embed.weight' not in ft.state_dict()
+    assert isinstance(ft, rgbx.MaskMentorSeg) and 'backbone.input_adapters.semseg.class_emb.weight' not in ft.state_dict()
     src = pre.backbone.state_dict()
     assert all(torch.equal(v, src[k]) for k, v in ft.backbone.state_dict().items())
     opt = torch.optim.AdamW(ft.parameters(), lr=1e-3)
@@ -2239,7 +2211,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and logits.shape == (2, 5, 64, 80)
-    assert not torch.equal(ft.backbone.blocks[1].mlp.fc2.weight, pre.backbone.blocks[1].mlp.fc2.weight)
+    assert not torch.equal(ft.backbone.encoder[1].mlp.fc2.weight, pre.backbone.encoder[1].mlp.fc2.weight)
     ft.eval()
     with torch.no_grad():
         assert ft(rgb, x).shape == (2, 5, 64, 80)
@@ -2353,3 +2325,129 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     trained = tr.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
     for name, p in backbone.named_parameters():  # the file holds exactly the foundation's trained backbone
         assert torch.equal(p, trained['backbone.' + name]), name
+
+
+# --- multimae ---
+# MaskMentor's network is MultiMAE's: the fixture computed by MultiMAE's own code
+# (../shared/fixtures/multimae, see its README) loads through load_pretrained and matches.
+
+MULTIMAE = Path(__file__).resolve().parent.parent / 'shared' / 'fixtures' / 'multimae'
+
+
+def multimae_fixture():
+    if not (MULTIMAE / 'multimae_tiny.json').exists():
+        pytest.skip(f"MultiMAE fixture not found at {MULTIMAE}")
+    cfg = json.load(open(MULTIMAE / 'multimae_tiny.json'))['config']
+    io = torch.load(MULTIMAE / 'multimae_tiny_io.pt', map_location='cpu', weights_only=True)
+    sem, dec = cfg['input_adapters']['semseg'], cfg['output_adapters']['rgb']
+    arch = dict(dim=cfg['dim_tokens'], depth=cfg['depth'], heads=cfg['num_heads'], class_dim=sem['dim_class_emb'],
+                decoder_dim=dec['dim_tokens'], decoder_depth=dec['depth'], decoder_heads=dec['num_heads'],
+                img_size=cfg['adapter_image_size'])
+    return arch, sem['num_classes'], io
+
+
+def rel_err(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_multimae_fixture_encoder_and_reconstructions_match():
+    arch, classes, io = multimae_fixture()
+    model = rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', norm_pix_rgb=False,
+                                  pretrained=str(MULTIMAE / 'multimae_tiny.pth'), **arch).eval()
+    inputs = {t: io['inputs.' + t] for t in ('rgb', 'depth', 'semseg')}
+    cases = {'full': (inputs, {}), 'rgb_only': ({'rgb': inputs['rgb']}, {}),
+             'masked': (inputs, {t: io[f'masked.task_masks.{t}'] for t in inputs})}
+    with torch.no_grad():
+        assert rel_err(model.encode(inputs), io['full.encoder_tokens']) < 1e-4
+        assert rel_err(model.encode({'rgb': inputs['rgb']}), io['rgb_only.encoder_tokens']) < 1e-4
+        for case, (given, masks) in cases.items():
+            preds = model.reconstruct(given, masks)
+            for t in inputs:
+                assert preds[t].shape == io[f'{case}.preds.{t}'].shape
+                assert rel_err(preds[t], io[f'{case}.preds.{t}']) < 1e-4, (case, t)
+        # a plausible bug moves the outputs far beyond the tolerance: bilinear instead of bicubic tables
+        model.backbone.input_adapters['rgb'].pos_mode = 'bilinear'
+        assert rel_err(model.encode(inputs), io['full.encoder_tokens']) > 1e-2
+
+
+def test_multimae_any_size_and_quarter_semseg_map():
+    """Any H, W multiple of 16 (here 80 x 144, non-square, another grid than the fixture's):
+    predictions at the input sizes, and masked tokens change nothing but what they hide."""
+    arch, classes, io = multimae_fixture()
+    model = rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', norm_pix_rgb=False,
+                                  pretrained=str(MULTIMAE / 'multimae_tiny.pth'), **arch).eval()
+    g = torch.Generator().manual_seed(0)
+    H, W, N = 80, 144, 5 * 9
+    inputs = {'rgb': torch.randn(2, 3, H, W, generator=g), 'depth': torch.randn(2, 1, H, W, generator=g),
+              'semseg': torch.randint(0, classes, (2, H // 4, W // 4), generator=g)}
+    with torch.no_grad():
+        assert model.encode(inputs).shape == (2, 3 * N + 1, arch['dim'])
+        masks = {'depth': torch.ones(2, N)}  # depth fully masked = depth not given, for every decoder
+        full_mask, absent = model.reconstruct(inputs, masks), model.reconstruct({t: inputs[t] for t in ('rgb', 'semseg')}, {})
+        assert full_mask['semseg'].shape == (2, classes, H // 4, W // 4) and full_mask['depth'].shape == (2, 1, H, W)
+        for t in inputs:
+            torch.testing.assert_close(full_mask[t], absent[t], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match='not inputs'):
+        model.reconstruct({'rgb': inputs['rgb']}, {'depth': torch.ones(2, N)})
+    with pytest.raises(ValueError, match='same number'):
+        model.reconstruct(inputs, {'rgb': torch.tensor([[1] * N, [0] * N])})
+    with pytest.raises(ValueError, match='token grids'):
+        model.encode({'rgb': inputs['rgb'], 'semseg': inputs['semseg'][:, :8]})
+
+
+def test_multimae_file_loads_for_finetuning_and_names_what_it_ignores(tmp_path, capsys):
+    arch, classes, io = multimae_fixture()
+    sd = torch.load(MULTIMAE / 'multimae_tiny.pth', map_location='cpu', weights_only=True)['model']
+    ft = rgbx.build_maskmentor('nano', 40, 1, pretrained=str(MULTIMAE / 'multimae_tiny.pth'), head_dim=16,
+                               head_depth=1, **{k: v for k, v in arch.items() if not k.startswith(('class', 'decoder'))})
+    said = capsys.readouterr().out
+    assert said.count('\n') == 1 and 'output_adapters.rgb' in said and 'backbone.input_adapters.semseg' in said
+    own = ft.state_dict()
+    assert all(torch.equal(own['backbone.' + k], v) for k, v in sd.items() if k.startswith(('encoder.', 'global_tokens'))
+               or k.startswith(('input_adapters.rgb.', 'input_adapters.depth.')))
+    with torch.no_grad():  # the fine-tuning encoder gives MultiMAE's tokens of RGB
+        tokens, _ = ft.backbone.embed({'rgb': io['inputs.rgb']})
+        assert rel_err(ft.backbone(tokens.flatten(1, 2)), io['rgb_only.encoder_tokens']) < 1e-4
+    # a released file's extra norm_rgb decoder: loaded when the model has one, else ignored and named
+    extra = {**sd, **{k.replace('output_adapters.rgb.', 'output_adapters.norm_rgb.'): v
+                      for k, v in sd.items() if k.startswith('output_adapters.rgb.')}}
+    torch.save({'model': extra}, tmp_path / 'released.pth')
+    pre = rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', pretrained=str(tmp_path / 'released.pth'), **arch)
+    assert torch.equal(pre.output_adapters['norm_rgb'].out_proj.weight, sd['output_adapters.rgb.out_proj.weight'])
+    rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', norm_pix_rgb=False,
+                          pretrained=str(tmp_path / 'released.pth'), **arch)
+    assert 'ignoring parts this model does not have: output_adapters.norm_rgb' in capsys.readouterr().out
+    # another class count (MultiMAE's 133 COCO classes into NYUDv2's 40): re-initialised and said
+    torch.manual_seed(0)
+    nyu = rgbx.build_maskmentor('nano', 40, 1, stage='pretrain', norm_pix_rgb=False,
+                                pretrained=str(MULTIMAE / 'multimae_tiny.pth'), **arch)
+    said = capsys.readouterr().out
+    assert 'class_emb.weight (5, 32) -> (40, 32)' in said and 're-initialised' in said
+    assert torch.equal(nyu.backbone.encoder[0].attn.qkv.weight, sd['encoder.0.attn.qkv.weight'])
+    # anything else missing or unexpected: an error listing the keys
+    broken = {k: v for k, v in sd.items() if k != 'encoder.1.mlp.fc2.bias'}
+    broken['output_adapters.rgb.surprise'] = torch.zeros(1)
+    torch.save({'model': broken}, tmp_path / 'broken.pth')
+    with pytest.raises(ValueError, match=r"(?s)missing.*encoder\.1\.mlp\.fc2\.bias.*unexpected.*surprise"):
+        rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', norm_pix_rgb=False,
+                              pretrained=str(tmp_path / 'broken.pth'), **arch)
+
+
+def test_multimae_pixel_losses_by_hand():
+    """MultiMAE's pre-training losses (criterion.py, run_pretraining_multimae.py), by hand."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 8, 10, generator=g).exp()
+    flat = x.flatten(1).sort(1).values[:, 8:72]  # 10% .. 90% of 80 values
+    expect = (x - flat.mean(1)[:, None, None, None]) / (flat.var(1)[:, None, None, None] + 1e-6).sqrt()
+    torch.testing.assert_close(rgbx.standardize_depth(x), expect)
+    img = torch.randn(1, 3, 4, 8, generator=g)
+    patch = img[:, :, :, 4:]  # the second 4 x 4 patch
+    torch.testing.assert_close(rgbx.patch_normalised(img, 4)[:, :, :, 4:],
+                               (patch - patch.mean()) / (patch.var() + 1e-6).sqrt())
+    loss = torch.arange(2 * 4 * 8, dtype=torch.float).view(2, 4, 8)
+    mask = torch.tensor([[True, False], [False, False]])  # sample 0: left token masked; sample 1: none
+    torch.testing.assert_close(rgbx.masked_mean(loss, mask, (1, 2)), loss[0, :, :4].mean())
+    valid = torch.ones(2, 4, 8, dtype=torch.bool)
+    valid[0, 0] = False
+    torch.testing.assert_close(rgbx.masked_mean(loss, mask, (1, 2), valid), loss[0, 1:, :4].mean())
+    assert rgbx.masked_mean(loss, torch.zeros(2, 2, dtype=torch.bool), (1, 2)) == 0
