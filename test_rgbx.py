@@ -2451,3 +2451,63 @@ def test_multimae_pixel_losses_by_hand():
     valid[0, 0] = False
     torch.testing.assert_close(rgbx.masked_mean(loss, mask, (1, 2), valid), loss[0, 1:, :4].mean())
     assert rgbx.masked_mean(loss, torch.zeros(2, 2, dtype=torch.bool), (1, 2)) == 0
+
+
+MM_PRE_OPTS = 'stage=pretrain,dim=32,depth=2,heads=2,decoder_dim=32,decoder_heads=2,decoder_depth=1,img_size=64'
+
+
+def test_maskmentor_recipes_and_cosine_schedule():
+    pre = tr.resolve(tr.Config(method='maskmentor', backbone='vit-base', opts='stage=pretrain'))
+    ft = tr.resolve(tr.Config(method='maskmentor', backbone='vit-base'))
+    assert (pre.lr, pre.batch_size, pre.schedule, pre.beta2) == (1e-5, 12, 'cosine', 0.95)
+    assert (ft.lr, ft.batch_size, ft.schedule, ft.beta2) == (3e-5, 2, 'cosine', 0.999)
+    mine = tr.resolve(tr.Config(method='maskmentor', opts='stage=pretrain', lr=1e-4, schedule='poly', batch_size=4))
+    assert (mine.lr, mine.schedule, mine.batch_size) == (1e-4, 'poly', 4)
+    assert tr.resolve(tr.Config()).schedule == 'poly'  # other methods keep their recipe
+    with pytest.raises(ValueError, match='--schedule'):
+        tr.resolve(tr.Config(schedule='step'))
+    lrs = [tr.lr_at(s, 110, 10, 1.0, schedule='cosine') for s in (10, 60, 110)]
+    assert lrs == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_sttp_trains_each_batch_for_a_whole_cycle_and_resumes_exactly(tmp_path, monkeypatch):
+    """train.py feeds one batch to the 3 teacher + 1 student steps of a cycle (warm-up: 20%
+    of 10 steps = 2 MIM steps, one batch each), and a run cut inside a cycle resumes exactly."""
+    seen = []
+    original = rgbx.MaskMentorPretrain.forward
+    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'forward', lambda self, rgb, x, label=None, step=None: seen.append(
+        (step, self.phase(step), rgb.sum().item())) or original(self, rgb, x, label, step))
+
+    def cfg(name, **kw):
+        return tr.resolve(tr.Config(method='maskmentor', backbone='vit-nano', opts=MM_PRE_OPTS, max_steps=10,
+                                    batch_size=2, workers=0, log_every=100, save_every=1, lr=1e-3,
+                                    out_dir=str(tmp_path / name), **kw))
+    tr.train(cfg('whole'))
+    phases = [p for _, p, _ in seen]
+    assert phases == ['mim', 'mim'] + ['teacher'] * 3 + ['student'] + ['teacher'] * 3 + ['student']
+    sums = [v for _, _, v in seen]
+    assert len({sums[0], sums[1], sums[2], sums[6]}) == 4  # a new batch per warm-up step and per cycle
+    assert len(set(sums[2:6])) == 1 and len(set(sums[6:10])) == 1  # the same batch for a whole cycle
+    whole, seen[:] = seen[:], []
+
+    def crash(step):
+        if step == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(cfg('cut'), on_step=crash)
+    tr.train(cfg('cut', resume=True))
+    assert seen[4:] == whole[4:]  # the cycle's batch is drawn again on resume
+    a, b = (torch.load(tmp_path / n / 'last.pt', weights_only=True)['model'] for n in ('whole', 'cut'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_multimae_file_finetunes_with_train_py(tmp_path):
+    if not (MULTIMAE / 'multimae_tiny.pth').exists():
+        pytest.skip(f"MultiMAE fixture not found at {MULTIMAE}")
+    out = tr.train(tr.parse_config(['--method', 'maskmentor', '--backbone', 'vit-nano', '--pretrained',
+                                    str(MULTIMAE / 'multimae_tiny.pth'), '--opts', 'dim=96,depth=2,heads=4,head_dim=16,head_depth=1',
+                                    '--max-steps', '3', '--workers', '0', '--out-dir', str(tmp_path / 'ft')]))
+    assert out['step'] == 3 and 0 <= out['miou'] <= 1
+    trained = torch.load(tmp_path / 'ft' / 'last.pt', weights_only=True)['model']
+    start = torch.load(MULTIMAE / 'multimae_tiny.pth', weights_only=True)['model']
+    assert not torch.equal(trained['backbone.encoder.0.attn.qkv.weight'], start['encoder.0.attn.qkv.weight'])

@@ -12,6 +12,7 @@ A run directory holds config.json, log.jsonl, last.pt and best.pt.
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -46,6 +47,8 @@ class Config:
     lr: float = 0.0
     weight_decay: float = -1.0
     warmup_epochs: float = -1.0
+    schedule: str = ''              # poly | cosine; '' = the method's recipe (MaskMentor: cosine), else poly
+    beta2: float = 0.0              # AdamW beta2; 0 = the method's recipe (MaskMentor pre-training: 0.95), else 0.999
     crop: str = ''                  # training crop "HxW"
     grad_accum: int = 1
     max_steps: int = 0              # stop after this many optimizer steps (0 = all epochs)
@@ -84,12 +87,22 @@ def eval_type(t):
 
 PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
 
+# MaskMentor Sec. 4.1: pre-training AdamW lr 1e-5, cosine, batch 12 (reach it with --batch-size B
+# --grad-accum 12/B when 12 do not fit), betas 0.9 / 0.95 as MultiMAE pre-trains; fine-tuning lr 3e-5,
+# cosine, batch 2. Epochs, crop, weight decay and lr warm-up come from the dataset preset.
+MASKMENTOR_RECIPES = {'pretrain': dict(lr=1e-5, batch_size=12, schedule='cosine', beta2=0.95),
+                      'finetune': dict(lr=3e-5, batch_size=2, schedule='cosine')}
+
 
 def resolve(cfg):
     """Fill the recipe fields left unset from the dataset preset (design/ktb.md sec. 7)."""
     if cfg.dataset not in data.PRESETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {sorted(data.PRESETS)}")
     recipe = data.PRESETS[cfg.dataset].recipe
+    if cfg.method == 'maskmentor':  # the paper's recipe first, the dataset's for the rest
+        for k, v in MASKMENTOR_RECIPES[parse_opts(cfg.opts).get('stage', 'finetune')].items():
+            if getattr(cfg, k) in (0, -1, ''):
+                setattr(cfg, k, v)
     fill = dict(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
                 warmup_epochs=recipe.warmup_epochs, crop='%dx%d' % tuple(recipe.crop))
     for k, v in fill.items():
@@ -100,6 +113,9 @@ def resolve(cfg):
     if cfg.method in PEFT and not cfg.pretrained:
         raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
                          f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
+    cfg.schedule, cfg.beta2 = cfg.schedule or 'poly', cfg.beta2 or 0.999
+    if cfg.schedule not in ('poly', 'cosine') or not 0 < cfg.beta2 < 1:
+        raise ValueError(f"--schedule takes poly|cosine and --beta2 a value in (0, 1), not {cfg.schedule!r} / {cfg.beta2}")
     if cfg.nonfinite not in ('stop', 'skip') or cfg.amp not in ('none', 'bf16', 'fp16'):
         raise ValueError(f"--nonfinite takes stop|skip and --amp none|bf16|fp16, not {cfg.nonfinite!r} / {cfg.amp!r}")
     return cfg
@@ -143,12 +159,14 @@ def build_model(cfg, num_classes, x_channels):
 # Learning rate, optimizer, sampling
 # ----------------------------------------------------------------------------
 
-def lr_at(step, total, warmup, base, warmup_ratio=0.1, power=0.9):
-    """Linear warm-up from warmup_ratio * base to base over `warmup` steps, then
-    poly decay base * (1 - t)^power to 0 at `total` (a pure function of the step)."""
+def lr_at(step, total, warmup, base, warmup_ratio=0.1, power=0.9, schedule='poly'):
+    """Linear warm-up from warmup_ratio * base to base over `warmup` steps, then to 0
+    at `total` by poly decay base * (1 - t)^power or cosine decay base * (1 + cos(pi t)) / 2
+    (a pure function of the step)."""
     if step < warmup:
         return base * (warmup_ratio + (1 - warmup_ratio) * step / warmup)
-    return base * (1 - (step - warmup) / max(1, total - warmup)) ** power
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (1 + math.cos(math.pi * t)) / 2 if schedule == 'cosine' else base * (1 - t) ** power
 
 
 def param_groups(model, weight_decay):
@@ -158,7 +176,8 @@ def param_groups(model, weight_decay):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        plain = p.ndim <= 1 or any(s in name for s in ('token', 'pos_embed', 'bias_table', 'embed.weight'))
+        plain = p.ndim <= 1 or any(s in name for s in ('token', 'pos_embed', 'bias_table', 'embed.weight',
+                                                        'class_emb', 'task_embeddings'))
         (no_decay if plain else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
@@ -186,6 +205,25 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.indices()) - self.start
+
+
+def fresh_batch(batch_of, step):
+    """Whether `step` draws a new batch. `batch_of(step)` names the batch a step trains on:
+    the step itself, or for MaskMentor's STTP (Sec. 3.4: "for each input batch", three
+    teacher iterations then one student iteration) one batch per cycle."""
+    return step == 0 or batch_of(step) != batch_of(step - 1)
+
+
+def draws(batch_of, start, stop):
+    """How many batches steps start..stop-1 draw from the loader."""
+    return sum(fresh_batch(batch_of, s) for s in range(start, stop))
+
+
+def cycle_start(batch_of, step):
+    """The first step that trains on the batch of `step`."""
+    while step > 0 and batch_of(step - 1) == batch_of(step):
+        step -= 1
+    return step
 
 
 # ----------------------------------------------------------------------------
@@ -312,12 +350,14 @@ def train(cfg, model=None, on_step=None):
         + (f" | {model.param_counts()}" if hasattr(model, 'param_counts') else ''))
     fingerprint = rgbx.frozen_fingerprint(model)
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                   fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if hasattr(model, 'plan'):  # MaskMentor pre-training: its MIM warm-up is a fraction of the run's steps
+        model.plan(total)
 
     # resume
     step, best, skipped = 0, -1.0, 0
@@ -362,19 +402,30 @@ def train(cfg, model=None, on_step=None):
     pretraining = getattr(raw, 'pretraining', False)
     log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') if master else None
     result, t0, t_last, step_at_t = {}, time.time(), time.time(), step
+    batch_of = getattr(raw, 'batch_index', lambda s: s)  # MaskMentor STTP: one batch per teacher/student cycle
+    per_draw = cfg.batch_size * cfg.grad_accum
+    held = None  # (batch index, its micro-batches)
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, done_in_epoch * cfg.batch_size * cfg.grad_accum)
+        if held is None and not fresh_batch(batch_of, step):  # resumed inside a cycle: draw its batch again
+            first = cycle_start(batch_of, step)
+            sampler.set_epoch(first // steps_per_epoch, draws(batch_of, first // steps_per_epoch * steps_per_epoch, first) * per_draw)
+            train_set.set_epoch(first // steps_per_epoch)
+            again = iter(loader)
+            held = (batch_of(step), [next(again) for _ in range(cfg.grad_accum)])
+        sampler.set_epoch(epoch, draws(batch_of, epoch * steps_per_epoch, step) * per_draw)
         train_set.set_epoch(epoch)
         model.train()
         batches = iter(loader)
         for _ in range(done_in_epoch, steps_per_epoch):
-            lr = lr_at(step, total, warmup, cfg.lr)
+            lr = lr_at(step, total, warmup, cfg.lr, schedule=cfg.schedule)
             for g in optimizer.param_groups:
                 g['lr'] = lr
             loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                rgb, x, label = (t.to(device, non_blocking=pin) for t in next(batches))
+            if held is None or held[0] != batch_of(step):
+                held = (batch_of(step), [next(batches) for _ in range(cfg.grad_accum)])
+            for micro, batch in enumerate(held[1]):
+                rgb, x, label = (t.to(device, non_blocking=pin) for t in batch)
                 if world > 1:  # sync gradients on the last micro-step only
                     model.require_backward_grad_sync = micro == cfg.grad_accum - 1
                 with autocast(cfg, device):
