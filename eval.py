@@ -4,6 +4,7 @@
     python eval.py --checkpoint best.pt --data-root DIR --multi-scale --flip --modality rgb
     python eval.py --checkpoint best.pt --save-pred preds/          # colourised maps + RGB | X | GT | prediction panels
     python eval.py --checkpoint best.pt --rgb room.png --x room_depth.png --out room_seg.png
+    python eval.py --checkpoint runs/mm-pre/last.pt --reconstruct recon/  # MaskMentor Fig. 4 from a pre-training run
 
 Metrics come from one confusion matrix (rows = ground truth, columns =
 prediction), summed over processes under torchrun. mIoU is the mean IoU over
@@ -195,6 +196,24 @@ def to_image(t, mean, std):
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
+def save_reconstructions(model, dataset, out_dir, rgb_norm, device):
+    """MaskMentor Fig. 4 from a pre-training model: for each image, RGB | depth | depth
+    reconstructed from RGB alone | RGB reconstructed from depth alone, as one PNG
+    (`reconstruct` with one input, nothing masked). Depth is shown as the model sees it
+    (MultiMAE's standardisation when the model uses it), each depth picture stretched to its range."""
+    os.makedirs(out_dir, exist_ok=True)
+    for i in range(len(dataset)):
+        rgb, x, label = (t[None].to(device) for t in dataset[i])
+        inputs, _ = model.targets(rgb, x, label)
+        with torch.no_grad():
+            depth_from_rgb = model.reconstruct({'rgb': rgb}, {})['depth']
+            rgb_from_depth = model.reconstruct({'depth': inputs['depth']}, {})['rgb']
+        grey = ([0.0], [1.0])
+        panel = np.concatenate([to_image(rgb[0], *rgb_norm), to_image(inputs['depth'][0], *grey),
+                                to_image(depth_from_rgb[0], *grey), to_image(rgb_from_depth[0], *rgb_norm)], 1)
+        Image.fromarray(panel).save(os.path.join(out_dir, f'{dataset.names[i]}_reconstruction.png'))
+
+
 def save_panel(path, rgb_img, x_img, gt, pred, palette):
     """RGB | X | ground truth | prediction, side by side, as one PNG."""
     panel = np.concatenate([rgb_img, x_img, data.colorize(gt, palette), data.colorize(pred, palette)], 1)
@@ -325,6 +344,8 @@ def main(argv=None):
     p.add_argument('--rgb', default=None, help='segment one image pair: RGB file')
     p.add_argument('--x', default=None, help='... and its X file')
     p.add_argument('--out', default=None, help='... written here as a colourised PNG')
+    p.add_argument('--reconstruct', default=None, metavar='DIR',
+                   help='MaskMentor pre-training checkpoint: save depth-from-RGB and RGB-from-depth panels (Fig. 4)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
@@ -360,6 +381,17 @@ def run(args):
     palette = data.palette(cfg.dataset)
     scales = SCALES if args.multi_scale else (1.0,)
     crop = tuple(int(v) for v in cfg.crop.split('x')) if args.sliding else None
+    if getattr(model, 'pretraining', False) != bool(args.reconstruct):
+        raise ValueError(f"{args.checkpoint} is a pre-training checkpoint: it has no segmentation to evaluate; "
+                         f"save its reconstructions with --reconstruct DIR" if args.reconstruct is None else
+                         f"--reconstruct needs a MaskMentor pre-training checkpoint (--opts stage=pretrain), "
+                         f"not {args.checkpoint}")
+    if args.reconstruct:
+        dataset = data.build_dataset(cfg.dataset, args.data_root if args.data_root is not None else cfg.data_root,
+                                     args.split, cfg.x_modality or None)
+        save_reconstructions(model, dataset, args.reconstruct, preset.rgb_norm, device)
+        print(f"wrote {len(dataset)} reconstruction panels to {args.reconstruct}")
+        return
 
     if args.rgb or args.x or args.out:
         if not (args.rgb and args.x and args.out):

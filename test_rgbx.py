@@ -2511,3 +2511,20 @@ def test_multimae_file_finetunes_with_train_py(tmp_path):
     trained = torch.load(tmp_path / 'ft' / 'last.pt', weights_only=True)['model']
     start = torch.load(MULTIMAE / 'multimae_tiny.pth', weights_only=True)['model']
     assert not torch.equal(trained['backbone.encoder.0.attn.qkv.weight'], start['encoder.0.attn.qkv.weight'])
+
+
+def test_eval_saves_cross_modal_reconstructions_of_a_pretraining_run(tmp_path):
+    cfg = tr.resolve(tr.Config(method='maskmentor', backbone='vit-nano', opts=MM_PRE_OPTS, max_steps=2, batch_size=2,
+                               workers=0, log_every=100, out_dir=str(tmp_path / 'pre')))
+    tr.train(cfg)
+    last = str(tmp_path / 'pre' / 'last.pt')
+    ev.main(['--checkpoint', last, '--reconstruct', str(tmp_path / 'fig4')])
+    panel = np.array(Image.open(tmp_path / 'fig4' / 'test_0000_reconstruction.png'))
+    assert panel.shape == (64, 4 * 64, 3)
+    model, _ = ev.load_model(last)
+    rgb, x, label = (t[None] for t in data.build_dataset('demo', '', 'test')[0])
+    with torch.no_grad():
+        rgb_from_depth = model.reconstruct({'depth': model.targets(rgb, x, label)[0]['depth']}, {})['rgb']
+    assert np.array_equal(panel[:, 3 * 64:], ev.to_image(rgb_from_depth[0], *data.PRESETS['demo'].rgb_norm))
+    with pytest.raises(SystemExit, match='pre-training checkpoint'):
+        ev.main(['--checkpoint', last])
