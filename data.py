@@ -453,17 +453,20 @@ class DemoDataset(SegmentationDataset):
     on raw RGB and depth values both reach only 0.62 (the floor level needs context).
     """
     SPLITS = ('train', 'test')
+    # a validation split carved from the training scenes: 'fit' = train scenes 0-223, 'val' = 224-255
+    CARVED = {'train': ('train', 0, 256), 'test': ('test', 0, 64), 'fit': ('train', 0, 224), 'val': ('train', 224, 32)}
 
     def __init__(self, split='train', n=None, size=64, seed=0, transform=None, preset='demo'):
-        if split not in self.SPLITS:
-            raise ValueError(f"demo split {split!r}: choose one of {self.SPLITS}")
+        if split not in self.CARVED:
+            raise ValueError(f"demo split {split!r}: choose one of {tuple(self.CARVED)}")
         super().__init__(preset, None, transform, seed)
         self.split, self.size = split, size
-        self.names = [f"{split}_{i:04d}" for i in range(n or {'train': 256, 'test': 64}[split])]
+        self.source, self.first, count = self.CARVED[split]
+        self.names = [f"{split}_{i:04d}" for i in range(n or count)]
 
     def read(self, index):
         """Scene `index`: rgb uint8 (H, W, 3), depth float32 (H, W, 1), label int64 (H, W)."""
-        return demo_scene(sample_rng(DEMO, self.seed, self.SPLITS.index(self.split), index), self.size)
+        return demo_scene(sample_rng(DEMO, self.seed, self.SPLITS.index(self.source), self.first + index), self.size)
 
 
 def demo_scene(rng, size):

@@ -1606,7 +1606,7 @@ class PatchedInputAdapter(nn.Module):
     def __init__(self, in_chans, dim, patch=16, img_size=224):
         super().__init__()
         self.in_chans, self.patch = in_chans, patch
-        self.pos_emb = nn.Parameter(multimae_sincos(dim, img_size // patch, img_size // patch), requires_grad=False)
+        self.register_buffer('pos_emb', multimae_sincos(dim, img_size // patch, img_size // patch))  # fixed, stored
         self.proj = nn.Conv2d(in_chans, dim, patch, patch)
 
     def check(self, img):
@@ -1757,7 +1757,7 @@ class SpatialOutputAdapter(nn.Module):
         self.task, self.out_chans, self.stride, self.p = task, out_chans, stride, patch // stride
         self.task_embeddings = nn.ParameterDict({t: nn.Parameter(torch.zeros(1, 1, dim)) for t in context_tasks})
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_emb = nn.Parameter(multimae_sincos(dim, img_size // patch, img_size // patch), requires_grad=False)
+        self.register_buffer('pos_emb', multimae_sincos(dim, img_size // patch, img_size // patch))  # fixed, stored
         self.decoder = CrossAttention(dim, heads)
         self.context_norm = nn.LayerNorm(dim, eps=1e-6)
         self.query_norm = nn.LayerNorm(dim, eps=1e-6)

@@ -2098,7 +2098,7 @@ def test_sttp_cycle_changes_shared_weights(monkeypatch):
         assert none is None and torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
-        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert all(p.grad is not None for p in model.parameters())
         opt.step()
         assert not torch.equal(before, shared)
     assert seen == ['mim', 'teacher', 'teacher', 'teacher', 'student'] and int(model.steps_done) == 5
@@ -2150,7 +2150,7 @@ def test_finetune_missing_modalities_on_nyu():
     # modality_drop=0 and complete input: every trainable parameter gets a gradient
     full = mm_finetune(40, modality_drop=0.0).train()
     full(rgb, x, label)[0].backward()
-    assert all(p.grad is not None for p in full.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in full.parameters())
 
 
 def test_finetune_frozen_backbone_honoured():
@@ -2304,7 +2304,7 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     it with --pretrained, both are evaluated on the three inputs; a second call reads the
     finished runs back instead of training them again."""
     from study import run as study
-    runs = [r for r in study.plan([0], steps=2, foundation_steps=2) if r['name'] in ('Swin foundation (RGB)', 'KTB')]
+    runs = [r for r in study.plan([0], steps=2, foundation_steps=2, pretrain_lr=1e-3) if r['name'] in ('Swin foundation (RGB)', 'KTB')]
     assert runs[1]['need'] == runs[0]['key']
     results = study.run_all(runs, str(tmp_path), jobs=1)
     assert set(results) == {'Swin foundation (RGB)/0', 'KTB/0'}
@@ -2319,7 +2319,7 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     stamp = os.path.getmtime(os.path.join(ktb, 'result.json'))
     assert study.run_all(runs, str(tmp_path), jobs=1) == results
     assert os.path.getmtime(os.path.join(ktb, 'result.json')) == stamp
-    longer = study.plan([0], steps=3, foundation_steps=2)  # another budget in the same folder is refused, not reused
+    longer = study.plan([0], steps=3, foundation_steps=2, pretrain_lr=1e-3)  # another budget in the same folder is refused, not reused
     with pytest.raises(ValueError, match='KTB-0.*another --out'):
         study.run_all([r for r in longer if r['name'] in ('Swin foundation (RGB)', 'KTB')], str(tmp_path), jobs=1)
     trained = tr.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
@@ -2528,3 +2528,20 @@ def test_eval_saves_cross_modal_reconstructions_of_a_pretraining_run(tmp_path):
     assert np.array_equal(panel[:, 3 * 64:], ev.to_image(rgb_from_depth[0], *data.PRESETS['demo'].rgb_norm))
     with pytest.raises(SystemExit, match='pre-training checkpoint'):
         ev.main(['--checkpoint', last])
+
+
+def test_study_maskmentor_plan_isolates_sttp_and_selects_lr_on_val():
+    from study import run as study
+    runs = {r['name']: r for r in study.plan([0], steps=10, foundation_steps=10, pretrain_lr=3e-4)}
+    sttp, control = runs['M2IM + STTP pre-training']['config'], runs['STTP schedule w/o token loss']['config']
+    assert control == dict(sttp, opts=sttp['opts'] + ',token_weight=0')  # only the token loss differs
+    assert sttp['lr'] == 3e-4 and tr.resolve(tr.Config(**sttp)).schedule == 'cosine'
+    ft = tr.resolve(tr.Config(**runs['MaskMentor FT after M2IM + STTP']['config']))
+    early = tr.resolve(tr.Config(**runs['ViT early fusion, full FT']['config']))
+    assert (ft.lr, ft.batch_size, ft.schedule) == (early.lr, early.batch_size, early.schedule)  # a common FT recipe
+    assert runs['MaskMentor FT after STTP schedule w/o token loss']['need'] == 'STTP schedule w/o token loss/0'
+    selection = study.select_plan(10, 10)
+    assert all(r['config']['split'] == 'fit' and r.get('eval_split', 'val') == 'val' for r in selection)
+    assert {r['config']['lr'] for r in selection if r['pretraining']} == set(study.PRETRAIN_LRS)
+    fake = {f'{lr}': dict(lr=lr, both=0.5, rgb=0.4, x=0.3 + (lr == 1e-3) * 0.1) for lr in study.PRETRAIN_LRS}
+    assert study.chosen_lr(fake)[0] == 1e-3

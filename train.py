@@ -36,6 +36,7 @@ class Config:
     dataset: str = 'demo'           # a key of data.PRESETS
     data_root: str = ''             # '' = the dataset's default place (see data.py)
     x_modality: str = ''            # '' = the dataset's default X (nyudv2: hha)
+    split: str = 'train'            # the training split (demo: 'fit' leaves the 'val' scenes out)
     # model
     method: str = 'early_fusion'    # early_fusion | rgb_only | ktb | gopt | maskmentor
     backbone: str = 'swin-nano'     # swin-{nano,tiny,small,base,large} | vit-{nano,base,large}
@@ -320,7 +321,7 @@ def train(cfg, model=None, on_step=None):
     # order of workers and a resume cannot change it
     preset = data.PRESETS[cfg.dataset]
     crop = tuple(int(v) for v in cfg.crop.split('x'))
-    train_set = data.build_dataset(cfg.dataset, cfg.data_root, 'train', cfg.x_modality or None, crop=crop,
+    train_set = data.build_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.x_modality or None, crop=crop,
                                    train=True, seed=cfg.seed)
     test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', cfg.x_modality or None)
     sampler = ResumableSampler(len(train_set), cfg.seed, rank, world, cfg.batch_size)
