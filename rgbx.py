@@ -1831,16 +1831,20 @@ class MaskMentorModel(nn.Module):
                   + ', '.join(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}" for k in sorted(per_class))
                   + " re-initialised")
         self._reinit = per_class
-        sd = {k: v for k, v in sd.items() if k not in per_class}
-        return sd
+        if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
+            print("load_pretrained: the checkpoint holds no decoders (an encoder file): the output adapters "
+                  "keep their initial values")
+        return {k: v for k, v in sd.items() if k not in per_class}
 
     def checkpoint_absent_keys(self, sd):
         """Keys a checkpoint legitimately lacks: the fine-tuning head, the step counter, a
-        re-initialised class table; for an MAE file (RGB only) also the other adapters and decoders."""
+        re-initialised class table; the decoders of an encoder-only file; for an MAE file the adapters."""
         own = self.state_dict()
         absent = {k for k in own if k.startswith('head.')} | {'steps_done'} | getattr(self, '_reinit', set())
         if 'backbone.input_adapters.depth.proj.weight' not in sd:
-            absent |= {k for k in own if k.startswith(('backbone.input_adapters.', 'output_adapters.'))}
+            absent |= {k for k in own if k.startswith('backbone.input_adapters.')}
+        if not any(k.startswith('output_adapters.') for k in sd):
+            absent |= {k for k in own if k.startswith('output_adapters.')}
         return absent
 
 

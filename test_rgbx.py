@@ -2545,3 +2545,14 @@ def test_study_maskmentor_plan_isolates_sttp_and_selects_lr_on_val():
     assert {r['config']['lr'] for r in selection if r['pretraining']} == set(study.PRETRAIN_LRS)
     fake = {f'{lr}': dict(lr=lr, both=0.5, rgb=0.4, x=0.3 + (lr == 1e-3) * 0.1) for lr in study.PRETRAIN_LRS}
     assert study.chosen_lr(fake)[0] == 1e-3
+
+
+def test_multimae_encoder_only_file_starts_pretraining_with_fresh_decoders(tmp_path, capsys):
+    arch, classes, io = multimae_fixture()
+    sd = torch.load(MULTIMAE / 'multimae_tiny.pth', map_location='cpu', weights_only=True)['model']
+    torch.save({'model': {k: v for k, v in sd.items() if not k.startswith('output_adapters.')}}, tmp_path / 'vit.pth')
+    model = rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', pretrained=str(tmp_path / 'vit.pth'), **arch)
+    assert 'no decoders' in capsys.readouterr().out
+    with torch.no_grad():
+        inputs = {t: io['inputs.' + t] for t in ('rgb', 'depth', 'semseg')}
+        assert rel_err(model.eval().encode(inputs), io['full.encoder_tokens']) < 1e-4
