@@ -1689,7 +1689,7 @@ class MultiModalViT(nn.Module):
         return x
 
     def checkpoint_absent_keys(self, sd):
-        """Our keys an adapted MAE file lacks: the non-RGB adapters and the RGB class-less pos table stay initial."""
+        """Our keys an adapted MAE file lacks (the depth and semseg adapters): they keep their initial values."""
         return {k for k in self.state_dict() if k.startswith('input_adapters.') and k not in sd}
 
     def adapt_checkpoint(self, sd):
