@@ -1609,13 +1609,13 @@ class PatchedInputAdapter(nn.Module):
         self.register_buffer('pos_emb', multimae_sincos(dim, img_size // patch, img_size // patch))  # fixed, stored
         self.proj = nn.Conv2d(in_chans, dim, patch, patch)
 
-    def check(self, img):
+    def as_image(self, img):
         if img.ndim != 4 or img.shape[1] != self.in_chans:
             raise ValueError(f"expected a (B, {self.in_chans}, H, W) input, got {tuple(img.shape)}")
         return img
 
     def forward(self, img):
-        x = self.proj(pad_to_multiple(self.check(img), self.patch, (2, 3)))  # (B, D, h, w)
+        x = self.proj(pad_to_multiple(self.as_image(img), self.patch, (2, 3)))  # (B, D, h, w)
         x = x.flatten(2).transpose(1, 2) + pos_tokens(self.pos_emb, x.shape[-2:], self.pos_mode)  # (B, h*w, D)
         return x.view(x.shape[0], *self.grid_of(img), -1)  # (B, h, w, D)
 
@@ -1639,7 +1639,7 @@ class SemSegInputAdapter(PatchedInputAdapter):
         self.class_emb = nn.Embedding(num_classes, class_dim)
         nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
 
-    def check(self, label):
+    def as_image(self, label):
         if label.ndim != 3 or label.dtype != torch.long:
             raise ValueError(f"expected a (B, H/4, W/4) int64 semantic map, got {tuple(label.shape)} {label.dtype}")
         if not ((label >= 0) & (label < self.num_classes) | (label == 255)).all():
@@ -2066,7 +2066,7 @@ class MaskMentorPretrain(MaskMentorModel):
             loss = F.cross_entropy(pred.float(), target, ignore_index=255, reduction='none')  # (B, h4, w4)
             return masked_mean(loss, mask, grid, valid=target != 255)
         err = pred.float() - target
-        loss = (err.abs() if name == 'depth' else err.square()).mean(1)  # (B, H, W): MSE for rgb / norm_rgb, L1 for depth
+        loss = (err.abs() if name == 'depth' else err.square()).mean(1)  # (B, H, W): L1 for depth, else MSE
         return masked_mean(loss, mask, grid)
 
     def draw_mask(self, keep, num_tokens):

@@ -116,7 +116,8 @@ def resolve(cfg):
                          f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
     cfg.schedule, cfg.beta2 = cfg.schedule or 'poly', cfg.beta2 or 0.999
     if cfg.schedule not in ('poly', 'cosine') or not 0 < cfg.beta2 < 1:
-        raise ValueError(f"--schedule takes poly|cosine and --beta2 a value in (0, 1), not {cfg.schedule!r} / {cfg.beta2}")
+        raise ValueError(f"--schedule takes poly|cosine and --beta2 a value in (0, 1), "
+                         f"not {cfg.schedule!r} / {cfg.beta2}")
     if cfg.nonfinite not in ('stop', 'skip') or cfg.amp not in ('none', 'bf16', 'fp16'):
         raise ValueError(f"--nonfinite takes stop|skip and --amp none|bf16|fp16, not {cfg.nonfinite!r} / {cfg.amp!r}")
     return cfg
@@ -410,8 +411,9 @@ def train(cfg, model=None, on_step=None):
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         if held is None and not fresh_batch(batch_of, step):  # resumed inside a cycle: draw its batch again
             first = cycle_start(batch_of, step)
-            sampler.set_epoch(first // steps_per_epoch, draws(batch_of, first // steps_per_epoch * steps_per_epoch, first) * per_draw)
-            train_set.set_epoch(first // steps_per_epoch)
+            first_epoch = first // steps_per_epoch
+            sampler.set_epoch(first_epoch, draws(batch_of, first_epoch * steps_per_epoch, first) * per_draw)
+            train_set.set_epoch(first_epoch)
             again = iter(loader)
             held = (batch_of(step), [next(again) for _ in range(cfg.grad_accum)])
         sampler.set_epoch(epoch, draws(batch_of, epoch * steps_per_epoch, step) * per_draw)

@@ -148,7 +148,8 @@ def select_plan(steps, foundation_steps):
     for lr in PRETRAIN_LRS:
         pre, ft = f'select: M2IM + STTP pre-training, lr {lr:g}', f'select: FT after M2IM + STTP, lr {lr:g}'
         runs += [dict(name=pre, seed=0, key=f'{pre}/0', need=found, pretraining=True,
-                      config=dict(base, method='maskmentor', opts=MM_PRE, max_steps=steps, **maskmentor_recipe(MM_PRE, lr))),
+                      config=dict(base, method='maskmentor', opts=MM_PRE, max_steps=steps,
+                                  **maskmentor_recipe(MM_PRE, lr))),
                  dict(name=ft, seed=0, key=f'{ft}/0', need=f'{pre}/0', pretraining=False, eval_split='val', lr=lr,
                       config=dict(base, method='maskmentor', opts=MM, max_steps=steps, **maskmentor_recipe(MM, lr)))]
     return runs
