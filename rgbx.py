@@ -1812,6 +1812,7 @@ class MaskMentorModel(nn.Module):
           norm_pix_rgb) and input adapters it lacks (semseg when fine-tuning) are
           dropped and named in one line; the CLASS_COUNT_KEYS tensors of another class
           count (MultiMAE's 133 COCO classes) are left out and named: they keep their initial values;
+          position tables stored for another image size replace this model's;
         - an MAE ViT file: the encoder through MultiModalViT.adapt_checkpoint;
         - an rgbx MaskMentor state dict ('backbone.*'): as it is, minus what this model lacks."""
         if not any(k.startswith('backbone.') for k in sd):
@@ -1825,6 +1826,9 @@ class MaskMentorModel(nn.Module):
         if dropped:
             print(f"load_pretrained: ignoring parts this model does not have: {', '.join(dropped)}")
         sd = {k: v for k, v in sd.items() if adapter_part(k) not in dropped and (k in own or k != 'steps_done')}
+        for k in [k for k in sd if k.endswith('.pos_emb') and k in own and sd[k].shape != own[k].shape]:
+            # a table stored for another image size: MultiMAE interpolates from the stored table, so take it as it is
+            self.get_submodule(k.rsplit('.', 1)[0]).pos_emb = sd[k].clone()
         per_class = {k for k in CLASS_COUNT_KEYS if k in sd and k in own and sd[k].shape != own[k].shape}
         if per_class:
             print(f"load_pretrained: another number of semantic classes in the checkpoint than in this model: "

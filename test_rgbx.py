@@ -2556,3 +2556,16 @@ def test_multimae_encoder_only_file_starts_pretraining_with_fresh_decoders(tmp_p
     with torch.no_grad():
         inputs = {t: io['inputs.' + t] for t in ('rgb', 'depth', 'semseg')}
         assert rel_err(model.eval().encode(inputs), io['full.encoder_tokens']) < 1e-4
+
+
+def test_multimae_tables_stored_for_another_image_size_are_taken_as_stored():
+    """MultiMAE interpolates from whatever table a file stores: a model built for 128 px
+    tables (8 x 8) takes the file's 14 x 14 tables and gives MultiMAE's numbers."""
+    arch, classes, io = multimae_fixture()
+    model = rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', norm_pix_rgb=False,
+                                  pretrained=str(MULTIMAE / 'multimae_tiny.pth'), **{**arch, 'img_size': 128}).eval()
+    assert model.backbone.input_adapters['rgb'].pos_emb.shape[-2:] == (14, 14)
+    with torch.no_grad():
+        inputs = {t: io['inputs.' + t] for t in ('rgb', 'depth', 'semseg')}
+        preds = model.reconstruct(inputs, {t: io[f'masked.task_masks.{t}'] for t in inputs})
+        assert all(rel_err(preds[t], io[f'masked.preds.{t}']) < 1e-4 for t in inputs)
