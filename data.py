@@ -217,6 +217,7 @@ class Config:
     dataset: str = 'demo'           # a key of PRESETS
     data_root: str = ''             # '' = the dataset's default place (Preset.root)
     x_modality: str = ''            # '' = the dataset's default X (nyudv2: hha)
+    split: str = 'train'            # the training split (demo: 'fit' leaves the 'val' scenes out)
     # model
     method: str = 'early_fusion'    # early_fusion | rgb_only | ktb | gopt | maskmentor
     backbone: str = 'swin-nano'     # swin-{nano,tiny,small,base,large} | vit-{nano,base,large}
@@ -228,6 +229,8 @@ class Config:
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
     warmup_epochs: Optional[float] = None
+    schedule: Optional[str] = None  # poly | cosine; None = the method's recipe (MaskMentor: cosine), else poly
+    beta2: Optional[float] = None   # AdamW beta2; None = the method's recipe (MaskMentor pre-training: 0.95), else 0.999
     crop: Optional[str] = None      # training crop "HxW"
     grad_accum: Optional[int] = None  # None = the recipe's (1; gopt on a real dataset: enough for a global batch of 64)
     augment: Optional[str] = None   # full (the joint augmentation) | crop (the random crop only); None = the recipe's (gopt: crop)
@@ -256,6 +259,11 @@ PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
 # augmentation); a process keeps the preset's batch and --grad-accum reaches 64. The built-in demo
 # presets keep their recipe: the study gives every method the same steps and batch.
 GOPT_RECIPE = dict(epochs=60, lr=4e-5, warmup_epochs=0, global_batch=64)
+# MaskMentor Sec. 4.1: pre-training AdamW lr 1e-5, cosine, batch 12 (reach it with --batch-size B
+# --grad-accum 12/B when 12 do not fit), betas 0.9 / 0.95 as MultiMAE pre-trains; fine-tuning lr 3e-5,
+# cosine, batch 2. Epochs, crop, weight decay and lr warm-up come from the dataset preset.
+MASKMENTOR_RECIPES = {'pretrain': dict(lr=1e-5, batch_size=12, schedule='cosine', beta2=0.95),
+                      'finetune': dict(lr=3e-5, batch_size=2, schedule='cosine')}
 # Fields a resumed run may change with --allow-changes: they decide what is logged,
 # saved, evaluated or where files are found, not what a step computes (device and
 # compile: only its float rounding; pretrained: the frozen weights are checked by fingerprint).
@@ -318,6 +326,10 @@ def resolve(cfg):
     Returns `cfg` (resolving twice changes nothing)."""
     preset = get_preset(cfg.dataset)
     recipe = preset.recipe
+    if cfg.method == 'maskmentor':  # the paper's recipe first, the dataset's for the rest
+        for k, v in MASKMENTOR_RECIPES[parse_opts(cfg.opts).get('stage', 'finetune')].items():
+            if getattr(cfg, k) is None:
+                setattr(cfg, k, v)
     fill = dict(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
                 warmup_epochs=recipe.warmup_epochs, crop='%dx%d' % tuple(recipe.crop), grad_accum=1, augment='full')
     if cfg.method == 'gopt' and preset.layouts:  # a real dataset: GoPT's own recipe
@@ -339,6 +351,12 @@ def resolve(cfg):
     if cfg.method in PEFT and not cfg.pretrained:
         raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
                          f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
+    cfg.schedule = 'poly' if cfg.schedule is None else cfg.schedule
+    cfg.beta2 = 0.999 if cfg.beta2 is None else cfg.beta2
+    if cfg.schedule not in ('poly', 'cosine'):
+        raise ValueError(f"--schedule takes poly|cosine, not {cfg.schedule!r}")
+    if not 0 < cfg.beta2 < 1:
+        raise ValueError(f"--beta2 must be in (0, 1), not {cfg.beta2}")
     if cfg.augment not in ('full', 'crop'):
         raise ValueError(f"--augment takes full|crop, not {cfg.augment!r}")
     if cfg.nonfinite not in ('stop', 'skip') or cfg.amp not in ('none', 'bf16', 'fp16'):
@@ -704,20 +722,23 @@ class DemoDataset(SegmentationDataset):
     on raw RGB and depth values both reach only 0.62 (the floor level needs context).
     """
     SPLITS = ('train', 'test')
+    # a validation split carved from the training scenes: 'fit' = train scenes 0-223, 'val' = 224-255
+    CARVED = {'train': ('train', 0, 256), 'test': ('test', 0, 64), 'fit': ('train', 0, 224), 'val': ('train', 224, 32)}
 
     def __init__(self, split='train', n=None, size=64, seed=0, transform=None, preset='demo'):
-        if split not in self.SPLITS:
-            raise ValueError(f"demo split {split!r}: choose one of {self.SPLITS}")
+        if split not in self.CARVED:
+            raise ValueError(f"demo split {split!r}: choose one of {tuple(self.CARVED)}")
         super().__init__(preset, None, transform, seed)
         self.split, self.size = split, size
-        holdout = self.preset.holdout  # a validation preset: both splits are drawn from the training scenes
-        first, count = {'train': (0, 256 - holdout), 'test': (256 - holdout, holdout) if holdout else (0, 64)}[split]
-        self.stream, self.first = self.SPLITS.index('train' if holdout else split), first
-        self.names = [f"{self.SPLITS[self.stream]}_{first + i:04d}" for i in range(n or count)]
+        holdout = self.preset.holdout  # a validation preset: both its splits are carved from the training scenes
+        carved = dict(self.CARVED, train=('train', 0, 256 - holdout), test=('train', 256 - holdout, holdout)) \
+            if holdout else self.CARVED
+        self.source, self.first, count = carved[split]
+        self.names = [f"{self.source}_{self.first + i:04d}" for i in range(n or count)]
 
     def read(self, index):
         """Scene `index`: rgb uint8 (H, W, 3), depth float32 (H, W, 1), label int64 (H, W)."""
-        return demo_scene(sample_rng(DEMO, self.seed, self.stream, self.first + index), self.size)
+        return demo_scene(sample_rng(DEMO, self.seed, self.SPLITS.index(self.source), self.first + index), self.size)
 
 
 def demo_scene(rng, size):

@@ -7,6 +7,7 @@
     python eval.py --benchmark [--checkpoint best.pt | --method ktb --backbone swin-base]
     python eval.py --checkpoint nyu_ktb_swinb.pth --method ktb --backbone swin-base --dataset nyudv2 --data-root DIR
                                         # a trained KTB of the authors' release (no rgbx config inside)
+    python eval.py --checkpoint runs/mm-pre/last.pt --reconstruct recon/  # MaskMentor Fig. 4 from a pre-training run
 
 Metrics and inference (one confusion matrix; mIoU over the classes present in
 the ground truth or the prediction; multi-scale, flip, sliding window, missing
@@ -90,6 +91,24 @@ def to_image(t, mean, std):
     if img.shape[0] and (lo < 0 or hi > 1):  # X of unknown range (depth in metres ...): stretch
         img = (img - lo) / (hi - lo).clamp(min=1e-6)
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def save_reconstructions(model, dataset, out_dir, rgb_norm, device):
+    """MaskMentor Fig. 4 from a pre-training model: for each image, RGB | depth | depth
+    reconstructed from RGB alone | RGB reconstructed from depth alone, as one PNG
+    (`reconstruct` with one input, nothing masked). Depth is shown as the model sees it
+    (MultiMAE's standardisation when the model uses it), each depth picture stretched to its range."""
+    os.makedirs(out_dir, exist_ok=True)
+    for i in range(len(dataset)):
+        rgb, x, label = (t[None].to(device) for t in dataset[i])
+        inputs, _ = model.targets(rgb, x, label)
+        with torch.no_grad():
+            depth_from_rgb = model.reconstruct({'rgb': rgb}, {})['depth']
+            rgb_from_depth = model.reconstruct({'depth': inputs['depth']}, {})['rgb']
+        grey = ([0.0], [1.0])
+        panel = np.concatenate([to_image(rgb[0], *rgb_norm), to_image(inputs['depth'][0], *grey),
+                                to_image(depth_from_rgb[0], *grey), to_image(rgb_from_depth[0], *rgb_norm)], 1)
+        Image.fromarray(panel).save(os.path.join(out_dir, f'{dataset.names[i]}_reconstruction.png'))
 
 
 def legend(classes, class_names, palette, width, row=14):
@@ -291,6 +310,8 @@ def main(argv=None):
     p.add_argument('--rgb', default=None, help='segment one image pair: RGB file')
     p.add_argument('--x', default=None, help='... and its X file')
     p.add_argument('--out', default=None, help='... written here as a colourised PNG')
+    p.add_argument('--reconstruct', default=None, metavar='DIR',
+                   help='MaskMentor pre-training checkpoint: save depth-from-RGB and RGB-from-depth panels (Fig. 4)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
     p.add_argument('--workers', type=int, default=0, help='loader processes (evaluation and benchmark); see README')
@@ -324,7 +345,7 @@ def check_flags(args):
         return ', '.join('--' + n.replace('_', '-') for n in names if getattr(args, n) not in (None, False))
     model_choice = given('method', 'backbone', 'opts', 'dataset', 'x_modality')
     if args.benchmark:
-        evaluation_only = given('save_pred', 'rgb', 'x', 'out', 'multi_scale', 'flip', 'sliding', 'split')
+        evaluation_only = given('save_pred', 'rgb', 'x', 'out', 'multi_scale', 'flip', 'sliding', 'split', 'reconstruct')
         if evaluation_only or args.modality != 'both':
             raise ValueError(f"--benchmark measures a model and takes no evaluation flags: drop "
                              f"{evaluation_only or '--modality'}")
@@ -337,6 +358,11 @@ def check_flags(args):
         benchmark_only = given('size', 'batch', 'repeats', 'floor_only')
         if benchmark_only:
             raise ValueError(f"{benchmark_only} act only with --benchmark")
+        if args.reconstruct and (given('save_pred', 'rgb', 'x', 'out', 'multi_scale', 'flip', 'sliding')
+                                 or args.modality != 'both'):
+            raise ValueError("--reconstruct saves a pre-training run's reconstructions and takes no segmentation "
+                             "flags: drop " + (given('save_pred', 'rgb', 'x', 'out', 'multi_scale', 'flip', 'sliding')
+                                               or '--modality'))
         if args.save_pred and given('rgb', 'x', 'out'):
             raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'out')} "
                              f"segment one image pair: use one or the other")
@@ -370,6 +396,17 @@ def run(args):
     palette = data.palette(cfg.dataset)
     scales = SCALES if args.multi_scale else (1.0,)
     crop = data.parse_size(cfg.crop, 'the checkpoint\'s crop') if args.sliding else None
+    if getattr(model, 'pretraining', False) != bool(args.reconstruct):
+        raise ValueError(f"{args.checkpoint} is a pre-training checkpoint: it has no segmentation to evaluate; "
+                         f"save its reconstructions with --reconstruct DIR" if args.reconstruct is None else
+                         f"--reconstruct needs a MaskMentor pre-training checkpoint (--opts stage=pretrain), "
+                         f"not {args.checkpoint}")
+    if args.reconstruct:
+        dataset = data.build_dataset(cfg.dataset, args.data_root if args.data_root is not None else cfg.data_root,
+                                     args.split or 'test', cfg.x_modality or None, method=cfg.method)
+        save_reconstructions(model, dataset, args.reconstruct, preset.rgb_norm, device)
+        print(f"wrote {len(dataset)} reconstruction panels to {args.reconstruct}")
+        return
 
     if args.rgb or args.x or args.out:
         if not (args.rgb and args.x and args.out):

@@ -789,7 +789,8 @@ def load_pretrained(model, path):
         sd = {k: v for k, v in convert_release_keys(sd, model.state_dict()).items()
               if not k.endswith('relative_position_index')}  # a buffer rebuilt here
     else:
-        target, fix = getattr(model, 'backbone', model), "Check that the preset (tiny/small/base/large) and the file belong together."
+        target = model if hasattr(model, 'adapt_checkpoint') else getattr(model, 'backbone', model)  # MaskMentor pre-training: the whole model
+        fix = "Check that the preset (tiny/small/base/large) and the file belong together."
         if naming == 'mmseg':
             if all(k.startswith('backbone.') for k in sd):
                 sd = {k[len('backbone.'):]: v for k, v in sd.items()}
@@ -1670,10 +1671,12 @@ class Grouping(nn.Module):
         A_hat = gumbel_assign(self.logits(tokens, groups), self.tau, self.hard, noise=self.training)  # eq. 8-9, (B, S, C)
         M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups, tokens)  # M: (B, dst, src)
         den = M.sum(-1, keepdim=True)  # (B, dst, 1): sum_i A_ij
-        # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0;
-        # a soft group lighter than 1e-6 is divided by 1e-6 (with eq. 8's unscaled logits a soft group
-        # can weigh 1e-38, and 1 / den made the study's soft runs NaN at step 92)
-        return dst + self.o(M @ self.v(src) / den.clamp_min(1e-6)), A_hat  # eq. 10
+        # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0,
+        # divided by 1 (hard counts are whole numbers, so the forward pass is unchanged; dividing by a
+        # tiny floor instead sent the straight-through gradient of an empty group to 1e13 after one
+        # AdamW step); a soft group lighter than 1e-6 is divided by 1e-6 (with eq. 8's unscaled logits
+        # a soft group can weigh 1e-38, and 1 / den made the study's soft runs NaN at step 92)
+        return dst + self.o(M @ self.v(src) / den.clamp_min(1.0 if self.hard else 1e-6)), A_hat  # eq. 10
 
 
 CUP_ATTENTION = ('prenorm', 'plain')
@@ -2112,37 +2115,22 @@ def random_masking(counts, num_tokens):
     per-sample shuffling by argsort of random noise, per modality.
 
     counts: (B, K) visible tokens per sample and modality, every row summing to T.
-    Returns ids_keep (B, T): flat indices into the (B, K*N) modality-major tokens
-    of the visible ones; ids_restore (B, K*N): the place of every token in the
-    visible-first order (< T means visible), for `unshuffle`; mask (B, K, N)
-    bool, True = masked.
+    Returns mask (B, K, N) bool, True = masked: the counts[b, k] lowest-noise tokens stay visible.
     """
-    B, K = counts.shape
     total = counts.sum(1)
     if (total != total[0]).any():
         raise ValueError(f"every sample must show the same number of tokens, got {total.tolist()}")
-    rank = torch.rand(B, K, num_tokens, device=counts.device).argsort(-1).argsort(-1)  # (B, K, N) noise rank per modality
-    mask = rank >= counts[..., None]  # (B, K, N): the counts[b, k] lowest-noise tokens stay visible
-    ids_shuffle = mask.flatten(1).int().argsort(dim=1, stable=True)  # (B, K*N): visible tokens first, in grid order
-    return ids_shuffle[:, :int(total[0])], ids_shuffle.argsort(1), mask
+    rank = torch.rand(*counts.shape, num_tokens, device=counts.device).argsort(-1).argsort(-1)  # (B, K, N) noise rank
+    return rank >= counts[..., None]
 
 
 def unshuffle(visible, mask_token, ids_restore):
     """MAE's un-shuffle: put visible tokens back at their grid places and fill
     the masked places with `mask_token`. visible (B, T, D), mask_token (1, 1, D),
-    ids_restore (B, L) (any subset of `random_masking`'s columns) -> (B, L, D)."""
+    ids_restore (B, L) each place's position in the visible-first order (< T = visible) -> (B, L, D)."""
     T = visible.shape[1]
     out = torch.gather(visible, 1, ids_restore.clamp(max=T - 1)[..., None].expand(-1, -1, visible.shape[-1]))
     return torch.where((ids_restore < T)[..., None], out, mask_token.to(out.dtype))
-
-
-def patchify(img, patch, value=0.0):
-    """(B, C, H, W) -> (B, N, patch*patch, C) in token order, the map padded at
-    the bottom/right with `value` to a multiple of `patch` (as the input adapters pad)."""
-    img = F.pad(img, (0, (-img.shape[-1]) % patch, 0, (-img.shape[-2]) % patch), value=value)
-    B, C, H, W = img.shape
-    x = img.view(B, C, H // patch, patch, W // patch, patch)  # (B, C, h, p, w, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, -1, patch * patch, C)  # (B, h*w, p*p, C)
 
 
 def sttp_phase(step, warmup_steps, teacher_iters=3):
@@ -2166,126 +2154,143 @@ def sttp_batch_index(step, warmup_steps, teacher_iters=3):
     return warmup_steps + (step - warmup_steps) // (teacher_iters + 1)
 
 
-class InputAdapter(nn.Module):
-    """MultiMAE input adapter of an image-like modality (RGB, depth, HHA): a
-    stride-p patch embedding plus a learnable modality embedding.
-    forward(img: (B, in_chans, H, W)) -> (B, ceil(H/p), ceil(W/p), D), position added by the encoder."""
+def multimae_sincos(dim, h, w):
+    """MultiMAE's fixed sin-cos position table (MoCo v3's build_2d_sincos_posemb), stored
+    as (1, dim, h, w). MultiMAE's axis order is the transpose of MAE's: for a square
+    grid the first half of the channels encodes the row, the second the column."""
+    return sincos_pos_embed(dim, w, h).view(w, h, dim).permute(2, 1, 0)[None]  # (1, dim, h, w)
 
-    def __init__(self, in_chans, dim, patch):
+
+def pos_tokens(pos_emb, grid, mode):
+    """A stored (1, D, h0, w0) position table interpolated to `grid` (MultiMAE: bicubic
+    in the image adapters, bilinear in the semseg adapter and the decoders) -> (1, h*w, D), row-major."""
+    pos = F.interpolate(pos_emb, size=tuple(grid), mode=mode, align_corners=False)  # (1, D, h, w)
+    return pos.flatten(2).transpose(1, 2)  # (1, h*w, D)
+
+
+class PatchedInputAdapter(nn.Module):
+    """MultiMAE input adapter of an image-like modality (RGB, depth, HHA): a stride-p
+    patch conv `proj` plus the adapter's own stored position table `pos_emb`,
+    interpolated bicubically to the token grid. No modality embedding (MultiMAE has none).
+    forward(img: (B, in_chans, H, W)) -> (B, ceil(H/p), ceil(W/p), D), zero-padded to a multiple of p."""
+
+    pos_mode = 'bicubic'
+
+    def __init__(self, in_chans, dim, patch=16, img_size=224):
         super().__init__()
-        self.in_chans = in_chans
-        self.patch_embed = PatchEmbed(in_chans, dim, patch, norm=False)
-        self.modality_embed = nn.Parameter(torch.zeros(dim))
-        nn.init.trunc_normal_(self.modality_embed, std=0.02)
+        self.in_chans, self.patch = in_chans, patch
+        self.register_buffer('pos_emb', multimae_sincos(dim, img_size // patch, img_size // patch))  # fixed, stored
+        self.proj = nn.Conv2d(in_chans, dim, patch, patch)
 
-    def forward(self, img):
+    def as_image(self, img):
         if img.ndim != 4 or img.shape[1] != self.in_chans:
             raise ValueError(f"expected a (B, {self.in_chans}, H, W) input, got {tuple(img.shape)}")
-        return self.patch_embed(img)
+        return img
+
+    def forward(self, img):
+        x = self.proj(pad_to_multiple(self.as_image(img), self.patch, (2, 3)))  # (B, D, h, w)
+        x = x.flatten(2).transpose(1, 2) + pos_tokens(self.pos_emb, x.shape[-2:], self.pos_mode)  # (B, h*w, D)
+        return x.view(x.shape[0], *self.grid_of(img), -1)  # (B, h, w, D)
+
+    def grid_of(self, img):
+        return -(-img.shape[-2] // self.patch), -(-img.shape[-1] // self.patch)
 
 
-class SemSegInputAdapter(InputAdapter):
-    """MultiMAE semantic-map input adapter: the label map is taken at 1/`stride`
-    resolution (nearest), each class index becomes a learned `class_dim` vector
-    (ignore 255 -> an extra "unlabelled" row), then a patch conv of patch/stride.
-    forward(label: (B, H, W) int64, 0..C-1 or 255) -> (B, ceil(H/p), ceil(W/p), D)."""
+class SemSegInputAdapter(PatchedInputAdapter):
+    """MultiMAE semantic-map input adapter: the map is given at 1/`stride` resolution
+    (B, H/4, W/4); each class index becomes a learned `class_dim` vector (`class_emb`),
+    then a patch conv of patch/stride (4x4 on the 1/4 map) and the bilinear position table.
+    MaskMentor addition (design choice): the ignore value 255 embeds as the zero vector,
+    as MultiMAE's `emb_padding_idx` row would, so that the table keeps MultiMAE's shape.
+    forward(label: (B, h4, w4) int64 in 0..C-1 or 255) -> (B, ceil(h4*stride/p), ..., D)."""
 
-    def __init__(self, num_classes, dim, patch, stride=4, class_dim=64):
-        super().__init__(class_dim, dim, patch // stride)
+    pos_mode = 'bilinear'
+
+    def __init__(self, num_classes, dim, patch=16, stride=4, class_dim=64, img_size=224):
+        super().__init__(class_dim, dim, patch // stride, img_size // stride)
         self.num_classes, self.stride = num_classes, stride
-        self.class_embed = nn.Embedding(num_classes + 1, class_dim)
+        self.class_emb = nn.Embedding(num_classes, class_dim)
+        nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
 
-    def downsample(self, label):
-        """(B, H, W) -> (B, ceil(H/stride), ceil(W/stride)), the map the patches cut."""
+    def as_image(self, label):
         if label.ndim != 3 or label.dtype != torch.long:
-            raise ValueError(f"expected a (B, H, W) int64 semantic map, got {tuple(label.shape)} {label.dtype}")
+            raise ValueError(f"expected a (B, H/4, W/4) int64 semantic map, got {tuple(label.shape)} {label.dtype}")
         if not ((label >= 0) & (label < self.num_classes) | (label == 255)).all():
             raise ValueError(f"semantic map values must be 0..{self.num_classes - 1} or 255 (ignore)")
-        return label[:, ::self.stride, ::self.stride]
-
-    def forward(self, label):
-        lab = self.downsample(label)
-        lab = torch.where(lab == 255, self.num_classes, lab)
-        return super().forward(self.class_embed(lab).permute(0, 3, 1, 2))  # (B, class_dim, H/s, W/s) -> (B, h, w, D)
+        known = label != 255
+        emb = self.class_emb(torch.where(known, label, 0)) * known[..., None]  # (B, h4, w4, class_dim)
+        return emb.permute(0, 3, 1, 2)  # (B, class_dim, h4, w4)
 
 
 class MultiModalViT(nn.Module):
-    """MultiMAE-style multi-modal ViT encoder, any input size.
+    """MultiMAE's encoder (MultiViT), any input size; names are MultiMAE's checkpoint keys.
 
-    One input adapter per modality (`adapters`, a dict name -> InputAdapter), a
-    fixed 2-D sin-cos position embedding shared by all modalities (stored for
-    `img_size`, resized bicubically to each grid), a learnable global token
-    appended last, ViT blocks and a final norm; block names are MAE's.
-        tokens, grid = enc.embed({'rgb': rgb, 'depth': x})  # (B, M, N, D), (h, w)
+    One input adapter per modality (`input_adapters`, name -> adapter, each with its
+    own position table), `encoder` ViT blocks, `global_tokens` (one learned token,
+    appended last, with no position). No final norm: MultiMAE has none.
+        tokens, grid = enc.embed({'rgb': rgb, 'depth': x})  # (B, M, N, D) in adapter order, (h, w)
         out = enc(tokens.flatten(1, 2))                      # (B, M*N + 1, D), global token last
     """
 
-    def __init__(self, adapters, dim=768, depth=12, heads=12, mlp_ratio=4.0, patch_size=16, img_size=224,
+    def __init__(self, input_adapters, dim=768, depth=12, heads=12, mlp_ratio=4.0, patch_size=16,
                  drop_path_rate=0.0):
         super().__init__()
         self.dim, self.patch_size = dim, patch_size
-        self.grid = (img_size // patch_size, img_size // patch_size)
-        self.adapters = nn.ModuleDict(adapters)
-        self.global_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # design choice: the fixed sin-cos table is rebuilt, never loaded (MAE's pos_embed holds the same values)
-        self.register_buffer('pos_embed', sincos_pos_embed(dim, *self.grid)[None], persistent=False)  # (1, N0, D)
-        self.blocks = vit_blocks(dim, depth, heads, mlp_ratio, drop_path_rate)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.apply(_init_transformer_weights)
-        nn.init.normal_(self.global_token, std=0.02)
+        self.input_adapters = nn.ModuleDict(input_adapters)
+        self.global_tokens = nn.Parameter(torch.zeros(1, 1, dim))
+        self.encoder = vit_blocks(dim, depth, heads, mlp_ratio, drop_path_rate)
+        for m in self.encoder.modules():
+            _init_transformer_weights(m)
+        nn.init.normal_(self.global_tokens, std=0.02)
 
     def embed(self, inputs):
-        """{name: input} -> tokens (B, M, N, D) in the order of `inputs` (adapter
-        output + position + modality embedding), and the grid (h, w)."""
-        unknown = set(inputs) - set(self.adapters)
+        """{name: input} -> tokens (B, M, N, D) in adapter order (rgb, depth, semseg), and the grid (h, w)."""
+        unknown = set(inputs) - set(self.input_adapters)
         if unknown:
-            raise ValueError(f"no input adapter for {sorted(unknown)}; this encoder has {list(self.adapters)}")
-        maps = {n: self.adapters[n](v) for n, v in inputs.items()}  # each (B, h, w, D)
-        grids = {tuple(m.shape[1:3]) for m in maps.values()}
+            raise ValueError(f"no input adapter for {sorted(unknown)}; this encoder has {list(self.input_adapters)}")
+        maps = [a(inputs[n]) for n, a in self.input_adapters.items() if n in inputs]  # each (B, h, w, D)
+        grids = {tuple(m.shape[1:3]) for m in maps}
         if len(grids) != 1:
-            raise ValueError(f"modalities give different token grids {sorted(grids)}; pass inputs of one size")
-        grid = grids.pop()
-        pos = resize_pos_embed(self.pos_embed, self.grid, grid, extra=0)  # (1, N, D)
-        tokens = [m.flatten(1, 2) + pos + self.adapters[n].modality_embed for n, m in maps.items()]  # each (B, N, D)
-        return torch.stack(tokens, 1), grid  # (B, M, N, D)
+            raise ValueError(f"modalities give different token grids {sorted(grids)}; pass images of one size "
+                             f"and the semantic map at 1/4 of it")
+        return torch.stack(maps, 1).flatten(2, 3), grids.pop()  # (B, M, N, D)
 
     def forward(self, tokens):
-        x = torch.cat([tokens, self.global_token.expand(tokens.shape[0], -1, -1)], 1)  # (B, T + 1, D)
-        for blk in self.blocks:
+        x = torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1)], 1)  # (B, T + 1, D)
+        for blk in self.encoder:
             x = blk(x)
-        return self.norm(x)
+        return x
 
     def checkpoint_absent_keys(self, sd):
-        """Our keys that a checkpoint legitimately lacks: everything outside the
-        MAE encoder (the non-RGB adapters, the modality embeddings) when `sd` is
-        an adapted MAE file, nothing for a MaskMentor checkpoint."""
-        if any(k.startswith('adapters.depth.') for k in sd):
-            return set()
-        return {k for k in self.state_dict()
-                if k.startswith('adapters.') and not k.startswith('adapters.rgb.patch_embed.')}
+        """Our keys an adapted MAE file lacks (the depth and semseg adapters): they keep their initial values."""
+        return {k for k in self.state_dict() if k.startswith('input_adapters.') and k not in sd}
 
     def adapt_checkpoint(self, sd):
-        """Checkpoint -> this encoder, for `load_pretrained`. Two sources:
-        - an MAE ViT file: blocks.* and norm.* as they are, patch_embed.* -> the
-          RGB adapter, cls_token -> global_token (design choice: both are the one
-          learned summary token without a position); pos_embed and the MAE decoder dropped;
-        - a MaskMentor model state dict (pre-training or fine-tuning, keys
-          'backbone.*'): the encoder is carried over, decoders / head / step
-          counter and the adapters this encoder lacks (the semantic map) are dropped.
-        The keys of `checkpoint_absent_keys` keep this model's initial values."""
-        if any(k.startswith('backbone.') for k in sd):
-            sd = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
-            sd = {k: v for k, v in sd.items()
-                  if not k.startswith('adapters.') or k.split('.')[1] in self.adapters}
-        else:
-            sd = {('adapters.rgb.' + k if k.startswith('patch_embed.') else 'global_token' if k == 'cls_token' else k): v
-                  for k, v in sd.items()
-                  if not k.startswith(('decoder_', 'mask_token', 'head.', 'fc_norm.', 'pos_embed'))}
-        return sd
+        """An MAE ViT file -> this encoder, as MultiMAE's vit2multimae converter maps it:
+        blocks.* -> encoder.*, patch_embed.proj -> the RGB adapter's proj, cls_token (+ its
+        position row) -> global_tokens, pos_embed -> the RGB adapter's table; MAE's final
+        norm, decoder and head dropped (MultiMAE has no final norm)."""
+        if any(k.startswith('encoder.') for k in sd):
+            return sd
+        out = {}
+        for k, v in sd.items():
+            if k.startswith('blocks.'):
+                out['encoder.' + k[len('blocks.'):]] = v
+            elif k.startswith('patch_embed.proj.'):
+                out['input_adapters.rgb.proj.' + k.rsplit('.', 1)[1]] = v
+        if 'cls_token' in sd:
+            out['global_tokens'] = sd['cls_token'] + (sd['pos_embed'][:, :1] if 'pos_embed' in sd else 0)
+        if 'pos_embed' in sd:
+            n = sd['pos_embed'].shape[1] - 1
+            side = math.isqrt(n)
+            table = sd['pos_embed'][:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+            out['input_adapters.rgb.pos_emb'] = F.interpolate(
+                table, size=self.input_adapters['rgb'].pos_emb.shape[-2:], mode='bicubic', align_corners=False)
+        return out
 
 
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention through SDPA (MultiMAE output adapter):
+    """Multi-head cross-attention through SDPA (MultiMAE output adapter's `decoder`):
     forward(query: (B, Tq, D), context: (B, Tc, D)) -> (B, Tq, D)."""
 
     def __init__(self, dim, heads):
@@ -2303,182 +2308,369 @@ class CrossAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, Tq, D))  # (B, Tq, D)
 
 
-class MIMDecoder(nn.Module):
-    """MIM head of one modality (MaskMentor Sec. 3.3, MultiMAE's spatial output adapter).
+class SpatialOutputAdapter(nn.Module):
+    """MIM head of one task (MaskMentor Sec. 3.3): MultiMAE's spatial output adapter, its key names.
 
-    Encoder tokens are projected D -> dim; the context (all visible tokens plus
-    the global token) gets position + modality embeddings; this modality's full
-    query grid is its visible tokens put back in place with mask tokens in the
-    gaps (`unshuffle`); one cross-attention from the queries to the context
-    (+ MLP) gives the output tokens (the "output token embeddings" of Sec. 3.3,
-    STTP's token targets); `depth` transformer blocks and a linear layer give
-    the patch predictions.
-    forward(x: (B, T + 1, D), ids_keep (B, T), ids_restore (B, K*N), grid) ->
-        (pred (B, N, out_dim), tokens (B, N, dim)).
+    Encoder tokens are projected D -> dim (`proj_context`). Context: the visible
+    tokens + the task embedding of the modality each came from + this adapter's
+    position table (bilinear), the global token appended with no embedding. Queries:
+    for a task that was an input, its grid with the visible tokens in place and
+    `mask_token` in the gaps; otherwise `mask_token`; both + position + the task
+    embedding of `task`. Then x = CrossAttn(query_norm(q), context_norm(ctx)) (no
+    residual), x = x + MLP(out_norm(x)) -- the output tokens (STTP's token targets,
+    the "output token embeddings" of Sec. 3.3) -- then `decoder_transformer` blocks and
+    `out_proj` to the (C, p, p) pixels of every patch.
+    forward(x (B, T + 1, D), tasks (input task names, adapter order), ids_keep (B, T)
+    flat indices into the (B, M*N) concatenated input tokens, ids_restore (B, M*N)
+    (< T = place in x), grid (h, w)) -> (image (B, C, h*p, w*p), tokens (B, h*w, dim)).
     """
 
-    def __init__(self, index, num_modalities, in_dim, dim, heads, depth, out_dim, grid):
+    def __init__(self, task, context_tasks, in_dim, dim, heads, depth, out_chans, patch=16, stride=1, img_size=224):
         super().__init__()
-        self.index, self.grid = index, grid
-        self.proj_context = nn.Linear(in_dim, dim)
+        self.task, self.out_chans, self.stride, self.p = task, out_chans, stride, patch // stride
+        self.task_embeddings = nn.ParameterDict({t: nn.Parameter(torch.zeros(1, 1, dim)) for t in context_tasks})
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.modality_embed = nn.Embedding(num_modalities, dim)
-        self.register_buffer('pos_embed', sincos_pos_embed(dim, *grid)[None], persistent=False)  # (1, N0, dim)
-        self.query_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.register_buffer('pos_emb', multimae_sincos(dim, img_size // patch, img_size // patch))  # fixed, stored
+        self.decoder = CrossAttention(dim, heads)
         self.context_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.cross_attn = CrossAttention(dim, heads)
+        self.query_norm = nn.LayerNorm(dim, eps=1e-6)
         self.out_norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, 4 * dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.out_proj = nn.Linear(dim, out_dim)
+        self.decoder_transformer = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.out_proj = nn.Linear(dim, out_chans * self.p * self.p)
+        self.proj_context = nn.Linear(in_dim, dim)
         self.apply(_init_transformer_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.modality_embed.weight, std=0.02)
+        for t in (self.mask_token, *self.task_embeddings.values()):
+            nn.init.trunc_normal_(t, std=0.02)
 
-    def attend(self, x, ids_keep, ids_restore, grid):
-        """The output tokens of this modality's grid: (B, N, dim)."""
-        B = x.shape[0]
+    def attend(self, x, tasks, ids_keep, ids_restore, grid):
+        """The output tokens of this task's grid: (B, N, dim)."""
         x = self.proj_context(x)  # (B, T + 1, dim)
         visible, glob = x[:, :-1], x[:, -1:]
-        pos = resize_pos_embed(self.pos_embed, self.grid, grid, extra=0)[0]  # (N, dim)
+        pos = pos_tokens(self.pos_emb, grid, 'bilinear')[0]  # (N, dim)
         N = pos.shape[0]
-        embed = (pos[None] + self.modality_embed.weight[:, None]).flatten(0, 1)  # (K*N, dim), modality-major
+        embed = torch.cat([pos + self.task_embeddings[t][0] for t in tasks])  # (M*N, dim), task-major
         context = torch.cat([visible + embed[ids_keep], glob], 1)  # (B, T + 1, dim)
-        own = ids_restore.view(B, -1, N)[:, self.index]  # (B, N): this modality's columns
-        query = unshuffle(visible, self.mask_token, own) + embed[self.index * N:(self.index + 1) * N]  # (B, N, dim)
-        query = query + self.cross_attn(self.query_norm(query), self.context_norm(context))
-        return query + self.mlp(self.out_norm(query))
+        own = pos + self.task_embeddings[self.task][0]  # (N, dim)
+        if self.task in tasks:
+            k = tasks.index(self.task)
+            query = unshuffle(visible, self.mask_token, ids_restore[:, k * N:(k + 1) * N]) + own  # (B, N, dim)
+        else:
+            query = (self.mask_token + own).expand(x.shape[0], -1, -1)  # (B, N, dim)
+        y = self.decoder(self.query_norm(query), self.context_norm(context))  # MultiMAE: no residual here
+        return y + self.mlp(self.out_norm(y))
 
-    def forward(self, x, ids_keep, ids_restore, grid):
-        tokens = y = self.attend(x, ids_keep, ids_restore, grid)
-        for blk in self.blocks:
-            y = blk(y)
-        return self.out_proj(y), tokens
+    def forward(self, x, tasks, ids_keep, ids_restore, grid):
+        tokens = self.attend(x, tasks, ids_keep, ids_restore, grid)
+        y = self.out_proj(self.decoder_transformer(tokens))  # (B, N, C*p*p)
+        (h, w), p, B = grid, self.p, x.shape[0]
+        img = y.view(B, h, w, self.out_chans, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+        return img.reshape(B, self.out_chans, h * p, w * p), tokens
 
 
 class MaskMentorModel(nn.Module):
-    """What both MaskMentor stages share: the parameter counts of the contract."""
+    """What both MaskMentor stages share: the parameter counts of the contract, and
+    loading MultiMAE's released files (`{'model': state_dict}`, keys `input_adapters.*`,
+    `encoder.*`, `global_tokens`, `output_adapters.*`) through `load_pretrained`."""
 
     def param_counts(self):
         counts = {'trainable': sum(p.numel() for p in self.parameters() if p.requires_grad),
                   'total': sum(p.numel() for p in self.parameters())}
         return {**counts, **{name: sum(p.numel() for p in child.parameters()) for name, child in self.named_children()}}
 
+    def adapt_checkpoint(self, sd):
+        """A checkpoint -> this model's keys, for `load_pretrained`. Sources:
+        - a MultiMAE file: the encoder keys get the prefix of MULTIMAE_RENAMES; output
+          adapters this model lacks (all of them when fine-tuning; `norm_rgb` without
+          norm_pix_rgb) and input adapters it lacks (semseg when fine-tuning) are
+          dropped and named in one line; the CLASS_COUNT_KEYS tensors of another class
+          count (MultiMAE's 133 COCO classes) are left out and named: they keep their initial values;
+          position tables stored for another image size replace this model's;
+        - an MAE ViT file: the encoder through MultiModalViT.adapt_checkpoint;
+        - an rgbx MaskMentor state dict ('backbone.*'): as it is, minus what this model lacks."""
+        if not any(k.startswith('backbone.') for k in sd):
+            if not any(k.startswith(('encoder.', 'input_adapters.')) for k in sd):
+                sd = self.backbone.adapt_checkpoint(sd)
+            sd = {next((new + k[len(old):] for old, new in MULTIMAE_RENAMES if k.startswith(old)), k): v
+                  for k, v in sd.items()}
+        own = self.state_dict()
+        own_parts = {adapter_part(k) for k in own}
+        dropped = sorted({adapter_part(k) for k in sd} - own_parts - {None})
+        if dropped:
+            print(f"load_pretrained: ignoring parts this model does not have: {', '.join(dropped)}")
+        sd = {k: v for k, v in sd.items() if adapter_part(k) not in dropped and (k in own or k != 'steps_done')}
+        for k in [k for k in sd if k.endswith('.pos_emb') and k in own and sd[k].shape != own[k].shape]:
+            # a table stored for another image size: MultiMAE interpolates from the stored table, so take it as it is
+            self.get_submodule(k.rsplit('.', 1)[0]).pos_emb = sd[k].clone()
+        per_class = {k for k in CLASS_COUNT_KEYS if k in sd and k in own and sd[k].shape != own[k].shape}
+        if per_class:
+            print(f"load_pretrained: another number of semantic classes in the checkpoint than in this model: "
+                  + ', '.join(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}" for k in sorted(per_class))
+                  + " re-initialised")
+        self._reinit = per_class
+        if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
+            print("load_pretrained: the checkpoint holds no decoders (an encoder file): the output adapters "
+                  "keep their initial values")
+        return {k: v for k, v in sd.items() if k not in per_class}
+
+    def checkpoint_absent_keys(self, sd):
+        """Keys a checkpoint legitimately lacks: the fine-tuning head, the step counter, a
+        re-initialised class table; the decoders of an encoder-only file; for an MAE file the adapters."""
+        own = self.state_dict()
+        absent = {k for k in own if k.startswith('head.')} | {'steps_done'} | getattr(self, '_reinit', set())
+        if 'backbone.input_adapters.depth.proj.weight' not in sd:
+            absent |= {k for k in own if k.startswith('backbone.input_adapters.')}
+        if not any(k.startswith('output_adapters.') for k in sd):
+            absent |= {k for k in own if k.startswith('output_adapters.')}
+        return absent
+
+
+def adapter_part(key):
+    """'output_adapters.norm_rgb.mlp.fc1.weight' -> 'output_adapters.norm_rgb' (also
+    'backbone.input_adapters.<name>'); None for keys outside the adapters."""
+    parts = key.split('.')
+    if parts[0] == 'output_adapters':
+        return '.'.join(parts[:2])
+    if parts[:2] == ['backbone', 'input_adapters']:
+        return '.'.join(parts[:3])
+    return None
+
+
+# The tensors whose shape follows the number of semantic classes (MultiMAE's files: 133 COCO classes).
+CLASS_COUNT_KEYS = ('backbone.input_adapters.semseg.class_emb.weight', 'output_adapters.semseg.out_proj.weight',
+                    'output_adapters.semseg.out_proj.bias')
+
+# MultiMAE checkpoint prefix -> this model's; below the prefix the names are MultiMAE's.
+MULTIMAE_RENAMES = (
+    ('input_adapters.', 'backbone.input_adapters.'),
+    ('encoder.', 'backbone.encoder.'),
+    ('global_tokens', 'backbone.global_tokens'),
+)
+
+
+def standardize_depth(x):
+    """MultiMAE's truncated depth standardisation (run_pretraining_multimae.py, on input
+    and target alike): per sample, (x - mean) / sqrt(var + 1e-6) with the mean and the
+    (unbiased) variance of the values between the 10th and 90th percentile of all its
+    values. x (B, C, H, W) -> (B, C, H, W)."""
+    flat = x.flatten(1).sort(1).values  # (B, C*H*W)
+    n = flat.shape[1]
+    mid = flat[:, int(0.1 * n):int(0.9 * n)]
+    return (x - mid.mean(1).view(-1, 1, 1, 1)) / (mid.var(1).view(-1, 1, 1, 1) + 1e-6).sqrt()
+
+
+def patch_normalised(img, patch):
+    """MAE / MultiMAE `norm_pix` target: every p x p patch standardised over its
+    p*p*C values (unbiased variance, eps 1e-6). (B, C, H, W), H, W multiples of p -> same shape."""
+    B, C, H, W = img.shape
+    x = img.view(B, C, H // patch, patch, W // patch, patch)  # (B, C, h, p, w, p)
+    mean, var = x.mean((1, 3, 5), keepdim=True), x.var((1, 3, 5), keepdim=True)
+    return ((x - mean) / (var + 1e-6).sqrt()).view(B, C, H, W)
+
+
+def masked_mean(loss, mask, grid, valid=None):
+    """MultiMAE's reduction of a masked pixel loss (criterion.py): the token mask
+    (B, h*w), True = masked, is spread over its pixels, the loss (B, H', W') is averaged
+    per sample over its masked pixels (and `valid` ones, a (B, H', W') bool), then over
+    the samples that have any (MultiMAE's nan-mean); 0 when no sample has one."""
+    B, (h, w) = mask.shape[0], grid
+    s = -(-loss.shape[-2] // h)  # pixels per token side at this resolution
+    m = mask.view(B, h, w).float().repeat_interleave(s, 1).repeat_interleave(s, 2)[:, :loss.shape[-2], :loss.shape[-1]]
+    if valid is not None:
+        m = m * valid
+    count = m.flatten(1).sum(1)  # (B,)
+    per_sample = (loss * m).flatten(1).sum(1) / count.clamp(min=1)
+    has = count > 0
+    return per_sample[has].mean() if has.any() else loss.sum() * 0
+
 
 class MaskMentorPretrain(MaskMentorModel):
-    """MaskMentor pre-training: M2IM (Alg. 1) + STTP (Sec. 3.4), K = 3 modalities.
+    """MaskMentor pre-training: M2IM (Alg. 1) + STTP (Sec. 3.4) on MultiMAE, K = 3 modalities.
 
-    forward(rgb (B, 3, H, W), x (B, Cx, H, W) depth, label (B, H, W) int64
-    semantic map (255 = ignore), step=None) -> (loss, None), the objective of
-    `sttp_phase(step, warmup_steps, teacher_iters)`:
-    - 'mim' (warm-up) and 'teacher': complete modalities, patch masking only
-      (`budget` visible tokens per sample, split by Dirichlet(1)), pixel
-      reconstruction of the masked patches of every modality;
-    - 'student': M2IM input (modality masking per sample, then patch masking
-      of the kept modalities with the same budget); a dropped modality has all
-      its patches masked, so its loss covers the whole map. Pixel losses plus
-      `token_weight` * the mean over modalities and grid places of
-      1 - cos(student token, teacher token). The teacher's tokens come from a
-      no-grad pass of the same network, within the student iteration, on the
-      same batch with complete modalities and a fresh patch mask; the tokens
-      compared are the MIM decoders' output tokens (after the cross-attention,
-      the "output token embeddings" of Sec. 3.3), which exist at every grid
-      place whatever either side saw, so the student also predicts the teacher's
-      tokens of the modality it lost. Design choice: all grid places count.
-    Pixel losses (MultiMAE): RGB MSE on the (dataset-)normalised pixels, depth
-    L1 on per-image standardised depth, semantic map cross-entropy at 1/4
-    resolution; each a mean over the masked pixels of its modality, summed.
+    The network is MultiMAE's (MultiModalViT + one SpatialOutputAdapter per task, plus
+    `norm_rgb` with norm_pix_rgb, as MultiMAE's `extra_norm_pix_loss` config), so that
+    MultiMAE files load and give MultiMAE's numbers. For users:
+      encode({'rgb': (B,3,H,W), 'depth': (B,1,H,W), 'semseg': (B,H/4,W/4) int64}, any subset)
+          -> (B, T + 1, D): tokens rgb, depth, semseg (each row-major), global token last;
+      reconstruct(inputs, masks {name: (B, N)}, 1 = masked; an input without a mask is all visible)
+          -> {name: prediction}: rgb (B,3,H,W), depth (B,1,H,W), semseg logits (B,K,H/4,W/4) (+ norm_rgb).
 
-    Schedule. The paper trains, "for each input batch", the teacher for three
-    iterations and then the student for one: the same batch for a whole cycle.
-    The phase is a pure function of the global step; a loop following the paper
-    feeds batch `sttp_batch_index(step, ...)` at each step (the same batch four
-    times per cycle). A loop that feeds a new batch every step (train.py as it
-    is) keeps the 3:1 teacher:student update ratio and the student's token
-    targets still come from the student's own images. When `step` is None the
-    model counts its own training forward calls in the `steps_done` buffer
-    (saved with the model, so resume is exact); with gradient accumulation pass `step`.
-    Masking is the objective, so this model draws it from the global RNG in train and eval mode alike.
+    forward(rgb (B, 3, H, W), x (B, Cx, H, W) depth, label (B, H, W) int64 semantic
+    map (255 = ignore; the adapter takes label[:, ::4, ::4]), step=None) -> (loss, None),
+    the objective of `sttp_phase(step, warmup_steps, teacher_iters)`:
+    - 'mim' (warm-up) and 'teacher': complete modalities, MultiMAE patch masking only
+      (`budget` visible tokens per sample, split by Dirichlet(1)), pixel losses;
+    - 'student' (MaskMentor addition): M2IM input (modality masking per sample, then
+      patch masking of the kept modalities with the same budget); a dropped modality has
+      all its patches masked. Pixel losses plus `token_weight` * the mean over the three
+      tasks and the grid places of 1 - cos(student token, teacher token).
+    What the teacher sees when it makes the student's token targets: within the student
+    iteration, a no-grad pass of the current weights (after the cycle's teacher updates)
+    on the same images with all three modalities and a fresh MultiMAE patch mask (not
+    the masks of the teacher iterations); the tokens compared are each decoder's output
+    tokens (`SpatialOutputAdapter.attend`), which exist at every grid place whatever
+    either side saw, so the student also predicts the teacher's tokens of the modality it
+    lost. Design choice, paper silent: all grid places count, weight 1, norm_rgb excluded.
+    Pixel losses (MultiMAE's pre-training config, criterion.py): RGB MSE on the
+    dataset-normalised pixels; with norm_pix_rgb also `norm_rgb` MSE on per-patch
+    normalised RGB; depth L1 on MultiMAE's truncated standardisation (input and target);
+    semantic map cross-entropy at 1/4 resolution (255 ignored: MaskMentor addition);
+    each on the masked tokens, a mean per sample then over samples, summed.
+
+    Schedule: the phase is a pure function of the global step; train.py feeds the same
+    batch to every step of one 3 teacher : 1 student cycle (`batch_index`). `warmup`
+    is a fraction of the run's steps, turned into `warmup_steps` by `plan(total_steps)`
+    (train.py calls it), unless warmup_steps is given. When `step` is None the model
+    counts its own training forward calls in `steps_done`. Masking is the objective,
+    so it is drawn from the global RNG in train and eval mode alike.
     """
 
     pretraining = True  # train.py passes the global step and does not evaluate: there are no logits
 
     def __init__(self, backbone, num_classes, decoder_dim=256, decoder_heads=8, decoder_depth=2, mask_ratio=5 / 6,
-                 p_m=0.5, warmup_steps=0, teacher_iters=3, token_weight=1.0):
+                 p_m=0.5, warmup=0.2, warmup_steps=None, teacher_iters=3, token_weight=1.0, norm_pix_rgb=True,
+                 depth_standardize=True, img_size=224):
         super().__init__()
-        if list(backbone.adapters) != ['rgb', 'depth', 'semseg']:
-            raise ValueError(f"pre-training needs the adapters rgb, depth, semseg, got {list(backbone.adapters)}")
-        if not 0 < mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        tasks = list(backbone.input_adapters)
+        if tasks != ['rgb', 'depth', 'semseg']:
+            raise ValueError(f"pre-training needs the adapters rgb, depth, semseg, got {tasks}")
+        if not 0 < mask_ratio < 1 or not 0 <= warmup <= 1:
+            raise ValueError(f"mask_ratio must be in (0, 1) and warmup in [0, 1], got {mask_ratio}, {warmup}")
         self.backbone = backbone
         self.mask_ratio, self.p_m, self.token_weight = mask_ratio, p_m, token_weight
-        self.warmup_steps, self.teacher_iters = warmup_steps, teacher_iters
-        K = len(backbone.adapters)
-        outputs = {'rgb': 3, 'depth': backbone.adapters['depth'].in_chans, 'semseg': num_classes}  # channels predicted
-        self.decoders = nn.ModuleDict({
-            name: MIMDecoder(k, K, backbone.dim, decoder_dim, decoder_heads, decoder_depth,
-                             adapter.patch_embed.patch ** 2 * outputs[name], backbone.grid)
-            for k, (name, adapter) in enumerate(backbone.adapters.items())})
+        self.warmup, self.warmup_steps, self.teacher_iters = warmup, warmup_steps, teacher_iters
+        self.depth_standardize = depth_standardize
+        adapters = backbone.input_adapters
+        chans = {'rgb': 3, 'depth': adapters['depth'].in_chans, 'semseg': num_classes}
+        heads = {t: t for t in tasks}
+        if norm_pix_rgb:  # MultiMAE's extra_norm_pix_loss: a second RGB decoder for the per-patch normalised target
+            heads['norm_rgb'] = 'rgb'
+        self.output_adapters = nn.ModuleDict({
+            name: SpatialOutputAdapter(task, tasks, backbone.dim, decoder_dim, decoder_heads, decoder_depth,
+                                       chans[task], backbone.patch_size, getattr(adapters[task], 'stride', 1), img_size)
+            for name, task in heads.items()})
         self.register_buffer('steps_done', torch.zeros((), dtype=torch.long))
+
+    def plan(self, total_steps):
+        """Fix the warm-up for a run of `total_steps` (MaskMentor Sec. 4.1: ~100 of 500
+        epochs of complete-modality MIM, i.e. `warmup` = 0.2 of the steps), unless given."""
+        if self.warmup_steps is None:
+            self.warmup_steps = round(self.warmup * total_steps)
+
+    def phase(self, step):
+        if self.warmup_steps is None:
+            raise ValueError("MaskMentor pre-training: pass warmup_steps, or call plan(total_steps) (train.py does)")
+        return sttp_phase(step, self.warmup_steps, self.teacher_iters)
+
+    def batch_index(self, step):
+        """The batch `step` trains on: the same one for a whole teacher/student cycle (Sec. 3.4)."""
+        self.phase(step)
+        return sttp_batch_index(step, self.warmup_steps, self.teacher_iters)
 
     def budget(self, num_tokens):
         """Visible tokens per sample: (1 - mask_ratio) of all K*N tokens (MultiMAE:
         98 of 3 x 196); at most N, so that a single kept modality can hold them."""
-        K = len(self.decoders)
+        K = len(self.backbone.input_adapters)
         T = round((1 - self.mask_ratio) * K * num_tokens)
         if not 1 <= T <= num_tokens:
             raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves {T} visible tokens of {K} x {num_tokens}; "
                              f"need 1..{num_tokens} (mask_ratio >= {1 - 1 / K:.3f})")
         return T
 
-    def reconstruct(self, inputs, keep):
-        """Encode the visible tokens of `keep`'s modalities and decode every modality.
-        inputs {name: input}, keep (B, K) bool -> ({name: (pred, tokens)}, mask (B, K, N))."""
-        tokens, grid = self.backbone.embed(inputs)  # (B, K, N, D)
-        B, K, N, D = tokens.shape
-        ids_keep, ids_restore, mask = random_masking(visible_counts(keep, self.budget(N)), N)
+    def encode(self, inputs):
+        """Encoder tokens of `inputs` with no masking: (B, T + 1, D), adapter order, global token last."""
+        tokens, _ = self.backbone.embed(inputs)  # (B, M, N, D)
+        return self.backbone(tokens.flatten(1, 2))
+
+    def reconstruct(self, inputs, masks):
+        """MultiMAE's forward with given task masks: {name: prediction} of every output adapter."""
+        tasks = [t for t in self.backbone.input_adapters if t in inputs]
+        if set(masks) - set(tasks):
+            raise ValueError(f"masks for {sorted(set(masks) - set(tasks))}, which are not inputs ({tasks})")
+        tokens, grid = self.backbone.embed(inputs)  # (B, M, N, D)
+        B, N = tokens.shape[0], tokens.shape[2]
+        for t, m in masks.items():
+            if tuple(m.shape) != (B, N):
+                raise ValueError(f"mask of {t!r} must be (B, N) = ({B}, {N}), got {tuple(m.shape)}")
+        mask = torch.stack([masks[t].bool() if t in masks else tokens.new_zeros(B, N, dtype=torch.bool)
+                            for t in tasks], 1)  # (B, M, N)
+        return {name: pred for name, (pred, _) in self.decode(inputs, mask).items()}
+
+    def decode(self, inputs, mask):
+        """Encode the visible tokens and run every output adapter. inputs {name: tensor},
+        mask (B, M, N) bool over the inputs in adapter order, True = masked
+        -> {output name: (prediction at the input's size, output tokens (B, N, dim))}."""
+        tasks = [t for t in self.backbone.input_adapters if t in inputs]
+        tokens, grid = self.backbone.embed(inputs)  # (B, M, N, D)
+        D = tokens.shape[-1]
+        flat = mask.flatten(1)  # (B, M*N)
+        shown = (~flat).sum(1)
+        if (shown != shown[0]).any() or shown[0] == 0:
+            raise ValueError(f"every sample must show the same number (> 0) of tokens, got {shown.tolist()}")
+        ids_shuffle = flat.int().argsort(dim=1, stable=True)  # (B, M*N): visible tokens first, in grid order
+        ids_keep, ids_restore = ids_shuffle[:, :int(shown[0])], ids_shuffle.argsort(1)
         x = torch.gather(tokens.flatten(1, 2), 1, ids_keep[..., None].expand(-1, -1, D))  # (B, T, D)
         x = self.backbone(x)  # (B, T + 1, D)
-        return {name: dec(x, ids_keep, ids_restore, grid) for name, dec in self.decoders.items()}, mask
+        H, W = self.image_size(inputs)
+        out = {}
+        for name, adapter in self.output_adapters.items():
+            pred, tok = adapter(x, tasks, ids_keep, ids_restore, grid)
+            s = adapter.stride
+            out[name] = (pred[..., :-(-H // s), :-(-W // s)], tok)
+        return out
 
-    def pixel_loss(self, name, pred, inp, masked):
-        """MultiMAE's loss of one modality over its masked patches.
-        pred (B, N, p*p*C), inp the modality's input, masked (B, N) bool -> scalar."""
-        adapter = self.backbone.adapters[name]
-        p = adapter.patch_embed.patch
-        if name == 'semseg':  # design choice (MultiMAE): cross-entropy at the adapter's 1/4 resolution
-            target = patchify(adapter.downsample(inp)[:, None], p, 255)[..., 0]  # (B, N, p*p)
-            logits = pred.reshape(target.numel(), -1)  # (B*N*p*p, classes)
-            loss = F.cross_entropy(logits, target.flatten(), ignore_index=255, reduction='none').view(target.shape)  # (B, N, p*p)
-            weight = (target != 255).float()
-        else:
-            if name == 'depth':  # design choice: standardised per image and channel (MultiMAE: per image)
-                inp = (inp - inp.mean((2, 3), keepdim=True)) / inp.std((2, 3), keepdim=True).clamp(min=1e-6)
-            target = patchify(inp, p)  # (B, N, p*p, C)
-            err = pred.view(target.shape) - target  # (B, N, p*p, C)
-            # design choice: plain MSE on the dataset-normalised RGB (not MAE's per-patch normalisation)
-            loss = (err.square() if name == 'rgb' else err.abs()).mean(-1)  # (B, N, p*p)
-            weight = patchify(torch.ones_like(inp[:, :1]), p)[..., 0]  # (B, N, p*p), 0 on the padding
-        weight = weight * masked[..., None]
-        return (loss * weight).sum() / weight.sum().clamp(min=1)
+    @staticmethod
+    def image_size(inputs):
+        """(H, W) of the full-resolution image behind `inputs` (the semantic map is at 1/4)."""
+        for name in ('rgb', 'depth'):
+            if name in inputs:
+                return tuple(inputs[name].shape[-2:])
+        return tuple(4 * s for s in inputs['semseg'].shape[-2:])
+
+    def targets(self, rgb, x, label):
+        """The model's inputs and the pixel targets: {task: tensor}; norm_rgb's target is
+        the per-patch normalised RGB (of the zero-padded image, cropped back)."""
+        p = self.backbone.patch_size
+        inputs = {'rgb': rgb, 'depth': standardize_depth(x) if self.depth_standardize else x,
+                  'semseg': label[:, ::4, ::4]}
+        norm = patch_normalised(pad_to_multiple(rgb, p, (2, 3)), p)[..., :rgb.shape[-2], :rgb.shape[-1]]
+        return inputs, {**inputs, 'norm_rgb': norm}
+
+    def pixel_loss(self, name, pred, target, mask, grid):
+        """MultiMAE's loss of one output over its masked tokens (criterion.py).
+        pred, target at the output's resolution, mask (B, N) bool -> scalar."""
+        if name == 'semseg':  # cross-entropy at 1/4 resolution; design choice: 255 pixels do not count
+            loss = F.cross_entropy(pred.float(), target, ignore_index=255, reduction='none')  # (B, h4, w4)
+            return masked_mean(loss, mask, grid, valid=target != 255)
+        err = pred.float() - target
+        loss = (err.abs() if name == 'depth' else err.square()).mean(1)  # (B, H, W): L1 for depth, else MSE
+        return masked_mean(loss, mask, grid)
+
+    def draw_mask(self, keep, num_tokens):
+        """MultiMAE patch masking of the kept modalities: keep (B, K) bool -> mask (B, K, N), True = masked."""
+        return random_masking(visible_counts(keep, self.budget(num_tokens)), num_tokens)
 
     def losses(self, rgb, x, label, phase):
-        """The terms of `phase`'s objective: {'rgb', 'depth', 'semseg'[, 'token']} -> scalars."""
-        inputs = {'rgb': rgb, 'depth': x, 'semseg': label}
+        """The terms of `phase`'s objective: {output name, ['token']} -> scalars."""
         if phase not in ('mim', 'teacher', 'student'):
             raise ValueError(f"phase must be 'mim', 'teacher' or 'student', not {phase!r}")
-        keep = torch.ones(rgb.shape[0], len(inputs), dtype=torch.bool, device=rgb.device)  # complete modalities
+        inputs, targets = self.targets(rgb, x, label)
+        p = self.backbone.patch_size
+        grid = (-(-rgb.shape[-2] // p), -(-rgb.shape[-1] // p))
+        tasks = list(inputs)
+        keep = torch.ones(rgb.shape[0], len(tasks), dtype=torch.bool, device=rgb.device)  # complete modalities
         teach = phase == 'student' and self.token_weight != 0  # token_weight 0: M2IM without STTP's token loss
         if teach:
             with torch.no_grad():  # the teacher: complete modalities, patch masking only; its tokens carry no gradient
-                teacher, _ = self.reconstruct(inputs, keep)
-        if phase == 'student':
-            keep = m2im_keep_batch(rgb.shape[0], len(inputs), self.p_m, rgb.device)
-        outs, mask = self.reconstruct(inputs, keep)
-        terms = {name: self.pixel_loss(name, outs[name][0], inputs[name], mask[:, k]) for k, name in enumerate(inputs)}
-        if teach:
-            # design choice: token loss = mean over modalities and grid places, weight token_weight (1)
-            cos = torch.stack([F.cosine_similarity(outs[n][1], teacher[n][1], dim=-1) for n in inputs])  # (K, B, N)
+                teacher = self.decode(inputs, self.draw_mask(keep, grid[0] * grid[1]))
+        if phase == 'student':  # MaskMentor addition: M2IM's modality masking (Alg. 1)
+            keep = m2im_keep_batch(rgb.shape[0], len(tasks), self.p_m, rgb.device)
+        mask = self.draw_mask(keep, grid[0] * grid[1])
+        outs = self.decode(inputs, mask)
+        terms = {name: self.pixel_loss(name, pred, targets[name], mask[:, tasks.index(adapter.task)], grid)
+                 for (name, (pred, _)), adapter in zip(outs.items(), self.output_adapters.values())}
+        if teach:  # MaskMentor addition: STTP's token loss
+            cos = torch.stack([F.cosine_similarity(outs[t][1], teacher[t][1], dim=-1) for t in tasks])  # (K, B, N)
             terms['token'] = self.token_weight * (1 - cos).mean()
         return terms
 
@@ -2489,8 +2681,7 @@ class MaskMentorPretrain(MaskMentorModel):
             step = int(self.steps_done)
             if self.training:
                 self.steps_done += 1
-        phase = sttp_phase(step, self.warmup_steps, self.teacher_iters)
-        return sum(self.losses(rgb, x, label, phase).values()), None
+        return sum(self.losses(rgb, x, label, self.phase(step)).values()), None
 
 
 class MaskMentorSeg(MaskMentorModel):
@@ -2517,8 +2708,8 @@ class MaskMentorSeg(MaskMentorModel):
 
     def __init__(self, backbone, num_classes, head_dim=384, head_depth=4, modality_drop=0.5):
         super().__init__()
-        if list(backbone.adapters) != ['rgb', 'depth']:
-            raise ValueError(f"fine-tuning needs the adapters rgb, depth, got {list(backbone.adapters)}")
+        if list(backbone.input_adapters) != ['rgb', 'depth']:
+            raise ValueError(f"fine-tuning needs the adapters rgb, depth, got {list(backbone.input_adapters)}")
         self.backbone, self.modality_drop = backbone, modality_drop
         self.head = ConvNeXtHead(backbone.dim, num_classes, head_dim, head_depth, backbone.patch_size)
 
@@ -2562,18 +2753,21 @@ class MaskMentorSeg(MaskMentorModel):
 
 
 def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, stage='finetune', img_size=224,
-                     drop_path_rate=0.0, decoder_dim=256, decoder_heads=8, decoder_depth=2, mask_ratio=5 / 6, p_m=0.5,
-                     warmup_steps=0, teacher_iters=3, token_weight=1.0, head_dim=384, head_depth=4,
-                     modality_drop=0.5, freeze_backbone=False, **overrides):
-    """MaskMentor on a ViT preset ('base' = ViT-B/16; `overrides` change dim, depth, heads, mlp_ratio).
+                     drop_path_rate=0.0, class_dim=64, decoder_dim=256, decoder_heads=8, decoder_depth=2,
+                     mask_ratio=5 / 6, p_m=0.5, warmup=0.2, warmup_steps=None, teacher_iters=3, token_weight=1.0,
+                     norm_pix_rgb=True, depth_standardize=True, head_dim=384, head_depth=4, modality_drop=0.5,
+                     freeze_backbone=False, **overrides):
+    """MaskMentor on a ViT preset ('base' = ViT-B/16, MultiMAE-B; `overrides` change dim, depth, heads, mlp_ratio).
 
-    stage='pretrain': MaskMentorPretrain (adapters rgb, depth, semseg; options
-    decoder_*, mask_ratio, p_m, warmup_steps, teacher_iters, token_weight).
+    stage='pretrain': MaskMentorPretrain (adapters rgb, depth, semseg with a `class_dim`
+    class embedding; MultiMAE output adapters decoder_dim / _heads / _depth; options
+    mask_ratio, p_m, warmup (fraction of the steps) or warmup_steps, teacher_iters,
+    token_weight, norm_pix_rgb, depth_standardize).
     stage='finetune': MaskMentorSeg (adapters rgb, depth; options head_*,
     modality_drop, freeze_backbone; the paper trains the whole network).
-    `pretrained`: an MAE ViT file (encoder blocks and RGB patch embedding), or,
-    for fine-tuning, a MaskMentor pre-training checkpoint (its encoder; decoders
-    and the semantic-map adapter are dropped), both through `load_pretrained`.
+    `img_size`: the size the position tables are stored for (MultiMAE: 224).
+    `pretrained`: a MultiMAE file, an MAE ViT file, or an rgbx MaskMentor checkpoint,
+    through `load_pretrained` (which names what it ignores or re-initialises).
     """
     if stage not in ('pretrain', 'finetune'):
         raise ValueError(f"stage must be 'pretrain' or 'finetune', not {stage!r}")
@@ -2583,13 +2777,15 @@ def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, st
         raise ValueError("MaskMentor is an RGB-D method: x_channels must be >= 1")
     cfg = {**VIT_PRESETS[backbone_name], **overrides}
     patch = 16
-    adapters = {'rgb': InputAdapter(3, cfg['dim'], patch), 'depth': InputAdapter(x_channels, cfg['dim'], patch)}
+    adapters = {'rgb': PatchedInputAdapter(3, cfg['dim'], patch, img_size),
+                'depth': PatchedInputAdapter(x_channels, cfg['dim'], patch, img_size)}
     if stage == 'pretrain':
-        adapters['semseg'] = SemSegInputAdapter(num_classes, cfg['dim'], patch)
-    backbone = MultiModalViT(adapters, patch_size=patch, img_size=img_size, drop_path_rate=drop_path_rate, **cfg)
+        adapters['semseg'] = SemSegInputAdapter(num_classes, cfg['dim'], patch, 4, class_dim, img_size)
+    backbone = MultiModalViT(adapters, patch_size=patch, drop_path_rate=drop_path_rate, **cfg)
     if stage == 'pretrain':
         model = MaskMentorPretrain(backbone, num_classes, decoder_dim, decoder_heads, decoder_depth, mask_ratio, p_m,
-                                   warmup_steps, teacher_iters, token_weight)
+                                   warmup, warmup_steps, teacher_iters, token_weight, norm_pix_rgb, depth_standardize,
+                                   img_size)
     else:
         model = MaskMentorSeg(backbone, num_classes, head_dim, head_depth, modality_drop)
     if pretrained:

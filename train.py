@@ -62,12 +62,14 @@ def build_model(cfg, num_classes, x_channels):
 # Learning rate, optimizer, sampling
 # ----------------------------------------------------------------------------
 
-def lr_at(step, total, warmup, base, warmup_ratio=0.1, power=0.9):
-    """Linear warm-up from warmup_ratio * base to base over `warmup` steps, then
-    poly decay base * (1 - t)^power to 0 at `total` (a pure function of the step)."""
+def lr_at(step, total, warmup, base, warmup_ratio=0.1, power=0.9, schedule='poly'):
+    """Linear warm-up from warmup_ratio * base to base over `warmup` steps, then to 0
+    at `total` by poly decay base * (1 - t)^power or cosine decay base * (1 + cos(pi t)) / 2
+    (a pure function of the step)."""
     if step < warmup:
         return base * (warmup_ratio + (1 - warmup_ratio) * step / warmup)
-    return base * (1 - (step - warmup) / max(1, total - warmup)) ** power
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (1 + math.cos(math.pi * t)) / 2 if schedule == 'cosine' else base * (1 - t) ** power
 
 
 def param_groups(model, weight_decay):
@@ -79,7 +81,8 @@ def param_groups(model, weight_decay):
         if not p.requires_grad:
             continue
         plain = not isinstance(model, rgbx.KTB) and (
-            p.ndim <= 1 or any(s in name for s in ('token', 'pos_embed', 'bias_table', 'embed.weight')))
+            p.ndim <= 1 or any(s in name for s in ('token', 'pos_embed', 'bias_table', 'embed.weight',
+                                                    'class_emb', 'task_embeddings')))
         (no_decay if plain else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
@@ -110,6 +113,25 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.indices()) - self.start
+
+
+def fresh_batch(batch_of, step):
+    """Whether `step` draws a new batch. `batch_of(step)` names the batch a step trains on:
+    the step itself, or for MaskMentor's STTP (Sec. 3.4: "for each input batch", three
+    teacher iterations then one student iteration) one batch per cycle."""
+    return step == 0 or batch_of(step) != batch_of(step - 1)
+
+
+def draws(batch_of, start, stop):
+    """How many batches steps start..stop-1 draw from the loader."""
+    return sum(fresh_batch(batch_of, s) for s in range(start, stop))
+
+
+def cycle_start(batch_of, step):
+    """The first step that trains on the batch of `step`."""
+    while step > 0 and batch_of(step - 1) == batch_of(step):
+        step -= 1
+    return step
 
 
 # ----------------------------------------------------------------------------
@@ -277,7 +299,7 @@ def make_loaders(cfg, rank, world, device):
     """The training set, its resumable sampler and loader, and the test loader. The
     augmentation randomness is a function of (seed, epoch, sample), so the order of
     workers and a resume cannot change it."""
-    train_set = data.build_dataset(cfg.dataset, cfg.data_root, 'train', cfg.x_modality or None,
+    train_set = data.build_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.x_modality or None,
                                    crop=data.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed, method=cfg.method,
                                    augment=cfg.augment == 'full')
     test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', cfg.x_modality or None, method=cfg.method)
@@ -461,12 +483,14 @@ def train(cfg, model=None, on_step=None):
     train_set, sampler, loader, test_loader = make_loaders(cfg, rank, world, device)
     raw, counts = prepare_model(cfg, model, preset.num_classes, train_set[0][1].shape[0], device, world, say)
     fingerprint = rgbx.frozen_fingerprint(raw)
-    optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                   fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if hasattr(raw, 'plan'):  # MaskMentor pre-training: its MIM warm-up is a fraction of the run's steps
+        raw.plan(total)
     step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, say) if resumed else (0, -1.0, 0)
     files = RunFiles(cfg, raw, optimizer, scaler, fingerprint, world, rank == 0, step)
     model = torch.compile(raw) if cfg.compile else raw
@@ -478,16 +502,28 @@ def train(cfg, model=None, on_step=None):
 
     # the loop: optimizer steps, each epoch ended by an evaluation and the checkpoints
     result = {}
+    batch_of = getattr(raw, 'batch_index', lambda s: s)  # MaskMentor STTP: one batch per teacher/student cycle
+    per_draw = cfg.batch_size * cfg.grad_accum
+    held = None  # (batch index, its micro-batches): the batch the current step trains on
     try:
         while step < total:
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, done_in_epoch * cfg.batch_size * cfg.grad_accum)
+            if held is None and not fresh_batch(batch_of, step):  # resumed inside a cycle: draw its batch again
+                first = cycle_start(batch_of, step)
+                first_epoch = first // steps_per_epoch
+                sampler.set_epoch(first_epoch, draws(batch_of, first_epoch * steps_per_epoch, first) * per_draw)
+                train_set.set_epoch(first_epoch)
+                again = iter(loader)
+                held = (batch_of(step), [next(again) for _ in range(cfg.grad_accum)])
+            sampler.set_epoch(epoch, draws(batch_of, epoch * steps_per_epoch, step) * per_draw)
             train_set.set_epoch(epoch)
             model.train()
             batches = iter(loader)
             for _ in range(done_in_epoch, steps_per_epoch):
-                lr = lr_at(step, total, warmup, cfg.lr)
-                loss, inputs = train_step(model, batches, optimizer, scaler, cfg, device, world, lr,
+                lr = lr_at(step, total, warmup, cfg.lr, schedule=cfg.schedule)
+                if held is None or held[0] != batch_of(step):
+                    held = (batch_of(step), [next(batches) for _ in range(cfg.grad_accum)])
+                loss, inputs = train_step(model, iter(held[1]), optimizer, scaler, cfg, device, world, lr,
                                           step if pretraining else None)
                 loss = loss.item()
                 step += 1

@@ -16,9 +16,11 @@ where RGB tells an object's colour and only depth its height, see data.DemoDatas
    the same seed: early fusion with full fine-tuning (the papers' reference line),
    KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP, VPT-shallow and
    VPT-deep at the paper's budget ratios to GoPT, the frozen foundation with a trained head and no
-   prompts (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM and M2IM + STTP
-   pre-training (ViT, the pre-training on the demo's training split with its labels
-   as the semantic-map modality).
+   prompts (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM, M2IM + STTP, and
+   STTP's schedule without its token loss (the control that isolates STTP's token loss)
+   pre-training (ViT, the pre-training on the demo's training split with its labels as the
+   semantic-map modality; its lr chosen beforehand on validation scenes carved from the
+   training split, see `select_plan`).
 3. evaluation of the final weights (no selection on the test split) with RGB + X,
    RGB only and X only (eval.py's --modality: the missing input is zeroed); GoPT's models also
    with rgbx.gopt_diagnostics (class-token collapse, assignments flipped by the Gumbel noise).
@@ -66,6 +68,12 @@ VPT_SHALLOW = 'variant=vpt_shallow,vpt_rank=48,head_dim=64,head_from=foundation'
 VPT_DEEP = 'variant=vpt_deep,vpt_rank=187,head_dim=64,head_from=foundation'
 # MaskMentor: a decoder and a ConvNeXt head as wide as the encoder
 MM = 'decoder_dim=64,decoder_heads=4,decoder_depth=1,head_dim=64,head_depth=2'
+# MaskMentor pre-training in the paper's shape (Sec. 3.4, 4.1): complete-modality MIM warm-up for the first
+# 20% of the steps (the default `warmup`), then cycles of 3 teacher + 1 student iterations on one batch
+MM_PRE = MM + ',stage=pretrain'
+# design choice, paper silent at this scale: the pre-training lr is the one of PRETRAIN_LRS whose
+# M2IM + STTP pre-training, then fine-tuning, scores best (mean of the three inputs) on the 'val' scenes
+PRETRAIN_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 
 # (name, family, method, options, what its backbone comes from); 'pretrain:<name>' = that
 # MaskMentor pre-training run of the same seed
@@ -85,13 +93,17 @@ CONDITIONS = [
     ('VPT-shallow', 'vit', 'gopt', VPT_SHALLOW, 'foundation'),
     ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation'),
     ('GoPT w/o ACP', 'vit', 'gopt', GOPT + ',variant=no_acp', 'foundation'),  # X by place: see README
-    ('MIM pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain,warmup_steps=1000000000', 'foundation'),
-    ('M2IM pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain,teacher_iters=0,token_weight=0', 'foundation'),
-    ('M2IM + STTP pre-training', 'vit', 'maskmentor', MM + ',stage=pretrain', 'foundation'),
+    ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation'),  # all steps MIM
+    ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0', 'foundation'),
+    ('M2IM + STTP pre-training', 'vit', 'maskmentor', MM_PRE, 'foundation'),
+    # the control: STTP's warm-up, 3:1 teacher / student schedule and batches, without the token loss
+    ('STTP schedule w/o token loss', 'vit', 'maskmentor', MM_PRE + ',token_weight=0', 'foundation'),
     ('MaskMentor FT, no pre-training', 'vit', 'maskmentor', MM, 'foundation'),
     ('MaskMentor FT after MIM', 'vit', 'maskmentor', MM, 'pretrain:MIM pre-training'),
     ('MaskMentor FT after M2IM', 'vit', 'maskmentor', MM, 'pretrain:M2IM pre-training'),
     ('MaskMentor FT after M2IM + STTP', 'vit', 'maskmentor', MM, 'pretrain:M2IM + STTP pre-training'),
+    ('MaskMentor FT after STTP schedule w/o token loss', 'vit', 'maskmentor', MM,
+     'pretrain:STTP schedule w/o token loss'),
 ]
 
 # each claim: (paper, what it says, condition A, condition B, the columns A should beat B in)
@@ -110,6 +122,8 @@ CLAIMS = [
     ('MaskMentor', 'MIM pre-training helps (Table 3)', 'MaskMentor FT after MIM', 'MaskMentor FT, no pre-training', ('rgb', 'x', 'both')),
     ('MaskMentor', 'M2IM beats plain MIM (Table 3)', 'MaskMentor FT after M2IM', 'MaskMentor FT after MIM', ('rgb', 'x', 'both')),
     ('MaskMentor', 'STTP adds on top of M2IM (Table 3)', 'MaskMentor FT after M2IM + STTP', 'MaskMentor FT after M2IM', ('rgb', 'x', 'both')),
+    ('MaskMentor', "STTP's token loss helps (control: its schedule without it)", 'MaskMentor FT after M2IM + STTP',
+     'MaskMentor FT after STTP schedule w/o token loss', ('rgb', 'x', 'both')),
 ]
 COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 
@@ -145,7 +159,7 @@ def conditions(part='all', decide=False):
     return [(*c, {}) for c in CONDITIONS if part == 'all' or c[1] == 'vit' and c[2] in ('rgb_only', 'gopt')]
 
 
-def plan(seeds, steps, foundation_steps, part='all', decide=False):
+def plan(seeds, steps, foundation_steps, part='all', decide=False, pretrain_lr=None):
     """Every run of the study: dicts with name, seed, key 'name/seed', need (the key
     of the run whose weights it starts from, None for a foundation) and the train.Config fields it sets.
     `decide`: the GoPT decisions on the validation preset instead (see DECISIONS)."""
@@ -158,8 +172,44 @@ def plan(seeds, steps, foundation_steps, part='all', decide=False):
             runs.append(dict(name=name, seed=seed, key=f'{name}/{seed}', need=need, pretraining='stage=pretrain' in opts,
                              config=dict(dataset=VALIDATION if decide else DATASET, method=method,
                                          backbone=f'{family}-nano', opts=opts, seed=seed,
-                                         max_steps=steps if need else foundation_steps, **extra)))
+                                         max_steps=steps if need else foundation_steps, **extra,
+                                         **(maskmentor_recipe(opts, pretrain_lr) if method == 'maskmentor' else {}))))
     return runs
+
+
+def maskmentor_recipe(opts, pretrain_lr):
+    """MaskMentor's optimisation in the study: pre-training cosine with AdamW betas 0.9 / 0.95 (train.py's
+    MaskMentor recipe) at the study's batch and the lr chosen on the validation scenes; fine-tuning on the
+    study's common recipe (the preset's lr, poly, batch 4), as every other adaptation."""
+    recipe = data.PRESETS[DATASET].recipe
+    if 'stage=pretrain' in opts:
+        return dict(lr=pretrain_lr, batch_size=recipe.batch_size)
+    return dict(lr=recipe.lr, batch_size=recipe.batch_size, schedule='poly')
+
+
+def select_plan(steps, foundation_steps):
+    """The runs that choose the pre-training lr, seed 0, on validation scenes carved from the
+    training split (never the test split): a ViT foundation, then per lr of PRETRAIN_LRS an
+    M2IM + STTP pre-training and its fine-tuning, all trained on 'fit' and evaluated on 'val'."""
+    base = dict(dataset=DATASET, backbone='vit-nano', seed=0, split='fit')
+    found = 'select: ViT foundation (RGB)/0'
+    runs = [dict(name='select: ViT foundation (RGB)', seed=0, key=found, need=None, pretraining=False,
+                 eval_split='val', config=dict(base, method='rgb_only', opts=HEAD, max_steps=foundation_steps))]
+    for lr in PRETRAIN_LRS:
+        pre, ft = f'select: M2IM + STTP pre-training, lr {lr:g}', f'select: FT after M2IM + STTP, lr {lr:g}'
+        runs += [dict(name=pre, seed=0, key=f'{pre}/0', need=found, pretraining=True,
+                      config=dict(base, method='maskmentor', opts=MM_PRE, max_steps=steps,
+                                  **maskmentor_recipe(MM_PRE, lr))),
+                 dict(name=ft, seed=0, key=f'{ft}/0', need=f'{pre}/0', pretraining=False, eval_split='val', lr=lr,
+                      config=dict(base, method='maskmentor', opts=MM, max_steps=steps, **maskmentor_recipe(MM, lr)))]
+    return runs
+
+
+def chosen_lr(results):
+    """The lr of PRETRAIN_LRS whose fine-tuned model scores the best mean mIoU of the three
+    inputs on the 'val' scenes, and {lr: that score}."""
+    scores = {r['lr']: float(np.mean([r[c] for c, _ in COLUMNS])) for r in results.values() if 'lr' in r}
+    return max(scores, key=scores.get), scores
 
 
 def folder(out, key):
@@ -196,11 +246,13 @@ def execute(args):
         report = train.train(cfg, model=model)
         seconds = time.perf_counter() - start
     result = dict(name=run['name'], seed=run['seed'], config=run['config'], trainable=report['params']['trainable'],
-                  total=report['params']['total'], step_seconds=seconds / report['step'])
+                  total=report['params']['total'], step_seconds=seconds / report['step'],
+                  **({'lr': run['lr']} if 'lr' in run else {}))
     if run['pretraining']:  # its last checkpoint is what the fine-tuning runs load
         os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
     else:
-        test = shard_loader(data.build_dataset(cfg.dataset, '', 'test', method=cfg.method), workers=0, batch_size=8)
+        test = shard_loader(data.build_dataset(cfg.dataset, '', run.get('eval_split', 'test'), method=cfg.method),
+                            workers=0, batch_size=8)
         for modality, _ in COLUMNS:
             result[modality] = metrics(evaluate(model, test, preset.num_classes, torch.device('cpu'),
                                                 modality=modality))['miou']
@@ -380,13 +432,23 @@ def main(argv=None):
     part = 'gopt-validation' if args.decide else '' if args.part == 'all' else args.part
     out = args.out or 'runs/study' + ('-' + part.replace('validation', 'val') if part else '') + ('-quick' if args.quick else '')
     report = args.report or (out if args.quick else os.path.join(HERE, part))
-    runs = plan(seeds, steps, foundation_steps, args.part, args.decide)
-    print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
     start = time.time()
-    results = run_all(runs, out, args.jobs)
+    results, lr, chosen = {}, None, ''
+    if part == '':  # MaskMentor's pre-training lr, chosen on the validation scenes before the study proper
+        selection = select_plan(steps, foundation_steps)
+        print(f"study: {len(selection)} runs choose MaskMentor's pre-training lr on the validation scenes", flush=True)
+        results = run_all(selection, out, args.jobs)
+        lr, scores = chosen_lr(results)
+        chosen = (f"; MaskMentor pre-training: 20% MIM warm-up, then 3 teacher + 1 student iterations per batch, "
+                  f"cosine, betas 0.9 / 0.95, lr {lr:g} chosen on 32 validation scenes carved from the training "
+                  f"split (val mIoU, mean of the inputs: " + ', '.join(f"{k:g} {100 * v:.1f}" for k, v in scores.items()) + ")")
+        print(f"study: pre-training lr {lr:g}", flush=True)
+    runs = plan(seeds, steps, foundation_steps, args.part, args.decide, lr)
+    print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
+    results.update(run_all(runs, out, args.jobs))
     setup = (f"`{VALIDATION if args.decide else DATASET}` (128 x 128), {len(seeds)} seed(s), foundations "
              f"{foundation_steps} steps, every adaptation and pre-training {steps} steps, batch 4, AdamW lr 1e-3 "
-             f"(warm-up 1 epoch, poly decay)")
+             f"(warm-up 1 epoch, poly decay)" + chosen)
     table, claims = summarise(results), claim_rows(results)
     os.makedirs(report, exist_ok=True)
     with open(os.path.join(report, 'results.md'), 'w') as f:
