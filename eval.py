@@ -154,19 +154,21 @@ def peak_memory(device, reset=False):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM'))
 
 
+def wall(fn, device):
+    """Wall time of one call of `fn` (seconds), the device synchronised on both sides."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
 def timed(fn, device, repeats):
     """Best wall time of `repeats` calls after one warm-up call (seconds)."""
     fn()
-    best = float('inf')
-    for _ in range(repeats):
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(wall(fn, device) for _ in range(repeats))
 
 
 def floor_timings(model, size, num_classes, x_channels, device, repeats=3, batch=2, ctx=None):
@@ -225,14 +227,9 @@ def floor_timings(model, size, num_classes, x_channels, device, repeats=3, batch
     out = {k: float('inf') for k in fns}
     for r in range(repeats + 1):
         for k, fn in fns.items():
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            fn()
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
+            t = wall(fn, device)
             if r:  # round 0 warms up
-                out[k] = min(out[k], time.perf_counter() - t)
+                out[k] = min(out[k], t)
     out['train_step_over_floor'] = out['train_step_s'] / out['backbone_fwd_bwd_s']
     out['latency_over_floor'] = out['latency_s'] / out['backbone_fwd_s']
     return out
