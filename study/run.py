@@ -228,6 +228,7 @@ def execute(args):
     """Train one run, evaluate its final weights on the three inputs; returns (key, figures).
     Runs in a worker process with one thread (two runs share the two cores)."""
     run, out = args
+    os.environ['OMP_NUM_THREADS'] = '1'  # data.loader keeps to it (it would give the process every core)
     torch.set_num_threads(1)
     config = dict(run['config'])
     if run['need']:  # 'head_from=foundation': Psi starts from the head of the foundation this run loads
