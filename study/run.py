@@ -145,6 +145,9 @@ DECISIONS = [
     ('R1 + logits scaled by 1/sqrt(d_p)', R1 + ',scaled=true', {}),
     ('R2: identity start, head from the foundation', GOPT, {}),
     ('R2 + CUP attention plain (eq. 6 as written)', GOPT + ',attention=plain', {}),
+    ('R2 + class tokens x4 at init', GOPT + ',class_scale=4.0', {}),
+    ('R2 + logits scaled by 1/sqrt(d_p)', GOPT + ',scaled=true', {}),
+    ('R2 + no augmentation (random crop only)', GOPT, dict(augment='crop')),
 ]
 
 
