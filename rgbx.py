@@ -1777,21 +1777,23 @@ class GroupingPrompts(nn.Module):
     forward(l, tokens (B, N, D) RGB patch tokens entering block l, state)
     -> (multiplicative prompt (B, N, D), state for the next prompted layer).
     Switches; defaults from the validation split (val mIoU, mean of 2 seeds; round 1 flips one
-    switch from the paper's xavier start with a fresh head, 33.9; round 2 from the defaults, 39.8):
+    switch from the paper's xavier start with a fresh head, 31.0; round 2 one switch from the
+    defaults, 39.2; the foundation alone 40.1):
       attention: CUP's self-attention, 'prenorm' or 'plain' (see CUP). Design choice, paper silent:
-                 'prenorm'. Round 2: 39.8 vs plain 39.2 (2 of 2 seeds); round 1 plain scored
-                 36.4 vs 33.9, but with its class tokens collapsing (mean pairwise cosine 0.76 vs
-                 0.25) and Gumbel noise deciding 34% of CUP's assignments (vs 4%);
-      class_scale: c^0 is xavier-uniform times this. Design choice, paper silent: 1 (x4: 34.1
-                 vs 33.9, no difference; the paper's xavier as is);
+                 'prenorm'. Round 2: 39.2 vs plain 38.3; round 1 plain scored 37.4 vs 31.0, but
+                 with its class tokens collapsing (mean pairwise cosine 0.95 vs 0.18) and Gumbel
+                 noise deciding 76% of CUP's assignments (vs 2%);
+      class_scale: c^0 is xavier-uniform times this. Design choice, paper silent: 1, the paper's
+                 xavier as is (x4: round 1 36.2 vs 31.0, round 2 40.1 vs 39.2, inside the seeds'
+                 spread of 2.1);
       carry_aux: each prompter reads the previous CUP's self-attended aux tokens (True) or the
                  first ones, the embedded aux image (False). Design choice, paper silent:
-                 False (carried: 29.6 vs 33.9, 2 of 2 seeds lower);
+                 False (carried: 32.5 vs 31.0, RGB only 24.8 vs 32.9);
       identity: `up` starts at zero, so that p = 1 and the model starts as the foundation.
                 The paper initialises every prompt parameter xavier-uniform (False); True
-                here because it matters: 39.4 vs 33.9 (2 of 2 seeds);
-      scaled: eq. 8's logits times 1/sqrt(d_p), not in the paper: False (scaled: 33.6 vs
-                33.9, and the noise then flips 28% of CUP's assignments, vs 4%).
+                here because it matters: 38.0 vs 31.0 (2 of 2 seeds);
+      scaled: eq. 8's logits times 1/sqrt(d_p), not in the paper: False (round 2: 39.2 vs
+                39.2, and the noise then flips 14% of CUP's assignments, vs 2%).
     """
 
     def __init__(self, rgb_embed, x_channels, num_classes, layers, prompt_dim=55, cup=True, acp=True,
@@ -2013,7 +2015,7 @@ def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant=
     identity, scaled: see GroupingPrompts (identity also zeroes the VPT variants' W_l). vpt_rank:
     the VPT variants' embedding width. head_from: a checkpoint whose 'head.*' entries
     start Psi, e.g. the RGB foundation's (the paper fine-tunes the foundation's Psi; its
-    head on our validation split: 38.6 vs a fresh head 33.9); '' = a fresh head. `pretrained`: an MAE file,
+    head on our validation split: 38.6 vs a fresh head 31.0); '' = a fresh head. `pretrained`: an MAE file,
     loaded into the ViT, which is then frozen with its RGB patch embedding.
     """
     if variant not in GOPT_VARIANTS:
