@@ -17,9 +17,12 @@ Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
+import ctypes
 import hashlib
 import math
+import os
 import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -30,6 +33,35 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------
 # Shared pieces
 # ----------------------------------------------------------------------------
+
+def keep_freed_memory():
+    """CPU speed: keep the memory that freed tensors leave in the process (glibc only).
+
+    By default glibc's malloc serves large allocations with mmap and returns them, and
+    the free top of its heap, to the OS on free; the next tensor then lands on fresh
+    pages, which the kernel zero-fills on first touch (one minor page fault per 4 KiB).
+    A KTB training step at 480 x 640 took about 2M such faults (8 GB zero-filled) where
+    its frozen-Swin floor took almost none, most of its overhead over that floor
+    (README, Benchmark). Here every allocation comes from the heap (M_MMAP_MAX = 0) and
+    freed memory stays up to 2 GiB above the top (M_TRIM_THRESHOLD): the process keeps
+    its peak heap and reuses it. Nothing computed changes. Called once at import on Linux
+    with glibc; skipped when RGBX_KEEP_FREED_MEMORY=0 or when glibc's own MALLOC_*
+    variables or GLIBC_TUNABLES are set (your settings win). Returns whether it applied."""
+    if (os.environ.get('RGBX_KEEP_FREED_MEMORY', '1') == '0' or not sys.platform.startswith('linux')
+            or any(k.startswith('MALLOC_') or k == 'GLIBC_TUNABLES' for k in os.environ)):
+        return False
+    try:
+        if not os.confstr('CS_GNU_LIBC_VERSION'):  # None, or ValueError, off glibc (e.g. musl)
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ValueError, OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)) and bool(mallopt(M_MMAP_MAX, 0))
+
+
+KEPT_FREED_MEMORY = keep_freed_memory()
+
 
 # Data-parallel training: process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1
 # of the global batch of world*B (train.ResumableSampler deals them so). So that it
@@ -76,9 +108,11 @@ class Dropout(nn.Module):
         super().__init__()
         self.p, self.per, self.dim, self.streams = p, per, dim, streams
 
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
+    def active(self):
+        return self.p != 0.0 and self.training
+
+    def scale(self, x):
+        """keep / (1 - p) for x: 0 or 1 / (1 - p), shaped to broadcast (per sample: (B, 1, ..., 1))."""
         kept = {'element': x.ndim, 'channel': 2, 'sample': 1}[self.per]  # leading axes drawn separately
         shape = list(x.shape[:kept]) + [1] * (x.ndim - kept)
 
@@ -86,7 +120,14 @@ class Dropout(nn.Module):
             return x.new_empty(shape[:self.dim] + [n] + shape[self.dim + 1:]).bernoulli_(1.0 - self.p)
         per_stream = x.shape[self.dim] // self.streams
         keep = torch.cat([share_draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
-        return x * keep / (1.0 - self.p)
+        return keep.div_(1.0 - self.p)
+
+    def forward(self, x):
+        return x * self.scale(x) if self.active() else x
+
+    def residual(self, x, branch):
+        """x + self(branch) in one pass over the maps (a residual connection through stochastic depth)."""
+        return torch.addcmul(x, branch, self.scale(branch)) if self.active() else x + branch
 
 
 class DropPath(Dropout):
@@ -308,9 +349,10 @@ class SwinTransformerBlock(nn.Module):
 
     forward(x: (B, H, W, C), layout, parallel=None) -> (B, H, W, C). The stage
     passes the `window_layout` of this block's shift (0 for W-MSA). `parallel`, when given, is
-    a module applied to z whose output is added beside the MLP: the seam through
-    which a method adds an adapter to a frozen block without copying it
-    (KTB's MAPA adapters: out = z + MLP(LN(z)) + parallel(z)).
+    a module beside the MLP, called as parallel(z, out) -> out + A(z): the seam through
+    which a method adds an adapter A to a frozen block without copying it (KTB's MAPA
+    adapters: out = z + MLP(LN(z)) + A(z)); it gets `out` so that it can add into it
+    in place rather than make another full-size map.
     """
 
     def __init__(self, dim, heads, window, mlp_ratio=4.0, drop_path=0.0):
@@ -332,9 +374,9 @@ class SwinTransformerBlock(nn.Module):
         return x.flatten(1, 2).index_select(1, back).view(B, H, W, C)  # reverse shift, crop
 
     def forward(self, x, layout, parallel=None):
-        z = x + self.drop_path(self.attention(self.norm1(x), layout))
-        out = z + self.drop_path(self.mlp(self.norm2(z)))
-        return out if parallel is None else out + parallel(z)
+        z = self.drop_path.residual(x, self.attention(self.norm1(x), layout))  # x + DropPath(attention)
+        out = self.drop_path.residual(z, self.mlp(self.norm2(z)))  # z + DropPath(MLP)
+        return out if parallel is None else parallel(z, out)  # out + parallel(z), accumulated into out
 
 
 class PatchMerging(nn.Module):
@@ -539,8 +581,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.residual(x, self.attn(self.norm1(x)))  # x + DropPath(Attn(LN(x)))
+        return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
 
 def vit_blocks(dim, depth, heads, mlp_ratio=4.0, drop_path_rate=0.0):
@@ -1251,7 +1293,9 @@ class MAPAAdapter(nn.Module):
         A_m(z) = W2_m Dropout_0.1(ReLU(W1_m z))          W1_m: C -> r, W2_m: r -> C
         out    = z + FFN(LN2(z)) + 0.5 * A_m(z),  z = x + WMSA(LN1(x))
     Used as the block's `parallel` module (see SwinTransformerBlock): forward(z:
-    (2B, H, W, C), RGB rows first) -> 0.5 * [A_rgb(z_rgb) ; A_x(z_x)], (2B, H, W, C).
+    (2B, H, W, C), RGB rows first) -> 0.5 * [A_rgb(z_rgb) ; A_x(z_x)], (2B, H, W, C);
+    forward(z, out) -> out + that, added into `out` in place (no new full-size map;
+    W2's bias rides in the same matmul as one more rank: [h, 1] [W2, b2]^T).
     The weights of both modalities are stacked, (2, out, in) as nn.Linear's,
     so one batched matmul serves both halves. W1 and W2 trunc-normal(0.02),
     biases 0: the release's init (its model-wide `release_init` overrides the
@@ -1268,11 +1312,15 @@ class MAPAAdapter(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(2, 1, dim))
         self.dropout = Dropout(dropout, dim=1)  # on (2, B*H*W, r): the batch is axis 1
 
-    def forward(self, z):
+    def forward(self, z, out=None):
         z2 = z.reshape(2, -1, z.shape[-1])  # (2, B*H*W, C): RGB tokens, X tokens
         h = self.dropout(F.relu(torch.baddbmm(self.b1, z2, self.w1.transpose(1, 2))))  # (2, B*H*W, r)
-        out = torch.baddbmm(self.b2, h, self.w2.transpose(1, 2), beta=self.scale, alpha=self.scale)  # 0.5 A_m(z)
-        return out.view(z.shape)  # (2B, H, W, C)
+        if out is None:
+            return torch.baddbmm(self.b2, h, self.w2.transpose(1, 2), beta=self.scale, alpha=self.scale).view(z.shape)
+        h1 = torch.cat([h, h.new_ones(*h.shape[:2], 1)], -1)  # (2, B*H*W, r + 1): [h, 1]
+        w21 = torch.cat([self.w2.transpose(1, 2), self.b2], 1)  # (2, r + 1, C): [W2, b2]^T
+        h1, w21 = h1.to(out.dtype), w21.to(out.dtype)  # an in-place matmul takes out's dtype (autocast casts none)
+        return out.view(2, -1, out.shape[-1]).baddbmm_(h1, w21, alpha=self.scale).view(z.shape)  # out + 0.5 A_m(z)
 
 
 def _normalised(pixels, size):
@@ -1536,6 +1584,8 @@ class KTB(nn.Module):
         drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
         if self.training and self.mmst:
             drop = drop | share_draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
+        elif not drop.any():
+            return tokens  # nothing to zero: skip a pass over the stage-1 maps
         return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]  # keep (2B, 1, 1, 1)
 
     def encode(self, tokens):

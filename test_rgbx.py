@@ -1137,6 +1137,78 @@ def test_frozen_untouched_and_every_trainable_param_learns(ktb):
             assert torch.equal(p, before[n]), n
 
 
+def test_adapter_added_in_place_equals_the_sum_with_gradients():
+    """MAPAAdapter(z, out), which adds into `out` in place with W2's bias as one more rank, equals
+    out + 0.5 A_m(z) written with F.linear per stream, in value and in every gradient."""
+    torch.manual_seed(0)
+    adapter = rgbx.MAPAAdapter(16, 4).eval()
+    with torch.no_grad():
+        adapter.b1.normal_(std=0.1)
+        adapter.b2.normal_(std=0.1)
+    z, base = torch.randn(4, 3, 5, 16, requires_grad=True), torch.randn(4, 3, 5, 16, requires_grad=True)
+    grad = torch.randn(4, 3, 5, 16)
+
+    def reference(z, base):
+        halves = [0.5 * F.linear(F.relu(F.linear(z[2 * m:2 * m + 2], adapter.w1[m], adapter.b1[m, 0])),
+                                 adapter.w2[m], adapter.b2[m, 0]) for m in range(2)]
+        return base * 1.0 + torch.cat(halves)
+    got = adapter(z, base * 1.0)  # `out` is a fresh map in the block; here base * 1.0
+    expected = reference(z, base)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(adapter(z), expected - base, atol=1e-6, rtol=1e-5)  # without `out`: the addend
+    params = [z, base, adapter.w1, adapter.b1, adapter.w2, adapter.b2]
+    for g_got, g_exp in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(g_got, g_exp, atol=1e-5, rtol=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # the in-place matmul takes out's dtype under autocast
+        assert adapter(z, base * 1.0).dtype == torch.float32
+
+
+def test_drop_path_residual_is_x_plus_drop_path_in_one_pass():
+    """Dropout.residual(x, b) = x + Dropout(b) for the same draws (per sample: whole branches dropped,
+    the kept ones scaled by 1 / (1 - p)); in eval mode, or with p = 0, x + b exactly."""
+    dp = rgbx.DropPath(0.5).train()
+    x, b = torch.randn(8, 3, 4, 5), torch.randn(8, 3, 4, 5)
+    torch.manual_seed(3)
+    got = dp.residual(x, b)
+    torch.manual_seed(3)
+    expected = x + dp(b)
+    torch.testing.assert_close(got, expected)
+    kept = [(got[i] - x[i]).abs().max() > 0 for i in range(8)]
+    assert 0 < sum(kept) < 8  # whole samples dropped, others kept (a seed where both occur)
+    for i in range(8):
+        torch.testing.assert_close(got[i], x[i] + 2 * b[i] if kept[i] else x[i])
+    assert torch.equal(dp.eval().residual(x, b), x + b)
+    assert torch.equal(rgbx.DropPath(0.0).train().residual(x, b), x + b)
+
+
+def test_freed_memory_is_reused_without_page_faults():
+    """rgbx keeps freed heap memory (glibc): allocating and freeing a 64 MiB tensor again and again
+    touches fresh pages (minor faults) only until the heap has grown; RGBX_KEEP_FREED_MEMORY=0 or any of
+    glibc's own MALLOC_* variables leave glibc's defaults alone."""
+    import subprocess
+    import sys
+    code = ("import resource, torch, rgbx\n"
+            "f = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "torch.set_num_threads(1)\n"
+            "for _ in range(3): torch.empty(2 ** 24).fill_(1)\n"  # the heap settles
+            "f0 = f()\n"
+            "for _ in range(5): torch.empty(2 ** 24).fill_(1)\n"
+            "print(rgbx.KEPT_FREED_MEMORY, f() - f0)\n")
+    run = lambda **env: subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                                       cwd=Path(__file__).resolve().parent,
+                                       env={**{k: v for k, v in os.environ.items()
+                                               if not k.startswith('MALLOC_') and k != 'GLIBC_TUNABLES'}, **env}
+                                       ).stdout.split()
+    applied, faults = run()
+    if applied == 'False':
+        pytest.skip('not glibc on Linux: malloc is left as it is')
+    pages = 5 * 2 ** 26 // 4096
+    assert int(faults) < pages // 20, faults  # kept: a few faults at most
+    for env in ({'RGBX_KEEP_FREED_MEMORY': '0'}, {'MALLOC_ARENA_MAX': '2'}):
+        applied, faults = run(**env)
+        assert applied == 'False' and int(faults) > pages // 2, (env, faults)  # glibc's default: every page again
+
+
 def test_adapters_with_zero_w2_add_exactly_zero(ktb):
     """The `parallel` seam adds A_m(z) and nothing else: with W2 = 0 the block is the frozen block."""
     model = copy.deepcopy(ktb).train()  # train mode: the adapters' dropout is active too
@@ -1467,8 +1539,8 @@ def test_ktb_stacked_streams_equal_streams_run_apart(ktb):
             uni = p.w_up(p.w_p(torch.cat([p.w_rgb(streams[0]), p.w_x(streams[1])], -1)))
             streams = [s + uni + p.gamma[m] * uni + p.beta[m] for m, s in enumerate(streams)]
             for m in range(2):
-                adapters = [lambda z, a=a, m=m: 0.5 * F.linear(F.relu(F.linear(z, a.w1[m], a.b1[m, 0])),
-                                                               a.w2[m], a.b2[m, 0]) for a in model.adapters[i]]
+                adapters = [lambda z, out, a=a, m=m: out + 0.5 * F.linear(F.relu(F.linear(z, a.w1[m], a.b1[m, 0])),
+                                                                         a.w2[m], a.b2[m, 0]) for a in model.adapters[i]]
                 streams[m] = layer(streams[m], adapters)
             a, b = model.rgb_norms[i](streams[0]), model.x_norms[i](streams[1])
             torch.testing.assert_close(f_rgb[i], a.permute(0, 3, 1, 2), atol=1e-4, rtol=1e-4)
