@@ -3150,6 +3150,27 @@ def segformer_head_reference(head, feats, size):
     return F.interpolate(head.linear_pred(head.dropout(x)), size=size, mode='bilinear', align_corners=False)
 
 
+@pytest.mark.parametrize('ohem', [False, True])
+def test_loss_on_channels_last_logits_equals_channels_first(ohem):
+    """The training heads hand the loss channels-last logits (read as (B*H*W, K) rows): the same loss and
+    gradient as on channels-first logits, with ignored pixels and with OHEM; the heads' values do not
+    depend on the layout."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, 9, requires_grad=True)
+    label = torch.randint(0, 5, (2, 7, 9))
+    label[0, :3] = 255
+    cl = logits.contiguous(memory_format=torch.channels_last)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    first, last = rgbx.segmentation_loss(logits, label, ohem), rgbx.segmentation_loss(cl, label, ohem)
+    torch.testing.assert_close(first, last)
+    torch.testing.assert_close(torch.autograd.grad(first, logits)[0], torch.autograd.grad(last, logits)[0])
+    head = rgbx.SegFormerHead([8, 16], 12, 5).eval()
+    feats = [torch.randn(2, 8, 6, 8), torch.randn(2, 16, 3, 4)]
+    a, b = head(feats, (24, 32)), head(feats, (24, 32), channels_last=True)
+    assert a.is_contiguous() and b.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize('train', [True, False])
 def test_segformer_head_equals_its_definition(train):
     """The fuse conv applied per stage before upsampling, composed with linear_c, equals the
