@@ -181,7 +181,8 @@ def floor_timings(model, size, num_classes, x_channels, device, repeats=3, batch
     - backbone_fwd_bwd_s, the training floor: the model's backbone forward +
       backward on the images of every stream as one batch (streams x batch; KTB
       runs the frozen Swin once per modality), the input requiring a gradient so
-      that backward runs through every block even when all weights are frozen;
+      that backward runs through every block even when all weights are frozen,
+      in eval mode (the plain backbone: KTB's stochastic depth is part of its step);
     - latency_s: inference on one image (every stream);
     - backbone_fwd_s, the inference floor: the backbone forward on `streams` images.
     Returns those and train_step_over_floor, latency_over_floor. Leaves the model in eval mode.
@@ -209,6 +210,7 @@ def floor_timings(model, size, num_classes, x_channels, device, repeats=3, batch
         model.zero_grad(set_to_none=True)
 
     def floor_train():
+        backbone.eval()  # the plain frozen backbone: no stochastic depth (KTB trains with it), no dropout
         with ctx():
             feats = backbone(train_in)
         sum(f.float().sum() for f in (feats if isinstance(feats, list) else [feats])).backward()
