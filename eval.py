@@ -142,12 +142,14 @@ def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
 
 def peak_memory(device, reset=False):
     """Peak memory in bytes since the last reset: CUDA max allocated, or on CPU the
-    peak resident set (Linux VmHWM, reset through /proc/self/clear_refs)."""
+    peak resident set (Linux VmHWM, reset through /proc/self/clear_refs after the heap's
+    free pages are given back, which rgbx otherwise keeps: `rgbx.keep_freed_memory`)."""
     if device.type == 'cuda':
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.max_memory_allocated(device)
     if reset:
+        rgbx.release_freed_memory()
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
     with open('/proc/self/status') as f:

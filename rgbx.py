@@ -43,8 +43,10 @@ def keep_freed_memory():
     A KTB training step at 480 x 640 took about 2M such faults (8 GB zero-filled) where
     its frozen-Swin floor took almost none, most of its overhead over that floor
     (README, Benchmark). Here every allocation comes from the heap (M_MMAP_MAX = 0) and
-    freed memory stays up to 2 GiB above the top (M_TRIM_THRESHOLD): the process keeps
-    its peak heap and reuses it. Nothing computed changes. Called once at import on Linux
+    the heap is never trimmed (M_TRIM_THRESHOLD = -1; a finite threshold, e.g. 2 GiB,
+    still gave back the part of a 9 GB step's peak above it at every step): the process
+    keeps its peak heap and reuses it (`release_freed_memory` gives it back). Nothing
+    computed changes. Called once at import on Linux
     with glibc; skipped when RGBX_KEEP_FREED_MEMORY=0 or when glibc's own MALLOC_*
     variables or GLIBC_TUNABLES are set (your settings win). Returns whether it applied."""
     if (os.environ.get('RGBX_KEEP_FREED_MEMORY', '1') == '0' or not sys.platform.startswith('linux')
@@ -57,10 +59,20 @@ def keep_freed_memory():
     except (ValueError, OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)) and bool(mallopt(M_MMAP_MAX, 0))
+    return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))  # -1: never trim (man mallopt)
 
 
 KEPT_FREED_MEMORY = keep_freed_memory()
+
+
+def release_freed_memory():
+    """Give the heap's free pages back to the OS now (glibc's malloc_trim), e.g. before
+    measuring a peak resident set (eval.py's CPU peak memory): with `keep_freed_memory`
+    the process otherwise stays at its largest peak. Returns whether anything was released."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0)) if sys.platform.startswith('linux') else False
+    except (OSError, AttributeError):
+        return False
 
 
 # Data-parallel training: process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1
