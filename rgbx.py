@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,11 @@ def keep_freed_memory():
     computed changes. Called once at import on Linux
     with glibc; skipped when RGBX_KEEP_FREED_MEMORY=0 or when glibc's own MALLOC_*
     variables or GLIBC_TUNABLES are set (your settings win). Returns whether it applied."""
-    if (os.environ.get('RGBX_KEEP_FREED_MEMORY', '1') == '0' or not sys.platform.startswith('linux')
+    choice = os.environ.get('RGBX_KEEP_FREED_MEMORY', '1').strip().lower()
+    if choice not in ('0', '1', 'false', 'true', 'no', 'yes', 'off', 'on'):
+        warnings.warn(f"RGBX_KEEP_FREED_MEMORY={choice!r} is not 0 or 1: freed memory is kept (set 0 to leave "
+                      f"glibc's malloc as it is)", stacklevel=2)
+    if (choice in ('0', 'false', 'no', 'off') or not sys.platform.startswith('linux')
             or any(k.startswith('MALLOC_') or k == 'GLIBC_TUNABLES' for k in os.environ)):
         return False
     try:

@@ -1207,6 +1207,11 @@ def test_freed_memory_is_reused_without_page_faults():
     for env in ({'RGBX_KEEP_FREED_MEMORY': '0'}, {'MALLOC_ARENA_MAX': '2'}):
         applied, faults = run(**env)
         assert applied == 'False' and int(faults) > pages // 2, (env, faults)  # glibc's default: every page again
+    odd = subprocess.run([sys.executable, '-c', 'import rgbx; print(rgbx.KEPT_FREED_MEMORY)'], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parent,
+                         env={**{k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')
+                                 and k != 'GLIBC_TUNABLES'}, 'RGBX_KEEP_FREED_MEMORY': 'banana'})
+    assert odd.stdout.strip() == 'True' and "RGBX_KEEP_FREED_MEMORY='banana' is not 0 or 1" in odd.stderr
 
 
 def test_adapters_with_zero_w2_add_exactly_zero(ktb):
