@@ -41,15 +41,14 @@ def keep_freed_memory():
     By default glibc's malloc serves large allocations with mmap and returns them, and
     the free top of its heap, to the OS on free; the next tensor then lands on fresh
     pages, which the kernel zero-fills on first touch (one minor page fault per 4 KiB).
-    A KTB training step at 480 x 640 took about 2M such faults (8 GB zero-filled) where
-    its frozen-Swin floor took almost none, most of its overhead over that floor
-    (README, Benchmark). Here every allocation comes from the heap (M_MMAP_MAX = 0) and
-    the heap is never trimmed (M_TRIM_THRESHOLD = -1; a finite threshold, e.g. 2 GiB,
-    still gave back the part of a 9 GB step's peak above it at every step): the process
-    keeps its peak heap and reuses it (`release_freed_memory` gives it back). Nothing
-    computed changes. Called once at import on Linux
-    with glibc; skipped when RGBX_KEEP_FREED_MEMORY=0 or when glibc's own MALLOC_*
-    variables or GLIBC_TUNABLES are set (your settings win). Returns whether it applied."""
+    A KTB training step at 480 x 640 took 1.6-1.9M such faults (6-8 GB zero-filled), most
+    of its overhead over its frozen-Swin floor (README, Benchmark). Here every allocation
+    comes from the heap (M_MMAP_MAX = 0) and the heap is never trimmed (M_TRIM_THRESHOLD
+    = -1; a finite threshold, e.g. 2 GiB, still gave back the part of a 9 GB step's peak
+    above it at every step): the process keeps its peak heap and reuses it
+    (`release_freed_memory` gives it back). Nothing computed changes. Called once at
+    import on Linux with glibc; skipped when RGBX_KEEP_FREED_MEMORY=0 or when glibc's own
+    MALLOC_* variables or GLIBC_TUNABLES are set (your settings win). Returns whether it applied."""
     choice = os.environ.get('RGBX_KEEP_FREED_MEMORY', '1').strip().lower()
     if choice not in ('0', '1', 'false', 'true', 'no', 'yes', 'off', 'on'):
         warnings.warn(f"RGBX_KEEP_FREED_MEMORY={choice!r} is not 0 or 1: freed memory is kept (set 0 to leave "

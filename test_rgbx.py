@@ -1544,8 +1544,9 @@ def test_ktb_stacked_streams_equal_streams_run_apart(ktb):
             uni = p.w_up(p.w_p(torch.cat([p.w_rgb(streams[0]), p.w_x(streams[1])], -1)))
             streams = [s + uni + p.gamma[m] * uni + p.beta[m] for m, s in enumerate(streams)]
             for m in range(2):
-                adapters = [lambda z, out, a=a, m=m: out + 0.5 * F.linear(F.relu(F.linear(z, a.w1[m], a.b1[m, 0])),
-                                                                         a.w2[m], a.b2[m, 0]) for a in model.adapters[i]]
+                adapters = [lambda z, out, a=a, m=m:  # parallel(z, out) = out + 0.5 A_m(z), per stream
+                            out + 0.5 * F.linear(F.relu(F.linear(z, a.w1[m], a.b1[m, 0])), a.w2[m], a.b2[m, 0])
+                            for a in model.adapters[i]]
                 streams[m] = layer(streams[m], adapters)
             a, b = model.rgb_norms[i](streams[0]), model.x_norms[i](streams[1])
             torch.testing.assert_close(f_rgb[i], a.permute(0, 3, 1, 2), atol=1e-4, rtol=1e-4)
