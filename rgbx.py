@@ -26,7 +26,6 @@ import sys
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -36,19 +35,19 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------
 
 def keep_freed_memory():
-    """CPU speed: keep the memory that freed tensors leave in the process (glibc only).
+    """CPU speed for an entry point (train.py and eval.py call it at start): keep the
+    memory that freed tensors leave in the process (glibc only).
 
     By default glibc's malloc serves large allocations with mmap and returns them, and
     the free top of its heap, to the OS on free; the next tensor then lands on fresh
     pages, which the kernel zero-fills on first touch (one minor page fault per 4 KiB).
-    A KTB training step at 480 x 640 took 1.6-1.9M such faults (6-8 GB zero-filled), most
-    of its overhead over its frozen-Swin floor (README, Benchmark). Here every allocation
-    comes from the heap (M_MMAP_MAX = 0) and the heap is never trimmed (M_TRIM_THRESHOLD
-    = -1; a finite threshold, e.g. 2 GiB, still gave back the part of a 9 GB step's peak
-    above it at every step): the process keeps its peak heap and reuses it
-    (`release_freed_memory` gives it back). Nothing computed changes. Called once at
-    import on Linux with glibc; skipped when RGBX_KEEP_FREED_MEMORY=0 or when glibc's own
-    MALLOC_* variables or GLIBC_TUNABLES are set (your settings win). Returns whether it applied."""
+    Here every allocation comes from the heap (M_MMAP_MAX = 0) and the heap is never
+    trimmed (M_TRIM_THRESHOLD = -1): the process keeps its peak heap and reuses it
+    (`release_freed_memory` gives it back). Nothing computed changes; the measured
+    effect is in docs/performance.md. A process-wide switch: a library importing rgbx
+    is not affected unless it calls this. Skipped when RGBX_KEEP_FREED_MEMORY=0 or when
+    glibc's own MALLOC_* variables or GLIBC_TUNABLES are set (your settings win).
+    Returns whether it applied."""
     choice = os.environ.get('RGBX_KEEP_FREED_MEMORY', '1').strip().lower()
     if choice not in ('0', '1', 'false', 'true', 'no', 'yes', 'off', 'on'):
         warnings.warn(f"RGBX_KEEP_FREED_MEMORY={choice!r} is not 0 or 1: freed memory is kept (set 0 to leave "
@@ -66,9 +65,6 @@ def keep_freed_memory():
     return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))  # -1: never trim (man mallopt)
 
 
-KEPT_FREED_MEMORY = keep_freed_memory()
-
-
 def release_freed_memory():
     """Give the heap's free pages back to the OS now (glibc's malloc_trim), e.g. before
     measuring a peak resident set (eval.py's CPU peak memory): with `keep_freed_memory`
@@ -79,46 +75,45 @@ def release_freed_memory():
         return False
 
 
-# Data-parallel training: process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1
-# of the global batch of world*B (train.ResumableSampler deals them so). So that it
-# equals one process at the global batch, the random draws of a training step are made
-# for the global batch and cut to this share (every process draws the same numbers: the
-# generators, seeded alike, stay in step), loss means divide by the global count, and
-# BatchNorm uses the global batch's statistics (SyncBatchNorm).
+class Batch:
+    """How a model sees its batch where it draws one random number per sample or takes
+    a mean over the batch: this default is one process and its own batch.
 
-def batch_share():
-    """(rank, world) under torch.distributed, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    Every per-sample random draw of the models (dropout masks, stochastic depth, KTB's
+    MMST masking, GoPT's Gumbel noise, M2IM's modality masking) goes through `draw`,
+    and every loss mean over labelled pixels divides by `count`. A data-parallel trainer
+    installs, with `use_batch`, one that draws for the global batch and keeps this
+    process's rows, and whose counts are global (train.py's `GlobalBatch`), so that N
+    processes compute what one process computes at the global batch. Models never talk
+    to other processes themselves.
+    """
 
+    def draw(self, draw, n, dim=0):
+        """`draw(n)`: a random tensor with n rows along `dim`, one per sample of this batch."""
+        return draw(n)
 
-def share_draw(draw, n, dim=0):
-    """`draw(n)`, a random tensor with n rows along `dim` for this process's share,
-    drawn as draw(world * n) for the global batch and cut to rows rank*n .. (rank+1)*n - 1."""
-    rank, world = batch_share()
-    return draw(n) if world == 1 else draw(world * n).narrow(dim, rank * n, n)
-
-
-def global_count(n, device):
-    """The denominator of a mean over this share's n items that makes the average of
-    the processes' gradients (DDP) the gradient of the global batch's mean: n in one
-    process, else the global count / world (at least 1), all-reduced on `device`."""
-    rank, world = batch_share()
-    if world == 1:
+    def count(self, n, device):
+        """The denominator of a mean over n items of this batch (at least 1)."""
         return max(n, 1)
-    total = torch.tensor([n], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return max(total.item(), 1.0) / world
+
+
+BATCH = Batch()
+
+
+def use_batch(batch):
+    """Make `batch` (a `Batch`) the one every model draws and counts with; returns the previous one."""
+    global BATCH
+    previous, BATCH = BATCH, batch
+    return previous
 
 
 class Dropout(nn.Module):
-    """Dropout with its keep mask drawn for the global batch (share_draw; the batch is
-    axis `dim`): one draw per element (`per='element'`, nn.Dropout), per sample and
-    channel of (B, C, ...) ('channel', nn.Dropout2d) or per sample ('sample': stochastic
-    depth, Huang et al. 2016, which drops the whole residual branch). `streams` > 1: the
-    batch axis stacks that many streams of one batch (KTB's RGB rows, then X rows), each
-    drawn for the global batch on its own, so that the rows of a process stay its share."""
+    """Dropout with its keep mask drawn through `BATCH` (the batch is axis `dim`): one
+    draw per element (`per='element'`, nn.Dropout), per sample and channel of (B, C, ...)
+    ('channel', nn.Dropout2d) or per sample ('sample': stochastic depth, Huang et al.
+    2016, which drops the whole residual branch). `streams` > 1: the batch axis stacks
+    that many streams of one batch (KTB's RGB rows, then X rows), each drawn on its own,
+    so that a stream's rows stay one batch."""
 
     def __init__(self, p=0.0, per='element', dim=0, streams=1):
         super().__init__()
@@ -135,7 +130,7 @@ class Dropout(nn.Module):
         def draw(n):
             return x.new_empty(shape[:self.dim] + [n] + shape[self.dim + 1:]).bernoulli_(1.0 - self.p)
         per_stream = x.shape[self.dim] // self.streams
-        keep = torch.cat([share_draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
+        keep = torch.cat([BATCH.draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
         return keep.div_(1.0 - self.p)
 
     def forward(self, x):
@@ -149,64 +144,8 @@ class Dropout(nn.Module):
 class DropPath(Dropout):
     """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample."""
 
-    def __init__(self, p=0.0):
-        super().__init__(p, per='sample')
-
-
-class AllReduceSum(torch.autograd.Function):
-    """The sum of a tensor over the processes; its gradient is the sum of theirs."""
-
-    @staticmethod
-    def forward(ctx, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduceSum.forward(ctx, grad)
-
-
-class SyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d with the statistics of the global batch in training: the per-channel
-    sum and sum of squared deviations are summed over the processes (AllReduceSum), as
-    in torch.nn.SyncBatchNorm, which has CUDA kernels only; this one runs on any backend
-    (gloo on CPU). In eval mode and in one process it is BatchNorm2d."""
-
-    def forward(self, x):
-        if not self.training or batch_share()[1] == 1:
-            return super().forward(x)
-        xf = x.float()  # statistics in float32 also under autocast
-        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)  # pixels per channel
-        dist.all_reduce(count)
-        mean = AllReduceSum.apply(xf.sum((0, 2, 3))) / count  # (C,)
-        var = AllReduceSum.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))) / count  # (C,), biased
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
-                self.running_mean.lerp_(mean, m)
-                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), m)
-        out = (xf - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
-        return (out * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else out).to(x.dtype)
-
-
-def sync_batchnorm(module, device):
-    """`module` with every BatchNorm2d made to use the global batch's statistics under
-    data parallelism: torch.nn.SyncBatchNorm on CUDA, SyncBatchNorm above elsewhere
-    (same parameters, buffers and names)."""
-    if device.type == 'cuda':
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats).to(child.weight.device if child.affine else device)
-            synced.load_state_dict(child.state_dict())
-            synced.train(child.training).requires_grad_(child.affine and child.weight.requires_grad)
-            setattr(module, name, synced)
-        else:
-            sync_batchnorm(child, device)
-    return module
+    def __init__(self, p=0.0, streams=1):
+        super().__init__(p, per='sample', streams=streams)
 
 
 class Mlp(nn.Module):
@@ -240,7 +179,58 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
         if int(hard.sum()) < valid // 16:
             return loss.topk(valid // 16).values.mean()
         return (loss * hard).sum() / hard.sum().clamp(min=1)
-    return loss.sum() / global_count(valid, loss.device)  # the mean over the global batch's labelled pixels
+    return loss.sum() / BATCH.count(valid, loss.device)  # the mean over the batch's labelled pixels
+
+
+NO_DECAY_NAMES = ('token', 'pos_embed', 'bias_table', 'embed.weight', 'class_emb', 'task_embeddings')
+
+
+class RGBXModel(nn.Module):
+    """The interface between a model and the code that trains and evaluates it, with
+    its defaults; a method overrides what differs. train.py and eval.py use nothing
+    else of a model.
+
+    forward(rgb (B, 3, H, W), x (B, Cx, H, W), label=None, **step_inputs) -> logits
+    (B, K, H, W), or (loss, logits) when label (B, H, W) int64 (255 = ignore) is given;
+    a pre-training model returns (loss, None). `step_inputs` are what `schedule` gives.
+    """
+
+    streams = 1  # passes of the backbone per image (KTB: 2), the speed floor of eval.py's benchmark
+    pretraining = False  # True: the model learns no segmentation (nothing to evaluate; MaskMentor stage 1)
+    find_unused_parameters = False  # True: some trainable parameters get no gradient in some steps (DDP)
+
+    def param_groups(self, weight_decay):
+        """AdamW parameter groups over the trainable parameters: no weight decay on norms,
+        biases, embeddings, tokens and bias tables (every tensor of ndim <= 1, and by name)."""
+        decay, plain = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (plain if p.ndim <= 1 or any(s in name for s in NO_DECAY_NAMES) else decay).append(p)
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=plain, weight_decay=0.0)]
+
+    def schedule(self, step, total_steps):
+        """What global step `step` (0-based) of a run of `total_steps` trains on: (batch
+        index, forward keyword arguments). Steps with one batch index train on one batch.
+        Default: a new batch every step, nothing more."""
+        return step, {}
+
+    def diagnostics(self, rgb, x):
+        """Figures on the model's health for the training log, {name: float}; default none."""
+        return {}
+
+    def param_counts(self):
+        """{'trainable': n, 'total': n, and any parts a method reports}."""
+        return {'trainable': sum(p.numel() for p in self.parameters() if p.requires_grad),
+                'total': sum(p.numel() for p in self.parameters())}
+
+    def pretrained_target(self):
+        """The module an official pretrained file is loaded into (`load_pretrained`): the backbone."""
+        return self.backbone
+
+    def checkpoint_absent_keys(self, sd):
+        """Keys of the `pretrained_target` that a converted pretrained state dict `sd` may
+        lack (they keep their initial values); default none."""
+        return set()
 
 
 def drop_path_rates(rate, n):
@@ -376,12 +366,12 @@ class SwinTransformerBlock(nn.Module):
     in place rather than make another full-size map.
     """
 
-    def __init__(self, dim, heads, window, mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, dim, heads, window, mlp_ratio=4.0, drop_path=0.0, streams=1):
         super().__init__()
         self.window = window
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, heads, window)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path, streams)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -429,11 +419,11 @@ class BasicLayer(nn.Module):
     list with one module (or None) per block, see SwinTransformerBlock.
     """
 
-    def __init__(self, dim, depth, heads, window, mlp_ratio, drop_paths, downsample):
+    def __init__(self, dim, depth, heads, window, mlp_ratio, drop_paths, downsample, streams=1):
         super().__init__()
         self.window = window
         self.blocks = nn.ModuleList(
-            SwinTransformerBlock(dim, heads, window, mlp_ratio, drop_paths[i]) for i in range(depth))
+            SwinTransformerBlock(dim, heads, window, mlp_ratio, drop_paths[i], streams) for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
         self._layouts = {}
 
@@ -487,7 +477,10 @@ class SwinTransformer(nn.Module):
 
     forward(img: (B, in_chans, H, W)) -> list of 4 maps (B, C_i, ceil(H/2^(i+2)), ceil(W/2^(i+2))),
     C_i = embed_dim * 2^i, each taken after stage i's blocks and before its patch
-    merging; the last map passes through the checkpoint's final `norm`.
+    merging; the last map passes through the checkpoint's final `norm` (none with
+    final_norm=False: KTB normalises every stage output itself). `streams`: how many
+    streams of one batch the batch axis stacks (KTB: 2), so that stochastic depth
+    draws per stream (see Dropout).
 
     Driving it by hand (what KTB does per stream):
         x = model.patch_embed(img)                      # (B, H/4, W/4, C)
@@ -498,18 +491,18 @@ class SwinTransformer(nn.Module):
     """
 
     def __init__(self, embed_dim=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window_size=7,
-                 mlp_ratio=4.0, drop_path_rate=0.0, in_chans=3):
+                 mlp_ratio=4.0, drop_path_rate=0.0, in_chans=3, final_norm=True, streams=1):
         super().__init__()
-        self.window_size = window_size
+        self.window_size, self.streams = window_size, streams
         self.dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(in_chans, embed_dim, 4, norm=True)
         rates = drop_path_rates(drop_path_rate, sum(depths))
         starts = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList(
             BasicLayer(self.dims[i], depths[i], heads[i], window_size, mlp_ratio,
-                       rates[starts[i]:starts[i] + depths[i]], downsample=i < len(depths) - 1)
+                       rates[starts[i]:starts[i] + depths[i]], downsample=i < len(depths) - 1, streams=streams)
             for i in range(len(depths)))
-        self.norm = nn.LayerNorm(self.dims[-1])
+        self.norm = nn.LayerNorm(self.dims[-1]) if final_norm else nn.Identity()
         self.apply(_init_transformer_weights)
 
     def forward(self, img):
@@ -523,21 +516,6 @@ class SwinTransformer(nn.Module):
         outs[-1] = self.norm(outs[-1])
         return [o.permute(0, 3, 1, 2) for o in outs]
 
-    def adapt_checkpoint(self, sd):
-        """Official Microsoft Swin keys -> this model: drop the classifier, the
-        buffers we rebuild and the final norm when this model has none (KTB's
-        backbone), resize bias tables trained with another window."""
-        no_norm = isinstance(self.norm, nn.Identity)
-        sd = {k: v for k, v in sd.items()
-              if not (k.startswith('head.') or k.endswith('relative_position_index') or k.endswith('attn_mask')
-                      or (no_norm and k.startswith('norm.')))}
-        n = 2 * self.window_size - 1
-        for k, v in sd.items():
-            if k.endswith('relative_position_bias_table') and v.shape[0] != n * n:
-                m = math.isqrt(v.shape[0])  # (m*m, heads) -> (1, heads, m, m) -> bicubic -> (n*n, heads)
-                grid = v.T.reshape(1, -1, m, m).float()
-                sd[k] = F.interpolate(grid, size=(n, n), mode='bicubic', align_corners=False)[0].flatten(1).T.to(v.dtype)
-        return sd
 
 
 def swin(name, **overrides):
@@ -664,19 +642,6 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x)
 
-    def adapt_checkpoint(self, sd):
-        """MAE keys -> this model: drop the MAE decoder of the `_full` files and any
-        classifier, resize `pos_embed` to this model's grid."""
-        sd = {k: v for k, v in sd.items()
-              if not k.startswith(('decoder_', 'mask_token', 'head.', 'fc_norm.'))}
-        if 'pos_embed' in sd:
-            n = sd['pos_embed'].shape[1] - 1
-            side = math.isqrt(n)
-            if side * side != n:
-                raise ValueError(f"checkpoint pos_embed has {n} patch rows, not a square grid; "
-                                 f"expected a (1, 1 + g*g, D) MAE position embedding")
-            sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], (side, side), self.grid)
-        return sd
 
 
 def vit(name, **overrides):
@@ -806,32 +771,168 @@ def convert_release_keys(sd, own):
     return out
 
 
-def checkpoint_naming(sd):
-    """Which naming a state dict uses: 'ktb' (the KTB release's whole model), 'mmseg'
-    (a mmsegmentation Swin, with or without `backbone.`), or None (Microsoft / MAE)."""
-    if any(k.startswith('backbone.MPGBlocks.') for k in sd):
-        return 'ktb'
-    if any(k.endswith('patch_embed.projection.weight') for k in sd):
-        return 'mmseg'
+def swin_from_microsoft(sd, own):
+    """A Microsoft Swin state dict -> `own`'s (a SwinTransformer's state dict): drop the
+    classifier, the buffers rebuilt here and the final norm when `own` has none (KTB's
+    backbone); bias tables trained with another window are resized bicubically."""
+    sd = {k: v for k, v in sd.items()
+          if not (k.startswith('head.') or k.endswith('relative_position_index') or k.endswith('attn_mask')
+                  or (k.startswith('norm.') and 'norm.weight' not in own))}
+    for k, v in sd.items():
+        if k.endswith('relative_position_bias_table') and k in own and v.shape != own[k].shape:
+            m, n = math.isqrt(v.shape[0]), math.isqrt(own[k].shape[0])  # (m*m, heads) -> (1, heads, m, m) -> (n*n, heads)
+            grid = v.T.reshape(1, -1, m, m).float()
+            sd[k] = F.interpolate(grid, size=(n, n), mode='bicubic', align_corners=False)[0].flatten(1).T.to(v.dtype)
+    return sd
+
+
+def swin_from_mmseg(sd, own):
+    """A mmsegmentation Swin state dict (with or without `backbone.`) -> `own`'s, by `RELEASE_KEYS`."""
+    if all(k.startswith('backbone.') for k in sd):
+        sd = {k[len('backbone.'):]: v for k, v in sd.items()}
+    return swin_from_microsoft(convert_release_keys(sd, own), own)
+
+
+def ktb_from_release(sd, own):
+    """A trained KTB of the authors' release (its whole model) -> a `KTB` state dict `own`'s."""
+    return {k: v for k, v in convert_release_keys(sd, own).items()
+            if not k.endswith('relative_position_index')}  # a buffer rebuilt here
+
+
+def vit_from_mae(sd, own):
+    """An MAE ViT state dict -> `own`'s (a VisionTransformer's): drop the MAE decoder of
+    the `_full` files and any classifier, resize `pos_embed` to `own`'s grid."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(('decoder_', 'mask_token', 'head.', 'fc_norm.'))}
+    if 'pos_embed' in sd:
+        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], square_grid(sd['pos_embed']),
+                                           square_grid(own['pos_embed']))
+    return sd
+
+
+def square_grid(pos_embed):
+    """(1, 1 + g*g, D) -> (g, g), or an error for a table that is not a square grid with a cls row."""
+    n = pos_embed.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"checkpoint pos_embed has {n} patch rows, not a square grid; "
+                         f"expected a (1, 1 + g*g, D) MAE position embedding")
+    return side, side
+
+
+def multimae_from_mae(sd, own):
+    """An MAE ViT state dict -> MultiMAE's names, as MultiMAE's vit2multimae converter maps
+    it: blocks.* -> encoder.*, patch_embed.proj -> the RGB adapter's proj, cls_token (+ its
+    position row) -> global_tokens, pos_embed -> the RGB adapter's table, resized to
+    `own`'s; MAE's final norm, decoder and head dropped (MultiMAE has no final norm).
+    The RGB table keeps MAE's (row, column) channel order, as vit2multimae does, while
+    MultiMAE's own tables are the transpose (design choice: MultiMAE's converter as is)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith('blocks.'):
+            out['encoder.' + k[len('blocks.'):]] = v
+        elif k.startswith('patch_embed.proj.'):
+            out['input_adapters.rgb.proj.' + k.rsplit('.', 1)[1]] = v
+    if 'cls_token' in sd:
+        out['global_tokens'] = sd['cls_token'] + (sd['pos_embed'][:, :1] if 'pos_embed' in sd else 0)
+    if 'pos_embed' in sd:
+        side = square_grid(sd['pos_embed'])[0]
+        table = sd['pos_embed'][:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        out['input_adapters.rgb.pos_emb'] = F.interpolate(
+            table, size=own['backbone.input_adapters.rgb.pos_emb'].shape[-2:], mode='bicubic', align_corners=False)
+    return out
+
+
+# The tensors whose shape follows the number of semantic classes (MultiMAE's files: 133 COCO classes).
+CLASS_COUNT_KEYS = ('backbone.input_adapters.semseg.class_emb.weight', 'output_adapters.semseg.out_proj.weight',
+                    'output_adapters.semseg.out_proj.bias')
+
+# MultiMAE checkpoint prefix -> this project's; below the prefix the names are MultiMAE's.
+MULTIMAE_RENAMES = (
+    ('input_adapters.', 'backbone.input_adapters.'),
+    ('encoder.', 'backbone.encoder.'),
+    ('global_tokens', 'backbone.global_tokens'),
+)
+
+
+def adapter_part(key):
+    """'output_adapters.norm_rgb.mlp.fc1.weight' -> 'output_adapters.norm_rgb' (also
+    'backbone.input_adapters.<name>'); None for keys outside the adapters."""
+    parts = key.split('.')
+    if parts[0] == 'output_adapters':
+        return '.'.join(parts[:2])
+    if parts[:2] == ['backbone', 'input_adapters']:
+        return '.'.join(parts[:3])
     return None
 
 
-def load_pretrained(model, path):
-    """Load an official pretrained file into a backbone (or a model's `.backbone`),
-    or a trained KTB of the authors' release into a `KTB`.
+def multimae_renamed(sd, own):
+    """A MultiMAE file, an MAE ViT file or an rgbx MaskMentor state dict -> this project's
+    names (`MULTIMAE_RENAMES`; an MAE file through `multimae_from_mae`), nothing dropped."""
+    if any(k.startswith('backbone.') for k in sd):
+        return dict(sd)
+    if not any(k.startswith(('encoder.', 'input_adapters.')) for k in sd):
+        sd = multimae_from_mae(sd, own)
+    return {next((new + k[len(old):] for old, new in MULTIMAE_RENAMES if k.startswith(old)), k): v
+            for k, v in sd.items()}
 
-    Reads, with weights_only=True, the Microsoft Swin `.pth`, the mmsegmentation
-    Swin `.pth` (the files the KTB release asks for; renamed by `RELEASE_KEYS`),
-    the MAE ViT `.pth` (also MAE's `_full` file, whose decoder is ignored) and
-    the KTB release's saved models (a plain state dict of the whole model, keys
-    `backbone.*` and `decode_head*`; `model` must then be a KTB); recognises
-    them by their keys (`checkpoint_naming`); unwraps "model" or "state_dict";
-    lets the backbone's `adapt_checkpoint` drop classifier heads and rebuilt
-    buffers and resize bias tables / `pos_embed`; then loads and raises an error
-    listing every missing, unexpected or mis-shaped key. A backbone whose
-    checkpoints legitimately lack some of its keys (a multi-modal encoder started
-    from an RGB file) names them in `checkpoint_absent_keys(sd)`. Returns the model.
-    """
+
+def multimae_to_rgbx(sd, own):
+    """A MultiMAE / MAE / rgbx MaskMentor state dict -> a MaskMentor model's (`own`):
+    renamed (`multimae_renamed`), without the adapters `own` lacks (all output adapters
+    when fine-tuning; `norm_rgb` without norm_pix_rgb; the semseg input adapter) and
+    without the CLASS_COUNT_KEYS tensors of another class count (they keep their initial
+    values). `multimae_notes` says what was left out."""
+    sd = multimae_renamed(sd, own)
+    parts = {adapter_part(k) for k in own}
+    return {k: v for k, v in sd.items() if (adapter_part(k) is None or adapter_part(k) in parts)
+            and k != 'steps_done' and not (k in CLASS_COUNT_KEYS and k in own and v.shape != own[k].shape)}
+
+
+def multimae_notes(sd, own):
+    """What `multimae_to_rgbx` leaves out of `sd` for a model `own`, as sentences."""
+    sd = multimae_renamed(sd, own)
+    notes = []
+    dropped = sorted({adapter_part(k) for k in sd} - {adapter_part(k) for k in own} - {None})
+    if dropped:
+        notes.append(f"ignoring parts this model does not have: {', '.join(dropped)}")
+    per_class = sorted(k for k in CLASS_COUNT_KEYS if k in sd and k in own and sd[k].shape != own[k].shape)
+    if per_class:
+        notes.append("another number of semantic classes in the checkpoint than in this model: "
+                     + ', '.join(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}" for k in per_class)
+                     + " re-initialised")
+    if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
+        notes.append("the checkpoint holds no decoders (an encoder file): the output adapters keep their initial values")
+    return notes
+
+
+def checkpoint_format(sd):
+    """Which source a state dict comes from, by its keys: 'ktb-release' (a trained KTB of
+    the release), 'mmseg-swin', 'multimae' (MultiMAE, or an rgbx MaskMentor), 'mae'
+    (an MAE ViT), 'swin' (Microsoft's Swin) or 'rgbx' (anything else, taken as it is)."""
+    if any(k.startswith('backbone.MPGBlocks.') for k in sd):
+        return 'ktb-release'
+    if any(k.endswith('patch_embed.projection.weight') for k in sd):
+        return 'mmseg-swin'
+    if any(k.startswith(('encoder.', 'input_adapters.', 'output_adapters.', 'backbone.input_adapters.')) for k in sd):
+        return 'multimae'
+    if 'cls_token' in sd or any(k.startswith('decoder_') for k in sd):
+        return 'mae'
+    if any('relative_position_bias_table' in k for k in sd):
+        return 'swin'
+    return 'rgbx'
+
+
+CONVERTERS = {'ktb-release': ktb_from_release, 'mmseg-swin': swin_from_mmseg, 'multimae': multimae_to_rgbx,
+              'mae': vit_from_mae, 'swin': swin_from_microsoft, 'rgbx': lambda sd, own: sd}
+
+
+class CheckpointNote(UserWarning):
+    """What `load_pretrained` left out of a file or re-initialised (the entry points print it)."""
+
+
+def read_state_dict(path):
+    """The state dict of a checkpoint file: unwrapped from "model" / "state_dict", every
+    value a finite tensor, or a one-line error naming the file."""
     sd = read_checkpoint(path)
     for wrapper in ('model', 'state_dict'):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
@@ -843,24 +944,44 @@ def load_pretrained(model, path):
     if bad:
         raise ValueError(f"checkpoint {path} holds NaN or Inf values in {len(bad)} tensors, the first {bad[0]!r}: "
                          f"the file is corrupted; download or copy it again")
-    naming = checkpoint_naming(sd)
-    if naming == 'ktb':
+    return sd
+
+
+def load_pretrained(model, path):
+    """Load an official file into a model (its `pretrained_target`: the backbone, or the
+    whole MaskMentor model) or into a bare backbone, or a trained KTB of the authors'
+    release into a `KTB`. Returns the model.
+
+    Reads with weights_only=True: Microsoft's Swin, mmsegmentation's Swin (the files the
+    KTB release asks for), MAE's ViT (also the `_full` files), MultiMAE's files and the
+    KTB release's saved models; recognises them by their keys (`checkpoint_format`),
+    converts them (`CONVERTERS`, one pure function per format), then loads and raises an
+    error listing every missing, unexpected or mis-shaped key. Keys the target declares
+    absent (`RGBXModel.checkpoint_absent_keys`) keep their initial values; what a
+    MultiMAE file leaves out is reported as a `CheckpointNote` warning.
+    """
+    sd = read_state_dict(path)
+    fmt = checkpoint_format(sd)
+    if fmt == 'ktb-release':
         if not isinstance(model, KTB):
             raise ValueError(f"checkpoint {path} is a trained KTB of the authors' release; load it into a rgbx.KTB "
-                             f"(eval.py --method ktb), not into a {type(model).__name__}")
+                             f"(built with method ktb), not into a {type(model).__name__}")
         target, fix = model, "Build the KTB with the backbone, window, class count and head widths the file was trained with."
-        sd = {k: v for k, v in convert_release_keys(sd, model.state_dict()).items()
-              if not k.endswith('relative_position_index')}  # a buffer rebuilt here
     else:
-        target = model if hasattr(model, 'adapt_checkpoint') else getattr(model, 'backbone', model)  # MaskMentor pre-training: the whole model
+        target = model.pretrained_target() if isinstance(model, RGBXModel) else model
         fix = "Check that the preset (tiny/small/base/large) and the file belong together."
-        if naming == 'mmseg':
-            if all(k.startswith('backbone.') for k in sd):
-                sd = {k[len('backbone.'):]: v for k, v in sd.items()}
-            sd = convert_release_keys(sd, target.state_dict())
-        sd = target.adapt_checkpoint(sd)
     own = target.state_dict()
-    absent = target.checkpoint_absent_keys(sd) if hasattr(target, 'checkpoint_absent_keys') else set()
+    if isinstance(target, MaskMentorModel):  # MultiMAE's network: MultiMAE, MAE and rgbx files alike
+        for note in multimae_notes(sd, own):
+            warnings.warn(f"load_pretrained {path}: {note}", CheckpointNote, stacklevel=2)
+        sd = multimae_to_rgbx(sd, own)
+    else:
+        sd = CONVERTERS[fmt](sd, own)
+    for k in [k for k in sd if k.endswith('.pos_emb') and k in own and sd[k].shape != own[k].shape]:
+        # a MultiMAE position table stored for another image size: it is interpolated at use, so it is taken as it is
+        target.get_submodule(k.rsplit('.', 1)[0]).pos_emb = sd[k].clone()
+        own[k] = sd[k]
+    absent = target.checkpoint_absent_keys(sd) if isinstance(target, RGBXModel) else set()
     missing = sorted(set(own) - set(sd) - absent)
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -1002,7 +1123,7 @@ def backbone_from_name(name, **overrides):
     return (swin if family == 'swin' else vit)(size, **overrides)
 
 
-class EarlyFusion(nn.Module):
+class EarlyFusion(RGBXModel):
     """Baseline: RGB and X stacked as input channels of one backbone, all weights trained.
 
     The patch embedding is widened from 3 to 3 + Cx input channels after the
@@ -1519,7 +1640,7 @@ def self_teaching_labels(logits, label, ignore_index=255):
     return torch.where(pred == label, label, torch.full_like(label, ignore_index))
 
 
-class KTB(nn.Module):
+class KTB(RGBXModel):
     """KTB: Keep the Balance (design/ktb.md), RGB + X segmentation on one frozen Swin.
 
     - symmetrical streams (sec. 1): the frozen Swin (blocks, patch merging, RGB
@@ -1538,7 +1659,9 @@ class KTB(nn.Module):
     Output norms: rgb_norms[i], x_norms[i] on the stream outputs and
     fuse_norms[i] on DSCF's: twelve fresh LayerNorms (unit weight, zero bias),
     all frozen, as in the release (its norm{i}, extra_norm{i}, fuse_norm{i});
-    the backbone's pretrained final `norm` is not used (replaced by Identity).
+    the backbone's final `norm` is not used (`build_ktb` builds the Swin without
+    one, as the release has none). The backbone is taken as it is: its stochastic
+    depth must draw per stream (`swin(..., streams=2)`) when it has any.
 
     forward(rgb (B, 3, H, W), x (B, Cx, H, W), label=None) -> logits (B, K, H, W),
     or (L, logits) when label (B, H, W) int64 (255 = ignore) is given.
@@ -1561,6 +1684,9 @@ class KTB(nn.Module):
         if x_channels not in (1, 3):
             raise ValueError(f"KTB's X patch embedding takes 3 channels: x_channels must be 1 "
                              f"(repeated to 3) or 3, got {x_channels}")
+        if any(isinstance(m, Dropout) and m.p and m.streams != 2 for m in backbone.modules()):
+            raise ValueError("KTB stacks its two streams on the batch axis: build the Swin's stochastic depth "
+                             "per stream, rgbx.swin(..., streams=2) (as build_ktb does)")
         dims = backbone.dims
         n = len(dims)
         ranks = {}
@@ -1583,10 +1709,6 @@ class KTB(nn.Module):
             DSCF(c, r, s, g, h, dscf_kernel, bias_grid, a)
             for c, r, s, g, h, a in zip(dims, ranks['dscf_ranks'], ranks['dscf_strides'], ranks['dscf_groups'],
                                         ranks['dscf_heads'], alphas)) if dscf else None
-        backbone.norm = nn.Identity()  # unused: every stage output has its own norms (release: no final norm)
-        for m in backbone.modules():
-            if isinstance(m, Dropout):  # stochastic depth over the stacked streams (2B rows), drawn per stream
-                m.streams = 2
         self.rgb_norms, self.x_norms, self.fuse_norms = (nn.ModuleList(nn.LayerNorm(c) for c in dims) for _ in range(3))
         for norms in (self.rgb_norms, self.x_norms, self.fuse_norms):
             norms.requires_grad_(False)
@@ -1607,7 +1729,7 @@ class KTB(nn.Module):
         tokens = torch.cat([self.backbone.patch_embed(rgb), self.x_patch_embed(x)])  # (2B, h, w, C)
         drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
         if self.training and self.mmst:
-            drop = drop | share_draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
+            drop = drop | BATCH.draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
         elif not drop.any():
             return tokens  # nothing to zero: skip a pass over the stage-1 maps
         return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]  # keep (2B, 1, 1, 1)
@@ -1648,6 +1770,16 @@ class KTB(nn.Module):
                                           + segmentation_loss(self.s3(f_x, size, channels_last=True), teach, self.ohem))
         return loss, logits
 
+    def param_groups(self, weight_decay):
+        """AdamW groups: the KTB release decays every trainable tensor, norms and biases
+        included (the second group, without decay, stays empty)."""
+        return [dict(params=[p for p in self.parameters() if p.requires_grad], weight_decay=weight_decay),
+                dict(params=[], weight_decay=0.0)]
+
+    def checkpoint_absent_keys(self, sd):
+        """A KTB release file has no final norm of the Swin: a backbone built with one keeps it."""
+        return {k for k in self.state_dict() if k.startswith('backbone.norm.')}
+
     def param_counts(self):
         """{'trainable', 'total', and the trainable parameters per part of the paper}."""
         count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -1664,7 +1796,7 @@ def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_si
     `pretrained` loaded into the frozen backbone. Stochastic depth 0.3 (rates
     0 .. 0.3 over the blocks) as the release trains the frozen Swin; it acts in
     training only. `options` go to KTB (ranks, ablation switches, lambda2, ohem)."""
-    backbone = swin(backbone_name, window_size=window_size, drop_path_rate=drop_path_rate)
+    backbone = swin(backbone_name, window_size=window_size, drop_path_rate=drop_path_rate, final_norm=False, streams=2)
     if pretrained:
         load_pretrained(backbone, pretrained)
     return KTB(backbone, num_classes, x_channels, **options)
@@ -1706,12 +1838,12 @@ def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
     """GoPT eq. 8-9: assignment of S tokens to C groups.
 
     logits (B, ..., S, C) -> A_hat (B, ..., S, C). Gumbel(0, 1) noise (drawn from
-    torch's global RNG for the global batch: share_draw) is added only when `noise`
+    torch's global RNG through `BATCH.draw`) is added only when `noise`
     (training). hard: the forward value is exactly one-hot (argmax), the gradient is
     that of the soft A (straight-through); written one_hot + (A - sg(A)) so that the
     forward value is bit-exact. soft: A itself (the ablation of Fig. 7).
     """
-    gumbel = -share_draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
+    gumbel = -BATCH.draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
                          logits.shape[0]).log() if noise else 0.0  # gamma ~ Gumbel(0, 1), drawn for the global batch
     A = F.softmax((logits + gumbel) / tau, -1)  # eq. 8
     return F.one_hot(A.argmax(-1), A.shape[-1]).to(A.dtype) + (A - A.detach()) if hard else A  # eq. 9
@@ -1933,7 +2065,7 @@ class AuxVPT(nn.Module):
         return 1 + self.ups[self.layers.index(l)](e), e  # (B, N, D)
 
 
-class GoPT(nn.Module):
+class GoPT(RGBXModel):
     """GoPT segmentation model: frozen MAE ViT, `prompts` (GroupingPrompts or
     AuxVPT; None: the control "frozen foundation + head, no prompts") before the
     prompted blocks, SETR-Naive head Psi on the last layer.
@@ -2168,9 +2300,9 @@ def m2im_keep(num_modalities, p_m=0.5, generator=None):
 
 
 def m2im_keep_batch(batch, num_modalities, p_m=0.5, device=None):
-    """An independent `m2im_keep` draw per sample of the global batch (share_draw):
+    """An independent `m2im_keep` draw per sample of the batch (`BATCH.draw`):
     (batch, num_modalities) bool, True = kept."""
-    return share_draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
+    return BATCH.draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
 
 
 def visible_counts(keep, budget):
@@ -2337,32 +2469,6 @@ class MultiModalViT(nn.Module):
             x = blk(x)
         return x
 
-    def checkpoint_absent_keys(self, sd):
-        """Our keys an adapted MAE file lacks (the depth and semseg adapters): they keep their initial values."""
-        return {k for k in self.state_dict() if k.startswith('input_adapters.') and k not in sd}
-
-    def adapt_checkpoint(self, sd):
-        """An MAE ViT file -> this encoder, as MultiMAE's vit2multimae converter maps it:
-        blocks.* -> encoder.*, patch_embed.proj -> the RGB adapter's proj, cls_token (+ its
-        position row) -> global_tokens, pos_embed -> the RGB adapter's table; MAE's final
-        norm, decoder and head dropped (MultiMAE has no final norm)."""
-        if any(k.startswith('encoder.') for k in sd):
-            return sd
-        out = {}
-        for k, v in sd.items():
-            if k.startswith('blocks.'):
-                out['encoder.' + k[len('blocks.'):]] = v
-            elif k.startswith('patch_embed.proj.'):
-                out['input_adapters.rgb.proj.' + k.rsplit('.', 1)[1]] = v
-        if 'cls_token' in sd:
-            out['global_tokens'] = sd['cls_token'] + (sd['pos_embed'][:, :1] if 'pos_embed' in sd else 0)
-        if 'pos_embed' in sd:
-            n = sd['pos_embed'].shape[1] - 1
-            side = math.isqrt(n)
-            table = sd['pos_embed'][:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-            out['input_adapters.rgb.pos_emb'] = F.interpolate(
-                table, size=self.input_adapters['rgb'].pos_emb.shape[-2:], mode='bicubic', align_corners=False)
-        return out
 
 
 class CrossAttention(nn.Module):
@@ -2444,84 +2550,30 @@ class SpatialOutputAdapter(nn.Module):
         return img.reshape(B, self.out_chans, h * p, w * p), tokens
 
 
-class MaskMentorModel(nn.Module):
-    """What both MaskMentor stages share: the parameter counts of the contract, and
-    loading MultiMAE's released files (`{'model': state_dict}`, keys `input_adapters.*`,
-    `encoder.*`, `global_tokens`, `output_adapters.*`) through `load_pretrained`."""
+class MaskMentorModel(RGBXModel):
+    """What both MaskMentor stages share: the parameter counts, and loading MultiMAE's
+    released files (`{'model': state_dict}`, keys `input_adapters.*`, `encoder.*`,
+    `global_tokens`, `output_adapters.*`) into the whole model (`multimae_to_rgbx`)."""
 
     def param_counts(self):
-        counts = {'trainable': sum(p.numel() for p in self.parameters() if p.requires_grad),
-                  'total': sum(p.numel() for p in self.parameters())}
-        return {**counts, **{name: sum(p.numel() for p in child.parameters()) for name, child in self.named_children()}}
+        return {**super().param_counts(),
+                **{name: sum(p.numel() for p in child.parameters()) for name, child in self.named_children()}}
 
-    def adapt_checkpoint(self, sd):
-        """A checkpoint -> this model's keys, for `load_pretrained`. Sources:
-        - a MultiMAE file: the encoder keys get the prefix of MULTIMAE_RENAMES; output
-          adapters this model lacks (all of them when fine-tuning; `norm_rgb` without
-          norm_pix_rgb) and input adapters it lacks (semseg when fine-tuning) are
-          dropped and named in one line; the CLASS_COUNT_KEYS tensors of another class
-          count (MultiMAE's 133 COCO classes) are left out and named: they keep their initial values;
-          position tables stored for another image size replace this model's;
-        - an MAE ViT file: the encoder through MultiModalViT.adapt_checkpoint;
-        - an rgbx MaskMentor state dict ('backbone.*'): as it is, minus what this model lacks."""
-        if not any(k.startswith('backbone.') for k in sd):
-            if not any(k.startswith(('encoder.', 'input_adapters.')) for k in sd):
-                sd = self.backbone.adapt_checkpoint(sd)
-            sd = {next((new + k[len(old):] for old, new in MULTIMAE_RENAMES if k.startswith(old)), k): v
-                  for k, v in sd.items()}
-        own = self.state_dict()
-        own_parts = {adapter_part(k) for k in own}
-        dropped = sorted({adapter_part(k) for k in sd} - own_parts - {None})
-        if dropped:
-            print(f"load_pretrained: ignoring parts this model does not have: {', '.join(dropped)}")
-        sd = {k: v for k, v in sd.items() if adapter_part(k) not in dropped and (k in own or k != 'steps_done')}
-        for k in [k for k in sd if k.endswith('.pos_emb') and k in own and sd[k].shape != own[k].shape]:
-            # a table stored for another image size: MultiMAE interpolates from the stored table, so take it as it is
-            self.get_submodule(k.rsplit('.', 1)[0]).pos_emb = sd[k].clone()
-        per_class = {k for k in CLASS_COUNT_KEYS if k in sd and k in own and sd[k].shape != own[k].shape}
-        if per_class:
-            print(f"load_pretrained: another number of semantic classes in the checkpoint than in this model: "
-                  + ', '.join(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}" for k in sorted(per_class))
-                  + " re-initialised")
-        self._reinit = per_class
-        if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
-            print("load_pretrained: the checkpoint holds no decoders (an encoder file): the output adapters "
-                  "keep their initial values")
-        return {k: v for k, v in sd.items() if k not in per_class}
+    def pretrained_target(self):
+        return self  # MultiMAE files hold the decoders too
 
     def checkpoint_absent_keys(self, sd):
-        """Keys a checkpoint legitimately lacks: the fine-tuning head, the step counter, a
-        re-initialised class table; the decoders of an encoder-only file; for an MAE file the adapters."""
+        """Keys a converted file legitimately lacks: the fine-tuning head; class tables of
+        another class count (left out by `multimae_to_rgbx`); the decoders of an
+        encoder-only file; for an MAE file the input adapters it has no weights for."""
         own = self.state_dict()
-        absent = {k for k in own if k.startswith('head.')} | {'steps_done'} | getattr(self, '_reinit', set())
+        absent = {k for k in own if k.startswith('head.')} | {k for k in CLASS_COUNT_KEYS if k in own and k not in sd}
         if 'backbone.input_adapters.depth.proj.weight' not in sd:
-            absent |= {k for k in own if k.startswith('backbone.input_adapters.')}
+            absent |= {k for k in own if k.startswith('backbone.input_adapters.') and k not in sd}
         if not any(k.startswith('output_adapters.') for k in sd):
             absent |= {k for k in own if k.startswith('output_adapters.')}
         return absent
 
-
-def adapter_part(key):
-    """'output_adapters.norm_rgb.mlp.fc1.weight' -> 'output_adapters.norm_rgb' (also
-    'backbone.input_adapters.<name>'); None for keys outside the adapters."""
-    parts = key.split('.')
-    if parts[0] == 'output_adapters':
-        return '.'.join(parts[:2])
-    if parts[:2] == ['backbone', 'input_adapters']:
-        return '.'.join(parts[:3])
-    return None
-
-
-# The tensors whose shape follows the number of semantic classes (MultiMAE's files: 133 COCO classes).
-CLASS_COUNT_KEYS = ('backbone.input_adapters.semseg.class_emb.weight', 'output_adapters.semseg.out_proj.weight',
-                    'output_adapters.semseg.out_proj.bias')
-
-# MultiMAE checkpoint prefix -> this model's; below the prefix the names are MultiMAE's.
-MULTIMAE_RENAMES = (
-    ('input_adapters.', 'backbone.input_adapters.'),
-    ('encoder.', 'backbone.encoder.'),
-    ('global_tokens', 'backbone.global_tokens'),
-)
 
 
 def standardize_depth(x):
@@ -2572,8 +2624,8 @@ class MaskMentorPretrain(MaskMentorModel):
           -> {name: prediction}: rgb (B,3,H,W), depth (B,1,H,W), semseg logits (B,K,H/4,W/4) (+ norm_rgb).
 
     forward(rgb (B, 3, H, W), x (B, Cx, H, W) depth, label (B, H, W) int64 semantic
-    map (255 = ignore; the adapter takes label[:, ::4, ::4]), step=None) -> (loss, None),
-    the objective of `sttp_phase(step, warmup_steps, teacher_iters)`:
+    map (255 = ignore; the adapter takes label[:, ::4, ::4]), phase='mim') -> (loss, None),
+    the objective of the phase (`sttp_phase`):
     - 'mim' (warm-up) and 'teacher': complete modalities, MultiMAE patch masking only
       (`budget` visible tokens per sample, split by Dirichlet(1)), pixel losses;
     - 'student' (MaskMentor addition): M2IM input (modality masking per sample, then
@@ -2593,15 +2645,14 @@ class MaskMentorPretrain(MaskMentorModel):
     semantic map cross-entropy at 1/4 resolution (255 ignored: MaskMentor addition);
     each on the masked tokens, a mean per sample then over samples, summed.
 
-    Schedule: the phase is a pure function of the global step; train.py feeds the same
-    batch to every step of one 3 teacher : 1 student cycle (`batch_index`). `warmup`
-    is a fraction of the run's steps, turned into `warmup_steps` by `plan(total_steps)`
-    (train.py calls it), unless warmup_steps is given. When `step` is None the model
-    counts its own training forward calls in `steps_done`. Masking is the objective,
-    so it is drawn from the global RNG in train and eval mode alike.
+    Schedule (`schedule`, a pure function of the trainer's step): the phase of each step
+    and one batch for every step of a 3 teacher : 1 student cycle; `warmup` is a fraction
+    of the run's steps (MaskMentor Sec. 4.1: ~100 of 500 epochs of complete-modality MIM,
+    0.2), unless `warmup_steps` is given. The trainer passes the phase to forward. Masking
+    is the objective, so it is drawn from the global RNG in train and eval mode alike.
     """
 
-    pretraining = True  # train.py passes the global step and does not evaluate: there are no logits
+    pretraining = True  # no logits: nothing to evaluate
 
     def __init__(self, backbone, num_classes, decoder_dim=256, decoder_heads=8, decoder_depth=2, mask_ratio=5 / 6,
                  p_m=0.5, warmup=0.2, warmup_steps=None, teacher_iters=3, token_weight=1.0, norm_pix_rgb=True,
@@ -2625,23 +2676,13 @@ class MaskMentorPretrain(MaskMentorModel):
             name: SpatialOutputAdapter(task, tasks, backbone.dim, decoder_dim, decoder_heads, decoder_depth,
                                        chans[task], backbone.patch_size, getattr(adapters[task], 'stride', 1), img_size)
             for name, task in heads.items()})
-        self.register_buffer('steps_done', torch.zeros((), dtype=torch.long))
 
-    def plan(self, total_steps):
-        """Fix the warm-up for a run of `total_steps` (MaskMentor Sec. 4.1: ~100 of 500
-        epochs of complete-modality MIM, i.e. `warmup` = 0.2 of the steps), unless given."""
-        if self.warmup_steps is None:
-            self.warmup_steps = round(self.warmup * total_steps)
-
-    def phase(self, step):
-        if self.warmup_steps is None:
-            raise ValueError("MaskMentor pre-training: pass warmup_steps, or call plan(total_steps) (train.py does)")
-        return sttp_phase(step, self.warmup_steps, self.teacher_iters)
-
-    def batch_index(self, step):
-        """The batch `step` trains on: the same one for a whole teacher/student cycle (Sec. 3.4)."""
-        self.phase(step)
-        return sttp_batch_index(step, self.warmup_steps, self.teacher_iters)
+    def schedule(self, step, total_steps):
+        """STTP (Sec. 3.4): (the batch `step` trains on, {'phase': its phase}); one batch per
+        warm-up step, then one batch for a whole teacher/student cycle."""
+        warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup * total_steps)
+        return (sttp_batch_index(step, warmup, self.teacher_iters),
+                {'phase': sttp_phase(step, warmup, self.teacher_iters)})
 
     def budget(self, num_tokens):
         """Visible tokens per sample: (1 - mask_ratio) of all K*N tokens (MultiMAE:
@@ -2750,14 +2791,12 @@ class MaskMentorPretrain(MaskMentorModel):
             terms['token'] = self.token_weight * (1 - cos).mean()
         return terms
 
-    def forward(self, rgb, x, label=None, step=None):
+    def forward(self, rgb, x, label=None, phase='mim'):
+        """The loss of `phase` ('mim', 'teacher' or 'student'; the trainer passes the one of
+        `schedule`) on rgb (B, 3, H, W), depth x (B, 1, H, W), label (B, H, W) -> (loss, None)."""
         if label is None:
             raise ValueError("MaskMentor pre-training reconstructs the semantic map too: pass label (B, H, W)")
-        if step is None:
-            step = int(self.steps_done)
-            if self.training:
-                self.steps_done += 1
-        return sum(self.losses(rgb, x, label, self.phase(step)).values()), None
+        return sum(self.losses(rgb, x, label, phase).values()), None
 
 
 class MaskMentorSeg(MaskMentorModel):

@@ -2371,19 +2371,21 @@ def test_sttp_cycle_changes_shared_weights(monkeypatch):
                         lambda self, *a: seen.append(a[-1]) or original(self, *a))
     batch = mm_batch()
     shared = model.backbone.encoder[0].attn.qkv.weight
-    for _ in range(5):  # step=None: the model counts its own steps
+    for step in range(5):  # the phases the model's schedule gives, as train.py passes them
         before = shared.detach().clone()
-        loss, none = model(*batch)
+        batch_index, inputs = model.schedule(step, total_steps=100)
+        assert batch_index == (0 if step == 0 else 1)  # one batch for the whole teacher/student cycle
+        loss, none = model(*batch, **inputs)
         assert none is None and torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())
         opt.step()
         assert not torch.equal(before, shared)
-    assert seen == ['mim', 'teacher', 'teacher', 'teacher', 'student'] and int(model.steps_done) == 5
-    model.eval()  # an explicit step wins over the counter
-    model(*batch, step=4)
-    assert seen[-1] == 'student' and int(model.steps_done) == 5
+    assert seen == ['mim', 'teacher', 'teacher', 'teacher', 'student']
+    assert model.schedule(4, 100) == model.schedule(4, 7)  # warmup_steps given: the run's length does not count
+    frac = mm_pretrain()  # warm-up = 0.2 of the run's steps
+    assert frac.schedule(19, 100)[1] == {'phase': 'mim'} and frac.schedule(20, 100)[1] == {'phase': 'teacher'}
 
 
 def mm_read_nyu(ids, top=200, left=300, H=72, W=88):
@@ -2471,7 +2473,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     pre = mm_pretrain(warmup_steps=2)
     opt = torch.optim.AdamW(pre.parameters(), lr=1e-3)
     for step in range(6):  # 2 warm-up MIM, 3 teacher, 1 student iterations on the same batch
-        loss, _ = pre(*mm_batch(seed=rgbx.sttp_batch_index(step, 2)), step=step)
+        loss, _ = pre(*mm_batch(seed=rgbx.sttp_batch_index(step, 2)), phase=rgbx.sttp_phase(step, 2))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -3303,12 +3305,19 @@ def test_multimae_any_size_and_quarter_semseg_map():
         model.encode({'rgb': inputs['rgb'], 'semseg': inputs['semseg'][:, :8]})
 
 
-def test_multimae_file_loads_for_finetuning_and_names_what_it_ignores(tmp_path, capsys):
+def checkpoint_notes(build):
+    """build() and the CheckpointNote warnings it raised, one line each."""
+    with pytest.warns(rgbx.CheckpointNote) as caught:
+        model = build()
+    return model, '\n'.join(str(w.message) for w in caught if w.category is rgbx.CheckpointNote) + '\n'
+
+
+def test_multimae_file_loads_for_finetuning_and_names_what_it_ignores(tmp_path):
     arch, classes, io = multimae_fixture()
     sd = torch.load(MULTIMAE / 'multimae_tiny.pth', map_location='cpu', weights_only=True)['model']
-    ft = rgbx.build_maskmentor('nano', 40, 1, pretrained=str(MULTIMAE / 'multimae_tiny.pth'), head_dim=16,
-                               head_depth=1, **{k: v for k, v in arch.items() if not k.startswith(('class', 'decoder'))})
-    said = capsys.readouterr().out
+    ft, said = checkpoint_notes(lambda: rgbx.build_maskmentor(
+        'nano', 40, 1, pretrained=str(MULTIMAE / 'multimae_tiny.pth'), head_dim=16, head_depth=1,
+        **{k: v for k, v in arch.items() if not k.startswith(('class', 'decoder'))}))
     assert said.count('\n') == 1 and 'output_adapters.rgb' in said and 'backbone.input_adapters.semseg' in said
     own = ft.state_dict()
     assert all(torch.equal(own['backbone.' + k], v) for k, v in sd.items() if k.startswith(('encoder.', 'global_tokens'))
@@ -3322,14 +3331,13 @@ def test_multimae_file_loads_for_finetuning_and_names_what_it_ignores(tmp_path, 
     torch.save({'model': extra}, tmp_path / 'released.pth')
     pre = rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', pretrained=str(tmp_path / 'released.pth'), **arch)
     assert torch.equal(pre.output_adapters['norm_rgb'].out_proj.weight, sd['output_adapters.rgb.out_proj.weight'])
-    rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', norm_pix_rgb=False,
-                          pretrained=str(tmp_path / 'released.pth'), **arch)
-    assert 'ignoring parts this model does not have: output_adapters.norm_rgb' in capsys.readouterr().out
+    _, said = checkpoint_notes(lambda: rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', norm_pix_rgb=False,
+                                                              pretrained=str(tmp_path / 'released.pth'), **arch))
+    assert 'ignoring parts this model does not have: output_adapters.norm_rgb' in said
     # another class count (MultiMAE's 133 COCO classes into NYUDv2's 40): re-initialised and said
     torch.manual_seed(0)
-    nyu = rgbx.build_maskmentor('nano', 40, 1, stage='pretrain', norm_pix_rgb=False,
-                                pretrained=str(MULTIMAE / 'multimae_tiny.pth'), **arch)
-    said = capsys.readouterr().out
+    nyu, said = checkpoint_notes(lambda: rgbx.build_maskmentor('nano', 40, 1, stage='pretrain', norm_pix_rgb=False,
+                                                                pretrained=str(MULTIMAE / 'multimae_tiny.pth'), **arch))
     assert 'class_emb.weight (5, 32) -> (40, 32)' in said and 're-initialised' in said
     assert torch.equal(nyu.backbone.encoder[0].attn.qkv.weight, sd['encoder.0.attn.qkv.weight'])
     # anything else missing or unexpected: an error listing the keys
@@ -3455,12 +3463,13 @@ def test_study_maskmentor_plan_isolates_sttp_and_selects_lr_on_val():
     assert study.chosen_lr(fake)[0] == 1e-3
 
 
-def test_multimae_encoder_only_file_starts_pretraining_with_fresh_decoders(tmp_path, capsys):
+def test_multimae_encoder_only_file_starts_pretraining_with_fresh_decoders(tmp_path):
     arch, classes, io = multimae_fixture()
     sd = torch.load(MULTIMAE / 'multimae_tiny.pth', map_location='cpu', weights_only=True)['model']
     torch.save({'model': {k: v for k, v in sd.items() if not k.startswith('output_adapters.')}}, tmp_path / 'vit.pth')
-    model = rgbx.build_maskmentor('nano', classes, 1, stage='pretrain', pretrained=str(tmp_path / 'vit.pth'), **arch)
-    assert 'no decoders' in capsys.readouterr().out
+    model, said = checkpoint_notes(lambda: rgbx.build_maskmentor('nano', classes, 1, stage='pretrain',
+                                                                 pretrained=str(tmp_path / 'vit.pth'), **arch))
+    assert 'no decoders' in said
     with torch.no_grad():
         inputs = {t: io['inputs.' + t] for t in ('rgb', 'depth', 'semseg')}
         assert rel_err(model.eval().encode(inputs), io['full.encoder_tokens']) < 1e-4
