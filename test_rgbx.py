@@ -3415,10 +3415,10 @@ def test_sttp_trains_each_batch_for_a_whole_cycle_and_resumes_exactly(tmp_path, 
 
 
 def test_multimae_file_finetunes_with_train_py(tmp_path):
-    if not (MULTIMAE / 'multimae_tiny.pth').exists():
-        pytest.skip(f"MultiMAE fixture not found at {MULTIMAE}")
+    arch, _, _ = multimae_fixture()
+    encoder = ','.join(f'{k}={arch[k]}' for k in ('dim', 'depth', 'heads'))
     out = tr.train(tr.parse_config(['--method', 'maskmentor', '--backbone', 'vit-nano', '--pretrained',
-                                    str(MULTIMAE / 'multimae_tiny.pth'), '--opts', 'dim=96,depth=2,heads=4,head_dim=16,head_depth=1',
+                                    str(MULTIMAE / 'multimae_tiny.pth'), '--opts', encoder + ',head_dim=16,head_depth=1',
                                     '--max-steps', '3', '--workers', '0', '--out-dir', str(tmp_path / 'ft')]))
     assert out['step'] == 3 and 0 <= out['miou'] <= 1
     trained = torch.load(tmp_path / 'ft' / 'last.pt', weights_only=True)['model']
