@@ -2880,10 +2880,10 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     open(last, 'wb').write(bytes(range(256)) * 4)  # not a PyTorch file: torch's own message spans lines
     assert 'Unsupported operand' in cli_error(ev.main, ['--checkpoint', last])
 # --- ktb release parity ---
-# The KTB release fixture (../shared/fixtures/ktb-release, README there): a tiny KTB saved by the authors'
-# code, an input pair at 200 x 264 and the release's eval outputs.
+# The KTB release fixture (fixtures/ktb-release, README there): a tiny KTB saved by the authors'
+# code, an input pair and the release's eval outputs.
 
-KTB_FIXTURE = Path(__file__).resolve().parent.parent / 'shared' / 'fixtures' / 'ktb-release'
+KTB_FIXTURE = Path(__file__).resolve().parent / 'fixtures' / 'ktb-release'
 
 
 def release_fixture():
@@ -2924,12 +2924,12 @@ def test_ktb_release_fixture_every_output_matches():
         assert rel_max_err(model(io['rgb'], io['x']), io['s1_logits']) < 1e-5
 
 
-def mmseg_swin_state(release_sd):
+def mmseg_swin_state(release_sd, width):
     """The fixture's frozen Swin keys, as a mmsegmentation Swin file holds them (no adapters, a final norm)."""
     sd = {k[len('backbone.'):]: v for k, v in release_sd.items()
           if k.startswith(('backbone.patch_embed.', 'backbone.stages.')) and 'Adapter' not in k}
     torch.manual_seed(0)
-    sd['norm.weight'], sd['norm.bias'] = 1 + 0.1 * torch.randn(256), 0.1 * torch.randn(256)
+    sd['norm.weight'], sd['norm.bias'] = 1 + 0.1 * torch.randn(width), 0.1 * torch.randn(width)
     return sd
 
 
@@ -2953,19 +2953,21 @@ def microsoft_from_mmseg(sd):
 @pytest.mark.parametrize('wrap', ['plain', 'state_dict+backbone'])
 def test_mmseg_swin_file_equals_microsoft_naming(tmp_path, wrap):
     cfg, io = release_fixture()
-    mm = mmseg_swin_state(torch.load(KTB_FIXTURE / 'ktb_release_tiny.pth', map_location='cpu', weights_only=True))
+    C = cfg['embed_dim']
+    mm = mmseg_swin_state(torch.load(KTB_FIXTURE / 'ktb_release_tiny.pth', map_location='cpu', weights_only=True), 8 * C)
     saved = mm if wrap == 'plain' else {'state_dict': {'backbone.' + k: v for k, v in mm.items()}}
     torch.save(saved, tmp_path / 'mmseg.pth')
     torch.save({'model': microsoft_from_mmseg(mm)}, tmp_path / 'microsoft.pth')
-    make = lambda: rgbx.SwinTransformer(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), window_size=12).eval()
+    make = lambda: rgbx.SwinTransformer(embed_dim=C, depths=cfg['depths'], heads=cfg['heads'],
+                                        window_size=cfg['window_size']).eval()
     a, b = rgbx.load_pretrained(make(), tmp_path / 'mmseg.pth'), rgbx.load_pretrained(make(), tmp_path / 'microsoft.pth')
     with torch.no_grad():
         for x, y in zip(a(io['rgb']), b(io['rgb'])):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
         # the merged downsample is nn.Unfold's, computed as mmsegmentation does, on the file's own tensors
-        t = torch.randn(1, 6, 10, 32)
-        unfolded = F.unfold(t.permute(0, 3, 1, 2), 2, stride=2).transpose(1, 2)  # (1, 15, 128), c*4 + (2 dy + dx)
-        ref = F.linear(F.layer_norm(unfolded, (128,), mm['stages.0.downsample.norm.weight'],
+        t = torch.randn(1, 6, 10, C)
+        unfolded = F.unfold(t.permute(0, 3, 1, 2), 2, stride=2).transpose(1, 2)  # (1, 15, 4 C), c*4 + (2 dy + dx)
+        ref = F.linear(F.layer_norm(unfolded, (4 * C,), mm['stages.0.downsample.norm.weight'],
                                     mm['stages.0.downsample.norm.bias']), mm['stages.0.downsample.reduction.weight'])
         torch.testing.assert_close(a.layers[0].downsample(t).flatten(1, 2), ref, atol=1e-5, rtol=1e-5)
     # the same file also fills a KTB's backbone (which has no final norm)
@@ -3003,15 +3005,18 @@ def test_ktb_training_defaults_follow_the_release():
     assert data.PRESETS['nyudv2'].x_norm('hha', 'gopt') == data.PRESETS['nyudv2'].x_norm('hha')
 
 
-def test_eval_cli_takes_a_release_checkpoint_from_flags(capsys, tmp_path):
-    release_fixture()
+def test_eval_cli_takes_a_release_checkpoint_from_flags(capsys, tmp_path, monkeypatch):
+    cfg, _ = release_fixture()
     path = str(KTB_FIXTURE / 'ktb_release_tiny.pth')
-    # the fixture is the 'nano' Swin with window 12, 5 classes (the demo's), head widths 64 / 32
+    # the fixture's Swin sizes as the 'nano' preset; its window, 5 classes (the demo's), head widths 64 / 32 by flags
+    monkeypatch.setitem(rgbx.SWIN_PRESETS, 'nano', dict(embed_dim=cfg['embed_dim'], depths=tuple(cfg['depths']),
+                                                        heads=tuple(cfg['heads']), window_size=cfg['window_size']))
+    window = f"window_size={cfg['window_size']}"
     ev.main(['--checkpoint', path, '--method', 'ktb', '--backbone', 'swin-nano', '--dataset', 'demo',
-             '--opts', 'fused_head_dim=64,aux_head_dim=32', '--device', 'cpu'])
+             '--opts', 'fused_head_dim=64,aux_head_dim=32,' + window, '--device', 'cpu'])
     assert 'mIoU' in capsys.readouterr().out
     for argv, expected in (([], 'holds no rgbx training config: pass --method, --backbone and --dataset'),
-                           (['--method', 'ktb', '--backbone', 'swin-nano', '--dataset', 'demo'],
+                           (['--method', 'ktb', '--backbone', 'swin-nano', '--dataset', 'demo', '--opts', window],
                             r"shape mismatches: \['s1.linear_c.0.bias: checkpoint \(64,\) vs model \(512,\)")):
         with pytest.raises(SystemExit) as e:
             ev.main(['--checkpoint', path, '--device', 'cpu'] + argv)
@@ -3239,9 +3244,9 @@ def test_floor_timings_floor_is_the_backbone_on_every_stream():
     assert not model.training
 # --- multimae ---
 # MaskMentor's network is MultiMAE's: the fixture computed by MultiMAE's own code
-# (../shared/fixtures/multimae, see its README) loads through load_pretrained and matches.
+# (fixtures/multimae, see its README) loads through load_pretrained and matches.
 
-MULTIMAE = Path(__file__).resolve().parent.parent / 'shared' / 'fixtures' / 'multimae'
+MULTIMAE = Path(__file__).resolve().parent / 'fixtures' / 'multimae'
 
 
 def multimae_fixture():
@@ -3418,10 +3423,10 @@ def test_sttp_trains_each_batch_for_a_whole_cycle_and_resumes_exactly(tmp_path, 
 
 
 def test_multimae_file_finetunes_with_train_py(tmp_path):
-    if not (MULTIMAE / 'multimae_tiny.pth').exists():
-        pytest.skip(f"MultiMAE fixture not found at {MULTIMAE}")
+    arch, _, _ = multimae_fixture()
+    encoder = ','.join(f'{k}={arch[k]}' for k in ('dim', 'depth', 'heads'))
     out = tr.train(tr.parse_config(['--method', 'maskmentor', '--backbone', 'vit-nano', '--pretrained',
-                                    str(MULTIMAE / 'multimae_tiny.pth'), '--opts', 'dim=96,depth=2,heads=4,head_dim=16,head_depth=1',
+                                    str(MULTIMAE / 'multimae_tiny.pth'), '--opts', encoder + ',head_dim=16,head_depth=1',
                                     '--max-steps', '3', '--workers', '0', '--out-dir', str(tmp_path / 'ft')]))
     assert out['step'] == 3 and 0 <= out['miou'] <= 1
     trained = torch.load(tmp_path / 'ft' / 'last.pt', weights_only=True)['model']
