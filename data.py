@@ -1,7 +1,8 @@
-"""Data for RGB-X semantic segmentation: dataset presets with the training recipes of
-design/ktb.md sec. 7, the run configuration resolved against them (Config, shared
-by train.py and eval.py), the community's prepared folder layout (CMX / SA-Gate /
-DFormer), a built-in synthetic RGB-D demo, joint augmentation and colourising.
+"""Data for RGB-X semantic segmentation: dataset presets (classes, X modalities,
+folder layouts, training crop), the community's prepared folder layout (CMX /
+SA-Gate / DFormer), a built-in synthetic RGB-D demo, joint augmentation and
+colourising. Nothing here depends on a method: a method's recipe (how it scales X,
+its learning rate ...) is rgbx's, and train.py passes what the data needs.
 
 Every dataset item is a triple (rgb, x, label):
     rgb   float32 (3, H, W)    channel order R, G, B (never BGR): v / 255, then
@@ -9,7 +10,8 @@ Every dataset item is a triple (rgb, x, label):
     x     float32 (C_x, H, W)  8-bit files: v / 255; 16-bit grey files (depth in mm):
                                v / Modality.max16 (10000: 1.0 = 10 m; 0 = invalid
                                stays 0, nothing is filled); then (v - mean) / std of
-                               the modality (Preset.x_norm). Each modality reads one
+                               the modality (Preset.x_norm; or, unstandardised, the
+                               [0, 1] values as they are). Each modality reads one
                                bit depth: 8-bit depth (mm expected) and any PNG of 16
                                bits per colour channel (which Pillow cuts to 8) are
                                errors that say which conversion to do;
@@ -22,9 +24,8 @@ sizes that disagree, a label value outside the classes, an id listed twice in a 
 or a split file that is not UTF-8 raises an error naming the file and the fix.
 """
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -39,18 +40,6 @@ EXTENSIONS = ('.png', '.jpg', '.jpeg')  # tried in this order where a split file
 # ----------------------------------------------------------------------------
 # Presets
 # ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Recipe:
-    """Training recipe (design/ktb.md sec. 7): AdamW, linear warm-up from 0.1 x lr,
-    then poly decay (power 0.9); crop is (H, W)."""
-    crop: tuple
-    epochs: int
-    lr: float
-    weight_decay: float
-    batch_size: int = 4
-    warmup_epochs: float = 10
-
 
 @dataclass(frozen=True)
 class Modality:
@@ -74,19 +63,22 @@ class Layout:
 @dataclass(frozen=True)
 class Preset:
     """A dataset: classes, X modalities, folder layouts (the first whose RGB folder
-    exists under the root is read), training recipe and default root (relative to
-    the working directory, as CMX's `datasets/`)."""
+    exists under the root is read; none: the generated demo), the training crop (H, W)
+    and default root (relative to the working directory, as CMX's `datasets/`).
+    `defaults`: training settings of the built-in demo (epochs, lr, ...), which replace
+    the methods' recipes there; real datasets train with their method's recipe."""
     class_names: tuple
     modalities: dict
     default_x: str
     layouts: tuple
-    recipe: Recipe
+    crop: tuple
     root: str = ''
     label_shift: int = 0
     ignore_index: int = IGNORE
     palette: tuple = ()  # colours of the classes; () = the VOC colormap
     rgb_norm: tuple = IMAGENET
     holdout: int = 0  # the demo only: training scenes held out as its 'test' split (a validation preset)
+    defaults: dict = field(default_factory=dict)
 
     @property
     def num_classes(self):
@@ -102,16 +94,21 @@ class Preset:
     def x_channels(self, x=None):
         return self.modalities[self.x_name(x)].channels
 
-    def x_norm(self, x=None, method=None):
-        """(mean, std) of X on the [0, 1] scale: the modality's, except for KTB,
-        whose release feeds X as [0, 1] values (8-bit / 255, no mean / std)."""
+    @property
+    def generated(self):
+        """Whether the data is generated in memory (the demo) rather than read from a folder."""
+        return not self.layouts
+
+    def x_norm(self, x=None, standardised=True):
+        """(mean, std) of X on the [0, 1] scale: the modality's, or (0, 1) for X fed as
+        its [0, 1] values (standardised=False, a method's recipe decides)."""
         m = self.modalities[self.x_name(x)]
-        return ((0.0,) * m.channels, (1.0,) * m.channels) if method == 'ktb' else (m.mean, m.std)
+        return (m.mean, m.std) if standardised else ((0.0,) * m.channels, (1.0,) * m.channels)
 
 
-# X statistics. Depth: measured on the realdata NYU frames (mm / 10000, holes included).
+# X statistics. Depth: measured on real NYUDv2 frames (mm / 10000, holes included).
 # Other X images have no measured statistics here: ImageNet's, as CMX normalises every
-# X (their mean for 1-channel X, which KTB repeats to 3 channels).
+# X (their mean for 1-channel X).
 IMAGE = Modality(3, *IMAGENET)  # 8-bit 3-channel X: HHA, AoLP, DeLiVER's
 GREY = Modality(1, (0.449,), (0.226,))  # 8-bit 1-channel X: thermal, NIR, DoLP, SAR
 DEPTH = Modality(1, (0.25,), (0.15,), max16=10000.0)
@@ -131,8 +128,8 @@ def demo_preset(size, holdout=0):
     split is the first 256 - holdout training scenes and whose 'test' split is the last
     `holdout` training scenes (never the test scenes)."""
     return Preset(('background', 'red low', 'red high', 'blue low', 'blue high'),
-                  {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (),
-                  Recipe((size, size), epochs=20, lr=1e-3, weight_decay=0.01, warmup_epochs=1), holdout=holdout)
+                  {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (), (size, size), holdout=holdout,
+                  defaults=dict(epochs=20, lr=1e-3, weight_decay=0.01, batch_size=4, warmup_epochs=1))
 
 
 PRESETS = {
@@ -141,53 +138,51 @@ PRESETS = {
     'demo128-val': demo_preset(128, holdout=64),  # the study's validation split, for decisions a paper leaves open
     # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
     'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
-                     Recipe((480, 640), epochs=400, lr=4e-4, weight_decay=0.01),
+                     (480, 640),
                      'datasets/NYUDepthv2', label_shift=-1),
     # SUN RGB-D's 37 classes are NYU-40's first 37; on disk 0 = void, 1..37. The original
-    # bit-rotated 16-bit depth must be converted to millimetres first. lr: the release's 4e-4
-    # (the supplement says 1e-4).
+    # bit-rotated 16-bit depth must be converted to millimetres first.
     'sunrgbd': Preset(NYU40[:37], {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
-                      Recipe((480, 480), epochs=300, lr=4e-4, weight_decay=0.01),
+                      (480, 480),
                       'datasets/SUNRGBD', label_shift=-1),
     # 0 = unlabelled is a class, as in the community. Two layouts: prepared RGB/ Thermal/
     # Label/, or MFNet's release: images/ (RGBA PNG, thermal in alpha), labels/, {train,val,test}.txt
     'mfnet': Preset(('unlabelled', 'car', 'person', 'bike', 'curve', 'car_stop', 'guardrail', 'color_cone',
                      'bump'), {'thermal': GREY}, 'thermal',
                     (Layout('RGB', 'Label', {'thermal': 'Thermal'}), Layout('images', 'labels', {'thermal': None})),
-                    Recipe((480, 640), epochs=200, lr=8e-5, weight_decay=5e-4), 'datasets/MFNet',
+                    (480, 640), 'datasets/MFNet',
                     palette=((0, 0, 0), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 192), (128, 128, 0),
                              (64, 64, 128), (192, 128, 128), (192, 64, 0))),
     # prepared RGB/ Thermal/ Label/, or the release's rgb/ thermal/ labels/ (per split folder,
-    # see RGBXDataset). lr: the release's 6e-4 (the supplement says 1e-4).
+    # see RGBXDataset).
     'pst900': Preset(('background', 'fire extinguisher', 'backpack', 'hand drill', 'survivor'),
                      {'thermal': GREY}, 'thermal',
                      (Layout('RGB', 'Label', {'thermal': 'Thermal'}), Layout('rgb', 'labels', {'thermal': 'thermal'})),
-                     Recipe((480, 640), epochs=200, lr=6e-4, weight_decay=0.01), 'datasets/PST900'),
+                     (480, 640), 'datasets/PST900'),
     # CMNeXt's class order; GT 0..19, 255 = void. The release's .npy AoLP (sin, cos) and DoLP
     # must be saved as 8-bit images first: AoLP/ as (sin, cos, sin) scaled to 0..255, as CMNeXt
-    # stacks them. Recipe: sec. 7 gives 250-500 epochs and 4e-4 / 6e-5; we take 500 / 6e-5.
+    # stacks them.
     'mcubes': Preset(('asphalt', 'concrete', 'metal', 'road_marking', 'fabric', 'glass', 'plaster', 'plastic',
                       'rubber', 'sand', 'gravel', 'ceramic', 'cobblestone', 'brick', 'grass', 'wood', 'leaf',
                       'water', 'human', 'sky'), {'aolp': IMAGE, 'dolp': GREY, 'nir': GREY}, 'aolp',
                      (Layout('RGB', 'Label', {'aolp': 'AoLP', 'dolp': 'DoLP', 'nir': 'NIR'}),),
-                     Recipe((512, 512), epochs=500, lr=6e-5, weight_decay=0.01), 'datasets/MCubeS'),
+                     (512, 512), 'datasets/MCubeS'),
     # CMNeXt's classes; on disk 0 and 255 = void, 1..25. X with 3 channels, as CMNeXt feeds
     # them (it repeats 1-channel files: save those as 3 channels). The release's
-    # img/<weather>/<split>/... tree must be flattened into this layout. Default X = event,
-    # the setting KTB reports (58.4); lr 2e-4, the release's (of the paper's "1e-4 / 2e-4").
+    # img/<weather>/<split>/... tree must be flattened into this layout. Default X = event.
     'deliver': Preset(('Building', 'Fence', 'Other', 'Pedestrian', 'Pole', 'RoadLine', 'Road', 'SideWalk',
                        'Vegetation', 'Cars', 'Wall', 'TrafficSign', 'Sky', 'Ground', 'Bridge', 'RailTrack',
                        'GroundRail', 'TrafficLight', 'Static', 'Dynamic', 'Water', 'Terrain', 'TwoWheeler', 'Bus',
                        'Truck'), {'depth': IMAGE, 'event': IMAGE, 'lidar': IMAGE}, 'event',
                       (Layout('RGB', 'Label', {'depth': 'Depth', 'event': 'Event', 'lidar': 'LiDAR'}),),
-                      Recipe((768, 768), epochs=200, lr=2e-4, weight_decay=0.01), 'datasets/DELIVER',
+                      (768, 768), 'datasets/DELIVER',
                       label_shift=-1),
     # The official README gives 0 background, 10 farmland, ..., 70 others: 7 land-use
     # classes; background is ignored (as SOLC does). Labels must be stored divided by 10
-    # (0..7). Not in sec. 7: crop 512 and 60 epochs at lr 4e-5 follow GoPT (its batch 64).
+    # (0..7).
     'whu-opt-sar': Preset(('farmland', 'city', 'village', 'water', 'forest', 'road', 'others'),
                           {'sar': GREY}, 'sar', (Layout('RGB', 'Label', {'sar': 'SAR'}),),
-                          Recipe((512, 512), epochs=60, lr=4e-5, weight_decay=0.01), 'datasets/WHU-OPT-SAR',
+                          (512, 512), 'datasets/WHU-OPT-SAR',
                           label_shift=-1),
 }
 
@@ -199,227 +194,6 @@ def get_preset(preset):
     if preset not in PRESETS:
         raise ValueError(f"unknown dataset {preset!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[preset]
-
-
-# ----------------------------------------------------------------------------
-# Run configuration: one home for train.py and eval.py
-# ----------------------------------------------------------------------------
-# Here, beside the presets it resolves against, so that train.py (which writes a
-# config into every checkpoint) and eval.py (which rebuilds a model from one) share
-# it without importing each other.
-
-@dataclass
-class Config:
-    """A run's configuration: every field is a train.py flag (`batch_size` ->
-    --batch-size). None = the dataset preset's recipe (filled by `resolve`), so that
-    every real value, 0 included, is taken as given."""
-    # data
-    dataset: str = 'demo'           # a key of PRESETS
-    data_root: str = ''             # '' = the dataset's default place (Preset.root)
-    x_modality: str = ''            # '' = the dataset's default X (nyudv2: hha)
-    split: str = 'train'            # the training split (demo: 'fit' leaves the 'val' scenes out)
-    # model
-    method: str = 'early_fusion'    # early_fusion | rgb_only | ktb | gopt | maskmentor
-    backbone: str = 'swin-nano'     # swin-{nano,tiny,small,base,large} | vit-{nano,base,large}
-    pretrained: str = ''            # official backbone file; 'none' trains a PEFT method from scratch on purpose
-    opts: str = ''                  # method options, e.g. "variant=vpt_deep,interval=2", "stage=pretrain", "adapter_ranks=64:64:64:64"
-    # optimisation; None = the dataset preset's recipe
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None  # per process; the global batch is batch_size * processes * grad_accum
-    lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-    warmup_epochs: Optional[float] = None
-    schedule: Optional[str] = None  # poly | cosine; None = the method's recipe (MaskMentor: cosine), else poly
-    beta2: Optional[float] = None   # AdamW beta2; None = the method's recipe (MaskMentor pre-training: 0.95), else 0.999
-    crop: Optional[str] = None      # training crop "HxW"
-    grad_accum: Optional[int] = None  # None = the recipe's (1; gopt on a real dataset: enough for a global batch of 64)
-    augment: Optional[str] = None   # full (the joint augmentation) | crop (the random crop only); None = the recipe's (gopt: crop)
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (None = all epochs)
-    # system
-    device: str = ''                # '' = cuda if available, else cpu
-    amp: str = 'none'               # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)
-    compile: bool = False
-    workers: int = 0                # loader processes; 0 measured fastest for the demo on 2 cores (README)
-    seed: int = 3407
-    # run
-    out_dir: str = ''               # '' = runs/<dataset>-<method>-<backbone>
-    resume: bool = False            # continue the run in out_dir; refused if the config differs from the run's
-    allow_changes: bool = False     # with --resume: accept changes to the fields of HARMLESS_CHANGES
-    overwrite: bool = False         # start afresh in an out_dir that holds a run, deleting its checkpoints and log
-    save_every: int = 0             # also checkpoint every N steps (0 = at the end of each epoch only)
-    eval_every: int = 1             # epochs (0 = never)
-    log_every: int = 10             # steps
-    save_full: bool = False         # also store the frozen weights in checkpoints
-    nonfinite: str = 'stop'         # stop | skip: what a non-finite loss does (skip: at most MAX_SKIPPED of the steps)
-
-
-PEFT = ('ktb', 'gopt')  # methods that freeze a pretrained backbone
-# GoPT's own recipe (paper, "Experimental Setup"): AdamW, lr 4e-5 with polynomial decay (no warm-up
-# named), batch 64, 60 epochs, "without introducing other algorithms for data expansion" (no
-# augmentation); a process keeps the preset's batch and --grad-accum reaches 64. The built-in demo
-# presets keep their recipe: the study gives every method the same steps and batch.
-GOPT_RECIPE = dict(epochs=60, lr=4e-5, warmup_epochs=0, global_batch=64)
-# MaskMentor Sec. 4.1: pre-training AdamW lr 1e-5, cosine, batch 12 (reach it with --batch-size B
-# --grad-accum 12/B when 12 do not fit), betas 0.9 / 0.95 as MultiMAE pre-trains; fine-tuning lr 3e-5,
-# cosine, batch 2. Epochs, crop, weight decay and lr warm-up come from the dataset preset.
-MASKMENTOR_RECIPES = {'pretrain': dict(lr=1e-5, batch_size=12, schedule='cosine', beta2=0.95),
-                      'finetune': dict(lr=3e-5, batch_size=2, schedule='cosine')}
-# Fields a resumed run may change with --allow-changes: they decide what is logged,
-# saved, evaluated or where files are found, not what a step computes (device and
-# compile: only its float rounding; pretrained: the frozen weights are checked by fingerprint).
-HARMLESS_CHANGES = ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every', 'save_full',
-                    'nonfinite', 'device', 'compile')
-RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir')  # say how to run, not what: never compared
-# design choice: a run may skip at most 5% of its steps (at least 1) under
-# --nonfinite skip; a diverged run (lr 1e9 skipped 63 of 64) then stops instead of
-# "finishing" on the few steps it took
-MAX_SKIPPED = 0.05
-RETIRED = ('sync_bn',)  # fields of older configs that no longer act (BatchNorm is always synchronised under DDP)
-
-
-def config_from_dict(d, source):
-    """A Config from a saved dict (config.json, a checkpoint's 'config'), naming unknown fields."""
-    d = {k: v for k, v in d.items() if k not in RETIRED}
-    unknown = sorted(set(d) - {f.name for f in fields(Config)})
-    if unknown:
-        raise ValueError(f"{source} has config fields this code does not know: {unknown}; "
-                         f"use the version of the code that wrote it")
-    if d.get('max_steps') == 0:  # written when 0 meant "all epochs" (now None)
-        d = dict(d, max_steps=None)
-    return Config(**d)
-
-
-def parse_size(text, flag):
-    """'480x640' -> (480, 640), positive integers, or an error naming `flag`."""
-    try:
-        size = tuple(int(v) for v in text.lower().split('x'))
-    except ValueError:
-        size = ()
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"{flag} takes HxW in pixels, e.g. 480x640, not {text!r}")
-    return size
-
-
-def check_device(name, flag='--device'):
-    """A torch.device of `name` ('' = cuda if available, else cpu) that exists on this machine."""
-    try:
-        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    except RuntimeError:
-        raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}") from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"{flag} {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
-                         f"use {flag} cpu")
-    if device.type not in ('cpu', 'cuda'):
-        raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}")
-    return device
-
-
-# (field, lowest allowed value, whether the lowest is allowed itself)
-RANGES = (('epochs', 1, True), ('batch_size', 1, True), ('lr', 0, False), ('weight_decay', 0, True),
-          ('warmup_epochs', 0, True), ('grad_accum', 1, True), ('max_steps', 1, True), ('workers', 0, True),
-          ('seed', 0, True), ('save_every', 0, True), ('eval_every', 0, True), ('log_every', 1, True))
-
-
-def resolve(cfg):
-    """Fill the recipe fields left at None from the dataset preset (design/ktb.md
-    sec. 7) and check every field, raising a one-line error naming the flag.
-    Returns `cfg` (resolving twice changes nothing)."""
-    preset = get_preset(cfg.dataset)
-    recipe = preset.recipe
-    if cfg.method == 'maskmentor':  # the paper's recipe first, the dataset's for the rest
-        for k, v in MASKMENTOR_RECIPES[parse_opts(cfg.opts).get('stage', 'finetune')].items():
-            if getattr(cfg, k) is None:
-                setattr(cfg, k, v)
-    fill = dict(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                warmup_epochs=recipe.warmup_epochs, crop='%dx%d' % tuple(recipe.crop), grad_accum=1, augment='full')
-    if cfg.method == 'gopt' and preset.layouts:  # a real dataset: GoPT's own recipe
-        world = int(os.environ.get('WORLD_SIZE', 1))
-        per_step = (cfg.batch_size or recipe.batch_size) * world
-        fill.update(epochs=GOPT_RECIPE['epochs'], lr=GOPT_RECIPE['lr'], warmup_epochs=GOPT_RECIPE['warmup_epochs'],
-                    augment='crop', grad_accum=max(1, GOPT_RECIPE['global_batch'] // per_step))
-    for k, v in fill.items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    for name, low, inclusive in RANGES:
-        v = getattr(cfg, name)
-        if v is not None and (v < low or (v == low and not inclusive)):
-            raise ValueError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {low}, not {v}")
-    cfg.crop = '%dx%d' % parse_size(cfg.crop, '--crop')
-    check_device(cfg.device)
-    if not cfg.out_dir:
-        cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
-    if cfg.method in PEFT and not cfg.pretrained:
-        raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
-                         f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
-    cfg.schedule = 'poly' if cfg.schedule is None else cfg.schedule
-    cfg.beta2 = 0.999 if cfg.beta2 is None else cfg.beta2
-    if cfg.schedule not in ('poly', 'cosine'):
-        raise ValueError(f"--schedule takes poly|cosine, not {cfg.schedule!r}")
-    if not 0 < cfg.beta2 < 1:
-        raise ValueError(f"--beta2 must be in (0, 1), not {cfg.beta2}")
-    if cfg.augment not in ('full', 'crop'):
-        raise ValueError(f"--augment takes full|crop, not {cfg.augment!r}")
-    if cfg.nonfinite not in ('stop', 'skip') or cfg.amp not in ('none', 'bf16', 'fp16'):
-        raise ValueError(f"--nonfinite takes stop|skip and --amp none|bf16|fp16, not {cfg.nonfinite!r} / {cfg.amp!r}")
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
-    if cfg.allow_changes and not cfg.resume:
-        raise ValueError("--allow-changes only acts with --resume")
-    return cfg
-
-
-def resume_changes(saved, cfg, allow, source):
-    """Check that a resumed run's config `cfg` is the saved one: a one-line error listing
-    every differing field (run value -> now); with `allow`, the HARMLESS_CHANGES pass.
-    Returns the accepted changes as text ('' when none)."""
-    saved, now = asdict(config_from_dict(saved, source)), asdict(cfg)
-    changed = {k: (saved[k], now[k]) for k in now if k not in RUN_ONLY and saved[k] != now[k]}
-    refused = {k: v for k, v in changed.items() if not (allow and k in HARMLESS_CHANGES)}
-    text = lambda d: ', '.join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in d.items())
-    if refused:
-        weights = [k for k in refused if k not in HARMLESS_CHANGES]
-        flags = lambda ks: ', '.join('--' + k.replace('_', '-') for k in ks)
-        raise ValueError(f"--resume: the config differs from the run in {source}: {text(refused)}. "
-                         + (f"{flags(weights)} change what is trained: pass the run's values (its config.json) or "
-                            f"start a new run in another --out-dir" if weights else '')
-                         + ('; ' if weights and len(weights) < len(refused) else '')
-                         + (f"--allow-changes accepts {flags(k for k in refused if k in HARMLESS_CHANGES)}"
-                            if len(weights) < len(refused) else ''))
-    return text(changed)
-
-
-def parse_opts(text):
-    """"a=1,b=x,c=true,d=8:16:32:64" -> {'a': 1, 'b': 'x', 'c': True, 'd': [8, 16, 32, 64]}
-    (numbers and booleans converted; ':' separates the items of a list, e.g. KTB's per-stage ranks)."""
-    out = {}
-    for item in filter(None, text.split(',')):
-        if '=' not in item:
-            raise ValueError(f"--opts item {item!r} is not key=value")
-        k, v = item.split('=', 1)
-        low = v.lower()
-        out[k.strip()] = True if low == 'true' else False if low == 'false' else \
-            [_number(i) for i in v.split(':')] if ':' in v else _number(v)
-    return out
-
-
-def _number(v):
-    for t in (int, float):
-        try:
-            return t(v)
-        except ValueError:
-            pass
-    return v
-
-
-def model_options(cfg):
-    """The rgbx.build_model keyword arguments of a config: the pretrained file (None
-    for '' and 'none') and the method options, with the recipe defaults of a method."""
-    opts = parse_opts(cfg.opts)
-    if cfg.method == 'maskmentor' and 'stage' not in opts:
-        opts['stage'] = 'finetune'
-    if cfg.method == 'ktb' and cfg.dataset == 'mcubes':
-        opts.setdefault('ohem', True)  # KTB's release trains MCubeS with OHEM cross-entropy
-    return dict(pretrained=None if cfg.pretrained in ('', 'none') else cfg.pretrained, **opts)
 
 
 # ----------------------------------------------------------------------------
@@ -540,14 +314,14 @@ def check_sizes(*pairs):
                          f"at one size (and check they are the same scene)")
 
 
-def load_pair(rgb_path, x_path, preset, x_modality=None, method=None):
+def load_pair(rgb_path, x_path, preset, x_modality=None, x_standardised=True):
     """Your own RGB and X images -> normalised rgb (3, H, W) and x (C, H, W) tensors
-    (X normalised for `method`, see Preset.x_norm)."""
+    (X standardised or not, see Preset.x_norm)."""
     preset = get_preset(preset)
     rgb = read_rgb(rgb_path)
     x = read_x(x_path, preset.modalities[preset.x_name(x_modality)])
     check_sizes((rgb_path, rgb), (x_path, x))
-    return normalize(*to_chw(rgb, x), preset.rgb_norm, preset.x_norm(x_modality, method))
+    return normalize(*to_chw(rgb, x), preset.rgb_norm, preset.x_norm(x_modality, x_standardised))
 
 
 # ----------------------------------------------------------------------------
@@ -791,18 +565,19 @@ def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=
                                        generator=torch.Generator())
 
 
-def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, method=None, augment=True):
+def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, x_standardised=True,
+                  augment=True):
     """The dataset `name` of PRESETS: 'demo' / 'demo128' (generated; root ignored) or RGBXDataset at `root`
     ('' or None: the preset's default root, e.g. ./datasets/NYUDepthv2). train=True
-    augments with TrainTransform(crop or the recipe's crop); augment=False keeps only
-    the random crop (GoPT's recipe); `seed` seeds augmentation (and the demo's scenes);
-    X is normalised for `method` (Preset.x_norm)."""
+    augments with TrainTransform(crop or the preset's crop); augment=False keeps only
+    the random crop; `seed` seeds augmentation (and the demo's scenes); X is
+    standardised or fed as its [0, 1] values (Preset.x_norm)."""
     preset = get_preset(name)
-    norms = preset.rgb_norm, preset.x_norm(x_modality, method)
+    norms = preset.rgb_norm, preset.x_norm(x_modality, x_standardised)
     plain = {} if augment else dict(scale=(1.0, 1.0), jitter_p=0.0, blur_p=0.0, flip_p=0.0)
-    transform = TrainTransform(crop or preset.recipe.crop, *norms, **plain) if train else EvalTransform(*norms)
-    if not preset.layouts:  # a preset without a folder layout is the generated demo
-        return DemoDataset(split, size=preset.recipe.crop[0], seed=seed, transform=transform, preset=name)
+    transform = TrainTransform(crop or preset.crop, *norms, **plain) if train else EvalTransform(*norms)
+    if preset.generated:
+        return DemoDataset(split, size=preset.crop[0], seed=seed, transform=transform, preset=name)
     return RGBXDataset(root or preset.root, split, preset, x_modality, transform, seed)
 
 
@@ -841,7 +616,7 @@ class EvalTransform:
 
 
 class TrainTransform(EvalTransform):
-    """Joint augmentation (design/ktb.md sec. 7, the CMNeXt pipeline of the release):
+    """Joint augmentation (the CMNeXt pipeline, as the RGB-X code bases train):
     random resize by s in `scale` (bilinear with antialiasing for rgb and x, nearest for
     the label, the same geometry); a random crop of `crop` (H, W), at a random offset
     also where the image is smaller; on the RGB crop only, colour jitter (p 0.2;

@@ -9,77 +9,341 @@
                                         # a trained KTB of the authors' release (no rgbx config inside)
     python eval.py --checkpoint runs/mm-pre/last.pt --reconstruct recon/  # MaskMentor Fig. 4 from a pre-training run
 
-Metrics and inference (one confusion matrix; mIoU over the classes present in
-the ground truth or the prediction; multi-scale, flip, sliding window, missing
-modality) are rgbx.evaluate and the functions it calls; the run configuration is
-data.Config, shared with train.py.
+Reads top to bottom: metrics and inference (one confusion matrix; mIoU over the
+classes present in the ground truth or the prediction; multi-scale, flip, sliding
+window, a missing modality), the evaluation loop, a run's model rebuilt from its
+checkpoint (the model arguments stored in it), pictures, the benchmark, the command
+line. train.py imports this file for its evaluation and its checkpoints' models.
 """
 import argparse
-import dataclasses
 import json
+import math
 import os
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import data
 import rgbx
-from data import shard_loader
-from rgbx import SCALES, drop_modality, evaluate, format_metrics, metrics, predict
+
+
+SEED = 3407  # the benchmark's random weights and inputs
+
+
+def autocast(amp, device):
+    """The precision context of `amp`: bf16 / fp16 autocast on `device`, or fp32 (none).
+    fp16 runs on CUDA only (with a gradient scaler in training)."""
+    if amp == 'none':
+        return nullcontext()
+    if amp not in ('bf16', 'fp16'):
+        raise ValueError(f"--amp takes none, bf16 or fp16, not {amp!r}")
+    if amp == 'fp16' and device.type != 'cuda':
+        raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
+
 
 # ----------------------------------------------------------------------------
-# Loading a trained model, saving pictures
+# Metrics and inference (also train.py's evaluation during training). Metrics come from one confusion matrix (rows =
+# ground truth, columns = prediction), summed over processes under torchrun.
+# mIoU is the mean IoU over the classes that occur in the ground truth or in the
+# prediction of the whole evaluated set (a class absent from both has no IoU and is
+# left out; a class predicted but never present scores 0).
 # ----------------------------------------------------------------------------
+
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the papers' multi-scale test
+
+
+def confusion(pred, label, num_classes, ignore=255):
+    """(K, K) int64 confusion matrix, rows = ground truth, columns = prediction;
+    pixels labelled `ignore` do not count."""
+    valid = label != ignore
+    idx = label[valid] * num_classes + pred[valid]
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def metrics(conf):
+    """mIoU, per-class IoU, mAcc, pixel accuracy, and OA / AA / Cohen's kappa (the
+    WHU-OPT-SAR figures: OA = pixel accuracy, AA = mAcc). Classes with an empty
+    union (IoU) or no ground truth (accuracy) are NaN and left out of the means."""
+    conf = conf.double()
+    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
+    union = gt + pr - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float('nan')))
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float('nan')))
+    n = conf.sum().clamp(min=1)
+    oa = (tp.sum() / n).item()
+    pe = ((gt * pr).sum() / n ** 2).item()
+    return dict(miou=iou.nanmean().item(), macc=acc.nanmean().item(), pixel_acc=oa, oa=oa,
+                aa=acc.nanmean().item(), kappa=(oa - pe) / (1 - pe) if pe < 1 else 0.0, iou=iou.tolist())
+
+
+def format_metrics(m, class_names, short=False):
+    head = (f"mIoU {100 * m['miou']:.2f} | mAcc {100 * m['macc']:.2f} | pixel acc {100 * m['pixel_acc']:.2f} | "
+            f"kappa {m['kappa']:.4f}")
+    if short:
+        return head
+    rows = [f"  {name:<24s} {'   n/a' if math.isnan(v) else f'{100 * v:6.2f}'}" for name, v in zip(class_names, m['iou'])]
+    return head + '\n  class                     IoU %\n' + '\n'.join(rows)
+
+
+def window_starts(size, crop, stride):
+    """Start offsets of windows of length `crop` with step `stride` that cover
+    [0, size); the last window ends exactly at size."""
+    if size <= crop:
+        return [0]
+    starts = list(range(0, size - crop, stride))
+    return starts + [size - crop]
+
+
+def sliding_logits(model, rgb, x, num_classes, crop, stride=None):
+    """Average the logits of crop-sized windows over an image larger than the crop.
+    rgb (B, 3, H, W), x (B, Cx, H, W) -> (B, K, H, W). Height and width use their
+    own crop and stride (crop = (ch, cw), stride defaults to 2/3 of the crop)."""
+    H, W = rgb.shape[-2:]
+    (ch, cw) = crop
+    sh, sw = stride or (max(1, 2 * ch // 3), max(1, 2 * cw // 3))
+    if H <= ch and W <= cw:
+        return model(rgb, x)
+    out = rgb.new_zeros(rgb.shape[0], num_classes, H, W)
+    count = rgb.new_zeros(1, 1, H, W)
+    for top in window_starts(H, ch, sh):
+        for left in window_starts(W, cw, sw):
+            win = (..., slice(top, top + ch), slice(left, left + cw))
+            out[win] += model(rgb[win], x[win])
+            count[win] += 1
+    return out / count
+
+
+def predict(model, rgb, x, num_classes, scales=(1.0,), flip=False, crop=None):
+    """Sum of softmax probabilities over scales (and horizontal flips), at the
+    input size: (B, K, H, W). Each scaled input goes through `sliding_logits`
+    when `crop` is given and the input is larger than it."""
+    H, W = rgb.shape[-2:]
+    probs = rgb.new_zeros(rgb.shape[0], num_classes, H, W)
+    for s in scales:
+        size = (max(1, round(H * s)), max(1, round(W * s)))
+        r, t = ((F.interpolate(v, size=size, mode='bilinear', align_corners=False) if s != 1 else v) for v in (rgb, x))
+        for flipped in ((False, True) if flip else (False,)):
+            ri, ti = (r.flip(-1), t.flip(-1)) if flipped else (r, t)
+            logits = sliding_logits(model, ri, ti, num_classes, crop) if crop else model(ri, ti)
+            logits = logits.flip(-1) if flipped else logits
+            if s != 1:
+                logits = F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
+            probs += logits.float().softmax(1)
+    return probs
+
+
+def drop_modality(rgb, x, modality):
+    """--modality both|rgb|x: zero the input that is missing (normalised zero = dataset mean)."""
+    if modality not in ('both', 'rgb', 'x'):
+        raise ValueError(f"--modality takes both|rgb|x, not {modality!r}")
+    return (rgb if modality != 'x' else torch.zeros_like(rgb)), (x if modality != 'rgb' else torch.zeros_like(x))
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop=None, modality='both',
+             amp='none', on_batch=None):
+    """Confusion matrix of `model` over `loader`, summed over processes when
+    torch.distributed is initialised. `on_batch(index, rgb, x, label, pred)` sees
+    every batch (used to save predictions)."""
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    ctx = autocast(amp, device)
+    for i, (rgb, x, label) in enumerate(loader):
+        rgb, x, label = rgb.to(device), x.to(device), label.to(device)
+        with ctx:
+            pred = predict(model, *drop_modality(rgb, x, modality), num_classes, scales, flip, crop).argmax(1)
+        conf += confusion(pred, label, num_classes)
+        if on_batch is not None:
+            on_batch(i, rgb, x, label, pred)
+    if dist.is_initialized():
+        dist.all_reduce(conf)
+    model.train(was_training)
+    return conf.cpu()
+
+
+# ----------------------------------------------------------------------------
+# A run's model and data, rebuilt from its checkpoint
+# ----------------------------------------------------------------------------
+
+def parse_size(text, flag):
+    """'480x640' -> (480, 640), positive integers, or an error naming `flag`."""
+    try:
+        size = tuple(int(v) for v in str(text).lower().split('x'))
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{flag} takes HxW in pixels, e.g. 480x640, not {text!r}")
+    return size
+
+
+def check_device(name, flag='--device'):
+    """A torch.device of `name` ('' = cuda if available, else cpu) that exists on this machine."""
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                         f"use {flag} cpu")
+    if device.type not in ('cpu', 'cuda'):
+        raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}")
+    return device
+
+
+def setup_distributed(device_name):
+    """(rank, world, device): one process, or under torchrun (RANK in the environment)
+    its rank, with the process group (nccl on CUDA, gloo on CPU) and this rank's GPU."""
+    device = check_device(device_name)
+    if 'RANK' not in os.environ:
+        return 0, 1, device
+    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
+    if device.type == 'cuda':
+        torch.cuda.set_device(local)
+        device = torch.device(f'cuda:{local}')
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+
+def parse_opts(text):
+    """'a=1, b=x,c=8:16' -> {'a': '1', 'b': 'x', 'c': '8:16'}: method options as text
+    (rgbx.resolve_options gives them their types); an item without '=', an empty key or
+    a key given twice is an error naming it."""
+    out = {}
+    for item in (i.strip() for i in (text or '').split(',')):
+        if not item:
+            continue
+        key, eq, value = (p.strip() for p in item.partition('='))
+        if not eq or not key:
+            raise ValueError(f"--opts item {item!r} is not key=value")
+        if key in out:
+            raise ValueError(f"--opts gives {key!r} twice")
+        out[key] = value
+    return out
+
+
+@dataclass
+class Run:
+    """What rebuilds a trained model and reads its data, as stored in its checkpoints:
+    model_args = dict(method, backbone, num_classes, x_channels, options) for
+    rgbx.build_model (every option after its defaults), the dataset, its X modality and
+    how X is scaled (x_standardised), the data root and crop of the run, its pretrained file."""
+    model_args: dict
+    dataset: str
+    x_modality: str
+    x_standardised: bool = True
+    data_root: str = ''
+    crop: str = ''
+    pretrained: str = ''
+    seed: int = 0
+
+    @property
+    def method(self):
+        return self.model_args['method']
+
+    def build(self, pretrained=None):
+        """The model, with `pretrained` loaded into it (None: none; random frozen weights)."""
+        a = self.model_args
+        return rgbx.build_model(a['method'], a['backbone'], a['num_classes'], a['x_channels'], pretrained=pretrained,
+                                **a['options'])
+
+
+def run_of(method, backbone, dataset, x_modality='', opts='', pretrained='', data_root='', crop='', seed=0):
+    """The Run of a model chosen by name: options resolved (`opts` text or dict, the
+    recipe's defaults for the dataset first), X modality and scaling from the dataset
+    and the method's recipe."""
+    preset = data.get_preset(dataset)
+    x = preset.x_name(x_modality or None)
+    given = parse_opts(opts) if isinstance(opts, str) else dict(opts)
+    stage = rgbx.resolve_options(method, backbone, given)
+    recipe = rgbx.recipe(method, dataset, stage)
+    options = rgbx.resolve_options(method, backbone, {**recipe.options, **given})
+    args = dict(method=method, backbone=backbone, num_classes=preset.num_classes, x_channels=preset.x_channels(x),
+                options=options)
+    return Run(args, dataset, x, recipe.x_standardised, data_root, crop, pretrained, seed)
+
+
+def legacy_run(config, source):
+    """The Run of a checkpoint written before checkpoints stored their model arguments:
+    its config's method, backbone and option text, with the defaults that code used."""
+    try:
+        given = parse_opts(config['opts'])
+        if config['method'] == 'maskmentor':
+            given.setdefault('stage', 'finetune')
+        run = run_of(config['method'], config['backbone'], config['dataset'], config['x_modality'], given,
+                     config['pretrained'], config['data_root'], config['crop'], config.get('seed', 0))
+    except KeyError as e:
+        raise ValueError(f"{source} has no config field {e}: it is not a checkpoint of train.py") from None
+    return run
+
+
+def load_run_checkpoint(path):
+    """A training checkpoint of train.py; anything else is a one-line error."""
+    ckpt = rgbx.read_checkpoint(path)
+    needed = {'model', 'config', 'step'}
+    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+        raise ValueError(f"{path} is not an rgbx training checkpoint (needs keys {sorted(needed)}); "
+                         f"for an official backbone file use --pretrained")
+    return ckpt
+
+
+def checkpoint_run(ckpt, source):
+    """The Run a training checkpoint stores (or, for one of the previous format, `legacy_run`)."""
+    return Run(**ckpt['run']) if 'run' in ckpt else legacy_run(ckpt['config'], source)
+
 
 def load_model(path, pretrained=None, device='cpu'):
-    """Rebuild the model of a training checkpoint and load its weights. The frozen
-    backbone comes from the checkpoint when it holds every weight (--save-full, or
-    a run without a pretrained file), else from the run's --pretrained file (or
-    `pretrained`), checked against the fingerprint stored at training time.
-    Returns (model, data.Config)."""
-    ckpt = rgbx.load_run_checkpoint(path)
-    cfg = data.config_from_dict(ckpt['config'], path)
+    """Rebuild the model of a training checkpoint from its stored arguments and load
+    its weights. The frozen backbone comes from the checkpoint when it holds every
+    weight (--save-full, or a run without a pretrained file), else from the run's
+    pretrained file (or `pretrained`), checked against the fingerprint stored at
+    training time. Returns (model, Run)."""
+    ckpt = load_run_checkpoint(path)
+    run = checkpoint_run(ckpt, path)
     if pretrained:
-        cfg.pretrained = pretrained
-    preset = data.PRESETS[cfg.dataset]
-    x_channels = preset.x_channels(cfg.x_modality or None)
-    model = build_model(dataclasses.replace(cfg, pretrained='none'), preset, x_channels)  # first without the file
+        run.pretrained = pretrained
+    start = {k: '' for k in rgbx.START_FILES if k in run.model_args['options']}  # the trained weights replace them
+    run.model_args = dict(run.model_args, options={**run.model_args['options'], **start})
+    model = run.build()  # first without the file
     full = set(ckpt['model']) == set(model.state_dict())
-    if not full and cfg.pretrained not in ('', 'none'):  # the frozen weights come from the file
-        model = build_model(cfg, preset, x_channels)
+    if not full and run.pretrained not in ('', 'none'):  # the frozen weights come from the file
+        if not os.path.isfile(run.pretrained):
+            raise ValueError(f"{path} holds only the trained weights; its frozen backbone comes from the run's "
+                             f"pretrained file {run.pretrained}, which does not exist: pass --pretrained FILE")
+        model = run.build(run.pretrained)
     if not full and ckpt['frozen_sha1'] != rgbx.frozen_fingerprint(model):
         raise ValueError(f"{path} holds only the trained weights, and the frozen ones built here differ from those "
                          f"it was trained with: " + (
-                             f"pass --pretrained with the file the run used ({cfg.pretrained!r})"
-                             if cfg.pretrained not in ('', 'none') else
+                             f"pass --pretrained with the file the run used ({run.pretrained!r})"
+                             if run.pretrained not in ('', 'none') else
                              "the run had no pretrained file and this checkpoint predates saving its random frozen "
                              "weights; train it again"))
-    rgbx.load_trained(model, ckpt['model'], path)
-    return model.to(device).eval(), cfg
+    rgbx.load_trained(model, {k: v for k, v in ckpt['model'].items() if k != 'steps_done'}, path)
+    return model.to(device).eval(), run
 
 
-def build_model(cfg, preset, x_channels):
-    """The model of a run config, as train.py builds it."""
-    return rgbx.build_model(cfg.method, cfg.backbone, preset.num_classes, x_channels, **data.model_options(cfg))
 def load_model_from_flags(args, device):
     """A checkpoint without rgbx's training config, e.g. a trained KTB of the
     authors' release: the model is built from --method, --backbone, --dataset
     (classes, X channels), --x-modality and --opts, and the whole file is loaded
-    by rgbx.load_pretrained, which checks every key. Returns (model, config)."""
+    by rgbx.load_pretrained, which checks every key. Returns (model, Run)."""
     if not (args.method and args.backbone and args.dataset):
         raise ValueError(f"{args.checkpoint} holds no rgbx training config: pass --method, --backbone and "
                          f"--dataset to build its model (e.g. --method ktb --backbone swin-base --dataset nyudv2)")
-    cfg = data.resolve(data.Config(dataset=args.dataset, data_root=args.data_root or '', method=args.method,
-                                   backbone=args.backbone, opts=args.opts or '', x_modality=args.x_modality or '',
-                                   pretrained='none'))
-    preset = data.PRESETS[cfg.dataset]
-    model = build_model(cfg, preset, preset.x_channels(cfg.x_modality or None))
+    run = run_of(args.method, args.backbone, args.dataset, args.x_modality or '', args.opts or '',
+                 data_root=args.data_root or '')
+    model = run.build()
     rgbx.load_pretrained(model, args.checkpoint)
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), run
 
 
 def to_image(t, mean, std):
@@ -191,7 +455,7 @@ def floor_timings(model, size, num_classes, x_channels, device, repeats=3, batch
     """
     H, W = size
     ctx = ctx or (lambda: torch.autocast(device.type, enabled=False))
-    streams = getattr(model, 'streams', 1)
+    streams = model.streams
     rgb, x = torch.randn(batch, 3, H, W, device=device), torch.randn(batch, x_channels, H, W, device=device)
     label = torch.randint(0, num_classes, (batch, H, W), device=device)
     backbone = model.backbone
@@ -249,8 +513,7 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
     from torch.utils.flop_counter import FlopCounterMode
     H, W = size
     x_channels = dataset[0][1].shape[0]
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)) \
-        if amp != 'none' else (lambda: torch.autocast(device.type, enabled=False))
+    ctx = (lambda: autocast(amp, device)) if amp != 'none' else (lambda: torch.autocast(device.type, enabled=False))
     model = model.to(device)
     out = dict(size=[H, W], device=str(device), threads=torch.get_num_threads(),
                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -333,6 +596,7 @@ def main(argv=None):
     b.add_argument('--floor-only', action='store_true',
                    help='only the training step and latency against the frozen-backbone floor, timed in turns')
     args = p.parse_args(argv)
+    rgbx.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     try:
         check_flags(args)
         return run(args)
@@ -374,11 +638,7 @@ def check_flags(args):
 
 
 def run(args):
-    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if 'RANK' in os.environ else (0, 1)
-    device = data.check_device(args.device)
-    device = torch.device(device if world == 1 or device.type != 'cuda' else f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    rank, world, device = setup_distributed(args.device)
     if args.benchmark:
         return run_benchmark(args, device)
     ckpt = rgbx.read_checkpoint(args.checkpoint)
@@ -389,45 +649,61 @@ def run(args):
         if model_choice:
             raise ValueError(f"{args.checkpoint} holds its run's config, which sets the model and dataset: drop "
                              f"{model_choice}")
-        model, cfg = load_model(args.checkpoint, args.pretrained, device)
+        model, run = load_model(args.checkpoint, args.pretrained, device)
     else:  # e.g. a trained KTB of the authors' release: the model from the flags
         del ckpt
-        model, cfg = load_model_from_flags(args, device)
-    preset = data.PRESETS[cfg.dataset]
-    palette = data.palette(cfg.dataset)
-    scales = SCALES if args.multi_scale else (1.0,)
-    crop = data.parse_size(cfg.crop, 'the checkpoint\'s crop') if args.sliding else None
-    if getattr(model, 'pretraining', False) != bool(args.reconstruct):
+        model, run = load_model_from_flags(args, device)
+    if model.pretraining != bool(args.reconstruct):
         raise ValueError(f"{args.checkpoint} is a pre-training checkpoint: it has no segmentation to evaluate; "
                          f"save its reconstructions with --reconstruct DIR" if args.reconstruct is None else
                          f"--reconstruct needs a MaskMentor pre-training checkpoint (--opts stage=pretrain), "
                          f"not {args.checkpoint}")
+    root = args.data_root if args.data_root is not None else run.data_root
     if args.reconstruct:
-        dataset = data.build_dataset(cfg.dataset, args.data_root if args.data_root is not None else cfg.data_root,
-                                     args.split or 'test', cfg.x_modality or None, method=cfg.method)
-        save_reconstructions(model, dataset, args.reconstruct, preset.rgb_norm, device)
+        dataset = data.build_dataset(run.dataset, root, args.split or 'test', run.x_modality,
+                                     x_standardised=run.x_standardised)
+        save_reconstructions(model, dataset, args.reconstruct, data.get_preset(run.dataset).rgb_norm, device)
         print(f"wrote {len(dataset)} reconstruction panels to {args.reconstruct}")
-        return
+    elif args.rgb or args.x or args.out:
+        segment_pair(args, model, run, device)
+    else:
+        evaluate_split(args, model, run, root, rank, world, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
-    if args.rgb or args.x or args.out:
-        if not (args.rgb and args.x and args.out):
-            raise ValueError("segmenting your own images needs all of --rgb, --x and --out")
-        rgb, x = data.load_pair(args.rgb, args.x, cfg.dataset, cfg.x_modality or None, cfg.method)
-        with torch.no_grad():
-            pred = predict(model, *drop_modality(rgb[None].to(device), x[None].to(device), args.modality),
-                           preset.num_classes, scales, args.flip, crop).argmax(1)[0]
-        Image.fromarray(data.colorize(pred.cpu().numpy(), palette)).save(args.out)
-        print(f"wrote {args.out}")
-        return
 
+def inference(args, run):
+    """(scales, crop) of the inference flags: multi-scale, and the run's crop for --sliding."""
+    scales = SCALES if args.multi_scale else (1.0,)
+    return scales, (parse_size(run.crop, "the checkpoint's crop") if args.sliding else None)
+
+
+def segment_pair(args, model, run, device):
+    """--rgb, --x, --out: one image pair segmented, written as a colourised PNG."""
+    if not (args.rgb and args.x and args.out):
+        raise ValueError("segmenting your own images needs all of --rgb, --x and --out")
+    preset = data.get_preset(run.dataset)
+    rgb, x = data.load_pair(args.rgb, args.x, preset, run.x_modality, run.x_standardised)
+    scales, crop = inference(args, run)
+    with torch.no_grad(), autocast(args.amp, device):
+        pred = predict(model, *drop_modality(rgb[None].to(device), x[None].to(device), args.modality),
+                       preset.num_classes, scales, args.flip, crop).argmax(1)[0]
+    Image.fromarray(data.colorize(pred.cpu().numpy(), data.palette(run.dataset))).save(args.out)
+    print(f"wrote {args.out}")
+
+
+def evaluate_split(args, model, run, root, rank, world, device):
+    """The metrics of a dataset split (this rank's share under torchrun), with --save-pred pictures."""
+    preset = data.get_preset(run.dataset)
+    palette = data.palette(run.dataset)
+    scales, crop = inference(args, run)
     split = args.split or 'test'
-    dataset = data.build_dataset(cfg.dataset, args.data_root if args.data_root is not None else cfg.data_root,
-                                 split, cfg.x_modality or None, method=cfg.method)
-    loader = shard_loader(dataset, rank, world, workers=args.workers, pin=device.type == 'cuda')
+    dataset = data.build_dataset(run.dataset, root, split, run.x_modality, x_standardised=run.x_standardised)
+    loader = data.shard_loader(dataset, rank, world, workers=args.workers, pin=device.type == 'cuda')
     on_batch = None
     if args.save_pred:
         os.makedirs(args.save_pred, exist_ok=True)
-        mean_x, std_x = preset.x_norm(cfg.x_modality or None, cfg.method)
+        mean_x, std_x = preset.x_norm(run.x_modality, run.x_standardised)
 
         def on_batch(i, rgb, x, label, pred):
             name = str(dataset.names[rank + i * world])
@@ -438,34 +714,33 @@ def run(args):
     conf = evaluate(model, loader, preset.num_classes, device, scales, args.flip, crop, args.modality, args.amp, on_batch)
     m = metrics(conf)
     if rank == 0:
-        print(f"{cfg.dataset} {split} ({len(dataset)} images), modality {args.modality}, "
+        print(f"{run.dataset} {split} ({len(dataset)} images), modality {args.modality}, "
               f"scales {list(scales)}{' + flip' if args.flip else ''}")
         print(format_metrics(m, preset.class_names))
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(dict(m, modality=args.modality, checkpoint=args.checkpoint), f, indent=2)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def run_benchmark(args, device):
     """The cost figures of the --checkpoint model, or of a random-weights model of --method/--backbone."""
     if args.checkpoint:
-        model, cfg = load_model(args.checkpoint, args.pretrained, device)
-        cfg.data_root = args.data_root if args.data_root is not None else cfg.data_root
+        model, run = load_model(args.checkpoint, args.pretrained, device)
+        run.data_root = args.data_root if args.data_root is not None else run.data_root
     else:
-        model, cfg = None, data.resolve(data.Config(
-            dataset=args.dataset or 'demo', data_root=args.data_root or '', method=args.method or 'early_fusion',
-            backbone=args.backbone or 'swin-nano', opts=args.opts or '', x_modality=args.x_modality or '',
-            pretrained=args.pretrained or 'none'))
-    size = data.parse_size(args.size or '480x640', '--size')
-    preset = data.PRESETS[cfg.dataset]
-    dataset = data.build_dataset(cfg.dataset, cfg.data_root, 'train', cfg.x_modality or None, crop=size, train=True,
-                                 seed=cfg.seed, method=cfg.method)
+        dataset = args.dataset or 'demo'
+        method = args.method or 'early_fusion'
+        model, run = None, run_of(method, args.backbone or rgbx.paper_backbone(method).replace('-base', '-nano'),
+                                  dataset, args.x_modality or '', args.opts or '', data_root=args.data_root or '')
+    size = parse_size(args.size or '480x640', '--size')
+    preset = data.get_preset(run.dataset)
+    dataset = data.build_dataset(run.dataset, run.data_root, 'train', run.x_modality, crop=size, train=True,
+                                 seed=SEED, x_standardised=run.x_standardised)
     if model is None:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, preset, dataset[0][1].shape[0])
-    figures = dict(method=cfg.method, backbone=cfg.backbone, opts=cfg.opts, checkpoint=args.checkpoint,
+        torch.manual_seed(SEED)
+        model = run.build(args.pretrained)
+    figures = dict(method=run.method, backbone=run.model_args['backbone'], opts=args.opts or '',
+                   checkpoint=args.checkpoint,
                    **benchmark(model, dataset, preset.num_classes, size, device, args.repeats or 3, args.batch or 2,
                                args.workers, args.amp, args.floor_only))
     for k, v in figures.items():

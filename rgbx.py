@@ -19,11 +19,13 @@ windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token fir
 """
 import ctypes
 import hashlib
+import inspect
 import math
 import os
 import re
 import sys
 import warnings
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -180,6 +182,29 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
             return loss.topk(valid // 16).values.mean()
         return (loss * hard).sum() / hard.sum().clamp(min=1)
     return loss.sum() / BATCH.count(valid, loss.device)  # the mean over the batch's labelled pixels
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's training defaults on one dataset: what train.py takes for a setting the
+    command line leaves open (None: the dataset's or the trainer's own default).
+    `global_batch`: reached with gradient accumulation over batch_size x processes;
+    `augment`: 'full' (the joint augmentation) or 'crop' (the random crop only);
+    `x_standardised`: X fed as (v - mean) / std of its modality (True) or as its [0, 1]
+    values (False); `frozen_backbone`: the method adapts a frozen pretrained backbone (a
+    pretrained file is expected); `options`: model option defaults for this dataset."""
+    epochs: int = None
+    lr: float = None
+    weight_decay: float = None
+    batch_size: int = None
+    warmup_epochs: float = None
+    schedule: str = None
+    beta2: float = None
+    global_batch: int = None
+    augment: str = None
+    x_standardised: bool = True
+    frozen_backbone: bool = False
+    options: dict = field(default_factory=dict)
 
 
 NO_DECAY_NAMES = ('token', 'pos_embed', 'bias_table', 'embed.weight', 'class_emb', 'task_embeddings')
@@ -1176,207 +1201,12 @@ def build_rgb_only(backbone_name, num_classes, x_channels, pretrained=None, **op
 
 
 # ----------------------------------------------------------------------------
-# Building a method by name, and the trained part of a model
-# ----------------------------------------------------------------------------
-
-METHOD_FAMILY = {'ktb': 'swin', 'gopt': 'vit', 'maskmentor': 'vit'}  # the backbone each paper uses
-
-
-def build_model(method, backbone, num_classes, x_channels, pretrained=None, **options):
-    """Build `method` ('early_fusion', 'rgb_only', 'ktb', 'gopt', 'maskmentor') on
-    `backbone` ('swin-base', 'vit-large', ...) through its `build_<method>` function."""
-    builder = globals().get('build_' + method)
-    if builder is None or method == 'model':
-        raise ValueError(f"unknown method {method!r}; choose early_fusion, rgb_only, {', '.join(METHOD_FAMILY)}")
-    if method in METHOD_FAMILY:
-        family, _, size = backbone.partition('-')
-        if family != METHOD_FAMILY[method]:
-            raise ValueError(f"{method} is built on a {METHOD_FAMILY[method]} backbone, not {backbone!r}: "
-                             f"use --backbone {METHOD_FAMILY[method]}-base (or -large)")
-        backbone = size
-    try:
-        return builder(backbone, num_classes, x_channels, pretrained=pretrained, **options)
-    except TypeError as e:
-        if 'unexpected keyword argument' not in str(e):
-            raise
-        raise ValueError(f"{method} does not take that option ({e}); see the docstring of rgbx.build_{method} "
-                         f"and of its model class for the options") from None
-
-
-def trainable_state(model):
-    """What training changes: every parameter that requires grad and every
-    persistent buffer (BatchNorm statistics). {name: tensor}."""
-    state = model.state_dict()
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    return {k: v for k, v in state.items() if k not in frozen}
-
-
-def frozen_fingerprint(model):
-    """SHA-1 of the frozen parameters (names and bytes): a trained checkpoint holds
-    only the trained part, so this checks it is joined with the same frozen weights."""
-    h = hashlib.sha1()
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            h.update(n.encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_trained(model, state, source='checkpoint'):
-    """Load a `trainable_state` (or a full state dict) into `model`, raising an
-    error that lists every missing or unexpected key."""
-    expected = set(trainable_state(model))
-    full = set(model.state_dict())
-    keys = set(state)
-    if keys != expected and keys != full:
-        missing, unexpected = sorted(expected - keys), sorted(keys - full)
-        raise ValueError(f"{source} does not fit this model: missing {missing[:20]}{'...' if len(missing) > 20 else ''}, "
-                         f"unexpected {unexpected[:20]}{'...' if len(unexpected) > 20 else ''}. Build the model with the "
-                         f"method, backbone and options the checkpoint was trained with.")
-    model.load_state_dict(state, strict=keys == full)
-    return model
-
-
-def load_run_checkpoint(path):
-    """Read a training checkpoint of train.py, refusing anything that is not one."""
-    ckpt = read_checkpoint(path)
-    needed = {'model', 'config', 'step'}
-    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
-        raise ValueError(f"{path} is not an rgbx training checkpoint (needs keys {sorted(needed)}); "
-                         f"for an official backbone file use --pretrained")
-    return ckpt
-
-
-# ----------------------------------------------------------------------------
-# Running a trained model: metrics and inference (eval.py, and the evaluation
-# during training in train.py). Metrics come from one confusion matrix (rows =
-# ground truth, columns = prediction), summed over processes under torchrun.
-# mIoU is the mean IoU over the classes that occur in the ground truth or in the
-# prediction of the whole evaluated set (a class absent from both has no IoU and is
-# left out; a class predicted but never present scores 0).
-# ----------------------------------------------------------------------------
-
-SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the papers' multi-scale test
-
-
-def confusion(pred, label, num_classes, ignore=255):
-    """(K, K) int64 confusion matrix, rows = ground truth, columns = prediction;
-    pixels labelled `ignore` do not count."""
-    valid = label != ignore
-    idx = label[valid] * num_classes + pred[valid]
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
-def metrics(conf):
-    """mIoU, per-class IoU, mAcc, pixel accuracy, and OA / AA / Cohen's kappa (the
-    WHU-OPT-SAR figures: OA = pixel accuracy, AA = mAcc). Classes with an empty
-    union (IoU) or no ground truth (accuracy) are NaN and left out of the means."""
-    conf = conf.double()
-    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
-    union = gt + pr - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float('nan')))
-    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float('nan')))
-    n = conf.sum().clamp(min=1)
-    oa = (tp.sum() / n).item()
-    pe = ((gt * pr).sum() / n ** 2).item()
-    return dict(miou=iou.nanmean().item(), macc=acc.nanmean().item(), pixel_acc=oa, oa=oa,
-                aa=acc.nanmean().item(), kappa=(oa - pe) / (1 - pe) if pe < 1 else 0.0, iou=iou.tolist())
-
-
-def format_metrics(m, class_names, short=False):
-    head = (f"mIoU {100 * m['miou']:.2f} | mAcc {100 * m['macc']:.2f} | pixel acc {100 * m['pixel_acc']:.2f} | "
-            f"kappa {m['kappa']:.4f}")
-    if short:
-        return head
-    rows = [f"  {name:<24s} {'   n/a' if math.isnan(v) else f'{100 * v:6.2f}'}" for name, v in zip(class_names, m['iou'])]
-    return head + '\n  class                     IoU %\n' + '\n'.join(rows)
-
-
-def window_starts(size, crop, stride):
-    """Start offsets of windows of length `crop` with step `stride` that cover
-    [0, size); the last window ends exactly at size."""
-    if size <= crop:
-        return [0]
-    starts = list(range(0, size - crop, stride))
-    return starts + [size - crop]
-
-
-def sliding_logits(model, rgb, x, num_classes, crop, stride=None):
-    """Average the logits of crop-sized windows over an image larger than the crop.
-    rgb (B, 3, H, W), x (B, Cx, H, W) -> (B, K, H, W). Height and width use their
-    own crop and stride (crop = (ch, cw), stride defaults to 2/3 of the crop)."""
-    H, W = rgb.shape[-2:]
-    (ch, cw) = crop
-    sh, sw = stride or (max(1, 2 * ch // 3), max(1, 2 * cw // 3))
-    if H <= ch and W <= cw:
-        return model(rgb, x)
-    out = rgb.new_zeros(rgb.shape[0], num_classes, H, W)
-    count = rgb.new_zeros(1, 1, H, W)
-    for top in window_starts(H, ch, sh):
-        for left in window_starts(W, cw, sw):
-            win = (..., slice(top, top + ch), slice(left, left + cw))
-            out[win] += model(rgb[win], x[win])
-            count[win] += 1
-    return out / count
-
-
-def predict(model, rgb, x, num_classes, scales=(1.0,), flip=False, crop=None):
-    """Sum of softmax probabilities over scales (and horizontal flips), at the
-    input size: (B, K, H, W). Each scaled input goes through `sliding_logits`
-    when `crop` is given and the input is larger than it."""
-    H, W = rgb.shape[-2:]
-    probs = rgb.new_zeros(rgb.shape[0], num_classes, H, W)
-    for s in scales:
-        size = (max(1, round(H * s)), max(1, round(W * s)))
-        r, t = ((F.interpolate(v, size=size, mode='bilinear', align_corners=False) if s != 1 else v) for v in (rgb, x))
-        for flipped in ((False, True) if flip else (False,)):
-            ri, ti = (r.flip(-1), t.flip(-1)) if flipped else (r, t)
-            logits = sliding_logits(model, ri, ti, num_classes, crop) if crop else model(ri, ti)
-            logits = logits.flip(-1) if flipped else logits
-            if s != 1:
-                logits = F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
-            probs += logits.float().softmax(1)
-    return probs
-
-
-def drop_modality(rgb, x, modality):
-    """--modality both|rgb|x: zero the input that is missing (normalised zero = dataset mean)."""
-    if modality not in ('both', 'rgb', 'x'):
-        raise ValueError(f"--modality takes both|rgb|x, not {modality!r}")
-    return (rgb if modality != 'x' else torch.zeros_like(rgb)), (x if modality != 'rgb' else torch.zeros_like(x))
-
-
-@torch.no_grad()
-def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop=None, modality='both',
-             amp='none', on_batch=None):
-    """Confusion matrix of `model` over `loader`, summed over processes when
-    torch.distributed is initialised. `on_batch(index, rgb, x, label, pred)` sees
-    every batch (used to save predictions)."""
-    was_training = model.training
-    model.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16) \
-        if amp != 'none' else torch.autocast(device.type, enabled=False)
-    for i, (rgb, x, label) in enumerate(loader):
-        rgb, x, label = rgb.to(device), x.to(device), label.to(device)
-        with ctx:
-            pred = predict(model, *drop_modality(rgb, x, modality), num_classes, scales, flip, crop).argmax(1)
-        conf += confusion(pred, label, num_classes)
-        if on_batch is not None:
-            on_batch(i, rgb, x, label, pred)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(conf)
-    model.train(was_training)
-    return conf.cpu()
-
-
-# ----------------------------------------------------------------------------
 # KTB (Keep the Balance: a parameter-efficient symmetrical framework for RGB+X
 # semantic segmentation). One frozen ImageNet-22K Swin runs twice, on the RGB
 # and on the X token stream; only MAPA (modality-aware prompting and adapters),
 # DSCF (dynamic sparse cross-modality fusion), the X patch embedding and three
 # SegFormer heads are trained, with MMST (masked modality self-teaching).
-# Facts and parameter counts: design/ktb.md; rank tables: supplement Tables 1-3.
+# Facts and parameter counts: docs/ktb.md; rank tables: supplement Tables 1-3.
 #
 # Stream layout: the two streams are stacked along the batch axis,
 # (2B, H, W, C) channels-last, rows [0, B) the RGB stream and [B, 2B) the X
@@ -1402,7 +1232,7 @@ def release_init(module, conv_like=()):
 
 
 class MAPAPrompt(nn.Module):
-    """KTB MAPA, part 1: modality-aware prompting (design/ktb.md sec. 2), once at
+    """KTB MAPA, part 1: modality-aware prompting (docs/ktb.md, part 2), once at
     the start of every Swin stage.
 
         X~_rgb = W_rgb X_rgb,  X~_x = W_x X_x                 (C -> r)
@@ -1433,7 +1263,7 @@ class MAPAPrompt(nn.Module):
 
 class MAPAAdapter(nn.Module):
     """KTB MAPA, part 2: the modality-specific adapters of one Swin block
-    (design/ktb.md sec. 3), one per modality, in parallel with the frozen FFN:
+    (docs/ktb.md, part 3), one per modality, in parallel with the frozen FFN:
 
         A_m(z) = W2_m Dropout_0.1(ReLU(W1_m z))          W1_m: C -> r, W2_m: r -> C
         out    = z + FFN(LN2(z)) + 0.5 * A_m(z),  z = x + WMSA(LN1(x))
@@ -1493,7 +1323,7 @@ def reference_points(Hk, Wk, device=None):
 
 
 def relative_position_bias(table, queries, keys):
-    """DSCF's relative-position bias (design/ktb.md sec. 4.6; DAT's table read by
+    """DSCF's relative-position bias (docs/ktb.md, part 4.6; DAT's table read by
     bilinear sampling): the learnable table (h, 2Gh - 1, 2Gw - 1), made for a
     Gh x Gw query grid, is read at (query - key) / 2 in normalised coordinates,
     which hits its cells exactly on a Gh x Gw grid and interpolates on others.
@@ -1511,7 +1341,7 @@ def relative_position_bias(table, queries, keys):
 
 
 class OffsetNet(nn.Module):
-    """DSCF offset network theta_m of one modality (design/ktb.md sec. 4.3, DAT's
+    """DSCF offset network theta_m of one modality (docs/ktb.md, part 4.3, DAT's
     conv_offset), shared by the offset groups: depth-wise k x k conv of stride s,
     LayerNorm over channels, GELU, 1x1 conv to 2 (no bias).
     forward((B*g, c, H, W)) -> offsets (B*g, ceil(H/s), ceil(W/s), 2) in (x, y) order.
@@ -1528,7 +1358,7 @@ class OffsetNet(nn.Module):
 
 
 class DSCF(nn.Module):
-    """KTB DSCF: dynamic sparse cross-modality fusion of one stage (design/ktb.md sec. 4).
+    """KTB DSCF: dynamic sparse cross-modality fusion of one stage (docs/ktb.md, part 4).
 
     1. x = W_a X_rgb, y = W_b X_x                        (C -> r, the normed stage outputs)
     2. Q0 = GELU(BN(Conv3x3([x ; y]))),  Q = W_q Q0       (2r -> r, r -> r)
@@ -1610,7 +1440,7 @@ class DSCF(nn.Module):
 
 
 def mmst_drop(batch, generator=None):
-    """KTB MMST modality masking: which samples lose which modality (design/ktb.md sec. 5).
+    """KTB MMST modality masking: which samples lose which modality (docs/ktb.md, part 5).
 
     The release hard-codes a batch of 4: one sample without RGB, one without X,
     two intact. Generalised (design choice): the batch is shuffled and dealt,
@@ -1641,7 +1471,7 @@ def self_teaching_labels(logits, label, ignore_index=255):
 
 
 class KTB(RGBXModel):
-    """KTB: Keep the Balance (design/ktb.md), RGB + X segmentation on one frozen Swin.
+    """KTB: Keep the Balance (docs/ktb.md), RGB + X segmentation on one frozen Swin.
 
     - symmetrical streams (sec. 1): the frozen Swin (blocks, patch merging, RGB
       patch embedding) runs each stage on the RGB and the X stream; X has its
@@ -1800,6 +1630,33 @@ def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_si
     if pretrained:
         load_pretrained(backbone, pretrained)
     return KTB(backbone, num_classes, x_channels, **options)
+
+
+# KTB's training recipes (supplement Sec. 7), per dataset (epochs, lr, weight decay): AdamW, batch 4, linear
+# warm-up over 10 epochs from 0.1 x lr, then poly decay (power 0.9); the crop is the dataset's. Where the
+# supplement and the release differ, the release: SUN RGB-D 4e-4 and PST900 6e-4 (supplement 1e-4); MCubeS
+# 500 epochs at 6e-5 (of sec. 7's 250-500 and 4e-4 / 6e-5); DeLiVER 2e-4 (the paper's "1e-4 / 2e-4").
+# WHU-OPT-SAR is not in sec. 7: 60 epochs at 4e-5 follow GoPT. The baselines train with these too.
+KTB_RECIPES = {'nyudv2': (400, 4e-4, 0.01), 'sunrgbd': (300, 4e-4, 0.01), 'mfnet': (200, 8e-5, 5e-4),
+               'pst900': (200, 6e-4, 0.01), 'mcubes': (500, 6e-5, 0.01), 'deliver': (200, 2e-4, 0.01),
+               'whu-opt-sar': (60, 4e-5, 0.01)}
+
+
+def baseline_recipe(dataset, options=None):
+    """The recipe of the early-fusion and RGB-only baselines: KTB_RECIPES' (none for a
+    dataset outside it, e.g. the built-in demo, which brings its own)."""
+    if dataset not in KTB_RECIPES:
+        return Recipe()
+    epochs, lr, weight_decay = KTB_RECIPES[dataset]
+    return Recipe(epochs, lr, weight_decay, batch_size=4, warmup_epochs=10)
+
+
+def ktb_recipe(dataset, options=None):
+    """KTB's recipe: KTB_RECIPES, X fed as its [0, 1] values (8-bit / 255, no mean / std,
+    as the release feeds it), OHEM cross-entropy on MCubeS (the release's); stochastic
+    depth and window are `build_ktb`'s."""
+    return replace(baseline_recipe(dataset), x_standardised=False, frozen_backbone=True,
+                   options=dict(ohem=True) if dataset == 'mcubes' else {})
 
 
 # ----------------------------------------------------------------------------
@@ -2252,6 +2109,19 @@ def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant=
     if head_from:
         load_head(model.head, head_from)
     return model
+
+
+# GoPT's recipe ("Experimental Setup"): AdamW, lr 4e-5 with polynomial decay (no warm-up named), batch 64,
+# 60 epochs, "without introducing other algorithms for data expansion" (the random crop only); a process
+# keeps the dataset's batch and gradient accumulation reaches 64.
+GOPT_RECIPE = dict(epochs=60, lr=4e-5, warmup_epochs=0, global_batch=64, augment='crop')
+
+
+def gopt_recipe(dataset, options=None):
+    """GoPT's recipe on the paper's datasets (the baselines' weight decay); none on the
+    built-in demo, which gives every method the same steps and batch."""
+    base = replace(baseline_recipe(dataset), **GOPT_RECIPE) if dataset in KTB_RECIPES else Recipe()
+    return replace(base, frozen_backbone=True)
 
 
 def gopt_param_counts(backbone_name='base', num_classes=40, x_channels=3, **options):
@@ -2867,6 +2737,19 @@ class MaskMentorSeg(MaskMentorModel):
         return segmentation_loss(logits, label), logits
 
 
+# MaskMentor Sec. 4.1: pre-training AdamW lr 1e-5, cosine, batch 12 (reached with accumulation when 12 do
+# not fit), betas 0.9 / 0.95 as MultiMAE pre-trains; fine-tuning lr 3e-5, cosine, batch 2. Epochs, crop,
+# weight decay and warm-up come from the baselines' recipe of the dataset.
+MASKMENTOR_RECIPES = {'pretrain': dict(lr=1e-5, batch_size=12, schedule='cosine', beta2=0.95),
+                      'finetune': dict(lr=3e-5, batch_size=2, schedule='cosine')}
+
+
+def maskmentor_recipe(dataset, options=None):
+    """MaskMentor's recipe for its stage (`options['stage']`, default finetune), on any dataset."""
+    stage = (options or {}).get('stage', 'finetune')
+    return replace(baseline_recipe(dataset), **MASKMENTOR_RECIPES[stage])
+
+
 def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, stage='finetune', img_size=224,
                      drop_path_rate=0.0, class_dim=64, decoder_dim=256, decoder_heads=8, decoder_depth=2,
                      mask_ratio=5 / 6, p_m=0.5, warmup=0.2, warmup_steps=None, teacher_iters=3, token_weight=1.0,
@@ -2907,4 +2790,194 @@ def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, st
         load_pretrained(model, pretrained)
     if stage == 'finetune' and freeze_backbone:
         model.backbone.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------
+# Building a method by name: builders, their options, their recipes, paper backbones
+# ----------------------------------------------------------------------------
+
+# method -> (builder, recipe, the family of its backbone, the backbone of its paper)
+METHODS = {
+    'early_fusion': (build_early_fusion, baseline_recipe, None, 'swin-base'),
+    'rgb_only': (build_rgb_only, baseline_recipe, None, 'swin-base'),
+    'ktb': (build_ktb, ktb_recipe, 'swin', 'swin-base'),
+    'gopt': (build_gopt, gopt_recipe, 'vit', 'vit-base'),
+    'maskmentor': (build_maskmentor, maskmentor_recipe, 'vit', 'vit-base'),
+}
+# what each backbone family takes as options (the preset's values by default)
+BACKBONE_OPTIONS = {'swin': ('embed_dim', 'depths', 'heads', 'window_size', 'mlp_ratio', 'drop_path_rate'),
+                    'vit': ('dim', 'depth', 'heads', 'mlp_ratio', 'img_size', 'drop_path_rate')}
+# the type of the options whose default is None (one int per stage, or an int)
+NONE_DEFAULT_TYPES = {'prompt_ranks': list, 'adapter_ranks': list, 'dscf_ranks': list, 'warmup_steps': int}
+# choices of the text options
+OPTION_CHOICES = {'variant': GOPT_VARIANTS, 'assignment': ('hard', 'soft'), 'attention': CUP_ATTENTION,
+                  'stage': ('pretrain', 'finetune')}
+# options that only name a file to start some weights from: a model rebuilt to load trained weights skips them
+START_FILES = ('head_from',)
+# allowed ranges of numbers: (low, high, low allowed, high allowed); any other number must be >= 1 (ints) or >= 0
+OPTION_RANGES = {'mask_ratio': (0, 1, False, False), 'p_m': (0, 1, True, True), 'warmup': (0, 1, True, True),
+                 'modality_drop': (0, 1, True, True), 'drop_path_rate': (0, 1, True, False),
+                 'tau': (0, math.inf, False, True), 'class_scale': (0, math.inf, False, True),
+                 'mlp_ratio': (0, math.inf, False, True), 'warmup_steps': (0, math.inf, True, True),
+                 'teacher_iters': (0, math.inf, True, True), 'alpha': (0, math.inf, True, True)}
+TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+
+
+def method_spec(method):
+    """(builder, recipe, family, paper backbone) of `method`, or an error naming the methods."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def split_backbone(method, backbone):
+    """'swin-base' -> ('swin', 'base'), checked against the family `method` is built on."""
+    family, _, size = backbone.partition('-')
+    presets = {'swin': SWIN_PRESETS, 'vit': VIT_PRESETS}
+    if family not in presets or size not in presets[family]:
+        raise ValueError(f"unknown backbone {backbone!r}: use swin-<{'|'.join(SWIN_PRESETS)}> "
+                         f"or vit-<{'|'.join(VIT_PRESETS)}>")
+    want = method_spec(method)[2]
+    if want and family != want:
+        raise ValueError(f"{method} is built on a {want} backbone, not {backbone!r}: use {want}-base (or -large)")
+    return family, size
+
+
+def method_options(method, backbone):
+    """Every option of `method` on `backbone` with its default: {name: default}. From the
+    builder's keyword arguments (and KTB's), plus the backbone preset's sizes."""
+    builder = method_spec(method)[0]
+    family, size = split_backbone(method, backbone)
+    params = dict(inspect.signature(builder).parameters)
+    if method == 'rgb_only':
+        params = {**dict(inspect.signature(build_early_fusion).parameters), **params}
+        params.pop('use_x')
+    if method == 'ktb':
+        params = {**dict(inspect.signature(KTB.__init__).parameters), **params}
+    skip = ('self', 'backbone', 'backbone_name', 'num_classes', 'x_channels', 'pretrained', 'options', 'overrides')
+    opts = {k: p.default for k, p in params.items() if k not in skip and p.kind is p.POSITIONAL_OR_KEYWORD}
+    if method != 'ktb':  # KTB's Swin takes only window_size and drop_path_rate (above)
+        preset = {**dict(drop_path_rate=0.0, mlp_ratio=4.0, img_size=224), **(SWIN_PRESETS if family == 'swin' else VIT_PRESETS)[size]}
+        opts.update({k: preset[k] for k in BACKBONE_OPTIONS[family] if k not in opts and k in preset})
+    return opts
+
+
+def option_value(method, name, default, value):
+    """`value` of option `name` (a string from the command line, or a Python value) as
+    the option's type, or an error naming the option and what it takes."""
+    kind = NONE_DEFAULT_TYPES.get(name, type(default))
+    what = f"option {name!r} of {method}"
+    if isinstance(value, str) and value.strip().lower() in ('none', '') and default is None:
+        return None
+    if kind is bool:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in TRUE + FALSE:
+            return value if isinstance(value, bool) else text in TRUE
+        raise ValueError(f"{what} takes true or false (also yes/no, on/off, 1/0), not {value!r}")
+    try:
+        if kind in (list, tuple):
+            items = value.split(':') if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
+            value = [int(str(v).strip()) if isinstance(v, str) else v for v in items]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError
+        elif kind is int:
+            value = int(value.strip()) if isinstance(value, str) else value
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError
+        elif kind is float:
+            value = float(value.strip()) if isinstance(value, str) else value
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError
+            value = float(value)
+        elif kind is str:
+            value = str(value).strip()
+    except ValueError:
+        shape = {list: 'integers separated by ":" (one per stage), e.g. 8:16:32:64', tuple: 'integers separated by ":"',
+                 int: 'an integer', float: 'a number'}[kind]
+        raise ValueError(f"{what} takes {shape}, not {value!r}") from None
+    check_option_range(what, name, kind, value)
+    return value
+
+
+def check_option_range(what, name, kind, value):
+    """Raise unless `value` lies in the option's range (OPTION_RANGES, choices)."""
+    if kind is str and name in OPTION_CHOICES and value not in OPTION_CHOICES[name]:
+        raise ValueError(f"{what} takes one of {', '.join(OPTION_CHOICES[name])}, not {value!r}")
+    if kind not in (int, float, list, tuple):
+        return
+    low, high, low_ok, high_ok = OPTION_RANGES.get(name, (1 if kind is not float else 0, math.inf, True, True))
+    for v in (value if isinstance(value, list) else [value]):
+        if v < low or v > high or (v == low and not low_ok) or (v == high and not high_ok):
+            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+            raise ValueError(f"{what} must lie in {bounds}, not {value!r}")
+
+
+def resolve_options(method, backbone, given):
+    """Every option of `method` on `backbone` after its defaults, `given` ({name: value},
+    values as text or Python values) converted to each option's type and checked:
+    {name: value}, the arguments that rebuild the model. Unknown names are an error
+    that lists the method's options."""
+    opts = method_options(method, backbone)
+    unknown = sorted(set(given) - set(opts))
+    if unknown:
+        raise ValueError(f"{method} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(sorted(opts))}")
+    resolved = {k: v if k not in given else option_value(method, k, v, given[k]) for k, v in opts.items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+
+
+def build_model(method, backbone, num_classes, x_channels, pretrained=None, **options):
+    """Build `method` ('early_fusion', 'rgb_only', 'ktb', 'gopt', 'maskmentor') on
+    `backbone` ('swin-base', 'vit-large', ...) with `options` (`resolve_options`),
+    `pretrained` loaded into it (`load_pretrained`)."""
+    builder = method_spec(method)[0]
+    _, size = split_backbone(method, backbone)
+    options = resolve_options(method, backbone, options)
+    if method in ('early_fusion', 'rgb_only'):
+        size = backbone  # the baselines take a backbone of either family
+    return builder(size, num_classes, x_channels, pretrained=pretrained, **options)
+
+
+def recipe(method, dataset, options=None):
+    """The training defaults (`Recipe`) of `method` on `dataset` (a preset name), with
+    `options` (resolved: MaskMentor's depends on its stage)."""
+    return method_spec(method)[1](dataset, options or {})
+
+
+def paper_backbone(method):
+    """The backbone `method`'s paper uses ('swin-base' / 'vit-base'; the baselines: swin-base)."""
+    return method_spec(method)[3]
+
+
+def trainable_state(model):
+    """What training changes: every parameter that requires grad and every
+    persistent buffer (BatchNorm statistics). {name: tensor}."""
+    state = model.state_dict()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
+def frozen_fingerprint(model):
+    """SHA-1 of the frozen parameters (names and bytes): a trained checkpoint holds
+    only the trained part, so this checks it is joined with the same frozen weights."""
+    h = hashlib.sha1()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            h.update(n.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_trained(model, state, source='checkpoint'):
+    """Load a `trainable_state` (or a full state dict) into `model`, raising an
+    error that lists every missing or unexpected key."""
+    expected = set(trainable_state(model))
+    full = set(model.state_dict())
+    keys = set(state)
+    if keys != expected and keys != full:
+        missing, unexpected = sorted(expected - keys), sorted(keys - full)
+        raise ValueError(f"{source} does not fit this model: missing {missing[:20]}{'...' if len(missing) > 20 else ''}, "
+                         f"unexpected {unexpected[:20]}{'...' if len(unexpected) > 20 else ''}. Build the model with the "
+                         f"method, backbone and options the checkpoint was trained with.")
+    model.load_state_dict(state, strict=keys == full)
     return model

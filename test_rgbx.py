@@ -729,11 +729,24 @@ def test_pst900_release_split_folders(tmp_path):
     assert ds.names == ['a', 'b'] and ds[1][2].shape == (6, 7)
 
 
-def test_build_dataset_train_uses_recipe_crop():
+def test_build_dataset_train_uses_the_preset_crop():
     ds = data.build_dataset('demo', '', 'train', train=True)
     rgb, x, label = ds[0]
-    assert rgb.shape[1:] == x.shape[1:] == label.shape == data.PRESETS['demo'].recipe.crop
-    assert data.PRESETS['nyudv2'].recipe == data.Recipe((480, 640), 400, 4e-4, 0.01)
+    assert rgb.shape[1:] == x.shape[1:] == label.shape == data.PRESETS['demo'].crop
+    assert data.PRESETS['nyudv2'].crop == (480, 640)
+
+
+def test_recipes_sit_with_their_methods():
+    ktb = rgbx.recipe('ktb', 'nyudv2')
+    assert (ktb.epochs, ktb.lr, ktb.weight_decay, ktb.batch_size, ktb.warmup_epochs) == (400, 4e-4, 0.01, 4, 10)
+    assert not ktb.x_standardised and ktb.frozen_backbone and rgbx.recipe('ktb', 'mcubes').options == {'ohem': True}
+    assert rgbx.recipe('early_fusion', 'nyudv2').x_standardised and rgbx.recipe('ktb', 'demo').epochs is None
+    gopt = rgbx.recipe('gopt', 'nyudv2')
+    assert (gopt.epochs, gopt.lr, gopt.global_batch, gopt.augment) == (60, 4e-5, 64, 'crop')
+    assert rgbx.recipe('maskmentor', 'demo', dict(stage='pretrain')).beta2 == 0.95
+    x = torch.tensor([[[0.5]]])  # KTB feeds X as its [0, 1] values, the others standardised
+    assert data.get_preset('nyudv2').x_norm('depth', standardised=False) == ((0.0,), (1.0,))
+    assert data.get_preset('nyudv2').x_norm('depth') == (data.DEPTH.mean, data.DEPTH.std)
 
 
 # ----------------------------------------------------------------------------
@@ -743,7 +756,7 @@ def test_build_dataset_train_uses_recipe_crop():
 def test_metrics_hand_computed():
     label = torch.tensor([[0, 0, 1], [2, 255, 1]])
     pred = torch.tensor([[0, 1, 1], [2, 0, 0]])
-    conf = rgbx.confusion(pred, label, 4)
+    conf = ev.confusion(pred, label, 4)
     expect = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])  # rows: ground truth
     assert torch.equal(conf, expect)  # the ignored pixel (predicted 0) does not count
     m = ev.metrics(conf)
@@ -755,7 +768,7 @@ def test_metrics_hand_computed():
     pe = (2 * 2 + 2 * 2 + 1 * 1) / 25  # chance agreement from the marginals
     assert m['kappa'] == pytest.approx((3 / 5 - pe) / (1 - pe))
     # a class predicted but absent from the ground truth scores 0 and counts
-    m2 = ev.metrics(rgbx.confusion(torch.tensor([3, 0]), torch.tensor([0, 0]), 4))
+    m2 = ev.metrics(ev.confusion(torch.tensor([3, 0]), torch.tensor([0, 0]), 4))
     assert m2['iou'][3] == 0 and m2['miou'] == pytest.approx((1 / 2 + 0) / 2)
 
 
@@ -776,9 +789,9 @@ def test_sliding_window_equals_whole_image():
     rgb, x = torch.randn(2, 3, 37, 53), torch.randn(2, 1, 37, 53)  # non-square, not a multiple of the stride
     with torch.no_grad():
         whole = model(rgb, x)
-        slid = rgbx.sliding_logits(model, rgb, x, 3, crop=(16, 24))
+        slid = ev.sliding_logits(model, rgb, x, 3, crop=(16, 24))
     torch.testing.assert_close(slid, whole)
-    assert rgbx.window_starts(37, 16, 10) == [0, 10, 20, 21] and rgbx.window_starts(10, 16, 10) == [0]
+    assert ev.window_starts(37, 16, 10) == [0, 10, 20, 21] and ev.window_starts(10, 16, 10) == [0]
 
 
 def test_multiscale_flip_fusion():
@@ -828,7 +841,7 @@ def test_lr_schedule():
 def test_param_groups_no_decay_on_norms_biases_tokens():
     model = rgbx.build_model('early_fusion', 'vit-nano', 5, 1)
     model.backbone.blocks[0].requires_grad_(False)
-    decay, plain = tr.param_groups(model, 0.01)
+    decay, plain = model.param_groups(0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     assert plain['weight_decay'] == 0 and decay['weight_decay'] == 0.01
     assert {names[id(p)] for p in plain['params']} >= {'backbone.cls_token', 'backbone.norm.weight', 'head.conv1.bias'}
@@ -862,15 +875,15 @@ def test_checkpoint_atomic_and_verified(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tr.save_checkpoint({'model': {'w': torch.zeros(3)}, 'config': {}, 'step': 2}, path)
     monkeypatch.setattr(tr.os, 'replace', real_replace)
-    ckpt = tr.load_run_checkpoint(path)
+    ckpt = ev.load_run_checkpoint(path)
     assert ckpt['step'] == 1 and torch.equal(ckpt['model']['w'], torch.ones(3))
     blob = open(path, 'rb').read()
     open(path, 'wb').write(blob[:len(blob) - 100])
     with pytest.raises(RuntimeError, match='truncated'):
-        tr.load_run_checkpoint(path)
+        ev.load_run_checkpoint(path)
     torch.save({'w': torch.ones(1)}, path)
     with pytest.raises(ValueError, match='not an rgbx training checkpoint'):
-        tr.load_run_checkpoint(path)
+        ev.load_run_checkpoint(path)
 
 
 class SplitInvariantModel(torch.nn.Module):
@@ -897,7 +910,7 @@ def demo_config(tmp_path, **kw):
 
 
 def trained_state(cfg):
-    return tr.load_run_checkpoint(os.path.join(cfg.out_dir, 'last.pt'))['model']
+    return ev.load_run_checkpoint(os.path.join(cfg.out_dir, 'last.pt'))['model']
 
 
 def test_grad_accumulation_equals_large_batch(tmp_path):
@@ -920,7 +933,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         tr.train(demo_config(tmp_path / 'cut', **kw), on_step=kill)
-    assert tr.load_run_checkpoint(os.path.join(demo_config(tmp_path / 'cut').out_dir, 'last.pt'))['step'] == 4
+    assert ev.load_run_checkpoint(os.path.join(demo_config(tmp_path / 'cut').out_dir, 'last.pt'))['step'] == 4
     tr.train(demo_config(tmp_path / 'cut', resume=True, **kw))
     a, b = trained_state(demo_config(tmp_path / 'full')), trained_state(demo_config(tmp_path / 'cut'))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -979,7 +992,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / 'rendezvous'), two), nprocs=2)
     for cfg_one, cfg_two in zip(one, two):
         tr.train(cfg_one)
-        a, b = (tr.load_run_checkpoint(os.path.join(c.out_dir, 'last.pt')) for c in (cfg_one, cfg_two))
+        a, b = (ev.load_run_checkpoint(os.path.join(c.out_dir, 'last.pt')) for c in (cfg_one, cfg_two))
         losses = [[json.loads(line)['loss'] for line in open(os.path.join(c.out_dir, 'log.jsonl'))]
                   for c in (cfg_one, cfg_two)]
         assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
@@ -1193,7 +1206,11 @@ def test_freed_memory_is_reused_without_page_faults():
             "for _ in range(3): torch.empty(2 ** 24).fill_(1)\n"  # the heap settles
             "f0 = f()\n"
             "for _ in range(5): torch.empty(2 ** 24).fill_(1)\n"
-            "print(rgbx.KEPT_FREED_MEMORY, f() - f0)\n")
+            "kept = rgbx.keep_freed_memory()\n"
+            "for _ in range(3): torch.empty(2 ** 24).fill_(1)\n"  # the heap settles
+            "f0 = f()\n"
+            "for _ in range(5): torch.empty(2 ** 24).fill_(1)\n"
+            "print(kept, f() - f0)\n")
     run = lambda **env: subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                                        cwd=Path(__file__).resolve().parent,
                                        env={**{k: v for k, v in os.environ.items()
@@ -1207,7 +1224,7 @@ def test_freed_memory_is_reused_without_page_faults():
     for env in ({'RGBX_KEEP_FREED_MEMORY': '0'}, {'MALLOC_ARENA_MAX': '2'}):
         applied, faults = run(**env)
         assert applied == 'False' and int(faults) > pages // 2, (env, faults)  # glibc's default: every page again
-    odd = subprocess.run([sys.executable, '-c', 'import rgbx; print(rgbx.KEPT_FREED_MEMORY)'], capture_output=True,
+    odd = subprocess.run([sys.executable, '-c', 'import rgbx; print(rgbx.keep_freed_memory())'], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).resolve().parent,
                          env={**{k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')
                                  and k != 'GLIBC_TUNABLES'}, 'RGBX_KEEP_FREED_MEMORY': 'banana'})
@@ -2245,7 +2262,7 @@ def test_study_gopt_part_and_decisions():
     assert {r['config']['dataset'] for r in decide} == {study.VALIDATION}
     assert len(decide) == 2 * (1 + len(study.DECISIONS))
     # the budgets the study's VPT ranks claim: the paper's ratios to GoPT (0.56 and 3.5), at nano
-    count = lambda opts: rgbx.build_model('gopt', 'vit-nano', 5, 1, **data.parse_opts(opts.replace(
+    count = lambda opts: rgbx.build_model('gopt', 'vit-nano', 5, 1, **ev.parse_opts(opts.replace(
         ',head_from=foundation', ''))).param_counts()['prompts']  # the head: started from the foundation's
     gopt_n = count(study.GOPT)
     assert count(study.VPT_SHALLOW) / gopt_n == pytest.approx(0.54 / 0.97, rel=0.05)
@@ -2514,7 +2531,7 @@ def test_demo_trains_well_beyond_chance(demo_run):
     cfg, out = demo_run
     test = data.build_dataset('demo', '', 'test')
     labels = torch.stack([test[i][2] for i in range(len(test))])
-    background_only = ev.metrics(rgbx.confusion(torch.zeros_like(labels), labels, 5))['miou']
+    background_only = ev.metrics(ev.confusion(torch.zeros_like(labels), labels, 5))['miou']
     assert background_only < 0.2 and out['miou'] > 0.45 and out['miou'] > 3 * background_only
 
 
@@ -2596,7 +2613,7 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     assert foundation['both'] == foundation['rgb']  # an RGB-only model does not see X
     backbone = rgbx.load_pretrained(rgbx.swin('nano'), study.backbone_file(str(tmp_path), runs[0]['key']))
     ktb = study.folder(str(tmp_path), 'KTB/0')
-    assert tr.load_run_checkpoint(os.path.join(ktb, 'last.pt'))['config']['pretrained'] == \
+    assert ev.load_run_checkpoint(os.path.join(ktb, 'last.pt'))['config']['pretrained'] == \
         study.backbone_file(str(tmp_path), runs[0]['key'])
     stamp = os.path.getmtime(os.path.join(ktb, 'result.json'))
     assert study.run_all(runs, str(tmp_path), jobs=1) == results
@@ -2604,7 +2621,7 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     longer = study.plan([0], steps=3, foundation_steps=2, pretrain_lr=1e-3)  # another budget in the same folder is refused, not reused
     with pytest.raises(ValueError, match='KTB-0.*another --out'):
         study.run_all([r for r in longer if r['name'] in ('Swin foundation (RGB)', 'KTB')], str(tmp_path), jobs=1)
-    trained = tr.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
+    trained = ev.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
     for name, p in backbone.named_parameters():  # the file holds exactly the foundation's trained backbone
         assert torch.equal(p, trained['backbone.' + name]), name
 
@@ -2620,14 +2637,93 @@ def cli_error(main, argv):
     return message
 
 
-def test_train_and_eval_do_not_import_each_other():
+def test_layout_imports_flow_one_way():
+    """rgbx, data <- eval <- train: nothing imports train, eval does not import train,
+    rgbx and data import none of the project's files."""
     import ast
-    for module, other in (('train', 'eval'), ('eval', 'train')):
-        tree = ast.parse((Path(__file__).resolve().parent / f'{module}.py').read_text())
+    here = Path(__file__).resolve().parent
+    ours = {'rgbx', 'data', 'eval', 'train'}
+    allowed = {'rgbx': set(), 'data': set(), 'eval': {'rgbx', 'data'}, 'train': {'rgbx', 'data', 'eval'}}
+    for module, may in allowed.items():
+        tree = ast.parse((here / f'{module}.py').read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
                    {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}  # at any depth, lazy ones too
-        assert 'data' in imported and other not in imported, (module, imported)
-    assert tr.Config is data.Config and tr.resolve is data.resolve  # the one config home, under its old names
+        assert imported & ours == may, (module, imported & ours)
+
+
+def test_layout_rgbx_has_no_distributed_code_and_data_no_method():
+    here = Path(__file__).resolve().parent
+    assert not re.search(r'torch\.distributed|\bdist\.', (here / 'rgbx.py').read_text())
+    code = (here / 'data.py').read_text()
+    for method in rgbx.METHODS:
+        assert method not in code.lower() and 'maskmentor' not in code.lower(), method
+
+
+def test_layout_no_function_over_80_lines():
+    import ast
+    here = Path(__file__).resolve().parent
+    for f in ('rgbx.py', 'data.py', 'train.py', 'eval.py'):
+        for n in ast.walk(ast.parse((here / f).read_text())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert n.end_lineno - n.lineno + 1 <= 80, (f, n.name, n.end_lineno - n.lineno + 1)
+
+
+def test_layout_train_calls_models_through_the_interface_only():
+    code = (Path(__file__).resolve().parent / 'train.py').read_text()
+    assert 'hasattr(' not in code and 'getattr(' not in code
+
+
+def test_layout_import_leaves_the_allocator_alone():
+    """A 256 MiB tensor freed after `import rgbx` is given back to the OS (glibc's default):
+    only the entry points keep freed memory (rgbx.keep_freed_memory)."""
+    import subprocess
+    import sys
+    code = ("import torch, rgbx, data, eval, train\n"
+            "rss = lambda: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')))\n"
+            "before = rss()\n"
+            "t = torch.ones(2 ** 26)\n"
+            "del t\n"
+            "print(rss() - before)\n")
+    if not Path('/proc/self/status').exists():
+        pytest.skip('no /proc: the resident set cannot be read')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent,
+                         env={k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}).stdout
+    assert int(out) < 64 * 1024, out  # kB: the 256 MiB left the resident set
+
+
+def test_layout_paper_methods_take_the_paper_backbone():
+    for method, backbone in (('ktb', 'swin-base'), ('gopt', 'vit-base'), ('maskmentor', 'vit-base')):
+        cfg = tr.resolve(tr.Config(dataset='nyudv2', method=method, pretrained='x.pth'))
+        assert cfg.backbone == backbone
+    assert tr.resolve(tr.Config(method='gopt', pretrained='none')).backbone == 'vit-nano'  # the demo: nano
+
+
+def test_checkpoint_of_the_previous_format_still_loads_and_gives_its_numbers():
+    """A checkpoint written before checkpoints stored their model arguments (config and option
+    text only) rebuilds and reproduces the evaluation it stored."""
+    path = Path(__file__).resolve().parent / 'fixtures' / 'checkpoints' / 'gopt_vit-nano_demo_2steps.pt'
+    ckpt = ev.load_run_checkpoint(path)
+    run = ev.checkpoint_run(ckpt, path)
+    assert 'run' not in ckpt and run.model_args['options']['prompt_dim'] == 4
+    model, run = ev.load_model(path)
+    loader = data.loader(data.build_dataset('demo', '', 'test', x_standardised=run.x_standardised))
+    m = ev.metrics(ev.evaluate(model, loader, 5, torch.device('cpu')))
+    assert m['miou'] == pytest.approx(ckpt['evaluation']['miou'], abs=1e-12)
+
+
+def test_checkpoint_stores_its_model_arguments_and_rebuilds_from_them(tmp_path, monkeypatch):
+    cfg = demo_config(tmp_path, method='gopt', backbone='vit-nano', pretrained='none', max_steps=1,
+                      opts='prompt_dim=4,head_dim=8,carry_aux=no')
+    tr.train(cfg)
+    ckpt = ev.load_run_checkpoint(os.path.join(cfg.out_dir, 'last.pt'))
+    run = ev.checkpoint_run(ckpt, 'last.pt')
+    assert ckpt['run']['model_args']['options']['carry_aux'] is False
+    assert run.model_args['options'] == rgbx.resolve_options('gopt', 'vit-nano', dict(prompt_dim=4, head_dim=8))
+    today = rgbx.method_options
+    monkeypatch.setattr(rgbx, 'method_options', lambda *a: {**today(*a), 'prompt_dim': 99, 'tau': 3.0})  # new defaults
+    model, _ = ev.load_model(os.path.join(cfg.out_dir, 'last.pt'))
+    assert model.prompts.down[1].out_features == 4  # rebuilt from the stored arguments, not today's defaults
 
 
 @pytest.mark.parametrize('argv,flag', [
@@ -2645,16 +2741,16 @@ def test_bad_train_flags_are_one_line_errors_naming_the_flag(tmp_path, argv, fla
 
 
 def test_preset_sentinels_are_none_and_real_zeros_are_honoured():
-    recipe = data.PRESETS['nyudv2'].recipe
+    recipe = rgbx.recipe('early_fusion', 'nyudv2')
     cfg = tr.parse_config(['--dataset', 'nyudv2', '--weight-decay', '0', '--warmup-epochs', '0'])
     assert (cfg.weight_decay, cfg.warmup_epochs) == (0.0, 0.0)
     assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.crop) == (recipe.epochs, recipe.lr, recipe.batch_size, '480x640')
     assert recipe.warmup_epochs > 0 and recipe.weight_decay > 0  # so the zeros above were not the preset's
     assert tr.resolve(cfg) == cfg  # resolving twice changes nothing
     assert tr.lr_at(0, 100, 0, 1e-3) == 1e-3  # zero warm-up: the base lr from the first step
-    assert data.config_from_dict(dict(max_steps=0), 'old.pt').max_steps is None  # the former "all epochs"
+    assert tr.config_from_dict(dict(max_steps=0), 'old.pt').max_steps is None  # the former "all epochs"
     with pytest.raises(ValueError, match="old.pt has config fields this code does not know: \\['colour'\\]"):
-        data.config_from_dict(dict(colour='red'), 'old.pt')
+        tr.config_from_dict(dict(colour='red'), 'old.pt')
 
 
 def test_rerun_into_a_run_folder_keeps_best_pt(tmp_path):
@@ -2715,7 +2811,7 @@ def test_nonfinite_skip_is_capped_counted_and_never_saves_bad_weights(tmp_path, 
     assert out['skipped'] == 1 and 'done: 4 steps (1 skipped: non-finite loss)' in capsys.readouterr().out
     with pytest.raises(tr.NonFiniteLoss, match=r'2 of 3 steps skipped, more than --nonfinite skip allows \(1: '):
         tr.train(demo_config(tmp_path / 'diverged', nonfinite='skip', max_steps=4, save_every=1), model=NaNAfter(2))
-    kept = tr.load_run_checkpoint(os.path.join(demo_config(tmp_path / 'diverged').out_dir, 'last.pt'))
+    kept = ev.load_run_checkpoint(os.path.join(demo_config(tmp_path / 'diverged').out_dir, 'last.pt'))
     assert kept['step'] == 2 and kept['skipped'] == 1  # the step before the one too many
 
     class Overflowing(SplitInvariantModel):  # a finite loss, but a weight overflows in the optimizer step
@@ -2731,7 +2827,7 @@ def test_nonfinite_skip_is_capped_counted_and_never_saves_bad_weights(tmp_path, 
     cfg = demo_config(tmp_path / 'inf', max_steps=4, save_every=1)
     with pytest.raises(tr.NonFiniteLoss, match=r"non-finite at step 3 .*'scale'.*not saved.*last.pt"):
         tr.train(cfg, model=model, on_step=overflow)
-    saved = tr.load_run_checkpoint(os.path.join(cfg.out_dir, 'last.pt'))
+    saved = ev.load_run_checkpoint(os.path.join(cfg.out_dir, 'last.pt'))
     assert saved['step'] == 2 and torch.isfinite(saved['model']['scale']).all()
 
 
@@ -2741,7 +2837,7 @@ def test_peft_trained_without_pretrained_file_is_evaluable(tmp_path, method, bac
     and eval.py rebuilds the trained model exactly (it failed with "frozen ones differ")."""
     cfg = demo_config(tmp_path, method=method, backbone=backbone, pretrained='none', max_steps=1, batch_size=2,
                       eval_every=0)
-    trained = tr.build_model(cfg, 5, 1)
+    trained = tr.build_model(cfg)
     tr.train(cfg, model=trained)
     last = os.path.join(cfg.out_dir, 'last.pt')
     model, _ = ev.load_model(last)
@@ -2810,7 +2906,7 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_partial_file(small_disk):
     tr.save_checkpoint({'model': {'w': torch.ones(8)}, 'config': {}, 'step': 1}, path)
     with pytest.raises(tr.DiskFull, match=f'disk full: cannot write {re.escape(path)}'):
         tr.save_checkpoint({'model': {'w': torch.ones(1 << 20)}, 'config': {}, 'step': 2}, path)
-    assert sorted(os.listdir(small_disk)) == ['last.pt'] and tr.load_run_checkpoint(path)['step'] == 1
+    assert sorted(os.listdir(small_disk)) == ['last.pt'] and ev.load_run_checkpoint(path)['step'] == 1
     os.remove(path)
     message = cli_error(tr.main, ['--max-steps', '1', '--crop', '32x32', '--workers', '0', '--eval-every', '0',
                                   '--out-dir', str(small_disk)])  # a 10 MB checkpoint on a 256 KiB disk
@@ -2999,7 +3095,7 @@ def test_ktb_training_defaults_follow_the_release():
         model = rgbx.build_ktb('base', 40, 3)
     rates = [b.drop_path.p for layer in model.backbone.layers for b in layer.blocks]
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.3) and len(rates) == 24  # stochastic depth 0 .. 0.3
-    groups = tr.param_groups(model, 0.01)  # weight decay on every trainable tensor, biases and norms too
+    groups = model.param_groups(0.01)  # weight decay on every trainable tensor, biases and norms too
     assert [len(g['params']) for g in groups] == [sum(p.requires_grad for p in model.parameters()), 0]
     assert data.PRESETS['nyudv2'].x_norm('hha', 'ktb') == ((0.0,) * 3, (1.0,) * 3)  # X as [0, 1] values
     assert data.PRESETS['nyudv2'].x_norm('hha', 'gopt') == data.PRESETS['nyudv2'].x_norm('hha')

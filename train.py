@@ -1,17 +1,21 @@
 """Train an RGB+X segmentation model.
 
     python train.py                                    # the demo: a small model on built-in data, CPU, minutes
-    python train.py --dataset nyudv2 --data-root DIR --method ktb --backbone swin-base \\
+    python train.py --dataset nyudv2 --data-root DIR --method ktb \\
                     --pretrained swin_base_patch4_window12_384_22k.pth
     torchrun --nproc_per_node 4 train.py ...           # DDP: one process per GPU (gloo on CPU)
     python train.py ... --resume                       # continue the run in --out-dir exactly where it stopped
+    python train.py --method ktb --list-opts           # a method's options (--opts), their defaults and types
 
-Reads top to bottom: the command line (data.Config, shared with eval.py), the
-schedule and sampler, checkpoints and the run folder, then `train`: set-up (DDP
-from the RANK environment variable, device, precision, data, model, optimizer,
-resume) and the loop. A run directory holds config.json, log.jsonl, last.pt and
-best.pt; a new run never writes into a folder holding a run's checkpoints (--resume
-or --overwrite), and a resume with another config is refused.
+Reads top to bottom: the configuration (Config, its command line, and `resolve`,
+which fills what the command line leaves open from the method's recipe in rgbx and
+the dataset), data parallelism (global-batch draws and loss means, synchronised
+BatchNorm), the schedule and sampler, checkpoints and the run folder, then `train`:
+set-up (DDP from the RANK environment variable, device, precision, data, model,
+optimizer, resume) and the loop. A run directory holds config.json, log.jsonl,
+last.pt and best.pt; a new run never writes into a folder holding a run's
+checkpoints (--resume or --overwrite), and a resume with another config is refused.
+Checkpoints store the model's resolved arguments (eval.Run), which rebuild it.
 """
 import argparse
 import errno
@@ -22,30 +26,137 @@ import random
 import sys
 import time
 import typing
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import eval as ev
 import rgbx
-from data import MAX_SKIPPED, Config, resolve, shard_loader  # the run configuration lives in data.py, shared with eval.py
-from rgbx import evaluate, format_metrics, load_run_checkpoint, metrics
+
+# ----------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------
+
+BACKBONES = [f'swin-{s}' for s in rgbx.SWIN_PRESETS] + [f'vit-{s}' for s in rgbx.VIT_PRESETS]
+X_MODALITIES = sorted({x for p in data.PRESETS.values() for x in p.modalities})
+
+
+def flag(default, help, choices=None):
+    """A Config field with its command-line help (and choices)."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+@dataclass
+class Config:
+    """A run's configuration: every field is a flag (`batch_size` -> --batch-size).
+    None (and '' for the backbone) = the method's recipe for the dataset, filled by
+    `resolve`, so that every real value, 0 included, is taken as given."""
+    # data
+    dataset: str = flag('demo', "dataset preset (demo: built-in synthetic RGB-D, no download)", list(data.PRESETS))
+    data_root: str = flag('', "dataset folder ('' = the preset's place, e.g. datasets/NYUDepthv2)")
+    x_modality: str = flag('', "X modality ('' = the dataset's default: nyudv2 hha, mfnet thermal, ...)",
+                           [''] + X_MODALITIES)
+    split: str = flag('train', "the training split (a name in the data root, or a split file); "
+                               "demo: 'fit' holds out the 'val' scenes")
+    # model
+    method: str = flag('early_fusion', "the method", list(rgbx.METHODS))
+    backbone: str = flag('', "the backbone ('' = the method's paper backbone, swin-base / vit-base; "
+                             "on the demo its nano size)", [''] + BACKBONES)
+    pretrained: str = flag('', "official pretrained backbone file (ktb, gopt: required; 'none' trains them "
+                               "from random weights on purpose)")
+    opts: str = flag('', "method options key=value,... e.g. 'mmst=false,adapter_ranks=8:8:8:8' "
+                         "(--list-opts lists them)")
+    # optimisation; None = the method's recipe for the dataset
+    epochs: Optional[int] = flag(None, "epochs (default: the recipe's)")
+    batch_size: Optional[int] = flag(None, "batch per process; the global batch is batch x processes x grad-accum "
+                                           "(default: the recipe's)")
+    lr: Optional[float] = flag(None, "AdamW learning rate (default: the recipe's)")
+    weight_decay: Optional[float] = flag(None, "AdamW weight decay (default: the recipe's)")
+    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the recipe's)")
+    schedule: Optional[str] = flag(None, "learning-rate decay after the warm-up (default: the recipe's, else poly)",
+                                   ['poly', 'cosine'])
+    beta2: Optional[float] = flag(None, "AdamW beta2 (default: the recipe's, else 0.999)")
+    crop: Optional[str] = flag(None, "training crop HxW (default: the dataset's)")
+    grad_accum: Optional[int] = flag(None, "micro-batches per optimizer step (default: 1, or what reaches the "
+                                           "recipe's global batch, e.g. gopt's 64)")
+    augment: Optional[str] = flag(None, "full = the joint augmentation, crop = the random crop only "
+                                        "(default: the recipe's, else full)", ['full', 'crop'])
+    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all epochs)")
+    # system
+    device: str = flag('', "cpu, cuda or cuda:N ('' = cuda if available, else cpu)")
+    amp: str = flag('none', "mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, with a gradient scaler)",
+                    ['none', 'bf16', 'fp16'])
+    compile: bool = flag(False, "torch.compile the model")
+    workers: int = flag(0, "data-loading processes (0: in the main process, fastest for the demo on 2 cores)")
+    seed: int = flag(3407, "seed of the initialisation, the sample order and the augmentation")
+    # run
+    out_dir: str = flag('', "run folder ('' = runs/<dataset>-<method>-<backbone>)")
+    resume: bool = flag(False, "continue the run in --out-dir where it stopped (refused if the config differs)")
+    allow_changes: bool = flag(False, "with --resume: accept changes to the settings that do not change what a "
+                                      "step computes (" + ', '.join('--' + k.replace('_', '-') for k in
+                                      ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every',
+                                       'save_full', 'nonfinite', 'device', 'compile')) + ")")
+    overwrite: bool = flag(False, "start afresh in an --out-dir that holds a run (its files are replaced once the "
+                                  "new run has started)")
+    save_every: int = flag(0, "also save last.pt every N steps (0: at the end of each epoch only)")
+    eval_every: int = flag(1, "evaluate every N epochs (0: never)")
+    log_every: int = flag(10, "a progress line every N steps")
+    save_full: bool = flag(False, "also store the frozen weights in the checkpoints")
+    nonfinite: str = flag('stop', "on a non-finite loss: stop, or skip the step (at most 5%% of the steps)",
+                          ['stop', 'skip'])
+
+
+# Fields a resumed run may change with --allow-changes: they decide what is logged,
+# saved, evaluated or where files are found, not what a step computes (device and
+# compile: only its float rounding; pretrained: the frozen weights are checked by
+# fingerprint; data_root: the files are checked to be the same number of samples).
+HARMLESS_CHANGES = ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every', 'save_full',
+                    'nonfinite', 'device', 'compile')
+RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir')  # say how to run, not what: never compared
+# design choice: a run may skip at most 5% of its steps (at least 1) under --nonfinite skip; a diverged run
+# (lr 1e9 skipped 63 of 64) then stops instead of "finishing" on the few steps it took
+MAX_SKIPPED = 0.05
+RETIRED = ('sync_bn',)  # fields of older configs that no longer act (BatchNorm is always synchronised under DDP)
+# (field, lowest allowed value, whether the lowest is allowed itself)
+RANGES = (('epochs', 1, True), ('batch_size', 1, True), ('lr', 0, False), ('weight_decay', 0, True),
+          ('warmup_epochs', 0, True), ('grad_accum', 1, True), ('max_steps', 1, True), ('workers', 0, True),
+          ('seed', 0, True), ('save_every', 0, True), ('eval_every', 0, True), ('log_every', 1, True))
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds
+
+
+def parser():
+    """argparse built from the Config fields, each with its help, default and choices."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md; "
+                                "options of a method: python train.py --method NAME --list-opts",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        meta = f.metadata
+        opt = '--' + f.name.replace('_', '-')
+        if f.type is bool:
+            p.add_argument(opt, action='store_true', help=meta['help'])
+        else:
+            p.add_argument(opt, type=flag_type(f.type), default=f.default, help=meta['help'],
+                           choices=meta['choices'], metavar=None if meta['choices'] is None else
+                           '{' + ','.join(c or "''" for c in meta['choices']) + '}')
+    p.add_argument('--list-opts', action='store_true', help="print the options of --method (on --backbone) with "
+                                                            "their defaults and types, and exit")
+    return p
 
 
 def parse_config(argv=None):
-    """argparse built from the Config fields; the dataset preset fills the fields left at None."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    for f in fields(Config):
-        flag = '--' + f.name.replace('_', '-')
-        if f.type is bool:
-            p.add_argument(flag, action='store_true')
-        else:
-            p.add_argument(flag, type=flag_type(f.type), default=f.default)
-    return resolve(Config(**vars(p.parse_args(argv))))
+    """The Config of a command line, resolved (`resolve`); --list-opts prints the options and exits."""
+    args = vars(parser().parse_args(argv))
+    if args.pop('list_opts'):
+        print(list_opts(args['method'], args['backbone'] or rgbx.paper_backbone(args['method'])))
+        sys.exit(0)
+    return resolve(Config(**args))
 
 
 def flag_type(t):
@@ -53,13 +164,204 @@ def flag_type(t):
     return next((a for a in typing.get_args(t) if a is not type(None)), t)
 
 
-def build_model(cfg, num_classes, x_channels):
-    """The model of `cfg` (rgbx.build_model), with pretrained weights when given."""
-    return rgbx.build_model(cfg.method, cfg.backbone, num_classes, x_channels, **data.model_options(cfg))
+def list_opts(method, backbone):
+    """The options of `method` on `backbone`, one line each: name, type, default (and choices)."""
+    lines = [f"options of {method} on {backbone} (--opts key=value,...; lists as a:b:c):"]
+    for name, default in rgbx.method_options(method, backbone).items():
+        kind = rgbx.NONE_DEFAULT_TYPES.get(name, type(default)).__name__
+        kind = 'ints a:b:c' if kind in ('list', 'tuple') else kind
+        choices = rgbx.OPTION_CHOICES.get(name)
+        lines.append(f"  {name:20s} {kind:10s} default {default!r}" + (f"  ({'|'.join(choices)})" if choices else ''))
+    return '\n'.join(lines)
+
+
+def config_from_dict(d, source):
+    """A Config from a saved dict (config.json, a checkpoint's 'config'), naming unknown fields."""
+    d = {k: v for k, v in d.items() if k not in RETIRED}
+    unknown = sorted(set(d) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ValueError(f"{source} has config fields this code does not know: {unknown}; "
+                         f"use the version of the code that wrote it")
+    if d.get('max_steps') == 0:  # written when 0 meant "all epochs" (now None)
+        d = dict(d, max_steps=None)
+    return Config(**d)
+
+
+def resolve(cfg):
+    """Fill what `cfg` leaves open (None, and '' for the backbone) from the method's
+    recipe for the dataset (rgbx.recipe) and the dataset's own settings, and check
+    every field, raising a one-line error naming the flag. Returns `cfg` (resolving
+    twice changes nothing)."""
+    preset = data.get_preset(cfg.dataset)
+    rgbx.method_spec(cfg.method)
+    if not cfg.backbone:  # the paper's; on the generated demo its nano size
+        cfg.backbone = rgbx.paper_backbone(cfg.method).replace('-base', '-nano' if preset.generated else '-base')
+    run = ev.run_of(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts)
+    recipe = rgbx.recipe(cfg.method, cfg.dataset, run.model_args['options'])
+    fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults}
+    fill.update({k: v for k, v in asdict(recipe).items() if v is not None and k in fill or k in ('epochs', 'lr',
+                 'weight_decay') and v is not None})
+    for k, v in fill.items():
+        if vars(cfg)[k] is None:
+            setattr(cfg, k, v)
+    if cfg.epochs is None or cfg.lr is None or cfg.weight_decay is None:
+        raise ValueError(f"{cfg.method} has no recipe for {cfg.dataset}: pass --epochs, --lr and --weight-decay")
+    if cfg.grad_accum is None:  # a recipe's global batch (GoPT: 64) is reached by accumulation
+        per_step = cfg.batch_size * int(os.environ.get('WORLD_SIZE', 1))
+        cfg.grad_accum = max(1, recipe.global_batch // per_step) if recipe.global_batch else 1
+    cfg.crop = '%dx%d' % (ev.parse_size(cfg.crop, '--crop') if cfg.crop else preset.crop)
+    check_fields(cfg)
+    if recipe.frozen_backbone and not cfg.pretrained:
+        raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
+                         f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
+    if not cfg.out_dir:
+        cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
+    return cfg
+
+
+def check_fields(cfg):
+    """Raise a one-line error naming the flag of any field out of its range or choices."""
+    for name, low, inclusive in RANGES:
+        v = vars(cfg)[name]
+        if v is not None and (v < low or (v == low and not inclusive)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {low}, not {v}")
+    if cfg.seed > MAX_SEED:
+        raise ValueError(f"--seed must be <= {MAX_SEED} (numpy's seeds), not {cfg.seed}")
+    for f in fields(Config):
+        choices = f.metadata['choices']
+        if choices and vars(cfg)[f.name] not in choices:
+            raise ValueError(f"--{f.name.replace('_', '-')} takes {'|'.join(c or repr(c) for c in choices)}, "
+                             f"not {vars(cfg)[f.name]!r}")
+    ev.check_device(cfg.device)
+    if cfg.amp == 'fp16' and ev.check_device(cfg.device).type != 'cuda':
+        raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16")
+    if not 0 < cfg.beta2 < 1:
+        raise ValueError(f"--beta2 must be in (0, 1), not {cfg.beta2}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
+    if cfg.allow_changes and not cfg.resume:
+        raise ValueError("--allow-changes only acts with --resume")
+
+
+def run_of(cfg):
+    """The eval.Run of a resolved config: what its checkpoints store to rebuild the model."""
+    return ev.run_of(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts, cfg.pretrained, cfg.data_root,
+                     cfg.crop, cfg.seed)
+
+
+def build_model(cfg):
+    """The model of a resolved config, with its pretrained file loaded (rgbx.build_model)."""
+    return run_of(cfg).build(None if cfg.pretrained in ('', 'none') else cfg.pretrained)
+
+
+def resume_changes(saved, cfg, allow, source):
+    """Check that a resumed run's config `cfg` is the saved one: a one-line error listing
+    every differing field (run value -> now); with `allow`, the HARMLESS_CHANGES pass.
+    Returns the accepted changes as text ('' when none)."""
+    saved, now = asdict(config_from_dict(saved, source)), asdict(cfg)
+    changed = {k: (saved[k], now[k]) for k in now if k not in RUN_ONLY and saved[k] != now[k]}
+    refused = {k: v for k, v in changed.items() if not (allow and k in HARMLESS_CHANGES)}
+    text = lambda d: ', '.join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in d.items())
+    if refused:
+        weights = [k for k in refused if k not in HARMLESS_CHANGES]
+        flags = lambda ks: ', '.join('--' + k.replace('_', '-') for k in ks)
+        raise ValueError(f"--resume: the config differs from the run in {source}: {text(refused)}. "
+                         + (f"{flags(weights)} change what is trained: pass the run's values (its config.json) or "
+                            f"start a new run in another --out-dir" if weights else '')
+                         + ('; ' if weights and len(weights) < len(refused) else '')
+                         + (f"--allow-changes accepts {flags(k for k in refused if k in HARMLESS_CHANGES)}"
+                            if len(weights) < len(refused) else ''))
+    return text(changed)
 
 
 # ----------------------------------------------------------------------------
-# Learning rate, optimizer, sampling
+# Data parallelism: N processes compute what one process computes at the global batch
+# ----------------------------------------------------------------------------
+# Process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1 of the global batch
+# of world*B (ResumableSampler deals them so). The models draw their per-sample random
+# numbers and take their loss means through rgbx.BATCH; under DDP that is GlobalBatch:
+# every process draws for the global batch (the generators, seeded alike, stay in step)
+# and keeps its rows, and loss means divide by the global count. BatchNorm uses the
+# global batch's statistics (sync_batchnorm).
+
+class GlobalBatch(rgbx.Batch):
+    """rgbx.Batch under torch.distributed: draws for the global batch, cut to this
+    process's rows; counts summed over the processes."""
+
+    def __init__(self):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def draw(self, draw, n, dim=0):
+        """draw(world * n), rows rank*n .. (rank+1)*n - 1 along `dim`."""
+        return draw(self.world * n).narrow(dim, self.rank * n, n)
+
+    def count(self, n, device):
+        """The global count / world (at least 1): DDP averages the processes' gradients,
+        which then equal the gradient of the global batch's mean. A collective: every
+        process computes the same losses."""
+        total = torch.tensor([n], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return max(total.item(), 1.0) / self.world
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the processes; its gradient is the sum of theirs."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduceSum.forward(ctx, grad)
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with the statistics of the global batch in training: the per-channel
+    sum and sum of squared deviations are summed over the processes (AllReduceSum), as
+    in torch.nn.SyncBatchNorm, which has CUDA kernels only; this one runs on any backend
+    (gloo on CPU). In eval mode and in one process it is BatchNorm2d."""
+
+    def forward(self, x):
+        if not self.training or not dist.is_initialized():
+            return super().forward(x)
+        xf = x.float()  # statistics in float32 also under autocast
+        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)  # pixels per channel
+        dist.all_reduce(count)
+        mean = AllReduceSum.apply(xf.sum((0, 2, 3))) / count  # (C,)
+        var = AllReduceSum.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))) / count  # (C,), biased
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), m)
+        out = (xf - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
+        return (out * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else out).to(x.dtype)
+
+
+def sync_batchnorm(module, device):
+    """`module` with every BatchNorm2d made to use the global batch's statistics under
+    data parallelism: torch.nn.SyncBatchNorm on CUDA, SyncBatchNorm above elsewhere
+    (same parameters, buffers and names)."""
+    if device.type == 'cuda':
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(child.weight.device if child.affine else device)
+            synced.load_state_dict(child.state_dict())
+            synced.train(child.training).requires_grad_(child.affine and child.weight.requires_grad)
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child, device)
+    return module
+
+
+# ----------------------------------------------------------------------------
+# Learning rate, sampling
 # ----------------------------------------------------------------------------
 
 def lr_at(step, total, warmup, base, warmup_ratio=0.1, power=0.9, schedule='poly'):
@@ -72,25 +374,10 @@ def lr_at(step, total, warmup, base, warmup_ratio=0.1, power=0.9, schedule='poly
     return base * (1 + math.cos(math.pi * t)) / 2 if schedule == 'cosine' else base * (1 - t) ** power
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups over the trainable parameters only: no weight decay on norms,
-    biases, embeddings, tokens and bias tables (every tensor of ndim <= 1, and by
-    name), except in KTB, whose release decays every trainable tensor."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        plain = not isinstance(model, rgbx.KTB) and (
-            p.ndim <= 1 or any(s in name for s in ('token', 'pos_embed', 'bias_table', 'embed.weight',
-                                                    'class_emb', 'task_embeddings')))
-        (no_decay if plain else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
-
 class ResumableSampler(torch.utils.data.Sampler):
     """A seeded shuffle per epoch (set_epoch), dealt in global batches of world x
     batch: rank r takes rows r*batch .. (r+1)*batch - 1 of each, so the processes
-    together see exactly one process's batches at the global batch size (rgbx.batch_share);
+    together see exactly one process's batches at the global batch size (GlobalBatch);
     `start`: the number of this rank's samples of the epoch already consumed, so that
     a resumed run sees the same order."""
 
@@ -272,37 +559,15 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def setup_distributed(cfg):
-    """DDP when launched by torchrun (RANK in the environment): nccl on CUDA, gloo on CPU."""
-    device = data.check_device(cfg.device)
-    if 'RANK' not in os.environ:
-        return 0, 1, device
-    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
-    use_cuda = device.type == 'cuda'
-    if use_cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if use_cuda else 'gloo')
-    return rank, world, torch.device(f'cuda:{local}' if use_cuda else 'cpu')
-
-
-def autocast(cfg, device):
-    """bf16 / fp16 autocast, or a null context (fp32)."""
-    if cfg.amp == 'none':
-        return nullcontext()
-    if cfg.amp == 'fp16' and device.type != 'cuda':
-        raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == 'bf16' else torch.float16)
-
-
-def make_loaders(cfg, rank, world, device):
+def make_loaders(cfg, run, rank, world, device):
     """The training set, its resumable sampler and loader, and the test loader. The
     augmentation randomness is a function of (seed, epoch, sample), so the order of
     workers and a resume cannot change it."""
-    train_set = data.build_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.x_modality or None,
-                                   crop=data.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed, method=cfg.method,
-                                   augment=cfg.augment == 'full')
-    test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', cfg.x_modality or None, method=cfg.method)
+    train_set = data.build_dataset(cfg.dataset, cfg.data_root, cfg.split, run.x_modality,
+                                   crop=ev.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed,
+                                   x_standardised=run.x_standardised, augment=cfg.augment == 'full')
+    test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', run.x_modality,
+                                  x_standardised=run.x_standardised)
     sampler = ResumableSampler(len(train_set), cfg.seed, rank, world, cfg.batch_size)
     if len(sampler.indices()) < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"{len(train_set)} training samples cannot fill one step of {world} x {cfg.batch_size} x "
@@ -310,18 +575,18 @@ def make_loaders(cfg, rank, world, device):
     pin = device.type == 'cuda'
     # workers are not persistent: they restart each epoch with the sampler's start offset
     loader = data.loader(train_set, cfg.batch_size, cfg.workers, sampler, drop_last=True, pin=pin)
-    return train_set, sampler, loader, shard_loader(test_set, rank, world, cfg.workers, pin)
+    return train_set, sampler, loader, data.shard_loader(test_set, rank, world, cfg.workers, pin)
 
 
 def resume_checkpoint(cfg):
     """--resume: the run's last.pt, read before anything is built, refused unless it
-    was trained with this config (data.resume_changes)."""
+    was trained with this config (resume_changes)."""
     last_path = os.path.join(cfg.out_dir, 'last.pt')
     if not os.path.exists(last_path):
         raise FileNotFoundError(f"--resume: no checkpoint {last_path}; start afresh without --resume (and with "
                                 f"--overwrite if the folder holds best.pt) or set --out-dir")
-    ckpt = load_run_checkpoint(last_path)
-    ckpt['changes'] = data.resume_changes(ckpt['config'], cfg, cfg.allow_changes, last_path)
+    ckpt = ev.load_run_checkpoint(last_path)
+    ckpt['changes'] = resume_changes(ckpt['config'], cfg, cfg.allow_changes, last_path)
     return ckpt
 
 
@@ -332,7 +597,7 @@ def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, say):
     if ckpt['frozen_sha1'] != fingerprint:
         raise ValueError(f"{last_path} was trained on other frozen weights: pass the same --pretrained "
                          f"({ckpt['config']['pretrained']!r})")
-    rgbx.load_trained(model, ckpt['model'], last_path)
+    rgbx.load_trained(model, {k: v for k, v in ckpt['model'].items() if k != 'steps_done'}, last_path)
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
@@ -343,12 +608,11 @@ def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, say):
     return ckpt['step'], ckpt['best'], ckpt['skipped']
 
 
-def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, schedule_step=None):
+def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, step_inputs):
     """One optimizer step over cfg.grad_accum micro-batches (gradient sync on the
-    last one only); a non-finite loss leaves the weights untouched. Returns the mean
-    loss over micro-batches and processes, and the last micro-batch's (rgb, x).
-    `schedule_step`: the global step, for a model with its own schedule (MaskMentor
-    pre-training)."""
+    last one only); a non-finite loss leaves the weights untouched. `step_inputs`: what
+    the model's schedule gives this step's forward. Returns the mean loss over
+    micro-batches and processes, and the last micro-batch's (rgb, x)."""
     for g in optimizer.param_groups:
         g['lr'] = lr
     loss_sum = torch.zeros((), device=device)
@@ -356,8 +620,8 @@ def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, schedu
         rgb, x, label = (t.to(device, non_blocking=device.type == 'cuda') for t in next(batches))
         if world > 1:
             model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-        with autocast(cfg, device):
-            loss, _ = model(rgb, x, label, **({} if schedule_step is None else {'step': schedule_step}))
+        with ev.autocast(cfg.amp, device):
+            loss, _ = model(rgb, x, label, **step_inputs)
             loss = loss / cfg.grad_accum
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -371,18 +635,18 @@ def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, schedu
     return loss_sum, (rgb, x)
 
 
-def prepare_model(cfg, model, num_classes, x_channels, device, world, say):
-    """The model `cfg` names (or `model`) on `device`, its BatchNorms synchronised
-    across processes under DDP; prints the config and the parameter counts.
+def prepare_model(cfg, model, device, world, say):
+    """The model `cfg` names (or `model`, an rgbx.RGBXModel) on `device`, its BatchNorms
+    synchronised across processes under DDP; prints the config and the parameter counts.
     Returns (model, counts)."""
-    model = (model if model is not None else build_model(cfg, num_classes, x_channels)).to(device)
-    if world > 1:  # BatchNorm on the global batch's statistics (README, "Several processes")
-        model = rgbx.sync_batchnorm(model, device)
-    counts = dict(trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  total=sum(p.numel() for p in model.parameters()))
+    model = (model if model is not None else build_model(cfg)).to(device)
+    if not isinstance(model, rgbx.RGBXModel):
+        raise TypeError(f"train takes an rgbx.RGBXModel (the interface it trains through), not {type(model).__name__}")
+    if world > 1:  # BatchNorm on the global batch's statistics (docs/distributed.md)
+        model = sync_batchnorm(model, device)
+    counts = model.param_counts()
     say(f"config: {json.dumps(asdict(cfg))}")
-    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} total"
-        + (f" | {model.param_counts()}" if hasattr(model, 'param_counts') else ''))
+    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} total | {counts}")
     return model, counts
 
 
@@ -392,8 +656,8 @@ class RunFiles:
     never non-finite weights. Without a pretrained file the frozen weights are random
     and exist nowhere else: checkpoints then hold them too."""
 
-    def __init__(self, cfg, model, optimizer, scaler, fingerprint, world, master, step):
-        self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
+    def __init__(self, cfg, run, model, optimizer, scaler, fingerprint, world, master, step):
+        self.cfg, self.run, self.model, self.optimizer, self.scaler = cfg, run, model, optimizer, scaler
         self.fingerprint, self.world, self.master = fingerprint, world, master
         self.last, self.best = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
         self.log = None
@@ -404,7 +668,7 @@ class RunFiles:
                 json.dump(asdict(cfg), f, indent=2)
             self.log = open(self.log_path, 'a' if cfg.resume else 'w')
         self.t0 = self.t_last = time.time()
-        self.step_at_t = step
+        self.step_at_t = self.step_at_start = step
 
     def say(self, *text):
         if self.master:
@@ -443,6 +707,7 @@ class RunFiles:
         if self.master:
             save_checkpoint(dict(model=state, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                                  step=step, best=best, skipped=skipped, config=asdict(self.cfg), rng=states,
+                                 run=asdict(self.run),
                                  frozen_sha1=self.fingerprint, evaluation=evaluation), path)
 
     def close(self):
@@ -466,101 +731,150 @@ def on_nonfinite_loss(cfg, loss, step, skipped, total, files):
                         + ('' if cfg.nonfinite == 'skip' else ', or pass --nonfinite skip'))
 
 
-def train(cfg, model=None, on_step=None):
-    """Run training as `cfg` says; `model` replaces the one `cfg` would build (tests),
-    `on_step(step)` is called after each optimizer step and its checkpoint.
-    Returns a dict with the last evaluation and the run's figures."""
-    # set-up: processes, the run folder, seeds, data, model, optimizer, schedule, resume
-    cfg = resolve(cfg)
-    rank, world, device = setup_distributed(cfg)
+@dataclass
+class Session:
+    """Everything a training run holds while it runs (`setup`)."""
+    cfg: Config
+    run: ev.Run
+    rank: int
+    world: int
+    device: torch.device
+    raw: rgbx.RGBXModel  # the model itself; `model` is what is called (compiled, DDP-wrapped)
+    model: nn.Module
+    counts: dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_set: torch.utils.data.Dataset
+    sampler: ResumableSampler
+    loader: torch.utils.data.DataLoader
+    test_loader: torch.utils.data.DataLoader
+    files: 'RunFiles'
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    step: int
+    best: float
+    skipped: int
+    previous_batch: rgbx.Batch
+
+
+def setup(cfg, model=None):
+    """Processes, the run folder, seeds, data, model, optimizer, schedule and resume: a Session."""
+    rank, world, device = ev.setup_distributed(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    check_out_dir(cfg, rank == 0, say)
+    run = run_of(cfg)
     resumed = resume_checkpoint(cfg) if cfg.resume else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    preset = data.PRESETS[cfg.dataset]
-    train_set, sampler, loader, test_loader = make_loaders(cfg, rank, world, device)
-    raw, counts = prepare_model(cfg, model, preset.num_classes, train_set[0][1].shape[0], device, world, say)
+    train_set, sampler, loader, test_loader = make_loaders(cfg, run, rank, world, device)
+    raw, counts = prepare_model(cfg, model, device, world, say)
+    check_out_dir(cfg, rank == 0, say)  # only now that the run is known to start: nothing is replaced before
     fingerprint = rgbx.frozen_fingerprint(raw)
-    optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
+    optimizer = torch.optim.AdamW(raw.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                   fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if hasattr(raw, 'plan'):  # MaskMentor pre-training: its MIM warm-up is a fraction of the run's steps
-        raw.plan(total)
     step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, say) if resumed else (0, -1.0, 0)
-    files = RunFiles(cfg, raw, optimizer, scaler, fingerprint, world, rank == 0, step)
+    files = RunFiles(cfg, run, raw, optimizer, scaler, fingerprint, world, rank == 0, step)
     model = torch.compile(raw) if cfg.compile else raw
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                    find_unused_parameters=getattr(raw, 'find_unused_parameters', False))
-    # a pre-training model (MaskMentor stage 1) takes the global step for its schedule and has no logits to evaluate
-    pretraining = getattr(raw, 'pretraining', False)
+                    find_unused_parameters=raw.find_unused_parameters)
+    previous = rgbx.use_batch(GlobalBatch() if world > 1 else rgbx.Batch())
+    return Session(cfg, run, rank, world, device, raw, model, counts, optimizer, scaler, train_set, sampler, loader,
+                   test_loader, files, steps_per_epoch, total, int(cfg.warmup_epochs * steps_per_epoch), step, best,
+                   skipped, previous)
 
-    # the loop: optimizer steps, each epoch ended by an evaluation and the checkpoints
+
+def train(cfg, model=None, on_step=None):
+    """Run training as `cfg` says; `model` replaces the one `cfg` would build (tests),
+    `on_step(step)` is called after each optimizer step and its checkpoint.
+    Returns a dict with the last evaluation and the run's figures."""
+    s = setup(resolve(cfg), model)
     result = {}
-    batch_of = getattr(raw, 'batch_index', lambda s: s)  # MaskMentor STTP: one batch per teacher/student cycle
+    try:
+        while s.step < s.total:
+            result = run_epoch(s, on_step) or result
+    finally:
+        s.files.close()
+        rgbx.use_batch(s.previous_batch)
+    s.files.say(f"done: {s.total} steps" + (f" ({s.skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
+                + f" ({s.step - s.files.step_at_start} in this session, {time.time() - s.files.t0:.0f}s)"
+                + (f", best mIoU {100 * s.best:.2f}" if s.best >= 0 else "") + f", checkpoints in {cfg.out_dir}")
+    return dict(result, best=s.best, step=s.step, skipped=s.skipped, params=s.counts)
+
+
+def batch_of(s, step):
+    """The index of the batch global step `step` trains on (the model's schedule)."""
+    return s.raw.schedule(step, s.total)[0]
+
+
+def run_epoch(s, on_step):
+    """Optimizer steps from s.step to the end of its epoch (or of the run), each epoch
+    ended by an evaluation and the checkpoints. Returns the epoch's evaluation, if any."""
+    cfg = s.cfg
+    epoch, done_in_epoch = divmod(s.step, s.steps_per_epoch)
+    of = lambda step: batch_of(s, step)
     per_draw = cfg.batch_size * cfg.grad_accum
     held = None  # (batch index, its micro-batches): the batch the current step trains on
-    try:
-        while step < total:
-            epoch, done_in_epoch = divmod(step, steps_per_epoch)
-            if held is None and not fresh_batch(batch_of, step):  # resumed inside a cycle: draw its batch again
-                first = cycle_start(batch_of, step)
-                first_epoch = first // steps_per_epoch
-                sampler.set_epoch(first_epoch, draws(batch_of, first_epoch * steps_per_epoch, first) * per_draw)
-                train_set.set_epoch(first_epoch)
-                again = iter(loader)
-                held = (batch_of(step), [next(again) for _ in range(cfg.grad_accum)])
-            sampler.set_epoch(epoch, draws(batch_of, epoch * steps_per_epoch, step) * per_draw)
-            train_set.set_epoch(epoch)
-            model.train()
-            batches = iter(loader)
-            for _ in range(done_in_epoch, steps_per_epoch):
-                lr = lr_at(step, total, warmup, cfg.lr, schedule=cfg.schedule)
-                if held is None or held[0] != batch_of(step):
-                    held = (batch_of(step), [next(batches) for _ in range(cfg.grad_accum)])
-                loss, inputs = train_step(model, iter(held[1]), optimizer, scaler, cfg, device, world, lr,
-                                          step if pretraining else None)
-                loss = loss.item()
-                step += 1
-                if not math.isfinite(loss):
-                    skipped += 1
-                    on_nonfinite_loss(cfg, loss, step, skipped, total, files)
-                if step % cfg.log_every == 0 or step == total:
-                    # a model that reports its own health (GoPT: gopt_diagnostics) logs it on the last micro-batch
-                    health = dict(diagnostics=raw.diagnostics(*inputs)) if hasattr(raw, 'diagnostics') else {}
-                    files.progress(step, total, epoch, loss, lr, **health)
-                end_of_epoch = step % steps_per_epoch == 0 or step == total
-                if cfg.save_every and step % cfg.save_every == 0 and not end_of_epoch:
-                    files.checkpoint(files.last, step, best, skipped)
-                if end_of_epoch:
-                    evaluation = None
-                    if not pretraining and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step == total):
-                        evaluation = result = metrics(evaluate(raw, test_loader, preset.num_classes, device,
-                                                               amp=cfg.amp))
-                        say(format_metrics(evaluation, preset.class_names, short=True))
-                        files.record(step=step, epoch=epoch + 1, eval={k: v for k, v in evaluation.items() if k != 'iou'})
-                        if evaluation['miou'] > best:
-                            best = evaluation['miou']
-                            files.checkpoint(files.best, step, best, skipped, evaluation)
-                    files.checkpoint(files.last, step, best, skipped, evaluation)
-                if on_step is not None:
-                    on_step(step)
-                if step >= total:
-                    break
-    finally:
-        files.close()
-    say(f"done: {step} steps" + (f" ({skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
-        + f" in {time.time() - files.t0:.0f}s" + (f", best mIoU {100 * best:.2f}" if best >= 0 else "")
-        + f", checkpoints in {cfg.out_dir}")
-    return dict(result, best=best, step=step, skipped=skipped, params=counts)
+    if not fresh_batch(of, s.step):  # resumed inside a cycle of steps on one batch: draw its batch again
+        first = cycle_start(of, s.step)
+        first_epoch = first // s.steps_per_epoch
+        s.sampler.set_epoch(first_epoch, draws(of, first_epoch * s.steps_per_epoch, first) * per_draw)
+        s.train_set.set_epoch(first_epoch)
+        again = iter(s.loader)
+        held = (of(s.step), [next(again) for _ in range(cfg.grad_accum)])
+    s.sampler.set_epoch(epoch, draws(of, epoch * s.steps_per_epoch, s.step) * per_draw)
+    s.train_set.set_epoch(epoch)
+    s.model.train()
+    batches, evaluation = iter(s.loader), None
+    for _ in range(done_in_epoch, s.steps_per_epoch):
+        lr = lr_at(s.step, s.total, s.warmup, cfg.lr, schedule=cfg.schedule)
+        index, step_inputs = s.raw.schedule(s.step, s.total)
+        if held is None or held[0] != index:
+            held = (index, [next(batches) for _ in range(cfg.grad_accum)])
+        loss, inputs = train_step(s.model, iter(held[1]), s.optimizer, s.scaler, cfg, s.device, s.world, lr,
+                                  step_inputs)
+        loss = loss.item()
+        s.step += 1
+        if not math.isfinite(loss):
+            s.skipped += 1
+            on_nonfinite_loss(cfg, loss, s.step, s.skipped, s.total, s.files)
+        if s.step % cfg.log_every == 0 or s.step == s.total:
+            health = s.raw.diagnostics(*inputs)  # GoPT: gopt_diagnostics on the last micro-batch
+            s.files.progress(s.step, s.total, epoch, loss, lr, **(dict(diagnostics=health) if health else {}))
+        end_of_epoch = s.step % s.steps_per_epoch == 0 or s.step == s.total
+        if cfg.save_every and s.step % cfg.save_every == 0 and not end_of_epoch:
+            s.files.checkpoint(s.files.last, s.step, s.best, s.skipped)
+        if end_of_epoch:
+            evaluation = end_epoch(s, epoch)
+        if on_step is not None:
+            on_step(s.step)
+        if s.step >= s.total:
+            break
+    return evaluation
+
+
+def end_epoch(s, epoch):
+    """The evaluation of an epoch's end (every --eval-every epochs and at the end of the
+    run; none in pre-training) and its checkpoints. Returns the evaluation, if any."""
+    cfg, evaluation = s.cfg, None
+    if not s.raw.pretraining and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or s.step == s.total):
+        preset = data.get_preset(cfg.dataset)
+        evaluation = ev.metrics(ev.evaluate(s.raw, s.test_loader, preset.num_classes, s.device, amp=cfg.amp))
+        s.files.say(ev.format_metrics(evaluation, preset.class_names, short=True))
+        s.files.record(step=s.step, epoch=epoch + 1, eval={k: v for k, v in evaluation.items() if k != 'iou'})
+        if evaluation['miou'] > s.best:
+            s.best = evaluation['miou']
+            s.files.checkpoint(s.files.best, s.step, s.best, s.skipped, evaluation)
+    s.files.checkpoint(s.files.last, s.step, s.best, s.skipped, evaluation)
+    return evaluation
 
 
 def main(argv=None):
+    rgbx.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     try:
         train(parse_config(argv))
     except (ValueError, OSError, NonFiniteLoss, rgbx.CheckpointError) as e:

@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw
 
 import data
 import train
-from eval import evaluate, metrics, shard_loader
+from eval import evaluate, metrics
 
 DATASET = 'demo128'
 VALIDATION = 'demo128-val'  # GoPT's decisions (--decide): 64 training scenes held out, the foundation trained on the rest
@@ -184,10 +184,10 @@ def maskmentor_recipe(opts, pretrain_lr):
     """MaskMentor's optimisation in the study: pre-training cosine with AdamW betas 0.9 / 0.95 (train.py's
     MaskMentor recipe) at the study's batch and the lr chosen on the validation scenes; fine-tuning on the
     study's common recipe (the preset's lr, poly, batch 4), as every other adaptation."""
-    recipe = data.PRESETS[DATASET].recipe
+    recipe = data.PRESETS[DATASET].defaults
     if 'stage=pretrain' in opts:
-        return dict(lr=pretrain_lr, batch_size=recipe.batch_size)
-    return dict(lr=recipe.lr, batch_size=recipe.batch_size, schedule='poly')
+        return dict(lr=pretrain_lr, batch_size=recipe['batch_size'])
+    return dict(lr=recipe['lr'], batch_size=recipe['batch_size'], schedule='poly')
 
 
 def select_plan(steps, foundation_steps):
@@ -245,7 +245,7 @@ def execute(args):
     with open(os.path.join(cfg.out_dir, 'train.log'), 'w') as log, contextlib.redirect_stdout(log):
         print('python train.py ' + ' '.join(f"--{k.replace('_', '-')} '{v}'" for k, v in asdict(cfg).items()
                                              if v != getattr(train.Config, k)))
-        model = train.build_model(cfg, preset.num_classes, preset.x_channels())
+        model = train.build_model(cfg)
         start = time.perf_counter()
         report = train.train(cfg, model=model)
         seconds = time.perf_counter() - start
@@ -255,8 +255,9 @@ def execute(args):
     if run['pretraining']:  # its last checkpoint is what the fine-tuning runs load
         os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
     else:
-        test = shard_loader(data.build_dataset(cfg.dataset, '', run.get('eval_split', 'test'), method=cfg.method),
-                            workers=0, batch_size=8)
+        test = data.shard_loader(data.build_dataset(cfg.dataset, '', run.get('eval_split', 'test'),
+                                                    x_standardised=train.run_of(cfg).x_standardised),
+                                 workers=0, batch_size=8)
         for modality, _ in COLUMNS:
             result[modality] = metrics(evaluate(model, test, preset.num_classes, torch.device('cpu'),
                                                 modality=modality))['miou']
