@@ -2868,7 +2868,7 @@ def option_value(method, name, default, value):
     the option's type, or an error naming the option and what it takes."""
     kind = NONE_DEFAULT_TYPES.get(name, type(default))
     what = f"option {name!r} of {method}"
-    if isinstance(value, str) and value.strip().lower() in ('none', '') and default is None:
+    if default is None and (value is None or isinstance(value, str) and value.strip().lower() in ('none', '')):
         return None
     if kind is bool:
         text = str(value).strip().lower()

@@ -886,7 +886,7 @@ def test_checkpoint_atomic_and_verified(tmp_path, monkeypatch):
         ev.load_run_checkpoint(path)
 
 
-class SplitInvariantModel(torch.nn.Module):
+class SplitInvariantModel(rgbx.RGBXModel):
     """A 1x1-conv segmenter without batch statistics whose loss is a sum over pixels
     divided by a constant, so that splitting a batch into micro-batches or across
     processes gives exactly the same gradient."""
@@ -2866,8 +2866,8 @@ def test_eval_benchmarks_the_checkpoint_and_honours_workers(tmp_path, monkeypatc
     ev.main(['--checkpoint', best, '--benchmark', '--workers', '0'])
     trained, _ = ev.load_model(best)
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in seen['model'].state_dict().items())
-    real_loader = ev.shard_loader
-    monkeypatch.setattr(ev, 'shard_loader', lambda dataset, *a, **k: seen.update(workers=k['workers'])
+    real_loader = data.shard_loader
+    monkeypatch.setattr(data, 'shard_loader', lambda dataset, *a, **k: seen.update(workers=k['workers'])
                         or real_loader(torch.utils.data.Subset(dataset, range(2)), *a, **k))  # 2 images suffice
     ev.main(['--checkpoint', best, '--workers', '0'])
     assert seen['workers'] == 0
@@ -3097,8 +3097,8 @@ def test_ktb_training_defaults_follow_the_release():
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.3) and len(rates) == 24  # stochastic depth 0 .. 0.3
     groups = model.param_groups(0.01)  # weight decay on every trainable tensor, biases and norms too
     assert [len(g['params']) for g in groups] == [sum(p.requires_grad for p in model.parameters()), 0]
-    assert data.PRESETS['nyudv2'].x_norm('hha', 'ktb') == ((0.0,) * 3, (1.0,) * 3)  # X as [0, 1] values
-    assert data.PRESETS['nyudv2'].x_norm('hha', 'gopt') == data.PRESETS['nyudv2'].x_norm('hha')
+    assert not rgbx.recipe('ktb', 'nyudv2').x_standardised and rgbx.recipe('gopt', 'nyudv2').x_standardised
+    assert data.PRESETS['nyudv2'].x_norm('hha', standardised=False) == ((0.0,) * 3, (1.0,) * 3)  # X as [0, 1]
 
 
 def test_eval_cli_takes_a_release_checkpoint_from_flags(capsys, tmp_path, monkeypatch):
@@ -3492,8 +3492,8 @@ def test_sttp_trains_each_batch_for_a_whole_cycle_and_resumes_exactly(tmp_path, 
     of 10 steps = 2 MIM steps, one batch each), and a run cut inside a cycle resumes exactly."""
     seen = []
     original = rgbx.MaskMentorPretrain.forward
-    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'forward', lambda self, rgb, x, label=None, step=None: seen.append(
-        (step, self.phase(step), rgb.sum().item())) or original(self, rgb, x, label, step))
+    monkeypatch.setattr(rgbx.MaskMentorPretrain, 'forward', lambda self, rgb, x, label=None, phase='mim': seen.append(
+        (None, phase, rgb.sum().item())) or original(self, rgb, x, label, phase))
 
     def cfg(name, **kw):
         return tr.resolve(tr.Config(method='maskmentor', backbone='vit-nano', opts=MM_PRE_OPTS, max_steps=10,
