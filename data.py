@@ -1128,3 +1128,161 @@ def hha(depth, camera, missing=None):
     # the reference clips with MATLAB's max(-1, .), which ignores NaN: no normal -> cos = -1
     angle = np.degrees(np.arccos(np.clip(np.nan_to_num(cos, nan=-1.0), -1, 1)))
     return np.stack([to_uint8(31000 / np.maximum(z, 100)), to_uint8(height), to_uint8(angle + 128 - 90)], -1)
+
+
+def read_depth_metres(path, scale=0.001):
+    """A depth image (1-channel 16-bit PNG, value v = depth / `scale` metres: millimetres
+    by default, 0 = no measurement) -> depth float64 (H, W) in metres and missing bool
+    (H, W) (v == 0). The metres are v / (1 / scale) when 1 / scale is a whole number,
+    so one depth stored in different units gives the same floats."""
+    if not scale > 0:
+        raise ValueError(f"the depth scale must be > 0 (metres per stored unit), not {scale}")
+    arr = open_image(path, ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I', 'F'),
+                     'depth image (1-channel 16-bit PNG, millimetres)')
+    if png_bit_depth(path) != 16 or arr.ndim != 2:
+        raise ValueError(f"{path} is not a 1-channel 16-bit PNG; depth is read from 16-bit PNGs of millimetres "
+                         f"(for another unit give its size in metres, --depth-scale)")
+    v = arr.astype(np.float64)
+    per_metre = 1 / scale
+    depth = v / round(per_metre) if abs(per_metre - round(per_metre)) < 1e-9 * per_metre else v * scale
+    return depth, arr == 0
+
+
+def parse_camera(text):
+    """'nyu' or 'FX,FY,CX,CY' (pixels, 0-based pixel coordinates) -> a camera tuple."""
+    if text.strip().lower() == 'nyu':
+        return NYU_CAMERA
+    try:
+        cam = tuple(float(v) for v in text.split(','))
+    except ValueError:
+        cam = ()
+    if len(cam) != 4 or not all(np.isfinite(cam)) or not (cam[0] > 0 and cam[1] > 0):
+        raise ValueError(f"--camera takes nyu or FX,FY,CX,CY (four numbers in pixels, fx, fy > 0, the centre "
+                         f"counted from 0 at the top-left pixel), not {text!r}")
+    return cam
+
+
+def hha_file(depth_path, raw_path, out_path, camera, scale):
+    """Convert one depth file (and its raw depth, whose zeros are the missing pixels) to
+    an HHA PNG, written to a temporary name and renamed: a file under out_path is whole."""
+    depth, missing = read_depth_metres(depth_path, scale)
+    if raw_path is not None:
+        raw, missing = read_depth_metres(raw_path, scale)
+        check_sizes((depth_path, depth), (raw_path, raw))
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(hha(depth, camera, missing)).save(tmp, format='PNG')
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out_path
+
+
+def _hha_job(job):
+    return hha_file(*job)
+
+
+def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1, progress=None):
+    """Convert every *.png of depth_dir to an HHA PNG of the same name in out_dir
+    (created), skipping names out_dir already holds. raw_dir: raw depths of the same
+    names, whose zeros are the missing pixels (without it, the depth's own zeros).
+    Returns (written, skipped) counts; progress(done, total) is called after each file."""
+    depth_dir, out_dir = Path(depth_dir), Path(out_dir)
+    for flag, d in (('--depth', depth_dir), ('--raw', raw_dir)):
+        if d is not None and not Path(d).is_dir():
+            raise FileNotFoundError(f"{flag} {d}: no such folder")
+    sources = {depth_dir.resolve()} | ({Path(raw_dir).resolve()} if raw_dir is not None else set())
+    if out_dir.resolve() in sources:
+        raise ValueError(f"--out {out_dir} is a source folder; give another folder (source files are never overwritten)")
+    names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file())
+    if not names:
+        raise FileNotFoundError(f"--depth {depth_dir} holds no .png depth files")
+    if raw_dir is not None:
+        absent = [n for n in names if not (Path(raw_dir) / n).is_file()]
+        if absent:
+            raise FileNotFoundError(f"--raw {raw_dir} lacks {len(absent)} of the depth files, e.g. {absent[0]}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{os.getpid()}.tmp"
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out_dir} cannot be written ({e.strerror or e})") from None
+    todo = [n for n in names if not (out_dir / n).exists()]
+    jobs = [(depth_dir / n, None if raw_dir is None else Path(raw_dir) / n, out_dir / n, camera, scale) for n in todo]
+    skipped, done = len(names) - len(todo), 0
+    if progress:
+        progress(skipped, len(names))
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        with multiprocessing.get_context('spawn').Pool(workers) as pool:
+            for _ in pool.imap_unordered(_hha_job, jobs):
+                done += 1
+                if progress:
+                    progress(skipped + done, len(names))
+    else:
+        for job in jobs:
+            _hha_job(job)
+            done += 1
+            if progress:
+                progress(skipped + done, len(names))
+    return done, skipped
+
+
+def main(argv=None):
+    """Command line: `python data.py hha ...` converts a folder of depth PNGs to HHA."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog='data.py', description="Data tools of rgbx.")
+    sub = ap.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('hha', help="convert depth PNGs to HHA PNGs (Gupta et al., ECCV 2014)",
+                       description="Convert every depth PNG of a folder to an HHA PNG of the same name "
+                                   "(disparity, height, angle; as the authors' MATLAB saveHHA). Files the "
+                                   "output folder already holds are skipped.")
+    p.add_argument('--depth', required=True, metavar='DIR',
+                   help="folder of depth PNGs (1-channel 16-bit, millimetres unless --depth-scale), hole-filled")
+    p.add_argument('--raw', metavar='DIR',
+                   help="folder of the raw depths, same names: their zeros are the pixels without a measurement, "
+                        "left out of the normals (default: the zeros of --depth)")
+    p.add_argument('--out', required=True, metavar='DIR', help="folder for the HHA PNGs (created; not a source folder)")
+    p.add_argument('--camera', required=True, metavar='nyu|FX,FY,CX,CY',
+                   help="intrinsics in pixels with the centre counted from 0 at the top-left pixel, or nyu "
+                        f"for NYU Depth V2's colour camera {','.join(f'{v:.4f}' for v in NYU_CAMERA)}")
+    p.add_argument('--workers', type=int, default=1, metavar='N', help="processes converting in parallel (default 1)")
+    p.add_argument('--depth-scale', type=float, default=0.001, metavar='S',
+                   help="metres per stored depth unit (default 0.001: millimetres; e.g. 0.0001 for 1/10 mm)")
+    args = ap.parse_args(argv)
+
+    shown = []
+
+    def progress(done, total):
+        shown.append(done)
+        print(f"\rhha: {done}/{total} files", end='', file=sys.stderr, flush=True)
+
+    def end_line():
+        if shown:
+            print(file=sys.stderr)
+
+    try:
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, not {args.workers}")
+        if not args.depth_scale > 0:
+            raise ValueError(f"--depth-scale must be > 0 (metres per stored unit), not {args.depth_scale}")
+        written, skipped = hha_folder(args.depth, args.out, parse_camera(args.camera), args.raw,
+                                      args.depth_scale, args.workers, progress)
+    except (ValueError, OSError) as e:
+        end_line()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        end_line()
+        print("hha: interrupted; finished files are kept and skipped next time", file=sys.stderr)
+        return 130
+    print(f"\rhha: {written} written, {skipped} already there, in {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
