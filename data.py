@@ -1011,7 +1011,8 @@ def hha_normals(z, valid, camera, r):
     plane n . p = 1 fitted by least squares, in the 1/Z-weighted form of the reference
     code, to the back-projected points of the (2r+1)^2 window whose `valid` is True
     (the window's other pixels add nothing; the pixel itself may be invalid). NaN where
-    the window holds fewer than 3 independent points. Oriented with n . p >= 0 for the
+    the window holds no valid point; with fewer than 3 points off one line the fit is
+    ill-posed and its direction as arbitrary as the reference's. Oriented with n . p >= 0 for the
     point p of the (full) depth: away from the camera, so a floor under the camera
     points down, along y."""
     X, Y, Z = hha_points(z, camera)

@@ -891,7 +891,7 @@ def test_hha_depth_unit_does_not_change_the_result(tmp_path):
     np.testing.assert_array_equal(a, data.hha(m1, HHA_CAMERA))
 
 
-def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_path):
+def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_path, capsys):
     depth = np.array(Image.open(HHA_FIXTURES / 'scene_depth.png')).astype(np.uint16)
     raw = np.array(Image.open(HHA_FIXTURES / 'scene_raw.png')).astype(np.uint16)
     for name, flip in (('a', False), ('b', True)):
@@ -912,14 +912,26 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     # a second run skips both; a deleted output is redone
     stamp = (out / 'a.png').stat().st_mtime_ns
     (out / 'b.png').unlink()
-    res = run_data_cli('hha', '--depth', tmp_path / 'depth', '--raw', tmp_path / 'raw', '--out', out, '--camera', cam)
-    assert res.returncode == 0 and '1 written, 1 already there' in res.stderr, res.stderr
+    capsys.readouterr()
+    assert data.main(['hha', '--depth', str(tmp_path / 'depth'), '--raw', str(tmp_path / 'raw'),
+                      '--out', str(out), '--camera', cam]) == 0
+    assert '1 written, 1 already there' in capsys.readouterr().err
     assert (out / 'a.png').stat().st_mtime_ns == stamp and (out / 'b.png').is_file()
 
-    def cli(*args, depth_dir=tmp_path / 'depth', out_dir=tmp_path / 'o2', camera=cam):
-        return run_data_cli('hha', '--depth', depth_dir, '--out', out_dir, '--camera', camera, *args)
+    # user errors: one line `error: ...`, never a traceback; two through a real process
+    # (one found before any file is read, one while converting), the others in this one
+    png(tmp_path / 'eight' / 'a.png', (depth // 20).astype(np.uint8))
+    assert_one_line_error(run_data_cli('hha', '--depth', tmp_path / 'eight', '--out', tmp_path / 'o2',
+                                       '--camera', 'nyu'), '16-bit', '--depth-scale')
+    assert_one_line_error(run_data_cli('hha', '--depth', tmp_path / 'depth', '--out', tmp_path / 'o2',
+                                       '--camera', '1,2,3'), '--camera')
 
-    assert_one_line_error(cli(camera='1,2,3'), '--camera')
+    def cli(*args, depth_dir=tmp_path / 'depth', out_dir=tmp_path / 'o2', camera=cam):
+        capsys.readouterr()
+        code = data.main(['hha', '--depth', str(depth_dir), '--out', str(out_dir), '--camera', camera,
+                          *map(str, args)])
+        return type('Result', (), dict(returncode=code, stderr=capsys.readouterr().err))
+
     assert_one_line_error(cli(camera='nyu,x'), '--camera')
     assert_one_line_error(cli(depth_dir=tmp_path / 'nowhere'), 'no such folder')
     assert_one_line_error(cli('--raw', tmp_path / 'nowhere'), '--raw', 'no such folder')
@@ -929,14 +941,14 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     png(tmp_path / 'small' / 'a.png', raw[:100])
     png(tmp_path / 'small' / 'b.png', raw[:100])
     assert_one_line_error(cli('--raw', tmp_path / 'small'), 'sizes')
-    png(tmp_path / 'eight' / 'a.png', (depth // 20).astype(np.uint8))
-    assert_one_line_error(cli(depth_dir=tmp_path / 'eight'), '16-bit', '--depth-scale')
     png(tmp_path / 'colour' / 'a.png', np.zeros((8, 8, 3), np.uint8))
     assert_one_line_error(cli(depth_dir=tmp_path / 'colour'), '16-bit')
     assert_one_line_error(cli('--depth-scale', '0'), '--depth-scale')
+    assert_one_line_error(cli('--workers', '0'), '--workers')
     (tmp_path / 'empty').mkdir()
     assert_one_line_error(cli(depth_dir=tmp_path / 'empty'), 'no .png')
-    assert not list((tmp_path / 'o2').glob('*.png'))  # nothing half-written
+    assert not [p for p in (tmp_path / 'o2').iterdir()]  # nothing written, not even half
+    assert sorted(p.name for p in (tmp_path / 'depth').iterdir()) == ['a.png', 'b.png']
 
 
 def test_hha_bad_arguments_are_one_line_errors(tmp_path):
