@@ -980,20 +980,32 @@ HHA_GRAVITY = ((45, 5), (15, 5))  # (angle threshold in degrees, iterations) of 
 def box_sum(a, r):
     """Sums over the (2r+1) x (2r+1) window around every pixel of the last two axes of
     `a` (..., H, W), zeros outside the image; same shape. Direct sums, rows then
-    columns: a window with one or two non-zero values gives their exact sum, as a
-    direct 2-D filter does (running sums would leave round-off where the normal fits
-    of sparse windows need exact cancellation)."""
-    h, w = a.shape[-2:]
-    p = np.zeros(a.shape[:-2] + (h, w + 2 * r))
-    p[..., r:r + w] = a
-    rows = np.zeros(a.shape[:-2] + (h + 2 * r, w))
-    out = rows[..., r:r + h, :]
-    for k in range(2 * r + 1):
-        out += p[..., k:k + w]
-    out = np.zeros(a.shape)
-    for k in range(2 * r + 1):
-        out += rows[..., k:k + h, :]
-    return out
+    columns: windows of up to 7 pixels a side add their values one by one in order,
+    longer ones add sums of 2^k neighbours (16 + 4 + 1 for 21). A window with one or
+    two non-zero values gives their exact sum, as a direct 2-D filter does (running
+    sums would leave round-off where the normal fits of sparse windows need exact
+    cancellation)."""
+    n = 2 * r + 1
+    widths = [1] * n if n <= 7 else [1 << k for k in reversed(range(n.bit_length())) if n >> k & 1]
+    for axis in (a.ndim - 2, a.ndim - 1):
+        size = a.shape[axis]
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (r, r)
+
+        def part(b, start, length):
+            return b[(slice(None),) * axis + (slice(start, start + length),)]
+
+        blocks, k = {1: np.pad(a, pad)}, 1  # blocks[k][i] = sum of k values from i on
+        while 2 * k <= widths[0]:
+            b = blocks[k]
+            m = b.shape[axis] - k
+            blocks[2 * k], k = part(b, 0, m) + part(b, k, m), 2 * k
+        out, start = np.zeros(a.shape), 0
+        for k in widths:
+            out += part(blocks[k], start, size)
+            start += k
+        a = out
+    return a
 
 
 def hha_points(z, camera):
