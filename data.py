@@ -1105,11 +1105,12 @@ def hha(depth, camera, missing=None):
     missing  (H, W) bool, pixels without a measurement (raw depth == 0): left out of the
              normal fits, as the reference code does (a pixel is still given the normal
              of its window's measured points; a pixel whose 7x7 window has none gets
-             angle 0). None: only pixels of depth <= 0 (which are always missing).
+             angle 218, the code's value for no normal). None: only pixels of depth <= 0
+             (which are always missing).
     Returns uint8 (H, W, 3), channels in saveHHA's order:
         0  disparity 31000 / max(z, 100), z in cm;
         1  height in cm above the lowest point along the estimated gravity direction
-           (above a floor 130 cm under the camera if no point lies 90 cm below it);
+           (above a floor 130 cm under the camera if no point lies 90 cm or more below it);
         2  angle in degrees between the surface normal (7x7 window) and gravity, + 38
            (128 - 90): 38 on floors, 128 on walls;
     each rounded half away from zero and clipped to 0..255. Gravity is estimated from
