@@ -735,3 +735,343 @@ def colorize(label, palette, hatch=False):
         yy, xx = np.indices(label.shape)
         out[void & ((yy + xx) // 2 % 2 == 0)] = 255
     return out
+
+
+# ----------------------------------------------------------------------------
+# HHA: depth -> disparity, height above the lowest point, angle with gravity
+# ----------------------------------------------------------------------------
+# Gupta, Girshick, Arbelaez, Malik, "Learning Rich Features from RGB-D Images for
+# Object Detection and Segmentation", ECCV 2014 (sec. 4.1), computed as the authors'
+# released code does (saveHHA with processDepthImage, its square-support normals and
+# its gravity estimate), so that the bytes agree with their HHA images.
+
+# NYU Depth V2's colour camera (fx, fy, cx, cy) in 0-based pixel coordinates: the
+# dataset toolbox's values, whose centre (325.58, 253.74) counts pixels from 1.
+NYU_CAMERA = (518.85790117450188, 519.46961112127485, 324.58244941119034, 252.73616633400465)
+HHA_PATCH = (3, 10)          # half-widths of the square windows: normals for the angle, for gravity
+HHA_GRAVITY = ((45, 5), (15, 5))  # (angle threshold in degrees, iterations) of the gravity estimate
+
+
+def box_sum(a, r):
+    """Sums over the (2r+1) x (2r+1) window around every pixel of the last two axes of
+    `a` (..., H, W), zeros outside the image; same shape. Direct sums, rows then
+    columns: windows of up to 7 pixels a side add their values one by one in order,
+    longer ones add sums of 2^k neighbours (16 + 4 + 1 for 21). A window with one or
+    two non-zero values gives their exact sum, as a direct 2-D filter does (running
+    sums would leave round-off where the normal fits of sparse windows need exact
+    cancellation)."""
+    n = 2 * r + 1
+    widths = [1] * n if n <= 7 else [1 << k for k in reversed(range(n.bit_length())) if n >> k & 1]
+    for axis in (a.ndim - 2, a.ndim - 1):
+        size = a.shape[axis]
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (r, r)
+
+        def part(b, start, length):
+            return b[(slice(None),) * axis + (slice(start, start + length),)]
+
+        blocks, k = {1: np.pad(a, pad)}, 1  # blocks[k][i] = sum of k values from i on
+        while 2 * k <= widths[0]:
+            b = blocks[k]
+            m = b.shape[axis] - k
+            blocks[2 * k], k = part(b, 0, m) + part(b, k, m), 2 * k
+        out, start = np.zeros(a.shape), 0
+        for k in widths:
+            out += part(blocks[k], start, size)
+            start += k
+        a = out
+    return a
+
+
+def hha_points(z, camera):
+    """Depth z (H, W) float64 along the optical axis -> X, Y, Z (H, W) each, in z's unit;
+    camera (fx, fy, cx, cy) with 0-based pixel coordinates, y pointing down the image."""
+    fx, fy, cx, cy = camera
+    h, w = z.shape
+    x = (np.arange(w, dtype=np.float64) - cx)[None, :] * z / fx
+    y = (np.arange(h, dtype=np.float64) - cy)[:, None] * z / fy
+    return x, y, z
+
+
+def hha_normals(z, valid, camera, r):
+    """Unit surface normals (H, W, 3) of depth z (H, W) (cm, float64): at each pixel the
+    plane n . p = 1 fitted by least squares, in the 1/Z-weighted form of the reference
+    code, to the back-projected points of the (2r+1)^2 window whose `valid` is True
+    (the window's other pixels add nothing; the pixel itself may be invalid). NaN where
+    the window holds no valid point; with fewer than 3 points off one line the fit is
+    ill-posed and its direction as arbitrary as the reference's. Oriented with n . p >= 0 for the
+    point p of the (full) depth: away from the camera, so a floor under the camera
+    points down, along y."""
+    X, Y, Z = hha_points(z, camera)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        iz = np.where(valid, 1 / Z, 0)
+        xz, yz = np.where(valid, X / Z, 0), np.where(valid, Y / Z, 0)
+        xzz, yzz = np.where(valid, X / (Z * Z), 0), np.where(valid, Y / (Z * Z), 0)
+    s = box_sum(np.stack([xz * xz, xz * yz, xz, yz * yz, yz, valid.astype(np.float64), xzz, yzz, iz]), r)
+    a1, a2, a3, a4, a5, a6, b1, b2, b3 = s
+    # adjugate of the symmetric normal matrix [[a1 a2 a3] [a2 a4 a5] [a3 a5 a6]]; the
+    # determinant cancels in the normalisation
+    c1, c2, c3 = a4 * a6 - a5 * a5, -(a2 * a6 - a3 * a5), a2 * a5 - a3 * a4
+    c4, c5, c6 = a1 * a6 - a3 * a3, -(a1 * a5 - a2 * a3), a1 * a4 - a2 * a2
+    n = np.stack([c1 * b1 + c2 * b2 + c3 * b3, c2 * b1 + c4 * b2 + c5 * b3, c3 * b1 + c5 * b2 + c6 * b3], -1)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        n /= np.sqrt((n * n).sum(-1, keepdims=True))
+    sz = np.sign(n[..., 2:])
+    sz[sz == 0] = 1
+    n *= sz
+    sp = np.sign(n[..., 0] * X + n[..., 1] * Y + n[..., 2] * Z)[..., None]
+    sp[np.isnan(sp) | (sp == 0)] = 1
+    return n * sp
+
+
+def hha_gravity(normals, steps=HHA_GRAVITY):
+    """The gravity direction (3,) (unit, camera coordinates, pointing down) from normals
+    (H, W, 3): starting from the image's y axis, each iteration keeps the normals within
+    `thresh` degrees of the current direction (floors, table tops) and those within
+    `thresh` of perpendicular to it (walls), and takes the direction most aligned with
+    the first and most perpendicular to the second: the eigenvector of
+    sum(n_wall n_wall^T) - sum(n_floor n_floor^T) of smallest eigenvalue, signed to
+    stay on the side of the previous one. NaN normals are left out."""
+    nn = normals.reshape(-1, 3)
+    nn = nn[~np.isnan(nn[:, 0])]
+    y = np.array([0.0, 1.0, 0.0])
+    for thresh, iters in steps:
+        cos_t, sin_t = np.cos(np.radians(thresh)), np.sin(np.radians(thresh))
+        for _ in range(iters):
+            sim = np.abs(nn @ y)
+            nf, nw = nn[sim > cos_t], nn[sim < sin_t]
+            w, v = np.linalg.eigh(nw.T @ nw - nf.T @ nf)
+            new = v[:, np.argmin(w)]
+            y = new * np.sign(y @ new)
+    return y
+
+
+def hha_rotation(y0, y1):
+    """The 3x3 rotation taking unit direction y0 to y1 about their common perpendicular
+    (the identity below 0.1 degree)."""
+    y0, y1 = y0 / np.linalg.norm(y0), y1 / np.linalg.norm(y1)
+    phi = np.degrees(np.arccos(np.clip(y0 @ y1, -1, 1)))
+    if not abs(phi) > 0.1:
+        return np.eye(3)
+    ax = np.cross(y0, y1)
+    ax /= np.linalg.norm(ax)
+    s = np.array([[0, -ax[2], ax[1]], [ax[2], 0, -ax[0]], [-ax[1], ax[0], 0]])
+    phi = np.radians(phi)
+    return np.eye(3) + np.sin(phi) * s + (1 - np.cos(phi)) * (s @ s)
+
+
+def to_uint8(v):
+    """float -> uint8 as MATLAB's uint8() converts: halves away from zero, saturating at
+    0 and 255, NaN to 0."""
+    v = np.nan_to_num(v, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.floor(np.abs(v) + 0.5) * np.sign(v), 0, 255).astype(np.uint8)
+
+
+def hha(depth, camera, missing=None):
+    """The HHA encoding of a depth image (Gupta et al., ECCV 2014, "Learning Rich Features
+    from RGB-D Images for Object Detection and Segmentation"), equal to the authors'
+    MATLAB code (saveHHA).
+
+    depth    (H, W) float, metres along the optical axis (a hole-filled depth: every
+             pixel is used for disparity and height); must be finite.
+    camera   (fx, fy, cx, cy) in pixels, with 0-based pixel coordinates (the centre of
+             the top-left pixel is (0, 0), as in OpenCV); the MATLAB code counts pixels
+             from 1, so its cx, cy are these + 1. NYU_CAMERA is NYU Depth V2's.
+    missing  (H, W) bool, pixels without a measurement (raw depth == 0): left out of the
+             normal fits, as the reference code does (a pixel is still given the normal
+             of its window's measured points; a pixel whose 7x7 window has none gets
+             angle 218, the code's value for no normal). None: only pixels of depth <= 0
+             (which are always missing).
+    Returns uint8 (H, W, 3), channels in saveHHA's order:
+        0  disparity 31000 / max(z, 100), z in cm;
+        1  height in cm above the lowest point along the estimated gravity direction
+           (above a floor 130 cm under the camera if no point lies 90 cm or more below it);
+        2  angle in degrees between the surface normal (7x7 window) and gravity, + 38
+           (128 - 90): 38 on floors, 128 on walls;
+    each rounded half away from zero and clipped to 0..255. Gravity is estimated from
+    normals of 21x21 windows (hha_gravity). Float64 throughout, for MATLAB's rounding."""
+    depth = np.asarray(depth, np.float64)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be one (H, W) image, not shape {depth.shape}")
+    if not np.isfinite(depth).all():
+        raise ValueError("depth has NaN or infinite values; mark pixels without a measurement 0 (or in `missing`)")
+    camera = tuple(float(c) for c in camera)
+    if len(camera) != 4 or not (camera[0] > 0 and camera[1] > 0):
+        raise ValueError(f"camera is (fx, fy, cx, cy) with fx, fy > 0, not {camera}")
+    valid = depth > 0
+    if missing is not None:
+        missing = np.asarray(missing, bool)
+        if missing.shape != depth.shape:
+            raise ValueError(f"missing has shape {missing.shape}, the depth {depth.shape}")
+        valid &= ~missing
+    z = depth * 100
+    zn = z / 100 * 100  # the reference code's normals take metres and scale them back: same rounding
+    n = hha_normals(zn, valid, camera, HHA_PATCH[0])
+    g = hha_gravity(hha_normals(zn, valid, camera, HHA_PATCH[1]))
+    rot = hha_rotation(np.array([0.0, 1.0, 0.0]), g)
+    X, Y, Z = hha_points(z, camera)
+    height = -(rot[0, 1] * X + rot[1, 1] * Y + rot[2, 1] * Z)
+    low = height.min()
+    height -= low if low <= -90 else -130
+    cos = n[..., 0] * g[0] + n[..., 1] * g[1] + n[..., 2] * g[2]
+    # the reference clips with MATLAB's max(-1, .), which ignores NaN: no normal -> cos = -1
+    angle = np.degrees(np.arccos(np.clip(np.nan_to_num(cos, nan=-1.0), -1, 1)))
+    return np.stack([to_uint8(31000 / np.maximum(z, 100)), to_uint8(height), to_uint8(angle + 128 - 90)], -1)
+
+
+def read_depth_metres(path, scale=0.001):
+    """A depth image (1-channel 16-bit PNG, value v = depth / `scale` metres: millimetres
+    by default, 0 = no measurement) -> depth float64 (H, W) in metres and missing bool
+    (H, W) (v == 0). The metres are v / (1 / scale) when 1 / scale is a whole number,
+    so one depth stored in different units gives the same floats."""
+    if not scale > 0:
+        raise ValueError(f"the depth scale must be > 0 (metres per stored unit), not {scale}")
+    arr = open_image(path, ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I', 'F'),
+                     'depth image (1-channel 16-bit PNG, millimetres)')
+    if png_bit_depth(path) != 16 or arr.ndim != 2:
+        raise ValueError(f"{path} is not a 1-channel 16-bit PNG; depth is read from 16-bit PNGs of millimetres "
+                         f"(for another unit give its size in metres, --depth-scale)")
+    v = arr.astype(np.float64)
+    per_metre = 1 / scale
+    depth = v / round(per_metre) if abs(per_metre - round(per_metre)) < 1e-9 * per_metre else v * scale
+    return depth, arr == 0
+
+
+def parse_camera(text):
+    """'nyu' or 'FX,FY,CX,CY' (pixels, 0-based pixel coordinates) -> a camera tuple."""
+    if text.strip().lower() == 'nyu':
+        return NYU_CAMERA
+    try:
+        cam = tuple(float(v) for v in text.split(','))
+    except ValueError:
+        cam = ()
+    if len(cam) != 4 or not all(np.isfinite(cam)) or not (cam[0] > 0 and cam[1] > 0):
+        raise ValueError(f"--camera takes nyu or FX,FY,CX,CY (four numbers in pixels, fx, fy > 0, the centre "
+                         f"counted from 0 at the top-left pixel), not {text!r}")
+    return cam
+
+
+def hha_file(depth_path, raw_path, out_path, camera, scale):
+    """Convert one depth file (and its raw depth, whose zeros are the missing pixels) to
+    an HHA PNG, written to a temporary name and renamed: a file under out_path is whole."""
+    depth, missing = read_depth_metres(depth_path, scale)
+    if raw_path is not None:
+        raw, missing = read_depth_metres(raw_path, scale)
+        check_sizes((depth_path, depth), (raw_path, raw))
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(hha(depth, camera, missing)).save(tmp, format='PNG')
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out_path
+
+
+def _hha_job(job):
+    return hha_file(*job)
+
+
+def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1, progress=None):
+    """Convert every *.png of depth_dir to an HHA PNG of the same name in out_dir
+    (created), skipping names out_dir already holds. raw_dir: raw depths of the same
+    names, whose zeros are the missing pixels (without it, the depth's own zeros).
+    Returns (written, skipped) counts; progress(done, total) is called after each file."""
+    depth_dir, out_dir = Path(depth_dir), Path(out_dir)
+    for flag, d in (('--depth', depth_dir), ('--raw', raw_dir)):
+        if d is not None and not Path(d).is_dir():
+            raise FileNotFoundError(f"{flag} {d}: no such folder")
+    sources = {depth_dir.resolve()} | ({Path(raw_dir).resolve()} if raw_dir is not None else set())
+    if out_dir.resolve() in sources:
+        raise ValueError(f"--out {out_dir} is a source folder; give another folder (source files are never overwritten)")
+    names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file())
+    if not names:
+        raise FileNotFoundError(f"--depth {depth_dir} holds no .png depth files")
+    if raw_dir is not None:
+        absent = [n for n in names if not (Path(raw_dir) / n).is_file()]
+        if absent:
+            raise FileNotFoundError(f"--raw {raw_dir} lacks {len(absent)} of the depth files, e.g. {absent[0]}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{os.getpid()}.tmp"
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out_dir} cannot be written ({e.strerror or e})") from None
+    todo = [n for n in names if not (out_dir / n).exists()]
+    jobs = [(depth_dir / n, None if raw_dir is None else Path(raw_dir) / n, out_dir / n, camera, scale) for n in todo]
+    skipped, done = len(names) - len(todo), 0
+    if progress:
+        progress(skipped, len(names))
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        with multiprocessing.get_context('spawn').Pool(workers) as pool:
+            for _ in pool.imap_unordered(_hha_job, jobs):
+                done += 1
+                if progress:
+                    progress(skipped + done, len(names))
+    else:
+        for job in jobs:
+            _hha_job(job)
+            done += 1
+            if progress:
+                progress(skipped + done, len(names))
+    return done, skipped
+
+
+def main(argv=None):
+    """Command line: `python data.py hha ...` converts a folder of depth PNGs to HHA."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog='data.py', description="Data tools of rgbx.")
+    sub = ap.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('hha', help="convert depth PNGs to HHA PNGs (Gupta et al., ECCV 2014)",
+                       description="Convert every depth PNG of a folder to an HHA PNG of the same name "
+                                   "(disparity, height, angle; as the authors' MATLAB saveHHA). Files the "
+                                   "output folder already holds are skipped.")
+    p.add_argument('--depth', required=True, metavar='DIR',
+                   help="folder of depth PNGs (1-channel 16-bit, millimetres unless --depth-scale), hole-filled")
+    p.add_argument('--raw', metavar='DIR',
+                   help="folder of the raw depths, same names: their zeros are the pixels without a measurement, "
+                        "left out of the normals (default: the zeros of --depth)")
+    p.add_argument('--out', required=True, metavar='DIR', help="folder for the HHA PNGs (created; not a source folder)")
+    p.add_argument('--camera', required=True, metavar='nyu|FX,FY,CX,CY',
+                   help="intrinsics in pixels with the centre counted from 0 at the top-left pixel, or nyu "
+                        f"for NYU Depth V2's colour camera {','.join(f'{v:.4f}' for v in NYU_CAMERA)}")
+    p.add_argument('--workers', type=int, default=1, metavar='N', help="processes converting in parallel (default 1)")
+    p.add_argument('--depth-scale', type=float, default=0.001, metavar='S',
+                   help="metres per stored depth unit (default 0.001: millimetres; e.g. 0.0001 for 1/10 mm)")
+    args = ap.parse_args(argv)
+
+    shown = []
+
+    def progress(done, total):
+        shown.append(done)
+        print(f"\rhha: {done}/{total} files", end='', file=sys.stderr, flush=True)
+
+    def end_line():
+        if shown:
+            print(file=sys.stderr)
+
+    try:
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, not {args.workers}")
+        if not args.depth_scale > 0:
+            raise ValueError(f"--depth-scale must be > 0 (metres per stored unit), not {args.depth_scale}")
+        written, skipped = hha_folder(args.depth, args.out, parse_camera(args.camera), args.raw,
+                                      args.depth_scale, args.workers, progress)
+    except (ValueError, OSError) as e:
+        end_line()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        end_line()
+        print("hha: interrupted; finished files are kept and skipped next time", file=sys.stderr)
+        return 130
+    print(f"\rhha: {written} written, {skipped} already there, in {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
