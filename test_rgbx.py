@@ -1729,7 +1729,7 @@ def foundation(model, rgb):
 
 
 # ----------------------------------------------------------------------------
-# Initialisation: xavier-uniform (the paper), or the identity switch (design/gopt.md decision 3)
+# Initialisation: xavier-uniform (the paper), or the identity switch (GroupingPrompts: identity)
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('variant', rgbx.GOPT_VARIANTS)
@@ -1905,7 +1905,7 @@ def test_grouping_hard_gradient_reaches_the_assignment():
 
 
 # ----------------------------------------------------------------------------
-# Noise only in training (design/gopt.md decision 6)
+# Noise only in training (gumbel_assign: noise)
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('assignment', ['hard', 'soft'])
@@ -1960,7 +1960,7 @@ def test_class_tokens_are_previous_prompts_and_eq3(variant, carry_aux):
             torch.testing.assert_close(block_in[l], expect)
             if l + 1 < len(calls):
                 (_, aux_l1, classes_l1), _ = calls[l + 1]
-                # aux tokens: CUP's self-attended ones carried, or the first ones (design decision 1)
+                # aux tokens: CUP's self-attended ones carried, or the first ones (GroupingPrompts: carry_aux)
                 assert torch.equal(aux_l1, aux_next if carry_aux else aux0)
                 assert torch.equal(classes_l1, classes_next)  # eq. 15: c^{l+1} = P^l
             if variant == 'no_cup':  # without CUP the class tokens stay the learned ones
