@@ -1838,7 +1838,7 @@ class GroupingPrompter(nn.Module):
     """
 
     def __init__(self, dim, cup=True, acp=True, hard=True, tau=1.0, attention='prenorm', scaled=False,
-                 reading='literal'):
+                 reading=ACP_DEFAULT):
         super().__init__()
         if not (cup or acp):
             raise ValueError("a grouping prompter needs CUP, ACP or both")
@@ -1902,7 +1902,7 @@ class GroupingPrompts(nn.Module):
 
     def __init__(self, rgb_embed, x_channels, num_classes, layers, prompt_dim=55, cup=True, acp=True,
                  hard=True, tau=1.0, attention='prenorm', class_scale=1.0, carry_aux=False, identity=True,
-                 scaled=False, acp_reading='literal'):
+                 scaled=False, acp_reading=ACP_DEFAULT):
         super().__init__()
         dim, self.x_channels, self.layers = rgb_embed.proj.out_channels, x_channels, tuple(layers)
         self.carry_aux = carry_aux
