@@ -14,7 +14,8 @@ where RGB tells an object's colour and only depth its height, see data.DemoDatas
    --pretrained like those files. One foundation per seed.
 2. adaptation, the same number of steps for every method, from the foundation of
    the same seed: early fusion with full fine-tuning (the papers' reference line),
-   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP, VPT-shallow and
+   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP / the other
+   reading of ACP (rgbx.ACP_READINGS; its claims name the reading), VPT-shallow and
    VPT-deep at the paper's budget ratios to GoPT, the frozen foundation with a trained head and no
    prompts (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM, M2IM + STTP, and
    STTP's schedule without its token loss (the control that isolates STTP's token loss)
