@@ -1669,8 +1669,8 @@ def ktb_recipe(dataset, options=None):
 # tokens cross-attend to the class-aware prompts, then a grouping of the same
 # form gives each RGB token its prompt); the class-aware prompts are the class
 # tokens of the next prompter (eq. 15). Trained: prompters, aux patch embedding
-# and the SETR-Naive head Psi. No official code exists: design/gopt.md lists what
-# the paper fixes and what is decided here ("design choice, paper silent").
+# and the SETR-Naive head Psi. No official code exists: what the paper leaves open
+# is marked "design choice, paper silent" (or "paper ambiguous") where it is decided.
 #
 # Prompt space: the prompters work in a low-rank width d_p (`prompt_dim`). One
 # LayerNorm + linear `down` (D -> d_p) maps both modalities into it (the paper's
@@ -1792,25 +1792,50 @@ class ACP(nn.Module):
         return self.group(read, groups, into_tokens=True)[0]  # eq. 11
 
 
+ACP_READINGS = ('literal', 'aligned')
+# build_gopt's `acp`; design choice, paper ambiguous: 'aligned', decided on the validation split
+# (study/gopt-validation/results.md, round 3): val mIoU (RGB+X) 45.3 +- 0.7 vs literal 39.6 +- 0.6
+# (2 of 2 seeds), locality 3.85 vs 0.81 (see GroupingPrompter)
+ACP_DEFAULT = 'aligned'
+
+
 class GroupingPrompter(nn.Module):
     """One grouping prompter of GoPT (Fig. 3-4), at a prompted layer l: CUP, then ACP.
 
     forward(rgb (B, S, d), aux (B, S, d), classes (B, C, d)) -> (prompt (B, S, d),
     CUP's self-attended aux tokens (B, S, d), class tokens for the next prompter (B, C, d)).
     The class-aware prompts are the next prompter's class tokens (eq. 15).
-    Ablations of Table 4 (design choice, paper silent):
+    reading: how the prompt of RGB token i is read from eq. 11-14 (CUP and ACP both present):
+      'literal': p_i = ACP_i = r_i + W_o W_v P_{j*(i)}, r_i = phi_ca(f_rgb_i, P, P) (eq. 12, 14) and
+                 j*(i) the group of r_i (eq. 8-9, 11): the aux image reaches token i only through the
+                 C per-image vectors P, whatever the aux content at token i's own place;
+      'aligned': p_i = ACP_i + (A_hat P)_i, adding the aligned CUP prompt: the class-aware prompt of
+                 the group to which CUP assigned the aux token at the same place i (eq. 7-10; the
+                 modalities are aligned, the paper's "alignment-induced"). No extra parameter.
+      Design choice, paper ambiguous: 'aligned' (ACP_DEFAULT). The paper names ACP "alignment-induced"
+      and has it combine "key patterns from other data sources" into the RGB stream, which eq. 11-14
+      as written do through the per-image P only. Validation split, round 3, mean of 2 seeds (evidence:
+      study/gopt-validation/results.md): RGB+X mIoU aligned 45.3 vs literal 39.6 (each seed: 45.8 vs
+      40.0, 44.8 vs 39.2; the foundation 41.3); `gopt_diagnostics`' locality (mean over the
+      prompters) 3.85 vs 0.81, predicted pixels changed in the probed patch 14% vs 2%; RGB only
+      36.0 vs 38.4 (the aligned model leans more on X).
+    Ablations of Table 4 (design choice, paper silent; `reading` does not apply):
       w/o ACP: each RGB token takes the class-aware prompt to which CUP assigned
-               the aux token at the same place (the modalities are aligned);
+               the aux token at the same place (the modalities are aligned): p_i = (A_hat P)_i;
       w/o CUP: ACP reads the aux tokens themselves (keys) and groups with the
                class tokens, which then stay the learned ones at every layer.
     """
 
-    def __init__(self, dim, cup=True, acp=True, hard=True, tau=1.0, attention='prenorm', scaled=False):
+    def __init__(self, dim, cup=True, acp=True, hard=True, tau=1.0, attention='prenorm', scaled=False,
+                 reading=ACP_DEFAULT):
         super().__init__()
         if not (cup or acp):
             raise ValueError("a grouping prompter needs CUP, ACP or both")
+        if reading not in ACP_READINGS:
+            raise ValueError(f"acp must be one of {ACP_READINGS}, not {reading!r}")
         self.cup = CUP(dim, hard, tau, attention, scaled) if cup else None
         self.acp = ACP(dim, hard, tau, scaled) if acp else None
+        self.reading = reading
 
     def forward(self, rgb, aux, classes):
         if self.cup is None:
@@ -1820,7 +1845,10 @@ class GroupingPrompter(nn.Module):
             return A_hat @ prompts, aux, prompts  # (B, S, d)
         # design choice, paper ambiguous: P_m of eq. 15 read as CUP's class-aware prompts p_hat_m,
         # the same P_m that eq. 12-13 feed to ACP
-        return self.acp(rgb, prompts, prompts), aux, prompts  # eq. 11-15
+        prompt = self.acp(rgb, prompts, prompts)  # eq. 11-14, (B, S, d)
+        if self.reading == 'aligned':
+            prompt = prompt + A_hat @ prompts  # the aligned CUP prompt of each token, (B, S, d)
+        return prompt, aux, prompts  # eq. 15: prompts are the next class tokens
 
 
 def xavier_(module):
@@ -1856,12 +1884,14 @@ class GroupingPrompts(nn.Module):
                 The paper initialises every prompt parameter xavier-uniform (False); True
                 here because it matters: 38.0 vs 31.0 (2 of 2 seeds);
       scaled: eq. 8's logits times 1/sqrt(d_p), not in the paper: False (round 2: 39.2 vs
-                39.2, and the noise then flips 14% of CUP's assignments, vs 2%).
+                39.2, and the noise then flips 14% of CUP's assignments, vs 2%);
+      acp_reading: 'literal' or 'aligned', how eq. 11-14 give the prompt of a token (see
+                GroupingPrompter; the `acp` option of build_gopt).
     """
 
     def __init__(self, rgb_embed, x_channels, num_classes, layers, prompt_dim=55, cup=True, acp=True,
                  hard=True, tau=1.0, attention='prenorm', class_scale=1.0, carry_aux=False, identity=True,
-                 scaled=False):
+                 scaled=False, acp_reading=ACP_DEFAULT):
         super().__init__()
         dim, self.x_channels, self.layers = rgb_embed.proj.out_channels, x_channels, tuple(layers)
         self.carry_aux = carry_aux
@@ -1872,8 +1902,8 @@ class GroupingPrompts(nn.Module):
         self.down = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, prompt_dim))
         self.up = nn.Linear(prompt_dim, dim)
         self.class_tokens = nn.Parameter(torch.empty(1, num_classes, prompt_dim))  # c^0
-        self.prompters = nn.ModuleList(GroupingPrompter(prompt_dim, cup, acp, hard, tau, attention, scaled)
-                                       for _ in self.layers)
+        self.prompters = nn.ModuleList(GroupingPrompter(prompt_dim, cup, acp, hard, tau, attention, scaled,
+                                                        acp_reading) for _ in self.layers)
         xavier_(self)
         with torch.no_grad():
             nn.init.xavier_uniform_(self.class_tokens[0]).mul_(class_scale)
@@ -1993,6 +2023,36 @@ def noise_flips(logits, generator):
     return ((logits + gumbel).argmax(-1) != logits.argmax(-1)).float().mean().item()
 
 
+def probe_patch(x, patch, generator):
+    """x (B, Cx, H, W) -> (x', token, (rows, cols)): x with its content inside one patch only (the
+    patch x patch cell of the centre token of the ViT's grid, `token` its index in the row-major
+    grid of ceil(H / patch) x ceil(W / patch) tokens) replaced by Gaussian noise of x's
+    per-channel mean and std (std 1 for a constant channel), drawn from `generator`."""
+    B, Cx, H, W = x.shape
+    gh, gw = -(-H // patch), -(-W // patch)
+    r, c = gh // 2, gw // 2
+    rows, cols = slice(r * patch, min((r + 1) * patch, H)), slice(c * patch, min((c + 1) * patch, W))
+    mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
+    std = torch.where(std > 0, std, torch.ones_like(std))  # NaN (one value) or 0 -> 1
+    cell = x[:, :, rows, cols]
+    noise = torch.randn(cell.shape, generator=generator, device=x.device, dtype=x.dtype)
+    probe = x.clone()
+    probe[:, :, rows, cols] = mean[:, None, None] + std[:, None, None] * noise
+    return probe, r * gw + c, (rows, cols)
+
+
+def prompt_locality(before, after, token):
+    """before, after (B, N, D): a prompt on two inputs that differ in the aux content of `token`
+    only -> the mean change (L2 over D) at `token` over the mean change at the other N - 1
+    tokens: 1 = the change is spread alike over the image (the prompt ignores where the aux
+    content is), large = it stays at its place; at most 1e6 (nothing else changes), 0 when
+    nothing changes at all."""
+    d = (after - before).double().norm(dim=-1)  # (B, N)
+    here = d[:, token].mean()
+    others = (d.sum(1) - d[:, token]).mean() / max(d.shape[1] - 1, 1)
+    return (here / torch.maximum(others, (here * 1e-6).clamp_min(1e-300))).item()
+
+
 @torch.no_grad()
 def gopt_diagnostics(model, rgb, x, seed=0):
     """How GoPT's prompters behave on a batch (rgb (B, 3, H, W), x (B, Cx, H, W)), the
@@ -2007,9 +2067,18 @@ def gopt_diagnostics(model, rgb, x, seed=0):
                      fraction of the tokens whose group one draw of that noise changes: the
                      assignments training sees and evaluation does not (generator `seed`);
       prompt_spread  token_spread of p - 1, the prompt multiplied into the RGB tokens
-                     (eq. 3): 0 = one prompt for the whole image.
-    Returns {'layers': [...], key: [one value per layer]}; a variant without CUP, ACP or
-    grouping (VPT) has only the keys it has. The model's mode and torch's RNG are unchanged.
+                     (eq. 3): 0 = one prompt for the whole image;
+      locality       prompt_locality of p when the aux input x changes inside one patch only
+                     (probe_patch, the centre token): the change of p at that token over its
+                     mean change at the other tokens; 1 = the aux content reaches the prompt
+                     without its place, large = at its place;
+    and, once per model, for the same change of x:
+      pred_change_patch, pred_change_other
+                     fraction of the pixels of that patch (of the other pixels) whose predicted
+                     class changes.
+    Returns {'layers': [...], key: [one value per layer], pred_change_*: value}; a variant
+    without CUP, ACP or grouping (VPT) has only the keys it has. The model's mode and torch's
+    RNG are unchanged.
     """
     prompts = model.prompts
     out = {'layers': list(prompts.layers) if prompts is not None else []}
@@ -2017,9 +2086,10 @@ def gopt_diagnostics(model, rgb, x, seed=0):
         return out
     generator = torch.Generator(device=rgb.device).manual_seed(seed)
     add = lambda key, value: out.setdefault(key, []).append(value)
+    seen = []  # the prompt of each prompted layer, (B, N, D)
 
     def on_prompt(module, args, result):
-        add('prompt_spread', token_spread(result[0] - 1))
+        seen.append(result[0])
 
     def on_group(kind):
         def hook(group, args, result):
@@ -2033,16 +2103,31 @@ def gopt_diagnostics(model, rgb, x, seed=0):
         return hook
 
     hooks = [prompts.register_forward_hook(on_prompt)]
+    group_hooks = []
     for p in getattr(prompts, 'prompters', ()):
-        hooks += [part.group.register_forward_hook(on_group(kind))
-                  for kind, part in (('cup', p.cup), ('acp', p.acp)) if part is not None]
+        group_hooks += [part.group.register_forward_hook(on_group(kind))
+                        for kind, part in (('cup', p.cup), ('acp', p.acp)) if part is not None]
     was_training = model.training
     try:
-        model.eval()(rgb, x)
+        logits = model.eval()(rgb, x)
+        for h in group_hooks:
+            h.remove()
+        base, seen[:] = list(seen), []
+        probe, token, (rows, cols) = probe_patch(x, model.backbone.patch_embed.patch, generator)
+        probed = model(rgb, probe)
     finally:
         model.train(was_training)
-        for h in hooks:
+        for h in hooks + group_hooks:
             h.remove()
+    for p in base:
+        add('prompt_spread', token_spread(p - 1))
+    for before, after in zip(base, seen):
+        add('locality', prompt_locality(before, after, token))
+    changed = logits.argmax(1) != probed.argmax(1)  # (B, H, W)
+    inside = torch.zeros_like(changed)
+    inside[:, rows, cols] = True
+    out['pred_change_patch'] = changed[inside].float().mean().item()
+    out['pred_change_other'] = changed[~inside].float().mean().item() if (~inside).any() else 0.0
     return out
 
 
@@ -2066,7 +2151,8 @@ GOPT_VARIANTS = ('gopt', 'gopt_shallow', 'no_acp', 'no_cup', 'vpt_shallow', 'vpt
 
 def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant='gopt', interval=1,
                assignment='hard', prompt_dim=55, tau=1.0, head_dim=256, attention='prenorm', class_scale=1.0,
-               carry_aux=False, identity=True, scaled=False, vpt_rank=336, head_from='', **overrides):
+               carry_aux=False, identity=True, scaled=False, vpt_rank=336, head_from='', acp=ACP_DEFAULT,
+               **overrides):
     """GoPT on a ViT preset ('base', 'large'; `overrides` change dim, depth, heads, img_size, ...).
 
     variant: 'gopt' (CUP + ACP), 'no_acp', 'no_cup', 'gopt_shallow' (one prompter,
@@ -2075,7 +2161,9 @@ def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant=
     before every `interval`-th block, starting at block 0 (Fig. 6: 1, 2, 4, 6, 12; design choice, paper silent: where to start).
     assignment: 'hard' (eq. 9) or 'soft' (Fig. 7). prompt_dim: d_p. tau: Gumbel
     temperature (design choice, paper silent: 1). attention, class_scale, carry_aux,
-    identity, scaled: see GroupingPrompts (identity also zeroes the VPT variants' W_l). vpt_rank:
+    identity, scaled: see GroupingPrompts (identity also zeroes the VPT variants' W_l). acp: the
+    reading of eq. 11-14, 'literal' or 'aligned' (see GroupingPrompter; only the variants with CUP
+    and ACP use it; ACP_DEFAULT, decided on the validation split). vpt_rank:
     the VPT variants' embedding width. head_from: a checkpoint whose 'head.*' entries
     start Psi, e.g. the RGB foundation's (the paper fine-tunes the foundation's Psi; its
     head on our validation split: 38.6 vs a fresh head 31.0); '' = a fresh head. `pretrained`: an MAE file,
@@ -2087,6 +2175,8 @@ def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant=
         raise ValueError(f"assignment must be 'hard' or 'soft', not {assignment!r}")
     if attention not in CUP_ATTENTION:
         raise ValueError(f"attention must be one of {CUP_ATTENTION}, not {attention!r}")
+    if acp not in ACP_READINGS:
+        raise ValueError(f"acp must be one of {ACP_READINGS}, not {acp!r}")
     if not isinstance(interval, int) or interval < 1 or (variant.endswith('_shallow') and interval != 1):
         raise ValueError(f"interval must be an int >= 1 (and 1 for {variant}, which prompts block 0 only), got {interval!r}")
     if x_channels < 1 or prompt_dim < 1 or vpt_rank < 1 or tau <= 0 or class_scale <= 0:
@@ -2104,7 +2194,7 @@ def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant=
         prompts = GroupingPrompts(backbone.patch_embed, x_channels, num_classes, layers, prompt_dim,
                                   cup=variant != 'no_cup', acp=variant != 'no_acp', hard=assignment == 'hard', tau=tau,
                                   attention=attention, class_scale=class_scale, carry_aux=carry_aux, identity=identity,
-                                  scaled=scaled)
+                                  scaled=scaled, acp_reading=acp)
     model = GoPT(backbone, prompts, num_classes, x_channels, head_dim)
     if head_from:
         load_head(model.head, head_from)

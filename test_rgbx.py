@@ -1977,7 +1977,7 @@ def foundation(model, rgb):
 
 
 # ----------------------------------------------------------------------------
-# Initialisation: xavier-uniform (the paper), or the identity switch (design/gopt.md decision 3)
+# Initialisation: xavier-uniform (the paper), or the identity switch (GroupingPrompts: identity)
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('variant', rgbx.GOPT_VARIANTS)
@@ -2153,7 +2153,7 @@ def test_grouping_hard_gradient_reaches_the_assignment():
 
 
 # ----------------------------------------------------------------------------
-# Noise only in training (design/gopt.md decision 6)
+# Noise only in training (gumbel_assign: noise)
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('assignment', ['hard', 'soft'])
@@ -2208,7 +2208,7 @@ def test_class_tokens_are_previous_prompts_and_eq3(variant, carry_aux):
             torch.testing.assert_close(block_in[l], expect)
             if l + 1 < len(calls):
                 (_, aux_l1, classes_l1), _ = calls[l + 1]
-                # aux tokens: CUP's self-attended ones carried, or the first ones (design decision 1)
+                # aux tokens: CUP's self-attended ones carried, or the first ones (GroupingPrompts: carry_aux)
                 assert torch.equal(aux_l1, aux_next if carry_aux else aux0)
                 assert torch.equal(classes_l1, classes_next)  # eq. 15: c^{l+1} = P^l
             if variant == 'no_cup':  # without CUP the class tokens stay the learned ones
@@ -2350,6 +2350,159 @@ def test_gopt_param_counts_vit_base():
 
 
 # ----------------------------------------------------------------------------
+# The reading of ACP (eq. 11-14): literal or aligned; locality of the prompts
+# ----------------------------------------------------------------------------
+
+def test_gopt_acp_literal_is_unchanged():
+    """acp=literal gives the outputs the model gave before the option existed (same seed, same
+    input: figures recorded from that code), and its prompt is ACP read on CUP's prompts."""
+    model = wake_up(gopt('gopt', acp='literal')).eval()
+    rgb, x = inputs()
+    with torch.no_grad():
+        out = model(rgb, x)
+    assert out.double().sum().item() == pytest.approx(-830.5076151383182, rel=1e-5)
+    torch.testing.assert_close(out[0, :, 5, 7], torch.tensor(
+        [0.4625776410102844, 0.17244169116020203, -0.1989871859550476, -0.17585305869579315, -0.3269338607788086]),
+        rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[1, :, 30, 40], torch.tensor(
+        [0.13213932514190674, 0.12055618315935135, -0.40727686882019043, -0.16293558478355408, -0.11891920119524002]),
+        rtol=1e-4, atol=1e-5)
+    prompter = model.prompts.prompters[0]
+    g = torch.Generator().manual_seed(2)
+    rgb_t, aux, classes = (torch.randn(2, n, 55, generator=g) for n in (12, 12, 5))
+    with torch.no_grad():
+        _, prompts, _ = prompter.cup(aux, classes)
+        assert torch.equal(prompter(rgb_t, aux, classes)[0], prompter.acp(rgb_t, prompts, prompts))
+
+
+@pytest.mark.parametrize('assignment', ['hard', 'soft'])
+def test_gopt_acp_aligned_adds_only_the_aligned_term(assignment):
+    """acp=aligned: the same parameters (same seed, same values) and the literal prompt plus, at
+    each RGB token i, the class-aware prompt of the group CUP gave the aux token at place i
+    (hard: P[argmax_j A_ij], soft: sum_j A_ij P_j), written out per token."""
+    hard = assignment == 'hard'
+    literal = wake_up(gopt('gopt', acp='literal', assignment=assignment)).eval()
+    aligned = wake_up(gopt('gopt', acp='aligned', assignment=assignment)).eval()
+    assert list(literal.state_dict()) == list(aligned.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(literal.state_dict().values(), aligned.state_dict().values()))
+    g = torch.Generator().manual_seed(5)
+    B, S, C, d = 2, 12, 5, 55
+    rgb_t, aux, classes = torch.randn(B, S, d, generator=g), torch.randn(B, S, d, generator=g), \
+        torch.randn(B, C, d, generator=g)
+    p_lit, p_al = literal.prompts.prompters[1], aligned.prompts.prompters[1]
+    with torch.no_grad():
+        out_lit, aux_lit, next_lit = p_lit(rgb_t, aux, classes)
+        out_al, aux_al, next_al = p_al(rgb_t, aux, classes)
+        assert torch.equal(aux_lit, aux_al) and torch.equal(next_lit, next_al)  # eq. 15 untouched
+        # by hand: CUP's self-attended tokens, its logits (eq. 8, no noise in eval) and merged prompts
+        aux_hat, prompts, _ = p_al.cup(aux, classes)
+        logits = p_al.cup.group.q(aux_hat) @ p_al.cup.group.k(_classes_hat(p_al.cup, aux, classes)).transpose(1, 2)
+        term = torch.zeros(B, S, d)
+        for b in range(B):
+            for i in range(S):
+                if hard:
+                    term[b, i] = prompts[b, logits[b, i].argmax()]
+                else:
+                    w = torch.softmax(logits[b, i], -1)
+                    term[b, i] = sum(w[j] * prompts[b, j] for j in range(C))
+        torch.testing.assert_close(out_al - out_lit, term, rtol=1e-4, atol=1e-5)
+        assert term.abs().max() > 0.1  # the term is there
+    # the whole model: another output, the same parameter count
+    rgb, x = inputs()
+    with torch.no_grad():
+        assert (aligned(rgb, x) - literal(rgb, x)).abs().max() > 1e-4
+    assert aligned.param_counts() == literal.param_counts()
+
+
+def _classes_hat(cup, aux, classes):
+    """CUP's self-attended class tokens (eq. 4-6, pre-norm), written out for B of any size."""
+    z = torch.cat([aux, classes], 1)
+    n = cup.norm(z)
+    a = torch.softmax(n @ n.transpose(1, 2) / math.sqrt(n.shape[-1]), -1) @ n
+    return (z + a)[:, aux.shape[1]:]
+
+
+def test_gopt_acp_aligned_identity_gradients_and_options():
+    rgb, x = inputs()
+    model = gopt('gopt', acp='aligned').eval()
+    with torch.no_grad():  # identity at init (up = 0) still holds
+        assert torch.equal(model(rgb, x), foundation(model, rgb))
+    model = gopt('gopt', acp='aligned', identity=False).train()
+    backward(model)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+    # reachable through --opts, checked; the ablations without CUP or ACP take it and are unchanged by it
+    opts = data.parse_opts('variant=gopt,acp=aligned')
+    built = rgbx.build_model('gopt', 'vit-nano', 5, 2, **opts)
+    assert all(p.reading == 'aligned' for p in built.prompts.prompters)
+    assert all(p.reading == rgbx.ACP_DEFAULT for p in rgbx.build_gopt('nano', 5, 2).prompts.prompters)
+    for variant in ('no_acp', 'no_cup'):
+        a, b = wake_up(gopt(variant, acp='aligned')).eval(), wake_up(gopt(variant, acp='literal')).eval()
+        with torch.no_grad():
+            assert torch.equal(a(rgb, x), b(rgb, x))
+    with pytest.raises(ValueError, match='acp must be one of'):
+        rgbx.build_gopt('nano', 5, 1, acp='both')
+
+
+def test_gopt_acp_aligned_param_count_vit_base():
+    """Table 4's budget: the aligned term adds no parameter (0.977M at ViT-B, paper 0.97M)."""
+    with torch.device('meta'):
+        counts = {acp: rgbx.build_gopt('base', 40, 3, acp=acp).param_counts()['prompts'] for acp in rgbx.ACP_READINGS}
+    assert counts == {'literal': 976631, 'aligned': 976631}
+
+
+class _PlaceFreeVPT(rgbx.AuxVPT):
+    """A prompt that ignores where the aux content is: every token gets 1 + W_l mean_t E(x)_t."""
+
+    def forward(self, l, tokens, e):
+        return (1 + self.ups[self.layers.index(l)](e.mean(1, keepdim=True))).expand(-1, e.shape[1], -1), e
+
+
+def test_gopt_locality_by_construction():
+    """locality is 1 for a prompt that ignores place (the same change at every token), the cap
+    1e6 for one that is a per-token function of the aux image (VPT: no change elsewhere), 0
+    when the prompt does not change; the probe changes x inside one patch only."""
+    g = torch.Generator().manual_seed(0)
+    rgb, x = torch.randn(2, 3, 64, 80, generator=g), torch.randn(2, 1, 64, 80, generator=g)
+    probe, token, (rows, cols) = rgbx.probe_patch(x, 16, torch.Generator().manual_seed(1))
+    assert token == 2 * 5 + 2 and (rows, cols) == (slice(32, 48), slice(32, 48))  # grid 4 x 5, centre (2, 2)
+    outside = torch.ones_like(x, dtype=torch.bool)
+    outside[..., rows, cols] = False
+    assert torch.equal(probe[outside], x[outside]) and (probe[..., rows, cols] != x[..., rows, cols]).all()
+    local = wake_up(rgbx.build_gopt('nano', 5, 1, variant='vpt_deep')).eval()
+    place_free = rgbx.build_gopt('nano', 5, 1, variant='vpt_deep')
+    torch.manual_seed(0)
+    place_free.prompts = _PlaceFreeVPT(place_free.backbone.patch_embed, 1, (0, 1, 2, 3), 336, identity=False)
+    d_local, d_free = local.diagnostics(rgb, x), place_free.eval().diagnostics(rgb, x)
+    assert d_local['locality'] == pytest.approx([1e6] * 4)
+    assert d_free['locality'] == pytest.approx([1.0] * 4, rel=1e-6)
+    assert rgbx.build_gopt('nano', 5, 1).diagnostics(rgb, x)['locality'] == [0.0] * 4  # identity: p = 1
+    for d in (d_local, d_free):
+        assert 0 <= d['pred_change_other'] <= 1 and 0 <= d['pred_change_patch'] <= 1
+    # the local prompt changes the prediction in its patch more than elsewhere
+    assert d_local['pred_change_patch'] > d_local['pred_change_other']
+    # by hand: the change at the token over the mean change at the others
+    before, after = torch.zeros(1, 4, 2), torch.tensor([[[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
+    assert rgbx.prompt_locality(before, after, 0) == pytest.approx(5 / 1)
+
+
+def test_gopt_locality_aligned_above_literal():
+    """The aligned term carries the aux content at token i's own place: on these inputs the first
+    prompter's locality is higher with acp=aligned than literal for each input, and on average."""
+    lit, al = [], []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        rgb, x = torch.randn(2, 3, 128, 128, generator=g), torch.randn(2, 1, 128, 128, generator=g)
+        a = wake_up(gopt('gopt', acp='aligned', x_channels=1, prompt_dim=16)).diagnostics(rgb, x)['locality']
+        b = wake_up(gopt('gopt', acp='literal', x_channels=1, prompt_dim=16)).diagnostics(rgb, x)['locality']
+        assert a[0] > b[0], seed
+        al.append(a[0])
+        lit.append(b[0])
+    assert sum(al) > 2 * sum(lit)
+
+
+# ----------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------
 
@@ -2416,7 +2569,7 @@ def test_gopt_diagnostics_sees_a_known_collapse():
     rng = torch.get_rng_state()
     d = model.diagnostics(rgb, x)
     assert model.training and torch.equal(torch.get_rng_state(), rng)  # mode and global RNG untouched
-    assert d['layers'] == [0, 1, 2, 3] and all(len(d[k]) == 4 for k in d)
+    assert d['layers'] == [0, 1, 2, 3] and all(len(d[k]) == 4 for k in d if not k.startswith('pred_change'))
     assert d['class_cos'][0] == pytest.approx(1, abs=1e-5)
     assert d['cup_logit_std'][0] < 1e-3
     assert d['cup_flips'][0] == pytest.approx(0.8, abs=0.1)  # 256 tokens, C = 5
@@ -2425,7 +2578,8 @@ def test_gopt_diagnostics_sees_a_known_collapse():
     assert gopt('gopt', num_classes=5, x_channels=1, prompt_dim=16).diagnostics(rgb, x)['class_cos'][0] < 0.5
     # variants report what they have
     assert rgbx.build_gopt('nano', 5, 1, variant='head_only').diagnostics(rgb, x) == {'layers': []}
-    assert set(rgbx.build_gopt('nano', 5, 1, variant='vpt_deep').diagnostics(rgb, x)) == {'layers', 'prompt_spread'}
+    assert set(rgbx.build_gopt('nano', 5, 1, variant='vpt_deep').diagnostics(rgb, x)) == {
+        'layers', 'prompt_spread', 'locality', 'pred_change_patch', 'pred_change_other'}
     assert 'class_cos' not in rgbx.build_gopt('nano', 5, 1, variant='no_cup').diagnostics(rgb, x)
 
 
@@ -2498,6 +2652,24 @@ def test_study_gopt_part_and_decisions():
     gopt_n = count(study.GOPT)
     assert count(study.VPT_SHALLOW) / gopt_n == pytest.approx(0.54 / 0.97, rel=0.05)
     assert count(study.VPT_DEEP) / gopt_n == pytest.approx(3.39 / 0.97, rel=0.05)
+
+
+def test_study_gopt_acp_readings_and_only():
+    from study import run as study
+    gopt_runs = {r['name']: data.parse_opts(r['config']['opts']) for r in study.plan([0], 2, 2, part='gopt')}
+    assert gopt_runs['GoPT (hard, 4 prompters)']['acp'] == rgbx.ACP_DEFAULT == study.ACP
+    other = f'GoPT (hard, 4 prompters), ACP {study.ACP_OTHER}'
+    assert gopt_runs[other]['acp'] == study.ACP_OTHER != study.ACP
+    # every claim on GoPT rows states the reading of ACP
+    assert all('ACP ' in text for paper, text, *_ in study.CLAIMS if paper == 'GoPT')
+    # --only: the conditions it finds and the foundation they start from
+    runs = study.plan([0, 1], 2, 2, decide=True, only='R3')
+    assert [r['key'] for r in runs] == [f'{n}/{s}' for s in (0, 1) for n in (
+        'ViT foundation (RGB)', 'R3: R2 defaults, ACP literal', 'R3: R2 defaults, ACP aligned')]
+    assert [data.parse_opts(r['config']['opts'])['acp'] for r in runs[1:3]] == ['literal', 'aligned']
+    # rounds 1-2 keep the reading they were run with
+    assert all(data.parse_opts(opts)['acp'] == 'literal' for name, opts, _ in study.DECISIONS
+               if name.startswith(('R1', 'R2')))
 
 
 # ----------------------------------------------------------------------------

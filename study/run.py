@@ -14,7 +14,8 @@ where RGB tells an object's colour and only depth its height, see data.DemoDatas
    --pretrained like those files. One foundation per seed.
 2. adaptation, the same number of steps for every method, from the foundation of
    the same seed: early fusion with full fine-tuning (the papers' reference line),
-   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP, VPT-shallow and
+   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP / the other
+   reading of ACP (rgbx.ACP_READINGS; its claims name the reading), VPT-shallow and
    VPT-deep at the paper's budget ratios to GoPT, the frozen foundation with a trained head and no
    prompts (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM, M2IM + STTP, and
    STTP's schedule without its token loss (the control that isolates STTP's token loss)
@@ -46,6 +47,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import rgbx
 import train
 from eval import evaluate, metrics
 
@@ -59,8 +61,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ViT-nano has D = 64: GoPT's d_p of 55 (of 768) would not be low rank, 16 is; heads 64 wide.
 HEAD = 'head_dim=64'
 KTB = 'fused_head_dim=128,aux_head_dim=64'
-# GoPT and its variants start Psi from the head of their foundation (decided on demo128-val, see DECISIONS)
-GOPT = 'prompt_dim=16,head_dim=64,head_from=foundation'
+# GoPT and its variants start Psi from the head of their foundation (decided on demo128-val, see DECISIONS);
+# GoPT's rows state their reading of ACP (eq. 11-14): rgbx's default, decided on demo128-val (round 3),
+# and one row with the other reading
+GOPT_BASE = 'prompt_dim=16,head_dim=64,head_from=foundation'
+ACP, ACP_OTHER = rgbx.ACP_DEFAULT, next(r for r in rgbx.ACP_READINGS if r != rgbx.ACP_DEFAULT)
+GOPT = GOPT_BASE + f',acp={ACP}'
 # the VPT variants at the paper's budget ratios to GoPT (Table 4, ViT-B: VPT-shallow 0.54M / 0.97M = 0.56,
 # VPT-deep 3.39M / 0.97M = 3.5): at nano GoPT trains 27.6k without its head, VPT-shallow with rank 48
 # 15.5k (0.56), VPT-deep with rank 187 96.2k (3.5); ViT-nano's 4 layers cannot give both with one rank
@@ -92,7 +98,8 @@ CONDITIONS = [
     ('GoPT 1 prompter', 'vit', 'gopt', GOPT + ',interval=4', 'foundation'),
     ('VPT-shallow', 'vit', 'gopt', VPT_SHALLOW, 'foundation'),
     ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation'),
-    ('GoPT w/o ACP', 'vit', 'gopt', GOPT + ',variant=no_acp', 'foundation'),  # X by place: see README
+    ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation'),  # X by place: see README
+    (f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}', 'vit', 'gopt', GOPT_BASE + f',acp={ACP_OTHER}', 'foundation'),
     ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation'),  # all steps MIM
     ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0', 'foundation'),
     ('M2IM + STTP pre-training', 'vit', 'maskmentor', MM_PRE, 'foundation'),
@@ -111,14 +118,25 @@ CLAIMS = [
     ('KTB', 'RGB+X beats the RGB foundation', 'KTB', 'Swin foundation (RGB)', ('both',)),
     ('KTB', 'MMST raises the single-modality columns (supp. Fig. 1, Table 5)', 'KTB', 'KTB w/o MMST', ('rgb', 'x', 'both')),
     ('KTB', 'close to full fine-tuning at a fraction of the parameters', 'KTB', 'Swin early fusion, full FT', ('both',)),
-    ('GoPT', 'beats the foundation', 'GoPT (hard, 4 prompters)', 'ViT foundation (RGB)', ('both',)),
-    ('GoPT', 'the prompts help: beats the frozen foundation + trained head', 'GoPT (hard, 4 prompters)',
+    # GoPT's claims, each with the reading of ACP its GoPT rows use
+    ('GoPT', f'beats the foundation (ACP {ACP})', 'GoPT (hard, 4 prompters)', 'ViT foundation (RGB)', ('both',)),
+    ('GoPT', f'the prompts help: beats the frozen foundation + trained head (ACP {ACP})', 'GoPT (hard, 4 prompters)',
      'Frozen foundation + head, no prompts', ('both',)),
-    ('GoPT', 'beats VPT-shallow (Table 4)', 'GoPT (hard, 4 prompters)', 'VPT-shallow', ('both',)),
-    ('GoPT', 'beats VPT-deep (Table 4)', 'GoPT (hard, 4 prompters)', 'VPT-deep', ('both',)),
-    ('GoPT', 'hard beats soft assignment (Fig. 7)', 'GoPT (hard, 4 prompters)', 'GoPT soft', ('both',)),
-    ('GoPT', 'more prompters is better (Fig. 6): 4 vs 1', 'GoPT (hard, 4 prompters)', 'GoPT 1 prompter', ('both',)),
-    ('GoPT', 'more prompters is better (Fig. 6): 2 vs 1', 'GoPT 2 prompters', 'GoPT 1 prompter', ('both',)),
+    ('GoPT', f'beats VPT-shallow (Table 4; ACP {ACP})', 'GoPT (hard, 4 prompters)', 'VPT-shallow', ('both',)),
+    ('GoPT', f'beats VPT-deep (Table 4; ACP {ACP})', 'GoPT (hard, 4 prompters)', 'VPT-deep', ('both',)),
+    ('GoPT', f'ACP adds to CUP: beats w/o ACP (Table 4; ACP {ACP})', 'GoPT (hard, 4 prompters)', 'GoPT w/o ACP',
+     ('both',)),
+    ('GoPT', f'hard beats soft assignment (Fig. 7; ACP {ACP})', 'GoPT (hard, 4 prompters)', 'GoPT soft', ('both',)),
+    ('GoPT', f'more prompters is better (Fig. 6): 4 vs 1 (ACP {ACP})', 'GoPT (hard, 4 prompters)', 'GoPT 1 prompter',
+     ('both',)),
+    ('GoPT', f'more prompters is better (Fig. 6): 2 vs 1 (ACP {ACP})', 'GoPT 2 prompters', 'GoPT 1 prompter',
+     ('both',)),
+    ('GoPT', f'beats VPT-shallow (Table 4; ACP {ACP_OTHER})', f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}',
+     'VPT-shallow', ('both',)),
+    ('GoPT', f'beats VPT-deep (Table 4; ACP {ACP_OTHER})', f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}', 'VPT-deep',
+     ('both',)),
+    ('GoPT', f'ACP adds to CUP: beats w/o ACP (Table 4; ACP {ACP_OTHER})', f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}',
+     'GoPT w/o ACP', ('both',)),
     ('MaskMentor', 'MIM pre-training helps (Table 3)', 'MaskMentor FT after MIM', 'MaskMentor FT, no pre-training', ('rgb', 'x', 'both')),
     ('MaskMentor', 'M2IM beats plain MIM (Table 3)', 'MaskMentor FT after M2IM', 'MaskMentor FT after MIM', ('rgb', 'x', 'both')),
     ('MaskMentor', 'STTP adds on top of M2IM (Table 3)', 'MaskMentor FT after M2IM + STTP', 'MaskMentor FT after M2IM', ('rgb', 'x', 'both')),
@@ -133,21 +151,27 @@ COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 # defaults), then each remaining switch flipped alone from them. (name, options, extra train.Config
 # fields besides the study's.) The study keeps its shared augmentation for GoPT too: the paper's
 # "no data expansion" gave 40.5 +- 0.4 against 39.2 +- 2.1 (round 2), inside the seeds' spread.
-R1 = 'prompt_dim=16,head_dim=64,identity=false'
+# Rounds 1-2 read ACP literally (acp=literal, the reading of their time). Round 3: the reading of ACP
+# (eq. 11-14, rgbx.GroupingPrompter), both from the round-2 defaults, in one sitting with its foundation
+# (`--decide --only R3`).
+R1 = 'prompt_dim=16,head_dim=64,identity=false,acp=literal'
+R2 = GOPT_BASE + ',acp=literal'
 DECISIONS = [
     ('R1: xavier start, fresh head', R1, {}),
     ('R1 + CUP attention plain (eq. 6 as written)', R1 + ',attention=plain', {}),
     ('R1 + class tokens x4 at init', R1 + ',class_scale=4.0', {}),
     ('R1 + aux tokens carried', R1 + ',carry_aux=true', {}),
-    ('R1 + identity at init (up = 0)', 'prompt_dim=16,head_dim=64,identity=true', {}),
+    ('R1 + identity at init (up = 0)', 'prompt_dim=16,head_dim=64,identity=true,acp=literal', {}),
     ('R1 + head from the foundation', R1 + ',head_from=foundation', {}),
     ('R1 + no augmentation (random crop only)', R1, dict(augment='crop')),
     ('R1 + logits scaled by 1/sqrt(d_p)', R1 + ',scaled=true', {}),
-    ('R2: identity start, head from the foundation', GOPT, {}),
-    ('R2 + CUP attention plain (eq. 6 as written)', GOPT + ',attention=plain', {}),
-    ('R2 + class tokens x4 at init', GOPT + ',class_scale=4.0', {}),
-    ('R2 + logits scaled by 1/sqrt(d_p)', GOPT + ',scaled=true', {}),
-    ('R2 + no augmentation (random crop only)', GOPT, dict(augment='crop')),
+    ('R2: identity start, head from the foundation', R2, {}),
+    ('R2 + CUP attention plain (eq. 6 as written)', R2 + ',attention=plain', {}),
+    ('R2 + class tokens x4 at init', R2 + ',class_scale=4.0', {}),
+    ('R2 + logits scaled by 1/sqrt(d_p)', R2 + ',scaled=true', {}),
+    ('R2 + no augmentation (random crop only)', R2, dict(augment='crop')),
+    ('R3: R2 defaults, ACP literal', GOPT_BASE + ',acp=literal', {}),
+    ('R3: R2 defaults, ACP aligned', GOPT_BASE + ',acp=aligned', {}),
 ]
 
 
@@ -162,10 +186,11 @@ def conditions(part='all', decide=False):
     return [(*c, {}) for c in CONDITIONS if part == 'all' or c[1] == 'vit' and c[2] in ('rgb_only', 'gopt')]
 
 
-def plan(seeds, steps, foundation_steps, part='all', decide=False, pretrain_lr=None):
+def plan(seeds, steps, foundation_steps, part='all', decide=False, pretrain_lr=None, only=''):
     """Every run of the study: dicts with name, seed, key 'name/seed', need (the key
     of the run whose weights it starts from, None for a foundation) and the train.Config fields it sets.
-    `decide`: the GoPT decisions on the validation preset instead (see DECISIONS)."""
+    `decide`: the GoPT decisions on the validation preset instead (see DECISIONS). `only`: a regular
+    expression; just the conditions whose name it finds, and the runs they start from."""
     runs = []
     for seed in seeds:
         for name, family, method, opts, source, extra in conditions(part, decide):
@@ -177,6 +202,14 @@ def plan(seeds, steps, foundation_steps, part='all', decide=False, pretrain_lr=N
                                          backbone=f'{family}-nano', opts=opts, seed=seed,
                                          max_steps=steps if need else foundation_steps, **extra,
                                          **(maskmentor_recipe(opts, pretrain_lr) if method == 'maskmentor' else {}))))
+    if only:
+        keep = {r['key'] for r in runs if re.search(only, r['name'])}
+        while True:  # and what they start from
+            more = keep | {r['need'] for r in runs if r['key'] in keep and r['need']}
+            if more == keep:
+                break
+            keep = more
+        runs = [r for r in runs if r['key'] in keep]
     return runs
 
 
@@ -307,7 +340,8 @@ def run_all(runs, out, jobs):
 # ----------------------------------------------------------------------------
 
 DIAGNOSTICS = (('class_cos', 'class-token cosine'), ('cup_flips', 'CUP flips'), ('acp_flips', 'ACP flips'),
-               ('cup_logit_std', 'CUP logit std'), ('prompt_spread', 'prompt spread'))
+               ('cup_logit_std', 'CUP logit std'), ('prompt_spread', 'prompt spread'), ('locality', 'locality'),
+               ('pred_change_patch', 'pred. change in patch'), ('pred_change_other', 'pred. change elsewhere'))
 
 
 def summarise(results):
@@ -361,12 +395,16 @@ def markdown(table, claims, setup):
         lines += ['', "GoPT's prompters in the final models (`rgbx.gopt_diagnostics` on the first 8 evaluation "
                   "scenes, mean over prompters and seeds): the class tokens' mean pairwise cosine after CUP "
                   "(1 = one vector), the fraction of assignments one draw of Gumbel noise flips (CUP's g_m, "
-                  "ACP's g_rgb,m), the std of CUP's logits over the groups (the noise's is 1.28), and the "
-                  "prompt's spread over the tokens relative to its norm (0 = one prompt per image).", '',
+                  "ACP's g_rgb,m), the std of CUP's logits over the groups (the noise's is 1.28), the "
+                  "prompt's spread over the tokens relative to its norm (0 = one prompt per image), and, for a "
+                  "change of the X input inside one patch only (the centre one), the prompt's locality (its "
+                  "change at that token over its mean change at the other tokens: 1 = the X content reaches "
+                  "the prompt without its place; 1e6 = nowhere else) and the fraction of the predicted pixels "
+                  "that change in that patch and elsewhere.", '',
                   '| condition | ' + ' | '.join(label for _, label in DIAGNOSTICS) + ' |',
                   '|---|' + '---|' * len(DIAGNOSTICS)]
         for name, d in healthy.items():
-            lines.append(f"| {name} | " + ' | '.join(f"{d[k]:.3f}" if k in d else '-' for k, _ in DIAGNOSTICS) + ' |')
+            lines.append(f"| {name} | " + ' | '.join(f"{d[k]:.3g}" if k in d else '-' for k, _ in DIAGNOSTICS) + ' |')
     if not claims:
         return '\n'.join(lines) + '\n'
     lines += ['', 'Claims: A - B in mIoU points, paired by seed (the same foundation and data order).', '',
@@ -424,6 +462,9 @@ def main(argv=None):
                    help="gopt: only the ViT foundation and the GoPT family (report in study/gopt)")
     p.add_argument('--decide', action='store_true',
                    help="GoPT's open decisions on the validation preset demo128-val (report in study/gopt-validation)")
+    p.add_argument('--only', default='', metavar='REGEX',
+                   help="only the conditions whose name this regular expression finds (and the runs they start "
+                        "from); the report keeps the other conditions' runs from its results.json")
     p.add_argument('--out', default='', help='run folders (default runs/study[-gopt|-gopt-val][-quick])')
     p.add_argument('--report', default='', help='where results.md/.png/.json go (default study/[gopt|gopt-validation]; '
                                                 '--quick: --out)')
@@ -448,14 +489,26 @@ def main(argv=None):
                   f"cosine, betas 0.9 / 0.95, lr {lr:g} chosen on 32 validation scenes carved from the training "
                   f"split (val mIoU, mean of the inputs: " + ', '.join(f"{k:g} {100 * v:.1f}" for k, v in scores.items()) + ")")
         print(f"study: pre-training lr {lr:g}", flush=True)
-    runs = plan(seeds, steps, foundation_steps, args.part, args.decide, lr)
+    runs = plan(seeds, steps, foundation_steps, args.part, args.decide, lr, args.only)
     print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
     results.update(run_all(runs, out, args.jobs))
     setup = (f"`{VALIDATION if args.decide else DATASET}` (128 x 128), {len(seeds)} seed(s), foundations "
              f"{foundation_steps} steps, every adaptation and pre-training {steps} steps, batch 4, AdamW lr 1e-3 "
              f"(warm-up 1 epoch, poly decay)" + chosen)
-    table, claims = summarise(results), claim_rows(results)
     os.makedirs(report, exist_ok=True)
+    kept = []
+    if args.only and os.path.exists(os.path.join(report, 'results.json')):
+        # the conditions of this part not rerun now: their runs as the report holds them
+        names = {r['name'] for r in plan(seeds, steps, foundation_steps, args.part, args.decide, lr)}
+        with open(os.path.join(report, 'results.json')) as f:
+            earlier = [r for r in json.load(f)['runs'] if r['name'] in names
+                       and f"{r['name']}/{r['seed']}" not in results and r['name'] not in {x['name'] for x in runs}]
+        results.update({f"{r['name']}/{r['seed']}": r for r in earlier})
+        kept = sorted({r['name'] for r in earlier}, key=[c[0] for c in CONDITIONS + DECISIONS].index)
+        setup += (f". Rerun now (`--only '{args.only}'`): " + ', '.join(sorted({r['name'] for r in runs})) +
+                  "; kept from an earlier sitting, with the foundations of that sitting (compare them with each "
+                  "other, not with the rows rerun now): " + ', '.join(kept)) if kept else ''
+    table, claims = summarise(results), claim_rows(results)
     with open(os.path.join(report, 'results.md'), 'w') as f:
         f.write(markdown(table, claims, setup))
     with open(os.path.join(report, 'results.json'), 'w') as f:
