@@ -272,11 +272,16 @@ def run_of(method, backbone, dataset, x_modality='', opts='', pretrained='', dat
     return Run(args, dataset, x, recipe.x_standardised, data_root, crop, pretrained, seed)
 
 
+# Options added after checkpoints began to store their model arguments would take today's
+# default in a checkpoint written before: here the value the code that wrote it used.
+LEGACY_OPTIONS = {'gopt': {'acp': 'literal'}}
+
+
 def legacy_run(config, source):
     """The Run of a checkpoint written before checkpoints stored their model arguments:
     its config's method, backbone and option text, with the defaults that code used."""
     try:
-        given = parse_opts(config['opts'])
+        given = {**LEGACY_OPTIONS.get(config['method'], {}), **parse_opts(config['opts'])}
         if config['method'] == 'maskmentor':
             given.setdefault('stage', 'finetune')
         run = run_of(config['method'], config['backbone'], config['dataset'], config['x_modality'], given,

@@ -974,7 +974,7 @@ def test_hha_bad_arguments_are_one_line_errors(tmp_path):
         data.hha(np.full((8, 8), np.nan), HHA_CAMERA)
     with pytest.raises(ValueError, match='missing'):
         data.hha(np.ones((8, 8)), HHA_CAMERA, np.zeros((4, 4), bool))
-    assert data.parse_camera('NYU') == data.NYU_CAMERA
+    assert data.parse_camera('Nyu') == data.NYU_CAMERA  # any case
     assert data.parse_camera('1,2,3.5,4') == (1.0, 2.0, 3.5, 4.0)
     # NYU's toolbox centre counts pixels from 1
     assert data.NYU_CAMERA[2] == 325.58244941119034 - 1 and data.NYU_CAMERA[3] == 253.73616633400465 - 1
@@ -2433,7 +2433,7 @@ def test_gopt_acp_aligned_identity_gradients_and_options():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
     # reachable through --opts, checked; the ablations without CUP or ACP take it and are unchanged by it
-    opts = data.parse_opts('variant=gopt,acp=aligned')
+    opts = ev.parse_opts('variant=gopt,acp=aligned')
     built = rgbx.build_model('gopt', 'vit-nano', 5, 2, **opts)
     assert all(p.reading == 'aligned' for p in built.prompts.prompters)
     assert all(p.reading == rgbx.ACP_DEFAULT for p in rgbx.build_gopt('nano', 5, 2).prompts.prompters)
@@ -2465,6 +2465,7 @@ def test_gopt_locality_by_construction():
     when the prompt does not change; the probe changes x inside one patch only."""
     g = torch.Generator().manual_seed(0)
     rgb, x = torch.randn(2, 3, 64, 80, generator=g), torch.randn(2, 1, 64, 80, generator=g)
+    torch.manual_seed(0)  # the models' random weights below, whatever ran before
     probe, token, (rows, cols) = rgbx.probe_patch(x, 16, torch.Generator().manual_seed(1))
     assert token == 2 * 5 + 2 and (rows, cols) == (slice(32, 48), slice(32, 48))  # grid 4 x 5, centre (2, 2)
     outside = torch.ones_like(x, dtype=torch.bool)
@@ -2656,7 +2657,7 @@ def test_study_gopt_part_and_decisions():
 
 def test_study_gopt_acp_readings_and_only():
     from study import run as study
-    gopt_runs = {r['name']: data.parse_opts(r['config']['opts']) for r in study.plan([0], 2, 2, part='gopt')}
+    gopt_runs = {r['name']: ev.parse_opts(r['config']['opts']) for r in study.plan([0], 2, 2, part='gopt')}
     assert gopt_runs['GoPT (hard, 4 prompters)']['acp'] == rgbx.ACP_DEFAULT == study.ACP
     other = f'GoPT (hard, 4 prompters), ACP {study.ACP_OTHER}'
     assert gopt_runs[other]['acp'] == study.ACP_OTHER != study.ACP
@@ -2666,9 +2667,9 @@ def test_study_gopt_acp_readings_and_only():
     runs = study.plan([0, 1], 2, 2, decide=True, only='R3')
     assert [r['key'] for r in runs] == [f'{n}/{s}' for s in (0, 1) for n in (
         'ViT foundation (RGB)', 'R3: R2 defaults, ACP literal', 'R3: R2 defaults, ACP aligned')]
-    assert [data.parse_opts(r['config']['opts'])['acp'] for r in runs[1:3]] == ['literal', 'aligned']
+    assert [ev.parse_opts(r['config']['opts'])['acp'] for r in runs[1:3]] == ['literal', 'aligned']
     # rounds 1-2 keep the reading they were run with
-    assert all(data.parse_opts(opts)['acp'] == 'literal' for name, opts, _ in study.DECISIONS
+    assert all(ev.parse_opts(opts)['acp'] == 'literal' for name, opts, _ in study.DECISIONS
                if name.startswith(('R1', 'R2')))
 
 
