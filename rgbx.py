@@ -698,6 +698,8 @@ class CheckpointError(RuntimeError):
 def read_checkpoint(path):
     """torch.load a checkpoint safely (weights_only) with a clear error when the
     file is missing, truncated or not a PyTorch file."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file in it")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
@@ -927,6 +929,9 @@ def multimae_notes(sd, own):
                      + " re-initialised")
     if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
         notes.append("the checkpoint holds no decoders (an encoder file): the output adapters keep their initial values")
+    elif 'output_adapters.norm_rgb' in {adapter_part(k) for k in own} - {adapter_part(k) for k in sd}:
+        notes.append("the checkpoint has no norm_rgb decoder (a file trained without norm_pix_rgb): it starts fresh "
+                     "(or build with norm_pix_rgb=False)")
     return notes
 
 
@@ -2532,6 +2537,8 @@ class MaskMentorModel(RGBXModel):
             absent |= {k for k in own if k.startswith('backbone.input_adapters.') and k not in sd}
         if not any(k.startswith('output_adapters.') for k in sd):
             absent |= {k for k in own if k.startswith('output_adapters.')}
+        given = {adapter_part(k) for k in sd}
+        absent |= {k for k in own if k.startswith('output_adapters.norm_rgb.') and adapter_part(k) not in given}
         return absent
 
 
@@ -2649,9 +2656,12 @@ class MaskMentorPretrain(MaskMentorModel):
         98 of 3 x 196); at most N, so that a single kept modality can hold them."""
         K = len(self.backbone.input_adapters)
         T = round((1 - self.mask_ratio) * K * num_tokens)
-        if not 1 <= T <= num_tokens:
-            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves {T} visible tokens of {K} x {num_tokens}; "
-                             f"need 1..{num_tokens} (mask_ratio >= {1 - 1 / K:.3f})")
+        if T < 1:
+            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves no visible token of {K} x {num_tokens}: the "
+                             f"input gives only {num_tokens} tokens per modality; use a larger crop or a smaller mask_ratio")
+        if T > num_tokens:
+            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves {T} visible tokens of {K} x {num_tokens}, more "
+                             f"than one modality holds; need mask_ratio >= {1 - 1 / K:.3f}")
         return T
 
     def encode(self, inputs):
