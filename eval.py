@@ -597,7 +597,7 @@ def main(argv=None):
                    help='MaskMentor pre-training checkpoint: save depth-from-RGB and RGB-from-depth panels (Fig. 4)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
-    p.add_argument('--workers', type=int, default=0, help='loader processes (evaluation and benchmark); see README')
+    p.add_argument('--workers', type=int, default=0, help="loader processes (evaluation and benchmark); see docs/performance.md")
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
     b = p.add_argument_group('model from flags: --benchmark (the --checkpoint model, or a random-weights one chosen by '
                              "these flags), or a --checkpoint without rgbx's config (a trained KTB of the authors' "

@@ -131,7 +131,7 @@ MAX_SEED = 2 ** 32 - 1  # numpy's seeds
 
 def parser():
     """argparse built from the Config fields, each with its help, default and choices."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md; "
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md and docs/; "
                                 "options of a method: python train.py --method NAME --list-opts",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):

@@ -1,5 +1,5 @@
 """Small-scale reproduction study: each paper's central claim, tested on CPU on the
-built-in demo data (README, "Results").
+built-in demo data (README, "Results"; study/README.md).
 
     python -m study.run            # the whole study, from the repository's root (under an hour on 2 cores)
     python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~2 min)
@@ -98,7 +98,7 @@ CONDITIONS = [
     ('GoPT 1 prompter', 'vit', 'gopt', GOPT + ',interval=4', 'foundation'),
     ('VPT-shallow', 'vit', 'gopt', VPT_SHALLOW, 'foundation'),
     ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation'),
-    ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation'),  # X by place: see README
+    ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation'),  # X by place: see docs/gopt.md
     (f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}', 'vit', 'gopt', GOPT_BASE + f',acp={ACP_OTHER}', 'foundation'),
     ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation'),  # all steps MIM
     ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0', 'foundation'),
