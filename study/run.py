@@ -1,5 +1,5 @@
 """Small-scale reproduction study: each paper's central claim, tested on CPU on the
-built-in demo data (README, "Results"; study/README.md).
+built-in demo data (README, "Results").
 
     python -m study.run            # the whole study, from the repository's root (under an hour on 2 cores)
     python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~2 min)
