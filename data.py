@@ -23,7 +23,10 @@ Nothing is resized, clipped or skipped when reading: a missing file, undecodable
 sizes that disagree, a label value outside the classes, an id listed twice in a split
 or a split file that is not UTF-8 raises an error naming the file and the fix.
 """
+import errno
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,14 +317,63 @@ def check_sizes(*pairs):
                          f"at one size (and check they are the same scene)")
 
 
-def load_pair(rgb_path, x_path, preset, x_modality=None, x_standardised=True):
+def load_pair(rgb_path, x_path, preset, x_modality=None, x_standardised=True, x=None):
     """Your own RGB and X images -> normalised rgb (3, H, W) and x (C, H, W) tensors
-    (X standardised or not, see Preset.x_norm)."""
+    (X standardised or not, see Preset.x_norm). `x`: X already on its [0, 1] scale,
+    float (H, W, C) (e.g. HHA computed from depth), instead of reading `x_path`."""
     preset = get_preset(preset)
     rgb = read_rgb(rgb_path)
-    x = read_x(x_path, preset.modalities[preset.x_name(x_modality)])
+    x = read_x(x_path, preset.modalities[preset.x_name(x_modality)]) if x is None else x
     check_sizes((rgb_path, rgb), (x_path, x))
     return normalize(*to_chw(rgb, x), preset.rgb_norm, preset.x_norm(x_modality, x_standardised))
+
+
+def x_from_depth(path, preset, x_modality, camera=None, scale=0.001):
+    """X on its [0, 1] scale, float32 (H, W, C), from a depth image (16-bit PNG, `scale`
+    metres per stored unit): HHA computed from it (`hha`, which needs the `camera`)
+    when the X modality is HHA, the depth itself when it is depth. Returns (x, what was done)."""
+    preset = get_preset(preset)
+    name = preset.x_name(x_modality)
+    depth, missing = read_depth_metres(path, scale)
+    if name == 'hha':
+        if camera is None:
+            raise ValueError("this model takes HHA: computing it from depth needs the camera (--camera nyu or "
+                             "FX,FY,CX,CY)")
+        return hha(depth, camera, missing).astype(np.float32) / 255, f"HHA computed from {path}"
+    modality = preset.modalities[name]
+    if not modality.max16:
+        raise ValueError(f"this model takes {name} as X, not depth: pass its X image with --x")
+    return (depth * 1000 / modality.max16).astype(np.float32)[..., None], f"depth read from {path}"
+
+
+# ----------------------------------------------------------------------------
+# Writing files
+# ----------------------------------------------------------------------------
+
+class DiskFull(OSError):
+    pass
+
+
+@contextmanager
+def disk_full_names(path):
+    """Turn the OS's "no space left" while writing `path` into a DiskFull error naming it."""
+    try:
+        yield
+    except BaseException as e:
+        if no_space(e):
+            raise DiskFull(f"disk full: cannot write {path}; free space on that disk or write to another one") \
+                from None
+        raise
+
+
+def no_space(e):
+    """Whether an exception, or one it arose from, is the OS saying the disk is full
+    (torch.save reports it as a RuntimeError "unexpected pos" raised while handling it)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 # ----------------------------------------------------------------------------
@@ -375,9 +427,11 @@ class RGBXDataset(SegmentationDataset):
     def __init__(self, root, split, preset, x_modality=None, transform=None, seed=0):
         super().__init__(preset, x_modality, transform, seed)
         self.root, lines, source = read_split(Path(root), split, self.preset, self.x_modality)
+        self.source = source
         self.layout = find_layout(self.root, self.preset, self.x_modality)
+        self.hha_from_depth_hint()
         self.samples = [self.locate(line, f"{source} line {i + 1}") for i, line in enumerate(lines)]
-        self.names = [name for name, *_ in self.samples]
+        self.names = [name for name, *_ in self.samples]  # ids as listed ('a/0': RGB/a/0.png), unique
         seen = {}
         for i, name in enumerate(self.names):
             if name in seen:
@@ -386,22 +440,36 @@ class RGBXDataset(SegmentationDataset):
                                  f"each sample once, or the mIoU counts it twice")
             seen[name] = i
 
+    def hha_from_depth_hint(self):
+        """A dataset released with depth only has no HHA folder: say how to make one (HHA is
+        never converted on the fly: it would be recomputed for every sample of every epoch)."""
+        folders = self.layout.x
+        if self.x_modality == 'hha' and not (self.root / folders['hha']).is_dir() and 'depth' in folders \
+                and (self.root / folders['depth']).is_dir():
+            raise FileNotFoundError(
+                f"{self.root} has {folders['depth']}/ but no {folders['hha']}/: compute HHA once with "
+                f"`python data.py hha --depth {self.root / folders['depth']} --out {self.root / folders['hha']} "
+                f"--camera nyu` (or FX,FY,CX,CY of your camera), or train on depth (--x-modality depth)")
+
     def locate(self, line, where):
         """One split-file line -> (name, rgb path, x path or None, label path)."""
         cols = line.split()
+        if len(cols) > 1 and not any('/' in c for c in cols):  # a bare id with spaces in it
+            cols = [line.strip()]
         if len(cols) > 2:
             raise ValueError(f"{where}: {line!r} has {len(cols)} columns; expected 'RGB/<id>.jpg Label/<id>.png' "
                              f"or '<id>'")
         lay = self.layout
-        rgb = cols[0] if '/' in cols[0] else f"{lay.rgb}/{cols[0]}"
+        as_path = '/' in cols[0] and (cols[0].split('/')[0] == lay.rgb or len(cols) == 2)
+        rgb = cols[0] if as_path else f"{lay.rgb}/{cols[0]}"  # a path from the root, or an id (which may hold '/')
         folder, _, rest = rgb.partition('/')
         if folder != lay.rgb:
             raise ValueError(f"{where}: {rgb!r} is not in the RGB folder {lay.rgb}/ of this layout")
         stem = str(Path(rest).with_suffix('')) if Path(rest).suffix.lower() in EXTENSIONS else rest
         x_folder = lay.x[self.x_modality]
-        return (stem.replace('/', '_'), find_file(self.root, rgb, where),
+        return (stem, find_file(self.root, rgb, where),
                 None if x_folder is None else find_file(self.root, f"{x_folder}/{stem}", where),
-                find_file(self.root, cols[1] if len(cols) == 2 else f"{lay.label}/{stem}", where))
+                find_file(self.root, cols[1] if len(cols) == 2 else f"{lay.label}/{stem}", where, LOSSLESS))
 
     def read(self, index):
         """Sample `index` before the transform: rgb uint8 (H, W, 3), x float32 (H, W, C)
@@ -460,16 +528,24 @@ def read_split(root, split, preset, x_modality):
     return root, lines, path
 
 
-def find_file(root, rel, where):
-    """root/rel as listed, else root/rel with its extension replaced by one of EXTENSIONS."""
+LOSSLESS = ('.png',)  # labels: a lossy format (JPEG) changes class values at edges
+
+
+def find_file(root, rel, where, extensions=EXTENSIONS):
+    """root/rel as listed, else root/rel with its extension replaced by one of `extensions`;
+    a file found only in another format (a JPEG label) is an error that says so."""
     path = root / rel
-    if path.is_file():
-        return path
     stem = str(path.with_suffix('') if path.suffix.lower() in EXTENSIONS else path)
-    for ext in EXTENSIONS:
+    if path.is_file() and path.suffix.lower() in extensions:
+        return path
+    for ext in extensions:
         if Path(stem + ext).is_file():
             return Path(stem + ext)
-    raise FileNotFoundError(f"{where}: {path} not found (also tried {', '.join(EXTENSIONS)}); every sample needs "
+    other = [stem + ext for ext in EXTENSIONS if ext not in extensions and Path(stem + ext).is_file()]
+    if other:
+        raise ValueError(f"{where}: {other[0]} is a lossy file; labels are read from {', '.join(extensions)} files only "
+                         f"(JPEG compression changes class values at every edge): convert the labels to PNG")
+    raise FileNotFoundError(f"{where}: {path} not found (also tried {', '.join(extensions)}); every sample needs "
                             f"its RGB, X and label file in the layout's folders, under the same id")
 
 
@@ -540,6 +616,35 @@ def demo_scene(rng, size):
     depth[rng.random(depth.shape) < 0.01] = 0  # invalid pixels, as Kinect holes
     rgb = (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
     return rgb, np.clip(depth, 0, 1).astype(np.float32)[..., None], label
+
+
+class Checked(torch.utils.data.Dataset):
+    """Reads every sample of a dataset without its transform (decode, sizes, label
+    values: `read`), for `check_files`; an item is the sample's index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.dataset.read(index)
+        return index
+
+
+def check_files(dataset, workers=0, say=print):
+    """Read every file of `dataset` once (exists, decodes, sizes agree, labels in
+    range) before training starts, so that a bad file of either split stops the run
+    before its first step rather than after an epoch; `workers` processes read in
+    parallel. The generated demo has nothing to check."""
+    if not isinstance(dataset, RGBXDataset):
+        return
+    start = time.perf_counter()
+    for _ in torch.utils.data.DataLoader(Checked(dataset), batch_size=16, num_workers=workers,
+                                         worker_init_fn=one_thread if workers else None):
+        pass
+    say(f"checked the {len(dataset)} samples of {dataset.source} in {time.perf_counter() - start:.1f}s")
 
 
 def usable_cores():

@@ -37,6 +37,16 @@ import rgbx
 SEED = 3407  # the benchmark's random weights and inputs
 
 
+def error_line(e):
+    """The one-line message of a user error, also when a loader worker raised it (torch
+    then wraps the worker's whole traceback into the message: its last line is the error)."""
+    text = str(e)
+    if 'Original Traceback' in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(': ', 1)[1] if ': ' in last and last.split(': ', 1)[0].isidentifier() else last
+    return ' '.join(text.split('\n'))
+
+
 def autocast(amp, device):
     """The precision context of `amp`: bf16 / fp16 autocast on `device`, or fp32 (none).
     fp16 runs on CUDA only (with a gradient scaler in training)."""
@@ -85,6 +95,8 @@ def metrics(conf):
 
 
 def format_metrics(m, class_names, short=False):
+    if math.isnan(m['miou']):
+        return "mIoU nan: no labelled pixel in the evaluated images (every label is void / ignore)"
     head = (f"mIoU {100 * m['miou']:.2f} | mAcc {100 * m['macc']:.2f} | pixel acc {100 * m['pixel_acc']:.2f} | "
             f"kappa {m['kappa']:.4f}")
     if short:
@@ -320,6 +332,8 @@ def load_model(path, pretrained=None, device='cpu'):
     run.model_args = dict(run.model_args, options={**run.model_args['options'], **start})
     model = run.build()  # first without the file
     full = set(ckpt['model']) == set(model.state_dict())
+    if full and pretrained:
+        raise ValueError(f"{path} holds every weight, the frozen ones too: --pretrained would be ignored; drop it")
     if not full and run.pretrained not in ('', 'none'):  # the frozen weights come from the file
         if not os.path.isfile(run.pretrained):
             raise ValueError(f"{path} holds only the trained weights; its frozen backbone comes from the run's "
@@ -578,12 +592,17 @@ def main(argv=None):
     p.add_argument('--save-pred', default=None, metavar='DIR')
     p.add_argument('--rgb', default=None, help='segment one image pair: RGB file')
     p.add_argument('--x', default=None, help='... and its X file')
+    p.add_argument('--depth', default=None, help="... or, instead of --x, its depth image (16-bit PNG, mm): a model "
+                                                 "trained on HHA gets HHA computed from it, one trained on depth the depth")
+    p.add_argument('--camera', default=None, help="with --depth for an HHA model: nyu or FX,FY,CX,CY (pixels, "
+                                                  "centre 0-based from the top-left pixel)")
+    p.add_argument('--depth-scale', type=float, default=0.001, help="with --depth: metres per stored unit (0.001: mm)")
     p.add_argument('--out', default=None, help='... written here as a colourised PNG')
     p.add_argument('--reconstruct', default=None, metavar='DIR',
                    help='MaskMentor pre-training checkpoint: save depth-from-RGB and RGB-from-depth panels (Fig. 4)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
-    p.add_argument('--workers', type=int, default=0, help='loader processes (evaluation and benchmark); see README')
+    p.add_argument('--workers', type=int, default=0, help="loader processes (evaluation and benchmark); see docs/performance.md")
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
     b = p.add_argument_group('model from flags: --benchmark (the --checkpoint model, or a random-weights one chosen by '
                              "these flags), or a --checkpoint without rgbx's config (a trained KTB of the authors' "
@@ -606,7 +625,9 @@ def main(argv=None):
         check_flags(args)
         return run(args)
     except (ValueError, OSError, rgbx.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {error_line(e)}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted")
 
 
 def check_flags(args):
@@ -615,7 +636,7 @@ def check_flags(args):
         return ', '.join('--' + n.replace('_', '-') for n in names if getattr(args, n) not in (None, False))
     model_choice = given('method', 'backbone', 'opts', 'dataset', 'x_modality')
     if args.benchmark:
-        evaluation_only = given('save_pred', 'rgb', 'x', 'out', 'multi_scale', 'flip', 'sliding', 'split', 'reconstruct')
+        evaluation_only = given('save_pred', 'rgb', 'x', 'depth', 'camera', 'out', 'multi_scale', 'flip', 'sliding', 'split', 'reconstruct')
         if evaluation_only or args.modality != 'both':
             raise ValueError(f"--benchmark measures a model and takes no evaluation flags: drop "
                              f"{evaluation_only or '--modality'}")
@@ -628,14 +649,25 @@ def check_flags(args):
         benchmark_only = given('size', 'batch', 'repeats', 'floor_only')
         if benchmark_only:
             raise ValueError(f"{benchmark_only} act only with --benchmark")
-        if args.reconstruct and (given('save_pred', 'rgb', 'x', 'out', 'multi_scale', 'flip', 'sliding')
+        if args.reconstruct and (given('save_pred', 'rgb', 'x', 'depth', 'camera', 'out', 'multi_scale', 'flip', 'sliding')
                                  or args.modality != 'both'):
             raise ValueError("--reconstruct saves a pre-training run's reconstructions and takes no segmentation "
-                             "flags: drop " + (given('save_pred', 'rgb', 'x', 'out', 'multi_scale', 'flip', 'sliding')
+                             "flags: drop " + (given('save_pred', 'rgb', 'x', 'depth', 'camera', 'out', 'multi_scale', 'flip', 'sliding')
                                                or '--modality'))
-        if args.save_pred and given('rgb', 'x', 'out'):
-            raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'out')} "
+        if (args.camera or args.depth_scale != 0.001) and not args.depth:
+            raise ValueError("--camera and --depth-scale act only with --depth")
+        if args.save_pred and given('rgb', 'x', 'depth', 'out'):
+            raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'depth', 'out')} "
                              f"segment one image pair: use one or the other")
+    if args.out is not None:
+        if not args.out.lower().endswith('.png'):
+            raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
+        same = [f for f in ('rgb', 'x', 'checkpoint') if getattr(args, f) and os.path.exists(getattr(args, f))
+                and os.path.exists(args.out) and os.path.samefile(getattr(args, f), args.out)]
+        if same:
+            raise ValueError(f"--out {args.out} is the --{same[0]} file: it would be overwritten; write elsewhere")
+    if args.amp == 'fp16' and check_device(args.device).type != 'cuda':
+        raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     for name in ('workers', 'batch', 'repeats'):
         low = 0 if name == 'workers' else 1
         if getattr(args, name) is not None and getattr(args, name) < low:
@@ -663,13 +695,16 @@ def run(args):
                          f"save its reconstructions with --reconstruct DIR" if args.reconstruct is None else
                          f"--reconstruct needs a MaskMentor pre-training checkpoint (--opts stage=pretrain), "
                          f"not {args.checkpoint}")
+    if args.data_root is not None and data.get_preset(run.dataset).generated:
+        raise ValueError(f"--data-root: {args.checkpoint} was trained on the generated {run.dataset} data, which "
+                         f"reads no folder; drop --data-root")
     root = args.data_root if args.data_root is not None else run.data_root
     if args.reconstruct:
         dataset = data.build_dataset(run.dataset, root, args.split or 'test', run.x_modality,
                                      x_standardised=run.x_standardised)
         save_reconstructions(model, dataset, args.reconstruct, data.get_preset(run.dataset).rgb_norm, device)
         print(f"wrote {len(dataset)} reconstruction panels to {args.reconstruct}")
-    elif args.rgb or args.x or args.out:
+    elif args.rgb or args.x or args.depth or args.out:
         segment_pair(args, model, run, device)
     else:
         evaluate_split(args, model, run, root, rank, world, device)
@@ -684,11 +719,16 @@ def inference(args, run):
 
 
 def segment_pair(args, model, run, device):
-    """--rgb, --x, --out: one image pair segmented, written as a colourised PNG."""
-    if not (args.rgb and args.x and args.out):
-        raise ValueError("segmenting your own images needs all of --rgb, --x and --out")
+    """--rgb, --x (or --depth), --out: one image pair segmented, written as a colourised PNG."""
+    if not (args.rgb and (args.x or args.depth) and args.out) or (args.x and args.depth):
+        raise ValueError("segmenting your own images needs --rgb, --out and one of --x or --depth")
     preset = data.get_preset(run.dataset)
-    rgb, x = data.load_pair(args.rgb, args.x, preset, run.x_modality, run.x_standardised)
+    x = None
+    if args.depth:
+        camera = data.parse_camera(args.camera) if args.camera else None
+        x, done = data.x_from_depth(args.depth, preset, run.x_modality, camera, args.depth_scale)
+        print(f"X: {done}")
+    rgb, x = data.load_pair(args.rgb, args.x or args.depth, preset, run.x_modality, run.x_standardised, x)
     scales, crop = inference(args, run)
     with torch.no_grad(), autocast(args.amp, device):
         pred = predict(model, *drop_modality(rgb[None].to(device), x[None].to(device), args.modality),
@@ -711,11 +751,12 @@ def evaluate_split(args, model, run, root, rank, world, device):
         mean_x, std_x = preset.x_norm(run.x_modality, run.x_standardised)
 
         def on_batch(i, rgb, x, label, pred):
-            name = str(dataset.names[rank + i * world])
-            Image.fromarray(data.colorize(pred[0].cpu().numpy(), palette)).save(os.path.join(args.save_pred, f'{name}.png'))
-            save_panel(os.path.join(args.save_pred, f'{name}_panel.png'), to_image(rgb[0], *preset.rgb_norm),
-                       to_image(x[0], mean_x, std_x), label[0].cpu().numpy(), pred[0].cpu().numpy(), palette,
-                       preset.class_names)
+            path = os.path.join(args.save_pred, str(dataset.names[rank + i * world]))  # ids 'a/0' keep their folders
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with data.disk_full_names(path + '.png'):
+                Image.fromarray(data.colorize(pred[0].cpu().numpy(), palette)).save(path + '.png')
+                save_panel(path + '_panel.png', to_image(rgb[0], *preset.rgb_norm), to_image(x[0], mean_x, std_x),
+                           label[0].cpu().numpy(), pred[0].cpu().numpy(), palette, preset.class_names)
     conf = evaluate(model, loader, preset.num_classes, device, scales, args.flip, crop, args.modality, args.amp, on_batch)
     m = metrics(conf)
     if rank == 0:

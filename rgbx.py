@@ -1,6 +1,7 @@
 """rgbx: reference implementations of RGB+X semantic segmentation methods.
 
-One file of models, readable beside the papers:
+One file of models, readable beside the papers (training machinery, evaluation and
+data live in train.py, eval.py and data.py):
 
 - Foundations: the Swin Transformer (Liu et al., ICCV 2021) and the ViT of MAE
   (He et al., CVPR 2022), hand-written so that they load the official
@@ -10,8 +11,9 @@ One file of models, readable beside the papers:
 - KTB (MAPA prompting and adapters, DSCF, MMST) on a frozen Swin.
 - GoPT (CUP and ACP grouping prompters, eq. 3-15) on a frozen MAE ViT, and its VPT baselines.
 - MaskMentor (M2IM, Alg. 1; STTP) on a MultiMAE-style multi-modal ViT.
-- Running a trained model: the confusion matrix and mIoU, multi-scale / flip /
-  sliding-window inference, a missing modality (used by eval.py and train.py).
+- Checkpoint conversion (one pure function per source format) and `load_pretrained`;
+  the interface a trainer uses (`RGBXModel`), each method's recipe beside its builder,
+  and building a method by name with typed options (`build_model`, `resolve_options`).
 
 Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
@@ -698,6 +700,8 @@ class CheckpointError(RuntimeError):
 def read_checkpoint(path):
     """torch.load a checkpoint safely (weights_only) with a clear error when the
     file is missing, truncated or not a PyTorch file."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file in it")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
@@ -927,6 +931,9 @@ def multimae_notes(sd, own):
                      + " re-initialised")
     if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
         notes.append("the checkpoint holds no decoders (an encoder file): the output adapters keep their initial values")
+    elif 'output_adapters.norm_rgb' in {adapter_part(k) for k in own} - {adapter_part(k) for k in sd}:
+        notes.append("the checkpoint has no norm_rgb decoder (a file trained without norm_pix_rgb): it starts fresh "
+                     "(or build with norm_pix_rgb=False)")
     return notes
 
 
@@ -1735,10 +1742,9 @@ class Grouping(nn.Module):
         M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups, tokens)  # M: (B, dst, src)
         den = M.sum(-1, keepdim=True)  # (B, dst, 1): sum_i A_ij
         # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0,
-        # divided by 1 (hard counts are whole numbers, so the forward pass is unchanged; dividing by a
-        # tiny floor instead sent the straight-through gradient of an empty group to 1e13 after one
-        # AdamW step); a soft group lighter than 1e-6 is divided by 1e-6 (with eq. 8's unscaled logits
-        # a soft group can weigh 1e-38, and 1 / den made the study's soft runs NaN at step 92)
+        # divided by 1 (hard counts are whole numbers, so the forward pass is unchanged, and the
+        # straight-through gradient of an empty group stays bounded); a soft group lighter than 1e-6 is
+        # divided by 1e-6 (eq. 8's unscaled logits can give a soft group a weight near 0); docs/gopt.md
         return dst + self.o(M @ self.v(src) / den.clamp_min(1.0 if self.hard else 1e-6)), A_hat  # eq. 10
 
 
@@ -1794,8 +1800,7 @@ class ACP(nn.Module):
 
 ACP_READINGS = ('literal', 'aligned')
 # build_gopt's `acp`; design choice, paper ambiguous: 'aligned', decided on the validation split
-# (study/gopt-validation/results.md, round 3): val mIoU (RGB+X) 45.3 +- 0.7 vs literal 39.6 +- 0.6
-# (2 of 2 seeds), locality 3.85 vs 0.81 (see GroupingPrompter)
+# (evidence: study/gopt-validation/results.md; see GroupingPrompter and docs/gopt.md)
 ACP_DEFAULT = 'aligned'
 
 
@@ -1814,11 +1819,8 @@ class GroupingPrompter(nn.Module):
                  modalities are aligned, the paper's "alignment-induced"). No extra parameter.
       Design choice, paper ambiguous: 'aligned' (ACP_DEFAULT). The paper names ACP "alignment-induced"
       and has it combine "key patterns from other data sources" into the RGB stream, which eq. 11-14
-      as written do through the per-image P only. Validation split, round 3, mean of 2 seeds (evidence:
-      study/gopt-validation/results.md): RGB+X mIoU aligned 45.3 vs literal 39.6 (each seed: 45.8 vs
-      40.0, 44.8 vs 39.2; the foundation 41.3); `gopt_diagnostics`' locality (mean over the
-      prompters) 3.85 vs 0.81, predicted pixels changed in the probed patch 14% vs 2%; RGB only
-      36.0 vs 38.4 (the aligned model leans more on X).
+      as written do through the per-image P only. Decided on the validation split, 2 seeds, by
+      RGB+X mIoU and `gopt_diagnostics`' locality (evidence: study/gopt-validation/results.md).
     Ablations of Table 4 (design choice, paper silent; `reading` does not apply):
       w/o ACP: each RGB token takes the class-aware prompt to which CUP assigned
                the aux token at the same place (the modalities are aligned): p_i = (A_hat P)_i;
@@ -1867,24 +1869,19 @@ class GroupingPrompts(nn.Module):
     begin(x (B, Cx, H, W), pos (1, N, D)) -> state (first aux tokens, aux tokens, class tokens),
     forward(l, tokens (B, N, D) RGB patch tokens entering block l, state)
     -> (multiplicative prompt (B, N, D), state for the next prompted layer).
-    Switches; defaults from the validation split (val mIoU, mean of 2 seeds; round 1 flips one
-    switch from the paper's xavier start with a fresh head, 31.0; round 2 one switch from the
-    defaults, 39.2; the foundation alone 40.1):
+    Switches; each default decided on the validation split, never the test split (evidence:
+    study/gopt-validation/results.md, summarised in docs/gopt.md):
       attention: CUP's self-attention, 'prenorm' or 'plain' (see CUP). Design choice, paper silent:
-                 'prenorm'. Round 2: 39.2 vs plain 38.3; round 1 plain scored 37.4 vs 31.0, but
-                 with its class tokens collapsing (mean pairwise cosine 0.95 vs 0.18) and Gumbel
-                 noise deciding 76% of CUP's assignments (vs 2%);
+                 'prenorm' (with 'plain' the class tokens collapse to one vector and the Gumbel
+                 noise decides most of CUP's assignments);
       class_scale: c^0 is xavier-uniform times this. Design choice, paper silent: 1, the paper's
-                 xavier as is (x4: round 1 36.2 vs 31.0, round 2 40.1 vs 39.2, inside the seeds'
-                 spread of 2.1);
+                 xavier as is;
       carry_aux: each prompter reads the previous CUP's self-attended aux tokens (True) or the
-                 first ones, the embedded aux image (False). Design choice, paper silent:
-                 False (carried: 32.5 vs 31.0, RGB only 24.8 vs 32.9);
+                 first ones, the embedded aux image (False). Design choice, paper silent: False;
       identity: `up` starts at zero, so that p = 1 and the model starts as the foundation.
                 The paper initialises every prompt parameter xavier-uniform (False); True
-                here because it matters: 38.0 vs 31.0 (2 of 2 seeds);
-      scaled: eq. 8's logits times 1/sqrt(d_p), not in the paper: False (round 2: 39.2 vs
-                39.2, and the noise then flips 14% of CUP's assignments, vs 2%);
+                here because it matters on validation;
+      scaled: eq. 8's logits times 1/sqrt(d_p), not in the paper: False;
       acp_reading: 'literal' or 'aligned', how eq. 11-14 give the prompt of a token (see
                 GroupingPrompter; the `acp` option of build_gopt).
     """
@@ -2532,6 +2529,8 @@ class MaskMentorModel(RGBXModel):
             absent |= {k for k in own if k.startswith('backbone.input_adapters.') and k not in sd}
         if not any(k.startswith('output_adapters.') for k in sd):
             absent |= {k for k in own if k.startswith('output_adapters.')}
+        given = {adapter_part(k) for k in sd}
+        absent |= {k for k in own if k.startswith('output_adapters.norm_rgb.') and adapter_part(k) not in given}
         return absent
 
 
@@ -2649,9 +2648,12 @@ class MaskMentorPretrain(MaskMentorModel):
         98 of 3 x 196); at most N, so that a single kept modality can hold them."""
         K = len(self.backbone.input_adapters)
         T = round((1 - self.mask_ratio) * K * num_tokens)
-        if not 1 <= T <= num_tokens:
-            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves {T} visible tokens of {K} x {num_tokens}; "
-                             f"need 1..{num_tokens} (mask_ratio >= {1 - 1 / K:.3f})")
+        if T < 1:
+            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves no visible token of {K} x {num_tokens}: the "
+                             f"input gives only {num_tokens} tokens per modality; use a larger crop or a smaller mask_ratio")
+        if T > num_tokens:
+            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves {T} visible tokens of {K} x {num_tokens}, more "
+                             f"than one modality holds; need mask_ratio >= {1 - 1 / K:.3f}")
         return T
 
     def encode(self, inputs):

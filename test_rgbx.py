@@ -3991,3 +3991,306 @@ def test_multimae_tables_stored_for_another_image_size_are_taken_as_stored():
         inputs = {t: io['inputs.' + t] for t in ('rgb', 'depth', 'semseg')}
         preds = model.reconstruct(inputs, {t: io[f'masked.task_masks.{t}'] for t in inputs})
         assert all(rel_err(preds[t], io[f'masked.preds.{t}']) < 1e-4 for t in inputs)
+
+
+# ----------------------------------------------------------------------------
+# Bad input and faults found on a fresh clone: each case ends in the right result or a one-line error
+# ----------------------------------------------------------------------------
+
+def run_cli(script, *args, cwd=None, **popen):
+    """Run `python script args` in a fresh process; returns the CompletedProcess (text)."""
+    import subprocess
+    import sys
+    here = Path(__file__).resolve().parent
+    return subprocess.run([sys.executable, str(here / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or here, env={**os.environ, 'OMP_NUM_THREADS': '1'}, **popen)
+
+
+def one_line_error(res, *words):
+    """A process that ended with exactly one 'error: ...' line on stderr and no traceback."""
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode != 0 and 'Traceback' not in res.stderr, res.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), res.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_train_a_second_run_into_a_locked_folder_is_refused(tmp_path):
+    """Two real processes: while run A writes its folder, run B into it is refused and A's files stay A's;
+    a lock left by a killed run (its process gone) does not hold a new run back."""
+    import subprocess
+    import sys
+    import time as _time
+    out = tmp_path / 'twin'
+    here = Path(__file__).resolve().parent
+    a = subprocess.Popen([sys.executable, str(here / 'train.py'), '--seed', '1', '--max-steps', '40', '--crop', '32x32',
+                          '--eval-every', '0', '--out-dir', str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    deadline = _time.time() + 120
+    while not (out / 'config.json').exists() and _time.time() < deadline and a.poll() is None:
+        _time.sleep(0.1)
+    b = run_cli('train.py', '--seed', '2', '--lr', '5e-4', '--max-steps', '2', '--crop', '32x32', '--out-dir', out)
+    a_out, a_err = a.communicate(timeout=600)
+    assert a.returncode == 0, a_err
+    one_line_error(b, str(out), 'another run')
+    assert json.load(open(out / 'config.json'))['seed'] == 1 and not (out / '.lock').exists()
+    steps = [json.loads(line)['step'] for line in open(out / 'log.jsonl')]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # one run's log
+    killed = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    (tmp_path / 'stale').mkdir()
+    (tmp_path / 'stale' / '.lock').write_text(str(killed.pid))  # a lock file whose holder is gone
+    killed.kill()
+    killed.wait()
+    res = run_cli('train.py', '--max-steps', '1', '--crop', '32x32', '--eval-every', '0', '--out-dir', tmp_path / 'stale')
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / 'stale' / '.lock').exists()
+
+
+def test_train_overwrite_replaces_nothing_before_the_new_run_is_valid(tmp_path, capsys):
+    cfg = demo_config(tmp_path, max_steps=1)
+    tr.train(cfg)
+    before = {n: (Path(cfg.out_dir) / n).read_bytes() for n in ('last.pt', 'best.pt', 'config.json')}
+    for argv in (['--opts', 'head_dims=128'], ['--opts', 'head_dim=abc'], ['--dataset', 'nyudv2']):
+        cli_error(tr.main, argv + ['--overwrite', '--out-dir', cfg.out_dir])
+        assert {n: (Path(cfg.out_dir) / n).read_bytes() for n in before} == before
+    assert not (Path(cfg.out_dir) / '.lock').exists()
+
+
+@pytest.mark.parametrize('opts,key,value', [('mmst=no', 'mmst', False), ('mmst=OFF', 'mmst', False),
+                                            ('mmst=false ,dscf=false', 'dscf', False), (' mmst = yes', 'mmst', True),
+                                            ('adapter_ranks=2:2:2:2', 'adapter_ranks', [2, 2, 2, 2])])
+def test_train_opts_take_each_option_type(opts, key, value):
+    cfg = tr.resolve(tr.Config(method='ktb', pretrained='none', opts=opts))
+    assert tr.run_of(cfg).model_args['options'][key] == value
+
+
+@pytest.mark.parametrize('method,opts,words', [
+    ('ktb', 'mmst=maybe', ["'mmst'", 'true or false']), ('ktb', 'prompt_ranks=8', ['prompt_ranks', 'one value per stage']),
+    ('ktb', 'lambda2=abc', ["'lambda2'", 'a number']), ('gopt', 'prompt_dim=abc', ["'prompt_dim'", 'an integer']),
+    ('gopt', 'head_dim=0', ["'head_dim'", '[1, inf]']), ('gopt', 'carry_aux=no,carry_aux=yes', ['twice']),
+    ('maskmentor', 'stage=pretrian', ["'stage'", 'pretrain, finetune']), ('ktb', 'head_dims=3', ['head_dims', 'options:']),
+    ('ktb', 'mmst', ['not key=value'])])
+def test_train_bad_opts_are_one_line_errors_naming_the_key(tmp_path, method, opts, words):
+    message = cli_error(tr.main, ['--method', method, '--pretrained', 'none', '--opts', opts,
+                                  '--out-dir', str(tmp_path / 'run')])
+    assert all(w in message for w in words), message
+    assert not (tmp_path / 'run').exists()
+
+
+def test_data_labels_are_read_from_lossless_files_only(nyu_like):
+    img = Image.open(nyu_like / 'Label' / '0.png')
+    (nyu_like / 'Label' / '0.png').unlink()
+    img.convert('L').save(nyu_like / 'Label' / '0.jpg')
+    with pytest.raises(ValueError, match=r'Label/0\.jpg is a lossy file.*convert the labels to PNG'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+
+
+def test_data_split_ids_with_spaces_and_folders(nyu_like):
+    for i in (0, 1):
+        for folder in ('RGB', 'HHA', 'Label'):
+            (nyu_like / folder / 'a').mkdir(exist_ok=True)
+            (nyu_like / folder / f'{i}.png').rename(nyu_like / folder / ('a/0.png' if i == 0 else 'a_0 x.png'))
+    (nyu_like / 'train.txt').write_text('a/0\na_0 x\n')
+    ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+    assert ds.names == ['a/0', 'a_0 x'] and ds[1][2].shape == (8, 10)
+
+
+def nyu_pair(tmp_path, bad_test_label=False):
+    """A NYUDv2-layout folder with 4 training and 2 test frames of 16 x 16; optionally a label of 41 in test."""
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        png(tmp_path / 'RGB' / f'{i}.png', rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        png(tmp_path / 'HHA' / f'{i}.png', rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        label = rng.integers(0, 41, (16, 16)).astype(np.uint8)
+        if bad_test_label and i == 5:
+            label[3, 3] = 41
+        png(tmp_path / 'Label' / f'{i}.png', label)
+    (tmp_path / 'train.txt').write_text('0\n1\n2\n3\n')
+    (tmp_path / 'test.txt').write_text('4\n5\n')
+    return tmp_path
+
+
+def nyu_argv(root, out, *more):
+    return ['--dataset', 'nyudv2', '--data-root', str(root), '--backbone', 'swin-nano', '--crop', '16x16',
+            '--batch-size', '2', '--epochs', '1', '--lr', '1e-3', '--out-dir', str(out), *more]
+
+
+@pytest.mark.slow
+def test_train_a_bad_test_file_stops_the_run_before_its_first_step(tmp_path):
+    root = nyu_pair(tmp_path / 'nyu', bad_test_label=True)
+    res = run_cli('train.py', *nyu_argv(root, tmp_path / 'run', '--workers', '1'))
+    one_line_error(res, 'Label/5.png', '[41]')
+    assert not (tmp_path / 'run' / 'log.jsonl').exists() or not (tmp_path / 'run' / 'log.jsonl').read_text()
+    assert not (tmp_path / 'run' / 'last.pt').exists()
+
+
+def test_train_resume_onto_a_dataset_of_another_size_is_refused(tmp_path):
+    root = nyu_pair(tmp_path / 'nyu')
+    tr.main(nyu_argv(root, tmp_path / 'run', '--max-steps', '1', '--eval-every', '0'))
+    (root / 'train.txt').write_text('0\n1\n2\n3\n0\n')  # 5 samples: listed twice is refused, so a new frame
+    (root / 'train.txt').write_text('0\n1\n2\n3\n4\n5\n')
+    message = cli_error(tr.main, nyu_argv(root, tmp_path / 'run', '--max-steps', '1', '--eval-every', '0',
+                                          '--resume', '--allow-changes'))
+    assert 'now has 6 samples, the run had 4' in message and '--data-root' in message
+
+
+@pytest.mark.slow
+def test_train_ctrl_c_is_one_line_and_resumable(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time as _time
+    here = Path(__file__).resolve().parent
+    p = subprocess.Popen([sys.executable, str(here / 'train.py'), '--max-steps', '400', '--crop', '32x32',
+                          '--save-every', '1', '--eval-every', '0', '--out-dir', str(tmp_path / 'run')],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    deadline = _time.time() + 120
+    while not (tmp_path / 'run' / 'last.pt').exists() and _time.time() < deadline:
+        _time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    res = type('R', (), dict(returncode=p.returncode, stderr=err))
+    one_line_error(res, 'interrupted', '--resume')
+    assert not (tmp_path / 'run' / '.lock').exists()
+
+
+def test_train_out_dir_of_someone_elses_files_is_never_written(tmp_path):
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / 'config.json').write_text('{"learning_rate": 3}')
+    (mine / 'log.jsonl').write_text('my notes\n')
+    for extra in ([], ['--overwrite']):
+        assert 'not a run' in cli_error(tr.main, ['--max-steps', '1', '--out-dir', str(mine)] + extra)
+    assert (mine / 'config.json').read_text() == '{"learning_rate": 3}' and (mine / 'log.jsonl').read_text() == 'my notes\n'
+    assert sorted(os.listdir(mine)) == ['config.json', 'log.jsonl']
+    only_log = tmp_path / 'log_only'
+    only_log.mkdir()
+    (only_log / 'log.jsonl').write_text('x\n')
+    assert 'no run config' in cli_error(tr.main, ['--max-steps', '1', '--out-dir', str(only_log)])
+
+
+def test_train_flags_that_would_be_ignored_are_refused(tmp_path):
+    assert 'generated' in cli_error(tr.main, ['--data-root', str(tmp_path), '--out-dir', str(tmp_path / 'r')])
+    assert 'no such file' in cli_error(tr.main, ['--method', 'ktb', '--pretrained', str(tmp_path / 'moved.pth'),
+                                                 '--out-dir', str(tmp_path / 'r')])
+    assert 'a folder' in cli_error(tr.main, ['--method', 'ktb', '--pretrained', str(tmp_path),
+                                             '--out-dir', str(tmp_path / 'r')])
+    assert '--seed' in cli_error(tr.main, ['--seed', '99999999999', '--out-dir', str(tmp_path / 'r')])
+
+
+def test_train_gopt_recipe_accumulation_error_says_the_recipe_chose_it(tmp_path):
+    root = nyu_pair(tmp_path / 'nyu')
+    message = cli_error(tr.main, ['--dataset', 'nyudv2', '--data-root', str(root), '--method', 'gopt',
+                                  '--backbone', 'vit-nano', '--pretrained', 'none', '--crop', '16x16',
+                                  '--out-dir', str(tmp_path / 'run')])
+    assert "--grad-accum 16 comes from gopt's recipe (a global batch of 64)" in message
+
+
+def test_train_resume_with_other_frozen_weights_names_the_runs_file(tmp_path):
+    torch.manual_seed(0)
+    torch.save(rgbx.swin('nano', window_size=4).state_dict(), tmp_path / 'a.pth')
+    torch.manual_seed(1)
+    torch.save(rgbx.swin('nano', window_size=4).state_dict(), tmp_path / 'b.pth')
+    argv = ['--method', 'ktb', '--opts', 'window_size=4,fused_head_dim=16,aux_head_dim=8', '--max-steps', '1',
+            '--crop', '32x32', '--eval-every', '0', '--out-dir', str(tmp_path / 'run')]
+    tr.main(argv + ['--pretrained', str(tmp_path / 'a.pth')])
+    message = cli_error(tr.main, argv + ['--pretrained', str(tmp_path / 'b.pth'), '--resume', '--allow-changes'])
+    assert f"pass the run's file, '{tmp_path / 'a.pth'}'" in message
+
+
+def test_train_closing_line_after_a_resume_counts_the_whole_run(tmp_path, capsys):
+    def crash(step):
+        if step == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(demo_config(tmp_path, max_steps=3, save_every=1), on_step=crash)
+    tr.train(demo_config(tmp_path, max_steps=3, save_every=1, resume=True))
+    assert 'done: 3 steps (1 in this session' in capsys.readouterr().out
+
+
+def test_eval_out_never_replaces_an_input_and_names_png(demo_run, tmp_path):
+    cfg, _ = demo_run
+    best = os.path.join(cfg.out_dir, 'best.pt')
+    rgb, x, _ = data.DemoDataset('test', n=1).read(0)
+    png(tmp_path / 'rgb.png', rgb)
+    png(tmp_path / 'x.png', (x[..., 0] * 255).astype(np.uint8))
+    photo = (tmp_path / 'rgb.png').read_bytes()
+    assert 'would be overwritten' in cli_error(ev.main, ['--checkpoint', best, '--rgb', str(tmp_path / 'rgb.png'),
+                                                         '--x', str(tmp_path / 'x.png'), '--out', str(tmp_path / 'rgb.png')])
+    assert (tmp_path / 'rgb.png').read_bytes() == photo
+    assert '*.png' in cli_error(ev.main, ['--checkpoint', best, '--rgb', str(tmp_path / 'rgb.png'),
+                                          '--x', str(tmp_path / 'x.png'), '--out', str(tmp_path / 'seg')])
+    assert 'reads no folder' in cli_error(ev.main, ['--checkpoint', best, '--data-root', str(tmp_path)])
+    assert 'would be ignored' in cli_error(ev.main, ['--checkpoint', best, '--pretrained', str(tmp_path / 'rgb.png')])
+    assert 'fp16 needs CUDA' in cli_error(ev.main, ['--checkpoint', best, '--amp', 'fp16', '--device', 'cpu'])
+    assert 'is a folder' in cli_error(ev.main, ['--checkpoint', str(tmp_path)])
+
+
+def test_eval_all_void_labels_explain_the_nan(tmp_path):
+    m = ev.metrics(torch.zeros(3, 3, dtype=torch.long))
+    assert 'no labelled pixel' in ev.format_metrics(m, ['a', 'b', 'c'])
+
+
+def test_maskmentor_too_few_tokens_names_the_crop():
+    model = mm_pretrain()  # 5/6: 1 token per modality leaves round(0.5) = 0 visible
+    with pytest.raises(ValueError, match='only 1 tokens per modality; use a larger crop'):
+        model.budget(1)
+
+
+def test_multimae_file_without_norm_rgb_decoder_starts_it_fresh(tmp_path):
+    arch, classes, io = multimae_fixture()
+    sd = torch.load(MULTIMAE / 'multimae_tiny.pth', map_location='cpu', weights_only=True)['model']
+    torch.save({'model': {k: v for k, v in sd.items() if not k.startswith('output_adapters.norm_rgb.')}},
+               tmp_path / 'no_norm.pth')
+    model, said = checkpoint_notes(lambda: rgbx.build_maskmentor('nano', classes, 1, stage='pretrain',
+                                                                 pretrained=str(tmp_path / 'no_norm.pth'), **arch))
+    assert 'no norm_rgb decoder' in said and 'norm_pix_rgb=False' in said
+
+
+def test_eval_worker_errors_are_one_line(tmp_path):
+    root = nyu_pair(tmp_path / 'nyu')
+    tr.main(nyu_argv(root, tmp_path / 'run', '--max-steps', '1', '--eval-every', '0'))
+    (root / 'Label' / '5.png').write_bytes(b'not a png')
+    res = run_cli('eval.py', '--checkpoint', tmp_path / 'run' / 'last.pt', '--workers', '1')
+    one_line_error(res, 'Label/5.png', 'cannot be decoded')
+
+
+def test_eval_own_rgbd_frame_gets_hha_from_its_depth(tmp_path, monkeypatch):
+    """--depth on a model trained on HHA: HHA is computed from the depth (said in the output)
+    and equals feeding the same HHA as a file with --x."""
+    torch.manual_seed(0)
+    run = ev.run_of('early_fusion', 'swin-nano', 'nyudv2', 'hha', 'head_dim=8,embed_dim=8')
+    model = run.build().eval()
+    ckpt = tmp_path / 'hha.pt'
+    from dataclasses import asdict
+    config = asdict(tr.Config(dataset='nyudv2', method='early_fusion', backbone='swin-nano', pretrained='none',
+                              opts='head_dim=8,embed_dim=8', crop='480x640'))
+    torch.save(dict(model=model.state_dict(), config=config, step=1, frozen_sha1=rgbx.frozen_fingerprint(model),
+                    run=asdict(run)), ckpt)
+    depth, _ = hha_scene()
+    depth_mm = np.round(np.nan_to_num(depth) * 1000).astype(np.uint16)
+    png(tmp_path / 'd.png', depth_mm)
+    png(tmp_path / 'rgb.png', np.random.default_rng(0).integers(0, 256, (*depth_mm.shape, 3), dtype=np.uint8))
+    camera = ','.join(map(str, HHA_CAMERA))
+    png(tmp_path / 'hha.png', data.hha(depth_mm / 1000.0, HHA_CAMERA, depth_mm == 0))
+    ev.main(['--checkpoint', str(ckpt), '--rgb', str(tmp_path / 'rgb.png'), '--depth', str(tmp_path / 'd.png'),
+             '--camera', camera, '--out', str(tmp_path / 'a.png')])
+    ev.main(['--checkpoint', str(ckpt), '--rgb', str(tmp_path / 'rgb.png'), '--x', str(tmp_path / 'hha.png'),
+             '--out', str(tmp_path / 'b.png')])
+    assert np.array_equal(np.array(Image.open(tmp_path / 'a.png')), np.array(Image.open(tmp_path / 'b.png')))
+    assert 'camera' in cli_error(ev.main, ['--checkpoint', str(ckpt), '--rgb', str(tmp_path / 'rgb.png'),
+                                           '--depth', str(tmp_path / 'd.png'), '--out', str(tmp_path / 'c.png')])
+
+
+def test_data_hha_from_a_depth_only_dataset_prints_the_conversion_command(tmp_path):
+    rng = np.random.default_rng(0)
+    png(tmp_path / 'RGB' / '0.png', rng.integers(0, 256, (8, 10, 3), dtype=np.uint8))
+    png(tmp_path / 'Depth' / '0.png', rng.integers(1, 5000, (8, 10)).astype(np.uint16))
+    png(tmp_path / 'Label' / '0.png', rng.integers(0, 41, (8, 10)).astype(np.uint8))
+    (tmp_path / 'train.txt').write_text('0\n')
+    with pytest.raises(FileNotFoundError, match=r'python data.py hha --depth .*Depth --out .*HHA --camera nyu'):
+        data.RGBXDataset(tmp_path, 'train', 'nyudv2', 'hha')
+    assert len(data.RGBXDataset(tmp_path, 'train', 'nyudv2', 'depth')) == 1

@@ -18,7 +18,6 @@ checkpoints (--resume or --overwrite), and a resume with another config is refus
 Checkpoints store the model's resolved arguments (eval.Run), which rebuild it.
 """
 import argparse
-import errno
 import json
 import math
 import os
@@ -26,7 +25,6 @@ import random
 import sys
 import time
 import typing
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -133,7 +131,7 @@ MAX_SEED = 2 ** 32 - 1  # numpy's seeds
 
 def parser():
     """argparse built from the Config fields, each with its help, default and choices."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md; "
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md and docs/; "
                                 "options of a method: python train.py --method NAME --list-opts",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
@@ -211,6 +209,11 @@ def resolve(cfg):
         cfg.grad_accum = max(1, recipe.global_batch // per_step) if recipe.global_batch else 1
     cfg.crop = '%dx%d' % (ev.parse_size(cfg.crop, '--crop') if cfg.crop else preset.crop)
     check_fields(cfg)
+    if cfg.data_root and preset.generated:
+        raise ValueError(f"--data-root: the {cfg.dataset} data is generated in memory and reads no folder; drop it")
+    if cfg.pretrained not in ('', 'none') and not os.path.isfile(cfg.pretrained):
+        raise ValueError(f"--pretrained {cfg.pretrained}: " + ("a folder; pass the .pth file in it"
+                         if os.path.isdir(cfg.pretrained) else "no such file"))
     if recipe.frozen_backbone and not cfg.pretrained:
         raise ValueError(f"{cfg.method} adapts a frozen pretrained backbone: pass --pretrained FILE "
                          f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
@@ -425,17 +428,13 @@ def cycle_start(batch_of, step):
 # Checkpoints and the run folder: atomic, verified, exact, nothing overwritten
 # ----------------------------------------------------------------------------
 
-class DiskFull(OSError):
-    pass
-
-
 def save_checkpoint(obj, path):
     """Write atomically: temporary file, flush + fsync, rename, fsync the folder.
     A crash at any moment leaves either the old file or the new one, never a torn one;
-    a failed write removes its temporary file, and a full disk raises DiskFull naming `path`."""
+    a failed write removes its temporary file, and a full disk raises data.DiskFull naming `path`."""
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
-        with disk_full_names(path), open(tmp, 'wb') as f:
+        with data.disk_full_names(path), open(tmp, 'wb') as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -449,28 +448,6 @@ def save_checkpoint(obj, path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextmanager
-def disk_full_names(path):
-    """Turn the OS's "no space left" while writing `path` into a DiskFull error naming it."""
-    try:
-        yield
-    except BaseException as e:
-        if no_space(e):
-            raise DiskFull(f"disk full: cannot write {path}; free space on that disk or pass another --out-dir") \
-                from None
-        raise
-
-
-def no_space(e):
-    """Whether an exception, or one it arose from, is the OS saying the disk is full
-    (torch.save reports it as a RuntimeError "unexpected pos" raised while handling it)."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def remove_stale_tmp(folder):
@@ -495,12 +472,60 @@ def process_alive(pid):
     return True
 
 
+RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt')  # what a run writes into its folder
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a run writes it (rank 0): an advisory
+    lock (fcntl.flock) on `<folder>/.lock`, which the OS releases when the process ends
+    in any way, so a killed run leaves no lock behind. A second run into the same
+    folder is refused with a one-line error. `release` unlocks and removes the file,
+    and the folder too when this run created it and left nothing in it."""
+
+    def __init__(self, folder):
+        import fcntl  # POSIX; the lock is what keeps two runs out of one folder
+        self.folder, self.created = folder, not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, '.lock')
+        self.file = open(self.path, 'a+')
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or 'unknown'
+            self.file.close()
+            raise ValueError(f"{folder} is being written by another run (process {holder}): wait for it to end, "
+                             f"or pass another --out-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self):
+        if self.file.closed:
+            return
+        os.remove(self.path)
+        self.file.close()  # closing releases the lock
+        if self.created and not os.listdir(self.folder):
+            os.rmdir(self.folder)
+
+
 def check_out_dir(cfg, master, say):
     """Before anything is written: a folder holding a run's checkpoint is continued
-    (--resume) or replaced (--overwrite, which deletes its checkpoints), never
-    overwritten silently. Rank 0 removes stale temporary files."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    held = [n for n in ('last.pt', 'best.pt') if os.path.exists(os.path.join(cfg.out_dir, n))]
+    (--resume) or replaced (--overwrite), never overwritten silently; a folder whose
+    config.json or log.jsonl is not a run's is never written. Rank 0 removes stale
+    temporary files. Returns the run files an --overwrite will replace."""
+    held = [n for n in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if os.path.exists(os.path.join(cfg.out_dir, 'config.json')):
+        try:
+            with open(os.path.join(cfg.out_dir, 'config.json')) as f:
+                config_from_dict(json.load(f), 'config.json')
+        except (ValueError, TypeError, AttributeError, OSError):
+            raise ValueError(f"{cfg.out_dir} holds a config.json that is not a run's of train.py: its files are "
+                             f"not replaced; pass another --out-dir") from None
+    elif 'log.jsonl' in held:
+        raise ValueError(f"{cfg.out_dir} holds a log.jsonl but no run config: its files are not replaced; "
+                         f"pass another --out-dir")
     if held and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"{cfg.out_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
                          f"another --out-dir, or --overwrite to replace it")
@@ -508,11 +533,17 @@ def check_out_dir(cfg, master, say):
         stale = remove_stale_tmp(cfg.out_dir)
         if stale:
             say(f"removed {len(stale)} temporary file(s) of killed runs: {', '.join(stale)}")
-        if cfg.overwrite:
-            for n in held:
-                os.remove(os.path.join(cfg.out_dir, n))
-            if held:
-                say(f"--overwrite: deleted {', '.join(held)} of the run in {cfg.out_dir}")
+    return held if cfg.overwrite else []
+
+
+def replace_old_run(cfg, held, say):
+    """--overwrite, once the new run is set up (config, data, model, optimizer all valid):
+    the old run's checkpoints go; config.json and log.jsonl are rewritten by the new run."""
+    for n in held:
+        if n.endswith('.pt'):
+            os.remove(os.path.join(cfg.out_dir, n))
+    if held:
+        say(f"--overwrite: replaced the run in {cfg.out_dir} ({', '.join(held)})")
 
 
 def trim_log(path, step):
@@ -570,8 +601,11 @@ def make_loaders(cfg, run, rank, world, device):
                                   x_standardised=run.x_standardised)
     sampler = ResumableSampler(len(train_set), cfg.seed, rank, world, cfg.batch_size)
     if len(sampler.indices()) < cfg.batch_size * cfg.grad_accum:
+        recipe = rgbx.recipe(cfg.method, cfg.dataset, run.model_args['options']).global_batch
         raise ValueError(f"{len(train_set)} training samples cannot fill one step of {world} x {cfg.batch_size} x "
-                         f"{cfg.grad_accum} (processes x batch x accumulation)")
+                         f"{cfg.grad_accum} (processes x batch x accumulation)"
+                         + (f"; --grad-accum {cfg.grad_accum} comes from {cfg.method}'s recipe (a global batch of "
+                            f"{recipe}): pass a smaller --grad-accum or --batch-size" if recipe else ''))
     pin = device.type == 'cuda'
     # workers are not persistent: they restart each epoch with the sampler's start offset
     loader = data.loader(train_set, cfg.batch_size, cfg.workers, sampler, drop_last=True, pin=pin)
@@ -595,8 +629,8 @@ def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, say):
     checking the frozen weights; log.jsonl is cut back to its step. Returns (step, best, skipped)."""
     last_path = os.path.join(cfg.out_dir, 'last.pt')
     if ckpt['frozen_sha1'] != fingerprint:
-        raise ValueError(f"{last_path} was trained on other frozen weights: pass the same --pretrained "
-                         f"({ckpt['config']['pretrained']!r})")
+        raise ValueError(f"{last_path} was trained on other frozen weights than those of --pretrained "
+                         f"{cfg.pretrained!r}: pass the run's file, {ckpt['config']['pretrained']!r}")
     rgbx.load_trained(model, {k: v for k, v in ckpt['model'].items() if k != 'steps_done'}, last_path)
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
@@ -656,15 +690,16 @@ class RunFiles:
     never non-finite weights. Without a pretrained file the frozen weights are random
     and exist nowhere else: checkpoints then hold them too."""
 
-    def __init__(self, cfg, run, model, optimizer, scaler, fingerprint, world, master, step):
+    def __init__(self, cfg, run, model, optimizer, scaler, fingerprint, world, master, step, train_samples):
         self.cfg, self.run, self.model, self.optimizer, self.scaler = cfg, run, model, optimizer, scaler
+        self.train_samples = train_samples
         self.fingerprint, self.world, self.master = fingerprint, world, master
         self.last, self.best = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
         self.log = None
         self.log_path = os.path.join(cfg.out_dir, 'log.jsonl')
         if master:
             config_path = os.path.join(cfg.out_dir, 'config.json')
-            with disk_full_names(config_path), open(config_path, 'w') as f:
+            with data.disk_full_names(config_path), open(config_path, 'w') as f:
                 json.dump(asdict(cfg), f, indent=2)
             self.log = open(self.log_path, 'a' if cfg.resume else 'w')
         self.t0 = self.t_last = time.time()
@@ -676,7 +711,7 @@ class RunFiles:
 
     def record(self, **record):
         if self.master:
-            with disk_full_names(self.log_path):
+            with data.disk_full_names(self.log_path):
                 self.log.write(json.dumps(record) + '\n')
                 self.log.flush()
 
@@ -707,12 +742,12 @@ class RunFiles:
         if self.master:
             save_checkpoint(dict(model=state, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                                  step=step, best=best, skipped=skipped, config=asdict(self.cfg), rng=states,
-                                 run=asdict(self.run),
+                                 run=asdict(self.run), train_samples=self.train_samples,
                                  frozen_sha1=self.fingerprint, evaluation=evaluation), path)
 
     def close(self):
         if self.master:
-            with disk_full_names(self.log_path):
+            with data.disk_full_names(self.log_path):
                 self.log.close()
 
 
@@ -768,8 +803,11 @@ def setup(cfg, model=None):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     train_set, sampler, loader, test_loader = make_loaders(cfg, run, rank, world, device)
+    held = check_out_dir(cfg, rank == 0, say)
+    if rank == 0:
+        data.check_files(train_set, cfg.workers, say)  # every file of both splits, before the first step
+        data.check_files(test_loader.dataset.dataset, cfg.workers, say)
     raw, counts = prepare_model(cfg, model, device, world, say)
-    check_out_dir(cfg, rank == 0, say)  # only now that the run is known to start: nothing is replaced before
     fingerprint = rgbx.frozen_fingerprint(raw)
     optimizer = torch.optim.AdamW(raw.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
                                   fused=device.type == 'cuda')
@@ -777,7 +815,13 @@ def setup(cfg, model=None):
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, say) if resumed else (0, -1.0, 0)
-    files = RunFiles(cfg, run, raw, optimizer, scaler, fingerprint, world, rank == 0, step)
+    if resumed and resumed.get('train_samples', len(train_set)) != len(train_set):
+        raise ValueError(f"--resume: the training split now has {len(train_set)} samples, the run had "
+                         f"{resumed['train_samples']} (its schedule, warm-up and epochs depend on them): pass the "
+                         f"run's --data-root ({resumed['config']['data_root']!r}) or start a new run")
+    if rank == 0:
+        replace_old_run(cfg, held, say)
+    files = RunFiles(cfg, run, raw, optimizer, scaler, fingerprint, world, rank == 0, step, len(train_set))
     model = torch.compile(raw) if cfg.compile else raw
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
@@ -792,7 +836,14 @@ def train(cfg, model=None, on_step=None):
     """Run training as `cfg` says; `model` replaces the one `cfg` would build (tests),
     `on_step(step)` is called after each optimizer step and its checkpoint.
     Returns a dict with the last evaluation and the run's figures."""
-    s = setup(resolve(cfg), model)
+    cfg = resolve(cfg)
+    lock = RunLock(cfg.out_dir) if int(os.environ.get('RANK', 0)) == 0 else None  # before anything is read or written
+    try:
+        s = setup(cfg, model)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     result = {}
     try:
         while s.step < s.total:
@@ -800,6 +851,8 @@ def train(cfg, model=None, on_step=None):
     finally:
         s.files.close()
         rgbx.use_batch(s.previous_batch)
+        if lock is not None:
+            lock.release()
     s.files.say(f"done: {s.total} steps" + (f" ({s.skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
                 + f" ({s.step - s.files.step_at_start} in this session, {time.time() - s.files.t0:.0f}s)"
                 + (f", best mIoU {100 * s.best:.2f}" if s.best >= 0 else "") + f", checkpoints in {cfg.out_dir}")
@@ -878,7 +931,9 @@ def main(argv=None):
     try:
         train(parse_config(argv))
     except (ValueError, OSError, NonFiniteLoss, rgbx.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {ev.error_line(e)}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; the run folder keeps its last checkpoint: continue with --resume")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

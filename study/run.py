@@ -98,7 +98,7 @@ CONDITIONS = [
     ('GoPT 1 prompter', 'vit', 'gopt', GOPT + ',interval=4', 'foundation'),
     ('VPT-shallow', 'vit', 'gopt', VPT_SHALLOW, 'foundation'),
     ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation'),
-    ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation'),  # X by place: see README
+    ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation'),  # X by place: see docs/gopt.md
     (f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}', 'vit', 'gopt', GOPT_BASE + f',acp={ACP_OTHER}', 'foundation'),
     ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation'),  # all steps MIM
     ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0', 'foundation'),
