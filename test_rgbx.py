@@ -976,7 +976,7 @@ def test_hha_bad_arguments_are_one_line_errors(tmp_path):
         data.hha(np.ones((8, 8)), HHA_CAMERA, np.zeros((4, 4), bool))
     assert data.parse_camera('Nyu') == data.NYU_CAMERA  # any case
     assert data.parse_camera('1,2,3.5,4') == (1.0, 2.0, 3.5, 4.0)
-    # NYU's toolbox centre counts pixels from 1
+    # the NYUv2 toolbox's centre counts pixels from 1
     assert data.NYU_CAMERA[2] == 325.58244941119034 - 1 and data.NYU_CAMERA[3] == 253.73616633400465 - 1
 
 
