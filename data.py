@@ -460,8 +460,9 @@ class RGBXDataset(SegmentationDataset):
             raise ValueError(f"{where}: {line!r} has {len(cols)} columns; expected 'RGB/<id>.jpg Label/<id>.png' "
                              f"or '<id>'")
         lay = self.layout
-        as_path = '/' in cols[0] and (cols[0].split('/')[0] == lay.rgb or len(cols) == 2)
-        rgb = cols[0] if as_path else f"{lay.rgb}/{cols[0]}"  # a path from the root, or an id (which may hold '/')
+        as_id = '/' not in cols[0] or (len(cols) == 1 and cols[0].split('/')[0] != lay.rgb
+                                       and any((self.root / lay.rgb / (cols[0] + e)).is_file() for e in ('',) + EXTENSIONS))
+        rgb = f"{lay.rgb}/{cols[0]}" if as_id else cols[0]  # an id (which may hold '/'), or a path from the root
         folder, _, rest = rgb.partition('/')
         if folder != lay.rgb:
             raise ValueError(f"{where}: {rgb!r} is not in the RGB folder {lay.rgb}/ of this layout")
