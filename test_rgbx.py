@@ -2606,7 +2606,10 @@ def test_gopt_head_from_a_checkpoint(tmp_path):
         rgbx.build_gopt('nano', 3, 1, head_dim=16, head_from=str(tmp_path / 'last.pt'))
 
 
-def test_gopt_recipe_and_no_augmentation():
+def test_gopt_recipe_and_no_augmentation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ('mae.pth', 'swin.pth'):
+        (tmp_path / name).write_bytes(b'')  # resolve checks that a pretrained file exists; these are not read
     nyu = tr.resolve(tr.Config(dataset='nyudv2', method='gopt', backbone='vit-base', pretrained='mae.pth'))
     assert (nyu.lr, nyu.epochs, nyu.warmup_epochs, nyu.augment) == (4e-5, 60, 0, 'crop')
     assert nyu.batch_size * nyu.grad_accum == 64
@@ -2957,7 +2960,7 @@ def test_eval_cli_reproduces_saves_and_segments_own_images(demo_run, tmp_path):
     seg = np.array(Image.open(tmp_path / 'seg.png'))
     colours = {tuple(c) for c in data.palette('demo')[:5].tolist()}
     assert seg.shape == (64, 64, 3) and {tuple(c) for c in seg.reshape(-1, 3).tolist()} <= colours
-    with pytest.raises(SystemExit, match='--rgb, --x and --out'):
+    with pytest.raises(SystemExit, match='--rgb, --out and one of --x or --depth'):
         ev.main(['--checkpoint', best, '--rgb', str(tmp_path / 'rgb.png')])
 
 
@@ -3096,9 +3099,10 @@ def test_layout_import_leaves_the_allocator_alone():
     assert int(out) < 64 * 1024, out  # kB: the 256 MiB left the resident set
 
 
-def test_layout_paper_methods_take_the_paper_backbone():
+def test_layout_paper_methods_take_the_paper_backbone(tmp_path):
+    (tmp_path / 'x.pth').write_bytes(b'')  # resolve checks that it exists; it is not read
     for method, backbone in (('ktb', 'swin-base'), ('gopt', 'vit-base'), ('maskmentor', 'vit-base')):
-        cfg = tr.resolve(tr.Config(dataset='nyudv2', method=method, pretrained='x.pth'))
+        cfg = tr.resolve(tr.Config(dataset='nyudv2', method=method, pretrained=str(tmp_path / 'x.pth')))
         assert cfg.backbone == backbone
     assert tr.resolve(tr.Config(method='gopt', pretrained='none')).backbone == 'vit-nano'  # the demo: nano
 
@@ -3308,7 +3312,7 @@ def small_disk(tmp_path, monkeypatch):
 def test_full_disk_is_a_one_line_error_and_leaves_no_partial_file(small_disk):
     path = str(small_disk / 'last.pt')
     tr.save_checkpoint({'model': {'w': torch.ones(8)}, 'config': {}, 'step': 1}, path)
-    with pytest.raises(tr.DiskFull, match=f'disk full: cannot write {re.escape(path)}'):
+    with pytest.raises(data.DiskFull, match=f'disk full: cannot write {re.escape(path)}'):
         tr.save_checkpoint({'model': {'w': torch.ones(1 << 20)}, 'config': {}, 'step': 2}, path)
     assert sorted(os.listdir(small_disk)) == ['last.pt'] and ev.load_run_checkpoint(path)['step'] == 1
     os.remove(path)
