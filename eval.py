@@ -59,6 +59,35 @@ def autocast(amp, device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
 
 
+def bf16_matmul_speed(n=256, repeats=3):
+    """How many times faster this CPU multiplies (n, n) matrices in bf16 than in fp32, on
+    this process's threads (best of `repeats`); below 1 when the CPU has no bf16 matrix
+    units (AVX-512 BF16 or AMX) and emulates them."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ab, bb = a.bfloat16(), b.bfloat16()
+
+    def best(x, y):
+        x @ y
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(a, b) / best(ab, bb)
+
+
+def check_cpu_bf16(amp, device, say=print):
+    """--amp bf16 on a CPU that emulates bf16 is many times slower than fp32: say so (once)."""
+    if amp != 'bf16' or device.type != 'cpu':
+        return None
+    speed = bf16_matmul_speed()
+    if speed < 1:
+        say(f"note: --amp bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no bf16 matrix units): bf16 "
+            f"matrix products run {1 / speed:.0f}x slower than fp32 here; --amp none is faster on this machine")
+    return speed
+
+
 # ----------------------------------------------------------------------------
 # Metrics and inference (also train.py's evaluation during training). Metrics come from one confusion matrix (rows =
 # ground truth, columns = prediction), summed over processes under torchrun.
@@ -676,6 +705,8 @@ def check_flags(args):
 
 def run(args):
     rank, world, device = setup_distributed(args.device)
+    if rank == 0:
+        check_cpu_bf16(args.amp, device)
     if args.benchmark:
         return run_benchmark(args, device)
     ckpt = rgbx.read_checkpoint(args.checkpoint)

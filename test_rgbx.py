@@ -4294,3 +4294,14 @@ def test_data_hha_from_a_depth_only_dataset_prints_the_conversion_command(tmp_pa
     with pytest.raises(FileNotFoundError, match=r'python data.py hha --depth .*Depth --out .*HHA --camera nyu'):
         data.RGBXDataset(tmp_path, 'train', 'nyudv2', 'hha')
     assert len(data.RGBXDataset(tmp_path, 'train', 'nyudv2', 'depth')) == 1
+
+
+def test_eval_bf16_on_a_cpu_without_bf16_units_is_said(monkeypatch):
+    said = []
+    monkeypatch.setattr(ev, 'bf16_matmul_speed', lambda: 0.03)
+    assert ev.check_cpu_bf16('bf16', torch.device('cpu'), said.append) == 0.03
+    assert len(said) == 1 and '33x slower than fp32' in said[0] and '--amp none' in said[0]
+    monkeypatch.setattr(ev, 'bf16_matmul_speed', lambda: 4.0)
+    assert ev.check_cpu_bf16('bf16', torch.device('cpu'), said.append) == 4.0 and len(said) == 1  # fast: no note
+    assert ev.check_cpu_bf16('none', torch.device('cpu'), said.append) is None and len(said) == 1
+    assert ev.bf16_matmul_speed(n=32, repeats=1) > 0
