@@ -4297,6 +4297,7 @@ def test_data_hha_from_a_depth_only_dataset_prints_the_conversion_command(tmp_pa
 
 
 def test_eval_bf16_on_a_cpu_without_bf16_units_is_said(monkeypatch):
+    assert ev.bf16_matmul_speed(n=32, repeats=1) > 0
     said = []
     monkeypatch.setattr(ev, 'bf16_matmul_speed', lambda: 0.03)
     assert ev.check_cpu_bf16('bf16', torch.device('cpu'), said.append) == 0.03
@@ -4304,4 +4305,3 @@ def test_eval_bf16_on_a_cpu_without_bf16_units_is_said(monkeypatch):
     monkeypatch.setattr(ev, 'bf16_matmul_speed', lambda: 4.0)
     assert ev.check_cpu_bf16('bf16', torch.device('cpu'), said.append) == 4.0 and len(said) == 1  # fast: no note
     assert ev.check_cpu_bf16('none', torch.device('cpu'), said.append) is None and len(said) == 1
-    assert ev.bf16_matmul_speed(n=32, repeats=1) > 0
