@@ -551,6 +551,23 @@ def floor_timings(model, size, num_classes, x_channels, device, repeats=3, batch
     return out
 
 
+def bf16_column(model, rgb, x, device, repeats):
+    """Inference under bf16 autocast against fp32 on one image: latency_bf16_s and the
+    relative error of the logits, ||bf16 - fp32|| / ||fp32||. On a CPU that emulates bf16
+    (`bf16_matmul_speed` < 1) it is not timed: bf16_cpu_matmul_speed says why."""
+    if device.type == 'cpu':
+        speed = bf16_matmul_speed()
+        if speed < 1:
+            return dict(bf16_cpu_matmul_speed=speed)
+    model.eval()
+    with torch.no_grad():
+        ref = model(rgb, x).float()
+        with autocast('bf16', device):
+            low = model(rgb, x).float()
+            latency = timed(lambda: model(rgb, x), device, repeats)
+    return dict(latency_bf16_s=latency, bf16_rel_err=((low - ref).norm() / ref.norm()).item())
+
+
 def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, workers=2, amp='none', floor_only=False):
     """Cost figures of `model` at input `size` (H, W), measured in one run so that
     ratios between them are meaningful: parameters, FLOPs of one forward pass,
@@ -571,6 +588,8 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
     if floor_only:
         return out
     rgb, x = torch.randn(1, 3, H, W, device=device), torch.randn(1, x_channels, H, W, device=device)
+    if amp == 'none':
+        out.update(bf16_column(model, rgb, x, device, repeats))
     with torch.no_grad(), ctx():
         with FlopCounterMode(display=False) as fc:
             model(rgb, x)
