@@ -59,6 +59,35 @@ def autocast(amp, device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
 
 
+def bf16_matmul_speed(n=256, repeats=3):
+    """How many times faster this CPU multiplies (n, n) matrices in bf16 than in fp32, on
+    this process's threads (best of `repeats`); below 1 when the CPU has no bf16 matrix
+    units (AVX-512 BF16 or AMX) and emulates them."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ab, bb = a.bfloat16(), b.bfloat16()
+
+    def best(x, y):
+        x @ y
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(a, b) / best(ab, bb)
+
+
+def check_cpu_bf16(amp, device, say=print):
+    """--amp bf16 on a CPU that emulates bf16 is many times slower than fp32: say so (once)."""
+    if amp != 'bf16' or device.type != 'cpu':
+        return None
+    speed = bf16_matmul_speed()
+    if speed < 1:
+        say(f"note: --amp bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no bf16 matrix units): bf16 "
+            f"matrix products run {1 / speed:.0f}x slower than fp32 here; --amp none is faster on this machine")
+    return speed
+
+
 # ----------------------------------------------------------------------------
 # Metrics and inference (also train.py's evaluation during training). Metrics come from one confusion matrix (rows =
 # ground truth, columns = prediction), summed over processes under torchrun.
@@ -522,6 +551,23 @@ def floor_timings(model, size, num_classes, x_channels, device, repeats=3, batch
     return out
 
 
+def bf16_column(model, rgb, x, device, repeats):
+    """Inference under bf16 autocast against fp32 on one image: latency_bf16_s and the
+    relative error of the logits, ||bf16 - fp32|| / ||fp32||. On a CPU that emulates bf16
+    (`bf16_matmul_speed` < 1) it is not timed: bf16_cpu_matmul_speed says why."""
+    if device.type == 'cpu':
+        speed = bf16_matmul_speed()
+        if speed < 1:
+            return dict(bf16_cpu_matmul_speed=speed)
+    model.eval()
+    with torch.no_grad():
+        ref = model(rgb, x).float()
+        with autocast('bf16', device):
+            low = model(rgb, x).float()
+            latency = timed(lambda: model(rgb, x), device, repeats)
+    return dict(latency_bf16_s=latency, bf16_rel_err=((low - ref).norm() / ref.norm()).item())
+
+
 def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, workers=2, amp='none', floor_only=False):
     """Cost figures of `model` at input `size` (H, W), measured in one run so that
     ratios between them are meaningful: parameters, FLOPs of one forward pass,
@@ -542,6 +588,8 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
     if floor_only:
         return out
     rgb, x = torch.randn(1, 3, H, W, device=device), torch.randn(1, x_channels, H, W, device=device)
+    if amp == 'none':
+        out.update(bf16_column(model, rgb, x, device, repeats))
     with torch.no_grad(), ctx():
         with FlopCounterMode(display=False) as fc:
             model(rgb, x)
@@ -676,6 +724,8 @@ def check_flags(args):
 
 def run(args):
     rank, world, device = setup_distributed(args.device)
+    if rank == 0:
+        check_cpu_bf16(args.amp, device)
     if args.benchmark:
         return run_benchmark(args, device)
     ckpt = rgbx.read_checkpoint(args.checkpoint)

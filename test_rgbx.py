@@ -2976,6 +2976,8 @@ def test_benchmark_fields_present_and_positive(tmp_path, method, backbone):
             'train_step_s', 'train_peak_mem_mb', 'infer_peak_mem_mb', 'data_samples_per_s', 'backbone_fwd_s',
             'backbone_fwd_bwd_s', 'train_step_over_floor'} <= set(numbers)
     assert all(v > 0 for v in numbers.values())
+    # the bf16 column: timed with its error against fp32, or (a CPU that emulates bf16) the reason it is not
+    assert {'latency_bf16_s', 'bf16_rel_err'} <= set(numbers) or 0 < saved['bf16_cpu_matmul_speed'] < 1
     torch.manual_seed(0)
     model = rgbx.build_model(method, backbone, 5, 1)
     assert saved['trainable_params'] == sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -4298,3 +4300,22 @@ def test_data_hha_from_a_depth_only_dataset_prints_the_conversion_command(tmp_pa
     with pytest.raises(FileNotFoundError, match=r'python data.py hha --depth .*Depth --out .*HHA --camera nyu'):
         data.RGBXDataset(tmp_path, 'train', 'nyudv2', 'hha')
     assert len(data.RGBXDataset(tmp_path, 'train', 'nyudv2', 'depth')) == 1
+
+
+def test_eval_bf16_on_a_cpu_without_bf16_units_is_said(monkeypatch):
+    assert ev.bf16_matmul_speed(n=32, repeats=1) > 0
+    said = []
+    monkeypatch.setattr(ev, 'bf16_matmul_speed', lambda: 0.03)
+    assert ev.check_cpu_bf16('bf16', torch.device('cpu'), said.append) == 0.03
+    assert len(said) == 1 and '33x slower than fp32' in said[0] and '--amp none' in said[0]
+    monkeypatch.setattr(ev, 'bf16_matmul_speed', lambda: 4.0)
+    assert ev.check_cpu_bf16('bf16', torch.device('cpu'), said.append) == 4.0 and len(said) == 1  # fast: no note
+    assert ev.check_cpu_bf16('none', torch.device('cpu'), said.append) is None and len(said) == 1
+
+
+def test_eval_bf16_column_times_and_compares_with_fp32(monkeypatch):
+    monkeypatch.setattr(ev, 'bf16_matmul_speed', lambda: 2.0)  # as on a CPU with bf16 units
+    torch.manual_seed(0)
+    model = rgbx.build_model('early_fusion', 'swin-nano', 5, 1, head_dim=8)
+    col = ev.bf16_column(model, torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32), torch.device('cpu'), 1)
+    assert col['latency_bf16_s'] > 0 and 0 < col['bf16_rel_err'] < 0.1  # bf16's 8-bit mantissa, not garbage

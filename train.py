@@ -797,6 +797,7 @@ def setup(cfg, model=None):
     """Processes, the run folder, seeds, data, model, optimizer, schedule and resume: a Session."""
     rank, world, device = ev.setup_distributed(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
+    ev.check_cpu_bf16(cfg.amp, device, say)
     run = run_of(cfg)
     resumed = resume_checkpoint(cfg) if cfg.resume else None
     random.seed(cfg.seed)
