@@ -3328,7 +3328,7 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_partial_file(small_disk):
         message = cli_error(tr.main, ['--max-steps', '2', '--crop', '32x32', '--workers', '0', '--eval-every', '0',
                                       '--log-every', '1', '--out-dir', str(small_disk / 'run')])
         assert re.fullmatch(f"error: disk full: cannot write {re.escape(str(small_disk / 'run'))}/"
-                            f"(log.jsonl|config.json); free space on that disk or pass another --out-dir", message)
+                            f"(log.jsonl|config.json); free space on that disk or write to another one", message)
 
 
 def test_stale_tmp_of_dead_runs_removed_live_ones_kept(tmp_path):
