@@ -3944,7 +3944,8 @@ def test_train_two_process_ddp_equals_one_process(tmp_path):
     noise into steps of up to lr = 1e-3 each (and the running mean after them follows,
     summed over the fuse convolution's 4 x 512 inputs in KTB's S1 head). Float32
     rounding differs because sums are taken in another order (per process, then
-    all-reduced). Before the fix weights differed by 3e-3 and BN running means by 0.17."""
+    all-reduced). Without the global-batch draws and counts the weights differ by 3e-3
+    and BN running means by 0.17."""
     kw = [dict(method='early_fusion', backbone='swin-nano'),
           dict(method='ktb', backbone='swin-nano', pretrained='none', opts='window_size=4'),
           dict(method='gopt', backbone='vit-nano', pretrained='none'),
