@@ -47,6 +47,16 @@ def error_line(e):
     return ' '.join(text.split('\n'))
 
 
+PEER_FAILED = "another process of this torchrun stopped (its error is above); this one stops with it"
+
+
+def peer_failed(e):
+    """Whether a RuntimeError is the process group reporting that another process ended
+    (gloo: the connection closed; nccl: a DistBackendError), rather than a fault here."""
+    return dist.is_initialized() and (isinstance(e, getattr(dist, 'DistBackendError', ())) or any(
+        s in str(e) for s in ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe')))
+
+
 def autocast(amp, device):
     """The precision context of `amp`: bf16 / fp16 autocast on `device`, or fp32 (none).
     fp16 runs on CUDA only (with a gradient scaler in training)."""
@@ -676,6 +686,10 @@ def main(argv=None):
         sys.exit(f"error: {error_line(e)}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted")
+    except RuntimeError as e:
+        if not peer_failed(e):
+            raise
+        sys.exit(f"error: {PEER_FAILED}")
 
 
 def check_flags(args):

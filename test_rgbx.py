@@ -3928,6 +3928,32 @@ def ddp_worker(rank, world, rendezvous, configs):
         torch.distributed.destroy_process_group()
 
 
+def eval_rank(rank, world, rendezvous, argvs, out):
+    """One process of a 2-process `eval.py` (as torchrun runs it): its exit message, or 'ok'."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')
+    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world)
+    try:
+        ev.main(argvs[rank])
+        message = 'ok'
+    except SystemExit as e:
+        message = str(e.code)
+    Path(out[rank]).write_text(message)
+
+
+@pytest.mark.slow
+def test_eval_torchrun_where_one_rank_fails_ends_in_one_line_on_each(tmp_path, demo_run):
+    """Rank 1 fails on a missing checkpoint; rank 0, waiting for it in the evaluation's
+    all-reduce, ends with one line saying another process stopped, not gloo's traceback."""
+    cfg, _ = demo_run
+    good, missing = os.path.join(cfg.out_dir, 'best.pt'), str(tmp_path / 'gone.pt')
+    out = [str(tmp_path / 'rank0'), str(tmp_path / 'rank1')]
+    torch.multiprocessing.spawn(eval_rank, args=(2, str(tmp_path / 'rdv'), [['--checkpoint', good],
+                                                                           ['--checkpoint', missing]], out), nprocs=2)
+    said = [Path(o).read_text() for o in out]
+    assert said[1].startswith('error: ') and 'gone.pt' in said[1]
+    assert said[0] == f'error: {ev.PEER_FAILED}', said[0]
+
+
 @pytest.mark.slow
 def test_train_two_process_ddp_equals_one_process(tmp_path):
     """2 real processes (gloo, CPU) at batch 2 = 1 process at batch 4, for the demo

@@ -935,6 +935,10 @@ def main(argv=None):
         sys.exit(f"error: {ev.error_line(e)}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted; the run folder keeps its last checkpoint: continue with --resume")
+    except RuntimeError as e:
+        if not ev.peer_failed(e):
+            raise
+        sys.exit(f"error: {ev.PEER_FAILED}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
