@@ -107,7 +107,7 @@ class Config:
     eval_every: int = flag(1, "evaluate every N epochs (0: never)")
     log_every: int = flag(10, "a progress line every N steps")
     save_full: bool = flag(False, "also store the frozen weights in the checkpoints")
-    nonfinite: str = flag('stop', "on a non-finite loss: stop, or skip the step (at most 5%% of the steps)",
+    nonfinite: str = flag('stop', "on a non-finite loss: stop, or skip the step (at most 5% of the steps)",
                           ['stop', 'skip'])
 
 
@@ -132,15 +132,15 @@ MAX_SEED = 2 ** 32 - 1  # numpy's seeds
 def parser():
     """argparse built from the Config fields, each with its help, default and choices."""
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md and docs/; "
-                                "options of a method: python train.py --method NAME --list-opts",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "options of a method: python train.py --method NAME --list-opts")
     for f in fields(Config):
         meta = f.metadata
         opt = '--' + f.name.replace('_', '-')
+        shown = '' if f.default is None or f.default == '' or f.type is bool else f" (default: {f.default})"
         if f.type is bool:
             p.add_argument(opt, action='store_true', help=meta['help'])
         else:
-            p.add_argument(opt, type=flag_type(f.type), default=f.default, help=meta['help'],
+            p.add_argument(opt, type=flag_type(f.type), default=f.default, help=meta['help'].replace('%', '%%') + shown,
                            choices=meta['choices'], metavar=None if meta['choices'] is None else
                            '{' + ','.join(c or "''" for c in meta['choices']) + '}')
     p.add_argument('--list-opts', action='store_true', help="print the options of --method (on --backbone) with "
