@@ -4391,3 +4391,16 @@ def test_layout_paper_methods_take_the_paper_backbone(tmp_path):
         cfg = tr.resolve(tr.Config(dataset='nyudv2', method=method, pretrained=str(tmp_path / 'x.pth')))
         assert cfg.backbone == backbone
     assert tr.resolve(tr.Config(method='gopt', pretrained='none')).backbone == 'vit-nano'  # the demo: nano
+
+
+def test_layout_train_help_describes_every_flag_and_lists_the_methods(capsys):
+    actions = [a for a in tr.parser()._actions if a.option_strings and a.dest != 'help']
+    assert len(actions) == len(tr.fields(tr.Config)) + 1 and all(a.help and len(a.help) > 15 for a in actions)
+    with pytest.raises(SystemExit):
+        tr.parse_config(['--help'])
+    text = capsys.readouterr().out
+    assert all(m in text for m in rgbx.METHODS) and 'swin-base' in text and 'nyudv2' in text
+    with pytest.raises(SystemExit):
+        tr.parse_config(['--method', 'gopt', '--list-opts'])
+    listed = capsys.readouterr().out
+    assert 'acp' in listed and 'prompt_dim' in listed and 'default 55' in listed
