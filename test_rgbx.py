@@ -4404,3 +4404,14 @@ def test_layout_train_help_describes_every_flag_and_lists_the_methods(capsys):
         tr.parse_config(['--method', 'gopt', '--list-opts'])
     listed = capsys.readouterr().out
     assert 'acp' in listed and 'prompt_dim' in listed and 'default 55' in listed
+
+
+def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
+    """`python -m study.run --tables`: a report's results.md comes from its results.json, no training:
+    the GoPT report written by the run is rewritten identically."""
+    import shutil
+    from study import run as study
+    here = Path(__file__).resolve().parent / 'study' / 'gopt'
+    shutil.copy(here / 'results.json', tmp_path / 'results.json')
+    study.write_report(str(tmp_path))
+    assert (tmp_path / 'results.md').read_text() == (here / 'results.md').read_text()

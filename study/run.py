@@ -468,7 +468,15 @@ def main(argv=None):
     p.add_argument('--out', default='', help='run folders (default runs/study[-gopt|-gopt-val][-quick])')
     p.add_argument('--report', default='', help='where results.md/.png/.json go (default study/[gopt|gopt-validation]; '
                                                 '--quick: --out)')
+    p.add_argument('--tables', action='store_true',
+                   help="rewrite every report's results.md and results.png from its results.json, without training")
     args = p.parse_args(argv)
+    if args.tables:
+        for part in ('', 'gopt', 'gopt-validation'):
+            if os.path.exists(os.path.join(HERE, part, 'results.json')):
+                write_report(os.path.join(HERE, part))
+                print(f"study: rewrote {os.path.join(HERE, part, 'results.md')}")
+        return 0
     if args.seeds < 1 or args.jobs < 1 or args.steps < 0 or args.foundation_steps < 0:
         p.error(f"need --seeds >= 1, --jobs >= 1 and step counts >= 0, got {args.seeds}, {args.jobs}, "
                 f"{args.steps}, {args.foundation_steps}")
@@ -508,13 +516,21 @@ def main(argv=None):
         setup += (f". Rerun now (`--only '{args.only}'`): " + ', '.join(sorted({r['name'] for r in runs})) +
                   "; kept from an earlier sitting, with the foundations of that sitting (compare them with each "
                   "other, not with the rows rerun now): " + ', '.join(kept)) if kept else ''
-    table, claims = summarise(results), claim_rows(results)
-    with open(os.path.join(report, 'results.md'), 'w') as f:
-        f.write(markdown(table, claims, setup))
     with open(os.path.join(report, 'results.json'), 'w') as f:
         json.dump(dict(setup=setup, runs=sorted(results.values(), key=lambda r: (r['name'], r['seed']))), f, indent=1)
-    plot(table, os.path.join(report, 'results.png'))
+    write_report(report)
     print(f"study: done in {(time.time() - start) / 60:.1f} min; {os.path.join(report, 'results.md')}")
+
+
+def write_report(report):
+    """results.md and results.png of a report folder, from its results.json alone (no training)."""
+    with open(os.path.join(report, 'results.json')) as f:
+        saved = json.load(f)
+    results = {f"{r['name']}/{r['seed']}": r for r in saved['runs']}
+    table, claims = summarise(results), claim_rows(results)
+    with open(os.path.join(report, 'results.md'), 'w') as f:
+        f.write(markdown(table, claims, saved['setup']))
+    plot(table, os.path.join(report, 'results.png'))
 
 
 if __name__ == '__main__':
