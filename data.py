@@ -342,7 +342,8 @@ def x_from_depth(path, preset, x_modality, camera=None, scale=0.001):
         return hha(depth, camera, missing).astype(np.float32) / 255, f"HHA computed from {path}"
     modality = preset.modalities[name]
     if not modality.max16:
-        raise ValueError(f"this model takes {name} as X, not depth: pass its X image with --x")
+        raise ValueError(f"this model takes {name} as X, read from 8-bit files (v / 255" + (
+            ": the demo's synthetic depth in [0, 1], not metres" if name == 'depth' else '') + "): pass that image with --x")
     return (depth * 1000 / modality.max16).astype(np.float32)[..., None], f"depth read from {path}"
 
 

@@ -365,6 +365,7 @@ def load_model(path, pretrained=None, device='cpu'):
     training time. Returns (model, Run)."""
     ckpt = load_run_checkpoint(path)
     run = checkpoint_run(ckpt, path)
+    used = run.pretrained  # the file the run was trained with
     if pretrained:
         run.pretrained = pretrained
     start = {k: '' for k in rgbx.START_FILES if k in run.model_args['options']}  # the trained weights replace them
@@ -381,8 +382,8 @@ def load_model(path, pretrained=None, device='cpu'):
     if not full and ckpt['frozen_sha1'] != rgbx.frozen_fingerprint(model):
         raise ValueError(f"{path} holds only the trained weights, and the frozen ones built here differ from those "
                          f"it was trained with: " + (
-                             f"pass --pretrained with the file the run used ({run.pretrained!r})"
-                             if run.pretrained not in ('', 'none') else
+                             f"pass --pretrained with the file the run used ({used!r})"
+                             if used not in ('', 'none') else
                              "the run had no pretrained file and this checkpoint predates saving its random frozen "
                              "weights; train it again"))
     rgbx.load_trained(model, {k: v for k, v in ckpt['model'].items() if k != 'steps_done'}, path)
@@ -654,7 +655,7 @@ def main(argv=None):
                                                  "trained on HHA gets HHA computed from it, one trained on depth the depth")
     p.add_argument('--camera', default=None, help="with --depth for an HHA model: nyu or FX,FY,CX,CY (pixels, "
                                                   "centre 0-based from the top-left pixel)")
-    p.add_argument('--depth-scale', type=float, default=0.001, help="with --depth: metres per stored unit (0.001: mm)")
+    p.add_argument('--depth-scale', type=float, default=None, help="with --depth: metres per stored unit (default 0.001: mm)")
     p.add_argument('--out', default=None, help='... written here as a colourised PNG')
     p.add_argument('--reconstruct', default=None, metavar='DIR',
                    help='MaskMentor pre-training checkpoint: save depth-from-RGB and RGB-from-depth panels (Fig. 4)')
@@ -716,11 +717,17 @@ def check_flags(args):
             raise ValueError("--reconstruct saves a pre-training run's reconstructions and takes no segmentation "
                              "flags: drop " + (given('save_pred', 'rgb', 'x', 'depth', 'camera', 'out', 'multi_scale', 'flip', 'sliding')
                                                or '--modality'))
-        if (args.camera or args.depth_scale != 0.001) and not args.depth:
+        if (args.camera or args.depth_scale is not None) and not args.depth:
             raise ValueError("--camera and --depth-scale act only with --depth")
         if args.save_pred and given('rgb', 'x', 'depth', 'out'):
             raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'depth', 'out')} "
                              f"segment one image pair: use one or the other")
+    for flag, path in (('--out', args.out), ('--json', args.json)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a file: pass a folder for the pictures")
     if args.out is not None:
         if not args.out.lower().endswith('.png'):
             raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
@@ -790,7 +797,7 @@ def segment_pair(args, model, run, device):
     x = None
     if args.depth:
         camera = data.parse_camera(args.camera) if args.camera else None
-        x, done = data.x_from_depth(args.depth, preset, run.x_modality, camera, args.depth_scale)
+        x, done = data.x_from_depth(args.depth, preset, run.x_modality, camera, args.depth_scale or 0.001)
         print(f"X: {done}")
     rgb, x = data.load_pair(args.rgb, args.x or args.depth, preset, run.x_modality, run.x_standardised, x)
     scales, crop = inference(args, run)

@@ -520,6 +520,8 @@ class SwinTransformer(nn.Module):
     def __init__(self, embed_dim=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window_size=7,
                  mlp_ratio=4.0, drop_path_rate=0.0, in_chans=3, final_norm=True, streams=1):
         super().__init__()
+        if len(heads) != len(depths):
+            raise ValueError(f"Swin needs one head count per stage: depths {list(depths)}, heads {list(heads)}")
         self.window_size, self.streams = window_size, streams
         self.dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(in_chans, embed_dim, 4, norm=True)
@@ -2902,6 +2904,9 @@ BACKBONE_OPTIONS = {'swin': ('embed_dim', 'depths', 'heads', 'window_size', 'mlp
                     'vit': ('dim', 'depth', 'heads', 'mlp_ratio', 'img_size', 'drop_path_rate')}
 # the type of the options whose default is None (one int per stage, or an int)
 NONE_DEFAULT_TYPES = {'prompt_ranks': list, 'adapter_ranks': list, 'dscf_ranks': list, 'warmup_steps': int}
+# what a None default means
+NONE_DEFAULT_MEANING = {'prompt_ranks': 'C/8 per stage', 'adapter_ranks': 'C/16 per stage', 'dscf_ranks': 'C/8 per stage',
+                        'warmup_steps': "warmup x the run's steps"}
 # choices of the text options
 OPTION_CHOICES = {'variant': GOPT_VARIANTS, 'assignment': ('hard', 'soft'), 'attention': CUP_ATTENTION,
                   'stage': ('pretrain', 'finetune')}

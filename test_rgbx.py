@@ -4415,3 +4415,19 @@ def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
     shutil.copy(here / 'results.json', tmp_path / 'results.json')
     study.write_report(str(tmp_path))
     assert (tmp_path / 'results.md').read_text() == (here / 'results.md').read_text()
+
+
+def test_train_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path):
+    """--overwrite sets the old run aside: a new run that stops before its first checkpoint
+    (a diverging lr) puts it back; one that saves replaces it, old best.pt included."""
+    cfg = demo_config(tmp_path, max_steps=1)
+    tr.train(cfg)
+    before = {n: (Path(cfg.out_dir) / n).read_bytes() for n in ('last.pt', 'best.pt', 'config.json', 'log.jsonl')}
+    message = cli_error(tr.main, ['--overwrite', '--lr', '1e12', '--max-steps', '30', '--eval-every', '0',
+                                  '--crop', '32x32', '--out-dir', cfg.out_dir])
+    assert 'non-finite loss' in message
+    assert {n: (Path(cfg.out_dir) / n).read_bytes() for n in before} == before
+    assert not (Path(cfg.out_dir) / tr.REPLACED).exists()
+    tr.main(['--overwrite', '--max-steps', '1', '--eval-every', '0', '--crop', '32x32', '--out-dir', cfg.out_dir])
+    assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'last.pt', 'log.jsonl']  # the old best.pt went too
+    assert json.load(open(Path(cfg.out_dir) / 'config.json'))['eval_every'] == 0

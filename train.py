@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import typing
@@ -152,7 +153,7 @@ def parse_config(argv=None):
     """The Config of a command line, resolved (`resolve`); --list-opts prints the options and exits."""
     args = vars(parser().parse_args(argv))
     if args.pop('list_opts'):
-        print(list_opts(args['method'], args['backbone'] or rgbx.paper_backbone(args['method'])))
+        print(list_opts(args['method'], args['backbone'] or default_backbone(args['method'], args['dataset'])))
         sys.exit(0)
     return resolve(Config(**args))
 
@@ -162,6 +163,11 @@ def flag_type(t):
     return next((a for a in typing.get_args(t) if a is not type(None)), t)
 
 
+def default_backbone(method, dataset):
+    """The backbone of `method`'s paper (swin-base / vit-base); on the generated demo its nano size."""
+    return rgbx.paper_backbone(method).replace('-base', '-nano' if data.get_preset(dataset).generated else '-base')
+
+
 def list_opts(method, backbone):
     """The options of `method` on `backbone`, one line each: name, type, default (and choices)."""
     lines = [f"options of {method} on {backbone} (--opts key=value,...; lists as a:b:c):"]
@@ -169,7 +175,8 @@ def list_opts(method, backbone):
         kind = rgbx.NONE_DEFAULT_TYPES.get(name, type(default)).__name__
         kind = 'ints a:b:c' if kind in ('list', 'tuple') else kind
         choices = rgbx.OPTION_CHOICES.get(name)
-        lines.append(f"  {name:20s} {kind:10s} default {default!r}" + (f"  ({'|'.join(choices)})" if choices else ''))
+        meaning = f" ({rgbx.NONE_DEFAULT_MEANING[name]})" if default is None and name in rgbx.NONE_DEFAULT_MEANING else ''
+        lines.append(f"  {name:20s} {kind:10s} default {default!r}{meaning}" + (f"  ({'|'.join(choices)})" if choices else ''))
     return '\n'.join(lines)
 
 
@@ -192,8 +199,7 @@ def resolve(cfg):
     twice changes nothing)."""
     preset = data.get_preset(cfg.dataset)
     rgbx.method_spec(cfg.method)
-    if not cfg.backbone:  # the paper's; on the generated demo its nano size
-        cfg.backbone = rgbx.paper_backbone(cfg.method).replace('-base', '-nano' if preset.generated else '-base')
+    cfg.backbone = cfg.backbone or default_backbone(cfg.method, cfg.dataset)
     run = ev.run_of(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts)
     recipe = rgbx.recipe(cfg.method, cfg.dataset, run.model_args['options'])
     fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults}
@@ -219,6 +225,8 @@ def resolve(cfg):
                          f"(see README, 'Pretrained files'), or --pretrained none to train it from scratch on purpose")
     if not cfg.out_dir:
         cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out-dir {cfg.out_dir} is a file, not a folder: pass a folder")
     return cfg
 
 
@@ -536,14 +544,34 @@ def check_out_dir(cfg, master, say):
     return held if cfg.overwrite else []
 
 
-def replace_old_run(cfg, held, say):
-    """--overwrite, once the new run is set up (config, data, model, optimizer all valid):
-    the old run's checkpoints go; config.json and log.jsonl are rewritten by the new run."""
+REPLACED = '.replaced'  # where --overwrite keeps the old run's files until the new run saves its first checkpoint
+
+
+def set_old_run_aside(cfg, held, say):
+    """--overwrite, once the new run is set up (config, data, every file, model): the old
+    run's files move to <out-dir>/.replaced/ (an older set there goes). RunFiles.checkpoint
+    deletes them once the new run has saved its first checkpoint; `restore_old_run` moves
+    them back when the new run stops before; after a kill they stay there."""
+    if not held:
+        return
+    aside = os.path.join(cfg.out_dir, REPLACED)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.makedirs(aside)
     for n in held:
-        if n.endswith('.pt'):
-            os.remove(os.path.join(cfg.out_dir, n))
-    if held:
-        say(f"--overwrite: replaced the run in {cfg.out_dir} ({', '.join(held)})")
+        os.replace(os.path.join(cfg.out_dir, n), os.path.join(aside, n))
+    say(f"--overwrite: the run in {cfg.out_dir} ({', '.join(held)}) is kept in {REPLACED}/ until this run saves "
+        f"its first checkpoint")
+
+
+def restore_old_run(out_dir, say):
+    """Move the files an --overwrite set aside back (the new run stopped before its first checkpoint)."""
+    aside = os.path.join(out_dir, REPLACED)
+    if not os.path.isdir(aside):
+        return
+    for n in os.listdir(aside):
+        os.replace(os.path.join(aside, n), os.path.join(out_dir, n))
+    os.rmdir(aside)
+    say(f"the run this one was to replace is back in {out_dir}")
 
 
 def trim_log(path, step):
@@ -617,8 +645,11 @@ def resume_checkpoint(cfg):
     was trained with this config (resume_changes)."""
     last_path = os.path.join(cfg.out_dir, 'last.pt')
     if not os.path.exists(last_path):
-        raise FileNotFoundError(f"--resume: no checkpoint {last_path}; start afresh without --resume (and with "
-                                f"--overwrite if the folder holds best.pt) or set --out-dir")
+        aside = os.path.join(cfg.out_dir, REPLACED)
+        raise FileNotFoundError(f"--resume: no checkpoint {last_path}; " + (
+            f"the run an interrupted --overwrite replaced is in {aside}: move its files back to continue it, or "
+            if os.path.isdir(aside) else "") + "start afresh without --resume (with --overwrite if the folder "
+            "holds a run) or set another --out-dir")
     ckpt = ev.load_run_checkpoint(last_path)
     ckpt['changes'] = resume_changes(ckpt['config'], cfg, cfg.allow_changes, last_path)
     return ckpt
@@ -680,7 +711,8 @@ def prepare_model(cfg, model, device, world, say):
         model = sync_batchnorm(model, device)
     counts = model.param_counts()
     say(f"config: {json.dumps(asdict(cfg))}")
-    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} total | {counts}")
+    parts = {k: v for k, v in counts.items() if k not in ('trainable', 'total')}
+    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} total" + (f" | {parts}" if parts else ''))
     return model, counts
 
 
@@ -744,6 +776,7 @@ class RunFiles:
                                  step=step, best=best, skipped=skipped, config=asdict(self.cfg), rng=states,
                                  run=asdict(self.run), train_samples=self.train_samples,
                                  frozen_sha1=self.fingerprint, evaluation=evaluation), path)
+            shutil.rmtree(os.path.join(self.cfg.out_dir, REPLACED), ignore_errors=True)  # --overwrite: now replaced
 
     def close(self):
         if self.master:
@@ -815,13 +848,13 @@ def setup(cfg, model=None):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, say) if resumed else (0, -1.0, 0)
     if resumed and resumed.get('train_samples', len(train_set)) != len(train_set):
         raise ValueError(f"--resume: the training split now has {len(train_set)} samples, the run had "
                          f"{resumed['train_samples']} (its schedule, warm-up and epochs depend on them): pass the "
                          f"run's --data-root ({resumed['config']['data_root']!r}) or start a new run")
+    step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, say) if resumed else (0, -1.0, 0)
     if rank == 0:
-        replace_old_run(cfg, held, say)
+        set_old_run_aside(cfg, held, say)
     files = RunFiles(cfg, run, raw, optimizer, scaler, fingerprint, world, rank == 0, step, len(train_set))
     model = torch.compile(raw) if cfg.compile else raw
     if world > 1:
@@ -849,6 +882,10 @@ def train(cfg, model=None, on_step=None):
     try:
         while s.step < s.total:
             result = run_epoch(s, on_step) or result
+    except BaseException:
+        if s.rank == 0:
+            restore_old_run(cfg.out_dir, s.files.say)
+        raise
     finally:
         s.files.close()
         rgbx.use_batch(s.previous_batch)
@@ -929,12 +966,16 @@ def end_epoch(s, epoch):
 
 def main(argv=None):
     rgbx.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
+    cfg = None
     try:
-        train(parse_config(argv))
+        cfg = parse_config(argv)
+        train(cfg)
     except (ValueError, OSError, NonFiniteLoss, rgbx.CheckpointError) as e:
         sys.exit(f"error: {ev.error_line(e)}")
     except KeyboardInterrupt:
-        sys.exit("error: interrupted; the run folder keeps its last checkpoint: continue with --resume")
+        last = cfg is not None and os.path.exists(os.path.join(cfg.out_dir, 'last.pt'))
+        sys.exit("error: interrupted; " + ("continue from the last checkpoint with --resume" if last else
+                                           "no checkpoint was saved: nothing to resume"))
     except RuntimeError as e:
         if not ev.peer_failed(e):
             raise
