@@ -128,6 +128,7 @@ RANGES = (('epochs', 1, True), ('batch_size', 1, True), ('lr', 0, False), ('weig
           ('warmup_epochs', 0, True), ('grad_accum', 1, True), ('max_steps', 1, True), ('workers', 0, True),
           ('seed', 0, True), ('save_every', 0, True), ('eval_every', 0, True), ('log_every', 1, True))
 MAX_SEED = 2 ** 32 - 1  # numpy's seeds
+RECIPE_FIELDS = ('epochs', 'lr', 'weight_decay', 'batch_size', 'warmup_epochs', 'schedule', 'beta2', 'augment')
 
 
 def parser():
@@ -202,9 +203,9 @@ def resolve(cfg):
     cfg.backbone = cfg.backbone or default_backbone(cfg.method, cfg.dataset)
     run = ev.run_of(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts)
     recipe = rgbx.recipe(cfg.method, cfg.dataset, run.model_args['options'])
-    fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults}
-    fill.update({k: v for k, v in asdict(recipe).items() if v is not None and k in fill or k in ('epochs', 'lr',
-                 'weight_decay') and v is not None})
+    given = {k: v for k, v in asdict(recipe).items() if k in RECIPE_FIELDS and v is not None}
+    fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults,
+            **given}  # the method's recipe over the dataset's own settings (the demo's) over the trainer's
     for k, v in fill.items():
         if vars(cfg)[k] is None:
             setattr(cfg, k, v)
