@@ -315,16 +315,16 @@ def run_of(method, backbone, dataset, x_modality='', opts='', pretrained='', dat
     preset = data.get_preset(dataset)
     x = preset.x_name(x_modality or None)
     given = parse_opts(opts) if isinstance(opts, str) else dict(opts)
-    stage = rgbx.resolve_options(method, backbone, given)
-    recipe = rgbx.recipe(method, dataset, stage)
+    first = rgbx.resolve_options(method, backbone, given)  # e.g. MaskMentor's stage, which picks its recipe
+    recipe = rgbx.recipe(method, dataset, first)
     options = rgbx.resolve_options(method, backbone, {**recipe.options, **given})
     args = dict(method=method, backbone=backbone, num_classes=preset.num_classes, x_channels=preset.x_channels(x),
                 options=options)
     return Run(args, dataset, x, recipe.x_standardised, data_root, crop, pretrained, seed)
 
 
-# Options added after checkpoints began to store their model arguments would take today's
-# default in a checkpoint written before: here the value the code that wrote it used.
+# A checkpoint of the previous format (its config and option text only) would take today's
+# default for an option added since: here the value the code that wrote it used.
 LEGACY_OPTIONS = {'gopt': {'acp': 'literal'}}
 
 
