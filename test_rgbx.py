@@ -4434,3 +4434,28 @@ def test_train_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path):
     tr.main(['--overwrite', '--max-steps', '1', '--eval-every', '0', '--crop', '32x32', '--out-dir', cfg.out_dir])
     assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'last.pt', 'log.jsonl']  # the old best.pt went too
     assert json.load(open(Path(cfg.out_dir) / 'config.json'))['eval_every'] == 0
+
+
+@pytest.mark.slow
+def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
+    """`python -m study.pretraining`: the validation losses of MaskMentor's pre-training and of the trivial
+    predictions on the same masked tokens; the zero prediction's MSE on the per-patch normalised RGB is that
+    target's mean square over the masked pixels, checked by hand."""
+    from study import pretraining
+    pretraining.main(['--steps', '2', '--every', '1', '--lrs', '1e-3', '--jobs', '1', '--out', str(tmp_path / 'runs'),
+                      '--report', str(tmp_path)])
+    saved = json.load(open(tmp_path / 'results.json'))['0.001']
+    assert [p['step'] for p in saved['points']] == [0, 1, 2]
+    assert set(saved['baseline']) == set(pretraining.TASKS) | {'depth_mean'}
+    assert 'Chosen (lowest mean ratio at the last step): lr 0.001' in (tmp_path / 'results.md').read_text()
+    assert (tmp_path / 'results.png').exists()
+    model = mm_pretrain()
+    rgb, x, label = mm_batch(B=2, H=64, W=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mask = model.draw_mask(torch.ones(2, 3, dtype=torch.bool), 16)[:, 0]  # (B, N) the RGB tokens
+    _, targets = model.targets(rgb, x, label)
+    by_hand = torch.stack([targets['norm_rgb'][b].square().mean(0).view(4, 16, 4, 16).permute(0, 2, 1, 3)
+                           .reshape(16, -1)[mask[b]].mean() for b in range(2)]).mean()
+    got = model.pixel_loss('norm_rgb', torch.zeros_like(targets['norm_rgb']), targets['norm_rgb'], mask, (4, 4))
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)

@@ -1,0 +1,205 @@
+"""Does MaskMentor's pre-training learn at the study's scale? Curves of its validation
+losses against trivial baselines, for choosing its budget (steps) and learning rate.
+
+    python -m study.pretraining                      # from the repository root (~10 min on 2 cores)
+    python -m study.pretraining --steps 40 --every 20 --lrs 1e-3 --out /tmp/curves   # a smoke run
+
+The MaskMentor pre-training of the study (MultiMAE's network at nano width, the study's
+decoders, `study.run.MM_PRE`, its recipe: cosine, AdamW betas 0.9 / 0.95, batch 4; 20%
+complete-modality MIM warm-up, then 3 teacher + 1 student steps per batch) is trained on
+the training scenes of the validation preset `demo128-val` and, every `--every` steps,
+scored on its held-out scenes (never the test scenes): the pixel loss of each output on
+its masked tokens, with one fixed MultiMAE mask per scene (complete modalities, as in
+'mim'), and, on the same masked tokens, the loss of a trivial prediction:
+    depth     each image's median (and mean) of the standardised depth (L1);
+    rgb       each image's mean colour (MSE on the normalised pixels);
+    norm_rgb  zero, the mean of a per-patch normalised target (MSE);
+    semseg    the training scenes' class frequencies at every pixel (cross-entropy).
+A ratio loss / baseline below 1 means the model predicts more than that trivial rule.
+Writes results.json, results.md (the ratios, the chosen lr and budget) and results.png
+(the curves) to study/maskmentor-pretraining/.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import train
+from study.run import HERE, MM_PRE, VALIDATION, maskmentor_recipe
+
+TASKS = ('rgb', 'norm_rgb', 'depth', 'semseg')
+BASELINES = {'rgb': 'image mean colour', 'norm_rgb': 'zero', 'depth': 'image median', 'semseg': 'class prior'}
+MASK_SEED = 1234  # the fixed masks of the validation scenes
+
+
+def validation_batches(batch=8):
+    """The held-out scenes of the validation preset, as batches (rgb, x, label)."""
+    ds = data.build_dataset(VALIDATION, '', 'test')
+    return list(data.loader(ds, batch_size=batch))
+
+
+def class_prior(num_classes):
+    """log frequencies of the classes over the training scenes of the validation preset (K,)."""
+    ds = data.build_dataset(VALIDATION, '', 'train')
+    counts = torch.zeros(num_classes)
+    for i in range(len(ds)):
+        label = ds[i][2]
+        counts += torch.bincount(label[label != data.IGNORE], minlength=num_classes).float()
+    return (counts / counts.sum()).clamp_min(1e-8).log()
+
+
+@torch.no_grad()
+def scores(model, batches, prior):
+    """{task: model loss} and {task: baseline loss} over the batches, one fixed mask each."""
+    was = model.training
+    model.eval()
+    got, base = {t: [] for t in TASKS}, {t: [] for t in TASKS + ('depth_mean',)}
+    for i, (rgb, x, label) in enumerate(batches):
+        with torch.random.fork_rng():
+            torch.manual_seed(MASK_SEED + i)
+            terms = model.losses(rgb, x, label, 'mim')
+            torch.manual_seed(MASK_SEED + i)  # the same mask again: 'mim' draws nothing before it
+            grid = (-(-rgb.shape[-2] // 16), -(-rgb.shape[-1] // 16))
+            mask = model.draw_mask(torch.ones(rgb.shape[0], 3, dtype=torch.bool), grid[0] * grid[1])  # (B, 3, N)
+        _, targets = model.targets(rgb, x, label)
+        depth = targets['depth'].flatten(1)
+        image = lambda v: v.view(-1, 1, 1, 1).expand_as(targets['depth'])
+        trivial = {'rgb': targets['rgb'].mean((2, 3), keepdim=True).expand_as(targets['rgb']),
+                   'norm_rgb': torch.zeros_like(targets['norm_rgb']),
+                   'depth': image(depth.median(1).values), 'depth_mean': image(depth.mean(1)),
+                   'semseg': prior.view(1, -1, 1, 1).expand(rgb.shape[0], -1, *targets['semseg'].shape[-2:])}
+        which = {'rgb': 0, 'norm_rgb': 0, 'depth': 1, 'depth_mean': 1, 'semseg': 2}
+        for t in TASKS:
+            got[t].append(terms[t].item())
+        for t, pred in trivial.items():
+            name = 'depth' if t == 'depth_mean' else t
+            base[t].append(model.pixel_loss(name, pred, targets[name], mask[:, which[t]], grid).item())
+    model.train(was)
+    return {t: float(np.mean(v)) for t, v in got.items()}, {t: float(np.mean(v)) for t, v in base.items()}
+
+
+def curve(lr, steps, every, out, seed=0):
+    """Train the study's MaskMentor pre-training at `lr` for `steps`, scoring it every `every`
+    steps: [{'step', 'loss': {task: value}}], and the baselines."""
+    cfg = train.resolve(train.Config(dataset=VALIDATION, method='maskmentor', backbone='vit-nano', opts=MM_PRE,
+                                     max_steps=steps, pretrained='none', seed=seed, eval_every=0, log_every=10 ** 6,
+                                     workers=0, out_dir=os.path.join(out, f'lr{lr:g}'), overwrite=True,
+                                     **maskmentor_recipe(MM_PRE, lr)))
+    torch.manual_seed(seed)  # the same initial weights for every lr
+    model = train.build_model(cfg)
+    batches = validation_batches()
+    prior = class_prior(data.get_preset(VALIDATION).num_classes)
+    points, baseline = [], None
+
+    def score(step):
+        nonlocal baseline
+        if step % every == 0 or step == steps:
+            loss, baseline = scores(model, batches, prior)
+            points.append(dict(step=step, loss=loss))
+            print(f"lr {lr:g} step {step}: " + ', '.join(f"{t} {loss[t] / baseline[t]:.3f}" for t in TASKS), flush=True)
+    score(0)
+    train.train(cfg, model=model, on_step=score)
+    return points, baseline
+
+
+def curve_job(lr, steps, every, out):
+    """`curve` in a worker process on one thread (two jobs share two cores)."""
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+    return curve(lr, steps, every, out)
+
+
+def choose(results):
+    """The lr whose last scores have the lowest mean ratio to the baselines, and the first
+    step at which all its tasks are below their baselines (None: never)."""
+    ratio = lambda p, b: float(np.mean([p['loss'][t] / b[t] for t in TASKS]))
+    best = min(results, key=lambda lr: ratio(results[lr]['points'][-1], results[lr]['baseline']))
+    r = results[best]
+    below = [p['step'] for p in r['points'] if all(p['loss'][t] < r['baseline'][t] for t in TASKS)]
+    return best, (below[0] if below else None), ratio(r['points'][-1], r['baseline'])
+
+
+def markdown(results, steps):
+    lr, first, mean = choose(results)
+    lines = [f"# MaskMentor pre-training against trivial baselines (validation scenes of `{VALIDATION}`)", '',
+             f"{steps} steps per lr, batch 4, the study's pre-training recipe; loss / baseline on the held-out "
+             f"scenes (below 1: better than the trivial prediction). Baselines: " +
+             ', '.join(f"{t}: {BASELINES[t]}" for t in TASKS) + '.', '',
+             '| lr | step | ' + ' | '.join(TASKS) + ' |', '|---|---|' + '---|' * len(TASKS)]
+    for key, r in results.items():
+        for p in r['points']:
+            lines.append(f"| {key:g} | {p['step']} | " + ' | '.join(f"{p['loss'][t] / r['baseline'][t]:.3f}"
+                                                            for t in TASKS) + ' |')
+    b = results[lr]['baseline']
+    lines += ['', f"Baseline losses: " + ', '.join(f"{t} {b[t]:.4f}" for t in TASKS) +
+              f" (depth, image mean instead of median: {b['depth_mean']:.4f}).", '',
+              f"Chosen (lowest mean ratio at the last step): lr {lr:g}, mean ratio {mean:.3f}; " +
+              (f"every task below its baseline from step {first}." if first is not None else
+               "not every task gets below its baseline within the budget: the pre-training does not learn enough "
+               "at this budget."), '']
+    return '\n'.join(lines)
+
+
+def plot(results, path):
+    """Loss / baseline per task over the steps, one panel per task, one line per lr; Pillow only."""
+    colours = ((70, 110, 200), (220, 90, 60), (90, 170, 90), (150, 80, 160))
+    W, H, pad = 4 * 230 + 40, 300, 40
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
+    last = max(p['step'] for r in results.values() for p in r['points']) or 1
+    for k, t in enumerate(TASKS):
+        x0 = 20 + 230 * k
+        y = lambda v: H - pad - min(v, 1.5) / 1.5 * (H - 2 * pad)
+        d.rectangle([x0, pad, x0 + 200, H - pad], outline=(200, 200, 200))
+        d.line([(x0, y(1)), (x0 + 200, y(1))], fill=(160, 160, 160))
+        d.text((x0, pad - 16), f"{t} / {BASELINES[t]}", fill='black')
+        for j, (lr, r) in enumerate(results.items()):
+            xy = [(x0 + 200 * p['step'] / last, y(p['loss'][t] / r['baseline'][t])) for p in r['points']]
+            d.line(xy, fill=colours[j % 4], width=2)
+            if k == 0:
+                d.text((20 + 90 * j, H - 20), f"lr {lr:g}", fill=colours[j % 4])
+    img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--lrs', default='1e-4,3e-4,1e-3,3e-3', help='comma-separated learning rates')
+    p.add_argument('--steps', type=int, default=2000, help='optimizer steps per lr')
+    p.add_argument('--every', type=int, default=200, help='score every N steps')
+    p.add_argument('--out', default='runs/mm-pretraining', help='run folders')
+    p.add_argument('--jobs', type=int, default=2, help='learning rates trained at a time, one thread each')
+    p.add_argument('--report', default=os.path.join(HERE, 'maskmentor-pretraining'), help='where results.* go')
+    args = p.parse_args(argv)
+    try:
+        lrs = [float(v) for v in args.lrs.split(',')]
+    except ValueError:
+        p.error(f"--lrs takes comma-separated numbers, not {args.lrs!r}")
+    if args.steps < 1 or args.every < 1 or not all(lr > 0 for lr in lrs):
+        p.error("--steps, --every and every lr must be > 0")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    results = {}
+    os.makedirs(args.report, exist_ok=True)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
+        futures = {pool.submit(curve_job, lr, args.steps, args.every, args.out): lr for lr in lrs}
+        for future in as_completed(futures):
+            points, baseline = future.result()
+            results[futures[future]] = dict(points=points, baseline=baseline)
+            with open(os.path.join(args.report, 'results.json'), 'w') as f:  # as each lr ends: an interruption keeps them
+                json.dump({f"{k:g}": results[k] for k in sorted(results)}, f, indent=1)
+    results = {k: results[k] for k in sorted(results)}
+    with open(os.path.join(args.report, 'results.md'), 'w') as f:
+        f.write(markdown(results, args.steps))
+    plot(results, os.path.join(args.report, 'results.png'))
+    print(f"wrote {os.path.join(args.report, 'results.md')}")
+
+
+if __name__ == '__main__':
+    sys.exit(main())
