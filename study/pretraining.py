@@ -159,6 +159,8 @@ def plot(results, path):
         y = lambda v: H - pad - min(v, 1.5) / 1.5 * (H - 2 * pad)
         d.rectangle([x0, pad, x0 + 200, H - pad], outline=(200, 200, 200))
         d.line([(x0, y(1)), (x0 + 200, y(1))], fill=(160, 160, 160))
+        for v in (0, 1, 1.5):
+            d.text((x0 + 203, y(v) - 6), f"{v:g}", fill='black')
         d.text((x0, pad - 16), f"{t} / {BASELINES[t]}", fill='black')
         for j, (lr, r) in enumerate(results.items()):
             xy = [(x0 + 200 * p['step'] / last, y(p['loss'][t] / r['baseline'][t])) for p in r['points']]
@@ -176,7 +178,13 @@ def main(argv=None):
     p.add_argument('--out', default='runs/mm-pretraining', help='run folders')
     p.add_argument('--jobs', type=int, default=2, help='learning rates trained at a time, one thread each')
     p.add_argument('--report', default=os.path.join(HERE, 'maskmentor-pretraining'), help='where results.* go')
+    p.add_argument('--tables', action='store_true', help="rewrite results.md and results.png from results.json")
     args = p.parse_args(argv)
+    if args.tables:
+        with open(os.path.join(args.report, 'results.json')) as f:
+            saved = json.load(f)
+        write_report({float(k): v for k, v in saved.items()}, args.report)
+        return 0
     try:
         lrs = [float(v) for v in args.lrs.split(',')]
     except ValueError:
@@ -194,11 +202,16 @@ def main(argv=None):
             results[futures[future]] = dict(points=points, baseline=baseline)
             with open(os.path.join(args.report, 'results.json'), 'w') as f:  # as each lr ends: an interruption keeps them
                 json.dump({f"{k:g}": results[k] for k in sorted(results)}, f, indent=1)
-    results = {k: results[k] for k in sorted(results)}
-    with open(os.path.join(args.report, 'results.md'), 'w') as f:
-        f.write(markdown(results, args.steps))
-    plot(results, os.path.join(args.report, 'results.png'))
-    print(f"wrote {os.path.join(args.report, 'results.md')}")
+    write_report({k: results[k] for k in sorted(results)}, args.report)
+
+
+def write_report(results, report):
+    """results.md and results.png of {lr: {'points', 'baseline'}}."""
+    steps = max(p['step'] for r in results.values() for p in r['points'])
+    with open(os.path.join(report, 'results.md'), 'w') as f:
+        f.write(markdown(results, steps))
+    plot(results, os.path.join(report, 'results.png'))
+    print(f"wrote {os.path.join(report, 'results.md')}")
 
 
 if __name__ == '__main__':
