@@ -1153,12 +1153,15 @@ def main(argv=None):
 
     shown = []
 
-    def progress(done, total):
+    def progress(done, total):  # one line rewritten in place on a terminal, a line every 10% in a log
         shown.append(done)
-        print(f"\rhha: {done}/{total} files", end='', file=sys.stderr, flush=True)
+        if sys.stderr.isatty():
+            print(f"\rhha: {done}/{total} files", end='', file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"hha: {done}/{total} files", file=sys.stderr, flush=True)
 
     def end_line():
-        if shown:
+        if shown and sys.stderr.isatty():
             print(file=sys.stderr)
 
     try:
@@ -1176,7 +1179,8 @@ def main(argv=None):
         end_line()
         print("hha: interrupted; finished files are kept and skipped next time", file=sys.stderr)
         return 130
-    print(f"\rhha: {written} written, {skipped} already there, in {args.out}", file=sys.stderr)
+    end_line()
+    print(f"hha: {written} written, {skipped} already there, in {args.out}", file=sys.stderr)
     return 0
 
 
