@@ -354,7 +354,19 @@ def load_run_checkpoint(path):
 
 def checkpoint_run(ckpt, source):
     """The Run a training checkpoint stores (or, for one of the previous format, `legacy_run`)."""
-    return Run(**ckpt['run']) if 'run' in ckpt else legacy_run(ckpt['config'], source)
+    if 'run' not in ckpt:
+        return legacy_run(ckpt['config'], source)
+    try:
+        return Run(**ckpt['run'])
+    except TypeError:
+        raise ValueError(f"{source} stores model arguments this code does not know ({sorted(ckpt['run'])}): "
+                         f"use the version of the code that wrote it") from None
+
+
+def trained_weights(ckpt):
+    """The weights a training checkpoint holds, less the step counter older MaskMentor
+    pre-training checkpoints kept as a buffer (the schedule follows the trainer's step)."""
+    return {k: v for k, v in ckpt['model'].items() if k != 'steps_done'}
 
 
 def load_model(path, pretrained=None, device='cpu'):
@@ -386,7 +398,7 @@ def load_model(path, pretrained=None, device='cpu'):
                              if used not in ('', 'none') else
                              "the run had no pretrained file and this checkpoint predates saving its random frozen "
                              "weights; train it again"))
-    rgbx.load_trained(model, {k: v for k, v in ckpt['model'].items() if k != 'steps_done'}, path)
+    rgbx.load_trained(model, trained_weights(ckpt), path)
     return model.to(device).eval(), run
 
 

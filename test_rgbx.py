@@ -4289,7 +4289,6 @@ def test_layout_recipes_sit_with_their_methods():
     gopt = rgbx.recipe('gopt', 'nyudv2')
     assert (gopt.epochs, gopt.lr, gopt.global_batch, gopt.augment) == (60, 4e-5, 64, 'crop')
     assert rgbx.recipe('maskmentor', 'demo', dict(stage='pretrain')).beta2 == 0.95
-    x = torch.tensor([[[0.5]]])  # KTB feeds X as its [0, 1] values, the others standardised
     assert data.get_preset('nyudv2').x_norm('depth', standardised=False) == ((0.0,), (1.0,))
     assert data.get_preset('nyudv2').x_norm('depth') == (data.DEPTH.mean, data.DEPTH.std)
 
@@ -4459,3 +4458,9 @@ def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
                            .reshape(16, -1)[mask[b]].mean() for b in range(2)]).mean()
     got = model.pixel_loss('norm_rgb', torch.zeros_like(targets['norm_rgb']), targets['norm_rgb'], mask, (4, 4))
     assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_eval_checkpoint_with_model_arguments_of_another_version_is_one_line():
+    with pytest.raises(ValueError, match='model arguments this code does not know'):
+        ev.checkpoint_run({'run': {'model_args': {}, 'dataset': 'demo', 'x_modality': 'depth', 'colour': 1}}, 'x.pt')
+    assert ev.trained_weights({'model': {'a': 1, 'steps_done': 2}}) == {'a': 1}

@@ -492,11 +492,15 @@ class RunLock:
     and the folder too when this run created it and left nothing in it."""
 
     def __init__(self, folder):
-        import fcntl  # POSIX; the lock is what keeps two runs out of one folder
         self.folder, self.created = folder, not os.path.isdir(folder)
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, '.lock')
         self.file = open(self.path, 'a+')
+        try:
+            import fcntl  # POSIX
+        except ImportError:
+            print(f"note: this OS has no fcntl: {folder} is not locked against a second run", file=sys.stderr)
+            return
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -663,7 +667,7 @@ def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, say):
     if ckpt['frozen_sha1'] != fingerprint:
         raise ValueError(f"{last_path} was trained on other frozen weights than those of --pretrained "
                          f"{cfg.pretrained!r}: pass the run's file, {ckpt['config']['pretrained']!r}")
-    rgbx.load_trained(model, {k: v for k, v in ckpt['model'].items() if k != 'steps_done'}, last_path)
+    rgbx.load_trained(model, ev.trained_weights(ckpt), last_path)
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
