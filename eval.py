@@ -282,6 +282,10 @@ def parse_opts(text):
     return out
 
 
+# 2: MaskMentor fine-tuning applies `depth_standardize` (in format 1 it stored the option without using it)
+RUN_FORMAT = 2
+
+
 @dataclass
 class Run:
     """What rebuilds a trained model and reads its data, as stored in its checkpoints:
@@ -296,6 +300,7 @@ class Run:
     crop: str = ''
     pretrained: str = ''
     seed: int = 0
+    format: int = RUN_FORMAT  # of the code that wrote it (`checkpoint_run` reads older ones as they ran)
 
     @property
     def method(self):
@@ -326,6 +331,13 @@ def run_of(method, backbone, dataset, x_modality='', opts='', pretrained='', dat
 # A checkpoint of the previous format (its config and option text only) would take today's
 # default for an option added since: here the value the code that wrote it used.
 LEGACY_OPTIONS = {'gopt': {'acp': 'literal'}}
+def as_it_ran(run):
+    """A Run of an older format, with the options that make today's code do what that code did."""
+    options = run.model_args['options']
+    if run.format < 2 and run.method == 'maskmentor' and options.get('stage') == 'finetune':
+        run.model_args = dict(run.model_args, options={**options, 'depth_standardize': False})
+    run.format = RUN_FORMAT
+    return run
 
 
 def legacy_run(config, source):
@@ -339,7 +351,8 @@ def legacy_run(config, source):
                      config['pretrained'], config['data_root'], config['crop'], config.get('seed', 0))
     except KeyError as e:
         raise ValueError(f"{source} has no config field {e}: it is not a checkpoint of train.py") from None
-    return run
+    run.format = 1
+    return as_it_ran(run)
 
 
 def load_run_checkpoint(path):
@@ -357,7 +370,7 @@ def checkpoint_run(ckpt, source):
     if 'run' not in ckpt:
         return legacy_run(ckpt['config'], source)
     try:
-        return Run(**ckpt['run'])
+        return as_it_ran(Run(**{'format': 1, **ckpt['run']}))
     except TypeError:
         raise ValueError(f"{source} stores model arguments this code does not know ({sorted(ckpt['run'])}): "
                          f"use the version of the code that wrote it") from None

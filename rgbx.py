@@ -2780,16 +2780,19 @@ class MaskMentorSeg(MaskMentorModel):
     tokens (design choice; MultiMAE concatenates them, which needs every input).
     Training drops modalities per sample with M2IM's rule (`m2im_keep`,
     p = modality_drop; 0 trains on complete input) among the present ones.
+    `depth_standardize`: depth standardised per image as in pre-training
+    (`standardize_depth`, MultiMAE's fine-tuning does the same), which no affine
+    scaling of the dataset changes; False feeds X as the dataset gives it.
     """
 
     # an absent or dropped modality's adapter gets no gradient in a step where no sample has it
     find_unused_parameters = True
 
-    def __init__(self, backbone, num_classes, head_dim=384, head_depth=4, modality_drop=0.5):
+    def __init__(self, backbone, num_classes, head_dim=384, head_depth=4, modality_drop=0.5, depth_standardize=True):
         super().__init__()
         if list(backbone.input_adapters) != ['rgb', 'depth']:
             raise ValueError(f"fine-tuning needs the adapters rgb, depth, got {list(backbone.input_adapters)}")
-        self.backbone, self.modality_drop = backbone, modality_drop
+        self.backbone, self.modality_drop, self.depth_standardize = backbone, modality_drop, depth_standardize
         self.head = ConvNeXtHead(backbone.dim, num_classes, head_dim, head_depth, backbone.patch_size)
 
     def presence(self, inputs, present):
@@ -2821,6 +2824,8 @@ class MaskMentorSeg(MaskMentorModel):
     def forward(self, rgb, x, label=None, present=None):
         inputs = {'rgb': rgb, 'depth': x}
         keep = self.presence(inputs, present)
+        if self.depth_standardize:  # after `presence`: an absent (all-zero) depth stays all zeros
+            inputs['depth'] = torch.where(keep[:, 1].view(-1, 1, 1, 1), standardize_depth(x), x)
         if self.training and self.modality_drop > 0:  # design choice: M2IM's rule drops modalities in fine-tuning
             drop = keep & m2im_keep_batch(rgb.shape[0], len(inputs), self.modality_drop, rgb.device)
             keep = torch.where(drop.any(1, keepdim=True), drop, keep)
@@ -2854,9 +2859,11 @@ def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, st
     stage='pretrain': MaskMentorPretrain (adapters rgb, depth, semseg with a `class_dim`
     class embedding; MultiMAE output adapters decoder_dim / _heads / _depth; options
     mask_ratio, p_m, warmup (fraction of the steps) or warmup_steps, teacher_iters,
-    token_weight, norm_pix_rgb, depth_standardize).
+    token_weight, norm_pix_rgb).
     stage='finetune': MaskMentorSeg (adapters rgb, depth; options head_*,
     modality_drop, freeze_backbone; the paper trains the whole network).
+    `depth_standardize` (both stages): depth standardised per image (MultiMAE's
+    truncated standardisation, in its pre-training and fine-tuning alike).
     `img_size`: the size the position tables are stored for (MultiMAE: 224).
     `pretrained`: a MultiMAE file, an MAE ViT file, or an rgbx MaskMentor checkpoint,
     through `load_pretrained` (which names what it ignores or re-initialises).
@@ -2879,7 +2886,7 @@ def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, st
                                    warmup, warmup_steps, teacher_iters, token_weight, norm_pix_rgb, depth_standardize,
                                    img_size)
     else:
-        model = MaskMentorSeg(backbone, num_classes, head_dim, head_depth, modality_drop)
+        model = MaskMentorSeg(backbone, num_classes, head_dim, head_depth, modality_drop, depth_standardize)
     if pretrained:
         load_pretrained(model, pretrained)
     if stage == 'finetune' and freeze_backbone:

@@ -2208,6 +2208,26 @@ def test_maskmentor_finetune_frozen_backbone_honoured():
     assert not torch.equal(head, model.head.final_layer.weight)
 
 
+def test_maskmentor_finetune_depth_standardised_per_image_as_in_pretraining():
+    """depth_standardize: fine-tuning sees depth as pre-training does (MultiMAE's per-image truncated
+    standardisation), so any affine scaling of the dataset gives the same logits; an absent (all-zero)
+    depth stays absent; False feeds depth as the dataset gives it."""
+    torch.manual_seed(0)
+    rgb, x, _ = mm_batch(B=3, H=32, W=48)
+    x = x.abs() + 0.5
+    torch.manual_seed(1)
+    model = mm_finetune().eval()
+    assert model.depth_standardize  # the default: as MultiMAE fine-tunes
+    out = model(rgb, x)
+    assert torch.allclose(model(rgb, 3.0 * x - 2.0), out, atol=1e-4)  # the dataset's mean / std drop out
+    x0 = x.clone()
+    x0[1] = 0  # sample 1 has no depth: it is still absent, as if the input were RGB only
+    assert torch.allclose(model(rgb, x0)[1], model(rgb[1:2], x[1:2], present=('rgb',))[0], atol=1e-5)
+    model.depth_standardize = False
+    assert not torch.allclose(model(rgb, 3.0 * x - 2.0), model(rgb, x), atol=1e-2)
+    assert torch.allclose(model(rgb, rgbx.standardize_depth(x)), out, atol=1e-5)  # what True feeds the encoder
+
+
 def test_maskmentor_loads_mae_checkpoint(tmp_path):
     torch.manual_seed(0)
     mae = rgbx.VisionTransformer(**MM_TINY).state_dict()
@@ -4177,12 +4197,17 @@ def test_train_closing_line_after_a_resume_counts_the_whole_run(tmp_path, capsys
 # The reproduction study (study/run.py)
 # ----------------------------------------------------------------------------
 
-def test_study_gopt_part_and_decisions():
+STUDY_CHOICES = dict(lr={'early fusion': 3e-3, 'KTB': 3e-4, 'prompt tuning': 1e-3, 'MaskMentor fine-tuning': 3e-4},
+                     depth_standardize=False, pretrain=dict(lr=2e-3, steps=7))
+
+
+def test_study_plan_rows_decisions_and_vpt_budgets():
     from study import run as study
-    names = {r['name'] for r in study.plan([0], 2, 2, part='gopt')}
-    assert {'ViT foundation (RGB)', 'Frozen foundation + head, no prompts', 'VPT-shallow', 'VPT-deep',
-            'GoPT (hard, 4 prompters)', 'GoPT soft', 'GoPT 1 prompter'} <= names
-    assert not any(n.startswith(('KTB', 'Swin', 'MaskMentor', 'MIM', 'M2IM')) for n in names)
+    runs = study.plan([0], 2, 2, STUDY_CHOICES)
+    assert [r['name'] for r in runs] == [c[0] for c in study.CONDITIONS]
+    # without choices (before the validation runs): the foundations only, which need nothing
+    assert [(r['name'], r['need']) for r in study.plan([0, 1], 2, 5)] == [
+        (f'{f} foundation (RGB)', None) for _ in (0, 1) for f in ('Swin', 'ViT')]
     decide = study.plan([0, 1], 2, 2, decide=True)
     assert {r['config']['dataset'] for r in decide} == {study.VALIDATION}
     assert len(decide) == 2 * (1 + len(study.DECISIONS))
@@ -4196,7 +4221,8 @@ def test_study_gopt_part_and_decisions():
 
 def test_study_gopt_acp_readings_and_only():
     from study import run as study
-    gopt_runs = {r['name']: ev.parse_opts(r['config']['opts']) for r in study.plan([0], 2, 2, part='gopt')}
+    gopt_runs = {r['name']: ev.parse_opts(r['config']['opts']) for r in study.plan([0], 2, 2, STUDY_CHOICES)
+                 if r['config']['method'] == 'gopt'}
     assert gopt_runs['GoPT (hard, 4 prompters)']['acp'] == rgbx.ACP_DEFAULT == study.ACP
     other = f'GoPT (hard, 4 prompters), ACP {study.ACP_OTHER}'
     assert gopt_runs[other]['acp'] == study.ACP_OTHER != study.ACP
@@ -4212,7 +4238,7 @@ def test_study_gopt_acp_readings_and_only():
                if name.startswith(('R1', 'R2')))
 
 
-def test_study_summary_and_paired_claims_by_hand():
+def test_study_summary_paired_claims_and_the_rule_by_hand():
     from study import run as study
     fake = {}
     for seed, (a, b) in enumerate([(0.50, 0.40), (0.30, 0.35), (0.60, 0.40)]):
@@ -4225,10 +4251,51 @@ def test_study_summary_and_paired_claims_by_hand():
     assert values == [0.5, 0.3, 0.6] and mean == pytest.approx(1.4 / 3) and std == pytest.approx(np.std(values, ddof=1))
     assert table['GoPT soft']['step_seconds'] == pytest.approx(0.2)
     (claim,) = [c for c in study.claim_rows(fake) if c['claim'].startswith('hard beats soft')]
-    assert (claim['wins'], claim['n']) == (2, 3)
+    assert (claim['wins'], claim['n'], claim['verdict']) == (2, 3, 'not held')
     assert (claim['mean'], claim['low'], claim['high']) == pytest.approx((0.25 / 3, -0.05, 0.2))
+    assert claim['spread'] == pytest.approx(np.std([0.5, 0.3, 0.6], ddof=1))
     text = study.markdown(table, study.claim_rows(fake), 'test')
-    assert '| GoPT soft | 38.3 ± 2.9 |' in text and '+8.3 (-5.0, +20.0) | 2/3 seeds |' in text
+    assert '| GoPT soft | 38.3 ± 2.9 |' in text and '+8.3 (-5.0, +20.0) | 2/3 seeds | 15.3 | not held |' in text
+    # the rule: every seed and beyond the spread; reversed the same way; a claim's inputs are averaged
+    row = lambda d, spread: dict(wins=sum(v > 0 for v in d), n=len(d), mean=np.mean(d), spread=spread)
+    assert study.verdict(row([0.05, 0.06, 0.07], 0.01)) == 'held'
+    assert study.verdict(row([0.05, 0.06, 0.07], 0.2)) == 'not held'  # within the seeds' spread
+    assert study.verdict(row([-0.05, -0.06, -0.07], 0.01)) == 'not held (reversed)'
+    assert study.verdict(row([0.05, 0.06], 0.01)).startswith('not judged')
+    for seed in range(3):
+        fake[f'KTB/{seed}'] = dict(name='KTB', seed=seed, both=0.8, rgb=0.5 + seed / 100, x=0.4)
+        fake[f'KTB w/o MMST/{seed}'] = dict(name='KTB w/o MMST', seed=seed, both=0.9, rgb=0.3, x=0.3)
+    (mmst,) = [c for c in study.claim_rows(fake) if c['b'] == 'KTB w/o MMST']
+    assert mmst['columns'] == ('rgb', 'x') and mmst['mean'] == pytest.approx(0.155)  # mean over seeds of ((0.2 + s / 100) + 0.1) / 2
+    untestable = {text: 'why' for paper, text, *_ in study.CLAIMS if paper == 'KTB'}
+    verdicts = {c['b']: c['verdict'] for c in study.claim_rows(fake, untestable)}
+    assert verdicts == {'KTB w/o MMST': 'not testable at this scale: why (by the rule alone: held)',
+                        'GoPT soft': 'not held'}
+
+
+def test_study_choices_on_validation_by_hand():
+    """Each family's lr (and MaskMentor's depth scaling) is the grid point with the best mean over
+    seeds and grid rows of the family's inputs, on validation runs only."""
+    from study import run as study
+    runs = study.validation_plan([0, 1], 3, 4, dict(lr=2e-3, steps=9))
+    assert {r['config']['dataset'] for r in runs} == {study.VALIDATION}
+    assert all(r['need'] is None or r['need'].startswith('val: ') for r in runs)
+    grid = [r for r in runs if 'family' in r]
+    assert len(grid) == 2 * len(study.LRS) * (2 + 1 + 1 + 2)  # 2 early fusion rows, KTB, GoPT, MaskMentor x 2 scalings
+    pre = next(r for r in runs if r['pretraining'])
+    assert (pre['config']['lr'], pre['config']['max_steps']) == (2e-3, 9)
+    mm = [r for r in grid if r['family'] == 'MaskMentor fine-tuning']
+    assert {(r['lr'], r['depth_standardize']) for r in mm} == {(lr, d) for lr in study.LRS for d in (True, False)}
+    assert all(r['need'] == f"val: M2IM + STTP pre-training/{r['seed']}" for r in mm)
+    fake = {}
+    for r in grid:  # KTB: lr 3e-4 best on the mean of its three inputs, though not on RGB+X
+        good = r['lr'] == {'KTB': 3e-4, 'MaskMentor fine-tuning': 1e-3}.get(r['family'], 3e-3) and \
+            r.get('depth_standardize', True)
+        fake[r['key']] = dict(r, both=0.5 + 0.1 * (r['family'] != 'KTB' and good), rgb=0.3 + 0.2 * good, x=0.3)
+    choices, scores = study.chosen(fake)
+    assert choices == dict(lr={'early fusion': 3e-3, 'KTB': 3e-4, 'prompt tuning': 3e-3, 'MaskMentor fine-tuning': 1e-3},
+                           depth_standardize=True)
+    assert scores['KTB'][(3e-4, None)] == pytest.approx((0.5 + 0.5 + 0.3) / 3)
 
 
 @pytest.mark.slow
@@ -4237,7 +4304,8 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     it with --pretrained, both are evaluated on the three inputs; a second call reads the
     finished runs back instead of training them again."""
     from study import run as study
-    runs = [r for r in study.plan([0], steps=2, foundation_steps=2, pretrain_lr=1e-3) if r['name'] in ('Swin foundation (RGB)', 'KTB')]
+    runs = [r for r in study.plan([0], steps=2, foundation_steps=2, choices=STUDY_CHOICES)
+            if r['name'] in ('Swin foundation (RGB)', 'KTB')]
     assert runs[1]['need'] == runs[0]['key']
     results = study.run_all(runs, str(tmp_path), jobs=1)
     assert set(results) == {'Swin foundation (RGB)/0', 'KTB/0'}
@@ -4252,7 +4320,7 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     stamp = os.path.getmtime(os.path.join(ktb, 'result.json'))
     assert study.run_all(runs, str(tmp_path), jobs=1) == results
     assert os.path.getmtime(os.path.join(ktb, 'result.json')) == stamp
-    longer = study.plan([0], steps=3, foundation_steps=2, pretrain_lr=1e-3)  # another budget in the same folder is refused, not reused
+    longer = study.plan([0], steps=3, foundation_steps=2, choices=STUDY_CHOICES)  # another budget in the same folder is refused, not reused
     with pytest.raises(ValueError, match='KTB-0.*another --out'):
         study.run_all([r for r in longer if r['name'] in ('Swin foundation (RGB)', 'KTB')], str(tmp_path), jobs=1)
     trained = ev.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
@@ -4260,21 +4328,34 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
         assert torch.equal(p, trained['backbone.' + name]), name
 
 
-def test_study_maskmentor_plan_isolates_sttp_and_selects_lr_on_val():
+def test_study_maskmentor_plan_isolates_sttp_and_takes_the_choices():
     from study import run as study
-    runs = {r['name']: r for r in study.plan([0], steps=10, foundation_steps=10, pretrain_lr=3e-4)}
+    runs = {r['name']: r for r in study.plan([0], steps=10, foundation_steps=10, choices=STUDY_CHOICES)}
     sttp, control = runs['M2IM + STTP pre-training']['config'], runs['STTP schedule w/o token loss']['config']
     assert control == dict(sttp, opts=sttp['opts'] + ',token_weight=0')  # only the token loss differs
-    assert sttp['lr'] == 3e-4 and tr.resolve(tr.Config(**sttp)).schedule == 'cosine'
+    assert (sttp['lr'], sttp['max_steps']) == (2e-3, 7) and tr.resolve(tr.Config(**sttp)).schedule == 'cosine'
     ft = tr.resolve(tr.Config(**runs['MaskMentor FT after M2IM + STTP']['config']))
     early = tr.resolve(tr.Config(**runs['ViT early fusion, full FT']['config']))
-    assert (ft.lr, ft.batch_size, ft.schedule) == (early.lr, early.batch_size, early.schedule)  # a common FT recipe
+    assert (ft.batch_size, ft.schedule) == (early.batch_size, early.schedule) == (4, 'poly')  # a common FT recipe
+    assert (ft.lr, early.lr) == (3e-4, 3e-3)  # each family's own lr
+    assert ev.parse_opts(ft.opts)['depth_standardize'] == 'false'
+    assert {runs[n]['config']['lr'] for n in study.FAMILIES[2][1]} == {1e-3}  # one lr for all of a family's rows
+    assert 'lr' not in runs['ViT foundation (RGB)']['config']  # the foundations: the demo's lr
     assert runs['MaskMentor FT after STTP schedule w/o token loss']['need'] == 'STTP schedule w/o token loss/0'
-    selection = study.select_plan(10, 10)
-    assert all(r['config']['split'] == 'fit' and r.get('eval_split', 'val') == 'val' for r in selection)
-    assert {r['config']['lr'] for r in selection if r['pretraining']} == set(study.PRETRAIN_LRS)
-    fake = {f'{lr}': dict(lr=lr, both=0.5, rgb=0.4, x=0.3 + (lr == 1e-3) * 0.1) for lr in study.PRETRAIN_LRS}
-    assert study.chosen_lr(fake)[0] == 1e-3
+    assert all(study.family_of(c[0]) for c in study.CONDITIONS if c[4] and 'stage=pretrain' not in c[3])
+
+
+def test_study_pretraining_budget_and_what_stays_stuck_by_hand():
+    from study import pretraining
+    base = {t: 1.0 for t in pretraining.TASKS}
+    curve = lambda *means: dict(baseline=base, points=[dict(step=100 * i, loss={**{t: m for t in base}, 'depth': 1.02})
+                                                       for i, m in enumerate(means)])
+    results = {1e-3: curve(2.0, 0.8, 0.72, 0.66, 0.65), 3e-3: curve(2.0, 0.9, 0.8, 0.75, 0.74)}
+    lr, steps, mean = pretraining.choose(results)
+    # the lowest last mean ratio: 1e-3; its whole gain in mean ratio is 3 * (2.0 - 0.65) / 4; 95% of it is first
+    # reached at step 300 (0.66: 99.3% of it; 0.72 at step 200: 94.8%)
+    assert (lr, steps) == (1e-3, 300) and mean == pytest.approx((3 * 0.66 + 1.02) / 4)
+    assert pretraining.stuck(results) == ['depth']
 
 
 # ----------------------------------------------------------------------------
@@ -4410,10 +4491,10 @@ def test_layout_train_help_describes_every_flag_and_lists_the_methods(capsys):
 
 def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
     """`python -m study.run --tables`: a report's results.md comes from its results.json, no training:
-    the GoPT report written by the run is rewritten identically."""
+    the GoPT decisions' report is rewritten identically."""
     import shutil
     from study import run as study
-    here = Path(__file__).resolve().parent / 'study' / 'gopt'
+    here = Path(__file__).resolve().parent / 'study' / 'gopt-validation'
     shutil.copy(here / 'results.json', tmp_path / 'results.json')
     study.write_report(str(tmp_path))
     assert (tmp_path / 'results.md').read_text() == (here / 'results.md').read_text()
@@ -4445,8 +4526,8 @@ def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
                       '--report', str(tmp_path)])
     saved = json.load(open(tmp_path / 'results.json'))['0.001']
     assert [p['step'] for p in saved['points']] == [0, 1, 2]
-    assert set(saved['baseline']) == set(pretraining.TASKS) | {'depth_mean'}
-    assert 'Chosen (lowest mean ratio at the last step): lr 0.001' in (tmp_path / 'results.md').read_text()
+    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image'}
+    assert 'Chosen: lr 0.001 (the lowest mean ratio at the last step)' in (tmp_path / 'results.md').read_text()
     assert (tmp_path / 'results.png').exists()
     model = mm_pretrain()
     rgb, x, label = mm_batch(B=2, H=64, W=64)
@@ -4458,6 +4539,23 @@ def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
                            .reshape(16, -1)[mask[b]].mean() for b in range(2)]).mean()
     got = model.pixel_loss('norm_rgb', torch.zeros_like(targets['norm_rgb']), targets['norm_rgb'], mask, (4, 4))
     assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_eval_older_run_format_loads_as_it_ran():
+    """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
+    the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
+    from dataclasses import asdict
+    stored = asdict(ev.run_of('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
+    assert stored['format'] == ev.RUN_FORMAT and stored['model_args']['options']['depth_standardize'] is True
+    old = {k: v for k, v in stored.items() if k != 'format'}
+    assert ev.checkpoint_run({'run': old}, 'x.pt').model_args['options']['depth_standardize'] is False
+    assert ev.checkpoint_run({'run': stored}, 'x.pt').model_args['options']['depth_standardize'] is True
+    legacy = dict(method='maskmentor', backbone='vit-nano', dataset='demo', x_modality='', opts='head_dim=16',
+                  pretrained='', data_root='', crop='')
+    assert ev.checkpoint_run({'config': legacy}, 'x.pt').model_args['options']['depth_standardize'] is False
+    pre = ev.checkpoint_run({'run': {**old, 'model_args': {**old['model_args'], 'options': {
+        **old['model_args']['options'], 'stage': 'pretrain'}}}}, 'x.pt')
+    assert pre.model_args['options']['depth_standardize'] is True  # pre-training always used it
 
 
 def test_eval_checkpoint_with_model_arguments_of_another_version_is_one_line():

@@ -1,9 +1,9 @@
-"""Small-scale reproduction study: each paper's central claim, tested on CPU on the
+"""Small-scale reproduction study: each paper's central claims, tested on CPU on the
 built-in demo data (README, "Results").
 
-    python -m study.run            # the whole study, from the repository's root (under an hour on 2 cores)
+    python -m study.run            # the whole study, from the repository's root (about 1.5 h on 2 cores)
     python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~2 min)
-    python -m study.run --part gopt      # only the ViT foundation and the GoPT family (report in study/gopt)
+    python -m study.run --tables   # rewrite the reports and the README's claims table from the results.json
     python -m study.run --decide --seeds 2   # GoPT's open decisions on held-out training scenes (study/gopt-validation)
 
 Set-up, mirroring the papers at toy scale (`demo128`: 128 x 128 synthetic RGB-D scenes
@@ -12,30 +12,34 @@ where RGB tells an object's colour and only depth its height, see data.DemoDatas
    method rgb_only), the stand-ins for the ImageNet / MAE files the papers start
    from; their backbones are saved in the official key format and loaded with
    --pretrained like those files. One foundation per seed.
-2. adaptation, the same number of steps for every method, from the foundation of
-   the same seed: early fusion with full fine-tuning (the papers' reference line),
-   KTB with and without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP / the other
-   reading of ACP (rgbx.ACP_READINGS; its claims name the reading), VPT-shallow and
-   VPT-deep at the paper's budget ratios to GoPT, the frozen foundation with a trained head and no
-   prompts (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM, M2IM + STTP, and
-   STTP's schedule without its token loss (the control that isolates STTP's token loss)
-   pre-training (ViT, the pre-training on the demo's training split with its labels as the
-   semantic-map modality; its lr chosen beforehand on validation scenes carved from the
-   training split, see `select_plan`).
-3. evaluation of the final weights (no selection on the test split) with RGB + X,
-   RGB only and X only (eval.py's --modality: the missing input is zeroed); GoPT's models also
-   with rgbx.gopt_diagnostics (class-token collapse, assignments flipped by the Gumbel noise).
+2. validation (`validation_plan`, never the test scenes): on `demo128-val` (64 of the
+   training scenes held out, foundations trained on the other 192), each method family's
+   fine-tuning lr from the grid LRS (the same lr for all its rows, FAMILIES) and
+   MaskMentor fine-tuning's depth scaling (per image as MultiMAE, or the dataset's mean /
+   std); MaskMentor's pre-training lr and budget come from its curves against trivial
+   baselines (`python -m study.pretraining`, study/maskmentor-pretraining).
+3. adaptation, the same number of steps for every method, from the foundation of the same
+   seed: early fusion with full fine-tuning (the papers' reference line), KTB with and
+   without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP / the other reading
+   of ACP (rgbx.ACP_READINGS; its claims name the reading), VPT-shallow and VPT-deep at the
+   paper's budget ratios to GoPT, the frozen foundation with a trained head and no prompts
+   (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM, M2IM + STTP, and STTP's
+   schedule without its token loss (the control that isolates STTP's token loss).
+4. evaluation of the final weights on the test scenes, once, with RGB + X, RGB only and
+   X only (eval.py's --modality: the missing input is zeroed); GoPT's models also with
+   rgbx.gopt_diagnostics. Each claim is judged by one rule (`verdict`).
 
-Every run is a train.py configuration (its command line is in the log); runs go to
---out (default runs/study), each with result.json, so an interrupted study resumes
-where it stopped. The tables go to study/results.md, the plot to study/results.png,
-every figure to study/results.json.
+Every run is a train.py configuration (its command line is in its train.log); runs go to
+--out (default runs/study), each with result.json as it ends, so an interrupted study
+resumes where it stopped. Reports: study/results.md (+ .png, .json), study/validation/,
+and the README's claims table between its `study:claims` markers.
 """
 import argparse
 import contextlib
 import json
 import multiprocessing
 import os
+import platform
 import re
 import sys
 import time
@@ -52,9 +56,13 @@ import train
 from eval import evaluate, metrics
 
 DATASET = 'demo128'
-VALIDATION = 'demo128-val'  # GoPT's decisions (--decide): 64 training scenes held out, the foundation trained on the rest
+VALIDATION = 'demo128-val'  # 64 training scenes held out, the foundations trained on the other 192
 STEPS, FOUNDATION_STEPS = 400, 800  # optimizer steps of batch 4
+VALIDATION_SEEDS = 2
+LRS = (3e-4, 1e-3, 3e-3)  # each family's fine-tuning lr grid (the papers: KTB 4e-4, GoPT 4e-5, MaskMentor 3e-5)
 HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(os.path.dirname(HERE), 'README.md')
+MARKERS = ('<!-- study:claims:start -->', '<!-- study:claims:end -->')
 
 # design choice: the papers' sizes scaled to the nano widths. Swin-nano is Swin-B / 4 (C = 32): KTB's
 # C/8, C/16 ranks scale by themselves, its heads 512 / 256 become 128 / 64, the baselines' head 64.
@@ -75,11 +83,10 @@ VPT_DEEP = 'variant=vpt_deep,vpt_rank=187,head_dim=64,head_from=foundation'
 # MaskMentor: a decoder and a ConvNeXt head as wide as the encoder
 MM = 'decoder_dim=64,decoder_heads=4,decoder_depth=1,head_dim=64,head_depth=2'
 # MaskMentor pre-training in the paper's shape (Sec. 3.4, 4.1): complete-modality MIM warm-up for the first
-# 20% of the steps (the default `warmup`), then cycles of 3 teacher + 1 student iterations on one batch
+# 20% of the steps (the default `warmup`), then cycles of 3 teacher + 1 student iterations on one batch;
+# its lr and number of steps: chosen on validation scenes by its losses against trivial baselines
+# (study.pretraining, `pretraining_choice`)
 MM_PRE = MM + ',stage=pretrain'
-# design choice, paper silent at this scale: the pre-training lr is the one of PRETRAIN_LRS whose
-# M2IM + STTP pre-training, then fine-tuning, scores best (mean of the three inputs) on the 'val' scenes
-PRETRAIN_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 
 # (name, family, method, options, what its backbone comes from); 'pretrain:<name>' = that
 # MaskMentor pre-training run of the same seed
@@ -113,10 +120,10 @@ CONDITIONS = [
      'pretrain:STTP schedule w/o token loss'),
 ]
 
-# each claim: (paper, what it says, condition A, condition B, the columns A should beat B in)
+# each claim: (paper, what it says, condition A, condition B, the inputs it is on: A - B is their mean mIoU's)
 CLAIMS = [
     ('KTB', 'RGB+X beats the RGB foundation', 'KTB', 'Swin foundation (RGB)', ('both',)),
-    ('KTB', 'MMST raises the single-modality columns (supp. Fig. 1, Table 5)', 'KTB', 'KTB w/o MMST', ('rgb', 'x', 'both')),
+    ('KTB', 'MMST raises the single-modality columns (supp. Fig. 1, Table 5)', 'KTB', 'KTB w/o MMST', ('rgb', 'x')),
     ('KTB', 'close to full fine-tuning at a fraction of the parameters', 'KTB', 'Swin early fusion, full FT', ('both',)),
     # GoPT's claims, each with the reading of ACP its GoPT rows use
     ('GoPT', f'beats the foundation (ACP {ACP})', 'GoPT (hard, 4 prompters)', 'ViT foundation (RGB)', ('both',)),
@@ -137,11 +144,11 @@ CLAIMS = [
      ('both',)),
     ('GoPT', f'ACP adds to CUP: beats w/o ACP (Table 4; ACP {ACP_OTHER})', f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}',
      'GoPT w/o ACP', ('both',)),
-    ('MaskMentor', 'MIM pre-training helps (Table 3)', 'MaskMentor FT after MIM', 'MaskMentor FT, no pre-training', ('rgb', 'x', 'both')),
-    ('MaskMentor', 'M2IM beats plain MIM (Table 3)', 'MaskMentor FT after M2IM', 'MaskMentor FT after MIM', ('rgb', 'x', 'both')),
-    ('MaskMentor', 'STTP adds on top of M2IM (Table 3)', 'MaskMentor FT after M2IM + STTP', 'MaskMentor FT after M2IM', ('rgb', 'x', 'both')),
+    ('MaskMentor', 'MIM pre-training helps (Table 3)', 'MaskMentor FT after MIM', 'MaskMentor FT, no pre-training', ('both', 'rgb', 'x')),
+    ('MaskMentor', 'M2IM beats plain MIM (Table 3)', 'MaskMentor FT after M2IM', 'MaskMentor FT after MIM', ('both', 'rgb', 'x')),
+    ('MaskMentor', 'STTP adds on top of M2IM (Table 3)', 'MaskMentor FT after M2IM + STTP', 'MaskMentor FT after M2IM', ('both', 'rgb', 'x')),
     ('MaskMentor', "STTP's token loss helps (control: its schedule without it)", 'MaskMentor FT after M2IM + STTP',
-     'MaskMentor FT after STTP schedule w/o token loss', ('rgb', 'x', 'both')),
+     'MaskMentor FT after STTP schedule w/o token loss', ('both', 'rgb', 'x')),
 ]
 COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 
@@ -175,33 +182,80 @@ DECISIONS = [
 ]
 
 
-def conditions(part='all', decide=False):
-    """The CONDITIONS of `part` ('all' or 'gopt': the ViT foundation and the GoPT family), or
-    with `decide` the ViT foundation and the DECISIONS, as (name, family, method,
-    options, source, extra train.Config fields)."""
+
+# Each method family's fine-tuning lr, chosen on validation from LRS and the same for all its rows:
+# (family, its rows, the rows its grid trains, the inputs its score averages: the ones its claims are on)
+FAMILIES = [
+    ('early fusion', ('Swin early fusion, full FT', 'ViT early fusion, full FT'),
+     ('Swin early fusion, full FT', 'ViT early fusion, full FT'), ('both',)),
+    ('KTB', ('KTB', 'KTB w/o MMST'), ('KTB',), ('both', 'rgb', 'x')),
+    ('prompt tuning', tuple(c[0] for c in CONDITIONS if c[2] == 'gopt'), ('GoPT (hard, 4 prompters)',), ('both',)),
+    ('MaskMentor fine-tuning', tuple(c[0] for c in CONDITIONS if c[2] == 'maskmentor' and 'stage=pretrain' not in c[3]),
+     ('MaskMentor FT after M2IM + STTP',), ('both', 'rgb', 'x')),
+]
+# design choice, decided on validation with the MaskMentor family's lr: fine-tuning's depth as pre-training
+# sees it (standardised per image, as MultiMAE fine-tunes) or as the dataset gives it (its mean / std)
+DEPTH_SCALINGS = {True: 'per image', False: 'dataset mean / std'}
+
+
+def family_of(name):
+    """The FAMILIES entry a condition's lr comes from (None: a foundation or a pre-training)."""
+    return next((f for f in FAMILIES if name in f[1]), None)
+
+
+def conditions(decide=False):
+    """The CONDITIONS, or with `decide` the ViT foundation and the DECISIONS, as (name,
+    family, method, options, source, extra train.Config fields)."""
     vit_foundation = next(c for c in CONDITIONS if c[0] == 'ViT foundation (RGB)')
     if decide:
         return [(*vit_foundation, {})] + [(name, 'vit', 'gopt', opts, 'foundation', extra)
                                           for name, opts, extra in DECISIONS]
-    return [(*c, {}) for c in CONDITIONS if part == 'all' or c[1] == 'vit' and c[2] in ('rgb_only', 'gopt')]
+    return [(*c, {}) for c in CONDITIONS]
 
 
-def plan(seeds, steps, foundation_steps, part='all', decide=False, pretrain_lr=None, only=''):
-    """Every run of the study: dicts with name, seed, key 'name/seed', need (the key
-    of the run whose weights it starts from, None for a foundation) and the train.Config fields it sets.
-    `decide`: the GoPT decisions on the validation preset instead (see DECISIONS). `only`: a regular
-    expression; just the conditions whose name it finds, and the runs they start from."""
+def source_key(family, source, seed, prefix=''):
+    """The key of the run a condition starts from (None: a foundation)."""
+    if source is None:
+        return None
+    if source == 'foundation':
+        return f"{prefix}{'Swin' if family == 'swin' else 'ViT'} foundation (RGB)/{seed}"
+    return f"{prefix}{source[len('pretrain:'):]}/{seed}"
+
+
+def run_config(name, method, family, opts, seed, dataset, steps, choices):
+    """The train.Config fields of one run. `choices`: {'lr': {family: lr}, 'depth_standardize':
+    bool, 'pretrain': {'lr', 'steps'}} (see `chosen`); None for a foundation or --decide."""
+    config = dict(dataset=dataset, method=method, backbone=f'{family}-nano', opts=opts, seed=seed, max_steps=steps)
+    if choices is None:
+        return config
+    if 'stage=pretrain' in opts:  # MaskMentor pre-training: MaskMentor's recipe at the study's batch
+        return dict(config, max_steps=choices['pretrain']['steps'], lr=choices['pretrain']['lr'], batch_size=4)
+    fam = family_of(name)
+    if fam:
+        config['lr'] = choices['lr'][fam[0]]
+    if method == 'maskmentor':  # the study's common fine-tuning recipe (poly, batch 4), as every other adaptation
+        config.update(opts=f"{opts},depth_standardize={str(choices['depth_standardize']).lower()}",
+                      batch_size=4, schedule='poly')
+    return config
+
+
+def plan(seeds, steps, foundation_steps, choices=None, decide=False, only=''):
+    """Every run of the study: dicts with name, seed, key 'name/seed', need (the key of the
+    run whose weights it starts from, None for a foundation), pretraining and the
+    train.Config fields it sets. `choices` (`chosen`): the values chosen on validation;
+    None plans only the foundations. `decide`: the GoPT decisions on the validation preset
+    instead (see DECISIONS). `only`: a regular expression; just the conditions whose name it
+    finds, and the runs they start from."""
     runs = []
     for seed in seeds:
-        for name, family, method, opts, source, extra in conditions(part, decide):
-            need = None if source is None else \
-                f"{'Swin' if family == 'swin' else 'ViT'} foundation (RGB)/{seed}" if source == 'foundation' else \
-                f"{source[len('pretrain:'):]}/{seed}"
+        for name, family, method, opts, source, extra in conditions(decide):
+            if source is not None and choices is None and not decide:
+                continue
+            need = source_key(family, source, seed)
+            config = run_config(name, method, family, opts, seed, VALIDATION if decide else DATASET,
+                                steps if need else foundation_steps, None if decide or not need else choices)
             runs.append(dict(name=name, seed=seed, key=f'{name}/{seed}', need=need, pretraining='stage=pretrain' in opts,
-                             config=dict(dataset=VALIDATION if decide else DATASET, method=method,
-                                         backbone=f'{family}-nano', opts=opts, seed=seed,
-                                         max_steps=steps if need else foundation_steps, **extra,
-                                         **(maskmentor_recipe(opts, pretrain_lr) if method == 'maskmentor' else {}))))
+                             config={**config, **extra}))
     if only:
         keep = {r['key'] for r in runs if re.search(only, r['name'])}
         while True:  # and what they start from
@@ -213,39 +267,63 @@ def plan(seeds, steps, foundation_steps, part='all', decide=False, pretrain_lr=N
     return runs
 
 
-def maskmentor_recipe(opts, pretrain_lr):
-    """MaskMentor's optimisation in the study: pre-training cosine with AdamW betas 0.9 / 0.95 (train.py's
-    MaskMentor recipe) at the study's batch and the lr chosen on the validation scenes; fine-tuning on the
-    study's common recipe (the preset's lr, poly, batch 4), as every other adaptation."""
-    recipe = data.PRESETS[DATASET].defaults
-    if 'stage=pretrain' in opts:
-        return dict(lr=pretrain_lr, batch_size=recipe['batch_size'])
-    return dict(lr=recipe['lr'], batch_size=recipe['batch_size'], schedule='poly')
-
-
-def select_plan(steps, foundation_steps):
-    """The runs that choose the pre-training lr, seed 0, on validation scenes carved from the
-    training split (never the test split): a ViT foundation, then per lr of PRETRAIN_LRS an
-    M2IM + STTP pre-training and its fine-tuning, all trained on 'fit' and evaluated on 'val'."""
-    base = dict(dataset=DATASET, backbone='vit-nano', seed=0, split='fit')
-    found = 'select: ViT foundation (RGB)/0'
-    runs = [dict(name='select: ViT foundation (RGB)', seed=0, key=found, need=None, pretraining=False,
-                 eval_split='val', config=dict(base, method='rgb_only', opts=HEAD, max_steps=foundation_steps))]
-    for lr in PRETRAIN_LRS:
-        pre, ft = f'select: M2IM + STTP pre-training, lr {lr:g}', f'select: FT after M2IM + STTP, lr {lr:g}'
-        runs += [dict(name=pre, seed=0, key=f'{pre}/0', need=found, pretraining=True,
-                      config=dict(base, method='maskmentor', opts=MM_PRE, max_steps=steps,
-                                  **maskmentor_recipe(MM_PRE, lr))),
-                 dict(name=ft, seed=0, key=f'{ft}/0', need=f'{pre}/0', pretraining=False, eval_split='val', lr=lr,
-                      config=dict(base, method='maskmentor', opts=MM, max_steps=steps, **maskmentor_recipe(MM, lr)))]
+def validation_plan(seeds, steps, foundation_steps, pretrain):
+    """The runs that choose each family's lr (LRS) and MaskMentor fine-tuning's depth scaling,
+    on VALIDATION (never the test scenes): per seed the two foundations, MaskMentor's M2IM +
+    STTP pre-training (`pretrain`: {'lr', 'steps'}), and every grid point of FAMILIES'
+    grid rows, each run with its 'family', 'lr' and (MaskMentor) 'depth_standardize'."""
+    spec = {c[0]: c for c in CONDITIONS}
+    runs = []
+    for seed in seeds:
+        for name in ('Swin foundation (RGB)', 'ViT foundation (RGB)', 'M2IM + STTP pre-training'):
+            _, family, method, opts, source, = spec[name]
+            need = source_key(family, source, seed, 'val: ')
+            config = run_config(name, method, family, opts, seed, VALIDATION, foundation_steps if need is None else steps,
+                                dict(pretrain=pretrain) if need else None)
+            runs.append(dict(name=f'val: {name}', seed=seed, key=f'val: {name}/{seed}', need=need,
+                             pretraining='stage=pretrain' in opts, config=config))
+        for fam, _, grid_rows, _ in FAMILIES:
+            for name in grid_rows:
+                _, family, method, opts, source = spec[name]
+                for lr in LRS:
+                    for scaling in (True, False) if method == 'maskmentor' else (None,):
+                        label = f'val: {name}, lr {lr:g}' + (f', depth {DEPTH_SCALINGS[scaling]}' if scaling is not None else '')
+                        config = run_config(name, method, family, opts, seed, VALIDATION, steps,
+                                            dict(lr={fam: lr}, depth_standardize=scaling))
+                        runs.append(dict(name=label, seed=seed, key=f'{label}/{seed}',
+                                         need=source_key(family, source, seed, 'val: '), pretraining=False, config=config,
+                                         family=fam, lr=lr, **({} if scaling is None else {'depth_standardize': scaling})))
     return runs
 
 
-def chosen_lr(results):
-    """The lr of PRETRAIN_LRS whose fine-tuned model scores the best mean mIoU of the three
-    inputs on the 'val' scenes, and {lr: that score}."""
-    scores = {r['lr']: float(np.mean([r[c] for c, _ in COLUMNS])) for r in results.values() if 'lr' in r}
-    return max(scores, key=scores.get), scores
+def chosen(results):
+    """The values chosen on validation from the grid runs in `results`: ({'lr': {family: lr},
+    'depth_standardize': bool}, {family: {(lr, depth_standardize or None): score}}), a score
+    being the mean over seeds and grid rows of the mean mIoU over the family's inputs."""
+    scores = {}
+    for fam, _, _, columns in FAMILIES:
+        points = {}
+        for r in results.values():
+            if r.get('family') == fam:
+                points.setdefault((r['lr'], r.get('depth_standardize')), []).append(np.mean([r[c] for c in columns]))
+        scores[fam] = {k: float(np.mean(v)) for k, v in sorted(points.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))}
+    best = {fam: max(s, key=s.get) for fam, s in scores.items()}
+    return dict(lr={fam: b[0] for fam, b in best.items()},
+                depth_standardize=best['MaskMentor fine-tuning'][1]), scores
+
+
+def pretraining_choice(report=os.path.join(HERE, 'maskmentor-pretraining')):
+    """MaskMentor pre-training's {'lr', 'steps'}, as study.pretraining chose them on validation
+    scenes (its results.json); a missing report is an error naming the command that makes it."""
+    path = os.path.join(report, 'results.json')
+    if not os.path.exists(path):
+        raise SystemExit(f"study: {path} is missing: run `python -m study.pretraining` first (it chooses MaskMentor's "
+                         f"pre-training lr and budget on validation scenes)")
+    from study import pretraining
+    with open(path) as f:
+        saved = json.load(f)
+    lr, steps = pretraining.choose({float(k): v for k, v in saved.items()})[:2]
+    return dict(lr=lr, steps=steps)
 
 
 def folder(out, key):
@@ -284,7 +362,7 @@ def execute(args):
         seconds = time.perf_counter() - start
     result = dict(name=run['name'], seed=run['seed'], config=run['config'], trainable=report['params']['trainable'],
                   total=report['params']['total'], step_seconds=seconds / report['step'],
-                  **({'lr': run['lr']} if 'lr' in run else {}))
+                  **{k: run[k] for k in ('family', 'lr', 'depth_standardize') if k in run})
     if run['pretraining']:  # its last checkpoint is what the fine-tuning runs load
         os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
     else:
@@ -299,6 +377,7 @@ def execute(args):
             result['diagnostics'] = model.diagnostics(rgb, x)
         if run['need'] is None:  # a foundation: its backbone in the format of an official file, for load_pretrained
             train.save_checkpoint({'model': model.backbone.state_dict()}, backbone_file(out, run['key']))
+    result['seconds'] = time.perf_counter() - start  # training and evaluation, one thread
     with open(os.path.join(cfg.out_dir, 'result.json'), 'w') as f:
         json.dump(result, f)
     return run['key'], result
@@ -365,25 +444,47 @@ def summarise(results):
     return table
 
 
-def claim_rows(results):
-    """Per claim and column: the paired (same seed) differences A - B of mIoU."""
+def claim_rows(results, untestable=None):
+    """Per claim: the paired (same seed) differences A - B of the mean mIoU over the claim's
+    inputs, the seeds' spread (the larger standard deviation of A's and B's score over the
+    seeds) and the `verdict`. `untestable`: {paper: why} for claims this scale cannot test."""
     rows = []
+    by = {(r['name'], r['seed']): r for r in results.values()}
     for paper, text, a, b, columns in CLAIMS:
-        seeds = sorted({r['seed'] for r in results.values() if r['name'] == a} &
-                       {r['seed'] for r in results.values() if r['name'] == b})
+        seeds = sorted({s for n, s in by if n == a} & {s for n, s in by if n == b})
         if not seeds:
             continue
-        by = {(r['name'], r['seed']): r for r in results.values()}
-        for column in columns:
-            d = np.array([by[a, s][column] - by[b, s][column] for s in seeds])
-            rows.append(dict(paper=paper, claim=text, a=a, b=b, column=column, mean=float(d.mean()),
-                             low=float(d.min()), high=float(d.max()), wins=int((d > 0).sum()), n=len(d)))
+        score = lambda name: np.array([np.mean([by[name, s][c] for c in columns]) for s in seeds])
+        d = score(a) - score(b)
+        spread = max(float(score(a).std(ddof=1)), float(score(b).std(ddof=1))) if len(seeds) > 1 else 0.0
+        row = dict(paper=paper, claim=text, a=a, b=b, columns=columns, mean=float(d.mean()), low=float(d.min()),
+                   high=float(d.max()), wins=int((d > 0).sum()), n=len(d), spread=spread)
+        why = (untestable or {}).get(text)
+        row['verdict'] = f'not testable at this scale: {why} (by the rule alone: {verdict(row)})' if why else verdict(row)
+        rows.append(row)
     return rows
 
 
-def markdown(table, claims, setup):
+def verdict(row):
+    """The one rule for every claim: 'held' when A beats B in every seed (at least 3) and
+    the mean difference is larger than the seeds' spread; 'reversed' when B beats A that
+    way; 'not held' otherwise (mixed, or within the spread)."""
+    if row['n'] < 3:
+        return 'not judged (fewer than 3 seeds)'
+    if row['wins'] == row['n'] and row['mean'] > row['spread']:
+        return 'held'
+    if row['wins'] == 0 and -row['mean'] > row['spread']:
+        return 'not held (reversed)'
+    return 'not held'
+
+
+def inputs_label(columns):
+    return ' and '.join(dict(COLUMNS)[c] for c in columns) + (' (mean)' if len(columns) > 1 else '')
+
+
+def markdown(table, claims, setup, scenes='test'):
     pct = lambda m: f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}"
-    lines = [f"Set-up: {setup}. mIoU (%) on the 64 {'validation' if VALIDATION in setup else 'test'} scenes, mean ± standard deviation over seeds, of the final "
+    lines = [f"Set-up: {setup}. mIoU (%) on the 64 {scenes} scenes, mean ± standard deviation over seeds, of the final "
              f"weights; a missing input is zeroed.", '',
              '| condition | RGB+X | RGB only | X only | trainable params | step (s) |', '|---|---|---|---|---|---|']
     for name, e in table.items():
@@ -407,13 +508,44 @@ def markdown(table, claims, setup):
             lines.append(f"| {name} | " + ' | '.join(f"{d[k]:.3g}" if k in d else '-' for k, _ in DIAGNOSTICS) + ' |')
     if not claims:
         return '\n'.join(lines) + '\n'
-    lines += ['', 'Claims: A - B in mIoU points, paired by seed (the same foundation and data order).', '',
-              '| paper | claim | A | B | input | A - B: mean (min, max) | A > B in |', '|---|---|---|---|---|---|---|']
+    lines += ['', 'Claims: A - B in mIoU points of the mean over the claim\'s inputs, paired by seed (the same '
+              'foundation and data order); spread: the larger standard deviation over seeds of A and of B. ' + RULE, '',
+              '| paper | claim | A | B | inputs | A - B: mean (min, max) | A > B in | spread | verdict |',
+              '|---|---|---|---|---|---|---|---|---|']
     for c in claims:
-        label = dict(COLUMNS)[c['column']]
-        lines.append(f"| {c['paper']} | {c['claim']} | {c['a']} | {c['b']} | {label} | {100 * c['mean']:+.1f} "
-                     f"({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {c['wins']}/{c['n']} seeds |")
+        lines.append(f"| {c['paper']} | {c['claim']} | {c['a']} | {c['b']} | {inputs_label(c['columns'])} | "
+                     f"{100 * c['mean']:+.1f} ({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {c['wins']}/{c['n']} "
+                     f"seeds | {100 * c['spread']:.1f} | {c['verdict']} |")
     return '\n'.join(lines) + '\n'
+
+
+RULE = ("A claim is held when A beats B in every seed (at least 3) and the mean difference is larger than the "
+        "seeds' spread; reversed when B beats A that way; not held otherwise.")
+
+
+def readme_table(claims, saved):
+    """The README's claims table (between MARKERS), from the study's results.json."""
+    lines = [MARKERS[0], f"<!-- written by `python -m study.run --tables` from study/results.json: edit neither -->", '',
+             f"{saved['when']}: {saved['runs_done']} runs, {saved['wall']}. {RULE} The figure: A - B in mIoU points "
+             f"(mean over seeds, then its lowest and highest seed).", '',
+             '| paper | claim (A vs B) | inputs | A - B | A > B in | verdict |', '|---|---|---|---|---|---|']
+    for c in claims:
+        lines.append(f"| {c['paper']} | {c['claim']} | {inputs_label(c['columns'])} | {100 * c['mean']:+.1f} "
+                     f"({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {c['wins']}/{c['n']} | {c['verdict']} |")
+    lines += ['', MARKERS[1]]
+    return '\n'.join(lines)
+
+
+def write_readme(claims, saved, path=README):
+    """Replace the README's claims table between MARKERS; the rest of the README is left as it is."""
+    with open(path) as f:
+        text = f.read()
+    if text.count(MARKERS[0]) != 1 or text.count(MARKERS[1]) != 1:
+        raise SystemExit(f"study: {path} needs one {MARKERS[0]} and one {MARKERS[1]} line to hold the claims table")
+    head, rest = text.split(MARKERS[0])
+    tail = rest.split(MARKERS[1])[1]
+    with open(path, 'w') as f:
+        f.write(head + readme_table(claims, saved) + tail)
 
 
 def plot(table, path):
@@ -451,63 +583,118 @@ def plot(table, path):
     img.save(path)
 
 
+def machine():
+    """The CPU's model name and core count, for the reports."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def wall_time(out, seconds):
+    """Add this sitting's `seconds` to the study's wall time in `out`/sittings.json; the total
+    over every sitting that worked on `out` (an interrupted study resumes in later sittings)."""
+    path = os.path.join(out, 'sittings.json')
+    sittings = json.load(open(path)) if os.path.exists(path) else []
+    sittings.append(seconds)
+    with open(path, 'w') as f:
+        json.dump(sittings, f)
+    return sum(sittings), len(sittings)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='a few steps and one seed: checks that every step runs')
     p.add_argument('--seeds', type=int, default=3)
-    p.add_argument('--steps', type=int, default=0, help='optimizer steps of each adaptation run (0 = the study\'s)')
+    p.add_argument('--steps', type=int, default=0, help="optimizer steps of each adaptation run (0 = the study's)")
     p.add_argument('--foundation-steps', type=int, default=0)
     p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
-    p.add_argument('--part', choices=('all', 'gopt'), default='all',
-                   help="gopt: only the ViT foundation and the GoPT family (report in study/gopt)")
     p.add_argument('--decide', action='store_true',
                    help="GoPT's open decisions on the validation preset demo128-val (report in study/gopt-validation)")
     p.add_argument('--only', default='', metavar='REGEX',
-                   help="only the conditions whose name this regular expression finds (and the runs they start "
-                        "from); the report keeps the other conditions' runs from its results.json")
-    p.add_argument('--out', default='', help='run folders (default runs/study[-gopt|-gopt-val][-quick])')
-    p.add_argument('--report', default='', help='where results.md/.png/.json go (default study/[gopt|gopt-validation]; '
-                                                '--quick: --out)')
+                   help="with --decide: only the decisions whose name this regular expression finds (and the "
+                        "foundation); the report keeps the other decisions' runs from its results.json")
+    p.add_argument('--out', default='', help='run folders (default runs/study[-gopt-val][-quick])')
+    p.add_argument('--report', default='', help="where results.md/.png/.json go (default study/, with the README's "
+                                                "claims table; --decide: study/gopt-validation; --quick: --out)")
     p.add_argument('--tables', action='store_true',
-                   help="rewrite every report's results.md and results.png from its results.json, without training")
+                   help="rewrite every report and the README's claims table from the results.json, without training")
     args = p.parse_args(argv)
     if args.tables:
-        for part in ('', 'gopt', 'gopt-validation'):
+        for part in ('', 'validation', 'gopt-validation'):
             if os.path.exists(os.path.join(HERE, part, 'results.json')):
-                write_report(os.path.join(HERE, part))
+                write_report(os.path.join(HERE, part), readme=README if part == '' else None)
                 print(f"study: rewrote {os.path.join(HERE, part, 'results.md')}")
+        from study import pretraining
+        pretraining.main(['--tables'])
         return 0
     if args.seeds < 1 or args.jobs < 1 or args.steps < 0 or args.foundation_steps < 0:
         p.error(f"need --seeds >= 1, --jobs >= 1 and step counts >= 0, got {args.seeds}, {args.jobs}, "
                 f"{args.steps}, {args.foundation_steps}")
+    if args.only and not args.decide:
+        p.error("--only goes with --decide: the study's claims need all their rows from one sitting")
     seeds = range(1 if args.quick else args.seeds)
     steps = args.steps or (4 if args.quick else STEPS)
     foundation_steps = args.foundation_steps or (6 if args.quick else FOUNDATION_STEPS)
-    part = 'gopt-validation' if args.decide else '' if args.part == 'all' else args.part
-    out = args.out or 'runs/study' + ('-' + part.replace('validation', 'val') if part else '') + ('-quick' if args.quick else '')
-    report = args.report or (out if args.quick else os.path.join(HERE, part))
+    out = args.out or 'runs/study' + ('-gopt-val' if args.decide else '') + ('-quick' if args.quick else '')
+    report = args.report or (out if args.quick else os.path.join(HERE, 'gopt-validation' if args.decide else ''))
     start = time.time()
-    results, lr, chosen = {}, None, ''
-    if part == '':  # MaskMentor's pre-training lr, chosen on the validation scenes before the study proper
-        selection = select_plan(steps, foundation_steps)
-        print(f"study: {len(selection)} runs choose MaskMentor's pre-training lr on the validation scenes", flush=True)
-        results = run_all(selection, out, args.jobs)
-        lr, scores = chosen_lr(results)
-        chosen = (f"; MaskMentor pre-training: 20% MIM warm-up, then 3 teacher + 1 student iterations per batch, "
-                  f"cosine, betas 0.9 / 0.95, lr {lr:g} chosen on 32 validation scenes carved from the training "
-                  f"split (val mIoU, mean of the inputs: " + ', '.join(f"{k:g} {100 * v:.1f}" for k, v in scores.items()) + ")")
-        print(f"study: pre-training lr {lr:g}", flush=True)
-    runs = plan(seeds, steps, foundation_steps, args.part, args.decide, lr, args.only)
+    if args.decide:
+        return decide_gopt(args, seeds, steps, foundation_steps, out, report)
+    pretrain = dict(lr=1e-3, steps=steps) if args.quick else pretraining_choice()
+    validation = validation_plan(range(1 if args.quick else VALIDATION_SEEDS), steps, foundation_steps, pretrain)
+    print(f"study: {len(validation)} runs on the validation scenes choose the lrs and the depth scaling; the test "
+          f"study's foundations run beside them", flush=True)
+    results = run_all(validation + plan(seeds, steps, foundation_steps), out, args.jobs)
+    choices, scores = chosen({k: v for k, v in results.items() if k.startswith('val: ')})
+    choices['pretrain'] = pretrain
+    print(f"study: chosen on validation: {choices}", flush=True)
+    runs = plan(seeds, steps, foundation_steps, choices)
     print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
     results.update(run_all(runs, out, args.jobs))
-    setup = (f"`{VALIDATION if args.decide else DATASET}` (128 x 128), {len(seeds)} seed(s), foundations "
-             f"{foundation_steps} steps, every adaptation and pre-training {steps} steps, batch 4, AdamW lr 1e-3 "
-             f"(warm-up 1 epoch, poly decay)" + chosen)
+    wall, sittings = wall_time(out, time.time() - start)
+    compute = sum(r.get('seconds', 0) for r in results.values())
+    saved = dict(
+        when=time.strftime('%Y-%m-%d'), runs_done=len(results), choices={**choices, 'lr': choices['lr']},
+        wall=f"{wall / 60:.0f} min wall time ({sittings} sitting{'s' * (sittings > 1)}, {args.jobs} runs at a time, "
+             f"{compute / 3600:.1f} h of one-thread run time) on {machine()}",
+        setup=(f"`{DATASET}` (128 x 128), {len(seeds)} seed(s); foundations {foundation_steps} steps at lr 1e-3; every "
+               f"adaptation {steps} steps, batch 4, AdamW (warm-up 1 epoch, poly decay) at its family's lr chosen on "
+               f"`{VALIDATION}` (" + ', '.join(f"{k} {v:g}" for k, v in choices['lr'].items()) + "); MaskMentor "
+               f"fine-tuning's depth {DEPTH_SCALINGS[choices['depth_standardize']]} (chosen there too); MaskMentor "
+               f"pre-training {pretrain['steps']} steps at lr {pretrain['lr']:g} (chosen by study.pretraining), 20% MIM "
+               f"warm-up then 3 teacher + 1 student iterations per batch, cosine, betas 0.9 / 0.95"),
+        validation=dict(scores={fam: [[lr, ds, v] for (lr, ds), v in sc.items()] for fam, sc in scores.items()}),
+        runs=sorted((r for k, r in results.items() if not k.startswith('val: ')), key=lambda r: (r['name'], r['seed'])))
+    os.makedirs(os.path.join(report, 'validation'), exist_ok=True)
+    with open(os.path.join(report, 'validation', 'results.json'), 'w') as f:
+        json.dump(dict(setup=f"`{VALIDATION}`: {len(range(1 if args.quick else VALIDATION_SEEDS))} seed(s), "
+                             f"{steps} steps per run, evaluated on its 64 held-out training scenes",
+                       choices=saved['choices'], scores=saved['validation']['scores'],
+                       runs=sorted((r for k, r in results.items() if k.startswith('val: ')),
+                                   key=lambda r: (r['name'], r['seed']))), f, indent=1)
+    with open(os.path.join(report, 'results.json'), 'w') as f:
+        json.dump(saved, f, indent=1)
+    write_report(os.path.join(report, 'validation'))
+    write_report(report, readme=README if os.path.abspath(report) == HERE else None)
+    print(f"study: done, {saved['wall']}; {os.path.join(report, 'results.md')}")
+    return 0
+
+
+def decide_gopt(args, seeds, steps, foundation_steps, out, report):
+    """--decide: the GoPT decisions (DECISIONS) on the validation preset, into study/gopt-validation."""
+    runs = plan(seeds, steps, foundation_steps, decide=True, only=args.only)
+    print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
+    results = run_all(runs, out, args.jobs)
+    setup = (f"`{VALIDATION}` (128 x 128), {len(seeds)} seed(s), foundations {foundation_steps} steps, every "
+             f"adaptation {steps} steps, batch 4, AdamW lr 1e-3 (warm-up 1 epoch, poly decay)")
     os.makedirs(report, exist_ok=True)
-    kept = []
     if args.only and os.path.exists(os.path.join(report, 'results.json')):
-        # the conditions of this part not rerun now: their runs as the report holds them
-        names = {r['name'] for r in plan(seeds, steps, foundation_steps, args.part, args.decide, lr)}
+        # the decisions not rerun now: their runs as the report holds them
+        names = {r['name'] for r in plan(seeds, steps, foundation_steps, decide=True)}
         with open(os.path.join(report, 'results.json')) as f:
             earlier = [r for r in json.load(f)['runs'] if r['name'] in names
                        and f"{r['name']}/{r['seed']}" not in results and r['name'] not in {x['name'] for x in runs}]
@@ -519,18 +706,59 @@ def main(argv=None):
     with open(os.path.join(report, 'results.json'), 'w') as f:
         json.dump(dict(setup=setup, runs=sorted(results.values(), key=lambda r: (r['name'], r['seed']))), f, indent=1)
     write_report(report)
-    print(f"study: done in {(time.time() - start) / 60:.1f} min; {os.path.join(report, 'results.md')}")
+    print(f"study: done; {os.path.join(report, 'results.md')}")
+    return 0
 
 
-def write_report(report):
-    """results.md and results.png of a report folder, from its results.json alone (no training)."""
+def untestable_claims():
+    """{claim: why} for the claims this scale cannot test: MaskMentor's pre-training claims
+    when, at the chosen budget, some pre-training output does not get below its trivial
+    baseline on the validation scenes (study/maskmentor-pretraining)."""
+    from study import pretraining
+    path = os.path.join(HERE, 'maskmentor-pretraining', 'results.json')
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        saved = {float(k): v for k, v in json.load(f).items()}
+    stuck = pretraining.stuck(saved)
+    if not stuck:
+        return {}
+    why = (f"the pre-training's {' and '.join(stuck)} reconstruction does not beat its trivial baseline "
+           f"(study/maskmentor-pretraining)")
+    return {text: why for paper, text, *_ in CLAIMS if paper == 'MaskMentor'}
+
+
+def validation_markdown(saved):
+    """The validation report: each family's score per grid point, and what was chosen."""
+    lines = [f"# Choices on validation scenes", '', f"Set-up: {saved['setup']}. Score: mean over seeds and the "
+             f"family's grid rows of the mean mIoU (%) over the family's inputs. Chosen: the highest.", '',
+             '| family | grid rows | inputs | lr | MaskMentor depth | score |', '|---|---|---|---|---|---|']
+    for fam, rows, grid, columns in FAMILIES:
+        for lr, ds, v in saved['scores'].get(fam, []):
+            chosen = lr == saved['choices']['lr'][fam] and (ds is None or ds == saved['choices']['depth_standardize'])
+            lines.append(f"| {fam} | {', '.join(grid)} | {inputs_label(columns)} | {lr:g} | "
+                         f"{'-' if ds is None else DEPTH_SCALINGS[ds]} | {'**' * chosen}{100 * v:.1f}{'**' * chosen} |")
+    return '\n'.join(lines) + '\n'
+
+
+def write_report(report, readme=None):
+    """results.md and results.png of a report folder, from its results.json alone (no
+    training); with `readme`, also the README's claims table."""
     with open(os.path.join(report, 'results.json')) as f:
         saved = json.load(f)
+    if 'scores' in saved:  # the validation report
+        with open(os.path.join(report, 'results.md'), 'w') as f:
+            f.write(validation_markdown(saved))
+        return
     results = {f"{r['name']}/{r['seed']}": r for r in saved['runs']}
-    table, claims = summarise(results), claim_rows(results)
+    table = summarise(results)
+    claims = claim_rows(results, untestable_claims() if 'choices' in saved else None)
+    setup = saved['setup'] + (f"; {saved['wall']}" if 'wall' in saved else '')
     with open(os.path.join(report, 'results.md'), 'w') as f:
-        f.write(markdown(table, claims, saved['setup']))
+        f.write(markdown(table, claims, setup, 'test' if 'choices' in saved else 'validation'))
     plot(table, os.path.join(report, 'results.png'))
+    if readme:
+        write_readme(claims, saved, readme)
 
 
 if __name__ == '__main__':
