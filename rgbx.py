@@ -1507,6 +1507,10 @@ class KTB(RGBXModel):
     Ranks (lists, one per stage; None = the paper's C/8, C/16, C/8):
     `prompt_ranks` (Table 1), `adapter_ranks` (Table 2), `dscf_ranks` (Table 3).
     Ablations: mmst, dscf (False: fuse by addition), prompting, adapters.
+    `x_embed_norm`: X's patch embedding ends in a LayerNorm, as Swin's (the release).
+    With the release's zero bias, LayerNorm(W (c x)) = LayerNorm(W x) for any c > 0: a
+    patch and its positive multiples embed alike, so a flat X patch carries no value
+    until the bias has learned one (a diagnostic switch; False: no LayerNorm there).
     Build from a backbone that already holds its pretrained weights, e.g. with
     `build_ktb`, or load a whole trained KTB of the release with `load_pretrained`.
     """
@@ -1516,7 +1520,7 @@ class KTB(RGBXModel):
     def __init__(self, backbone, num_classes, x_channels, prompt_ranks=None, adapter_ranks=None, dscf_ranks=None,
                  dscf_strides=(8, 4, 2, 1), dscf_groups=(1, 2, 4, 8), dscf_heads=(2, 4, 8, 16), dscf_kernel=9,
                  bias_grid=(60, 80), mmst=True, dscf=True, prompting=True, adapters=True, lambda2=0.01, ohem=False,
-                 fused_head_dim=512, aux_head_dim=256):
+                 fused_head_dim=512, aux_head_dim=256, x_embed_norm=True):
         super().__init__()
         if not isinstance(backbone, SwinTransformer):
             raise TypeError(f"KTB runs on a SwinTransformer backbone, got {type(backbone).__name__}")
@@ -1538,7 +1542,7 @@ class KTB(RGBXModel):
         self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, mmst, lambda2, ohem
         self.ranks = ranks
         self.backbone = backbone.requires_grad_(False)
-        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=True)
+        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=x_embed_norm)
         self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, ranks['prompt_ranks'])) if prompting else None
         self.adapters = nn.ModuleList(
             nn.ModuleList(MAPAAdapter(c, r) for _ in layer.blocks)

@@ -1184,6 +1184,18 @@ def prompt_params(dims, ranks):
     return sum(2 * (c * r + r) + (2 * r * r + r) + (r * c + c) + 4 * c for c, r in zip(dims, ranks))
 
 
+def test_ktb_x_embedding_layernorm_hides_a_patch_value_at_the_release_init():
+    """At the release's zero bias, LayerNorm(W (c x)) = LayerNorm(W x): X's patch embedding cannot tell
+    a patch from its positive multiples (a flat depth patch carries no value); x_embed_norm=false can."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    for norm, alike in ((True, True), (False, False)):
+        embed = rgbx.build_ktb('nano', 5, 1, fused_head_dim=32, aux_head_dim=16, x_embed_norm=norm).x_patch_embed
+        assert torch.equal(embed.proj.bias, torch.zeros_like(embed.proj.bias))
+        assert torch.allclose(embed(2.5 * x), embed(x), atol=1e-3) == alike
+        assert isinstance(embed.norm, torch.nn.LayerNorm) == norm
+
+
 @pytest.mark.parametrize('ranks, total', TABLE_ROWS)
 def test_ktb_trainable_params_match_supplement_tables(ranks, total):
     with torch.device('meta'):

@@ -1,13 +1,14 @@
 """Does MaskMentor's pre-training learn at the study's scale? Curves of its validation
 losses against trivial baselines, for choosing its budget (steps) and learning rate.
 
-    python -m study.pretraining                      # from the repository root (~10 min on 2 cores)
+    python -m study.pretraining                      # from the repository root (~12 min on 2 cores)
     python -m study.pretraining --steps 40 --every 20 --lrs 1e-3 --out /tmp/curves   # a smoke run
 
 The MaskMentor pre-training of the study (MultiMAE's network at nano width, the study's
 decoders, `study.run.MM_PRE`, its recipe: cosine, AdamW betas 0.9 / 0.95, batch 4; 20%
-complete-modality MIM warm-up, then 3 teacher + 1 student steps per batch) is trained on
-the training scenes of the validation preset `demo128-val` and, every `--every` steps,
+complete-modality MIM warm-up, then 3 teacher + 1 student steps per batch) is trained from
+random weights (the study starts it from its RGB foundation) on the training scenes of the
+validation preset `demo128-val` and, every `--every` steps,
 scored on its held-out scenes (never the test scenes): the pixel loss of each output on
 its masked tokens, with one fixed MultiMAE mask per scene (complete modalities, as in
 'mim'), and, on the same masked tokens, the loss of a trivial prediction:
@@ -218,9 +219,10 @@ def plot(results, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--lrs', default='1e-4,3e-4,1e-3,3e-3', help='comma-separated learning rates')
-    p.add_argument('--steps', type=int, default=2000, help='optimizer steps per lr')
-    p.add_argument('--every', type=int, default=200, help='score every N steps')
+    p.add_argument('--lrs', default='1e-3,3e-3', help='comma-separated learning rates (1e-4 and 3e-4 trailed 1e-3 '
+                                                        'over 2000 steps)')
+    p.add_argument('--steps', type=int, default=5000, help='optimizer steps per lr')
+    p.add_argument('--every', type=int, default=500, help='score every N steps')
     p.add_argument('--out', default='runs/mm-pretraining', help='run folders')
     p.add_argument('--jobs', type=int, default=2, help='learning rates trained at a time, one thread each')
     p.add_argument('--report', default=os.path.join(HERE, 'maskmentor-pretraining'), help='where results.* go')

@@ -95,6 +95,10 @@ CONDITIONS = [
     ('Swin early fusion, full FT', 'swin', 'early_fusion', HEAD, 'foundation'),
     ('KTB', 'swin', 'ktb', KTB, 'foundation'),
     ('KTB w/o MMST', 'swin', 'ktb', KTB + ',mmst=false', 'foundation'),
+    # the control for KTB's X stream: its patch embedding without the LayerNorm that, at the release's zero
+    # bias, makes a flat X patch embed alike whatever its value (rgbx.KTB, x_embed_norm)
+    ('KTB, X embedding w/o LayerNorm', 'swin', 'ktb', KTB + ',x_embed_norm=false', 'foundation'),
+    ('KTB w/o MMST, X embedding w/o LayerNorm', 'swin', 'ktb', KTB + ',mmst=false,x_embed_norm=false', 'foundation'),
     ('ViT foundation (RGB)', 'vit', 'rgb_only', HEAD, None),
     ('ViT early fusion, full FT', 'vit', 'early_fusion', HEAD, 'foundation'),
     ('Frozen foundation + head, no prompts', 'vit', 'gopt', 'variant=head_only,head_dim=64,head_from=foundation',
@@ -125,6 +129,10 @@ CLAIMS = [
     ('KTB', 'RGB+X beats the RGB foundation', 'KTB', 'Swin foundation (RGB)', ('both',)),
     ('KTB', 'MMST raises the single-modality columns (supp. Fig. 1, Table 5)', 'KTB', 'KTB w/o MMST', ('rgb', 'x')),
     ('KTB', 'close to full fine-tuning at a fraction of the parameters', 'KTB', 'Swin early fusion, full FT', ('both',)),
+    ('KTB', 'RGB+X beats the RGB foundation (X embedding w/o LayerNorm)', 'KTB, X embedding w/o LayerNorm',
+     'Swin foundation (RGB)', ('both',)),
+    ('KTB', 'MMST raises the single-modality columns (X embedding w/o LayerNorm)', 'KTB, X embedding w/o LayerNorm',
+     'KTB w/o MMST, X embedding w/o LayerNorm', ('rgb', 'x')),
     # GoPT's claims, each with the reading of ACP its GoPT rows use
     ('GoPT', f'beats the foundation (ACP {ACP})', 'GoPT (hard, 4 prompters)', 'ViT foundation (RGB)', ('both',)),
     ('GoPT', f'the prompts help: beats the frozen foundation + trained head (ACP {ACP})', 'GoPT (hard, 4 prompters)',
@@ -188,7 +196,7 @@ DECISIONS = [
 FAMILIES = [
     ('early fusion', ('Swin early fusion, full FT', 'ViT early fusion, full FT'),
      ('Swin early fusion, full FT', 'ViT early fusion, full FT'), ('both',)),
-    ('KTB', ('KTB', 'KTB w/o MMST'), ('KTB',), ('both', 'rgb', 'x')),
+    ('KTB', tuple(c[0] for c in CONDITIONS if c[2] == 'ktb'), ('KTB',), ('both', 'rgb', 'x')),
     ('prompt tuning', tuple(c[0] for c in CONDITIONS if c[2] == 'gopt'), ('GoPT (hard, 4 prompters)',), ('both',)),
     ('MaskMentor fine-tuning', tuple(c[0] for c in CONDITIONS if c[2] == 'maskmentor' and 'stage=pretrain' not in c[3]),
      ('MaskMentor FT after M2IM + STTP',), ('both', 'rgb', 'x')),
