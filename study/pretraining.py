@@ -20,8 +20,12 @@ its masked tokens, with one fixed MultiMAE mask per scene (complete modalities, 
     semseg    the training scenes' class frequencies at every pixel (cross-entropy;
               the best constant, which predicts background everywhere).
 A ratio loss / baseline below 1 means the model predicts more than that trivial rule.
-Depth is also scored per region (floor, objects, invalid pixels), which tells where it
-gains. Writes results.json, results.md (the ratios, the chosen lr and budget) and
+Depth is also scored per region (floor, objects, invalid pixels, and the masked depth
+patches whose RGB patch is visible, where RGB alone tells object from floor), which tells
+where it gains. And the spatial structure of the RGB and depth predictions on the masked
+pixels, deviations from each image's own mean: their correlation with the target's and
+their spread (std) over the target's; a decoder that predicts one value per image has
+spread 0, whatever its loss. Writes results.json, results.md (the ratios, the chosen lr and budget) and
 results.png (the curves) to study/maskmentor-pretraining/.
 """
 import argparse
@@ -41,7 +45,9 @@ from study.run import HERE, MM_PRE, VALIDATION
 
 TASKS = ('rgb', 'norm_rgb', 'depth', 'semseg')
 BASELINES = {'rgb': 'colour prior', 'norm_rgb': 'zero', 'depth': 'image median', 'semseg': 'class prior'}
-REGIONS = ('floor', 'objects', 'invalid')  # depth scored apart on each (label 0 / label > 0 / depth 0)
+REGIONS = ('floor', 'objects', 'invalid', 'RGB seen')  # depth scored apart on each (label 0 / label > 0 / depth 0 /
+# the masked depth patches whose RGB patch the model sees: there depth is predictable from RGB alone)
+STRUCTURE = ('rgb corr', 'rgb spread', 'depth corr', 'depth spread')  # the prediction's spatial structure (`structure`)
 COLUMNS = TASKS + tuple(f'depth {r}' for r in REGIONS)  # the ratios reported (region: against the image median)
 MASK_SEED = 1234  # the fixed masks of the validation scenes
 PLATEAU = 0.95  # the budget: the first step with this fraction of the run's whole gain in mean ratio
@@ -75,6 +81,7 @@ def scores(model, batches, prior):
     model.eval()
     class_prior, colour = prior
     got = {t: [] for t in TASKS + tuple(f'depth {r}' for r in REGIONS)}
+    sums = {f'{t} {part}': 0.0 for t in ('rgb', 'depth') for part in ('cov', 'var_pred', 'var_target')}
     base = {t: [] for t in TASKS + ('depth_mean', 'rgb_image') + tuple(f'depth {r}' for r in REGIONS)}
     for i, (rgb, x, label) in enumerate(batches):
         with torch.random.fork_rng():
@@ -84,7 +91,8 @@ def scores(model, batches, prior):
             grid = (-(-rgb.shape[-2] // 16), -(-rgb.shape[-1] // 16))
             mask = model.draw_mask(torch.ones(rgb.shape[0], 3, dtype=torch.bool), grid[0] * grid[1])  # (B, 3, N)
             inputs, targets = model.targets(rgb, x, label)
-            predicted = model.decode(inputs, mask)['depth'][0]  # the prediction behind terms['depth']
+            decoded = model.decode(inputs, mask)
+            predicted = decoded['depth'][0]  # the prediction behind terms['depth']
         depth = targets['depth'].flatten(1)
         image = lambda v: v.view(-1, 1, 1, 1).expand_as(targets['depth'])
         trivial = {'rgb': colour.view(1, 3, 1, 1).expand_as(targets['rgb']),
@@ -98,12 +106,33 @@ def scores(model, batches, prior):
         for t, pred in trivial.items():
             name = t.split('_')[0] if t in ('depth_mean', 'rgb_image') else t
             base[t].append(model.pixel_loss(name, pred, targets[name], mask[:, which[t]], grid).item())
-        regions = {'floor': (label == 0) & (x[:, 0] > 0), 'objects': (label > 0) & (x[:, 0] > 0), 'invalid': x[:, 0] == 0}
+        h, w = grid
+        seen = (~mask[:, 0]).view(-1, h, w).repeat_interleave(16, 1).repeat_interleave(16, 2)  # the place's RGB is visible
+        regions = {'floor': (label == 0) & (x[:, 0] > 0), 'objects': (label > 0) & (x[:, 0] > 0), 'invalid': x[:, 0] == 0,
+                   'RGB seen': seen[:, :label.shape[1], :label.shape[2]]}
+        for t, k in (('rgb', 0), ('depth', 1)):
+            for part, v in zip(('cov', 'var_pred', 'var_target'), structure(decoded[t][0], targets[t], mask[:, k], grid)):
+                sums[f'{t} {part}'] += v
         for r, where in regions.items():
             for into, pred in ((got, predicted), (base, trivial['depth'])):
                 into[f'depth {r}'].append(region_loss(pred, targets['depth'], mask[:, 1], grid, where))
     model.train(was)
-    return {t: float(np.nanmean(v)) for t, v in got.items()}, {t: float(np.nanmean(v)) for t, v in base.items()}
+    got = {t: float(np.nanmean(v)) for t, v in got.items()}
+    for t in ('rgb', 'depth'):  # spatial structure of the prediction: correlation, and spread relative to the target's
+        cov, vp, vt = (sums[f'{t} {part}'] for part in ('cov', 'var_pred', 'var_target'))
+        got[f'{t} corr'], got[f'{t} spread'] = cov / max((vp * vt) ** 0.5, 1e-12), (vp / max(vt, 1e-12)) ** 0.5
+    return got, {t: float(np.nanmean(v)) for t, v in base.items()}
+
+
+def structure(pred, target, mask, grid):
+    """Sums over the masked pixels of the products of the prediction's and the target's
+    deviations from each image's own mean: (covariance, prediction variance, target
+    variance). A prediction that is one value per image scores 0 / 0 whatever its level."""
+    h, w = grid
+    s = target.shape[-2] // h
+    m = mask.view(-1, 1, h, w).repeat_interleave(s, 2).repeat_interleave(s, 3).expand_as(target)
+    p, z = pred - pred.mean((2, 3), keepdim=True), target - target.mean((2, 3), keepdim=True)
+    return float((p * z)[m].sum()), float((p * p)[m].sum()), float((z * z)[m].sum())
 
 
 def region_loss(pred, target, mask, grid, where):
@@ -132,7 +161,8 @@ def curve(lr, steps, every, out, seed=0):
         if step % every == 0 or step == steps:
             loss, baseline = scores(model, batches, prior)
             points.append(dict(step=step, loss=loss))
-            print(f"lr {lr:g} step {step}: " + ', '.join(f"{t} {loss[t] / baseline[t]:.3f}" for t in COLUMNS),
+            print(f"lr {lr:g} step {step}: " + ', '.join(f"{t} {loss[t] / baseline[t]:.3f}" for t in COLUMNS) +
+                  ', ' + ', '.join(f"{t} {loss[t]:.3f}" for t in STRUCTURE),
                   flush=True)
     score(0)
     train.train(cfg, model=model, on_step=score)
@@ -176,13 +206,14 @@ def markdown(results, steps_run):
              f"{steps_run} steps per lr, batch 4, the study's pre-training recipe; loss / baseline on the held-out "
              f"scenes (below 1: better than the trivial prediction). Baselines: " +
              ', '.join(f"{t}: {BASELINES[t]}" for t in TASKS) + '.', '',
-             '| lr | step | ' + ' | '.join(COLUMNS) + ' | rgb / image mean colour |',
-             '|---|---|' + '---|' * (len(COLUMNS) + 1)]
+             '| lr | step | ' + ' | '.join(COLUMNS) + ' | rgb / image mean colour | ' + ' | '.join(STRUCTURE) + ' |',
+             '|---|---|' + '---|' * (len(COLUMNS) + 1 + len(STRUCTURE))]
     for key, r in results.items():
         for p in r['points']:
             lines.append(f"| {key:g} | {p['step']} | " + ' | '.join(f"{p['loss'][t] / r['baseline'][t]:.3f}"
                                                             for t in COLUMNS) +
-                         f" | {p['loss']['rgb'] / r['baseline']['rgb_image']:.3f} |")
+                         f" | {p['loss']['rgb'] / r['baseline']['rgb_image']:.3f} | " +
+                         ' | '.join(f"{p['loss'][t]:.3f}" if t in p['loss'] else '-' for t in STRUCTURE) + ' |')
     b, left = results[lr]['baseline'], stuck(results)
     lines += ['', f"Baseline losses: " + ', '.join(f"{t} {b[t]:.4f}" for t in TASKS) +
               f" (depth, image mean instead of median: {b['depth_mean']:.4f}; rgb, each image's own mean colour: "
