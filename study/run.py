@@ -731,8 +731,15 @@ def untestable_claims():
     stuck = pretraining.stuck(saved)
     if not stuck:
         return {}
+    lr, steps, _ = pretraining.choose(saved)
+    point = next(p for p in saved[lr]['points'] if p['step'] == steps)
+    ratio = pretraining.ratios(point, saved[lr]['baseline'])
+    learned = [f"{t} {ratio[t]:.2f}" for t in pretraining.TASKS if t not in stuck]
+    spread = ''.join(f"; its {t} prediction's spread over the target's: {point['loss'][f'{t} spread']:.2f}"
+                     for t in stuck if f'{t} spread' in point['loss'])
     why = (f"the pre-training's {' and '.join(stuck)} reconstruction does not beat its trivial baseline "
-           f"(study/maskmentor-pretraining)")
+           f"(loss / baseline at the chosen budget: " + ', '.join(learned + [f"{t} {ratio[t]:.2f}" for t in stuck]) +
+           f"{spread}; study/maskmentor-pretraining)")
     return {text: why for paper, text, *_ in CLAIMS if paper == 'MaskMentor'}
 
 
