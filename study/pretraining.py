@@ -1,7 +1,7 @@
 """Does MaskMentor's pre-training learn at the study's scale? Curves of its validation
 losses against trivial baselines, for choosing its budget (steps) and learning rate.
 
-    python -m study.pretraining                      # from the repository root (~12 min on 2 cores)
+    python -m study.pretraining                      # from the repository root (~8 min on 2 cores)
     python -m study.pretraining --steps 40 --every 20 --lrs 1e-3 --out /tmp/curves   # a smoke run
 
 The MaskMentor pre-training of the study (MultiMAE's network at nano width, the study's
