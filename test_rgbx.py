@@ -4370,6 +4370,28 @@ def test_study_pretraining_budget_and_what_stays_stuck_by_hand():
     assert pretraining.stuck(results) == ['depth']
 
 
+def test_study_pretraining_structure_tells_a_flat_prediction_from_a_spatial_one():
+    from study import pretraining
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 1, 8, 12, generator=g)
+    mask = torch.tensor([[True, False, True, True, False, True], [False] * 5 + [True]])  # (B, 2 x 3) tokens of 4 x 4
+    m = pretraining.pixels(mask, (2, 3), (8, 12))
+    assert m.shape == (2, 8, 12) and bool(m[0, :4, :4].all()) and not bool(m[0, :4, 4:8].any())
+    assert int(m[1].sum()) == 16 and bool(m[1, 4:, 8:].all())
+    def corr_spread(pred):
+        cov, vp, vt = pretraining.structure(pred, target, mask, (2, 3))
+        return cov / max((vp * vt) ** 0.5, 1e-12), (vp / vt) ** 0.5
+    assert corr_spread(target) == pytest.approx((1.0, 1.0))
+    assert corr_spread(3 + 0.5 * target) == pytest.approx((1.0, 0.5))  # level and scale: corr 1, spread 0.5
+    assert corr_spread(-target) == pytest.approx((-1.0, 1.0))
+    flat = target.mean((2, 3), keepdim=True).expand_as(target) + 7  # one value per image, at any level
+    assert corr_spread(flat)[1] == pytest.approx(0, abs=1e-5)
+    # by hand: image 1, masked pixels = its last patch; deviations from the image's mean over all its pixels
+    z = target[1, 0] - target[1, 0].mean()
+    cov, vp, vt = pretraining.structure(target, target, mask, (2, 3))
+    assert vt == pytest.approx(float((target[0, 0] - target[0, 0].mean())[m[0]].square().sum() + z[4:, 8:].square().sum()), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------
 # Layout: what imports what, where code and recipes live, the allocator, the test file itself
 # ----------------------------------------------------------------------------

@@ -106,10 +106,8 @@ def scores(model, batches, prior):
         for t, pred in trivial.items():
             name = t.split('_')[0] if t in ('depth_mean', 'rgb_image') else t
             base[t].append(model.pixel_loss(name, pred, targets[name], mask[:, which[t]], grid).item())
-        h, w = grid
-        seen = (~mask[:, 0]).view(-1, h, w).repeat_interleave(16, 1).repeat_interleave(16, 2)  # the place's RGB is visible
         regions = {'floor': (label == 0) & (x[:, 0] > 0), 'objects': (label > 0) & (x[:, 0] > 0), 'invalid': x[:, 0] == 0,
-                   'RGB seen': seen[:, :label.shape[1], :label.shape[2]]}
+                   'RGB seen': pixels(~mask[:, 0], grid, label.shape[-2:])}  # the place's RGB patch is visible
         for t, k in (('rgb', 0), ('depth', 1)):
             for part, v in zip(('cov', 'var_pred', 'var_target'), structure(decoded[t][0], targets[t], mask[:, k], grid)):
                 sums[f'{t} {part}'] += v
@@ -128,18 +126,22 @@ def structure(pred, target, mask, grid):
     """Sums over the masked pixels of the products of the prediction's and the target's
     deviations from each image's own mean: (covariance, prediction variance, target
     variance). A prediction that is one value per image scores 0 / 0 whatever its level."""
-    h, w = grid
-    s = target.shape[-2] // h
-    m = mask.view(-1, 1, h, w).repeat_interleave(s, 2).repeat_interleave(s, 3).expand_as(target)
+    m = pixels(mask, grid, target.shape[-2:])[:, None].expand_as(target)  # (B, C, H, W)
     p, z = pred - pred.mean((2, 3), keepdim=True), target - target.mean((2, 3), keepdim=True)
     return float((p * z)[m].sum()), float((p * p)[m].sum()), float((z * z)[m].sum())
 
 
+def pixels(mask, grid, size):
+    """A token mask (B, h*w) spread over the pixels of its patches: (B, H, W) for size (H, W),
+    the patch side ceil(H / h), cropped to size."""
+    h, w = grid
+    s = -(-size[0] // h)
+    return mask.view(-1, h, w).repeat_interleave(s, 1).repeat_interleave(s, 2)[:, :size[0], :size[1]]
+
+
 def region_loss(pred, target, mask, grid, where):
     """Depth L1 over the masked pixels inside `where` (B, H, W), pooled over the batch."""
-    h, w = grid
-    s = target.shape[-2] // h
-    m = mask.view(-1, h, w).repeat_interleave(s, 1).repeat_interleave(s, 2) & where
+    m = pixels(mask, grid, target.shape[-2:]) & where
     return float((pred - target).abs()[:, 0][m].mean()) if m.any() else float('nan')
 
 
@@ -195,9 +197,14 @@ def choose(results):
 
 def stuck(results):
     """The tasks whose loss is not below its baseline at the chosen lr and budget."""
-    lr, steps, _ = choose(results)
-    point = next(p for p in results[lr]['points'] if p['step'] == steps)
+    lr, _, point = chosen_point(results)
     return [t for t, v in ratios(point, results[lr]['baseline']).items() if v >= 1]
+
+
+def chosen_point(results):
+    """(lr, budget, the scored point at that budget) of `choose`."""
+    lr, steps, _ = choose(results)
+    return lr, steps, next(p for p in results[lr]['points'] if p['step'] == steps)
 
 
 def markdown(results, steps_run):

@@ -731,8 +731,7 @@ def untestable_claims():
     stuck = pretraining.stuck(saved)
     if not stuck:
         return {}
-    lr, steps, _ = pretraining.choose(saved)
-    point = next(p for p in saved[lr]['points'] if p['step'] == steps)
+    lr, _, point = pretraining.chosen_point(saved)
     ratio = pretraining.ratios(point, saved[lr]['baseline'])
     learned = [f"{t} {ratio[t]:.2f}" for t in pretraining.TASKS if t not in stuck]
     spread = ''.join(f"; its {t} prediction's spread over the target's: {point['loss'][f'{t} spread']:.2f}"
