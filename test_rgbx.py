@@ -3299,7 +3299,7 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     assert_one_line_error(cli(camera='nyu,x'), '--camera')
     assert_one_line_error(cli(depth_dir=tmp_path / 'nowhere'), 'no such folder')
     assert_one_line_error(cli('--raw', tmp_path / 'nowhere'), '--raw', 'no such folder')
-    assert_one_line_error(cli(out_dir=tmp_path / 'depth'), 'source folder')
+    assert_one_line_error(cli(out_dir=tmp_path / 'depth'), '--out', 'is the --depth folder')
     (tmp_path / 'a_file').write_text('')
     assert_one_line_error(cli(out_dir=tmp_path / 'a_file' / 'sub'), 'cannot be written')
     png(tmp_path / 'small' / 'a.png', raw[:100])
@@ -3625,6 +3625,70 @@ def test_eval_out_never_replaces_an_input_and_names_png(demo_run, tmp_path):
     assert 'would be ignored' in cli_error(ev.main, ['--checkpoint', best, '--pretrained', str(tmp_path / 'rgb.png')])
     assert 'fp16 needs CUDA' in cli_error(ev.main, ['--checkpoint', best, '--amp', 'fp16', '--device', 'cpu'])
     assert 'is a folder' in cli_error(ev.main, ['--checkpoint', str(tmp_path)])
+
+
+def tree_bytes(folder):
+    """Every file under `folder` with its bytes: what a refused command must leave alone."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob('*')) if p.is_file()}
+
+
+def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_path, monkeypatch):
+    """Every output flag of eval.py, through a real process where it matters: the dataset's
+    Label/ and RGB/ (--save-pred), a run's checkpoint and config (--json, also with --benchmark),
+    the split file (--json), reached directly, through a symbolic link and by a relative path:
+    refused with one line naming the flag, nothing changed. A success says what it wrote."""
+    root = nyu_pair(tmp_path / 'nyu')
+    cfg = demo_config(tmp_path, max_steps=1, eval_every=0)
+    tr.train(cfg)
+    run_dir = Path(cfg.out_dir)
+    last = run_dir / 'last.pt'
+    (tmp_path / 'link').symlink_to(root)
+    before = {d: tree_bytes(d) for d in (root, run_dir)}
+    monkeypatch.chdir(tmp_path / 'link' / 'RGB')
+    refused = [(['--save-pred', str(root / 'Label')], ['--save-pred', 'inside the dataset']),
+               (['--save-pred', '.'], ['--save-pred', 'the dataset']),
+               (['--json', str(last)], ['--json', 'the --checkpoint file']),
+               (['--json', str(run_dir / 'config.json')], ['--json', "the run's config.json"]),
+               (['--json', '../test.txt'], ['--json', 'the dataset']),
+               (['--json', str(tmp_path / 'link' / 'test.txt')], ['--json', 'the dataset'])]
+    for argv, words in refused:
+        message = cli_error(ev.main, ['--checkpoint', str(last), *argv])
+        assert all(w in message for w in words), message
+    res = run_cli('eval.py', '--benchmark', '--json', run_dir / 'last.pt', '--repeats', '1', '--size', '32x32')
+    one_line_error(res, '--json', 'another run')
+    res = run_cli('eval.py', '--checkpoint', last, '--save-pred', root / 'RGB')
+    one_line_error(res, '--save-pred', 'dataset')
+    (tmp_path / 'notes.txt').write_text('my notes')
+    assert 'not a JSON file' in cli_error(ev.main, ['--checkpoint', str(last), '--json', str(tmp_path / 'notes.txt')])
+    assert {d: tree_bytes(d) for d in (root, run_dir)} == before and (tmp_path / 'notes.txt').read_text() == 'my notes'
+    res = run_cli('eval.py', '--checkpoint', last, '--json', run_dir / 'metrics.json', '--save-pred', run_dir / 'pred')
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {run_dir / 'metrics.json'}" in res.stdout and f"to {run_dir / 'pred'}" in res.stdout
+    assert json.loads((run_dir / 'metrics.json').read_text())['miou'] >= 0
+
+
+def test_train_out_dir_never_lands_in_a_dataset_or_another_run_nor_on_its_pretrained_file(tmp_path):
+    root = nyu_pair(tmp_path / 'nyu')
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'log.jsonl').write_text('{"step": 1}\n')
+    (tmp_path / 'link').symlink_to(root)
+    torch.save(rgbx.swin('nano', window_size=4).state_dict(), tmp_path / 'pre' / 'last.pt') if (
+        tmp_path / 'pre').mkdir() is None else None
+    before = tree_bytes(root)
+    ktb = ['--method', 'ktb', '--opts', 'window_size=4', '--max-steps', '1']
+    for argv, words in ((['--out-dir', str(root / 'runs')], ['--out-dir', 'inside the --data-root folder']),
+                        (['--data-root', str(tmp_path / 'link'), '--out-dir', str(root / 'r')], ['--data-root']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(tmp_path / 'link' / 'r')],
+                         ['--out-dir', 'the dataset']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(other / 'sub')],
+                         ['--out-dir', 'another run']),
+                        (['--dataset', 'demo', '--data-root', '', *ktb, '--pretrained', str(tmp_path / 'pre' / 'last.pt'),
+                          '--out-dir', str(tmp_path / 'pre'), '--overwrite'], ['--out-dir', 'the --pretrained file'])):
+        message = cli_error(tr.main, nyu_argv(root, tmp_path / 'unused') + argv)
+        assert all(w in message for w in words), message
+    assert tree_bytes(root) == before and not (tmp_path / 'unused').exists()
+    assert os.listdir(tmp_path / 'pre') == ['last.pt'] and os.listdir(other) == ['log.jsonl']
 
 
 def test_eval_all_void_labels_explain_the_nan(tmp_path):
@@ -4066,6 +4130,8 @@ def test_train_full_disk_is_a_one_line_error_and_leaves_no_partial_file(small_di
     assert 'disk full' in message and str(small_disk) in message
     assert not [n for n in os.listdir(small_disk) if '.tmp' in n]
     if os.path.ismount(small_disk):  # the run's small files too (one 4 KiB page left)
+        for name in ('config.json', 'log.jsonl'):  # the failed run's: a run folder is never written into by another
+            (small_disk / name).unlink()
         free = os.statvfs(small_disk)
         (small_disk / 'filler').write_bytes(b'\0' * (free.f_bavail * free.f_frsize - 4096))
         message = cli_error(tr.main, ['--max-steps', '2', '--crop', '32x32', '--workers', '0', '--eval-every', '0',
@@ -4709,6 +4775,24 @@ def test_train_opts_keep_every_key_of_the_previous_registry():
     ktb = rgbx.resolve_options('ktb', 'swin-base', {'dscf_ranks': '8:8:8:8', 'mmst': 'off'})
     assert ktb['dscf_ranks'] == [8, 8, 8, 8] and ktb['mmst'] is False and ktb['bias_grid'] == [60, 80]
     assert rgbx.KTBConfig(lambda2='0.5').lambda2 == 0.5 and rgbx.GoPTConfig().acp == rgbx.ACP_DEFAULT
+
+
+def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
+    import subprocess
+    import sys
+    root = nyu_pair(tmp_path / 'nyu')
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'last.pt').write_bytes(b'a checkpoint')
+    here = Path(__file__).resolve().parent
+    for module, argv, words in (('study.run', ['--quick', '--out', root / 'runs'], ['--out', 'the dataset']),
+                                ('study.run', ['--quick', '--out', tmp_path / 'o', '--report', run_dir],
+                                 ['--report', 'another run']),
+                                ('study.pretraining', ['--steps', '1', '--report', root / 'Label'], ['--report'])):
+        res = subprocess.run([sys.executable, '-m', module, *map(str, argv)], capture_output=True, text=True, cwd=here,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        one_line_error(res, *words)
+    assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
 
 
 def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):

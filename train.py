@@ -234,6 +234,9 @@ def resolve(cfg):
         cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir} is a file, not a folder: pass a folder")
+    inputs = [('--pretrained', cfg.pretrained if cfg.pretrained != 'none' else ''), ('--data-root', cfg.data_root),
+              ('--split', cfg.split if cfg.split.endswith('.txt') else '')]
+    data.check_output('--out-dir', cfg.out_dir, inputs, folder=True, own_run=cfg.out_dir, writes=data.RUN_FILES)
     return cfg
 
 
@@ -498,7 +501,7 @@ def process_alive(pid):
     return True
 
 
-RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt')  # what a run writes into its folder
+RUN_FILES = data.RUN_FILES  # what a run writes into its folder
 
 
 class RunLock:
