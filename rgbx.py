@@ -140,6 +140,25 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class PatchEmbed(nn.Module):
+    """Split an image into p x p patches and embed each linearly (a stride-p conv).
+
+    The image is zero-padded at the bottom/right to a multiple of p, so
+    forward(img: (B, in_chans, H, W)) -> (B, ceil(H/p), ceil(W/p), dim), channels-last,
+    followed by LayerNorm when `norm` (Swin) and not (ViT).
+    """
+
+    def __init__(self, in_chans, dim, patch, norm):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(in_chans, dim, patch, patch)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, img):
+        x = self.proj(pad_to_multiple(img, self.patch, (2, 3)))  # (B, dim, h, w)
+        return self.norm(x.permute(0, 2, 3, 1))  # (B, h, w, dim)
+
+
 def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
     """Pixel cross-entropy, the mean over labelled pixels (0, still a graph, when
     none is labelled). With `ohem` (KTB on MCubeS; CMNeXt's OhemCrossEntropy):
@@ -346,14 +365,21 @@ class RGBXModel(nn.Module):
         return {'trainable': sum(p.numel() for p in self.parameters() if p.requires_grad),
                 'total': sum(p.numel() for p in self.parameters())}
 
-    def pretrained_target(self):
-        """The module an official pretrained file is loaded into (`load_pretrained`): the backbone."""
+    def pretrained_target(self, sd):
+        """The module a pretrained state dict `sd` is loaded into (`load_pretrained`): the
+        backbone; it converts `sd` with its own `convert_checkpoint`."""
         return self.backbone
 
-    def checkpoint_absent_keys(self, sd):
-        """Keys of the `pretrained_target` that a converted pretrained state dict `sd` may
-        lack (they keep their initial values); default none."""
-        return set()
+
+def _init_transformer_weights(m):
+    """Initialisation of the official releases: trunc-normal(0.02) linears, zero biases, unit norms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def drop_path_rates(rate, n):
@@ -567,25 +593,6 @@ class BasicLayer(nn.Module):
         return x
 
 
-class PatchEmbed(nn.Module):
-    """Split an image into p x p patches and embed each linearly (a stride-p conv).
-
-    The image is zero-padded at the bottom/right to a multiple of p, so
-    forward(img: (B, in_chans, H, W)) -> (B, ceil(H/p), ceil(W/p), dim), channels-last,
-    followed by LayerNorm when `norm` (Swin) and not (ViT).
-    """
-
-    def __init__(self, in_chans, dim, patch, norm):
-        super().__init__()
-        self.patch = patch
-        self.proj = nn.Conv2d(in_chans, dim, patch, patch)
-        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
-
-    def forward(self, img):
-        x = self.proj(pad_to_multiple(img, self.patch, (2, 3)))  # (B, dim, h, w)
-        return self.norm(x.permute(0, 2, 3, 1))  # (B, h, w, dim)
-
-
 SWIN_PRESETS = {  # embed dim, depths, heads (Swin Table 1); window of the official files (7: 224 px, 12: 384 px / 22K)
     'nano': dict(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), window_size=4),  # demo and tests only
     'tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window_size=7),
@@ -641,6 +648,11 @@ class SwinTransformer(nn.Module):
         outs[-1] = self.norm(outs[-1])
         return [o.permute(0, 3, 1, 2) for o in outs]
 
+    def convert_checkpoint(self, sd):
+        """A Swin file (Microsoft's or mmsegmentation's) -> (this model's state dict, keys it
+        may lack, notes) for `load_pretrained` (`swin_from_checkpoint`)."""
+        return swin_from_checkpoint(sd, self.state_dict()), set(), []
+
 
 
 def swin(name, **overrides):
@@ -663,6 +675,51 @@ class SwinSizes(Options):
     mlp_ratio: float = option(4.0, "MLP hidden width / C", low=0, low_open=True, default_from='paper')
     drop_path_rate: float = option(0.0, "stochastic depth: rates rise over the blocks from 0 to this",
                                    low=0, high=1, high_open=True)
+
+
+# mmsegmentation's Swin names -> the official ones (`rename_keys`); `(backbone\.)?` keeps a prefix
+SWIN_MMSEG_KEYS = (
+    (r'(backbone\.)?patch_embed\.projection\.(.*)', r'\1patch_embed.proj.\2', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.(.*)', r'\1layers.\2.blocks.\3.attn.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(.*)', r'\1layers.\2.blocks.\3.mlp.fc1.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.(.*)', r'\1layers.\2.blocks.\3.mlp.fc2.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.(norm[12]\..*)', r'\1layers.\2.blocks.\3.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.downsample\.(.*)', r'\1layers.\2.downsample.\3', 'unfold'),
+)
+
+
+def swin_from_microsoft(sd, own):
+    """A Microsoft Swin state dict -> `own`'s (a SwinTransformer's state dict): drop the
+    classifier, the buffers rebuilt here and the final norm when `own` has none (KTB's
+    backbone); bias tables trained with another window are resized bicubically."""
+    sd = {k: v for k, v in sd.items()
+          if not (k.startswith('head.') or k.endswith('relative_position_index') or k.endswith('attn_mask')
+                  or (k.startswith('norm.') and 'norm.weight' not in own))}
+    for k, v in sd.items():
+        if k.endswith('relative_position_bias_table') and k in own and v.shape != own[k].shape:
+            m, n = math.isqrt(v.shape[0]), math.isqrt(own[k].shape[0])  # (m*m, heads) -> (1, heads, m, m) -> (n*n, heads)
+            grid = v.T.reshape(1, -1, m, m).float()
+            sd[k] = F.interpolate(grid, size=(n, n), mode='bicubic', align_corners=False)[0].flatten(1).T.to(v.dtype)
+    return sd
+
+
+def swin_from_mmseg(sd, own):
+    """A mmsegmentation Swin state dict (with or without `backbone.`) -> `own`'s, by `SWIN_MMSEG_KEYS`."""
+    if all(k.startswith('backbone.') for k in sd):
+        sd = {k[len('backbone.'):]: v for k, v in sd.items()}
+    return swin_from_microsoft(rename_keys(sd, SWIN_MMSEG_KEYS, own), own)
+
+
+
+
+def swin_from_checkpoint(sd, own):
+    """Microsoft's or mmsegmentation's Swin state dict -> `own`'s (a SwinTransformer's)."""
+    if any(k.startswith('backbone.MPGBlocks.') for k in sd):
+        raise ValueError("a trained KTB of the authors' release, not a Swin: load it into a rgbx.KTB "
+                         "(built with method ktb)")
+    if any(k.endswith('patch_embed.projection.weight') for k in sd):
+        return swin_from_mmseg(sd, own)
+    return swin_from_microsoft(sd, own)
 
 
 # ----------------------------------------------------------------------------
@@ -781,6 +838,11 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def convert_checkpoint(self, sd):
+        """An MAE ViT file -> (this model's state dict, keys it may lack, notes) for
+        `load_pretrained` (`vit_from_mae`)."""
+        return vit_from_mae(sd, self.state_dict()), set(), []
+
 
 
 def vit(name, **overrides):
@@ -804,15 +866,24 @@ class ViTSizes(Options):
                                    low=0, high=1, high_open=True)
 
 
-def _init_transformer_weights(m):
-    """Initialisation of the official releases: trunc-normal(0.02) linears, zero biases, unit norms."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+def vit_from_mae(sd, own):
+    """An MAE ViT state dict -> `own`'s (a VisionTransformer's): drop the MAE decoder of
+    the `_full` files and any classifier, resize `pos_embed` to `own`'s grid."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(('decoder_', 'mask_token', 'head.', 'fc_norm.'))}
+    if 'pos_embed' in sd:
+        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], square_grid(sd['pos_embed']),
+                                           square_grid(own['pos_embed']))
+    return sd
+
+
+def square_grid(pos_embed):
+    """(1, 1 + g*g, D) -> (g, g), or an error for a table that is not a square grid with a cls row."""
+    n = pos_embed.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"checkpoint pos_embed has {n} patch rows, not a square grid; "
+                         f"expected a (1, 1 + g*g, D) MAE position embedding")
+    return side, side
 
 
 # ----------------------------------------------------------------------------
@@ -841,249 +912,6 @@ def read_checkpoint(path):
                               f"PyTorch checkpoint of tensors; download or copy it again.") from None
 
 
-# The mmsegmentation Swin and the KTB release, key by key: (key there, key here, how the tensor
-# changes). First match wins; `(backbone\.)?` keeps the release's prefix. Conversions:
-#   unfold  nn.Unfold channel order (c*4 + j, j over (0,0) (0,1) (1,0) (1,1)) -> the Microsoft concat order
-#   1x1     a 1x1 conv weight (O, I, 1, 1) -> nn.Linear's (O, I)
-#   yx      a 1x1 conv to (y, x) offsets -> nn.Linear to (x, y), grid_sample's order
-#   rgb, x  one modality's row of a tensor stacked (2, ...) here, RGB row first
-RELEASE_HEADS = {'': 's1', '_rgb': 's2', '_dte': 's3'}
-RELEASE_KEYS = (
-    (r'(backbone\.)?patch_embed\.projection\.(.*)', r'\1patch_embed.proj.\2', None),
-    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.(.*)', r'\1layers.\2.blocks.\3.attn.\4', None),
-    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(.*)', r'\1layers.\2.blocks.\3.mlp.fc1.\4', None),
-    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.(.*)', r'\1layers.\2.blocks.\3.mlp.fc2.\4', None),
-    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.(norm[12]\..*)', r'\1layers.\2.blocks.\3.\4', None),
-    (r'(backbone\.)?stages\.(\d+)\.downsample\.(.*)', r'\1layers.\2.downsample.\3', 'unfold'),
-    (r'backbone\.extra_patch_embed\.projection\.(.*)', r'x_patch_embed.proj.\1', None),
-    (r'backbone\.extra_patch_embed\.norm\.(.*)', r'x_patch_embed.norm.\1', None),
-    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.weight', r'adapters.\1.\2.w\3', 'rgb'),
-    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.bias', r'adapters.\1.\2.b\3', 'rgb'),
-    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.weight', r'adapters.\1.\2.w\3', 'x'),
-    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.bias', r'adapters.\1.\2.b\3', 'x'),
-    (r'backbone\.MPGBlocks\.(\d+)\.D_fc1\.(.*)', r'prompts.\1.w_rgb.\2', None),
-    (r'backbone\.MPGBlocks\.(\d+)\.D_fc2\.(.*)', r'prompts.\1.w_x.\2', None),
-    (r'backbone\.MPGBlocks\.(\d+)\.P_fc2\.(.*)', r'prompts.\1.w_p.\2', None),
-    (r'backbone\.MPGBlocks\.(\d+)\.U_fc1\.(.*)', r'prompts.\1.w_up.\2', None),
-    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_rgb', r'prompts.\1.\2', 'rgb'),
-    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_dte', r'prompts.\1.\2', 'x'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc1\.(.*)', r'dscf.\1.w_a.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc2\.(.*)', r'dscf.\1.w_b.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.U_fc1\.(.*)', r'dscf.\1.w_up.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.deform_weight', r'dscf.\1.alpha', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.identity_weight', r'dscf.\1.beta', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.rpe_table', r'dscf.\1.rpe_table', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.0\.(.*)', r'dscf.\1.offset_rgb.dwconv.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.1\.norm\.(.*)', r'dscf.\1.offset_rgb.norm.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.3\.weight', r'dscf.\1.offset_rgb.proj.weight', 'yx'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.0\.(.*)', r'dscf.\1.offset_x.dwconv.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.1\.norm\.(.*)', r'dscf.\1.offset_x.norm.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.3\.weight', r'dscf.\1.offset_x.proj.weight', 'yx'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.fuse_q\.conv\.(.*)', r'dscf.\1.query.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_q\.(.*)', r'dscf.\1.w_q.\2', '1x1'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.get_sample_weight\.(.*)', r'dscf.\1.gate.\2', '1x1'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_(k|v)\.(.*)', r'dscf.\1.w_\2.\3', '1x1'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_out\.(.*)', r'dscf.\1.w_o.\2', '1x1'),
-    (r'backbone\.norm(\d)\.(.*)', r'rgb_norms.\1.\2', None),
-    (r'backbone\.extra_norm(\d)\.(.*)', r'x_norms.\1.\2', None),
-    (r'backbone\.fuse_norm(\d)\.(.*)', r'fuse_norms.\1.\2', None),
-    (r'decode_head(|_rgb|_dte)\.linear_c(\d)\.proj\.(.*)',
-     lambda m: f"{RELEASE_HEADS[m[1]]}.linear_c.{int(m[2]) - 1}.{m[3]}", None),
-    (r'decode_head(|_rgb|_dte)\.linear_fuse\.conv\.(.*)', lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.0.{m[2]}", None),
-    (r'decode_head(|_rgb|_dte)\.linear_fuse\.bn\.(.*)', lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.1.{m[2]}", None),
-    (r'decode_head(|_rgb|_dte)\.(linear_pred\..*)', lambda m: f"{RELEASE_HEADS[m[1]]}.{m[2]}", None),
-)
-
-
-def convert_release_keys(sd, own):
-    """A mmsegmentation Swin or KTB release state dict -> this module's names, by
-    `RELEASE_KEYS`. Keys no rule matches are kept as they are (the caller reports
-    them as unexpected). `own` (the model's state dict) gives the shapes of the
-    tensors stacked from one row per modality."""
-    def rule(key):
-        for pattern, name, how in RELEASE_KEYS:
-            m = re.fullmatch(pattern, key)
-            if m:
-                return (m.expand(name) if isinstance(name, str) else name(m)), how
-        return key, None
-
-    out, rows = {}, {}
-    for key, v in sd.items():
-        name, how = rule(key)
-        if how == 'unfold':  # (..., C*4) -> (..., 4, C) in the order x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1)
-            v = v.unflatten(-1, (-1, 4))[..., [0, 2, 1, 3]].transpose(-1, -2).flatten(-2)
-        elif how in ('1x1', 'yx') and v.ndim == 4:
-            v = v.flatten(1) if how == '1x1' else v.flatten(1).flip(0)
-        if how in ('rgb', 'x'):
-            rows.setdefault(name, [None, None])[how == 'x'] = v
-        else:
-            out[name] = v
-    for name, (rgb, x) in rows.items():
-        if rgb is None or x is None:  # a modality's row is missing: reported as a missing key
-            continue
-        v = torch.stack([rgb, x])  # (2, ...): an adapter bias (2, r) becomes the model's (2, 1, r)
-        out[name] = v.view(own[name].shape) if name in own and v.squeeze().shape == own[name].squeeze().shape else v
-    return out
-
-
-def swin_from_microsoft(sd, own):
-    """A Microsoft Swin state dict -> `own`'s (a SwinTransformer's state dict): drop the
-    classifier, the buffers rebuilt here and the final norm when `own` has none (KTB's
-    backbone); bias tables trained with another window are resized bicubically."""
-    sd = {k: v for k, v in sd.items()
-          if not (k.startswith('head.') or k.endswith('relative_position_index') or k.endswith('attn_mask')
-                  or (k.startswith('norm.') and 'norm.weight' not in own))}
-    for k, v in sd.items():
-        if k.endswith('relative_position_bias_table') and k in own and v.shape != own[k].shape:
-            m, n = math.isqrt(v.shape[0]), math.isqrt(own[k].shape[0])  # (m*m, heads) -> (1, heads, m, m) -> (n*n, heads)
-            grid = v.T.reshape(1, -1, m, m).float()
-            sd[k] = F.interpolate(grid, size=(n, n), mode='bicubic', align_corners=False)[0].flatten(1).T.to(v.dtype)
-    return sd
-
-
-def swin_from_mmseg(sd, own):
-    """A mmsegmentation Swin state dict (with or without `backbone.`) -> `own`'s, by `RELEASE_KEYS`."""
-    if all(k.startswith('backbone.') for k in sd):
-        sd = {k[len('backbone.'):]: v for k, v in sd.items()}
-    return swin_from_microsoft(convert_release_keys(sd, own), own)
-
-
-def ktb_from_release(sd, own):
-    """A trained KTB of the authors' release (its whole model) -> a `KTB` state dict `own`'s."""
-    return {k: v for k, v in convert_release_keys(sd, own).items()
-            if not k.endswith('relative_position_index')}  # a buffer rebuilt here
-
-
-def vit_from_mae(sd, own):
-    """An MAE ViT state dict -> `own`'s (a VisionTransformer's): drop the MAE decoder of
-    the `_full` files and any classifier, resize `pos_embed` to `own`'s grid."""
-    sd = {k: v for k, v in sd.items() if not k.startswith(('decoder_', 'mask_token', 'head.', 'fc_norm.'))}
-    if 'pos_embed' in sd:
-        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], square_grid(sd['pos_embed']),
-                                           square_grid(own['pos_embed']))
-    return sd
-
-
-def square_grid(pos_embed):
-    """(1, 1 + g*g, D) -> (g, g), or an error for a table that is not a square grid with a cls row."""
-    n = pos_embed.shape[1] - 1
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"checkpoint pos_embed has {n} patch rows, not a square grid; "
-                         f"expected a (1, 1 + g*g, D) MAE position embedding")
-    return side, side
-
-
-def multimae_from_mae(sd, own):
-    """An MAE ViT state dict -> MultiMAE's names, as MultiMAE's vit2multimae converter maps
-    it: blocks.* -> encoder.*, patch_embed.proj -> the RGB adapter's proj, cls_token (+ its
-    position row) -> global_tokens, pos_embed -> the RGB adapter's table, resized to
-    `own`'s; MAE's final norm, decoder and head dropped (MultiMAE has no final norm).
-    The RGB table keeps MAE's (row, column) channel order, as vit2multimae does, while
-    MultiMAE's own tables are the transpose (design choice: MultiMAE's converter as is)."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith('blocks.'):
-            out['encoder.' + k[len('blocks.'):]] = v
-        elif k.startswith('patch_embed.proj.'):
-            out['input_adapters.rgb.proj.' + k.rsplit('.', 1)[1]] = v
-    if 'cls_token' in sd:
-        out['global_tokens'] = sd['cls_token'] + (sd['pos_embed'][:, :1] if 'pos_embed' in sd else 0)
-    if 'pos_embed' in sd:
-        side = square_grid(sd['pos_embed'])[0]
-        table = sd['pos_embed'][:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        out['input_adapters.rgb.pos_emb'] = F.interpolate(
-            table, size=own['backbone.input_adapters.rgb.pos_emb'].shape[-2:], mode='bicubic', align_corners=False)
-    return out
-
-
-# The tensors whose shape follows the number of semantic classes (MultiMAE's files: 133 COCO classes).
-CLASS_COUNT_KEYS = ('backbone.input_adapters.semseg.class_emb.weight', 'output_adapters.semseg.out_proj.weight',
-                    'output_adapters.semseg.out_proj.bias')
-
-# MultiMAE checkpoint prefix -> this project's; below the prefix the names are MultiMAE's.
-MULTIMAE_RENAMES = (
-    ('input_adapters.', 'backbone.input_adapters.'),
-    ('encoder.', 'backbone.encoder.'),
-    ('global_tokens', 'backbone.global_tokens'),
-)
-
-
-def adapter_part(key):
-    """'output_adapters.norm_rgb.mlp.fc1.weight' -> 'output_adapters.norm_rgb' (also
-    'backbone.input_adapters.<name>'); None for keys outside the adapters."""
-    parts = key.split('.')
-    if parts[0] == 'output_adapters':
-        return '.'.join(parts[:2])
-    if parts[:2] == ['backbone', 'input_adapters']:
-        return '.'.join(parts[:3])
-    return None
-
-
-def multimae_renamed(sd, own):
-    """A MultiMAE file, an MAE ViT file or an rgbx MaskMentor state dict -> this project's
-    names (`MULTIMAE_RENAMES`; an MAE file through `multimae_from_mae`), nothing dropped."""
-    if any(k.startswith('backbone.') for k in sd):
-        return dict(sd)
-    if not any(k.startswith(('encoder.', 'input_adapters.')) for k in sd):
-        sd = multimae_from_mae(sd, own)
-    return {next((new + k[len(old):] for old, new in MULTIMAE_RENAMES if k.startswith(old)), k): v
-            for k, v in sd.items()}
-
-
-def multimae_to_rgbx(sd, own):
-    """A MultiMAE / MAE / rgbx MaskMentor state dict -> a MaskMentor model's (`own`):
-    renamed (`multimae_renamed`), without the adapters `own` lacks (all output adapters
-    when fine-tuning; `norm_rgb` without norm_pix_rgb; the semseg input adapter) and
-    without the CLASS_COUNT_KEYS tensors of another class count (they keep their initial
-    values). `multimae_notes` says what was left out."""
-    sd = multimae_renamed(sd, own)
-    parts = {adapter_part(k) for k in own}
-    return {k: v for k, v in sd.items() if (adapter_part(k) is None or adapter_part(k) in parts)
-            and k != 'steps_done' and not (k in CLASS_COUNT_KEYS and k in own and v.shape != own[k].shape)}
-
-
-def multimae_notes(sd, own):
-    """What `multimae_to_rgbx` leaves out of `sd` for a model `own`, as sentences."""
-    sd = multimae_renamed(sd, own)
-    notes = []
-    dropped = sorted({adapter_part(k) for k in sd} - {adapter_part(k) for k in own} - {None})
-    if dropped:
-        notes.append(f"ignoring parts this model does not have: {', '.join(dropped)}")
-    per_class = sorted(k for k in CLASS_COUNT_KEYS if k in sd and k in own and sd[k].shape != own[k].shape)
-    if per_class:
-        notes.append("another number of semantic classes in the checkpoint than in this model: "
-                     + ', '.join(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}" for k in per_class)
-                     + " re-initialised")
-    if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
-        notes.append("the checkpoint holds no decoders (an encoder file): the output adapters keep their initial values")
-    elif 'output_adapters.norm_rgb' in {adapter_part(k) for k in own} - {adapter_part(k) for k in sd}:
-        notes.append("the checkpoint has no norm_rgb decoder (a file trained without norm_pix_rgb): it starts fresh "
-                     "(or build with norm_pix_rgb=False)")
-    return notes
-
-
-def checkpoint_format(sd):
-    """Which source a state dict comes from, by its keys: 'ktb-release' (a trained KTB of
-    the release), 'mmseg-swin', 'multimae' (MultiMAE, or an rgbx MaskMentor), 'mae'
-    (an MAE ViT), 'swin' (Microsoft's Swin) or 'rgbx' (anything else, taken as it is)."""
-    if any(k.startswith('backbone.MPGBlocks.') for k in sd):
-        return 'ktb-release'
-    if any(k.endswith('patch_embed.projection.weight') for k in sd):
-        return 'mmseg-swin'
-    if any(k.startswith(('encoder.', 'input_adapters.', 'output_adapters.', 'backbone.input_adapters.')) for k in sd):
-        return 'multimae'
-    if 'cls_token' in sd or any(k.startswith('decoder_') for k in sd):
-        return 'mae'
-    if any('relative_position_bias_table' in k for k in sd):
-        return 'swin'
-    return 'rgbx'
-
-
-CONVERTERS = {'ktb-release': ktb_from_release, 'mmseg-swin': swin_from_mmseg, 'multimae': multimae_to_rgbx,
-              'mae': vit_from_mae, 'swin': swin_from_microsoft, 'rgbx': lambda sd, own: sd}
-
-
 class CheckpointNote(UserWarning):
     """What `load_pretrained` left out of a file or re-initialised (the entry points print it)."""
 
@@ -1106,40 +934,27 @@ def read_state_dict(path):
 
 
 def load_pretrained(model, path):
-    """Load an official file into a model (its `pretrained_target`: the backbone, or the
-    whole MaskMentor model) or into a bare backbone, or a trained KTB of the authors'
-    release into a `KTB`. Returns the model.
+    """Load a pretrained file into a model (its `pretrained_target`: the backbone, or the
+    whole model for the files that hold one) or into a bare backbone; returns the model.
 
-    Reads with weights_only=True: Microsoft's Swin, mmsegmentation's Swin (the files the
-    KTB release asks for), MAE's ViT (also the `_full` files), MultiMAE's files and the
-    KTB release's saved models; recognises them by their keys (`checkpoint_format`),
-    converts them (`CONVERTERS`, one pure function per format), then loads and raises an
-    error listing every missing, unexpected or mis-shaped key. Keys the target declares
-    absent (`RGBXModel.checkpoint_absent_keys`) keep their initial values; what a
-    MultiMAE file leaves out is reported as a `CheckpointNote` warning.
+    Reads with weights_only=True (`read_state_dict`), asks the target to convert the state
+    dict to its own names (`convert_checkpoint`, beside each model: Swin, ViT, KTB,
+    MaskMentor), then loads and raises an error listing every missing, unexpected or
+    mis-shaped key. Keys the target declares absent keep their initial values; its notes
+    (what a MultiMAE file leaves out) are `CheckpointNote` warnings.
     """
     sd = read_state_dict(path)
-    fmt = checkpoint_format(sd)
-    if fmt == 'ktb-release':
-        if not isinstance(model, KTB):
-            raise ValueError(f"checkpoint {path} is a trained KTB of the authors' release; load it into a rgbx.KTB "
-                             f"(built with method ktb), not into a {type(model).__name__}")
-        target, fix = model, "Build the KTB with the backbone, window, class count and head widths the file was trained with."
-    else:
-        target = model.pretrained_target() if isinstance(model, RGBXModel) else model
-        fix = "Check that the preset (tiny/small/base/large) and the file belong together."
+    target = model.pretrained_target(sd) if isinstance(model, RGBXModel) else model
+    if not callable(getattr(target, 'convert_checkpoint', None)):
+        raise TypeError(f"load_pretrained loads into an rgbx model, SwinTransformer or VisionTransformer, "
+                        f"not a {type(target).__name__}")
+    try:
+        sd, absent, notes = target.convert_checkpoint(sd)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: {e}") from None
+    for note in notes:
+        warnings.warn(f"load_pretrained {path}: {note}", CheckpointNote, stacklevel=2)
     own = target.state_dict()
-    if isinstance(target, MaskMentorModel):  # MultiMAE's network: MultiMAE, MAE and rgbx files alike
-        for note in multimae_notes(sd, own):
-            warnings.warn(f"load_pretrained {path}: {note}", CheckpointNote, stacklevel=2)
-        sd = multimae_to_rgbx(sd, own)
-    else:
-        sd = CONVERTERS[fmt](sd, own)
-    for k in [k for k in sd if k.endswith('.pos_emb') and k in own and sd[k].shape != own[k].shape]:
-        # a MultiMAE position table stored for another image size: it is interpolated at use, so it is taken as it is
-        target.get_submodule(k.rsplit('.', 1)[0]).pos_emb = sd[k].clone()
-        own[k] = sd[k]
-    absent = target.checkpoint_absent_keys(sd) if isinstance(target, RGBXModel) else set()
     missing = sorted(set(own) - set(sd) - absent)
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -1150,9 +965,44 @@ def load_pretrained(model, path):
             + (f"missing keys ({len(missing)}): {missing}; " if missing else '')
             + (f"unexpected keys ({len(unexpected)}): {unexpected}; " if unexpected else '')
             + (f"shape mismatches: {shapes}; " if shapes else '')
-            + fix)
+            + "build the model with the sizes (preset, window, classes, head widths) the file was trained with.")
     target.load_state_dict(sd, strict=False)  # only the declared `absent` keys keep their initial values
     return model
+
+
+def rename_keys(sd, rules, own):
+    """A state dict renamed by `rules`, ((regex, name or function of the match, how the
+    tensor changes), first match wins; the changes below). Keys no rule matches are kept as
+    they are (the loader reports them as unexpected). `own` (the model's state dict) gives
+    the shapes of the tensors stacked from one row per modality. Changes:
+      unfold  nn.Unfold channel order (c*4 + j, j over (0,0) (0,1) (1,0) (1,1)) -> the Microsoft concat order
+      1x1     a 1x1 conv weight (O, I, 1, 1) -> nn.Linear's (O, I)
+      yx      a 1x1 conv to (y, x) offsets -> nn.Linear to (x, y), grid_sample's order
+      rgb, x  one modality's row of a tensor stacked (2, ...) here, RGB row first"""
+    def rule(key):
+        for pattern, name, how in rules:
+            m = re.fullmatch(pattern, key)
+            if m:
+                return (m.expand(name) if isinstance(name, str) else name(m)), how
+        return key, None
+
+    out, rows = {}, {}
+    for key, v in sd.items():
+        name, how = rule(key)
+        if how == 'unfold':  # (..., C*4) -> (..., 4, C) in the order x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1)
+            v = v.unflatten(-1, (-1, 4))[..., [0, 2, 1, 3]].transpose(-1, -2).flatten(-2)
+        elif how in ('1x1', 'yx') and v.ndim == 4:
+            v = v.flatten(1) if how == '1x1' else v.flatten(1).flip(0)
+        if how in ('rgb', 'x'):
+            rows.setdefault(name, [None, None])[how == 'x'] = v
+        else:
+            out[name] = v
+    for name, (rgb, x) in rows.items():
+        if rgb is None or x is None:  # a modality's row is missing: reported as a missing key
+            continue
+        v = torch.stack([rgb, x])  # (2, ...): an adapter bias (2, r) becomes the model's (2, 1, r)
+        out[name] = v.view(own[name].shape) if name in own and v.squeeze().shape == own[name].squeeze().shape else v
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -1668,6 +1518,55 @@ class KTBConfig(Options):
                                 default_from='release')
 
 
+# The KTB release's names -> KTB's (`rename_keys`): its Swin as mmsegmentation's, then KTB's parts
+RELEASE_HEADS = {'': 's1', '_rgb': 's2', '_dte': 's3'}
+KTB_RELEASE_KEYS = SWIN_MMSEG_KEYS + (
+    (r'backbone\.extra_patch_embed\.projection\.(.*)', r'x_patch_embed.proj.\1', None),
+    (r'backbone\.extra_patch_embed\.norm\.(.*)', r'x_patch_embed.norm.\1', None),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.weight', r'adapters.\1.\2.w\3', 'rgb'),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.bias', r'adapters.\1.\2.b\3', 'rgb'),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.weight', r'adapters.\1.\2.w\3', 'x'),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.bias', r'adapters.\1.\2.b\3', 'x'),
+    (r'backbone\.MPGBlocks\.(\d+)\.D_fc1\.(.*)', r'prompts.\1.w_rgb.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.D_fc2\.(.*)', r'prompts.\1.w_x.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.P_fc2\.(.*)', r'prompts.\1.w_p.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.U_fc1\.(.*)', r'prompts.\1.w_up.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_rgb', r'prompts.\1.\2', 'rgb'),
+    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_dte', r'prompts.\1.\2', 'x'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc1\.(.*)', r'dscf.\1.w_a.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc2\.(.*)', r'dscf.\1.w_b.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.U_fc1\.(.*)', r'dscf.\1.w_up.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.deform_weight', r'dscf.\1.alpha', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.identity_weight', r'dscf.\1.beta', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.rpe_table', r'dscf.\1.rpe_table', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.0\.(.*)', r'dscf.\1.offset_rgb.dwconv.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.1\.norm\.(.*)', r'dscf.\1.offset_rgb.norm.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.3\.weight', r'dscf.\1.offset_rgb.proj.weight', 'yx'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.0\.(.*)', r'dscf.\1.offset_x.dwconv.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.1\.norm\.(.*)', r'dscf.\1.offset_x.norm.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.3\.weight', r'dscf.\1.offset_x.proj.weight', 'yx'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.fuse_q\.conv\.(.*)', r'dscf.\1.query.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_q\.(.*)', r'dscf.\1.w_q.\2', '1x1'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.get_sample_weight\.(.*)', r'dscf.\1.gate.\2', '1x1'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_(k|v)\.(.*)', r'dscf.\1.w_\2.\3', '1x1'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_out\.(.*)', r'dscf.\1.w_o.\2', '1x1'),
+    (r'backbone\.norm(\d)\.(.*)', r'rgb_norms.\1.\2', None),
+    (r'backbone\.extra_norm(\d)\.(.*)', r'x_norms.\1.\2', None),
+    (r'backbone\.fuse_norm(\d)\.(.*)', r'fuse_norms.\1.\2', None),
+    (r'decode_head(|_rgb|_dte)\.linear_c(\d)\.proj\.(.*)',
+     lambda m: f"{RELEASE_HEADS[m[1]]}.linear_c.{int(m[2]) - 1}.{m[3]}", None),
+    (r'decode_head(|_rgb|_dte)\.linear_fuse\.conv\.(.*)', lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.0.{m[2]}", None),
+    (r'decode_head(|_rgb|_dte)\.linear_fuse\.bn\.(.*)', lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.1.{m[2]}", None),
+    (r'decode_head(|_rgb|_dte)\.(linear_pred\..*)', lambda m: f"{RELEASE_HEADS[m[1]]}.{m[2]}", None),
+)
+
+
+def ktb_from_release(sd, own):
+    """A trained KTB of the authors' release (its whole model) -> a `KTB` state dict `own`'s."""
+    return {k: v for k, v in rename_keys(sd, KTB_RELEASE_KEYS, own).items()
+            if not k.endswith('relative_position_index')}  # a buffer rebuilt here
+
+
 class KTB(RGBXModel):
     """KTB: Keep the Balance (docs/ktb.md), RGB + X segmentation on one frozen Swin.
 
@@ -1808,9 +1707,15 @@ class KTB(RGBXModel):
         return [dict(params=[p for p in self.parameters() if p.requires_grad], weight_decay=weight_decay),
                 dict(params=[], weight_decay=0.0)]
 
-    def checkpoint_absent_keys(self, sd):
-        """A KTB release file has no final norm of the Swin: a backbone built with one keeps it."""
-        return {k for k in self.state_dict() if k.startswith('backbone.norm.')}
+    def pretrained_target(self, sd):
+        """A trained KTB of the authors' release loads into the whole model, a Swin file into the backbone."""
+        return self if any(k.startswith('backbone.MPGBlocks.') for k in sd) else self.backbone
+
+    def convert_checkpoint(self, sd):
+        """A trained KTB of the release -> (this model's state dict, keys it may lack: the
+        Swin's final norm, which the release has none of; notes), `ktb_from_release`."""
+        own = self.state_dict()
+        return ktb_from_release(sd, own), {k for k in own if k.startswith('backbone.norm.')}, []
 
     def param_counts(self):
         """{'trainable', 'total', and the trainable parameters per part of the paper}."""
@@ -2725,6 +2630,95 @@ class SpatialOutputAdapter(nn.Module):
         return img.reshape(B, self.out_chans, h * p, w * p), tokens
 
 
+def multimae_from_mae(sd, own):
+    """An MAE ViT state dict -> MultiMAE's names, as MultiMAE's vit2multimae converter maps
+    it: blocks.* -> encoder.*, patch_embed.proj -> the RGB adapter's proj, cls_token (+ its
+    position row) -> global_tokens, pos_embed -> the RGB adapter's table, resized to
+    `own`'s; MAE's final norm, decoder and head dropped (MultiMAE has no final norm).
+    The RGB table keeps MAE's (row, column) channel order, as vit2multimae does, while
+    MultiMAE's own tables are the transpose (design choice: MultiMAE's converter as is)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith('blocks.'):
+            out['encoder.' + k[len('blocks.'):]] = v
+        elif k.startswith('patch_embed.proj.'):
+            out['input_adapters.rgb.proj.' + k.rsplit('.', 1)[1]] = v
+    if 'cls_token' in sd:
+        out['global_tokens'] = sd['cls_token'] + (sd['pos_embed'][:, :1] if 'pos_embed' in sd else 0)
+    if 'pos_embed' in sd:
+        side = square_grid(sd['pos_embed'])[0]
+        table = sd['pos_embed'][:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        out['input_adapters.rgb.pos_emb'] = F.interpolate(
+            table, size=own['backbone.input_adapters.rgb.pos_emb'].shape[-2:], mode='bicubic', align_corners=False)
+    return out
+
+
+# The tensors whose shape follows the number of semantic classes (MultiMAE's files: 133 COCO classes).
+CLASS_COUNT_KEYS = ('backbone.input_adapters.semseg.class_emb.weight', 'output_adapters.semseg.out_proj.weight',
+                    'output_adapters.semseg.out_proj.bias')
+
+# MultiMAE checkpoint prefix -> this project's; below the prefix the names are MultiMAE's.
+MULTIMAE_RENAMES = (
+    ('input_adapters.', 'backbone.input_adapters.'),
+    ('encoder.', 'backbone.encoder.'),
+    ('global_tokens', 'backbone.global_tokens'),
+)
+
+
+def adapter_part(key):
+    """'output_adapters.norm_rgb.mlp.fc1.weight' -> 'output_adapters.norm_rgb' (also
+    'backbone.input_adapters.<name>'); None for keys outside the adapters."""
+    parts = key.split('.')
+    if parts[0] == 'output_adapters':
+        return '.'.join(parts[:2])
+    if parts[:2] == ['backbone', 'input_adapters']:
+        return '.'.join(parts[:3])
+    return None
+
+
+def multimae_renamed(sd, own):
+    """A MultiMAE file, an MAE ViT file or an rgbx MaskMentor state dict -> this project's
+    names (`MULTIMAE_RENAMES`; an MAE file through `multimae_from_mae`), nothing dropped."""
+    if any(k.startswith('backbone.') for k in sd):
+        return dict(sd)
+    if not any(k.startswith(('encoder.', 'input_adapters.')) for k in sd):
+        sd = multimae_from_mae(sd, own)
+    return {next((new + k[len(old):] for old, new in MULTIMAE_RENAMES if k.startswith(old)), k): v
+            for k, v in sd.items()}
+
+
+def multimae_to_rgbx(sd, own):
+    """A MultiMAE / MAE / rgbx MaskMentor state dict -> a MaskMentor model's (`own`):
+    renamed (`multimae_renamed`), without the adapters `own` lacks (all output adapters
+    when fine-tuning; `norm_rgb` without norm_pix_rgb; the semseg input adapter) and
+    without the CLASS_COUNT_KEYS tensors of another class count (they keep their initial
+    values). `multimae_notes` says what was left out."""
+    sd = multimae_renamed(sd, own)
+    parts = {adapter_part(k) for k in own}
+    return {k: v for k, v in sd.items() if (adapter_part(k) is None or adapter_part(k) in parts)
+            and k != 'steps_done' and not (k in CLASS_COUNT_KEYS and k in own and v.shape != own[k].shape)}
+
+
+def multimae_notes(sd, own):
+    """What `multimae_to_rgbx` leaves out of `sd` for a model `own`, as sentences."""
+    sd = multimae_renamed(sd, own)
+    notes = []
+    dropped = sorted({adapter_part(k) for k in sd} - {adapter_part(k) for k in own} - {None})
+    if dropped:
+        notes.append(f"ignoring parts this model does not have: {', '.join(dropped)}")
+    per_class = sorted(k for k in CLASS_COUNT_KEYS if k in sd and k in own and sd[k].shape != own[k].shape)
+    if per_class:
+        notes.append("another number of semantic classes in the checkpoint than in this model: "
+                     + ', '.join(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}" for k in per_class)
+                     + " re-initialised")
+    if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
+        notes.append("the checkpoint holds no decoders (an encoder file): the output adapters keep their initial values")
+    elif 'output_adapters.norm_rgb' in {adapter_part(k) for k in own} - {adapter_part(k) for k in sd}:
+        notes.append("the checkpoint has no norm_rgb decoder (a file trained without norm_pix_rgb): it starts fresh "
+                     "(or build with norm_pix_rgb=False)")
+    return notes
+
+
 class MaskMentorModel(RGBXModel):
     """What both MaskMentor stages share: the parameter counts, and loading MultiMAE's
     released files (`{'model': state_dict}`, keys `input_adapters.*`, `encoder.*`,
@@ -2734,10 +2728,21 @@ class MaskMentorModel(RGBXModel):
         return {**super().param_counts(),
                 **{name: sum(p.numel() for p in child.parameters()) for name, child in self.named_children()}}
 
-    def pretrained_target(self):
+    def pretrained_target(self, sd):
         return self  # MultiMAE files hold the decoders too
 
-    def checkpoint_absent_keys(self, sd):
+    def convert_checkpoint(self, sd):
+        """A MultiMAE, MAE or rgbx MaskMentor file -> (this model's state dict, keys it may
+        lack, notes on what it leaves out) for `load_pretrained` (`multimae_to_rgbx`). A
+        position table stored for another image size is taken as it is (interpolated at use)."""
+        own = self.state_dict()
+        notes = multimae_notes(sd, own)
+        sd = multimae_to_rgbx(sd, own)
+        for k in [k for k in sd if k.endswith('.pos_emb') and k in own and sd[k].shape != own[k].shape]:
+            self.get_submodule(k.rsplit('.', 1)[0]).pos_emb = sd[k].clone()
+        return sd, self.absent_keys(sd), notes
+
+    def absent_keys(self, sd):
         """Keys a converted file legitimately lacks: the fine-tuning head; class tables of
         another class count (left out by `multimae_to_rgbx`); the decoders of an
         encoder-only file; for an MAE file the input adapters it has no weights for."""
