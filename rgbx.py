@@ -715,8 +715,8 @@ def swin_from_mmseg(sd, own):
 def swin_from_checkpoint(sd, own):
     """Microsoft's or mmsegmentation's Swin state dict -> `own`'s (a SwinTransformer's)."""
     if any(k.startswith('backbone.MPGBlocks.') for k in sd):
-        raise ValueError("a trained KTB of the authors' release, not a Swin: load it into a rgbx.KTB "
-                         "(built with method ktb)")
+        raise ValueError("a trained KTB of the authors' release: load it into a rgbx.KTB (built with method ktb), "
+                         "not into a SwinTransformer")
     if any(k.endswith('patch_embed.projection.weight') for k in sd):
         return swin_from_mmseg(sd, own)
     return swin_from_microsoft(sd, own)
