@@ -4798,6 +4798,16 @@ def test_layout_readme_copy_table_is_the_ast_closure_and_each_row_runs_alone():
         assert len(out) == len(ref) and all(torch.isfinite(o).all() and torch.equal(o, r) for o, r in zip(out, ref)), m
 
 
+def test_layout_rgbx_lines_within_100_characters_and_no_module_state_rebound():
+    """At most 2 % of rgbx.py's lines exceed 100 characters, and no function rebinds a module
+    name (no `global` statement: the draw policy is a context variable)."""
+    import ast
+    text = (Path(__file__).resolve().parent / 'rgbx.py').read_text()
+    lines = text.splitlines()
+    assert sum(len(line) > 100 for line in lines) <= 0.02 * len(lines)
+    assert not [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Global, ast.Nonlocal))]
+
+
 def test_layout_train_calls_models_through_the_interface_only():
     code = (Path(__file__).resolve().parent / 'train.py').read_text()
     assert 'hasattr(' not in code and 'getattr(' not in code
