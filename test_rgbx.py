@@ -4908,6 +4908,20 @@ def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
     assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
 
 
+def test_study_modules_import_one_way():
+    """study.run -> study.pretraining -> study.common: no module of the study imports one that imports it."""
+    import ast
+    here = Path(__file__).resolve().parent / 'study'
+    graph = {}
+    for path in here.glob('*.py'):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+                {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == 'study'
+                 for a in n.names} | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        graph[path.stem] = {m.split('.')[1] for m in names if m.startswith('study.')}
+    assert graph['run'] == {'pretraining', 'common'} and graph['pretraining'] == {'common'} and not graph['common']
+
+
 def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
     """`python -m study.run --tables`: a report's results.md comes from its results.json, no training:
     the GoPT decisions' report is rewritten identically."""
