@@ -3315,6 +3315,57 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     assert sorted(p.name for p in (tmp_path / 'depth').iterdir()) == ['a.png', 'b.png']
 
 
+@pytest.mark.slow
+def test_hha_cli_refuses_constant_hha_other_files_and_says_raw_depth(tmp_path, small_disk, monkeypatch, capsys):
+    """data.py hha through a real process: an all-zero depth, a 3 x 3 one and a camera that
+    overflows are errors naming the file or flag (no constant HHA, no numpy warning); an --out
+    folder holding other images of the same names (RGB photos) is an error, not "already there";
+    a raw depth (holes) converts and says so; a full disk names the file."""
+    depth, _ = hha_scene()
+    mm = np.round(np.nan_to_num(depth, posinf=0) * 1000).astype(np.uint16)
+    raw = mm.copy()
+    raw[::3] = 0  # a third of the rows unmeasured, as a raw Kinect depth has holes
+    png(tmp_path / 'zero' / 'a.png', np.zeros_like(mm))
+    png(tmp_path / 'tiny' / 'a.png', mm[:3, :3])
+    png(tmp_path / 'raw' / 'a.png', raw)
+    png(tmp_path / 'photos' / 'a.png', np.random.default_rng(0).integers(0, 256, (*mm.shape, 3), dtype=np.uint8))
+    cam = ','.join(map(str, HHA_CAMERA))
+    for depth_dir, camera, words in (('zero', cam, ['zero/a.png', 'no measured pixel']),
+                                     ('tiny', cam, ['tiny/a.png', 'smaller than']),
+                                     ('raw', '1e308,1e308,1e308,1e308', ['beyond float range'])):
+        res = run_data_cli('hha', '--depth', tmp_path / depth_dir, '--out', tmp_path / 'o', '--camera', camera)
+        assert_one_line_error(res, *words)
+        assert 'Warning' not in res.stderr
+    assert not list((tmp_path / 'o').glob('*.png'))
+    photos = (tmp_path / 'photos' / 'a.png').read_bytes()
+    res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'photos', '--camera', cam)
+    assert_one_line_error(res, 'photos', 'a.png', 'not the HHA')
+    assert (tmp_path / 'photos' / 'a.png').read_bytes() == photos
+    res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'o', '--camera', cam)
+    assert res.returncode == 0 and 'note: the --depth files have pixels of 0 (no measurement; 33% of a.png)' in res.stderr
+    assert '1 written' in res.stderr.splitlines()[-1]
+    res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'o', '--camera', cam)
+    assert res.returncode == 0 and '0 written, 1 already there' in res.stderr  # a true HHA file is skipped
+    if os.path.ismount(small_disk):
+        free = os.statvfs(small_disk)
+        (small_disk / 'filler').write_bytes(b'\0' * (free.f_bavail * free.f_frsize - 4096))
+    else:
+        import errno
+        real_save = Image.Image.save
+
+        def save(im, fp, *a, **k):
+            if str(small_disk) in str(fp):
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return real_save(im, fp, *a, **k)
+        monkeypatch.setattr(Image.Image, 'save', save)
+    capsys.readouterr()
+    assert data.main(['hha', '--depth', str(tmp_path / 'raw'), '--out', str(small_disk / 'hha'), '--camera', cam]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: disk full: cannot write {small_disk / 'hha' / 'a.png'}; free space on that disk or write to " \
+                  f"another one", err
+    assert not [p for p in (small_disk / 'hha').iterdir()]
+
+
 def test_hha_bad_arguments_are_one_line_errors(tmp_path):
     png(tmp_path / 'eight.png', np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match='16-bit.*--depth-scale'):
@@ -3329,6 +3380,42 @@ def test_hha_bad_arguments_are_one_line_errors(tmp_path):
     assert data.parse_camera('1,2,3.5,4') == (1.0, 2.0, 3.5, 4.0)
     # the NYUv2 toolbox's centre counts pixels from 1
     assert data.NYU_CAMERA[2] == 325.58244941119034 - 1 and data.NYU_CAMERA[3] == 253.73616633400465 - 1
+
+
+def test_data_palette_labels_with_a_grey_palette_that_disagrees_with_the_indices_are_refused(nyu_like):
+    """A grey label saved through a palette (Image.quantize orders the palette by frequency) shows
+    the classes as greys but stores other indices: refused; a palette whose greys are its indices,
+    and a colour palette (VOC-style), are read by index."""
+    grey = np.array(Image.open(nyu_like / 'Label' / '0.png'))
+    quantized = Image.fromarray(grey).quantize(256)
+    shown = np.array(quantized.convert('L'))
+    assert (shown == grey).all() and (np.array(quantized) != grey).mean() > 0.5  # looks right, stores other values
+    quantized.save(nyu_like / 'Label' / '0.png')
+    with pytest.raises(ValueError, match=r'Label/0\.png is a palette PNG whose grey palette shows other values'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2').read(0)
+    for palette in ([v for i in range(256) for v in (i, i, i)], data.voc_colormap().flatten().tolist()):
+        im = Image.fromarray(grey, 'P')
+        im.putpalette(palette)
+        im.save(nyu_like / 'Label' / '0.png')
+        assert (data.RGBXDataset(nyu_like, 'train', 'nyudv2').read(0)[2] == torch.from_numpy(
+            grey.astype(np.int64) - 1).where(torch.from_numpy(grey) > 0, torch.tensor(255)).numpy()).all()
+
+
+@pytest.mark.parametrize('dataset,stored', [('nyudv2', 40), ('mfnet', 8)])
+def test_data_label_255_is_void_in_every_dataset(tmp_path, dataset, stored):
+    """255 on disk is the ignore index of every preset (README's table says so), the largest
+    class stays a class, and a value just above it is an error."""
+    label = np.full((4, 5), stored, np.uint8)
+    label[0, :2] = 255
+    png(tmp_path / 'l.png', label)
+    read = data.read_label(tmp_path / 'l.png', dataset)
+    assert (read[0, :2] == 255).all() and (read[1:] == data.get_preset(dataset).num_classes - 1).all()
+    label[0, 0] = stored + 1
+    png(tmp_path / 'l.png', label)
+    with pytest.raises(ValueError, match=rf'values \[{stored + 1}\] are outside'):
+        data.read_label(tmp_path / 'l.png', dataset)
+    readme = (Path(__file__).resolve().parent / 'README.md').read_text()
+    assert re.search(rf"\| `{dataset}` \|[^\n]*255 void", readme)
 
 
 def test_data_labels_are_read_from_lossless_files_only(nyu_like):
@@ -3459,6 +3546,24 @@ def test_eval_panel_has_a_legend_and_void_apart_from_class_0(tmp_path):
     assert {tuple(palette[c]) for c in (0, 1, 2)} <= colours  # a swatch per class present in either map
     assert tuple(palette[3]) not in colours and tuple(palette[4]) not in colours
     assert (255, 255, 255) in colours and (strip < 255).any(axis=2).sum() > 300  # names drawn
+
+
+def test_eval_panel_draws_the_demo_classes_in_their_colours_with_titles_and_spaced_names(tmp_path):
+    palette = data.palette('demo').astype(int)
+    for c, name in enumerate(data.PRESETS['demo'].class_names[1:], 1):  # 'red high' is red, 'blue low' blue, ...
+        hue = 0 if name.startswith('red') else 2
+        assert palette[c, hue] == palette[c].max() and palette[c, hue] > palette[c, 1], (name, palette[c])
+    assert palette[2].sum() > palette[1].sum() and palette[4].sum() > palette[3].sum()  # high: lighter than low
+    strip = ev.legend([], ['unused'], data.palette('demo'), 200)
+    text = (strip[2:12, 16:] < 128).any(axis=(0, 2))  # columns with ink right of the void swatch
+    ink = np.flatnonzero(text)
+    blank_runs = np.diff(ink) - 1
+    assert (blank_runs >= 3).sum() == 2, blank_runs  # 'void', '(not', 'scored)': two word gaps
+    gt = np.zeros((32, 40), np.int64)
+    img = np.full((32, 40, 3), 90, np.uint8)
+    ev.save_panel(tmp_path / 'p.png', img, img, gt, gt, data.palette('demo'), data.PRESETS['demo'].class_names)
+    titles = np.array(Image.open(tmp_path / 'p.png'))[32:46]
+    assert all((titles[:, 40 * i:40 * (i + 1)] < 128).any() for i in range(4))  # a title under each column
 
 
 # --- Evaluating a run: the command line ---
@@ -4390,6 +4495,27 @@ def test_train_resume_with_other_frozen_weights_names_the_runs_file(tmp_path):
     tr.main(argv + ['--pretrained', str(tmp_path / 'a.pth')])
     message = cli_error(tr.main, argv + ['--pretrained', str(tmp_path / 'b.pth'), '--resume', '--allow-changes'])
     assert f"pass the run's file, '{tmp_path / 'a.pth'}'" in message
+
+
+@pytest.mark.slow
+def test_train_epochs_with_max_steps_stops_at_the_first_and_a_long_warm_up_is_said(tmp_path):
+    """4 samples at batch 2: --epochs 1 is 2 steps, --max-steps 6 would be 3 epochs: 2 steps run,
+    and the run says so; --max-steps alone sets the length; a warm-up of 10 epochs in a run of 1
+    is said with the share of --lr it reaches (lr_at at the last step)."""
+    root = nyu_pair(tmp_path / 'nyu')
+    res = run_cli('train.py', *nyu_argv(root, tmp_path / 'a', '--max-steps', '6', '--eval-every', '0',
+                                        '--warmup-epochs', '10', '--log-every', '1'))
+    assert res.returncode == 0, res.stderr
+    assert 'the run stops at whichever comes first, after 2 steps' in res.stdout
+    reach = tr.lr_at(1, 2, 20, 1.0)
+    assert f'reaches {reach:.0%} of --lr 0.001' in res.stdout and '--warmup-epochs below 1 ' in res.stdout
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'a' / 'log.jsonl')] == [1, 2]
+    res = run_cli('train.py', '--dataset', 'nyudv2', '--data-root', root, '--backbone', 'swin-nano', '--crop', '16x16',
+                  '--batch-size', '2', '--lr', '1e-3', '--max-steps', '3', '--eval-every', '0', '--log-every', '1',
+                  '--warmup-epochs', '0', '--out-dir', tmp_path / 'b')
+    assert res.returncode == 0 and 'note:' not in res.stdout, res.stdout + res.stderr
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'b' / 'log.jsonl')] == [1, 2, 3]
+    assert json.load(open(tmp_path / 'b' / 'config.json'))['epochs'] is None
 
 
 @pytest.mark.slow

@@ -73,12 +73,15 @@ class Config:
     opts: str = flag('', "method options key=value,... e.g. 'mmst=false,adapter_ranks=8:8:8:8' "
                          "(--list-opts lists them)")
     # optimisation; None = the method's recipe for the dataset
-    epochs: Optional[int] = flag(None, "epochs (default: the recipe's)")
+    epochs: Optional[int] = flag(None, "epochs (default: the recipe's; with --max-steps alone: as many as its "
+                                       "steps take)")
     batch_size: Optional[int] = flag(None, "batch per process; the global batch is batch x processes x grad-accum "
                                            "(default: the recipe's)")
     lr: Optional[float] = flag(None, "AdamW learning rate (default: the recipe's)")
     weight_decay: Optional[float] = flag(None, "AdamW weight decay (default: the recipe's)")
-    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the recipe's)")
+    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the recipe's); a warm-up "
+                                                "as long as the run or longer is kept, and the run says which share "
+                                                "of --lr it reaches")
     schedule: Optional[str] = flag(None, "learning-rate decay after the warm-up (default: the recipe's, else poly)",
                                    ['poly', 'cosine'])
     beta2: Optional[float] = flag(None, "AdamW beta2 (default: the recipe's, else 0.999)")
@@ -87,7 +90,8 @@ class Config:
                                            "recipe's global batch, e.g. gopt's 64)")
     augment: Optional[str] = flag(None, "full = the joint augmentation, crop = the random crop only "
                                         "(default: the recipe's, else full)", ['full', 'crop'])
-    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all epochs)")
+    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all epochs); with "
+                                          "--epochs too, the run stops at whichever comes first (said at the start)")
     # system
     device: str = flag('', "cpu, cuda or cuda:N ('' = cuda if available, else cpu)")
     amp: str = flag('none', "mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, with a gradient scaler)",
@@ -207,9 +211,9 @@ def resolve(cfg):
     fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults,
             **given}  # the method's recipe over the dataset's own settings (the demo's) over the trainer's
     for k, v in fill.items():
-        if vars(cfg)[k] is None:
+        if vars(cfg)[k] is None and not (k == 'epochs' and cfg.max_steps is not None):  # --max-steps sets the length
             setattr(cfg, k, v)
-    if cfg.epochs is None or cfg.lr is None or cfg.weight_decay is None:
+    if (cfg.epochs is None and cfg.max_steps is None) or cfg.lr is None or cfg.weight_decay is None:
         raise ValueError(f"{cfg.method} has no recipe for {cfg.dataset}: pass --epochs, --lr and --weight-decay")
     if cfg.grad_accum is None:  # a recipe's global batch (GoPT: 64) is reached by accumulation
         per_step = cfg.batch_size * int(os.environ.get('WORLD_SIZE', 1))
@@ -866,7 +870,7 @@ def setup(cfg, model=None):
                                   fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total = run_length(cfg, steps_per_epoch, say)
     if resumed and resumed.get('train_samples', len(train_set)) != len(train_set):
         raise ValueError(f"--resume: the training split now has {len(train_set)} samples, the run had "
                          f"{resumed['train_samples']} (its schedule, warm-up and epochs depend on them): pass the "
@@ -883,6 +887,23 @@ def setup(cfg, model=None):
     return Session(cfg, run, rank, world, device, raw, model, counts, optimizer, scaler, train_set, sampler, loader,
                    test_loader, files, steps_per_epoch, total, int(cfg.warmup_epochs * steps_per_epoch), step, best,
                    skipped, policy)
+
+
+def run_length(cfg, steps_per_epoch, say):
+    """The run's optimizer steps: --max-steps, or --epochs, or with both whichever ends first;
+    a warm-up at least as long as the run is said with the share of --lr it reaches."""
+    lengths = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * steps_per_epoch) if n]
+    total = min(lengths)
+    if len(set(lengths)) > 1:
+        say(f"note: --epochs {cfg.epochs} ({cfg.epochs * steps_per_epoch} steps) and --max-steps {cfg.max_steps}: "
+            f"the run stops at whichever comes first, after {total} steps")
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if warmup >= total:
+        reach = lr_at(total - 1, total, warmup, 1.0)
+        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the run ({total} steps) "
+            f"or longer: the learning rate reaches {reach:.0%} of --lr {cfg.lr:g} at the last step; pass "
+            f"--warmup-epochs below {total / steps_per_epoch:.3g} for a full warm-up")
+    return total
 
 
 def train(cfg, model=None, on_step=None):
