@@ -436,7 +436,8 @@ def load_model(path, pretrained=None, device='cpu'):
     used = run.pretrained  # the file the run was trained with
     if pretrained:
         run.pretrained = pretrained
-    start = {k: '' for k in rgbx.START_FILES if k in run.model_args['options']}  # the trained weights replace them
+    start = {f.name: '' for f, _ in rgbx.option_fields(run.method, run.model_args['backbone'])
+             if f.metadata['start_file'] and f.name in run.model_args['options']}  # the trained weights replace them
     run.model_args = dict(run.model_args, options={**run.model_args['options'], **start})
     model = run.build()  # first without the file
     full = set(ckpt['model']) == set(model.state_dict())

@@ -1910,7 +1910,7 @@ def test_gopt_acp_aligned_identity_gradients_and_options():
         a, b = wake_up(gopt(variant, acp='aligned')).eval(), wake_up(gopt(variant, acp='literal')).eval()
         with torch.no_grad():
             assert torch.equal(a(rgb, x), b(rgb, x))
-    with pytest.raises(ValueError, match='acp must be one of'):
+    with pytest.raises(ValueError, match="option 'acp' of gopt takes one of literal, aligned, not 'both'"):
         rgbx.build_gopt('nano', 5, 1, acp='both')
 
 
@@ -1990,11 +1990,11 @@ def test_gopt_bad_input():
             model(torch.cat([rgb, x[:, :1]], 1), x)  # 4-channel "RGB"
         with pytest.raises(ValueError):
             model(rgb[0], x[0])  # no batch dimension
-    with pytest.raises(ValueError, match='unknown GoPT variant'):
+    with pytest.raises(ValueError, match="option 'variant' of gopt takes one of gopt, gopt_shallow"):
         rgbx.build_gopt('nano', 5, 1, variant='vpt_medium')
     with pytest.raises(ValueError, match='assignment'):
         rgbx.build_gopt('nano', 5, 1, assignment='gumbel')
-    for interval in (0, -2, 1.5, '2'):
+    for interval in (0, -2, 1.5, 'two'):
         with pytest.raises(ValueError, match='interval'):
             rgbx.build_gopt('nano', 5, 1, interval=interval)
     for variant in ('gopt_shallow', 'vpt_shallow'):
@@ -3962,6 +3962,25 @@ def test_train_checkpoint_of_the_previous_format_still_loads_and_gives_its_numbe
     assert m['miou'] == pytest.approx(ckpt['evaluation']['miou'], abs=1e-12)
 
 
+@pytest.mark.parametrize('name', ['ktb_swin-nano_demo_2steps', 'maskmentor_vit-nano_demo_2steps'])
+def test_train_checkpoint_written_before_typed_configs_loads_and_gives_its_numbers(tmp_path, name):
+    """KTB and MaskMentor fine-tuning checkpoints written by train.py before each method's options
+    became a typed config (less their optimizer state; KTB's frozen Swin-nano: its seed-0
+    initialisation) rebuild from their stored arguments and reproduce their stored mIoU."""
+    path = Path(__file__).resolve().parent / 'fixtures' / 'checkpoints' / f'{name}.pt'
+    ckpt = ev.load_run_checkpoint(path)
+    pretrained = None
+    if name.startswith('ktb'):
+        torch.manual_seed(0)
+        pretrained = str(tmp_path / 'swin_nano.pth')
+        torch.save({'model': rgbx.swin('nano').state_dict()}, pretrained)
+    model, run = ev.load_model(path, pretrained)
+    assert run.model_args['options'] == ckpt['run']['model_args']['options']
+    loader = data.loader(data.build_dataset('demo', '', 'test', x_standardised=run.x_standardised))
+    m = ev.metrics(ev.evaluate(model, loader, 5, torch.device('cpu')))
+    assert m['miou'] == pytest.approx(ckpt['evaluation']['miou'], abs=1e-12)
+
+
 @pytest.mark.slow
 def test_train_checkpoint_stores_its_model_arguments_and_rebuilds_from_them(tmp_path, monkeypatch):
     cfg = demo_config(tmp_path, method='gopt', backbone='vit-nano', pretrained='none', max_steps=1,
@@ -3971,8 +3990,8 @@ def test_train_checkpoint_stores_its_model_arguments_and_rebuilds_from_them(tmp_
     run = ev.checkpoint_run(ckpt, 'last.pt')
     assert ckpt['run']['model_args']['options']['carry_aux'] is False
     assert run.model_args['options'] == rgbx.resolve_options('gopt', 'vit-nano', dict(prompt_dim=4, head_dim=8))
-    today = rgbx.method_options
-    monkeypatch.setattr(rgbx, 'method_options', lambda *a: {**today(*a), 'prompt_dim': 99, 'tau': 3.0})  # new defaults
+    today = rgbx.resolve_options
+    monkeypatch.setattr(rgbx, 'resolve_options', lambda *a: {**today(*a), 'prompt_dim': 99, 'tau': 3.0})  # new defaults
     model, _ = ev.load_model(os.path.join(cfg.out_dir, 'last.pt'))
     assert model.prompts.down[1].out_features == 4  # rebuilt from the stored arguments, not today's defaults
 
@@ -4846,6 +4865,42 @@ def test_layout_train_help_describes_every_flag_and_lists_the_methods(capsys):
         tr.parse_config(['--method', 'gopt', '--list-opts'])
     listed = capsys.readouterr().out
     assert 'acp' in listed and 'prompt_dim' in listed and 'default 55' in listed
+
+
+@pytest.mark.parametrize('method,backbone', [('early_fusion', 'swin-nano'), ('early_fusion', 'vit-nano'),
+                                            ('rgb_only', 'swin-base'), ('ktb', 'swin-base'), ('gopt', 'vit-base'),
+                                            ('maskmentor', 'vit-base')])
+def test_train_list_opts_describes_every_option_of_every_method(method, backbone):
+    """--list-opts: every option of the method on the backbone, each with its type, its default
+    (the one resolve_options gives) and a line saying in words what it is."""
+    lines = tr.list_opts(method, backbone).splitlines()[1:]
+    resolved = rgbx.resolve_options(method, backbone, {})
+    names = [line.split()[0] for line in lines[::2]]
+    assert names == list(resolved)
+    for (head, meaning), name in zip(zip(lines[::2], lines[1::2]), names):
+        assert f"default {resolved[name]!r}" in head, head
+        assert meaning.startswith('      ') and len(meaning.split()) >= 4, (name, meaning)
+    for f, _ in rgbx.option_fields(method, backbone):  # every field declares its meaning and a checkable default
+        assert f.metadata['meaning'] and f.type in (int, float, bool, str, list[int], int | None, list[int] | None)
+
+
+def test_train_opts_keep_every_key_of_the_previous_registry():
+    """The --opts keys and defaults checkpoints store: the typed configs give today's set."""
+    keys = {'ktb': 'window_size drop_path_rate prompt_ranks adapter_ranks dscf_ranks dscf_strides dscf_groups '
+                   'dscf_heads dscf_kernel bias_grid mmst dscf prompting adapters lambda2 ohem fused_head_dim '
+                   'aux_head_dim x_embed_norm',
+            'gopt': 'variant interval assignment prompt_dim tau head_dim attention class_scale carry_aux identity '
+                    'scaled vpt_rank head_from acp dim depth heads mlp_ratio img_size drop_path_rate',
+            'maskmentor': 'stage img_size drop_path_rate class_dim decoder_dim decoder_heads decoder_depth mask_ratio '
+                          'p_m warmup warmup_steps teacher_iters token_weight norm_pix_rgb depth_standardize head_dim '
+                          'head_depth modality_drop freeze_backbone dim depth heads mlp_ratio',
+            'early_fusion': 'use_x head_dim embed_dim depths heads window_size mlp_ratio drop_path_rate'}
+    for method, names in keys.items():
+        backbone = 'vit-base' if method in ('gopt', 'maskmentor') else 'swin-base'
+        assert set(rgbx.resolve_options(method, backbone, {})) == set(names.split()), method
+    ktb = rgbx.resolve_options('ktb', 'swin-base', {'dscf_ranks': '8:8:8:8', 'mmst': 'off'})
+    assert ktb['dscf_ranks'] == [8, 8, 8, 8] and ktb['mmst'] is False and ktb['bias_grid'] == [60, 80]
+    assert rgbx.KTBConfig(lambda2='0.5').lambda2 == 0.5 and rgbx.GoPTConfig().acp == rgbx.ACP_DEFAULT
 
 
 def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
