@@ -26,6 +26,7 @@ or a split file that is not UTF-8 raises an error naming the file and the fix.
 import errno
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -231,6 +232,9 @@ def open_image(path, modes, what, fix16=TO_8BIT):
             mode, arr = im.mode, np.array(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path} cannot be decoded as an image ({e}); re-save it as PNG") from e
+    if mode not in modes and mode.startswith(('I', 'F')):  # 16/32-bit values: convert('RGB') would clip them
+        raise ValueError(f"{path} stores {mode} values (PIL mode {mode!r}), which the {what.split(' (')[0]} cannot "
+                         f"be: {fix16}")
     if mode not in modes:
         raise ValueError(f"{path} is a PIL {mode!r} image; the {what} must be one of the modes {modes}")
     if arr.dtype == np.uint8 and arr.ndim == 3 and png_bit_depth(path) == 16:
@@ -610,7 +614,7 @@ def read_split(root, split, preset, x_modality):
     if named and not path.is_file() and (root / split).is_dir():
         folder = root / split
         images = (folder / find_layout(folder, preset, x_modality).rgb).iterdir()
-        return folder, sorted(p.stem for p in images if p.suffix.lower() in EXTENSIONS), folder
+        return folder, sorted(p.stem for p in images if p.suffix.lower() in EXTENSIONS and visible(p.name)), folder
     if not path.is_file():
         find_layout(root, preset, x_modality)  # a root that holds no dataset at all is reported as such
         raise FileNotFoundError(f"split file {path} not found: expected lines like 'RGB/0.jpg Label/0.png' or "
@@ -629,6 +633,11 @@ def read_split(root, split, preset, x_modality):
 LOSSLESS = ('.png',)  # labels: a lossy format (JPEG) changes class values at edges
 
 
+def visible(name):
+    """Whether a file listed in a folder is data: not hidden, such as macOS's '._0.png' metadata files."""
+    return not name.startswith('.')
+
+
 def find_file(root, rel, where, extensions=EXTENSIONS):
     """root/rel as listed, else root/rel with its extension replaced by one of `extensions`;
     a file found only in another format (a JPEG label) is an error that says so."""
@@ -636,13 +645,17 @@ def find_file(root, rel, where, extensions=EXTENSIONS):
     stem = str(path.with_suffix('') if path.suffix.lower() in EXTENSIONS else path)
     if path.is_file() and path.suffix.lower() in extensions:
         return path
-    for ext in extensions:
+    for ext in [e for ext in extensions for e in (ext, ext.upper())]:  # 0.png, then 0.PNG
         if Path(stem + ext).is_file():
             return Path(stem + ext)
     other = [stem + ext for ext in EXTENSIONS if ext not in extensions and Path(stem + ext).is_file()]
     if other:
         raise ValueError(f"{where}: {other[0]} is a lossy file; labels are read from {', '.join(extensions)} files only "
                          f"(JPEG compression changes class values at every edge): convert the labels to PNG")
+    dangling = [c for c in [str(path)] + [stem + e for e in extensions] if os.path.islink(c)]
+    if dangling:
+        raise FileNotFoundError(f"{where}: {dangling[0]} is a symbolic link that leads to no file (broken, or a loop "
+                                f"of links): point it at the file")
     raise FileNotFoundError(f"{where}: {path} not found (also tried {', '.join(extensions)}); every sample needs "
                             f"its RGB, X and label file in the layout's folders, under the same id")
 
@@ -1143,8 +1156,9 @@ def read_depth_metres(path, scale=0.001):
     by default, 0 = no measurement) -> depth float64 (H, W) in metres and missing bool
     (H, W) (v == 0). The metres are v / (1 / scale) when 1 / scale is a whole number,
     so one depth stored in different units gives the same floats."""
-    if not scale > 0:
-        raise ValueError(f"the depth scale must be > 0 (metres per stored unit), not {scale}")
+    if not 0 < scale < float('inf'):
+        raise ValueError(f"the depth scale (--depth-scale) must be a finite number > 0 (metres per stored unit), "
+                         f"not {scale}")
     arr = open_image(path, ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I', 'F'),
                      'depth image (1-channel 16-bit PNG, millimetres)')
     if png_bit_depth(path) != 16 or arr.ndim != 2:
@@ -1227,7 +1241,7 @@ def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1,
         if d is not None and not Path(d).is_dir():
             raise FileNotFoundError(f"{flag} {d}: no such folder")
     check_output('--out', out_dir, [('--depth', depth_dir), ('--raw', raw_dir)], folder=True, dataset_x='hha')
-    names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file())
+    names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file() and visible(p.name))
     if not names:
         raise FileNotFoundError(f"--depth {depth_dir} holds no .png depth files")
     if raw_dir is not None:
@@ -1266,10 +1280,23 @@ def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1,
     return done, skipped, holes
 
 
+def dash_values(argv, flags):
+    """argv with a value that starts with '-' attached to its flag (`--crop -1x5` ->
+    `--crop=-1x5`) for the `flags` that take one, so that argparse hands it to the flag's
+    own check rather than taking it for a flag ("expected one argument")."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    for a in argv:
+        if out and out[-1] in flags and a.startswith('-') and not a.startswith('--'):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv=None):
     """Command line: `python data.py hha ...` converts a folder of depth PNGs to HHA."""
     import argparse
-    import sys
     ap = argparse.ArgumentParser(prog='data.py', description="Data tools of rgbx.")
     sub = ap.add_subparsers(dest='command', required=True)
     p = sub.add_parser('hha', help="convert depth PNGs to HHA PNGs (Gupta et al., ECCV 2014)",
@@ -1289,7 +1316,7 @@ def main(argv=None):
     p.add_argument('--workers', type=int, default=1, metavar='N', help="processes converting in parallel (default 1)")
     p.add_argument('--depth-scale', type=float, default=0.001, metavar='S',
                    help="metres per stored depth unit (default 0.001: millimetres; e.g. 0.0001 for 1/10 mm)")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(dash_values(argv, ('--camera',)))
 
     shown = []
 
@@ -1307,8 +1334,9 @@ def main(argv=None):
     try:
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, not {args.workers}")
-        if not args.depth_scale > 0:
-            raise ValueError(f"--depth-scale must be > 0 (metres per stored unit), not {args.depth_scale}")
+        if not 0 < args.depth_scale < float('inf'):
+            raise ValueError(f"--depth-scale must be a finite number > 0 (metres per stored unit), not "
+                             f"{args.depth_scale}")
         written, skipped, (holes, name) = hha_folder(args.depth, args.out, parse_camera(args.camera), args.raw,
                                                      args.depth_scale, args.workers, progress)
     except (ValueError, OSError) as e:

@@ -772,7 +772,7 @@ def main(argv=None):
     b.add_argument('--repeats', type=int, default=None, help='default 3')
     b.add_argument('--floor-only', action='store_true',
                    help='only the training step and latency against the frozen-backbone floor, timed in turns')
-    args = p.parse_args(argv)
+    args = p.parse_args(data.dash_values(argv, ('--camera', '--size')))
     keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     try:
         check_flags(args)
@@ -785,6 +785,9 @@ def main(argv=None):
         if not peer_failed(e):
             raise
         sys.exit(f"error: {PEER_FAILED}")
+    finally:  # also after an error: a process group left to the interpreter's exit can abort it
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def check_flags(args):
@@ -886,8 +889,6 @@ def run(args):
         segment_pair(args, model, run, device)
     else:
         evaluate_split(args, model, run, root, rank, world, device)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def inference(args, run):

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -156,7 +157,7 @@ def parser():
 
 def parse_config(argv=None):
     """The Config of a command line, resolved (`resolve`); --list-opts prints the options and exits."""
-    args = vars(parser().parse_args(argv))
+    args = vars(parser().parse_args(data.dash_values(argv, ('--crop',))))
     if args.pop('list_opts'):
         print(list_opts(args['method'], args['backbone'] or default_backbone(args['method'], args['dataset'])))
         sys.exit(0)
@@ -246,6 +247,10 @@ def resolve(cfg):
 
 def check_fields(cfg):
     """Raise a one-line error naming the flag of any field out of its range or choices."""
+    for f in fields(Config):
+        v = vars(cfg)[f.name]
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, not {v}")
     for name, low, inclusive in RANGES:
         v = vars(cfg)[name]
         if v is not None and (v < low or (v == low and not inclusive)):
@@ -275,8 +280,22 @@ def run_of(cfg):
 
 
 def build_model(cfg):
-    """The model of a resolved config, with its pretrained file loaded (rgbx.build_model)."""
-    return run_of(cfg).build(None if cfg.pretrained in ('', 'none') else cfg.pretrained)
+    """The model of a resolved config, with its pretrained file loaded (rgbx.build_model). A
+    training checkpoint of this script that does not fit (only a MaskMentor pre-training run
+    feeds its fine-tuning) is said as such, in place of the list of its keys."""
+    pretrained = None if cfg.pretrained in ('', 'none') else cfg.pretrained
+    try:
+        return run_of(cfg).build(pretrained)
+    except ValueError:
+        ckpt = rgbx.read_checkpoint(pretrained) if pretrained else None
+        if not (isinstance(ckpt, dict) and {'model', 'config', 'step'} <= set(ckpt)):
+            raise
+        c = ckpt['config']
+        raise ValueError(f"--pretrained {pretrained} is a training checkpoint of train.py (a {c.get('method')} "
+                         f"{c.get('backbone')} run on {c.get('dataset')}, step {ckpt['step']}), not a backbone file "
+                         f"for {cfg.method} {cfg.backbone}: evaluate it with `python eval.py --checkpoint "
+                         f"{pretrained}`, continue its run with --resume --out-dir {os.path.dirname(pretrained) or '.'}; "
+                         f"a new run starts from an official backbone file (README, 'Pretrained files')") from None
 
 
 def resume_changes(saved, cfg, allow, source):
@@ -1010,23 +1029,34 @@ def end_epoch(s, epoch):
     return evaluation
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler, torchrun stopping its processes): the run ends as on Ctrl-C."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     ev.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     cfg = None
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cfg = parse_config(argv)
         train(cfg)
     except (ValueError, OSError, NonFiniteLoss, rgbx.CheckpointError) as e:
         sys.exit(f"error: {ev.error_line(e)}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         last = cfg is not None and os.path.exists(os.path.join(cfg.out_dir, 'last.pt'))
-        sys.exit("error: interrupted; " + ("continue from the last checkpoint with --resume" if last else
-                                           "no checkpoint was saved: nothing to resume"))
+        sys.exit(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; "
+                 + ("continue from the last checkpoint with --resume" if last else
+                    "no checkpoint was saved: nothing to resume"))
     except RuntimeError as e:
         if not ev.peer_failed(e):
             raise
         sys.exit(f"error: {ev.PEER_FAILED}")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 
