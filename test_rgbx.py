@@ -4903,6 +4903,119 @@ def test_layout_no_function_over_80_lines():
                 assert n.end_lineno - n.lineno + 1 <= 80, (f, n.name, n.end_lineno - n.lineno + 1)
 
 
+def rgbx_definitions():
+    """rgbx.py's module-level definitions in file order: {name: (node, section title)}, an
+    import counting as the definition of the names it binds."""
+    import ast
+    text = (Path(__file__).resolve().parent / 'rgbx.py').read_text()
+    lines, section, sections = text.splitlines(), '', {}
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith('# ----') and lines[i + 1].startswith('# ') and not lines[i + 1].startswith('# ----'):
+            sections[i + 2] = lines[i + 1][2:]  # the banner's title line (1-based)
+    defs = {}
+    for node in ast.parse(text).body:
+        section = next((title for start, title in reversed(sections.items()) if start <= node.lineno), '')
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split('.')[0] for a in node.names]
+        else:
+            continue
+        defs.update({name: (node, section) for name in names})
+    return defs, lines
+
+
+def rgbx_closure(defs, root):
+    """The definitions `root` needs, itself included, in file order (the names its code uses,
+    transitively), less torch, nn, F and math."""
+    import ast
+    seen, todo = set(), [root]
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in defs:
+            seen.add(name)
+            todo += [n.id for n in ast.walk(defs[name][0]) if isinstance(n, ast.Name)]
+    seen -= {'torch', 'nn', 'F', 'math'}
+    return sorted(seen, key=lambda n: (defs[n][0].lineno, n))
+
+
+def test_layout_each_method_needs_its_own_parts_only():
+    """GoPT's definitions (build_gopt's closure) hold no KTB, DSCF or Swin definition; KTB's no GoPT
+    or MaskMentor one: loading asks each model to convert its own files."""
+    defs, _ = rgbx_definitions()
+    section = lambda names, prefix: {n for n in names if defs[n][1].startswith(prefix)}
+    gopt = set(rgbx_closure(defs, 'build_gopt'))
+    assert {'GoPT', 'GroupingPrompts', 'VisionTransformer', 'load_pretrained'} <= gopt
+    assert not gopt & {'KTB', 'DSCF', 'SwinTransformer', 'WindowAttention'}
+    assert not section(gopt, 'Swin') | section(gopt, 'KTB') | section(gopt, 'MaskMentor'), gopt
+    ktb = set(rgbx_closure(defs, 'build_ktb'))
+    assert {'KTB', 'DSCF', 'SwinTransformer'} <= ktb and not section(ktb, 'GoPT') | section(ktb, 'MaskMentor')
+    mm = set(rgbx_closure(defs, 'build_maskmentor'))
+    assert not section(mm, 'Swin') | section(mm, 'KTB') | section(mm, 'GoPT'), mm
+
+
+# Each row of the README's "Copying a module" table: how to build the module and its inputs.
+COPY_ROWS = {
+    'DSCF': (lambda m: m.DSCF(32, 8, 2, 2, 4, 3, (4, 4)), lambda: (torch.randn(2, 8, 8, 32), torch.randn(2, 8, 8, 32))),
+    'MAPAPrompt': (lambda m: m.MAPAPrompt(16, 4), lambda: (torch.randn(4, 6, 6, 16),)),
+    'MAPAAdapter': (lambda m: m.MAPAAdapter(16, 4), lambda: (torch.randn(4, 6, 6, 16),)),
+    'CUP': (lambda m: m.CUP(16), lambda: (torch.randn(2, 9, 16), torch.randn(2, 5, 16))),
+    'ACP': (lambda m: m.ACP(16), lambda: (torch.randn(2, 9, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16))),
+    'GroupingPrompter': (lambda m: m.GroupingPrompter(16),
+                         lambda: (torch.randn(2, 9, 16), torch.randn(2, 9, 16), torch.randn(2, 5, 16))),
+    'SegFormerHead': (lambda m: m.SegFormerHead([8, 16], 12, 5),
+                      lambda: ([torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)], (30, 31))),
+    'SETRNaiveHead': (lambda m: m.SETRNaiveHead(16, 5, 12), lambda: (torch.randn(2, 12, 16), (3, 4), (45, 62))),
+    'ConvNeXtHead': (lambda m: m.ConvNeXtHead(16, 5, 12, 1), lambda: (torch.randn(2, 12, 16), (3, 4), (45, 62))),
+    'MultiModalViT': (lambda m: m.MultiModalViT({}, dim=16, depth=2, heads=2), lambda: (torch.randn(2, 10, 16),)),
+    'SwinTransformer': (lambda m: m.SwinTransformer(16, (1, 1), (1, 2), 4), lambda: (torch.randn(1, 3, 40, 57),)),
+    'VisionTransformer': (lambda m: m.VisionTransformer(16, 2, 2, img_size=32), lambda: (torch.randn(1, 3, 40, 57),)),
+}
+
+
+def test_layout_readme_copy_table_is_the_ast_closure_and_each_row_runs_alone():
+    """The README's table is what `rgbx_closure` computes, and each row copied alone (its
+    definitions in file order, with torch, nn, F and math) builds and computes what rgbx's
+    module computes with the same weights."""
+    import types as pytypes
+    defs, lines = rgbx_definitions()
+    rows = {m: rgbx_closure(defs, m) for m in COPY_ROWS}
+    table = '\n'.join(['| module | also copy |', '|---|---|'] + [
+        f"| `{m}` | {', '.join(f'`{n}`' for n in names if n != m)} |" for m, names in rows.items()])
+    assert table in (Path(__file__).resolve().parent / 'README.md').read_text(), 'the README table:\n' + table
+    for m, (build, inputs) in COPY_ROWS.items():
+        nodes = list(dict.fromkeys(defs[n][0] for n in rows[m]))
+        code = 'import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n' + '\n\n'.join(
+            '\n'.join(lines[min([node.lineno] + [d.lineno for d in getattr(node, 'decorator_list', [])]) - 1:
+                           node.end_lineno]) for node in nodes)
+        copied = pytypes.ModuleType(f'copied_{m}')
+        exec(compile(code, f'<copy of {m}>', 'exec'), copied.__dict__)
+        torch.manual_seed(0)
+        alone = build(copied).eval()
+        torch.manual_seed(0)
+        original = build(rgbx).eval()
+        torch.manual_seed(1)
+        args = inputs()
+        with torch.no_grad():
+            out, ref = alone(*args), original(*args)
+        out, ref = [o for o in (out if isinstance(out, (tuple, list)) else [out])], \
+            [r for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
+        assert len(out) == len(ref) and all(torch.isfinite(o).all() and torch.equal(o, r) for o, r in zip(out, ref)), m
+
+
+def test_layout_rgbx_lines_within_100_characters_and_no_module_state_rebound():
+    """At most 2 % of rgbx.py's lines exceed 100 characters, and no function rebinds a module
+    name (no `global` statement: the draw policy is a context variable)."""
+    import ast
+    text = (Path(__file__).resolve().parent / 'rgbx.py').read_text()
+    lines = text.splitlines()
+    assert sum(len(line) > 100 for line in lines) <= 0.02 * len(lines)
+    assert not [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Global, ast.Nonlocal))]
+
+
 def test_layout_train_calls_models_through_the_interface_only():
     code = (Path(__file__).resolve().parent / 'train.py').read_text()
     assert 'hasattr(' not in code and 'getattr(' not in code
