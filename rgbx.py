@@ -116,7 +116,7 @@ class Dropout(nn.Module):
         keep = torch.cat([policy.draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
         return keep.div_(1.0 - self.p)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale(x) if self.active() else x
 
     def residual(self, x, branch):
@@ -141,7 +141,7 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -159,7 +159,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, patch, patch)
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
 
-    def forward(self, img):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
         x = self.proj(pad_to_multiple(img, self.patch, (2, 3)))  # (B, dim, h, w)
         return self.norm(x.permute(0, 2, 3, 1))  # (B, h, w, dim)
 
@@ -515,7 +515,7 @@ class WindowAttention(nn.Module):
         self.register_buffer('relative_position_index', relative_position_index(window),
                              persistent=False)
 
-    def forward(self, x, mask=None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, nW, N, C = x.shape
         N_ = self.window * self.window
         # (N*N, heads)
@@ -566,7 +566,7 @@ class SwinTransformerBlock(nn.Module):
         x = self.attn(x.view(B, -1, self.window ** 2, C), mask)  # (B, nW, N, C)
         return x.flatten(1, 2).index_select(1, back).view(B, H, W, C)  # reverse shift, crop
 
-    def forward(self, x, layout, parallel=None):
+    def forward(self, x: torch.Tensor, layout: tuple, parallel: nn.Module | None = None) -> torch.Tensor:
         # x + DropPath(attention)
         z = self.drop_path.residual(x, self.attention(self.norm1(x), layout))
         out = self.drop_path.residual(z, self.mlp(self.norm2(z)))  # z + DropPath(MLP)
@@ -588,7 +588,7 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, 2, (1, 2))
         # (B, H/2, W/2, 4C)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
@@ -624,7 +624,7 @@ class BasicLayer(nn.Module):
                 self._layouts[key] = tuple(window_layout(H, W, self.window, s, device) for s in (0, self.window // 2))
         return self._layouts[key]
 
-    def forward(self, x, parallel=None):
+    def forward(self, x: torch.Tensor, parallel: nn.ModuleList | None = None) -> torch.Tensor:
         layouts = self.layouts(x.shape[1], x.shape[2], x.device)
         for i, blk in enumerate(self.blocks):
             x = blk(x, layouts[i % 2], None if parallel is None else parallel[i])
@@ -680,7 +680,7 @@ class SwinTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.dims[-1]) if final_norm else nn.Identity()
         self.apply(_init_transformer_weights)
 
-    def forward(self, img):
+    def forward(self, img: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(img)
         outs = []
         for layer in self.layers:
@@ -819,7 +819,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         # (B, nh, T, hd)
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hd)
@@ -838,7 +838,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop_path.residual(x, self.attn(self.norm1(x)))  # x + DropPath(Attn(LN(x)))
         return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
@@ -896,7 +896,7 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], 1), grid
 
-    def forward(self, img):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
         x, _ = self.embed(img)
         for blk in self.blocks:
             x = blk(x)
@@ -1053,8 +1053,7 @@ def rename_keys(sd, rules, own):
     tensor changes), first match wins; the changes below). Keys no rule matches are kept as
     they are (the loader reports them as unexpected). `own` (the model's state dict) gives
     the shapes of the tensors stacked from one row per modality. Changes:
-      unfold  nn.Unfold channel order (c*4 + j, j over (0,0) (0,1) (1,0) (1,1)) -> the Microsoft
-      concat order
+      unfold  nn.Unfold channel order (c*4 + j, j over (0,0) (0,1) (1,0) (1,1)) -> Microsoft's
       1x1     a 1x1 conv weight (O, I, 1, 1) -> nn.Linear's (O, I)
       yx      a 1x1 conv to (y, x) offsets -> nn.Linear to (x, y), grid_sample's order
       rgb, x  one modality's row of a tensor stacked (2, ...) here, RGB row first"""
@@ -1114,7 +1113,8 @@ class SegFormerHead(nn.Module):
         self.dropout = Dropout(dropout, per='channel')
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
 
-    def forward(self, feats, size, channels_last=False):
+    def forward(self, feats: list[torch.Tensor], size: tuple[int, int], channels_last: bool = False
+                ) -> torch.Tensor:
         h, w = feats[0].shape[-2:]
         # W_f,i (E, E), in stage order
         fuse = self.linear_fuse[0].weight.flatten(1).chunk(len(feats), 1)[::-1]
@@ -1134,8 +1134,8 @@ class SegFormerHead(nn.Module):
         logits = F.linear(self.dropout(x).permute(0, 2, 3, 1), pred.weight.flatten(1), pred.bias)
         logits = logits.permute(0, 3, 1, 2)  # (B, K, h, w), a channels-last view
         # memory layout of the logits, same values: channels-first for a softmax over the classes
-        # (inference,
-        # ~4x faster than on channels-last); channels-last for the loss (`segmentation_loss` reads
+        # (inference, ~4x faster than on channels-last); channels-last for the loss
+        # (`segmentation_loss` reads
         # it as
         # (B*H*W, K) rows, ~1.5x faster with its backward) and an argmax over the classes (~3x)
         logits = logits if channels_last else logits.contiguous()
@@ -1159,7 +1159,7 @@ class SETRNaiveHead(nn.Module):
         self.bn = nn.BatchNorm2d(hidden)
         self.conv2 = nn.Conv2d(hidden, num_classes, 1)
 
-    def forward(self, tokens, grid, size):
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         x = self.norm(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # (B, D, h, w)
         x = self.conv2(F.relu(self.bn(self.conv1(x))))
         return resize_logits(x, size, self.stride)
@@ -1176,7 +1176,7 @@ class ConvNeXtBlock(nn.Module):
         self.mlp = Mlp(dim, 4 * dim)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (B, H, W, C)
         return x + (self.gamma * self.mlp(y)).permute(0, 3, 1, 2)
 
@@ -1199,14 +1199,13 @@ class ConvNeXtHead(nn.Module):
         self.blocks = nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(depth)])
         self.final_layer = nn.Conv2d(dim, num_classes, 1)
 
-    def forward(self, tokens, grid, size):
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         B, (h, w), s = tokens.shape[0], grid, self.sub
         x = self.proj_dec(tokens).view(B, h, w, s, s, -1)  # (B, h, w, s, s, C)
         # (B, C, h*s, w*s), channels-last
         x = x.transpose(2, 3).reshape(B, h * s, w * s, -1).permute(0, 3, 1, 2)
         # channels-last maps: the blocks' LN and MLP need no copy, the 7x7 convs run faster;
-        # channels-first
-        # logits: the loss's softmax over channels is ~4x slower on channels-last
+        # channels-first logits: the loss's softmax over channels is ~4x slower on channels-last
         return resize_logits(self.final_layer(self.blocks(x)).contiguous(), size, self.stride)
 
 
@@ -1249,7 +1248,8 @@ class EarlyFusion(RGBXModel):
         else:
             self.head = SETRNaiveHead(backbone.dim, num_classes, head_dim)
 
-    def forward(self, rgb, x, label=None):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         img = torch.cat([rgb, x], 1) if self.x_channels else rgb
         size = img.shape[-2:]
         if isinstance(self.backbone, SwinTransformer):
@@ -1360,7 +1360,7 @@ class MAPAPrompt(nn.Module):
         self.gamma = nn.Parameter(1 + 0.02 * torch.randn(2, dim))  # gamma ~ N(1, 0.02)
         self.beta = nn.Parameter(0.02 * torch.randn(2, dim))  # beta ~ N(0, 0.02)
 
-    def forward(self, streams):
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
         s = streams.unflatten(0, (2, -1))  # (2, B, H, W, C)
         low = torch.cat([self.w_rgb(s[0]), self.w_x(s[1])], -1)  # (B, H, W, 2r): [X~_rgb ; X~_x]
         uni = self.w_up(self.w_p(low))  # (B, H, W, C): X_uni
@@ -1396,7 +1396,7 @@ class MAPAAdapter(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(2, 1, dim))
         self.dropout = Dropout(dropout, dim=1)  # on (2, B*H*W, r): the batch is axis 1
 
-    def forward(self, z, out=None):
+    def forward(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         z2 = z.reshape(2, -1, z.shape[-1])  # (2, B*H*W, C): RGB tokens, X tokens
         # (2, B*H*W, r)
         h = self.dropout(F.relu(torch.baddbmm(self.b1, z2, self.w1.transpose(1, 2))))
@@ -1449,8 +1449,7 @@ def relative_position_bias(table, queries, keys):
     B, g, Nk, _ = keys.shape
     h = table.shape[0]
     # (query - key) / 2, scaled and negated on the small operands: their backward then stays small
-    # too
-    # (B*g, Nq, Nk, 2), in [-1, 1]
+    # too (B*g, Nq, Nk, 2), in [-1, 1]
     disp = (0.5 * queries)[None, :, None] + (-0.5 * keys).flatten(0, 1)[:, None]
     # (B*g, h/g, Th, Tw)
     tab = table.view(1, g, h // g, *table.shape[1:]).expand(B, -1, -1, -1, -1).flatten(0, 1)
@@ -1472,7 +1471,7 @@ class OffsetNet(nn.Module):
         self.norm = nn.LayerNorm(channels)
         self.proj = nn.Linear(channels, 2, bias=False)  # the 1x1 conv, on channels-last maps
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))  # (B*g, Hk, Wk, 2)
 
 
@@ -1522,9 +1521,8 @@ class DSCF(nn.Module):
         self.beta = nn.Parameter(torch.ones(rank))
         self.w_up = nn.Linear(rank, dim)
         # the release's init; its W_q, gate, W_k, W_v, W_o and offset projections are 1x1
-        # convolutions, so the
-        # offsets start large (std 1: most sampling points start on the border) and the gate
-        # near-hard
+        # convolutions, so the offsets start large (std 1: most sampling points start on the border)
+        # and the gate near-hard
         release_init(self,
                      conv_like=(self.w_q, self.gate[0], self.gate[2], self.w_k, self.w_v, self.w_o,
                                       self.offset_rgb.proj, self.offset_x.proj))
@@ -1541,7 +1539,7 @@ class DSCF(nn.Module):
         points = torch.stack([(ref + off).clamp(-1, 1) for off in offsets], 1)
         return points.view(B, g, -1, 2)  # (B, g, 2*Nk, 2)
 
-    def forward(self, f_rgb, f_x):
+    def forward(self, f_rgb: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = f_rgb.shape
         r, g, h = self.rank, self.groups, self.heads
         x, y = self.w_a(f_rgb), self.w_b(f_x)  # (B, H, W, r)
@@ -1756,13 +1754,8 @@ class KTB(RGBXModel):
 
     forward(rgb (B, 3, H, W), x (B, Cx, H, W), label=None) -> logits (B, K, H, W),
     or (L, logits) when label (B, H, W) int64 (255 = ignore) is given.
-    Ranks (lists, one per stage; None = the paper's C/8, C/16, C/8):
-    `prompt_ranks` (Table 1), `adapter_ranks` (Table 2), `dscf_ranks` (Table 3).
-    Ablations: mmst, dscf (False: fuse by addition), prompting, adapters.
-    `x_embed_norm`: X's patch embedding ends in a LayerNorm, as Swin's (the release).
-    With the release's zero bias, LayerNorm(W (c x)) = LayerNorm(W x) for any c > 0: a
-    patch and its positive multiples embed alike, so a flat X patch carries no value
-    until the bias has learned one (a diagnostic switch; False: no LayerNorm there).
+    Options (`cfg`, a `KTBConfig`, or its fields as keywords): ranks per stage (supplement
+    Tables 1-3), DSCF's sizes, the ablation switches, lambda2, the head widths.
     Build from a backbone that already holds its pretrained weights, e.g. with
     `build_ktb`, or load a whole trained KTB of the release with `load_pretrained`.
     """
@@ -1857,7 +1850,8 @@ class KTB(RGBXModel):
         # (B, C_i, H_i, W_i)
         return tuple([f.permute(0, 3, 1, 2) for f in maps] for maps in (fused, f_rgb, f_x))
 
-    def forward(self, rgb, x, label=None):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if rgb.ndim != 4 or rgb.shape[1] != 3 or x.ndim != 4 or x.shape[1] != self.x_channels \
                 or x.shape[0] != rgb.shape[0] or x.shape[-2:] != rgb.shape[-2:]:
             raise ValueError(f"expected rgb (B, 3, H, W) and x (B, {self.x_channels}, H, W), "
@@ -1924,14 +1918,11 @@ def build_ktb(backbone_name: str, num_classes: int, x_channels: int, pretrained:
 
 
 # KTB's training recipes (supplement Sec. 7), per dataset (epochs, lr, weight decay): AdamW, batch
-# 4, linear
-# warm-up over 10 epochs from 0.1 x lr, then poly decay (power 0.9); the crop is the dataset's.
-# Where the
-# supplement and the release differ, the release: SUN RGB-D 4e-4 and PST900 6e-4 (supplement 1e-4);
-# MCubeS
-# 500 epochs at 6e-5 (of sec. 7's 250-500 and 4e-4 / 6e-5); DeLiVER 2e-4 (the paper's "1e-4 /
-# 2e-4").
-# WHU-OPT-SAR is not in sec. 7: 60 epochs at 4e-5 follow GoPT. The baselines train with these too.
+# 4, linear warm-up over 10 epochs from 0.1 x lr, then poly decay (power 0.9); the crop is the
+# dataset's. Where the supplement and the release differ, the release: SUN RGB-D 4e-4 and PST900
+# 6e-4 (supplement 1e-4); MCubeS 500 epochs at 6e-5 (of sec. 7's 250-500 and 4e-4 / 6e-5); DeLiVER
+# 2e-4 (the paper's "1e-4 / 2e-4"). WHU-OPT-SAR is not in sec. 7: 60 epochs at 4e-5 follow GoPT. The
+# baselines train with these too.
 KTB_RECIPES = {'nyudv2': (400, 4e-4, 0.01), 'sunrgbd': (300, 4e-4, 0.01),
                'mfnet': (200, 8e-5, 5e-4),
                'pst900': (200, 6e-4, 0.01), 'mcubes': (500, 6e-5, 0.01),
@@ -1975,14 +1966,8 @@ def ktb_recipe(dataset, options=None):
 # (d_p -> D) maps a prompt back: p = 1 + up(prompt), the paper's "prompts added to
 # the RGB stream as residuals" written in eq. 3's product: f * p = f + f * up(prompt).
 # Every prompt parameter starts xavier-uniform (the paper's implementation section).
-# Parameter budget, ViT-B, 40 classes, 3-channel HHA, head excluded (Table 4):
-# GoPT 0.977M (paper 0.97M), GoPT-shallow 0.704M (0.68M), VPT-shallow 0.517M
-# (0.54M), VPT-deep 3.364M (3.39M); see `gopt_param_counts`.
-#
-# Decisions the paper leaves open were made on a validation split: 64 scenes held out
-# from the demo's training scenes (preset demo128-val; the nano foundation trained on the
-# other 192), never the test scenes; `python -m study.run --decide`, 2 seeds, 400 steps,
-# figures (val mIoU, RGB+X) in study/gopt-validation/results.md and at each switch below.
+# Table 4's parameter budgets: `gopt_param_counts`; figures in docs/gopt.md. Decisions the
+# paper leaves open were made on a validation split, never the test scenes (docs/gopt.md).
 # ----------------------------------------------------------------------------
 
 GUMBEL_STD = math.pi / math.sqrt(6)  # standard deviation of Gumbel(0, 1), the noise of eq. 8
@@ -2029,20 +2014,17 @@ class Grouping(nn.Module):
         """Eq. 8 before the noise: (B, S, C); times 1/sqrt(d) when `scaled` (not in eq. 8)."""
         return self.q(tokens) @ self.k(groups).transpose(1, 2) * self.scale
 
-    def forward(self, tokens, groups, into_tokens=False):
+    def forward(self, tokens: torch.Tensor, groups: torch.Tensor, into_tokens: bool = False) -> tuple[torch.Tensor, ...]:
         # eq. 8-9, (B, S, C)
         A_hat = gumbel_assign(self.logits(tokens, groups), self.tau, self.hard, noise=self.training)
         M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups,
                                                                    tokens)  # M: (B, dst, src)
         den = M.sum(-1, keepdim=True)  # (B, dst, 1): sum_i A_ij
         # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j +
-        # W_o 0,
-        # divided by 1 (hard counts are whole numbers, so the forward pass is unchanged, and the
-        # straight-through gradient of an empty group stays bounded); a soft group lighter than 1e-6
-        # is
-        # divided by 1e-6 (eq. 8's unscaled logits can give a soft group a weight near 0);
-        # docs/gopt.md
-        # eq. 10
+        # W_o 0, divided by 1 (hard counts are whole numbers, so the forward pass is unchanged, and
+        # the straight-through gradient of an empty group stays bounded); a soft group lighter than
+        # 1e-6 is divided by 1e-6 (eq. 8's unscaled logits can give a soft group a weight near 0);
+        # docs/gopt.md eq. 10
         return dst + self.o(M @ self.v(src) / den.clamp_min(1.0 if self.hard else 1e-6)), A_hat
 
 
@@ -2068,7 +2050,7 @@ class CUP(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6) if attention == 'prenorm' else None
         self.group = Grouping(dim, hard, tau, scaled)
 
-    def forward(self, aux, classes):
+    def forward(self, aux: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         S = aux.shape[1]
         z = torch.cat([aux, classes], 1)  # eq. 5, (B, S + C, d)
         n = (z if self.norm is None else self.norm(z))[:, None]  # (B, 1, S + C, d): one head
@@ -2092,7 +2074,7 @@ class ACP(nn.Module):
         super().__init__()
         self.group = Grouping(dim, hard, tau, scaled)
 
-    def forward(self, rgb, keys, groups):
+    def forward(self, rgb: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         # eq. 12, 14, (B, S, d)
         read = F.scaled_dot_product_attention(rgb[:, None], keys[:, None], keys[:, None])[:, 0]
         return self.group(read, groups, into_tokens=True)[0]  # eq. 11
@@ -2113,16 +2095,12 @@ class GroupingPrompter(nn.Module):
     reading: how the prompt of RGB token i is read from eq. 11-14 (CUP and ACP both present):
       'literal': p_i = ACP_i = r_i + W_o W_v P_{j*(i)}, r_i = phi_ca(f_rgb_i, P, P) (eq. 12, 14) and
                  j*(i) the group of r_i (eq. 8-9, 11): the aux image reaches token i only through
-                 the
-                 C per-image vectors P, whatever the aux content at token i's own place;
+                 the C per-image vectors P, whatever the aux content at token i's own place;
       'aligned': p_i = ACP_i + (A_hat P)_i, adding the aligned CUP prompt: the class-aware prompt of
                  the group to which CUP assigned the aux token at the same place i (eq. 7-10; the
                  modalities are aligned, the paper's "alignment-induced"). No extra parameter.
-      Design choice, paper ambiguous: 'aligned' (ACP_DEFAULT). The paper names ACP
-      "alignment-induced"
-      and has it combine "key patterns from other data sources" into the RGB stream, which eq. 11-14
-      as written do through the per-image P only. Decided on the validation split, 2 seeds, by
-      RGB+X mIoU and `gopt_diagnostics`' locality (evidence: study/gopt-validation/results.md).
+      Design choice, paper ambiguous: 'aligned' (ACP_DEFAULT), decided on the validation split
+      (docs/gopt.md: the paper's "alignment-induced" ACP, which eq. 11-14 do not write).
     Ablations of Table 4 (design choice, paper silent; `reading` does not apply):
       w/o ACP: each RGB token takes the class-aware prompt to which CUP assigned
                the aux token at the same place (the modalities are aligned): p_i = (A_hat P)_i;
@@ -2142,7 +2120,7 @@ class GroupingPrompter(nn.Module):
         self.acp = ACP(dim, hard, tau, scaled) if acp else None
         self.reading = reading
 
-    def forward(self, rgb, aux, classes):
+    def forward(self, rgb: torch.Tensor, aux: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.cup is None:
             return self.acp(rgb, aux, classes), aux, classes
         aux, prompts, A_hat = self.cup(aux, classes)  # eq. 4-10
@@ -2172,21 +2150,8 @@ class GroupingPrompts(nn.Module):
     begin(x (B, Cx, H, W), pos (1, N, D)) -> state (first aux tokens, aux tokens, class tokens),
     forward(l, tokens (B, N, D) RGB patch tokens entering block l, state)
     -> (multiplicative prompt (B, N, D), state for the next prompted layer).
-    Switches; each default decided on the validation split, never the test split (evidence:
-    study/gopt-validation/results.md, summarised in docs/gopt.md):
-      attention: CUP's self-attention, 'prenorm' or 'plain' (see CUP). Design choice, paper silent:
-                 'prenorm' (with 'plain' the class tokens collapse to one vector and the Gumbel
-                 noise decides most of CUP's assignments);
-      class_scale: c^0 is xavier-uniform times this. Design choice, paper silent: 1, the paper's
-                 xavier as is;
-      carry_aux: each prompter reads the previous CUP's self-attended aux tokens (True) or the
-                 first ones, the embedded aux image (False). Design choice, paper silent: False;
-      identity: `up` starts at zero, so that p = 1 and the model starts as the foundation.
-                The paper initialises every prompt parameter xavier-uniform (False); True
-                here because it matters on validation;
-      scaled: eq. 8's logits times 1/sqrt(d_p), not in the paper: False;
-      acp_reading: 'literal' or 'aligned', how eq. 11-14 give the prompt of a token (see
-                GroupingPrompter; the `acp` option of build_gopt).
+    Switches (`GoPTConfig` says what each is; defaults decided on the validation split,
+    docs/gopt.md): attention, class_scale, carry_aux, identity, scaled, acp_reading.
     """
 
     def __init__(self, rgb_embed, x_channels, num_classes, layers, prompt_dim=55, cup=True,
@@ -2220,7 +2185,7 @@ class GroupingPrompts(nn.Module):
         # gradient without having a grad_fn, which breaks torch's module tracker (FlopCounterMode)
         return aux, aux, self.class_tokens.repeat(x.shape[0], 1, 1)
 
-    def forward(self, l, tokens, state):
+    def forward(self, l: int, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         first, aux, classes = state
         prompt, aux_hat, classes = self.prompters[self.layers.index(l)](self.down(tokens), aux,
                                                                         classes)  # (B, N, d)
@@ -2254,7 +2219,7 @@ class AuxVPT(nn.Module):
     def begin(self, x, pos):
         return self.embed(x).flatten(1, 2)  # (B, N, rank)
 
-    def forward(self, l, tokens, e):
+    def forward(self, l: int, tokens: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return 1 + self.ups[self.layers.index(l)](e), e  # (B, N, D)
 
 
@@ -2276,7 +2241,8 @@ class GoPT(RGBXModel):
         self.prompts, self.x_channels = prompts, x_channels
         self.head = SETRNaiveHead(backbone.dim, num_classes, head_dim)
 
-    def forward(self, rgb, x, label=None):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if rgb.ndim != 4 or rgb.shape[1] != 3 or x.ndim != 4 or x.shape[1] != self.x_channels \
                 or x.shape[0] != rgb.shape[0] or x.shape[-2:] != rgb.shape[-2:]:
             raise ValueError(f"expected rgb (B, 3, H, W) and x (B, {self.x_channels}, H, W) "
@@ -2556,10 +2522,8 @@ def build_gopt(backbone_name: str, num_classes: int, x_channels: int, pretrained
 
 
 # GoPT's recipe ("Experimental Setup"): AdamW, lr 4e-5 with polynomial decay (no warm-up named),
-# batch 64,
-# 60 epochs, "without introducing other algorithms for data expansion" (the random crop only); a
-# process
-# keeps the dataset's batch and gradient accumulation reaches 64.
+# batch 64, 60 epochs, "without introducing other algorithms for data expansion" (the random crop
+# only); a process keeps the dataset's batch and gradient accumulation reaches 64.
 GOPT_RECIPE = dict(epochs=60, lr=4e-5, warmup_epochs=0, global_batch=64, augment='crop')
 
 
@@ -2727,7 +2691,7 @@ class PatchedInputAdapter(nn.Module):
             raise ValueError(f"expected a (B, {self.in_chans}, H, W) input, got {tuple(img.shape)}")
         return img
 
-    def forward(self, img):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
         x = self.proj(pad_to_multiple(self.as_image(img), self.patch, (2, 3)))  # (B, D, h, w)
         # (B, h*w, D)
         x = x.flatten(2).transpose(1, 2) + pos_tokens(self.pos_emb, x.shape[-2:], self.pos_mode)
@@ -2803,7 +2767,7 @@ class MultiModalViT(nn.Module):
                              f"and the semantic map at 1/4 of it")
         return torch.stack(maps, 1).flatten(2, 3), grids.pop()  # (B, M, N, D)
 
-    def forward(self, tokens):
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # (B, T + 1, D)
         x = torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1)], 1)
         for blk in self.encoder:
@@ -2823,7 +2787,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query, context):
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, Tq, D = query.shape
         q = self.q(query).view(B, Tq, self.heads, -1).transpose(1, 2)  # (B, nh, Tq, hd)
         # (B, nh, Tc, hd)
@@ -2889,7 +2853,8 @@ class SpatialOutputAdapter(nn.Module):
         y = self.decoder(self.query_norm(query), self.context_norm(context))
         return y + self.mlp(self.out_norm(y))
 
-    def forward(self, x, tasks, ids_keep, ids_restore, grid):
+    def forward(self, x: torch.Tensor, tasks: list[str], ids_keep: torch.Tensor, ids_restore: torch.Tensor,
+                grid: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         tokens = self.attend(x, tasks, ids_keep, ids_restore, grid)
         y = self.out_proj(self.decoder_transformer(tokens))  # (B, N, C*p*p)
         (h, w), p, B = grid, self.p, x.shape[0]
@@ -3278,7 +3243,8 @@ class MaskMentorPretrain(MaskMentorModel):
             terms['token'] = self.token_weight * mean
         return terms
 
-    def forward(self, rgb, x, label=None, phase='mim'):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None, phase: str = 'mim'
+                ) -> tuple[torch.Tensor, None]:
         """The loss of `phase` ('mim', 'teacher' or 'student'; the trainer passes the one of
         `schedule`) on rgb (B, 3, H, W), depth x (B, 1, H, W), label (B, H, W) -> (loss, None)."""
         if label is None:
@@ -3352,7 +3318,8 @@ class MaskMentorSeg(MaskMentorModel):
             order.append(idx)
         return torch.cat(feats)[torch.cat(order).argsort()], grid
 
-    def forward(self, rgb, x, label=None, present=None):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None,
+                present: tuple[str, ...] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         inputs = {'rgb': rgb, 'depth': x}
         keep = self.presence(inputs, present)
         if self.depth_standardize:  # after `presence`: an absent (all-zero) depth stays all zeros
@@ -3370,10 +3337,8 @@ class MaskMentorSeg(MaskMentorModel):
 
 
 # MaskMentor Sec. 4.1: pre-training AdamW lr 1e-5, cosine, batch 12 (reached with accumulation when
-# 12 do
-# not fit), betas 0.9 / 0.95 as MultiMAE pre-trains; fine-tuning lr 3e-5, cosine, batch 2. Epochs,
-# crop,
-# weight decay and warm-up come from the baselines' recipe of the dataset.
+# 12 do not fit), betas 0.9 / 0.95 as MultiMAE pre-trains; fine-tuning lr 3e-5, cosine, batch 2.
+# Epochs, crop, weight decay and warm-up come from the baselines' recipe of the dataset.
 MASKMENTOR_RECIPES = {'pretrain': dict(lr=1e-5, batch_size=12, schedule='cosine', beta2=0.95),
                       'finetune': dict(lr=3e-5, batch_size=2, schedule='cosine')}
 
