@@ -11,9 +11,10 @@ data live in train.py, eval.py and data.py):
 - KTB (MAPA prompting and adapters, DSCF, MMST) on a frozen Swin.
 - GoPT (CUP and ACP grouping prompters, eq. 3-15) on a frozen MAE ViT, and its VPT baselines.
 - MaskMentor (M2IM, Alg. 1; STTP) on a MultiMAE-style multi-modal ViT.
-- Checkpoint conversion (one pure function per source format) and `load_pretrained`;
-  the interface a trainer uses (`RGBXModel`), each method's recipe beside its builder,
-  and building a method by name with typed options (`build_model`, `resolve_options`).
+- Checkpoint conversion beside each model (`convert_checkpoint`, pure dict -> dict functions
+  per source format) and `load_pretrained`; the interface a trainer uses (`RGBXModel`); each
+  method's typed config and recipe beside its builder; building a method by name
+  (`build_model`, `resolve_options`); random draws through `draws(policy)` (`DrawPolicy`).
 
 Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
