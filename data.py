@@ -402,7 +402,7 @@ def no_space(e):
     return False
 
 
-RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt')  # what a training run writes into its folder
+RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt', 'curves.png')  # what a training run writes
 
 
 def is_run_folder(folder):
@@ -759,10 +759,22 @@ def check_files(dataset, workers=0, say=print):
 
 
 def usable_cores():
-    """The cores this process may run on (its CPU affinity), capped by OMP_NUM_THREADS
-    when set (torchrun sets it to 1 per process)."""
+    """The cores this process computes on (`core_budget`)."""
+    return core_budget()[0]
+
+
+def core_budget():
+    """(cores, why): the cores this process may run on (its CPU affinity), capped by
+    OMP_NUM_THREADS when set (torchrun sets it to 1 per process); otherwise less the cores
+    other processes keep busy (the 1-minute load average, rounded), at least 1. Design choice:
+    threads that wait for a core another process holds slow every operation down (the demo
+    on 2 cores beside one busy process: 5x slower on 2 threads than on 1)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return min(cores, int(os.environ.get('OMP_NUM_THREADS') or cores))
+    if os.environ.get('OMP_NUM_THREADS'):
+        return min(cores, int(os.environ['OMP_NUM_THREADS'])), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
+    return max(1, min(cores, cores - round(load))), (f"{cores} cores, load average {load:.1f}; "
+                                                      f"OMP_NUM_THREADS=N sets them")
 
 
 def one_thread(worker_id):

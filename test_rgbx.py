@@ -21,15 +21,19 @@ import eval as ev  # eval.py; the builtin `eval` is not used here
 import rgbx
 import train as tr
 
+torch.set_num_threads(data.usable_cores())  # on a busy machine, the cores other processes leave free
+
 
 # ----------------------------------------------------------------------------
 # Shared: real-data paths, tiny models, fixtures and helpers used by several sections
 # ----------------------------------------------------------------------------
 
-REALDATA = Path(__file__).resolve().parent.parent / 'shared' / 'realdata'
+# real frames: RGBX_REALDATA=DIR points the tests at yours (DIR/NYUDepthv2/{RGB,Depth,DepthFilled,HHA,Label}, ...)
+REALDATA = Path(os.environ.get('RGBX_REALDATA') or Path(__file__).resolve().parent.parent / 'shared' / 'realdata')
 NYU = REALDATA / 'NYUDepthv2'
 needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(),
-                                    reason=f"{REALDATA} is absent (the real frames are not part of a clone)")
+                                    reason=f"{REALDATA} is absent (the real frames are not part of a clone; "
+                                           f"RGBX_REALDATA=DIR points the tests at yours)")
 
 
 def png(path, arr, mode=None):
@@ -2882,6 +2886,7 @@ class ThreadsSeen(torch.utils.data.Dataset):
 def test_data_loader_keeps_workers_and_main_process_to_the_cores(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})  # a 4-core machine
+    monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))  # and a quiet one
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     try:
         loader = data.loader(ThreadsSeen(), 2, workers=1)
@@ -2896,6 +2901,20 @@ def test_data_loader_keeps_workers_and_main_process_to_the_cores(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize('cores,load,omp,threads', [(2, 0.1, None, 2), (2, 1.0, None, 1), (2, 0.6, None, 1),
+                                                      (2, 5.0, None, 1), (16, 3.2, None, 13), (2, 1.0, '2', 2)])
+def test_data_threads_leave_the_cores_other_processes_keep_busy(monkeypatch, cores, load, omp, threads):
+    """On 2 cores beside one busy process (load about 1) the model computes on 1 thread, on a quiet
+    machine on every core; OMP_NUM_THREADS, when set, decides; the run says which and why."""
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, 'getloadavg', lambda: (load, load, load))
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    if omp:
+        monkeypatch.setenv('OMP_NUM_THREADS', omp)
+    n, why = data.core_budget()
+    assert n == threads and (f'OMP_NUM_THREADS={omp}' if omp else f'load average {load:.1f}') in why
 
 
 # --- Bad input ---
@@ -4104,10 +4123,52 @@ def test_train_stale_tmp_of_dead_runs_removed_live_ones_kept(tmp_path):
         for pid in (dead, live.pid):
             (Path(cfg.out_dir) / f'last.pt.tmp.{pid}').write_bytes(b'\0' * 1000)
         tr.train(cfg, model=SplitInvariantModel())
-        assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'last.pt', f'last.pt.tmp.{live.pid}', 'log.jsonl']
+        assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'curves.png', 'last.pt', f'last.pt.tmp.{live.pid}',
+                                                   'log.jsonl']
     finally:
         live.kill()
         live.wait()
+
+
+def test_train_curves_png_is_drawn_from_the_log(tmp_path):
+    """curves.png: one panel per series of log.jsonl (loss, lr, test mIoU), each point where the
+    log puts it (x by step, y between the series' lowest and highest value)."""
+    cfg = demo_config(tmp_path, max_steps=4)
+    tr.train(cfg)
+    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
+    img = np.array(Image.open(os.path.join(cfg.out_dir, 'curves.png'))).astype(int)
+    assert img.shape == (3 * 160, 480, 3)
+    blue = (np.abs(img - [31, 119, 180]).sum(-1) < 60)
+    for panel, (key, get) in enumerate((('loss', lambda r: r['loss']), ('lr', lambda r: r['lr']),
+                                        ('eval', lambda r: r['eval']['miou']))):
+        pts = [(r['step'], get(r)) for r in records if key in r]
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        for step, v in pts:
+            x = round(60 + 410 * step / 4)
+            y = round(panel * 160 + 140 - 120 * (v - lo) / ((hi - lo) or 1))
+            assert blue[y - 2:y + 3, x - 2:x + 3].any(), (key, step, v)
+
+
+def test_train_tensorboard_events_hold_the_logs_numbers(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = demo_config(tmp_path, max_steps=3, tensorboard=True)
+    tr.train(cfg)
+    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
+    events = EventAccumulator(cfg.out_dir)
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars('train/loss')] == \
+        [(r['step'], r['loss']) for r in records if 'loss' in r]
+    assert [e.value for e in events.Scalars('eval/miou')] == pytest.approx([r['eval']['miou'] for r in records
+                                                                           if 'eval' in r])
+
+
+def test_train_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'tensorboard' else real(name, *a))
+    message = cli_error(tr.main, ['--tensorboard', '--max-steps', '1', '--out-dir', str(tmp_path / 'run')])
+    assert 'pip install tensorboard' in message and not (tmp_path / 'run').exists()
 
 
 # --- Accumulation, resume, reruns ---
@@ -5022,6 +5083,25 @@ def test_layout_train_calls_models_through_the_interface_only():
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_layout_readme_python_examples_run_and_write_nothing_into_the_repository(tmp_path):
+    """Each ```python block of README.md, run as a user runs it (a file in the repository root's
+    working folder, the temporary folder under the test's), ends without error and leaves the
+    repository's files as they were (the GoPT stand-in mae.pth goes to the temporary folder)."""
+    import subprocess
+    import sys
+    here = Path(__file__).resolve().parent
+    blocks = re.findall(r'```python\n(.*?)```', (here / 'README.md').read_text(), re.S)
+    assert len(blocks) >= 3
+    before = sorted(os.listdir(here))
+    for block in blocks:
+        res = subprocess.run([sys.executable, '-c', block], cwd=here, capture_output=True, text=True,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1', 'TMPDIR': str(tmp_path)})
+        assert res.returncode == 0, block + res.stderr[-2000:]
+    assert sorted(os.listdir(here)) == before
+    assert (tmp_path / 'mae.pth').is_file()
+
+
 def test_layout_import_leaves_the_allocator_alone():
     """A 256 MiB tensor freed after `import rgbx` is given back to the OS (glibc's default):
     only the entry points keep freed memory (eval.keep_freed_memory)."""
@@ -5139,7 +5219,7 @@ def test_train_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path):
     assert {n: (Path(cfg.out_dir) / n).read_bytes() for n in before} == before
     assert not (Path(cfg.out_dir) / tr.REPLACED).exists()
     tr.main(['--overwrite', '--max-steps', '1', '--eval-every', '0', '--crop', '32x32', '--out-dir', cfg.out_dir])
-    assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'last.pt', 'log.jsonl']  # the old best.pt went too
+    assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'curves.png', 'last.pt', 'log.jsonl']  # the old best.pt went too
     assert json.load(open(Path(cfg.out_dir) / 'config.json'))['eval_every'] == 0
 
 
