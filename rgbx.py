@@ -1478,12 +1478,12 @@ class OffsetNet(nn.Module):
 class DSCF(nn.Module):
     """KTB DSCF: dynamic sparse cross-modality fusion of one stage (docs/ktb.md, part 4).
 
-    1. x = W_a X_rgb, y = W_b X_x                        (C -> r, the normed stage outputs)
-    2. Q0 = GELU(BN(Conv3x3([x ; y]))),  Q = W_q Q0       (2r -> r, r -> r)
-    3. offsets per modality and group: theta_rgb(x), theta_x(y) on a grid of
+    1. h_rgb = W_a X_rgb, h_x = W_b X_x                (C -> r, the normed stage outputs)
+    2. Q0 = GELU(BN(Conv3x3([h_rgb ; h_x]))),  Q = W_q Q0   (2r -> r, r -> r)
+    3. offsets per modality and group: theta_rgb(h_rgb), theta_x(h_x) on a grid of
        (H/s) x (W/s) reference points; p_m = clamp(ref + theta_m, -1, 1)
     4. bilinear sampling (align_corners=True) at both point sets:
-       F_rgb = [x(p_rgb), x(p_x)], F_x = [y(p_rgb), y(p_x)], F_q = [Q(p_rgb), Q(p_x)]
+       F_rgb = [h_rgb(p_rgb), h_rgb(p_x)], F_x = [h_x(p_rgb), h_x(p_x)], F_q = [Q(p_rgb), Q(p_x)]
     5. dynamic modality gate per sampled point: w = softmax_2(W_g2 ReLU(W_g1 F_q)),
        S = w_rgb F_rgb + w_x F_x                          ("dynamic")
     6. all H*W queries attend to the 2 (H/s)(W/s) keys (SDPA; "sparse"):
@@ -1527,14 +1527,14 @@ class DSCF(nn.Module):
                      conv_like=(self.w_q, self.gate[0], self.gate[2], self.w_k, self.w_v, self.w_o,
                                       self.offset_rgb.proj, self.offset_x.proj))
 
-    def sampling_points(self, x, y):
-        """Step 3: x, y (B, H, W, r) -> points (B, g, 2 Nk, 2), p_rgb then p_x, Nk = Hk*Wk."""
-        B, H, W, r = x.shape
+    def sampling_points(self, h_rgb, h_x):
+        """Step 3: h_rgb, h_x (B, H, W, r) -> points (B, g, 2 Nk, 2), p_rgb then p_x, Nk = Hk*Wk."""
+        B, H, W, r = h_rgb.shape
         g = self.groups
         # (2, B*g, r/g, H, W)
-        grouped = torch.stack([x, y]).permute(0, 1, 4, 2, 3).reshape(2, B * g, r // g, H, W)
+        grouped = torch.stack([h_rgb, h_x]).permute(0, 1, 4, 2, 3).reshape(2, B * g, r // g, H, W)
         offsets = [self.offset_rgb(grouped[0]), self.offset_x(grouped[1])]  # each (B*g, Hk, Wk, 2)
-        ref = reference_points(*offsets[0].shape[1:3], device=x.device)  # (Hk, Wk, 2)
+        ref = reference_points(*offsets[0].shape[1:3], device=h_rgb.device)  # (Hk, Wk, 2)
         # (B*g, 2, Hk, Wk, 2)
         points = torch.stack([(ref + off).clamp(-1, 1) for off in offsets], 1)
         return points.view(B, g, -1, 2)  # (B, g, 2*Nk, 2)
@@ -1542,15 +1542,15 @@ class DSCF(nn.Module):
     def forward(self, f_rgb: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = f_rgb.shape
         r, g, h = self.rank, self.groups, self.heads
-        x, y = self.w_a(f_rgb), self.w_b(f_x)  # (B, H, W, r)
+        h_rgb, h_x = self.w_a(f_rgb), self.w_b(f_x)  # (B, H, W, r)
         # (B, H, W, r)
-        q0 = self.query(torch.cat([x, y], -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        q0 = self.query(torch.cat([h_rgb, h_x], -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         q = self.w_q(q0)  # (B, H, W, r)
-        points = self.sampling_points(x, y)  # (B, g, 2Nk, 2)
+        points = self.sampling_points(h_rgb, h_x)  # (B, g, 2Nk, 2)
         n = points.shape[2]  # 2 Nk keys
-        # one grid_sample reads x, y and Q of every group at that group's points
+        # one grid_sample reads h_rgb, h_x and Q of every group at that group's points
         # (B, g, 3, r/g, H, W)
-        src = torch.stack([x, y, q], 3).view(B, H, W, 3, g, r // g).permute(0, 4, 3, 5, 1, 2)
+        src = torch.stack([h_rgb, h_x, q], 3).view(B, H, W, 3, g, r // g).permute(0, 4, 3, 5, 1, 2)
         sampled = F.grid_sample(src.reshape(B * g, 3 * r // g, H, W),
                                 points.flatten(0, 1)[:, None].to(src.dtype),
                                 mode='bilinear', align_corners=True)  # (B*g, 3r/g, 1, 2Nk)
@@ -1563,7 +1563,7 @@ class DSCF(nn.Module):
         v = self.w_v(s).view(B, n, h, r // h).transpose(1, 2)  # (B, h, 2Nk, d)
         qh = q.view(B, H * W, h, r // h).transpose(1, 2)  # (B, h, H*W, d)
         # (B, h, H*W, 2Nk)
-        bias = relative_position_bias(self.rpe_table, query_grid(H, W, x.device), points)
+        bias = relative_position_bias(self.rpe_table, query_grid(H, W, h_rgb.device), points)
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=bias.to(qh.dtype))  # (B, h, H*W, d)
         o = self.w_o(o.transpose(1, 2).reshape(B, H, W, r))  # (B, H, W, r)
         return self.w_up(self.alpha * o + self.beta * q0)  # (B, H, W, C)

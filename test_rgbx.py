@@ -3853,30 +3853,6 @@ def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_pat
     assert json.loads((run_dir / 'metrics.json').read_text())['miou'] >= 0
 
 
-def test_train_out_dir_never_lands_in_a_dataset_or_another_run_nor_on_its_pretrained_file(tmp_path):
-    root = nyu_pair(tmp_path / 'nyu')
-    other = tmp_path / 'other'
-    other.mkdir()
-    (other / 'log.jsonl').write_text('{"step": 1}\n')
-    (tmp_path / 'link').symlink_to(root)
-    torch.save(rgbx.swin('nano', window_size=4).state_dict(), tmp_path / 'pre' / 'last.pt') if (
-        tmp_path / 'pre').mkdir() is None else None
-    before = tree_bytes(root)
-    ktb = ['--method', 'ktb', '--opts', 'window_size=4', '--max-steps', '1']
-    for argv, words in ((['--out-dir', str(root / 'runs')], ['--out-dir', 'inside the --data-root folder']),
-                        (['--data-root', str(tmp_path / 'link'), '--out-dir', str(root / 'r')], ['--data-root']),
-                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(tmp_path / 'link' / 'r')],
-                         ['--out-dir', 'the dataset']),
-                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(other / 'sub')],
-                         ['--out-dir', 'another run']),
-                        (['--dataset', 'demo', '--data-root', '', *ktb, '--pretrained', str(tmp_path / 'pre' / 'last.pt'),
-                          '--out-dir', str(tmp_path / 'pre'), '--overwrite'], ['--out-dir', 'the --pretrained file'])):
-        message = cli_error(tr.main, nyu_argv(root, tmp_path / 'unused') + argv)
-        assert all(w in message for w in words), message
-    assert tree_bytes(root) == before and not (tmp_path / 'unused').exists()
-    assert os.listdir(tmp_path / 'pre') == ['last.pt'] and os.listdir(other) == ['log.jsonl']
-
-
 def test_eval_all_void_labels_explain_the_nan(tmp_path):
     m = ev.metrics(torch.zeros(3, 3, dtype=torch.long))
     assert 'no labelled pixel' in ev.format_metrics(m, ['a', 'b', 'c'])
@@ -3935,6 +3911,57 @@ def test_eval_bf16_column_times_and_compares_with_fp32(monkeypatch):
     model = rgbx.build_model('early_fusion', 'swin-nano', 5, 1, head_dim=8)
     col = ev.bf16_column(model, torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32), torch.device('cpu'), 1)
     assert col['latency_bf16_s'] > 0 and 0 < col['bf16_rel_err'] < 0.1  # bf16's 8-bit mantissa, not garbage
+
+
+def eval_rank(rank, world, rendezvous, argvs, out):
+    """One process of a 2-process `eval.py` (as torchrun runs it): its exit message, or 'ok'."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')
+    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
+                                         timeout=RENDEZVOUS_TIMEOUT)
+    try:
+        ev.main(argvs[rank])
+        message = 'ok'
+    except SystemExit as e:
+        message = str(e.code)
+    left = ' (its process group left to the exit, which can abort it)' if torch.distributed.is_initialized() else ''
+    Path(out[rank]).write_text(message + left)
+
+
+@pytest.mark.slow
+def test_eval_torchrun_where_one_rank_fails_ends_in_one_line_on_each(tmp_path, demo_run):
+    """Rank 1 fails on a missing checkpoint; rank 0, waiting for it in the evaluation's
+    all-reduce, ends with one line saying another process stopped, not gloo's traceback."""
+    cfg, _ = demo_run
+    good, missing = os.path.join(cfg.out_dir, 'best.pt'), str(tmp_path / 'gone.pt')
+    out = [str(tmp_path / 'rank0'), str(tmp_path / 'rank1')]
+    torch.multiprocessing.spawn(eval_rank, args=(2, str(tmp_path / 'rdv'), [['--checkpoint', good],
+                                                                           ['--checkpoint', missing]], out), nprocs=2)
+    said = [Path(o).read_text() for o in out]
+    assert said[1].startswith('error: ') and 'gone.pt' in said[1]
+    assert said[0] == f'error: {ev.PEER_FAILED}', said[0]
+
+
+def test_eval_older_run_format_loads_as_it_ran():
+    """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
+    the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
+    from dataclasses import asdict
+    stored = asdict(ev.run_of('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
+    assert stored['format'] == ev.RUN_FORMAT and stored['model_args']['options']['depth_standardize'] is True
+    old = {k: v for k, v in stored.items() if k != 'format'}
+    assert ev.checkpoint_run({'run': old}, 'x.pt').model_args['options']['depth_standardize'] is False
+    assert ev.checkpoint_run({'run': stored}, 'x.pt').model_args['options']['depth_standardize'] is True
+    legacy = dict(method='maskmentor', backbone='vit-nano', dataset='demo', x_modality='', opts='head_dim=16',
+                  pretrained='', data_root='', crop='')
+    assert ev.checkpoint_run({'config': legacy}, 'x.pt').model_args['options']['depth_standardize'] is False
+    pre = ev.checkpoint_run({'run': {**old, 'model_args': {**old['model_args'], 'options': {
+        **old['model_args']['options'], 'stage': 'pretrain'}}}}, 'x.pt')
+    assert pre.model_args['options']['depth_standardize'] is True  # pre-training always used it
+
+
+def test_eval_checkpoint_with_model_arguments_of_another_version_is_one_line():
+    with pytest.raises(ValueError, match='model arguments this code does not know'):
+        ev.checkpoint_run({'run': {'model_args': {}, 'dataset': 'demo', 'x_modality': 'depth', 'colour': 1}}, 'x.pt')
+    assert ev.trained_weights({'model': {'a': 1, 'steps_done': 2}}) == {'a': 1}
 
 
 # ----------------------------------------------------------------------------
@@ -4410,34 +4437,6 @@ def ddp_worker(rank, world, rendezvous, configs):
         torch.distributed.destroy_process_group()
 
 
-def eval_rank(rank, world, rendezvous, argvs, out):
-    """One process of a 2-process `eval.py` (as torchrun runs it): its exit message, or 'ok'."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')
-    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
-                                         timeout=RENDEZVOUS_TIMEOUT)
-    try:
-        ev.main(argvs[rank])
-        message = 'ok'
-    except SystemExit as e:
-        message = str(e.code)
-    left = ' (its process group left to the exit, which can abort it)' if torch.distributed.is_initialized() else ''
-    Path(out[rank]).write_text(message + left)
-
-
-@pytest.mark.slow
-def test_eval_torchrun_where_one_rank_fails_ends_in_one_line_on_each(tmp_path, demo_run):
-    """Rank 1 fails on a missing checkpoint; rank 0, waiting for it in the evaluation's
-    all-reduce, ends with one line saying another process stopped, not gloo's traceback."""
-    cfg, _ = demo_run
-    good, missing = os.path.join(cfg.out_dir, 'best.pt'), str(tmp_path / 'gone.pt')
-    out = [str(tmp_path / 'rank0'), str(tmp_path / 'rank1')]
-    torch.multiprocessing.spawn(eval_rank, args=(2, str(tmp_path / 'rdv'), [['--checkpoint', good],
-                                                                           ['--checkpoint', missing]], out), nprocs=2)
-    said = [Path(o).read_text() for o in out]
-    assert said[1].startswith('error: ') and 'gone.pt' in said[1]
-    assert said[0] == f'error: {ev.PEER_FAILED}', said[0]
-
-
 @pytest.mark.slow
 def test_train_two_process_ddp_equals_one_process(tmp_path):
     """2 real processes (gloo, CPU) at batch 2 = 1 process at batch 4, for the demo
@@ -4691,6 +4690,82 @@ def test_train_closing_line_after_a_resume_counts_the_whole_run(tmp_path, capsys
     assert 'done: 3 steps (1 in this session' in capsys.readouterr().out
 
 
+def test_train_out_dir_never_lands_in_a_dataset_or_another_run_nor_on_its_pretrained_file(tmp_path):
+    root = nyu_pair(tmp_path / 'nyu')
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'log.jsonl').write_text('{"step": 1}\n')
+    (tmp_path / 'link').symlink_to(root)
+    torch.save(rgbx.swin('nano', window_size=4).state_dict(), tmp_path / 'pre' / 'last.pt') if (
+        tmp_path / 'pre').mkdir() is None else None
+    before = tree_bytes(root)
+    ktb = ['--method', 'ktb', '--opts', 'window_size=4', '--max-steps', '1']
+    for argv, words in ((['--out-dir', str(root / 'runs')], ['--out-dir', 'inside the --data-root folder']),
+                        (['--data-root', str(tmp_path / 'link'), '--out-dir', str(root / 'r')], ['--data-root']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(tmp_path / 'link' / 'r')],
+                         ['--out-dir', 'the dataset']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(other / 'sub')],
+                         ['--out-dir', 'another run']),
+                        (['--dataset', 'demo', '--data-root', '', *ktb, '--pretrained', str(tmp_path / 'pre' / 'last.pt'),
+                          '--out-dir', str(tmp_path / 'pre'), '--overwrite'], ['--out-dir', 'the --pretrained file'])):
+        message = cli_error(tr.main, nyu_argv(root, tmp_path / 'unused') + argv)
+        assert all(w in message for w in words), message
+    assert tree_bytes(root) == before and not (tmp_path / 'unused').exists()
+    assert os.listdir(tmp_path / 'pre') == ['last.pt'] and os.listdir(other) == ['log.jsonl']
+
+
+@pytest.mark.parametrize('method,backbone', [('early_fusion', 'swin-nano'), ('early_fusion', 'vit-nano'),
+                                            ('rgb_only', 'swin-base'), ('ktb', 'swin-base'), ('gopt', 'vit-base'),
+                                            ('maskmentor', 'vit-base')])
+def test_train_list_opts_describes_every_option_of_every_method(method, backbone):
+    """--list-opts: every option of the method on the backbone, each with its type, its default
+    (the one resolve_options gives) and a line saying in words what it is."""
+    lines = tr.list_opts(method, backbone).splitlines()[1:]
+    resolved = rgbx.resolve_options(method, backbone, {})
+    names = [line.split()[0] for line in lines[::2]]
+    assert names == list(resolved)
+    for (head, meaning), name in zip(zip(lines[::2], lines[1::2]), names):
+        assert f"default {resolved[name]!r}" in head, head
+        assert meaning.startswith('      ') and len(meaning.split()) >= 4, (name, meaning)
+    for f, _ in rgbx.option_fields(method, backbone):  # every field declares its meaning and a checkable default
+        assert f.metadata['meaning'] and f.type in (int, float, bool, str, list[int], int | None, list[int] | None)
+
+
+def test_train_opts_keep_every_key_of_the_previous_registry():
+    """The --opts keys and defaults checkpoints store: the typed configs give today's set."""
+    keys = {'ktb': 'window_size drop_path_rate prompt_ranks adapter_ranks dscf_ranks dscf_strides dscf_groups '
+                   'dscf_heads dscf_kernel bias_grid mmst dscf prompting adapters lambda2 ohem fused_head_dim '
+                   'aux_head_dim x_embed_norm',
+            'gopt': 'variant interval assignment prompt_dim tau head_dim attention class_scale carry_aux identity '
+                    'scaled vpt_rank head_from acp dim depth heads mlp_ratio img_size drop_path_rate',
+            'maskmentor': 'stage img_size drop_path_rate class_dim decoder_dim decoder_heads decoder_depth mask_ratio '
+                          'p_m warmup warmup_steps teacher_iters token_weight norm_pix_rgb depth_standardize head_dim '
+                          'head_depth modality_drop freeze_backbone dim depth heads mlp_ratio',
+            'early_fusion': 'use_x head_dim embed_dim depths heads window_size mlp_ratio drop_path_rate'}
+    for method, names in keys.items():
+        backbone = 'vit-base' if method in ('gopt', 'maskmentor') else 'swin-base'
+        assert set(rgbx.resolve_options(method, backbone, {})) == set(names.split()), method
+    ktb = rgbx.resolve_options('ktb', 'swin-base', {'dscf_ranks': '8:8:8:8', 'mmst': 'off'})
+    assert ktb['dscf_ranks'] == [8, 8, 8, 8] and ktb['mmst'] is False and ktb['bias_grid'] == [60, 80]
+    assert rgbx.KTBConfig(lambda2='0.5').lambda2 == 0.5 and rgbx.GoPTConfig().acp == rgbx.ACP_DEFAULT
+
+
+def test_train_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path):
+    """--overwrite sets the old run aside: a new run that stops before its first checkpoint
+    (a diverging lr) puts it back; one that saves replaces it, old best.pt included."""
+    cfg = demo_config(tmp_path, max_steps=1)
+    tr.train(cfg)
+    before = {n: (Path(cfg.out_dir) / n).read_bytes() for n in ('last.pt', 'best.pt', 'config.json', 'log.jsonl')}
+    message = cli_error(tr.main, ['--overwrite', '--lr', '1e12', '--max-steps', '30', '--eval-every', '0',
+                                  '--crop', '32x32', '--out-dir', cfg.out_dir])
+    assert 'non-finite loss' in message
+    assert {n: (Path(cfg.out_dir) / n).read_bytes() for n in before} == before
+    assert not (Path(cfg.out_dir) / tr.REPLACED).exists()
+    tr.main(['--overwrite', '--max-steps', '1', '--eval-every', '0', '--crop', '32x32', '--out-dir', cfg.out_dir])
+    assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'curves.png', 'last.pt', 'log.jsonl']  # the old best.pt went
+    assert json.load(open(Path(cfg.out_dir) / 'config.json'))['eval_every'] == 0
+
+
 # ----------------------------------------------------------------------------
 # The reproduction study (study/run.py)
 # ----------------------------------------------------------------------------
@@ -4876,6 +4951,74 @@ def test_study_pretraining_structure_tells_a_flat_prediction_from_a_spatial_one(
     z = target[1, 0] - target[1, 0].mean()
     cov, vp, vt = pretraining.structure(target, target, mask, (2, 3))
     assert vt == pytest.approx(float((target[0, 0] - target[0, 0].mean())[m[0]].square().sum() + z[4:, 8:].square().sum()), rel=1e-5)
+
+
+def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
+    import subprocess
+    import sys
+    root = nyu_pair(tmp_path / 'nyu')
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'last.pt').write_bytes(b'a checkpoint')
+    here = Path(__file__).resolve().parent
+    for module, argv, words in (('study.run', ['--quick', '--out', root / 'runs'], ['--out', 'the dataset']),
+                                ('study.run', ['--quick', '--out', tmp_path / 'o', '--report', run_dir],
+                                 ['--report', 'another run']),
+                                ('study.pretraining', ['--steps', '1', '--report', root / 'Label'], ['--report'])):
+        res = subprocess.run([sys.executable, '-m', module, *map(str, argv)], capture_output=True, text=True, cwd=here,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        one_line_error(res, *words)
+    assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
+
+
+def test_study_modules_import_one_way():
+    """study.run -> study.pretraining -> study.common: no module of the study imports one that imports it."""
+    import ast
+    here = Path(__file__).resolve().parent / 'study'
+    graph = {}
+    for path in here.glob('*.py'):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+                {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == 'study'
+                 for a in n.names} | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        graph[path.stem] = {m.split('.')[1] for m in names if m.startswith('study.')}
+    assert graph['run'] == {'pretraining', 'common'} and graph['pretraining'] == {'common'} and not graph['common']
+
+
+def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
+    """`python -m study.run --tables`: a report's results.md comes from its results.json, no training:
+    the GoPT decisions' report is rewritten identically."""
+    import shutil
+    from study import run as study
+    here = Path(__file__).resolve().parent / 'study' / 'gopt-validation'
+    shutil.copy(here / 'results.json', tmp_path / 'results.json')
+    study.write_report(str(tmp_path))
+    assert (tmp_path / 'results.md').read_text() == (here / 'results.md').read_text()
+
+
+@pytest.mark.slow
+def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
+    """`python -m study.pretraining`: the validation losses of MaskMentor's pre-training and of the trivial
+    predictions on the same masked tokens; the zero prediction's MSE on the per-patch normalised RGB is that
+    target's mean square over the masked pixels, checked by hand."""
+    from study import pretraining
+    pretraining.main(['--steps', '2', '--every', '1', '--lrs', '1e-3', '--jobs', '1', '--out', str(tmp_path / 'runs'),
+                      '--report', str(tmp_path)])
+    saved = json.load(open(tmp_path / 'results.json'))['0.001']
+    assert [p['step'] for p in saved['points']] == [0, 1, 2]
+    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image'}
+    assert 'Chosen: lr 0.001 (the lowest mean ratio at the last step)' in (tmp_path / 'results.md').read_text()
+    assert (tmp_path / 'results.png').exists()
+    model = mm_pretrain()
+    rgb, x, label = mm_batch(B=2, H=64, W=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mask = model.draw_mask(torch.ones(2, 3, dtype=torch.bool), 16)[:, 0]  # (B, N) the RGB tokens
+    _, targets = model.targets(rgb, x, label)
+    by_hand = torch.stack([targets['norm_rgb'][b].square().mean(0).view(4, 16, 4, 16).permute(0, 2, 1, 3)
+                           .reshape(16, -1)[mask[b]].mean() for b in range(2)]).mean()
+    got = model.pixel_loss('norm_rgb', torch.zeros_like(targets['norm_rgb']), targets['norm_rgb'], mask, (4, 4))
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -5077,6 +5220,23 @@ def test_layout_rgbx_lines_within_100_characters_and_no_module_state_rebound():
     assert not [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Global, ast.Nonlocal))]
 
 
+def test_layout_each_test_sits_in_its_modules_section():
+    """A test's name carries its module, and it sits in that module's section of this file."""
+    prefixes = {'Foundations': ('test_swin', 'test_vit', 'test_heads', 'test_draws'), 'KTB': ('test_ktb',),
+                'GoPT': ('test_gopt',), 'MaskMentor': ('test_maskmentor',),
+                'Data': ('test_data', 'test_hha', 'test_every_real_data'), 'Evaluation': ('test_eval',),
+                'Training': ('test_train',), 'The reproduction study': ('test_study',), 'Layout': ('test_layout',)}
+    lines, section, misplaced = Path(__file__).read_text().splitlines(), '', []
+    for i, line in enumerate(lines):
+        if line.startswith('# ----') and i + 1 < len(lines) and re.match(r'# \w', lines[i + 1]):
+            section = lines[i + 1][2:]
+        name = re.match(r'def (test_\w+)', line)
+        allowed = next((p for title, p in prefixes.items() if section.startswith(title)), None)
+        if name and allowed is not None and not name[1].startswith(allowed):
+            misplaced.append((section.split(':')[0], name[1]))
+    assert not misplaced, misplaced
+
+
 def test_layout_train_calls_models_through_the_interface_only():
     code = (Path(__file__).resolve().parent / 'train.py').read_text()
     assert 'hasattr(' not in code and 'getattr(' not in code
@@ -5142,130 +5302,3 @@ def test_layout_train_help_describes_every_flag_and_lists_the_methods(capsys):
     assert 'acp' in listed and 'prompt_dim' in listed and 'default 55' in listed
 
 
-@pytest.mark.parametrize('method,backbone', [('early_fusion', 'swin-nano'), ('early_fusion', 'vit-nano'),
-                                            ('rgb_only', 'swin-base'), ('ktb', 'swin-base'), ('gopt', 'vit-base'),
-                                            ('maskmentor', 'vit-base')])
-def test_train_list_opts_describes_every_option_of_every_method(method, backbone):
-    """--list-opts: every option of the method on the backbone, each with its type, its default
-    (the one resolve_options gives) and a line saying in words what it is."""
-    lines = tr.list_opts(method, backbone).splitlines()[1:]
-    resolved = rgbx.resolve_options(method, backbone, {})
-    names = [line.split()[0] for line in lines[::2]]
-    assert names == list(resolved)
-    for (head, meaning), name in zip(zip(lines[::2], lines[1::2]), names):
-        assert f"default {resolved[name]!r}" in head, head
-        assert meaning.startswith('      ') and len(meaning.split()) >= 4, (name, meaning)
-    for f, _ in rgbx.option_fields(method, backbone):  # every field declares its meaning and a checkable default
-        assert f.metadata['meaning'] and f.type in (int, float, bool, str, list[int], int | None, list[int] | None)
-
-
-def test_train_opts_keep_every_key_of_the_previous_registry():
-    """The --opts keys and defaults checkpoints store: the typed configs give today's set."""
-    keys = {'ktb': 'window_size drop_path_rate prompt_ranks adapter_ranks dscf_ranks dscf_strides dscf_groups '
-                   'dscf_heads dscf_kernel bias_grid mmst dscf prompting adapters lambda2 ohem fused_head_dim '
-                   'aux_head_dim x_embed_norm',
-            'gopt': 'variant interval assignment prompt_dim tau head_dim attention class_scale carry_aux identity '
-                    'scaled vpt_rank head_from acp dim depth heads mlp_ratio img_size drop_path_rate',
-            'maskmentor': 'stage img_size drop_path_rate class_dim decoder_dim decoder_heads decoder_depth mask_ratio '
-                          'p_m warmup warmup_steps teacher_iters token_weight norm_pix_rgb depth_standardize head_dim '
-                          'head_depth modality_drop freeze_backbone dim depth heads mlp_ratio',
-            'early_fusion': 'use_x head_dim embed_dim depths heads window_size mlp_ratio drop_path_rate'}
-    for method, names in keys.items():
-        backbone = 'vit-base' if method in ('gopt', 'maskmentor') else 'swin-base'
-        assert set(rgbx.resolve_options(method, backbone, {})) == set(names.split()), method
-    ktb = rgbx.resolve_options('ktb', 'swin-base', {'dscf_ranks': '8:8:8:8', 'mmst': 'off'})
-    assert ktb['dscf_ranks'] == [8, 8, 8, 8] and ktb['mmst'] is False and ktb['bias_grid'] == [60, 80]
-    assert rgbx.KTBConfig(lambda2='0.5').lambda2 == 0.5 and rgbx.GoPTConfig().acp == rgbx.ACP_DEFAULT
-
-
-def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
-    import subprocess
-    import sys
-    root = nyu_pair(tmp_path / 'nyu')
-    run_dir = tmp_path / 'run'
-    run_dir.mkdir()
-    (run_dir / 'last.pt').write_bytes(b'a checkpoint')
-    here = Path(__file__).resolve().parent
-    for module, argv, words in (('study.run', ['--quick', '--out', root / 'runs'], ['--out', 'the dataset']),
-                                ('study.run', ['--quick', '--out', tmp_path / 'o', '--report', run_dir],
-                                 ['--report', 'another run']),
-                                ('study.pretraining', ['--steps', '1', '--report', root / 'Label'], ['--report'])):
-        res = subprocess.run([sys.executable, '-m', module, *map(str, argv)], capture_output=True, text=True, cwd=here,
-                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
-        one_line_error(res, *words)
-    assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
-
-
-def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
-    """`python -m study.run --tables`: a report's results.md comes from its results.json, no training:
-    the GoPT decisions' report is rewritten identically."""
-    import shutil
-    from study import run as study
-    here = Path(__file__).resolve().parent / 'study' / 'gopt-validation'
-    shutil.copy(here / 'results.json', tmp_path / 'results.json')
-    study.write_report(str(tmp_path))
-    assert (tmp_path / 'results.md').read_text() == (here / 'results.md').read_text()
-
-
-def test_train_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path):
-    """--overwrite sets the old run aside: a new run that stops before its first checkpoint
-    (a diverging lr) puts it back; one that saves replaces it, old best.pt included."""
-    cfg = demo_config(tmp_path, max_steps=1)
-    tr.train(cfg)
-    before = {n: (Path(cfg.out_dir) / n).read_bytes() for n in ('last.pt', 'best.pt', 'config.json', 'log.jsonl')}
-    message = cli_error(tr.main, ['--overwrite', '--lr', '1e12', '--max-steps', '30', '--eval-every', '0',
-                                  '--crop', '32x32', '--out-dir', cfg.out_dir])
-    assert 'non-finite loss' in message
-    assert {n: (Path(cfg.out_dir) / n).read_bytes() for n in before} == before
-    assert not (Path(cfg.out_dir) / tr.REPLACED).exists()
-    tr.main(['--overwrite', '--max-steps', '1', '--eval-every', '0', '--crop', '32x32', '--out-dir', cfg.out_dir])
-    assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'curves.png', 'last.pt', 'log.jsonl']  # the old best.pt went too
-    assert json.load(open(Path(cfg.out_dir) / 'config.json'))['eval_every'] == 0
-
-
-@pytest.mark.slow
-def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
-    """`python -m study.pretraining`: the validation losses of MaskMentor's pre-training and of the trivial
-    predictions on the same masked tokens; the zero prediction's MSE on the per-patch normalised RGB is that
-    target's mean square over the masked pixels, checked by hand."""
-    from study import pretraining
-    pretraining.main(['--steps', '2', '--every', '1', '--lrs', '1e-3', '--jobs', '1', '--out', str(tmp_path / 'runs'),
-                      '--report', str(tmp_path)])
-    saved = json.load(open(tmp_path / 'results.json'))['0.001']
-    assert [p['step'] for p in saved['points']] == [0, 1, 2]
-    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image'}
-    assert 'Chosen: lr 0.001 (the lowest mean ratio at the last step)' in (tmp_path / 'results.md').read_text()
-    assert (tmp_path / 'results.png').exists()
-    model = mm_pretrain()
-    rgb, x, label = mm_batch(B=2, H=64, W=64)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        mask = model.draw_mask(torch.ones(2, 3, dtype=torch.bool), 16)[:, 0]  # (B, N) the RGB tokens
-    _, targets = model.targets(rgb, x, label)
-    by_hand = torch.stack([targets['norm_rgb'][b].square().mean(0).view(4, 16, 4, 16).permute(0, 2, 1, 3)
-                           .reshape(16, -1)[mask[b]].mean() for b in range(2)]).mean()
-    got = model.pixel_loss('norm_rgb', torch.zeros_like(targets['norm_rgb']), targets['norm_rgb'], mask, (4, 4))
-    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
-
-
-def test_eval_older_run_format_loads_as_it_ran():
-    """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
-    the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
-    from dataclasses import asdict
-    stored = asdict(ev.run_of('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
-    assert stored['format'] == ev.RUN_FORMAT and stored['model_args']['options']['depth_standardize'] is True
-    old = {k: v for k, v in stored.items() if k != 'format'}
-    assert ev.checkpoint_run({'run': old}, 'x.pt').model_args['options']['depth_standardize'] is False
-    assert ev.checkpoint_run({'run': stored}, 'x.pt').model_args['options']['depth_standardize'] is True
-    legacy = dict(method='maskmentor', backbone='vit-nano', dataset='demo', x_modality='', opts='head_dim=16',
-                  pretrained='', data_root='', crop='')
-    assert ev.checkpoint_run({'config': legacy}, 'x.pt').model_args['options']['depth_standardize'] is False
-    pre = ev.checkpoint_run({'run': {**old, 'model_args': {**old['model_args'], 'options': {
-        **old['model_args']['options'], 'stage': 'pretrain'}}}}, 'x.pt')
-    assert pre.model_args['options']['depth_standardize'] is True  # pre-training always used it
-
-
-def test_eval_checkpoint_with_model_arguments_of_another_version_is_one_line():
-    with pytest.raises(ValueError, match='model arguments this code does not know'):
-        ev.checkpoint_run({'run': {'model_args': {}, 'dataset': 'demo', 'x_modality': 'depth', 'colour': 1}}, 'x.pt')
-    assert ev.trained_weights({'model': {'a': 1, 'steps_done': 2}}) == {'a': 1}
