@@ -16,11 +16,13 @@ checkpoint (the model arguments stored in it), pictures, the benchmark, the comm
 line. train.py imports this file for its evaluation and its checkpoints' models.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -96,6 +98,47 @@ def check_cpu_bf16(amp, device, say=print):
         say(f"note: --amp bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no bf16 matrix units): bf16 "
             f"matrix products run {1 / speed:.0f}x slower than fp32 here; --amp none is faster on this machine")
     return speed
+
+
+def keep_freed_memory():
+    """CPU speed for an entry point (train.py and eval.py call it at start): keep the
+    memory that freed tensors leave in the process (glibc only).
+
+    By default glibc's malloc serves large allocations with mmap and returns them, and
+    the free top of its heap, to the OS on free; the next tensor then lands on fresh
+    pages, which the kernel zero-fills on first touch (one minor page fault per 4 KiB).
+    Here every allocation comes from the heap (M_MMAP_MAX = 0) and the heap is never
+    trimmed (M_TRIM_THRESHOLD = -1): the process keeps its peak heap and reuses it
+    (`release_freed_memory` gives it back). Nothing computed changes; the measured
+    effect is in docs/performance.md. A process-wide switch: importing eval or rgbx
+    does not apply it. Skipped when RGBX_KEEP_FREED_MEMORY=0 or when glibc's own
+    MALLOC_* variables or GLIBC_TUNABLES are set (your settings win).
+    Returns whether it applied."""
+    choice = os.environ.get('RGBX_KEEP_FREED_MEMORY', '1').strip().lower()
+    if choice not in ('0', '1', 'false', 'true', 'no', 'yes', 'off', 'on'):
+        warnings.warn(f"RGBX_KEEP_FREED_MEMORY={choice!r} is not 0 or 1: freed memory is kept (set 0 to leave "
+                      f"glibc's malloc as it is)", stacklevel=2)
+    if (choice in ('0', 'false', 'no', 'off') or not sys.platform.startswith('linux')
+            or any(k.startswith('MALLOC_') or k == 'GLIBC_TUNABLES' for k in os.environ)):
+        return False
+    try:
+        if not os.confstr('CS_GNU_LIBC_VERSION'):  # None, or ValueError, off glibc (e.g. musl)
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ValueError, OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))  # -1: never trim (man mallopt)
+
+
+def release_freed_memory():
+    """Give the heap's free pages back to the OS now (glibc's malloc_trim), e.g. before
+    measuring a peak resident set (`peak_memory`): with `keep_freed_memory` the process
+    otherwise stays at its largest peak. Returns whether anything was released."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0)) if sys.platform.startswith('linux') else False
+    except (OSError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------
@@ -393,7 +436,8 @@ def load_model(path, pretrained=None, device='cpu'):
     used = run.pretrained  # the file the run was trained with
     if pretrained:
         run.pretrained = pretrained
-    start = {k: '' for k in rgbx.START_FILES if k in run.model_args['options']}  # the trained weights replace them
+    start = {f.name: '' for f, _ in rgbx.option_fields(run.method, run.model_args['backbone'])
+             if f.metadata['start_file'] and f.name in run.model_args['options']}  # the trained weights replace them
     run.model_args = dict(run.model_args, options={**run.model_args['options'], **start})
     model = run.build()  # first without the file
     full = set(ckpt['model']) == set(model.state_dict())
@@ -491,13 +535,13 @@ def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
 def peak_memory(device, reset=False):
     """Peak memory in bytes since the last reset: CUDA max allocated, or on CPU the
     peak resident set (Linux VmHWM, reset through /proc/self/clear_refs after the heap's
-    free pages are given back, which rgbx otherwise keeps: `rgbx.keep_freed_memory`)."""
+    free pages are given back, which this process otherwise keeps: `keep_freed_memory`)."""
     if device.type == 'cuda':
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.max_memory_allocated(device)
     if reset:
-        rgbx.release_freed_memory()
+        release_freed_memory()
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
     with open('/proc/self/status') as f:
@@ -704,7 +748,7 @@ def main(argv=None):
     b.add_argument('--floor-only', action='store_true',
                    help='only the training step and latency against the frozen-backbone floor, timed in turns')
     args = p.parse_args(argv)
-    rgbx.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
+    keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     try:
         check_flags(args)
         return run(args)
@@ -747,25 +791,38 @@ def check_flags(args):
         if args.save_pred and given('rgb', 'x', 'depth', 'out'):
             raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'depth', 'out')} "
                              f"segment one image pair: use one or the other")
-    for flag, path in (('--out', args.out), ('--json', args.json)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
-    for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{flag} {path} is a file: pass a folder for the pictures")
-    if args.out is not None:
-        if not args.out.lower().endswith('.png'):
-            raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
-        same = [f for f in ('rgb', 'x', 'checkpoint') if getattr(args, f) and os.path.exists(getattr(args, f))
-                and os.path.exists(args.out) and os.path.samefile(getattr(args, f), args.out)]
-        if same:
-            raise ValueError(f"--out {args.out} is the --{same[0]} file: it would be overwritten; write elsewhere")
+    if args.json and (args.reconstruct or given('rgb', 'x', 'depth', 'out')):
+        raise ValueError("--json writes the metrics of a dataset split (or the benchmark's figures); "
+                         f"{'--reconstruct' if args.reconstruct else given('rgb', 'x', 'depth', 'out')} computes none: "
+                         f"drop --json")
+    if args.out is not None and not args.out.lower().endswith('.png'):
+        raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
+    check_outputs(args)
     if args.amp == 'fp16' and check_device(args.device).type != 'cuda':
         raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     for name in ('workers', 'batch', 'repeats'):
         low = 0 if name == 'workers' else 1
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise ValueError(f"--{name} must be >= {low}, not {getattr(args, name)}")
+
+
+def check_outputs(args):
+    """Every output flag: its folder exists, and it writes over no input, into no dataset
+    and into no other run's folder (data.check_output; the checkpoint's own run folder
+    may receive pictures and metrics, never over its run files)."""
+    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in ('checkpoint', 'rgb', 'x', 'depth', 'pretrained',
+                                                                     'data_root', 'split')]
+    own = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None
+    for flag, path in (('--out', args.out), ('--json', args.json)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+        if path:
+            data.check_output(flag, path, inputs, own_run=own, kind=flag[2:].replace('out', 'png'))
+    for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a file: pass a folder for the pictures")
+        if path:
+            data.check_output(flag, path, inputs, folder=True, own_run=own)
 
 
 def run(args):
@@ -859,9 +916,12 @@ def evaluate_split(args, model, run, root, rank, world, device):
         print(f"{run.dataset} {split} ({len(dataset)} images), modality {args.modality}, "
               f"scales {list(scales)}{' + flip' if args.flip else ''}")
         print(format_metrics(m, preset.class_names))
+        if args.save_pred:
+            print(f"wrote the predictions and panels of the {len(dataset)} images to {args.save_pred}")
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(dict(m, modality=args.modality, checkpoint=args.checkpoint), f, indent=2)
+            print(f"wrote {args.json}")
 
 
 def run_benchmark(args, device):
@@ -890,6 +950,7 @@ def run_benchmark(args, device):
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(figures, f, indent=2)
+        print(f"wrote {args.json}")
     return figures
 
 

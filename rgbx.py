@@ -19,15 +19,16 @@ Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
-import ctypes
+import contextlib
+import contextvars
 import hashlib
-import inspect
 import math
 import os
 import re
-import sys
+import types
+import typing
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -38,81 +39,54 @@ import torch.nn.functional as F
 # Shared pieces
 # ----------------------------------------------------------------------------
 
-def keep_freed_memory():
-    """CPU speed for an entry point (train.py and eval.py call it at start): keep the
-    memory that freed tensors leave in the process (glibc only).
+class DrawPolicy:
+    """Where a model's per-sample random draws and loss denominators come from: this
+    default is one process and its own batch, drawn as plain torch draws.
 
-    By default glibc's malloc serves large allocations with mmap and returns them, and
-    the free top of its heap, to the OS on free; the next tensor then lands on fresh
-    pages, which the kernel zero-fills on first touch (one minor page fault per 4 KiB).
-    Here every allocation comes from the heap (M_MMAP_MAX = 0) and the heap is never
-    trimmed (M_TRIM_THRESHOLD = -1): the process keeps its peak heap and reuses it
-    (`release_freed_memory` gives it back). Nothing computed changes; the measured
-    effect is in docs/performance.md. A process-wide switch: a library importing rgbx
-    is not affected unless it calls this. Skipped when RGBX_KEEP_FREED_MEMORY=0 or when
-    glibc's own MALLOC_* variables or GLIBC_TUNABLES are set (your settings win).
-    Returns whether it applied."""
-    choice = os.environ.get('RGBX_KEEP_FREED_MEMORY', '1').strip().lower()
-    if choice not in ('0', '1', 'false', 'true', 'no', 'yes', 'off', 'on'):
-        warnings.warn(f"RGBX_KEEP_FREED_MEMORY={choice!r} is not 0 or 1: freed memory is kept (set 0 to leave "
-                      f"glibc's malloc as it is)", stacklevel=2)
-    if (choice in ('0', 'false', 'no', 'off') or not sys.platform.startswith('linux')
-            or any(k.startswith('MALLOC_') or k == 'GLIBC_TUNABLES' for k in os.environ)):
-        return False
-    try:
-        if not os.confstr('CS_GNU_LIBC_VERSION'):  # None, or ValueError, off glibc (e.g. musl)
-            return False
-        mallopt = ctypes.CDLL(None).mallopt
-    except (ValueError, OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))  # -1: never trim (man mallopt)
-
-
-def release_freed_memory():
-    """Give the heap's free pages back to the OS now (glibc's malloc_trim), e.g. before
-    measuring a peak resident set (eval.py's CPU peak memory): with `keep_freed_memory`
-    the process otherwise stays at its largest peak. Returns whether anything was released."""
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0)) if sys.platform.startswith('linux') else False
-    except (OSError, AttributeError):
-        return False
-
-
-class Batch:
-    """How a model sees its batch where it draws one random number per sample or takes
-    a mean over the batch: this default is one process and its own batch.
-
-    Every per-sample random draw of the models (dropout masks, stochastic depth, KTB's
-    MMST masking, GoPT's Gumbel noise, M2IM's modality masking) goes through `draw`,
-    and every loss mean over labelled pixels divides by `count`. A data-parallel trainer
-    installs, with `use_batch`, one that draws for the global batch and keeps this
-    process's rows, and whose counts are global (train.py's `GlobalBatch`), so that N
-    processes compute what one process computes at the global batch. Models never talk
-    to other processes themselves.
+    Every per-sample draw of the models (dropout masks, stochastic depth, KTB's MMST
+    masking, GoPT's Gumbel noise, MaskMentor's modality and patch masks) goes through
+    `draw`, every mean over a batch's items divides by `count`, and OHEM ranks the
+    losses of `gather`. A data-parallel trainer enters `draws` with a policy that
+    draws for the global batch and keeps this process's rows, counts globally and
+    gathers globally (train.py's `GlobalBatch`), so that N processes compute what one
+    process computes at the global batch (docs/distributed.md). Models never talk to
+    other processes themselves.
     """
 
     def draw(self, draw, n, dim=0):
         """`draw(n)`: a random tensor with n rows along `dim`, one per sample of this batch."""
         return draw(n)
 
-    def count(self, n, device):
-        """The denominator of a mean over n items of this batch (at least 1)."""
-        return max(n, 1)
+    def count(self, n):
+        """The denominator of a mean over n items of this batch (at least 1); n an int or a tensor."""
+        return n.clamp(min=1) if torch.is_tensor(n) else max(n, 1)
+
+    def gather(self, values):
+        """The values (1-D) of the whole batch a mean is taken over: here this process's own."""
+        return values
 
 
-BATCH = Batch()
+DRAW_POLICY = contextvars.ContextVar('rgbx.DRAW_POLICY', default=DrawPolicy())
 
 
-def use_batch(batch):
-    """Make `batch` (a `Batch`) the one every model draws and counts with; returns the previous one."""
-    global BATCH
-    previous, BATCH = BATCH, batch
-    return previous
+def draw_policy():
+    """The `DrawPolicy` in force in this context (the default: one process)."""
+    return DRAW_POLICY.get()
+
+
+@contextlib.contextmanager
+def draws(policy):
+    """`with rgbx.draws(policy): ...`: the forwards inside draw and count with `policy`
+    (a `DrawPolicy`; None: the default), the one before it is back on exit."""
+    token = DRAW_POLICY.set(policy if policy is not None else DrawPolicy())
+    try:
+        yield policy
+    finally:
+        DRAW_POLICY.reset(token)
 
 
 class Dropout(nn.Module):
-    """Dropout with its keep mask drawn through `BATCH` (the batch is axis `dim`): one
+    """Dropout with its keep mask drawn through `draw_policy()` (the batch is axis `dim`): one
     draw per element (`per='element'`, nn.Dropout), per sample and channel of (B, C, ...)
     ('channel', nn.Dropout2d) or per sample ('sample': stochastic depth, Huang et al.
     2016, which drops the whole residual branch). `streams` > 1: the batch axis stacks
@@ -134,7 +108,8 @@ class Dropout(nn.Module):
         def draw(n):
             return x.new_empty(shape[:self.dim] + [n] + shape[self.dim + 1:]).bernoulli_(1.0 - self.p)
         per_stream = x.shape[self.dim] // self.streams
-        keep = torch.cat([BATCH.draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
+        policy = draw_policy()
+        keep = torch.cat([policy.draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
         return keep.div_(1.0 - self.p)
 
     def forward(self, x):
@@ -169,7 +144,7 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
     """Pixel cross-entropy, the mean over labelled pixels (0, still a graph, when
     none is labelled). With `ohem` (KTB on MCubeS; CMNeXt's OhemCrossEntropy):
     the mean over the pixels whose loss exceeds -log(thresh), or over the
-    (labelled pixels // 16) hardest ones when fewer exceed it.
+    (labelled pixels // 16) hardest ones when fewer exceed it (`ohem_weights`).
     logits (B, K, H, W), label (B, H, W) int64 -> scalar."""
     logits = logits.float()
     if logits.is_contiguous(memory_format=torch.channels_last):  # (B*H*W, K) rows, a view: the fast layout
@@ -177,13 +152,28 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
                                ignore_index=ignore_index, reduction='none')  # (B*H*W,)
     else:
         loss = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction='none').flatten()  # (B*H*W,)
-    valid = int((label != ignore_index).sum())
+    valid = label.flatten() != ignore_index  # (B*H*W,)
     if ohem:
-        hard = loss > -math.log(thresh)
-        if int(hard.sum()) < valid // 16:
-            return loss.topk(valid // 16).values.mean()
-        return (loss * hard).sum() / hard.sum().clamp(min=1)
-    return loss.sum() / BATCH.count(valid, loss.device)  # the mean over the batch's labelled pixels
+        weight = ohem_weights(loss.detach(), valid, thresh)  # (B*H*W,)
+        return (loss * weight).sum() / draw_policy().count(weight.sum())
+    return loss.sum() / draw_policy().count(int(valid.sum()))  # the mean over the batch's labelled pixels
+
+
+def ohem_weights(loss, valid, thresh):
+    """OHEM's pixel selection as weights (B*H*W,): 1 where the loss exceeds -log(thresh);
+    when fewer than k = (labelled pixels // 16) do, 1 on the losses above the k-th largest
+    v and (k - n_above) / n_at_v on those equal to v, so that the weighted mean is the
+    mean of the k largest (ties shared: design choice). Ranked over `gather`'s batch."""
+    policy = draw_policy()
+    ranked = policy.gather(loss[valid])  # every labelled pixel's loss of the batch
+    hard = loss > -math.log(thresh)
+    k = ranked.numel() // 16
+    if int((ranked > -math.log(thresh)).sum()) >= k:
+        return hard.float()
+    v = ranked.topk(k).values[-1]  # the k-th largest loss
+    above, at = (loss > v) & valid, (loss == v) & valid
+    share = (k - (ranked > v).sum()) / (ranked == v).sum()  # each tie's part of the k-th place
+    return above.float() + at.float() * share
 
 
 @dataclass(frozen=True)
@@ -207,6 +197,112 @@ class Recipe:
     x_standardised: bool = True
     frozen_backbone: bool = False
     options: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------
+# Options: each method's config is a dataclass whose fields carry their type, default,
+# meaning (with the paper's reference), choices and range; `--opts` text converts through it
+# ----------------------------------------------------------------------------
+
+TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+
+
+def option(default, meaning, *, choices=None, low=None, high=None, low_open=False, high_open=False, none=None,
+           default_from='', start_file=False):
+    """A config field: its `default`, its `meaning` in words, the values it takes (`choices`,
+    or low .. high with `*_open` excluding that bound; else integers >= 1, numbers >= 0), what a
+    None default means (`none`), where the default comes from (`default_from`: 'paper',
+    'release', 'validation', 'MultiMAE', ...) and whether it only names a file that starts some
+    weights (`start_file`: a model rebuilt to load its trained weights skips it)."""
+    meta = dict(meaning=meaning, choices=choices, none=none, default_from=default_from, start_file=start_file,
+                range=None if low is None and high is None else
+                (-math.inf if low is None else low, math.inf if high is None else high, low_open, high_open))
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def option_kind(f):
+    """The type option field `f` takes: bool, int, float, str or list (of ints)."""
+    union = typing.get_origin(f.type) in (typing.Union, types.UnionType)
+    kind = next(t for t in typing.get_args(f.type) if t is not type(None)) if union else f.type
+    return list if typing.get_origin(kind) is list else kind
+
+
+def option_value(owner, f, value):
+    """`value` of option field `f` (text from the command line, or a Python value) as the
+    option's type, checked; or a one-line error naming the option, `owner` and what it takes."""
+    kind, what = option_kind(f), f"option {f.name!r} of {owner}"
+    if type(None) in typing.get_args(f.type) and (value is None or str(value).strip().lower() in ('none', '')):
+        return None
+    if kind is bool:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in TRUE + FALSE:
+            return value if isinstance(value, bool) else text in TRUE
+        raise ValueError(f"{what} takes true or false (also yes/no, on/off, 1/0), not {value!r}")
+    try:
+        if kind is list:
+            items = value.split(':') if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
+            value = [int(str(v).strip()) if isinstance(v, str) else v for v in items]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError
+        elif kind is int:
+            value = int(value.strip()) if isinstance(value, str) else value
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError
+        elif kind is float:
+            value = float(value.strip()) if isinstance(value, str) else value
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError
+            value = float(value)
+        elif kind is str:
+            value = str(value).strip()
+    except ValueError:
+        shape = {list: 'integers separated by ":" (one per stage), e.g. 8:16:32:64', int: 'an integer',
+                 float: 'a number'}[kind]
+        raise ValueError(f"{what} takes {shape}, not {value!r}") from None
+    check_option_range(what, f, kind, value)
+    return value
+
+
+def check_option_range(what, f, kind, value):
+    """Raise unless `value` is one of the field's choices or lies in its range."""
+    choices = f.metadata['choices']
+    if choices and value not in choices:
+        raise ValueError(f"{what} takes one of {', '.join(choices)}, not {value!r}")
+    if kind not in (int, float, list):
+        return
+    low, high, low_open, high_open = f.metadata['range'] or (1 if kind is not float else 0, math.inf, False, False)
+    for v in (value if isinstance(value, list) else [value]):
+        if v < low or v > high or (v == low and low_open) or (v == high and high_open):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"{what} must lie in {bounds}, not {value!r}")
+
+
+@dataclass
+class Options:
+    """Base of the typed configs: at construction every field is converted to its type (from
+    text too, as --opts gives it) and checked; errors name the option and `owner`."""
+    owner: typing.ClassVar[str] = 'model'
+
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, option_value(self.owner, f, getattr(self, f.name)))
+
+
+def split_options(config, sizes, options):
+    """`options` ({name: value}) -> (a `config`, the given options that are backbone sizes,
+    checked by `sizes` (SwinSizes / ViTSizes; None: the method takes none)). Unknown names
+    are an error that lists the options."""
+    own = [f.name for f in fields(config)]
+    size_names = [f.name for f in fields(sizes) if f.name not in own] if sizes else []
+    unknown = sorted(set(options) - set(own) - set(size_names))
+    if unknown:
+        raise ValueError(f"{config.owner} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(sorted(own + size_names))}")
+    given = {k: v for k, v in options.items() if k in size_names}
+    checked = asdict(sizes(**given)) if sizes else {}
+    return config(**{k: v for k, v in options.items() if k in own}), {k: checked[k] for k in given}
 
 
 NO_DECAY_NAMES = ('token', 'pos_embed', 'bias_table', 'embed.weight', 'class_emb', 'task_embeddings')
@@ -555,6 +651,20 @@ def swin(name, **overrides):
     return SwinTransformer(**{**SWIN_PRESETS[name], **overrides})
 
 
+@dataclass
+class SwinSizes(Options):
+    """A Swin's sizes as method options; None: the preset's (`SWIN_PRESETS`, Swin Table 1)."""
+    owner: typing.ClassVar[str] = 'the Swin backbone'
+    embed_dim: int | None = option(None, "C, the channels of stage 1 (Swin Table 1)", none="the preset's")
+    depths: list[int] | None = option(None, "Swin blocks per stage (Swin Table 1)", none="the preset's")
+    heads: list[int] | None = option(None, "attention heads per stage (Swin Table 1)", none="the preset's")
+    window_size: int | None = option(None, "M, the side of an attention window in tokens (Swin Sec. 3.2; the "
+                                           "official files: 7 at 224 px, 12 at 384 px)", none="the preset's")
+    mlp_ratio: float = option(4.0, "MLP hidden width / C", low=0, low_open=True, default_from='paper')
+    drop_path_rate: float = option(0.0, "stochastic depth: rates rise over the blocks from 0 to this",
+                                   low=0, high=1, high_open=True)
+
+
 # ----------------------------------------------------------------------------
 # ViT of MAE (Dosovitskiy et al. ICLR 2021; He et al. "Masked Autoencoders Are
 # Scalable Vision Learners", CVPR 2022). Module names are the checkpoint keys.
@@ -678,6 +788,20 @@ def vit(name, **overrides):
     if name not in VIT_PRESETS:
         raise ValueError(f"unknown ViT preset {name!r}; choose one of {sorted(VIT_PRESETS)}")
     return VisionTransformer(**{**VIT_PRESETS[name], **overrides})
+
+
+@dataclass
+class ViTSizes(Options):
+    """A ViT's sizes as method options; None: the preset's (`VIT_PRESETS`, ViT Table 1)."""
+    owner: typing.ClassVar[str] = 'the ViT backbone'
+    dim: int | None = option(None, "D, the token width (ViT Table 1)", none="the preset's")
+    depth: int | None = option(None, "transformer blocks (ViT Table 1)", none="the preset's")
+    heads: int | None = option(None, "attention heads (ViT Table 1)", none="the preset's")
+    mlp_ratio: float = option(4.0, "MLP hidden width / D", low=0, low_open=True, default_from='paper')
+    img_size: int = option(224, "the image side the position table is stored for (other sizes interpolate it)",
+                           default_from='MAE')
+    drop_path_rate: float = option(0.0, "stochastic depth: rates rise over the blocks from 0 to this",
+                                   low=0, high=1, high_open=True)
 
 
 def _init_transformer_weights(m):
@@ -1195,17 +1319,38 @@ class EarlyFusion(RGBXModel):
         return segmentation_loss(logits, label), logits
 
 
-def build_early_fusion(backbone_name, num_classes, x_channels, pretrained=None, use_x=True, head_dim=256, **overrides):
-    """Early fusion (use_x=True) or RGB-only (use_x=False) baseline, fully trainable;
-    `head_dim`: the head's width, `overrides` go to the backbone preset."""
-    backbone = backbone_from_name(backbone_name, **overrides)
+@dataclass
+class RGBOnlyConfig(Options):
+    """The RGB-only baseline's options, besides the backbone preset's sizes (`SwinSizes`, `ViTSizes`)."""
+    owner: typing.ClassVar[str] = 'rgb_only'
+    head_dim: int = option(256, "the head's width: SegFormer's embedding on a Swin, SETR-Naive's hidden width "
+                                "on a ViT")
+
+
+@dataclass
+class EarlyFusionConfig(RGBOnlyConfig):
+    """The early-fusion baseline's options, besides the backbone preset's sizes."""
+    owner: typing.ClassVar[str] = 'early_fusion'
+    use_x: bool = option(True, "stack X with RGB as input channels (False: the model sees RGB only)")
+
+
+def build_early_fusion(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+                       **options) -> 'EarlyFusion':
+    """Early fusion (use_x) or RGB-only baseline on `backbone_name` ('swin-base', 'vit-large', ...),
+    fully trainable; `options`: `EarlyFusionConfig`'s and the backbone's sizes."""
+    family = backbone_name.partition('-')[0]
+    cfg, sizes = split_options(EarlyFusionConfig, {'swin': SwinSizes, 'vit': ViTSizes}.get(family), options)
+    backbone = backbone_from_name(backbone_name, **sizes)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    return EarlyFusion(backbone, num_classes, x_channels if use_x else 0, head_dim)
+    return EarlyFusion(backbone, num_classes, x_channels if cfg.use_x else 0, cfg.head_dim)
 
 
-def build_rgb_only(backbone_name, num_classes, x_channels, pretrained=None, **options):
-    """The RGB "foundation" baseline: the early-fusion model with X ignored."""
+def build_rgb_only(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+                   **options) -> 'EarlyFusion':
+    """The RGB "foundation" baseline: the early-fusion model with X ignored (`RGBOnlyConfig`)."""
+    family = backbone_name.partition('-')[0]
+    split_options(RGBOnlyConfig, {'swin': SwinSizes, 'vit': ViTSizes}.get(family), options)  # checks the names
     return build_early_fusion(backbone_name, num_classes, x_channels, pretrained, use_x=False, **options)
 
 
@@ -1479,6 +1624,50 @@ def self_teaching_labels(logits, label, ignore_index=255):
     return torch.where(pred == label, label, torch.full_like(label, ignore_index))
 
 
+@dataclass
+class KTBConfig(Options):
+    """KTB's options (docs/ktb.md); per-stage lists hold one value per Swin stage."""
+    owner: typing.ClassVar[str] = 'ktb'
+    window_size: int = option(12, "the Swin's window side M (the official 384 px / 22K files: 12)",
+                              default_from='release')
+    drop_path_rate: float = option(0.3, "stochastic depth of the frozen Swin in training: rates 0 .. this over "
+                                        "its blocks", low=0, high=1, high_open=True, default_from='release')
+    prompt_ranks: list[int] | None = option(None, "rank of the MAPA prompt per stage (Sec. 2, supplement "
+                                                  "Table 1)", none='C/8 per stage', default_from='paper')
+    adapter_ranks: list[int] | None = option(None, "rank of the MAPA adapters per stage (Sec. 3, supplement "
+                                                   "Table 2)", none='C/16 per stage', default_from='paper')
+    dscf_ranks: list[int] | None = option(None, "DSCF's width r_f per stage (Sec. 4, supplement Table 3)",
+                                          none='C/8 per stage', default_from='paper')
+    dscf_strides: list[int] = option((8, 4, 2, 1), "DSCF's stride s per stage: keys sampled at (H/s) x (W/s) "
+                                                   "reference points (Sec. 4)", default_from='release')
+    dscf_groups: list[int] = option((1, 2, 4, 8), "DSCF's offset groups per stage: each group of r_f/g channels "
+                                                  "samples its own points (Sec. 4)", default_from='release')
+    dscf_heads: list[int] = option((2, 4, 8, 16), "DSCF's attention heads per stage (Sec. 4)",
+                                   default_from='release')
+    dscf_kernel: int = option(9, "kernel side of DSCF's depth-wise offset convolution (Sec. 4.3)",
+                              default_from='release')
+    bias_grid: list[int] = option((60, 80), "Gh, Gw: the query grid of DSCF's relative-position bias tables, "
+                                            "(heads, 2Gh-1, 2Gw-1); other grids read it bilinearly (Sec. 4.6)",
+                                  default_from='release')
+    mmst: bool = option(True, "MMST: modality masking in training and the self-teaching heads S2, S3 (Sec. 5; "
+                              "False: the ablation)", default_from='paper')
+    dscf: bool = option(True, "DSCF fusion (Sec. 4; False: the stage outputs are added)", default_from='paper')
+    prompting: bool = option(True, "MAPA prompting at each stage's start (Sec. 2; False: the ablation)",
+                             default_from='paper')
+    adapters: bool = option(True, "MAPA adapters in every block (Sec. 3; False: the ablation)",
+                            default_from='paper')
+    lambda2: float = option(0.01, "weight of the self-teaching losses: L = CE(S1, gt) + lambda2 (CE(S2, M) + "
+                                  "CE(S3, M)) (Sec. 5)", default_from='paper')
+    ohem: bool = option(False, "OHEM cross-entropy (CMNeXt's: losses above -log 0.7, at least 1/16 of the "
+                               "pixels); the recipe sets it on MCubeS", default_from='release')
+    fused_head_dim: int = option(512, "embedding width of the fused head S1 (SegFormer head)",
+                                 default_from='release')
+    aux_head_dim: int = option(256, "embedding width of the stream heads S2, S3", default_from='release')
+    x_embed_norm: bool = option(True, "X's patch embedding ends in a LayerNorm as Swin's; with its zero bias a "
+                                      "patch and its positive multiples embed alike (docs/ktb.md)",
+                                default_from='release')
+
+
 class KTB(RGBXModel):
     """KTB: Keep the Balance (docs/ktb.md), RGB + X segmentation on one frozen Swin.
 
@@ -1517,10 +1706,8 @@ class KTB(RGBXModel):
 
     streams = 2  # the frozen backbone runs once per modality (eval.py's speed floor)
 
-    def __init__(self, backbone, num_classes, x_channels, prompt_ranks=None, adapter_ranks=None, dscf_ranks=None,
-                 dscf_strides=(8, 4, 2, 1), dscf_groups=(1, 2, 4, 8), dscf_heads=(2, 4, 8, 16), dscf_kernel=9,
-                 bias_grid=(60, 80), mmst=True, dscf=True, prompting=True, adapters=True, lambda2=0.01, ohem=False,
-                 fused_head_dim=512, aux_head_dim=256, x_embed_norm=True):
+    def __init__(self, backbone: SwinTransformer, num_classes: int, x_channels: int, cfg: KTBConfig | None = None,
+                 **options):
         super().__init__()
         if not isinstance(backbone, SwinTransformer):
             raise TypeError(f"KTB runs on a SwinTransformer backbone, got {type(backbone).__name__}")
@@ -1530,34 +1717,36 @@ class KTB(RGBXModel):
         if any(isinstance(m, Dropout) and m.p and m.streams != 2 for m in backbone.modules()):
             raise ValueError("KTB stacks its two streams on the batch axis: build the Swin's stochastic depth "
                              "per stream, rgbx.swin(..., streams=2) (as build_ktb does)")
+        cfg = cfg if cfg is not None else split_options(KTBConfig, None, options)[0]
         dims = backbone.dims
         n = len(dims)
-        ranks = {}
-        for name, given, div in (('prompt_ranks', prompt_ranks, 8), ('adapter_ranks', adapter_ranks, 16),
-                                 ('dscf_ranks', dscf_ranks, 8), ('dscf_strides', dscf_strides, None),
-                                 ('dscf_groups', dscf_groups, None), ('dscf_heads', dscf_heads, None)):
-            ranks[name] = list(given) if given is not None else [max(1, c // div) for c in dims]
-            if len(ranks[name]) != n:
-                raise ValueError(f"{name} needs one value per stage ({n}), got {ranks[name]}")
-        self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, mmst, lambda2, ohem
-        self.ranks = ranks
+        per_stage = {}  # ranks, DSCF strides, groups and heads: one value per stage
+        for name, div in (('prompt_ranks', 8), ('adapter_ranks', 16), ('dscf_ranks', 8), ('dscf_strides', None),
+                          ('dscf_groups', None), ('dscf_heads', None)):
+            given = getattr(cfg, name)
+            per_stage[name] = list(given) if given is not None else [max(1, c // div) for c in dims]
+            if len(per_stage[name]) != n:
+                raise ValueError(f"{name} needs one value per stage ({n}), got {per_stage[name]}")
+        self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, cfg.mmst, cfg.lambda2, cfg.ohem
+        self.per_stage = per_stage
         self.backbone = backbone.requires_grad_(False)
-        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=x_embed_norm)
-        self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, ranks['prompt_ranks'])) if prompting else None
+        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=cfg.x_embed_norm)
+        self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, per_stage['prompt_ranks'])) \
+            if cfg.prompting else None
         self.adapters = nn.ModuleList(
             nn.ModuleList(MAPAAdapter(c, r) for _ in layer.blocks)
-            for c, r, layer in zip(dims, ranks['adapter_ranks'], backbone.layers)) if adapters else None
+            for c, r, layer in zip(dims, per_stage['adapter_ranks'], backbone.layers)) if cfg.adapters else None
         alphas = [1e-3] * (n - 1) + [1.0]  # alpha init: 1e-3 for stages 1-3, 1 for stage 4
         self.dscf = nn.ModuleList(
-            DSCF(c, r, s, g, h, dscf_kernel, bias_grid, a)
-            for c, r, s, g, h, a in zip(dims, ranks['dscf_ranks'], ranks['dscf_strides'], ranks['dscf_groups'],
-                                        ranks['dscf_heads'], alphas)) if dscf else None
+            DSCF(c, r, s, g, h, cfg.dscf_kernel, cfg.bias_grid, a)
+            for c, r, s, g, h, a in zip(dims, per_stage['dscf_ranks'], per_stage['dscf_strides'],
+                                        per_stage['dscf_groups'], per_stage['dscf_heads'], alphas)) if cfg.dscf else None
         self.rgb_norms, self.x_norms, self.fuse_norms = (nn.ModuleList(nn.LayerNorm(c) for c in dims) for _ in range(3))
         for norms in (self.rgb_norms, self.x_norms, self.fuse_norms):
             norms.requires_grad_(False)
-        self.s1 = SegFormerHead(dims, fused_head_dim, num_classes)
-        self.s2 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
-        self.s3 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
+        self.s1 = SegFormerHead(dims, cfg.fused_head_dim, num_classes)
+        self.s2 = SegFormerHead(dims, cfg.aux_head_dim, num_classes) if cfg.mmst else None
+        self.s3 = SegFormerHead(dims, cfg.aux_head_dim, num_classes) if cfg.mmst else None
         for part in (self.x_patch_embed, self.s1, self.s2, self.s3):
             if part is not None:  # fresh, as in the release: its X patch embedding is not loaded from the Swin file
                 release_init(part)
@@ -1572,7 +1761,7 @@ class KTB(RGBXModel):
         tokens = torch.cat([self.backbone.patch_embed(rgb), self.x_patch_embed(x)])  # (2B, h, w, C)
         drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
         if self.training and self.mmst:
-            drop = drop | BATCH.draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
+            drop = drop | draw_policy().draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
         elif not drop.any():
             return tokens  # nothing to zero: skip a pass over the stage-1 maps
         return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]  # keep (2B, 1, 1, 1)
@@ -1633,16 +1822,17 @@ class KTB(RGBXModel):
                 's2+s3': count(self.s2) + count(self.s3)}
 
 
-def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_size=12, drop_path_rate=0.3, **options):
+def build_ktb(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+              **options) -> KTB:
     """KTB on a Swin preset ('base' or 'large'; window 12 for the official
     swin_*_patch4_window12_384_22k.pth files, Microsoft's or mmsegmentation's),
-    `pretrained` loaded into the frozen backbone. Stochastic depth 0.3 (rates
-    0 .. 0.3 over the blocks) as the release trains the frozen Swin; it acts in
-    training only. `options` go to KTB (ranks, ablation switches, lambda2, ohem)."""
-    backbone = swin(backbone_name, window_size=window_size, drop_path_rate=drop_path_rate, final_norm=False, streams=2)
+    `pretrained` loaded into the frozen backbone; `options`: `KTBConfig`'s."""
+    cfg, _ = split_options(KTBConfig, None, options)
+    backbone = swin(backbone_name, window_size=cfg.window_size, drop_path_rate=cfg.drop_path_rate, final_norm=False,
+                    streams=2)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    return KTB(backbone, num_classes, x_channels, **options)
+    return KTB(backbone, num_classes, x_channels, cfg)
 
 
 # KTB's training recipes (supplement Sec. 7), per dataset (epochs, lr, weight decay): AdamW, batch 4, linear
@@ -1708,13 +1898,13 @@ def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
     """GoPT eq. 8-9: assignment of S tokens to C groups.
 
     logits (B, ..., S, C) -> A_hat (B, ..., S, C). Gumbel(0, 1) noise (drawn from
-    torch's global RNG through `BATCH.draw`) is added only when `noise`
+    torch's global RNG through `draw_policy()`) is added only when `noise`
     (training). hard: the forward value is exactly one-hot (argmax), the gradient is
     that of the soft A (straight-through); written one_hot + (A - sg(A)) so that the
     forward value is bit-exact. soft: A itself (the ablation of Fig. 7).
     """
-    gumbel = -BATCH.draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
-                         logits.shape[0]).log() if noise else 0.0  # gamma ~ Gumbel(0, 1), drawn for the global batch
+    gumbel = -draw_policy().draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
+                                logits.shape[0]).log() if noise else 0.0  # gamma ~ Gumbel(0, 1), drawn for the global batch
     A = F.softmax((logits + gumbel) / tau, -1)  # eq. 8
     return F.one_hot(A.argmax(-1), A.shape[-1]).to(A.dtype) + (A - A.detach()) if hard else A  # eq. 9
 
@@ -2152,55 +2342,73 @@ def load_head(head, path):
 GOPT_VARIANTS = ('gopt', 'gopt_shallow', 'no_acp', 'no_cup', 'vpt_shallow', 'vpt_deep', 'head_only')  # Table 4 + control
 
 
-def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant='gopt', interval=1,
-               assignment='hard', prompt_dim=55, tau=1.0, head_dim=256, attention='prenorm', class_scale=1.0,
-               carry_aux=False, identity=True, scaled=False, vpt_rank=336, head_from='', acp=ACP_DEFAULT,
-               **overrides):
-    """GoPT on a ViT preset ('base', 'large'; `overrides` change dim, depth, heads, img_size, ...).
+@dataclass
+class GoPTConfig(Options):
+    """GoPT's options, besides the ViT preset's sizes (`ViTSizes`). Defaults named 'validation'
+    were decided on the validation split (docs/gopt.md, study/gopt-validation/results.md)."""
+    owner: typing.ClassVar[str] = 'gopt'
+    variant: str = option('gopt', "the prompts: 'gopt' (CUP + ACP), 'gopt_shallow' (one prompter, at block 0), "
+                                  "'no_acp', 'no_cup' (Table 4's ablations), 'vpt_shallow', 'vpt_deep' (Table 4's "
+                                  "baselines), 'head_only' (the control: no prompts)", choices=GOPT_VARIANTS,
+                          default_from='paper')
+    interval: int = option(1, "a prompter before every interval-th block from block 0 (Fig. 6: 1, 2, 4, 6, 12); "
+                              "1 for the shallow variants", default_from='paper')
+    assignment: str = option('hard', "the groupings' assignment: 'hard', one-hot with a straight-through "
+                                     "gradient (eq. 9), or 'soft' (Fig. 7)", choices=('hard', 'soft'),
+                             default_from='paper')
+    prompt_dim: int = option(55, "d_p, the width of the prompt space (down: D -> d_p, up: d_p -> D); 55 gives "
+                                 "Table 4's 0.97M at ViT-B", default_from="paper (Table 4's budget)")
+    tau: float = option(1.0, "temperature of the Gumbel-softmax, eq. 8 (paper silent)", low=0, low_open=True,
+                        default_from='design')
+    head_dim: int = option(256, "hidden width of the SETR-Naive head Psi")
+    attention: str = option('prenorm', "CUP's self-attention: 'prenorm' (LayerNorm, residual) or 'plain' "
+                                       "(see CUP)", choices=CUP_ATTENTION, default_from='validation')
+    class_scale: float = option(1.0, "the first class tokens c^0 start xavier-uniform times this", low=0,
+                                low_open=True, default_from='validation')
+    carry_aux: bool = option(False, "each prompter reads the previous CUP's self-attended aux tokens (True) or "
+                                    "the embedded aux image (False)", default_from='validation')
+    identity: bool = option(True, "`up` (and the VPT variants' W_l) starts at zero, so that the model starts as "
+                                  "the foundation; the paper's xavier init is False", default_from='validation')
+    scaled: bool = option(False, "eq. 8's logits times 1/sqrt(d_p) (not in the paper)", default_from='paper')
+    vpt_rank: int = option(336, "the VPT variants' prompt embedding width", default_from="paper (Table 4's budget)")
+    head_from: str = option('', "a checkpoint whose 'head.*' entries start Psi, e.g. the RGB foundation's (the "
+                                "paper fine-tunes its head); '': a fresh head", start_file=True)
+    acp: str = option(ACP_DEFAULT, "how eq. 11-14 give a token's prompt: 'literal', or 'aligned' (plus the aligned "
+                                   "CUP prompt; see GroupingPrompter); variants with CUP and ACP",
+                      choices=ACP_READINGS, default_from='validation')
 
-    variant: 'gopt' (CUP + ACP), 'no_acp', 'no_cup', 'gopt_shallow' (one prompter,
-    at layer 0), 'vpt_shallow', 'vpt_deep' (Table 4), 'head_only' (the control: the
-    frozen foundation and a trained head, no prompts). interval: a prompter
-    before every `interval`-th block, starting at block 0 (Fig. 6: 1, 2, 4, 6, 12; design choice, paper silent: where to start).
-    assignment: 'hard' (eq. 9) or 'soft' (Fig. 7). prompt_dim: d_p. tau: Gumbel
-    temperature (design choice, paper silent: 1). attention, class_scale, carry_aux,
-    identity, scaled: see GroupingPrompts (identity also zeroes the VPT variants' W_l). acp: the
-    reading of eq. 11-14, 'literal' or 'aligned' (see GroupingPrompter; only the variants with CUP
-    and ACP use it; ACP_DEFAULT, decided on the validation split). vpt_rank:
-    the VPT variants' embedding width. head_from: a checkpoint whose 'head.*' entries
-    start Psi, e.g. the RGB foundation's (the paper fine-tunes the foundation's Psi; its
-    head on our validation split: 38.6 vs a fresh head 31.0); '' = a fresh head. `pretrained`: an MAE file,
-    loaded into the ViT, which is then frozen with its RGB patch embedding.
-    """
-    if variant not in GOPT_VARIANTS:
-        raise ValueError(f"unknown GoPT variant {variant!r}; choose one of {GOPT_VARIANTS}")
-    if assignment not in ('hard', 'soft'):
-        raise ValueError(f"assignment must be 'hard' or 'soft', not {assignment!r}")
-    if attention not in CUP_ATTENTION:
-        raise ValueError(f"attention must be one of {CUP_ATTENTION}, not {attention!r}")
-    if acp not in ACP_READINGS:
-        raise ValueError(f"acp must be one of {ACP_READINGS}, not {acp!r}")
-    if not isinstance(interval, int) or interval < 1 or (variant.endswith('_shallow') and interval != 1):
-        raise ValueError(f"interval must be an int >= 1 (and 1 for {variant}, which prompts block 0 only), got {interval!r}")
-    if x_channels < 1 or prompt_dim < 1 or vpt_rank < 1 or tau <= 0 or class_scale <= 0:
-        raise ValueError(f"GoPT needs x_channels, prompt_dim, vpt_rank >= 1 and tau, class_scale > 0, got "
-                         f"{x_channels}, {prompt_dim}, {vpt_rank}, {tau}, {class_scale}")
-    backbone = vit(backbone_name, **overrides)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant.endswith('_shallow') and self.interval != 1:
+            raise ValueError(f"option 'interval' of gopt must be 1 for {self.variant}, which prompts block 0 only, "
+                             f"not {self.interval}")
+
+
+def build_gopt(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+               **options) -> GoPT:
+    """GoPT on a ViT preset ('base', 'large'), `pretrained` (an MAE file) loaded into the
+    ViT, which is then frozen with its RGB patch embedding; `options`: `GoPTConfig`'s and
+    the ViT's sizes (`ViTSizes`)."""
+    cfg, sizes = split_options(GoPTConfig, ViTSizes, options)
+    if x_channels < 1:
+        raise ValueError(f"GoPT needs x_channels >= 1, got {x_channels}")
+    backbone = vit(backbone_name, **sizes)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    layers = (0,) if variant.endswith('_shallow') else range(0, len(backbone.blocks), interval)
-    if variant == 'head_only':
+    layers = (0,) if cfg.variant.endswith('_shallow') else range(0, len(backbone.blocks), cfg.interval)
+    if cfg.variant == 'head_only':
         prompts = None
-    elif variant.startswith('vpt'):
-        prompts = AuxVPT(backbone.patch_embed, x_channels, layers, vpt_rank, identity)
+    elif cfg.variant.startswith('vpt'):
+        prompts = AuxVPT(backbone.patch_embed, x_channels, layers, cfg.vpt_rank, cfg.identity)
     else:
-        prompts = GroupingPrompts(backbone.patch_embed, x_channels, num_classes, layers, prompt_dim,
-                                  cup=variant != 'no_cup', acp=variant != 'no_acp', hard=assignment == 'hard', tau=tau,
-                                  attention=attention, class_scale=class_scale, carry_aux=carry_aux, identity=identity,
-                                  scaled=scaled, acp_reading=acp)
-    model = GoPT(backbone, prompts, num_classes, x_channels, head_dim)
-    if head_from:
-        load_head(model.head, head_from)
+        prompts = GroupingPrompts(backbone.patch_embed, x_channels, num_classes, layers, cfg.prompt_dim,
+                                  cup=cfg.variant != 'no_cup', acp=cfg.variant != 'no_acp',
+                                  hard=cfg.assignment == 'hard', tau=cfg.tau, attention=cfg.attention,
+                                  class_scale=cfg.class_scale, carry_aux=cfg.carry_aux, identity=cfg.identity,
+                                  scaled=cfg.scaled, acp_reading=cfg.acp)
+    model = GoPT(backbone, prompts, num_classes, x_channels, cfg.head_dim)
+    if cfg.head_from:
+        load_head(model.head, cfg.head_from)
     return model
 
 
@@ -2263,9 +2471,9 @@ def m2im_keep(num_modalities, p_m=0.5, generator=None):
 
 
 def m2im_keep_batch(batch, num_modalities, p_m=0.5, device=None):
-    """An independent `m2im_keep` draw per sample of the batch (`BATCH.draw`):
+    """An independent `m2im_keep` draw per sample of the batch (`draw_policy()`):
     (batch, num_modalities) bool, True = kept."""
-    return BATCH.draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
+    return draw_policy().draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
 
 
 def visible_counts(keep, budget):
@@ -2276,7 +2484,9 @@ def visible_counts(keep, budget):
     a dropped modality. Rounding the cumulative shares keeps the sum exact.
     """
     # design choice: MultiMAE's Dirichlet(1) split of one fixed budget, so that every sample has T tokens
-    share = torch.empty(keep.shape, device=keep.device).exponential_() * keep  # (B, K)
+    exp = draw_policy().draw(lambda n: torch.empty((n, keep.shape[1]), device=keep.device).exponential_(),
+                             keep.shape[0])  # (B, K) Exp(1)
+    share = exp * keep  # (B, K)
     cum = (share.cumsum(1) / share.sum(1, keepdim=True) * budget).round().long()  # (B, K)
     return cum.diff(dim=1, prepend=cum.new_zeros(keep.shape[0], 1))
 
@@ -2291,7 +2501,9 @@ def random_masking(counts, num_tokens):
     total = counts.sum(1)
     if (total != total[0]).any():
         raise ValueError(f"every sample must show the same number of tokens, got {total.tolist()}")
-    rank = torch.rand(*counts.shape, num_tokens, device=counts.device).argsort(-1).argsort(-1)  # (B, K, N) noise rank
+    noise = draw_policy().draw(lambda n: torch.rand(n, counts.shape[1], num_tokens, device=counts.device),
+                               counts.shape[0])  # (B, K, N)
+    rank = noise.argsort(-1).argsort(-1)  # (B, K, N) noise rank
     return rank >= counts[..., None]
 
 
@@ -2572,9 +2784,8 @@ def masked_mean(loss, mask, grid, valid=None):
     if valid is not None:
         m = m * valid
     count = m.flatten(1).sum(1)  # (B,)
-    per_sample = (loss * m).flatten(1).sum(1) / count.clamp(min=1)
-    has = count > 0
-    return per_sample[has].mean() if has.any() else loss.sum() * 0
+    per_sample = (loss * m).flatten(1).sum(1) / count.clamp(min=1)  # (B,), 0 for a sample without any
+    return per_sample.sum() / draw_policy().count((count > 0).sum())  # mean over the samples that have any
 
 
 class MaskMentorPretrain(MaskMentorModel):
@@ -2756,7 +2967,8 @@ class MaskMentorPretrain(MaskMentorModel):
                  for (name, (pred, _)), adapter in zip(outs.items(), self.output_adapters.values())}
         if teach:  # MaskMentor addition: STTP's token loss
             cos = torch.stack([F.cosine_similarity(outs[t][1], teacher[t][1], dim=-1) for t in tasks])  # (K, B, N)
-            terms['token'] = self.token_weight * (1 - cos).mean()
+            mean = (1 - cos).sum() / draw_policy().count(cos.numel())  # the mean over (K, B, N)
+            terms['token'] = self.token_weight * mean
         return terms
 
     def forward(self, rgb, x, label=None, phase='mim'):
@@ -2853,87 +3065,113 @@ def maskmentor_recipe(dataset, options=None):
     return replace(baseline_recipe(dataset), **MASKMENTOR_RECIPES[stage])
 
 
-def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, stage='finetune', img_size=224,
-                     drop_path_rate=0.0, class_dim=64, decoder_dim=256, decoder_heads=8, decoder_depth=2,
-                     mask_ratio=5 / 6, p_m=0.5, warmup=0.2, warmup_steps=None, teacher_iters=3, token_weight=1.0,
-                     norm_pix_rgb=True, depth_standardize=True, head_dim=384, head_depth=4, modality_drop=0.5,
-                     freeze_backbone=False, **overrides):
-    """MaskMentor on a ViT preset ('base' = ViT-B/16, MultiMAE-B; `overrides` change dim, depth, heads, mlp_ratio).
+@dataclass
+class MaskMentorConfig(Options):
+    """MaskMentor's options, besides the ViT preset's sizes (`ViTSizes`); 'pretrain:' and
+    'finetune:' name the stage an option acts in."""
+    owner: typing.ClassVar[str] = 'maskmentor'
+    stage: str = option('finetune', "'pretrain': M2IM + STTP on MultiMAE's network (Alg. 1, Sec. 3.4); "
+                                    "'finetune': segmentation (Sec. 3.5)", choices=('pretrain', 'finetune'))
+    img_size: int = option(224, "the image side the position tables are stored for (other sizes interpolate)",
+                           default_from='MultiMAE')
+    drop_path_rate: float = option(0.0, "stochastic depth of the encoder: rates 0 .. this over its blocks",
+                                   low=0, high=1, high_open=True)
+    class_dim: int = option(64, "pretrain: width of the semantic map's class embedding", default_from='MultiMAE')
+    decoder_dim: int = option(256, "pretrain: width of the output adapters (decoders)", default_from='MultiMAE')
+    decoder_heads: int = option(8, "pretrain: attention heads of the output adapters", default_from='MultiMAE')
+    decoder_depth: int = option(2, "pretrain: transformer blocks of each output adapter", default_from='MultiMAE')
+    mask_ratio: float = option(5 / 6, "pretrain: the share of all K*N tokens masked (MultiMAE shows 98 of 3 x 196)",
+                               low=0, high=1, low_open=True, high_open=True, default_from='MultiMAE')
+    p_m: float = option(0.5, "pretrain: M2IM's masking probability of each modality (Alg. 1)", low=0, high=1,
+                        default_from='paper')
+    warmup: float = option(0.2, "pretrain: the fraction of the steps of complete-modality MIM before STTP "
+                                "(Sec. 4.1: ~100 of 500 epochs)", low=0, high=1, default_from='paper')
+    warmup_steps: int | None = option(None, "pretrain: the warm-up in steps, instead of `warmup`", low=0,
+                                      none="warmup x the run's steps")
+    teacher_iters: int = option(3, "pretrain: teacher iterations per STTP cycle, then one student iteration "
+                                   "(Sec. 3.4)", low=0, default_from='paper')
+    token_weight: float = option(1.0, "pretrain: weight of STTP's token loss 1 - cos(student, teacher) (paper "
+                                      "silent; 0: M2IM without it)", default_from='design')
+    norm_pix_rgb: bool = option(True, "pretrain: also reconstruct per-patch normalised RGB (MultiMAE's "
+                                      "extra_norm_pix_loss)", default_from='MultiMAE')
+    depth_standardize: bool = option(True, "depth fed (and reconstructed) after MultiMAE's truncated "
+                                           "standardisation per image", default_from='MultiMAE')
+    head_dim: int = option(384, "finetune: width of the ConvNeXt decoder", default_from='MultiMAE')
+    head_depth: int = option(4, "finetune: ConvNeXt blocks of the decoder", default_from='MultiMAE')
+    modality_drop: float = option(0.5, "finetune: M2IM's p for dropping modalities of training samples (0: "
+                                       "complete input)", low=0, high=1, default_from='paper')
+    freeze_backbone: bool = option(False, "finetune: freeze the encoder (the paper trains the whole network)",
+                                   default_from='paper')
 
-    stage='pretrain': MaskMentorPretrain (adapters rgb, depth, semseg with a `class_dim`
-    class embedding; MultiMAE output adapters decoder_dim / _heads / _depth; options
-    mask_ratio, p_m, warmup (fraction of the steps) or warmup_steps, teacher_iters,
-    token_weight, norm_pix_rgb).
-    stage='finetune': MaskMentorSeg (adapters rgb, depth; options head_*,
-    modality_drop, freeze_backbone; the paper trains the whole network).
-    `depth_standardize` (both stages): depth standardised per image (MultiMAE's
-    truncated standardisation, in its pre-training and fine-tuning alike).
-    `img_size`: the size the position tables are stored for (MultiMAE: 224).
-    `pretrained`: a MultiMAE file, an MAE ViT file, or an rgbx MaskMentor checkpoint,
-    through `load_pretrained` (which names what it ignores or re-initialises).
-    """
-    if stage not in ('pretrain', 'finetune'):
-        raise ValueError(f"stage must be 'pretrain' or 'finetune', not {stage!r}")
+
+def build_maskmentor(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+                     **options) -> MaskMentorModel:
+    """MaskMentor on a ViT preset ('base' = ViT-B/16, MultiMAE-B); `options`: `MaskMentorConfig`'s
+    and the ViT's sizes (`ViTSizes`). stage 'pretrain': MaskMentorPretrain (adapters rgb, depth,
+    semseg); 'finetune': MaskMentorSeg (adapters rgb, depth). `pretrained`: a MultiMAE file, an
+    MAE ViT file or an rgbx MaskMentor checkpoint, through `load_pretrained` (which names what it
+    ignores or re-initialises)."""
+    cfg, sizes = split_options(MaskMentorConfig, ViTSizes, options)
     if backbone_name not in VIT_PRESETS:
         raise ValueError(f"unknown ViT preset {backbone_name!r}; choose one of {sorted(VIT_PRESETS)}")
     if x_channels < 1:
         raise ValueError("MaskMentor is an RGB-D method: x_channels must be >= 1")
-    cfg = {**VIT_PRESETS[backbone_name], **overrides}
-    patch = 16
-    adapters = {'rgb': PatchedInputAdapter(3, cfg['dim'], patch, img_size),
-                'depth': PatchedInputAdapter(x_channels, cfg['dim'], patch, img_size)}
-    if stage == 'pretrain':
-        adapters['semseg'] = SemSegInputAdapter(num_classes, cfg['dim'], patch, 4, class_dim, img_size)
-    backbone = MultiModalViT(adapters, patch_size=patch, drop_path_rate=drop_path_rate, **cfg)
-    if stage == 'pretrain':
-        model = MaskMentorPretrain(backbone, num_classes, decoder_dim, decoder_heads, decoder_depth, mask_ratio, p_m,
-                                   warmup, warmup_steps, teacher_iters, token_weight, norm_pix_rgb, depth_standardize,
-                                   img_size)
+    vit_sizes = {**VIT_PRESETS[backbone_name], **sizes}
+    patch, img = 16, cfg.img_size
+    adapters = {'rgb': PatchedInputAdapter(3, vit_sizes['dim'], patch, img),
+                'depth': PatchedInputAdapter(x_channels, vit_sizes['dim'], patch, img)}
+    if cfg.stage == 'pretrain':
+        adapters['semseg'] = SemSegInputAdapter(num_classes, vit_sizes['dim'], patch, 4, cfg.class_dim, img)
+    backbone = MultiModalViT(adapters, patch_size=patch, drop_path_rate=cfg.drop_path_rate, **vit_sizes)
+    if cfg.stage == 'pretrain':
+        model = MaskMentorPretrain(
+            backbone, num_classes, decoder_dim=cfg.decoder_dim, decoder_heads=cfg.decoder_heads,
+            decoder_depth=cfg.decoder_depth, mask_ratio=cfg.mask_ratio, p_m=cfg.p_m, warmup=cfg.warmup,
+            warmup_steps=cfg.warmup_steps, teacher_iters=cfg.teacher_iters, token_weight=cfg.token_weight,
+            norm_pix_rgb=cfg.norm_pix_rgb, depth_standardize=cfg.depth_standardize, img_size=img)
     else:
-        model = MaskMentorSeg(backbone, num_classes, head_dim, head_depth, modality_drop, depth_standardize)
+        model = MaskMentorSeg(backbone, num_classes, head_dim=cfg.head_dim, head_depth=cfg.head_depth,
+                              modality_drop=cfg.modality_drop, depth_standardize=cfg.depth_standardize)
     if pretrained:
         load_pretrained(model, pretrained)
-    if stage == 'finetune' and freeze_backbone:
+    if cfg.stage == 'finetune' and cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
 
 
 # ----------------------------------------------------------------------------
-# Building a method by name: builders, their options, their recipes, paper backbones
+# Building a method by name: each method's builder, config, recipe and backbone
 # ----------------------------------------------------------------------------
 
-# method -> (builder, recipe, the family of its backbone, the backbone of its paper)
+@dataclass(frozen=True)
+class Method:
+    """What `--method NAME` builds: the builder, its typed config, the recipe, the backbone
+    family it runs on (None: either), its paper's backbone, and whether the backbone
+    preset's sizes (`SwinSizes` / `ViTSizes`) are options of it too."""
+    build: typing.Callable
+    config: type
+    recipe: typing.Callable
+    family: str | None
+    paper_backbone: str
+    takes_sizes: bool = True
+
+
 METHODS = {
-    'early_fusion': (build_early_fusion, baseline_recipe, None, 'swin-base'),
-    'rgb_only': (build_rgb_only, baseline_recipe, None, 'swin-base'),
-    'ktb': (build_ktb, ktb_recipe, 'swin', 'swin-base'),
-    'gopt': (build_gopt, gopt_recipe, 'vit', 'vit-base'),
-    'maskmentor': (build_maskmentor, maskmentor_recipe, 'vit', 'vit-base'),
+    'early_fusion': Method(build=build_early_fusion, config=EarlyFusionConfig, recipe=baseline_recipe, family=None,
+                           paper_backbone='swin-base'),
+    'rgb_only': Method(build=build_rgb_only, config=RGBOnlyConfig, recipe=baseline_recipe, family=None,
+                       paper_backbone='swin-base'),
+    'ktb': Method(build=build_ktb, config=KTBConfig, recipe=ktb_recipe, family='swin', paper_backbone='swin-base',
+                  takes_sizes=False),
+    'gopt': Method(build=build_gopt, config=GoPTConfig, recipe=gopt_recipe, family='vit', paper_backbone='vit-base'),
+    'maskmentor': Method(build=build_maskmentor, config=MaskMentorConfig, recipe=maskmentor_recipe, family='vit',
+                         paper_backbone='vit-base'),
 }
-# what each backbone family takes as options (the preset's values by default)
-BACKBONE_OPTIONS = {'swin': ('embed_dim', 'depths', 'heads', 'window_size', 'mlp_ratio', 'drop_path_rate'),
-                    'vit': ('dim', 'depth', 'heads', 'mlp_ratio', 'img_size', 'drop_path_rate')}
-# the type of the options whose default is None (one int per stage, or an int)
-NONE_DEFAULT_TYPES = {'prompt_ranks': list, 'adapter_ranks': list, 'dscf_ranks': list, 'warmup_steps': int}
-# what a None default means
-NONE_DEFAULT_MEANING = {'prompt_ranks': 'C/8 per stage', 'adapter_ranks': 'C/16 per stage', 'dscf_ranks': 'C/8 per stage',
-                        'warmup_steps': "warmup x the run's steps"}
-# choices of the text options
-OPTION_CHOICES = {'variant': GOPT_VARIANTS, 'assignment': ('hard', 'soft'), 'attention': CUP_ATTENTION,
-                  'stage': ('pretrain', 'finetune')}
-# options that only name a file to start some weights from: a model rebuilt to load trained weights skips them
-START_FILES = ('head_from',)
-# allowed ranges of numbers: (low, high, low allowed, high allowed); any other number must be >= 1 (ints) or >= 0
-OPTION_RANGES = {'mask_ratio': (0, 1, False, False), 'p_m': (0, 1, True, True), 'warmup': (0, 1, True, True),
-                 'modality_drop': (0, 1, True, True), 'drop_path_rate': (0, 1, True, False),
-                 'tau': (0, math.inf, False, True), 'class_scale': (0, math.inf, False, True),
-                 'mlp_ratio': (0, math.inf, False, True), 'warmup_steps': (0, math.inf, True, True),
-                 'teacher_iters': (0, math.inf, True, True), 'alpha': (0, math.inf, True, True)}
-TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+BACKBONES = {'swin': (SWIN_PRESETS, SwinSizes), 'vit': (VIT_PRESETS, ViTSizes)}  # family -> presets, sizes
 
 
 def method_spec(method):
-    """(builder, recipe, family, paper backbone) of `method`, or an error naming the methods."""
+    """The `Method` named `method`, or an error naming the methods."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[method]
@@ -2942,119 +3180,61 @@ def method_spec(method):
 def split_backbone(method, backbone):
     """'swin-base' -> ('swin', 'base'), checked against the family `method` is built on."""
     family, _, size = backbone.partition('-')
-    presets = {'swin': SWIN_PRESETS, 'vit': VIT_PRESETS}
-    if family not in presets or size not in presets[family]:
+    if family not in BACKBONES or size not in BACKBONES[family][0]:
         raise ValueError(f"unknown backbone {backbone!r}: use swin-<{'|'.join(SWIN_PRESETS)}> "
                          f"or vit-<{'|'.join(VIT_PRESETS)}>")
-    want = method_spec(method)[2]
+    want = method_spec(method).family
     if want and family != want:
         raise ValueError(f"{method} is built on a {want} backbone, not {backbone!r}: use {want}-base (or -large)")
     return family, size
 
 
-def method_options(method, backbone):
-    """Every option of `method` on `backbone` with its default: {name: default}. From the
-    builder's keyword arguments (and KTB's), plus the backbone preset's sizes."""
-    builder = method_spec(method)[0]
+def option_fields(method, backbone):
+    """The options of `method` on `backbone`: [(dataclass field, default)], the config's
+    fields, then the backbone sizes it takes, whose None defaults are the preset's values."""
+    spec = method_spec(method)
     family, size = split_backbone(method, backbone)
-    params = dict(inspect.signature(builder).parameters)
-    if method == 'rgb_only':
-        params = {**dict(inspect.signature(build_early_fusion).parameters), **params}
-        params.pop('use_x')
-    if method == 'ktb':
-        params = {**dict(inspect.signature(KTB.__init__).parameters), **params}
-    skip = ('self', 'backbone', 'backbone_name', 'num_classes', 'x_channels', 'pretrained', 'options', 'overrides')
-    opts = {k: p.default for k, p in params.items() if k not in skip and p.kind is p.POSITIONAL_OR_KEYWORD}
-    if method != 'ktb':  # KTB's Swin takes only window_size and drop_path_rate (above)
-        preset = {**dict(drop_path_rate=0.0, mlp_ratio=4.0, img_size=224), **(SWIN_PRESETS if family == 'swin' else VIT_PRESETS)[size]}
-        opts.update({k: preset[k] for k in BACKBONE_OPTIONS[family] if k not in opts and k in preset})
-    return opts
+    own = fields(spec.config)
+    presets, sizes = BACKBONES[family]
+    extra = [f for f in fields(sizes) if f.name not in {g.name for g in own}] if spec.takes_sizes else []
+    names = {f.name for f in extra}
+    preset = asdict(sizes(**{k: v for k, v in presets[size].items() if k in names}))
+    default = {**asdict(spec.config()), **{k: v for k, v in preset.items() if k in names}}
+    return [(f, default[f.name]) for f in (*own, *extra)]
 
 
-def option_value(method, name, default, value):
-    """`value` of option `name` (a string from the command line, or a Python value) as
-    the option's type, or an error naming the option and what it takes."""
-    kind = NONE_DEFAULT_TYPES.get(name, type(default))
-    what = f"option {name!r} of {method}"
-    if default is None and (value is None or isinstance(value, str) and value.strip().lower() in ('none', '')):
-        return None
-    if kind is bool:
-        text = str(value).strip().lower()
-        if isinstance(value, bool) or text in TRUE + FALSE:
-            return value if isinstance(value, bool) else text in TRUE
-        raise ValueError(f"{what} takes true or false (also yes/no, on/off, 1/0), not {value!r}")
-    try:
-        if kind in (list, tuple):
-            items = value.split(':') if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
-            value = [int(str(v).strip()) if isinstance(v, str) else v for v in items]
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise ValueError
-        elif kind is int:
-            value = int(value.strip()) if isinstance(value, str) else value
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError
-        elif kind is float:
-            value = float(value.strip()) if isinstance(value, str) else value
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError
-            value = float(value)
-        elif kind is str:
-            value = str(value).strip()
-    except ValueError:
-        shape = {list: 'integers separated by ":" (one per stage), e.g. 8:16:32:64', tuple: 'integers separated by ":"',
-                 int: 'an integer', float: 'a number'}[kind]
-        raise ValueError(f"{what} takes {shape}, not {value!r}") from None
-    check_option_range(what, name, kind, value)
-    return value
-
-
-def check_option_range(what, name, kind, value):
-    """Raise unless `value` lies in the option's range (OPTION_RANGES, choices)."""
-    if kind is str and name in OPTION_CHOICES and value not in OPTION_CHOICES[name]:
-        raise ValueError(f"{what} takes one of {', '.join(OPTION_CHOICES[name])}, not {value!r}")
-    if kind not in (int, float, list, tuple):
-        return
-    low, high, low_ok, high_ok = OPTION_RANGES.get(name, (1 if kind is not float else 0, math.inf, True, True))
-    for v in (value if isinstance(value, list) else [value]):
-        if v < low or v > high or (v == low and not low_ok) or (v == high and not high_ok):
-            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
-            raise ValueError(f"{what} must lie in {bounds}, not {value!r}")
-
-
-def resolve_options(method, backbone, given):
+def resolve_options(method: str, backbone: str, given: dict) -> dict:
     """Every option of `method` on `backbone` after its defaults, `given` ({name: value},
     values as text or Python values) converted to each option's type and checked:
-    {name: value}, the arguments that rebuild the model. Unknown names are an error
-    that lists the method's options."""
-    opts = method_options(method, backbone)
-    unknown = sorted(set(given) - set(opts))
-    if unknown:
-        raise ValueError(f"{method} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(sorted(opts))}")
-    resolved = {k: v if k not in given else option_value(method, k, v, given[k]) for k, v in opts.items()}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+    {name: value}, the arguments that rebuild the model (a checkpoint stores them). Unknown
+    names are an error that lists the method's options."""
+    spec = method_spec(method)
+    family, _ = split_backbone(method, backbone)
+    cfg, sizes = split_options(spec.config, BACKBONES[family][1] if spec.takes_sizes else None, given)
+    defaults = dict((f.name, v) for f, v in option_fields(method, backbone))
+    return {**defaults, **asdict(cfg), **sizes}
 
 
-def build_model(method, backbone, num_classes, x_channels, pretrained=None, **options):
+def build_model(method: str, backbone: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+                **options) -> 'RGBXModel':
     """Build `method` ('early_fusion', 'rgb_only', 'ktb', 'gopt', 'maskmentor') on
-    `backbone` ('swin-base', 'vit-large', ...) with `options` (`resolve_options`),
-    `pretrained` loaded into it (`load_pretrained`)."""
-    builder = method_spec(method)[0]
+    `backbone` ('swin-base', 'vit-large', ...) with `options` (the method's config fields,
+    as text or values), `pretrained` loaded into it (`load_pretrained`)."""
+    spec = method_spec(method)
     _, size = split_backbone(method, backbone)
-    options = resolve_options(method, backbone, options)
-    if method in ('early_fusion', 'rgb_only'):
-        size = backbone  # the baselines take a backbone of either family
-    return builder(size, num_classes, x_channels, pretrained=pretrained, **options)
+    return spec.build(backbone if spec.family is None else size, num_classes, x_channels, pretrained=pretrained,
+                      **options)
 
 
-def recipe(method, dataset, options=None):
+def recipe(method: str, dataset: str, options: dict | None = None) -> Recipe:
     """The training defaults (`Recipe`) of `method` on `dataset` (a preset name), with
     `options` (resolved: MaskMentor's depends on its stage)."""
-    return method_spec(method)[1](dataset, options or {})
+    return method_spec(method).recipe(dataset, options or {})
 
 
-def paper_backbone(method):
+def paper_backbone(method: str) -> str:
     """The backbone `method`'s paper uses ('swin-base' / 'vit-base'; the baselines: swin-base)."""
-    return method_spec(method)[3]
+    return method_spec(method).paper_backbone
 
 
 def trainable_state(model):
