@@ -1937,6 +1937,19 @@ def check_rooms_folder(out, meta):
                              f"give another folder (or the same {flag} to resume)")
 
 
+def rooms_sheet(seed=0, scenes=6, size=(240, 320)):
+    """A contact sheet uint8 (scenes * H, 4 * W, 3) of the first training scenes of `seed`,
+    one row each: RGB | raw depth (grey, nearer brighter, no measurement black) | HHA |
+    label in the NYU-40 palette (void black)."""
+    rows = []
+    for i in range(scenes):
+        rgb, raw, depth, label = rooms_scene(seed, 'train', i, size)
+        grey = np.where(raw > 0, 250 - np.clip((raw - 500.0) / 5500 * 220, 0, 220), 0).astype(np.uint8)
+        classes = colorize(shift_label(label, 'rooms'), palette('rooms'))
+        hha_image = rooms_hha(depth, rooms_camera(size))
+        rows.append(np.concatenate([rgb, np.repeat(grey[..., None], 3, -1), hha_image, classes], 1))
+    return np.concatenate(rows)
+
 def write_text(path, text):
     """Write text to a temporary name, then rename: a file at path is whole."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -3229,6 +3229,17 @@ def test_data_rooms_in_memory_equals_the_files(tmp_path):
     assert torch.equal(val[0][2], train[640][2])
 
 
+def test_data_rooms_contact_sheet_panels():
+    size = (32, 48)
+    sheet = data.rooms_sheet(seed=5, scenes=2, size=size)
+    rgb, raw, depth, label = data.rooms_scene(5, 'train', 1, size)
+    row = sheet[32:]
+    assert sheet.shape == (64, 4 * 48, 3)
+    np.testing.assert_array_equal(row[:, :48], rgb)
+    assert ((row[:, 48:96, 0] == 0) == (raw == 0)).all()  # holes black, measured depth grey
+    np.testing.assert_array_equal(row[:, 96:144], data.rooms_hha(depth, data.rooms_camera(size)))
+    np.testing.assert_array_equal(row[:, 144:], data.palette('nyudv2')[label.astype(int) - 1])
+
 # --- Augmentation ---
 
 COLOURS = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20], [20, 230, 230]], np.uint8)
