@@ -141,13 +141,13 @@ def demo_preset(size, holdout=0):
                   defaults=dict(epochs=20, lr=1e-3, weight_decay=0.01, batch_size=4, warmup_epochs=1))
 
 
-def rooms_preset(holdout=0):
+def rooms_preset(holdout=0, size=(240, 320)):
     """Rendered rooms (RoomsDataset; `python data.py rooms` writes the same scenes as
-    files): NYUDv2's classes, X modalities and statistics, 240 x 320 scenes. holdout > 0:
+    files): NYUDv2's classes, X modalities and statistics, scenes of `size`. holdout > 0:
     a validation preset whose 'train' split is the first 800 - holdout training scenes
     and whose 'test' split the last `holdout` (never the test scenes). `defaults`: the
     training settings of every method here (no paper trains on rooms)."""
-    return Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', (), (240, 320), label_shift=-1,
+    return Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', (), size, label_shift=-1,
                   generator='rooms', holdout=holdout,
                   defaults=dict(epochs=40, lr=1e-3, weight_decay=0.01, batch_size=8,
                                 warmup_epochs=1))
@@ -159,6 +159,9 @@ PRESETS = {
     'demo128-val': demo_preset(128, holdout=64),  # the study's validation split, for decisions a paper leaves open
     'rooms': rooms_preset(),  # rendered indoor RGB-D scenes, NYU-40 classes (data.py rooms)
     'rooms-val': rooms_preset(holdout=160),  # its validation split, carved from the training scenes
+    # the same scenes rendered at 144 x 192 (a 9 x 12 token grid for ViT/16): the reproduction study's data
+    'rooms144': rooms_preset(size=(144, 192)),
+    'rooms144-val': rooms_preset(holdout=160, size=(144, 192)),
     # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
     'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
                      (480, 640),
@@ -746,6 +749,11 @@ def demo_scene(rng, size):
     return rgb, np.clip(depth, 0, 1).astype(np.float32)[..., None], label
 
 
+# (scene_seed, split, index, size, X) -> the stored arrays: every RoomsDataset of a process shares them, so
+# that the runs of one process (train and test sets, a study's runs) render each scene once
+ROOMS_CACHE = {}
+
+
 class RoomsDataset(SegmentationDataset):
     """Rendered indoor RGB-D scenes in memory (presets 'rooms', 'rooms-val'): 800
     training and 200 test scenes of the preset's crop size, scene i of a split drawn
@@ -769,17 +777,18 @@ class RoomsDataset(SegmentationDataset):
             raise ValueError(f"rooms split {split!r}: choose one of {tuple(carved)}")
         self.source, self.first, count = carved[split]
         self.names = [f"{self.source}_{self.first + i:04d}" for i in range(n or count)]
-        self.scene_seed, self.size, self.cache = scene_seed, self.preset.crop, {}
+        self.scene_seed, self.size = scene_seed, self.preset.crop
 
     def stored(self, index):
         """Scene `index` as its files store it: rgb uint8 (H, W, 3), X (HHA uint8 (H, W, 3)
         or depth uint16 (H, W) in mm) and label uint8 (H, W) of NYU-40 ids; cached."""
-        if index not in self.cache:
-            scene = self.scene_seed, self.source, self.first + index, self.size
+        scene = self.scene_seed, self.source, self.first + index, self.size
+        key = scene + (self.x_modality,)
+        if key not in ROOMS_CACHE:
             rgb, _, depth, label = rooms_scene(*scene)
             x = rooms_hha(depth, rooms_camera(self.size)) if self.x_modality == 'hha' else depth
-            self.cache[index] = rgb, x, label
-        return self.cache[index]
+            ROOMS_CACHE[key] = rgb, x, label
+        return ROOMS_CACHE[key]
 
     def read(self, index):
         """Scene `index`: rgb uint8 (H, W, 3), x float32 (H, W, C) on its [0, 1] scale,
