@@ -16,11 +16,13 @@ checkpoint (the model arguments stored in it), pictures, the benchmark, the comm
 line. train.py imports this file for its evaluation and its checkpoints' models.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -96,6 +98,47 @@ def check_cpu_bf16(amp, device, say=print):
         say(f"note: --amp bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no bf16 matrix units): bf16 "
             f"matrix products run {1 / speed:.0f}x slower than fp32 here; --amp none is faster on this machine")
     return speed
+
+
+def keep_freed_memory():
+    """CPU speed for an entry point (train.py and eval.py call it at start): keep the
+    memory that freed tensors leave in the process (glibc only).
+
+    By default glibc's malloc serves large allocations with mmap and returns them, and
+    the free top of its heap, to the OS on free; the next tensor then lands on fresh
+    pages, which the kernel zero-fills on first touch (one minor page fault per 4 KiB).
+    Here every allocation comes from the heap (M_MMAP_MAX = 0) and the heap is never
+    trimmed (M_TRIM_THRESHOLD = -1): the process keeps its peak heap and reuses it
+    (`release_freed_memory` gives it back). Nothing computed changes; the measured
+    effect is in docs/performance.md. A process-wide switch: importing eval or rgbx
+    does not apply it. Skipped when RGBX_KEEP_FREED_MEMORY=0 or when glibc's own
+    MALLOC_* variables or GLIBC_TUNABLES are set (your settings win).
+    Returns whether it applied."""
+    choice = os.environ.get('RGBX_KEEP_FREED_MEMORY', '1').strip().lower()
+    if choice not in ('0', '1', 'false', 'true', 'no', 'yes', 'off', 'on'):
+        warnings.warn(f"RGBX_KEEP_FREED_MEMORY={choice!r} is not 0 or 1: freed memory is kept (set 0 to leave "
+                      f"glibc's malloc as it is)", stacklevel=2)
+    if (choice in ('0', 'false', 'no', 'off') or not sys.platform.startswith('linux')
+            or any(k.startswith('MALLOC_') or k == 'GLIBC_TUNABLES' for k in os.environ)):
+        return False
+    try:
+        if not os.confstr('CS_GNU_LIBC_VERSION'):  # None, or ValueError, off glibc (e.g. musl)
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ValueError, OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))  # -1: never trim (man mallopt)
+
+
+def release_freed_memory():
+    """Give the heap's free pages back to the OS now (glibc's malloc_trim), e.g. before
+    measuring a peak resident set (`peak_memory`): with `keep_freed_memory` the process
+    otherwise stays at its largest peak. Returns whether anything was released."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0)) if sys.platform.startswith('linux') else False
+    except (OSError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------
@@ -519,13 +562,13 @@ def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
 def peak_memory(device, reset=False):
     """Peak memory in bytes since the last reset: CUDA max allocated, or on CPU the
     peak resident set (Linux VmHWM, reset through /proc/self/clear_refs after the heap's
-    free pages are given back, which rgbx otherwise keeps: `rgbx.keep_freed_memory`)."""
+    free pages are given back, which this process otherwise keeps: `keep_freed_memory`)."""
     if device.type == 'cuda':
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.max_memory_allocated(device)
     if reset:
-        rgbx.release_freed_memory()
+        release_freed_memory()
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
     with open('/proc/self/status') as f:
@@ -735,7 +778,7 @@ def main(argv=None):
     b.add_argument('--floor-only', action='store_true',
                    help='only the training step and latency against the frozen-backbone floor, timed in turns')
     args = p.parse_args(argv)
-    rgbx.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
+    keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     try:
         check_flags(args)
         return run(args)

@@ -19,13 +19,13 @@ Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
-import ctypes
+import contextlib
+import contextvars
 import hashlib
 import inspect
 import math
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -38,81 +38,54 @@ import torch.nn.functional as F
 # Shared pieces
 # ----------------------------------------------------------------------------
 
-def keep_freed_memory():
-    """CPU speed for an entry point (train.py and eval.py call it at start): keep the
-    memory that freed tensors leave in the process (glibc only).
+class DrawPolicy:
+    """Where a model's per-sample random draws and loss denominators come from: this
+    default is one process and its own batch, drawn as plain torch draws.
 
-    By default glibc's malloc serves large allocations with mmap and returns them, and
-    the free top of its heap, to the OS on free; the next tensor then lands on fresh
-    pages, which the kernel zero-fills on first touch (one minor page fault per 4 KiB).
-    Here every allocation comes from the heap (M_MMAP_MAX = 0) and the heap is never
-    trimmed (M_TRIM_THRESHOLD = -1): the process keeps its peak heap and reuses it
-    (`release_freed_memory` gives it back). Nothing computed changes; the measured
-    effect is in docs/performance.md. A process-wide switch: a library importing rgbx
-    is not affected unless it calls this. Skipped when RGBX_KEEP_FREED_MEMORY=0 or when
-    glibc's own MALLOC_* variables or GLIBC_TUNABLES are set (your settings win).
-    Returns whether it applied."""
-    choice = os.environ.get('RGBX_KEEP_FREED_MEMORY', '1').strip().lower()
-    if choice not in ('0', '1', 'false', 'true', 'no', 'yes', 'off', 'on'):
-        warnings.warn(f"RGBX_KEEP_FREED_MEMORY={choice!r} is not 0 or 1: freed memory is kept (set 0 to leave "
-                      f"glibc's malloc as it is)", stacklevel=2)
-    if (choice in ('0', 'false', 'no', 'off') or not sys.platform.startswith('linux')
-            or any(k.startswith('MALLOC_') or k == 'GLIBC_TUNABLES' for k in os.environ)):
-        return False
-    try:
-        if not os.confstr('CS_GNU_LIBC_VERSION'):  # None, or ValueError, off glibc (e.g. musl)
-            return False
-        mallopt = ctypes.CDLL(None).mallopt
-    except (ValueError, OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))  # -1: never trim (man mallopt)
-
-
-def release_freed_memory():
-    """Give the heap's free pages back to the OS now (glibc's malloc_trim), e.g. before
-    measuring a peak resident set (eval.py's CPU peak memory): with `keep_freed_memory`
-    the process otherwise stays at its largest peak. Returns whether anything was released."""
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0)) if sys.platform.startswith('linux') else False
-    except (OSError, AttributeError):
-        return False
-
-
-class Batch:
-    """How a model sees its batch where it draws one random number per sample or takes
-    a mean over the batch: this default is one process and its own batch.
-
-    Every per-sample random draw of the models (dropout masks, stochastic depth, KTB's
-    MMST masking, GoPT's Gumbel noise, M2IM's modality masking) goes through `draw`,
-    and every loss mean over labelled pixels divides by `count`. A data-parallel trainer
-    installs, with `use_batch`, one that draws for the global batch and keeps this
-    process's rows, and whose counts are global (train.py's `GlobalBatch`), so that N
-    processes compute what one process computes at the global batch. Models never talk
-    to other processes themselves.
+    Every per-sample draw of the models (dropout masks, stochastic depth, KTB's MMST
+    masking, GoPT's Gumbel noise, MaskMentor's modality and patch masks) goes through
+    `draw`, every mean over a batch's items divides by `count`, and OHEM ranks the
+    losses of `gather`. A data-parallel trainer enters `draws` with a policy that
+    draws for the global batch and keeps this process's rows, counts globally and
+    gathers globally (train.py's `GlobalBatch`), so that N processes compute what one
+    process computes at the global batch (docs/distributed.md). Models never talk to
+    other processes themselves.
     """
 
     def draw(self, draw, n, dim=0):
         """`draw(n)`: a random tensor with n rows along `dim`, one per sample of this batch."""
         return draw(n)
 
-    def count(self, n, device):
-        """The denominator of a mean over n items of this batch (at least 1)."""
-        return max(n, 1)
+    def count(self, n):
+        """The denominator of a mean over n items of this batch (at least 1); n an int or a tensor."""
+        return n.clamp(min=1) if torch.is_tensor(n) else max(n, 1)
+
+    def gather(self, values):
+        """The values (1-D) of the whole batch a mean is taken over: here this process's own."""
+        return values
 
 
-BATCH = Batch()
+DRAW_POLICY = contextvars.ContextVar('rgbx.DRAW_POLICY', default=DrawPolicy())
 
 
-def use_batch(batch):
-    """Make `batch` (a `Batch`) the one every model draws and counts with; returns the previous one."""
-    global BATCH
-    previous, BATCH = BATCH, batch
-    return previous
+def draw_policy():
+    """The `DrawPolicy` in force in this context (the default: one process)."""
+    return DRAW_POLICY.get()
+
+
+@contextlib.contextmanager
+def draws(policy):
+    """`with rgbx.draws(policy): ...`: the forwards inside draw and count with `policy`
+    (a `DrawPolicy`; None: the default), the one before it is back on exit."""
+    token = DRAW_POLICY.set(policy if policy is not None else DrawPolicy())
+    try:
+        yield policy
+    finally:
+        DRAW_POLICY.reset(token)
 
 
 class Dropout(nn.Module):
-    """Dropout with its keep mask drawn through `BATCH` (the batch is axis `dim`): one
+    """Dropout with its keep mask drawn through `draw_policy()` (the batch is axis `dim`): one
     draw per element (`per='element'`, nn.Dropout), per sample and channel of (B, C, ...)
     ('channel', nn.Dropout2d) or per sample ('sample': stochastic depth, Huang et al.
     2016, which drops the whole residual branch). `streams` > 1: the batch axis stacks
@@ -134,7 +107,8 @@ class Dropout(nn.Module):
         def draw(n):
             return x.new_empty(shape[:self.dim] + [n] + shape[self.dim + 1:]).bernoulli_(1.0 - self.p)
         per_stream = x.shape[self.dim] // self.streams
-        keep = torch.cat([BATCH.draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
+        policy = draw_policy()
+        keep = torch.cat([policy.draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
         return keep.div_(1.0 - self.p)
 
     def forward(self, x):
@@ -169,7 +143,7 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
     """Pixel cross-entropy, the mean over labelled pixels (0, still a graph, when
     none is labelled). With `ohem` (KTB on MCubeS; CMNeXt's OhemCrossEntropy):
     the mean over the pixels whose loss exceeds -log(thresh), or over the
-    (labelled pixels // 16) hardest ones when fewer exceed it.
+    (labelled pixels // 16) hardest ones when fewer exceed it (`ohem_weights`).
     logits (B, K, H, W), label (B, H, W) int64 -> scalar."""
     logits = logits.float()
     if logits.is_contiguous(memory_format=torch.channels_last):  # (B*H*W, K) rows, a view: the fast layout
@@ -177,13 +151,28 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
                                ignore_index=ignore_index, reduction='none')  # (B*H*W,)
     else:
         loss = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction='none').flatten()  # (B*H*W,)
-    valid = int((label != ignore_index).sum())
+    valid = label.flatten() != ignore_index  # (B*H*W,)
     if ohem:
-        hard = loss > -math.log(thresh)
-        if int(hard.sum()) < valid // 16:
-            return loss.topk(valid // 16).values.mean()
-        return (loss * hard).sum() / hard.sum().clamp(min=1)
-    return loss.sum() / BATCH.count(valid, loss.device)  # the mean over the batch's labelled pixels
+        weight = ohem_weights(loss.detach(), valid, thresh)  # (B*H*W,)
+        return (loss * weight).sum() / draw_policy().count(weight.sum())
+    return loss.sum() / draw_policy().count(int(valid.sum()))  # the mean over the batch's labelled pixels
+
+
+def ohem_weights(loss, valid, thresh):
+    """OHEM's pixel selection as weights (B*H*W,): 1 where the loss exceeds -log(thresh);
+    when fewer than k = (labelled pixels // 16) do, 1 on the losses above the k-th largest
+    v and (k - n_above) / n_at_v on those equal to v, so that the weighted mean is the
+    mean of the k largest (ties shared: design choice). Ranked over `gather`'s batch."""
+    policy = draw_policy()
+    ranked = policy.gather(loss[valid])  # every labelled pixel's loss of the batch
+    hard = loss > -math.log(thresh)
+    k = ranked.numel() // 16
+    if int((ranked > -math.log(thresh)).sum()) >= k:
+        return hard.float()
+    v = ranked.topk(k).values[-1]  # the k-th largest loss
+    above, at = (loss > v) & valid, (loss == v) & valid
+    share = (k - (ranked > v).sum()) / (ranked == v).sum()  # each tie's part of the k-th place
+    return above.float() + at.float() * share
 
 
 @dataclass(frozen=True)
@@ -1572,7 +1561,7 @@ class KTB(RGBXModel):
         tokens = torch.cat([self.backbone.patch_embed(rgb), self.x_patch_embed(x)])  # (2B, h, w, C)
         drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
         if self.training and self.mmst:
-            drop = drop | BATCH.draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
+            drop = drop | draw_policy().draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
         elif not drop.any():
             return tokens  # nothing to zero: skip a pass over the stage-1 maps
         return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]  # keep (2B, 1, 1, 1)
@@ -1708,13 +1697,13 @@ def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
     """GoPT eq. 8-9: assignment of S tokens to C groups.
 
     logits (B, ..., S, C) -> A_hat (B, ..., S, C). Gumbel(0, 1) noise (drawn from
-    torch's global RNG through `BATCH.draw`) is added only when `noise`
+    torch's global RNG through `draw_policy()`) is added only when `noise`
     (training). hard: the forward value is exactly one-hot (argmax), the gradient is
     that of the soft A (straight-through); written one_hot + (A - sg(A)) so that the
     forward value is bit-exact. soft: A itself (the ablation of Fig. 7).
     """
-    gumbel = -BATCH.draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
-                         logits.shape[0]).log() if noise else 0.0  # gamma ~ Gumbel(0, 1), drawn for the global batch
+    gumbel = -draw_policy().draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
+                                logits.shape[0]).log() if noise else 0.0  # gamma ~ Gumbel(0, 1), drawn for the global batch
     A = F.softmax((logits + gumbel) / tau, -1)  # eq. 8
     return F.one_hot(A.argmax(-1), A.shape[-1]).to(A.dtype) + (A - A.detach()) if hard else A  # eq. 9
 
@@ -2263,9 +2252,9 @@ def m2im_keep(num_modalities, p_m=0.5, generator=None):
 
 
 def m2im_keep_batch(batch, num_modalities, p_m=0.5, device=None):
-    """An independent `m2im_keep` draw per sample of the batch (`BATCH.draw`):
+    """An independent `m2im_keep` draw per sample of the batch (`draw_policy()`):
     (batch, num_modalities) bool, True = kept."""
-    return BATCH.draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
+    return draw_policy().draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
 
 
 def visible_counts(keep, budget):
@@ -2276,7 +2265,9 @@ def visible_counts(keep, budget):
     a dropped modality. Rounding the cumulative shares keeps the sum exact.
     """
     # design choice: MultiMAE's Dirichlet(1) split of one fixed budget, so that every sample has T tokens
-    share = torch.empty(keep.shape, device=keep.device).exponential_() * keep  # (B, K)
+    exp = draw_policy().draw(lambda n: torch.empty((n, keep.shape[1]), device=keep.device).exponential_(),
+                             keep.shape[0])  # (B, K) Exp(1)
+    share = exp * keep  # (B, K)
     cum = (share.cumsum(1) / share.sum(1, keepdim=True) * budget).round().long()  # (B, K)
     return cum.diff(dim=1, prepend=cum.new_zeros(keep.shape[0], 1))
 
@@ -2291,7 +2282,9 @@ def random_masking(counts, num_tokens):
     total = counts.sum(1)
     if (total != total[0]).any():
         raise ValueError(f"every sample must show the same number of tokens, got {total.tolist()}")
-    rank = torch.rand(*counts.shape, num_tokens, device=counts.device).argsort(-1).argsort(-1)  # (B, K, N) noise rank
+    noise = draw_policy().draw(lambda n: torch.rand(n, counts.shape[1], num_tokens, device=counts.device),
+                               counts.shape[0])  # (B, K, N)
+    rank = noise.argsort(-1).argsort(-1)  # (B, K, N) noise rank
     return rank >= counts[..., None]
 
 
@@ -2572,9 +2565,8 @@ def masked_mean(loss, mask, grid, valid=None):
     if valid is not None:
         m = m * valid
     count = m.flatten(1).sum(1)  # (B,)
-    per_sample = (loss * m).flatten(1).sum(1) / count.clamp(min=1)
-    has = count > 0
-    return per_sample[has].mean() if has.any() else loss.sum() * 0
+    per_sample = (loss * m).flatten(1).sum(1) / count.clamp(min=1)  # (B,), 0 for a sample without any
+    return per_sample.sum() / draw_policy().count((count > 0).sum())  # mean over the samples that have any
 
 
 class MaskMentorPretrain(MaskMentorModel):
@@ -2756,7 +2748,8 @@ class MaskMentorPretrain(MaskMentorModel):
                  for (name, (pred, _)), adapter in zip(outs.items(), self.output_adapters.values())}
         if teach:  # MaskMentor addition: STTP's token loss
             cos = torch.stack([F.cosine_similarity(outs[t][1], teacher[t][1], dim=-1) for t in tasks])  # (K, B, N)
-            terms['token'] = self.token_weight * (1 - cos).mean()
+            mean = (1 - cos).sum() / draw_policy().count(cos.numel())  # the mean over (K, B, N)
+            terms['token'] = self.token_weight * mean
         return terms
 
     def forward(self, rgb, x, label=None, phase='mim'):

@@ -579,6 +579,138 @@ def test_heads_convnext_channels_last_equals_channels_first():
         torch.testing.assert_close(g, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=1e-4)
 
 
+# --- Draw policy: per-sample draws and loss denominators ---
+
+class RecordingDraws(rgbx.DrawPolicy):
+    """The default policy that also records which of its methods were called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def draw(self, draw, n, dim=0):
+        self.calls.append('draw')
+        return super().draw(draw, n, dim)
+
+    def count(self, n):
+        self.calls.append('count')
+        return super().count(n)
+
+    def gather(self, values):
+        self.calls.append('gather')
+        return values
+
+
+class ThreadRank(rgbx.DrawPolicy):
+    """Rank `rank` of 2 threads meeting at a barrier: GlobalBatch's counts and gathers
+    without processes (each thread has its own context, as each process has)."""
+
+    def __init__(self, rank, shared, barrier):
+        self.rank, self.shared, self.barrier = rank, shared, barrier
+
+    def exchange(self, value):
+        self.shared[self.rank] = value
+        self.barrier.wait()
+        both = list(self.shared)
+        self.barrier.wait()
+        return both
+
+    def count(self, n):
+        return max(sum(float(v) for v in self.exchange(n)), 1.0) / 2
+
+    def gather(self, values):
+        return torch.cat(self.exchange(values))
+
+
+def on_two_threads(fn, halves):
+    """fn(half) on two threads under ThreadRank policies -> their two results."""
+    import threading
+    shared, barrier, out = [None, None], threading.Barrier(2), [None, None]
+
+    def rank(r):
+        with rgbx.draws(ThreadRank(r, shared, barrier)):
+            out[r] = fn(*halves[r])
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return out
+
+
+def test_draws_default_draws_as_plain_torch_and_the_context_restores():
+    counts = torch.tensor([[2, 1, 0], [0, 0, 3]])
+    torch.manual_seed(0)
+    got = rgbx.random_masking(counts, 6)
+    torch.manual_seed(0)
+    assert torch.equal(got, torch.rand(2, 3, 6).argsort(-1).argsort(-1) >= counts[..., None])
+    x = torch.randn(4, 5)
+    torch.manual_seed(1)
+    dropped = rgbx.Dropout(0.5).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(dropped, x * torch.empty(4, 5).bernoulli_(0.5) / 0.5)
+    default = rgbx.draw_policy()
+    outer, inner = RecordingDraws(), RecordingDraws()
+    with rgbx.draws(outer):
+        with rgbx.draws(inner):
+            assert rgbx.draw_policy() is inner
+        assert rgbx.draw_policy() is outer
+    assert rgbx.draw_policy() is default and type(default) is rgbx.DrawPolicy
+
+
+def test_draws_every_draw_and_denominator_goes_through_the_policy():
+    """Dropout, stochastic depth, MMST, Gumbel noise, M2IM, the patch masks, the cross-entropy
+    mean, OHEM and MaskMentor's masked mean each call the policy in force."""
+    torch.manual_seed(0)
+    logits, label = torch.randn(2, 3, 4, 4), torch.randint(3, (2, 4, 4))
+    calls = {
+        'dropout': lambda: rgbx.Dropout(0.5).train()(torch.randn(2, 3)),
+        'drop_path': lambda: rgbx.DropPath(0.5).train()(torch.randn(2, 3)),
+        'mmst': lambda: nano_ktb().train().embed(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)),
+        'gumbel': lambda: rgbx.gumbel_assign(torch.randn(2, 5, 3), noise=True),
+        'm2im': lambda: rgbx.m2im_keep_batch(2, 3),
+        'counts': lambda: rgbx.visible_counts(torch.ones(2, 3, dtype=torch.bool), 4),
+        'patches': lambda: rgbx.random_masking(torch.tensor([[2, 1, 1], [4, 0, 0]]), 4),
+        'ce': lambda: rgbx.segmentation_loss(logits, label),
+        'ohem': lambda: rgbx.segmentation_loss(logits, label, ohem=True),
+        'masked_mean': lambda: rgbx.masked_mean(torch.rand(2, 4, 4), torch.ones(2, 4, dtype=torch.bool), (2, 2)),
+    }
+    for name, call in calls.items():
+        policy = RecordingDraws()
+        with rgbx.draws(policy):
+            call()
+        want = {'ce': {'count'}, 'ohem': {'count', 'gather'}, 'masked_mean': {'count'}}.get(name, {'draw'})
+        assert set(policy.calls) == want, (name, policy.calls)
+
+
+@pytest.mark.parametrize('case', ['hard', 'top_k_with_ties', 'masked_mean'])
+def test_draws_two_ranks_compute_the_whole_batch_loss_and_gradient(case):
+    """Split over two ranks (threads, counts and gathers exchanged), the mean of the two
+    losses and the sum of their gradients / 2 are the whole batch's: OHEM both ways
+    (ties at the k-th largest loss included) and the masked mean over samples that have
+    masked pixels (one rank's sample has none)."""
+    torch.manual_seed(0)
+    if case == 'masked_mean':
+        loss = torch.rand(4, 4, 4, requires_grad=True)
+        mask = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+        fn = lambda l, m: rgbx.masked_mean(l, m, (2, 2))
+        args = (loss, mask)
+    else:
+        label = torch.randint(3, (4, 8, 8))
+        label[:, 0] = 255
+        logits = F.one_hot(label.clamp(max=2), 3).permute(0, 3, 1, 2).float() * (6.0 if case != 'hard' else 0.3)
+        logits[0, :, 5, 1:4] = 0.0  # 3 hard pixels; the other labelled pixels' losses are equal: tied k-th place
+        logits.requires_grad_(True)
+        fn = lambda z, y: rgbx.segmentation_loss(z, y, ohem=True)
+        args = (logits, label)
+    whole = fn(*args)
+    (grad,) = torch.autograd.grad(whole, args[0])
+    halves = [tuple(a[r * 2:(r + 1) * 2] for a in args) for r in range(2)]
+    parts = on_two_threads(fn, halves)
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, whole)
+    split = torch.autograd.grad(sum(parts) / 2, args[0])[0]
+    torch.testing.assert_close(split, grad)
+
+
 # ----------------------------------------------------------------------------
 # KTB (rgbx.py): MAPA, DSCF, MMST, OHEM, forward, parameter counts, release parity
 # ----------------------------------------------------------------------------
@@ -4410,18 +4542,19 @@ def test_layout_recipes_sit_with_their_methods():
 
 @pytest.mark.slow
 def test_layout_freed_memory_is_reused_without_page_faults():
-    """rgbx keeps freed heap memory (glibc): allocating and freeing a 64 MiB tensor again and again
+    """The entry points keep freed heap memory (glibc, eval.keep_freed_memory): allocating and
+    freeing a 64 MiB tensor again and again
     touches fresh pages (minor faults) only until the heap has grown; RGBX_KEEP_FREED_MEMORY=0 or any of
     glibc's own MALLOC_* variables leave glibc's defaults alone."""
     import subprocess
     import sys
-    code = ("import resource, torch, rgbx\n"
+    code = ("import resource, torch, eval\n"
             "f = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "torch.set_num_threads(1)\n"
             "for _ in range(3): torch.empty(2 ** 24).fill_(1)\n"  # the heap settles
             "f0 = f()\n"
             "for _ in range(5): torch.empty(2 ** 24).fill_(1)\n"
-            "kept = rgbx.keep_freed_memory()\n"
+            "kept = eval.keep_freed_memory()\n"
             "for _ in range(3): torch.empty(2 ** 24).fill_(1)\n"  # the heap settles
             "f0 = f()\n"
             "for _ in range(5): torch.empty(2 ** 24).fill_(1)\n"
@@ -4439,7 +4572,7 @@ def test_layout_freed_memory_is_reused_without_page_faults():
     for env in ({'RGBX_KEEP_FREED_MEMORY': '0'}, {'MALLOC_ARENA_MAX': '2'}):
         applied, faults = run(**env)
         assert applied == 'False' and int(faults) > pages // 2, (env, faults)  # glibc's default: every page again
-    odd = subprocess.run([sys.executable, '-c', 'import rgbx; print(rgbx.keep_freed_memory())'], capture_output=True,
+    odd = subprocess.run([sys.executable, '-c', 'import eval; print(eval.keep_freed_memory())'], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).resolve().parent,
                          env={**{k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')
                                  and k != 'GLIBC_TUNABLES'}, 'RGBX_KEEP_FREED_MEMORY': 'banana'})
@@ -4485,7 +4618,7 @@ def test_layout_train_calls_models_through_the_interface_only():
 @pytest.mark.slow
 def test_layout_import_leaves_the_allocator_alone():
     """A 256 MiB tensor freed after `import rgbx` is given back to the OS (glibc's default):
-    only the entry points keep freed memory (rgbx.keep_freed_memory)."""
+    only the entry points keep freed memory (eval.keep_freed_memory)."""
     import subprocess
     import sys
     code = ("import torch, rgbx, data, eval, train\n"

@@ -309,29 +309,40 @@ def resume_changes(saved, cfg, allow, source):
 # ----------------------------------------------------------------------------
 # Process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1 of the global batch
 # of world*B (ResumableSampler deals them so). The models draw their per-sample random
-# numbers and take their loss means through rgbx.BATCH; under DDP that is GlobalBatch:
-# every process draws for the global batch (the generators, seeded alike, stay in step)
-# and keeps its rows, and loss means divide by the global count. BatchNorm uses the
-# global batch's statistics (sync_batchnorm).
+# numbers and take their loss means through rgbx.draw_policy(); under DDP the loop runs
+# inside `rgbx.draws(GlobalBatch(device))`: every process draws for the global batch
+# (the generators, seeded alike, stay in step) and keeps its rows, and loss means divide
+# by the global count. BatchNorm uses the global batch's statistics (sync_batchnorm).
 
-class GlobalBatch(rgbx.Batch):
-    """rgbx.Batch under torch.distributed: draws for the global batch, cut to this
-    process's rows; counts summed over the processes."""
+class GlobalBatch(rgbx.DrawPolicy):
+    """rgbx.DrawPolicy under torch.distributed: draws for the global batch, cut to this
+    process's rows; counts summed and values gathered over the processes."""
 
-    def __init__(self):
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+    def __init__(self, device):
+        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
 
     def draw(self, draw, n, dim=0):
         """draw(world * n), rows rank*n .. (rank+1)*n - 1 along `dim`."""
         return draw(self.world * n).narrow(dim, self.rank * n, n)
 
-    def count(self, n, device):
+    def count(self, n):
         """The global count / world (at least 1): DDP averages the processes' gradients,
         which then equal the gradient of the global batch's mean. A collective: every
         process computes the same losses."""
-        total = torch.tensor([n], dtype=torch.float64, device=device)
+        total = torch.as_tensor(n, dtype=torch.float64, device=self.device).reshape(1)
         dist.all_reduce(total)
         return max(total.item(), 1.0) / self.world
+
+    def gather(self, values):
+        """The 1-D `values` of every process, concatenated in rank order (no gradient)."""
+        n = torch.tensor([values.numel()], device=values.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        padded = values.new_zeros(int(max(sizes)))
+        padded[:values.numel()] = values
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.detach())
+        return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -903,7 +914,7 @@ class Session:
     step: int
     best: float
     skipped: SkippedSteps
-    previous_batch: rgbx.Batch
+    policy: rgbx.DrawPolicy | None  # the draws of the loop: GlobalBatch under DDP, None: the default
 
 
 def setup(cfg, model=None):
@@ -944,10 +955,10 @@ def setup(cfg, model=None):
                     find_unused_parameters=raw.find_unused_parameters)
     if cfg.compile:  # the DDP model compiled: its gradient all-reduces overlap the compiled backward
         model = torch.compile(model)
-    previous = rgbx.use_batch(GlobalBatch() if world > 1 else rgbx.Batch())
+    policy = GlobalBatch(device) if world > 1 else None
     return Session(cfg, run, rank, world, device, raw, model, counts, optimizer, scaler, train_set, sampler, loader,
                    test_loader, files, steps_per_epoch, total, int(cfg.warmup_epochs * steps_per_epoch), step, best,
-                   skipped, previous)
+                   skipped, policy)
 
 
 def train(cfg, model=None, on_step=None):
@@ -964,15 +975,15 @@ def train(cfg, model=None, on_step=None):
         raise
     result = {}
     try:
-        while s.step < s.total:
-            result = run_epoch(s, on_step) or result
+        with rgbx.draws(s.policy):
+            while s.step < s.total:
+                result = run_epoch(s, on_step) or result
     except BaseException:
         if s.rank == 0:
             restore_old_run(cfg.out_dir, s.files.say)
         raise
     finally:
         s.files.close()
-        rgbx.use_batch(s.previous_batch)
         if lock is not None:
             lock.release()
     s.files.say(f"done: {s.total} steps" + (f" ({s.skipped.skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
@@ -1050,7 +1061,7 @@ def end_epoch(s, epoch):
 
 
 def main(argv=None):
-    rgbx.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
+    ev.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     cfg = None
     try:
         cfg = parse_config(argv)
