@@ -4145,21 +4145,92 @@ def test_train_two_process_ddp_equals_one_process(tmp_path):
     torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / 'rendezvous'), two), nprocs=2)
     for cfg_one, cfg_two in zip(one, two):
         tr.train(cfg_one)
-        a, b = (ev.load_run_checkpoint(os.path.join(c.out_dir, 'last.pt')) for c in (cfg_one, cfg_two))
-        losses = [[json.loads(line)['loss'] for line in open(os.path.join(c.out_dir, 'log.jsonl'))]
-                  for c in (cfg_one, cfg_two)]
-        assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
-        moments = [{i: s['exp_avg'] for i, s in ckpt['optimizer']['state'].items()} for ckpt in (a, b)]
-        scale = max(m.abs().max().item() for m in moments[0].values())
-        assert moments[0].keys() == moments[1].keys() and scale > 0
-        for i in moments[0]:
-            torch.testing.assert_close(moments[1][i], moments[0][i], rtol=0, atol=1e-5 * scale,
-                                       msg=lambda m: f'{cfg_one.method} moment {i}: {m}')
-        assert a['model'].keys() == b['model'].keys()
-        for k in a['model']:
-            loose = k.endswith(('bias', 'running_mean'))
-            torch.testing.assert_close(b['model'][k], a['model'][k], rtol=1e-4, atol=2.5e-3 if loose else 2e-4,
-                                       msg=f'{cfg_one.method} {k}')
+        assert_same_training(cfg_one.out_dir, cfg_two.out_dir, 4, cfg_one.method)
+
+
+def assert_same_training(one, two, steps, what):
+    """The runs in folders `one` and `two` trained alike (test_train_two_process_ddp_equals_one_process
+    gives the tolerances and why): the loss of every step, Adam's first moments, every tensor
+    of the final state."""
+    a, b = (ev.load_run_checkpoint(os.path.join(d, 'last.pt')) for d in (one, two))
+    losses = [[json.loads(line)['loss'] for line in open(os.path.join(d, 'log.jsonl')) if '"loss"' in line]
+              for d in (one, two)]
+    assert len(losses[0]) == steps and losses[1] == pytest.approx(losses[0], rel=1e-5), (what, losses)
+    moments = [{i: s['exp_avg'] for i, s in ckpt['optimizer']['state'].items()} for ckpt in (a, b)]
+    scale = max(m.abs().max().item() for m in moments[0].values())
+    assert moments[0].keys() == moments[1].keys() and scale > 0
+    for i in moments[0]:
+        torch.testing.assert_close(moments[1][i], moments[0][i], rtol=0, atol=1e-5 * scale,
+                                   msg=lambda m: f'{what} moment {i}: {m}')
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        loose = k.endswith(('bias', 'running_mean'))
+        torch.testing.assert_close(b['model'][k], a['model'][k], rtol=1e-4, atol=2.5e-3 if loose else 2e-4,
+                                   msg=f'{what} {k}')
+
+
+def free_port():
+    """A TCP port free on localhost now (the OS picks it)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('localhost', 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args):
+    """`torchrun ARGS` (python -m torch.distributed.run) in a fresh process group, CPU only."""
+    import subprocess
+    import sys
+    here = Path(__file__).resolve().parent
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *map(str, args)], cwd=here,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''})
+
+
+def finished(process, timeout=600):
+    """The output of a torchrun process that ended well (its output in the failure message)."""
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+MM_PRE_ARGV = ['--method', 'maskmentor', '--backbone', 'vit-nano', '--opts', MM_PRE_OPTS, '--crop', '32x32',
+               '--epochs', '1', '--max-steps', '6', '--lr', '1e-3', '--log-every', '1', '--eval-every', '0',
+               '--workers', '0']
+
+
+@pytest.mark.slow
+def test_train_maskmentor_pretraining_under_torchrun_equals_one_process(tmp_path):
+    """torchrun with 2 processes (gloo) at batch 2 = 1 process at batch 4 for MaskMentor
+    pre-training over a warm-up step, a teacher cycle and a student step: its modality
+    masks (M2IM), the Dirichlet split of the token budget and the patch masks are drawn
+    for the global batch, its pixel and token losses averaged over it; same tolerances
+    as the other methods (test_train_two_process_ddp_equals_one_process). Without the
+    global draws every process drew the same masks and the losses differ from the first step."""
+    two = torchrun('--standalone', '--nproc_per_node', 2, 'train.py', *MM_PRE_ARGV, '--batch-size', 2,
+                   '--out-dir', tmp_path / 'two')
+    tr.main([*MM_PRE_ARGV, '--batch-size', '4', '--out-dir', str(tmp_path / 'one')])
+    finished(two)
+    assert_same_training(tmp_path / 'one', tmp_path / 'two', 6, 'maskmentor pre-training')
+
+
+@pytest.mark.slow
+def test_train_two_node_torchrun_equals_one_process(tmp_path):
+    """Two torchrun node ranks on this machine (--nnodes 2, one process each, a c10d
+    rendezvous on a free localhost port, gloo) train what one process trains at the
+    global batch: the multi-node path (rendezvous, RANK / LOCAL_RANK / WORLD_SIZE,
+    the file check per rank, rank 0 writing) short of a network between machines."""
+    port, argv = free_port(), ['--method', 'early_fusion', '--backbone', 'swin-nano', '--crop', '32x32', '--epochs',
+                               '1', '--max-steps', '4', '--lr', '1e-3', '--log-every', '1', '--eval-every', '0',
+                               '--workers', '0']
+    nodes = [torchrun('--nnodes', 2, '--node-rank', r, '--nproc_per_node', 1, '--rdzv-backend', 'c10d',
+                      '--rdzv-endpoint', f'localhost:{port}', '--rdzv-id', 'two-nodes', '--rdzv-conf',
+                      'join_timeout=120', 'train.py', *argv, '--batch-size', 2, '--out-dir', tmp_path / 'two')
+             for r in (0, 1)]
+    tr.main([*argv, '--batch-size', '4', '--out-dir', str(tmp_path / 'one')])
+    for node in nodes:
+        finished(node)
+    assert_same_training(tmp_path / 'one', tmp_path / 'two', 4, 'two nodes')
 
 
 # --- End to end: the demo trains ---
