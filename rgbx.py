@@ -19,6 +19,7 @@ Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
+import collections
 import contextlib
 import contextvars
 import hashlib
@@ -441,16 +442,22 @@ class BasicLayer(nn.Module):
         self.blocks = nn.ModuleList(
             SwinTransformerBlock(dim, heads, window, mlp_ratio, drop_paths[i], streams) for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
-        self._layouts = {}
+        self._layouts = collections.OrderedDict()
+
+    LAYOUTS_KEPT = 16  # sizes cached per stage: multi-scale evaluation of varied image sizes stays bounded
 
     def layouts(self, H, W, device):
         """`window_layout` of the W-MSA and of the SW-MSA blocks for an H x W map,
-        cached per size and device. Every SW-MSA block shifts, also on a map that
-        fits in one window (as the segmentation Swins and the KTB release do)."""
+        cached per size and device, the LAYOUTS_KEPT most recently used. Every SW-MSA
+        block shifts, also on a map that fits in one window (as the segmentation Swins
+        and the KTB release do)."""
         key = (H, W, str(device))
         if key not in self._layouts:
             with torch.inference_mode(False):  # plain tensors: a cache filled under inference_mode must serve autograd too
                 self._layouts[key] = tuple(window_layout(H, W, self.window, s, device) for s in (0, self.window // 2))
+            while len(self._layouts) > self.LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)  # the least recently used
+        self._layouts.move_to_end(key)
         return self._layouts[key]
 
     def forward(self, x, parallel=None):

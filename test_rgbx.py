@@ -6,6 +6,7 @@ import math
 import os
 import re
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def hha_scene(h=240, w=320):
     return t * d[..., 2], part
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """Every test runs on the CPU, also on a machine with a GPU (where the device default
+    is cuda), and so do the processes it starts; a test marked `cuda` (a GPU check) runs
+    only when `-m` names cuda, and only where there is a CUDA device."""
+    if request.node.get_closest_marker('cuda') is None:
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+        monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+    elif 'cuda' not in (request.config.getoption('markexpr') or ''):
+        pytest.skip("a GPU check: run them with python -m pytest -m cuda")
+    elif not torch.cuda.is_available():
+        pytest.skip("no CUDA device (torch.cuda.is_available() is False): the GPU checks need one")
+
+
 def demo_config(tmp_path, **kw):
     return tr.resolve(tr.Config(**{**dict(dataset='demo', crop='32x32', batch_size=2, epochs=1, max_steps=4, workers=0,
                                           out_dir=str(tmp_path / 'run'), log_every=1, lr=1e-3), **kw}))
@@ -75,7 +90,7 @@ def demo_config(tmp_path, **kw):
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     cfg = tr.resolve(tr.Config(dataset='demo', max_steps=150, warmup_epochs=0.3, workers=0, log_every=1000,
-                               out_dir=str(tmp_path_factory.mktemp('demo') / 'run')))
+                               device='cpu', out_dir=str(tmp_path_factory.mktemp('demo') / 'run')))
     return cfg, tr.train(cfg)
 
 
@@ -165,6 +180,19 @@ def test_swin_shapes_any_size():
     expect = [(2, 16 * 2 ** i, math.ceil(97 / 2 ** (i + 2)), math.ceil(131 / 2 ** (i + 2))) for i in range(4)]
     assert [tuple(o.shape) for o in outs] == expect
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_swin_window_layout_cache_keeps_the_recently_used_sizes_only():
+    """Multi-scale evaluation of images of many sizes: each stage caches at most
+    LAYOUTS_KEPT layouts, dropping the least recently used; a size in use stays."""
+    stage = tiny_swin().layers[0]
+    kept = rgbx.BasicLayer.LAYOUTS_KEPT
+    first = stage.layouts(8, 8, 'cpu')
+    for h in range(9, 9 + 2 * kept):
+        stage.layouts(h, 8, 'cpu')
+        assert stage.layouts(8, 8, 'cpu') is first  # used every time: never dropped
+    assert len(stage._layouts) == kept and (9, 8, 'cpu') not in stage._layouts
+    assert (8 + 2 * kept, 8, 'cpu') in stage._layouts
 
 
 def brute_force_swa(x, attn, shift):
@@ -4178,13 +4206,14 @@ def free_port():
 
 
 def torchrun(*args):
-    """`torchrun ARGS` (python -m torch.distributed.run) in a fresh process group, CPU only."""
+    """`torchrun ARGS` (python -m torch.distributed.run) started in the background (the GPUs
+    visible to it are the test's: none unless it is marked cuda)."""
     import subprocess
     import sys
     here = Path(__file__).resolve().parent
     return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *map(str, args)], cwd=here,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''})
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
 
 def finished(process, timeout=600):
@@ -4593,6 +4622,192 @@ def test_study_pretraining_structure_tells_a_flat_prediction_from_a_spatial_one(
     z = target[1, 0] - target[1, 0].mean()
     cov, vp, vt = pretraining.structure(target, target, mask, (2, 3))
     assert vt == pytest.approx(float((target[0, 0] - target[0, 0].mean())[m[0]].square().sum() + z[4:, 8:].square().sum()), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# GPU checks: python -m pytest -q -m cuda test_rgbx.py (skipped without a CUDA device). The
+# CUDA paths against the CPU's, most important first, each writing its figures to
+# runs/gpu-checks/results.jsonl (or $RGBX_GPU_OUT) as soon as it has them; under 10 minutes
+# on one GPU. Parity checks turn TF32 off (`exact_fp32`).
+# ----------------------------------------------------------------------------
+
+GPU_OUT = Path(os.environ.get('RGBX_GPU_OUT') or Path(__file__).resolve().parent / 'runs' / 'gpu-checks')
+GPU_METHODS = {'early_fusion': dict(method='early_fusion', backbone='swin-nano'),
+               'ktb': dict(method='ktb', backbone='swin-nano', pretrained='none', opts='window_size=4'),
+               'gopt': dict(method='gopt', backbone='vit-nano', pretrained='none'),
+               'maskmentor': dict(method='maskmentor', backbone='vit-nano', pretrained='none'),
+               'maskmentor-pretrain': dict(method='maskmentor', backbone='vit-nano', opts=MM_PRE_OPTS)}
+SEGMENTERS = [m for m in GPU_METHODS if m != 'maskmentor-pretrain']
+
+
+def gpu_record(check, **figures):
+    """Append one result line to GPU_OUT/results.jsonl (device and torch named)."""
+    GPU_OUT.mkdir(parents=True, exist_ok=True)
+    with open(GPU_OUT / 'results.jsonl', 'a') as f:
+        f.write(json.dumps(dict(check=check, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                **figures)) + '\n')
+
+
+@pytest.fixture
+def exact_fp32():
+    """TF32 off (true float32 on CUDA) for a parity check; the policy before is restored."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    ev.set_tf32(False)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def run_losses(cfg):
+    return [json.loads(line)['loss'] for line in open(os.path.join(cfg.out_dir, 'log.jsonl')) if '"loss"' in line]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('amp', ['none', 'bf16', 'fp16'])
+@pytest.mark.parametrize('name', list(GPU_METHODS))
+def test_train_cuda_every_method_trains_in_each_precision(tmp_path, name, amp):
+    """3 steps and an evaluation of every method on CUDA in each precision: finite losses,
+    no step skipped for a non-finite loss (fp16's scaler may skip while it finds its
+    scale: counted); the checkpoint loads on the CPU and predicts finite logits there."""
+    cfg = demo_config(tmp_path, device='cuda', amp=amp, max_steps=3, **GPU_METHODS[name])
+    start = time.perf_counter()
+    out = tr.train(cfg)
+    losses = run_losses(cfg)
+    gpu_record('train', method=name, amp=amp, losses=losses, skipped=out['skipped'], overflows=out['overflows'],
+               miou=out.get('miou'), seconds=round(time.perf_counter() - start, 1))
+    assert out['step'] == 3 and out['skipped'] == 0 and len(losses) == 3 and all(map(math.isfinite, losses))
+    model, _ = ev.load_model(os.path.join(cfg.out_dir, 'last.pt'), device='cpu')
+    assert all(p.device.type == 'cpu' for p in model.parameters())
+    if not model.pretraining:
+        rgb, x, _ = (t[None] for t in data.build_dataset('demo', '', 'test')[0])
+        with torch.no_grad():
+            assert torch.isfinite(model.eval()(rgb, x)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', ['ktb', 'maskmentor-pretrain'])
+def test_train_cuda_resume_equals_uninterrupted(tmp_path, name):
+    """Stopped after step 3 and resumed, a CUDA run (MMST / mask draws on the CUDA
+    generator) ends where an uninterrupted one does, within the DDP test's tolerances
+    (CUDA kernels with atomics may sum in another order from run to run)."""
+    kw = dict(device='cuda', max_steps=6, save_every=1, **GPU_METHODS[name])
+    tr.train(demo_config(tmp_path / 'whole', **kw))
+
+    def stop(step):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(demo_config(tmp_path / 'cut', **kw), on_step=stop)
+    tr.train(demo_config(tmp_path / 'cut', resume=True, **kw))
+    a, b = trained_state(demo_config(tmp_path / 'whole')), trained_state(demo_config(tmp_path / 'cut'))
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    gpu_record('resume', method=name, max_abs_diff=worst)
+    assert_same_training(tmp_path / 'whole' / 'run', tmp_path / 'cut' / 'run', 6, f'{name} resumed on CUDA')
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', SEGMENTERS)
+def test_eval_cuda_logits_equal_the_cpus(name, exact_fp32):
+    """The same weights on CPU and CUDA: logits within 1e-4 of their largest value in
+    float32 (TF32 off), 5e-2 under bf16 autocast; training-mode losses too."""
+    cfg = demo_config(Path('unused'), **GPU_METHODS[name])
+    torch.manual_seed(0)
+    model = tr.build_model(cfg).eval()
+    rgb, x, label = (torch.stack(t) for t in zip(*[data.build_dataset('demo', '', 'test')[i] for i in range(4)]))
+    with torch.no_grad():
+        ref = model(rgb, x)
+        gpu = model.cuda()
+        fp32 = gpu(rgb.cuda(), x.cuda()).cpu()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            bf16 = gpu(rgb.cuda(), x.cuda()).float().cpu()
+    scale = ref.abs().max().item()
+    err = dict(fp32=(fp32 - ref).abs().max().item() / scale, bf16=(bf16 - ref).abs().max().item() / scale)
+    gpu_record('logits', method=name, **err)
+    assert err['fp32'] <= 1e-4 and err['bf16'] <= 5e-2, err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', SEGMENTERS)
+def test_eval_cuda_protocols_equal_the_cpus_miou(name, exact_fp32):
+    """Evaluation on CUDA (single scale, multi-scale + flip, sliding windows, RGB only,
+    X only) gives the CPU's mIoU within 1e-3, with the same weights (TF32 off)."""
+    cfg = demo_config(Path('unused'), **GPU_METHODS[name])
+    torch.manual_seed(0)
+    model = tr.build_model(cfg)
+    loader = data.loader(data.build_dataset('demo', '', 'test', x_standardised=tr.run_of(cfg).x_standardised), 4)
+    protocols = dict(single={}, multiscale_flip=dict(scales=ev.SCALES, flip=True), sliding=dict(crop=(32, 32)),
+                     rgb_only=dict(modality='rgb'), x_only=dict(modality='x'))
+    found = {}
+    for what, kw in protocols.items():
+        cpu = ev.metrics(ev.evaluate(model.cpu(), loader, 5, torch.device('cpu'), **kw))['miou']
+        cuda = ev.metrics(ev.evaluate(model.cuda(), loader, 5, torch.device('cuda'), **kw))['miou']
+        found[what] = (cpu, cuda)
+    gpu_record('evaluation', method=name, miou=found)
+    for what, (cpu, cuda) in found.items():
+        assert abs(cpu - cuda) <= 1e-3, (what, cpu, cuda)
+
+
+@pytest.mark.cuda
+def test_train_cuda_torchrun_with_nccl(tmp_path):
+    """torchrun on one GPU: the nccl process group, the per-rank file check and the
+    evaluation's all-reduce over NCCL; the losses equal a plain CUDA run's (1e-5)."""
+    argv = ['--crop', '32x32', '--batch-size', '2', '--epochs', '1', '--max-steps', '4', '--lr', '1e-3',
+            '--log-every', '1', '--workers', '0', '--device', 'cuda']
+    out = finished(torchrun('--standalone', '--nproc_per_node', 1, 'train.py', *argv, '--out-dir', tmp_path / 'nccl'))
+    tr.main([*argv, '--out-dir', str(tmp_path / 'plain')])
+    losses = [run_losses(tr.Config(out_dir=str(tmp_path / d))) for d in ('nccl', 'plain')]
+    gpu_record('torchrun_nccl', losses=losses, said=out[-300:])
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# What a CUDA training step may wait for on the host (beyond the log steps' reads), by
+# function: the checks of user input that need a value, and MaskMentor fine-tuning's
+# grouping of samples by the modalities they have (data-dependent shapes).
+CUDA_SYNCS_ALLOWED = {'presence', 'features', 'as_image', 'random_masking', 'm2im_keep', 'm2im_keep_batch'}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', list(GPU_METHODS))
+def test_train_cuda_steps_do_not_wait_for_the_gpu(tmp_path, name):
+    """torch.cuda.set_sync_debug_mode over two training steps that neither log nor save:
+    every operation that waits for the GPU is named by its function, which must be one
+    of CUDA_SYNCS_ALLOWED."""
+    import ast
+    import warnings
+    seen = []
+
+    def watch(step):  # steps 2 and 3 watched
+        torch.cuda.set_sync_debug_mode('warn' if step in (1, 2) else 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        tr.train(demo_config(tmp_path, device='cuda', max_steps=4, log_every=1000, eval_every=0,
+                             **GPU_METHODS[name]), on_step=watch)
+    torch.cuda.set_sync_debug_mode(0)
+    here = Path(__file__).resolve().parent
+    functions = {}
+    for f in ('rgbx.py', 'train.py', 'eval.py', 'data.py'):
+        for n in ast.walk(ast.parse((here / f).read_text())):
+            if isinstance(n, ast.FunctionDef):  # breadth first: an inner function's lines are named last
+                functions.update({(f, line): n.name for line in range(n.lineno, n.end_lineno + 1)})
+    for w in caught:
+        if 'synchroniz' in str(w.message):
+            seen.append(functions.get((Path(w.filename).name, w.lineno), f'{Path(w.filename).name}:{w.lineno}'))
+    gpu_record('syncs', method=name, where=sorted(set(seen)), count=len(seen))
+    assert set(seen) <= CUDA_SYNCS_ALLOWED, sorted(set(seen) - CUDA_SYNCS_ALLOWED)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('method,backbone', [('ktb', 'swin-base'), ('gopt', 'vit-base'), ('maskmentor', 'vit-base')])
+def test_eval_cuda_benchmark_at_480x640(method, backbone):
+    """The benchmark of the papers' models at 480 x 640 on this GPU (random weights, the
+    demo's 5 classes and 1-channel depth; the paper reports about 13 images/s for KTB
+    Swin-B on an RTX 3090): figures to GPU_OUT/benchmark-<method>.json and results.jsonl."""
+    out = GPU_OUT / f'benchmark-{method}.json'
+    GPU_OUT.mkdir(parents=True, exist_ok=True)
+    ev.main(['--benchmark', '--method', method, '--backbone', backbone, '--dataset', 'demo', '--size', '480x640',
+             '--device', 'cuda', '--workers', '4', '--repeats', '3', '--json', str(out)])
+    figures = json.loads(out.read_text())
+    gpu_record('benchmark', method=method, backbone=backbone, figures=figures)
+    assert figures
 
 
 # ----------------------------------------------------------------------------
