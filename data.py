@@ -24,6 +24,7 @@ sizes that disagree, a label value outside the classes, an id listed twice in a 
 or a split file that is not UTF-8 raises an error naming the file and the fix.
 """
 import errno
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -375,6 +376,81 @@ def no_space(e):
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt')  # what a training run writes into its folder
+
+
+def is_run_folder(folder):
+    """Whether `folder` holds a training run (a checkpoint, or the log of a started run)."""
+    return any((folder / n).is_file() for n in ('last.pt', 'best.pt', 'log.jsonl'))
+
+
+def is_dataset_root(folder):
+    """Whether `folder` holds a dataset in one of the presets' layouts (its RGB and label folders)."""
+    return any((folder / lay.rgb).is_dir() and (folder / lay.label).is_dir()
+               for p in PRESETS.values() for lay in p.layouts)
+
+
+def check_output(flag, path, inputs=(), folder=False, own_run=None, dataset_x=None, writes=(), kind=None):
+    """Refuse, with a one-line ValueError naming `flag`, an output that would write over
+    what a command reads or into data and runs it does not own. Every command's output
+    paths pass here. Paths are compared resolved (symbolic links, '..', relative paths).
+
+    path      the output: a file, or with folder=True a folder written into (the names it
+              `writes` there, when known);
+    inputs    (flag, path) pairs of what the command reads, files or folders: the output (and
+              what it writes) is none of them and lies in none of the folders among them;
+    own_run   the run folder the command may write into (train.py's --out-dir, the checkpoint's
+              run for eval.py), though never over a run file of it (RUN_FILES) as a file output;
+    dataset_x an X modality whose folder of a dataset root the output folder may be, or a new
+              folder there (data.py hha writes a dataset's HHA/); no other output enters a dataset;
+    kind      'png' or 'json': an existing file at `path` is replaced only when it is one."""
+    out = Path(os.path.realpath(path))
+    for name, p in inputs:
+        if p and os.path.exists(p):
+            q = Path(os.path.realpath(p))
+            same = [t for t in [out] + [out / n for n in writes] if t == q or (t.exists() and os.path.samefile(t, q))]
+            if same or (q.is_dir() and q in out.parents):
+                what = f"would write {same[0]}, which is" if same and same[0] != out else 'is' if same else 'is inside'
+                raise ValueError(f"{flag} {path} {what} the {name} {'folder' if q.is_dir() else 'file'} {p}: "
+                                 f"it would be overwritten; write elsewhere")
+    own = Path(os.path.realpath(own_run)) if own_run else None
+    if not folder and out.parent == own and out.name in RUN_FILES:
+        raise ValueError(f"{flag} {path} is the run's {out.name}: it would be overwritten; write elsewhere")
+    for a in ([out] if folder else []) + list(out.parents):
+        if a == own:
+            continue
+        if is_run_folder(a):
+            raise ValueError(f"{flag} {path} is {'' if a == out else 'inside '}the folder of another run ({a}): "
+                             f"its checkpoints and log are never written over; write elsewhere")
+        if is_dataset_root(a) and not (dataset_x and a == out.parent and allowed_in_dataset(a, out.name, dataset_x)):
+            raise ValueError(f"{flag} {path} is {'' if a == out else 'inside '}the dataset at {a}: nothing is "
+                             f"written into a dataset's files; write elsewhere")
+    if kind and out.is_file() and not is_kind(out, kind):
+        raise ValueError(f"{flag} {path} exists and is not a {kind.upper()} file: it would be overwritten; "
+                         f"write elsewhere (or remove it first)")
+
+
+def is_kind(path, kind):
+    """Whether the file `path` is a PNG image or a JSON document (`kind`)."""
+    if kind == 'png':
+        with open(path, 'rb') as f:
+            return f.read(8) == PNG_SIGNATURE
+    try:
+        with open(path, encoding='utf-8') as f:
+            json.load(f)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def allowed_in_dataset(root, name, x):
+    """Whether a folder `name` of a dataset root may receive X modality `x`: it is that
+    modality's folder in a layout, or a folder no layout names."""
+    layouts = [lay for p in PRESETS.values() for lay in p.layouts]
+    named = {f for lay in layouts for f in (lay.rgb, lay.label, *lay.x.values()) if f}
+    return name in {lay.x.get(x) for lay in layouts} or name not in named
 
 
 # ----------------------------------------------------------------------------
@@ -1104,9 +1180,7 @@ def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1,
     for flag, d in (('--depth', depth_dir), ('--raw', raw_dir)):
         if d is not None and not Path(d).is_dir():
             raise FileNotFoundError(f"{flag} {d}: no such folder")
-    sources = {depth_dir.resolve()} | ({Path(raw_dir).resolve()} if raw_dir is not None else set())
-    if out_dir.resolve() in sources:
-        raise ValueError(f"--out {out_dir} is a source folder; give another folder (source files are never overwritten)")
+    check_output('--out', out_dir, [('--depth', depth_dir), ('--raw', raw_dir)], folder=True, dataset_x='hha')
     names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file())
     if not names:
         raise FileNotFoundError(f"--depth {depth_dir} holds no .png depth files")

@@ -464,7 +464,8 @@ def load_model(path, pretrained=None, device='cpu'):
     used = run.pretrained  # the file the run was trained with
     if pretrained:
         run.pretrained = pretrained
-    start = {k: '' for k in rgbx.START_FILES if k in run.model_args['options']}  # the trained weights replace them
+    start = {f.name: '' for f, _ in rgbx.option_fields(run.method, run.model_args['backbone'])
+             if f.metadata['start_file'] and f.name in run.model_args['options']}  # the trained weights replace them
     run.model_args = dict(run.model_args, options={**run.model_args['options'], **start})
     model = run.build()  # first without the file
     full = set(ckpt['model']) == set(model.state_dict())
@@ -821,25 +822,38 @@ def check_flags(args):
         if args.save_pred and given('rgb', 'x', 'depth', 'out'):
             raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'depth', 'out')} "
                              f"segment one image pair: use one or the other")
-    for flag, path in (('--out', args.out), ('--json', args.json)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
-    for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{flag} {path} is a file: pass a folder for the pictures")
-    if args.out is not None:
-        if not args.out.lower().endswith('.png'):
-            raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
-        same = [f for f in ('rgb', 'x', 'checkpoint') if getattr(args, f) and os.path.exists(getattr(args, f))
-                and os.path.exists(args.out) and os.path.samefile(getattr(args, f), args.out)]
-        if same:
-            raise ValueError(f"--out {args.out} is the --{same[0]} file: it would be overwritten; write elsewhere")
+    if args.json and (args.reconstruct or given('rgb', 'x', 'depth', 'out')):
+        raise ValueError("--json writes the metrics of a dataset split (or the benchmark's figures); "
+                         f"{'--reconstruct' if args.reconstruct else given('rgb', 'x', 'depth', 'out')} computes none: "
+                         f"drop --json")
+    if args.out is not None and not args.out.lower().endswith('.png'):
+        raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
+    check_outputs(args)
     if args.amp == 'fp16' and check_device(args.device).type != 'cuda':
         raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     for name in ('workers', 'batch', 'repeats'):
         low = 0 if name == 'workers' else 1
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise ValueError(f"--{name} must be >= {low}, not {getattr(args, name)}")
+
+
+def check_outputs(args):
+    """Every output flag: its folder exists, and it writes over no input, into no dataset
+    and into no other run's folder (data.check_output; the checkpoint's own run folder
+    may receive pictures and metrics, never over its run files)."""
+    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in ('checkpoint', 'rgb', 'x', 'depth', 'pretrained',
+                                                                     'data_root', 'split')]
+    own = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None
+    for flag, path in (('--out', args.out), ('--json', args.json)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+        if path:
+            data.check_output(flag, path, inputs, own_run=own, kind=flag[2:].replace('out', 'png'))
+    for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a file: pass a folder for the pictures")
+        if path:
+            data.check_output(flag, path, inputs, folder=True, own_run=own)
 
 
 def run(args):
@@ -936,9 +950,12 @@ def evaluate_split(args, model, run, root, rank, world, device):
         print(f"{run.dataset} {split} ({len(dataset)} images), modality {args.modality}, "
               f"scales {list(scales)}{' + flip' if args.flip else ''}")
         print(format_metrics(m, preset.class_names))
+        if args.save_pred:
+            print(f"wrote the predictions and panels of the {len(dataset)} images to {args.save_pred}")
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(dict(m, modality=args.modality, checkpoint=args.checkpoint), f, indent=2)
+            print(f"wrote {args.json}")
 
 
 def run_benchmark(args, device):
@@ -967,6 +984,7 @@ def run_benchmark(args, device):
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(figures, f, indent=2)
+        print(f"wrote {args.json}")
     return figures
 
 

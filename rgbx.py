@@ -23,12 +23,13 @@ import collections
 import contextlib
 import contextvars
 import hashlib
-import inspect
 import math
 import os
 import re
+import types
+import typing
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -197,6 +198,112 @@ class Recipe:
     x_standardised: bool = True
     frozen_backbone: bool = False
     options: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------
+# Options: each method's config is a dataclass whose fields carry their type, default,
+# meaning (with the paper's reference), choices and range; `--opts` text converts through it
+# ----------------------------------------------------------------------------
+
+TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+
+
+def option(default, meaning, *, choices=None, low=None, high=None, low_open=False, high_open=False, none=None,
+           default_from='', start_file=False):
+    """A config field: its `default`, its `meaning` in words, the values it takes (`choices`,
+    or low .. high with `*_open` excluding that bound; else integers >= 1, numbers >= 0), what a
+    None default means (`none`), where the default comes from (`default_from`: 'paper',
+    'release', 'validation', 'MultiMAE', ...) and whether it only names a file that starts some
+    weights (`start_file`: a model rebuilt to load its trained weights skips it)."""
+    meta = dict(meaning=meaning, choices=choices, none=none, default_from=default_from, start_file=start_file,
+                range=None if low is None and high is None else
+                (-math.inf if low is None else low, math.inf if high is None else high, low_open, high_open))
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def option_kind(f):
+    """The type option field `f` takes: bool, int, float, str or list (of ints)."""
+    union = typing.get_origin(f.type) in (typing.Union, types.UnionType)
+    kind = next(t for t in typing.get_args(f.type) if t is not type(None)) if union else f.type
+    return list if typing.get_origin(kind) is list else kind
+
+
+def option_value(owner, f, value):
+    """`value` of option field `f` (text from the command line, or a Python value) as the
+    option's type, checked; or a one-line error naming the option, `owner` and what it takes."""
+    kind, what = option_kind(f), f"option {f.name!r} of {owner}"
+    if type(None) in typing.get_args(f.type) and (value is None or str(value).strip().lower() in ('none', '')):
+        return None
+    if kind is bool:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in TRUE + FALSE:
+            return value if isinstance(value, bool) else text in TRUE
+        raise ValueError(f"{what} takes true or false (also yes/no, on/off, 1/0), not {value!r}")
+    try:
+        if kind is list:
+            items = value.split(':') if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
+            value = [int(str(v).strip()) if isinstance(v, str) else v for v in items]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError
+        elif kind is int:
+            value = int(value.strip()) if isinstance(value, str) else value
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError
+        elif kind is float:
+            value = float(value.strip()) if isinstance(value, str) else value
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError
+            value = float(value)
+        elif kind is str:
+            value = str(value).strip()
+    except ValueError:
+        shape = {list: 'integers separated by ":" (one per stage), e.g. 8:16:32:64', int: 'an integer',
+                 float: 'a number'}[kind]
+        raise ValueError(f"{what} takes {shape}, not {value!r}") from None
+    check_option_range(what, f, kind, value)
+    return value
+
+
+def check_option_range(what, f, kind, value):
+    """Raise unless `value` is one of the field's choices or lies in its range."""
+    choices = f.metadata['choices']
+    if choices and value not in choices:
+        raise ValueError(f"{what} takes one of {', '.join(choices)}, not {value!r}")
+    if kind not in (int, float, list):
+        return
+    low, high, low_open, high_open = f.metadata['range'] or (1 if kind is not float else 0, math.inf, False, False)
+    for v in (value if isinstance(value, list) else [value]):
+        if v < low or v > high or (v == low and low_open) or (v == high and high_open):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"{what} must lie in {bounds}, not {value!r}")
+
+
+@dataclass
+class Options:
+    """Base of the typed configs: at construction every field is converted to its type (from
+    text too, as --opts gives it) and checked; errors name the option and `owner`."""
+    owner: typing.ClassVar[str] = 'model'
+
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, option_value(self.owner, f, getattr(self, f.name)))
+
+
+def split_options(config, sizes, options):
+    """`options` ({name: value}) -> (a `config`, the given options that are backbone sizes,
+    checked by `sizes` (SwinSizes / ViTSizes; None: the method takes none)). Unknown names
+    are an error that lists the options."""
+    own = [f.name for f in fields(config)]
+    size_names = [f.name for f in fields(sizes) if f.name not in own] if sizes else []
+    unknown = sorted(set(options) - set(own) - set(size_names))
+    if unknown:
+        raise ValueError(f"{config.owner} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(sorted(own + size_names))}")
+    given = {k: v for k, v in options.items() if k in size_names}
+    checked = asdict(sizes(**given)) if sizes else {}
+    return config(**{k: v for k, v in options.items() if k in own}), {k: checked[k] for k in given}
 
 
 NO_DECAY_NAMES = ('token', 'pos_embed', 'bias_table', 'embed.weight', 'class_emb', 'task_embeddings')
@@ -551,6 +658,20 @@ def swin(name, **overrides):
     return SwinTransformer(**{**SWIN_PRESETS[name], **overrides})
 
 
+@dataclass
+class SwinSizes(Options):
+    """A Swin's sizes as method options; None: the preset's (`SWIN_PRESETS`, Swin Table 1)."""
+    owner: typing.ClassVar[str] = 'the Swin backbone'
+    embed_dim: int | None = option(None, "C, the channels of stage 1 (Swin Table 1)", none="the preset's")
+    depths: list[int] | None = option(None, "Swin blocks per stage (Swin Table 1)", none="the preset's")
+    heads: list[int] | None = option(None, "attention heads per stage (Swin Table 1)", none="the preset's")
+    window_size: int | None = option(None, "M, the side of an attention window in tokens (Swin Sec. 3.2; the "
+                                           "official files: 7 at 224 px, 12 at 384 px)", none="the preset's")
+    mlp_ratio: float = option(4.0, "MLP hidden width / C", low=0, low_open=True, default_from='paper')
+    drop_path_rate: float = option(0.0, "stochastic depth: rates rise over the blocks from 0 to this",
+                                   low=0, high=1, high_open=True)
+
+
 # ----------------------------------------------------------------------------
 # ViT of MAE (Dosovitskiy et al. ICLR 2021; He et al. "Masked Autoencoders Are
 # Scalable Vision Learners", CVPR 2022). Module names are the checkpoint keys.
@@ -674,6 +795,20 @@ def vit(name, **overrides):
     if name not in VIT_PRESETS:
         raise ValueError(f"unknown ViT preset {name!r}; choose one of {sorted(VIT_PRESETS)}")
     return VisionTransformer(**{**VIT_PRESETS[name], **overrides})
+
+
+@dataclass
+class ViTSizes(Options):
+    """A ViT's sizes as method options; None: the preset's (`VIT_PRESETS`, ViT Table 1)."""
+    owner: typing.ClassVar[str] = 'the ViT backbone'
+    dim: int | None = option(None, "D, the token width (ViT Table 1)", none="the preset's")
+    depth: int | None = option(None, "transformer blocks (ViT Table 1)", none="the preset's")
+    heads: int | None = option(None, "attention heads (ViT Table 1)", none="the preset's")
+    mlp_ratio: float = option(4.0, "MLP hidden width / D", low=0, low_open=True, default_from='paper')
+    img_size: int = option(224, "the image side the position table is stored for (other sizes interpolate it)",
+                           default_from='MAE')
+    drop_path_rate: float = option(0.0, "stochastic depth: rates rise over the blocks from 0 to this",
+                                   low=0, high=1, high_open=True)
 
 
 def _init_transformer_weights(m):
@@ -1191,17 +1326,38 @@ class EarlyFusion(RGBXModel):
         return segmentation_loss(logits, label), logits
 
 
-def build_early_fusion(backbone_name, num_classes, x_channels, pretrained=None, use_x=True, head_dim=256, **overrides):
-    """Early fusion (use_x=True) or RGB-only (use_x=False) baseline, fully trainable;
-    `head_dim`: the head's width, `overrides` go to the backbone preset."""
-    backbone = backbone_from_name(backbone_name, **overrides)
+@dataclass
+class RGBOnlyConfig(Options):
+    """The RGB-only baseline's options, besides the backbone preset's sizes (`SwinSizes`, `ViTSizes`)."""
+    owner: typing.ClassVar[str] = 'rgb_only'
+    head_dim: int = option(256, "the head's width: SegFormer's embedding on a Swin, SETR-Naive's hidden width "
+                                "on a ViT")
+
+
+@dataclass
+class EarlyFusionConfig(RGBOnlyConfig):
+    """The early-fusion baseline's options, besides the backbone preset's sizes."""
+    owner: typing.ClassVar[str] = 'early_fusion'
+    use_x: bool = option(True, "stack X with RGB as input channels (False: the model sees RGB only)")
+
+
+def build_early_fusion(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+                       **options) -> 'EarlyFusion':
+    """Early fusion (use_x) or RGB-only baseline on `backbone_name` ('swin-base', 'vit-large', ...),
+    fully trainable; `options`: `EarlyFusionConfig`'s and the backbone's sizes."""
+    family = backbone_name.partition('-')[0]
+    cfg, sizes = split_options(EarlyFusionConfig, {'swin': SwinSizes, 'vit': ViTSizes}.get(family), options)
+    backbone = backbone_from_name(backbone_name, **sizes)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    return EarlyFusion(backbone, num_classes, x_channels if use_x else 0, head_dim)
+    return EarlyFusion(backbone, num_classes, x_channels if cfg.use_x else 0, cfg.head_dim)
 
 
-def build_rgb_only(backbone_name, num_classes, x_channels, pretrained=None, **options):
-    """The RGB "foundation" baseline: the early-fusion model with X ignored."""
+def build_rgb_only(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+                   **options) -> 'EarlyFusion':
+    """The RGB "foundation" baseline: the early-fusion model with X ignored (`RGBOnlyConfig`)."""
+    family = backbone_name.partition('-')[0]
+    split_options(RGBOnlyConfig, {'swin': SwinSizes, 'vit': ViTSizes}.get(family), options)  # checks the names
     return build_early_fusion(backbone_name, num_classes, x_channels, pretrained, use_x=False, **options)
 
 
@@ -1475,6 +1631,50 @@ def self_teaching_labels(logits, label, ignore_index=255):
     return torch.where(pred == label, label, torch.full_like(label, ignore_index))
 
 
+@dataclass
+class KTBConfig(Options):
+    """KTB's options (docs/ktb.md); per-stage lists hold one value per Swin stage."""
+    owner: typing.ClassVar[str] = 'ktb'
+    window_size: int = option(12, "the Swin's window side M (the official 384 px / 22K files: 12)",
+                              default_from='release')
+    drop_path_rate: float = option(0.3, "stochastic depth of the frozen Swin in training: rates 0 .. this over "
+                                        "its blocks", low=0, high=1, high_open=True, default_from='release')
+    prompt_ranks: list[int] | None = option(None, "rank of the MAPA prompt per stage (Sec. 2, supplement "
+                                                  "Table 1)", none='C/8 per stage', default_from='paper')
+    adapter_ranks: list[int] | None = option(None, "rank of the MAPA adapters per stage (Sec. 3, supplement "
+                                                   "Table 2)", none='C/16 per stage', default_from='paper')
+    dscf_ranks: list[int] | None = option(None, "DSCF's width r_f per stage (Sec. 4, supplement Table 3)",
+                                          none='C/8 per stage', default_from='paper')
+    dscf_strides: list[int] = option((8, 4, 2, 1), "DSCF's stride s per stage: keys sampled at (H/s) x (W/s) "
+                                                   "reference points (Sec. 4)", default_from='release')
+    dscf_groups: list[int] = option((1, 2, 4, 8), "DSCF's offset groups per stage: each group of r_f/g channels "
+                                                  "samples its own points (Sec. 4)", default_from='release')
+    dscf_heads: list[int] = option((2, 4, 8, 16), "DSCF's attention heads per stage (Sec. 4)",
+                                   default_from='release')
+    dscf_kernel: int = option(9, "kernel side of DSCF's depth-wise offset convolution (Sec. 4.3)",
+                              default_from='release')
+    bias_grid: list[int] = option((60, 80), "Gh, Gw: the query grid of DSCF's relative-position bias tables, "
+                                            "(heads, 2Gh-1, 2Gw-1); other grids read it bilinearly (Sec. 4.6)",
+                                  default_from='release')
+    mmst: bool = option(True, "MMST: modality masking in training and the self-teaching heads S2, S3 (Sec. 5; "
+                              "False: the ablation)", default_from='paper')
+    dscf: bool = option(True, "DSCF fusion (Sec. 4; False: the stage outputs are added)", default_from='paper')
+    prompting: bool = option(True, "MAPA prompting at each stage's start (Sec. 2; False: the ablation)",
+                             default_from='paper')
+    adapters: bool = option(True, "MAPA adapters in every block (Sec. 3; False: the ablation)",
+                            default_from='paper')
+    lambda2: float = option(0.01, "weight of the self-teaching losses: L = CE(S1, gt) + lambda2 (CE(S2, M) + "
+                                  "CE(S3, M)) (Sec. 5)", default_from='paper')
+    ohem: bool = option(False, "OHEM cross-entropy (CMNeXt's: losses above -log 0.7, at least 1/16 of the "
+                               "pixels); the recipe sets it on MCubeS", default_from='release')
+    fused_head_dim: int = option(512, "embedding width of the fused head S1 (SegFormer head)",
+                                 default_from='release')
+    aux_head_dim: int = option(256, "embedding width of the stream heads S2, S3", default_from='release')
+    x_embed_norm: bool = option(True, "X's patch embedding ends in a LayerNorm as Swin's; with its zero bias a "
+                                      "patch and its positive multiples embed alike (docs/ktb.md)",
+                                default_from='release')
+
+
 class KTB(RGBXModel):
     """KTB: Keep the Balance (docs/ktb.md), RGB + X segmentation on one frozen Swin.
 
@@ -1513,10 +1713,8 @@ class KTB(RGBXModel):
 
     streams = 2  # the frozen backbone runs once per modality (eval.py's speed floor)
 
-    def __init__(self, backbone, num_classes, x_channels, prompt_ranks=None, adapter_ranks=None, dscf_ranks=None,
-                 dscf_strides=(8, 4, 2, 1), dscf_groups=(1, 2, 4, 8), dscf_heads=(2, 4, 8, 16), dscf_kernel=9,
-                 bias_grid=(60, 80), mmst=True, dscf=True, prompting=True, adapters=True, lambda2=0.01, ohem=False,
-                 fused_head_dim=512, aux_head_dim=256, x_embed_norm=True):
+    def __init__(self, backbone: SwinTransformer, num_classes: int, x_channels: int, cfg: KTBConfig | None = None,
+                 **options):
         super().__init__()
         if not isinstance(backbone, SwinTransformer):
             raise TypeError(f"KTB runs on a SwinTransformer backbone, got {type(backbone).__name__}")
@@ -1526,34 +1724,36 @@ class KTB(RGBXModel):
         if any(isinstance(m, Dropout) and m.p and m.streams != 2 for m in backbone.modules()):
             raise ValueError("KTB stacks its two streams on the batch axis: build the Swin's stochastic depth "
                              "per stream, rgbx.swin(..., streams=2) (as build_ktb does)")
+        cfg = cfg if cfg is not None else split_options(KTBConfig, None, options)[0]
         dims = backbone.dims
         n = len(dims)
-        ranks = {}
-        for name, given, div in (('prompt_ranks', prompt_ranks, 8), ('adapter_ranks', adapter_ranks, 16),
-                                 ('dscf_ranks', dscf_ranks, 8), ('dscf_strides', dscf_strides, None),
-                                 ('dscf_groups', dscf_groups, None), ('dscf_heads', dscf_heads, None)):
-            ranks[name] = list(given) if given is not None else [max(1, c // div) for c in dims]
-            if len(ranks[name]) != n:
-                raise ValueError(f"{name} needs one value per stage ({n}), got {ranks[name]}")
-        self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, mmst, lambda2, ohem
-        self.ranks = ranks
+        per_stage = {}  # ranks, DSCF strides, groups and heads: one value per stage
+        for name, div in (('prompt_ranks', 8), ('adapter_ranks', 16), ('dscf_ranks', 8), ('dscf_strides', None),
+                          ('dscf_groups', None), ('dscf_heads', None)):
+            given = getattr(cfg, name)
+            per_stage[name] = list(given) if given is not None else [max(1, c // div) for c in dims]
+            if len(per_stage[name]) != n:
+                raise ValueError(f"{name} needs one value per stage ({n}), got {per_stage[name]}")
+        self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, cfg.mmst, cfg.lambda2, cfg.ohem
+        self.per_stage = per_stage
         self.backbone = backbone.requires_grad_(False)
-        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=x_embed_norm)
-        self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, ranks['prompt_ranks'])) if prompting else None
+        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=cfg.x_embed_norm)
+        self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, per_stage['prompt_ranks'])) \
+            if cfg.prompting else None
         self.adapters = nn.ModuleList(
             nn.ModuleList(MAPAAdapter(c, r) for _ in layer.blocks)
-            for c, r, layer in zip(dims, ranks['adapter_ranks'], backbone.layers)) if adapters else None
+            for c, r, layer in zip(dims, per_stage['adapter_ranks'], backbone.layers)) if cfg.adapters else None
         alphas = [1e-3] * (n - 1) + [1.0]  # alpha init: 1e-3 for stages 1-3, 1 for stage 4
         self.dscf = nn.ModuleList(
-            DSCF(c, r, s, g, h, dscf_kernel, bias_grid, a)
-            for c, r, s, g, h, a in zip(dims, ranks['dscf_ranks'], ranks['dscf_strides'], ranks['dscf_groups'],
-                                        ranks['dscf_heads'], alphas)) if dscf else None
+            DSCF(c, r, s, g, h, cfg.dscf_kernel, cfg.bias_grid, a)
+            for c, r, s, g, h, a in zip(dims, per_stage['dscf_ranks'], per_stage['dscf_strides'],
+                                        per_stage['dscf_groups'], per_stage['dscf_heads'], alphas)) if cfg.dscf else None
         self.rgb_norms, self.x_norms, self.fuse_norms = (nn.ModuleList(nn.LayerNorm(c) for c in dims) for _ in range(3))
         for norms in (self.rgb_norms, self.x_norms, self.fuse_norms):
             norms.requires_grad_(False)
-        self.s1 = SegFormerHead(dims, fused_head_dim, num_classes)
-        self.s2 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
-        self.s3 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
+        self.s1 = SegFormerHead(dims, cfg.fused_head_dim, num_classes)
+        self.s2 = SegFormerHead(dims, cfg.aux_head_dim, num_classes) if cfg.mmst else None
+        self.s3 = SegFormerHead(dims, cfg.aux_head_dim, num_classes) if cfg.mmst else None
         for part in (self.x_patch_embed, self.s1, self.s2, self.s3):
             if part is not None:  # fresh, as in the release: its X patch embedding is not loaded from the Swin file
                 release_init(part)
@@ -1629,16 +1829,17 @@ class KTB(RGBXModel):
                 's2+s3': count(self.s2) + count(self.s3)}
 
 
-def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_size=12, drop_path_rate=0.3, **options):
+def build_ktb(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+              **options) -> KTB:
     """KTB on a Swin preset ('base' or 'large'; window 12 for the official
     swin_*_patch4_window12_384_22k.pth files, Microsoft's or mmsegmentation's),
-    `pretrained` loaded into the frozen backbone. Stochastic depth 0.3 (rates
-    0 .. 0.3 over the blocks) as the release trains the frozen Swin; it acts in
-    training only. `options` go to KTB (ranks, ablation switches, lambda2, ohem)."""
-    backbone = swin(backbone_name, window_size=window_size, drop_path_rate=drop_path_rate, final_norm=False, streams=2)
+    `pretrained` loaded into the frozen backbone; `options`: `KTBConfig`'s."""
+    cfg, _ = split_options(KTBConfig, None, options)
+    backbone = swin(backbone_name, window_size=cfg.window_size, drop_path_rate=cfg.drop_path_rate, final_norm=False,
+                    streams=2)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    return KTB(backbone, num_classes, x_channels, **options)
+    return KTB(backbone, num_classes, x_channels, cfg)
 
 
 # KTB's training recipes (supplement Sec. 7), per dataset (epochs, lr, weight decay): AdamW, batch 4, linear
@@ -2148,55 +2349,73 @@ def load_head(head, path):
 GOPT_VARIANTS = ('gopt', 'gopt_shallow', 'no_acp', 'no_cup', 'vpt_shallow', 'vpt_deep', 'head_only')  # Table 4 + control
 
 
-def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant='gopt', interval=1,
-               assignment='hard', prompt_dim=55, tau=1.0, head_dim=256, attention='prenorm', class_scale=1.0,
-               carry_aux=False, identity=True, scaled=False, vpt_rank=336, head_from='', acp=ACP_DEFAULT,
-               **overrides):
-    """GoPT on a ViT preset ('base', 'large'; `overrides` change dim, depth, heads, img_size, ...).
+@dataclass
+class GoPTConfig(Options):
+    """GoPT's options, besides the ViT preset's sizes (`ViTSizes`). Defaults named 'validation'
+    were decided on the validation split (docs/gopt.md, study/gopt-validation/results.md)."""
+    owner: typing.ClassVar[str] = 'gopt'
+    variant: str = option('gopt', "the prompts: 'gopt' (CUP + ACP), 'gopt_shallow' (one prompter, at block 0), "
+                                  "'no_acp', 'no_cup' (Table 4's ablations), 'vpt_shallow', 'vpt_deep' (Table 4's "
+                                  "baselines), 'head_only' (the control: no prompts)", choices=GOPT_VARIANTS,
+                          default_from='paper')
+    interval: int = option(1, "a prompter before every interval-th block from block 0 (Fig. 6: 1, 2, 4, 6, 12); "
+                              "1 for the shallow variants", default_from='paper')
+    assignment: str = option('hard', "the groupings' assignment: 'hard', one-hot with a straight-through "
+                                     "gradient (eq. 9), or 'soft' (Fig. 7)", choices=('hard', 'soft'),
+                             default_from='paper')
+    prompt_dim: int = option(55, "d_p, the width of the prompt space (down: D -> d_p, up: d_p -> D); 55 gives "
+                                 "Table 4's 0.97M at ViT-B", default_from="paper (Table 4's budget)")
+    tau: float = option(1.0, "temperature of the Gumbel-softmax, eq. 8 (paper silent)", low=0, low_open=True,
+                        default_from='design')
+    head_dim: int = option(256, "hidden width of the SETR-Naive head Psi")
+    attention: str = option('prenorm', "CUP's self-attention: 'prenorm' (LayerNorm, residual) or 'plain' "
+                                       "(see CUP)", choices=CUP_ATTENTION, default_from='validation')
+    class_scale: float = option(1.0, "the first class tokens c^0 start xavier-uniform times this", low=0,
+                                low_open=True, default_from='validation')
+    carry_aux: bool = option(False, "each prompter reads the previous CUP's self-attended aux tokens (True) or "
+                                    "the embedded aux image (False)", default_from='validation')
+    identity: bool = option(True, "`up` (and the VPT variants' W_l) starts at zero, so that the model starts as "
+                                  "the foundation; the paper's xavier init is False", default_from='validation')
+    scaled: bool = option(False, "eq. 8's logits times 1/sqrt(d_p) (not in the paper)", default_from='paper')
+    vpt_rank: int = option(336, "the VPT variants' prompt embedding width", default_from="paper (Table 4's budget)")
+    head_from: str = option('', "a checkpoint whose 'head.*' entries start Psi, e.g. the RGB foundation's (the "
+                                "paper fine-tunes its head); '': a fresh head", start_file=True)
+    acp: str = option(ACP_DEFAULT, "how eq. 11-14 give a token's prompt: 'literal', or 'aligned' (plus the aligned "
+                                   "CUP prompt; see GroupingPrompter); variants with CUP and ACP",
+                      choices=ACP_READINGS, default_from='validation')
 
-    variant: 'gopt' (CUP + ACP), 'no_acp', 'no_cup', 'gopt_shallow' (one prompter,
-    at layer 0), 'vpt_shallow', 'vpt_deep' (Table 4), 'head_only' (the control: the
-    frozen foundation and a trained head, no prompts). interval: a prompter
-    before every `interval`-th block, starting at block 0 (Fig. 6: 1, 2, 4, 6, 12; design choice, paper silent: where to start).
-    assignment: 'hard' (eq. 9) or 'soft' (Fig. 7). prompt_dim: d_p. tau: Gumbel
-    temperature (design choice, paper silent: 1). attention, class_scale, carry_aux,
-    identity, scaled: see GroupingPrompts (identity also zeroes the VPT variants' W_l). acp: the
-    reading of eq. 11-14, 'literal' or 'aligned' (see GroupingPrompter; only the variants with CUP
-    and ACP use it; ACP_DEFAULT, decided on the validation split). vpt_rank:
-    the VPT variants' embedding width. head_from: a checkpoint whose 'head.*' entries
-    start Psi, e.g. the RGB foundation's (the paper fine-tunes the foundation's Psi; its
-    head on our validation split: 38.6 vs a fresh head 31.0); '' = a fresh head. `pretrained`: an MAE file,
-    loaded into the ViT, which is then frozen with its RGB patch embedding.
-    """
-    if variant not in GOPT_VARIANTS:
-        raise ValueError(f"unknown GoPT variant {variant!r}; choose one of {GOPT_VARIANTS}")
-    if assignment not in ('hard', 'soft'):
-        raise ValueError(f"assignment must be 'hard' or 'soft', not {assignment!r}")
-    if attention not in CUP_ATTENTION:
-        raise ValueError(f"attention must be one of {CUP_ATTENTION}, not {attention!r}")
-    if acp not in ACP_READINGS:
-        raise ValueError(f"acp must be one of {ACP_READINGS}, not {acp!r}")
-    if not isinstance(interval, int) or interval < 1 or (variant.endswith('_shallow') and interval != 1):
-        raise ValueError(f"interval must be an int >= 1 (and 1 for {variant}, which prompts block 0 only), got {interval!r}")
-    if x_channels < 1 or prompt_dim < 1 or vpt_rank < 1 or tau <= 0 or class_scale <= 0:
-        raise ValueError(f"GoPT needs x_channels, prompt_dim, vpt_rank >= 1 and tau, class_scale > 0, got "
-                         f"{x_channels}, {prompt_dim}, {vpt_rank}, {tau}, {class_scale}")
-    backbone = vit(backbone_name, **overrides)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant.endswith('_shallow') and self.interval != 1:
+            raise ValueError(f"option 'interval' of gopt must be 1 for {self.variant}, which prompts block 0 only, "
+                             f"not {self.interval}")
+
+
+def build_gopt(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+               **options) -> GoPT:
+    """GoPT on a ViT preset ('base', 'large'), `pretrained` (an MAE file) loaded into the
+    ViT, which is then frozen with its RGB patch embedding; `options`: `GoPTConfig`'s and
+    the ViT's sizes (`ViTSizes`)."""
+    cfg, sizes = split_options(GoPTConfig, ViTSizes, options)
+    if x_channels < 1:
+        raise ValueError(f"GoPT needs x_channels >= 1, got {x_channels}")
+    backbone = vit(backbone_name, **sizes)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    layers = (0,) if variant.endswith('_shallow') else range(0, len(backbone.blocks), interval)
-    if variant == 'head_only':
+    layers = (0,) if cfg.variant.endswith('_shallow') else range(0, len(backbone.blocks), cfg.interval)
+    if cfg.variant == 'head_only':
         prompts = None
-    elif variant.startswith('vpt'):
-        prompts = AuxVPT(backbone.patch_embed, x_channels, layers, vpt_rank, identity)
+    elif cfg.variant.startswith('vpt'):
+        prompts = AuxVPT(backbone.patch_embed, x_channels, layers, cfg.vpt_rank, cfg.identity)
     else:
-        prompts = GroupingPrompts(backbone.patch_embed, x_channels, num_classes, layers, prompt_dim,
-                                  cup=variant != 'no_cup', acp=variant != 'no_acp', hard=assignment == 'hard', tau=tau,
-                                  attention=attention, class_scale=class_scale, carry_aux=carry_aux, identity=identity,
-                                  scaled=scaled, acp_reading=acp)
-    model = GoPT(backbone, prompts, num_classes, x_channels, head_dim)
-    if head_from:
-        load_head(model.head, head_from)
+        prompts = GroupingPrompts(backbone.patch_embed, x_channels, num_classes, layers, cfg.prompt_dim,
+                                  cup=cfg.variant != 'no_cup', acp=cfg.variant != 'no_acp',
+                                  hard=cfg.assignment == 'hard', tau=cfg.tau, attention=cfg.attention,
+                                  class_scale=cfg.class_scale, carry_aux=cfg.carry_aux, identity=cfg.identity,
+                                  scaled=cfg.scaled, acp_reading=cfg.acp)
+    model = GoPT(backbone, prompts, num_classes, x_channels, cfg.head_dim)
+    if cfg.head_from:
+        load_head(model.head, cfg.head_from)
     return model
 
 
@@ -2853,87 +3072,113 @@ def maskmentor_recipe(dataset, options=None):
     return replace(baseline_recipe(dataset), **MASKMENTOR_RECIPES[stage])
 
 
-def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, stage='finetune', img_size=224,
-                     drop_path_rate=0.0, class_dim=64, decoder_dim=256, decoder_heads=8, decoder_depth=2,
-                     mask_ratio=5 / 6, p_m=0.5, warmup=0.2, warmup_steps=None, teacher_iters=3, token_weight=1.0,
-                     norm_pix_rgb=True, depth_standardize=True, head_dim=384, head_depth=4, modality_drop=0.5,
-                     freeze_backbone=False, **overrides):
-    """MaskMentor on a ViT preset ('base' = ViT-B/16, MultiMAE-B; `overrides` change dim, depth, heads, mlp_ratio).
+@dataclass
+class MaskMentorConfig(Options):
+    """MaskMentor's options, besides the ViT preset's sizes (`ViTSizes`); 'pretrain:' and
+    'finetune:' name the stage an option acts in."""
+    owner: typing.ClassVar[str] = 'maskmentor'
+    stage: str = option('finetune', "'pretrain': M2IM + STTP on MultiMAE's network (Alg. 1, Sec. 3.4); "
+                                    "'finetune': segmentation (Sec. 3.5)", choices=('pretrain', 'finetune'))
+    img_size: int = option(224, "the image side the position tables are stored for (other sizes interpolate)",
+                           default_from='MultiMAE')
+    drop_path_rate: float = option(0.0, "stochastic depth of the encoder: rates 0 .. this over its blocks",
+                                   low=0, high=1, high_open=True)
+    class_dim: int = option(64, "pretrain: width of the semantic map's class embedding", default_from='MultiMAE')
+    decoder_dim: int = option(256, "pretrain: width of the output adapters (decoders)", default_from='MultiMAE')
+    decoder_heads: int = option(8, "pretrain: attention heads of the output adapters", default_from='MultiMAE')
+    decoder_depth: int = option(2, "pretrain: transformer blocks of each output adapter", default_from='MultiMAE')
+    mask_ratio: float = option(5 / 6, "pretrain: the share of all K*N tokens masked (MultiMAE shows 98 of 3 x 196)",
+                               low=0, high=1, low_open=True, high_open=True, default_from='MultiMAE')
+    p_m: float = option(0.5, "pretrain: M2IM's masking probability of each modality (Alg. 1)", low=0, high=1,
+                        default_from='paper')
+    warmup: float = option(0.2, "pretrain: the fraction of the steps of complete-modality MIM before STTP "
+                                "(Sec. 4.1: ~100 of 500 epochs)", low=0, high=1, default_from='paper')
+    warmup_steps: int | None = option(None, "pretrain: the warm-up in steps, instead of `warmup`", low=0,
+                                      none="warmup x the run's steps")
+    teacher_iters: int = option(3, "pretrain: teacher iterations per STTP cycle, then one student iteration "
+                                   "(Sec. 3.4)", low=0, default_from='paper')
+    token_weight: float = option(1.0, "pretrain: weight of STTP's token loss 1 - cos(student, teacher) (paper "
+                                      "silent; 0: M2IM without it)", default_from='design')
+    norm_pix_rgb: bool = option(True, "pretrain: also reconstruct per-patch normalised RGB (MultiMAE's "
+                                      "extra_norm_pix_loss)", default_from='MultiMAE')
+    depth_standardize: bool = option(True, "depth fed (and reconstructed) after MultiMAE's truncated "
+                                           "standardisation per image", default_from='MultiMAE')
+    head_dim: int = option(384, "finetune: width of the ConvNeXt decoder", default_from='MultiMAE')
+    head_depth: int = option(4, "finetune: ConvNeXt blocks of the decoder", default_from='MultiMAE')
+    modality_drop: float = option(0.5, "finetune: M2IM's p for dropping modalities of training samples (0: "
+                                       "complete input)", low=0, high=1, default_from='paper')
+    freeze_backbone: bool = option(False, "finetune: freeze the encoder (the paper trains the whole network)",
+                                   default_from='paper')
 
-    stage='pretrain': MaskMentorPretrain (adapters rgb, depth, semseg with a `class_dim`
-    class embedding; MultiMAE output adapters decoder_dim / _heads / _depth; options
-    mask_ratio, p_m, warmup (fraction of the steps) or warmup_steps, teacher_iters,
-    token_weight, norm_pix_rgb).
-    stage='finetune': MaskMentorSeg (adapters rgb, depth; options head_*,
-    modality_drop, freeze_backbone; the paper trains the whole network).
-    `depth_standardize` (both stages): depth standardised per image (MultiMAE's
-    truncated standardisation, in its pre-training and fine-tuning alike).
-    `img_size`: the size the position tables are stored for (MultiMAE: 224).
-    `pretrained`: a MultiMAE file, an MAE ViT file, or an rgbx MaskMentor checkpoint,
-    through `load_pretrained` (which names what it ignores or re-initialises).
-    """
-    if stage not in ('pretrain', 'finetune'):
-        raise ValueError(f"stage must be 'pretrain' or 'finetune', not {stage!r}")
+
+def build_maskmentor(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+                     **options) -> MaskMentorModel:
+    """MaskMentor on a ViT preset ('base' = ViT-B/16, MultiMAE-B); `options`: `MaskMentorConfig`'s
+    and the ViT's sizes (`ViTSizes`). stage 'pretrain': MaskMentorPretrain (adapters rgb, depth,
+    semseg); 'finetune': MaskMentorSeg (adapters rgb, depth). `pretrained`: a MultiMAE file, an
+    MAE ViT file or an rgbx MaskMentor checkpoint, through `load_pretrained` (which names what it
+    ignores or re-initialises)."""
+    cfg, sizes = split_options(MaskMentorConfig, ViTSizes, options)
     if backbone_name not in VIT_PRESETS:
         raise ValueError(f"unknown ViT preset {backbone_name!r}; choose one of {sorted(VIT_PRESETS)}")
     if x_channels < 1:
         raise ValueError("MaskMentor is an RGB-D method: x_channels must be >= 1")
-    cfg = {**VIT_PRESETS[backbone_name], **overrides}
-    patch = 16
-    adapters = {'rgb': PatchedInputAdapter(3, cfg['dim'], patch, img_size),
-                'depth': PatchedInputAdapter(x_channels, cfg['dim'], patch, img_size)}
-    if stage == 'pretrain':
-        adapters['semseg'] = SemSegInputAdapter(num_classes, cfg['dim'], patch, 4, class_dim, img_size)
-    backbone = MultiModalViT(adapters, patch_size=patch, drop_path_rate=drop_path_rate, **cfg)
-    if stage == 'pretrain':
-        model = MaskMentorPretrain(backbone, num_classes, decoder_dim, decoder_heads, decoder_depth, mask_ratio, p_m,
-                                   warmup, warmup_steps, teacher_iters, token_weight, norm_pix_rgb, depth_standardize,
-                                   img_size)
+    vit_sizes = {**VIT_PRESETS[backbone_name], **sizes}
+    patch, img = 16, cfg.img_size
+    adapters = {'rgb': PatchedInputAdapter(3, vit_sizes['dim'], patch, img),
+                'depth': PatchedInputAdapter(x_channels, vit_sizes['dim'], patch, img)}
+    if cfg.stage == 'pretrain':
+        adapters['semseg'] = SemSegInputAdapter(num_classes, vit_sizes['dim'], patch, 4, cfg.class_dim, img)
+    backbone = MultiModalViT(adapters, patch_size=patch, drop_path_rate=cfg.drop_path_rate, **vit_sizes)
+    if cfg.stage == 'pretrain':
+        model = MaskMentorPretrain(
+            backbone, num_classes, decoder_dim=cfg.decoder_dim, decoder_heads=cfg.decoder_heads,
+            decoder_depth=cfg.decoder_depth, mask_ratio=cfg.mask_ratio, p_m=cfg.p_m, warmup=cfg.warmup,
+            warmup_steps=cfg.warmup_steps, teacher_iters=cfg.teacher_iters, token_weight=cfg.token_weight,
+            norm_pix_rgb=cfg.norm_pix_rgb, depth_standardize=cfg.depth_standardize, img_size=img)
     else:
-        model = MaskMentorSeg(backbone, num_classes, head_dim, head_depth, modality_drop, depth_standardize)
+        model = MaskMentorSeg(backbone, num_classes, head_dim=cfg.head_dim, head_depth=cfg.head_depth,
+                              modality_drop=cfg.modality_drop, depth_standardize=cfg.depth_standardize)
     if pretrained:
         load_pretrained(model, pretrained)
-    if stage == 'finetune' and freeze_backbone:
+    if cfg.stage == 'finetune' and cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
 
 
 # ----------------------------------------------------------------------------
-# Building a method by name: builders, their options, their recipes, paper backbones
+# Building a method by name: each method's builder, config, recipe and backbone
 # ----------------------------------------------------------------------------
 
-# method -> (builder, recipe, the family of its backbone, the backbone of its paper)
+@dataclass(frozen=True)
+class Method:
+    """What `--method NAME` builds: the builder, its typed config, the recipe, the backbone
+    family it runs on (None: either), its paper's backbone, and whether the backbone
+    preset's sizes (`SwinSizes` / `ViTSizes`) are options of it too."""
+    build: typing.Callable
+    config: type
+    recipe: typing.Callable
+    family: str | None
+    paper_backbone: str
+    takes_sizes: bool = True
+
+
 METHODS = {
-    'early_fusion': (build_early_fusion, baseline_recipe, None, 'swin-base'),
-    'rgb_only': (build_rgb_only, baseline_recipe, None, 'swin-base'),
-    'ktb': (build_ktb, ktb_recipe, 'swin', 'swin-base'),
-    'gopt': (build_gopt, gopt_recipe, 'vit', 'vit-base'),
-    'maskmentor': (build_maskmentor, maskmentor_recipe, 'vit', 'vit-base'),
+    'early_fusion': Method(build=build_early_fusion, config=EarlyFusionConfig, recipe=baseline_recipe, family=None,
+                           paper_backbone='swin-base'),
+    'rgb_only': Method(build=build_rgb_only, config=RGBOnlyConfig, recipe=baseline_recipe, family=None,
+                       paper_backbone='swin-base'),
+    'ktb': Method(build=build_ktb, config=KTBConfig, recipe=ktb_recipe, family='swin', paper_backbone='swin-base',
+                  takes_sizes=False),
+    'gopt': Method(build=build_gopt, config=GoPTConfig, recipe=gopt_recipe, family='vit', paper_backbone='vit-base'),
+    'maskmentor': Method(build=build_maskmentor, config=MaskMentorConfig, recipe=maskmentor_recipe, family='vit',
+                         paper_backbone='vit-base'),
 }
-# what each backbone family takes as options (the preset's values by default)
-BACKBONE_OPTIONS = {'swin': ('embed_dim', 'depths', 'heads', 'window_size', 'mlp_ratio', 'drop_path_rate'),
-                    'vit': ('dim', 'depth', 'heads', 'mlp_ratio', 'img_size', 'drop_path_rate')}
-# the type of the options whose default is None (one int per stage, or an int)
-NONE_DEFAULT_TYPES = {'prompt_ranks': list, 'adapter_ranks': list, 'dscf_ranks': list, 'warmup_steps': int}
-# what a None default means
-NONE_DEFAULT_MEANING = {'prompt_ranks': 'C/8 per stage', 'adapter_ranks': 'C/16 per stage', 'dscf_ranks': 'C/8 per stage',
-                        'warmup_steps': "warmup x the run's steps"}
-# choices of the text options
-OPTION_CHOICES = {'variant': GOPT_VARIANTS, 'assignment': ('hard', 'soft'), 'attention': CUP_ATTENTION,
-                  'stage': ('pretrain', 'finetune')}
-# options that only name a file to start some weights from: a model rebuilt to load trained weights skips them
-START_FILES = ('head_from',)
-# allowed ranges of numbers: (low, high, low allowed, high allowed); any other number must be >= 1 (ints) or >= 0
-OPTION_RANGES = {'mask_ratio': (0, 1, False, False), 'p_m': (0, 1, True, True), 'warmup': (0, 1, True, True),
-                 'modality_drop': (0, 1, True, True), 'drop_path_rate': (0, 1, True, False),
-                 'tau': (0, math.inf, False, True), 'class_scale': (0, math.inf, False, True),
-                 'mlp_ratio': (0, math.inf, False, True), 'warmup_steps': (0, math.inf, True, True),
-                 'teacher_iters': (0, math.inf, True, True), 'alpha': (0, math.inf, True, True)}
-TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+BACKBONES = {'swin': (SWIN_PRESETS, SwinSizes), 'vit': (VIT_PRESETS, ViTSizes)}  # family -> presets, sizes
 
 
 def method_spec(method):
-    """(builder, recipe, family, paper backbone) of `method`, or an error naming the methods."""
+    """The `Method` named `method`, or an error naming the methods."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[method]
@@ -2942,119 +3187,61 @@ def method_spec(method):
 def split_backbone(method, backbone):
     """'swin-base' -> ('swin', 'base'), checked against the family `method` is built on."""
     family, _, size = backbone.partition('-')
-    presets = {'swin': SWIN_PRESETS, 'vit': VIT_PRESETS}
-    if family not in presets or size not in presets[family]:
+    if family not in BACKBONES or size not in BACKBONES[family][0]:
         raise ValueError(f"unknown backbone {backbone!r}: use swin-<{'|'.join(SWIN_PRESETS)}> "
                          f"or vit-<{'|'.join(VIT_PRESETS)}>")
-    want = method_spec(method)[2]
+    want = method_spec(method).family
     if want and family != want:
         raise ValueError(f"{method} is built on a {want} backbone, not {backbone!r}: use {want}-base (or -large)")
     return family, size
 
 
-def method_options(method, backbone):
-    """Every option of `method` on `backbone` with its default: {name: default}. From the
-    builder's keyword arguments (and KTB's), plus the backbone preset's sizes."""
-    builder = method_spec(method)[0]
+def option_fields(method, backbone):
+    """The options of `method` on `backbone`: [(dataclass field, default)], the config's
+    fields, then the backbone sizes it takes, whose None defaults are the preset's values."""
+    spec = method_spec(method)
     family, size = split_backbone(method, backbone)
-    params = dict(inspect.signature(builder).parameters)
-    if method == 'rgb_only':
-        params = {**dict(inspect.signature(build_early_fusion).parameters), **params}
-        params.pop('use_x')
-    if method == 'ktb':
-        params = {**dict(inspect.signature(KTB.__init__).parameters), **params}
-    skip = ('self', 'backbone', 'backbone_name', 'num_classes', 'x_channels', 'pretrained', 'options', 'overrides')
-    opts = {k: p.default for k, p in params.items() if k not in skip and p.kind is p.POSITIONAL_OR_KEYWORD}
-    if method != 'ktb':  # KTB's Swin takes only window_size and drop_path_rate (above)
-        preset = {**dict(drop_path_rate=0.0, mlp_ratio=4.0, img_size=224), **(SWIN_PRESETS if family == 'swin' else VIT_PRESETS)[size]}
-        opts.update({k: preset[k] for k in BACKBONE_OPTIONS[family] if k not in opts and k in preset})
-    return opts
+    own = fields(spec.config)
+    presets, sizes = BACKBONES[family]
+    extra = [f for f in fields(sizes) if f.name not in {g.name for g in own}] if spec.takes_sizes else []
+    names = {f.name for f in extra}
+    preset = asdict(sizes(**{k: v for k, v in presets[size].items() if k in names}))
+    default = {**asdict(spec.config()), **{k: v for k, v in preset.items() if k in names}}
+    return [(f, default[f.name]) for f in (*own, *extra)]
 
 
-def option_value(method, name, default, value):
-    """`value` of option `name` (a string from the command line, or a Python value) as
-    the option's type, or an error naming the option and what it takes."""
-    kind = NONE_DEFAULT_TYPES.get(name, type(default))
-    what = f"option {name!r} of {method}"
-    if default is None and (value is None or isinstance(value, str) and value.strip().lower() in ('none', '')):
-        return None
-    if kind is bool:
-        text = str(value).strip().lower()
-        if isinstance(value, bool) or text in TRUE + FALSE:
-            return value if isinstance(value, bool) else text in TRUE
-        raise ValueError(f"{what} takes true or false (also yes/no, on/off, 1/0), not {value!r}")
-    try:
-        if kind in (list, tuple):
-            items = value.split(':') if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
-            value = [int(str(v).strip()) if isinstance(v, str) else v for v in items]
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise ValueError
-        elif kind is int:
-            value = int(value.strip()) if isinstance(value, str) else value
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError
-        elif kind is float:
-            value = float(value.strip()) if isinstance(value, str) else value
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError
-            value = float(value)
-        elif kind is str:
-            value = str(value).strip()
-    except ValueError:
-        shape = {list: 'integers separated by ":" (one per stage), e.g. 8:16:32:64', tuple: 'integers separated by ":"',
-                 int: 'an integer', float: 'a number'}[kind]
-        raise ValueError(f"{what} takes {shape}, not {value!r}") from None
-    check_option_range(what, name, kind, value)
-    return value
-
-
-def check_option_range(what, name, kind, value):
-    """Raise unless `value` lies in the option's range (OPTION_RANGES, choices)."""
-    if kind is str and name in OPTION_CHOICES and value not in OPTION_CHOICES[name]:
-        raise ValueError(f"{what} takes one of {', '.join(OPTION_CHOICES[name])}, not {value!r}")
-    if kind not in (int, float, list, tuple):
-        return
-    low, high, low_ok, high_ok = OPTION_RANGES.get(name, (1 if kind is not float else 0, math.inf, True, True))
-    for v in (value if isinstance(value, list) else [value]):
-        if v < low or v > high or (v == low and not low_ok) or (v == high and not high_ok):
-            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
-            raise ValueError(f"{what} must lie in {bounds}, not {value!r}")
-
-
-def resolve_options(method, backbone, given):
+def resolve_options(method: str, backbone: str, given: dict) -> dict:
     """Every option of `method` on `backbone` after its defaults, `given` ({name: value},
     values as text or Python values) converted to each option's type and checked:
-    {name: value}, the arguments that rebuild the model. Unknown names are an error
-    that lists the method's options."""
-    opts = method_options(method, backbone)
-    unknown = sorted(set(given) - set(opts))
-    if unknown:
-        raise ValueError(f"{method} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(sorted(opts))}")
-    resolved = {k: v if k not in given else option_value(method, k, v, given[k]) for k, v in opts.items()}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+    {name: value}, the arguments that rebuild the model (a checkpoint stores them). Unknown
+    names are an error that lists the method's options."""
+    spec = method_spec(method)
+    family, _ = split_backbone(method, backbone)
+    cfg, sizes = split_options(spec.config, BACKBONES[family][1] if spec.takes_sizes else None, given)
+    defaults = dict((f.name, v) for f, v in option_fields(method, backbone))
+    return {**defaults, **asdict(cfg), **sizes}
 
 
-def build_model(method, backbone, num_classes, x_channels, pretrained=None, **options):
+def build_model(method: str, backbone: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+                **options) -> 'RGBXModel':
     """Build `method` ('early_fusion', 'rgb_only', 'ktb', 'gopt', 'maskmentor') on
-    `backbone` ('swin-base', 'vit-large', ...) with `options` (`resolve_options`),
-    `pretrained` loaded into it (`load_pretrained`)."""
-    builder = method_spec(method)[0]
+    `backbone` ('swin-base', 'vit-large', ...) with `options` (the method's config fields,
+    as text or values), `pretrained` loaded into it (`load_pretrained`)."""
+    spec = method_spec(method)
     _, size = split_backbone(method, backbone)
-    options = resolve_options(method, backbone, options)
-    if method in ('early_fusion', 'rgb_only'):
-        size = backbone  # the baselines take a backbone of either family
-    return builder(size, num_classes, x_channels, pretrained=pretrained, **options)
+    return spec.build(backbone if spec.family is None else size, num_classes, x_channels, pretrained=pretrained,
+                      **options)
 
 
-def recipe(method, dataset, options=None):
+def recipe(method: str, dataset: str, options: dict | None = None) -> Recipe:
     """The training defaults (`Recipe`) of `method` on `dataset` (a preset name), with
     `options` (resolved: MaskMentor's depends on its stage)."""
-    return method_spec(method)[1](dataset, options or {})
+    return method_spec(method).recipe(dataset, options or {})
 
 
-def paper_backbone(method):
+def paper_backbone(method: str) -> str:
     """The backbone `method`'s paper uses ('swin-base' / 'vit-base'; the baselines: swin-base)."""
-    return method_spec(method)[3]
+    return method_spec(method).paper_backbone
 
 
 def trainable_state(model):

@@ -1938,7 +1938,7 @@ def test_gopt_acp_aligned_identity_gradients_and_options():
         a, b = wake_up(gopt(variant, acp='aligned')).eval(), wake_up(gopt(variant, acp='literal')).eval()
         with torch.no_grad():
             assert torch.equal(a(rgb, x), b(rgb, x))
-    with pytest.raises(ValueError, match='acp must be one of'):
+    with pytest.raises(ValueError, match="option 'acp' of gopt takes one of literal, aligned, not 'both'"):
         rgbx.build_gopt('nano', 5, 1, acp='both')
 
 
@@ -2018,11 +2018,11 @@ def test_gopt_bad_input():
             model(torch.cat([rgb, x[:, :1]], 1), x)  # 4-channel "RGB"
         with pytest.raises(ValueError):
             model(rgb[0], x[0])  # no batch dimension
-    with pytest.raises(ValueError, match='unknown GoPT variant'):
+    with pytest.raises(ValueError, match="option 'variant' of gopt takes one of gopt, gopt_shallow"):
         rgbx.build_gopt('nano', 5, 1, variant='vpt_medium')
     with pytest.raises(ValueError, match='assignment'):
         rgbx.build_gopt('nano', 5, 1, assignment='gumbel')
-    for interval in (0, -2, 1.5, '2'):
+    for interval in (0, -2, 1.5, 'two'):
         with pytest.raises(ValueError, match='interval'):
             rgbx.build_gopt('nano', 5, 1, interval=interval)
     for variant in ('gopt_shallow', 'vpt_shallow'):
@@ -3327,7 +3327,7 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     assert_one_line_error(cli(camera='nyu,x'), '--camera')
     assert_one_line_error(cli(depth_dir=tmp_path / 'nowhere'), 'no such folder')
     assert_one_line_error(cli('--raw', tmp_path / 'nowhere'), '--raw', 'no such folder')
-    assert_one_line_error(cli(out_dir=tmp_path / 'depth'), 'source folder')
+    assert_one_line_error(cli(out_dir=tmp_path / 'depth'), '--out', 'is the --depth folder')
     (tmp_path / 'a_file').write_text('')
     assert_one_line_error(cli(out_dir=tmp_path / 'a_file' / 'sub'), 'cannot be written')
     png(tmp_path / 'small' / 'a.png', raw[:100])
@@ -3655,6 +3655,70 @@ def test_eval_out_never_replaces_an_input_and_names_png(demo_run, tmp_path):
     assert 'is a folder' in cli_error(ev.main, ['--checkpoint', str(tmp_path)])
 
 
+def tree_bytes(folder):
+    """Every file under `folder` with its bytes: what a refused command must leave alone."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob('*')) if p.is_file()}
+
+
+def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_path, monkeypatch):
+    """Every output flag of eval.py, through a real process where it matters: the dataset's
+    Label/ and RGB/ (--save-pred), a run's checkpoint and config (--json, also with --benchmark),
+    the split file (--json), reached directly, through a symbolic link and by a relative path:
+    refused with one line naming the flag, nothing changed. A success says what it wrote."""
+    root = nyu_pair(tmp_path / 'nyu')
+    cfg = demo_config(tmp_path, max_steps=1, eval_every=0)
+    tr.train(cfg)
+    run_dir = Path(cfg.out_dir)
+    last = run_dir / 'last.pt'
+    (tmp_path / 'link').symlink_to(root)
+    before = {d: tree_bytes(d) for d in (root, run_dir)}
+    monkeypatch.chdir(tmp_path / 'link' / 'RGB')
+    refused = [(['--save-pred', str(root / 'Label')], ['--save-pred', 'inside the dataset']),
+               (['--save-pred', '.'], ['--save-pred', 'the dataset']),
+               (['--json', str(last)], ['--json', 'the --checkpoint file']),
+               (['--json', str(run_dir / 'config.json')], ['--json', "the run's config.json"]),
+               (['--json', '../test.txt'], ['--json', 'the dataset']),
+               (['--json', str(tmp_path / 'link' / 'test.txt')], ['--json', 'the dataset'])]
+    for argv, words in refused:
+        message = cli_error(ev.main, ['--checkpoint', str(last), *argv])
+        assert all(w in message for w in words), message
+    res = run_cli('eval.py', '--benchmark', '--json', run_dir / 'last.pt', '--repeats', '1', '--size', '32x32')
+    one_line_error(res, '--json', 'another run')
+    res = run_cli('eval.py', '--checkpoint', last, '--save-pred', root / 'RGB')
+    one_line_error(res, '--save-pred', 'dataset')
+    (tmp_path / 'notes.txt').write_text('my notes')
+    assert 'not a JSON file' in cli_error(ev.main, ['--checkpoint', str(last), '--json', str(tmp_path / 'notes.txt')])
+    assert {d: tree_bytes(d) for d in (root, run_dir)} == before and (tmp_path / 'notes.txt').read_text() == 'my notes'
+    res = run_cli('eval.py', '--checkpoint', last, '--json', run_dir / 'metrics.json', '--save-pred', run_dir / 'pred')
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {run_dir / 'metrics.json'}" in res.stdout and f"to {run_dir / 'pred'}" in res.stdout
+    assert json.loads((run_dir / 'metrics.json').read_text())['miou'] >= 0
+
+
+def test_train_out_dir_never_lands_in_a_dataset_or_another_run_nor_on_its_pretrained_file(tmp_path):
+    root = nyu_pair(tmp_path / 'nyu')
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'log.jsonl').write_text('{"step": 1}\n')
+    (tmp_path / 'link').symlink_to(root)
+    torch.save(rgbx.swin('nano', window_size=4).state_dict(), tmp_path / 'pre' / 'last.pt') if (
+        tmp_path / 'pre').mkdir() is None else None
+    before = tree_bytes(root)
+    ktb = ['--method', 'ktb', '--opts', 'window_size=4', '--max-steps', '1']
+    for argv, words in ((['--out-dir', str(root / 'runs')], ['--out-dir', 'inside the --data-root folder']),
+                        (['--data-root', str(tmp_path / 'link'), '--out-dir', str(root / 'r')], ['--data-root']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(tmp_path / 'link' / 'r')],
+                         ['--out-dir', 'the dataset']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(other / 'sub')],
+                         ['--out-dir', 'another run']),
+                        (['--dataset', 'demo', '--data-root', '', *ktb, '--pretrained', str(tmp_path / 'pre' / 'last.pt'),
+                          '--out-dir', str(tmp_path / 'pre'), '--overwrite'], ['--out-dir', 'the --pretrained file'])):
+        message = cli_error(tr.main, nyu_argv(root, tmp_path / 'unused') + argv)
+        assert all(w in message for w in words), message
+    assert tree_bytes(root) == before and not (tmp_path / 'unused').exists()
+    assert os.listdir(tmp_path / 'pre') == ['last.pt'] and os.listdir(other) == ['log.jsonl']
+
+
 def test_eval_all_void_labels_explain_the_nan(tmp_path):
     m = ev.metrics(torch.zeros(3, 3, dtype=torch.long))
     assert 'no labelled pixel' in ev.format_metrics(m, ['a', 'b', 'c'])
@@ -3821,6 +3885,25 @@ def test_train_checkpoint_of_the_previous_format_still_loads_and_gives_its_numbe
     assert m['miou'] == pytest.approx(ckpt['evaluation']['miou'], abs=1e-12)
 
 
+@pytest.mark.parametrize('name', ['ktb_swin-nano_demo_2steps', 'maskmentor_vit-nano_demo_2steps'])
+def test_train_checkpoint_written_before_typed_configs_loads_and_gives_its_numbers(tmp_path, name):
+    """KTB and MaskMentor fine-tuning checkpoints written by train.py before each method's options
+    became a typed config (less their optimizer state; KTB's frozen Swin-nano: its seed-0
+    initialisation) rebuild from their stored arguments and reproduce their stored mIoU."""
+    path = Path(__file__).resolve().parent / 'fixtures' / 'checkpoints' / f'{name}.pt'
+    ckpt = ev.load_run_checkpoint(path)
+    pretrained = None
+    if name.startswith('ktb'):
+        torch.manual_seed(0)
+        pretrained = str(tmp_path / 'swin_nano.pth')
+        torch.save({'model': rgbx.swin('nano').state_dict()}, pretrained)
+    model, run = ev.load_model(path, pretrained)
+    assert run.model_args['options'] == ckpt['run']['model_args']['options']
+    loader = data.loader(data.build_dataset('demo', '', 'test', x_standardised=run.x_standardised))
+    m = ev.metrics(ev.evaluate(model, loader, 5, torch.device('cpu')))
+    assert m['miou'] == pytest.approx(ckpt['evaluation']['miou'], abs=1e-12)
+
+
 @pytest.mark.slow
 def test_train_checkpoint_stores_its_model_arguments_and_rebuilds_from_them(tmp_path, monkeypatch):
     cfg = demo_config(tmp_path, method='gopt', backbone='vit-nano', pretrained='none', max_steps=1,
@@ -3830,8 +3913,8 @@ def test_train_checkpoint_stores_its_model_arguments_and_rebuilds_from_them(tmp_
     run = ev.checkpoint_run(ckpt, 'last.pt')
     assert ckpt['run']['model_args']['options']['carry_aux'] is False
     assert run.model_args['options'] == rgbx.resolve_options('gopt', 'vit-nano', dict(prompt_dim=4, head_dim=8))
-    today = rgbx.method_options
-    monkeypatch.setattr(rgbx, 'method_options', lambda *a: {**today(*a), 'prompt_dim': 99, 'tau': 3.0})  # new defaults
+    today = rgbx.resolve_options
+    monkeypatch.setattr(rgbx, 'resolve_options', lambda *a: {**today(*a), 'prompt_dim': 99, 'tau': 3.0})  # new defaults
     model, _ = ev.load_model(os.path.join(cfg.out_dir, 'last.pt'))
     assert model.prompts.down[1].out_features == 4  # rebuilt from the stored arguments, not today's defaults
 
@@ -4075,6 +4158,8 @@ def test_train_full_disk_is_a_one_line_error_and_leaves_no_partial_file(small_di
     assert 'disk full' in message and str(small_disk) in message
     assert not [n for n in os.listdir(small_disk) if '.tmp' in n]
     if os.path.ismount(small_disk):  # the run's small files too (one 4 KiB page left)
+        for name in ('config.json', 'log.jsonl'):  # the failed run's: a run folder is never written into by another
+            (small_disk / name).unlink()
         free = os.statvfs(small_disk)
         (small_disk / 'filler').write_bytes(b'\0' * (free.f_bavail * free.f_frsize - 4096))
         message = cli_error(tr.main, ['--max-steps', '2', '--crop', '32x32', '--workers', '0', '--eval-every', '0',
@@ -4940,6 +5025,60 @@ def test_layout_train_help_describes_every_flag_and_lists_the_methods(capsys):
         tr.parse_config(['--method', 'gopt', '--list-opts'])
     listed = capsys.readouterr().out
     assert 'acp' in listed and 'prompt_dim' in listed and 'default 55' in listed
+
+
+@pytest.mark.parametrize('method,backbone', [('early_fusion', 'swin-nano'), ('early_fusion', 'vit-nano'),
+                                            ('rgb_only', 'swin-base'), ('ktb', 'swin-base'), ('gopt', 'vit-base'),
+                                            ('maskmentor', 'vit-base')])
+def test_train_list_opts_describes_every_option_of_every_method(method, backbone):
+    """--list-opts: every option of the method on the backbone, each with its type, its default
+    (the one resolve_options gives) and a line saying in words what it is."""
+    lines = tr.list_opts(method, backbone).splitlines()[1:]
+    resolved = rgbx.resolve_options(method, backbone, {})
+    names = [line.split()[0] for line in lines[::2]]
+    assert names == list(resolved)
+    for (head, meaning), name in zip(zip(lines[::2], lines[1::2]), names):
+        assert f"default {resolved[name]!r}" in head, head
+        assert meaning.startswith('      ') and len(meaning.split()) >= 4, (name, meaning)
+    for f, _ in rgbx.option_fields(method, backbone):  # every field declares its meaning and a checkable default
+        assert f.metadata['meaning'] and f.type in (int, float, bool, str, list[int], int | None, list[int] | None)
+
+
+def test_train_opts_keep_every_key_of_the_previous_registry():
+    """The --opts keys and defaults checkpoints store: the typed configs give today's set."""
+    keys = {'ktb': 'window_size drop_path_rate prompt_ranks adapter_ranks dscf_ranks dscf_strides dscf_groups '
+                   'dscf_heads dscf_kernel bias_grid mmst dscf prompting adapters lambda2 ohem fused_head_dim '
+                   'aux_head_dim x_embed_norm',
+            'gopt': 'variant interval assignment prompt_dim tau head_dim attention class_scale carry_aux identity '
+                    'scaled vpt_rank head_from acp dim depth heads mlp_ratio img_size drop_path_rate',
+            'maskmentor': 'stage img_size drop_path_rate class_dim decoder_dim decoder_heads decoder_depth mask_ratio '
+                          'p_m warmup warmup_steps teacher_iters token_weight norm_pix_rgb depth_standardize head_dim '
+                          'head_depth modality_drop freeze_backbone dim depth heads mlp_ratio',
+            'early_fusion': 'use_x head_dim embed_dim depths heads window_size mlp_ratio drop_path_rate'}
+    for method, names in keys.items():
+        backbone = 'vit-base' if method in ('gopt', 'maskmentor') else 'swin-base'
+        assert set(rgbx.resolve_options(method, backbone, {})) == set(names.split()), method
+    ktb = rgbx.resolve_options('ktb', 'swin-base', {'dscf_ranks': '8:8:8:8', 'mmst': 'off'})
+    assert ktb['dscf_ranks'] == [8, 8, 8, 8] and ktb['mmst'] is False and ktb['bias_grid'] == [60, 80]
+    assert rgbx.KTBConfig(lambda2='0.5').lambda2 == 0.5 and rgbx.GoPTConfig().acp == rgbx.ACP_DEFAULT
+
+
+def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
+    import subprocess
+    import sys
+    root = nyu_pair(tmp_path / 'nyu')
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'last.pt').write_bytes(b'a checkpoint')
+    here = Path(__file__).resolve().parent
+    for module, argv, words in (('study.run', ['--quick', '--out', root / 'runs'], ['--out', 'the dataset']),
+                                ('study.run', ['--quick', '--out', tmp_path / 'o', '--report', run_dir],
+                                 ['--report', 'another run']),
+                                ('study.pretraining', ['--steps', '1', '--report', root / 'Label'], ['--report'])):
+        res = subprocess.run([sys.executable, '-m', module, *map(str, argv)], capture_output=True, text=True, cwd=here,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        one_line_error(res, *words)
+    assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
 
 
 def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):

@@ -177,14 +177,20 @@ def default_backbone(method, dataset):
 
 
 def list_opts(method, backbone):
-    """The options of `method` on `backbone`, one line each: name, type, default (and choices)."""
+    """The options of `method` on `backbone`: per option a line with its name, type, default
+    (where it comes from), choices or range, and a line saying what it is."""
     lines = [f"options of {method} on {backbone} (--opts key=value,...; lists as a:b:c):"]
-    for name, default in rgbx.method_options(method, backbone).items():
-        kind = rgbx.NONE_DEFAULT_TYPES.get(name, type(default)).__name__
-        kind = 'ints a:b:c' if kind in ('list', 'tuple') else kind
-        choices = rgbx.OPTION_CHOICES.get(name)
-        meaning = f" ({rgbx.NONE_DEFAULT_MEANING[name]})" if default is None and name in rgbx.NONE_DEFAULT_MEANING else ''
-        lines.append(f"  {name:20s} {kind:10s} default {default!r}{meaning}" + (f"  ({'|'.join(choices)})" if choices else ''))
+    for f, default in rgbx.option_fields(method, backbone):
+        kind = rgbx.option_kind(f).__name__
+        meta = f.metadata
+        shown = f"default {default!r}" + (f" ({meta['none']})" if default is None and meta['none'] else '') \
+            + (f", {meta['default_from']}" if meta['default_from'] else '')
+        takes = f"  one of {'|'.join(meta['choices'])}" if meta['choices'] else ''
+        if meta['range']:
+            low, high, low_open, high_open = meta['range']
+            takes = f"  in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        lines.append(f"  {f.name:18s} {'ints a:b:c' if kind == 'list' else kind:10s} {shown}{takes}")
+        lines.append(f"      {meta['meaning']}")
     return '\n'.join(lines)
 
 
@@ -237,6 +243,9 @@ def resolve(cfg):
         cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir} is a file, not a folder: pass a folder")
+    inputs = [('--pretrained', cfg.pretrained if cfg.pretrained != 'none' else ''), ('--data-root', cfg.data_root),
+              ('--split', cfg.split if cfg.split.endswith('.txt') else '')]
+    data.check_output('--out-dir', cfg.out_dir, inputs, folder=True, own_run=cfg.out_dir, writes=data.RUN_FILES)
     return cfg
 
 
@@ -511,7 +520,7 @@ def process_alive(pid):
     return True
 
 
-RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt')  # what a run writes into its folder
+RUN_FILES = data.RUN_FILES  # what a run writes into its folder
 
 
 class RunLock:

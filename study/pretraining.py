@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 import data
 import train
-from study.run import HERE, MM_PRE, VALIDATION
+from study.run import HERE, MM_PRE, VALIDATION, check_outputs
 
 TASKS = ('rgb', 'norm_rgb', 'depth', 'semseg')
 BASELINES = {'rgb': 'colour prior', 'norm_rgb': 'zero', 'depth': 'image median', 'semseg': 'class prior'}
@@ -279,6 +279,7 @@ def main(argv=None):
         p.error("--steps, --every and every lr must be > 0")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    check_outputs(args.out, args.report)
     results = {}
     os.makedirs(args.report, exist_ok=True)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context('spawn')) as pool:

@@ -613,6 +613,16 @@ def wall_time(out, seconds):
     return sum(sittings), len(sittings)
 
 
+def check_outputs(out, report):
+    """--out (the run folders) and --report: not in a dataset nor in a run's folder (data.check_output);
+    a refusal ends the command with one line."""
+    try:
+        for flag, path in (('--out', out), ('--report', report)):
+            data.check_output(flag, path, folder=True)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='a few steps and one seed: checks that every step runs')
@@ -649,6 +659,7 @@ def main(argv=None):
     foundation_steps = args.foundation_steps or (6 if args.quick else FOUNDATION_STEPS)
     out = args.out or 'runs/study' + ('-gopt-val' if args.decide else '') + ('-quick' if args.quick else '')
     report = args.report or (out if args.quick else os.path.join(HERE, 'gopt-validation' if args.decide else ''))
+    check_outputs(out, report)
     start = time.time()
     if args.decide:
         return decide_gopt(args, seeds, steps, foundation_steps, out, report)
