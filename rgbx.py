@@ -68,22 +68,29 @@ class DrawPolicy:
 
 
 DRAW_POLICY = contextvars.ContextVar('rgbx.DRAW_POLICY', default=DrawPolicy())
+COMPILED_POLICY = [DrawPolicy()]  # what compiled code reads: the policy `draws` entered last
 
 
 def draw_policy():
-    """The `DrawPolicy` in force in this context (the default: one process)."""
-    return DRAW_POLICY.get()
+    """The `DrawPolicy` in force in this context (the default: one process). Code that
+    torch.compile traces reads COMPILED_POLICY instead (Dynamo cannot trace
+    ContextVar.get: a graph break at every draw); it guards on that object, so a forward
+    under another policy recompiles. Compile and run a model in one thread."""
+    return COMPILED_POLICY[0] if torch.compiler.is_compiling() else DRAW_POLICY.get()
 
 
 @contextlib.contextmanager
 def draws(policy):
     """`with rgbx.draws(policy): ...`: the forwards inside draw and count with `policy`
     (a `DrawPolicy`; None: the default), the one before it is back on exit."""
-    token = DRAW_POLICY.set(policy if policy is not None else DrawPolicy())
+    policy = policy if policy is not None else DrawPolicy()
+    token, before = DRAW_POLICY.set(policy), COMPILED_POLICY[0]
+    COMPILED_POLICY[0] = policy
     try:
         yield policy
     finally:
         DRAW_POLICY.reset(token)
+        COMPILED_POLICY[0] = before
 
 
 class Dropout(nn.Module):
@@ -157,7 +164,7 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
     if ohem:
         weight = ohem_weights(loss.detach(), valid, thresh)  # (B*H*W,)
         return (loss * weight).sum() / draw_policy().count(weight.sum())
-    return loss.sum() / draw_policy().count(int(valid.sum()))  # the mean over the batch's labelled pixels
+    return loss.sum() / draw_policy().count(valid.sum())  # the mean over the batch's labelled pixels
 
 
 def ohem_weights(loss, valid, thresh):
@@ -430,9 +437,9 @@ def window_layout(H, W, window, shift, device):
     band = lambda i, n: (i >= n - window).long() + (i >= n - shift).long() if shift else 0 * i
     region = band(r, Hp) * 3 + band(c, Wp)  # (Hp, Wp), the 9 regions of the shifted frame
     part = lambda t: window_partition(t.expand(Hp, Wp)[None, :, :, None], window).flatten()  # (Hp, Wp) -> (nW*N,)
-    order, real, region = part(torch.where(real, src_r * W + src_c, H * W)), part(real), part(region)
-    back = torch.empty(H * W, dtype=torch.long, device=device)
-    back[order[real]] = torch.arange(order.numel(), device=device)[real]
+    order, region = part(torch.where(real, src_r * W + src_c, H * W)), part(region)
+    slots = torch.arange(order.numel(), device=device)
+    back = torch.zeros(H * W + 1, dtype=torch.long, device=device).scatter_(0, order, slots)[:H * W]  # padding -> H*W, cut
     if shift == 0:
         return order, back, None
     region = region.view(-1, window * window)  # (nW, N)
@@ -1769,8 +1776,6 @@ class KTB(RGBXModel):
         drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
         if self.training and self.mmst:
             drop = drop | draw_policy().draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
-        elif not drop.any():
-            return tokens  # nothing to zero: skip a pass over the stage-1 maps
         return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]  # keep (2B, 1, 1, 1)
 
     def encode(self, tokens):
@@ -2498,15 +2503,16 @@ def visible_counts(keep, budget):
     return cum.diff(dim=1, prepend=cum.new_zeros(keep.shape[0], 1))
 
 
-def random_masking(counts, num_tokens):
+def random_masking(counts, num_tokens, check=True):
     """MAE patch masking (MaskMentor Alg. 1, lines 17-19) of K modality grids at once:
     per-sample shuffling by argsort of random noise, per modality.
 
-    counts: (B, K) visible tokens per sample and modality, every row summing to T.
+    counts: (B, K) visible tokens per sample and modality, every row summing to T
+    (`check`: verified, a host read; `visible_counts` gives such rows by construction).
     Returns mask (B, K, N) bool, True = masked: the counts[b, k] lowest-noise tokens stay visible.
     """
     total = counts.sum(1)
-    if (total != total[0]).any():
+    if check and (total != total[0]).any():
         raise ValueError(f"every sample must show the same number of tokens, got {total.tolist()}")
     noise = draw_policy().draw(lambda n: torch.rand(n, counts.shape[1], num_tokens, device=counts.device),
                                counts.shape[0])  # (B, K, N)
@@ -2899,19 +2905,23 @@ class MaskMentorPretrain(MaskMentorModel):
                             for t in tasks], 1)  # (B, M, N)
         return {name: pred for name, (pred, _) in self.decode(inputs, mask).items()}
 
-    def decode(self, inputs, mask):
+    def decode(self, inputs, mask, shown=None):
         """Encode the visible tokens and run every output adapter. inputs {name: tensor},
-        mask (B, M, N) bool over the inputs in adapter order, True = masked
+        mask (B, M, N) bool over the inputs in adapter order, True = masked; `shown`: the
+        visible tokens of every sample when the caller drew the mask with that budget
+        (None: counted from the mask and checked, a host read)
         -> {output name: (prediction at the input's size, output tokens (B, N, dim))}."""
         tasks = [t for t in self.backbone.input_adapters if t in inputs]
         tokens, grid = self.backbone.embed(inputs)  # (B, M, N, D)
         D = tokens.shape[-1]
         flat = mask.flatten(1)  # (B, M*N)
-        shown = (~flat).sum(1)
-        if (shown != shown[0]).any() or shown[0] == 0:
-            raise ValueError(f"every sample must show the same number (> 0) of tokens, got {shown.tolist()}")
+        if shown is None:
+            counted = (~flat).sum(1)
+            if (counted != counted[0]).any() or counted[0] == 0:
+                raise ValueError(f"every sample must show the same number (> 0) of tokens, got {counted.tolist()}")
+            shown = int(counted[0])
         ids_shuffle = flat.int().argsort(dim=1, stable=True)  # (B, M*N): visible tokens first, in grid order
-        ids_keep, ids_restore = ids_shuffle[:, :int(shown[0])], ids_shuffle.argsort(1)
+        ids_keep, ids_restore = ids_shuffle[:, :shown], ids_shuffle.argsort(1)
         x = torch.gather(tokens.flatten(1, 2), 1, ids_keep[..., None].expand(-1, -1, D))  # (B, T, D)
         x = self.backbone(x)  # (B, T + 1, D)
         H, W = self.image_size(inputs)
@@ -2951,7 +2961,7 @@ class MaskMentorPretrain(MaskMentorModel):
 
     def draw_mask(self, keep, num_tokens):
         """MultiMAE patch masking of the kept modalities: keep (B, K) bool -> mask (B, K, N), True = masked."""
-        return random_masking(visible_counts(keep, self.budget(num_tokens)), num_tokens)
+        return random_masking(visible_counts(keep, self.budget(num_tokens)), num_tokens, check=False)
 
     def losses(self, rgb, x, label, phase):
         """The terms of `phase`'s objective: {output name, ['token']} -> scalars."""
@@ -2963,13 +2973,14 @@ class MaskMentorPretrain(MaskMentorModel):
         tasks = list(inputs)
         keep = torch.ones(rgb.shape[0], len(tasks), dtype=torch.bool, device=rgb.device)  # complete modalities
         teach = phase == 'student' and self.token_weight != 0  # token_weight 0: M2IM without STTP's token loss
+        N = grid[0] * grid[1]
         if teach:
             with torch.no_grad():  # the teacher: complete modalities, patch masking only; its tokens carry no gradient
-                teacher = self.decode(inputs, self.draw_mask(keep, grid[0] * grid[1]))
+                teacher = self.decode(inputs, self.draw_mask(keep, N), self.budget(N))
         if phase == 'student':  # MaskMentor addition: M2IM's modality masking (Alg. 1)
             keep = m2im_keep_batch(rgb.shape[0], len(tasks), self.p_m, rgb.device)
-        mask = self.draw_mask(keep, grid[0] * grid[1])
-        outs = self.decode(inputs, mask)
+        mask = self.draw_mask(keep, N)
+        outs = self.decode(inputs, mask, self.budget(N))
         terms = {name: self.pixel_loss(name, pred, targets[name], mask[:, tasks.index(adapter.task)], grid)
                  for (name, (pred, _)), adapter in zip(outs.items(), self.output_adapters.values())}
         if teach:  # MaskMentor addition: STTP's token loss

@@ -123,6 +123,13 @@ def release_sized_ktb(cfg, **changes):
 
 
 MM_PRE_OPTS = 'stage=pretrain,dim=32,depth=2,heads=2,decoder_dim=32,decoder_heads=2,decoder_depth=1,img_size=64'
+# every method at a CPU test's size (Config fields), MaskMentor's pre-training as a sixth
+NANO_METHODS = {'early_fusion': dict(method='early_fusion', backbone='swin-nano'),
+                'ktb': dict(method='ktb', backbone='swin-nano', pretrained='none', opts='window_size=4'),
+                'gopt': dict(method='gopt', backbone='vit-nano', pretrained='none'),
+                'maskmentor': dict(method='maskmentor', backbone='vit-nano', pretrained='none'),
+                'maskmentor-pretrain': dict(method='maskmentor', backbone='vit-nano', opts=MM_PRE_OPTS)}
+SEGMENTERS = [m for m in NANO_METHODS if m != 'maskmentor-pretrain']
 
 
 def run_cli(script, *args, cwd=None, **popen):
@@ -4191,6 +4198,116 @@ def test_train_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     assert 'Unsupported operand' in cli_error(ev.main, ['--checkpoint', last])
 
 
+# --- What a step waits for on a GPU: host reads and graph breaks ---
+
+# The host reads of one training step (after a first one, which fills the window-layout
+# caches), by function, at most; counted on the CPU. On a GPU each waits for the device
+# except apply_step's (the CPU optimizer's skip decision: fused AdamW on CUDA takes it on the
+# device) and m2im_keep's (Alg. 1 drawn on the CPU generator: host tensors by design).
+# MaskMentor fine-tuning groups its samples by the modalities they have (data-dependent
+# shapes: unique, and a nonzero per group, at most 3); its pre-training checks the semantic
+# map's values. The loss denominators, the non-finite guard and the token budget read nothing.
+HOST_READS = {'early_fusion': {'apply_step': 1}, 'ktb': {'apply_step': 1}, 'gopt': {'apply_step': 1},
+              'maskmentor': {'apply_step': 1, 'presence': 1, 'features': 5, 'm2im_keep': 8},
+              'maskmentor-pretrain': {'apply_step': 1, 'as_image': 2, 'm2im_keep': 8}}
+EVAL_HOST_READS = {'maskmentor': {'presence': 1, 'features': 5}}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts, by the calling function of this project, the tensor operations that bring
+    a value to the host (item, bool, int, float, tolist, nonzero, unique, boolean
+    indexing, ...); those inside torch.optim's CPU step are not the project's."""
+    READS = {'item', '__bool__', '__int__', '__float__', '__index__', 'tolist', 'nonzero', 'unique',
+             'unique_consecutive', 'masked_select', 'numpy', 'cpu'}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import traceback
+        name = getattr(func, '__name__', '')
+        index = args[1] if name in ('__getitem__', '__setitem__') and len(args) > 1 else None
+        masked = any(torch.is_tensor(i) and i.dtype == torch.bool for i in
+                     (index if isinstance(index, tuple) else (index,)))
+        if name in self.READS or masked:
+            here = str(Path(__file__).resolve().parent)
+            stack = traceback.extract_stack()[:-1]
+            ours = [i for i, f in enumerate(stack) if f.filename.startswith(here) and 'test_rgbx' not in f.filename]
+            if ours and not any('/torch/optim/' in f.filename for f in stack[ours[-1]:]):
+                self.seen[stack[ours[-1]].name] = self.seen.get(stack[ours[-1]].name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def one_step_setup(name, tmp_path):
+    cfg = demo_config(tmp_path, max_steps=6, **NANO_METHODS[name])
+    torch.manual_seed(0)
+    model = tr.build_model(cfg).train()
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=1e-3)
+    demo = data.build_dataset('demo', '', 'train', crop=(32, 32), train=True)
+    batch = [torch.stack(t) for t in zip(*[demo[i] for i in range(2)])]
+    return cfg, model, optimizer, batch
+
+
+@pytest.mark.parametrize('name', list(NANO_METHODS))
+def test_train_step_host_reads_are_the_listed_few(name, tmp_path):
+    """One training step of each method (MaskMentor pre-training: a student step, the one
+    that draws most) reads on the host only what HOST_READS lists; an evaluation forward
+    only what EVAL_HOST_READS lists."""
+    cfg, model, optimizer, batch = one_step_setup(name, tmp_path)
+    scaler, cpu = torch.amp.GradScaler('cpu', enabled=False), torch.device('cpu')
+    inputs = model.schedule(4, 6)[1]
+    tr.train_step(model, iter([batch]), optimizer, scaler, cfg, cpu, 1, 1e-3, inputs)
+    with HostReads() as reads:
+        tr.train_step(model, iter([batch]), optimizer, scaler, cfg, cpu, 1, 1e-3, inputs)
+    allowed = HOST_READS[name]
+    assert set(reads.seen) <= set(allowed) and all(n <= allowed[f] for f, n in reads.seen.items()), reads.seen
+    assert reads.seen['apply_step'] == 1
+    if not model.pretraining:
+        with HostReads() as reads, torch.no_grad():
+            model.eval()(batch[0], batch[1])
+        allowed = EVAL_HOST_READS.get(name, {})
+        assert set(reads.seen) <= set(allowed) and all(n <= allowed[f] for f, n in reads.seen.items()), reads.seen
+
+
+def test_train_apply_step_skips_on_the_device_with_fused_adamw():
+    """With a fused AdamW (CUDA's; CPU's here) the non-finite guard reads nothing on the
+    host: the flag goes in as `found_inf`, and a flagged step leaves weights, moments and
+    the step count as they were; a finite one updates them."""
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([w], lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    w.grad = torch.full((3,), 0.5)
+    tr.apply_step(optimizer, scaler, torch.tensor(1.0))
+    before = w.detach().clone(), optimizer.state[w]['exp_avg'].clone(), optimizer.state[w]['step'].clone()
+    for loss, grad, flags in ((float('nan'), 0.5, (True, False)), (1.0, float('inf'), (False, True))):
+        w.grad = torch.full((3,), grad)
+        with HostReads() as reads:
+            got = tr.apply_step(optimizer, scaler, torch.tensor(loss))
+        assert reads.seen == {} and tuple(f.item() for f in got) == flags
+        assert torch.equal(w, before[0]) and torch.equal(optimizer.state[w]['exp_avg'], before[1])
+        assert torch.equal(optimizer.state[w]['step'], before[2])
+    w.grad = torch.full((3,), 0.5)
+    tr.apply_step(optimizer, scaler, torch.tensor(1.0))
+    assert not torch.equal(w, before[0]) and optimizer.state[w]['step'].item() == before[2].item() + 1
+
+
+# Graph breaks of one training forward and loss under torch.compile (torch._dynamo.explain,
+# torch 2.13), at most: MaskMentor's M2IM draws Alg. 1 with Python branches on the CPU
+# generator; fine-tuning groups its samples (data-dependent shapes); pre-training checks
+# the semantic map's values. The others trace as one graph.
+GRAPH_BREAKS = {'early_fusion': 0, 'ktb': 0, 'gopt': 0, 'maskmentor': 7, 'maskmentor-pretrain': 17}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', list(NANO_METHODS))
+def test_train_graph_breaks_are_the_listed_few(name, tmp_path):
+    cfg, model, _, batch = one_step_setup(name, tmp_path)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(*batch, **model.schedule(4, 6)[1])
+    assert explained.graph_break_count <= GRAPH_BREAKS[name], [str(b.reason)[:200] for b in explained.break_reasons]
+
+
 # --- DDP ---
 
 def ddp_worker(rank, world, rendezvous, configs):
@@ -4717,12 +4834,6 @@ def test_study_pretraining_structure_tells_a_flat_prediction_from_a_spatial_one(
 # ----------------------------------------------------------------------------
 
 GPU_OUT = Path(os.environ.get('RGBX_GPU_OUT') or Path(__file__).resolve().parent / 'runs' / 'gpu-checks')
-GPU_METHODS = {'early_fusion': dict(method='early_fusion', backbone='swin-nano'),
-               'ktb': dict(method='ktb', backbone='swin-nano', pretrained='none', opts='window_size=4'),
-               'gopt': dict(method='gopt', backbone='vit-nano', pretrained='none'),
-               'maskmentor': dict(method='maskmentor', backbone='vit-nano', pretrained='none'),
-               'maskmentor-pretrain': dict(method='maskmentor', backbone='vit-nano', opts=MM_PRE_OPTS)}
-SEGMENTERS = [m for m in GPU_METHODS if m != 'maskmentor-pretrain']
 
 
 def gpu_record(check, **figures):
@@ -4748,12 +4859,12 @@ def run_losses(cfg):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize('amp', ['none', 'bf16', 'fp16'])
-@pytest.mark.parametrize('name', list(GPU_METHODS))
+@pytest.mark.parametrize('name', list(NANO_METHODS))
 def test_train_cuda_every_method_trains_in_each_precision(tmp_path, name, amp):
     """3 steps and an evaluation of every method on CUDA in each precision: finite losses,
     no step skipped for a non-finite loss (fp16's scaler may skip while it finds its
     scale: counted); the checkpoint loads on the CPU and predicts finite logits there."""
-    cfg = demo_config(tmp_path, device='cuda', amp=amp, max_steps=3, **GPU_METHODS[name])
+    cfg = demo_config(tmp_path, device='cuda', amp=amp, max_steps=3, **NANO_METHODS[name])
     start = time.perf_counter()
     out = tr.train(cfg)
     losses = run_losses(cfg)
@@ -4774,7 +4885,7 @@ def test_train_cuda_resume_equals_uninterrupted(tmp_path, name):
     """Stopped after step 3 and resumed, a CUDA run (MMST / mask draws on the CUDA
     generator) ends where an uninterrupted one does, within the DDP test's tolerances
     (CUDA kernels with atomics may sum in another order from run to run)."""
-    kw = dict(device='cuda', max_steps=6, save_every=1, **GPU_METHODS[name])
+    kw = dict(device='cuda', max_steps=6, save_every=1, **NANO_METHODS[name])
     tr.train(demo_config(tmp_path / 'whole', **kw))
 
     def stop(step):
@@ -4794,7 +4905,7 @@ def test_train_cuda_resume_equals_uninterrupted(tmp_path, name):
 def test_eval_cuda_logits_equal_the_cpus(name, exact_fp32):
     """The same weights on CPU and CUDA: logits within 1e-4 of their largest value in
     float32 (TF32 off), 5e-2 under bf16 autocast; training-mode losses too."""
-    cfg = demo_config(Path('unused'), **GPU_METHODS[name])
+    cfg = demo_config(Path('unused'), **NANO_METHODS[name])
     torch.manual_seed(0)
     model = tr.build_model(cfg).eval()
     rgb, x, label = (torch.stack(t) for t in zip(*[data.build_dataset('demo', '', 'test')[i] for i in range(4)]))
@@ -4815,7 +4926,7 @@ def test_eval_cuda_logits_equal_the_cpus(name, exact_fp32):
 def test_eval_cuda_protocols_equal_the_cpus_miou(name, exact_fp32):
     """Evaluation on CUDA (single scale, multi-scale + flip, sliding windows, RGB only,
     X only) gives the CPU's mIoU within 1e-3, with the same weights (TF32 off)."""
-    cfg = demo_config(Path('unused'), **GPU_METHODS[name])
+    cfg = demo_config(Path('unused'), **NANO_METHODS[name])
     torch.manual_seed(0)
     model = tr.build_model(cfg)
     loader = data.loader(data.build_dataset('demo', '', 'test', x_standardised=tr.run_of(cfg).x_standardised), 4)
@@ -4844,14 +4955,14 @@ def test_train_cuda_torchrun_with_nccl(tmp_path):
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-# What a CUDA training step may wait for on the host (beyond the log steps' reads), by
-# function: the checks of user input that need a value, and MaskMentor fine-tuning's
-# grouping of samples by the modalities they have (data-dependent shapes).
-CUDA_SYNCS_ALLOWED = {'presence', 'features', 'as_image', 'random_masking', 'm2im_keep', 'm2im_keep_batch'}
+# What a CUDA training step may wait for (beyond the log steps' reads), by function: the
+# host reads of HOST_READS but apply_step's (fused AdamW decides on the device), and the
+# copy of M2IM's host-drawn masks to the GPU.
+CUDA_SYNCS_ALLOWED = set().union(*HOST_READS.values()) - {'apply_step'} | {'m2im_keep_batch'}
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize('name', list(GPU_METHODS))
+@pytest.mark.parametrize('name', list(NANO_METHODS))
 def test_train_cuda_steps_do_not_wait_for_the_gpu(tmp_path, name):
     """torch.cuda.set_sync_debug_mode over two training steps that neither log nor save:
     every operation that waits for the GPU is named by its function, which must be one
@@ -4865,7 +4976,7 @@ def test_train_cuda_steps_do_not_wait_for_the_gpu(tmp_path, name):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         tr.train(demo_config(tmp_path, device='cuda', max_steps=4, log_every=1000, eval_every=0,
-                             **GPU_METHODS[name]), on_step=watch)
+                             **NANO_METHODS[name]), on_step=watch)
     torch.cuda.set_sync_debug_mode(0)
     here = Path(__file__).resolve().parent
     functions = {}

@@ -339,8 +339,8 @@ class GlobalBatch(rgbx.DrawPolicy):
         which then equal the gradient of the global batch's mean. A collective: every
         process computes the same losses."""
         total = torch.as_tensor(n, dtype=torch.float64, device=self.device).reshape(1)
-        dist.all_reduce(total)
-        return max(total.item(), 1.0) / self.world
+        dist.all_reduce(total)  # on the device: nothing is read on the host
+        return (total.clamp(min=1) / self.world).float().reshape(())
 
     def gather(self, values):
         """The 1-D `values` of every process, concatenated in rank order (no gradient)."""
