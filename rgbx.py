@@ -1618,15 +1618,15 @@ def mmst_drop(batch, generator=None):
     sample is intact with probability 1/2 and loses either modality with 1/4);
     batch 2 always has one intact sample and one without RGB or X (a coin flip);
     batch 1 is intact, without RGB or without X with probabilities 1/2, 1/4, 1/4.
-    Draws come from `generator` (torch's global RNG when None).
-    Returns drop (2, batch) bool: row 0 = RGB tokens zeroed, row 1 = X tokens zeroed.
+    Draws come from `generator` (torch's global RNG when None), on the host.
+    Returns drop (2, batch) bool on the CPU: row 0 = RGB tokens zeroed, row 1 = X tokens zeroed.
     """
     if batch < 1:
         raise ValueError(f"mmst_drop needs a batch of at least 1, got {batch}")
-    phase = torch.randint(4, (), generator=generator)
-    order = torch.randperm(batch, generator=generator)
-    role = torch.empty(batch, dtype=torch.long)
-    role[order] = (torch.arange(batch) + phase) % 4  # 0, 2 intact; 1 no RGB; 3 no X
+    phase = torch.randint(4, (), generator=generator, device='cpu')
+    order = torch.randperm(batch, generator=generator, device='cpu')
+    role = torch.empty(batch, dtype=torch.long, device='cpu')
+    role[order] = (torch.arange(batch, device='cpu') + phase) % 4  # 0, 2 intact; 1 no RGB; 3 no X
     return torch.stack([role == 1, role == 3])
 
 
@@ -2466,18 +2466,18 @@ def m2im_keep(num_modalities, p_m=0.5, generator=None):
 
     Returns a (num_modalities,) bool tensor, True = modality kept (in O); at
     least one modality is always kept. Random draws come from `generator`, or
-    from torch's global RNG when it is None.
+    from torch's global RNG when it is None, on the host (a CPU tensor).
     """
     if num_modalities < 1 or not 0.0 <= p_m <= 1.0:
         raise ValueError(f"m2im_keep needs num_modalities >= 1 and 0 <= p_m <= 1, got {num_modalities}, {p_m}")
-    kept, g = torch.zeros(num_modalities, dtype=torch.bool), False  # line 1: O = {}, g = 0 (the paper's "q" is g)
-    order = torch.randperm(num_modalities, generator=generator).tolist()  # line 2: Q <- RandomSort(Q)
+    kept, g = torch.zeros(num_modalities, dtype=torch.bool, device='cpu'), False  # line 1: O = {}, g = 0 ("q")
+    order = torch.randperm(num_modalities, generator=generator, device='cpu').tolist()  # line 2: Q <- RandomSort(Q)
     for k in order[:-1]:  # line 3: for k = 1 .. K-1
-        if torch.rand((), generator=generator) >= p_m:  # lines 4-5: v ~ U[0, 1], v >= p_m
+        if torch.rand((), generator=generator, device='cpu') >= p_m:  # lines 4-5: v ~ U[0, 1], v >= p_m
             kept[k], g = True, True  # line 6: O <- O + {X_k}, g <- 1
     if not g:  # line 9
         kept[order[-1]] = True  # line 10: the last modality survives when all others were masked
-    elif torch.rand((), generator=generator) >= p_m:  # lines 12-13
+    elif torch.rand((), generator=generator, device='cpu') >= p_m:  # lines 12-13
         kept[order[-1]] = True  # line 14
     return kept
 

@@ -5010,6 +5010,33 @@ def test_eval_cuda_benchmark_at_480x640(method, backbone):
 # Layout: what imports what, where code and recipes live, the allocator, the test file itself
 # ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize('name', list(NANO_METHODS))
+def test_layout_no_tensor_is_made_on_the_default_device(name, tmp_path):
+    """Device placement without a GPU: the model and its inputs stay on the CPU while the
+    default device is `meta` (no data; torch refuses to mix its tensors with CPU ones).
+    A tensor a forward, a loss, its backward or an evaluation protocol creates without
+    naming a device (`torch.zeros(n)` where `x.new_zeros(n)` or `device=x.device` was
+    meant) lands on meta and fails the first operation that meets the CPU tensors, as it
+    would land on the CPU and fail against CUDA tensors on a GPU. (The meta device alone
+    cannot run the models: MaskMentor reads values; the host draws of MMST and M2IM name
+    the CPU on purpose.)"""
+    cfg, model, _, batch = one_step_setup(name, tmp_path)
+    phases = [{'phase': 'mim'}, {'phase': 'student'}] if model.pretraining else [{}]
+    with torch.device('meta'):
+        for phase in phases:
+            loss, _ = model(*batch, **phase)
+            loss.backward()
+        if not model.pretraining:
+            with torch.no_grad():
+                model.eval()
+                for kw in (dict(scales=(0.5, 1.0), flip=True), dict(crop=(16, 16))):
+                    assert ev.predict(model, batch[0], batch[1], 5, **kw).device.type == 'cpu'
+                ev.predict(model, *ev.drop_modality(batch[0], batch[1], 'x'), 5)
+    assert loss.device.type == 'cpu' and all(p.grad is None or p.grad.device.type == 'cpu' for p in model.parameters())
+    with torch.device('meta'), pytest.raises((RuntimeError, NotImplementedError)):
+        batch[0] * torch.ones(batch[0].shape[1:])  # what the check catches
+
+
 def test_layout_recipes_sit_with_their_methods():
     ktb = rgbx.recipe('ktb', 'nyudv2')
     assert (ktb.epochs, ktb.lr, ktb.weight_decay, ktb.batch_size, ktb.warmup_epochs) == (400, 4e-4, 0.01, 4, 10)
