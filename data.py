@@ -26,6 +26,7 @@ or a split file that is not UTF-8 raises an error naming the file and the fix.
 import errno
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -133,6 +134,7 @@ def demo_preset(size, holdout=0):
     `holdout` training scenes (never the test scenes)."""
     return Preset(('background', 'red low', 'red high', 'blue low', 'blue high'),
                   {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (), (size, size), holdout=holdout,
+                  palette=((0, 0, 0), (128, 0, 0), (255, 96, 96), (0, 0, 128), (96, 128, 255)),  # dark = low
                   defaults=dict(epochs=20, lr=1e-3, weight_decay=0.01, batch_size=4, warmup_epochs=1))
 
 
@@ -230,6 +232,9 @@ def open_image(path, modes, what, fix16=TO_8BIT):
             mode, arr = im.mode, np.array(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path} cannot be decoded as an image ({e}); re-save it as PNG") from e
+    if mode not in modes and mode.startswith(('I', 'F')):  # 16/32-bit values: convert('RGB') would clip them
+        raise ValueError(f"{path} stores {mode} values (PIL mode {mode!r}), which the {what.split(' (')[0]} cannot "
+                         f"be: {fix16}")
     if mode not in modes:
         raise ValueError(f"{path} is a PIL {mode!r} image; the {what} must be one of the modes {modes}")
     if arr.dtype == np.uint8 and arr.ndim == 3 and png_bit_depth(path) == 16:
@@ -307,7 +312,26 @@ def read_label(path, preset):
     """A label file of class indices (8/16-bit grey or palette PNG) -> int64 (H, W)."""
     arr = open_image(path, ('L', 'P', 'I;16', 'I'),
                      'label image of class indices (a colour-coded label must be converted to indices first)')
+    check_grey_palette(path, arr)
     return shift_label(arr, preset, path)
+
+
+def check_grey_palette(path, arr):
+    """A palette label is read by its indices; one whose palette is grey but shows other values
+    than its indices (a grey label saved through a palette) would be read as other classes:
+    an error saying to save it as a grey PNG of the values shown."""
+    with Image.open(path) as im:
+        if im.mode != 'P':
+            return
+        colours = np.array(im.getpalette('RGB') or [], np.int64).reshape(-1, 3)
+    used = np.unique(arr)
+    used = used[(used < len(colours)) & (used != IGNORE)]  # void may be drawn in any colour
+    shown = colours[used]
+    if len(used) and (shown == shown[:, :1]).all() and (shown[:, 0] != used).any():
+        i = int(used[np.argmax(shown[:, 0] != used)])
+        raise ValueError(f"{path} is a palette PNG whose grey palette shows other values than its indices (index {i} "
+                         f"is shown as grey {colours[i, 0]}): labels are read by index; save it as a grey PNG of "
+                         f"class indices (e.g. Image.open(p).convert('L').save(p) if the grey values are the classes)")
 
 
 def check_sizes(*pairs):
@@ -593,7 +617,7 @@ def read_split(root, split, preset, x_modality):
     if named and not path.is_file() and (root / split).is_dir():
         folder = root / split
         images = (folder / find_layout(folder, preset, x_modality).rgb).iterdir()
-        return folder, sorted(p.stem for p in images if p.suffix.lower() in EXTENSIONS), folder
+        return folder, sorted(p.stem for p in images if p.suffix.lower() in EXTENSIONS and visible(p.name)), folder
     if not path.is_file():
         find_layout(root, preset, x_modality)  # a root that holds no dataset at all is reported as such
         raise FileNotFoundError(f"split file {path} not found: expected lines like 'RGB/0.jpg Label/0.png' or "
@@ -612,6 +636,11 @@ def read_split(root, split, preset, x_modality):
 LOSSLESS = ('.png',)  # labels: a lossy format (JPEG) changes class values at edges
 
 
+def visible(name):
+    """Whether a file listed in a folder is data: not hidden, such as macOS's '._0.png' metadata files."""
+    return not name.startswith('.')
+
+
 def find_file(root, rel, where, extensions=EXTENSIONS):
     """root/rel as listed, else root/rel with its extension replaced by one of `extensions`;
     a file found only in another format (a JPEG label) is an error that says so."""
@@ -619,13 +648,17 @@ def find_file(root, rel, where, extensions=EXTENSIONS):
     stem = str(path.with_suffix('') if path.suffix.lower() in EXTENSIONS else path)
     if path.is_file() and path.suffix.lower() in extensions:
         return path
-    for ext in extensions:
+    for ext in [e for ext in extensions for e in (ext, ext.upper())]:  # 0.png, then 0.PNG
         if Path(stem + ext).is_file():
             return Path(stem + ext)
     other = [stem + ext for ext in EXTENSIONS if ext not in extensions and Path(stem + ext).is_file()]
     if other:
         raise ValueError(f"{where}: {other[0]} is a lossy file; labels are read from {', '.join(extensions)} files only "
                          f"(JPEG compression changes class values at every edge): convert the labels to PNG")
+    dangling = [c for c in [str(path)] + [stem + e for e in extensions] if os.path.islink(c)]
+    if dangling:
+        raise FileNotFoundError(f"{where}: {dangling[0]} is a symbolic link that leads to no file (broken, or a loop "
+                                f"of links): point it at the file")
     raise FileNotFoundError(f"{where}: {path} not found (also tried {', '.join(extensions)}); every sample needs "
                             f"its RGB, X and label file in the layout's folders, under the same id")
 
@@ -1102,6 +1135,22 @@ def hha(depth, camera, missing=None):
         if missing.shape != depth.shape:
             raise ValueError(f"missing has shape {missing.shape}, the depth {depth.shape}")
         valid &= ~missing
+    side = 2 * HHA_PATCH[1] + 1
+    if min(depth.shape) < side:
+        raise ValueError(f"a depth of {depth.shape[0]} x {depth.shape[1]} pixels is smaller than HHA's {side} x {side} "
+                         f"window of the gravity estimate: its HHA would be constant")
+    if not valid.any():
+        raise ValueError("the depth has no measured pixel (every value is 0 or missing): its HHA would be constant")
+    try:
+        with np.errstate(over='raise'):
+            return hha_channels(depth, camera, valid)
+    except FloatingPointError:
+        raise ValueError(f"camera {camera} puts the points beyond float range: give the intrinsics in pixels "
+                         f"(e.g. nyu: {', '.join(f'{v:.1f}' for v in NYU_CAMERA)})") from None
+
+
+def hha_channels(depth, camera, valid):
+    """`hha`'s three channels, uint8 (H, W, 3), of a checked depth (metres) and its valid pixels."""
     z = depth * 100
     zn = z / 100 * 100  # the reference code's normals take metres and scale them back: same rounding
     n = hha_normals(zn, valid, camera, HHA_PATCH[0])
@@ -1122,8 +1171,9 @@ def read_depth_metres(path, scale=0.001):
     by default, 0 = no measurement) -> depth float64 (H, W) in metres and missing bool
     (H, W) (v == 0). The metres are v / (1 / scale) when 1 / scale is a whole number,
     so one depth stored in different units gives the same floats."""
-    if not scale > 0:
-        raise ValueError(f"the depth scale must be > 0 (metres per stored unit), not {scale}")
+    if not 0 < scale < float('inf'):
+        raise ValueError(f"the depth scale (--depth-scale) must be a finite number > 0 (metres per stored unit), "
+                         f"not {scale}")
     arr = open_image(path, ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I', 'F'),
                      'depth image (1-channel 16-bit PNG, millimetres)')
     if png_bit_depth(path) != 16 or arr.ndim != 2:
@@ -1153,18 +1203,42 @@ def hha_file(depth_path, raw_path, out_path, camera, scale):
     """Convert one depth file (and its raw depth, whose zeros are the missing pixels) to
     an HHA PNG, written to a temporary name and renamed: a file under out_path is whole."""
     depth, missing = read_depth_metres(depth_path, scale)
+    holes = float((depth == 0).mean())  # a hole-filled depth has none
     if raw_path is not None:
         raw, missing = read_depth_metres(raw_path, scale)
         check_sizes((depth_path, depth), (raw_path, raw))
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
-        Image.fromarray(hha(depth, camera, missing)).save(tmp, format='PNG')
+        try:
+            encoded = hha(depth, camera, missing)
+        except ValueError as e:
+            raise ValueError(f"{depth_path}: {e}") from None
+        with disk_full_names(out_path):
+            Image.fromarray(encoded).save(tmp, format='PNG')
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return out_path
+    return out_path, holes
+
+
+def check_hha_there(path, depth_path):
+    """A file `path` of the output folder is skipped as done only when it can be the HHA of
+    `depth_path`: an 8-bit RGB PNG of its size whose angle channel lies in HHA's 38..218;
+    anything else there is an error (its folder holds other files)."""
+    with Image.open(depth_path) as d:
+        size = d.size
+    try:
+        with Image.open(path) as im:
+            ok = im.format == 'PNG' and im.mode == 'RGB' and im.size == size
+            angle = np.asarray(im)[..., 2] if ok else None
+    except (OSError, SyntaxError, ValueError):
+        ok = False
+    if not ok or angle.min() < 38 or angle.max() > 218:
+        raise ValueError(f"--out {path.parent} holds {path.name}, which is not the HHA of {depth_path} (an 8-bit RGB "
+                         f"PNG of its size, angles 38..218): its files are not HHA; pass an empty folder or the "
+                         f"HHA folder")
 
 
 def _hha_job(job):
@@ -1173,15 +1247,16 @@ def _hha_job(job):
 
 def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1, progress=None):
     """Convert every *.png of depth_dir to an HHA PNG of the same name in out_dir
-    (created), skipping names out_dir already holds. raw_dir: raw depths of the same
-    names, whose zeros are the missing pixels (without it, the depth's own zeros).
-    Returns (written, skipped) counts; progress(done, total) is called after each file."""
+    (created), skipping the HHA files out_dir already holds (`check_hha_there`). raw_dir: raw
+    depths of the same names, whose zeros are the missing pixels (without it, the depth's own
+    zeros). Returns (written, skipped, holes): holes = (the largest share of 0 pixels in a
+    converted depth, its file); progress(done, total) is called after each file."""
     depth_dir, out_dir = Path(depth_dir), Path(out_dir)
     for flag, d in (('--depth', depth_dir), ('--raw', raw_dir)):
         if d is not None and not Path(d).is_dir():
             raise FileNotFoundError(f"{flag} {d}: no such folder")
     check_output('--out', out_dir, [('--depth', depth_dir), ('--raw', raw_dir)], folder=True, dataset_x='hha')
-    names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file())
+    names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file() and visible(p.name))
     if not names:
         raise FileNotFoundError(f"--depth {depth_dir} holds no .png depth files")
     if raw_dir is not None:
@@ -1196,30 +1271,47 @@ def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1,
     except OSError as e:
         raise ValueError(f"--out {out_dir} cannot be written ({e.strerror or e})") from None
     todo = [n for n in names if not (out_dir / n).exists()]
+    for n in sorted(set(names) - set(todo)):
+        check_hha_there(out_dir / n, depth_dir / n)
     jobs = [(depth_dir / n, None if raw_dir is None else Path(raw_dir) / n, out_dir / n, camera, scale) for n in todo]
     skipped, done = len(names) - len(todo), 0
     if progress:
         progress(skipped, len(names))
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        with multiprocessing.get_context('spawn').Pool(workers) as pool:
-            for _ in pool.imap_unordered(_hha_job, jobs):
-                done += 1
-                if progress:
-                    progress(skipped + done, len(names))
-    else:
-        for job in jobs:
-            _hha_job(job)
+    holes = (0.0, None)
+
+    def tally(results):
+        nonlocal done, holes
+        for path, share in results:
+            holes = max(holes, (share, path.name), key=lambda h: h[0])
             done += 1
             if progress:
                 progress(skipped + done, len(names))
-    return done, skipped
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        with multiprocessing.get_context('spawn').Pool(workers) as pool:
+            tally(pool.imap_unordered(_hha_job, jobs))
+    else:
+        tally(map(_hha_job, jobs))
+    return done, skipped, holes
+
+
+def dash_values(argv, flags):
+    """argv with a value that starts with '-' attached to its flag (`--crop -1x5` ->
+    `--crop=-1x5`) for the `flags` that take one, so that argparse hands it to the flag's
+    own check rather than taking it for a flag ("expected one argument")."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    for a in argv:
+        if out and out[-1] in flags and a.startswith('-') and not a.startswith('--'):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
 
 
 def main(argv=None):
     """Command line: `python data.py hha ...` converts a folder of depth PNGs to HHA."""
     import argparse
-    import sys
     ap = argparse.ArgumentParser(prog='data.py', description="Data tools of rgbx.")
     sub = ap.add_subparsers(dest='command', required=True)
     p = sub.add_parser('hha', help="convert depth PNGs to HHA PNGs (Gupta et al., ECCV 2014)",
@@ -1227,7 +1319,8 @@ def main(argv=None):
                                    "(disparity, height, angle; as the authors' MATLAB saveHHA). Files the "
                                    "output folder already holds are skipped.")
     p.add_argument('--depth', required=True, metavar='DIR',
-                   help="folder of depth PNGs (1-channel 16-bit, millimetres unless --depth-scale), hole-filled")
+                   help="folder of depth PNGs (1-channel 16-bit, millimetres unless --depth-scale), "
+                        "hole-filled (raw depths with holes work too, and the run says so)")
     p.add_argument('--raw', metavar='DIR',
                    help="folder of the raw depths, same names: their zeros are the pixels without a measurement, "
                         "left out of the normals (default: the zeros of --depth)")
@@ -1238,7 +1331,7 @@ def main(argv=None):
     p.add_argument('--workers', type=int, default=1, metavar='N', help="processes converting in parallel (default 1)")
     p.add_argument('--depth-scale', type=float, default=0.001, metavar='S',
                    help="metres per stored depth unit (default 0.001: millimetres; e.g. 0.0001 for 1/10 mm)")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(dash_values(argv, ('--camera',)))
 
     shown = []
 
@@ -1256,10 +1349,11 @@ def main(argv=None):
     try:
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, not {args.workers}")
-        if not args.depth_scale > 0:
-            raise ValueError(f"--depth-scale must be > 0 (metres per stored unit), not {args.depth_scale}")
-        written, skipped = hha_folder(args.depth, args.out, parse_camera(args.camera), args.raw,
-                                      args.depth_scale, args.workers, progress)
+        if not 0 < args.depth_scale < float('inf'):
+            raise ValueError(f"--depth-scale must be a finite number > 0 (metres per stored unit), not "
+                             f"{args.depth_scale}")
+        written, skipped, (holes, name) = hha_folder(args.depth, args.out, parse_camera(args.camera), args.raw,
+                                                     args.depth_scale, args.workers, progress)
     except (ValueError, OSError) as e:
         end_line()
         print(f"error: {e}", file=sys.stderr)
@@ -1269,6 +1363,10 @@ def main(argv=None):
         print("hha: interrupted; finished files are kept and skipped next time", file=sys.stderr)
         return 130
     end_line()
+    if holes and args.raw is None:
+        print(f"hha: note: the --depth files have pixels of 0 (no measurement; {holes:.0%} of {name}): they are raw "
+              f"depths, whose holes are left out of the normals (Gupta's saveHHA). The NYUDv2 HHA files the "
+              f"released models take were made from the hole-filled depth: pass that as --depth", file=sys.stderr)
     print(f"hha: {written} written, {skipped} already there, in {args.out}", file=sys.stderr)
     return 0
 

@@ -531,12 +531,23 @@ def save_reconstructions(model, dataset, out_dir, rgb_norm, device):
         Image.fromarray(panel).save(os.path.join(out_dir, f'{dataset.names[i]}_reconstruction.png'))
 
 
+def words(draw, xy, text, font):
+    """Draw `text` word by word, a visible gap between words (the default font's space is
+    2 px wide); returns the width drawn."""
+    x, gap = xy[0], max(4, int(font.getlength(' ')))
+    for word in text.split():
+        if draw is not None:
+            draw.text((x, xy[1]), word, fill='black', font=font)
+        x += int(font.getlength(word)) + gap
+    return x - gap - xy[0]
+
+
 def legend(classes, class_names, palette, width, row=14):
     """A white strip (h, width, 3) uint8 of swatches and names: each class in `classes`,
     then void (hatched, as data.colorize draws it), in as many columns as fit."""
     font = ImageFont.load_default()
     entries = [(c, class_names[c]) for c in classes] + [(data.IGNORE, 'void (not scored)')]
-    cell = 16 + max(int(font.getlength(name)) for _, name in entries)  # swatch, gap, the longest name
+    cell = 16 + max(words(None, (0, 0), name, font) for _, name in entries)  # swatch, gap, the longest name
     cols = max(1, width // cell)
     strip = Image.new('RGB', (width, row * -(-len(entries) // cols) + 2), 'white')
     draw = ImageDraw.Draw(strip)
@@ -544,16 +555,30 @@ def legend(classes, class_names, palette, width, row=14):
         x, y = i % cols * cell + 2, i // cols * row + 2
         strip.paste(Image.fromarray(data.colorize(np.full((row - 4, row - 4), c), palette, hatch=True)), (x, y))
         draw.rectangle((x, y, x + row - 5, y + row - 5), outline=(128, 128, 128))
-        draw.text((x + row, y), name, fill='black', font=font)
+        words(draw, (x + row, y), name, font)
+    return np.array(strip)
+
+
+PANEL_TITLES = ('RGB', 'X', 'ground truth', 'prediction')
+
+
+def captions(titles, column, row=14):
+    """A white strip (row, len(titles) * column, 3) uint8 with each title under its column."""
+    font = ImageFont.load_default()
+    strip = Image.new('RGB', (len(titles) * column, row), 'white')
+    draw = ImageDraw.Draw(strip)
+    for i, title in enumerate(titles):
+        words(draw, (i * column + max(2, (column - words(None, (0, 0), title, font)) // 2), 1), title, font)
     return np.array(strip)
 
 
 def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
-    """RGB | X | ground truth | prediction, side by side, over a legend of the classes
-    present in either map (void hatched), as one PNG."""
+    """RGB | X | ground truth | prediction, side by side, their titles under them, over a
+    legend of the classes present in either map (void hatched), as one PNG."""
     panel = np.concatenate([rgb_img, x_img, data.colorize(gt, palette, hatch=True), data.colorize(pred, palette)], 1)
     present = sorted(set(np.unique(gt).tolist()) - {data.IGNORE} | set(np.unique(pred).tolist()))
-    Image.fromarray(np.concatenate([panel, legend(present, class_names, palette, panel.shape[1])])).save(path)
+    Image.fromarray(np.concatenate([panel, captions(PANEL_TITLES, rgb_img.shape[1]),
+                                    legend(present, class_names, palette, panel.shape[1])])).save(path)
 
 
 # ----------------------------------------------------------------------------
@@ -778,7 +803,7 @@ def main(argv=None):
     b.add_argument('--repeats', type=int, default=None, help='default 3')
     b.add_argument('--floor-only', action='store_true',
                    help='only the training step and latency against the frozen-backbone floor, timed in turns')
-    args = p.parse_args(argv)
+    args = p.parse_args(data.dash_values(argv, ('--camera', '--size')))
     keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     try:
         check_flags(args)
@@ -791,6 +816,9 @@ def main(argv=None):
         if not peer_failed(e):
             raise
         sys.exit(f"error: {PEER_FAILED}")
+    finally:  # also after an error: a process group left to the interpreter's exit can abort it
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def check_flags(args):
@@ -895,8 +923,6 @@ def run(args):
         segment_pair(args, model, run, device)
     else:
         evaluate_split(args, model, run, root, rank, world, device)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def inference(args, run):

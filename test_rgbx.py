@@ -1,5 +1,6 @@
 """Tests for rgbx: tiny configs on CPU, each checked against something computed another way."""
 import copy
+import datetime
 import itertools
 import json
 import math
@@ -149,6 +150,41 @@ def one_line_error(res, *words):
     for w in words:
         assert w in lines[0], (w, lines[0])
     return lines[0]
+
+
+class Child:
+    """A `python -u train.py args` process whose stdout lines are read as they come (a thread),
+    so that a test acts on what the run has said ("step 2/...") rather than on timing or on
+    files appearing."""
+
+    def __init__(self, *args):
+        import queue
+        import subprocess
+        import sys
+        import threading
+        here = Path(__file__).resolve().parent
+        self.p = subprocess.Popen([sys.executable, '-u', str(here / 'train.py'), *map(str, args)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        self.lines = queue.Queue()
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        for line in self.p.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, text, timeout=300):
+        """The first line holding `text`; an error when the run ends (or says nothing for `timeout` s) before."""
+        while True:
+            line = self.lines.get(timeout=timeout)
+            assert line is not None, f"the run ended before saying {text!r}: {self.p.stderr.read()[-2000:]}"
+            if text in line:
+                return line
+
+    def finish(self, timeout=300):
+        """Wait for the end; the result as run_cli gives it (returncode, stderr)."""
+        self.p.wait(timeout=timeout)
+        return type('Result', (), dict(returncode=self.p.returncode, stderr=self.p.stderr.read()))
 
 
 def nyu_pair(tmp_path, bad_test_label=False):
@@ -3350,6 +3386,57 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     assert sorted(p.name for p in (tmp_path / 'depth').iterdir()) == ['a.png', 'b.png']
 
 
+@pytest.mark.slow
+def test_hha_cli_refuses_constant_hha_other_files_and_says_raw_depth(tmp_path, small_disk, monkeypatch, capsys):
+    """data.py hha through a real process: an all-zero depth, a 3 x 3 one and a camera that
+    overflows are errors naming the file or flag (no constant HHA, no numpy warning); an --out
+    folder holding other images of the same names (RGB photos) is an error, not "already there";
+    a raw depth (holes) converts and says so; a full disk names the file."""
+    depth, _ = hha_scene()
+    mm = np.round(np.nan_to_num(depth, posinf=0) * 1000).astype(np.uint16)
+    raw = mm.copy()
+    raw[::3] = 0  # a third of the rows unmeasured, as a raw Kinect depth has holes
+    png(tmp_path / 'zero' / 'a.png', np.zeros_like(mm))
+    png(tmp_path / 'tiny' / 'a.png', mm[:3, :3])
+    png(tmp_path / 'raw' / 'a.png', raw)
+    png(tmp_path / 'photos' / 'a.png', np.random.default_rng(0).integers(0, 256, (*mm.shape, 3), dtype=np.uint8))
+    cam = ','.join(map(str, HHA_CAMERA))
+    for depth_dir, camera, words in (('zero', cam, ['zero/a.png', 'no measured pixel']),
+                                     ('tiny', cam, ['tiny/a.png', 'smaller than']),
+                                     ('raw', '1e308,1e308,1e308,1e308', ['beyond float range'])):
+        res = run_data_cli('hha', '--depth', tmp_path / depth_dir, '--out', tmp_path / 'o', '--camera', camera)
+        assert_one_line_error(res, *words)
+        assert 'Warning' not in res.stderr
+    assert not list((tmp_path / 'o').glob('*.png'))
+    photos = (tmp_path / 'photos' / 'a.png').read_bytes()
+    res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'photos', '--camera', cam)
+    assert_one_line_error(res, 'photos', 'a.png', 'not the HHA')
+    assert (tmp_path / 'photos' / 'a.png').read_bytes() == photos
+    res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'o', '--camera', cam)
+    assert res.returncode == 0 and 'note: the --depth files have pixels of 0 (no measurement; 33% of a.png)' in res.stderr
+    assert '1 written' in res.stderr.splitlines()[-1]
+    res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'o', '--camera', cam)
+    assert res.returncode == 0 and '0 written, 1 already there' in res.stderr  # a true HHA file is skipped
+    if os.path.ismount(small_disk):
+        free = os.statvfs(small_disk)
+        (small_disk / 'filler').write_bytes(b'\0' * (free.f_bavail * free.f_frsize - 4096))
+    else:
+        import errno
+        real_save = Image.Image.save
+
+        def save(im, fp, *a, **k):
+            if str(small_disk) in str(fp):
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return real_save(im, fp, *a, **k)
+        monkeypatch.setattr(Image.Image, 'save', save)
+    capsys.readouterr()
+    assert data.main(['hha', '--depth', str(tmp_path / 'raw'), '--out', str(small_disk / 'hha'), '--camera', cam]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: disk full: cannot write {small_disk / 'hha' / 'a.png'}; free space on that disk or write to " \
+                  f"another one", err
+    assert not [p for p in (small_disk / 'hha').iterdir()]
+
+
 def test_hha_bad_arguments_are_one_line_errors(tmp_path):
     png(tmp_path / 'eight.png', np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match='16-bit.*--depth-scale'):
@@ -3366,12 +3453,72 @@ def test_hha_bad_arguments_are_one_line_errors(tmp_path):
     assert data.NYU_CAMERA[2] == 325.58244941119034 - 1 and data.NYU_CAMERA[3] == 253.73616633400465 - 1
 
 
+def test_data_palette_labels_with_a_grey_palette_that_disagrees_with_the_indices_are_refused(nyu_like):
+    """A grey label saved through a palette (Image.quantize orders the palette by frequency) shows
+    the classes as greys but stores other indices: refused; a palette whose greys are its indices,
+    and a colour palette (VOC-style), are read by index."""
+    grey = np.array(Image.open(nyu_like / 'Label' / '0.png'))
+    quantized = Image.fromarray(grey).quantize(256)
+    shown = np.array(quantized.convert('L'))
+    assert (shown == grey).all() and (np.array(quantized) != grey).mean() > 0.5  # looks right, stores other values
+    quantized.save(nyu_like / 'Label' / '0.png')
+    with pytest.raises(ValueError, match=r'Label/0\.png is a palette PNG whose grey palette shows other values'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2').read(0)
+    for palette in ([v for i in range(256) for v in (i, i, i)], data.voc_colormap().flatten().tolist()):
+        im = Image.fromarray(grey, 'P')
+        im.putpalette(palette)
+        im.save(nyu_like / 'Label' / '0.png')
+        assert (data.RGBXDataset(nyu_like, 'train', 'nyudv2').read(0)[2] == torch.from_numpy(
+            grey.astype(np.int64) - 1).where(torch.from_numpy(grey) > 0, torch.tensor(255)).numpy()).all()
+
+
+@pytest.mark.parametrize('dataset,stored', [('nyudv2', 40), ('mfnet', 8)])
+def test_data_label_255_is_void_in_every_dataset(tmp_path, dataset, stored):
+    """255 on disk is the ignore index of every preset (README's table says so), the largest
+    class stays a class, and a value just above it is an error."""
+    label = np.full((4, 5), stored, np.uint8)
+    label[0, :2] = 255
+    png(tmp_path / 'l.png', label)
+    read = data.read_label(tmp_path / 'l.png', dataset)
+    assert (read[0, :2] == 255).all() and (read[1:] == data.get_preset(dataset).num_classes - 1).all()
+    label[0, 0] = stored + 1
+    png(tmp_path / 'l.png', label)
+    with pytest.raises(ValueError, match=rf'values \[{stored + 1}\] are outside'):
+        data.read_label(tmp_path / 'l.png', dataset)
+    readme = (Path(__file__).resolve().parent / 'README.md').read_text()
+    assert re.search(rf"\| `{dataset}` \|[^\n]*255 void", readme)
+
+
 def test_data_labels_are_read_from_lossless_files_only(nyu_like):
     img = Image.open(nyu_like / 'Label' / '0.png')
     (nyu_like / 'Label' / '0.png').unlink()
     img.convert('L').save(nyu_like / 'Label' / '0.jpg')
     with pytest.raises(ValueError, match=r'Label/0\.jpg is a lossy file.*convert the labels to PNG'):
         data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+
+
+def test_data_hidden_files_upper_case_extensions_and_link_loops(nyu_like, tmp_path):
+    """macOS's '._0.png' beside PST900-style folders are not samples; 'RGB/0.PNG' is found for id
+    0; a symbolic link loop is named as such, not "not found"; a 16-bit grey --rgb gets the
+    conversion that keeps its values, not convert('RGB')."""
+    release = tmp_path / 'pst' / 'test'
+    for folder, arr in (('rgb', np.zeros((4, 4, 3), np.uint8)), ('thermal', np.zeros((4, 4), np.uint8)),
+                        ('labels', np.zeros((4, 4), np.uint8))):
+        png(release / folder / '0.png', arr)
+        (release / folder / '._0.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+    assert data.RGBXDataset(tmp_path / 'pst', 'test', 'pst900').names == ['0']
+    (nyu_like / 'RGB' / '0.png').rename(nyu_like / 'RGB' / '0.PNG')
+    (nyu_like / 'train.txt').write_text('0\n1\n')
+    ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+    assert ds.samples[0][1].name == '0.PNG' and ds[0][0].shape == (3, 8, 10)
+    (nyu_like / 'HHA' / '1.png').unlink()
+    os.symlink(nyu_like / 'HHA' / '1.png', nyu_like / 'HHA' / '1.png')  # a link to itself: a loop
+    with pytest.raises(FileNotFoundError, match=r'HHA/1\.png is a symbolic link that leads to no file'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+    png(tmp_path / 'deep.png', np.full((4, 4), 4000, np.uint16))
+    with pytest.raises(ValueError, match=r"I;16 values.*round\(v / 257\)") as e:
+        data.read_rgb(tmp_path / 'deep.png')
+    assert "convert('RGB')" not in str(e.value)
 
 
 def test_data_split_ids_with_spaces_and_folders(nyu_like):
@@ -3494,6 +3641,24 @@ def test_eval_panel_has_a_legend_and_void_apart_from_class_0(tmp_path):
     assert {tuple(palette[c]) for c in (0, 1, 2)} <= colours  # a swatch per class present in either map
     assert tuple(palette[3]) not in colours and tuple(palette[4]) not in colours
     assert (255, 255, 255) in colours and (strip < 255).any(axis=2).sum() > 300  # names drawn
+
+
+def test_eval_panel_draws_the_demo_classes_in_their_colours_with_titles_and_spaced_names(tmp_path):
+    palette = data.palette('demo').astype(int)
+    for c, name in enumerate(data.PRESETS['demo'].class_names[1:], 1):  # 'red high' is red, 'blue low' blue, ...
+        hue = 0 if name.startswith('red') else 2
+        assert palette[c, hue] == palette[c].max() and palette[c, hue] > palette[c, 1], (name, palette[c])
+    assert palette[2].sum() > palette[1].sum() and palette[4].sum() > palette[3].sum()  # high: lighter than low
+    strip = ev.legend([], ['unused'], data.palette('demo'), 200)
+    text = (strip[2:12, 16:] < 128).any(axis=(0, 2))  # columns with ink right of the void swatch
+    ink = np.flatnonzero(text)
+    blank_runs = np.diff(ink) - 1
+    assert (blank_runs >= 3).sum() == 2, blank_runs  # 'void', '(not', 'scored)': two word gaps
+    gt = np.zeros((32, 40), np.int64)
+    img = np.full((32, 40, 3), 90, np.uint8)
+    ev.save_panel(tmp_path / 'p.png', img, img, gt, gt, data.palette('demo'), data.PRESETS['demo'].class_names)
+    titles = np.array(Image.open(tmp_path / 'p.png'))[32:46]
+    assert all((titles[:, 40 * i:40 * (i + 1)] < 128).any() for i in range(4))  # a title under each column
 
 
 # --- Evaluating a run: the command line ---
@@ -3695,6 +3860,8 @@ def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_pat
     one_line_error(res, '--save-pred', 'dataset')
     (tmp_path / 'notes.txt').write_text('my notes')
     assert 'not a JSON file' in cli_error(ev.main, ['--checkpoint', str(last), '--json', str(tmp_path / 'notes.txt')])
+    pair = ['--rgb', str(root / 'RGB' / '0.png'), '--x', str(root / 'HHA' / '0.png'), '--out', str(tmp_path / 's.png')]
+    assert 'drop --json' in cli_error(ev.main, ['--checkpoint', str(last), *pair, '--json', str(tmp_path / 'm.json')])
     assert {d: tree_bytes(d) for d in (root, run_dir)} == before and (tmp_path / 'notes.txt').read_text() == 'my notes'
     res = run_cli('eval.py', '--checkpoint', last, '--json', run_dir / 'metrics.json', '--save-pred', run_dir / 'pred')
     assert res.returncode == 0, res.stderr
@@ -3965,7 +4132,7 @@ def test_train_stale_tmp_of_dead_runs_removed_live_ones_kept(tmp_path):
     import sys
     dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
                               text=True, check=True).stdout)
-    live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    live = subprocess.Popen([sys.executable, '-c', 'import signal; signal.pause()'])  # alive until killed below
     try:
         cfg = demo_config(tmp_path, max_steps=1, eval_every=0)
         os.makedirs(cfg.out_dir)
@@ -4310,11 +4477,16 @@ def test_train_graph_breaks_are_the_listed_few(name, tmp_path):
 
 # --- DDP ---
 
+# a process that never reaches the rendezvous or a collective fails the test after this, not after gloo's 30 minutes
+RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=120)
+
+
 def ddp_worker(rank, world, rendezvous, configs):
     """One process of a 2-process run: the process group meets through a file (no port
     to pick, so no race for it), then trains each config as torchrun would run train.py."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')  # as torchrun
-    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world)
+    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
+                                         timeout=RENDEZVOUS_TIMEOUT)
     try:
         for cfg in configs:
             tr.train(cfg)
@@ -4325,13 +4497,15 @@ def ddp_worker(rank, world, rendezvous, configs):
 def eval_rank(rank, world, rendezvous, argvs, out):
     """One process of a 2-process `eval.py` (as torchrun runs it): its exit message, or 'ok'."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')
-    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world)
+    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
+                                         timeout=RENDEZVOUS_TIMEOUT)
     try:
         ev.main(argvs[rank])
         message = 'ok'
     except SystemExit as e:
         message = str(e.code)
-    Path(out[rank]).write_text(message)
+    left = ' (its process group left to the exit, which can abort it)' if torch.distributed.is_initialized() else ''
+    Path(out[rank]).write_text(message + left)
 
 
 @pytest.mark.slow
@@ -4478,23 +4652,18 @@ def test_train_demo_trains_well_beyond_chance(demo_run):
 @pytest.mark.slow
 def test_train_a_second_run_into_a_locked_folder_is_refused(tmp_path):
     """Two real processes: while run A writes its folder, run B into it is refused and A's files stay A's;
-    a lock left by a killed run (its process gone) does not hold a new run back."""
+    a lock left by a killed run (its process gone) does not hold a new run back. B starts once A has
+    said its first step (A holds the lock from before anything is written until it ends): no timing."""
     import subprocess
     import sys
-    import time as _time
     out = tmp_path / 'twin'
-    here = Path(__file__).resolve().parent
-    a = subprocess.Popen([sys.executable, str(here / 'train.py'), '--seed', '1', '--max-steps', '100000', '--crop',
-                          '32x32', '--eval-every', '0', '--log-every', '1', '--out-dir', str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1'})  # runs until it is interrupted below
-    deadline = _time.time() + 120
-    while not (out / 'config.json').exists() and _time.time() < deadline and a.poll() is None:
-        _time.sleep(0.1)
+    a = Child('--seed', '1', '--max-steps', '100000', '--crop', '32x32', '--eval-every', '0', '--log-every', '1',
+              '--out-dir', out)  # runs until it is interrupted below
+    a.wait_for('step 1/')
     b = run_cli('train.py', '--seed', '2', '--lr', '5e-4', '--max-steps', '2', '--crop', '32x32', '--out-dir', out)
-    assert a.poll() is None, a.communicate()[1]  # A was still writing while B tried
-    a.send_signal(__import__('signal').SIGINT)
-    a_out, a_err = a.communicate(timeout=120)
+    assert a.p.poll() is None, a.p.stderr.read()  # A was still writing while B tried
+    a.p.send_signal(__import__('signal').SIGINT)
+    a_err = a.finish().stderr
     assert 'interrupted' in a_err and 'Traceback' not in a_err, a_err
     one_line_error(b, str(out), 'another run')
     assert json.load(open(out / 'config.json'))['seed'] == 1 and not (out / '.lock').exists()
@@ -4563,24 +4732,18 @@ def test_train_resume_onto_a_dataset_of_another_size_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_ctrl_c_is_one_line_and_resumable(tmp_path):
+@pytest.mark.parametrize('sig,said', [('SIGINT', 'interrupted'), ('SIGTERM', 'terminated (SIGTERM)')])
+def test_train_ctrl_c_and_sigterm_are_one_line_and_resumable(tmp_path, sig, said):
+    """A real Ctrl-C (SIGINT) or SIGTERM once the run has said step 2 (step 1's checkpoint is saved before
+    step 2 runs): one line saying how to resume, the lock gone, a whole last.pt to resume from."""
     import signal
-    import subprocess
-    import sys
-    import time as _time
-    here = Path(__file__).resolve().parent
-    p = subprocess.Popen([sys.executable, str(here / 'train.py'), '--max-steps', '400', '--crop', '32x32',
-                          '--save-every', '1', '--eval-every', '0', '--out-dir', str(tmp_path / 'run')],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    deadline = _time.time() + 120
-    while not (tmp_path / 'run' / 'last.pt').exists() and _time.time() < deadline:
-        _time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    res = type('R', (), dict(returncode=p.returncode, stderr=err))
-    one_line_error(res, 'interrupted', '--resume')
+    run = Child('--max-steps', '400', '--crop', '32x32', '--save-every', '1', '--eval-every', '0', '--log-every', '1',
+                '--out-dir', tmp_path / 'run')
+    run.wait_for('step 2/')
+    run.p.send_signal(getattr(signal, sig))
+    one_line_error(run.finish(), said, '--resume')
     assert not (tmp_path / 'run' / '.lock').exists()
+    assert ev.load_run_checkpoint(tmp_path / 'run' / 'last.pt')['step'] >= 1
 
 
 def test_train_out_dir_of_someone_elses_files_is_never_written(tmp_path):
@@ -4596,6 +4759,30 @@ def test_train_out_dir_of_someone_elses_files_is_never_written(tmp_path):
     only_log.mkdir()
     (only_log / 'log.jsonl').write_text('x\n')
     assert 'no run config' in cli_error(tr.main, ['--max-steps', '1', '--out-dir', str(only_log)])
+
+
+@pytest.mark.parametrize('argv,flag', [(['--lr', 'nan'], '--lr'), (['--lr', 'inf'], '--lr'),
+                                       (['--weight-decay', 'nan'], '--weight-decay'),
+                                       (['--warmup-epochs', 'nan'], '--warmup-epochs'), (['--beta2', 'nan'], '--beta2'),
+                                       (['--crop', '-1x5'], '--crop'), (['--crop', '-32'], '--crop')])
+def test_train_non_finite_and_negative_values_name_the_flag_before_any_step(tmp_path, capsys, argv, flag):
+    message = cli_error(tr.main, argv + ['--out-dir', str(tmp_path / 'run')])
+    assert message.startswith(f'error: {flag} '), message
+    assert 'step' not in capsys.readouterr().out and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_train_pretrained_given_a_training_checkpoint_says_what_it_is(tmp_path):
+    """A run's last.pt passed as --pretrained to a KTB: one short line saying what the file is
+    and what to do with it, not the 117-key list of load_pretrained."""
+    cfg = demo_config(tmp_path, max_steps=1, eval_every=0)
+    tr.train(cfg)
+    last = os.path.join(cfg.out_dir, 'last.pt')
+    res = run_cli('train.py', '--method', 'ktb', '--pretrained', last, '--max-steps', '1', '--crop', '32x32',
+                  '--out-dir', tmp_path / 'ktb')
+    line = one_line_error(res, f'--pretrained {last} is a training checkpoint of train.py',
+                          'early_fusion swin-nano run on demo, step 1', 'eval.py --checkpoint', '--resume')
+    assert len(line) < 600, len(line)
 
 
 def test_train_flags_that_would_be_ignored_are_refused(tmp_path):
@@ -4626,6 +4813,27 @@ def test_train_resume_with_other_frozen_weights_names_the_runs_file(tmp_path):
     tr.main(argv + ['--pretrained', str(tmp_path / 'a.pth')])
     message = cli_error(tr.main, argv + ['--pretrained', str(tmp_path / 'b.pth'), '--resume', '--allow-changes'])
     assert f"pass the run's file, '{tmp_path / 'a.pth'}'" in message
+
+
+@pytest.mark.slow
+def test_train_epochs_with_max_steps_stops_at_the_first_and_a_long_warm_up_is_said(tmp_path):
+    """4 samples at batch 2: --epochs 1 is 2 steps, --max-steps 6 would be 3 epochs: 2 steps run,
+    and the run says so; --max-steps alone sets the length; a warm-up of 10 epochs in a run of 1
+    is said with the share of --lr it reaches (lr_at at the last step)."""
+    root = nyu_pair(tmp_path / 'nyu')
+    res = run_cli('train.py', *nyu_argv(root, tmp_path / 'a', '--max-steps', '6', '--eval-every', '0',
+                                        '--warmup-epochs', '10', '--log-every', '1'))
+    assert res.returncode == 0, res.stderr
+    assert 'the run stops at whichever comes first, after 2 steps' in res.stdout
+    reach = tr.lr_at(1, 2, 20, 1.0)
+    assert f'reaches {reach:.0%} of --lr 0.001' in res.stdout and '--warmup-epochs below 1 ' in res.stdout
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'a' / 'log.jsonl')] == [1, 2]
+    res = run_cli('train.py', '--dataset', 'nyudv2', '--data-root', root, '--backbone', 'swin-nano', '--crop', '16x16',
+                  '--batch-size', '2', '--lr', '1e-3', '--max-steps', '3', '--eval-every', '0', '--log-every', '1',
+                  '--warmup-epochs', '0', '--out-dir', tmp_path / 'b')
+    assert res.returncode == 0 and 'note:' not in res.stdout, res.stdout + res.stderr
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'b' / 'log.jsonl')] == [1, 2, 3]
+    assert json.load(open(tmp_path / 'b' / 'config.json'))['epochs'] is None
 
 
 @pytest.mark.slow
@@ -5119,6 +5327,119 @@ def test_layout_no_function_over_80_lines():
                 assert n.end_lineno - n.lineno + 1 <= 80, (f, n.name, n.end_lineno - n.lineno + 1)
 
 
+def rgbx_definitions():
+    """rgbx.py's module-level definitions in file order: {name: (node, section title)}, an
+    import counting as the definition of the names it binds."""
+    import ast
+    text = (Path(__file__).resolve().parent / 'rgbx.py').read_text()
+    lines, section, sections = text.splitlines(), '', {}
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith('# ----') and lines[i + 1].startswith('# ') and not lines[i + 1].startswith('# ----'):
+            sections[i + 2] = lines[i + 1][2:]  # the banner's title line (1-based)
+    defs = {}
+    for node in ast.parse(text).body:
+        section = next((title for start, title in reversed(sections.items()) if start <= node.lineno), '')
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split('.')[0] for a in node.names]
+        else:
+            continue
+        defs.update({name: (node, section) for name in names})
+    return defs, lines
+
+
+def rgbx_closure(defs, root):
+    """The definitions `root` needs, itself included, in file order (the names its code uses,
+    transitively), less torch, nn, F and math."""
+    import ast
+    seen, todo = set(), [root]
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in defs:
+            seen.add(name)
+            todo += [n.id for n in ast.walk(defs[name][0]) if isinstance(n, ast.Name)]
+    seen -= {'torch', 'nn', 'F', 'math'}
+    return sorted(seen, key=lambda n: (defs[n][0].lineno, n))
+
+
+def test_layout_each_method_needs_its_own_parts_only():
+    """GoPT's definitions (build_gopt's closure) hold no KTB, DSCF or Swin definition; KTB's no GoPT
+    or MaskMentor one: loading asks each model to convert its own files."""
+    defs, _ = rgbx_definitions()
+    section = lambda names, prefix: {n for n in names if defs[n][1].startswith(prefix)}
+    gopt = set(rgbx_closure(defs, 'build_gopt'))
+    assert {'GoPT', 'GroupingPrompts', 'VisionTransformer', 'load_pretrained'} <= gopt
+    assert not gopt & {'KTB', 'DSCF', 'SwinTransformer', 'WindowAttention'}
+    assert not section(gopt, 'Swin') | section(gopt, 'KTB') | section(gopt, 'MaskMentor'), gopt
+    ktb = set(rgbx_closure(defs, 'build_ktb'))
+    assert {'KTB', 'DSCF', 'SwinTransformer'} <= ktb and not section(ktb, 'GoPT') | section(ktb, 'MaskMentor')
+    mm = set(rgbx_closure(defs, 'build_maskmentor'))
+    assert not section(mm, 'Swin') | section(mm, 'KTB') | section(mm, 'GoPT'), mm
+
+
+# Each row of the README's "Copying a module" table: how to build the module and its inputs.
+COPY_ROWS = {
+    'DSCF': (lambda m: m.DSCF(32, 8, 2, 2, 4, 3, (4, 4)), lambda: (torch.randn(2, 8, 8, 32), torch.randn(2, 8, 8, 32))),
+    'MAPAPrompt': (lambda m: m.MAPAPrompt(16, 4), lambda: (torch.randn(4, 6, 6, 16),)),
+    'MAPAAdapter': (lambda m: m.MAPAAdapter(16, 4), lambda: (torch.randn(4, 6, 6, 16),)),
+    'CUP': (lambda m: m.CUP(16), lambda: (torch.randn(2, 9, 16), torch.randn(2, 5, 16))),
+    'ACP': (lambda m: m.ACP(16), lambda: (torch.randn(2, 9, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16))),
+    'GroupingPrompter': (lambda m: m.GroupingPrompter(16),
+                         lambda: (torch.randn(2, 9, 16), torch.randn(2, 9, 16), torch.randn(2, 5, 16))),
+    'SegFormerHead': (lambda m: m.SegFormerHead([8, 16], 12, 5),
+                      lambda: ([torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)], (30, 31))),
+    'SETRNaiveHead': (lambda m: m.SETRNaiveHead(16, 5, 12), lambda: (torch.randn(2, 12, 16), (3, 4), (45, 62))),
+    'ConvNeXtHead': (lambda m: m.ConvNeXtHead(16, 5, 12, 1), lambda: (torch.randn(2, 12, 16), (3, 4), (45, 62))),
+    'MultiModalViT': (lambda m: m.MultiModalViT({}, dim=16, depth=2, heads=2), lambda: (torch.randn(2, 10, 16),)),
+    'SwinTransformer': (lambda m: m.SwinTransformer(16, (1, 1), (1, 2), 4), lambda: (torch.randn(1, 3, 40, 57),)),
+    'VisionTransformer': (lambda m: m.VisionTransformer(16, 2, 2, img_size=32), lambda: (torch.randn(1, 3, 40, 57),)),
+}
+
+
+def test_layout_readme_copy_table_is_the_ast_closure_and_each_row_runs_alone():
+    """The README's table is what `rgbx_closure` computes, and each row copied alone (its
+    definitions in file order, with torch, nn, F and math) builds and computes what rgbx's
+    module computes with the same weights."""
+    import types as pytypes
+    defs, lines = rgbx_definitions()
+    rows = {m: rgbx_closure(defs, m) for m in COPY_ROWS}
+    table = '\n'.join(['| module | also copy |', '|---|---|'] + [
+        f"| `{m}` | {', '.join(f'`{n}`' for n in names if n != m)} |" for m, names in rows.items()])
+    assert table in (Path(__file__).resolve().parent / 'README.md').read_text(), 'the README table:\n' + table
+    for m, (build, inputs) in COPY_ROWS.items():
+        nodes = list(dict.fromkeys(defs[n][0] for n in rows[m]))
+        code = 'import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n' + '\n\n'.join(
+            '\n'.join(lines[min([node.lineno] + [d.lineno for d in getattr(node, 'decorator_list', [])]) - 1:
+                           node.end_lineno]) for node in nodes)
+        copied = pytypes.ModuleType(f'copied_{m}')
+        exec(compile(code, f'<copy of {m}>', 'exec'), copied.__dict__)
+        torch.manual_seed(0)
+        alone = build(copied).eval()
+        torch.manual_seed(0)
+        original = build(rgbx).eval()
+        torch.manual_seed(1)
+        args = inputs()
+        with torch.no_grad():
+            out, ref = alone(*args), original(*args)
+        out, ref = [o for o in (out if isinstance(out, (tuple, list)) else [out])], \
+            [r for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
+        assert len(out) == len(ref) and all(torch.isfinite(o).all() and torch.equal(o, r) for o, r in zip(out, ref)), m
+
+
+def test_layout_rgbx_lines_within_100_characters_and_no_module_state_rebound():
+    """At most 2 % of rgbx.py's lines exceed 100 characters, and no function rebinds a module
+    name (no `global` statement: the draw policy is a context variable)."""
+    import ast
+    text = (Path(__file__).resolve().parent / 'rgbx.py').read_text()
+    lines = text.splitlines()
+    assert sum(len(line) > 100 for line in lines) <= 0.02 * len(lines)
+    assert not [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Global, ast.Nonlocal))]
+
+
 def test_layout_train_calls_models_through_the_interface_only():
     code = (Path(__file__).resolve().parent / 'train.py').read_text()
     assert 'hasattr(' not in code and 'getattr(' not in code
@@ -5217,6 +5538,20 @@ def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
                              env={**os.environ, 'OMP_NUM_THREADS': '1'})
         one_line_error(res, *words)
     assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
+
+
+def test_study_modules_import_one_way():
+    """study.run -> study.pretraining -> study.common: no module of the study imports one that imports it."""
+    import ast
+    here = Path(__file__).resolve().parent / 'study'
+    graph = {}
+    for path in here.glob('*.py'):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+                {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == 'study'
+                 for a in n.names} | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        graph[path.stem] = {m.split('.')[1] for m in names if m.startswith('study.')}
+    assert graph['run'] == {'pretraining', 'common'} and graph['pretraining'] == {'common'} and not graph['common']
 
 
 def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -82,12 +83,15 @@ class Config:
     opts: str = flag('', "method options key=value,... e.g. 'mmst=false,adapter_ranks=8:8:8:8' "
                          "(--list-opts lists them)")
     # optimisation; None = the method's recipe for the dataset
-    epochs: Optional[int] = flag(None, "epochs (default: the recipe's)")
+    epochs: Optional[int] = flag(None, "epochs (default: the recipe's; with --max-steps alone: as many as its "
+                                       "steps take)")
     batch_size: Optional[int] = flag(None, "batch per process; the global batch is batch x processes x grad-accum "
                                            "(default: the recipe's)")
     lr: Optional[float] = flag(None, "AdamW learning rate (default: the recipe's)")
     weight_decay: Optional[float] = flag(None, "AdamW weight decay (default: the recipe's)")
-    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the recipe's)")
+    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the recipe's); a warm-up "
+                                                "as long as the run or longer is kept, and the run says which share "
+                                                "of --lr it reaches")
     schedule: Optional[str] = flag(None, "learning-rate decay after the warm-up (default: the recipe's, else poly)",
                                    ['poly', 'cosine'])
     beta2: Optional[float] = flag(None, "AdamW beta2 (default: the recipe's, else 0.999)")
@@ -96,7 +100,8 @@ class Config:
                                            "recipe's global batch, e.g. gopt's 64)")
     augment: Optional[str] = flag(None, "full = the joint augmentation, crop = the random crop only "
                                         "(default: the recipe's, else full)", ['full', 'crop'])
-    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all epochs)")
+    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all epochs); with "
+                                          "--epochs too, the run stops at whichever comes first (said at the start)")
     # system
     device: str = flag('', "cpu, cuda or cuda:N ('' = cuda if available, else cpu)")
     amp: str = flag('none', "mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, with a gradient scaler)",
@@ -159,7 +164,7 @@ def parser():
 
 def parse_config(argv=None):
     """The Config of a command line, resolved (`resolve`); --list-opts prints the options and exits."""
-    args = vars(parser().parse_args(argv))
+    args = vars(parser().parse_args(data.dash_values(argv, ('--crop',))))
     if args.pop('list_opts'):
         print(list_opts(args['method'], args['backbone'] or default_backbone(args['method'], args['dataset'])))
         sys.exit(0)
@@ -220,9 +225,9 @@ def resolve(cfg):
     fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults,
             **given}  # the method's recipe over the dataset's own settings (the demo's) over the trainer's
     for k, v in fill.items():
-        if vars(cfg)[k] is None:
+        if vars(cfg)[k] is None and not (k == 'epochs' and cfg.max_steps is not None):  # --max-steps sets the length
             setattr(cfg, k, v)
-    if cfg.epochs is None or cfg.lr is None or cfg.weight_decay is None:
+    if (cfg.epochs is None and cfg.max_steps is None) or cfg.lr is None or cfg.weight_decay is None:
         raise ValueError(f"{cfg.method} has no recipe for {cfg.dataset}: pass --epochs, --lr and --weight-decay")
     if cfg.grad_accum is None:  # a recipe's global batch (GoPT: 64) is reached by accumulation
         per_step = cfg.batch_size * int(os.environ.get('WORLD_SIZE', 1))
@@ -260,6 +265,10 @@ def default_workers(device):
 
 def check_fields(cfg):
     """Raise a one-line error naming the flag of any field out of its range or choices."""
+    for f in fields(Config):
+        v = vars(cfg)[f.name]
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, not {v}")
     for name, low, inclusive in RANGES:
         v = vars(cfg)[name]
         if v is not None and (v < low or (v == low and not inclusive)):
@@ -289,8 +298,22 @@ def run_of(cfg):
 
 
 def build_model(cfg):
-    """The model of a resolved config, with its pretrained file loaded (rgbx.build_model)."""
-    return run_of(cfg).build(None if cfg.pretrained in ('', 'none') else cfg.pretrained)
+    """The model of a resolved config, with its pretrained file loaded (rgbx.build_model). A
+    training checkpoint of this script that does not fit (only a MaskMentor pre-training run
+    feeds its fine-tuning) is said as such, in place of the list of its keys."""
+    pretrained = None if cfg.pretrained in ('', 'none') else cfg.pretrained
+    try:
+        return run_of(cfg).build(pretrained)
+    except ValueError:
+        ckpt = rgbx.read_checkpoint(pretrained) if pretrained else None
+        if not (isinstance(ckpt, dict) and {'model', 'config', 'step'} <= set(ckpt)):
+            raise
+        c = ckpt['config']
+        raise ValueError(f"--pretrained {pretrained} is a training checkpoint of train.py (a {c.get('method')} "
+                         f"{c.get('backbone')} run on {c.get('dataset')}, step {ckpt['step']}), not a backbone file "
+                         f"for {cfg.method} {cfg.backbone}: evaluate it with `python eval.py --checkpoint "
+                         f"{pretrained}`, continue its run with --resume --out-dir {os.path.dirname(pretrained) or '.'}; "
+                         f"a new run starts from an official backbone file (README, 'Pretrained files')") from None
 
 
 def resume_changes(saved, cfg, allow, source):
@@ -949,7 +972,7 @@ def setup(cfg, model=None):
                                   fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total = run_length(cfg, steps_per_epoch, say)
     if resumed and resumed.get('train_samples', len(train_set)) != len(train_set):
         raise ValueError(f"--resume: the training split now has {len(train_set)} samples, the run had "
                          f"{resumed['train_samples']} (its schedule, warm-up and epochs depend on them): pass the "
@@ -968,6 +991,23 @@ def setup(cfg, model=None):
     return Session(cfg, run, rank, world, device, raw, model, counts, optimizer, scaler, train_set, sampler, loader,
                    test_loader, files, steps_per_epoch, total, int(cfg.warmup_epochs * steps_per_epoch), step, best,
                    skipped, policy)
+
+
+def run_length(cfg, steps_per_epoch, say):
+    """The run's optimizer steps: --max-steps, or --epochs, or with both whichever ends first;
+    a warm-up at least as long as the run is said with the share of --lr it reaches."""
+    lengths = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * steps_per_epoch) if n]
+    total = min(lengths)
+    if len(set(lengths)) > 1:
+        say(f"note: --epochs {cfg.epochs} ({cfg.epochs * steps_per_epoch} steps) and --max-steps {cfg.max_steps}: "
+            f"the run stops at whichever comes first, after {total} steps")
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if warmup >= total:
+        reach = lr_at(total - 1, total, warmup, 1.0)
+        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the run ({total} steps) "
+            f"or longer: the learning rate reaches {reach:.0%} of --lr {cfg.lr:g} at the last step; pass "
+            f"--warmup-epochs below {total / steps_per_epoch:.3g} for a full warm-up")
+    return total
 
 
 def train(cfg, model=None, on_step=None):
@@ -1069,23 +1109,34 @@ def end_epoch(s, epoch):
     return evaluation
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler, torchrun stopping its processes): the run ends as on Ctrl-C."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     ev.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     cfg = None
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cfg = parse_config(argv)
         train(cfg)
     except (ValueError, OSError, NonFiniteLoss, rgbx.CheckpointError) as e:
         sys.exit(f"error: {ev.error_line(e)}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         last = cfg is not None and os.path.exists(os.path.join(cfg.out_dir, 'last.pt'))
-        sys.exit("error: interrupted; " + ("continue from the last checkpoint with --resume" if last else
-                                           "no checkpoint was saved: nothing to resume"))
+        sys.exit(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; "
+                 + ("continue from the last checkpoint with --resume" if last else
+                    "no checkpoint was saved: nothing to resume"))
     except RuntimeError as e:
         if not ev.peer_failed(e):
             raise
         sys.exit(f"error: {ev.PEER_FAILED}")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 
