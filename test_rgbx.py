@@ -2247,8 +2247,8 @@ def test_maskmentor_sttp_student_step_teacher_targets_without_gradient(monkeypat
     calls = []
     original = rgbx.MaskMentorPretrain.decode
 
-    def recording(self, inputs, mask):
-        out = original(self, inputs, mask)
+    def recording(self, inputs, mask, shown=None):
+        out = original(self, inputs, mask, shown)
         calls.append((mask.clone(), out, torch.is_grad_enabled()))
         return out
 
@@ -2273,7 +2273,8 @@ def test_maskmentor_m2im_without_token_loss_runs_no_teacher(monkeypatch):
     masks = []
     original = rgbx.MaskMentorPretrain.decode
     monkeypatch.setattr(rgbx.MaskMentorPretrain, 'decode',
-                        lambda self, inputs, mask: masks.append(mask.clone()) or original(self, inputs, mask))
+                        lambda self, inputs, mask, shown=None: masks.append(mask.clone())
+                        or original(self, inputs, mask, shown))
     torch.manual_seed(1)
     terms = model.losses(*mm_batch(B=8), 'student')
     assert len(masks) == 1 and set(terms) == {'rgb', 'depth', 'semseg', 'norm_rgb'}
