@@ -22,15 +22,19 @@ import eval as ev  # eval.py; the builtin `eval` is not used here
 import rgbx
 import train as tr
 
+torch.set_num_threads(data.usable_cores())  # on a busy machine, the cores other processes leave free
+
 
 # ----------------------------------------------------------------------------
 # Shared: real-data paths, tiny models, fixtures and helpers used by several sections
 # ----------------------------------------------------------------------------
 
-REALDATA = Path(__file__).resolve().parent.parent / 'shared' / 'realdata'
+# real frames: RGBX_REALDATA=DIR points the tests at yours (DIR/NYUDepthv2/{RGB,Depth,DepthFilled,HHA,Label}, ...)
+REALDATA = Path(os.environ.get('RGBX_REALDATA') or Path(__file__).resolve().parent.parent / 'shared' / 'realdata')
 NYU = REALDATA / 'NYUDepthv2'
 needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(),
-                                    reason=f"{REALDATA} is absent (the real frames are not part of a clone)")
+                                    reason=f"{REALDATA} is absent (the real frames are not part of a clone; "
+                                           f"RGBX_REALDATA=DIR points the tests at yours)")
 
 
 def png(path, arr, mode=None):
@@ -2918,6 +2922,7 @@ class ThreadsSeen(torch.utils.data.Dataset):
 def test_data_loader_keeps_workers_and_main_process_to_the_cores(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})  # a 4-core machine
+    monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))  # and a quiet one
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     try:
         loader = data.loader(ThreadsSeen(), 2, workers=1)
@@ -2932,6 +2937,20 @@ def test_data_loader_keeps_workers_and_main_process_to_the_cores(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize('cores,load,omp,threads', [(2, 0.1, None, 2), (2, 1.0, None, 1), (2, 0.6, None, 1),
+                                                      (2, 5.0, None, 1), (16, 3.2, None, 13), (2, 1.0, '2', 2)])
+def test_data_threads_leave_the_cores_other_processes_keep_busy(monkeypatch, cores, load, omp, threads):
+    """On 2 cores beside one busy process (load about 1) the model computes on 1 thread, on a quiet
+    machine on every core; OMP_NUM_THREADS, when set, decides; the run says which and why."""
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, 'getloadavg', lambda: (load, load, load))
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    if omp:
+        monkeypatch.setenv('OMP_NUM_THREADS', omp)
+    n, why = data.core_budget()
+    assert n == threads and (f'OMP_NUM_THREADS={omp}' if omp else f'load average {load:.1f}') in why
 
 
 # --- Bad input ---
@@ -3118,6 +3137,199 @@ def test_data_demo_validation_preset_is_carved_from_the_training_scenes():
         assert torch.equal(train[i][0], full[j][0])
     assert torch.equal(val[0][0], full[192][0]) and torch.equal(val[63][2], full[255][2])
 
+
+# --- Rendered rooms ---
+
+ROOMS_SIZE = (240, 320)
+
+
+def rooms_truth(split, index, size=ROOMS_SIZE, seed=0):
+    """A rooms scene's geometry (drawn first from its generator), exact depth (H, W) in metres."""
+    rng = data.sample_rng(data.ROOMS, seed, data.ROOMS_SPLITS.index(split), index)
+    scene = data.room_scene(rng)
+    return scene, data.trace(scene, data.rooms_camera(size), size)[0]
+
+
+@pytest.fixture(scope='module')
+def rooms_scenes():
+    """Four 240 x 320 training scenes as stored (rgb, raw, depth, label), their HHA, camera
+    height and exact depth."""
+    scenes = []
+    for i in range(4):
+        rgb, raw, depth, label = data.rooms_scene(0, 'train', i, ROOMS_SIZE)
+        scene, exact = rooms_truth('train', i)
+        scenes.append(dict(rgb=rgb, raw=raw, depth=depth, label=label, eye=scene['eye'],
+                           exact=exact, hha=data.rooms_hha(depth, data.rooms_camera(ROOMS_SIZE))))
+    return scenes
+
+
+def test_data_rooms_floor_back_projects_to_a_plane_at_the_camera_height(rooms_scenes):
+    camera = data.rooms_camera(ROOMS_SIZE)
+    for s in rooms_scenes:
+        floor = (s['label'] == data.ROOM_IDS['floor']) & (s['raw'] > 0)
+        X, Y, Z = data.hha_points(s['raw'] / 1000, camera)
+        p = np.stack([X[floor], Y[floor], Z[floor]], 1)
+        centre = p.mean(0)
+        normal = np.linalg.svd(p - centre, full_matrices=False)[2][2]
+        height = abs(centre @ normal)
+        assert 1.0 <= height <= 1.6 and abs(height - s['eye'][2]) < 0.02
+        assert np.median(np.abs((p - centre) @ normal)) < 0.01  # a plane, up to the sensor's noise
+        pitch = np.degrees(np.arcsin(abs(normal[2])))  # the floor normal against the optical axis
+        assert 4 <= pitch <= 36
+        assert np.degrees(np.arcsin(abs(normal[0]))) < 6  # rolled up to 5 degrees
+    assert data.rooms_camera((480, 640)) == pytest.approx(data.NYU_CAMERA)
+    fx, fy, cx, cy = data.NYU_CAMERA
+    half = [fx / 2, fy / 2, (cx - 0.5) / 2, (cy - 0.5) / 2]  # scaled about pixel centres
+    assert data.rooms_camera((240, 320)) == pytest.approx(half)
+
+
+def test_data_rooms_hha_angle_on_floors_and_walls_height_on_the_floor(rooms_scenes):
+    for s in rooms_scenes:
+        height, angle = s['hha'][..., 1], s['hha'][..., 2]
+        floor, wall = s['label'] == data.ROOM_IDS['floor'], s['label'] == data.ROOM_IDS['wall']
+        assert 36 <= np.median(angle[floor]) <= 42 and 125 <= np.median(angle[wall]) <= 131
+        assert np.median(height[floor]) <= 10  # cm above the lowest point
+
+
+def test_data_rooms_raw_depth_has_kinect_noise_and_holes_and_depth_fills_them(rooms_scenes):
+    errors = []
+    for s in rooms_scenes:
+        raw, depth, exact = s['raw'], s['depth'], s['exact']
+        measured = raw > 0
+        assert 0.01 <= 1 - measured.mean() <= 0.15
+        assert not measured[:, 0].any()  # the band the depth camera does not see
+        np.testing.assert_array_equal(depth[measured], raw[measured])
+        assert (depth > 0).all()
+        z = exact[measured]
+        assert z.min() >= 0.5 and z.max() <= 8
+        errors.append((raw[measured] / 1000 - z) / z ** 2)
+    errors = np.concatenate(errors)
+    assert abs(np.median(errors)) < 2e-4 and 1.1e-3 < np.std(errors) < 1.8e-3  # sd 1.425e-3 z^2
+    steps = np.diff(np.unique(rooms_scenes[0]['raw'][rooms_scenes[0]['raw'] > 3000]))
+    assert steps.min() > 15  # disparity quantisation: beyond 3 m, steps of over 1.5 cm
+
+
+def test_data_rooms_classes_by_geometry_pictures_and_mats_by_colour_only():
+    size, seen, colours = (120, 160), set(), {}
+    for i in range(30):
+        rgb, raw, depth, label = data.rooms_scene(0, 'train', i, size)
+        scene, exact = rooms_truth('train', i, size)
+        seen |= set(np.unique(label).tolist())
+        t, index, part, d = data.trace(scene, data.rooms_camera(size), size)
+        flat = (label == data.ROOM_IDS['picture']) | (label == data.ROOM_IDS['mat'])
+        assert (index[flat] == -1).all()  # on the wall or floor plane: no depth of their own
+        for c in ('cabinet', 'bed', 'chair', 'table', 'bookshelf', 'box'):
+            sel = label == data.ROOM_IDS[c]
+            if sel.sum() > 20:
+                colours.setdefault(c, []).append(rgb[sel].mean(0))
+    assert len(seen) >= 12 and seen <= set(data.ROOM_IDS.values())
+    means = np.stack([np.mean(v, 0) for v in colours.values()])
+    spread = np.mean([np.std(v, 0) for v in colours.values()], 0)
+    assert (means.std(0) < 0.35 * spread).all()  # furniture colours from one pool: classes overlap
+
+
+# version 1, seed 7, 48 x 64: sha256 (16 hex digits) of the files' pixels, in the order of
+# data.ROOMS_FOLDERS (RGB, RawDepth, Depth, HHA, Label)
+ROOMS_SHA256 = {
+    'train_0000': ('fe1837e9c4ae6fcb', '2f3db40813c18b08', '24d3f8a2d57ff4d4', '0f3f7a00376e803c',
+                   'e0f53dbd14736073'),
+    'test_0000': ('985b216f3706e70e', 'd482f70f714a47f2', 'a18bc7f3298eb8d9', 'd7e66b03e28fd532',
+                  'a8e9adbf2961dc74'),
+}
+
+
+def test_data_rooms_same_seed_and_version_same_files(tmp_path):
+    assert data.rooms_folder(tmp_path / 'a', 5, (48, 64), 7) == (5, 0)
+    meta = json.loads((tmp_path / 'a' / 'camera.json').read_text())
+    assert meta['version'] == data.ROOMS_VERSION == 1 and meta['seed'] == 7
+    import hashlib
+    for name, want in ROOMS_SHA256.items():
+        pixels = [np.array(Image.open(tmp_path / 'a' / f / f'{name}.png'))
+                  for f in data.ROOMS_FOLDERS]
+        assert tuple(hashlib.sha256(p.tobytes()).hexdigest()[:16] for p in pixels) == want, name
+    data.rooms_folder(tmp_path / 'b', 5, (48, 64), 7, workers=2)
+    for f in data.ROOMS_FOLDERS:  # the same bytes from other processes
+        a, b = (tmp_path / r / f / 'train_0003.png' for r in 'ab')
+        assert a.read_bytes() == b.read_bytes()
+    other = data.rooms_scene(8, 'train', 0, (48, 64))[0]
+    assert not np.array_equal(other, data.rooms_scene(7, 'train', 0, (48, 64))[0])
+
+
+def test_data_rooms_cli_writes_the_nyudv2_layout_resumes_refuses_other_folders(tmp_path, capsys):
+    out = tmp_path / 'rooms'
+    res = run_data_cli('rooms', '--out', out, '--scenes', 5, '--size', '48x64', '--seed', 7)
+    assert res.returncode == 0 and 'rooms: 5 written, 0 already there' in res.stderr, res.stderr
+    cam = json.loads((out / 'camera.json').read_text())
+    assert [cam[k] for k in ('fx', 'fy', 'cx', 'cy')] == list(data.rooms_camera((48, 64)))
+    assert [cam[k] for k in ('height', 'width', 'seed', 'train', 'test')] == [48, 64, 7, 4, 1]
+    assert (out / 'test.txt').read_text() == 'RGB/test_0000.png Label/test_0000.png\n'
+    hha_files = sorted(p.name for p in (out / 'HHA').iterdir())
+    assert hha_files == ['test_0000.png'] + [f'train_{i:04d}.png' for i in range(4)]
+    camera = tuple(cam[k] for k in ('fx', 'fy', 'cx', 'cy'))
+    for name in ('train_0002', 'test_0000'):
+        file = {f: out / f / f'{name}.png' for f in data.ROOMS_FOLDERS}
+        assert data.png_bit_depth(file['Depth']) == 16 == data.png_bit_depth(file['RawDepth'])
+        assert Image.open(file['RGB']).mode == 'RGB' and Image.open(file['Label']).mode == 'L'
+        depth, _ = data.read_depth_metres(file['Depth'])
+        np.testing.assert_array_equal(np.array(Image.open(file['HHA'])), data.hha(depth, camera))
+    for x in ('hha', 'depth'):  # read as NYUDv2
+        rgb, xt, label = data.RGBXDataset(out, 'train', 'nyudv2', x)[3]
+        assert rgb.shape == (3, 48, 64) and xt.shape == ((3 if x == 'hha' else 1), 48, 64)
+        assert label.max() < 40
+    # resume: finished scenes are kept, a scene with a file missing is rendered again
+    stamp = (out / 'RGB' / 'train_0000.png').stat().st_mtime_ns
+    (out / 'HHA' / 'train_0001.png').unlink()
+    capsys.readouterr()
+    assert data.main(['rooms', '--out', str(out), '--scenes', '5', '--size', '48x64',
+                      '--seed', '7']) == 0
+    assert 'rooms: 1 written, 4 already there' in capsys.readouterr().err
+    assert (out / 'RGB' / 'train_0000.png').stat().st_mtime_ns == stamp
+    assert (out / 'HHA' / 'train_0001.png').is_file()
+    assert not [p for p in out.rglob('*') if p.name.endswith('.tmp')]
+
+    def cli(*args, where=out):
+        capsys.readouterr()
+        code = data.main(['rooms', '--out', str(where), *map(str, args)])
+        return type('Result', (), dict(returncode=code, stderr=capsys.readouterr().err))
+
+    assert_one_line_error(cli('--scenes', 5, '--size', '48x64', '--seed', 8), '--seed 7', 'another')
+    assert_one_line_error(cli('--scenes', 5, '--size', '64x64', '--seed', 7), '--size')
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('keep')
+    assert_one_line_error(cli('--scenes', 5, where=tmp_path / 'mine'), 'not a rooms dataset')
+    assert [p.name for p in (tmp_path / 'mine').iterdir()] == ['notes.txt']
+    assert_one_line_error(cli('--scenes', 5, where=tmp_path / 'mine' / 'notes.txt'), 'is a file')
+    assert_one_line_error(cli('--scenes', 1, where=tmp_path / 'new'), '--scenes')
+    assert_one_line_error(cli('--scenes', 5, '--size', '48', where=tmp_path / 'new'), '--size')
+    assert_one_line_error(cli('--scenes', 5, '--workers', 0, where=tmp_path / 'new'), '--workers')
+
+
+def test_data_rooms_in_memory_equals_the_files(tmp_path):
+    data.rooms_folder(tmp_path, 2, ROOMS_SIZE, 0)  # train_0000 and test_0000 of --dataset rooms
+    for x in ('hha', 'depth'):
+        for split in ('train', 'test'):
+            memory = data.build_dataset('rooms', '', split, x)
+            files = data.RGBXDataset(tmp_path, split, 'nyudv2', x)
+            assert memory.names[0] == files.names[0] == f'{split}_0000'
+            for a, b in zip(memory[0], files[0]):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+    train, test = (data.build_dataset('rooms', '', s) for s in ('train', 'test'))
+    fit, val = (data.build_dataset('rooms-val', '', s) for s in ('train', 'test'))
+    assert (len(train), len(test), len(fit), len(val)) == (800, 200, 640, 160)
+    assert [val.names[0], val.names[-1], fit.names[-1]] == ['train_0640', 'train_0799', 'train_0639']
+    assert torch.equal(val[0][2], train[640][2])
+
+
+def test_data_rooms_contact_sheet_panels():
+    size = (32, 48)
+    sheet = data.rooms_sheet(seed=5, scenes=2, size=size)
+    rgb, raw, depth, label = data.rooms_scene(5, 'train', 1, size)
+    row = sheet[32:]
+    assert sheet.shape == (64, 4 * 48, 3)
+    np.testing.assert_array_equal(row[:, :48], rgb)
+    assert ((row[:, 48:96, 0] == 0) == (raw == 0)).all()  # holes black, measured depth grey
+    np.testing.assert_array_equal(row[:, 96:144], data.rooms_hha(depth, data.rooms_camera(size)))
+    np.testing.assert_array_equal(row[:, 144:], data.palette('nyudv2')[label.astype(int) - 1])
 
 # --- Augmentation ---
 
@@ -3870,30 +4082,6 @@ def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_pat
     assert json.loads((run_dir / 'metrics.json').read_text())['miou'] >= 0
 
 
-def test_train_out_dir_never_lands_in_a_dataset_or_another_run_nor_on_its_pretrained_file(tmp_path):
-    root = nyu_pair(tmp_path / 'nyu')
-    other = tmp_path / 'other'
-    other.mkdir()
-    (other / 'log.jsonl').write_text('{"step": 1}\n')
-    (tmp_path / 'link').symlink_to(root)
-    torch.save(rgbx.swin('nano', window_size=4).state_dict(), tmp_path / 'pre' / 'last.pt') if (
-        tmp_path / 'pre').mkdir() is None else None
-    before = tree_bytes(root)
-    ktb = ['--method', 'ktb', '--opts', 'window_size=4', '--max-steps', '1']
-    for argv, words in ((['--out-dir', str(root / 'runs')], ['--out-dir', 'inside the --data-root folder']),
-                        (['--data-root', str(tmp_path / 'link'), '--out-dir', str(root / 'r')], ['--data-root']),
-                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(tmp_path / 'link' / 'r')],
-                         ['--out-dir', 'the dataset']),
-                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(other / 'sub')],
-                         ['--out-dir', 'another run']),
-                        (['--dataset', 'demo', '--data-root', '', *ktb, '--pretrained', str(tmp_path / 'pre' / 'last.pt'),
-                          '--out-dir', str(tmp_path / 'pre'), '--overwrite'], ['--out-dir', 'the --pretrained file'])):
-        message = cli_error(tr.main, nyu_argv(root, tmp_path / 'unused') + argv)
-        assert all(w in message for w in words), message
-    assert tree_bytes(root) == before and not (tmp_path / 'unused').exists()
-    assert os.listdir(tmp_path / 'pre') == ['last.pt'] and os.listdir(other) == ['log.jsonl']
-
-
 def test_eval_all_void_labels_explain_the_nan(tmp_path):
     m = ev.metrics(torch.zeros(3, 3, dtype=torch.long))
     assert 'no labelled pixel' in ev.format_metrics(m, ['a', 'b', 'c'])
@@ -3952,6 +4140,57 @@ def test_eval_bf16_column_times_and_compares_with_fp32(monkeypatch):
     model = rgbx.build_model('early_fusion', 'swin-nano', 5, 1, head_dim=8)
     col = ev.bf16_column(model, torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32), torch.device('cpu'), 1)
     assert col['latency_bf16_s'] > 0 and 0 < col['bf16_rel_err'] < 0.1  # bf16's 8-bit mantissa, not garbage
+
+
+def eval_rank(rank, world, rendezvous, argvs, out):
+    """One process of a 2-process `eval.py` (as torchrun runs it): its exit message, or 'ok'."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')
+    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
+                                         timeout=RENDEZVOUS_TIMEOUT)
+    try:
+        ev.main(argvs[rank])
+        message = 'ok'
+    except SystemExit as e:
+        message = str(e.code)
+    left = ' (its process group left to the exit, which can abort it)' if torch.distributed.is_initialized() else ''
+    Path(out[rank]).write_text(message + left)
+
+
+@pytest.mark.slow
+def test_eval_torchrun_where_one_rank_fails_ends_in_one_line_on_each(tmp_path, demo_run):
+    """Rank 1 fails on a missing checkpoint; rank 0, waiting for it in the evaluation's
+    all-reduce, ends with one line saying another process stopped, not gloo's traceback."""
+    cfg, _ = demo_run
+    good, missing = os.path.join(cfg.out_dir, 'best.pt'), str(tmp_path / 'gone.pt')
+    out = [str(tmp_path / 'rank0'), str(tmp_path / 'rank1')]
+    torch.multiprocessing.spawn(eval_rank, args=(2, str(tmp_path / 'rdv'), [['--checkpoint', good],
+                                                                           ['--checkpoint', missing]], out), nprocs=2)
+    said = [Path(o).read_text() for o in out]
+    assert said[1].startswith('error: ') and 'gone.pt' in said[1]
+    assert said[0] == f'error: {ev.PEER_FAILED}', said[0]
+
+
+def test_eval_older_run_format_loads_as_it_ran():
+    """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
+    the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
+    from dataclasses import asdict
+    stored = asdict(ev.run_of('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
+    assert stored['format'] == ev.RUN_FORMAT and stored['model_args']['options']['depth_standardize'] is True
+    old = {k: v for k, v in stored.items() if k != 'format'}
+    assert ev.checkpoint_run({'run': old}, 'x.pt').model_args['options']['depth_standardize'] is False
+    assert ev.checkpoint_run({'run': stored}, 'x.pt').model_args['options']['depth_standardize'] is True
+    legacy = dict(method='maskmentor', backbone='vit-nano', dataset='demo', x_modality='', opts='head_dim=16',
+                  pretrained='', data_root='', crop='')
+    assert ev.checkpoint_run({'config': legacy}, 'x.pt').model_args['options']['depth_standardize'] is False
+    pre = ev.checkpoint_run({'run': {**old, 'model_args': {**old['model_args'], 'options': {
+        **old['model_args']['options'], 'stage': 'pretrain'}}}}, 'x.pt')
+    assert pre.model_args['options']['depth_standardize'] is True  # pre-training always used it
+
+
+def test_eval_checkpoint_with_model_arguments_of_another_version_is_one_line():
+    with pytest.raises(ValueError, match='model arguments this code does not know'):
+        ev.checkpoint_run({'run': {'model_args': {}, 'dataset': 'demo', 'x_modality': 'depth', 'colour': 1}}, 'x.pt')
+    assert ev.trained_weights({'model': {'a': 1, 'steps_done': 2}}) == {'a': 1}
 
 
 # ----------------------------------------------------------------------------
@@ -4140,10 +4379,52 @@ def test_train_stale_tmp_of_dead_runs_removed_live_ones_kept(tmp_path):
         for pid in (dead, live.pid):
             (Path(cfg.out_dir) / f'last.pt.tmp.{pid}').write_bytes(b'\0' * 1000)
         tr.train(cfg, model=SplitInvariantModel())
-        assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'last.pt', f'last.pt.tmp.{live.pid}', 'log.jsonl']
+        assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'curves.png', 'last.pt', f'last.pt.tmp.{live.pid}',
+                                                   'log.jsonl']
     finally:
         live.kill()
         live.wait()
+
+
+def test_train_curves_png_is_drawn_from_the_log(tmp_path):
+    """curves.png: one panel per series of log.jsonl (loss, lr, test mIoU), each point where the
+    log puts it (x by step, y between the series' lowest and highest value)."""
+    cfg = demo_config(tmp_path, max_steps=4)
+    tr.train(cfg)
+    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
+    img = np.array(Image.open(os.path.join(cfg.out_dir, 'curves.png'))).astype(int)
+    assert img.shape == (3 * 160, 480, 3)
+    blue = (np.abs(img - [31, 119, 180]).sum(-1) < 60)
+    for panel, (key, get) in enumerate((('loss', lambda r: r['loss']), ('lr', lambda r: r['lr']),
+                                        ('eval', lambda r: r['eval']['miou']))):
+        pts = [(r['step'], get(r)) for r in records if key in r]
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        for step, v in pts:
+            x = round(60 + 410 * step / 4)
+            y = round(panel * 160 + 140 - 120 * (v - lo) / ((hi - lo) or 1))
+            assert blue[y - 2:y + 3, x - 2:x + 3].any(), (key, step, v)
+
+
+def test_train_tensorboard_events_hold_the_logs_numbers(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = demo_config(tmp_path, max_steps=3, tensorboard=True)
+    tr.train(cfg)
+    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
+    events = EventAccumulator(cfg.out_dir)
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars('train/loss')] == \
+        [(r['step'], r['loss']) for r in records if 'loss' in r]
+    assert [e.value for e in events.Scalars('eval/miou')] == pytest.approx([r['eval']['miou'] for r in records
+                                                                           if 'eval' in r])
+
+
+def test_train_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'tensorboard' else real(name, *a))
+    message = cli_error(tr.main, ['--tensorboard', '--max-steps', '1', '--out-dir', str(tmp_path / 'run')])
+    assert 'pip install tensorboard' in message and not (tmp_path / 'run').exists()
 
 
 # --- Accumulation, resume, reruns ---
@@ -4495,34 +4776,6 @@ def ddp_worker(rank, world, rendezvous, configs):
         torch.distributed.destroy_process_group()
 
 
-def eval_rank(rank, world, rendezvous, argvs, out):
-    """One process of a 2-process `eval.py` (as torchrun runs it): its exit message, or 'ok'."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')
-    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
-                                         timeout=RENDEZVOUS_TIMEOUT)
-    try:
-        ev.main(argvs[rank])
-        message = 'ok'
-    except SystemExit as e:
-        message = str(e.code)
-    left = ' (its process group left to the exit, which can abort it)' if torch.distributed.is_initialized() else ''
-    Path(out[rank]).write_text(message + left)
-
-
-@pytest.mark.slow
-def test_eval_torchrun_where_one_rank_fails_ends_in_one_line_on_each(tmp_path, demo_run):
-    """Rank 1 fails on a missing checkpoint; rank 0, waiting for it in the evaluation's
-    all-reduce, ends with one line saying another process stopped, not gloo's traceback."""
-    cfg, _ = demo_run
-    good, missing = os.path.join(cfg.out_dir, 'best.pt'), str(tmp_path / 'gone.pt')
-    out = [str(tmp_path / 'rank0'), str(tmp_path / 'rank1')]
-    torch.multiprocessing.spawn(eval_rank, args=(2, str(tmp_path / 'rdv'), [['--checkpoint', good],
-                                                                           ['--checkpoint', missing]], out), nprocs=2)
-    said = [Path(o).read_text() for o in out]
-    assert said[1].startswith('error: ') and 'gone.pt' in said[1]
-    assert said[0] == f'error: {ev.PEER_FAILED}', said[0]
-
-
 @pytest.mark.slow
 def test_train_two_process_ddp_equals_one_process(tmp_path):
     """2 real processes (gloo, CPU) at batch 2 = 1 process at batch 4, for the demo
@@ -4848,6 +5101,82 @@ def test_train_closing_line_after_a_resume_counts_the_whole_run(tmp_path, capsys
     assert 'done: 3 steps (1 in this session' in capsys.readouterr().out
 
 
+def test_train_out_dir_never_lands_in_a_dataset_or_another_run_nor_on_its_pretrained_file(tmp_path):
+    root = nyu_pair(tmp_path / 'nyu')
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'log.jsonl').write_text('{"step": 1}\n')
+    (tmp_path / 'link').symlink_to(root)
+    torch.save(rgbx.swin('nano', window_size=4).state_dict(), tmp_path / 'pre' / 'last.pt') if (
+        tmp_path / 'pre').mkdir() is None else None
+    before = tree_bytes(root)
+    ktb = ['--method', 'ktb', '--opts', 'window_size=4', '--max-steps', '1']
+    for argv, words in ((['--out-dir', str(root / 'runs')], ['--out-dir', 'inside the --data-root folder']),
+                        (['--data-root', str(tmp_path / 'link'), '--out-dir', str(root / 'r')], ['--data-root']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(tmp_path / 'link' / 'r')],
+                         ['--out-dir', 'the dataset']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(other / 'sub')],
+                         ['--out-dir', 'another run']),
+                        (['--dataset', 'demo', '--data-root', '', *ktb, '--pretrained', str(tmp_path / 'pre' / 'last.pt'),
+                          '--out-dir', str(tmp_path / 'pre'), '--overwrite'], ['--out-dir', 'the --pretrained file'])):
+        message = cli_error(tr.main, nyu_argv(root, tmp_path / 'unused') + argv)
+        assert all(w in message for w in words), message
+    assert tree_bytes(root) == before and not (tmp_path / 'unused').exists()
+    assert os.listdir(tmp_path / 'pre') == ['last.pt'] and os.listdir(other) == ['log.jsonl']
+
+
+@pytest.mark.parametrize('method,backbone', [('early_fusion', 'swin-nano'), ('early_fusion', 'vit-nano'),
+                                            ('rgb_only', 'swin-base'), ('ktb', 'swin-base'), ('gopt', 'vit-base'),
+                                            ('maskmentor', 'vit-base')])
+def test_train_list_opts_describes_every_option_of_every_method(method, backbone):
+    """--list-opts: every option of the method on the backbone, each with its type, its default
+    (the one resolve_options gives) and a line saying in words what it is."""
+    lines = tr.list_opts(method, backbone).splitlines()[1:]
+    resolved = rgbx.resolve_options(method, backbone, {})
+    names = [line.split()[0] for line in lines[::2]]
+    assert names == list(resolved)
+    for (head, meaning), name in zip(zip(lines[::2], lines[1::2]), names):
+        assert f"default {resolved[name]!r}" in head, head
+        assert meaning.startswith('      ') and len(meaning.split()) >= 4, (name, meaning)
+    for f, _ in rgbx.option_fields(method, backbone):  # every field declares its meaning and a checkable default
+        assert f.metadata['meaning'] and f.type in (int, float, bool, str, list[int], int | None, list[int] | None)
+
+
+def test_train_opts_keep_every_key_of_the_previous_registry():
+    """The --opts keys and defaults checkpoints store: the typed configs give today's set."""
+    keys = {'ktb': 'window_size drop_path_rate prompt_ranks adapter_ranks dscf_ranks dscf_strides dscf_groups '
+                   'dscf_heads dscf_kernel bias_grid mmst dscf prompting adapters lambda2 ohem fused_head_dim '
+                   'aux_head_dim x_embed_norm',
+            'gopt': 'variant interval assignment prompt_dim tau head_dim attention class_scale carry_aux identity '
+                    'scaled vpt_rank head_from acp dim depth heads mlp_ratio img_size drop_path_rate',
+            'maskmentor': 'stage img_size drop_path_rate class_dim decoder_dim decoder_heads decoder_depth mask_ratio '
+                          'p_m warmup warmup_steps teacher_iters token_weight norm_pix_rgb depth_standardize head_dim '
+                          'head_depth modality_drop freeze_backbone dim depth heads mlp_ratio',
+            'early_fusion': 'use_x head_dim embed_dim depths heads window_size mlp_ratio drop_path_rate'}
+    for method, names in keys.items():
+        backbone = 'vit-base' if method in ('gopt', 'maskmentor') else 'swin-base'
+        assert set(rgbx.resolve_options(method, backbone, {})) == set(names.split()), method
+    ktb = rgbx.resolve_options('ktb', 'swin-base', {'dscf_ranks': '8:8:8:8', 'mmst': 'off'})
+    assert ktb['dscf_ranks'] == [8, 8, 8, 8] and ktb['mmst'] is False and ktb['bias_grid'] == [60, 80]
+    assert rgbx.KTBConfig(lambda2='0.5').lambda2 == 0.5 and rgbx.GoPTConfig().acp == rgbx.ACP_DEFAULT
+
+
+def test_train_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path):
+    """--overwrite sets the old run aside: a new run that stops before its first checkpoint
+    (a diverging lr) puts it back; one that saves replaces it, old best.pt included."""
+    cfg = demo_config(tmp_path, max_steps=1)
+    tr.train(cfg)
+    before = {n: (Path(cfg.out_dir) / n).read_bytes() for n in ('last.pt', 'best.pt', 'config.json', 'log.jsonl')}
+    message = cli_error(tr.main, ['--overwrite', '--lr', '1e12', '--max-steps', '30', '--eval-every', '0',
+                                  '--crop', '32x32', '--out-dir', cfg.out_dir])
+    assert 'non-finite loss' in message
+    assert {n: (Path(cfg.out_dir) / n).read_bytes() for n in before} == before
+    assert not (Path(cfg.out_dir) / tr.REPLACED).exists()
+    tr.main(['--overwrite', '--max-steps', '1', '--eval-every', '0', '--crop', '32x32', '--out-dir', cfg.out_dir])
+    assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'curves.png', 'last.pt', 'log.jsonl']  # the old best.pt went
+    assert json.load(open(Path(cfg.out_dir) / 'config.json'))['eval_every'] == 0
+
+
 # ----------------------------------------------------------------------------
 # The reproduction study (study/run.py)
 # ----------------------------------------------------------------------------
@@ -5033,6 +5362,74 @@ def test_study_pretraining_structure_tells_a_flat_prediction_from_a_spatial_one(
     z = target[1, 0] - target[1, 0].mean()
     cov, vp, vt = pretraining.structure(target, target, mask, (2, 3))
     assert vt == pytest.approx(float((target[0, 0] - target[0, 0].mean())[m[0]].square().sum() + z[4:, 8:].square().sum()), rel=1e-5)
+
+
+def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
+    import subprocess
+    import sys
+    root = nyu_pair(tmp_path / 'nyu')
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'last.pt').write_bytes(b'a checkpoint')
+    here = Path(__file__).resolve().parent
+    for module, argv, words in (('study.run', ['--quick', '--out', root / 'runs'], ['--out', 'the dataset']),
+                                ('study.run', ['--quick', '--out', tmp_path / 'o', '--report', run_dir],
+                                 ['--report', 'another run']),
+                                ('study.pretraining', ['--steps', '1', '--report', root / 'Label'], ['--report'])):
+        res = subprocess.run([sys.executable, '-m', module, *map(str, argv)], capture_output=True, text=True, cwd=here,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        one_line_error(res, *words)
+    assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
+
+
+def test_study_modules_import_one_way():
+    """study.run -> study.pretraining -> study.common: no module of the study imports one that imports it."""
+    import ast
+    here = Path(__file__).resolve().parent / 'study'
+    graph = {}
+    for path in here.glob('*.py'):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+                {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == 'study'
+                 for a in n.names} | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        graph[path.stem] = {m.split('.')[1] for m in names if m.startswith('study.')}
+    assert graph['run'] == {'pretraining', 'common'} and graph['pretraining'] == {'common'} and not graph['common']
+
+
+def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
+    """`python -m study.run --tables`: a report's results.md comes from its results.json, no training:
+    the GoPT decisions' report is rewritten identically."""
+    import shutil
+    from study import run as study
+    here = Path(__file__).resolve().parent / 'study' / 'gopt-validation'
+    shutil.copy(here / 'results.json', tmp_path / 'results.json')
+    study.write_report(str(tmp_path))
+    assert (tmp_path / 'results.md').read_text() == (here / 'results.md').read_text()
+
+
+@pytest.mark.slow
+def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
+    """`python -m study.pretraining`: the validation losses of MaskMentor's pre-training and of the trivial
+    predictions on the same masked tokens; the zero prediction's MSE on the per-patch normalised RGB is that
+    target's mean square over the masked pixels, checked by hand."""
+    from study import pretraining
+    pretraining.main(['--steps', '2', '--every', '1', '--lrs', '1e-3', '--jobs', '1', '--out', str(tmp_path / 'runs'),
+                      '--report', str(tmp_path)])
+    saved = json.load(open(tmp_path / 'results.json'))['0.001']
+    assert [p['step'] for p in saved['points']] == [0, 1, 2]
+    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image'}
+    assert 'Chosen: lr 0.001 (the lowest mean ratio at the last step)' in (tmp_path / 'results.md').read_text()
+    assert (tmp_path / 'results.png').exists()
+    model = mm_pretrain()
+    rgb, x, label = mm_batch(B=2, H=64, W=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mask = model.draw_mask(torch.ones(2, 3, dtype=torch.bool), 16)[:, 0]  # (B, N) the RGB tokens
+    _, targets = model.targets(rgb, x, label)
+    by_hand = torch.stack([targets['norm_rgb'][b].square().mean(0).view(4, 16, 4, 16).permute(0, 2, 1, 3)
+                           .reshape(16, -1)[mask[b]].mean() for b in range(2)]).mean()
+    got = model.pixel_loss('norm_rgb', torch.zeros_like(targets['norm_rgb']), targets['norm_rgb'], mask, (4, 4))
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -5441,12 +5838,48 @@ def test_layout_rgbx_lines_within_100_characters_and_no_module_state_rebound():
     assert not [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Global, ast.Nonlocal))]
 
 
+def test_layout_each_test_sits_in_its_modules_section():
+    """A test's name carries its module, and it sits in that module's section of this file."""
+    prefixes = {'Foundations': ('test_swin', 'test_vit', 'test_heads', 'test_draws'), 'KTB': ('test_ktb',),
+                'GoPT': ('test_gopt',), 'MaskMentor': ('test_maskmentor',),
+                'Data': ('test_data', 'test_hha', 'test_every_real_data'), 'Evaluation': ('test_eval',),
+                'Training': ('test_train',), 'The reproduction study': ('test_study',), 'Layout': ('test_layout',)}
+    lines, section, misplaced = Path(__file__).read_text().splitlines(), '', []
+    for i, line in enumerate(lines):
+        if line.startswith('# ----') and i + 1 < len(lines) and re.match(r'# \w', lines[i + 1]):
+            section = lines[i + 1][2:]
+        name = re.match(r'def (test_\w+)', line)
+        allowed = next((p for title, p in prefixes.items() if section.startswith(title)), None)
+        if name and allowed is not None and not name[1].startswith(allowed):
+            misplaced.append((section.split(':')[0], name[1]))
+    assert not misplaced, misplaced
+
+
 def test_layout_train_calls_models_through_the_interface_only():
     code = (Path(__file__).resolve().parent / 'train.py').read_text()
     assert 'hasattr(' not in code and 'getattr(' not in code
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_layout_readme_python_examples_run_and_write_nothing_into_the_repository(tmp_path):
+    """Each ```python block of README.md, run as a user runs it (a file in the repository root's
+    working folder, the temporary folder under the test's), ends without error and leaves the
+    repository's files as they were (the GoPT stand-in mae.pth goes to the temporary folder)."""
+    import subprocess
+    import sys
+    here = Path(__file__).resolve().parent
+    blocks = re.findall(r'```python\n(.*?)```', (here / 'README.md').read_text(), re.S)
+    assert len(blocks) >= 3
+    before = sorted(os.listdir(here))
+    for block in blocks:
+        res = subprocess.run([sys.executable, '-c', block], cwd=here, capture_output=True, text=True,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1', 'TMPDIR': str(tmp_path)})
+        assert res.returncode == 0, block + res.stderr[-2000:]
+    assert sorted(os.listdir(here)) == before
+    assert (tmp_path / 'mae.pth').is_file()
+
+
 def test_layout_import_leaves_the_allocator_alone():
     """A 256 MiB tensor freed after `import rgbx` is given back to the OS (glibc's default):
     only the entry points keep freed memory (eval.keep_freed_memory)."""
@@ -5487,144 +5920,3 @@ def test_layout_train_help_describes_every_flag_and_lists_the_methods(capsys):
     assert 'acp' in listed and 'prompt_dim' in listed and 'default 55' in listed
 
 
-@pytest.mark.parametrize('method,backbone', [('early_fusion', 'swin-nano'), ('early_fusion', 'vit-nano'),
-                                            ('rgb_only', 'swin-base'), ('ktb', 'swin-base'), ('gopt', 'vit-base'),
-                                            ('maskmentor', 'vit-base')])
-def test_train_list_opts_describes_every_option_of_every_method(method, backbone):
-    """--list-opts: every option of the method on the backbone, each with its type, its default
-    (the one resolve_options gives) and a line saying in words what it is."""
-    lines = tr.list_opts(method, backbone).splitlines()[1:]
-    resolved = rgbx.resolve_options(method, backbone, {})
-    names = [line.split()[0] for line in lines[::2]]
-    assert names == list(resolved)
-    for (head, meaning), name in zip(zip(lines[::2], lines[1::2]), names):
-        assert f"default {resolved[name]!r}" in head, head
-        assert meaning.startswith('      ') and len(meaning.split()) >= 4, (name, meaning)
-    for f, _ in rgbx.option_fields(method, backbone):  # every field declares its meaning and a checkable default
-        assert f.metadata['meaning'] and f.type in (int, float, bool, str, list[int], int | None, list[int] | None)
-
-
-def test_train_opts_keep_every_key_of_the_previous_registry():
-    """The --opts keys and defaults checkpoints store: the typed configs give today's set."""
-    keys = {'ktb': 'window_size drop_path_rate prompt_ranks adapter_ranks dscf_ranks dscf_strides dscf_groups '
-                   'dscf_heads dscf_kernel bias_grid mmst dscf prompting adapters lambda2 ohem fused_head_dim '
-                   'aux_head_dim x_embed_norm',
-            'gopt': 'variant interval assignment prompt_dim tau head_dim attention class_scale carry_aux identity '
-                    'scaled vpt_rank head_from acp dim depth heads mlp_ratio img_size drop_path_rate',
-            'maskmentor': 'stage img_size drop_path_rate class_dim decoder_dim decoder_heads decoder_depth mask_ratio '
-                          'p_m warmup warmup_steps teacher_iters token_weight norm_pix_rgb depth_standardize head_dim '
-                          'head_depth modality_drop freeze_backbone dim depth heads mlp_ratio',
-            'early_fusion': 'use_x head_dim embed_dim depths heads window_size mlp_ratio drop_path_rate'}
-    for method, names in keys.items():
-        backbone = 'vit-base' if method in ('gopt', 'maskmentor') else 'swin-base'
-        assert set(rgbx.resolve_options(method, backbone, {})) == set(names.split()), method
-    ktb = rgbx.resolve_options('ktb', 'swin-base', {'dscf_ranks': '8:8:8:8', 'mmst': 'off'})
-    assert ktb['dscf_ranks'] == [8, 8, 8, 8] and ktb['mmst'] is False and ktb['bias_grid'] == [60, 80]
-    assert rgbx.KTBConfig(lambda2='0.5').lambda2 == 0.5 and rgbx.GoPTConfig().acp == rgbx.ACP_DEFAULT
-
-
-def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
-    import subprocess
-    import sys
-    root = nyu_pair(tmp_path / 'nyu')
-    run_dir = tmp_path / 'run'
-    run_dir.mkdir()
-    (run_dir / 'last.pt').write_bytes(b'a checkpoint')
-    here = Path(__file__).resolve().parent
-    for module, argv, words in (('study.run', ['--quick', '--out', root / 'runs'], ['--out', 'the dataset']),
-                                ('study.run', ['--quick', '--out', tmp_path / 'o', '--report', run_dir],
-                                 ['--report', 'another run']),
-                                ('study.pretraining', ['--steps', '1', '--report', root / 'Label'], ['--report'])):
-        res = subprocess.run([sys.executable, '-m', module, *map(str, argv)], capture_output=True, text=True, cwd=here,
-                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
-        one_line_error(res, *words)
-    assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
-
-
-def test_study_modules_import_one_way():
-    """study.run -> study.pretraining -> study.common: no module of the study imports one that imports it."""
-    import ast
-    here = Path(__file__).resolve().parent / 'study'
-    graph = {}
-    for path in here.glob('*.py'):
-        tree = ast.parse(path.read_text())
-        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
-                {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == 'study'
-                 for a in n.names} | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        graph[path.stem] = {m.split('.')[1] for m in names if m.startswith('study.')}
-    assert graph['run'] == {'pretraining', 'common'} and graph['pretraining'] == {'common'} and not graph['common']
-
-
-def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
-    """`python -m study.run --tables`: a report's results.md comes from its results.json, no training:
-    the GoPT decisions' report is rewritten identically."""
-    import shutil
-    from study import run as study
-    here = Path(__file__).resolve().parent / 'study' / 'gopt-validation'
-    shutil.copy(here / 'results.json', tmp_path / 'results.json')
-    study.write_report(str(tmp_path))
-    assert (tmp_path / 'results.md').read_text() == (here / 'results.md').read_text()
-
-
-def test_train_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path):
-    """--overwrite sets the old run aside: a new run that stops before its first checkpoint
-    (a diverging lr) puts it back; one that saves replaces it, old best.pt included."""
-    cfg = demo_config(tmp_path, max_steps=1)
-    tr.train(cfg)
-    before = {n: (Path(cfg.out_dir) / n).read_bytes() for n in ('last.pt', 'best.pt', 'config.json', 'log.jsonl')}
-    message = cli_error(tr.main, ['--overwrite', '--lr', '1e12', '--max-steps', '30', '--eval-every', '0',
-                                  '--crop', '32x32', '--out-dir', cfg.out_dir])
-    assert 'non-finite loss' in message
-    assert {n: (Path(cfg.out_dir) / n).read_bytes() for n in before} == before
-    assert not (Path(cfg.out_dir) / tr.REPLACED).exists()
-    tr.main(['--overwrite', '--max-steps', '1', '--eval-every', '0', '--crop', '32x32', '--out-dir', cfg.out_dir])
-    assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'last.pt', 'log.jsonl']  # the old best.pt went too
-    assert json.load(open(Path(cfg.out_dir) / 'config.json'))['eval_every'] == 0
-
-
-@pytest.mark.slow
-def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
-    """`python -m study.pretraining`: the validation losses of MaskMentor's pre-training and of the trivial
-    predictions on the same masked tokens; the zero prediction's MSE on the per-patch normalised RGB is that
-    target's mean square over the masked pixels, checked by hand."""
-    from study import pretraining
-    pretraining.main(['--steps', '2', '--every', '1', '--lrs', '1e-3', '--jobs', '1', '--out', str(tmp_path / 'runs'),
-                      '--report', str(tmp_path)])
-    saved = json.load(open(tmp_path / 'results.json'))['0.001']
-    assert [p['step'] for p in saved['points']] == [0, 1, 2]
-    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image'}
-    assert 'Chosen: lr 0.001 (the lowest mean ratio at the last step)' in (tmp_path / 'results.md').read_text()
-    assert (tmp_path / 'results.png').exists()
-    model = mm_pretrain()
-    rgb, x, label = mm_batch(B=2, H=64, W=64)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        mask = model.draw_mask(torch.ones(2, 3, dtype=torch.bool), 16)[:, 0]  # (B, N) the RGB tokens
-    _, targets = model.targets(rgb, x, label)
-    by_hand = torch.stack([targets['norm_rgb'][b].square().mean(0).view(4, 16, 4, 16).permute(0, 2, 1, 3)
-                           .reshape(16, -1)[mask[b]].mean() for b in range(2)]).mean()
-    got = model.pixel_loss('norm_rgb', torch.zeros_like(targets['norm_rgb']), targets['norm_rgb'], mask, (4, 4))
-    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
-
-
-def test_eval_older_run_format_loads_as_it_ran():
-    """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
-    the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
-    from dataclasses import asdict
-    stored = asdict(ev.run_of('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
-    assert stored['format'] == ev.RUN_FORMAT and stored['model_args']['options']['depth_standardize'] is True
-    old = {k: v for k, v in stored.items() if k != 'format'}
-    assert ev.checkpoint_run({'run': old}, 'x.pt').model_args['options']['depth_standardize'] is False
-    assert ev.checkpoint_run({'run': stored}, 'x.pt').model_args['options']['depth_standardize'] is True
-    legacy = dict(method='maskmentor', backbone='vit-nano', dataset='demo', x_modality='', opts='head_dim=16',
-                  pretrained='', data_root='', crop='')
-    assert ev.checkpoint_run({'config': legacy}, 'x.pt').model_args['options']['depth_standardize'] is False
-    pre = ev.checkpoint_run({'run': {**old, 'model_args': {**old['model_args'], 'options': {
-        **old['model_args']['options'], 'stage': 'pretrain'}}}}, 'x.pt')
-    assert pre.model_args['options']['depth_standardize'] is True  # pre-training always used it
-
-
-def test_eval_checkpoint_with_model_arguments_of_another_version_is_one_line():
-    with pytest.raises(ValueError, match='model arguments this code does not know'):
-        ev.checkpoint_run({'run': {'model_args': {}, 'dataset': 'demo', 'x_modality': 'depth', 'colour': 1}}, 'x.pt')
-    assert ev.trained_weights({'model': {'a': 1, 'steps_done': 2}}) == {'a': 1}

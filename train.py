@@ -18,6 +18,7 @@ checkpoints (--resume or --overwrite), and a resume with another config is refus
 Checkpoints store the model's resolved arguments (eval.Run), which rebuild it.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -54,7 +56,7 @@ X_MODALITIES = sorted({x for p in data.PRESETS.values() for x in p.modalities})
 # compile: only its float rounding; pretrained: the frozen weights are checked by
 # fingerprint; data_root: the files are checked to be the same number of samples).
 HARMLESS_CHANGES = ('data_root', 'pretrained', 'save_every', 'eval_every', 'log_every', 'save_full', 'nonfinite',
-                    'device', 'tf32', 'compile')
+                    'device', 'tf32', 'compile', 'tensorboard')
 
 
 def flag(default, help, choices=None):
@@ -127,6 +129,8 @@ class Config:
     save_full: bool = flag(False, "also store the frozen weights in the checkpoints")
     nonfinite: str = flag('stop', "on a non-finite loss: stop, or skip the step (at most 5% of the steps)",
                           ['stop', 'skip'])
+    tensorboard: bool = flag(False, "also write TensorBoard event files into --out-dir (needs the tensorboard "
+                                    "package; curves.png is drawn from log.jsonl in any case)")
 
 
 RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir', 'workers')  # say how to run, not what: never compared
@@ -248,6 +252,9 @@ def resolve(cfg):
         cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir} is a file, not a folder: pass a folder")
+    if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
+        raise ValueError("--tensorboard writes TensorBoard's event files, which needs the tensorboard package: "
+                         "pip install tensorboard (curves.png is drawn without it)")
     inputs = [('--pretrained', cfg.pretrained if cfg.pretrained != 'none' else ''), ('--data-root', cfg.data_root),
               ('--split', cfg.split if cfg.split.endswith('.txt') else '')]
     data.check_output('--out-dir', cfg.out_dir, inputs, folder=True, own_run=cfg.out_dir, writes=data.RUN_FILES)
@@ -851,6 +858,45 @@ def prepare_model(cfg, model, device, world, say):
     return model, counts
 
 
+def tensorboard_writer(folder, step):
+    """--tensorboard: a SummaryWriter on `folder`; a resumed run drops the events after `step`."""
+    from torch.utils.tensorboard import SummaryWriter  # the tensorboard package: an option, never required
+    return SummaryWriter(folder, purge_step=step or None)
+
+
+def plot_log(log_path, png_path, size=(480, 160)):
+    """curves.png of a run: the training loss, the learning rate and each evaluation's mIoU
+    over the steps, one panel each, from its log.jsonl, drawn with pillow; written atomically."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    series = [('training loss', [(r['step'], r['loss']) for r in records if 'loss' in r]),
+              ('learning rate', [(r['step'], r['lr']) for r in records if 'lr' in r]),
+              ('test mIoU', [(r['step'], r['eval']['miou']) for r in records if 'eval' in r])]
+    series = [(name, pts) for name, pts in series if pts]
+    w, h = size
+    font = ImageFont.load_default()
+    img = Image.new('RGB', (w, h * max(1, len(series))), 'white')
+    draw = ImageDraw.Draw(img)
+    last = max((p[0] for _, pts in series for p in pts), default=1)
+    for i, (name, pts) in enumerate(series):
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        box = (60, i * h + 20, w - 10, (i + 1) * h - 20)  # left, top, right, bottom of the plot area
+        xy = [(box[0] + (box[2] - box[0]) * step / max(last, 1),
+               box[3] - (box[3] - box[1]) * (v - lo) / ((hi - lo) or 1)) for step, v in pts]
+        draw.rectangle(box, outline=(160, 160, 160))
+        if len(xy) > 1:
+            draw.line(xy, fill=(31, 119, 180), width=2)
+        else:  # one point: a dot
+            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(31, 119, 180))
+        ev.words(draw, (box[0], i * h + 4), f"{name} over steps 0..{last}", font)
+        draw.text((2, box[1]), f"{hi:.3g}", fill='black')
+        draw.text((2, box[3] - 10), f"{lo:.3g}", fill='black')
+    tmp = f"{png_path}.tmp.{os.getpid()}"
+    with data.disk_full_names(png_path):
+        img.save(tmp, format='PNG')
+    os.replace(tmp, png_path)
+
+
 class RunFiles:
     """What a run writes to its folder (rank 0): config.json, the log.jsonl records and
     the progress line, and the checkpoints, which hold every rank's RNG state and
@@ -870,6 +916,7 @@ class RunFiles:
             with data.disk_full_names(config_path), open(config_path, 'w') as f:
                 json.dump(asdict(cfg), f, indent=2)
             self.log = open(self.log_path, 'a' if cfg.resume else 'w')
+        self.board = tensorboard_writer(cfg.out_dir, step) if master and cfg.tensorboard else None
         self.t0 = self.t_last = time.time()
         self.step_at_t = self.step_at_start = step
 
@@ -882,6 +929,16 @@ class RunFiles:
             with data.disk_full_names(self.log_path):
                 self.log.write(json.dumps(record) + '\n')
                 self.log.flush()
+        if self.board is not None:  # the log's numbers, as TensorBoard scalars
+            scalars = {f'train/{k}': record[k] for k in ('loss', 'lr') if k in record}
+            scalars.update({f'eval/{k}': v for k, v in record.get('eval', {}).items()})
+            for tag, value in scalars.items():
+                self.board.add_scalar(tag, value, record['step'])
+
+    def plot(self):
+        """Draw curves.png from log.jsonl (rank 0)."""
+        if self.master:
+            plot_log(self.log_path, os.path.join(self.cfg.out_dir, 'curves.png'))
 
     def progress(self, step, total, epoch, loss, lr, **extra):
         """The progress line (loss, lr, it/s, ETA) and its log record (with `extra`)."""
@@ -920,6 +977,8 @@ class RunFiles:
         if self.master:
             with data.disk_full_names(self.log_path):
                 self.log.close()
+        if self.board is not None:
+            self.board.close()
 
 
 @dataclass
@@ -963,6 +1022,7 @@ def setup(cfg, model=None):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     train_set, sampler, loader, test_loader = make_loaders(cfg, run, rank, world, device)
+    say(f"threads: {torch.get_num_threads()} ({data.core_budget()[1]})")
     held = check_out_dir(cfg, rank == 0, say)
     for dataset in (train_set, test_loader.dataset.dataset):  # every file of both splits, before the first step
         data.check_files(dataset, cfg.workers, say, rank, world)
@@ -1106,6 +1166,7 @@ def end_epoch(s, epoch):
             s.best = evaluation['miou']
             s.files.checkpoint(s.files.best, s.step, s.best, s.skipped, evaluation)
     s.files.checkpoint(s.files.last, s.step, s.best, s.skipped, evaluation)
+    s.files.plot()
     return evaluation
 
 
