@@ -4100,7 +4100,7 @@ def test_eval_own_rgbd_frame_gets_hha_from_its_depth(tmp_path, monkeypatch):
     """--depth on a model trained on HHA: HHA is computed from the depth (said in the output)
     and equals feeding the same HHA as a file with --x."""
     torch.manual_seed(0)
-    run = ev.run_of('early_fusion', 'swin-nano', 'nyudv2', 'hha', 'head_dim=8,embed_dim=8')
+    run = ev.run_spec('early_fusion', 'swin-nano', 'nyudv2', 'hha', 'head_dim=8,embed_dim=8')
     model = run.build().eval()
     ckpt = tmp_path / 'hha.pt'
     from dataclasses import asdict
@@ -4174,7 +4174,7 @@ def test_eval_older_run_format_loads_as_it_ran():
     """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
     the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
     from dataclasses import asdict
-    stored = asdict(ev.run_of('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
+    stored = asdict(ev.run_spec('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
     assert stored['format'] == ev.RUN_FORMAT and stored['model_args']['options']['depth_standardize'] is True
     old = {k: v for k, v in stored.items() if k != 'format'}
     assert ev.checkpoint_run({'run': old}, 'x.pt').model_args['options']['depth_standardize'] is False
@@ -4949,7 +4949,7 @@ def test_train_overwrite_replaces_nothing_before_the_new_run_is_valid(tmp_path, 
                                             ('adapter_ranks=2:2:2:2', 'adapter_ranks', [2, 2, 2, 2])])
 def test_train_opts_take_each_option_type(opts, key, value):
     cfg = tr.resolve(tr.Config(method='ktb', pretrained='none', opts=opts))
-    assert tr.run_of(cfg).model_args['options'][key] == value
+    assert tr.run_spec(cfg).model_args['options'][key] == value
 
 
 @pytest.mark.parametrize('method,opts,words', [
@@ -5535,7 +5535,7 @@ def test_eval_cuda_protocols_equal_the_cpus_miou(name, exact_fp32):
     cfg = demo_config(Path('unused'), **NANO_METHODS[name])
     torch.manual_seed(0)
     model = tr.build_model(cfg)
-    loader = data.loader(data.build_dataset('demo', '', 'test', x_standardised=tr.run_of(cfg).x_standardised), 4)
+    loader = data.loader(data.build_dataset('demo', '', 'test', x_standardised=tr.run_spec(cfg).x_standardised), 4)
     protocols = dict(single={}, multiscale_flip=dict(scales=ev.SCALES, flip=True), sliding=dict(crop=(32, 32)),
                      rgb_only=dict(modality='rgb'), x_only=dict(modality='x'))
     found = {}
