@@ -391,9 +391,9 @@ def run_spec(method, backbone, dataset, x_modality='', opts='', pretrained='', d
     preset = data.get_preset(dataset)
     x = preset.x_name(x_modality or None)
     given = parse_opts(opts) if isinstance(opts, str) else dict(opts)
-    first = rgbx.resolve_options(method, backbone, given)  # e.g. MaskMentor's stage, which picks its recipe
-    recipe = rgbx.recipe(method, dataset, first)
-    options = rgbx.resolve_options(method, backbone, {**recipe.options, **given})
+    options = rgbx.resolve_options(method, backbone, given)
+    recipe = rgbx.recipe(method, dataset, options)  # e.g. MaskMentor's stage picks its recipe
+    options.update({k: v for k, v in recipe.options.items() if k not in given})  # its dataset's defaults
     args = dict(method=method, backbone=backbone, num_classes=preset.num_classes, x_channels=preset.x_channels(x),
                 options=options)
     return RunSpec(args, dataset, x, recipe.x_standardised, data_root, crop, pretrained, seed)

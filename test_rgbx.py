@@ -4170,6 +4170,17 @@ def test_eval_torchrun_where_one_rank_fails_ends_in_one_line_on_each(tmp_path, d
     assert said[0] == f'error: {ev.PEER_FAILED}', said[0]
 
 
+def test_eval_run_spec_takes_the_recipes_options_unless_given():
+    """One resolution: the options given, then the recipe's for the dataset where none is given
+    (KTB's OHEM on MCubeS), MaskMentor's recipe picked by its stage."""
+    options = lambda *a, **k: ev.run_spec(*a, **k).model_args['options']
+    assert options('ktb', 'swin-base', 'mcubes')['ohem'] is True
+    assert options('ktb', 'swin-base', 'mcubes', opts='ohem=no')['ohem'] is False
+    assert options('ktb', 'swin-base', 'nyudv2')['ohem'] is False
+    assert options('maskmentor', 'vit-base', 'nyudv2', opts='stage=pretrain') == \
+        rgbx.resolve_options('maskmentor', 'vit-base', {'stage': 'pretrain'})
+
+
 def test_eval_older_run_format_loads_as_it_ran():
     """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
     the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
