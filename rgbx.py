@@ -3072,13 +3072,9 @@ class MaskMentorPretrain(MaskMentorModel):
       patch masking of the kept modalities with the same budget); a dropped modality has
       all its patches masked. Pixel losses plus `token_weight` * the mean over the three
       tasks and the grid places of 1 - cos(student token, teacher token).
-    What the teacher sees when it makes the student's token targets: within the student
-    iteration, a no-grad pass of the current weights (after the cycle's teacher updates)
-    on the same images with all three modalities and a fresh MultiMAE patch mask (not
-    the masks of the teacher iterations); the tokens compared are each decoder's output
-    tokens (`SpatialOutputAdapter.attend`), which exist at every grid place whatever
-    either side saw, so the student also predicts the teacher's tokens of the modality it
-    lost. Design choice, paper silent: all grid places count, weight 1, norm_rgb excluded.
+    The teacher: a no-grad pass of the current weights on the same images, complete, with a
+    fresh patch mask; compared: each decoder's output tokens at every grid place (design
+    choice, paper silent; docs/maskmentor.md, "STTP").
     Pixel losses (MultiMAE's pre-training config, criterion.py): RGB MSE on the
     dataset-normalised pixels; with norm_pix_rgb also `norm_rgb` MSE on per-patch
     normalised RGB; depth L1 on MultiMAE's truncated standardisation (input and target);
@@ -3089,7 +3085,7 @@ class MaskMentorPretrain(MaskMentorModel):
     and one batch for every step of a 3 teacher : 1 student cycle; `warmup` is a fraction
     of the run's steps (MaskMentor Sec. 4.1: ~100 of 500 epochs of complete-modality MIM,
     0.2), unless `warmup_steps` is given. The trainer passes the phase to forward. Masking
-    is the objective, so it is drawn from the global RNG in train and eval mode alike.
+    is the objective, so it is drawn (through `draw_policy()`) in train and eval mode alike.
     """
 
     pretraining = True  # no logits: nothing to evaluate
