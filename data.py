@@ -753,9 +753,9 @@ def demo_scene(rng, size):
 class SceneCache:
     """Scenes rendered once per run, whichever process renders them: `count` records of
     fixed-size arrays (`shapes`: ((shape, dtype), ...)) in an anonymous shared mapping, made
-    before DataLoader workers fork, so that what one epoch's workers render is there for the
-    next epoch's (pages are allocated as they are written). A copy sent to a spawned process
-    (no fork) keeps a cache of its own."""
+    before DataLoader workers fork, so that the main process and every worker, of this
+    epoch or a later one, find what any of them rendered (pages are allocated as they are
+    written). A copy sent to a spawned process (no fork) keeps a cache of its own."""
 
     def __init__(self, count, shapes):
         self.count, self.shapes = count, shapes
