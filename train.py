@@ -3,7 +3,7 @@
     python train.py                                    # the demo: a small model on built-in data, CPU, minutes
     python train.py --dataset nyudv2 --data-root DIR --method ktb \\
                     --pretrained swin_base_patch4_window12_384_22k.pth
-    torchrun --nproc_per_node 4 train.py ...           # DDP: one process per GPU (gloo on CPU)
+    torchrun --standalone --nproc_per_node 4 train.py ...  # DDP: one process per GPU (gloo on CPU)
     python train.py ... --resume                       # continue the run in --out-dir exactly where it stopped
     python train.py --method ktb --list-opts           # a method's options (--opts), their defaults and types
 
