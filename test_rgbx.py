@@ -4053,6 +4053,7 @@ def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_pat
     assert 'not a JSON file' in cli_error(ev.main, ['--checkpoint', str(last), '--json', str(tmp_path / 'notes.txt')])
     pair = ['--rgb', str(root / 'RGB' / '0.png'), '--x', str(root / 'HHA' / '0.png'), '--out', str(tmp_path / 's.png')]
     assert 'drop --json' in cli_error(ev.main, ['--checkpoint', str(last), *pair, '--json', str(tmp_path / 'm.json')])
+    assert 'is a folder' in cli_error(ev.main, ['--checkpoint', str(last), '--json', str(tmp_path)])
     assert {d: tree_bytes(d) for d in (root, run_dir)} == before and (tmp_path / 'notes.txt').read_text() == 'my notes'
     res = run_cli('eval.py', '--checkpoint', last, '--json', run_dir / 'metrics.json', '--save-pred', run_dir / 'pred')
     assert res.returncode == 0, res.stderr
