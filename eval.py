@@ -330,7 +330,7 @@ RUN_FORMAT = 2
 
 
 @dataclass
-class Run:
+class RunSpec:
     """What rebuilds a trained model and reads its data, as stored in its checkpoints:
     model_args = dict(method, backbone, num_classes, x_channels, options) for
     rgbx.build_model (every option after its defaults), the dataset, its X modality and
@@ -356,26 +356,26 @@ class Run:
                                 **a['options'])
 
 
-def run_of(method, backbone, dataset, x_modality='', opts='', pretrained='', data_root='', crop='', seed=0):
-    """The Run of a model chosen by name: options resolved (`opts` text or dict, the
+def run_spec(method, backbone, dataset, x_modality='', opts='', pretrained='', data_root='', crop='', seed=0):
+    """The RunSpec of a model chosen by name: options resolved (`opts` text or dict, the
     recipe's defaults for the dataset first), X modality and scaling from the dataset
     and the method's recipe."""
     preset = data.get_preset(dataset)
     x = preset.x_name(x_modality or None)
     given = parse_opts(opts) if isinstance(opts, str) else dict(opts)
-    first = rgbx.resolve_options(method, backbone, given)  # e.g. MaskMentor's stage, which picks its recipe
-    recipe = rgbx.recipe(method, dataset, first)
-    options = rgbx.resolve_options(method, backbone, {**recipe.options, **given})
+    options = rgbx.resolve_options(method, backbone, given)
+    recipe = rgbx.recipe(method, dataset, options)  # e.g. MaskMentor's stage picks its recipe
+    options.update({k: v for k, v in recipe.options.items() if k not in given})  # its dataset's defaults
     args = dict(method=method, backbone=backbone, num_classes=preset.num_classes, x_channels=preset.x_channels(x),
                 options=options)
-    return Run(args, dataset, x, recipe.x_standardised, data_root, crop, pretrained, seed)
+    return RunSpec(args, dataset, x, recipe.x_standardised, data_root, crop, pretrained, seed)
 
 
 # A checkpoint of the previous format (its config and option text only) would take today's
 # default for an option added since: here the value the code that wrote it used.
 LEGACY_OPTIONS = {'gopt': {'acp': 'literal'}}
 def as_it_ran(run):
-    """A Run of an older format, with the options that make today's code do what that code did."""
+    """A RunSpec of an older format, with the options that make today's code do what that code did."""
     options = run.model_args['options']
     if run.format < 2 and run.method == 'maskmentor' and options.get('stage') == 'finetune':
         run.model_args = dict(run.model_args, options={**options, 'depth_standardize': False})
@@ -384,13 +384,13 @@ def as_it_ran(run):
 
 
 def legacy_run(config, source):
-    """The Run of a checkpoint written before checkpoints stored their model arguments:
+    """The RunSpec of a checkpoint written before checkpoints stored their model arguments:
     its config's method, backbone and option text, with the defaults that code used."""
     try:
         given = {**LEGACY_OPTIONS.get(config['method'], {}), **parse_opts(config['opts'])}
         if config['method'] == 'maskmentor':
             given.setdefault('stage', 'finetune')
-        run = run_of(config['method'], config['backbone'], config['dataset'], config['x_modality'], given,
+        run = run_spec(config['method'], config['backbone'], config['dataset'], config['x_modality'], given,
                      config['pretrained'], config['data_root'], config['crop'], config.get('seed', 0))
     except KeyError as e:
         raise ValueError(f"{source} has no config field {e}: it is not a checkpoint of train.py") from None
@@ -409,11 +409,11 @@ def load_run_checkpoint(path):
 
 
 def checkpoint_run(ckpt, source):
-    """The Run a training checkpoint stores (or, for one of the previous format, `legacy_run`)."""
+    """The RunSpec a training checkpoint stores (or, for one of the previous format, `legacy_run`)."""
     if 'run' not in ckpt:
         return legacy_run(ckpt['config'], source)
     try:
-        return as_it_ran(Run(**{'format': 1, **ckpt['run']}))
+        return as_it_ran(RunSpec(**{'format': 1, **ckpt['run']}))
     except TypeError:
         raise ValueError(f"{source} stores model arguments this code does not know ({sorted(ckpt['run'])}): "
                          f"use the version of the code that wrote it") from None
@@ -430,7 +430,7 @@ def load_model(path, pretrained=None, device='cpu'):
     its weights. The frozen backbone comes from the checkpoint when it holds every
     weight (--save-full, or a run without a pretrained file), else from the run's
     pretrained file (or `pretrained`), checked against the fingerprint stored at
-    training time. Returns (model, Run)."""
+    training time. Returns (model, RunSpec)."""
     ckpt = load_run_checkpoint(path)
     run = checkpoint_run(ckpt, path)
     used = run.pretrained  # the file the run was trained with
@@ -463,11 +463,11 @@ def load_model_from_flags(args, device):
     """A checkpoint without rgbx's training config, e.g. a trained KTB of the
     authors' release: the model is built from --method, --backbone, --dataset
     (classes, X channels), --x-modality and --opts, and the whole file is loaded
-    by rgbx.load_pretrained, which checks every key. Returns (model, Run)."""
+    by rgbx.load_pretrained, which checks every key. Returns (model, RunSpec)."""
     if not (args.method and args.backbone and args.dataset):
         raise ValueError(f"{args.checkpoint} holds no rgbx training config: pass --method, --backbone and "
                          f"--dataset to build its model (e.g. --method ktb --backbone swin-base --dataset nyudv2)")
-    run = run_of(args.method, args.backbone, args.dataset, args.x_modality or '', args.opts or '',
+    run = run_spec(args.method, args.backbone, args.dataset, args.x_modality or '', args.opts or '',
                  data_root=args.data_root or '')
     model = run.build()
     rgbx.load_pretrained(model, args.checkpoint)
@@ -778,7 +778,7 @@ def main(argv=None):
     keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     try:
         check_flags(args)
-        return run(args)
+        return run_command(args)
     except (ValueError, OSError, rgbx.CheckpointError) as e:
         sys.exit(f"error: {error_line(e)}")
     except KeyboardInterrupt:
@@ -857,7 +857,7 @@ def check_outputs(args):
             data.check_output(flag, path, inputs, folder=True, own_run=own)
 
 
-def run(args):
+def run_command(args):
     rank, world, device = setup_distributed(args.device)
     if rank == 0:
         check_cpu_bf16(args.amp, device)
@@ -963,7 +963,7 @@ def run_benchmark(args, device):
     else:
         dataset = args.dataset or 'demo'
         method = args.method or 'early_fusion'
-        model, run = None, run_of(method, args.backbone or rgbx.paper_backbone(method).replace('-base', '-nano'),
+        model, run = None, run_spec(method, args.backbone or rgbx.paper_backbone(method).replace('-base', '-nano'),
                                   dataset, args.x_modality or '', args.opts or '', data_root=args.data_root or '')
     size = parse_size(args.size or '480x640', '--size')
     preset = data.get_preset(run.dataset)

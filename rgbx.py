@@ -11,9 +11,10 @@ data live in train.py, eval.py and data.py):
 - KTB (MAPA prompting and adapters, DSCF, MMST) on a frozen Swin.
 - GoPT (CUP and ACP grouping prompters, eq. 3-15) on a frozen MAE ViT, and its VPT baselines.
 - MaskMentor (M2IM, Alg. 1; STTP) on a MultiMAE-style multi-modal ViT.
-- Checkpoint conversion (one pure function per source format) and `load_pretrained`;
-  the interface a trainer uses (`RGBXModel`), each method's recipe beside its builder,
-  and building a method by name with typed options (`build_model`, `resolve_options`).
+- Checkpoint conversion beside each model (`convert_checkpoint`, pure dict -> dict functions
+  per source format) and `load_pretrained`; the interface a trainer uses (`RGBXModel`); each
+  method's typed config and recipe beside its builder; building a method by name
+  (`build_model`, `resolve_options`); random draws through `draws(policy)` (`DrawPolicy`).
 
 Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
@@ -306,8 +307,8 @@ def check_option_range(what, f, kind, value):
         raise ValueError(f"{what} takes one of {', '.join(choices)}, not {value!r}")
     if kind not in (int, float, list):
         return
-    low, high, low_open, high_open = f.metadata['range'] or (1 if kind is not float else 0,
-                                                             math.inf, False, False)
+    default_range = (1 if kind is not float else 0, math.inf, False, False)  # ints >= 1, numbers >= 0
+    low, high, low_open, high_open = f.metadata['range'] or default_range
     for v in (value if isinstance(value, list) else [value]):
         if v < low or v > high or (v == low and low_open) or (v == high and high_open):
             bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
@@ -1897,8 +1898,7 @@ class KTB(RGBXModel):
         return {'trainable': count(self), 'total': sum(p.numel() for p in self.parameters()),
                 'adapters': count(self.adapters), 'prompting': count(self.prompts),
                 'dscf': count(self.dscf),
-                'dscf_bias_tables': 0 if self.dscf is None else sum(d.rpe_table.numel()
-                                                                    for d in self.dscf),
+                'dscf_bias_tables': sum(d.rpe_table.numel() for d in self.dscf or ()),
                 'x_patch_embed': count(self.x_patch_embed), 's1': count(self.s1),
                 's2+s3': count(self.s2) + count(self.s3)}
 
@@ -2017,8 +2017,8 @@ class Grouping(nn.Module):
     def forward(self, tokens: torch.Tensor, groups: torch.Tensor, into_tokens: bool = False) -> tuple[torch.Tensor, ...]:
         # eq. 8-9, (B, S, C)
         A_hat = gumbel_assign(self.logits(tokens, groups), self.tau, self.hard, noise=self.training)
-        M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups,
-                                                                   tokens)  # M: (B, dst, src)
+        # M: (B, dst, src)
+        M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups, tokens)
         den = M.sum(-1, keepdim=True)  # (B, dst, 1): sum_i A_ij
         # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j +
         # W_o 0, divided by 1 (hard counts are whole numbers, so the forward pass is unchanged, and
@@ -2187,8 +2187,8 @@ class GroupingPrompts(nn.Module):
 
     def forward(self, l: int, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         first, aux, classes = state
-        prompt, aux_hat, classes = self.prompters[self.layers.index(l)](self.down(tokens), aux,
-                                                                        classes)  # (B, N, d)
+        prompter = self.prompters[self.layers.index(l)]
+        prompt, aux_hat, classes = prompter(self.down(tokens), aux, classes)  # (B, N, d)
         return 1 + self.up(prompt), (first, aux_hat if self.carry_aux else first, classes)
 
 
@@ -2309,8 +2309,8 @@ def probe_patch(x, patch, generator):
     B, Cx, H, W = x.shape
     gh, gw = -(-H // patch), -(-W // patch)
     r, c = gh // 2, gw // 2
-    rows, cols = slice(r * patch, min((r + 1) * patch, H)), slice(c * patch,
-                                                                  min((c + 1) * patch, W))
+    rows = slice(r * patch, min((r + 1) * patch, H))
+    cols = slice(c * patch, min((c + 1) * patch, W))
     mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
     std = torch.where(std > 0, std, torch.ones_like(std))  # NaN (one value) or 0 -> 1
     cell = x[:, :, rows, cols]
@@ -2500,8 +2500,8 @@ def build_gopt(backbone_name: str, num_classes: int, x_channels: int, pretrained
     backbone = vit(backbone_name, **sizes)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    layers = (0,) if cfg.variant.endswith('_shallow') else range(0, len(backbone.blocks),
-                                                                 cfg.interval)
+    every = range(0, len(backbone.blocks), cfg.interval)
+    layers = (0,) if cfg.variant.endswith('_shallow') else every
     if cfg.variant == 'head_only':
         prompts = None
     elif cfg.variant.startswith('vpt'):
@@ -3192,8 +3192,8 @@ class MaskMentorPretrain(MaskMentorModel):
         p = self.backbone.patch_size
         inputs = {'rgb': rgb, 'depth': standardize_depth(x) if self.depth_standardize else x,
                   'semseg': label[:, ::4, ::4]}
-        norm = patch_normalised(pad_to_multiple(rgb, p, (2, 3)), p)[..., :rgb.shape[-2],
-                                                                    :rgb.shape[-1]]
+        padded = pad_to_multiple(rgb, p, (2, 3))
+        norm = patch_normalised(padded, p)[..., :rgb.shape[-2], :rgb.shape[-1]]
         return inputs, {**inputs, 'norm_rgb': norm}
 
     def pixel_loss(self, name, pred, target, mask, grid):

@@ -4079,7 +4079,7 @@ def test_eval_own_rgbd_frame_gets_hha_from_its_depth(tmp_path, monkeypatch):
     """--depth on a model trained on HHA: HHA is computed from the depth (said in the output)
     and equals feeding the same HHA as a file with --x."""
     torch.manual_seed(0)
-    run = ev.run_of('early_fusion', 'swin-nano', 'nyudv2', 'hha', 'head_dim=8,embed_dim=8')
+    run = ev.run_spec('early_fusion', 'swin-nano', 'nyudv2', 'hha', 'head_dim=8,embed_dim=8')
     model = run.build().eval()
     ckpt = tmp_path / 'hha.pt'
     from dataclasses import asdict
@@ -4149,11 +4149,22 @@ def test_eval_torchrun_where_one_rank_fails_ends_in_one_line_on_each(tmp_path, d
     assert said[0] == f'error: {ev.PEER_FAILED}', said[0]
 
 
+def test_eval_run_spec_takes_the_recipes_options_unless_given():
+    """One resolution: the options given, then the recipe's for the dataset where none is given
+    (KTB's OHEM on MCubeS), MaskMentor's recipe picked by its stage."""
+    options = lambda *a, **k: ev.run_spec(*a, **k).model_args['options']
+    assert options('ktb', 'swin-base', 'mcubes')['ohem'] is True
+    assert options('ktb', 'swin-base', 'mcubes', opts='ohem=no')['ohem'] is False
+    assert options('ktb', 'swin-base', 'nyudv2')['ohem'] is False
+    assert options('maskmentor', 'vit-base', 'nyudv2', opts='stage=pretrain') == \
+        rgbx.resolve_options('maskmentor', 'vit-base', {'stage': 'pretrain'})
+
+
 def test_eval_older_run_format_loads_as_it_ran():
     """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
     the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
     from dataclasses import asdict
-    stored = asdict(ev.run_of('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
+    stored = asdict(ev.run_spec('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
     assert stored['format'] == ev.RUN_FORMAT and stored['model_args']['options']['depth_standardize'] is True
     old = {k: v for k, v in stored.items() if k != 'format'}
     assert ev.checkpoint_run({'run': old}, 'x.pt').model_args['options']['depth_standardize'] is False
@@ -4746,7 +4757,7 @@ def test_train_overwrite_replaces_nothing_before_the_new_run_is_valid(tmp_path, 
                                             ('adapter_ranks=2:2:2:2', 'adapter_ranks', [2, 2, 2, 2])])
 def test_train_opts_take_each_option_type(opts, key, value):
     cfg = tr.resolve(tr.Config(method='ktb', pretrained='none', opts=opts))
-    assert tr.run_of(cfg).model_args['options'][key] == value
+    assert tr.run_spec(cfg).model_args['options'][key] == value
 
 
 @pytest.mark.parametrize('method,opts,words', [

@@ -15,7 +15,7 @@ set-up (DDP from the RANK environment variable, device, precision, data, model,
 optimizer, resume) and the loop. A run directory holds config.json, log.jsonl,
 last.pt and best.pt; a new run never writes into a folder holding a run's
 checkpoints (--resume or --overwrite), and a resume with another config is refused.
-Checkpoints store the model's resolved arguments (eval.Run), which rebuild it.
+Checkpoints store the model's resolved arguments (eval.RunSpec), which rebuild it.
 """
 import argparse
 import importlib.util
@@ -219,7 +219,7 @@ def resolve(cfg):
     preset = data.get_preset(cfg.dataset)
     rgbx.method_spec(cfg.method)
     cfg.backbone = cfg.backbone or default_backbone(cfg.method, cfg.dataset)
-    run = ev.run_of(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts)
+    run = ev.run_spec(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts)
     recipe = rgbx.recipe(cfg.method, cfg.dataset, run.model_args['options'])
     given = {k: v for k, v in asdict(recipe).items() if k in RECIPE_FIELDS and v is not None}
     fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults,
@@ -286,9 +286,9 @@ def check_fields(cfg):
         raise ValueError("--allow-changes only acts with --resume")
 
 
-def run_of(cfg):
-    """The eval.Run of a resolved config: what its checkpoints store to rebuild the model."""
-    return ev.run_of(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts, cfg.pretrained, cfg.data_root,
+def run_spec(cfg):
+    """The eval.RunSpec of a resolved config: what its checkpoints store to rebuild the model."""
+    return ev.run_spec(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts, cfg.pretrained, cfg.data_root,
                      cfg.crop, cfg.seed)
 
 
@@ -298,7 +298,7 @@ def build_model(cfg):
     feeds its fine-tuning) is said as such, in place of the list of its keys."""
     pretrained = None if cfg.pretrained in ('', 'none') else cfg.pretrained
     try:
-        return run_of(cfg).build(pretrained)
+        return run_spec(cfg).build(pretrained)
     except ValueError:
         ckpt = rgbx.read_checkpoint(pretrained) if pretrained else None
         if not (isinstance(ckpt, dict) and {'model', 'config', 'step'} <= set(ckpt)):
@@ -919,7 +919,7 @@ def on_nonfinite_loss(cfg, loss, step, skipped, total, files):
 class Session:
     """Everything a training run holds while it runs (`setup`)."""
     cfg: Config
-    run: ev.Run
+    run: ev.RunSpec
     rank: int
     world: int
     device: torch.device
@@ -947,7 +947,7 @@ def setup(cfg, model=None):
     rank, world, device = ev.setup_distributed(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     ev.check_cpu_bf16(cfg.amp, device, say)
-    run = run_of(cfg)
+    run = run_spec(cfg)
     resumed = resume_checkpoint(cfg) if cfg.resume else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -367,7 +367,7 @@ def execute(args):
         os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
     else:
         test = data.shard_loader(data.build_dataset(cfg.dataset, '', run.get('eval_split', 'test'),
-                                                    x_standardised=train.run_of(cfg).x_standardised),
+                                                    x_standardised=train.run_spec(cfg).x_standardised),
                                  workers=0, batch_size=8)
         for modality, _ in COLUMNS:
             result[modality] = metrics(evaluate(model, test, preset.num_classes, torch.device('cpu'),
