@@ -452,8 +452,6 @@ def check_output(flag, path, inputs=(), folder=False, own_run=None, dataset_x=No
               a dataset;
     kind      'png' or 'json': an existing file at `path` is replaced only when it is one."""
     out = Path(os.path.realpath(path))
-    if not folder and out.is_dir():
-        raise ValueError(f"{flag} {path} is a folder: name the file to write")
     targets = [out] + [out / n for n in writes]
     for name, p in inputs:
         if p and os.path.exists(p):

@@ -848,6 +848,8 @@ def check_outputs(args):
         folder = os.path.dirname(os.path.abspath(path)) if path else ''
         if path and not os.path.isdir(folder):
             raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+        if path and os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a folder: name the file to write")
         if path:
             data.check_output(flag, path, inputs, own_run=own, kind=flag[2:].replace('out', 'png'))
     for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
