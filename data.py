@@ -524,7 +524,9 @@ def sample_rng(stream, seed, step, index):
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Items (rgb, x, label) = transform(*read(i), rng); the augmentation rng of item i
-    is sample_rng(AUGMENT, seed, epoch, i), with the epoch set by set_epoch."""
+    is sample_rng(AUGMENT, seed, epoch, i), with the epoch set by set_epoch, or given
+    with the index: item (epoch, i), so that loader workers kept over epochs
+    (persistent_workers) need no set_epoch."""
 
     def __init__(self, preset, x_modality, transform, seed):
         self.preset = get_preset(preset)
@@ -536,7 +538,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index):
-        return self.transform(*self.read(index), sample_rng(AUGMENT, self.seed, self.epoch, index))
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        return self.transform(*self.read(index), sample_rng(AUGMENT, self.seed, epoch, index))
 
     def __len__(self):
         return len(self.names)
@@ -818,18 +821,29 @@ class Checked(torch.utils.data.Dataset):
         return index
 
 
-def check_files(dataset, workers=0, say=print):
+def check_files(dataset, workers=0, say=print, rank=0, world=1):
     """Read every file of `dataset` once (exists, decodes, sizes agree, labels in
     range) before training starts, so that a bad file of either split stops the run
     before its first step rather than after an epoch; `workers` processes read in
-    parallel. The generated demo has nothing to check."""
+    parallel. Under data parallelism each of the `world` processes reads its share,
+    samples rank::world: the processes finish together, and none waits for another's
+    reading in a collective (NCCL's watchdog ends a collective after 10 minutes). The
+    generated demo has nothing to check."""
     if not isinstance(dataset, RGBXDataset):
         return
     start = time.perf_counter()
-    for _ in torch.utils.data.DataLoader(Checked(dataset), batch_size=16, num_workers=workers,
+    share = torch.utils.data.Subset(Checked(dataset), range(rank, len(dataset), world))
+    for _ in torch.utils.data.DataLoader(share, batch_size=16, num_workers=workers,
                                          worker_init_fn=one_thread if workers else None):
         pass
-    say(f"checked the {len(dataset)} samples of {dataset.source} in {time.perf_counter() - start:.1f}s")
+    say(f"checked the {len(dataset)} samples of {dataset.source}"
+        + (f" ({len(share)} in each of {world} processes)" if world > 1 else '')
+        + f" in {time.perf_counter() - start:.1f}s")
+
+
+def affine_cores():
+    """The cores this process may run on (its CPU affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def usable_cores():
@@ -843,7 +857,7 @@ def core_budget():
     other processes keep busy (the 1-minute load average, rounded), at least 1. Design choice:
     threads that wait for a core another process holds slow every operation down (the demo
     on 2 cores beside one busy process: 5x slower on 2 threads than on 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    cores = affine_cores()
     omp = os.environ.get('OMP_NUM_THREADS')
     if omp:
         return min(cores, int(omp)), f"OMP_NUM_THREADS={omp}"
@@ -857,15 +871,16 @@ def one_thread(worker_id):
     torch.set_num_threads(1)
 
 
-def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False):
+def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False, persistent=False):
     """A DataLoader that keeps to the cores: each of the `workers` processes runs 1
     thread and the main process usable_cores() - workers (at least 1), so that loading
-    and the model never oversubscribe the cores. Worker seeds come from a fresh
-    generator: the global RNG is left alone."""
+    and the model never oversubscribe the cores; `persistent`: the workers live as long
+    as the loader (not restarted each epoch). Worker seeds come from a fresh generator:
+    the global RNG is left alone."""
     torch.set_num_threads(max(1, usable_cores() - workers))
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                                        drop_last=drop_last, worker_init_fn=one_thread if workers else None,
-                                       generator=torch.Generator())
+                                       generator=torch.Generator(), persistent_workers=persistent and workers > 0)
 
 
 def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, x_standardised=True,

@@ -290,19 +290,47 @@ def check_device(name, flag='--device'):
                          f"use {flag} cpu")
     if device.type not in ('cpu', 'cuda'):
         raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}")
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}; pass one of them")
     return device
+
+
+def check_cuda_bf16(amp, device):
+    """--amp bf16 on a GPU without bf16 units (before Ampere, compute capability 8.0): a one-line error."""
+    if amp != 'bf16' or device.type != 'cuda':
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise ValueError(f"--amp bf16: {device} ({torch.cuda.get_device_name(device)}, compute capability "
+                         f"{major}.{minor}) has no bf16 units (Ampere, 8.0, and later have them): use --amp fp16")
+
+
+def set_tf32(enabled):
+    """The float32 policy on CUDA: TF32 (10-bit mantissa) tensor cores for matrix products
+    and cuDNN convolutions when `enabled` (on Ampere and later: several times faster, about
+    1e-3 relative error per product), true float32 when not. CPU computation is unaffected."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def setup_distributed(device_name):
     """(rank, world, device): one process, or under torchrun (RANK in the environment)
-    its rank, with the process group (nccl on CUDA, gloo on CPU) and this rank's GPU."""
+    its rank, with the process group (nccl on CUDA, gloo on CPU) and this rank's GPU
+    (LOCAL_RANK). On CUDA the process's device is made the current one, so that nothing
+    (the caching allocator, NCCL, pinned memory) lands on GPU 0 by default."""
     device = check_device(device_name)
     if 'RANK' not in os.environ:
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
         return 0, 1, device
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
     if device.type == 'cuda':
-        torch.cuda.set_device(local)
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started process {local} of this machine, which has {torch.cuda.device_count()} "
+                             f"CUDA device(s): pass --nproc_per_node {torch.cuda.device_count()} (one per GPU)")
         device = torch.device(f'cuda:{local}')
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
@@ -757,6 +785,9 @@ def main(argv=None):
                    help='MaskMentor pre-training checkpoint: save depth-from-RGB and RGB-from-depth panels (Fig. 4)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
+    p.add_argument('--tf32', default=True, action=argparse.BooleanOptionalAction,
+                   help="on CUDA, TF32 tensor cores for float32 matrix products and convolutions (--no-tf32: "
+                        "true float32)")
     p.add_argument('--workers', type=int, default=0, help="loader processes (evaluation and benchmark); see docs/performance.md")
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
     b = p.add_argument_group('model from flags: --benchmark (the --checkpoint model, or a random-weights one chosen by '
@@ -861,6 +892,9 @@ def check_outputs(args):
 
 def run_command(args):
     rank, world, device = setup_distributed(args.device)
+    check_cuda_bf16(args.amp, device)
+    if device.type == 'cuda':
+        set_tf32(args.tf32)
     if rank == 0:
         check_cpu_bf16(args.amp, device)
     if args.benchmark:

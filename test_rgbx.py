@@ -7,6 +7,7 @@ import math
 import os
 import re
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -72,6 +73,20 @@ def hha_scene(h=240, w=320):
     return t * d[..., 2], part
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """Every test runs on the CPU, also on a machine with a GPU (where the device default
+    is cuda), and so do the processes it starts; a test marked `cuda` (a GPU check) runs
+    only when `-m` names cuda, and only where there is a CUDA device."""
+    if request.node.get_closest_marker('cuda') is None:
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+        monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+    elif 'cuda' not in (request.config.getoption('markexpr') or ''):
+        pytest.skip("a GPU check: run them with python -m pytest -m cuda")
+    elif not torch.cuda.is_available():
+        pytest.skip("no CUDA device (torch.cuda.is_available() is False): the GPU checks need one")
+
+
 def demo_config(tmp_path, **kw):
     return tr.resolve(tr.Config(**{**dict(dataset='demo', crop='32x32', batch_size=2, epochs=1, max_steps=4, workers=0,
                                           out_dir=str(tmp_path / 'run'), log_every=1, lr=1e-3), **kw}))
@@ -80,7 +95,7 @@ def demo_config(tmp_path, **kw):
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     cfg = tr.resolve(tr.Config(dataset='demo', max_steps=150, warmup_epochs=0.3, workers=0, log_every=1000,
-                               out_dir=str(tmp_path_factory.mktemp('demo') / 'run')))
+                               device='cpu', out_dir=str(tmp_path_factory.mktemp('demo') / 'run')))
     return cfg, tr.train(cfg)
 
 
@@ -113,6 +128,13 @@ def release_sized_ktb(cfg, **changes):
 
 
 MM_PRE_OPTS = 'stage=pretrain,dim=32,depth=2,heads=2,decoder_dim=32,decoder_heads=2,decoder_depth=1,img_size=64'
+# every method at a CPU test's size (Config fields), MaskMentor's pre-training as a sixth
+NANO_METHODS = {'early_fusion': dict(method='early_fusion', backbone='swin-nano'),
+                'ktb': dict(method='ktb', backbone='swin-nano', pretrained='none', opts='window_size=4'),
+                'gopt': dict(method='gopt', backbone='vit-nano', pretrained='none'),
+                'maskmentor': dict(method='maskmentor', backbone='vit-nano', pretrained='none'),
+                'maskmentor-pretrain': dict(method='maskmentor', backbone='vit-nano', opts=MM_PRE_OPTS)}
+SEGMENTERS = [m for m in NANO_METHODS if m != 'maskmentor-pretrain']
 
 
 def run_cli(script, *args, cwd=None, **popen):
@@ -205,6 +227,19 @@ def test_swin_shapes_any_size():
     expect = [(2, 16 * 2 ** i, math.ceil(97 / 2 ** (i + 2)), math.ceil(131 / 2 ** (i + 2))) for i in range(4)]
     assert [tuple(o.shape) for o in outs] == expect
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_swin_window_layout_cache_keeps_the_recently_used_sizes_only():
+    """Multi-scale evaluation of images of many sizes: each stage caches at most
+    LAYOUTS_KEPT layouts, dropping the least recently used; a size in use stays."""
+    stage = tiny_swin().layers[0]
+    kept = rgbx.BasicLayer.LAYOUTS_KEPT
+    first = stage.layouts(8, 8, 'cpu')
+    for h in range(9, 9 + 2 * kept):
+        stage.layouts(h, 8, 'cpu')
+        assert stage.layouts(8, 8, 'cpu') is first  # used every time: never dropped
+    assert len(stage._layouts) == kept and (9, 8, 'cpu') not in stage._layouts
+    assert (8 + 2 * kept, 8, 'cpu') in stage._layouts
 
 
 def brute_force_swa(x, attn, shift):
@@ -2216,8 +2251,8 @@ def test_maskmentor_sttp_student_step_teacher_targets_without_gradient(monkeypat
     calls = []
     original = rgbx.MaskMentorPretrain.decode
 
-    def recording(self, inputs, mask):
-        out = original(self, inputs, mask)
+    def recording(self, inputs, mask, shown=None):
+        out = original(self, inputs, mask, shown)
         calls.append((mask.clone(), out, torch.is_grad_enabled()))
         return out
 
@@ -2242,7 +2277,8 @@ def test_maskmentor_m2im_without_token_loss_runs_no_teacher(monkeypatch):
     masks = []
     original = rgbx.MaskMentorPretrain.decode
     monkeypatch.setattr(rgbx.MaskMentorPretrain, 'decode',
-                        lambda self, inputs, mask: masks.append(mask.clone()) or original(self, inputs, mask))
+                        lambda self, inputs, mask, shown=None: masks.append(mask.clone())
+                        or original(self, inputs, mask, shown))
     torch.manual_seed(1)
     terms = model.losses(*mm_batch(B=8), 'student')
     assert len(masks) == 1 and set(terms) == {'rgb', 'depth', 'semseg', 'norm_rgb'}
@@ -4240,7 +4276,7 @@ def test_train_sampler_resumes_and_shards():
     full = tr.ResumableSampler(10, seed=1, batch=2)
     full.set_epoch(3)
     order = list(full)
-    assert sorted(order) == list(range(10))
+    assert {e for e, _ in order} == {3} and sorted(i for _, i in order) == list(range(10))
     full.set_epoch(3, start=4)
     assert list(full) == order[4:]
     shards = [tr.ResumableSampler(10, seed=1, rank=r, world=2, batch=2) for r in range(2)]
@@ -4637,6 +4673,116 @@ def test_train_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     assert 'Unsupported operand' in cli_error(ev.main, ['--checkpoint', last])
 
 
+# --- What a step waits for on a GPU: host reads and graph breaks ---
+
+# The host reads of one training step (after a first one, which fills the window-layout
+# caches), by function, at most; counted on the CPU. On a GPU each waits for the device
+# except apply_step's (the CPU optimizer's skip decision: fused AdamW on CUDA takes it on the
+# device) and m2im_keep's (Alg. 1 drawn on the CPU generator: host tensors by design).
+# MaskMentor fine-tuning groups its samples by the modalities they have (data-dependent
+# shapes: unique, and a nonzero per group, at most 3); its pre-training checks the semantic
+# map's values. The loss denominators, the non-finite guard and the token budget read nothing.
+HOST_READS = {'early_fusion': {'apply_step': 1}, 'ktb': {'apply_step': 1}, 'gopt': {'apply_step': 1},
+              'maskmentor': {'apply_step': 1, 'presence': 1, 'features': 5, 'm2im_keep': 8},
+              'maskmentor-pretrain': {'apply_step': 1, 'as_image': 2, 'm2im_keep': 8}}
+EVAL_HOST_READS = {'maskmentor': {'presence': 1, 'features': 5}}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts, by the calling function of this project, the tensor operations that bring
+    a value to the host (item, bool, int, float, tolist, nonzero, unique, boolean
+    indexing, ...); those inside torch.optim's CPU step are not the project's."""
+    READS = {'item', '__bool__', '__int__', '__float__', '__index__', 'tolist', 'nonzero', 'unique',
+             'unique_consecutive', 'masked_select', 'numpy', 'cpu'}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import traceback
+        name = getattr(func, '__name__', '')
+        index = args[1] if name in ('__getitem__', '__setitem__') and len(args) > 1 else None
+        masked = any(torch.is_tensor(i) and i.dtype == torch.bool for i in
+                     (index if isinstance(index, tuple) else (index,)))
+        if name in self.READS or masked:
+            here = str(Path(__file__).resolve().parent)
+            stack = traceback.extract_stack()[:-1]
+            ours = [i for i, f in enumerate(stack) if f.filename.startswith(here) and 'test_rgbx' not in f.filename]
+            if ours and not any('/torch/optim/' in f.filename for f in stack[ours[-1]:]):
+                self.seen[stack[ours[-1]].name] = self.seen.get(stack[ours[-1]].name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def one_step_setup(name, tmp_path):
+    cfg = demo_config(tmp_path, max_steps=6, **NANO_METHODS[name])
+    torch.manual_seed(0)
+    model = tr.build_model(cfg).train()
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=1e-3)
+    demo = data.build_dataset('demo', '', 'train', crop=(32, 32), train=True)
+    batch = [torch.stack(t) for t in zip(*[demo[i] for i in range(2)])]
+    return cfg, model, optimizer, batch
+
+
+@pytest.mark.parametrize('name', list(NANO_METHODS))
+def test_train_step_host_reads_are_the_listed_few(name, tmp_path):
+    """One training step of each method (MaskMentor pre-training: a student step, the one
+    that draws most) reads on the host only what HOST_READS lists; an evaluation forward
+    only what EVAL_HOST_READS lists."""
+    cfg, model, optimizer, batch = one_step_setup(name, tmp_path)
+    scaler, cpu = torch.amp.GradScaler('cpu', enabled=False), torch.device('cpu')
+    inputs = model.schedule(4, 6)[1]
+    tr.train_step(model, iter([batch]), optimizer, scaler, cfg, cpu, 1, 1e-3, inputs)
+    with HostReads() as reads:
+        tr.train_step(model, iter([batch]), optimizer, scaler, cfg, cpu, 1, 1e-3, inputs)
+    allowed = HOST_READS[name]
+    assert set(reads.seen) <= set(allowed) and all(n <= allowed[f] for f, n in reads.seen.items()), reads.seen
+    assert reads.seen['apply_step'] == 1
+    if not model.pretraining:
+        with HostReads() as reads, torch.no_grad():
+            model.eval()(batch[0], batch[1])
+        allowed = EVAL_HOST_READS.get(name, {})
+        assert set(reads.seen) <= set(allowed) and all(n <= allowed[f] for f, n in reads.seen.items()), reads.seen
+
+
+def test_train_apply_step_skips_on_the_device_with_fused_adamw():
+    """With a fused AdamW (CUDA's; CPU's here) the non-finite guard reads nothing on the
+    host: the flag goes in as `found_inf`, and a flagged step leaves weights, moments and
+    the step count as they were; a finite one updates them."""
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([w], lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    w.grad = torch.full((3,), 0.5)
+    tr.apply_step(optimizer, scaler, torch.tensor(1.0))
+    before = w.detach().clone(), optimizer.state[w]['exp_avg'].clone(), optimizer.state[w]['step'].clone()
+    for loss, grad, flags in ((float('nan'), 0.5, (True, False)), (1.0, float('inf'), (False, True))):
+        w.grad = torch.full((3,), grad)
+        with HostReads() as reads:
+            got = tr.apply_step(optimizer, scaler, torch.tensor(loss))
+        assert reads.seen == {} and tuple(f.item() for f in got) == flags
+        assert torch.equal(w, before[0]) and torch.equal(optimizer.state[w]['exp_avg'], before[1])
+        assert torch.equal(optimizer.state[w]['step'], before[2])
+    w.grad = torch.full((3,), 0.5)
+    tr.apply_step(optimizer, scaler, torch.tensor(1.0))
+    assert not torch.equal(w, before[0]) and optimizer.state[w]['step'].item() == before[2].item() + 1
+
+
+# Graph breaks of one training forward and loss under torch.compile (torch._dynamo.explain,
+# torch 2.13), at most: MaskMentor's M2IM draws Alg. 1 with Python branches on the CPU
+# generator; fine-tuning groups its samples (data-dependent shapes); pre-training checks
+# the semantic map's values. The others trace as one graph.
+GRAPH_BREAKS = {'early_fusion': 0, 'ktb': 0, 'gopt': 0, 'maskmentor': 7, 'maskmentor-pretrain': 17}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', list(NANO_METHODS))
+def test_train_graph_breaks_are_the_listed_few(name, tmp_path):
+    cfg, model, _, batch = one_step_setup(name, tmp_path)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(*batch, **model.schedule(4, 6)[1])
+    assert explained.graph_break_count <= GRAPH_BREAKS[name], [str(b.reason)[:200] for b in explained.break_reasons]
+
+
 # --- DDP ---
 
 # a process that never reaches the rendezvous or a collective fails the test after this, not after gloo's 30 minutes
@@ -4683,21 +4829,93 @@ def test_train_two_process_ddp_equals_one_process(tmp_path):
     torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / 'rendezvous'), two), nprocs=2)
     for cfg_one, cfg_two in zip(one, two):
         tr.train(cfg_one)
-        a, b = (ev.load_run_checkpoint(os.path.join(c.out_dir, 'last.pt')) for c in (cfg_one, cfg_two))
-        losses = [[json.loads(line)['loss'] for line in open(os.path.join(c.out_dir, 'log.jsonl'))]
-                  for c in (cfg_one, cfg_two)]
-        assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
-        moments = [{i: s['exp_avg'] for i, s in ckpt['optimizer']['state'].items()} for ckpt in (a, b)]
-        scale = max(m.abs().max().item() for m in moments[0].values())
-        assert moments[0].keys() == moments[1].keys() and scale > 0
-        for i in moments[0]:
-            torch.testing.assert_close(moments[1][i], moments[0][i], rtol=0, atol=1e-5 * scale,
-                                       msg=lambda m: f'{cfg_one.method} moment {i}: {m}')
-        assert a['model'].keys() == b['model'].keys()
-        for k in a['model']:
-            loose = k.endswith(('bias', 'running_mean'))
-            torch.testing.assert_close(b['model'][k], a['model'][k], rtol=1e-4, atol=2.5e-3 if loose else 2e-4,
-                                       msg=f'{cfg_one.method} {k}')
+        assert_same_training(cfg_one.out_dir, cfg_two.out_dir, 4, cfg_one.method)
+
+
+def assert_same_training(one, two, steps, what):
+    """The runs in folders `one` and `two` trained alike (test_train_two_process_ddp_equals_one_process
+    gives the tolerances and why): the loss of every step, Adam's first moments, every tensor
+    of the final state."""
+    a, b = (ev.load_run_checkpoint(os.path.join(d, 'last.pt')) for d in (one, two))
+    losses = [[json.loads(line)['loss'] for line in open(os.path.join(d, 'log.jsonl')) if '"loss"' in line]
+              for d in (one, two)]
+    assert len(losses[0]) == steps and losses[1] == pytest.approx(losses[0], rel=1e-5), (what, losses)
+    moments = [{i: s['exp_avg'] for i, s in ckpt['optimizer']['state'].items()} for ckpt in (a, b)]
+    scale = max(m.abs().max().item() for m in moments[0].values())
+    assert moments[0].keys() == moments[1].keys() and scale > 0
+    for i in moments[0]:
+        torch.testing.assert_close(moments[1][i], moments[0][i], rtol=0, atol=1e-5 * scale,
+                                   msg=lambda m: f'{what} moment {i}: {m}')
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        loose = k.endswith(('bias', 'running_mean'))
+        torch.testing.assert_close(b['model'][k], a['model'][k], rtol=1e-4, atol=2.5e-3 if loose else 2e-4,
+                                   msg=f'{what} {k}')
+
+
+def free_port():
+    """A TCP port free on localhost now (the OS picks it)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('localhost', 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args):
+    """`torchrun ARGS` (python -m torch.distributed.run) started in the background (the GPUs
+    visible to it are the test's: none unless it is marked cuda)."""
+    import subprocess
+    import sys
+    here = Path(__file__).resolve().parent
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *map(str, args)], cwd=here,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def finished(process, timeout=600):
+    """The output of a torchrun process that ended well (its output in the failure message)."""
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+MM_PRE_ARGV = ['--method', 'maskmentor', '--backbone', 'vit-nano', '--opts', MM_PRE_OPTS, '--crop', '32x32',
+               '--epochs', '1', '--max-steps', '6', '--lr', '1e-3', '--log-every', '1', '--eval-every', '0',
+               '--workers', '0']
+
+
+@pytest.mark.slow
+def test_train_maskmentor_pretraining_under_torchrun_equals_one_process(tmp_path):
+    """torchrun with 2 processes (gloo) at batch 2 = 1 process at batch 4 for MaskMentor
+    pre-training over a warm-up step, a teacher cycle and a student step: its modality
+    masks (M2IM), the Dirichlet split of the token budget and the patch masks are drawn
+    for the global batch, its pixel and token losses averaged over it; same tolerances
+    as the other methods (test_train_two_process_ddp_equals_one_process). Without the
+    global draws every process drew the same masks and the losses differ from the first step."""
+    two = torchrun('--standalone', '--nproc_per_node', 2, 'train.py', *MM_PRE_ARGV, '--batch-size', 2,
+                   '--out-dir', tmp_path / 'two')
+    tr.main([*MM_PRE_ARGV, '--batch-size', '4', '--out-dir', str(tmp_path / 'one')])
+    finished(two)
+    assert_same_training(tmp_path / 'one', tmp_path / 'two', 6, 'maskmentor pre-training')
+
+
+@pytest.mark.slow
+def test_train_two_node_torchrun_equals_one_process(tmp_path):
+    """Two torchrun node ranks on this machine (--nnodes 2, one process each, a c10d
+    rendezvous on a free localhost port, gloo) train what one process trains at the
+    global batch: the multi-node path (rendezvous, RANK / LOCAL_RANK / WORLD_SIZE,
+    the file check per rank, rank 0 writing) short of a network between machines."""
+    port, argv = free_port(), ['--method', 'early_fusion', '--backbone', 'swin-nano', '--crop', '32x32', '--epochs',
+                               '1', '--max-steps', '4', '--lr', '1e-3', '--log-every', '1', '--eval-every', '0',
+                               '--workers', '0']
+    nodes = [torchrun('--nnodes', 2, '--node-rank', r, '--nproc_per_node', 1, '--rdzv-backend', 'c10d',
+                      '--rdzv-endpoint', f'localhost:{port}', '--rdzv-id', 'two-nodes', '--rdzv-conf',
+                      'join_timeout=120', 'train.py', *argv, '--batch-size', 2, '--out-dir', tmp_path / 'two')
+             for r in (0, 1)]
+    tr.main([*argv, '--batch-size', '4', '--out-dir', str(tmp_path / 'one')])
+    for node in nodes:
+        finished(node)
+    assert_same_training(tmp_path / 'one', tmp_path / 'two', 4, 'two nodes')
 
 
 # --- End to end: the demo trains ---
@@ -5241,8 +5459,215 @@ def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
 
 
 # ----------------------------------------------------------------------------
+# GPU checks: python -m pytest -q -m cuda test_rgbx.py (skipped without a CUDA device). The
+# CUDA paths against the CPU's, most important first, each writing its figures to
+# runs/gpu-checks/results.jsonl (or $RGBX_GPU_OUT) as soon as it has them; under 10 minutes
+# on one GPU. Parity checks turn TF32 off (`exact_fp32`).
+# ----------------------------------------------------------------------------
+
+GPU_OUT = Path(os.environ.get('RGBX_GPU_OUT') or Path(__file__).resolve().parent / 'runs' / 'gpu-checks')
+
+
+def gpu_record(check, **figures):
+    """Append one result line to GPU_OUT/results.jsonl (device and torch named)."""
+    GPU_OUT.mkdir(parents=True, exist_ok=True)
+    with open(GPU_OUT / 'results.jsonl', 'a') as f:
+        f.write(json.dumps(dict(check=check, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                **figures)) + '\n')
+
+
+@pytest.fixture
+def exact_fp32():
+    """TF32 off (true float32 on CUDA) for a parity check; the policy before is restored."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    ev.set_tf32(False)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def run_losses(cfg):
+    return [json.loads(line)['loss'] for line in open(os.path.join(cfg.out_dir, 'log.jsonl')) if '"loss"' in line]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('amp', ['none', 'bf16', 'fp16'])
+@pytest.mark.parametrize('name', list(NANO_METHODS))
+def test_train_cuda_every_method_trains_in_each_precision(tmp_path, name, amp):
+    """3 steps and an evaluation of every method on CUDA in each precision: finite losses,
+    no step skipped for a non-finite loss (fp16's scaler may skip while it finds its
+    scale: counted); the checkpoint loads on the CPU and predicts finite logits there."""
+    cfg = demo_config(tmp_path, device='cuda', amp=amp, max_steps=3, **NANO_METHODS[name])
+    start = time.perf_counter()
+    out = tr.train(cfg)
+    losses = run_losses(cfg)
+    gpu_record('train', method=name, amp=amp, losses=losses, skipped=out['skipped'], overflows=out['overflows'],
+               miou=out.get('miou'), seconds=round(time.perf_counter() - start, 1))
+    assert out['step'] == 3 and out['skipped'] == 0 and len(losses) == 3 and all(map(math.isfinite, losses))
+    model, _ = ev.load_model(os.path.join(cfg.out_dir, 'last.pt'), device='cpu')
+    assert all(p.device.type == 'cpu' for p in model.parameters())
+    if not model.pretraining:
+        rgb, x, _ = (t[None] for t in data.build_dataset('demo', '', 'test')[0])
+        with torch.no_grad():
+            assert torch.isfinite(model.eval()(rgb, x)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', ['ktb', 'maskmentor-pretrain'])
+def test_train_cuda_resume_equals_uninterrupted(tmp_path, name):
+    """Stopped after step 3 and resumed, a CUDA run (MMST / mask draws on the CUDA
+    generator) ends where an uninterrupted one does, within the DDP test's tolerances
+    (CUDA kernels with atomics may sum in another order from run to run)."""
+    kw = dict(device='cuda', max_steps=6, save_every=1, **NANO_METHODS[name])
+    tr.train(demo_config(tmp_path / 'whole', **kw))
+
+    def stop(step):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(demo_config(tmp_path / 'cut', **kw), on_step=stop)
+    tr.train(demo_config(tmp_path / 'cut', resume=True, **kw))
+    a, b = trained_state(demo_config(tmp_path / 'whole')), trained_state(demo_config(tmp_path / 'cut'))
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    gpu_record('resume', method=name, max_abs_diff=worst)
+    assert_same_training(tmp_path / 'whole' / 'run', tmp_path / 'cut' / 'run', 6, f'{name} resumed on CUDA')
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', SEGMENTERS)
+def test_eval_cuda_logits_equal_the_cpus(name, exact_fp32):
+    """The same weights on CPU and CUDA: logits within 1e-4 of their largest value in
+    float32 (TF32 off), 5e-2 under bf16 autocast; training-mode losses too."""
+    cfg = demo_config(Path('unused'), **NANO_METHODS[name])
+    torch.manual_seed(0)
+    model = tr.build_model(cfg).eval()
+    rgb, x, label = (torch.stack(t) for t in zip(*[data.build_dataset('demo', '', 'test')[i] for i in range(4)]))
+    with torch.no_grad():
+        ref = model(rgb, x)
+        gpu = model.cuda()
+        fp32 = gpu(rgb.cuda(), x.cuda()).cpu()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            bf16 = gpu(rgb.cuda(), x.cuda()).float().cpu()
+    scale = ref.abs().max().item()
+    err = dict(fp32=(fp32 - ref).abs().max().item() / scale, bf16=(bf16 - ref).abs().max().item() / scale)
+    gpu_record('logits', method=name, **err)
+    assert err['fp32'] <= 1e-4 and err['bf16'] <= 5e-2, err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', SEGMENTERS)
+def test_eval_cuda_protocols_equal_the_cpus_miou(name, exact_fp32):
+    """Evaluation on CUDA (single scale, multi-scale + flip, sliding windows, RGB only,
+    X only) gives the CPU's mIoU within 1e-3, with the same weights (TF32 off)."""
+    cfg = demo_config(Path('unused'), **NANO_METHODS[name])
+    torch.manual_seed(0)
+    model = tr.build_model(cfg)
+    loader = data.loader(data.build_dataset('demo', '', 'test', x_standardised=tr.run_spec(cfg).x_standardised), 4)
+    protocols = dict(single={}, multiscale_flip=dict(scales=ev.SCALES, flip=True), sliding=dict(crop=(32, 32)),
+                     rgb_only=dict(modality='rgb'), x_only=dict(modality='x'))
+    found = {}
+    for what, kw in protocols.items():
+        cpu = ev.metrics(ev.evaluate(model.cpu(), loader, 5, torch.device('cpu'), **kw))['miou']
+        cuda = ev.metrics(ev.evaluate(model.cuda(), loader, 5, torch.device('cuda'), **kw))['miou']
+        found[what] = (cpu, cuda)
+    gpu_record('evaluation', method=name, miou=found)
+    for what, (cpu, cuda) in found.items():
+        assert abs(cpu - cuda) <= 1e-3, (what, cpu, cuda)
+
+
+@pytest.mark.cuda
+def test_train_cuda_torchrun_with_nccl(tmp_path):
+    """torchrun on one GPU: the nccl process group, the per-rank file check and the
+    evaluation's all-reduce over NCCL; the losses equal a plain CUDA run's (1e-5)."""
+    argv = ['--crop', '32x32', '--batch-size', '2', '--epochs', '1', '--max-steps', '4', '--lr', '1e-3',
+            '--log-every', '1', '--workers', '0', '--device', 'cuda']
+    out = finished(torchrun('--standalone', '--nproc_per_node', 1, 'train.py', *argv, '--out-dir', tmp_path / 'nccl'))
+    tr.main([*argv, '--out-dir', str(tmp_path / 'plain')])
+    losses = [run_losses(tr.Config(out_dir=str(tmp_path / d))) for d in ('nccl', 'plain')]
+    gpu_record('torchrun_nccl', losses=losses, said=out[-300:])
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# What a CUDA training step may wait for (beyond the log steps' reads), by function: the
+# host reads of HOST_READS but apply_step's (fused AdamW decides on the device), and the
+# copy of M2IM's host-drawn masks to the GPU.
+CUDA_SYNCS_ALLOWED = set().union(*HOST_READS.values()) - {'apply_step'} | {'m2im_keep_batch'}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', list(NANO_METHODS))
+def test_train_cuda_steps_do_not_wait_for_the_gpu(tmp_path, name):
+    """torch.cuda.set_sync_debug_mode over two training steps that neither log nor save:
+    every operation that waits for the GPU is named by its function, which must be one
+    of CUDA_SYNCS_ALLOWED."""
+    import ast
+    import warnings
+    seen = []
+
+    def watch(step):  # steps 2 and 3 watched
+        torch.cuda.set_sync_debug_mode('warn' if step in (1, 2) else 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        tr.train(demo_config(tmp_path, device='cuda', max_steps=4, log_every=1000, eval_every=0,
+                             **NANO_METHODS[name]), on_step=watch)
+    torch.cuda.set_sync_debug_mode(0)
+    here = Path(__file__).resolve().parent
+    functions = {}
+    for f in ('rgbx.py', 'train.py', 'eval.py', 'data.py'):
+        for n in ast.walk(ast.parse((here / f).read_text())):
+            if isinstance(n, ast.FunctionDef):  # breadth first: an inner function's lines are named last
+                functions.update({(f, line): n.name for line in range(n.lineno, n.end_lineno + 1)})
+    for w in caught:
+        if 'synchroniz' in str(w.message):
+            seen.append(functions.get((Path(w.filename).name, w.lineno), f'{Path(w.filename).name}:{w.lineno}'))
+    gpu_record('syncs', method=name, where=sorted(set(seen)), count=len(seen))
+    assert set(seen) <= CUDA_SYNCS_ALLOWED, sorted(set(seen) - CUDA_SYNCS_ALLOWED)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('method,backbone', [('ktb', 'swin-base'), ('gopt', 'vit-base'), ('maskmentor', 'vit-base')])
+def test_eval_cuda_benchmark_at_480x640(method, backbone):
+    """The benchmark of the papers' models at 480 x 640 on this GPU (random weights, the
+    demo's 5 classes and 1-channel depth; the paper reports about 13 images/s for KTB
+    Swin-B on an RTX 3090): figures to GPU_OUT/benchmark-<method>.json and results.jsonl."""
+    out = GPU_OUT / f'benchmark-{method}.json'
+    GPU_OUT.mkdir(parents=True, exist_ok=True)
+    ev.main(['--benchmark', '--method', method, '--backbone', backbone, '--dataset', 'demo', '--size', '480x640',
+             '--device', 'cuda', '--workers', '4', '--repeats', '3', '--json', str(out)])
+    figures = json.loads(out.read_text())
+    gpu_record('benchmark', method=method, backbone=backbone, figures=figures)
+    assert figures
+
+
+# ----------------------------------------------------------------------------
 # Layout: what imports what, where code and recipes live, the allocator, the test file itself
 # ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', list(NANO_METHODS))
+def test_layout_no_tensor_is_made_on_the_default_device(name, tmp_path):
+    """Device placement without a GPU: the model and its inputs stay on the CPU while the
+    default device is `meta` (no data; torch refuses to mix its tensors with CPU ones).
+    A tensor a forward, a loss, its backward or an evaluation protocol creates without
+    naming a device (`torch.zeros(n)` where `x.new_zeros(n)` or `device=x.device` was
+    meant) lands on meta and fails the first operation that meets the CPU tensors, as it
+    would land on the CPU and fail against CUDA tensors on a GPU. (The meta device alone
+    cannot run the models: MaskMentor reads values; the host draws of MMST and M2IM name
+    the CPU on purpose.)"""
+    cfg, model, _, batch = one_step_setup(name, tmp_path)
+    phases = [{'phase': 'mim'}, {'phase': 'student'}] if model.pretraining else [{}]
+    with torch.device('meta'):
+        for phase in phases:
+            loss, _ = model(*batch, **phase)
+            loss.backward()
+        if not model.pretraining:
+            with torch.no_grad():
+                model.eval()
+                for kw in (dict(scales=(0.5, 1.0), flip=True), dict(crop=(16, 16))):
+                    assert ev.predict(model, batch[0], batch[1], 5, **kw).device.type == 'cpu'
+                ev.predict(model, *ev.drop_modality(batch[0], batch[1], 'x'), 5)
+    assert loss.device.type == 'cpu' and all(p.grad is None or p.grad.device.type == 'cpu' for p in model.parameters())
+    with torch.device('meta'), pytest.raises((RuntimeError, NotImplementedError)):
+        batch[0] * torch.ones(batch[0].shape[1:])  # what the check catches
+
 
 def test_layout_recipes_sit_with_their_methods():
     ktb = rgbx.recipe('ktb', 'nyudv2')
