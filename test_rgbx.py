@@ -3345,6 +3345,41 @@ def test_data_rooms_contact_sheet_panels():
     np.testing.assert_array_equal(row[:, 96:144], data.rooms_hha(depth, data.rooms_camera(size)))
     np.testing.assert_array_equal(row[:, 144:], data.palette('nyudv2')[label.astype(int) - 1])
 
+def test_data_check_files_reads_this_processes_share_only(tmp_path):
+    """Under torchrun each process reads samples rank::world of a split: the bad label of
+    test sample 1 stops process 1 of 2, not process 0, which reads sample 0 only."""
+    test = data.build_dataset('nyudv2', str(nyu_pair(tmp_path, bad_test_label=True)), 'test')
+    said = []
+    data.check_files(test, 0, said.append, rank=0, world=2)
+    assert 'checked the 2 samples' in said[0] and '(1 in each of 2 processes)' in said[0]
+    with pytest.raises(ValueError, match='5.png'):
+        data.check_files(test, 0, said.append, rank=1, world=2)
+    with pytest.raises(ValueError, match='5.png'):
+        data.check_files(test, 0, said.append)
+
+
+def test_data_training_loader_keeps_its_workers_and_each_epochs_augmentation(tmp_path):
+    """The training loader's workers persist over epochs: the sampler gives each index with
+    its epoch, so they draw that epoch's augmentation without set_epoch; the batches of
+    two epochs equal those of a loader without workers."""
+    batches = {}
+    for workers in (0, 1):
+        cfg = demo_config(tmp_path, split='val', batch_size=4, workers=workers)
+        _, sampler, loader, _ = tr.make_loaders(cfg, tr.run_spec(cfg), 0, 1, torch.device('cpu'))
+        assert loader.persistent_workers == (workers > 0)
+        batches[workers] = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            batches[workers].append(torch.cat([b[0] for b in loader]))
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[1]))
+    assert not torch.equal(batches[0][0], batches[0][1])
+    demo = data.build_dataset('demo', '', 'train', crop=(32, 32), train=True)
+    demo.set_epoch(2)
+    by_epoch = demo[5]
+    demo.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(demo[(2, 5)], by_epoch))
+
+
 # --- Augmentation ---
 
 COLOURS = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20], [20, 230, 230]], np.uint8)
@@ -4149,6 +4184,53 @@ def test_eval_bf16_on_a_cpu_without_bf16_units_is_said(monkeypatch):
     assert ev.check_cpu_bf16('none', torch.device('cpu'), said.append) is None and len(said) == 1
 
 
+def pretend_one_gpu(monkeypatch, capability, name):
+    """torch.cuda as it answers on a machine with one GPU; returns the devices set_device was given."""
+    set_to = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: set_to.append(torch.device(device)))
+    return set_to
+
+
+def test_eval_cuda_devices_checked_on_a_one_gpu_machine(monkeypatch, tmp_path):
+    """On a machine with one GPU (as torch.cuda reports it): --device cuda:5 is a one-line
+    error naming the devices there are; a single process on cuda:0 makes it the current
+    device; a second torchrun process on the machine is refused (NCCL cannot share a GPU);
+    --amp bf16 on a GPU before Ampere is refused, on Ampere taken."""
+    set_to = pretend_one_gpu(monkeypatch, (7, 0), 'Tesla V100')
+    with pytest.raises(ValueError, match=r'--device cuda:5: this machine has 1 CUDA device\(s\), cuda:0 \.\. cuda:0'):
+        ev.check_device('cuda:5')
+    assert '--device cuda:5' in cli_error(tr.main, ['--device', 'cuda:5', '--out-dir', str(tmp_path / 'run')])
+    monkeypatch.delenv('RANK', raising=False)
+    assert ev.setup_distributed('cuda:0') == (0, 1, torch.device('cuda:0')) and set_to == [torch.device('cuda:0')]
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    with pytest.raises(ValueError, match='--nproc_per_node 1'):
+        ev.setup_distributed('cuda')
+    with pytest.raises(ValueError, match=r'--amp bf16: cuda:0 \(Tesla V100, compute capability 7.0\).*--amp fp16'):
+        ev.check_cuda_bf16('bf16', torch.device('cuda:0'))
+    ev.check_cuda_bf16('fp16', torch.device('cuda:0'))
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 0))
+    ev.check_cuda_bf16('bf16', torch.device('cuda:0'))
+
+
+def test_eval_tf32_policy_sets_matrix_products_and_convolutions():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        ev.set_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == 'high'
+        ev.set_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == 'highest'
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_eval_bf16_column_times_and_compares_with_fp32(monkeypatch):
     monkeypatch.setattr(ev, 'bf16_matmul_speed', lambda: 2.0)  # as on a CPU with bf16 units
     torch.manual_seed(0)
@@ -4270,6 +4352,22 @@ def test_train_param_groups_no_decay_on_norms_biases_tokens():
     assert {names[id(p)] for p in plain['params']} >= {'backbone.cls_token', 'backbone.norm.weight', 'head.conv1.bias'}
     assert all(p.ndim > 1 for p in decay['params'])
     assert not any(names[id(p)].startswith('backbone.blocks.0.') for p in decay['params'] + plain['params'])
+
+
+def test_train_tf32_and_workers_defaults(monkeypatch, tmp_path):
+    """TF32 is on unless --no-tf32 (on CUDA only; a resume may change it with
+    --allow-changes); --workers defaults to 0 on CPU and on CUDA to this process's share
+    of the cores less one, at most 8 (how to run, not what: never compared on resume)."""
+    out = ['--out-dir', str(tmp_path / 'run')]
+    assert tr.parse_config(out).tf32 is True and tr.parse_config(['--no-tf32', *out]).tf32 is False
+    assert 'tf32' in tr.HARMLESS_CHANGES and 'workers' in tr.RUN_ONLY
+    assert tr.parse_config(out).workers == 0 and tr.parse_config(['--workers', '3', *out]).workers == 3
+    monkeypatch.setattr(data, 'affine_cores', lambda: 16)
+    assert tr.default_workers(torch.device('cpu')) == 0 and tr.default_workers(torch.device('cuda')) == 8
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert tr.default_workers(torch.device('cuda')) == 3
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '16')
+    assert tr.default_workers(torch.device('cuda')) == 0
 
 
 def test_train_sampler_resumes_and_shards():
@@ -4539,6 +4637,30 @@ def test_train_resumed_log_has_each_step_once(tmp_path):
     assert [json.loads(line)['step'] for line in open(log)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_train_resume_takes_its_own_gpus_random_state(monkeypatch):
+    """A checkpoint holds the CUDA generator state of the GPU each process computed on; one
+    written before held every visible GPU's (here 4): a process resumed on a machine with
+    fewer GPUs takes the state of its own device index, no IndexError; a checkpoint
+    without a state for its device leaves the generator seeded and says so."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: restored.append((state, device)))
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device: torch.full((2,), device.index, dtype=torch.uint8))
+    saved = tr.rng_state(torch.device('cpu'))
+    assert saved['cuda'] == []
+    assert torch.equal(tr.rng_state(torch.device('cuda:2'))['cuda'][0], torch.full((2,), 2, dtype=torch.uint8))
+    old = dict(saved, cuda=[torch.full((2,), i, dtype=torch.uint8) for i in range(4)])
+    for index in (0, 1):
+        tr.set_rng_state(old, torch.device(f'cuda:{index}'))
+        assert restored[-1][0] is old['cuda'][index] and restored[-1][1] == torch.device(f'cuda:{index}')
+    tr.set_rng_state(dict(old, cuda=old['cuda'][3:]), torch.device('cuda:1'))  # the new format: its own only
+    assert restored[-1][0] is old['cuda'][3]
+    said = []
+    tr.set_rng_state(dict(old, cuda=old['cuda'][:2]), torch.device('cuda:3'), said.append)
+    assert len(restored) == 3 and 'no CUDA random state for cuda:3' in said[0]
+    tr.set_rng_state(old, torch.device('cpu'))  # a CPU resume leaves the CUDA generators alone
+    assert len(restored) == 3
+
+
 # --- Faults: non-finite losses, full disks, corrupt or NaN files ---
 
 @pytest.mark.slow
@@ -4765,6 +4887,11 @@ def test_train_apply_step_skips_on_the_device_with_fused_adamw():
     w.grad = torch.full((3,), 0.5)
     tr.apply_step(optimizer, scaler, torch.tensor(1.0))
     assert not torch.equal(w, before[0]) and optimizer.state[w]['step'].item() == before[2].item() + 1
+    fp16 = torch.amp.GradScaler('cpu', init_scale=4.0)  # fp16's scaler (on CUDA), here on CPU gradients
+    w.grad, kept = torch.full((3,), float('inf')), w.detach().clone()
+    fp16.scale(torch.ones(()))  # the scaler starts its scale at the first scaled loss
+    assert [f.item() for f in tr.apply_step(optimizer, fp16, torch.tensor(1.0))] == [False, True]  # an overflow
+    assert torch.equal(w, kept) and fp16.get_scale() == 2.0
 
 
 # Graph breaks of one training forward and loss under torch.compile (torch._dynamo.explain,
