@@ -1792,6 +1792,8 @@ class KTB(RGBXModel):
             raise ValueError("KTB stacks its two streams on the batch axis: build the Swin's "
                              "stochastic depth "
                              "per stream, rgbx.swin(..., streams=2) (as build_ktb does)")
+        if cfg is not None and (not isinstance(cfg, KTBConfig) or options):
+            raise TypeError("KTB takes a KTBConfig or its fields as keywords, not both nor other values")
         cfg = cfg if cfg is not None else split_options(KTBConfig, None, options)[0]
         dims = backbone.dims
         n = len(dims)
