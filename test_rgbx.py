@@ -3304,6 +3304,20 @@ def test_data_rooms_cli_writes_the_nyudv2_layout_resumes_refuses_other_folders(t
     assert_one_line_error(cli('--scenes', 5, '--workers', 0, where=tmp_path / 'new'), '--workers')
 
 
+def test_data_rooms_out_never_lands_in_a_dataset_or_a_run(tmp_path, capsys):
+    root = nyu_pair(tmp_path / 'nyu')
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'best.pt').write_bytes(b'a checkpoint')
+    (tmp_path / 'link').symlink_to(root)
+    for out, words in ((root / 'rooms', ['--out', 'the dataset']), (tmp_path / 'link' / 'x', ['the dataset']),
+                       (run_dir / 'rooms', ['--out', 'another run'])):
+        assert data.main(['rooms', '--out', str(out), '--scenes', '2', '--size', '16x16']) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('error: ') and all(w in err[0] for w in words), err
+    assert not (root / 'rooms').exists() and os.listdir(run_dir) == ['best.pt']
+
+
 def test_data_rooms_in_memory_equals_the_files(tmp_path):
     data.rooms_folder(tmp_path, 2, ROOMS_SIZE, 0)  # train_0000 and test_0000 of --dataset rooms
     for x in ('hha', 'depth'):
@@ -4239,6 +4253,7 @@ def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_pat
     assert 'not a JSON file' in cli_error(ev.main, ['--checkpoint', str(last), '--json', str(tmp_path / 'notes.txt')])
     pair = ['--rgb', str(root / 'RGB' / '0.png'), '--x', str(root / 'HHA' / '0.png'), '--out', str(tmp_path / 's.png')]
     assert 'drop --json' in cli_error(ev.main, ['--checkpoint', str(last), *pair, '--json', str(tmp_path / 'm.json')])
+    assert 'is a folder' in cli_error(ev.main, ['--checkpoint', str(last), '--json', str(tmp_path)])
     assert {d: tree_bytes(d) for d in (root, run_dir)} == before and (tmp_path / 'notes.txt').read_text() == 'my notes'
     res = run_cli('eval.py', '--checkpoint', last, '--json', run_dir / 'metrics.json', '--save-pred', run_dir / 'pred')
     assert res.returncode == 0, res.stderr
