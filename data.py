@@ -162,7 +162,7 @@ PRESETS = {
     'demo128-val': demo_preset(128, holdout=64),  # the study's validation split, for decisions a paper leaves open
     'rooms': rooms_preset(),  # rendered indoor RGB-D scenes, NYU-40 classes (data.py rooms)
     'rooms-val': rooms_preset(holdout=160),  # its validation split, carved from the training scenes
-    # the same scenes rendered at 144 x 192 (a 9 x 12 token grid for ViT/16): the reproduction study's data
+    # the same scenes at 144 x 192 (a 9 x 12 token grid for ViT/16): the reproduction study's data
     'rooms144': rooms_preset(size=(144, 192)),
     'rooms144-val': rooms_preset(holdout=160, size=(144, 192)),
     # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
@@ -809,8 +809,8 @@ class SceneCache:
         buf[index] = 1
 
 
-# (scene_seed, split, first scene, count, size, X) -> its SceneCache: the datasets of one process share
-# it, so that the runs of a process (a study's runs, one after another) render each scene once
+# (scene_seed, split, first scene, count, size, X) -> its SceneCache: the datasets of one process
+# share it, so that the runs of a process (a study's runs, one after another) render each scene once
 SCENE_CACHES = {}
 
 
@@ -843,7 +843,8 @@ class RoomsDataset(SegmentationDataset):
         x = ((h, w, 3), np.uint8) if self.x_modality == 'hha' else ((h, w), np.uint16)
         key = scene_seed, self.source, self.first, len(self.names), self.size, self.x_modality
         if key not in SCENE_CACHES:
-            SCENE_CACHES[key] = SceneCache(len(self.names), (((h, w, 3), np.uint8), x, ((h, w), np.uint8)))
+            shapes = ((h, w, 3), np.uint8), x, ((h, w), np.uint8)
+            SCENE_CACHES[key] = SceneCache(len(self.names), shapes)
         self.cache = SCENE_CACHES[key]
 
     def stored(self, index):

@@ -22,7 +22,8 @@ its masked tokens, with one fixed MultiMAE mask per scene (complete modalities, 
     semseg    the training scenes' class frequencies at every pixel (cross-entropy;
               the best constant, which predicts background everywhere).
 A ratio loss / baseline below 1 means the model predicts more than that trivial rule.
-Depth is also scored per region, against the image median (floor, objects, invalid pixels, and the masked depth
+Depth is also scored per region, against the image median (floor, objects, invalid pixels, and
+the masked depth
 patches whose RGB patch is visible, where RGB alone tells object from floor), which tells
 where it gains. And the spatial structure of the RGB and depth predictions on the masked
 pixels, deviations from each image's own mean: their correlation with the target's and
@@ -48,7 +49,8 @@ from study.common import HERE, MM_PRE, MM_X, VALIDATION, check_outputs
 TASKS = ('rgb', 'norm_rgb', 'depth', 'semseg')
 BASELINES = {'rgb': 'colour prior', 'norm_rgb': 'zero', 'depth': 'image median or position mean',
              'semseg': 'class prior'}
-DEPTH_BASELINES = (('depth_median', 'image median'), ('depth_position', 'position mean'))  # depth's: the lower
+# depth's two trivial rules; its baseline is the lower of them
+DEPTH_BASELINES = (('depth_median', 'image median'), ('depth_position', 'position mean'))
 REGIONS = ('floor', 'objects', 'invalid', 'RGB seen')  # depth scored apart on each (floor / the rest / depth 0 /
 # the masked depth patches whose RGB patch the model sees: there depth is predictable from RGB alone)
 STRUCTURE = ('rgb corr', 'rgb spread', 'depth corr', 'depth spread')  # the prediction's spatial structure (`structure`)
@@ -88,10 +90,11 @@ def scores(model, batches, prior):
     model.eval()
     class_prior, colour, position = prior
     names = data.get_preset(VALIDATION).class_names
-    floor = names.index('floor') if 'floor' in names else 0  # the demo's floor: its background, class 0
+    floor = names.index('floor') if 'floor' in names else 0  # the demo's floor: its background
     got = {t: [] for t in TASKS + tuple(f'depth {r}' for r in REGIONS)}
     sums = {f'{t} {part}': 0.0 for t in ('rgb', 'depth') for part in ('cov', 'var_pred', 'var_target')}
-    trivials = ('rgb', 'norm_rgb', 'semseg', 'depth_median', 'depth_position', 'depth_mean', 'rgb_image')
+    trivials = ('rgb', 'norm_rgb', 'semseg', 'depth_median', 'depth_position', 'depth_mean',
+                'rgb_image')
     base = {t: [] for t in trivials + tuple(f'depth {r}' for r in REGIONS)}
     for i, (rgb, x, label) in enumerate(batches):
         with torch.random.fork_rng():
@@ -111,15 +114,15 @@ def scores(model, batches, prior):
                    'depth_median': image(depth.median(1).values), 'depth_mean': image(depth.mean(1)),
                    'depth_position': position.expand_as(targets['depth']),
                    'semseg': class_prior.view(1, -1, 1, 1).expand(rgb.shape[0], -1, *targets['semseg'].shape[-2:])}
-        which = {'rgb': 0, 'rgb_image': 0, 'norm_rgb': 0, 'depth_median': 1, 'depth_position': 1, 'depth_mean': 1,
-                 'semseg': 2}
+        which = {'rgb': 0, 'rgb_image': 0, 'norm_rgb': 0, 'depth_median': 1, 'depth_position': 1,
+                 'depth_mean': 1, 'semseg': 2}
         for t in TASKS:
             got[t].append(terms[t].item())
         for t, pred in trivial.items():
             name = t.split('_')[0] if t != 'norm_rgb' else t
             base[t].append(model.pixel_loss(name, pred, targets[name], mask[:, which[t]], grid).item())
-        regions = {'floor': (label == floor) & (x[:, 0] > 0), 'objects': (label != floor) & (x[:, 0] > 0),
-                   'invalid': x[:, 0] == 0,
+        regions = {'floor': (label == floor) & (x[:, 0] > 0),
+                   'objects': (label != floor) & (x[:, 0] > 0), 'invalid': x[:, 0] == 0,
                    'RGB seen': pixels(~mask[:, 0], grid, label.shape[-2:])}  # the place's RGB patch is visible
         for t, k in (('rgb', 0), ('depth', 1)):
             for part, v in zip(('cov', 'var_pred', 'var_target'), structure(decoded[t][0], targets[t], mask[:, k], grid)):
@@ -133,7 +136,7 @@ def scores(model, batches, prior):
         cov, vp, vt = (sums[f'{t} {part}'] for part in ('cov', 'var_pred', 'var_target'))
         got[f'{t} corr'], got[f'{t} spread'] = cov / max((vp * vt) ** 0.5, 1e-12), (vp / max(vt, 1e-12)) ** 0.5
     base = {t: float(np.nanmean(v)) for t, v in base.items()}
-    return got, {**base, 'depth': min(base[t] for t, _ in DEPTH_BASELINES)}  # depth's: the better trivial rule
+    return got, {**base, 'depth': min(base[t] for t, _ in DEPTH_BASELINES)}  # the better rule
 
 
 def structure(pred, target, mask, grid):
@@ -162,8 +165,8 @@ def region_loss(pred, target, mask, grid, where):
 def curve(lr, steps, every, out, seed=0):
     """Train the study's MaskMentor pre-training at `lr` for `steps`, scoring it every `every`
     steps: [{'step', 'loss': {task: value}}], and the baselines."""
-    cfg = train.resolve(train.Config(dataset=VALIDATION, x_modality=MM_X, method='maskmentor', backbone='vit-nano',
-                                     opts=MM_PRE,
+    cfg = train.resolve(train.Config(dataset=VALIDATION, x_modality=MM_X, method='maskmentor',
+                                     backbone='vit-nano', opts=MM_PRE,
                                      max_steps=steps, pretrained='none', seed=seed, eval_every=0, log_every=10 ** 6,
                                      workers=0, out_dir=os.path.join(out, f'lr{lr:g}'), overwrite=True,
                                      lr=lr, batch_size=4))
@@ -179,10 +182,12 @@ def curve(lr, steps, every, out, seed=0):
         if step % every == 0 or step == steps:
             loss, baseline = scores(model, batches, prior)
             points.append(dict(step=step, loss=loss))
-            with open(os.path.join(out, f'curve-lr{lr:g}.json'), 'w') as f:  # the points so far, as they come
+            # the points so far, as they come
+            with open(os.path.join(out, f'curve-lr{lr:g}.json'), 'w') as f:
                 json.dump(dict(points=points, baseline=baseline, dataset=VALIDATION), f)
             print(f"lr {lr:g} step {step}: " + ', '.join(f"{t} {loss[t] / baseline[t]:.3f}" for t in COLUMNS) +
-                  ''.join(f", depth / {n} {loss['depth'] / baseline[t]:.3f}" for t, n in DEPTH_BASELINES) +
+                  ''.join(f", depth / {n} {loss['depth'] / baseline[t]:.3f}"
+                          for t, n in DEPTH_BASELINES) +
                   ', ' + ', '.join(f"{t} {loss[t]:.3f}" for t in STRUCTURE),
                   flush=True)
     score(0)
@@ -229,23 +234,28 @@ def chosen_point(results):
 def markdown(results, steps_run):
     lr, steps, mean = choose(results)
     dataset = next(iter(results.values())).get('dataset', 'demo128-val')
-    lines = [f"# MaskMentor pre-training against trivial baselines (validation scenes of `{dataset}`)", '',
+    lines = [f"# MaskMentor pre-training against trivial baselines (validation scenes of "
+             f"`{dataset}`)", '',
              f"{steps_run} steps per lr, batch 4, the study's pre-training recipe; loss / baseline on the held-out "
              f"scenes (below 1: better than the trivial prediction). Baselines: " +
-             ', '.join(f"{t}: {BASELINES[t]}" for t in TASKS) + ' (the lower of the two, each also reported).', '',
-             '| lr | step | ' + ' | '.join(COLUMNS) + ''.join(f' | depth / {n}' for _, n in DEPTH_BASELINES) +
+             ', '.join(f"{t}: {BASELINES[t]}" for t in TASKS) +
+             ' (the lower of the two, each also reported).', '',
+             '| lr | step | ' + ' | '.join(COLUMNS) +
+             ''.join(f' | depth / {n}' for _, n in DEPTH_BASELINES) +
              ' | rgb / image mean colour | ' + ' | '.join(STRUCTURE) + ' |',
              '|---|---|' + '---|' * (len(COLUMNS) + 3 + len(STRUCTURE))]
     for key, r in results.items():
         b = r['baseline']
         for p in r['points']:
-            lines.append(f"| {key:g} | {p['step']} | " + ' | '.join(f"{p['loss'][t] / b[t]:.3f}" for t in COLUMNS) +
+            lines.append(f"| {key:g} | {p['step']} | " +
+                         ' | '.join(f"{p['loss'][t] / b[t]:.3f}" for t in COLUMNS) +
                          ''.join(f" | {p['loss']['depth'] / b[t]:.3f}" for t, _ in DEPTH_BASELINES) +
                          f" | {p['loss']['rgb'] / b['rgb_image']:.3f} | " +
                          ' | '.join(f"{p['loss'][t]:.3f}" if t in p['loss'] else '-' for t in STRUCTURE) + ' |')
     b, left = results[lr]['baseline'], stuck(results)
     lines += ['', f"Baseline losses: " + ', '.join(f"{t} {b[t]:.4f}" for t in TASKS) +
-              f" (depth: image median {b['depth_median']:.4f}, position mean {b['depth_position']:.4f}, image mean "
+              f" (depth: image median {b['depth_median']:.4f}, position mean "
+              f"{b['depth_position']:.4f}, image mean "
               f"{b['depth_mean']:.4f}; rgb, each image's own mean colour: "
               f"{b['rgb_image']:.4f}).", '',
               f"Chosen: lr {lr:g} (the lowest mean ratio at the last step), budget {steps} steps (the first step "

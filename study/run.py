@@ -1,38 +1,42 @@
-"""Small-scale reproduction study: each paper's central claims, tested on CPU on the
-built-in demo data (README, "Results").
+"""Small-scale reproduction study: each paper's central claims, tested on CPU on rendered
+rooms (README, "Results"; docs/study.md: the size, the budget and the wall time).
 
-    python -m study.run            # the whole study, from the repository's root (about an hour on 2 cores)
-    python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~3 min)
+    python -m study.pretraining    # first: MaskMentor pre-training's lr and budget
+    python -m study.run            # the whole study, from the repository's root (hours on 2 cores)
+    python -m study.run --quick    # every step with a few iterations, one seed, 8 evaluation scenes
     python -m study.run --tables   # rewrite the reports and the README's claims table from the results.json
     python -m study.run --decide --seeds 2   # GoPT's open decisions on held-out training scenes (study/gopt-validation)
 
-Set-up, mirroring the papers at toy scale (`demo128`: 128 x 128 synthetic RGB-D scenes
-where RGB tells an object's colour and only depth its height, see data.DemoDataset):
+Set-up, mirroring the papers at toy scale (`rooms144`: indoor RGB-D scenes rendered at
+144 x 192 with NYU-40 labels, HHA and depth; see data.RoomsDataset and docs/rooms.md):
 1. foundation: a Swin-nano and a ViT-nano trained with RGB only (full fine-tuning,
    method rgb_only), the stand-ins for the ImageNet / MAE files the papers start
    from; their backbones are saved in the official key format and loaded with
    --pretrained like those files. One foundation per seed.
-2. validation (`validation_plan`, never the test scenes): on `demo128-val` (64 of the
-   training scenes held out, foundations trained on the other 192), each method family's
+2. validation (`validation_plan`, never the test scenes): on `rooms144-val` (the last 160
+   training scenes held out, foundations trained on the other 640), each method family's
    fine-tuning lr from the grid LRS (the same lr for all its rows, FAMILIES) and
    MaskMentor fine-tuning's depth scaling (per image as MultiMAE, or the dataset's mean /
    std); MaskMentor's pre-training lr and budget come from its curves against trivial
    baselines (`python -m study.pretraining`, study/maskmentor-pretraining).
 3. adaptation, the same number of steps for every method, from the foundation of the same
    seed: early fusion with full fine-tuning (the papers' reference line), KTB with and
-   without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP / the other reading
-   of ACP (rgbx.ACP_READINGS; its claims name the reading), VPT-shallow and VPT-deep at the
-   paper's budget ratios to GoPT, the frozen foundation with a trained head and no prompts
-   (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM, M2IM + STTP, and STTP's
-   schedule without its token loss (the control that isolates STTP's token loss).
+   without MMST (Swin) on HHA and on depth, and with its X patch embedding without the
+   LayerNorm (a control), GoPT hard / soft / 2 and 1 prompters / w/o ACP / the other
+   reading of ACP (rgbx.ACP_READINGS; its claims name the reading), VPT-shallow and
+   VPT-deep at the paper's budget ratios to GoPT, the frozen foundation with a trained head
+   and no prompts (ViT), MaskMentor (X = depth) fine-tuning after no pre-training, MIM,
+   M2IM, M2IM + STTP, and STTP's schedule without its token loss (the control that isolates
+   STTP's token loss).
 4. evaluation of the final weights on the test scenes, once, with RGB + X, RGB only and
    X only (eval.py's --modality: the missing input is zeroed); GoPT's models also with
    rgbx.gopt_diagnostics. Each claim is judged by one rule (`verdict`).
 
 Every run is a train.py configuration (its command line is in its train.log); runs go to
 --out (default runs/study), each with result.json as it ends, so an interrupted study
-resumes where it stopped. Reports: study/results.md (+ .png, .json), study/validation/,
-and the README's claims table between its `study:claims` markers.
+resumes where it stopped (finished runs are read back). Reports: study/results.md (+ .png,
+.json, rewritten as each run ends), study/validation/, and the README's claims table
+between its `study:claims` markers.
 """
 import argparse
 import contextlib
@@ -112,15 +116,18 @@ CONDITIONS = [
     ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation'),
     ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation'),  # X by place: see docs/gopt.md
     (f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}', 'vit', 'gopt', GOPT_BASE + f',acp={ACP_OTHER}', 'foundation'),
-    ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation', MM_DATA),  # all steps MIM
-    ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0', 'foundation', MM_DATA),
+    ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation', MM_DATA),  # only MIM
+    ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0', 'foundation',
+     MM_DATA),
     ('M2IM + STTP pre-training', 'vit', 'maskmentor', MM_PRE, 'foundation', MM_DATA),
     # the control: STTP's warm-up, 3:1 teacher / student schedule and batches, without the token loss
-    ('STTP schedule w/o token loss', 'vit', 'maskmentor', MM_PRE + ',token_weight=0', 'foundation', MM_DATA),
+    ('STTP schedule w/o token loss', 'vit', 'maskmentor', MM_PRE + ',token_weight=0', 'foundation',
+     MM_DATA),
     ('MaskMentor FT, no pre-training', 'vit', 'maskmentor', MM, 'foundation', MM_DATA),
     ('MaskMentor FT after MIM', 'vit', 'maskmentor', MM, 'pretrain:MIM pre-training', MM_DATA),
     ('MaskMentor FT after M2IM', 'vit', 'maskmentor', MM, 'pretrain:M2IM pre-training', MM_DATA),
-    ('MaskMentor FT after M2IM + STTP', 'vit', 'maskmentor', MM, 'pretrain:M2IM + STTP pre-training', MM_DATA),
+    ('MaskMentor FT after M2IM + STTP', 'vit', 'maskmentor', MM, 'pretrain:M2IM + STTP pre-training',
+     MM_DATA),
     ('MaskMentor FT after STTP schedule w/o token loss', 'vit', 'maskmentor', MM,
      'pretrain:STTP schedule w/o token loss', MM_DATA),
 ]
@@ -134,9 +141,10 @@ CLAIMS = [
      'Swin foundation (RGB)', ('both',)),
     ('KTB', 'MMST raises the single-modality columns (X embedding w/o LayerNorm)', 'KTB, X embedding w/o LayerNorm',
      'KTB w/o MMST, X embedding w/o LayerNorm', ('rgb', 'x')),
-    ('KTB', 'RGB+X beats the RGB foundation (X = depth)', 'KTB, X = depth', 'Swin foundation (RGB)', ('both',)),
-    ('KTB', 'MMST raises the single-modality columns (X = depth)', 'KTB, X = depth', 'KTB w/o MMST, X = depth',
-     ('rgb', 'x')),
+    ('KTB', 'RGB+X beats the RGB foundation (X = depth)', 'KTB, X = depth', 'Swin foundation (RGB)',
+     ('both',)),
+    ('KTB', 'MMST raises the single-modality columns (X = depth)', 'KTB, X = depth',
+     'KTB w/o MMST, X = depth', ('rgb', 'x')),
     # GoPT's claims, each with the reading of ACP its GoPT rows use
     ('GoPT', f'beats the foundation (ACP {ACP})', 'GoPT (hard, 4 prompters)', 'ViT foundation (RGB)', ('both',)),
     ('GoPT', f'the prompts help: beats the frozen foundation + trained head (ACP {ACP})', 'GoPT (hard, 4 prompters)',
@@ -164,8 +172,9 @@ CLAIMS = [
 ]
 COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 
-# GoPT's decisions the paper leaves open (`--decide`), on `demo128-val` (64 of the training scenes held
-# out; the foundation is trained on the other 192), never on the test scenes. Round 1: each switch flipped
+# GoPT's decisions the paper leaves open (`--decide`, on the validation preset), decided on
+# `demo128-val` (64 of the demo's training scenes held out; the foundation trained on the other
+# 192; study/gopt-validation), never on the test scenes. Round 1: each switch flipped
 # alone from the paper's xavier start with a fresh head; round 2: the two winners together (the
 # defaults), then each remaining switch flipped alone from them. (name, options, extra train.Config
 # fields besides the study's.) The study keeps its shared augmentation for GoPT too: the paper's
@@ -246,7 +255,7 @@ def run_config(name, method, family, opts, seed, dataset, steps, choices):
     fam = family_of(name)
     if fam:
         config['lr'] = choices['lr'][fam[0]]
-    if method == 'maskmentor':  # the study's common fine-tuning recipe (poly), as every other adaptation
+    if method == 'maskmentor':  # the study's common fine-tuning recipe (poly), as every adaptation
         config.update(opts=f"{opts},depth_standardize={str(choices['depth_standardize']).lower()}",
                       schedule='poly')
     return config
@@ -302,7 +311,8 @@ def validation_plan(seeds, steps, foundation_steps, pretrain):
                     for scaling in (True, False) if method == 'maskmentor' else (None,):
                         label = f'val: {name}, lr {lr:g}' + (f', depth {DEPTH_SCALINGS[scaling]}' if scaling is not None else '')
                         config = {**run_config(name, method, family, opts, seed, VALIDATION, steps,
-                                               dict(lr={fam: lr}, depth_standardize=scaling)), **extra}
+                                               dict(lr={fam: lr}, depth_standardize=scaling)),
+                                  **extra}
                         runs.append(dict(name=label, seed=seed, key=f'{label}/{seed}',
                                          need=source_key(family, source, seed, 'val: '), pretraining=False, config=config,
                                          family=fam, lr=lr, **({} if scaling is None else {'depth_standardize': scaling})))
@@ -380,8 +390,10 @@ def execute(args):
         os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
     else:
         spec = train.run_spec(cfg)
-        test = data.build_dataset(cfg.dataset, '', 'test', spec.x_modality, x_standardised=spec.x_standardised)
-        test = data.shard_loader(torch.utils.data.Subset(test, range(scenes or len(test))), batch_size=8)
+        test = data.build_dataset(cfg.dataset, '', 'test', spec.x_modality,
+                                  x_standardised=spec.x_standardised)
+        test = data.shard_loader(torch.utils.data.Subset(test, range(scenes or len(test))),
+                                 batch_size=8)
         for modality, _ in COLUMNS:
             result[modality] = metrics(evaluate(model, test, preset.num_classes, torch.device('cpu'),
                                                 modality=modality))['miou']
@@ -391,7 +403,7 @@ def execute(args):
         if run['need'] is None:  # a foundation: its backbone in the format of an official file, for load_pretrained
             train.save_checkpoint({'model': model.backbone.state_dict()}, backbone_file(out, run['key']))
     result['seconds'] = time.perf_counter() - start  # training and evaluation, one thread
-    result['cpu_seconds'] = time.process_time() - cpu  # the same on a quiet machine; less on a loaded one
+    result['cpu_seconds'] = time.process_time() - cpu  # its wall time on a quiet machine
     with open(os.path.join(cfg.out_dir, 'result.json'), 'w') as f:
         json.dump(result, f)
     return run['key'], result
@@ -501,8 +513,8 @@ def inputs_label(columns):
 
 def markdown(table, claims, setup, scenes='the 64 test scenes'):
     pct = lambda m: f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}"
-    lines = [f"Set-up: {setup}. mIoU (%) on {scenes}, mean ± standard deviation over seeds, of the final "
-             f"weights; a missing input is zeroed.", '',
+    lines = [f"Set-up: {setup}. mIoU (%) on {scenes}, mean ± standard deviation over seeds, of the "
+             f"final weights; a missing input is zeroed.", '',
              '| condition | RGB+X | RGB only | X only | trainable params | step (s) |', '|---|---|---|---|---|---|']
     for name, e in table.items():
         cells = [pct(e[c]) if c in e else '-' for c, _ in COLUMNS]
@@ -545,8 +557,8 @@ def readme_table(claims, saved):
     done, planned = saved['runs_done'], saved.get('runs_planned', saved['runs_done'])
     runs = f"{done} runs" + (f" of {planned} planned" if planned > done else '')
     lines = [MARKERS[0], f"<!-- written by `python -m study.run --tables` from study/results.json: edit neither -->", '',
-             f"{saved['when']}, on `{saved.get('dataset', 'demo128')}`: {runs}, "
-             f"{saved['wall']}. {RULE} The figure: A - B in mIoU points (mean over seeds, then its lowest and highest "
+             f"{saved['when']}, on `{saved.get('dataset', 'demo128')}`: {runs}, {saved['wall']}. "
+             f"{RULE} The figure: A - B in mIoU points (mean over seeds, then its lowest and highest "
              f"seed).", '',
              '| paper | claim (A vs B) | inputs | A - B | A > B in | verdict |', '|---|---|---|---|---|---|']
     for c in claims:
@@ -638,7 +650,8 @@ def main(argv=None):
     p.add_argument('--foundation-steps', type=int, default=0)
     p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
     p.add_argument('--decide', action='store_true',
-                   help="GoPT's open decisions on the validation preset demo128-val (report in study/gopt-validation)")
+                   help=f"GoPT's open decisions on the validation preset {VALIDATION} (report in "
+                        f"study/gopt-validation)")
     p.add_argument('--only', default='', metavar='REGEX',
                    help="with --decide: only the decisions whose name this regular expression finds (and the "
                         "foundation); the report keeps the other decisions' runs from its results.json")
@@ -687,12 +700,12 @@ def study(args, seeds, steps, foundation_steps, out, report):
     runs = plan(seeds, steps, foundation_steps, choices)
     print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
     setup = setup_text(len(seeds), steps, foundation_steps, choices)
-    validation_report = dict(setup=f"`{VALIDATION}`: {len(val_seeds)} seed(s), {steps} steps per run, evaluated on "
-                                   f"{scene_count(VALIDATION, scenes)} held-out training scenes",
-                             choices=choices, scores={fam: [[lr, ds, v] for (lr, ds), v in sc.items()]
-                                                      for fam, sc in scores.items()},
-                             runs=sorted((r for k, r in results.items() if k.startswith('val: ')),
-                                         key=lambda r: (r['name'], r['seed'])))
+    val_setup = (f"`{VALIDATION}`: {len(val_seeds)} seed(s), {steps} steps per run, evaluated on "
+                 f"{scene_count(VALIDATION, scenes)} held-out training scenes")
+    val_runs = sorted((r for k, r in results.items() if k.startswith('val: ')),
+                      key=lambda r: (r['name'], r['seed']))
+    val_scores = {fam: [[lr, ds, v] for (lr, ds), v in sc.items()] for fam, sc in scores.items()}
+    validation_report = dict(setup=val_setup, choices=choices, scores=val_scores, runs=val_runs)
     save_json(os.path.join(report, 'validation'), validation_report)
     write_report(os.path.join(report, 'validation'))
 
@@ -701,13 +714,13 @@ def study(args, seeds, steps, foundation_steps, out, report):
     def save(done):  # the study's report as it stands, after each finished run
         _, wall, sittings = wall_time(out, sitting, time.time() - start)
         compute = sum(r.get('seconds', 0) for r in done.values())
+        wall = (f"{wall / 60:.0f} min wall time ({sittings} sitting{'s' * (sittings > 1)}, "
+                f"{args.jobs} runs at a time, {compute / 3600:.1f} h of one-thread run time) on {machine()}")
         save_json(report, dict(
             when=time.strftime('%Y-%m-%d'), dataset=DATASET, validation_dataset=VALIDATION,
-            scenes=f"the {scene_count(DATASET, scenes)} test scenes", runs_done=len(done), runs_planned=len(runs),
-            choices=choices, setup=setup,
-            wall=f"{wall / 60:.0f} min wall time ({sittings} sitting{'s' * (sittings > 1)}, {args.jobs} runs at a "
-                 f"time, {compute / 3600:.1f} h of one-thread run time) on {machine()}",
-            validation=dict(scores=validation_report['scores']),
+            scenes=f"the {scene_count(DATASET, scenes)} test scenes", runs_done=len(done),
+            runs_planned=len(runs), choices=choices, setup=setup, wall=wall,
+            validation=dict(scores=val_scores),
             runs=sorted(done.values(), key=lambda r: (r['name'], r['seed']))))
         write_report(report, readme=README if os.path.abspath(report) == HERE else None)
 
@@ -731,14 +744,16 @@ def setup_text(seeds, steps, foundation_steps, choices):
     """The study's set-up in one paragraph, for its reports."""
     preset, pretrain = data.PRESETS[DATASET], choices['pretrain']
     d = preset.defaults
-    return (f"`{DATASET}` ({preset.crop[0]} x {preset.crop[1]}), {seeds} seed(s); foundations {foundation_steps} "
-            f"steps of the dataset's recipe (batch {d['batch_size']}, lr {d['lr']:g}); every adaptation {steps} "
-            f"steps, batch {BATCH}, AdamW (warm-up {d['warmup_epochs']} epoch, poly decay) at its family's lr chosen "
-            f"on `{VALIDATION}` (" + ', '.join(f"{k} {v:g}" for k, v in choices['lr'].items()) + "); X = "
-            f"{preset.default_x} unless the row says otherwise, MaskMentor's X = {MM_X}; MaskMentor fine-tuning's "
-            f"depth {DEPTH_SCALINGS[choices['depth_standardize']]} (chosen there too); MaskMentor pre-training "
-            f"{pretrain['steps']} steps at lr {pretrain['lr']:g} (chosen by study.pretraining), 20% MIM warm-up then "
-            f"3 teacher + 1 student iterations per batch, cosine, betas 0.9 / 0.95")
+    lrs = ', '.join(f"{k} {v:g}" for k, v in choices['lr'].items())
+    scaling = DEPTH_SCALINGS[choices['depth_standardize']]
+    return (f"`{DATASET}` ({preset.crop[0]} x {preset.crop[1]}), {seeds} seed(s); foundations "
+            f"{foundation_steps} steps of the dataset's recipe (batch {d['batch_size']}, "
+            f"lr {d['lr']:g}); every adaptation {steps} steps, batch {BATCH}, AdamW (warm-up "
+            f"{d['warmup_epochs']} epoch, poly decay) at its family's lr chosen on `{VALIDATION}` "
+            f"({lrs}); X = {preset.default_x} unless the row says otherwise, MaskMentor's X = {MM_X}; "
+            f"MaskMentor fine-tuning's depth {scaling} (chosen there too); MaskMentor pre-training "
+            f"{pretrain['steps']} steps at lr {pretrain['lr']:g} (chosen by study.pretraining), 20% "
+            f"MIM warm-up then 3 teacher + 1 student iterations per batch, cosine, betas 0.9 / 0.95")
 
 
 def save_json(report, saved):
@@ -755,8 +770,11 @@ def decide_gopt(args, seeds, steps, foundation_steps, out, report):
     runs = plan(seeds, steps, foundation_steps, decide=True, only=args.only)
     print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
     results = run_all(runs, out, args.jobs)
-    setup = (f"`{VALIDATION}` (128 x 128), {len(seeds)} seed(s), foundations {foundation_steps} steps, every "
-             f"adaptation {steps} steps, batch 4, AdamW lr 1e-3 (warm-up 1 epoch, poly decay)")
+    preset = data.PRESETS[VALIDATION]
+    d = preset.defaults
+    setup = (f"`{VALIDATION}` ({preset.crop[0]} x {preset.crop[1]}), {len(seeds)} seed(s), foundations "
+             f"{foundation_steps} steps, every adaptation {steps} steps, batch {d['batch_size']}, "
+             f"AdamW lr {d['lr']:g} (warm-up 1 epoch, poly decay)")
     os.makedirs(report, exist_ok=True)
     if args.only and os.path.exists(os.path.join(report, 'results.json')):
         # the decisions not rerun now: their runs as the report holds them
@@ -829,7 +847,7 @@ def write_report(report, readme=None):
     validation = saved.get('validation_dataset', 'demo128-val')
     claims = claim_rows(results, untestable_claims(validation) if 'choices' in saved else None)
     setup = saved['setup'] + (f"; {saved['wall']}" if 'wall' in saved else '')
-    scenes = saved.get('scenes', 'the 64 test scenes' if 'choices' in saved else 'the 64 validation scenes')
+    scenes = saved.get('scenes', f"the 64 {'test' if 'choices' in saved else 'validation'} scenes")
     with open(os.path.join(report, 'results.md'), 'w') as f:
         f.write(markdown(table, claims, setup, scenes))
     plot(table, os.path.join(report, 'results.png'))
