@@ -547,7 +547,7 @@ def legend(classes, class_names, palette, width, row=14):
     then void (hatched, as data.colorize draws it), in as many columns as fit."""
     font = ImageFont.load_default()
     entries = [(c, class_names[c]) for c in classes] + [(data.IGNORE, 'void (not scored)')]
-    cell = 16 + max(words(None, (0, 0), name, font) for _, name in entries)  # swatch, gap, the longest name
+    cell = 16 + max(words(None, (0, 0), name, font) for _, name in entries)  # swatch, gap, name
     cols = max(1, width // cell)
     strip = Image.new('RGB', (width, row * -(-len(entries) // cols) + 2), 'white')
     draw = ImageDraw.Draw(strip)
@@ -568,7 +568,8 @@ def captions(titles, column, row=14):
     strip = Image.new('RGB', (len(titles) * column, row), 'white')
     draw = ImageDraw.Draw(strip)
     for i, title in enumerate(titles):
-        words(draw, (i * column + max(2, (column - words(None, (0, 0), title, font)) // 2), 1), title, font)
+        left = i * column + max(2, (column - words(None, (0, 0), title, font)) // 2)  # centred
+        words(draw, (left, 1), title, font)
     return np.array(strip)
 
 
@@ -577,8 +578,9 @@ def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
     legend of the classes present in either map (void hatched), as one PNG."""
     panel = np.concatenate([rgb_img, x_img, data.colorize(gt, palette, hatch=True), data.colorize(pred, palette)], 1)
     present = sorted(set(np.unique(gt).tolist()) - {data.IGNORE} | set(np.unique(pred).tolist()))
-    Image.fromarray(np.concatenate([panel, captions(PANEL_TITLES, rgb_img.shape[1]),
-                                    legend(present, class_names, palette, panel.shape[1])])).save(path)
+    strips = [captions(PANEL_TITLES, rgb_img.shape[1]),
+              legend(present, class_names, palette, panel.shape[1])]
+    Image.fromarray(np.concatenate([panel, *strips])).save(path)
 
 
 # ----------------------------------------------------------------------------
@@ -851,11 +853,12 @@ def check_flags(args):
             raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'depth', 'out')} "
                              f"segment one image pair: use one or the other")
     if args.json and (args.reconstruct or given('rgb', 'x', 'depth', 'out')):
-        raise ValueError("--json writes the metrics of a dataset split (or the benchmark's figures); "
-                         f"{'--reconstruct' if args.reconstruct else given('rgb', 'x', 'depth', 'out')} computes none: "
-                         f"drop --json")
+        others = '--reconstruct' if args.reconstruct else given('rgb', 'x', 'depth', 'out')
+        raise ValueError(f"--json writes the metrics of a dataset split (or the benchmark's "
+                         f"figures); {others} computes none: drop --json")
     if args.out is not None and not args.out.lower().endswith('.png'):
-        raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
+        raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: "
+                         f"name it *.png")
     check_outputs(args)
     if args.amp == 'fp16' and check_device(args.device).type != 'cuda':
         raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16")
@@ -869,12 +872,15 @@ def check_outputs(args):
     """Every output flag: its folder exists, and it writes over no input, into no dataset
     and into no other run's folder (data.check_output; the checkpoint's own run folder
     may receive pictures and metrics, never over its run files)."""
-    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in ('checkpoint', 'rgb', 'x', 'depth', 'pretrained',
-                                                                     'data_root', 'split')]
+    read = ('checkpoint', 'rgb', 'x', 'depth', 'pretrained', 'data_root', 'split')
+    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in read]
     own = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None
     for flag, path in (('--out', args.out), ('--json', args.json)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+        folder = os.path.dirname(os.path.abspath(path)) if path else ''
+        if path and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+        if path and os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a folder: name the file to write")
         if path:
             data.check_output(flag, path, inputs, own_run=own, kind=flag[2:].replace('out', 'png'))
     for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
@@ -977,7 +983,8 @@ def evaluate_split(args, model, run, root, rank, world, device):
               f"scales {list(scales)}{' + flip' if args.flip else ''}")
         print(format_metrics(m, preset.class_names))
         if args.save_pred:
-            print(f"wrote the predictions and panels of the {len(dataset)} images to {args.save_pred}")
+            print(f"wrote the predictions and panels of the {len(dataset)} images to "
+                  f"{args.save_pred}")
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(dict(m, modality=args.modality, checkpoint=args.checkpoint), f, indent=2)

@@ -3,7 +3,7 @@
     python train.py                                    # the demo: a small model on built-in data, CPU, minutes
     python train.py --dataset nyudv2 --data-root DIR --method ktb \\
                     --pretrained swin_base_patch4_window12_384_22k.pth
-    torchrun --nproc_per_node 4 train.py ...           # DDP: one process per GPU (gloo on CPU)
+    torchrun --standalone --nproc_per_node 4 train.py ...  # DDP: one process per GPU (gloo on CPU)
     python train.py ... --resume                       # continue the run in --out-dir exactly where it stopped
     python train.py --method ktb --list-opts           # a method's options (--opts), their defaults and types
 
@@ -85,15 +85,16 @@ class Config:
     opts: str = flag('', "method options key=value,... e.g. 'mmst=false,adapter_ranks=8:8:8:8' "
                          "(--list-opts lists them)")
     # optimisation; None = the method's recipe for the dataset
-    epochs: Optional[int] = flag(None, "epochs (default: the recipe's; with --max-steps alone: as many as its "
-                                       "steps take)")
+    epochs: Optional[int] = flag(None, "epochs (default: the recipe's; with --max-steps alone: as "
+                                       "many as its steps take)")
     batch_size: Optional[int] = flag(None, "batch per process; the global batch is batch x processes x grad-accum "
                                            "(default: the recipe's)")
     lr: Optional[float] = flag(None, "AdamW learning rate (default: the recipe's)")
     weight_decay: Optional[float] = flag(None, "AdamW weight decay (default: the recipe's)")
-    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the recipe's); a warm-up "
-                                                "as long as the run or longer is kept, and the run says which share "
-                                                "of --lr it reaches")
+    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the "
+                                                "recipe's); a warm-up as long as the run or longer "
+                                                "is kept, and the run says which share of --lr it "
+                                                "reaches")
     schedule: Optional[str] = flag(None, "learning-rate decay after the warm-up (default: the recipe's, else poly)",
                                    ['poly', 'cosine'])
     beta2: Optional[float] = flag(None, "AdamW beta2 (default: the recipe's, else 0.999)")
@@ -102,8 +103,9 @@ class Config:
                                            "recipe's global batch, e.g. gopt's 64)")
     augment: Optional[str] = flag(None, "full = the joint augmentation, crop = the random crop only "
                                         "(default: the recipe's, else full)", ['full', 'crop'])
-    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all epochs); with "
-                                          "--epochs too, the run stops at whichever comes first (said at the start)")
+    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all "
+                                          "epochs); with --epochs too, the run stops at whichever "
+                                          "comes first (said at the start)")
     # system
     device: str = flag('', "cpu, cuda or cuda:N ('' = cuda if available, else cpu)")
     amp: str = flag('none', "mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, with a gradient scaler)",
@@ -129,8 +131,9 @@ class Config:
     save_full: bool = flag(False, "also store the frozen weights in the checkpoints")
     nonfinite: str = flag('stop', "on a non-finite loss: stop, or skip the step (at most 5% of the steps)",
                           ['stop', 'skip'])
-    tensorboard: bool = flag(False, "also write TensorBoard event files into --out-dir (needs the tensorboard "
-                                    "package; curves.png is drawn from log.jsonl in any case)")
+    tensorboard: bool = flag(False, "also write TensorBoard event files into --out-dir (needs the "
+                                    "tensorboard package; curves.png is drawn from log.jsonl in "
+                                    "any case)")
 
 
 RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir', 'workers')  # say how to run, not what: never compared
@@ -229,7 +232,7 @@ def resolve(cfg):
     fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults,
             **given}  # the method's recipe over the dataset's own settings (the demo's) over the trainer's
     for k, v in fill.items():
-        if vars(cfg)[k] is None and not (k == 'epochs' and cfg.max_steps is not None):  # --max-steps sets the length
+        if vars(cfg)[k] is None and not (k == 'epochs' and cfg.max_steps is not None):  # its length
             setattr(cfg, k, v)
     if (cfg.epochs is None and cfg.max_steps is None) or cfg.lr is None or cfg.weight_decay is None:
         raise ValueError(f"{cfg.method} has no recipe for {cfg.dataset}: pass --epochs, --lr and --weight-decay")
@@ -253,11 +256,14 @@ def resolve(cfg):
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir} is a file, not a folder: pass a folder")
     if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
-        raise ValueError("--tensorboard writes TensorBoard's event files, which needs the tensorboard package: "
-                         "pip install tensorboard (curves.png is drawn without it)")
-    inputs = [('--pretrained', cfg.pretrained if cfg.pretrained != 'none' else ''), ('--data-root', cfg.data_root),
-              ('--split', cfg.split if cfg.split.endswith('.txt') else '')]
-    data.check_output('--out-dir', cfg.out_dir, inputs, folder=True, own_run=cfg.out_dir, writes=data.RUN_FILES)
+        raise ValueError("--tensorboard writes TensorBoard's event files, which needs the "
+                         "tensorboard package: pip install tensorboard (curves.png is drawn "
+                         "without it)")
+    split_file = cfg.split if cfg.split.endswith('.txt') else ''
+    inputs = [('--pretrained', cfg.pretrained if cfg.pretrained != 'none' else ''),
+              ('--data-root', cfg.data_root), ('--split', split_file)]
+    data.check_output('--out-dir', cfg.out_dir, inputs, folder=True, own_run=cfg.out_dir,
+                      writes=data.RUN_FILES)
     return cfg
 
 
@@ -316,11 +322,13 @@ def build_model(cfg):
         if not (isinstance(ckpt, dict) and {'model', 'config', 'step'} <= set(ckpt)):
             raise
         c = ckpt['config']
-        raise ValueError(f"--pretrained {pretrained} is a training checkpoint of train.py (a {c.get('method')} "
-                         f"{c.get('backbone')} run on {c.get('dataset')}, step {ckpt['step']}), not a backbone file "
-                         f"for {cfg.method} {cfg.backbone}: evaluate it with `python eval.py --checkpoint "
-                         f"{pretrained}`, continue its run with --resume --out-dir {os.path.dirname(pretrained) or '.'}; "
-                         f"a new run starts from an official backbone file (README, 'Pretrained files')") from None
+        folder = os.path.dirname(pretrained) or '.'
+        raise ValueError(f"--pretrained {pretrained} is a training checkpoint of train.py (a "
+                         f"{c.get('method')} {c.get('backbone')} run on {c.get('dataset')}, step "
+                         f"{ckpt['step']}), not a backbone file for {cfg.method} {cfg.backbone}: "
+                         f"evaluate it with `python eval.py --checkpoint {pretrained}`, continue "
+                         f"its run with --resume --out-dir {folder}; a new run starts from an "
+                         f"official backbone file (README, 'Pretrained files')") from None
 
 
 def resume_changes(saved, cfg, allow, source):
@@ -860,7 +868,7 @@ def prepare_model(cfg, model, device, world, say):
 
 def tensorboard_writer(folder, step):
     """--tensorboard: a SummaryWriter on `folder`; a resumed run drops the events after `step`."""
-    from torch.utils.tensorboard import SummaryWriter  # the tensorboard package: an option, never required
+    from torch.utils.tensorboard import SummaryWriter  # the tensorboard package: optional
     return SummaryWriter(folder, purge_step=step or None)
 
 
@@ -880,14 +888,15 @@ def plot_log(log_path, png_path, size=(480, 160)):
     last = max((p[0] for _, pts in series for p in pts), default=1)
     for i, (name, pts) in enumerate(series):
         lo, hi = min(v for _, v in pts), max(v for _, v in pts)
-        box = (60, i * h + 20, w - 10, (i + 1) * h - 20)  # left, top, right, bottom of the plot area
+        box = (60, i * h + 20, w - 10, (i + 1) * h - 20)  # the plot area: left, top, right, bottom
         xy = [(box[0] + (box[2] - box[0]) * step / max(last, 1),
                box[3] - (box[3] - box[1]) * (v - lo) / ((hi - lo) or 1)) for step, v in pts]
         draw.rectangle(box, outline=(160, 160, 160))
         if len(xy) > 1:
             draw.line(xy, fill=(31, 119, 180), width=2)
         else:  # one point: a dot
-            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(31, 119, 180))
+            (x, y), = xy
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(31, 119, 180))
         ev.words(draw, (box[0], i * h + 4), f"{name} over steps 0..{last}", font)
         draw.text((2, box[1]), f"{hi:.3g}", fill='black')
         draw.text((2, box[3] - 10), f"{lo:.3g}", fill='black')
@@ -1059,14 +1068,15 @@ def run_length(cfg, steps_per_epoch, say):
     lengths = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * steps_per_epoch) if n]
     total = min(lengths)
     if len(set(lengths)) > 1:
-        say(f"note: --epochs {cfg.epochs} ({cfg.epochs * steps_per_epoch} steps) and --max-steps {cfg.max_steps}: "
-            f"the run stops at whichever comes first, after {total} steps")
+        say(f"note: --epochs {cfg.epochs} ({cfg.epochs * steps_per_epoch} steps) and --max-steps "
+            f"{cfg.max_steps}: the run stops at whichever comes first, after {total} steps")
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if warmup >= total:
         reach = lr_at(total - 1, total, warmup, 1.0)
-        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the run ({total} steps) "
-            f"or longer: the learning rate reaches {reach:.0%} of --lr {cfg.lr:g} at the last step; pass "
-            f"--warmup-epochs below {total / steps_per_epoch:.3g} for a full warm-up")
+        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the "
+            f"run ({total} steps) or longer: the learning rate reaches {reach:.0%} of --lr "
+            f"{cfg.lr:g} at the last step; pass --warmup-epochs below "
+            f"{total / steps_per_epoch:.3g} for a full warm-up")
     return total
 
 
@@ -1171,7 +1181,7 @@ def end_epoch(s, epoch):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler, torchrun stopping its processes): the run ends as on Ctrl-C."""
+    """SIGTERM (`kill`, a job scheduler, torchrun stopping its processes): ended as Ctrl-C."""
 
 
 def on_sigterm(signum, frame):
@@ -1189,9 +1199,9 @@ def main(argv=None):
         sys.exit(f"error: {ev.error_line(e)}")
     except KeyboardInterrupt as e:
         last = cfg is not None and os.path.exists(os.path.join(cfg.out_dir, 'last.pt'))
-        sys.exit(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; "
-                 + ("continue from the last checkpoint with --resume" if last else
-                    "no checkpoint was saved: nothing to resume"))
+        how = 'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'
+        sys.exit(f"error: {how}; " + ("continue from the last checkpoint with --resume" if last else
+                                      "no checkpoint was saved: nothing to resume"))
     except RuntimeError as e:
         if not ev.peer_failed(e):
             raise
