@@ -760,7 +760,7 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
 # ----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=__doc__.split('\n')[0])
     p.add_argument('--checkpoint', default=None,
                    help="a training checkpoint (last.pt / best.pt), or a file without rgbx's config (a trained "
                         "KTB of the authors' release): its model is then built from --method, --backbone, "
