@@ -4320,7 +4320,13 @@ def pretend_one_gpu(monkeypatch, capability, name):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
-    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: set_to.append(torch.device(device)))
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+
+    def set_device(device):  # as torch checks it: an index is needed
+        if torch.device(device).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        set_to.append(torch.device(device))
+    monkeypatch.setattr(torch.cuda, 'set_device', set_device)
     return set_to
 
 
@@ -4335,6 +4341,8 @@ def test_eval_cuda_devices_checked_on_a_one_gpu_machine(monkeypatch, tmp_path):
     assert '--device cuda:5' in cli_error(tr.main, ['--device', 'cuda:5', '--out-dir', str(tmp_path / 'run')])
     monkeypatch.delenv('RANK', raising=False)
     assert ev.setup_distributed('cuda:0') == (0, 1, torch.device('cuda:0')) and set_to == [torch.device('cuda:0')]
+    assert ev.setup_distributed('cuda') == (0, 1, torch.device('cuda:0')) and set_to[-1] == torch.device('cuda:0')
+    assert ev.setup_distributed('') == (0, 1, torch.device('cuda:0'))
     monkeypatch.setenv('RANK', '1')
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('LOCAL_RANK', '1')
@@ -5905,8 +5913,8 @@ def test_train_cuda_torchrun_with_nccl(tmp_path):
 
 # What a CUDA training step may wait for (beyond the log steps' reads), by function: the
 # host reads of HOST_READS but apply_step's (fused AdamW decides on the device), and the
-# copy of M2IM's host-drawn masks to the GPU.
-CUDA_SYNCS_ALLOWED = set().union(*HOST_READS.values()) - {'apply_step'} | {'m2im_keep_batch'}
+# copies of the masks MMST (KTB's embed) and M2IM draw on the CPU generator to the GPU.
+CUDA_SYNCS_ALLOWED = set().union(*HOST_READS.values()) - {'apply_step'} | {'embed', 'm2im_keep_batch'}
 
 
 @pytest.mark.cuda
@@ -6147,6 +6155,9 @@ def test_layout_readme_copy_table_is_the_ast_closure_and_each_row_runs_alone():
     import types as pytypes
     defs, lines = rgbx_definitions()
     rows = {m: rgbx_closure(defs, m) for m in COPY_ROWS}
+    imports = {m: [n for n in names if type(defs[n][0]).__name__ in ('Import', 'ImportFrom')]
+               for m, names in rows.items()}
+    assert not any(imports.values()), imports  # a row needs no import beyond torch, nn, F and math
     table = '\n'.join(['| module | also copy |', '|---|---|'] + [
         f"| `{m}` | {', '.join(f'`{n}`' for n in names if n != m)} |" for m, names in rows.items()])
     assert table in (Path(__file__).resolve().parent / 'README.md').read_text(), 'the README table:\n' + table
@@ -6203,6 +6214,21 @@ def test_layout_train_calls_models_through_the_interface_only():
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_layout_every_command_refuses_bad_flags_in_one_line():
+    """argparse's own refusals (an unknown flag, a value of the wrong type, a missing one) end
+    each command with one 'error:' line and a non-zero status, like every other refusal."""
+    import subprocess
+    import sys
+    here = Path(__file__).resolve().parent
+    for argv, words in ((['train.py', '--epochs', 'abc'], ['--epochs', 'abc']), (['eval.py', '--bogus'], ['--bogus']),
+                        (['data.py', 'hha', '--depth', 'x'], ['--out', '--camera']),
+                        (['-m', 'study.run', '--seeds', 'x'], ['--seeds'])):
+        res = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=here,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        one_line_error(res, *words)
+
+
 @pytest.mark.slow
 def test_layout_readme_python_examples_run_and_write_nothing_into_the_repository(tmp_path):
     """Each ```python block of README.md, run as a user runs it (a file in the repository root's

@@ -38,7 +38,6 @@ resumes where it stopped (finished runs are read back). Reports: study/results.m
 .json, rewritten as each run ends), study/validation/, and the README's claims table
 between its `study:claims` markers.
 """
-import argparse
 import contextlib
 import json
 import multiprocessing
@@ -643,7 +642,7 @@ def wall_time(out, sitting, seconds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='a few steps and one seed: checks that every step runs')
     p.add_argument('--seeds', type=int, default=3)
     p.add_argument('--steps', type=int, default=0, help="optimizer steps of each adaptation run (0 = the study's)")
