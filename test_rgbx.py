@@ -5658,6 +5658,23 @@ def test_study_quick_on_rooms_writes_results_that_tables_read(tmp_path):
     assert (report / 'results.md').read_text() == text
 
 
+def test_study_pretraining_choice_only_from_the_studys_validation_scenes(tmp_path):
+    """study.run takes MaskMentor pre-training's lr and budget from a report measured on its
+    own validation preset; one measured on other scenes (or none) stops it with the command."""
+    from study import run as study
+    curve = lambda dataset: dict(baseline={t: 1.0 for t in ('rgb', 'norm_rgb', 'depth', 'semseg')}, dataset=dataset,
+                                 points=[dict(step=s, loss={t: 1.0 - s / 1000 for t in ('rgb', 'norm_rgb', 'depth',
+                                                                                        'semseg')})
+                                         for s in (0, 100, 200)])
+    with pytest.raises(SystemExit, match='is missing: run `python -m study.pretraining`'):
+        study.pretraining_choice(str(tmp_path))
+    (tmp_path / 'results.json').write_text(json.dumps({'0.001': curve('demo128-val')}))
+    with pytest.raises(SystemExit, match='measured on demo128-val: run `python -m study.pretraining`'):
+        study.pretraining_choice(str(tmp_path))
+    (tmp_path / 'results.json').write_text(json.dumps({'0.001': curve(study.VALIDATION)}))
+    assert study.pretraining_choice(str(tmp_path)) == dict(lr=1e-3, steps=200)
+
+
 def test_study_maskmentor_plan_isolates_sttp_and_takes_the_choices():
     from study import run as study
     runs = {r['name']: r for r in study.plan([0], steps=10, foundation_steps=10, choices=STUDY_CHOICES)}

@@ -336,14 +336,19 @@ def chosen(results):
 
 def pretraining_choice(report=os.path.join(HERE, 'maskmentor-pretraining')):
     """MaskMentor pre-training's {'lr', 'steps'}, as study.pretraining chose them on validation
-    scenes (its results.json); a missing report is an error naming the command that makes it."""
+    scenes (its results.json); a missing report, or one measured on another validation preset,
+    is an error naming the command that makes it."""
     path = os.path.join(report, 'results.json')
+    run = (f"run `python -m study.pretraining` first (it chooses MaskMentor's pre-training lr and "
+           f"budget on the validation scenes of {VALIDATION})")
     if not os.path.exists(path):
-        raise SystemExit(f"study: {path} is missing: run `python -m study.pretraining` first (it chooses MaskMentor's "
-                         f"pre-training lr and budget on validation scenes)")
+        raise SystemExit(f"study: {path} is missing: {run}")
     with open(path) as f:
-        saved = json.load(f)
-    lr, steps = pretraining.choose({float(k): v for k, v in saved.items()})[:2]
+        saved = {float(k): v for k, v in json.load(f).items()}
+    measured = {v.get('dataset', 'demo128-val') for v in saved.values()}
+    if measured != {VALIDATION}:
+        raise SystemExit(f"study: {path} was measured on {', '.join(sorted(measured))}: {run}")
+    lr, steps = pretraining.choose(saved)[:2]
     return dict(lr=lr, steps=steps)
 
 
