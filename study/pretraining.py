@@ -50,8 +50,9 @@ BASELINES = {'rgb': 'colour prior', 'norm_rgb': 'zero', 'depth': 'image median o
              'semseg': 'class prior'}
 # depth's two trivial rules; its baseline is the lower of them
 DEPTH_BASELINES = (('depth_median', 'image median'), ('depth_position', 'position mean'))
-REGIONS = ('floor', 'objects', 'invalid', 'RGB seen')  # depth scored apart on each (floor / the rest / depth 0 /
-# the masked depth patches whose RGB patch the model sees: there depth is predictable from RGB alone)
+# depth scored apart on each (floor / the rest / depth 0 / the masked depth patches whose RGB patch
+# the model sees: there depth is predictable from RGB alone)
+REGIONS = ('floor', 'objects', 'invalid', 'RGB seen')
 STRUCTURE = ('rgb corr', 'rgb spread', 'depth corr', 'depth spread')  # the prediction's spatial structure (`structure`)
 COLUMNS = TASKS + tuple(f'depth {r}' for r in REGIONS)  # the ratios reported (region: against the image median)
 MASK_SEED = 1234  # the fixed masks of the validation scenes
@@ -110,7 +111,8 @@ def scores(model, batches, prior):
         trivial = {'rgb': colour.view(1, 3, 1, 1).expand_as(targets['rgb']),
                    'rgb_image': targets['rgb'].mean((2, 3), keepdim=True).expand_as(targets['rgb']),
                    'norm_rgb': torch.zeros_like(targets['norm_rgb']),
-                   'depth_median': image(depth.median(1).values), 'depth_mean': image(depth.mean(1)),
+                   'depth_median': image(depth.median(1).values),
+                   'depth_mean': image(depth.mean(1)),
                    'depth_position': position.expand_as(targets['depth']),
                    'semseg': class_prior.view(1, -1, 1, 1).expand(rgb.shape[0], -1, *targets['semseg'].shape[-2:])}
         which = {'rgb': 0, 'rgb_image': 0, 'norm_rgb': 0, 'depth_median': 1, 'depth_position': 1,
@@ -248,7 +250,8 @@ def markdown(results, steps_run):
         for p in r['points']:
             lines.append(f"| {key:g} | {p['step']} | " +
                          ' | '.join(f"{p['loss'][t] / b[t]:.3f}" for t in COLUMNS) +
-                         ''.join(f" | {p['loss']['depth'] / b[t]:.3f}" for t, _ in DEPTH_BASELINES) +
+                         ''.join(f" | {p['loss']['depth'] / b[t]:.3f}"
+                                 for t, _ in DEPTH_BASELINES) +
                          f" | {p['loss']['rgb'] / b['rgb_image']:.3f} | " +
                          ' | '.join(f"{p['loss'][t]:.3f}" if t in p['loss'] else '-' for t in STRUCTURE) + ' |')
     b, left = results[lr]['baseline'], stuck(results)

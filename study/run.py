@@ -115,9 +115,9 @@ CONDITIONS = [
     ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation'),
     ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation'),  # X by place: see docs/gopt.md
     (f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}', 'vit', 'gopt', GOPT_BASE + f',acp={ACP_OTHER}', 'foundation'),
-    ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation', MM_DATA),  # only MIM
-    ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0', 'foundation',
-     MM_DATA),
+    ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation', MM_DATA),  # MIM only
+    ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0',
+     'foundation', MM_DATA),
     ('M2IM + STTP pre-training', 'vit', 'maskmentor', MM_PRE, 'foundation', MM_DATA),
     # the control: STTP's warm-up, 3:1 teacher / student schedule and batches, without the token loss
     ('STTP schedule w/o token loss', 'vit', 'maskmentor', MM_PRE + ',token_weight=0', 'foundation',
@@ -125,8 +125,8 @@ CONDITIONS = [
     ('MaskMentor FT, no pre-training', 'vit', 'maskmentor', MM, 'foundation', MM_DATA),
     ('MaskMentor FT after MIM', 'vit', 'maskmentor', MM, 'pretrain:MIM pre-training', MM_DATA),
     ('MaskMentor FT after M2IM', 'vit', 'maskmentor', MM, 'pretrain:M2IM pre-training', MM_DATA),
-    ('MaskMentor FT after M2IM + STTP', 'vit', 'maskmentor', MM, 'pretrain:M2IM + STTP pre-training',
-     MM_DATA),
+    ('MaskMentor FT after M2IM + STTP', 'vit', 'maskmentor', MM,
+     'pretrain:M2IM + STTP pre-training', MM_DATA),
     ('MaskMentor FT after STTP schedule w/o token loss', 'vit', 'maskmentor', MM,
      'pretrain:STTP schedule w/o token loss', MM_DATA),
 ]
@@ -517,8 +517,8 @@ def inputs_label(columns):
 
 def markdown(table, claims, setup, scenes='the 64 test scenes'):
     pct = lambda m: f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}"
-    lines = [f"Set-up: {setup}. mIoU (%) on {scenes}, mean ± standard deviation over seeds, of the "
-             f"final weights; a missing input is zeroed.", '',
+    lines = [f"Set-up: {setup}. mIoU (%) on {scenes}, mean ± standard deviation over seeds, of "
+             f"the final weights; a missing input is zeroed.", '',
              '| condition | RGB+X | RGB only | X only | trainable params | step (s) |', '|---|---|---|---|---|---|']
     for name, e in table.items():
         cells = [pct(e[c]) if c in e else '-' for c, _ in COLUMNS]
@@ -562,8 +562,8 @@ def readme_table(claims, saved):
     runs = f"{done} runs" + (f" of {planned} planned" if planned > done else '')
     lines = [MARKERS[0], f"<!-- written by `python -m study.run --tables` from study/results.json: edit neither -->", '',
              f"{saved['when']}, on `{saved.get('dataset', 'demo128')}`: {runs}, {saved['wall']}. "
-             f"{RULE} The figure: A - B in mIoU points (mean over seeds, then its lowest and highest "
-             f"seed).", '',
+             f"{RULE} The figure: A - B in mIoU points (mean over seeds, then its lowest and "
+             f"highest seed).", '',
              '| paper | claim (A vs B) | inputs | A - B | A > B in | verdict |', '|---|---|---|---|---|---|']
     for c in claims:
         lines.append(f"| {c['paper']} | {c['claim']} | {inputs_label(c['columns'])} | {100 * c['mean']:+.1f} "
@@ -719,7 +719,8 @@ def study(args, seeds, steps, foundation_steps, out, report):
         _, wall, sittings = wall_time(out, sitting, time.time() - start)
         compute = sum(r.get('seconds', 0) for r in done.values())
         wall = (f"{wall / 60:.0f} min wall time ({sittings} sitting{'s' * (sittings > 1)}, "
-                f"{args.jobs} runs at a time, {compute / 3600:.1f} h of one-thread run time) on {machine()}")
+                f"{args.jobs} runs at a time, {compute / 3600:.1f} h of one-thread run time) on "
+                f"{machine()}")
         save_json(report, dict(
             when=time.strftime('%Y-%m-%d'), dataset=DATASET, validation_dataset=VALIDATION,
             scenes=f"the {scene_count(DATASET, scenes)} test scenes", runs_done=len(done),
@@ -754,10 +755,11 @@ def setup_text(seeds, steps, foundation_steps, choices):
             f"{foundation_steps} steps of the dataset's recipe (batch {d['batch_size']}, "
             f"lr {d['lr']:g}); every adaptation {steps} steps, batch {BATCH}, AdamW (warm-up "
             f"{d['warmup_epochs']} epoch, poly decay) at its family's lr chosen on `{VALIDATION}` "
-            f"({lrs}); X = {preset.default_x} unless the row says otherwise, MaskMentor's X = {MM_X}; "
-            f"MaskMentor fine-tuning's depth {scaling} (chosen there too); MaskMentor pre-training "
-            f"{pretrain['steps']} steps at lr {pretrain['lr']:g} (chosen by study.pretraining), 20% "
-            f"MIM warm-up then 3 teacher + 1 student iterations per batch, cosine, betas 0.9 / 0.95")
+            f"({lrs}); X = {preset.default_x} unless the row says otherwise, MaskMentor's X = "
+            f"{MM_X}; MaskMentor fine-tuning's depth {scaling} (chosen there too); MaskMentor "
+            f"pre-training {pretrain['steps']} steps at lr {pretrain['lr']:g} (chosen by "
+            f"study.pretraining), 20% MIM warm-up then 3 teacher + 1 student iterations per batch, "
+            f"cosine, betas 0.9 / 0.95")
 
 
 def save_json(report, saved):
@@ -776,8 +778,8 @@ def decide_gopt(args, seeds, steps, foundation_steps, out, report):
     results = run_all(runs, out, args.jobs)
     preset = data.PRESETS[VALIDATION]
     d = preset.defaults
-    setup = (f"`{VALIDATION}` ({preset.crop[0]} x {preset.crop[1]}), {len(seeds)} seed(s), foundations "
-             f"{foundation_steps} steps, every adaptation {steps} steps, batch {d['batch_size']}, "
+    setup = (f"`{VALIDATION}` ({preset.crop[0]} x {preset.crop[1]}), {len(seeds)} seed(s), "
+             f"foundations {foundation_steps} steps, every adaptation {steps} steps, batch {d['batch_size']}, "
              f"AdamW lr {d['lr']:g} (warm-up 1 epoch, poly decay)")
     os.makedirs(report, exist_ok=True)
     if args.only and os.path.exists(os.path.join(report, 'results.json')):
