@@ -447,6 +447,69 @@ def cmx_probs(model, rgb, x, num_classes, scales=CMX_SCALES, flip=True, crop=CMX
     return total
 
 
+MULTIMAE_CANVAS = 640  # its NYUv2 config's input_size: LongestMaxSize(640), PadIfNeeded(640, 640) at the top-left
+MULTIMAE_DEPTH_UNIT = 2 ** 16 / 10  # its tools/prepare_nyuv2.py stores depth as uint16(metres * 6553.6)
+
+
+def multimae_depth(depth, valid, trunc=0.1):
+    """MultiMAE's standardize_depth_map (utils/datasets_semseg.py) on one depth map (H, W):
+    (d - mean) / sqrt(var + 1e-6), mean and unbiased variance of the values between the
+    10th and 90th percentile of the `valid` ones (not padding; here not holes either), the
+    others 0 afterwards (its mask_valid step)."""
+    v = depth[valid].sort().values
+    mid = v[int(trunc * len(v)):int((1 - trunc) * len(v))]
+    return torch.where(valid, (depth - mid.mean()) / (mid.var() + 1e-6).sqrt(), torch.zeros_like(depth))
+
+
+class MultiMAETransform:
+    """MultiMAE's NYUv2 semantic-segmentation evaluation input (simple_transform(train=False)
+    and DataAugmentationForSemSeg): the long side to 640 if it is not (bilinear for RGB,
+    nearest for depth and labels; NYUv2's 640 x 480 frames are not resized), then a 640 x 640
+    canvas holding the image at its top-left: RGB padded with 128 before normalising
+    (ImageNet, RGB order), depth (in MultiMAE's unit, 6553.6 per metre, from rgbx's v / 10000
+    of millimetres) standardised by `multimae_depth` with padding and holes (0) left out and
+    set to 0, labels padded with ignore."""
+
+    def __call__(self, rgb, x, label, rng=None):
+        rgb, depth = data.to_chw(rgb, x)
+        label = torch.from_numpy(label)
+        H, W = label.shape
+        if max(H, W) != MULTIMAE_CANVAS:
+            size = tuple(round(n * MULTIMAE_CANVAS / max(H, W)) for n in (H, W))
+            rgb = F.interpolate(rgb[None], size=size, mode='bilinear', align_corners=False)[0]
+            depth, label = (F.interpolate(t[None].float(), size=size, mode='nearest')[0] for t in (depth, label[None]))
+            label = label[0].long()
+        h, w = label.shape
+        pad = (0, MULTIMAE_CANVAS - w, 0, MULTIMAE_CANVAS - h)
+        rgb = F.pad(rgb, pad, value=128 / 255)
+        depth = F.pad(depth[0] * 10 * MULTIMAE_DEPTH_UNIT, pad)
+        valid = F.pad(torch.ones(h, w, dtype=torch.bool), pad) & (depth > 0)
+        rgb, _ = data.normalize(rgb, depth[None], data.IMAGENET, ((0.0,), (1.0,)))
+        return rgb, multimae_depth(depth, valid)[None], F.pad(label, pad, value=data.IGNORE)
+
+
+def multimae_probs(model, rgb, x, num_classes, dataset):
+    """MultiMAE's evaluate: one pass on the canvas. A model that standardises depth itself
+    (MaskMentor fine-tuning, `depth_standardize`) is given the protocol's standardised depth
+    as it is: its own standardisation is off for the pass."""
+    own = getattr(model, 'depth_standardize', False)
+    if own:
+        model.depth_standardize = False
+    try:
+        return model(rgb, x).float().softmax(1)
+    finally:
+        if own:
+            model.depth_standardize = True
+
+
+def multimae_transform(dataset, x_modality, preset):
+    """MultiMAE's NYUv2 input: depth in millimetres (rgbx's `depth`)."""
+    if dataset != 'nyudv2' or x_modality != 'depth':
+        raise ValueError(f"--protocol multimae evaluates NYUDv2 with depth (--x-modality depth, 16-bit mm), "
+                         f"as MultiMAE's NYUv2 fine-tuning does, not {dataset} with X {x_modality!r}")
+    return MultiMAETransform()
+
+
 def dformer_transform(dataset, x_modality, preset):
     """DFormer's ValPre: NYUDv2 / SUN RGB-D with its 8-bit depth, BGR, depth (v / 255 - 0.48) / 0.28."""
     if dataset not in DFORMER_CROP or x_modality != 'depth8':
@@ -489,6 +552,9 @@ PROTOCOLS = {
                         "(SUN RGB-D 480 x 480), fp16 on CUDA, mIoU over all classes", 'all', 'fp16',
                         lambda model, rgb, x, k, dataset: dformer_probs(model, rgb, x, k, DFORMER_CROP[dataset]),
                         dformer_transform),
+    'multimae': Protocol("MultiMAE's NYUv2 fine-tuning evaluate: a 640 x 640 canvas padded at the top-left, depth "
+                         "standardised per image, one pass, fp16 on CUDA, mIoU over the classes present", 'present',
+                         'fp16', multimae_probs, multimae_transform),
     'cmx': Protocol("CMX's sliding_eval_rgbX: BGR, scales 0.75-1.25 + flip, centred padding to 480 x 640 and its "
                     "windows, mIoU over the classes present", 'present', 'none',
                     lambda model, rgb, x, k, dataset: cmx_probs(model, rgb, x, k), cmx_transform),
