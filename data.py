@@ -23,8 +23,11 @@ Nothing is resized, clipped or skipped when reading: a missing file, undecodable
 sizes that disagree, a label value outside the classes, an id listed twice in a split
 or a split file that is not UTF-8 raises an error naming the file and the fix.
 """
+import colorsys
 import errno
+import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,7 +83,8 @@ class Preset:
     ignore_index: int = IGNORE
     palette: tuple = ()  # colours of the classes; () = the VOC colormap
     rgb_norm: tuple = IMAGENET
-    holdout: int = 0  # the demo only: training scenes held out as its 'test' split (a validation preset)
+    generator: str = ''  # generated data: 'demo' (DemoDataset) or 'rooms' (RoomsDataset)
+    holdout: int = 0  # generated data: training scenes held out as its 'test' split (validation)
     defaults: dict = field(default_factory=dict)
 
     @property
@@ -138,14 +142,30 @@ def demo_preset(size, holdout=0):
     split is the first 256 - holdout training scenes and whose 'test' split is the last
     `holdout` training scenes (never the test scenes)."""
     return Preset(('background', 'red low', 'red high', 'blue low', 'blue high'),
-                  {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (), (size, size), holdout=holdout,
+                  {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (), (size, size),
+                  generator='demo', holdout=holdout,
+                  palette=((0, 0, 0), (128, 0, 0), (255, 96, 96), (0, 0, 128), (96, 128, 255)),  # dark = low
                   defaults=dict(epochs=20, lr=1e-3, weight_decay=0.01, batch_size=4, warmup_epochs=1))
+
+
+def rooms_preset(holdout=0):
+    """Rendered rooms (RoomsDataset; `python data.py rooms` writes the same scenes as
+    files): NYUDv2's classes, X modalities and statistics, 240 x 320 scenes. holdout > 0:
+    a validation preset whose 'train' split is the first 800 - holdout training scenes
+    and whose 'test' split the last `holdout` (never the test scenes). `defaults`: the
+    training settings of every method here (no paper trains on rooms)."""
+    return Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', (), (240, 320), label_shift=-1,
+                  generator='rooms', holdout=holdout,
+                  defaults=dict(epochs=40, lr=1e-3, weight_decay=0.01, batch_size=8,
+                                warmup_epochs=1))
 
 
 PRESETS = {
     'demo': demo_preset(64),
     'demo128': demo_preset(128),  # an 8 x 8 token grid for ViT/16: the reproduction study's data
     'demo128-val': demo_preset(128, holdout=64),  # the study's validation split, for decisions a paper leaves open
+    'rooms': rooms_preset(),  # rendered indoor RGB-D scenes, NYU-40 classes (data.py rooms)
+    'rooms-val': rooms_preset(holdout=160),  # its validation split, carved from the training scenes
     # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
     'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH, 'depth8': DEPTH8}, 'hha', RGBD_LAYOUT,
                      (480, 640),
@@ -241,6 +261,9 @@ def open_image(path, modes, what, fix16=TO_8BIT):
             mode, arr = im.mode, np.array(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path} cannot be decoded as an image ({e}); re-save it as PNG") from e
+    if mode not in modes and mode.startswith(('I', 'F')):  # 16/32-bit values: convert('RGB') would clip them
+        raise ValueError(f"{path} stores {mode} values (PIL mode {mode!r}), which the {what.split(' (')[0]} cannot "
+                         f"be: {fix16}")
     if mode not in modes:
         raise ValueError(f"{path} is a PIL {mode!r} image; the {what} must be one of the modes {modes}")
     if arr.dtype == np.uint8 and arr.ndim == 3 and png_bit_depth(path) == 16:
@@ -330,7 +353,26 @@ def read_label(path, preset):
     """A label file of class indices (8/16-bit grey or palette PNG) -> int64 (H, W)."""
     arr = open_image(path, ('L', 'P', 'I;16', 'I'),
                      'label image of class indices (a colour-coded label must be converted to indices first)')
+    check_grey_palette(path, arr)
     return shift_label(arr, preset, path)
+
+
+def check_grey_palette(path, arr):
+    """A palette label is read by its indices; one whose palette is grey but shows other values
+    than its indices (a grey label saved through a palette) would be read as other classes:
+    an error saying to save it as a grey PNG of the values shown."""
+    with Image.open(path) as im:
+        if im.mode != 'P':
+            return
+        colours = np.array(im.getpalette('RGB') or [], np.int64).reshape(-1, 3)
+    used = np.unique(arr)
+    used = used[(used < len(colours)) & (used != IGNORE)]  # void may be drawn in any colour
+    shown = colours[used]
+    if len(used) and (shown == shown[:, :1]).all() and (shown[:, 0] != used).any():
+        i = int(used[np.argmax(shown[:, 0] != used)])
+        raise ValueError(f"{path} is a palette PNG whose grey palette shows other values than its indices (index {i} "
+                         f"is shown as grey {colours[i, 0]}): labels are read by index; save it as a grey PNG of "
+                         f"class indices (e.g. Image.open(p).convert('L').save(p) if the grey values are the classes)")
 
 
 def check_sizes(*pairs):
@@ -401,11 +443,86 @@ def no_space(e):
     return False
 
 
+RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt', 'curves.png')  # what a training run writes
+
+
+def is_run_folder(folder):
+    """Whether `folder` holds a training run (a checkpoint, or the log of a started run)."""
+    return any((folder / n).is_file() for n in ('last.pt', 'best.pt', 'log.jsonl'))
+
+
+def is_dataset_root(folder):
+    """Whether `folder` holds a dataset in one of the presets' layouts (its RGB and label folders)."""
+    return any((folder / lay.rgb).is_dir() and (folder / lay.label).is_dir()
+               for p in PRESETS.values() for lay in p.layouts)
+
+
+def check_output(flag, path, inputs=(), folder=False, own_run=None, dataset_x=None, writes=(), kind=None):
+    """Refuse, with a one-line ValueError naming `flag`, an output that would write over
+    what a command reads or into data and runs it does not own. Every command's output
+    paths pass here. Paths are compared resolved (symbolic links, '..', relative paths).
+
+    path      the output: a file, or with folder=True a folder written into (the names it
+              `writes` there, when known);
+    inputs    (flag, path) pairs of what the command reads, files or folders: the output (and
+              what it writes) is none of them and lies in none of the folders among them;
+    own_run   the run folder the command may write into (train.py's --out-dir, the checkpoint's
+              run for eval.py), though never over a run file of it (RUN_FILES) as a file output;
+    dataset_x an X modality whose folder of a dataset root the output folder may be, or a new
+              folder there (data.py hha writes a dataset's HHA/); no other output enters a dataset;
+    kind      'png' or 'json': an existing file at `path` is replaced only when it is one."""
+    out = Path(os.path.realpath(path))
+    for name, p in inputs:
+        if p and os.path.exists(p):
+            q = Path(os.path.realpath(p))
+            same = [t for t in [out] + [out / n for n in writes] if t == q or (t.exists() and os.path.samefile(t, q))]
+            if same or (q.is_dir() and q in out.parents):
+                what = f"would write {same[0]}, which is" if same and same[0] != out else 'is' if same else 'is inside'
+                raise ValueError(f"{flag} {path} {what} the {name} {'folder' if q.is_dir() else 'file'} {p}: "
+                                 f"it would be overwritten; write elsewhere")
+    own = Path(os.path.realpath(own_run)) if own_run else None
+    if not folder and out.parent == own and out.name in RUN_FILES:
+        raise ValueError(f"{flag} {path} is the run's {out.name}: it would be overwritten; write elsewhere")
+    for a in ([out] if folder else []) + list(out.parents):
+        if a == own:
+            continue
+        if is_run_folder(a):
+            raise ValueError(f"{flag} {path} is {'' if a == out else 'inside '}the folder of another run ({a}): "
+                             f"its checkpoints and log are never written over; write elsewhere")
+        if is_dataset_root(a) and not (dataset_x and a == out.parent and allowed_in_dataset(a, out.name, dataset_x)):
+            raise ValueError(f"{flag} {path} is {'' if a == out else 'inside '}the dataset at {a}: nothing is "
+                             f"written into a dataset's files; write elsewhere")
+    if kind and out.is_file() and not is_kind(out, kind):
+        raise ValueError(f"{flag} {path} exists and is not a {kind.upper()} file: it would be overwritten; "
+                         f"write elsewhere (or remove it first)")
+
+
+def is_kind(path, kind):
+    """Whether the file `path` is a PNG image or a JSON document (`kind`)."""
+    if kind == 'png':
+        with open(path, 'rb') as f:
+            return f.read(8) == PNG_SIGNATURE
+    try:
+        with open(path, encoding='utf-8') as f:
+            json.load(f)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def allowed_in_dataset(root, name, x):
+    """Whether a folder `name` of a dataset root may receive X modality `x`: it is that
+    modality's folder in a layout, or a folder no layout names."""
+    layouts = [lay for p in PRESETS.values() for lay in p.layouts]
+    named = {f for lay in layouts for f in (lay.rgb, lay.label, *lay.x.values()) if f}
+    return name in {lay.x.get(x) for lay in layouts} or name not in named
+
+
 # ----------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------
 
-AUGMENT, DEMO = 0, 1  # independent random streams
+AUGMENT, DEMO, ROOMS = 0, 1, 2  # independent random streams
 
 
 def sample_rng(stream, seed, step, index):
@@ -555,7 +672,7 @@ def read_split(root, split, preset, x_modality):
     if named and not path.is_file() and (root / split).is_dir():
         folder = root / split
         images = (folder / find_layout(folder, preset, x_modality).rgb).iterdir()
-        return folder, sorted(p.stem for p in images if p.suffix.lower() in EXTENSIONS), folder
+        return folder, sorted(p.stem for p in images if p.suffix.lower() in EXTENSIONS and visible(p.name)), folder
     if not path.is_file():
         find_layout(root, preset, x_modality)  # a root that holds no dataset at all is reported as such
         raise FileNotFoundError(f"split file {path} not found: expected lines like 'RGB/0.jpg Label/0.png' or "
@@ -574,6 +691,11 @@ def read_split(root, split, preset, x_modality):
 LOSSLESS = ('.png',)  # labels: a lossy format (JPEG) changes class values at edges
 
 
+def visible(name):
+    """Whether a file listed in a folder is data: not hidden, such as macOS's '._0.png' metadata files."""
+    return not name.startswith('.')
+
+
 def find_file(root, rel, where, extensions=EXTENSIONS):
     """root/rel as listed, else root/rel with its extension replaced by one of `extensions`;
     a file found only in another format (a JPEG label) is an error that says so."""
@@ -581,13 +703,17 @@ def find_file(root, rel, where, extensions=EXTENSIONS):
     stem = str(path.with_suffix('') if path.suffix.lower() in EXTENSIONS else path)
     if path.is_file() and path.suffix.lower() in extensions:
         return path
-    for ext in extensions:
+    for ext in [e for ext in extensions for e in (ext, ext.upper())]:  # 0.png, then 0.PNG
         if Path(stem + ext).is_file():
             return Path(stem + ext)
     other = [stem + ext for ext in EXTENSIONS if ext not in extensions and Path(stem + ext).is_file()]
     if other:
         raise ValueError(f"{where}: {other[0]} is a lossy file; labels are read from {', '.join(extensions)} files only "
                          f"(JPEG compression changes class values at every edge): convert the labels to PNG")
+    dangling = [c for c in [str(path)] + [stem + e for e in extensions] if os.path.islink(c)]
+    if dangling:
+        raise FileNotFoundError(f"{where}: {dangling[0]} is a symbolic link that leads to no file (broken, or a loop "
+                                f"of links): point it at the file")
     raise FileNotFoundError(f"{where}: {path} not found (also tried {', '.join(extensions)}); every sample needs "
                             f"its RGB, X and label file in the layout's folders, under the same id")
 
@@ -661,6 +787,49 @@ def demo_scene(rng, size):
     return rgb, np.clip(depth, 0, 1).astype(np.float32)[..., None], label
 
 
+class RoomsDataset(SegmentationDataset):
+    """Rendered indoor RGB-D scenes in memory (presets 'rooms', 'rooms-val'): 800
+    training and 200 test scenes of the preset's crop size, scene i of a split drawn
+    from (scene_seed, split, i) by rooms_scene. An item is what RGBXDataset reads from
+    the folder `python data.py rooms --scenes 1000 --seed <scene_seed>` writes: the
+    uint8 RGB, X = HHA of the mm depth (rooms_hha) or the mm depth / 10000, labels
+    shifted from NYU-40 ids (0 void -> 255). The scenes are fixed (scene_seed 0),
+    whatever the training seed, so that test numbers compare across runs. Each scene
+    is rendered once per process and kept (about 0.5 MB each)."""
+    SCENES = {'train': 800, 'test': 200}
+
+    def __init__(self, split='train', preset='rooms', x_modality=None, transform=None, seed=0,
+                 n=None, scene_seed=0):
+        super().__init__(preset, x_modality, transform, seed)
+        holdout, train = self.preset.holdout, self.SCENES['train']
+        carved = {s: (s, 0, count) for s, count in self.SCENES.items()}
+        if holdout:  # a validation preset: both its splits are carved from the training scenes
+            carved = {'train': ('train', 0, train - holdout),
+                      'test': ('train', train - holdout, holdout)}
+        if split not in carved:
+            raise ValueError(f"rooms split {split!r}: choose one of {tuple(carved)}")
+        self.source, self.first, count = carved[split]
+        self.names = [f"{self.source}_{self.first + i:04d}" for i in range(n or count)]
+        self.scene_seed, self.size, self.cache = scene_seed, self.preset.crop, {}
+
+    def stored(self, index):
+        """Scene `index` as its files store it: rgb uint8 (H, W, 3), X (HHA uint8 (H, W, 3)
+        or depth uint16 (H, W) in mm) and label uint8 (H, W) of NYU-40 ids; cached."""
+        if index not in self.cache:
+            scene = self.scene_seed, self.source, self.first + index, self.size
+            rgb, _, depth, label = rooms_scene(*scene)
+            x = rooms_hha(depth, rooms_camera(self.size)) if self.x_modality == 'hha' else depth
+            self.cache[index] = rgb, x, label
+        return self.cache[index]
+
+    def read(self, index):
+        """Scene `index`: rgb uint8 (H, W, 3), x float32 (H, W, C) on its [0, 1] scale,
+        label int64 (H, W)."""
+        rgb, x, label = self.stored(index)
+        name, modality = self.names[index], self.preset.modalities[self.x_modality]
+        return rgb, scale_x(x, modality, name), shift_label(label, self.preset, name)
+
+
 class Checked(torch.utils.data.Dataset):
     """Reads every sample of a dataset without its transform (decode, sizes, label
     values: `read`), for `check_files`; an item is the sample's index."""
@@ -691,10 +860,22 @@ def check_files(dataset, workers=0, say=print):
 
 
 def usable_cores():
-    """The cores this process may run on (its CPU affinity), capped by OMP_NUM_THREADS
-    when set (torchrun sets it to 1 per process)."""
+    """The cores this process computes on (`core_budget`)."""
+    return core_budget()[0]
+
+
+def core_budget():
+    """(cores, why): the cores this process may run on (its CPU affinity), capped by
+    OMP_NUM_THREADS when set (torchrun sets it to 1 per process); otherwise less the cores
+    other processes keep busy (the 1-minute load average, rounded), at least 1. Design choice:
+    threads that wait for a core another process holds slow every operation down (the demo
+    on 2 cores beside one busy process: 5x slower on 2 threads than on 1)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return min(cores, int(os.environ.get('OMP_NUM_THREADS') or cores))
+    if os.environ.get('OMP_NUM_THREADS'):
+        return min(cores, int(os.environ['OMP_NUM_THREADS'])), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
+    return max(1, min(cores, cores - round(load))), (f"{cores} cores, load average {load:.1f}; "
+                                                      f"OMP_NUM_THREADS=N sets them")
 
 
 def one_thread(worker_id):
@@ -715,7 +896,8 @@ def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=
 
 def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, x_standardised=True,
                   augment=True):
-    """The dataset `name` of PRESETS: 'demo' / 'demo128' (generated; root ignored) or RGBXDataset at `root`
+    """The dataset `name` of PRESETS: generated (DemoDataset, RoomsDataset; root ignored) or
+    RGBXDataset at `root`
     ('' or None: the preset's default root, e.g. ./datasets/NYUDepthv2). train=True
     augments with TrainTransform(crop or the preset's crop); augment=False keeps only
     the random crop; `seed` seeds augmentation (and the demo's scenes); X is
@@ -724,6 +906,8 @@ def build_dataset(name, root, split, x_modality=None, crop=None, train=False, se
     norms = preset.rgb_norm, preset.x_norm(x_modality, x_standardised)
     plain = {} if augment else dict(scale=(1.0, 1.0), jitter_p=0.0, blur_p=0.0, flip_p=0.0)
     transform = TrainTransform(crop or preset.crop, *norms, **plain) if train else EvalTransform(*norms)
+    if preset.generator == 'rooms':
+        return RoomsDataset(split, name, x_modality, transform, seed)
     if preset.generated:
         return DemoDataset(split, size=preset.crop[0], seed=seed, transform=transform, preset=name)
     return RGBXDataset(root or preset.root, split, preset, x_modality, transform, seed)
@@ -1052,6 +1236,22 @@ def hha(depth, camera, missing=None):
         if missing.shape != depth.shape:
             raise ValueError(f"missing has shape {missing.shape}, the depth {depth.shape}")
         valid &= ~missing
+    side = 2 * HHA_PATCH[1] + 1
+    if min(depth.shape) < side:
+        raise ValueError(f"a depth of {depth.shape[0]} x {depth.shape[1]} pixels is smaller than HHA's {side} x {side} "
+                         f"window of the gravity estimate: its HHA would be constant")
+    if not valid.any():
+        raise ValueError("the depth has no measured pixel (every value is 0 or missing): its HHA would be constant")
+    try:
+        with np.errstate(over='raise'):
+            return hha_channels(depth, camera, valid)
+    except FloatingPointError:
+        raise ValueError(f"camera {camera} puts the points beyond float range: give the intrinsics in pixels "
+                         f"(e.g. nyu: {', '.join(f'{v:.1f}' for v in NYU_CAMERA)})") from None
+
+
+def hha_channels(depth, camera, valid):
+    """`hha`'s three channels, uint8 (H, W, 3), of a checked depth (metres) and its valid pixels."""
     z = depth * 100
     zn = z / 100 * 100  # the reference code's normals take metres and scale them back: same rounding
     n = hha_normals(zn, valid, camera, HHA_PATCH[0])
@@ -1072,8 +1272,9 @@ def read_depth_metres(path, scale=0.001):
     by default, 0 = no measurement) -> depth float64 (H, W) in metres and missing bool
     (H, W) (v == 0). The metres are v / (1 / scale) when 1 / scale is a whole number,
     so one depth stored in different units gives the same floats."""
-    if not scale > 0:
-        raise ValueError(f"the depth scale must be > 0 (metres per stored unit), not {scale}")
+    if not 0 < scale < float('inf'):
+        raise ValueError(f"the depth scale (--depth-scale) must be a finite number > 0 (metres per stored unit), "
+                         f"not {scale}")
     arr = open_image(path, ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I', 'F'),
                      'depth image (1-channel 16-bit PNG, millimetres)')
     if png_bit_depth(path) != 16 or arr.ndim != 2:
@@ -1103,18 +1304,33 @@ def hha_file(depth_path, raw_path, out_path, camera, scale):
     """Convert one depth file (and its raw depth, whose zeros are the missing pixels) to
     an HHA PNG, written to a temporary name and renamed: a file under out_path is whole."""
     depth, missing = read_depth_metres(depth_path, scale)
+    holes = float((depth == 0).mean())  # a hole-filled depth has none
     if raw_path is not None:
         raw, missing = read_depth_metres(raw_path, scale)
         check_sizes((depth_path, depth), (raw_path, raw))
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
-        Image.fromarray(hha(depth, camera, missing)).save(tmp, format='PNG')
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out_path
+        encoded = hha(depth, camera, missing)
+    except ValueError as e:
+        raise ValueError(f"{depth_path}: {e}") from None
+    save_png(encoded, out_path)
+    return Path(out_path), holes
+
+def check_hha_there(path, depth_path):
+    """A file `path` of the output folder is skipped as done only when it can be the HHA of
+    `depth_path`: an 8-bit RGB PNG of its size whose angle channel lies in HHA's 38..218;
+    anything else there is an error (its folder holds other files)."""
+    with Image.open(depth_path) as d:
+        size = d.size
+    try:
+        with Image.open(path) as im:
+            ok = im.format == 'PNG' and im.mode == 'RGB' and im.size == size
+            angle = np.asarray(im)[..., 2] if ok else None
+    except (OSError, SyntaxError, ValueError):
+        ok = False
+    if not ok or angle.min() < 38 or angle.max() > 218:
+        raise ValueError(f"--out {path.parent} holds {path.name}, which is not the HHA of {depth_path} (an 8-bit RGB "
+                         f"PNG of its size, angles 38..218): its files are not HHA; pass an empty folder or the "
+                         f"HHA folder")
 
 
 def _hha_job(job):
@@ -1123,17 +1339,16 @@ def _hha_job(job):
 
 def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1, progress=None):
     """Convert every *.png of depth_dir to an HHA PNG of the same name in out_dir
-    (created), skipping names out_dir already holds. raw_dir: raw depths of the same
-    names, whose zeros are the missing pixels (without it, the depth's own zeros).
-    Returns (written, skipped) counts; progress(done, total) is called after each file."""
+    (created), skipping the HHA files out_dir already holds (`check_hha_there`). raw_dir: raw
+    depths of the same names, whose zeros are the missing pixels (without it, the depth's own
+    zeros). Returns (written, skipped, holes): holes = (the largest share of 0 pixels in a
+    converted depth, its file); progress(done, total) is called after each file."""
     depth_dir, out_dir = Path(depth_dir), Path(out_dir)
     for flag, d in (('--depth', depth_dir), ('--raw', raw_dir)):
         if d is not None and not Path(d).is_dir():
             raise FileNotFoundError(f"{flag} {d}: no such folder")
-    sources = {depth_dir.resolve()} | ({Path(raw_dir).resolve()} if raw_dir is not None else set())
-    if out_dir.resolve() in sources:
-        raise ValueError(f"--out {out_dir} is a source folder; give another folder (source files are never overwritten)")
-    names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file())
+    check_output('--out', out_dir, [('--depth', depth_dir), ('--raw', raw_dir)], folder=True, dataset_x='hha')
+    names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file() and visible(p.name))
     if not names:
         raise FileNotFoundError(f"--depth {depth_dir} holds no .png depth files")
     if raw_dir is not None:
@@ -1148,30 +1363,817 @@ def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1,
     except OSError as e:
         raise ValueError(f"--out {out_dir} cannot be written ({e.strerror or e})") from None
     todo = [n for n in names if not (out_dir / n).exists()]
+    for n in sorted(set(names) - set(todo)):
+        check_hha_there(out_dir / n, depth_dir / n)
     jobs = [(depth_dir / n, None if raw_dir is None else Path(raw_dir) / n, out_dir / n, camera, scale) for n in todo]
     skipped, done = len(names) - len(todo), 0
     if progress:
         progress(skipped, len(names))
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        with multiprocessing.get_context('spawn').Pool(workers) as pool:
-            for _ in pool.imap_unordered(_hha_job, jobs):
-                done += 1
-                if progress:
-                    progress(skipped + done, len(names))
-    else:
-        for job in jobs:
-            _hha_job(job)
+    holes = (0.0, None)
+
+    def tally(results):
+        nonlocal done, holes
+        for path, share in results:
+            holes = max(holes, (share, path.name), key=lambda h: h[0])
             done += 1
             if progress:
                 progress(skipped + done, len(names))
-    return done, skipped
+    tally(run_jobs(_hha_job, jobs, workers))
+    return done, skipped, holes
 
 
-def main(argv=None):
-    """Command line: `python data.py hha ...` converts a folder of depth PNGs to HHA."""
+# ----------------------------------------------------------------------------
+# Rooms: rendered NYUDv2-like indoor RGB-D scenes
+# ----------------------------------------------------------------------------
+# A pinhole camera looks into a furnished box room; every pixel's ray is intersected
+# analytically with the room, axis-aligned boxes and vertical cylinders (a z-buffer over
+# the primitives, each tested only on the pixels its projected bounding box covers).
+# RGB: procedural textures, Lambertian shading from point lights with cast shadows,
+# ambient light, exposure, gamma and sensor noise. RawDepth: a Kinect's measurement
+# of the exact depth; Depth: RawDepth with its holes filled; HHA: `hha` of Depth.
+# World coordinates in metres: x, y horizontal, z up; the floor is z = 0.
+
+ROOMS_VERSION = 1  # changes whenever a seed renders other files
+ROOM_IDS = dict(wall=1, floor=2, cabinet=3, bed=4, chair=5, table=7, bookshelf=10, picture=11,
+                mat=20, ceiling=22, box=29, lamp=35, otherprop=40)  # NYU-40 ids, 1-based as on disk
+# Kinect (v1) depth: projector 7.5 cm to the camera's left, disparity measured in 1/8
+# pixel at a 580 px focal length, 0.5-8 m; disparity noise of 0.049 px, so that with the
+# quantisation the depth error has sd 1.425e-3 z^2 m (Khoshelham & Elberink, Sensors 2012).
+KINECT = dict(baseline=0.075, focal=580.0, subpixel=8, noise=0.049, near=0.5, far=8.0)
+
+
+def rooms_camera(size):
+    """NYU_CAMERA scaled to an image of `size` (H, W): (fx, fy, cx, cy) in pixels, the
+    centre counted from 0 at the top-left pixel (scaled about pixel centres)."""
+    h, w = size
+    fx, fy, cx, cy = NYU_CAMERA
+    return fx * w / 640, fy * h / 480, (cx + 0.5) * w / 640 - 0.5, (cy + 0.5) * h / 480 - 0.5
+
+
+def box_prim(lo, hi, cls, mat):
+    """An axis-aligned box from corner lo to hi (x, y, z)."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    return ('box', np.minimum(lo, hi), np.maximum(lo, hi), ROOM_IDS[cls], mat)
+
+
+def cyl_prim(x, y, r, z0, z1, cls, mat):
+    """A vertical cylinder of radius r around (x, y) from height z0 to z1, capped."""
+    return ('cyl', np.array([x - r, y - r, z0]), np.array([x + r, y + r, z1]), ROOM_IDS[cls], mat)
+
+
+def hit_box(o, d, lo, hi):
+    """Ray (o + t d) - box intersection: t of the entry (inf where missed or entered at
+    t <= 1e-6) and the axis (0, 1, 2) of the face entered. o (..., 3) or (3,), d (..., 3)."""
+    with np.errstate(divide='ignore', invalid='ignore'):
+        inv = 1 / d
+        t1, t2 = (lo - o) * inv, (hi - o) * inv
+    (a, b, c), tmax = np.moveaxis(np.minimum(t1, t2), -1, 0), np.maximum(t1, t2)
+    near = np.maximum(np.maximum(a, b), c)
+    hit = (near <= np.minimum(np.minimum(tmax[..., 0], tmax[..., 1]), tmax[..., 2])) & (near > 1e-6)
+    return np.where(hit, near, np.inf), np.where(a >= np.maximum(b, c), 0, np.where(b >= c, 1, 2))
+
+
+def hit_cyl(o, d, lo, hi):
+    """Ray - vertical capped cylinder (bounding box lo, hi): t of the first hit (inf if
+    none) and the part hit: 0 side, 2 a cap."""
+    c, r = (lo[:2] + hi[:2]) / 2, (hi[0] - lo[0]) / 2
+    ox, oy, oz = o[..., 0] - c[0], o[..., 1] - c[1], o[..., 2]
+    dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
+    a, b, cc = dx * dx + dy * dy, ox * dx + oy * dy, ox * ox + oy * oy - r * r
+    with np.errstate(divide='ignore', invalid='ignore'):
+        ts = (-b - np.sqrt(b * b - a * cc)) / a  # entry through the side
+        zs = oz + ts * dz
+        side = np.where((ts > 1e-6) & (zs >= lo[2]) & (zs <= hi[2]), ts, np.inf)
+        tc = (np.where(dz < 0, hi[2], lo[2]) - oz) / dz  # the cap facing the ray
+        xc, yc = ox + tc * dx, oy + tc * dy
+        cap = np.where((tc > 1e-6) & (xc * xc + yc * yc <= r * r), tc, np.inf)
+    return np.minimum(side, cap), np.where(cap < side, 2, 0)
+
+
+def hit_prim(prim, o, d):
+    """(t, part) of a primitive (see hit_box, hit_cyl)."""
+    kind, lo, hi = prim[:3]
+    return (hit_box if kind == 'box' else hit_cyl)(o, d, lo, hi)
+
+
+def prim_normal(prim, p, part, d):
+    """Unit normals (N, 3) at points p (N, 3) of a primitive, facing the rays d (N, 3)
+    that hit them; part: the axis of a box face, 0 / 2 for a cylinder's side / cap."""
+    kind, lo, hi = prim[:3]
+    if kind == 'box':
+        n = np.eye(3)[part]
+    else:
+        radial = np.concatenate([p[:, :2] - (lo[:2] + hi[:2]) / 2, np.zeros((len(p), 1))], 1)
+        radial /= np.linalg.norm(radial, axis=1, keepdims=True)
+        n = np.where(part[:, None] == 2, np.eye(3)[2], radial)
+    return n * np.where((n * d).sum(1, keepdims=True) > 0, -1.0, 1.0)
+
+
+def corners(prim):
+    """The 8 corners (8, 3) of a primitive's bounding box."""
+    lo, hi = prim[1], prim[2]
+    return np.array([[(lo, hi)[i >> k & 1][k] for k in range(3)] for i in range(8)])
+
+
+def screen_rect(prim, eye, R, camera, size):
+    """The pixel rows and columns (r0, r1, c0, c1) that may see a primitive: the
+    bounding rectangle of its projected corners, clipped to the image; the whole
+    image when a corner lies behind the camera; None when nothing is in view."""
+    c = (corners(prim) - eye) @ R  # (8, 3) in camera coordinates: x right, y down, z forward
+    h, w = size
+    if c[:, 2].min() < 1e-3:
+        return 0, h, 0, w
+    fx, fy, cx, cy = camera
+    u, v = fx * c[:, 0] / c[:, 2] + cx, fy * c[:, 1] / c[:, 2] + cy
+    r0, r1 = max(0, int(np.floor(v.min()))), min(h, int(np.ceil(v.max())) + 1)
+    c0, c1 = max(0, int(np.floor(u.min()))), min(w, int(np.ceil(u.max())) + 1)
+    return (r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
+
+
+def camera_rays(R, camera, size):
+    """Ray directions (H, W, 3) in world coordinates through the pixel centres, with a
+    forward component of 1: a ray's t is the depth along the optical axis."""
+    fx, fy, cx, cy = camera
+    u = (np.arange(size[1]) - cx) / fx
+    v = (np.arange(size[0]) - cy) / fy
+    return R[:, 0] * u[None, :, None] + R[:, 1] * v[:, None, None] + R[:, 2]
+
+
+def trace(scene, camera, size):
+    """The first surface along every camera ray: depth t (H, W) along the optical axis,
+    the index of the primitive hit (H, W) (-1: the room), the part hit (H, W) (the
+    room's or a box's face axis, a cylinder's side or cap) and the rays (H, W, 3)."""
+    eye, R = scene['eye'], scene['R']
+    d = camera_rays(R, camera, size)
+    with np.errstate(divide='ignore', invalid='ignore'):  # inside the room box: where rays leave it
+        exits = np.where(d > 0, scene['room'], 0.0) - eye
+        exits = np.where(d != 0, exits / d, np.inf)
+    part, t = np.argmin(exits, -1), np.min(exits, -1)
+    index = np.full(size, -1)
+    for k, prim in enumerate(scene['prims']):
+        rect = screen_rect(prim, eye, R, camera, size)
+        if rect is None:
+            continue
+        block = np.s_[rect[0]:rect[1], rect[2]:rect[3]]
+        th, ph = hit_prim(prim, eye, d[block])
+        closer = th < t[block]
+        t[block] = np.where(closer, th, t[block])
+        index[block] = np.where(closer, k, index[block])
+        part[block] = np.where(closer, ph, part[block])
+    return t, index, part, d
+
+
+def surface(scene, t, index, part, d):
+    """Per pixel of a trace: points (N, 3), unit normals (N, 3) facing the camera, NYU-40
+    ids (N,) and material indices (N,), N = H * W; decals (pictures, floor mats) laid
+    over the room's surfaces."""
+    d = d.reshape(-1, 3)
+    p = scene['eye'] + t.reshape(-1, 1) * d
+    index, part = index.reshape(-1), part.reshape(-1)
+    normal = np.zeros_like(p)
+    room = index < 0
+    normal[room] = -np.eye(3)[part[room]] * np.sign(d[room, part[room], None])
+    flat = np.where(d[:, 2] < 0, ROOM_IDS['floor'], ROOM_IDS['ceiling'])
+    cls = np.where(part == 2, flat, ROOM_IDS['wall'])
+    mat = np.where(cls == ROOM_IDS['wall'], 0, np.where(cls == ROOM_IDS['floor'], 1, 2))
+    for k, prim in enumerate(scene['prims']):
+        sel = np.flatnonzero(index == k)
+        normal[sel] = prim_normal(prim, p[sel], part[sel], d[sel])
+        cls[sel], mat[sel] = prim[3], prim[4]
+    for axis, value, lo, hi, decal_cls, decal_mat in scene['decals']:
+        other = [a for a in range(3) if a != axis]
+        on = room & (part == axis) & (np.abs(p[:, axis] - value) < 1e-6)
+        on &= ((p[:, other] >= lo) & (p[:, other] <= hi)).all(1)
+        cls[on], mat[on] = ROOM_IDS[decal_cls], decal_mat
+    return p, normal, cls, mat
+
+
+def occluded(points, source, axis, prims):
+    """Whether the segment from each point (N, 3) to a point source (3,) is blocked by a
+    primitive (the room is convex and blocks nothing). A primitive is tested only on the
+    points inside its shadow as seen from the source along `axis` (unit): the bounding
+    rectangle of its corners projected through the source."""
+    e1 = np.cross(axis, [1.0, 0, 0] if abs(axis[0]) < 0.9 else [0, 1.0, 0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(axis, e1)
+    rel = points - source
+    w = rel @ axis
+    ahead = w > 1e-3
+    with np.errstate(divide='ignore', invalid='ignore'):
+        u, v = np.where(ahead, rel @ e1 / w, np.inf), rel @ e2 / w
+    order = np.argsort(u, kind='stable')  # points by u: a primitive's shadow is a run of this order
+    u_sorted = u[order]
+    blocked = np.zeros(len(points), bool)
+    for prim in prims:
+        c = corners(prim) - source
+        cw = c @ axis
+        if cw.min() > 1e-3:  # ahead of the source: only the points in its shadow
+            cu, cv = c @ e1 / cw, c @ e2 / cw
+            run = np.searchsorted(u_sorted, cu.min()), np.searchsorted(u_sorted, cu.max(), 'right')
+            sel = order[run[0]:run[1]]
+            sel = sel[(v[sel] >= cv.min()) & (v[sel] <= cv.max()) & ~blocked[sel]]
+        else:
+            sel = np.flatnonzero(~blocked)
+        if sel.size:
+            th, _ = hit_prim(prim, points[sel], source - points[sel])
+            blocked[sel[th < 1 - 1e-6]] = True
+    return blocked
+
+
+TEXTURES = ('plain', 'noise', 'wood', 'stripes')
+
+
+def draw_material(rng, kind=None, value=(0.06, 0.9), saturation=(0.0, 0.6), gloss=0.15):
+    """A material: texture kind (TEXTURES, or 'painting'), two colours, a frequency
+    (cycles per metre) and direction, a value-noise lattice (16, 16), and whether it
+    is glossy (probability `gloss`). Furniture draws from this one pool, so colour and
+    texture do not tell its classes apart; walls, floors and ceilings narrow the colours
+    and are matte."""
+    kind = kind or TEXTURES[rng.choice(4, p=[0.3, 0.25, 0.25, 0.2])]
+    hue = rng.uniform(0.04, 0.11) if kind == 'wood' else rng.uniform()
+    c1 = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(*saturation), rng.uniform(*value)))
+    if kind in ('stripes', 'painting'):
+        hsv = rng.uniform(), rng.uniform(*saturation), rng.uniform(*value)
+        c2 = np.array(colorsys.hsv_to_rgb(*hsv))
+    else:
+        c2 = c1 * rng.uniform(0.45, 0.85)
+    return dict(kind=kind, c1=c1, c2=c2, c3=rng.random(3), freq=rng.uniform(2, 10),
+                angle=rng.uniform(0, np.pi), glossy=rng.random() < gloss,
+                table=rng.random((16, 16)))
+
+
+def value_noise(table, s, t):
+    """Smooth noise in [0, 1] at coordinates s, t (N,): the lattice `table` (n, n),
+    repeated, interpolated bilinearly with smoothstep weights."""
+    n = table.shape[0]
+    i, j = np.floor(s), np.floor(t)
+    fs, ft = s - i, t - j
+    fs, ft = fs * fs * (3 - 2 * fs), ft * ft * (3 - 2 * ft)
+    i, j = i.astype(np.int64) % n, j.astype(np.int64) % n
+    i1, j1 = (i + 1) % n, (j + 1) % n
+    top = table[i, j] + (table[i1, j] - table[i, j]) * fs
+    bottom = table[i, j1] + (table[i1, j1] - table[i, j1]) * fs
+    return top + (bottom - top) * ft
+
+
+def albedo(mat, s, t):
+    """Reflectance (N, 3) of material `mat` at surface coordinates s, t (N,) in metres:
+    plain (faint mottling), noise (two octaves), wood (grain lines bent by noise),
+    stripes, or a painting (three colours blended by waves)."""
+    kind, f, a = mat['kind'], mat['freq'], mat['angle']
+    u, v = s * np.cos(a) + t * np.sin(a), t * np.cos(a) - s * np.sin(a)
+    if kind == 'painting':
+        waves = [np.sin(2 * np.pi * f / 3 * (u * np.cos(k) + v * np.sin(k)) + 4 * k)
+                 for k in (0, 2, 4)]
+        w = np.exp(2 * np.stack(waves, 1))
+        return w @ np.stack([mat['c1'], mat['c2'], mat['c3']]) / w.sum(1, keepdims=True)
+    noise = value_noise(mat['table'], f * u, f * v)
+    if kind == 'plain':
+        m = 0.15 * noise
+    elif kind == 'noise':
+        m = 0.6 * noise + 0.4 * value_noise(mat['table'], 3.1 * f * u + 5.3, 3.1 * f * v + 1.7)
+    elif kind == 'wood':
+        bent = 2 * f * v + 1.5 * value_noise(mat['table'], 0.5 * u, 2 * v)
+        m = (0.5 + 0.5 * np.sin(2 * np.pi * bent)) ** 3
+    else:
+        m = np.clip(0.5 + 2 * np.sin(np.pi * f * u), 0, 1)
+    return mat['c1'] + (mat['c2'] - mat['c1']) * m[:, None]
+
+
+def surface_coordinates(p, normal):
+    """The two world coordinates (N,) each along a surface: those other than the normal's
+    largest component (a floor: x, y; a wall facing x: y, z)."""
+    axis = np.abs(normal).argmax(1)
+    rows = np.arange(len(p))
+    return p[rows, (axis == 0).astype(int)], p[rows, 2 - (axis == 2)]
+
+
+def room_view(rng):
+    """The room (x, y, z extent, metres: 3-7 wide, 2.5-3 high) and the camera: eye (3,)
+    1.0-1.6 m high near the wall y = 0, rotation R (3, 3) whose columns are the camera's
+    right, down and forward axes: turned up to 35 degrees from facing +y (into the room),
+    pitched down 5-35 degrees (5 + 30 u^2, u uniform: half the views below 12.5, which
+    see the ceiling), rolled up to 5."""
+    room = np.array([rng.uniform(3, 7), rng.uniform(3, 7), rng.uniform(2.5, 3.0)])
+    eye = np.array([rng.uniform(0.3, 0.7) * room[0], rng.uniform(0.15, 0.5), rng.uniform(1.0, 1.6)])
+    yaw, pitch, roll = np.radians([rng.uniform(-35, 35), 5 + 30 * rng.random() ** 2,
+                                   rng.uniform(-5, 5)])
+    forward = np.array([np.sin(yaw) * np.cos(pitch), np.cos(yaw) * np.cos(pitch), -np.sin(pitch)])
+    right = np.array([np.cos(yaw), -np.sin(yaw), 0.0])
+    down = np.cross(forward, right)
+    c, s = np.cos(roll), np.sin(roll)
+    right, down = c * right + s * down, c * down - s * right
+    return room, eye, np.stack([right, down, forward], 1)
+
+
+def find_spot(rng, room, taken, eye, w, d, wall, margin=0.1):
+    """A free footprint for an object w wide (along its back) and d deep: ((x0, y0, x1, y1),
+    facing k) with k = 0..3 for +y, -y, +x, -x, the direction its front faces. wall: its
+    back against one of the three walls in front of the camera; else free-standing.
+    Footprints keep `margin` from those in `taken` and 0.9 m from the camera; None
+    after 30 draws."""
+    wx, wy = room[:2]
+    for _ in range(30):
+        k = int(rng.integers(1, 4)) if wall else int(rng.integers(4))
+        fw, fd = (w, d) if k < 2 else (d, w)
+        if wall:
+            x0 = (rng.uniform(0, wx - fw), 0.0, wx - fw)[k - 1]
+            y0 = wy - fd if k == 1 else rng.uniform(0, wy - fd)
+        else:
+            x0, y0 = rng.uniform(0.3, wx - fw - 0.3), rng.uniform(0.3, wy - fd - 0.3)
+        if find_free(room, taken, eye, (x0, y0, x0 + fw, y0 + fd), margin):
+            return taken[-1], k
+    return None
+
+
+def part(spot, u, v, z, cls, mat):
+    """A box of an object given in its own frame: u (lo, hi) along its back, v (lo, hi)
+    from its back towards its front, z (lo, hi) up; spot = (footprint, facing)."""
+    (x0, y0, x1, y1), k = spot
+    xs, ys = ((x0 + u[0], x0 + u[1]), (y0 + v[0], y0 + v[1])) if k == 0 else \
+        ((x1 - u[0], x1 - u[1]), (y1 - v[0], y1 - v[1])) if k == 1 else \
+        ((x0 + v[0], x0 + v[1]), (y1 - u[0], y1 - u[1])) if k == 2 else \
+        ((x1 - v[0], x1 - v[1]), (y0 + u[0], y0 + u[1]))
+    return box_prim((xs[0], ys[0], z[0]), (xs[1], ys[1], z[1]), cls, mat)
+
+
+def legs(spot, w, d, top, size, cls, mat):
+    """Four square legs of `size` under the corners of a w x d top at height `top`."""
+    return [part(spot, (a, a + size), (b, b + size), (0, top), cls, mat)
+            for a in (0.02, w - 0.02 - size) for b in (0.02, d - 0.02 - size)]
+
+
+def pool(rng, mats):
+    """Index of a new material from the shared pool, appended to mats."""
+    mats.append(draw_material(rng))
+    return len(mats) - 1
+
+
+def furniture(rng, room, taken, eye, mats):
+    """Beds, cabinets, bookshelves and a table with chairs, against the walls or free:
+    primitives, and the tops (x0, y0, x1, y1, height) where small things may stand."""
+    prims, tops = [], []
+    if rng.random() < 0.7:  # bed: base, mattress, headboard against the wall
+        w, d = rng.uniform(0.9, 1.8), rng.uniform(1.9, 2.1)
+        spot = find_spot(rng, room, taken, eye, w, d, wall=True)
+        if spot:
+            base, top, head = rng.uniform(0.2, 0.35), rng.uniform(0.15, 0.25), rng.uniform(0.8, 1.2)
+            a, b = pool(rng, mats), pool(rng, mats)
+            prims += [part(spot, (0, w), (0.06, d), (0, base), 'bed', a),
+                      part(spot, (0, w), (0, 0.06), (0, head), 'bed', a),
+                      part(spot, (0.02, w - 0.02), (0.06, d - 0.02), (base, base + top), 'bed', b)]
+    for _ in range(rng.integers(1, 3)):  # cabinets, with two handles
+        w, d, h = rng.uniform(0.5, 1.6), rng.uniform(0.4, 0.6), rng.uniform(0.5, 2.0)
+        spot = find_spot(rng, room, taken, eye, w, d, wall=True)
+        if spot:
+            m = pool(rng, mats)
+            prims += [part(spot, (0, w), (0, d), (0, h), 'cabinet', m)]
+            handle = pool(rng, mats)
+            prims += [part(spot, (c - 0.02, c + 0.02), (d, d + 0.025), (0.55 * h, 0.6 * h),
+                           'cabinet', handle) for c in (w / 2 - 0.08, w / 2 + 0.08)]
+            if h < 1.2:
+                tops.append((*spot[0], h))
+    if rng.random() < 0.8:
+        prims += bookshelf(rng, room, taken, eye, mats)
+    if rng.random() < 0.9:
+        table_prims, table_top = table(rng, room, taken, eye, mats)
+        prims += table_prims
+        tops += table_top
+    return prims, tops
+
+
+def bookshelf(rng, room, taken, eye, mats):
+    """Open shelves against a wall: back, sides, 4-6 boards, boxes on some boards."""
+    w, d, h = rng.uniform(0.6, 1.2), rng.uniform(0.28, 0.4), rng.uniform(1.2, 2.1)
+    spot = find_spot(rng, room, taken, eye, w, d, wall=True)
+    if not spot:
+        return []
+    m = pool(rng, mats)
+    prims = [part(spot, (0, w), (0, 0.02), (0, h), 'bookshelf', m),
+             part(spot, (0, 0.02), (0, d), (0, h), 'bookshelf', m),
+             part(spot, (w - 0.02, w), (0, d), (0, h), 'bookshelf', m)]
+    levels = np.linspace(0, h - 0.02, rng.integers(4, 7))
+    for z, above in zip(levels, np.diff(np.append(levels, h))):
+        prims.append(part(spot, (0.02, w - 0.02), (0.02, d), (z, z + 0.02), 'bookshelf', m))
+        if above > 0.15 and rng.random() < 0.35:
+            a, size = rng.uniform(0.03, w / 2), rng.uniform(0.1, min(0.3, w / 2 - 0.03))
+            top = z + min(above - 0.03, 0.1 + size)
+            m_box = pool(rng, mats)
+            prims.append(part(spot, (a, a + size), (0.04, d - 0.02), (z + 0.02, top), 'box', m_box))
+    return prims
+
+
+def table(rng, room, taken, eye, mats):
+    """A table (a thin top on legs at 0.68-0.78 m) free or against a wall, with 1-4
+    chairs (seat, legs, backrest) facing it: primitives and its top."""
+    w, d, h = rng.uniform(0.8, 1.6), rng.uniform(0.6, 1.0), rng.uniform(0.68, 0.78)
+    spot = find_spot(rng, room, taken, eye, w, d, wall=rng.random() < 0.3)
+    if not spot:
+        return [], []
+    m = pool(rng, mats)
+    prims = [part(spot, (0, w), (0, d), (h - rng.uniform(0.025, 0.05), h), 'table', m)] + \
+        legs(spot, w, d, h - 0.02, rng.uniform(0.04, 0.07), 'table', m)
+    x0, y0, x1, y1 = spot[0]
+    m = pool(rng, mats)
+    for _ in range(rng.integers(1, 5)):
+        s, gap, side = rng.uniform(0.4, 0.5), rng.uniform(0.02, 0.25), rng.integers(4)
+        along = rng.uniform(0, 1)
+        x = x0 + along * (x1 - x0 - s) if side < 2 else (x1 + gap if side == 2 else x0 - gap - s)
+        y = y0 + along * (y1 - y0 - s) if side >= 2 else (y1 + gap if side == 0 else y0 - gap - s)
+        if find_free(room, taken, eye, (x, y, x + s, y + s)):  # its front faces the table
+            prims += chair(rng, (taken[-1], (1, 0, 3, 2)[side]), s, m)
+    return prims, [(x0, y0, x1, y1, h)]
+
+
+def find_free(room, taken, eye, rect, margin=0.0):
+    """Claim the footprint rect (x0, y0, x1, y1) (append it to `taken`) if it lies in the
+    room, `margin` clear of those in `taken` and over 0.9 m from the camera."""
+    x0, y0, x1, y1 = rect
+    if x0 < 0 or y0 < 0 or x1 > room[0] or y1 > room[1]:
+        return False
+    if any(x0 < o[2] + margin and x1 > o[0] - margin and y0 < o[3] + margin and y1 > o[1] - margin
+           for o in taken):
+        return False
+    if np.hypot(max(x0 - eye[0], 0, eye[0] - x1), max(y0 - eye[1], 0, eye[1] - y1)) <= 0.9:
+        return False
+    taken.append(rect)
+    return True
+
+
+def chair(rng, spot, s, m):
+    """A chair on an s x s footprint: seat at 0.42-0.48 m, four legs, a backrest."""
+    seat, back = rng.uniform(0.42, 0.48), rng.uniform(0.35, 0.5)
+    return [part(spot, (0, s), (0, s), (seat - 0.04, seat), 'chair', m),
+            part(spot, (0, s), (0, 0.04), (seat, seat + back), 'chair', m),
+            *legs(spot, s, s, seat - 0.04, 0.03, 'chair', m)]
+
+
+def small_things(rng, room, taken, eye, mats, tops):
+    """Boxes (1-3), a lamp and an other-prop (a vase or bin), each on the floor or on a
+    top (a table, a low cabinet). Items share a top only at different ends."""
+    prims, free_tops = [], [(t, a) for t in tops for a in (0.0, 0.5)]
+    order = rng.permutation(len(free_tops))
+    kinds = ['box'] * int(rng.integers(1, 4)) + ['lamp'] * (rng.random() < 0.8)
+    for kind in kinds + ['otherprop'] * (rng.random() < 0.8):
+        on_top = len(order) and rng.random() < 0.5
+        if on_top:
+            (x0, y0, x1, y1, h), half = free_tops[order[0]]
+            order = order[1:]
+            x0, x1 = x0 + half * (x1 - x0), x1 - (0.5 - half) * (x1 - x0)  # its end of the top
+            r = min(x1 - x0, y1 - y0) / 2
+            s = rng.uniform(0.1, max(0.11, 1.6 * r - 0.05))
+            cx, cy = (rng.uniform(a + s / 2, b - s / 2) if b - a > s else (a + b) / 2
+                      for a, b in ((x0, x1), (y0, y1)))
+            scale = 0.5
+        else:
+            s, scale, h = rng.uniform(0.25, 0.6), 1.0, 0.0
+            spot = find_spot(rng, room, taken, eye, s, s, wall=rng.random() < 0.5)
+            if not spot:
+                continue
+            (x0, y0, x1, y1), _ = spot
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        prims += thing(rng, kind, cx, cy, s, h, scale, mats)
+    return prims
+
+
+def thing(rng, kind, x, y, s, z, scale, mats):
+    """A box (s wide), a lamp (base, pole, shade) or an other-prop (cylinder) standing at
+    (x, y, z), sized by `scale` (1 on the floor, 0.5 on a top)."""
+    m = pool(rng, mats)
+    if kind == 'box':
+        h, d = rng.uniform(0.4, 1.0) * s, rng.uniform(0.6, 1.0) * s
+        return [box_prim((x - s / 2, y - d / 2, z), (x + s / 2, y + d / 2, z + h), 'box', m)]
+    if kind == 'otherprop':
+        r, h = rng.uniform(0.2, 0.45) * s, rng.uniform(0.4, 1.5) * s
+        return [cyl_prim(x, y, r, z, z + h, 'otherprop', m)]
+    height, shade = scale * rng.uniform(1.2, 1.7), scale * rng.uniform(0.15, 0.22)
+    return [cyl_prim(x, y, 0.6 * shade, z, z + 0.03, 'lamp', m),
+            cyl_prim(x, y, 0.015, z, z + height, 'lamp', m),
+            cyl_prim(x, y, shade, z + height - 1.4 * shade, z + height, 'lamp', pool(rng, mats))]
+
+
+def decals(rng, room, mats):
+    """Pictures (framed paintings flat on the three walls in front of the camera) and a
+    floor mat: (axis, plane value, lo (2,), hi (2,) in the plane's other two
+    coordinates, class, material). They change the colours only, never the depth."""
+    out = []
+    for _ in range(rng.integers(1, 4)):
+        axis, value = ((1, room[1]), (0, 0.0), (0, room[0]))[rng.integers(3)]
+        length = room[1 - axis]
+        w, h = rng.uniform(0.3, min(1.2, length - 0.4)), rng.uniform(0.3, 0.9)
+        a, z = rng.uniform(0.2, length - 0.2 - w), rng.uniform(1.1, room[2] - 0.15 - h)
+        frame = rng.uniform(0.02, 0.06)
+        lo, hi = np.array([a, z]), np.array([a + w, z + h])
+        out += [(axis, value, lo, hi, 'picture', pool(rng, mats)),
+                (axis, value, lo + frame, hi - frame, 'picture', len(mats))]
+        mats.append(draw_material(rng, 'painting', (0.3, 1.0), (0.3, 1.0), gloss=0))
+    if rng.random() < 0.7:
+        w, d = rng.uniform(0.6, 2.0), rng.uniform(0.5, 1.5)
+        a, b = rng.uniform(0, room[0] - w), rng.uniform(0, room[1] - d)
+        out.append((2, 0.0, np.array([a, b]), np.array([a + w, b + d]), 'mat', pool(rng, mats)))
+    return out
+
+
+def room_scene(rng):
+    """One scene drawn from rng: dict(room (3,), eye (3,), R (3, 3), lights [(position
+    (3,), power)], ambient, prims, decals, mats); mats 0, 1, 2: wall, floor, ceiling."""
+    room, eye, R = room_view(rng)
+    mats = [draw_material(rng, TEXTURES[rng.choice([0, 1])], (0.55, 0.95), (0, 0.25), 0),  # wall
+            draw_material(rng, TEXTURES[rng.choice([1, 2, 3])], (0.2, 0.8), (0, 0.5), 0),  # floor
+            draw_material(rng, 'plain', (0.8, 0.97), (0, 0.05), 0)]  # ceiling
+    taken = []
+    prims, tops = furniture(rng, room, taken, eye, mats)
+    prims += small_things(rng, room, taken, eye, mats, tops)
+    n = rng.integers(1, 3)
+    lights = [(room * [rng.uniform(0.15, 0.85), rng.uniform(0.2, 0.9), 1]
+               - [0, 0, rng.uniform(0.05, 0.3)], rng.uniform(3, 8) / n) for _ in range(n)]
+    return dict(room=room, eye=eye, R=R, lights=lights, ambient=rng.uniform(0.15, 0.4), prims=prims,
+                decals=decals(rng, room, mats), mats=mats)
+
+
+def shade(scene, p, normal, colour, glossy):
+    """Linear radiance (N, 3): colour x (ambient + sum over lights of power x max(0,
+    n . l) / distance^2, 0 where a primitive casts its shadow), plus a Blinn-Phong
+    highlight (n . h)^40 on glossy materials."""
+    view = scene['eye'] - p
+    view /= np.linalg.norm(view, axis=1, keepdims=True)
+    light = np.full(len(p), scene['ambient'])
+    highlight = np.zeros(len(p))
+    for source, power in scene['lights']:
+        ray = source - p
+        dist2 = (ray * ray).sum(1)
+        ray /= np.sqrt(dist2)[:, None]
+        lit = np.clip((normal * ray).sum(1), 0, None) * power / dist2
+        lit[occluded(p, source, np.array([0, 0, -1.0]), scene['prims'])] = 0
+        light += lit
+        half = ray + view
+        half /= np.linalg.norm(half, axis=1, keepdims=True)
+        specular = np.clip((normal * half).sum(1), 0, None) ** 40
+        highlight += np.where(lit > 0, 0.3 * power / dist2 * specular, 0)
+    return colour * light[:, None] + (highlight * glossy)[:, None]
+
+
+def blur121(v):
+    """v (H, W, ...) filtered with [1, 2, 1] / 4 along rows and columns, edges repeated."""
+    v = np.pad(v, [(1, 1), (1, 1)] + [(0, 0)] * (v.ndim - 2), mode='edge')
+    v = (v[:-2] + 2 * v[1:-1] + v[2:]) / 4
+    return (v[:, :-2] + 2 * v[:, 1:-1] + v[:, 2:]) / 4
+
+
+def expose(radiance, rng, size):
+    """Linear radiance (N, 3) -> uint8 (H, W, 3): auto-exposure (the 98th percentile at
+    0.75-1.0 of full scale), a [1, 2, 1] / 4 lens blur, shot and read noise, gamma
+    1 / 2.2, rounded."""
+    v = blur121(radiance.reshape(*size, 3) * (rng.uniform(0.75, 1.0) / np.percentile(radiance, 98)))
+    v = v + rng.standard_normal(v.shape) * (0.004 + 0.015 * np.sqrt(v))
+    return np.round(np.clip(v, 0, 1) ** (1 / 2.2) * 255).astype(np.uint8)
+
+
+def kinect(scene, depth, p, normal, d, colour, glossy, rng):
+    """RawDepth uint16 (H, W) in mm (0 = no measurement) of the exact depth (H, W) in
+    metres, as a Kinect measures it: disparity b f / z plus noise, quantised to
+    1 / subpixel (KINECT); no measurement where the projector (baseline to the camera's
+    left) does not light the point, outside 0.5-8 m, at incidence beyond 85 degrees, on
+    glossy surfaces beyond 70, in blobs on dark ones (reflectance under 0.1: the darker
+    the more), on half the pixels along depth edges, and in a band 1-3 % of the width at
+    the left edge (where the registered depth camera does not see)."""
+    size = depth.shape
+    bf = KINECT['baseline'] * KINECT['focal']
+    disparity = bf / depth + KINECT['noise'] * rng.standard_normal(size)
+    disparity = np.round(disparity * KINECT['subpixel'])
+    with np.errstate(divide='ignore'):
+        raw = bf * KINECT['subpixel'] / disparity
+    projector = scene['eye'] - KINECT['baseline'] * scene['R'][:, 0]
+    hole = occluded(p, projector, scene['R'][:, 2], scene['prims']).reshape(size)
+    incidence = np.abs((normal * d).sum(1) / np.linalg.norm(d, axis=1)).reshape(size)  # its cosine
+    darkness = (0.1 - colour @ np.array([0.299, 0.587, 0.114])).reshape(size) / 0.1
+    rows, cols = np.mgrid[0:size[0], 0:size[1]] / (size[1] / 50)
+    hole |= value_noise(rng.random((64, 64)), rows, cols) < 0.8 * darkness
+    hole |= (incidence < np.cos(np.radians(85))) | ((glossy.reshape(size) > 0) & (incidence < 0.35))
+    jump = np.zeros(size, bool)
+    jump[:, 1:] |= np.abs(np.diff(depth, axis=1)) > 0.04 * depth[:, 1:]
+    jump[1:] |= np.abs(np.diff(depth, axis=0)) > 0.04 * depth[1:]
+    hole |= jump & (rng.random(size) < 0.5)
+    hole |= ~((raw >= KINECT['near']) & (raw <= KINECT['far']))
+    hole[:, :int(rng.uniform(0.01, 0.03) * size[1]) + 1] = True  # outside the depth camera's view
+    return np.where(hole, 0, np.round(np.where(hole, 0, raw) * 1000)).astype(np.uint16)
+
+
+def fill_depth(raw):
+    """Depth uint16 (H, W) in mm: raw (H, W) with its holes filled along each row
+    (design choice: cheap, and exact where measured): between the nearest measured pixels
+    to the left and right, linearly where they differ by under 10 % (one surface), else
+    with the farther (a hole at an edge is mostly background the projector did not
+    light); with one side only, that side. Rows without a measurement take the nearest
+    row that has one."""
+    h, w = raw.shape
+    z, valid, cols = raw.astype(np.float64), raw > 0, np.arange(w)
+    if not valid.any():
+        return raw.copy()
+    left = np.maximum.accumulate(np.where(valid, cols, -1), axis=1)
+    right = np.minimum.accumulate(np.where(valid, cols, w)[:, ::-1], axis=1)[:, ::-1]
+    rows = np.arange(h)[:, None]
+    zl = np.where(left >= 0, z[rows, np.maximum(left, 0)], np.nan)
+    zr = np.where(right < w, z[rows, np.minimum(right, w - 1)], np.nan)
+    with np.errstate(invalid='ignore'):
+        lerp = zl + (zr - zl) * (cols - left) / (right - left)
+        fill = np.where(np.abs(zl - zr) < 0.1 * np.fmax(zl, zr), lerp, np.fmax(zl, zr))
+    out = np.where(valid, z, fill)
+    measured = np.flatnonzero(valid.any(1))
+    nearest = measured[np.abs(np.arange(h)[:, None] - measured[None]).argmin(1)]
+    return np.round(out[nearest]).astype(np.uint16)
+
+
+def render_room(rng, size):
+    """One scene of `size` (H, W) drawn from rng: rgb uint8 (H, W, 3), raw depth and
+    depth uint16 (H, W) in mm (0 = no measurement; depth = raw depth filled, equal where
+    measured) and label uint8 (H, W) of NYU-40 ids."""
+    scene = room_scene(rng)
+    t, index, part, d = trace(scene, rooms_camera(size), size)
+    p, normal, cls, mat = surface(scene, t, index, part, d)
+    colour, glossy = np.zeros_like(p), np.zeros(len(p))
+    for m in np.unique(mat):
+        sel = np.flatnonzero(mat == m)
+        colour[sel] = albedo(scene['mats'][m], *surface_coordinates(p[sel], normal[sel]))
+        glossy[sel] = scene['mats'][m]['glossy']
+    rgb = expose(shade(scene, p, normal, colour, glossy), rng, size)
+    raw = kinect(scene, t, p, normal, d.reshape(-1, 3), colour, glossy, rng)
+    return rgb, raw, fill_depth(raw), cls.reshape(size).astype(np.uint8)
+
+
+ROOMS_SPLITS = ('train', 'test')
+ROOMS_FOLDERS = ('RGB', 'RawDepth', 'Depth', 'HHA', 'Label')
+ROOMS_RENDERER = 'rgbx rooms'
+
+
+def rooms_scene(seed, split, index, size):
+    """Scene `index` of `split` ('train' / 'test') for `seed`, as stored: rgb uint8
+    (H, W, 3), raw depth and depth uint16 (H, W) in mm, label uint8 (H, W) of NYU-40
+    ids; a pure function of its arguments (and ROOMS_VERSION)."""
+    return render_room(sample_rng(ROOMS, seed, ROOMS_SPLITS.index(split), index), size)
+
+
+def rooms_hha(depth_mm, camera):
+    """HHA uint8 (H, W, 3) of a depth in mm, as `python data.py hha` and eval.py --depth
+    compute it from the depth file (metres = mm / 1000; the zeros are missing)."""
+    return hha(depth_mm.astype(np.float64) / 1000, camera, depth_mm == 0)
+
+
+def rooms_split(scenes):
+    """(train, test) scene counts of a dataset of `scenes`: a fifth (at least one) for testing."""
+    test = max(1, round(scenes / 5))
+    return scenes - test, test
+
+
+def rooms_meta(size, seed, scenes):
+    """camera.json of a rooms folder: the intrinsics (pixels, centre counted from 0 at
+    the top-left pixel), the image size, and what renders the same files again."""
+    fx, fy, cx, cy = rooms_camera(size)
+    train, test = rooms_split(scenes)
+    return dict(fx=fx, fy=fy, cx=cx, cy=cy, height=size[0], width=size[1], depth_unit_m=0.001,
+                renderer=ROOMS_RENDERER, version=ROOMS_VERSION, seed=seed, train=train, test=test)
+
+
+def save_png(arr, path):
+    """Write arr as a PNG under a temporary name, then rename: a file at path is whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with disk_full_names(path):
+            Image.fromarray(arr).save(tmp, format='PNG')
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def rooms_write(job):
+    """Render one scene and write its five files (RGB, RawDepth, Depth, HHA, Label)."""
+    out, split, index, size, seed = job
+    rgb, raw, depth, label = rooms_scene(seed, split, index, size)
+    arrays = (rgb, raw, depth, rooms_hha(depth, rooms_camera(size)), label)
+    for folder, arr in zip(ROOMS_FOLDERS, arrays):
+        save_png(arr, Path(out) / folder / f"{split}_{index:04d}.png")
+
+
+def check_rooms_folder(out, meta):
+    """Refuse an --out that is a file, a folder holding something other than a rooms
+    dataset, or rooms of another renderer version, seed or size."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        old = json.loads((out / 'camera.json').read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or old.get('renderer') != ROOMS_RENDERER:
+        raise ValueError(f"--out {out} holds files but is not a rooms dataset (no camera.json of "
+                         f"{ROOMS_RENDERER}); give a new or empty folder")
+    for key, flag in (('version', 'renderer version'), ('seed', '--seed'), ('height', '--size'),
+                      ('width', '--size')):
+        if old.get(key) != meta[key]:
+            raise ValueError(f"--out {out} holds rooms of {flag} {old.get(key)}, not {meta[key]}: "
+                             f"give another folder (or the same {flag} to resume)")
+
+
+def rooms_sheet(seed=0, scenes=6, size=(240, 320)):
+    """A contact sheet uint8 (scenes * H, 4 * W, 3) of the first training scenes of `seed`,
+    one row each: RGB | raw depth (grey, nearer brighter, no measurement black) | HHA |
+    label in the NYU-40 palette (void black)."""
+    rows = []
+    for i in range(scenes):
+        rgb, raw, depth, label = rooms_scene(seed, 'train', i, size)
+        grey = np.where(raw > 0, 250 - np.clip((raw - 500.0) / 5500 * 220, 0, 220), 0).astype(np.uint8)
+        classes = colorize(shift_label(label, 'rooms'), palette('rooms'))
+        hha_image = rooms_hha(depth, rooms_camera(size))
+        rows.append(np.concatenate([rgb, np.repeat(grey[..., None], 3, -1), hha_image, classes], 1))
+    return np.concatenate(rows)
+
+def write_text(path, text):
+    """Write text to a temporary name, then rename: a file at path is whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with disk_full_names(path):
+        tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rooms_folder(out, scenes, size=(240, 320), seed=0, workers=1, progress=None):
+    """Render `scenes` scenes of `size` (H, W) for `seed` into the folder `out` in the
+    NYUDv2 layout: RGB/ (8-bit), RawDepth/ and Depth/ (16-bit, mm, 0 = no measurement),
+    HHA/ (rooms_hha of Depth), Label/ (0 void, NYU-40 ids 1..40), train.txt and test.txt
+    (train_<i> and test_<i>, rooms_split) and camera.json (rooms_meta, written first).
+    Scenes whose five files exist are skipped (resuming; each file is written whole).
+    Returns (written, skipped) scene counts; progress(done, total) after each scene."""
+    if scenes < 2:
+        raise ValueError(f"--scenes must be >= 2 (a fifth, at least one, is the test split), "
+                         f"not {scenes}")
+    meta = rooms_meta(size, seed, scenes)
+    check_output('--out', out)  # not inside a run or another dataset
+    check_rooms_folder(out, meta)
+    out = Path(out)
+    try:
+        for folder in ROOMS_FOLDERS:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        write_text(out / 'camera.json', json.dumps(meta, indent=1) + '\n')
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror or e})") from None
+    scenes = [(split, i) for split, n in zip(ROOMS_SPLITS, rooms_split(scenes)) for i in range(n)]
+    todo = [(out, split, i, size, seed) for split, i in scenes
+            if not all((out / f / f"{split}_{i:04d}.png").is_file() for f in ROOMS_FOLDERS)]
+    skipped = len(scenes) - len(todo)
+    if progress:
+        progress(skipped, len(scenes))
+    for done, _ in enumerate(run_jobs(rooms_write, todo, workers), skipped + 1):
+        if progress:
+            progress(done, len(scenes))
+    for name in ROOMS_SPLITS:
+        ids = [f"{split}_{i:04d}" for split, i in scenes if split == name]
+        write_text(out / f"{name}.txt", ''.join(f"RGB/{n}.png Label/{n}.png\n" for n in ids))
+    return len(todo), skipped
+
+
+def run_jobs(fn, jobs, workers):
+    """fn(job) for each job, in `workers` spawned processes when above 1: the results, as
+    they come."""
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        with multiprocessing.get_context('spawn').Pool(workers) as pool:
+            yield from pool.imap_unordered(fn, jobs)
+    else:
+        yield from map(fn, jobs)
+
+
+def parse_hw(text, flag):
+    """'HxW' -> (H, W), each at least 16, or a one-line error naming the flag."""
+    try:
+        h, w = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        h = w = 0
+    if min(h, w) < 16:
+        raise ValueError(f"{flag} takes HxW, two whole numbers of at least 16 pixels "
+                         f"(e.g. 240x320), not {text!r}")
+    return h, w
+
+
+def dash_values(argv, flags):
+    """argv with a value that starts with '-' attached to its flag (`--crop -1x5` ->
+    `--crop=-1x5`) for the `flags` that take one, so that argparse hands it to the flag's
+    own check rather than taking it for a flag ("expected one argument")."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    for a in argv:
+        if out and out[-1] in flags and a.startswith('-') and not a.startswith('--'):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
+def cli_parser():
+    """The command line of data.py: the subcommands hha and rooms."""
     import argparse
-    import sys
     ap = argparse.ArgumentParser(prog='data.py', description="Data tools of rgbx.")
     sub = ap.add_subparsers(dest='command', required=True)
     p = sub.add_parser('hha', help="convert depth PNGs to HHA PNGs (Gupta et al., ECCV 2014)",
@@ -1179,7 +2181,8 @@ def main(argv=None):
                                    "(disparity, height, angle; as the authors' MATLAB saveHHA). Files the "
                                    "output folder already holds are skipped.")
     p.add_argument('--depth', required=True, metavar='DIR',
-                   help="folder of depth PNGs (1-channel 16-bit, millimetres unless --depth-scale), hole-filled")
+                   help="folder of depth PNGs (1-channel 16-bit, millimetres unless --depth-scale), "
+                        "hole-filled (raw depths with holes work too, and the run says so)")
     p.add_argument('--raw', metavar='DIR',
                    help="folder of the raw depths, same names: their zeros are the pixels without a measurement, "
                         "left out of the normals (default: the zeros of --depth)")
@@ -1190,38 +2193,75 @@ def main(argv=None):
     p.add_argument('--workers', type=int, default=1, metavar='N', help="processes converting in parallel (default 1)")
     p.add_argument('--depth-scale', type=float, default=0.001, metavar='S',
                    help="metres per stored depth unit (default 0.001: millimetres; e.g. 0.0001 for 1/10 mm)")
-    args = ap.parse_args(argv)
+    r = sub.add_parser('rooms', help="render NYUDv2-like indoor RGB-D scenes into a dataset folder",
+                       description="Render furnished rooms (RGB, Kinect-like raw depth, "
+                                   "filled depth, HHA, NYU-40 labels) in the NYUDv2 layout, "
+                                   "with train.txt, test.txt (a fifth of the scenes) and "
+                                   "camera.json. The same seed and renderer version give the "
+                                   "same files; scenes already written are skipped.")
+    r.add_argument('--out', required=True, metavar='DIR',
+                   help="dataset folder (new, empty, or rooms to resume)")
+    r.add_argument('--scenes', required=True, type=int, metavar='N',
+                   help="number of scenes (train + test)")
+    r.add_argument('--size', default='240x320', metavar='HxW', help="image size (default 240x320)")
+    r.add_argument('--seed', type=int, default=0, metavar='S',
+                   help="seed of the scenes (default 0, the scenes of --dataset rooms)")
+    r.add_argument('--workers', type=int, default=1, metavar='N',
+                   help="processes rendering in parallel (default 1)")
+    return ap
 
-    shown = []
+
+def run_command(args, progress):
+    """Run a parsed data.py command; returns (written, skipped, holes) (holes: hha's
+    largest share of 0 pixels in a depth and its file, see hha_folder)."""
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, not {args.workers}")
+    if args.command == 'rooms':
+        if not 0 <= args.seed < 2 ** 63:
+            raise ValueError(f"--seed must be from 0 to 2^63 - 1, not {args.seed}")
+        size = parse_hw(args.size, '--size')
+        return (*rooms_folder(args.out, args.scenes, size, args.seed, args.workers, progress), (0, None))
+    if not 0 < args.depth_scale < float('inf'):
+        raise ValueError(f"--depth-scale must be a finite number > 0 (metres per stored unit), not "
+                         f"{args.depth_scale}")
+    return hha_folder(args.depth, args.out, parse_camera(args.camera), args.raw, args.depth_scale,
+                      args.workers, progress)
+
+
+def main(argv=None):
+    """Command line: `python data.py hha ...` converts a folder of depth PNGs to HHA;
+    `python data.py rooms ...` renders a rooms dataset folder."""
+    args = cli_parser().parse_args(dash_values(argv, ('--camera', '--seed', '--scenes')))
+    shown, unit = [], 'files' if args.command == 'hha' else 'scenes'
 
     def progress(done, total):  # one line rewritten in place on a terminal, a line every 10% in a log
         shown.append(done)
         if sys.stderr.isatty():
-            print(f"\rhha: {done}/{total} files", end='', file=sys.stderr, flush=True)
+            print(f"\r{args.command}: {done}/{total} {unit}", end='', file=sys.stderr, flush=True)
         elif done == total or done % max(1, total // 10) == 0:
-            print(f"hha: {done}/{total} files", file=sys.stderr, flush=True)
+            print(f"{args.command}: {done}/{total} {unit}", file=sys.stderr, flush=True)
 
     def end_line():
         if shown and sys.stderr.isatty():
             print(file=sys.stderr)
 
     try:
-        if args.workers < 1:
-            raise ValueError(f"--workers must be >= 1, not {args.workers}")
-        if not args.depth_scale > 0:
-            raise ValueError(f"--depth-scale must be > 0 (metres per stored unit), not {args.depth_scale}")
-        written, skipped = hha_folder(args.depth, args.out, parse_camera(args.camera), args.raw,
-                                      args.depth_scale, args.workers, progress)
+        written, skipped, (holes, name) = run_command(args, progress)
     except (ValueError, OSError) as e:
         end_line()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         end_line()
-        print("hha: interrupted; finished files are kept and skipped next time", file=sys.stderr)
+        print(f"{args.command}: interrupted; finished {unit} are kept and skipped next time",
+              file=sys.stderr)
         return 130
     end_line()
-    print(f"hha: {written} written, {skipped} already there, in {args.out}", file=sys.stderr)
+    if holes and args.command == 'hha' and args.raw is None:
+        print(f"hha: note: the --depth files have pixels of 0 (no measurement; {holes:.0%} of {name}): they are raw "
+              f"depths, whose holes are left out of the normals (Gupta's saveHHA). The NYUDv2 HHA files the "
+              f"released models take were made from the hole-filled depth: pass that as --depth", file=sys.stderr)
+    print(f"{args.command}: {written} written, {skipped} already there, in {args.out}", file=sys.stderr)
     return 0
 
 

@@ -16,11 +16,13 @@ checkpoint (the model arguments stored in it), pictures, the benchmark, the comm
 line. train.py imports this file for its evaluation and its checkpoints' models.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -96,6 +98,47 @@ def check_cpu_bf16(amp, device, say=print):
         say(f"note: --amp bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no bf16 matrix units): bf16 "
             f"matrix products run {1 / speed:.0f}x slower than fp32 here; --amp none is faster on this machine")
     return speed
+
+
+def keep_freed_memory():
+    """CPU speed for an entry point (train.py and eval.py call it at start): keep the
+    memory that freed tensors leave in the process (glibc only).
+
+    By default glibc's malloc serves large allocations with mmap and returns them, and
+    the free top of its heap, to the OS on free; the next tensor then lands on fresh
+    pages, which the kernel zero-fills on first touch (one minor page fault per 4 KiB).
+    Here every allocation comes from the heap (M_MMAP_MAX = 0) and the heap is never
+    trimmed (M_TRIM_THRESHOLD = -1): the process keeps its peak heap and reuses it
+    (`release_freed_memory` gives it back). Nothing computed changes; the measured
+    effect is in docs/performance.md. A process-wide switch: importing eval or rgbx
+    does not apply it. Skipped when RGBX_KEEP_FREED_MEMORY=0 or when glibc's own
+    MALLOC_* variables or GLIBC_TUNABLES are set (your settings win).
+    Returns whether it applied."""
+    choice = os.environ.get('RGBX_KEEP_FREED_MEMORY', '1').strip().lower()
+    if choice not in ('0', '1', 'false', 'true', 'no', 'yes', 'off', 'on'):
+        warnings.warn(f"RGBX_KEEP_FREED_MEMORY={choice!r} is not 0 or 1: freed memory is kept (set 0 to leave "
+                      f"glibc's malloc as it is)", stacklevel=2)
+    if (choice in ('0', 'false', 'no', 'off') or not sys.platform.startswith('linux')
+            or any(k.startswith('MALLOC_') or k == 'GLIBC_TUNABLES' for k in os.environ)):
+        return False
+    try:
+        if not os.confstr('CS_GNU_LIBC_VERSION'):  # None, or ValueError, off glibc (e.g. musl)
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ValueError, OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))  # -1: never trim (man mallopt)
+
+
+def release_freed_memory():
+    """Give the heap's free pages back to the OS now (glibc's malloc_trim), e.g. before
+    measuring a peak resident set (`peak_memory`): with `keep_freed_memory` the process
+    otherwise stays at its largest peak. Returns whether anything was released."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0)) if sys.platform.startswith('linux') else False
+    except (OSError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------
@@ -627,7 +670,7 @@ RUN_FORMAT = 2
 
 
 @dataclass
-class Run:
+class RunSpec:
     """What rebuilds a trained model and reads its data, as stored in its checkpoints:
     model_args = dict(method, backbone, num_classes, x_channels, options) for
     rgbx.build_model (every option after its defaults), the dataset, its X modality and
@@ -653,26 +696,26 @@ class Run:
                                 **a['options'])
 
 
-def run_of(method, backbone, dataset, x_modality='', opts='', pretrained='', data_root='', crop='', seed=0):
-    """The Run of a model chosen by name: options resolved (`opts` text or dict, the
+def run_spec(method, backbone, dataset, x_modality='', opts='', pretrained='', data_root='', crop='', seed=0):
+    """The RunSpec of a model chosen by name: options resolved (`opts` text or dict, the
     recipe's defaults for the dataset first), X modality and scaling from the dataset
     and the method's recipe."""
     preset = data.get_preset(dataset)
     x = preset.x_name(x_modality or None)
     given = parse_opts(opts) if isinstance(opts, str) else dict(opts)
-    first = rgbx.resolve_options(method, backbone, given)  # e.g. MaskMentor's stage, which picks its recipe
-    recipe = rgbx.recipe(method, dataset, first)
-    options = rgbx.resolve_options(method, backbone, {**recipe.options, **given})
+    options = rgbx.resolve_options(method, backbone, given)
+    recipe = rgbx.recipe(method, dataset, options)  # e.g. MaskMentor's stage picks its recipe
+    options.update({k: v for k, v in recipe.options.items() if k not in given})  # its dataset's defaults
     args = dict(method=method, backbone=backbone, num_classes=preset.num_classes, x_channels=preset.x_channels(x),
                 options=options)
-    return Run(args, dataset, x, recipe.x_standardised, data_root, crop, pretrained, seed)
+    return RunSpec(args, dataset, x, recipe.x_standardised, data_root, crop, pretrained, seed)
 
 
 # A checkpoint of the previous format (its config and option text only) would take today's
 # default for an option added since: here the value the code that wrote it used.
 LEGACY_OPTIONS = {'gopt': {'acp': 'literal'}}
 def as_it_ran(run):
-    """A Run of an older format, with the options that make today's code do what that code did."""
+    """A RunSpec of an older format, with the options that make today's code do what that code did."""
     options = run.model_args['options']
     if run.format < 2 and run.method == 'maskmentor' and options.get('stage') == 'finetune':
         run.model_args = dict(run.model_args, options={**options, 'depth_standardize': False})
@@ -681,13 +724,13 @@ def as_it_ran(run):
 
 
 def legacy_run(config, source):
-    """The Run of a checkpoint written before checkpoints stored their model arguments:
+    """The RunSpec of a checkpoint written before checkpoints stored their model arguments:
     its config's method, backbone and option text, with the defaults that code used."""
     try:
         given = {**LEGACY_OPTIONS.get(config['method'], {}), **parse_opts(config['opts'])}
         if config['method'] == 'maskmentor':
             given.setdefault('stage', 'finetune')
-        run = run_of(config['method'], config['backbone'], config['dataset'], config['x_modality'], given,
+        run = run_spec(config['method'], config['backbone'], config['dataset'], config['x_modality'], given,
                      config['pretrained'], config['data_root'], config['crop'], config.get('seed', 0))
     except KeyError as e:
         raise ValueError(f"{source} has no config field {e}: it is not a checkpoint of train.py") from None
@@ -706,11 +749,11 @@ def load_run_checkpoint(path):
 
 
 def checkpoint_run(ckpt, source):
-    """The Run a training checkpoint stores (or, for one of the previous format, `legacy_run`)."""
+    """The RunSpec a training checkpoint stores (or, for one of the previous format, `legacy_run`)."""
     if 'run' not in ckpt:
         return legacy_run(ckpt['config'], source)
     try:
-        return as_it_ran(Run(**{'format': 1, **ckpt['run']}))
+        return as_it_ran(RunSpec(**{'format': 1, **ckpt['run']}))
     except TypeError:
         raise ValueError(f"{source} stores model arguments this code does not know ({sorted(ckpt['run'])}): "
                          f"use the version of the code that wrote it") from None
@@ -727,13 +770,14 @@ def load_model(path, pretrained=None, device='cpu'):
     its weights. The frozen backbone comes from the checkpoint when it holds every
     weight (--save-full, or a run without a pretrained file), else from the run's
     pretrained file (or `pretrained`), checked against the fingerprint stored at
-    training time. Returns (model, Run)."""
+    training time. Returns (model, RunSpec)."""
     ckpt = load_run_checkpoint(path)
     run = checkpoint_run(ckpt, path)
     used = run.pretrained  # the file the run was trained with
     if pretrained:
         run.pretrained = pretrained
-    start = {k: '' for k in rgbx.START_FILES if k in run.model_args['options']}  # the trained weights replace them
+    start = {f.name: '' for f, _ in rgbx.option_fields(run.method, run.model_args['backbone'])
+             if f.metadata['start_file'] and f.name in run.model_args['options']}  # the trained weights replace them
     run.model_args = dict(run.model_args, options={**run.model_args['options'], **start})
     model = run.build()  # first without the file
     full = set(ckpt['model']) == set(model.state_dict())
@@ -759,11 +803,11 @@ def load_model_from_flags(args, device):
     """A checkpoint without rgbx's training config, e.g. a trained KTB of the
     authors' release: the model is built from --method, --backbone, --dataset
     (classes, X channels), --x-modality and --opts, and the whole file is loaded
-    by rgbx.load_pretrained, which checks every key. Returns (model, Run)."""
+    by rgbx.load_pretrained, which checks every key. Returns (model, RunSpec)."""
     if not (args.method and args.backbone and args.dataset):
         raise ValueError(f"{args.checkpoint} holds no rgbx training config: pass --method, --backbone and "
                          f"--dataset to build its model (e.g. --method ktb --backbone swin-base --dataset nyudv2)")
-    run = run_of(args.method, args.backbone, args.dataset, args.x_modality or '', args.opts or '',
+    run = run_spec(args.method, args.backbone, args.dataset, args.x_modality or '', args.opts or '',
                  data_root=args.data_root or '')
     model = run.build()
     rgbx.load_pretrained(model, args.checkpoint)
@@ -799,12 +843,23 @@ def save_reconstructions(model, dataset, out_dir, rgb_norm, device):
         Image.fromarray(panel).save(os.path.join(out_dir, f'{dataset.names[i]}_reconstruction.png'))
 
 
+def words(draw, xy, text, font):
+    """Draw `text` word by word, a visible gap between words (the default font's space is
+    2 px wide); returns the width drawn."""
+    x, gap = xy[0], max(4, int(font.getlength(' ')))
+    for word in text.split():
+        if draw is not None:
+            draw.text((x, xy[1]), word, fill='black', font=font)
+        x += int(font.getlength(word)) + gap
+    return x - gap - xy[0]
+
+
 def legend(classes, class_names, palette, width, row=14):
     """A white strip (h, width, 3) uint8 of swatches and names: each class in `classes`,
     then void (hatched, as data.colorize draws it), in as many columns as fit."""
     font = ImageFont.load_default()
     entries = [(c, class_names[c]) for c in classes] + [(data.IGNORE, 'void (not scored)')]
-    cell = 16 + max(int(font.getlength(name)) for _, name in entries)  # swatch, gap, the longest name
+    cell = 16 + max(words(None, (0, 0), name, font) for _, name in entries)  # swatch, gap, the longest name
     cols = max(1, width // cell)
     strip = Image.new('RGB', (width, row * -(-len(entries) // cols) + 2), 'white')
     draw = ImageDraw.Draw(strip)
@@ -812,16 +867,30 @@ def legend(classes, class_names, palette, width, row=14):
         x, y = i % cols * cell + 2, i // cols * row + 2
         strip.paste(Image.fromarray(data.colorize(np.full((row - 4, row - 4), c), palette, hatch=True)), (x, y))
         draw.rectangle((x, y, x + row - 5, y + row - 5), outline=(128, 128, 128))
-        draw.text((x + row, y), name, fill='black', font=font)
+        words(draw, (x + row, y), name, font)
+    return np.array(strip)
+
+
+PANEL_TITLES = ('RGB', 'X', 'ground truth', 'prediction')
+
+
+def captions(titles, column, row=14):
+    """A white strip (row, len(titles) * column, 3) uint8 with each title under its column."""
+    font = ImageFont.load_default()
+    strip = Image.new('RGB', (len(titles) * column, row), 'white')
+    draw = ImageDraw.Draw(strip)
+    for i, title in enumerate(titles):
+        words(draw, (i * column + max(2, (column - words(None, (0, 0), title, font)) // 2), 1), title, font)
     return np.array(strip)
 
 
 def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
-    """RGB | X | ground truth | prediction, side by side, over a legend of the classes
-    present in either map (void hatched), as one PNG."""
+    """RGB | X | ground truth | prediction, side by side, their titles under them, over a
+    legend of the classes present in either map (void hatched), as one PNG."""
     panel = np.concatenate([rgb_img, x_img, data.colorize(gt, palette, hatch=True), data.colorize(pred, palette)], 1)
     present = sorted(set(np.unique(gt).tolist()) - {data.IGNORE} | set(np.unique(pred).tolist()))
-    Image.fromarray(np.concatenate([panel, legend(present, class_names, palette, panel.shape[1])])).save(path)
+    Image.fromarray(np.concatenate([panel, captions(PANEL_TITLES, rgb_img.shape[1]),
+                                    legend(present, class_names, palette, panel.shape[1])])).save(path)
 
 
 # ----------------------------------------------------------------------------
@@ -831,13 +900,13 @@ def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
 def peak_memory(device, reset=False):
     """Peak memory in bytes since the last reset: CUDA max allocated, or on CPU the
     peak resident set (Linux VmHWM, reset through /proc/self/clear_refs after the heap's
-    free pages are given back, which rgbx otherwise keeps: `rgbx.keep_freed_memory`)."""
+    free pages are given back, which this process otherwise keeps: `keep_freed_memory`)."""
     if device.type == 'cuda':
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.max_memory_allocated(device)
     if reset:
-        rgbx.release_freed_memory()
+        release_freed_memory()
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')
     with open('/proc/self/status') as f:
@@ -1049,11 +1118,11 @@ def main(argv=None):
     b.add_argument('--repeats', type=int, default=None, help='default 3')
     b.add_argument('--floor-only', action='store_true',
                    help='only the training step and latency against the frozen-backbone floor, timed in turns')
-    args = p.parse_args(argv)
-    rgbx.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
+    args = p.parse_args(data.dash_values(argv, ('--camera', '--size')))
+    keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     try:
         check_flags(args)
-        return run(args)
+        return run_command(args)
     except (ValueError, OSError, rgbx.CheckpointError) as e:
         sys.exit(f"error: {error_line(e)}")
     except KeyboardInterrupt:
@@ -1062,6 +1131,9 @@ def main(argv=None):
         if not peer_failed(e):
             raise
         sys.exit(f"error: {PEER_FAILED}")
+    finally:  # also after an error: a process group left to the interpreter's exit can abort it
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def check_flags(args):
@@ -1101,19 +1173,13 @@ def check_flags(args):
         if args.save_pred and given('rgb', 'x', 'depth', 'out'):
             raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'depth', 'out')} "
                              f"segment one image pair: use one or the other")
-    for flag, path in (('--out', args.out), ('--json', args.json)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
-    for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{flag} {path} is a file: pass a folder for the pictures")
-    if args.out is not None:
-        if not args.out.lower().endswith('.png'):
-            raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
-        same = [f for f in ('rgb', 'x', 'checkpoint') if getattr(args, f) and os.path.exists(getattr(args, f))
-                and os.path.exists(args.out) and os.path.samefile(getattr(args, f), args.out)]
-        if same:
-            raise ValueError(f"--out {args.out} is the --{same[0]} file: it would be overwritten; write elsewhere")
+    if args.json and (args.reconstruct or given('rgb', 'x', 'depth', 'out')):
+        raise ValueError("--json writes the metrics of a dataset split (or the benchmark's figures); "
+                         f"{'--reconstruct' if args.reconstruct else given('rgb', 'x', 'depth', 'out')} computes none: "
+                         f"drop --json")
+    if args.out is not None and not args.out.lower().endswith('.png'):
+        raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
+    check_outputs(args)
     if args.amp is None:
         args.amp = PROTOCOLS[args.protocol].amp if check_device(args.device).type == 'cuda' else 'none'
     if args.amp == 'fp16' and check_device(args.device).type != 'cuda':
@@ -1124,7 +1190,26 @@ def check_flags(args):
             raise ValueError(f"--{name} must be >= {low}, not {getattr(args, name)}")
 
 
-def run(args):
+def check_outputs(args):
+    """Every output flag: its folder exists, and it writes over no input, into no dataset
+    and into no other run's folder (data.check_output; the checkpoint's own run folder
+    may receive pictures and metrics, never over its run files)."""
+    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in ('checkpoint', 'rgb', 'x', 'depth', 'pretrained',
+                                                                     'data_root', 'split')]
+    own = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None
+    for flag, path in (('--out', args.out), ('--json', args.json)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+        if path:
+            data.check_output(flag, path, inputs, own_run=own, kind=flag[2:].replace('out', 'png'))
+    for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a file: pass a folder for the pictures")
+        if path:
+            data.check_output(flag, path, inputs, folder=True, own_run=own)
+
+
+def run_command(args):
     rank, world, device = setup_distributed(args.device)
     if rank == 0:
         check_cpu_bf16(args.amp, device)
@@ -1160,8 +1245,6 @@ def run(args):
         segment_pair(args, model, run, device)
     else:
         evaluate_split(args, model, run, root, rank, world, device)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def inference(args, run):
@@ -1215,7 +1298,8 @@ def evaluate_split(args, model, run, root, rank, world, device):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with data.disk_full_names(path + '.png'):
                 Image.fromarray(data.colorize(pred[0].cpu().numpy(), palette)).save(path + '.png')
-                save_panel(path + '_panel.png', to_image(rgb[0], *preset.rgb_norm), to_image(x[0], mean_x, std_x),
+                shown = rgb[0].flip(0) if getattr(dataset.transform, 'bgr', False) else rgb[0]  # a BGR protocol's input
+                save_panel(path + '_panel.png', to_image(shown, *preset.rgb_norm), to_image(x[0], mean_x, std_x),
                            label[0].cpu().numpy(), pred[0].cpu().numpy(), palette, preset.class_names)
     conf = evaluate(model, loader, preset.num_classes, device, scales, args.flip, crop, args.modality, args.amp, on_batch,
                     probs)
@@ -1225,9 +1309,12 @@ def evaluate_split(args, model, run, root, rank, world, device):
                f"scales {list(scales)}{' + flip' if args.flip else ''}")
         print(f"{run.dataset} {split} ({len(dataset)} images), modality {args.modality}, {how}")
         print(format_metrics(m, preset.class_names))
+        if args.save_pred:
+            print(f"wrote the predictions and panels of the {len(dataset)} images to {args.save_pred}")
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(dict(m, modality=args.modality, protocol=args.protocol, checkpoint=args.checkpoint), f, indent=2)
+            print(f"wrote {args.json}")
 
 
 def run_benchmark(args, device):
@@ -1238,7 +1325,7 @@ def run_benchmark(args, device):
     else:
         dataset = args.dataset or 'demo'
         method = args.method or 'early_fusion'
-        model, run = None, run_of(method, args.backbone or rgbx.paper_backbone(method).replace('-base', '-nano'),
+        model, run = None, run_spec(method, args.backbone or rgbx.paper_backbone(method).replace('-base', '-nano'),
                                   dataset, args.x_modality or '', args.opts or '', data_root=args.data_root or '')
     size = parse_size(args.size or '480x640', '--size')
     preset = data.get_preset(run.dataset)
@@ -1256,6 +1343,7 @@ def run_benchmark(args, device):
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(figures, f, indent=2)
+        print(f"wrote {args.json}")
     return figures
 
 

@@ -11,23 +11,25 @@ data live in train.py, eval.py and data.py):
 - KTB (MAPA prompting and adapters, DSCF, MMST) on a frozen Swin.
 - GoPT (CUP and ACP grouping prompters, eq. 3-15) on a frozen MAE ViT, and its VPT baselines.
 - MaskMentor (M2IM, Alg. 1; STTP) on a MultiMAE-style multi-modal ViT.
-- Checkpoint conversion (one pure function per source format) and `load_pretrained`;
-  the interface a trainer uses (`RGBXModel`), each method's recipe beside its builder,
-  and building a method by name with typed options (`build_model`, `resolve_options`).
+- Checkpoint conversion beside each model (`convert_checkpoint`, pure dict -> dict functions
+  per source format) and `load_pretrained`; the interface a trainer uses (`RGBXModel`); each
+  method's typed config and recipe beside its builder; building a method by name
+  (`build_model`, `resolve_options`); random draws through `draws(policy)` (`DrawPolicy`).
 
 Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
-import ctypes
+import contextlib
+import contextvars
 import hashlib
-import inspect
 import math
 import os
 import re
-import sys
+import types
+import typing
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -38,81 +40,55 @@ import torch.nn.functional as F
 # Shared pieces
 # ----------------------------------------------------------------------------
 
-def keep_freed_memory():
-    """CPU speed for an entry point (train.py and eval.py call it at start): keep the
-    memory that freed tensors leave in the process (glibc only).
+class DrawPolicy:
+    """Where a model's per-sample random draws and loss denominators come from: this
+    default is one process and its own batch, drawn as plain torch draws.
 
-    By default glibc's malloc serves large allocations with mmap and returns them, and
-    the free top of its heap, to the OS on free; the next tensor then lands on fresh
-    pages, which the kernel zero-fills on first touch (one minor page fault per 4 KiB).
-    Here every allocation comes from the heap (M_MMAP_MAX = 0) and the heap is never
-    trimmed (M_TRIM_THRESHOLD = -1): the process keeps its peak heap and reuses it
-    (`release_freed_memory` gives it back). Nothing computed changes; the measured
-    effect is in docs/performance.md. A process-wide switch: a library importing rgbx
-    is not affected unless it calls this. Skipped when RGBX_KEEP_FREED_MEMORY=0 or when
-    glibc's own MALLOC_* variables or GLIBC_TUNABLES are set (your settings win).
-    Returns whether it applied."""
-    choice = os.environ.get('RGBX_KEEP_FREED_MEMORY', '1').strip().lower()
-    if choice not in ('0', '1', 'false', 'true', 'no', 'yes', 'off', 'on'):
-        warnings.warn(f"RGBX_KEEP_FREED_MEMORY={choice!r} is not 0 or 1: freed memory is kept (set 0 to leave "
-                      f"glibc's malloc as it is)", stacklevel=2)
-    if (choice in ('0', 'false', 'no', 'off') or not sys.platform.startswith('linux')
-            or any(k.startswith('MALLOC_') or k == 'GLIBC_TUNABLES' for k in os.environ)):
-        return False
-    try:
-        if not os.confstr('CS_GNU_LIBC_VERSION'):  # None, or ValueError, off glibc (e.g. musl)
-            return False
-        mallopt = ctypes.CDLL(None).mallopt
-    except (ValueError, OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))  # -1: never trim (man mallopt)
-
-
-def release_freed_memory():
-    """Give the heap's free pages back to the OS now (glibc's malloc_trim), e.g. before
-    measuring a peak resident set (eval.py's CPU peak memory): with `keep_freed_memory`
-    the process otherwise stays at its largest peak. Returns whether anything was released."""
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0)) if sys.platform.startswith('linux') else False
-    except (OSError, AttributeError):
-        return False
-
-
-class Batch:
-    """How a model sees its batch where it draws one random number per sample or takes
-    a mean over the batch: this default is one process and its own batch.
-
-    Every per-sample random draw of the models (dropout masks, stochastic depth, KTB's
-    MMST masking, GoPT's Gumbel noise, M2IM's modality masking) goes through `draw`,
-    and every loss mean over labelled pixels divides by `count`. A data-parallel trainer
-    installs, with `use_batch`, one that draws for the global batch and keeps this
-    process's rows, and whose counts are global (train.py's `GlobalBatch`), so that N
-    processes compute what one process computes at the global batch. Models never talk
-    to other processes themselves.
+    Every per-sample draw of the models (dropout masks, stochastic depth, KTB's MMST
+    masking, GoPT's Gumbel noise, MaskMentor's modality and patch masks) goes through
+    `draw`, every mean over a batch's items divides by `count`, and OHEM ranks the
+    losses of `gather`. A data-parallel trainer enters `draws` with a policy that
+    draws for the global batch and keeps this process's rows, counts globally and
+    gathers globally (train.py's `GlobalBatch`), so that N processes compute what one
+    process computes at the global batch (docs/distributed.md). Models never talk to
+    other processes themselves.
     """
 
     def draw(self, draw, n, dim=0):
         """`draw(n)`: a random tensor with n rows along `dim`, one per sample of this batch."""
         return draw(n)
 
-    def count(self, n, device):
-        """The denominator of a mean over n items of this batch (at least 1)."""
-        return max(n, 1)
+    def count(self, n):
+        """The denominator of a mean over n items of this batch (at least 1); n an int or a
+        tensor."""
+        return n.clamp(min=1) if torch.is_tensor(n) else max(n, 1)
+
+    def gather(self, values):
+        """The values (1-D) of the whole batch a mean is taken over: here this process's own."""
+        return values
 
 
-BATCH = Batch()
+DRAW_POLICY = contextvars.ContextVar('rgbx.DRAW_POLICY', default=DrawPolicy())
 
 
-def use_batch(batch):
-    """Make `batch` (a `Batch`) the one every model draws and counts with; returns the previous one."""
-    global BATCH
-    previous, BATCH = BATCH, batch
-    return previous
+def draw_policy():
+    """The `DrawPolicy` in force in this context (the default: one process)."""
+    return DRAW_POLICY.get()
+
+
+@contextlib.contextmanager
+def draws(policy):
+    """`with rgbx.draws(policy): ...`: the forwards inside draw and count with `policy`
+    (a `DrawPolicy`; None: the default), the one before it is back on exit."""
+    token = DRAW_POLICY.set(policy if policy is not None else DrawPolicy())
+    try:
+        yield policy
+    finally:
+        DRAW_POLICY.reset(token)
 
 
 class Dropout(nn.Module):
-    """Dropout with its keep mask drawn through `BATCH` (the batch is axis `dim`): one
+    """Dropout with its keep mask drawn through `draw_policy()` (the batch is axis `dim`): one
     draw per element (`per='element'`, nn.Dropout), per sample and channel of (B, C, ...)
     ('channel', nn.Dropout2d) or per sample ('sample': stochastic depth, Huang et al.
     2016, which drops the whole residual branch). `streams` > 1: the batch axis stacks
@@ -127,21 +103,26 @@ class Dropout(nn.Module):
         return self.p != 0.0 and self.training
 
     def scale(self, x):
-        """keep / (1 - p) for x: 0 or 1 / (1 - p), shaped to broadcast (per sample: (B, 1, ..., 1))."""
-        kept = {'element': x.ndim, 'channel': 2, 'sample': 1}[self.per]  # leading axes drawn separately
+        """keep / (1 - p) for x: 0 or 1 / (1 - p), shaped to broadcast (per sample: (B, 1, ...,
+        1))."""
+        # leading axes drawn separately
+        kept = {'element': x.ndim, 'channel': 2, 'sample': 1}[self.per]
         shape = list(x.shape[:kept]) + [1] * (x.ndim - kept)
 
         def draw(n):
-            return x.new_empty(shape[:self.dim] + [n] + shape[self.dim + 1:]).bernoulli_(1.0 - self.p)
+            return x.new_empty(shape[:self.dim] + [n]
+                               + shape[self.dim + 1:]).bernoulli_(1.0 - self.p)
         per_stream = x.shape[self.dim] // self.streams
-        keep = torch.cat([BATCH.draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
+        policy = draw_policy()
+        keep = torch.cat([policy.draw(draw, per_stream, self.dim) for _ in range(self.streams)], self.dim)
         return keep.div_(1.0 - self.p)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale(x) if self.active() else x
 
     def residual(self, x, branch):
-        """x + self(branch) in one pass over the maps (a residual connection through stochastic depth)."""
+        """x + self(branch) in one pass over the maps (a residual connection through stochastic
+        depth)."""
         return torch.addcmul(x, branch, self.scale(branch)) if self.active() else x + branch
 
 
@@ -161,29 +142,67 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Split an image into p x p patches and embed each linearly (a stride-p conv).
+
+    The image is zero-padded at the bottom/right to a multiple of p, so
+    forward(img: (B, in_chans, H, W)) -> (B, ceil(H/p), ceil(W/p), dim), channels-last,
+    followed by LayerNorm when `norm` (Swin) and not (ViT).
+    """
+
+    def __init__(self, in_chans, dim, patch, norm):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(in_chans, dim, patch, patch)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.proj(pad_to_multiple(img, self.patch, (2, 3)))  # (B, dim, h, w)
+        return self.norm(x.permute(0, 2, 3, 1))  # (B, h, w, dim)
 
 
 def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
     """Pixel cross-entropy, the mean over labelled pixels (0, still a graph, when
     none is labelled). With `ohem` (KTB on MCubeS; CMNeXt's OhemCrossEntropy):
     the mean over the pixels whose loss exceeds -log(thresh), or over the
-    (labelled pixels // 16) hardest ones when fewer exceed it.
+    (labelled pixels // 16) hardest ones when fewer exceed it (`ohem_weights`).
     logits (B, K, H, W), label (B, H, W) int64 -> scalar."""
     logits = logits.float()
-    if logits.is_contiguous(memory_format=torch.channels_last):  # (B*H*W, K) rows, a view: the fast layout
-        loss = F.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), label.flatten(),
+    # (B*H*W, K) rows, a view: the fast layout
+    if logits.is_contiguous(memory_format=torch.channels_last):
+        loss = F.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]),
+                               label.flatten(),
                                ignore_index=ignore_index, reduction='none')  # (B*H*W,)
     else:
-        loss = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction='none').flatten()  # (B*H*W,)
-    valid = int((label != ignore_index).sum())
+        # (B*H*W,)
+        loss = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction='none').flatten()
+    valid = label.flatten() != ignore_index  # (B*H*W,)
     if ohem:
-        hard = loss > -math.log(thresh)
-        if int(hard.sum()) < valid // 16:
-            return loss.topk(valid // 16).values.mean()
-        return (loss * hard).sum() / hard.sum().clamp(min=1)
-    return loss.sum() / BATCH.count(valid, loss.device)  # the mean over the batch's labelled pixels
+        weight = ohem_weights(loss.detach(), valid, thresh)  # (B*H*W,)
+        return (loss * weight).sum() / draw_policy().count(weight.sum())
+    # the mean over the batch's labelled pixels
+    return loss.sum() / draw_policy().count(int(valid.sum()))
+
+
+def ohem_weights(loss, valid, thresh):
+    """OHEM's pixel selection as weights (B*H*W,): 1 where the loss exceeds -log(thresh);
+    when fewer than k = (labelled pixels // 16) do, 1 on the losses above the k-th largest
+    v and (k - n_above) / n_at_v on those equal to v, so that the weighted mean is the
+    mean of the k largest (ties shared: design choice). Ranked over `gather`'s batch."""
+    policy = draw_policy()
+    ranked = policy.gather(loss[valid])  # every labelled pixel's loss of the batch
+    hard = loss > -math.log(thresh)
+    k = ranked.numel() // 16
+    if int((ranked > -math.log(thresh)).sum()) >= k:
+        return hard.float()
+    v = ranked.topk(k).values[-1]  # the k-th largest loss
+    above, at = (loss > v) & valid, (loss == v) & valid
+    share = (k - (ranked > v).sum()) / (ranked == v).sum()  # each tie's part of the k-th place
+    return above.float() + at.float() * share
 
 
 @dataclass(frozen=True)
@@ -209,7 +228,121 @@ class Recipe:
     options: dict = field(default_factory=dict)
 
 
-NO_DECAY_NAMES = ('token', 'pos_embed', 'bias_table', 'embed.weight', 'class_emb', 'task_embeddings')
+# ----------------------------------------------------------------------------
+# Options: each method's config is a dataclass whose fields carry their type, default,
+# meaning (with the paper's reference), choices and range; `--opts` text converts through it
+# ----------------------------------------------------------------------------
+
+TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+
+
+def option(default, meaning, *, choices=None, low=None, high=None, low_open=False, high_open=False,
+           none=None,
+           default_from='', start_file=False):
+    """A config field: its `default`, its `meaning` in words, the values it takes (`choices`,
+    or low .. high with `*_open` excluding that bound; else integers >= 1, numbers >= 0), what a
+    None default means (`none`), where the default comes from (`default_from`: 'paper',
+    'release', 'validation', 'MultiMAE', ...) and whether it only names a file that starts some
+    weights (`start_file`: a model rebuilt to load its trained weights skips it)."""
+    meta = dict(meaning=meaning, choices=choices, none=none, default_from=default_from,
+                start_file=start_file,
+                range=None if low is None and high is None else
+                (-math.inf if low is None else low, math.inf if high is None else high, low_open,
+                 high_open))
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def option_kind(f):
+    """The type option field `f` takes: bool, int, float, str or list (of ints)."""
+    union = typing.get_origin(f.type) in (typing.Union, types.UnionType)
+    kind = next(t for t in typing.get_args(f.type) if t is not type(None)) if union else f.type
+    return list if typing.get_origin(kind) is list else kind
+
+
+def option_value(owner, f, value):
+    """`value` of option field `f` (text from the command line, or a Python value) as the
+    option's type, checked; or a one-line error naming the option, `owner` and what it takes."""
+    kind, what = option_kind(f), f"option {f.name!r} of {owner}"
+    if type(None) in typing.get_args(f.type) and (value is None
+                                                  or str(value).strip().lower() in ('none', '')):
+        return None
+    if kind is bool:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in TRUE + FALSE:
+            return value if isinstance(value, bool) else text in TRUE
+        raise ValueError(f"{what} takes true or false (also yes/no, on/off, 1/0), not {value!r}")
+    try:
+        if kind is list:
+            items = value.split(':') if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
+            value = [int(str(v).strip()) if isinstance(v, str) else v for v in items]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError
+        elif kind is int:
+            value = int(value.strip()) if isinstance(value, str) else value
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError
+        elif kind is float:
+            value = float(value.strip()) if isinstance(value, str) else value
+            if not isinstance(value, (int, float)) or isinstance(value,
+                                                                 bool) or not math.isfinite(value):
+                raise ValueError
+            value = float(value)
+        elif kind is str:
+            value = str(value).strip()
+    except ValueError:
+        shape = {list: 'integers separated by ":" (one per stage), e.g. 8:16:32:64',
+                 int: 'an integer',
+                 float: 'a number'}[kind]
+        raise ValueError(f"{what} takes {shape}, not {value!r}") from None
+    check_option_range(what, f, kind, value)
+    return value
+
+
+def check_option_range(what, f, kind, value):
+    """Raise unless `value` is one of the field's choices or lies in its range."""
+    choices = f.metadata['choices']
+    if choices and value not in choices:
+        raise ValueError(f"{what} takes one of {', '.join(choices)}, not {value!r}")
+    if kind not in (int, float, list):
+        return
+    default_range = (1 if kind is not float else 0, math.inf, False, False)  # ints >= 1, numbers >= 0
+    low, high, low_open, high_open = f.metadata['range'] or default_range
+    for v in (value if isinstance(value, list) else [value]):
+        if v < low or v > high or (v == low and low_open) or (v == high and high_open):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"{what} must lie in {bounds}, not {value!r}")
+
+
+@dataclass
+class Options:
+    """Base of the typed configs: at construction every field is converted to its type (from
+    text too, as --opts gives it) and checked; errors name the option and `owner`."""
+    owner: typing.ClassVar[str] = 'model'
+
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, option_value(self.owner, f, getattr(self, f.name)))
+
+
+def split_options(config, sizes, options):
+    """`options` ({name: value}) -> (a `config`, the given options that are backbone sizes,
+    checked by `sizes` (SwinSizes / ViTSizes; None: the method takes none)). Unknown names
+    are an error that lists the options."""
+    own = [f.name for f in fields(config)]
+    size_names = [f.name for f in fields(sizes) if f.name not in own] if sizes else []
+    unknown = sorted(set(options) - set(own) - set(size_names))
+    if unknown:
+        raise ValueError(f"{config.owner} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(sorted(own + size_names))}")
+    given = {k: v for k, v in options.items() if k in size_names}
+    checked = asdict(sizes(**given)) if sizes else {}
+    return config(**{k: v for k, v in options.items() if k in own}), {k: checked[k] for k in given}
+
+
+NO_DECAY_NAMES = ('token', 'pos_embed', 'bias_table', 'embed.weight', 'class_emb',
+                  'task_embeddings')
 
 
 class RGBXModel(nn.Module):
@@ -223,8 +356,10 @@ class RGBXModel(nn.Module):
     """
 
     streams = 1  # passes of the backbone per image (KTB: 2), the speed floor of eval.py's benchmark
-    pretraining = False  # True: the model learns no segmentation (nothing to evaluate; MaskMentor stage 1)
-    find_unused_parameters = False  # True: some trainable parameters get no gradient in some steps (DDP)
+    # True: the model learns no segmentation (nothing to evaluate; MaskMentor stage 1)
+    pretraining = False
+    # True: some trainable parameters get no gradient in some steps (DDP)
+    find_unused_parameters = False
 
     def param_groups(self, weight_decay):
         """AdamW parameter groups over the trainable parameters: no weight decay on norms,
@@ -232,7 +367,8 @@ class RGBXModel(nn.Module):
         decay, plain = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
-                (plain if p.ndim <= 1 or any(s in name for s in NO_DECAY_NAMES) else decay).append(p)
+                (plain if p.ndim <= 1 or any(s in name for s in NO_DECAY_NAMES)
+                 else decay).append(p)
         return [dict(params=decay, weight_decay=weight_decay), dict(params=plain, weight_decay=0.0)]
 
     def schedule(self, step, total_steps):
@@ -250,14 +386,22 @@ class RGBXModel(nn.Module):
         return {'trainable': sum(p.numel() for p in self.parameters() if p.requires_grad),
                 'total': sum(p.numel() for p in self.parameters())}
 
-    def pretrained_target(self):
-        """The module an official pretrained file is loaded into (`load_pretrained`): the backbone."""
+    def pretrained_target(self, sd):
+        """The module a pretrained state dict `sd` is loaded into (`load_pretrained`): the
+        backbone; it converts `sd` with its own `convert_checkpoint`."""
         return self.backbone
 
-    def checkpoint_absent_keys(self, sd):
-        """Keys of the `pretrained_target` that a converted pretrained state dict `sd` may
-        lack (they keep their initial values); default none."""
-        return set()
+
+def _init_transformer_weights(m):
+    """Initialisation of the official releases: trunc-normal(0.02) linears, zero biases, unit
+    norms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def drop_path_rates(rate, n):
@@ -282,7 +426,8 @@ def resize_logits(logits, size, stride):
     to the padded extent and cropping keeps every cell over the pixels it saw.
     """
     h, w = logits.shape[-2:]
-    logits = F.interpolate(logits, size=(h * stride, w * stride), mode='bilinear', align_corners=False)
+    logits = F.interpolate(logits, size=(h * stride, w * stride), mode='bilinear',
+                           align_corners=False)
     return logits[..., :size[0], :size[1]]
 
 
@@ -295,8 +440,10 @@ def resize_logits(logits, size, stride):
 def relative_position_index(window):
     """Swin eq. 4 index: for each (query, key) pair of a window, the row of the
     (2w-1)^2 bias table that holds their relative offset. Returns (w*w, w*w) long."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing='ij')).flatten(1)  # (2, N)
-    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, N, N), offsets shifted to >= 0
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
+                                        indexing='ij')).flatten(1)  # (2, N)
+    # (2, N, N), offsets shifted to >= 0
+    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)
     return rel[0] * (2 * window - 1) + rel[1]
 
 
@@ -328,11 +475,13 @@ def window_layout(H, W, window, shift, device):
     Hp, Wp = H + (-H) % window, W + (-W) % window
     r = torch.arange(Hp, device=device)[:, None]
     c = torch.arange(Wp, device=device)[None, :]
-    src_r, src_c = (r + shift) % Hp, (c + shift) % Wp  # torch.roll(x, -shift): slot (r, c) holds x[r + shift, c + shift]
+    # torch.roll(x, -shift): slot (r, c) holds x[r + shift, c + shift]
+    src_r, src_c = (r + shift) % Hp, (c + shift) % Wp
     real = (src_r < H) & (src_c < W)  # (Hp, Wp)
     band = lambda i, n: (i >= n - window).long() + (i >= n - shift).long() if shift else 0 * i
     region = band(r, Hp) * 3 + band(c, Wp)  # (Hp, Wp), the 9 regions of the shifted frame
-    part = lambda t: window_partition(t.expand(Hp, Wp)[None, :, :, None], window).flatten()  # (Hp, Wp) -> (nW*N,)
+    # (Hp, Wp) -> (nW*N,)
+    part = lambda t: window_partition(t.expand(Hp, Wp)[None, :, :, None], window).flatten()
     order, real, region = part(torch.where(real, src_r * W + src_c, H * W)), part(real), part(region)
     back = torch.empty(H * W, dtype=torch.long, device=device)
     back[order[real]] = torch.arange(order.numel(), device=device)[real]
@@ -364,20 +513,26 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         # a buffer rebuilt from the window size, never loaded (not in state_dict)
-        self.register_buffer('relative_position_index', relative_position_index(window), persistent=False)
+        self.register_buffer('relative_position_index', relative_position_index(window),
+                             persistent=False)
 
-    def forward(self, x, mask=None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, nW, N, C = x.shape
         N_ = self.window * self.window
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
-        qkv = self.qkv(x).view(B, nW, N, 3, self.heads, C // self.heads).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, d)
-        bias = bias.view(N_, N_, self.heads).permute(2, 0, 1).to(qkv.dtype)  # (heads, N, N), in autocast's dtype
+        # (N*N, heads)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        # (3, B, nW, heads, N, d)
+        qkv = self.qkv(x).view(B, nW, N, 3, self.heads, C // self.heads).permute(3, 0, 1, 4, 2, 5)
+        # (heads, N, N), in autocast's dtype
+        bias = bias.view(N_, N_, self.heads).permute(2, 0, 1).to(qkv.dtype)
         if mask is None:  # one bias for every window
             q, k, v = qkv.flatten(1, 2).unbind(0)  # each (B*nW, heads, N, d)
             bias = bias.expand(B * nW, -1, -1, -1)  # (B*nW, heads, N, N), a view
         else:  # a bias per window: windows join the heads axis, the batch axis stays a view
-            q, k, v = qkv.reshape(3, B, nW * self.heads, N, -1).unbind(0)  # each (B, nW*heads, N, d)
-            bias = (bias + mask.to(qkv.dtype)).flatten(0, 1).expand(B, -1, -1, -1)  # (B, nW*heads, N, N)
+            # each (B, nW*heads, N, d)
+            q, k, v = qkv.reshape(3, B, nW * self.heads, N, -1).unbind(0)
+            # (B, nW*heads, N, N)
+            bias = (bias + mask.to(qkv.dtype)).flatten(0, 1).expand(B, -1, -1, -1)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.view(B, nW, self.heads, N, -1).transpose(2, 3).reshape(B, nW, N, C))
 
@@ -406,15 +561,18 @@ class SwinTransformerBlock(nn.Module):
         """(S)W-MSA of a normed map x: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         order, back, mask = layout
-        x = F.pad(x.reshape(B, H * W, C), (0, 0, 0, 1))  # (B, H*W + 1, C): the zero padding token last
+        # (B, H*W + 1, C): the zero padding token last
+        x = F.pad(x.reshape(B, H * W, C), (0, 0, 0, 1))
         x = x.index_select(1, order)  # pad, cyclic shift, partition: (B, nW*N, C)
         x = self.attn(x.view(B, -1, self.window ** 2, C), mask)  # (B, nW, N, C)
         return x.flatten(1, 2).index_select(1, back).view(B, H, W, C)  # reverse shift, crop
 
-    def forward(self, x, layout, parallel=None):
-        z = self.drop_path.residual(x, self.attention(self.norm1(x), layout))  # x + DropPath(attention)
+    def forward(self, x: torch.Tensor, layout: tuple, parallel: nn.Module | None = None) -> torch.Tensor:
+        # x + DropPath(attention)
+        z = self.drop_path.residual(x, self.attention(self.norm1(x), layout))
         out = self.drop_path.residual(z, self.mlp(self.norm2(z)))  # z + DropPath(MLP)
-        return out if parallel is None else parallel(z, out)  # out + parallel(z), accumulated into out
+        # out + parallel(z), accumulated into out
+        return out if parallel is None else parallel(z, out)
 
 
 class PatchMerging(nn.Module):
@@ -431,9 +589,10 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, 2, (1, 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)  # (B, H/2, W/2, 4C)
+        # (B, H/2, W/2, 4C)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         return self.reduction(self.norm(x))
 
 
@@ -450,7 +609,8 @@ class BasicLayer(nn.Module):
         super().__init__()
         self.window = window
         self.blocks = nn.ModuleList(
-            SwinTransformerBlock(dim, heads, window, mlp_ratio, drop_paths[i], streams) for i in range(depth))
+            SwinTransformerBlock(dim, heads, window, mlp_ratio, drop_paths[i],
+                                 streams) for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
         self._layouts = {}
 
@@ -460,38 +620,23 @@ class BasicLayer(nn.Module):
         fits in one window (as the segmentation Swins and the KTB release do)."""
         key = (H, W, str(device))
         if key not in self._layouts:
-            with torch.inference_mode(False):  # plain tensors: a cache filled under inference_mode must serve autograd too
+            # plain tensors: a cache filled under inference_mode must serve autograd too
+            with torch.inference_mode(False):
                 self._layouts[key] = tuple(window_layout(H, W, self.window, s, device) for s in (0, self.window // 2))
         return self._layouts[key]
 
-    def forward(self, x, parallel=None):
+    def forward(self, x: torch.Tensor, parallel: nn.ModuleList | None = None) -> torch.Tensor:
         layouts = self.layouts(x.shape[1], x.shape[2], x.device)
         for i, blk in enumerate(self.blocks):
             x = blk(x, layouts[i % 2], None if parallel is None else parallel[i])
         return x
 
 
-class PatchEmbed(nn.Module):
-    """Split an image into p x p patches and embed each linearly (a stride-p conv).
-
-    The image is zero-padded at the bottom/right to a multiple of p, so
-    forward(img: (B, in_chans, H, W)) -> (B, ceil(H/p), ceil(W/p), dim), channels-last,
-    followed by LayerNorm when `norm` (Swin) and not (ViT).
-    """
-
-    def __init__(self, in_chans, dim, patch, norm):
-        super().__init__()
-        self.patch = patch
-        self.proj = nn.Conv2d(in_chans, dim, patch, patch)
-        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
-
-    def forward(self, img):
-        x = self.proj(pad_to_multiple(img, self.patch, (2, 3)))  # (B, dim, h, w)
-        return self.norm(x.permute(0, 2, 3, 1))  # (B, h, w, dim)
-
-
-SWIN_PRESETS = {  # embed dim, depths, heads (Swin Table 1); window of the official files (7: 224 px, 12: 384 px / 22K)
-    'nano': dict(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), window_size=4),  # demo and tests only
+# embed dim, depths, heads (Swin Table 1); window of the official files (7: 224 px, 12: 384 px /
+# 22K)
+SWIN_PRESETS = {
+    # demo and tests only
+    'nano': dict(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), window_size=4),
     'tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24), window_size=7),
     'small': dict(embed_dim=96, depths=(2, 2, 18, 2), heads=(3, 6, 12, 24), window_size=7),
     'base': dict(embed_dim=128, depths=(2, 2, 18, 2), heads=(4, 8, 16, 32), window_size=12),
@@ -521,7 +666,8 @@ class SwinTransformer(nn.Module):
                  mlp_ratio=4.0, drop_path_rate=0.0, in_chans=3, final_norm=True, streams=1):
         super().__init__()
         if len(heads) != len(depths):
-            raise ValueError(f"Swin needs one head count per stage: depths {list(depths)}, heads {list(heads)}")
+            raise ValueError(f"Swin needs one head count per stage: depths {list(depths)}, heads "
+                             f"{list(heads)}")
         self.window_size, self.streams = window_size, streams
         self.dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(in_chans, embed_dim, 4, norm=True)
@@ -529,12 +675,13 @@ class SwinTransformer(nn.Module):
         starts = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList(
             BasicLayer(self.dims[i], depths[i], heads[i], window_size, mlp_ratio,
-                       rates[starts[i]:starts[i] + depths[i]], downsample=i < len(depths) - 1, streams=streams)
+                       rates[starts[i]:starts[i] + depths[i]], downsample=i < len(depths) - 1,
+                       streams=streams)
             for i in range(len(depths)))
         self.norm = nn.LayerNorm(self.dims[-1]) if final_norm else nn.Identity()
         self.apply(_init_transformer_weights)
 
-    def forward(self, img):
+    def forward(self, img: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(img)
         outs = []
         for layer in self.layers:
@@ -544,6 +691,11 @@ class SwinTransformer(nn.Module):
                 x = layer.downsample(x)
         outs[-1] = self.norm(outs[-1])
         return [o.permute(0, 3, 1, 2) for o in outs]
+
+    def convert_checkpoint(self, sd):
+        """A Swin file (Microsoft's or mmsegmentation's) -> (this model's state dict, keys it
+        may lack, notes) for `load_pretrained` (`swin_from_checkpoint`)."""
+        return swin_from_checkpoint(sd, self.state_dict()), set(), []
 
 
 
@@ -555,6 +707,81 @@ def swin(name, **overrides):
     return SwinTransformer(**{**SWIN_PRESETS[name], **overrides})
 
 
+@dataclass
+class SwinSizes(Options):
+    """A Swin's sizes as method options; None: the preset's (`SWIN_PRESETS`, Swin Table 1)."""
+    owner: typing.ClassVar[str] = 'the Swin backbone'
+    embed_dim: int | None = option(
+        None, "C, the channels of stage 1 (Swin Table 1)", none="the preset's")
+    depths: list[int] | None = option(
+        None, "Swin blocks per stage (Swin Table 1)", none="the preset's")
+    heads: list[int] | None = option(
+        None, "attention heads per stage (Swin Table 1)", none="the preset's")
+    window_size: int | None = option(
+        None,
+        "M, the side of an attention window in tokens (Swin Sec. 3.2; the official files: 7 at 224"
+        " px, 12 at 384 px)", none="the preset's")
+    mlp_ratio: float = option(
+        4.0, "MLP hidden width / C", low=0, low_open=True, default_from='paper')
+    drop_path_rate: float = option(
+        0.0, "stochastic depth: rates rise over the blocks from 0 to this",
+        low=0, high=1, high_open=True)
+
+
+# mmsegmentation's Swin names -> the official ones (`rename_keys`); `(backbone\.)?` keeps a prefix
+SWIN_MMSEG_KEYS = (
+    (r'(backbone\.)?patch_embed\.projection\.(.*)', r'\1patch_embed.proj.\2', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.(.*)',
+     r'\1layers.\2.blocks.\3.attn.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(.*)',
+     r'\1layers.\2.blocks.\3.mlp.fc1.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.(.*)',
+     r'\1layers.\2.blocks.\3.mlp.fc2.\4', None),
+    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.(norm[12]\..*)', r'\1layers.\2.blocks.\3.\4',
+     None),
+    (r'(backbone\.)?stages\.(\d+)\.downsample\.(.*)', r'\1layers.\2.downsample.\3', 'unfold'),
+)
+
+
+def swin_from_microsoft(sd, own):
+    """A Microsoft Swin state dict -> `own`'s (a SwinTransformer's state dict): drop the
+    classifier, the buffers rebuilt here and the final norm when `own` has none (KTB's
+    backbone); bias tables trained with another window are resized bicubically."""
+    sd = {k: v for k, v in sd.items()
+          if not (k.startswith('head.') or k.endswith('relative_position_index')
+                  or k.endswith('attn_mask')
+                  or (k.startswith('norm.') and 'norm.weight' not in own))}
+    for k, v in sd.items():
+        if k.endswith('relative_position_bias_table') and k in own and v.shape != own[k].shape:
+            # (m*m, heads) -> (1, heads, m, m) -> (n*n, heads)
+            m, n = math.isqrt(v.shape[0]), math.isqrt(own[k].shape[0])
+            grid = v.T.reshape(1, -1, m, m).float()
+            sd[k] = F.interpolate(grid, size=(n, n), mode='bicubic',
+                                  align_corners=False)[0].flatten(1).T.to(v.dtype)
+    return sd
+
+
+def swin_from_mmseg(sd, own):
+    """A mmsegmentation Swin state dict (with or without `backbone.`) -> `own`'s, by
+    `SWIN_MMSEG_KEYS`."""
+    if all(k.startswith('backbone.') for k in sd):
+        sd = {k[len('backbone.'):]: v for k, v in sd.items()}
+    return swin_from_microsoft(rename_keys(sd, SWIN_MMSEG_KEYS, own), own)
+
+
+
+
+def swin_from_checkpoint(sd, own):
+    """Microsoft's or mmsegmentation's Swin state dict -> `own`'s (a SwinTransformer's)."""
+    if any(k.startswith('backbone.MPGBlocks.') for k in sd):
+        raise ValueError("a trained KTB of the authors' release: load it into a rgbx.KTB (built "
+                         "with method ktb), "
+                         "not into a SwinTransformer")
+    if any(k.endswith('patch_embed.projection.weight') for k in sd):
+        return swin_from_mmseg(sd, own)
+    return swin_from_microsoft(sd, own)
+
+
 # ----------------------------------------------------------------------------
 # ViT of MAE (Dosovitskiy et al. ICLR 2021; He et al. "Masked Autoencoders Are
 # Scalable Vision Learners", CVPR 2022). Module names are the checkpoint keys.
@@ -564,8 +791,10 @@ def sincos_pos_embed(dim, h, w):
     """Fixed 2-D sin-cos position embedding of MAE: (h*w, dim), half the channels
     encode the row, half the column, each as [sin(p w_k), cos(p w_k)], w_k = 10000^(-k/(dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing='ij')
-    out = [torch.cat([torch.sin(p.flatten()[:, None] * omega), torch.cos(p.flatten()[:, None] * omega)], 1)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64),
+                                torch.arange(w, dtype=torch.float64), indexing='ij')
+    out = [torch.cat([torch.sin(p.flatten()[:, None] * omega),
+                      torch.cos(p.flatten()[:, None] * omega)], 1)
            for p in (cols, rows)]  # MAE's order: the first half encodes the column (grid[0] = w)
     return torch.cat(out, 1).float()
 
@@ -577,7 +806,8 @@ def resize_pos_embed(pos, grid, new_grid, extra=1):
         return pos
     head, body = pos[:, :extra], pos[:, extra:]
     body = body.reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-    body = F.interpolate(body.float(), size=tuple(new_grid), mode='bicubic', align_corners=False).to(pos.dtype)
+    body = F.interpolate(body.float(), size=tuple(new_grid), mode='bicubic',
+                         align_corners=False).to(pos.dtype)
     return torch.cat([head, body.flatten(2).transpose(1, 2)], 1)  # (1, extra + h*w, D)
 
 
@@ -590,8 +820,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
+        # (B, nh, T, hd)
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
@@ -608,7 +839,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop_path.residual(x, self.attn(self.norm1(x)))  # x + DropPath(Attn(LN(x)))
         return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
@@ -649,7 +880,8 @@ class VisionTransformer(nn.Module):
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.patch_embed = PatchEmbed(in_chans, dim, patch_size, norm=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.cat([torch.zeros(1, dim), sincos_pos_embed(dim, *self.grid)])[None],
+        self.pos_embed = nn.Parameter(torch.cat([torch.zeros(1, dim),
+                                                 sincos_pos_embed(dim, *self.grid)])[None],
                                       requires_grad=False)  # MAE: fixed sin-cos, cls row zeros
         self.blocks = vit_blocks(dim, depth, heads, mlp_ratio, drop_path_rate)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -665,11 +897,16 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], 1), grid
 
-    def forward(self, img):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
         x, _ = self.embed(img)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def convert_checkpoint(self, sd):
+        """An MAE ViT file -> (this model's state dict, keys it may lack, notes) for
+        `load_pretrained` (`vit_from_mae`)."""
+        return vit_from_mae(sd, self.state_dict()), set(), []
 
 
 
@@ -680,15 +917,42 @@ def vit(name, **overrides):
     return VisionTransformer(**{**VIT_PRESETS[name], **overrides})
 
 
-def _init_transformer_weights(m):
-    """Initialisation of the official releases: trunc-normal(0.02) linears, zero biases, unit norms."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+@dataclass
+class ViTSizes(Options):
+    """A ViT's sizes as method options; None: the preset's (`VIT_PRESETS`, ViT Table 1)."""
+    owner: typing.ClassVar[str] = 'the ViT backbone'
+    dim: int | None = option(None, 'D, the token width (ViT Table 1)', none="the preset's")
+    depth: int | None = option(None, 'transformer blocks (ViT Table 1)', none="the preset's")
+    heads: int | None = option(None, 'attention heads (ViT Table 1)', none="the preset's")
+    mlp_ratio: float = option(
+        4.0, "MLP hidden width / D", low=0, low_open=True, default_from='paper')
+    img_size: int = option(
+        224, "the image side the position table is stored for (other sizes interpolate it)",
+        default_from='MAE')
+    drop_path_rate: float = option(
+        0.0, "stochastic depth: rates rise over the blocks from 0 to this",
+        low=0, high=1, high_open=True)
+
+
+def vit_from_mae(sd, own):
+    """An MAE ViT state dict -> `own`'s (a VisionTransformer's): drop the MAE decoder of
+    the `_full` files and any classifier, resize `pos_embed` to `own`'s grid."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(('decoder_', 'mask_token', 'head.', 'fc_norm.'))}
+    if 'pos_embed' in sd:
+        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], square_grid(sd['pos_embed']),
+                                           square_grid(own['pos_embed']))
+    return sd
+
+
+def square_grid(pos_embed):
+    """(1, 1 + g*g, D) -> (g, g), or an error for a table that is not a square grid with a cls
+    row."""
+    n = pos_embed.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"checkpoint pos_embed has {n} patch rows, not a square grid; "
+                         f"expected a (1, 1 + g*g, D) MAE position embedding")
+    return side, side
 
 
 # ----------------------------------------------------------------------------
@@ -703,261 +967,23 @@ def read_checkpoint(path):
     """torch.load a checkpoint safely (weights_only) with a clear error when the
     file is missing, truncated or not a PyTorch file."""
     if os.path.isdir(path):
-        raise ValueError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file in it")
+        raise ValueError(f"checkpoint {path} is a folder, not a file: pass the "
+                         f"checkpoint file in it")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as e:
         reason = str(e)
-        if 'WeightsUnpickler error:' in reason:  # torch's advice around it (weights_only=False) is not ours to give
+        # torch's advice around it (weights_only=False) is not ours to give
+        if 'WeightsUnpickler error:' in reason:
             reason = reason.split('WeightsUnpickler error:', 1)[1].strip().split('\n')[0].split('. ')[0]
-        reason = ' '.join([type(e).__name__ + ':' if reason.strip() else type(e).__name__] + reason.split())
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}. The file is truncated, corrupted or not a "
-                              f"PyTorch checkpoint of tensors; download or copy it again.") from None
-
-
-# The mmsegmentation Swin and the KTB release, key by key: (key there, key here, how the tensor
-# changes). First match wins; `(backbone\.)?` keeps the release's prefix. Conversions:
-#   unfold  nn.Unfold channel order (c*4 + j, j over (0,0) (0,1) (1,0) (1,1)) -> the Microsoft concat order
-#   1x1     a 1x1 conv weight (O, I, 1, 1) -> nn.Linear's (O, I)
-#   yx      a 1x1 conv to (y, x) offsets -> nn.Linear to (x, y), grid_sample's order
-#   rgb, x  one modality's row of a tensor stacked (2, ...) here, RGB row first
-RELEASE_HEADS = {'': 's1', '_rgb': 's2', '_dte': 's3'}
-RELEASE_KEYS = (
-    (r'(backbone\.)?patch_embed\.projection\.(.*)', r'\1patch_embed.proj.\2', None),
-    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.(.*)', r'\1layers.\2.blocks.\3.attn.\4', None),
-    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(.*)', r'\1layers.\2.blocks.\3.mlp.fc1.\4', None),
-    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.(.*)', r'\1layers.\2.blocks.\3.mlp.fc2.\4', None),
-    (r'(backbone\.)?stages\.(\d+)\.blocks\.(\d+)\.(norm[12]\..*)', r'\1layers.\2.blocks.\3.\4', None),
-    (r'(backbone\.)?stages\.(\d+)\.downsample\.(.*)', r'\1layers.\2.downsample.\3', 'unfold'),
-    (r'backbone\.extra_patch_embed\.projection\.(.*)', r'x_patch_embed.proj.\1', None),
-    (r'backbone\.extra_patch_embed\.norm\.(.*)', r'x_patch_embed.norm.\1', None),
-    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.weight', r'adapters.\1.\2.w\3', 'rgb'),
-    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.bias', r'adapters.\1.\2.b\3', 'rgb'),
-    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.weight', r'adapters.\1.\2.w\3', 'x'),
-    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.bias', r'adapters.\1.\2.b\3', 'x'),
-    (r'backbone\.MPGBlocks\.(\d+)\.D_fc1\.(.*)', r'prompts.\1.w_rgb.\2', None),
-    (r'backbone\.MPGBlocks\.(\d+)\.D_fc2\.(.*)', r'prompts.\1.w_x.\2', None),
-    (r'backbone\.MPGBlocks\.(\d+)\.P_fc2\.(.*)', r'prompts.\1.w_p.\2', None),
-    (r'backbone\.MPGBlocks\.(\d+)\.U_fc1\.(.*)', r'prompts.\1.w_up.\2', None),
-    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_rgb', r'prompts.\1.\2', 'rgb'),
-    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_dte', r'prompts.\1.\2', 'x'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc1\.(.*)', r'dscf.\1.w_a.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc2\.(.*)', r'dscf.\1.w_b.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.U_fc1\.(.*)', r'dscf.\1.w_up.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.deform_weight', r'dscf.\1.alpha', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.identity_weight', r'dscf.\1.beta', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.rpe_table', r'dscf.\1.rpe_table', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.0\.(.*)', r'dscf.\1.offset_rgb.dwconv.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.1\.norm\.(.*)', r'dscf.\1.offset_rgb.norm.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.3\.weight', r'dscf.\1.offset_rgb.proj.weight', 'yx'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.0\.(.*)', r'dscf.\1.offset_x.dwconv.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.1\.norm\.(.*)', r'dscf.\1.offset_x.norm.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.3\.weight', r'dscf.\1.offset_x.proj.weight', 'yx'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.fuse_q\.conv\.(.*)', r'dscf.\1.query.\2', None),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_q\.(.*)', r'dscf.\1.w_q.\2', '1x1'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.get_sample_weight\.(.*)', r'dscf.\1.gate.\2', '1x1'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_(k|v)\.(.*)', r'dscf.\1.w_\2.\3', '1x1'),
-    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_out\.(.*)', r'dscf.\1.w_o.\2', '1x1'),
-    (r'backbone\.norm(\d)\.(.*)', r'rgb_norms.\1.\2', None),
-    (r'backbone\.extra_norm(\d)\.(.*)', r'x_norms.\1.\2', None),
-    (r'backbone\.fuse_norm(\d)\.(.*)', r'fuse_norms.\1.\2', None),
-    (r'decode_head(|_rgb|_dte)\.linear_c(\d)\.proj\.(.*)',
-     lambda m: f"{RELEASE_HEADS[m[1]]}.linear_c.{int(m[2]) - 1}.{m[3]}", None),
-    (r'decode_head(|_rgb|_dte)\.linear_fuse\.conv\.(.*)', lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.0.{m[2]}", None),
-    (r'decode_head(|_rgb|_dte)\.linear_fuse\.bn\.(.*)', lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.1.{m[2]}", None),
-    (r'decode_head(|_rgb|_dte)\.(linear_pred\..*)', lambda m: f"{RELEASE_HEADS[m[1]]}.{m[2]}", None),
-)
-
-
-def convert_release_keys(sd, own):
-    """A mmsegmentation Swin or KTB release state dict -> this module's names, by
-    `RELEASE_KEYS`. Keys no rule matches are kept as they are (the caller reports
-    them as unexpected). `own` (the model's state dict) gives the shapes of the
-    tensors stacked from one row per modality."""
-    def rule(key):
-        for pattern, name, how in RELEASE_KEYS:
-            m = re.fullmatch(pattern, key)
-            if m:
-                return (m.expand(name) if isinstance(name, str) else name(m)), how
-        return key, None
-
-    out, rows = {}, {}
-    for key, v in sd.items():
-        name, how = rule(key)
-        if how == 'unfold':  # (..., C*4) -> (..., 4, C) in the order x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1)
-            v = v.unflatten(-1, (-1, 4))[..., [0, 2, 1, 3]].transpose(-1, -2).flatten(-2)
-        elif how in ('1x1', 'yx') and v.ndim == 4:
-            v = v.flatten(1) if how == '1x1' else v.flatten(1).flip(0)
-        if how in ('rgb', 'x'):
-            rows.setdefault(name, [None, None])[how == 'x'] = v
-        else:
-            out[name] = v
-    for name, (rgb, x) in rows.items():
-        if rgb is None or x is None:  # a modality's row is missing: reported as a missing key
-            continue
-        v = torch.stack([rgb, x])  # (2, ...): an adapter bias (2, r) becomes the model's (2, 1, r)
-        out[name] = v.view(own[name].shape) if name in own and v.squeeze().shape == own[name].squeeze().shape else v
-    return out
-
-
-def swin_from_microsoft(sd, own):
-    """A Microsoft Swin state dict -> `own`'s (a SwinTransformer's state dict): drop the
-    classifier, the buffers rebuilt here and the final norm when `own` has none (KTB's
-    backbone); bias tables trained with another window are resized bicubically."""
-    sd = {k: v for k, v in sd.items()
-          if not (k.startswith('head.') or k.endswith('relative_position_index') or k.endswith('attn_mask')
-                  or (k.startswith('norm.') and 'norm.weight' not in own))}
-    for k, v in sd.items():
-        if k.endswith('relative_position_bias_table') and k in own and v.shape != own[k].shape:
-            m, n = math.isqrt(v.shape[0]), math.isqrt(own[k].shape[0])  # (m*m, heads) -> (1, heads, m, m) -> (n*n, heads)
-            grid = v.T.reshape(1, -1, m, m).float()
-            sd[k] = F.interpolate(grid, size=(n, n), mode='bicubic', align_corners=False)[0].flatten(1).T.to(v.dtype)
-    return sd
-
-
-def swin_from_mmseg(sd, own):
-    """A mmsegmentation Swin state dict (with or without `backbone.`) -> `own`'s, by `RELEASE_KEYS`."""
-    if all(k.startswith('backbone.') for k in sd):
-        sd = {k[len('backbone.'):]: v for k, v in sd.items()}
-    return swin_from_microsoft(convert_release_keys(sd, own), own)
-
-
-def ktb_from_release(sd, own):
-    """A trained KTB of the authors' release (its whole model) -> a `KTB` state dict `own`'s."""
-    return {k: v for k, v in convert_release_keys(sd, own).items()
-            if not k.endswith('relative_position_index')}  # a buffer rebuilt here
-
-
-def vit_from_mae(sd, own):
-    """An MAE ViT state dict -> `own`'s (a VisionTransformer's): drop the MAE decoder of
-    the `_full` files and any classifier, resize `pos_embed` to `own`'s grid."""
-    sd = {k: v for k, v in sd.items() if not k.startswith(('decoder_', 'mask_token', 'head.', 'fc_norm.'))}
-    if 'pos_embed' in sd:
-        sd['pos_embed'] = resize_pos_embed(sd['pos_embed'], square_grid(sd['pos_embed']),
-                                           square_grid(own['pos_embed']))
-    return sd
-
-
-def square_grid(pos_embed):
-    """(1, 1 + g*g, D) -> (g, g), or an error for a table that is not a square grid with a cls row."""
-    n = pos_embed.shape[1] - 1
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"checkpoint pos_embed has {n} patch rows, not a square grid; "
-                         f"expected a (1, 1 + g*g, D) MAE position embedding")
-    return side, side
-
-
-def multimae_from_mae(sd, own):
-    """An MAE ViT state dict -> MultiMAE's names, as MultiMAE's vit2multimae converter maps
-    it: blocks.* -> encoder.*, patch_embed.proj -> the RGB adapter's proj, cls_token (+ its
-    position row) -> global_tokens, pos_embed -> the RGB adapter's table, resized to
-    `own`'s; MAE's final norm, decoder and head dropped (MultiMAE has no final norm).
-    The RGB table keeps MAE's (row, column) channel order, as vit2multimae does, while
-    MultiMAE's own tables are the transpose (design choice: MultiMAE's converter as is)."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith('blocks.'):
-            out['encoder.' + k[len('blocks.'):]] = v
-        elif k.startswith('patch_embed.proj.'):
-            out['input_adapters.rgb.proj.' + k.rsplit('.', 1)[1]] = v
-    if 'cls_token' in sd:
-        out['global_tokens'] = sd['cls_token'] + (sd['pos_embed'][:, :1] if 'pos_embed' in sd else 0)
-    if 'pos_embed' in sd:
-        side = square_grid(sd['pos_embed'])[0]
-        table = sd['pos_embed'][:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        out['input_adapters.rgb.pos_emb'] = F.interpolate(
-            table, size=own['backbone.input_adapters.rgb.pos_emb'].shape[-2:], mode='bicubic', align_corners=False)
-    return out
-
-
-# The tensors whose shape follows the number of semantic classes (MultiMAE's files: 133 COCO classes).
-CLASS_COUNT_KEYS = ('backbone.input_adapters.semseg.class_emb.weight', 'output_adapters.semseg.out_proj.weight',
-                    'output_adapters.semseg.out_proj.bias')
-
-# MultiMAE checkpoint prefix -> this project's; below the prefix the names are MultiMAE's.
-MULTIMAE_RENAMES = (
-    ('input_adapters.', 'backbone.input_adapters.'),
-    ('encoder.', 'backbone.encoder.'),
-    ('global_tokens', 'backbone.global_tokens'),
-)
-
-
-def adapter_part(key):
-    """'output_adapters.norm_rgb.mlp.fc1.weight' -> 'output_adapters.norm_rgb' (also
-    'backbone.input_adapters.<name>'); None for keys outside the adapters."""
-    parts = key.split('.')
-    if parts[0] == 'output_adapters':
-        return '.'.join(parts[:2])
-    if parts[:2] == ['backbone', 'input_adapters']:
-        return '.'.join(parts[:3])
-    return None
-
-
-def multimae_renamed(sd, own):
-    """A MultiMAE file, an MAE ViT file or an rgbx MaskMentor state dict -> this project's
-    names (`MULTIMAE_RENAMES`; an MAE file through `multimae_from_mae`), nothing dropped."""
-    if any(k.startswith('backbone.') for k in sd):
-        return dict(sd)
-    if not any(k.startswith(('encoder.', 'input_adapters.')) for k in sd):
-        sd = multimae_from_mae(sd, own)
-    return {next((new + k[len(old):] for old, new in MULTIMAE_RENAMES if k.startswith(old)), k): v
-            for k, v in sd.items()}
-
-
-def multimae_to_rgbx(sd, own):
-    """A MultiMAE / MAE / rgbx MaskMentor state dict -> a MaskMentor model's (`own`):
-    renamed (`multimae_renamed`), without the adapters `own` lacks (all output adapters
-    when fine-tuning; `norm_rgb` without norm_pix_rgb; the semseg input adapter) and
-    without the CLASS_COUNT_KEYS tensors of another class count (they keep their initial
-    values). `multimae_notes` says what was left out."""
-    sd = multimae_renamed(sd, own)
-    parts = {adapter_part(k) for k in own}
-    return {k: v for k, v in sd.items() if (adapter_part(k) is None or adapter_part(k) in parts)
-            and k != 'steps_done' and not (k in CLASS_COUNT_KEYS and k in own and v.shape != own[k].shape)}
-
-
-def multimae_notes(sd, own):
-    """What `multimae_to_rgbx` leaves out of `sd` for a model `own`, as sentences."""
-    sd = multimae_renamed(sd, own)
-    notes = []
-    dropped = sorted({adapter_part(k) for k in sd} - {adapter_part(k) for k in own} - {None})
-    if dropped:
-        notes.append(f"ignoring parts this model does not have: {', '.join(dropped)}")
-    per_class = sorted(k for k in CLASS_COUNT_KEYS if k in sd and k in own and sd[k].shape != own[k].shape)
-    if per_class:
-        notes.append("another number of semantic classes in the checkpoint than in this model: "
-                     + ', '.join(f"{k} {tuple(sd[k].shape)} -> {tuple(own[k].shape)}" for k in per_class)
-                     + " re-initialised")
-    if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
-        notes.append("the checkpoint holds no decoders (an encoder file): the output adapters keep their initial values")
-    elif 'output_adapters.norm_rgb' in {adapter_part(k) for k in own} - {adapter_part(k) for k in sd}:
-        notes.append("the checkpoint has no norm_rgb decoder (a file trained without norm_pix_rgb): it starts fresh "
-                     "(or build with norm_pix_rgb=False)")
-    return notes
-
-
-def checkpoint_format(sd):
-    """Which source a state dict comes from, by its keys: 'ktb-release' (a trained KTB of
-    the release), 'mmseg-swin', 'multimae' (MultiMAE, or an rgbx MaskMentor), 'mae'
-    (an MAE ViT), 'swin' (Microsoft's Swin) or 'rgbx' (anything else, taken as it is)."""
-    if any(k.startswith('backbone.MPGBlocks.') for k in sd):
-        return 'ktb-release'
-    if any(k.endswith('patch_embed.projection.weight') for k in sd):
-        return 'mmseg-swin'
-    if any(k.startswith(('encoder.', 'input_adapters.', 'output_adapters.', 'backbone.input_adapters.')) for k in sd):
-        return 'multimae'
-    if 'cls_token' in sd or any(k.startswith('decoder_') for k in sd):
-        return 'mae'
-    if any('relative_position_bias_table' in k for k in sd):
-        return 'swin'
-    return 'rgbx'
-
-
-CONVERTERS = {'ktb-release': ktb_from_release, 'mmseg-swin': swin_from_mmseg, 'multimae': multimae_to_rgbx,
-              'mae': vit_from_mae, 'swin': swin_from_microsoft, 'rgbx': lambda sd, own: sd}
+        reason = ' '.join([type(e).__name__ + ':' if reason.strip() else type(e).__name__]
+                          + reason.split())
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}. The file is truncated, "
+                              f"corrupted or not a "
+                              f"PyTorch checkpoint of tensors; download or "
+                              f"copy it again.") from None
 
 
 class CheckpointNote(UserWarning):
@@ -972,50 +998,40 @@ def read_state_dict(path):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"checkpoint {path} does not hold a state dict of tensors (top-level keys: "
+        raise ValueError(f"checkpoint {path} does not hold a state dict of tensors "
+                         f"(top-level keys: "
                          f"{list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__})")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"checkpoint {path} holds NaN or Inf values in {len(bad)} tensors, the first {bad[0]!r}: "
+        raise ValueError(f"checkpoint {path} holds NaN or Inf values in {len(bad)} tensors, the "
+                         f"first {bad[0]!r}: "
                          f"the file is corrupted; download or copy it again")
     return sd
 
 
 def load_pretrained(model, path):
-    """Load an official file into a model (its `pretrained_target`: the backbone, or the
-    whole MaskMentor model) or into a bare backbone, or a trained KTB of the authors'
-    release into a `KTB`. Returns the model.
+    """Load a pretrained file into a model (its `pretrained_target`: the backbone, or the
+    whole model for the files that hold one) or into a bare backbone; returns the model.
 
-    Reads with weights_only=True: Microsoft's Swin, mmsegmentation's Swin (the files the
-    KTB release asks for), MAE's ViT (also the `_full` files), MultiMAE's files and the
-    KTB release's saved models; recognises them by their keys (`checkpoint_format`),
-    converts them (`CONVERTERS`, one pure function per format), then loads and raises an
-    error listing every missing, unexpected or mis-shaped key. Keys the target declares
-    absent (`RGBXModel.checkpoint_absent_keys`) keep their initial values; what a
-    MultiMAE file leaves out is reported as a `CheckpointNote` warning.
+    Reads with weights_only=True (`read_state_dict`), asks the target to convert the state
+    dict to its own names (`convert_checkpoint`, beside each model: Swin, ViT, KTB,
+    MaskMentor), then loads and raises an error listing every missing, unexpected or
+    mis-shaped key. Keys the target declares absent keep their initial values; its notes
+    (what a MultiMAE file leaves out) are `CheckpointNote` warnings.
     """
     sd = read_state_dict(path)
-    fmt = checkpoint_format(sd)
-    if fmt == 'ktb-release':
-        if not isinstance(model, KTB):
-            raise ValueError(f"checkpoint {path} is a trained KTB of the authors' release; load it into a rgbx.KTB "
-                             f"(built with method ktb), not into a {type(model).__name__}")
-        target, fix = model, "Build the KTB with the backbone, window, class count and head widths the file was trained with."
-    else:
-        target = model.pretrained_target() if isinstance(model, RGBXModel) else model
-        fix = "Check that the preset (tiny/small/base/large) and the file belong together."
+    target = model.pretrained_target(sd) if isinstance(model, RGBXModel) else model
+    if not callable(getattr(target, 'convert_checkpoint', None)):
+        raise TypeError(f"load_pretrained loads into an rgbx model, SwinTransformer or "
+                        f"VisionTransformer, "
+                        f"not a {type(target).__name__}")
+    try:
+        sd, absent, notes = target.convert_checkpoint(sd)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: {e}") from None
+    for note in notes:
+        warnings.warn(f"load_pretrained {path}: {note}", CheckpointNote, stacklevel=2)
     own = target.state_dict()
-    if isinstance(target, MaskMentorModel):  # MultiMAE's network: MultiMAE, MAE and rgbx files alike
-        for note in multimae_notes(sd, own):
-            warnings.warn(f"load_pretrained {path}: {note}", CheckpointNote, stacklevel=2)
-        sd = multimae_to_rgbx(sd, own)
-    else:
-        sd = CONVERTERS[fmt](sd, own)
-    for k in [k for k in sd if k.endswith('.pos_emb') and k in own and sd[k].shape != own[k].shape]:
-        # a MultiMAE position table stored for another image size: it is interpolated at use, so it is taken as it is
-        target.get_submodule(k.rsplit('.', 1)[0]).pos_emb = sd[k].clone()
-        own[k] = sd[k]
-    absent = target.checkpoint_absent_keys(sd) if isinstance(target, RGBXModel) else set()
     missing = sorted(set(own) - set(sd) - absent)
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -1026,9 +1042,47 @@ def load_pretrained(model, path):
             + (f"missing keys ({len(missing)}): {missing}; " if missing else '')
             + (f"unexpected keys ({len(unexpected)}): {unexpected}; " if unexpected else '')
             + (f"shape mismatches: {shapes}; " if shapes else '')
-            + fix)
-    target.load_state_dict(sd, strict=False)  # only the declared `absent` keys keep their initial values
+            + "build the model with the sizes (preset, window, classes, head widths) the file was "
+            "trained with.")
+    # only the declared `absent` keys keep their initial values
+    target.load_state_dict(sd, strict=False)
     return model
+
+
+def rename_keys(sd, rules, own):
+    """A state dict renamed by `rules`, ((regex, name or function of the match, how the
+    tensor changes), first match wins; the changes below). Keys no rule matches are kept as
+    they are (the loader reports them as unexpected). `own` (the model's state dict) gives
+    the shapes of the tensors stacked from one row per modality. Changes:
+      unfold  nn.Unfold channel order (c*4 + j, j over (0,0) (0,1) (1,0) (1,1)) -> Microsoft's
+      1x1     a 1x1 conv weight (O, I, 1, 1) -> nn.Linear's (O, I)
+      yx      a 1x1 conv to (y, x) offsets -> nn.Linear to (x, y), grid_sample's order
+      rgb, x  one modality's row of a tensor stacked (2, ...) here, RGB row first"""
+    def rule(key):
+        for pattern, name, how in rules:
+            m = re.fullmatch(pattern, key)
+            if m:
+                return (m.expand(name) if isinstance(name, str) else name(m)), how
+        return key, None
+
+    out, rows = {}, {}
+    for key, v in sd.items():
+        name, how = rule(key)
+        # (..., C*4) -> (..., 4, C) in the order x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1)
+        if how == 'unfold':
+            v = v.unflatten(-1, (-1, 4))[..., [0, 2, 1, 3]].transpose(-1, -2).flatten(-2)
+        elif how in ('1x1', 'yx') and v.ndim == 4:
+            v = v.flatten(1) if how == '1x1' else v.flatten(1).flip(0)
+        if how in ('rgb', 'x'):
+            rows.setdefault(name, [None, None])[how == 'x'] = v
+        else:
+            out[name] = v
+    for name, (rgb, x) in rows.items():
+        if rgb is None or x is None:  # a modality's row is missing: reported as a missing key
+            continue
+        v = torch.stack([rgb, x])  # (2, ...): an adapter bias (2, r) becomes the model's (2, 1, r)
+        out[name] = v.view(own[name].shape) if name in own and v.squeeze().shape == own[name].squeeze().shape else v
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -1054,27 +1108,36 @@ class SegFormerHead(nn.Module):
     def __init__(self, in_dims, embed_dim, num_classes, dropout=0.1):
         super().__init__()
         self.linear_c = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_dims)
-        self.linear_fuse = nn.Sequential(nn.Conv2d(len(in_dims) * embed_dim, embed_dim, 1, bias=False),
+        self.linear_fuse = nn.Sequential(nn.Conv2d(len(in_dims) * embed_dim, embed_dim, 1,
+                                                   bias=False),
                                          nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
         self.dropout = Dropout(dropout, per='channel')
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
 
-    def forward(self, feats, size, channels_last=False):
+    def forward(self, feats: list[torch.Tensor], size: tuple[int, int], channels_last: bool = False
+                ) -> torch.Tensor:
         h, w = feats[0].shape[-2:]
-        fuse = self.linear_fuse[0].weight.flatten(1).chunk(len(feats), 1)[::-1]  # W_f,i (E, E), in stage order
+        # W_f,i (E, E), in stage order
+        fuse = self.linear_fuse[0].weight.flatten(1).chunk(len(feats), 1)[::-1]
         x = None
-        for lin, w_f, f in list(zip(self.linear_c, fuse, feats))[::-1]:  # deepest first: x starts as a fresh map
-            y = F.linear(f.permute(0, 2, 3, 1), w_f @ lin.weight, w_f @ lin.bias)  # (B, H_i, W_i, E)
+        # deepest first: x starts as a fresh map
+        for lin, w_f, f in list(zip(self.linear_c, fuse, feats))[::-1]:
+            # (B, H_i, W_i, E)
+            y = F.linear(f.permute(0, 2, 3, 1), w_f @ lin.weight, w_f @ lin.bias)
             y = y.permute(0, 3, 1, 2)  # (B, E, H_i, W_i), a channels-last view
             if y.shape[-2:] != (h, w):
-                y = F.interpolate(y, size=(h, w), mode='bilinear', align_corners=False)  # (B, E, h, w)
+                # (B, E, h, w)
+                y = F.interpolate(y, size=(h, w), mode='bilinear', align_corners=False)
             x = y if x is None else x.add_(y)  # in place: no new 1/4-resolution map per stage
         x = self.linear_fuse[2](self.linear_fuse[1](x))  # BN + ReLU, (B, E, h, w)
         pred = self.linear_pred  # the 1x1 conv as a linear map on the channels-last map
-        logits = F.linear(self.dropout(x).permute(0, 2, 3, 1), pred.weight.flatten(1), pred.bias)  # (B, h, w, K)
+        # (B, h, w, K)
+        logits = F.linear(self.dropout(x).permute(0, 2, 3, 1), pred.weight.flatten(1), pred.bias)
         logits = logits.permute(0, 3, 1, 2)  # (B, K, h, w), a channels-last view
-        # memory layout of the logits, same values: channels-first for a softmax over the classes (inference,
-        # ~4x faster than on channels-last); channels-last for the loss (`segmentation_loss` reads it as
+        # memory layout of the logits, same values: channels-first for a softmax over the classes
+        # (inference, ~4x faster than on channels-last); channels-last for the loss
+        # (`segmentation_loss` reads
+        # it as
         # (B*H*W, K) rows, ~1.5x faster with its backward) and an argmax over the classes (~3x)
         logits = logits if channels_last else logits.contiguous()
         # straight to the input size, as SegFormer and the KTB release do (not `resize_logits`)
@@ -1084,7 +1147,8 @@ class SegFormerHead(nn.Module):
 class SETRNaiveHead(nn.Module):
     """SETR-Naive head (Zheng et al., CVPR 2021), GoPT's Psi: LayerNorm, 1x1 conv
     D -> 256, BN, ReLU, 1x1 conv -> classes, bilinear x16 to the input size.
-    forward(tokens: (B, h*w, D) without the cls token, grid=(h, w), size=(H, W)) -> (B, classes, H, W).
+    forward(tokens: (B, h*w, D) without the cls token, grid=(h, w), size=(H, W)) -> (B, classes, H,
+    W).
     """
 
     stride = 16
@@ -1096,7 +1160,7 @@ class SETRNaiveHead(nn.Module):
         self.bn = nn.BatchNorm2d(hidden)
         self.conv2 = nn.Conv2d(hidden, num_classes, 1)
 
-    def forward(self, tokens, grid, size):
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         x = self.norm(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # (B, D, h, w)
         x = self.conv2(F.relu(self.bn(self.conv1(x))))
         return resize_logits(x, size, self.stride)
@@ -1113,7 +1177,7 @@ class ConvNeXtBlock(nn.Module):
         self.mlp = Mlp(dim, 4 * dim)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (B, H, W, C)
         return x + (self.gamma * self.mlp(y)).permute(0, 3, 1, 2)
 
@@ -1136,12 +1200,13 @@ class ConvNeXtHead(nn.Module):
         self.blocks = nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(depth)])
         self.final_layer = nn.Conv2d(dim, num_classes, 1)
 
-    def forward(self, tokens, grid, size):
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         B, (h, w), s = tokens.shape[0], grid, self.sub
         x = self.proj_dec(tokens).view(B, h, w, s, s, -1)  # (B, h, w, s, s, C)
-        x = x.transpose(2, 3).reshape(B, h * s, w * s, -1).permute(0, 3, 1, 2)  # (B, C, h*s, w*s), channels-last
-        # channels-last maps: the blocks' LN and MLP need no copy, the 7x7 convs run faster; channels-first
-        # logits: the loss's softmax over channels is ~4x slower on channels-last
+        # (B, C, h*s, w*s), channels-last
+        x = x.transpose(2, 3).reshape(B, h * s, w * s, -1).permute(0, 3, 1, 2)
+        # channels-last maps: the blocks' LN and MLP need no copy, the 7x7 convs run faster;
+        # channels-first logits: the loss's softmax over channels is ~4x slower on channels-last
         return resize_logits(self.final_layer(self.blocks(x)).contiguous(), size, self.stride)
 
 
@@ -1153,7 +1218,8 @@ def backbone_from_name(name, **overrides):
     """'swin-base' -> rgbx.swin('base'), 'vit-large' -> rgbx.vit('large'), ..."""
     family, _, size = name.partition('-')
     if family not in ('swin', 'vit'):
-        raise ValueError(f"unknown backbone {name!r}: use swin-<{'|'.join(SWIN_PRESETS)}> or vit-<{'|'.join(VIT_PRESETS)}>")
+        raise ValueError(f"unknown backbone {name!r}: use swin-<{'|'.join(SWIN_PRESETS)}> or "
+                         f"vit-<{'|'.join(VIT_PRESETS)}>")
     return (swin if family == 'swin' else vit)(size, **overrides)
 
 
@@ -1173,7 +1239,8 @@ class EarlyFusion(RGBXModel):
         proj = backbone.patch_embed.proj
         if x_channels:
             wide = nn.Conv2d(3 + x_channels, proj.out_channels, proj.kernel_size, proj.stride)
-            with torch.no_grad():  # design choice: X filters start as the mean RGB filter, as in depth-aware fine-tuning
+            # design choice: X filters start as the mean RGB filter, as in depth-aware fine-tuning
+            with torch.no_grad():
                 wide.weight.copy_(torch.cat([proj.weight, proj.weight.mean(1, keepdim=True).expand(-1, x_channels, -1, -1)], 1))
                 wide.bias.copy_(proj.bias)
             backbone.patch_embed.proj = wide
@@ -1182,11 +1249,13 @@ class EarlyFusion(RGBXModel):
         else:
             self.head = SETRNaiveHead(backbone.dim, num_classes, head_dim)
 
-    def forward(self, rgb, x, label=None):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         img = torch.cat([rgb, x], 1) if self.x_channels else rgb
         size = img.shape[-2:]
         if isinstance(self.backbone, SwinTransformer):
-            logits = self.head(self.backbone(img), size, channels_last=label is not None)  # the loss's layout
+            # the loss's layout
+            logits = self.head(self.backbone(img), size, channels_last=label is not None)
         else:
             grid = (-(-size[0] // 16), -(-size[1] // 16))
             logits = self.head(self.backbone(img)[:, 1:], grid, size)
@@ -1195,18 +1264,47 @@ class EarlyFusion(RGBXModel):
         return segmentation_loss(logits, label), logits
 
 
-def build_early_fusion(backbone_name, num_classes, x_channels, pretrained=None, use_x=True, head_dim=256, **overrides):
-    """Early fusion (use_x=True) or RGB-only (use_x=False) baseline, fully trainable;
-    `head_dim`: the head's width, `overrides` go to the backbone preset."""
-    backbone = backbone_from_name(backbone_name, **overrides)
+@dataclass
+class RGBOnlyConfig(Options):
+    """The RGB-only baseline's options, besides the backbone preset's sizes (`SwinSizes`,
+    `ViTSizes`)."""
+    owner: typing.ClassVar[str] = 'rgb_only'
+    head_dim: int = option(
+        256, "the head's width: SegFormer's embedding on a Swin, SETR-Naive's hidden "
+        "width on a ViT")
+
+
+@dataclass
+class EarlyFusionConfig(RGBOnlyConfig):
+    """The early-fusion baseline's options, besides the backbone preset's sizes."""
+    owner: typing.ClassVar[str] = 'early_fusion'
+    use_x: bool = option(
+        True, "stack X with RGB as input channels (False: the model sees RGB only)")
+
+
+def build_early_fusion(backbone_name: str, num_classes: int, x_channels: int,
+                       pretrained: str | None = None,
+                       **options) -> 'EarlyFusion':
+    """Early fusion (use_x) or RGB-only baseline on `backbone_name` ('swin-base', 'vit-large', ...),
+    fully trainable; `options`: `EarlyFusionConfig`'s and the backbone's sizes."""
+    family = backbone_name.partition('-')[0]
+    cfg, sizes = split_options(EarlyFusionConfig, {'swin': SwinSizes, 'vit': ViTSizes}.get(family),
+                               options)
+    backbone = backbone_from_name(backbone_name, **sizes)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    return EarlyFusion(backbone, num_classes, x_channels if use_x else 0, head_dim)
+    return EarlyFusion(backbone, num_classes, x_channels if cfg.use_x else 0, cfg.head_dim)
 
 
-def build_rgb_only(backbone_name, num_classes, x_channels, pretrained=None, **options):
-    """The RGB "foundation" baseline: the early-fusion model with X ignored."""
-    return build_early_fusion(backbone_name, num_classes, x_channels, pretrained, use_x=False, **options)
+def build_rgb_only(backbone_name: str, num_classes: int, x_channels: int,
+                   pretrained: str | None = None,
+                   **options) -> 'EarlyFusion':
+    """The RGB "foundation" baseline: the early-fusion model with X ignored (`RGBOnlyConfig`)."""
+    family = backbone_name.partition('-')[0]
+    # checks the names
+    split_options(RGBOnlyConfig, {'swin': SwinSizes, 'vit': ViTSizes}.get(family), options)
+    return build_early_fusion(backbone_name, num_classes, x_channels, pretrained, use_x=False,
+                              **options)
 
 
 # ----------------------------------------------------------------------------
@@ -1231,7 +1329,8 @@ def release_init(module, conv_like=()):
     k*k*out_channels (groups not divided out); biases 0; norms weight 1."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d) or any(m is c for c in conv_like):
-            nn.init.normal_(m.weight, std=math.sqrt(2.0 / (m.weight.shape[0] * math.prod(m.weight.shape[2:]))))
+            nn.init.normal_(m.weight,
+                            std=math.sqrt(2.0 / (m.weight.shape[0] * math.prod(m.weight.shape[2:]))))
         elif isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
         elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
@@ -1262,12 +1361,14 @@ class MAPAPrompt(nn.Module):
         self.gamma = nn.Parameter(1 + 0.02 * torch.randn(2, dim))  # gamma ~ N(1, 0.02)
         self.beta = nn.Parameter(0.02 * torch.randn(2, dim))  # beta ~ N(0, 0.02)
 
-    def forward(self, streams):
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
         s = streams.unflatten(0, (2, -1))  # (2, B, H, W, C)
         low = torch.cat([self.w_rgb(s[0]), self.w_x(s[1])], -1)  # (B, H, W, 2r): [X~_rgb ; X~_x]
         uni = self.w_up(self.w_p(low))  # (B, H, W, C): X_uni
-        gamma, beta = self.gamma[:, None, None, None], self.beta[:, None, None, None]  # (2, 1, 1, 1, C)
-        return torch.addcmul(s + beta, 1 + gamma, uni).flatten(0, 1)  # X_m + X_uni + P_m, (2B, H, W, C), in 2 passes
+        # (2, 1, 1, 1, C)
+        gamma, beta = self.gamma[:, None, None, None], self.beta[:, None, None, None]
+        # X_m + X_uni + P_m, (2B, H, W, C), in 2 passes
+        return torch.addcmul(s + beta, 1 + gamma, uni).flatten(0, 1)
 
 
 class MAPAAdapter(nn.Module):
@@ -1296,26 +1397,32 @@ class MAPAAdapter(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(2, 1, dim))
         self.dropout = Dropout(dropout, dim=1)  # on (2, B*H*W, r): the batch is axis 1
 
-    def forward(self, z, out=None):
+    def forward(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         z2 = z.reshape(2, -1, z.shape[-1])  # (2, B*H*W, C): RGB tokens, X tokens
-        h = self.dropout(F.relu(torch.baddbmm(self.b1, z2, self.w1.transpose(1, 2))))  # (2, B*H*W, r)
+        # (2, B*H*W, r)
+        h = self.dropout(F.relu(torch.baddbmm(self.b1, z2, self.w1.transpose(1, 2))))
         if out is None:
-            return torch.baddbmm(self.b2, h, self.w2.transpose(1, 2), beta=self.scale, alpha=self.scale).view(z.shape)
+            return torch.baddbmm(self.b2, h, self.w2.transpose(1, 2), beta=self.scale,
+                                 alpha=self.scale).view(z.shape)
         h1 = torch.cat([h, h.new_ones(*h.shape[:2], 1)], -1)  # (2, B*H*W, r + 1): [h, 1]
         w21 = torch.cat([self.w2.transpose(1, 2), self.b2], 1)  # (2, r + 1, C): [W2, b2]^T
-        h1, w21 = h1.to(out.dtype), w21.to(out.dtype)  # an in-place matmul takes out's dtype (autocast casts none)
-        return out.view(2, -1, out.shape[-1]).baddbmm_(h1, w21, alpha=self.scale).view(z.shape)  # out + 0.5 A_m(z)
+        # an in-place matmul takes out's dtype (autocast casts none)
+        h1, w21 = h1.to(out.dtype), w21.to(out.dtype)
+        # out + 0.5 A_m(z)
+        return out.view(2, -1, out.shape[-1]).baddbmm_(h1, w21, alpha=self.scale).view(z.shape)
 
 
 def _normalised(pixels, size):
-    """Pixel coordinates -> grid_sample's align_corners=True frame [-1, 1] (a map of size 1 -> -1)."""
+    """Pixel coordinates -> grid_sample's align_corners=True frame [-1, 1] (a map of size 1 ->
+    -1)."""
     return 2 * pixels / max(size - 1, 1) - 1
 
 
 def query_grid(H, W, device=None):
     """Every pixel of an H x W map in grid_sample's (x, y) order, normalised: (H*W, 2)."""
     y, x = torch.meshgrid(_normalised(torch.arange(H, device=device, dtype=torch.float), H),
-                          _normalised(torch.arange(W, device=device, dtype=torch.float), W), indexing='ij')
+                          _normalised(torch.arange(W, device=device, dtype=torch.float), W),
+                          indexing='ij')
     return torch.stack([x, y], -1).view(-1, 2)
 
 
@@ -1342,10 +1449,13 @@ def relative_position_bias(table, queries, keys):
     """
     B, g, Nk, _ = keys.shape
     h = table.shape[0]
-    # (query - key) / 2, scaled and negated on the small operands: their backward then stays small too
-    disp = (0.5 * queries)[None, :, None] + (-0.5 * keys).flatten(0, 1)[:, None]  # (B*g, Nq, Nk, 2), in [-1, 1]
-    tab = table.view(1, g, h // g, *table.shape[1:]).expand(B, -1, -1, -1, -1).flatten(0, 1)  # (B*g, h/g, Th, Tw)
-    bias = F.grid_sample(tab, disp.to(tab.dtype), mode='bilinear', align_corners=True)  # (B*g, h/g, Nq, Nk)
+    # (query - key) / 2, scaled and negated on the small operands: their backward then stays small
+    # too (B*g, Nq, Nk, 2), in [-1, 1]
+    disp = (0.5 * queries)[None, :, None] + (-0.5 * keys).flatten(0, 1)[:, None]
+    # (B*g, h/g, Th, Tw)
+    tab = table.view(1, g, h // g, *table.shape[1:]).expand(B, -1, -1, -1, -1).flatten(0, 1)
+    # (B*g, h/g, Nq, Nk)
+    bias = F.grid_sample(tab, disp.to(tab.dtype), mode='bilinear', align_corners=True)
     return bias.view(B, h, queries.shape[0], Nk)  # (B, h, Nq, Nk), head j of group j // (h/g)
 
 
@@ -1362,19 +1472,19 @@ class OffsetNet(nn.Module):
         self.norm = nn.LayerNorm(channels)
         self.proj = nn.Linear(channels, 2, bias=False)  # the 1x1 conv, on channels-last maps
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))  # (B*g, Hk, Wk, 2)
 
 
 class DSCF(nn.Module):
     """KTB DSCF: dynamic sparse cross-modality fusion of one stage (docs/ktb.md, part 4).
 
-    1. x = W_a X_rgb, y = W_b X_x                        (C -> r, the normed stage outputs)
-    2. Q0 = GELU(BN(Conv3x3([x ; y]))),  Q = W_q Q0       (2r -> r, r -> r)
-    3. offsets per modality and group: theta_rgb(x), theta_x(y) on a grid of
+    1. h_rgb = W_a X_rgb, h_x = W_b X_x                (C -> r, the normed stage outputs)
+    2. Q0 = GELU(BN(Conv3x3([h_rgb ; h_x]))),  Q = W_q Q0   (2r -> r, r -> r)
+    3. offsets per modality and group: theta_rgb(h_rgb), theta_x(h_x) on a grid of
        (H/s) x (W/s) reference points; p_m = clamp(ref + theta_m, -1, 1)
     4. bilinear sampling (align_corners=True) at both point sets:
-       F_rgb = [x(p_rgb), x(p_x)], F_x = [y(p_rgb), y(p_x)], F_q = [Q(p_rgb), Q(p_x)]
+       F_rgb = [h_rgb(p_rgb), h_rgb(p_x)], F_x = [h_x(p_rgb), h_x(p_x)], F_q = [Q(p_rgb), Q(p_x)]
     5. dynamic modality gate per sampled point: w = softmax_2(W_g2 ReLU(W_g1 F_q)),
        S = w_rgb F_rgb + w_x F_x                          ("dynamic")
     6. all H*W queries attend to the 2 (H/s)(W/s) keys (SDPA; "sparse"):
@@ -1390,12 +1500,14 @@ class DSCF(nn.Module):
     def __init__(self, dim, rank, stride, groups, heads, kernel=9, bias_grid=(60, 80), alpha=1e-3):
         super().__init__()
         if rank % groups or rank % heads or heads % groups:
-            raise ValueError(f"DSCF rank {rank} must be divisible by groups {groups} and heads {heads}, "
+            raise ValueError(f"DSCF rank {rank} must be divisible by groups {groups} and "
+                             f"heads {heads}, "
                              f"and heads by groups")
         self.rank, self.stride, self.groups, self.heads = rank, stride, groups, heads
         self.w_a = nn.Linear(dim, rank)
         self.w_b = nn.Linear(dim, rank)
-        self.query = nn.Sequential(nn.Conv2d(2 * rank, rank, 3, padding=1), nn.BatchNorm2d(rank), nn.GELU())  # Q0
+        self.query = nn.Sequential(nn.Conv2d(2 * rank, rank, 3, padding=1), nn.BatchNorm2d(rank),
+                                   nn.GELU())  # Q0
         self.w_q = nn.Linear(rank, rank)
         self.offset_rgb = OffsetNet(rank // groups, kernel, stride)
         self.offset_x = OffsetNet(rank // groups, kernel, stride)
@@ -1403,46 +1515,56 @@ class DSCF(nn.Module):
         self.w_k = nn.Linear(rank, rank)
         self.w_v = nn.Linear(rank, rank)
         self.w_o = nn.Linear(rank, rank)
-        self.rpe_table = nn.Parameter(torch.zeros(heads, 2 * bias_grid[0] - 1, 2 * bias_grid[1] - 1))
+        self.rpe_table = nn.Parameter(torch.zeros(heads, 2 * bias_grid[0] - 1,
+                                                  2 * bias_grid[1] - 1))
         nn.init.trunc_normal_(self.rpe_table, std=0.01)  # DAT's init
         self.alpha = nn.Parameter(torch.full((rank,), float(alpha)))
         self.beta = nn.Parameter(torch.ones(rank))
         self.w_up = nn.Linear(rank, dim)
-        # the release's init; its W_q, gate, W_k, W_v, W_o and offset projections are 1x1 convolutions, so the
-        # offsets start large (std 1: most sampling points start on the border) and the gate near-hard
-        release_init(self, conv_like=(self.w_q, self.gate[0], self.gate[2], self.w_k, self.w_v, self.w_o,
+        # the release's init; its W_q, gate, W_k, W_v, W_o and offset projections are 1x1
+        # convolutions, so the offsets start large (std 1: most sampling points start on the border)
+        # and the gate near-hard
+        release_init(self,
+                     conv_like=(self.w_q, self.gate[0], self.gate[2], self.w_k, self.w_v, self.w_o,
                                       self.offset_rgb.proj, self.offset_x.proj))
 
-    def sampling_points(self, x, y):
-        """Step 3: x, y (B, H, W, r) -> points (B, g, 2 Nk, 2), p_rgb then p_x, Nk = Hk*Wk."""
-        B, H, W, r = x.shape
+    def sampling_points(self, h_rgb, h_x):
+        """Step 3: h_rgb, h_x (B, H, W, r) -> points (B, g, 2 Nk, 2), p_rgb then p_x, Nk = Hk*Wk."""
+        B, H, W, r = h_rgb.shape
         g = self.groups
-        grouped = torch.stack([x, y]).permute(0, 1, 4, 2, 3).reshape(2, B * g, r // g, H, W)  # (2, B*g, r/g, H, W)
+        # (2, B*g, r/g, H, W)
+        grouped = torch.stack([h_rgb, h_x]).permute(0, 1, 4, 2, 3).reshape(2, B * g, r // g, H, W)
         offsets = [self.offset_rgb(grouped[0]), self.offset_x(grouped[1])]  # each (B*g, Hk, Wk, 2)
-        ref = reference_points(*offsets[0].shape[1:3], device=x.device)  # (Hk, Wk, 2)
-        points = torch.stack([(ref + off).clamp(-1, 1) for off in offsets], 1)  # (B*g, 2, Hk, Wk, 2)
+        ref = reference_points(*offsets[0].shape[1:3], device=h_rgb.device)  # (Hk, Wk, 2)
+        # (B*g, 2, Hk, Wk, 2)
+        points = torch.stack([(ref + off).clamp(-1, 1) for off in offsets], 1)
         return points.view(B, g, -1, 2)  # (B, g, 2*Nk, 2)
 
-    def forward(self, f_rgb, f_x):
+    def forward(self, f_rgb: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = f_rgb.shape
         r, g, h = self.rank, self.groups, self.heads
-        x, y = self.w_a(f_rgb), self.w_b(f_x)  # (B, H, W, r)
-        q0 = self.query(torch.cat([x, y], -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, r)
+        h_rgb, h_x = self.w_a(f_rgb), self.w_b(f_x)  # (B, H, W, r)
+        # (B, H, W, r)
+        q0 = self.query(torch.cat([h_rgb, h_x], -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         q = self.w_q(q0)  # (B, H, W, r)
-        points = self.sampling_points(x, y)  # (B, g, 2Nk, 2)
+        points = self.sampling_points(h_rgb, h_x)  # (B, g, 2Nk, 2)
         n = points.shape[2]  # 2 Nk keys
-        # one grid_sample reads x, y and Q of every group at that group's points
-        src = torch.stack([x, y, q], 3).view(B, H, W, 3, g, r // g).permute(0, 4, 3, 5, 1, 2)  # (B, g, 3, r/g, H, W)
-        sampled = F.grid_sample(src.reshape(B * g, 3 * r // g, H, W), points.flatten(0, 1)[:, None].to(src.dtype),
+        # one grid_sample reads h_rgb, h_x and Q of every group at that group's points
+        # (B, g, 3, r/g, H, W)
+        src = torch.stack([h_rgb, h_x, q], 3).view(B, H, W, 3, g, r // g).permute(0, 4, 3, 5, 1, 2)
+        sampled = F.grid_sample(src.reshape(B * g, 3 * r // g, H, W),
+                                points.flatten(0, 1)[:, None].to(src.dtype),
                                 mode='bilinear', align_corners=True)  # (B*g, 3r/g, 1, 2Nk)
-        sampled = sampled.view(B, g, 3, r // g, n).permute(2, 0, 4, 1, 3).reshape(3, B, n, r)  # (3, B, 2Nk, r)
+        # (3, B, 2Nk, r)
+        sampled = sampled.view(B, g, 3, r // g, n).permute(2, 0, 4, 1, 3).reshape(3, B, n, r)
         feat_rgb, feat_x, feat_q = sampled  # F_rgb, F_x, F_q
         w = self.gate(feat_q).softmax(-1)  # (B, 2Nk, 2): per-point modality gate
         s = w[..., :1] * feat_rgb + w[..., 1:] * feat_x  # (B, 2Nk, r)
         k = self.w_k(s).view(B, n, h, r // h).transpose(1, 2)  # (B, h, 2Nk, d)
         v = self.w_v(s).view(B, n, h, r // h).transpose(1, 2)  # (B, h, 2Nk, d)
         qh = q.view(B, H * W, h, r // h).transpose(1, 2)  # (B, h, H*W, d)
-        bias = relative_position_bias(self.rpe_table, query_grid(H, W, x.device), points)  # (B, h, H*W, 2Nk)
+        # (B, h, H*W, 2Nk)
+        bias = relative_position_bias(self.rpe_table, query_grid(H, W, h_rgb.device), points)
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=bias.to(qh.dtype))  # (B, h, H*W, d)
         o = self.w_o(o.transpose(1, 2).reshape(B, H, W, r))  # (B, H, W, r)
         return self.w_up(self.alpha * o + self.beta * q0)  # (B, H, W, C)
@@ -1479,6 +1601,135 @@ def self_teaching_labels(logits, label, ignore_index=255):
     return torch.where(pred == label, label, torch.full_like(label, ignore_index))
 
 
+@dataclass
+class KTBConfig(Options):
+    """KTB's options (docs/ktb.md); per-stage lists hold one value per Swin stage."""
+    owner: typing.ClassVar[str] = 'ktb'
+    window_size: int = option(
+        12, "the Swin's window side M (the official 384 px / 22K files: 12)",
+        default_from='release')
+    drop_path_rate: float = option(
+        0.3, "stochastic depth of the frozen Swin in training: rates 0 .. this over its blocks",
+        low=0, high=1, high_open=True, default_from='release')
+    prompt_ranks: list[int] | None = option(
+        None, "rank of the MAPA prompt per stage (Sec. 2, supplement Table 1)",
+        none='C/8 per stage', default_from='paper')
+    adapter_ranks: list[int] | None = option(
+        None, "rank of the MAPA adapters per stage (Sec. 3, supplement Table 2)",
+        none='C/16 per stage', default_from='paper')
+    dscf_ranks: list[int] | None = option(
+        None, "DSCF's width r_f per stage (Sec. 4, supplement Table 3)",
+        none='C/8 per stage', default_from='paper')
+    dscf_strides: list[int] = option(
+        (8, 4, 2, 1),
+        "DSCF's stride s per stage: keys sampled at (H/s) x (W/s) reference points (Sec. 4)",
+        default_from='release')
+    dscf_groups: list[int] = option(
+        (1, 2, 4, 8),
+        "DSCF's offset groups per stage: each group of r_f/g channels samples its own points (Sec."
+        " 4)", default_from='release')
+    dscf_heads: list[int] = option(
+        (2, 4, 8, 16), "DSCF's attention heads per stage (Sec. 4)", default_from='release')
+    dscf_kernel: int = option(
+        9, "kernel side of DSCF's depth-wise offset convolution (Sec. 4.3)", default_from='release')
+    bias_grid: list[int] = option(
+        (60, 80),
+        "Gh, Gw: the query grid of DSCF's relative-position bias tables, (heads, 2Gh-1, 2Gw-1); "
+        "other grids read it bilinearly (Sec. 4.6)", default_from='release')
+    mmst: bool = option(
+        True,
+        "MMST: modality masking in training and the self-teaching heads S2, S3 (Sec. 5; False: the"
+        " ablation)", default_from='paper')
+    dscf: bool = option(
+        True, "DSCF fusion (Sec. 4; False: the stage outputs are added)", default_from='paper')
+    prompting: bool = option(
+        True, "MAPA prompting at each stage's start (Sec. 2; False: the ablation)",
+        default_from='paper')
+    adapters: bool = option(
+        True, "MAPA adapters in every block (Sec. 3; False: the ablation)", default_from='paper')
+    lambda2: float = option(
+        0.01,
+        "weight of the self-teaching losses: L = CE(S1, gt) + lambda2 (CE(S2, M) + CE(S3, M)) "
+        "(Sec. 5)", default_from='paper')
+    ohem: bool = option(
+        False,
+        "OHEM cross-entropy (CMNeXt's: losses above -log 0.7, at least 1/16 of the pixels); the "
+        "recipe sets it on MCubeS", default_from='release')
+    fused_head_dim: int = option(
+        512, "embedding width of the fused head S1 (SegFormer head)", default_from='release')
+    aux_head_dim: int = option(
+        256, "embedding width of the stream heads S2, S3", default_from='release')
+    x_embed_norm: bool = option(
+        True,
+        "X's patch embedding ends in a LayerNorm as Swin's; with its zero bias a patch and its "
+        "positive multiples embed alike (docs/ktb.md)", default_from='release')
+
+
+# The KTB release's names -> KTB's (`rename_keys`): its Swin as mmsegmentation's, then KTB's parts
+RELEASE_HEADS = {'': 's1', '_rgb': 's2', '_dte': 's3'}
+KTB_RELEASE_KEYS = SWIN_MMSEG_KEYS + (
+    (r'backbone\.extra_patch_embed\.projection\.(.*)', r'x_patch_embed.proj.\1', None),
+    (r'backbone\.extra_patch_embed\.norm\.(.*)', r'x_patch_embed.norm.\1', None),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.weight',
+     r'adapters.\1.\2.w\3', 'rgb'),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_RGB_Adapter\.D_fc(\d)\.bias',
+     r'adapters.\1.\2.b\3', 'rgb'),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.weight',
+     r'adapters.\1.\2.w\3', 'x'),
+    (r'backbone\.stages\.(\d+)\.blocks\.(\d+)\.MLP_DTE_Adapter\.D_fc(\d)\.bias',
+     r'adapters.\1.\2.b\3', 'x'),
+    (r'backbone\.MPGBlocks\.(\d+)\.D_fc1\.(.*)', r'prompts.\1.w_rgb.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.D_fc2\.(.*)', r'prompts.\1.w_x.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.P_fc2\.(.*)', r'prompts.\1.w_p.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.U_fc1\.(.*)', r'prompts.\1.w_up.\2', None),
+    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_rgb', r'prompts.\1.\2', 'rgb'),
+    (r'backbone\.MPGBlocks\.(\d+)\.tfts_(gamma|beta)_dte', r'prompts.\1.\2', 'x'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc1\.(.*)', r'dscf.\1.w_a.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.D_fc2\.(.*)', r'dscf.\1.w_b.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.U_fc1\.(.*)', r'dscf.\1.w_up.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.deform_weight', r'dscf.\1.alpha', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.identity_weight', r'dscf.\1.beta', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.rpe_table', r'dscf.\1.rpe_table', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.0\.(.*)',
+     r'dscf.\1.offset_rgb.dwconv.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.1\.norm\.(.*)',
+     r'dscf.\1.offset_rgb.norm.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_x\.3\.weight',
+     r'dscf.\1.offset_rgb.proj.weight', 'yx'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.0\.(.*)',
+     r'dscf.\1.offset_x.dwconv.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.1\.norm\.(.*)',
+     r'dscf.\1.offset_x.norm.\2', None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.conv_offset_y\.3\.weight',
+     r'dscf.\1.offset_x.proj.weight', 'yx'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.fuse_q\.conv\.(.*)', r'dscf.\1.query.\2',
+     None),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_q\.(.*)', r'dscf.\1.w_q.\2', '1x1'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.get_sample_weight\.(.*)', r'dscf.\1.gate.\2',
+     '1x1'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_(k|v)\.(.*)', r'dscf.\1.w_\2.\3',
+     '1x1'),
+    (r'backbone\.DeformMPGBlocks\.(\d+)\.deform_atten\.proj_out\.(.*)', r'dscf.\1.w_o.\2', '1x1'),
+    (r'backbone\.norm(\d)\.(.*)', r'rgb_norms.\1.\2', None),
+    (r'backbone\.extra_norm(\d)\.(.*)', r'x_norms.\1.\2', None),
+    (r'backbone\.fuse_norm(\d)\.(.*)', r'fuse_norms.\1.\2', None),
+    (r'decode_head(|_rgb|_dte)\.linear_c(\d)\.proj\.(.*)',
+     lambda m: f"{RELEASE_HEADS[m[1]]}.linear_c.{int(m[2]) - 1}.{m[3]}", None),
+    (r'decode_head(|_rgb|_dte)\.linear_fuse\.conv\.(.*)',
+     lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.0.{m[2]}", None),
+    (r'decode_head(|_rgb|_dte)\.linear_fuse\.bn\.(.*)',
+     lambda m: f"{RELEASE_HEADS[m[1]]}.linear_fuse.1.{m[2]}", None),
+    (r'decode_head(|_rgb|_dte)\.(linear_pred\..*)', lambda m: f"{RELEASE_HEADS[m[1]]}.{m[2]}",
+     None),
+)
+
+
+def ktb_from_release(sd, own):
+    """A trained KTB of the authors' release (its whole model) -> a `KTB` state dict `own`'s."""
+    return {k: v for k, v in rename_keys(sd, KTB_RELEASE_KEYS, own).items()
+            if not k.endswith('relative_position_index')}  # a buffer rebuilt here
+
+
 class KTB(RGBXModel):
     """KTB: Keep the Balance (docs/ktb.md), RGB + X segmentation on one frozen Swin.
 
@@ -1504,62 +1755,65 @@ class KTB(RGBXModel):
 
     forward(rgb (B, 3, H, W), x (B, Cx, H, W), label=None) -> logits (B, K, H, W),
     or (L, logits) when label (B, H, W) int64 (255 = ignore) is given.
-    Ranks (lists, one per stage; None = the paper's C/8, C/16, C/8):
-    `prompt_ranks` (Table 1), `adapter_ranks` (Table 2), `dscf_ranks` (Table 3).
-    Ablations: mmst, dscf (False: fuse by addition), prompting, adapters.
-    `x_embed_norm`: X's patch embedding ends in a LayerNorm, as Swin's (the release).
-    With the release's zero bias, LayerNorm(W (c x)) = LayerNorm(W x) for any c > 0: a
-    patch and its positive multiples embed alike, so a flat X patch carries no value
-    until the bias has learned one (a diagnostic switch; False: no LayerNorm there).
+    Options (`cfg`, a `KTBConfig`, or its fields as keywords): ranks per stage (supplement
+    Tables 1-3), DSCF's sizes, the ablation switches, lambda2, the head widths.
     Build from a backbone that already holds its pretrained weights, e.g. with
     `build_ktb`, or load a whole trained KTB of the release with `load_pretrained`.
     """
 
     streams = 2  # the frozen backbone runs once per modality (eval.py's speed floor)
 
-    def __init__(self, backbone, num_classes, x_channels, prompt_ranks=None, adapter_ranks=None, dscf_ranks=None,
-                 dscf_strides=(8, 4, 2, 1), dscf_groups=(1, 2, 4, 8), dscf_heads=(2, 4, 8, 16), dscf_kernel=9,
-                 bias_grid=(60, 80), mmst=True, dscf=True, prompting=True, adapters=True, lambda2=0.01, ohem=False,
-                 fused_head_dim=512, aux_head_dim=256, x_embed_norm=True):
+    def __init__(self, backbone: SwinTransformer, num_classes: int, x_channels: int,
+                 cfg: KTBConfig | None = None,
+                 **options):
         super().__init__()
         if not isinstance(backbone, SwinTransformer):
-            raise TypeError(f"KTB runs on a SwinTransformer backbone, got {type(backbone).__name__}")
+            raise TypeError(f"KTB runs on a SwinTransformer backbone, got "
+                            f"{type(backbone).__name__}")
         if x_channels not in (1, 3):
             raise ValueError(f"KTB's X patch embedding takes 3 channels: x_channels must be 1 "
                              f"(repeated to 3) or 3, got {x_channels}")
         if any(isinstance(m, Dropout) and m.p and m.streams != 2 for m in backbone.modules()):
-            raise ValueError("KTB stacks its two streams on the batch axis: build the Swin's stochastic depth "
+            raise ValueError("KTB stacks its two streams on the batch axis: build the Swin's "
+                             "stochastic depth "
                              "per stream, rgbx.swin(..., streams=2) (as build_ktb does)")
+        cfg = cfg if cfg is not None else split_options(KTBConfig, None, options)[0]
         dims = backbone.dims
         n = len(dims)
-        ranks = {}
-        for name, given, div in (('prompt_ranks', prompt_ranks, 8), ('adapter_ranks', adapter_ranks, 16),
-                                 ('dscf_ranks', dscf_ranks, 8), ('dscf_strides', dscf_strides, None),
-                                 ('dscf_groups', dscf_groups, None), ('dscf_heads', dscf_heads, None)):
-            ranks[name] = list(given) if given is not None else [max(1, c // div) for c in dims]
-            if len(ranks[name]) != n:
-                raise ValueError(f"{name} needs one value per stage ({n}), got {ranks[name]}")
-        self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, mmst, lambda2, ohem
-        self.ranks = ranks
+        per_stage = {}  # ranks, DSCF strides, groups and heads: one value per stage
+        for name, div in (('prompt_ranks', 8), ('adapter_ranks', 16), ('dscf_ranks', 8),
+                          ('dscf_strides', None),
+                          ('dscf_groups', None), ('dscf_heads', None)):
+            given = getattr(cfg, name)
+            per_stage[name] = list(given) if given is not None else [max(1, c // div) for c in dims]
+            if len(per_stage[name]) != n:
+                raise ValueError(f"{name} needs one value per stage ({n}), got {per_stage[name]}")
+        self.x_channels, self.mmst, self.lambda2, self.ohem = x_channels, cfg.mmst, cfg.lambda2, cfg.ohem
+        self.per_stage = per_stage
         self.backbone = backbone.requires_grad_(False)
-        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=x_embed_norm)
-        self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, ranks['prompt_ranks'])) if prompting else None
+        self.x_patch_embed = PatchEmbed(3, dims[0], 4, norm=cfg.x_embed_norm)
+        self.prompts = nn.ModuleList(MAPAPrompt(c, r) for c, r in zip(dims, per_stage['prompt_ranks'])) \
+            if cfg.prompting else None
         self.adapters = nn.ModuleList(
             nn.ModuleList(MAPAAdapter(c, r) for _ in layer.blocks)
-            for c, r, layer in zip(dims, ranks['adapter_ranks'], backbone.layers)) if adapters else None
+            for c, r, layer in zip(dims, per_stage['adapter_ranks'],
+                                   backbone.layers)) if cfg.adapters else None
         alphas = [1e-3] * (n - 1) + [1.0]  # alpha init: 1e-3 for stages 1-3, 1 for stage 4
         self.dscf = nn.ModuleList(
-            DSCF(c, r, s, g, h, dscf_kernel, bias_grid, a)
-            for c, r, s, g, h, a in zip(dims, ranks['dscf_ranks'], ranks['dscf_strides'], ranks['dscf_groups'],
-                                        ranks['dscf_heads'], alphas)) if dscf else None
-        self.rgb_norms, self.x_norms, self.fuse_norms = (nn.ModuleList(nn.LayerNorm(c) for c in dims) for _ in range(3))
+            DSCF(c, r, s, g, h, cfg.dscf_kernel, cfg.bias_grid, a)
+            for c, r, s, g, h, a in zip(dims, per_stage['dscf_ranks'], per_stage['dscf_strides'],
+                                        per_stage['dscf_groups'], per_stage['dscf_heads'],
+                                        alphas)) if cfg.dscf else None
+        self.rgb_norms, self.x_norms, self.fuse_norms = (nn.ModuleList(nn.LayerNorm(c)
+                                                                       for c in dims) for _ in range(3))
         for norms in (self.rgb_norms, self.x_norms, self.fuse_norms):
             norms.requires_grad_(False)
-        self.s1 = SegFormerHead(dims, fused_head_dim, num_classes)
-        self.s2 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
-        self.s3 = SegFormerHead(dims, aux_head_dim, num_classes) if mmst else None
+        self.s1 = SegFormerHead(dims, cfg.fused_head_dim, num_classes)
+        self.s2 = SegFormerHead(dims, cfg.aux_head_dim, num_classes) if cfg.mmst else None
+        self.s3 = SegFormerHead(dims, cfg.aux_head_dim, num_classes) if cfg.mmst else None
         for part in (self.x_patch_embed, self.s1, self.s2, self.s3):
-            if part is not None:  # fresh, as in the release: its X patch embedding is not loaded from the Swin file
+            # fresh, as in the release: its X patch embedding is not loaded from the Swin file
+            if part is not None:
                 release_init(part)
 
     def embed(self, rgb, x):
@@ -1572,10 +1826,11 @@ class KTB(RGBXModel):
         tokens = torch.cat([self.backbone.patch_embed(rgb), self.x_patch_embed(x)])  # (2B, h, w, C)
         drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
         if self.training and self.mmst:
-            drop = drop | BATCH.draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
+            drop = drop | draw_policy().draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
         elif not drop.any():
             return tokens  # nothing to zero: skip a pass over the stage-1 maps
-        return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]  # keep (2B, 1, 1, 1)
+        # keep (2B, 1, 1, 1)
+        return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]
 
     def encode(self, tokens):
         """The four stages on both streams: tokens (2B, h, w, C) -> (fused, rgb, x),
@@ -1585,25 +1840,31 @@ class KTB(RGBXModel):
         for i, layer in enumerate(self.backbone.layers):
             if self.prompts is not None:
                 s = self.prompts[i](s)
-            s = layer(s, None if self.adapters is None else self.adapters[i])  # (2B, H_i, W_i, C_i), both streams
+            # (2B, H_i, W_i, C_i), both streams
+            s = layer(s, None if self.adapters is None else self.adapters[i])
             a, b = self.rgb_norms[i](s[:B]), self.x_norms[i](s[B:])  # (B, H_i, W_i, C_i)
             fused.append(self.fuse_norms[i](self.dscf[i](a, b) if self.dscf is not None else a + b))
             f_rgb.append(a)
             f_x.append(b)
             if layer.downsample is not None:
                 s = layer.downsample(s)
-        return tuple([f.permute(0, 3, 1, 2) for f in maps] for maps in (fused, f_rgb, f_x))  # (B, C_i, H_i, W_i)
+        # (B, C_i, H_i, W_i)
+        return tuple([f.permute(0, 3, 1, 2) for f in maps] for maps in (fused, f_rgb, f_x))
 
-    def forward(self, rgb, x, label=None):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if rgb.ndim != 4 or rgb.shape[1] != 3 or x.ndim != 4 or x.shape[1] != self.x_channels \
                 or x.shape[0] != rgb.shape[0] or x.shape[-2:] != rgb.shape[-2:]:
             raise ValueError(f"expected rgb (B, 3, H, W) and x (B, {self.x_channels}, H, W), "
                              f"got {tuple(rgb.shape)} and {tuple(x.shape)}")
         size = rgb.shape[-2:]
-        if label is not None and (label.shape != (rgb.shape[0], *size) or label.dtype != torch.long):
-            raise ValueError(f"label must be (B, H, W) int64, got {tuple(label.shape)} {label.dtype}")
+        if label is not None and (label.shape != (rgb.shape[0], *size)
+                                  or label.dtype != torch.long):
+            raise ValueError(f"label must be (B, H, W) int64, got {tuple(label.shape)} "
+                             f"{label.dtype}")
         fused, f_rgb, f_x = self.encode(self.embed(rgb, x))
-        logits = self.s1(fused, size, channels_last=label is not None)  # for the loss: the layout it reads fastest
+        # for the loss: the layout it reads fastest
+        logits = self.s1(fused, size, channels_last=label is not None)
         if label is None:
             return logits
         loss = segmentation_loss(logits, label, self.ohem)
@@ -1619,39 +1880,53 @@ class KTB(RGBXModel):
         return [dict(params=[p for p in self.parameters() if p.requires_grad], weight_decay=weight_decay),
                 dict(params=[], weight_decay=0.0)]
 
-    def checkpoint_absent_keys(self, sd):
-        """A KTB release file has no final norm of the Swin: a backbone built with one keeps it."""
-        return {k for k in self.state_dict() if k.startswith('backbone.norm.')}
+    def pretrained_target(self, sd):
+        """A trained KTB of the authors' release loads into the whole model, a Swin file into the
+        backbone."""
+        return self if any(k.startswith('backbone.MPGBlocks.') for k in sd) else self.backbone
+
+    def convert_checkpoint(self, sd):
+        """A trained KTB of the release -> (this model's state dict, keys it may lack: the
+        Swin's final norm, which the release has none of; notes), `ktb_from_release`."""
+        own = self.state_dict()
+        return ktb_from_release(sd, own), {k for k in own if k.startswith('backbone.norm.')}, []
 
     def param_counts(self):
         """{'trainable', 'total', and the trainable parameters per part of the paper}."""
-        count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters() if p.requires_grad)
+        count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters()
+                                                  if p.requires_grad)
         return {'trainable': count(self), 'total': sum(p.numel() for p in self.parameters()),
-                'adapters': count(self.adapters), 'prompting': count(self.prompts), 'dscf': count(self.dscf),
-                'dscf_bias_tables': 0 if self.dscf is None else sum(d.rpe_table.numel() for d in self.dscf),
+                'adapters': count(self.adapters), 'prompting': count(self.prompts),
+                'dscf': count(self.dscf),
+                'dscf_bias_tables': sum(d.rpe_table.numel() for d in self.dscf or ()),
                 'x_patch_embed': count(self.x_patch_embed), 's1': count(self.s1),
                 's2+s3': count(self.s2) + count(self.s3)}
 
 
-def build_ktb(backbone_name, num_classes, x_channels, pretrained=None, window_size=12, drop_path_rate=0.3, **options):
+def build_ktb(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+              **options) -> KTB:
     """KTB on a Swin preset ('base' or 'large'; window 12 for the official
     swin_*_patch4_window12_384_22k.pth files, Microsoft's or mmsegmentation's),
-    `pretrained` loaded into the frozen backbone. Stochastic depth 0.3 (rates
-    0 .. 0.3 over the blocks) as the release trains the frozen Swin; it acts in
-    training only. `options` go to KTB (ranks, ablation switches, lambda2, ohem)."""
-    backbone = swin(backbone_name, window_size=window_size, drop_path_rate=drop_path_rate, final_norm=False, streams=2)
+    `pretrained` loaded into the frozen backbone; `options`: `KTBConfig`'s."""
+    cfg, _ = split_options(KTBConfig, None, options)
+    backbone = swin(backbone_name, window_size=cfg.window_size, drop_path_rate=cfg.drop_path_rate,
+                    final_norm=False,
+                    streams=2)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    return KTB(backbone, num_classes, x_channels, **options)
+    return KTB(backbone, num_classes, x_channels, cfg)
 
 
-# KTB's training recipes (supplement Sec. 7), per dataset (epochs, lr, weight decay): AdamW, batch 4, linear
-# warm-up over 10 epochs from 0.1 x lr, then poly decay (power 0.9); the crop is the dataset's. Where the
-# supplement and the release differ, the release: SUN RGB-D 4e-4 and PST900 6e-4 (supplement 1e-4); MCubeS
-# 500 epochs at 6e-5 (of sec. 7's 250-500 and 4e-4 / 6e-5); DeLiVER 2e-4 (the paper's "1e-4 / 2e-4").
-# WHU-OPT-SAR is not in sec. 7: 60 epochs at 4e-5 follow GoPT. The baselines train with these too.
-KTB_RECIPES = {'nyudv2': (400, 4e-4, 0.01), 'sunrgbd': (300, 4e-4, 0.01), 'mfnet': (200, 8e-5, 5e-4),
-               'pst900': (200, 6e-4, 0.01), 'mcubes': (500, 6e-5, 0.01), 'deliver': (200, 2e-4, 0.01),
+# KTB's training recipes (supplement Sec. 7), per dataset (epochs, lr, weight decay): AdamW, batch
+# 4, linear warm-up over 10 epochs from 0.1 x lr, then poly decay (power 0.9); the crop is the
+# dataset's. Where the supplement and the release differ, the release: SUN RGB-D 4e-4 and PST900
+# 6e-4 (supplement 1e-4); MCubeS 500 epochs at 6e-5 (of sec. 7's 250-500 and 4e-4 / 6e-5); DeLiVER
+# 2e-4 (the paper's "1e-4 / 2e-4"). WHU-OPT-SAR is not in sec. 7: 60 epochs at 4e-5 follow GoPT. The
+# baselines train with these too.
+KTB_RECIPES = {'nyudv2': (400, 4e-4, 0.01), 'sunrgbd': (300, 4e-4, 0.01),
+               'mfnet': (200, 8e-5, 5e-4),
+               'pst900': (200, 6e-4, 0.01), 'mcubes': (500, 6e-5, 0.01),
+               'deliver': (200, 2e-4, 0.01),
                'whu-opt-sar': (60, 4e-5, 0.01)}
 
 
@@ -1691,14 +1966,8 @@ def ktb_recipe(dataset, options=None):
 # (d_p -> D) maps a prompt back: p = 1 + up(prompt), the paper's "prompts added to
 # the RGB stream as residuals" written in eq. 3's product: f * p = f + f * up(prompt).
 # Every prompt parameter starts xavier-uniform (the paper's implementation section).
-# Parameter budget, ViT-B, 40 classes, 3-channel HHA, head excluded (Table 4):
-# GoPT 0.977M (paper 0.97M), GoPT-shallow 0.704M (0.68M), VPT-shallow 0.517M
-# (0.54M), VPT-deep 3.364M (3.39M); see `gopt_param_counts`.
-#
-# Decisions the paper leaves open were made on a validation split: 64 scenes held out
-# from the demo's training scenes (preset demo128-val; the nano foundation trained on the
-# other 192), never the test scenes; `python -m study.run --decide`, 2 seeds, 400 steps,
-# figures (val mIoU, RGB+X) in study/gopt-validation/results.md and at each switch below.
+# Table 4's parameter budgets: `gopt_param_counts`; figures in docs/gopt.md. Decisions the
+# paper leaves open were made on a validation split, never the test scenes (docs/gopt.md).
 # ----------------------------------------------------------------------------
 
 GUMBEL_STD = math.pi / math.sqrt(6)  # standard deviation of Gumbel(0, 1), the noise of eq. 8
@@ -1708,15 +1977,17 @@ def gumbel_assign(logits, tau=1.0, hard=True, noise=False):
     """GoPT eq. 8-9: assignment of S tokens to C groups.
 
     logits (B, ..., S, C) -> A_hat (B, ..., S, C). Gumbel(0, 1) noise (drawn from
-    torch's global RNG through `BATCH.draw`) is added only when `noise`
+    torch's global RNG through `draw_policy()`) is added only when `noise`
     (training). hard: the forward value is exactly one-hot (argmax), the gradient is
     that of the soft A (straight-through); written one_hot + (A - sg(A)) so that the
     forward value is bit-exact. soft: A itself (the ablation of Fig. 7).
     """
-    gumbel = -BATCH.draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
-                         logits.shape[0]).log() if noise else 0.0  # gamma ~ Gumbel(0, 1), drawn for the global batch
+    gumbel = -draw_policy().draw(lambda n: logits.new_empty((n, *logits.shape[1:])).exponential_(),
+                                # gamma ~ Gumbel(0, 1), drawn for the global batch
+                                logits.shape[0]).log() if noise else 0.0
     A = F.softmax((logits + gumbel) / tau, -1)  # eq. 8
-    return F.one_hot(A.argmax(-1), A.shape[-1]).to(A.dtype) + (A - A.detach()) if hard else A  # eq. 9
+    # eq. 9
+    return F.one_hot(A.argmax(-1), A.shape[-1]).to(A.dtype) + (A - A.detach()) if hard else A
 
 
 class Grouping(nn.Module):
@@ -1743,15 +2014,18 @@ class Grouping(nn.Module):
         """Eq. 8 before the noise: (B, S, C); times 1/sqrt(d) when `scaled` (not in eq. 8)."""
         return self.q(tokens) @ self.k(groups).transpose(1, 2) * self.scale
 
-    def forward(self, tokens, groups, into_tokens=False):
-        A_hat = gumbel_assign(self.logits(tokens, groups), self.tau, self.hard, noise=self.training)  # eq. 8-9, (B, S, C)
-        M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups, tokens)  # M: (B, dst, src)
+    def forward(self, tokens: torch.Tensor, groups: torch.Tensor, into_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+        # eq. 8-9, (B, S, C)
+        A_hat = gumbel_assign(self.logits(tokens, groups), self.tau, self.hard, noise=self.training)
+        # M: (B, dst, src)
+        M, dst, src = (A_hat, tokens, groups) if into_tokens else (A_hat.transpose(1, 2), groups, tokens)
         den = M.sum(-1, keepdim=True)  # (B, dst, 1): sum_i A_ij
-        # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j + W_o 0,
-        # divided by 1 (hard counts are whole numbers, so the forward pass is unchanged, and the
-        # straight-through gradient of an empty group stays bounded); a soft group lighter than 1e-6 is
-        # divided by 1e-6 (eq. 8's unscaled logits can give a soft group a weight near 0); docs/gopt.md
-        return dst + self.o(M @ self.v(src) / den.clamp_min(1.0 if self.hard else 1e-6)), A_hat  # eq. 10
+        # design choice, paper silent: an empty group (hard, sum 0) merges nothing: out_j = g_j +
+        # W_o 0, divided by 1 (hard counts are whole numbers, so the forward pass is unchanged, and
+        # the straight-through gradient of an empty group stays bounded); a soft group lighter than
+        # 1e-6 is divided by 1e-6 (eq. 8's unscaled logits can give a soft group a weight near 0);
+        # docs/gopt.md eq. 10
+        return dst + self.o(M @ self.v(src) / den.clamp_min(1.0 if self.hard else 1e-6)), A_hat
 
 
 CUP_ATTENTION = ('prenorm', 'plain')
@@ -1767,7 +2041,8 @@ class CUP(nn.Module):
     layer, z_hat = z + softmax(n Z_n^T / sqrt(d)) Z_n with n = LayerNorm(z)
     (design choice, paper silent: 'plain' averages every token towards one vector,
     so all class tokens leave it alike, see `gopt_diagnostics`).
-    forward(aux (B, S, d), classes (B, C, d)) -> (aux_hat (B, S, d), prompts (B, C, d), A_hat (B, S, C)).
+    forward(aux (B, S, d), classes (B, C, d)) -> (aux_hat (B, S, d), prompts (B, C, d), A_hat (B, S,
+    C)).
     """
 
     def __init__(self, dim, hard=True, tau=1.0, attention='prenorm', scaled=False):
@@ -1775,7 +2050,7 @@ class CUP(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6) if attention == 'prenorm' else None
         self.group = Grouping(dim, hard, tau, scaled)
 
-    def forward(self, aux, classes):
+    def forward(self, aux: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         S = aux.shape[1]
         z = torch.cat([aux, classes], 1)  # eq. 5, (B, S + C, d)
         n = (z if self.norm is None else self.norm(z))[:, None]  # (B, 1, S + C, d): one head
@@ -1799,8 +2074,9 @@ class ACP(nn.Module):
         super().__init__()
         self.group = Grouping(dim, hard, tau, scaled)
 
-    def forward(self, rgb, keys, groups):
-        read = F.scaled_dot_product_attention(rgb[:, None], keys[:, None], keys[:, None])[:, 0]  # eq. 12, 14, (B, S, d)
+    def forward(self, rgb: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        # eq. 12, 14, (B, S, d)
+        read = F.scaled_dot_product_attention(rgb[:, None], keys[:, None], keys[:, None])[:, 0]
         return self.group(read, groups, into_tokens=True)[0]  # eq. 11
 
 
@@ -1818,15 +2094,13 @@ class GroupingPrompter(nn.Module):
     The class-aware prompts are the next prompter's class tokens (eq. 15).
     reading: how the prompt of RGB token i is read from eq. 11-14 (CUP and ACP both present):
       'literal': p_i = ACP_i = r_i + W_o W_v P_{j*(i)}, r_i = phi_ca(f_rgb_i, P, P) (eq. 12, 14) and
-                 j*(i) the group of r_i (eq. 8-9, 11): the aux image reaches token i only through the
-                 C per-image vectors P, whatever the aux content at token i's own place;
+                 j*(i) the group of r_i (eq. 8-9, 11): the aux image reaches token i only through
+                 the C per-image vectors P, whatever the aux content at token i's own place;
       'aligned': p_i = ACP_i + (A_hat P)_i, adding the aligned CUP prompt: the class-aware prompt of
                  the group to which CUP assigned the aux token at the same place i (eq. 7-10; the
                  modalities are aligned, the paper's "alignment-induced"). No extra parameter.
-      Design choice, paper ambiguous: 'aligned' (ACP_DEFAULT). The paper names ACP "alignment-induced"
-      and has it combine "key patterns from other data sources" into the RGB stream, which eq. 11-14
-      as written do through the per-image P only. Decided on the validation split, 2 seeds, by
-      RGB+X mIoU and `gopt_diagnostics`' locality (evidence: study/gopt-validation/results.md).
+      Design choice, paper ambiguous: 'aligned' (ACP_DEFAULT), decided on the validation split
+      (docs/gopt.md: the paper's "alignment-induced" ACP, which eq. 11-14 do not write).
     Ablations of Table 4 (design choice, paper silent; `reading` does not apply):
       w/o ACP: each RGB token takes the class-aware prompt to which CUP assigned
                the aux token at the same place (the modalities are aligned): p_i = (A_hat P)_i;
@@ -1834,7 +2108,8 @@ class GroupingPrompter(nn.Module):
                class tokens, which then stay the learned ones at every layer.
     """
 
-    def __init__(self, dim, cup=True, acp=True, hard=True, tau=1.0, attention='prenorm', scaled=False,
+    def __init__(self, dim, cup=True, acp=True, hard=True, tau=1.0, attention='prenorm',
+                 scaled=False,
                  reading=ACP_DEFAULT):
         super().__init__()
         if not (cup or acp):
@@ -1845,7 +2120,7 @@ class GroupingPrompter(nn.Module):
         self.acp = ACP(dim, hard, tau, scaled) if acp else None
         self.reading = reading
 
-    def forward(self, rgb, aux, classes):
+    def forward(self, rgb: torch.Tensor, aux: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.cup is None:
             return self.acp(rgb, aux, classes), aux, classes
         aux, prompts, A_hat = self.cup(aux, classes)  # eq. 4-10
@@ -1875,37 +2150,28 @@ class GroupingPrompts(nn.Module):
     begin(x (B, Cx, H, W), pos (1, N, D)) -> state (first aux tokens, aux tokens, class tokens),
     forward(l, tokens (B, N, D) RGB patch tokens entering block l, state)
     -> (multiplicative prompt (B, N, D), state for the next prompted layer).
-    Switches; each default decided on the validation split, never the test split (evidence:
-    study/gopt-validation/results.md, summarised in docs/gopt.md):
-      attention: CUP's self-attention, 'prenorm' or 'plain' (see CUP). Design choice, paper silent:
-                 'prenorm' (with 'plain' the class tokens collapse to one vector and the Gumbel
-                 noise decides most of CUP's assignments);
-      class_scale: c^0 is xavier-uniform times this. Design choice, paper silent: 1, the paper's
-                 xavier as is;
-      carry_aux: each prompter reads the previous CUP's self-attended aux tokens (True) or the
-                 first ones, the embedded aux image (False). Design choice, paper silent: False;
-      identity: `up` starts at zero, so that p = 1 and the model starts as the foundation.
-                The paper initialises every prompt parameter xavier-uniform (False); True
-                here because it matters on validation;
-      scaled: eq. 8's logits times 1/sqrt(d_p), not in the paper: False;
-      acp_reading: 'literal' or 'aligned', how eq. 11-14 give the prompt of a token (see
-                GroupingPrompter; the `acp` option of build_gopt).
+    Switches (`GoPTConfig` says what each is; defaults decided on the validation split,
+    docs/gopt.md): attention, class_scale, carry_aux, identity, scaled, acp_reading.
     """
 
-    def __init__(self, rgb_embed, x_channels, num_classes, layers, prompt_dim=55, cup=True, acp=True,
-                 hard=True, tau=1.0, attention='prenorm', class_scale=1.0, carry_aux=False, identity=True,
+    def __init__(self, rgb_embed, x_channels, num_classes, layers, prompt_dim=55, cup=True,
+                 acp=True,
+                 hard=True, tau=1.0, attention='prenorm', class_scale=1.0, carry_aux=False,
+                 identity=True,
                  scaled=False, acp_reading=ACP_DEFAULT):
         super().__init__()
         dim, self.x_channels, self.layers = rgb_embed.proj.out_channels, x_channels, tuple(layers)
         self.carry_aux = carry_aux
         # design choice, paper silent: a full-width aux patch embedding (the VPT variants' prompt
-        # generator, the paper's large shared part: 0.68M shallow vs 0.97M deep), plus the ViT's position
+        # generator, the paper's large shared part: 0.68M shallow vs 0.97M deep), plus the ViT's
+        # position
         self.aux_embed = PatchEmbed(x_channels, dim, rgb_embed.patch, norm=False)
         # design choice, paper silent: one `down` and one `up` serve both modalities and all layers
         self.down = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, prompt_dim))
         self.up = nn.Linear(prompt_dim, dim)
         self.class_tokens = nn.Parameter(torch.empty(1, num_classes, prompt_dim))  # c^0
-        self.prompters = nn.ModuleList(GroupingPrompter(prompt_dim, cup, acp, hard, tau, attention, scaled,
+        self.prompters = nn.ModuleList(GroupingPrompter(prompt_dim, cup, acp, hard, tau, attention,
+                                                        scaled,
                                                         acp_reading) for _ in self.layers)
         xavier_(self)
         with torch.no_grad():
@@ -1919,9 +2185,10 @@ class GroupingPrompts(nn.Module):
         # gradient without having a grad_fn, which breaks torch's module tracker (FlopCounterMode)
         return aux, aux, self.class_tokens.repeat(x.shape[0], 1, 1)
 
-    def forward(self, l, tokens, state):
+    def forward(self, l: int, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         first, aux, classes = state
-        prompt, aux_hat, classes = self.prompters[self.layers.index(l)](self.down(tokens), aux, classes)  # (B, N, d)
+        prompter = self.prompters[self.layers.index(l)]
+        prompt, aux_hat, classes = prompter(self.down(tokens), aux, classes)  # (B, N, d)
         return 1 + self.up(prompt), (first, aux_hat if self.carry_aux else first, classes)
 
 
@@ -1935,7 +2202,8 @@ class AuxVPT(nn.Module):
     found that gives both of the paper's counts with one width: rank 336 at ViT-B,
     3-channel aux, gives 0.517M for one layer (paper 0.54M) and 3.364M for 12 (3.39M),
     a shared part of 0.26M plus 0.26M per layer (the counts ask for ~0.28M + ~0.26M).
-    begin(x (B, Cx, H, W), pos) -> E(x) (B, N, rank).  forward(l, tokens (B, N, D), e) -> (prompt (B, N, D), e).
+    begin(x (B, Cx, H, W), pos) -> E(x) (B, N, rank).  forward(l, tokens (B, N, D), e) -> (prompt
+    (B, N, D), e).
     """
 
     def __init__(self, rgb_embed, x_channels, layers, rank=336, identity=True):
@@ -1951,7 +2219,7 @@ class AuxVPT(nn.Module):
     def begin(self, x, pos):
         return self.embed(x).flatten(1, 2)  # (B, N, rank)
 
-    def forward(self, l, tokens, e):
+    def forward(self, l: int, tokens: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return 1 + self.ups[self.layers.index(l)](e), e  # (B, N, D)
 
 
@@ -1973,15 +2241,18 @@ class GoPT(RGBXModel):
         self.prompts, self.x_channels = prompts, x_channels
         self.head = SETRNaiveHead(backbone.dim, num_classes, head_dim)
 
-    def forward(self, rgb, x, label=None):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if rgb.ndim != 4 or rgb.shape[1] != 3 or x.ndim != 4 or x.shape[1] != self.x_channels \
                 or x.shape[0] != rgb.shape[0] or x.shape[-2:] != rgb.shape[-2:]:
-            raise ValueError(f"expected rgb (B, 3, H, W) and x (B, {self.x_channels}, H, W) of one size, "
+            raise ValueError(f"expected rgb (B, 3, H, W) and x (B, {self.x_channels}, H, W) "
+                             f"of one size, "
                              f"got {tuple(rgb.shape)} and {tuple(x.shape)}")
         tokens, grid = self.backbone.embed(rgb)  # (B, 1 + N, D)
         layers = self.prompts.layers if self.prompts is not None else ()
         if layers:
-            pos = resize_pos_embed(self.backbone.pos_embed, self.backbone.grid, grid)[:, 1:]  # (1, N, D)
+            # (1, N, D)
+            pos = resize_pos_embed(self.backbone.pos_embed, self.backbone.grid, grid)[:, 1:]
             state = self.prompts.begin(x, pos)
         for l, blk in enumerate(self.backbone.blocks):
             if l in layers:
@@ -2002,12 +2273,15 @@ class GoPT(RGBXModel):
         count = lambda ps: sum(p.numel() for p in ps)
         trainable = count(p for p in self.parameters() if p.requires_grad)
         head = count(self.head.parameters())
-        return {'trainable': trainable, 'total': count(self.parameters()), 'trainable_without_head': trainable - head,
-                'head': head, 'prompts': trainable - head, 'backbone': count(self.backbone.parameters())}
+        return {'trainable': trainable, 'total': count(self.parameters()),
+                'trainable_without_head': trainable - head,
+                'head': head, 'prompts': trainable - head,
+                'backbone': count(self.backbone.parameters())}
 
 
 def mean_pairwise_cosine(t):
-    """t (B, C, d) -> the cosine of every pair of the C vectors (j != k), averaged over pairs and batch."""
+    """t (B, C, d) -> the cosine of every pair of the C vectors (j != k), averaged over pairs and
+    batch."""
     u = F.normalize(t, dim=-1)
     cos = u @ u.transpose(1, 2)  # (B, C, C)
     C = t.shape[1]
@@ -2021,7 +2295,8 @@ def token_spread(t):
 
 
 def noise_flips(logits, generator):
-    """logits (..., C) -> the fraction of argmaxes over C that one draw of eq. 8's Gumbel(0, 1) noise changes."""
+    """logits (..., C) -> the fraction of argmaxes over C that one draw of eq. 8's Gumbel(0, 1)
+    noise changes."""
     gumbel = -torch.empty_like(logits).exponential_(generator=generator).log()
     return ((logits + gumbel).argmax(-1) != logits.argmax(-1)).float().mean().item()
 
@@ -2034,7 +2309,8 @@ def probe_patch(x, patch, generator):
     B, Cx, H, W = x.shape
     gh, gw = -(-H // patch), -(-W // patch)
     r, c = gh // 2, gw // 2
-    rows, cols = slice(r * patch, min((r + 1) * patch, H)), slice(c * patch, min((c + 1) * patch, W))
+    rows = slice(r * patch, min((r + 1) * patch, H))
+    cols = slice(c * patch, min((c + 1) * patch, W))
     mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
     std = torch.where(std > 0, std, torch.ones_like(std))  # NaN (one value) or 0 -> 1
     cell = x[:, :, rows, cols]
@@ -2142,71 +2418,112 @@ def load_head(head, path):
     found = {k[len('head.'):]: v for k, v in sd.items() if k.startswith('head.')}
     own = head.state_dict()
     if set(found) != set(own) or any(found[k].shape != own[k].shape for k in own):
-        raise ValueError(f"head_from={path}: no SETR-Naive head of this model's shape in it (needs 'head.*' keys "
+        raise ValueError(f"head_from={path}: no SETR-Naive head of this model's shape in it (needs "
+                         f"'head.*' keys "
                          f"{sorted(own)}, with {own['conv2.weight'].shape[0]} classes and head_dim "
-                         f"{own['conv1.weight'].shape[0]}; found {sorted(found) or 'none'}); pass the checkpoint "
+                         f"{own['conv1.weight'].shape[0]}; found {sorted(found) or 'none'}); pass "
+                         f"the checkpoint "
                          f"of an rgb_only or gopt run on the same dataset and head_dim")
     head.load_state_dict(found)
 
 
-GOPT_VARIANTS = ('gopt', 'gopt_shallow', 'no_acp', 'no_cup', 'vpt_shallow', 'vpt_deep', 'head_only')  # Table 4 + control
+# Table 4 + control
+GOPT_VARIANTS = ('gopt', 'gopt_shallow', 'no_acp', 'no_cup', 'vpt_shallow', 'vpt_deep', 'head_only')
 
 
-def build_gopt(backbone_name, num_classes, x_channels, pretrained=None, variant='gopt', interval=1,
-               assignment='hard', prompt_dim=55, tau=1.0, head_dim=256, attention='prenorm', class_scale=1.0,
-               carry_aux=False, identity=True, scaled=False, vpt_rank=336, head_from='', acp=ACP_DEFAULT,
-               **overrides):
-    """GoPT on a ViT preset ('base', 'large'; `overrides` change dim, depth, heads, img_size, ...).
+@dataclass
+class GoPTConfig(Options):
+    """GoPT's options, besides the ViT preset's sizes (`ViTSizes`). Defaults named 'validation'
+    were decided on the validation split (docs/gopt.md, study/gopt-validation/results.md)."""
+    owner: typing.ClassVar[str] = 'gopt'
+    variant: str = option(
+        'gopt',
+        "the prompts: 'gopt' (CUP + ACP), 'gopt_shallow' (one prompter, at block 0), 'no_acp', "
+        "'no_cup' (Table 4's ablations), 'vpt_shallow', 'vpt_deep' (Table 4's baselines), "
+        "'head_only' (the control: no prompts)", choices=GOPT_VARIANTS, default_from='paper')
+    interval: int = option(
+        1, "a prompter before every interval-th block from block 0 (Fig. 6: 1, 2, 4, 6, 12); 1 for "
+        "the shallow variants", default_from='paper')
+    assignment: str = option(
+        'hard',
+        "the groupings' assignment: 'hard', one-hot with a straight-through gradient (eq. 9), or "
+        "'soft' (Fig. 7)", choices=('hard', 'soft'), default_from='paper')
+    prompt_dim: int = option(
+        55, "d_p, the width of the prompt space (down: D -> d_p, up: d_p -> D); 55 gives Table 4's "
+        "0.97M at ViT-B", default_from="paper (Table 4's budget)")
+    tau: float = option(
+        1.0, "temperature of the Gumbel-softmax, eq. 8 (paper silent)",
+        low=0, low_open=True, default_from='design')
+    head_dim: int = option(256, 'hidden width of the SETR-Naive head Psi')
+    attention: str = option(
+        'prenorm', "CUP's self-attention: 'prenorm' (LayerNorm, residual) or 'plain' (see CUP)",
+        choices=CUP_ATTENTION, default_from='validation')
+    class_scale: float = option(
+        1.0, "the first class tokens c^0 start xavier-uniform times this",
+        low=0, low_open=True, default_from='validation')
+    carry_aux: bool = option(
+        False,
+        "each prompter reads the previous CUP's self-attended aux tokens (True) or the embedded "
+        "aux image (False)", default_from='validation')
+    identity: bool = option(
+        True, "`up` (and the VPT variants' W_l) starts at zero, so that the model starts as the "
+        "foundation; the paper's xavier init is False", default_from='validation')
+    scaled: bool = option(
+        False, "eq. 8's logits times 1/sqrt(d_p) (not in the paper)", default_from='paper')
+    vpt_rank: int = option(
+        336, "the VPT variants' prompt embedding width", default_from="paper (Table 4's budget)")
+    head_from: str = option(
+        '', "a checkpoint whose 'head.*' entries start Psi, e.g. the RGB foundation's (the paper "
+        "fine-tunes its head); '': a fresh head", start_file=True)
+    acp: str = option(
+        ACP_DEFAULT,
+        "how eq. 11-14 give a token's prompt: 'literal', or 'aligned' (plus the aligned CUP "
+        "prompt; see GroupingPrompter); variants with CUP and ACP",
+        choices=ACP_READINGS, default_from='validation')
 
-    variant: 'gopt' (CUP + ACP), 'no_acp', 'no_cup', 'gopt_shallow' (one prompter,
-    at layer 0), 'vpt_shallow', 'vpt_deep' (Table 4), 'head_only' (the control: the
-    frozen foundation and a trained head, no prompts). interval: a prompter
-    before every `interval`-th block, starting at block 0 (Fig. 6: 1, 2, 4, 6, 12; design choice, paper silent: where to start).
-    assignment: 'hard' (eq. 9) or 'soft' (Fig. 7). prompt_dim: d_p. tau: Gumbel
-    temperature (design choice, paper silent: 1). attention, class_scale, carry_aux,
-    identity, scaled: see GroupingPrompts (identity also zeroes the VPT variants' W_l). acp: the
-    reading of eq. 11-14, 'literal' or 'aligned' (see GroupingPrompter; only the variants with CUP
-    and ACP use it; ACP_DEFAULT, decided on the validation split). vpt_rank:
-    the VPT variants' embedding width. head_from: a checkpoint whose 'head.*' entries
-    start Psi, e.g. the RGB foundation's (the paper fine-tunes the foundation's Psi; its
-    head on our validation split: 38.6 vs a fresh head 31.0); '' = a fresh head. `pretrained`: an MAE file,
-    loaded into the ViT, which is then frozen with its RGB patch embedding.
-    """
-    if variant not in GOPT_VARIANTS:
-        raise ValueError(f"unknown GoPT variant {variant!r}; choose one of {GOPT_VARIANTS}")
-    if assignment not in ('hard', 'soft'):
-        raise ValueError(f"assignment must be 'hard' or 'soft', not {assignment!r}")
-    if attention not in CUP_ATTENTION:
-        raise ValueError(f"attention must be one of {CUP_ATTENTION}, not {attention!r}")
-    if acp not in ACP_READINGS:
-        raise ValueError(f"acp must be one of {ACP_READINGS}, not {acp!r}")
-    if not isinstance(interval, int) or interval < 1 or (variant.endswith('_shallow') and interval != 1):
-        raise ValueError(f"interval must be an int >= 1 (and 1 for {variant}, which prompts block 0 only), got {interval!r}")
-    if x_channels < 1 or prompt_dim < 1 or vpt_rank < 1 or tau <= 0 or class_scale <= 0:
-        raise ValueError(f"GoPT needs x_channels, prompt_dim, vpt_rank >= 1 and tau, class_scale > 0, got "
-                         f"{x_channels}, {prompt_dim}, {vpt_rank}, {tau}, {class_scale}")
-    backbone = vit(backbone_name, **overrides)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant.endswith('_shallow') and self.interval != 1:
+            raise ValueError(f"option 'interval' of gopt must be 1 for {self.variant}, which "
+                             f"prompts block 0 only, "
+                             f"not {self.interval}")
+
+
+def build_gopt(backbone_name: str, num_classes: int, x_channels: int, pretrained: str | None = None,
+               **options) -> GoPT:
+    """GoPT on a ViT preset ('base', 'large'), `pretrained` (an MAE file) loaded into the
+    ViT, which is then frozen with its RGB patch embedding; `options`: `GoPTConfig`'s and
+    the ViT's sizes (`ViTSizes`)."""
+    cfg, sizes = split_options(GoPTConfig, ViTSizes, options)
+    if x_channels < 1:
+        raise ValueError(f"GoPT needs x_channels >= 1, got {x_channels}")
+    backbone = vit(backbone_name, **sizes)
     if pretrained:
         load_pretrained(backbone, pretrained)
-    layers = (0,) if variant.endswith('_shallow') else range(0, len(backbone.blocks), interval)
-    if variant == 'head_only':
+    every = range(0, len(backbone.blocks), cfg.interval)
+    layers = (0,) if cfg.variant.endswith('_shallow') else every
+    if cfg.variant == 'head_only':
         prompts = None
-    elif variant.startswith('vpt'):
-        prompts = AuxVPT(backbone.patch_embed, x_channels, layers, vpt_rank, identity)
+    elif cfg.variant.startswith('vpt'):
+        prompts = AuxVPT(backbone.patch_embed, x_channels, layers, cfg.vpt_rank, cfg.identity)
     else:
-        prompts = GroupingPrompts(backbone.patch_embed, x_channels, num_classes, layers, prompt_dim,
-                                  cup=variant != 'no_cup', acp=variant != 'no_acp', hard=assignment == 'hard', tau=tau,
-                                  attention=attention, class_scale=class_scale, carry_aux=carry_aux, identity=identity,
-                                  scaled=scaled, acp_reading=acp)
-    model = GoPT(backbone, prompts, num_classes, x_channels, head_dim)
-    if head_from:
-        load_head(model.head, head_from)
+        prompts = GroupingPrompts(backbone.patch_embed, x_channels, num_classes, layers,
+                                  cfg.prompt_dim,
+                                  cup=cfg.variant != 'no_cup', acp=cfg.variant != 'no_acp',
+                                  hard=cfg.assignment == 'hard', tau=cfg.tau,
+                                  attention=cfg.attention,
+                                  class_scale=cfg.class_scale, carry_aux=cfg.carry_aux,
+                                  identity=cfg.identity,
+                                  scaled=cfg.scaled, acp_reading=cfg.acp)
+    model = GoPT(backbone, prompts, num_classes, x_channels, cfg.head_dim)
+    if cfg.head_from:
+        load_head(model.head, cfg.head_from)
     return model
 
 
-# GoPT's recipe ("Experimental Setup"): AdamW, lr 4e-5 with polynomial decay (no warm-up named), batch 64,
-# 60 epochs, "without introducing other algorithms for data expansion" (the random crop only); a process
-# keeps the dataset's batch and gradient accumulation reaches 64.
+# GoPT's recipe ("Experimental Setup"): AdamW, lr 4e-5 with polynomial decay (no warm-up named),
+# batch 64, 60 epochs, "without introducing other algorithms for data expansion" (the random crop
+# only); a process keeps the dataset's batch and gradient accumulation reaches 64.
 GOPT_RECIPE = dict(epochs=60, lr=4e-5, warmup_epochs=0, global_batch=64, augment='crop')
 
 
@@ -2218,8 +2535,10 @@ def gopt_recipe(dataset, options=None):
 
 
 def gopt_param_counts(backbone_name='base', num_classes=40, x_channels=3, **options):
-    """{variant: param_counts()} for every Table 4 variant (ViT-B: about 1.5 s per variant on CPU)."""
-    return {v: build_gopt(backbone_name, num_classes, x_channels, variant=v, **options).param_counts()
+    """{variant: param_counts()} for every Table 4 variant (ViT-B: about 1.5 s per variant on
+    CPU)."""
+    return {v: build_gopt(backbone_name, num_classes, x_channels, variant=v,
+                          **options).param_counts()
             for v in GOPT_VARIANTS}
 
 
@@ -2249,9 +2568,12 @@ def m2im_keep(num_modalities, p_m=0.5, generator=None):
     from torch's global RNG when it is None.
     """
     if num_modalities < 1 or not 0.0 <= p_m <= 1.0:
-        raise ValueError(f"m2im_keep needs num_modalities >= 1 and 0 <= p_m <= 1, got {num_modalities}, {p_m}")
-    kept, g = torch.zeros(num_modalities, dtype=torch.bool), False  # line 1: O = {}, g = 0 (the paper's "q" is g)
-    order = torch.randperm(num_modalities, generator=generator).tolist()  # line 2: Q <- RandomSort(Q)
+        raise ValueError(f"m2im_keep needs num_modalities >= 1 and 0 <= p_m <= 1, got "
+                         f"{num_modalities}, {p_m}")
+    # line 1: O = {}, g = 0 (the paper's "q" is g)
+    kept, g = torch.zeros(num_modalities, dtype=torch.bool), False
+    # line 2: Q <- RandomSort(Q)
+    order = torch.randperm(num_modalities, generator=generator).tolist()
     for k in order[:-1]:  # line 3: for k = 1 .. K-1
         if torch.rand((), generator=generator) >= p_m:  # lines 4-5: v ~ U[0, 1], v >= p_m
             kept[k], g = True, True  # line 6: O <- O + {X_k}, g <- 1
@@ -2263,9 +2585,9 @@ def m2im_keep(num_modalities, p_m=0.5, generator=None):
 
 
 def m2im_keep_batch(batch, num_modalities, p_m=0.5, device=None):
-    """An independent `m2im_keep` draw per sample of the batch (`BATCH.draw`):
+    """An independent `m2im_keep` draw per sample of the batch (`draw_policy()`):
     (batch, num_modalities) bool, True = kept."""
-    return BATCH.draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
+    return draw_policy().draw(lambda n: torch.stack([m2im_keep(num_modalities, p_m) for _ in range(n)]), batch).to(device)
 
 
 def visible_counts(keep, budget):
@@ -2275,8 +2597,11 @@ def visible_counts(keep, budget):
     keep: (B, K) bool -> (B, K) long counts, each row summing to `budget`, 0 for
     a dropped modality. Rounding the cumulative shares keeps the sum exact.
     """
-    # design choice: MultiMAE's Dirichlet(1) split of one fixed budget, so that every sample has T tokens
-    share = torch.empty(keep.shape, device=keep.device).exponential_() * keep  # (B, K)
+    # design choice: MultiMAE's Dirichlet(1) split of one fixed budget, so that every sample has T
+    # tokens
+    exp = draw_policy().draw(lambda n: torch.empty((n, keep.shape[1]), device=keep.device).exponential_(),
+                             keep.shape[0])  # (B, K) Exp(1)
+    share = exp * keep  # (B, K)
     cum = (share.cumsum(1) / share.sum(1, keepdim=True) * budget).round().long()  # (B, K)
     return cum.diff(dim=1, prepend=cum.new_zeros(keep.shape[0], 1))
 
@@ -2291,16 +2616,20 @@ def random_masking(counts, num_tokens):
     total = counts.sum(1)
     if (total != total[0]).any():
         raise ValueError(f"every sample must show the same number of tokens, got {total.tolist()}")
-    rank = torch.rand(*counts.shape, num_tokens, device=counts.device).argsort(-1).argsort(-1)  # (B, K, N) noise rank
+    noise = draw_policy().draw(lambda n: torch.rand(n, counts.shape[1], num_tokens, device=counts.device),
+                               counts.shape[0])  # (B, K, N)
+    rank = noise.argsort(-1).argsort(-1)  # (B, K, N) noise rank
     return rank >= counts[..., None]
 
 
 def unshuffle(visible, mask_token, ids_restore):
     """MAE's un-shuffle: put visible tokens back at their grid places and fill
     the masked places with `mask_token`. visible (B, T, D), mask_token (1, 1, D),
-    ids_restore (B, L) each place's position in the visible-first order (< T = visible) -> (B, L, D)."""
+    ids_restore (B, L) each place's position in the visible-first order (< T = visible) -> (B, L,
+    D)."""
     T = visible.shape[1]
-    out = torch.gather(visible, 1, ids_restore.clamp(max=T - 1)[..., None].expand(-1, -1, visible.shape[-1]))
+    out = torch.gather(visible, 1,
+                       ids_restore.clamp(max=T - 1)[..., None].expand(-1, -1, visible.shape[-1]))
     return torch.where((ids_restore < T)[..., None], out, mask_token.to(out.dtype))
 
 
@@ -2309,7 +2638,8 @@ def sttp_phase(step, warmup_steps, teacher_iters=3):
     iteration: 'mim' during the warm-up (complete-modality MIM), then cycles of
     `teacher_iters` 'teacher' iterations followed by one 'student' iteration."""
     if step < 0 or warmup_steps < 0 or teacher_iters < 0:
-        raise ValueError(f"sttp_phase needs step, warmup_steps, teacher_iters >= 0, got {step}, {warmup_steps}, {teacher_iters}")
+        raise ValueError(f"sttp_phase needs step, warmup_steps, teacher_iters >= 0, got {step}, "
+                         f"{warmup_steps}, {teacher_iters}")
     if step < warmup_steps:
         return 'mim'
     return 'teacher' if (step - warmup_steps) % (teacher_iters + 1) < teacher_iters else 'student'
@@ -2334,7 +2664,8 @@ def multimae_sincos(dim, h, w):
 
 def pos_tokens(pos_emb, grid, mode):
     """A stored (1, D, h0, w0) position table interpolated to `grid` (MultiMAE: bicubic
-    in the image adapters, bilinear in the semseg adapter and the decoders) -> (1, h*w, D), row-major."""
+    in the image adapters, bilinear in the semseg adapter and the decoders) -> (1, h*w, D),
+    row-major."""
     pos = F.interpolate(pos_emb, size=tuple(grid), mode=mode, align_corners=False)  # (1, D, h, w)
     return pos.flatten(2).transpose(1, 2)  # (1, h*w, D)
 
@@ -2343,14 +2674,16 @@ class PatchedInputAdapter(nn.Module):
     """MultiMAE input adapter of an image-like modality (RGB, depth, HHA): a stride-p
     patch conv `proj` plus the adapter's own stored position table `pos_emb`,
     interpolated bicubically to the token grid. No modality embedding (MultiMAE has none).
-    forward(img: (B, in_chans, H, W)) -> (B, ceil(H/p), ceil(W/p), D), zero-padded to a multiple of p."""
+    forward(img: (B, in_chans, H, W)) -> (B, ceil(H/p), ceil(W/p), D), zero-padded to a multiple of
+    p."""
 
     pos_mode = 'bicubic'
 
     def __init__(self, in_chans, dim, patch=16, img_size=224):
         super().__init__()
         self.in_chans, self.patch = in_chans, patch
-        self.register_buffer('pos_emb', multimae_sincos(dim, img_size // patch, img_size // patch))  # fixed, stored
+        # fixed, stored
+        self.register_buffer('pos_emb', multimae_sincos(dim, img_size // patch, img_size // patch))
         self.proj = nn.Conv2d(in_chans, dim, patch, patch)
 
     def as_image(self, img):
@@ -2358,9 +2691,10 @@ class PatchedInputAdapter(nn.Module):
             raise ValueError(f"expected a (B, {self.in_chans}, H, W) input, got {tuple(img.shape)}")
         return img
 
-    def forward(self, img):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
         x = self.proj(pad_to_multiple(self.as_image(img), self.patch, (2, 3)))  # (B, D, h, w)
-        x = x.flatten(2).transpose(1, 2) + pos_tokens(self.pos_emb, x.shape[-2:], self.pos_mode)  # (B, h*w, D)
+        # (B, h*w, D)
+        x = x.flatten(2).transpose(1, 2) + pos_tokens(self.pos_emb, x.shape[-2:], self.pos_mode)
         return x.view(x.shape[0], *self.grid_of(img), -1)  # (B, h, w, D)
 
     def grid_of(self, img):
@@ -2385,11 +2719,14 @@ class SemSegInputAdapter(PatchedInputAdapter):
 
     def as_image(self, label):
         if label.ndim != 3 or label.dtype != torch.long:
-            raise ValueError(f"expected a (B, H/4, W/4) int64 semantic map, got {tuple(label.shape)} {label.dtype}")
+            raise ValueError(f"expected a (B, H/4, W/4) int64 semantic map, got "
+                             f"{tuple(label.shape)} {label.dtype}")
         if not ((label >= 0) & (label < self.num_classes) | (label == 255)).all():
-            raise ValueError(f"semantic map values must be 0..{self.num_classes - 1} or 255 (ignore)")
+            raise ValueError(f"semantic map values must be 0..{self.num_classes - 1} or "
+                             f"255 (ignore)")
         known = label != 255
-        emb = self.class_emb(torch.where(known, label, 0)) * known[..., None]  # (B, h4, w4, class_dim)
+        # (B, h4, w4, class_dim)
+        emb = self.class_emb(torch.where(known, label, 0)) * known[..., None]
         return emb.permute(0, 3, 1, 2)  # (B, class_dim, h4, w4)
 
 
@@ -2415,19 +2752,24 @@ class MultiModalViT(nn.Module):
         nn.init.normal_(self.global_tokens, std=0.02)
 
     def embed(self, inputs):
-        """{name: input} -> tokens (B, M, N, D) in adapter order (rgb, depth, semseg), and the grid (h, w)."""
+        """{name: input} -> tokens (B, M, N, D) in adapter order (rgb, depth, semseg), and the grid
+        (h, w)."""
         unknown = set(inputs) - set(self.input_adapters)
         if unknown:
-            raise ValueError(f"no input adapter for {sorted(unknown)}; this encoder has {list(self.input_adapters)}")
-        maps = [a(inputs[n]) for n, a in self.input_adapters.items() if n in inputs]  # each (B, h, w, D)
+            raise ValueError(f"no input adapter for {sorted(unknown)}; this encoder has "
+                             f"{list(self.input_adapters)}")
+        # each (B, h, w, D)
+        maps = [a(inputs[n]) for n, a in self.input_adapters.items() if n in inputs]
         grids = {tuple(m.shape[1:3]) for m in maps}
         if len(grids) != 1:
-            raise ValueError(f"modalities give different token grids {sorted(grids)}; pass images of one size "
+            raise ValueError(f"modalities give different token grids {sorted(grids)}; pass images "
+                             f"of one size "
                              f"and the semantic map at 1/4 of it")
         return torch.stack(maps, 1).flatten(2, 3), grids.pop()  # (B, M, N, D)
 
-    def forward(self, tokens):
-        x = torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1)], 1)  # (B, T + 1, D)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # (B, T + 1, D)
+        x = torch.cat([tokens, self.global_tokens.expand(tokens.shape[0], -1, -1)], 1)
         for blk in self.encoder:
             x = blk(x)
         return x
@@ -2445,9 +2787,10 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query, context):
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, Tq, D = query.shape
         q = self.q(query).view(B, Tq, self.heads, -1).transpose(1, 2)  # (B, nh, Tq, hd)
+        # (B, nh, Tc, hd)
         k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, Tc, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, Tq, hd)
         return self.proj(x.transpose(1, 2).reshape(B, Tq, D))  # (B, Tq, D)
@@ -2470,12 +2813,14 @@ class SpatialOutputAdapter(nn.Module):
     (< T = place in x), grid (h, w)) -> (image (B, C, h*p, w*p), tokens (B, h*w, dim)).
     """
 
-    def __init__(self, task, context_tasks, in_dim, dim, heads, depth, out_chans, patch=16, stride=1, img_size=224):
+    def __init__(self, task, context_tasks, in_dim, dim, heads, depth, out_chans, patch=16,
+                 stride=1, img_size=224):
         super().__init__()
         self.task, self.out_chans, self.stride, self.p = task, out_chans, stride, patch // stride
         self.task_embeddings = nn.ParameterDict({t: nn.Parameter(torch.zeros(1, 1, dim)) for t in context_tasks})
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer('pos_emb', multimae_sincos(dim, img_size // patch, img_size // patch))  # fixed, stored
+        # fixed, stored
+        self.register_buffer('pos_emb', multimae_sincos(dim, img_size // patch, img_size // patch))
         self.decoder = CrossAttention(dim, heads)
         self.context_norm = nn.LayerNorm(dim, eps=1e-6)
         self.query_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -2494,23 +2839,125 @@ class SpatialOutputAdapter(nn.Module):
         visible, glob = x[:, :-1], x[:, -1:]
         pos = pos_tokens(self.pos_emb, grid, 'bilinear')[0]  # (N, dim)
         N = pos.shape[0]
-        embed = torch.cat([pos + self.task_embeddings[t][0] for t in tasks])  # (M*N, dim), task-major
+        # (M*N, dim), task-major
+        embed = torch.cat([pos + self.task_embeddings[t][0] for t in tasks])
         context = torch.cat([visible + embed[ids_keep], glob], 1)  # (B, T + 1, dim)
         own = pos + self.task_embeddings[self.task][0]  # (N, dim)
         if self.task in tasks:
             k = tasks.index(self.task)
-            query = unshuffle(visible, self.mask_token, ids_restore[:, k * N:(k + 1) * N]) + own  # (B, N, dim)
+            # (B, N, dim)
+            query = unshuffle(visible, self.mask_token, ids_restore[:, k * N:(k + 1) * N]) + own
         else:
             query = (self.mask_token + own).expand(x.shape[0], -1, -1)  # (B, N, dim)
-        y = self.decoder(self.query_norm(query), self.context_norm(context))  # MultiMAE: no residual here
+        # MultiMAE: no residual here
+        y = self.decoder(self.query_norm(query), self.context_norm(context))
         return y + self.mlp(self.out_norm(y))
 
-    def forward(self, x, tasks, ids_keep, ids_restore, grid):
+    def forward(self, x: torch.Tensor, tasks: list[str], ids_keep: torch.Tensor, ids_restore: torch.Tensor,
+                grid: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         tokens = self.attend(x, tasks, ids_keep, ids_restore, grid)
         y = self.out_proj(self.decoder_transformer(tokens))  # (B, N, C*p*p)
         (h, w), p, B = grid, self.p, x.shape[0]
         img = y.view(B, h, w, self.out_chans, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
         return img.reshape(B, self.out_chans, h * p, w * p), tokens
+
+
+def multimae_from_mae(sd, own):
+    """An MAE ViT state dict -> MultiMAE's names, as MultiMAE's vit2multimae converter maps
+    it: blocks.* -> encoder.*, patch_embed.proj -> the RGB adapter's proj, cls_token (+ its
+    position row) -> global_tokens, pos_embed -> the RGB adapter's table, resized to
+    `own`'s; MAE's final norm, decoder and head dropped (MultiMAE has no final norm).
+    The RGB table keeps MAE's (row, column) channel order, as vit2multimae does, while
+    MultiMAE's own tables are the transpose (design choice: MultiMAE's converter as is)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith('blocks.'):
+            out['encoder.' + k[len('blocks.'):]] = v
+        elif k.startswith('patch_embed.proj.'):
+            out['input_adapters.rgb.proj.' + k.rsplit('.', 1)[1]] = v
+    if 'cls_token' in sd:
+        out['global_tokens'] = sd['cls_token'] + (sd['pos_embed'][:, :1] if 'pos_embed' in sd else 0)
+    if 'pos_embed' in sd:
+        side = square_grid(sd['pos_embed'])[0]
+        # (1, D, g, g)
+        table = sd['pos_embed'][:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        out['input_adapters.rgb.pos_emb'] = F.interpolate(
+            table, size=own['backbone.input_adapters.rgb.pos_emb'].shape[-2:], mode='bicubic',
+            align_corners=False)
+    return out
+
+
+# The tensors whose shape follows the number of semantic classes (MultiMAE's files: 133 COCO
+# classes).
+CLASS_COUNT_KEYS = ('backbone.input_adapters.semseg.class_emb.weight',
+                    'output_adapters.semseg.out_proj.weight',
+                    'output_adapters.semseg.out_proj.bias')
+
+# MultiMAE checkpoint prefix -> this project's; below the prefix the names are MultiMAE's.
+MULTIMAE_RENAMES = (
+    ('input_adapters.', 'backbone.input_adapters.'),
+    ('encoder.', 'backbone.encoder.'),
+    ('global_tokens', 'backbone.global_tokens'),
+)
+
+
+def adapter_part(key):
+    """'output_adapters.norm_rgb.mlp.fc1.weight' -> 'output_adapters.norm_rgb' (also
+    'backbone.input_adapters.<name>'); None for keys outside the adapters."""
+    parts = key.split('.')
+    if parts[0] == 'output_adapters':
+        return '.'.join(parts[:2])
+    if parts[:2] == ['backbone', 'input_adapters']:
+        return '.'.join(parts[:3])
+    return None
+
+
+def multimae_renamed(sd, own):
+    """A MultiMAE file, an MAE ViT file or an rgbx MaskMentor state dict -> this project's
+    names (`MULTIMAE_RENAMES`; an MAE file through `multimae_from_mae`), nothing dropped."""
+    if any(k.startswith('backbone.') for k in sd):
+        return dict(sd)
+    if not any(k.startswith(('encoder.', 'input_adapters.')) for k in sd):
+        sd = multimae_from_mae(sd, own)
+    return {next((new + k[len(old):] for old, new in MULTIMAE_RENAMES if k.startswith(old)), k): v
+            for k, v in sd.items()}
+
+
+def multimae_to_rgbx(sd, own):
+    """A MultiMAE / MAE / rgbx MaskMentor state dict -> a MaskMentor model's (`own`):
+    renamed (`multimae_renamed`), without the adapters `own` lacks (all output adapters
+    when fine-tuning; `norm_rgb` without norm_pix_rgb; the semseg input adapter) and
+    without the CLASS_COUNT_KEYS tensors of another class count (they keep their initial
+    values). `multimae_notes` says what was left out."""
+    sd = multimae_renamed(sd, own)
+    parts = {adapter_part(k) for k in own}
+    return {k: v for k, v in sd.items() if (adapter_part(k) is None or adapter_part(k) in parts)
+            and k != 'steps_done' and not (k in CLASS_COUNT_KEYS and k in own
+                                           and v.shape != own[k].shape)}
+
+
+def multimae_notes(sd, own):
+    """What `multimae_to_rgbx` leaves out of `sd` for a model `own`, as sentences."""
+    sd = multimae_renamed(sd, own)
+    notes = []
+    dropped = sorted({adapter_part(k) for k in sd} - {adapter_part(k) for k in own} - {None})
+    if dropped:
+        notes.append(f"ignoring parts this model does not have: {', '.join(dropped)}")
+    per_class = sorted(k for k in CLASS_COUNT_KEYS if k in sd and k in own
+                       and sd[k].shape != own[k].shape)
+    if per_class:
+        notes.append("another number of semantic classes in the checkpoint than in this model: "
+                     + ', '.join(f"{k} {tuple(sd[k].shape)} -> "
+                                 f"{tuple(own[k].shape)}" for k in per_class)
+                     + " re-initialised")
+    if any(k.startswith('output_adapters.') for k in own) and not any(k.startswith('output_adapters.') for k in sd):
+        notes.append("the checkpoint holds no decoders (an encoder file): the output adapters keep "
+                     "their initial values")
+    elif 'output_adapters.norm_rgb' in {adapter_part(k) for k in own} - {adapter_part(k) for k in sd}:
+        notes.append("the checkpoint has no norm_rgb decoder (a file trained without norm_pix_rgb): "
+                     "it starts fresh "
+                     "(or build with norm_pix_rgb=False)")
+    return notes
 
 
 class MaskMentorModel(RGBXModel):
@@ -2522,10 +2969,21 @@ class MaskMentorModel(RGBXModel):
         return {**super().param_counts(),
                 **{name: sum(p.numel() for p in child.parameters()) for name, child in self.named_children()}}
 
-    def pretrained_target(self):
+    def pretrained_target(self, sd):
         return self  # MultiMAE files hold the decoders too
 
-    def checkpoint_absent_keys(self, sd):
+    def convert_checkpoint(self, sd):
+        """A MultiMAE, MAE or rgbx MaskMentor file -> (this model's state dict, keys it may
+        lack, notes on what it leaves out) for `load_pretrained` (`multimae_to_rgbx`). A
+        position table stored for another image size is taken as it is (interpolated at use)."""
+        own = self.state_dict()
+        notes = multimae_notes(sd, own)
+        sd = multimae_to_rgbx(sd, own)
+        for k in [k for k in sd if k.endswith('.pos_emb') and k in own and sd[k].shape != own[k].shape]:
+            self.get_submodule(k.rsplit('.', 1)[0]).pos_emb = sd[k].clone()
+        return sd, self.absent_keys(sd), notes
+
+    def absent_keys(self, sd):
         """Keys a converted file legitimately lacks: the fine-tuning head; class tables of
         another class count (left out by `multimae_to_rgbx`); the decoders of an
         encoder-only file; for an MAE file the input adapters it has no weights for."""
@@ -2572,9 +3030,10 @@ def masked_mean(loss, mask, grid, valid=None):
     if valid is not None:
         m = m * valid
     count = m.flatten(1).sum(1)  # (B,)
+    # (B,), 0 for a sample without any
     per_sample = (loss * m).flatten(1).sum(1) / count.clamp(min=1)
-    has = count > 0
-    return per_sample[has].mean() if has.any() else loss.sum() * 0
+    # mean over the samples that have any
+    return per_sample.sum() / draw_policy().count((count > 0).sum())
 
 
 class MaskMentorPretrain(MaskMentorModel):
@@ -2586,7 +3045,8 @@ class MaskMentorPretrain(MaskMentorModel):
       encode({'rgb': (B,3,H,W), 'depth': (B,1,H,W), 'semseg': (B,H/4,W/4) int64}, any subset)
           -> (B, T + 1, D): tokens rgb, depth, semseg (each row-major), global token last;
       reconstruct(inputs, masks {name: (B, N)}, 1 = masked; an input without a mask is all visible)
-          -> {name: prediction}: rgb (B,3,H,W), depth (B,1,H,W), semseg logits (B,K,H/4,W/4) (+ norm_rgb).
+          -> {name: prediction}: rgb (B,3,H,W), depth (B,1,H,W), semseg logits (B,K,H/4,W/4) (+
+          norm_rgb).
 
     forward(rgb (B, 3, H, W), x (B, Cx, H, W) depth, label (B, H, W) int64 semantic
     map (255 = ignore; the adapter takes label[:, ::4, ::4]), phase='mim') -> (loss, None),
@@ -2597,13 +3057,9 @@ class MaskMentorPretrain(MaskMentorModel):
       patch masking of the kept modalities with the same budget); a dropped modality has
       all its patches masked. Pixel losses plus `token_weight` * the mean over the three
       tasks and the grid places of 1 - cos(student token, teacher token).
-    What the teacher sees when it makes the student's token targets: within the student
-    iteration, a no-grad pass of the current weights (after the cycle's teacher updates)
-    on the same images with all three modalities and a fresh MultiMAE patch mask (not
-    the masks of the teacher iterations); the tokens compared are each decoder's output
-    tokens (`SpatialOutputAdapter.attend`), which exist at every grid place whatever
-    either side saw, so the student also predicts the teacher's tokens of the modality it
-    lost. Design choice, paper silent: all grid places count, weight 1, norm_rgb excluded.
+    The teacher: a no-grad pass of the current weights on the same images, complete, with a
+    fresh patch mask; compared: each decoder's output tokens at every grid place (design
+    choice, paper silent; docs/maskmentor.md, "STTP").
     Pixel losses (MultiMAE's pre-training config, criterion.py): RGB MSE on the
     dataset-normalised pixels; with norm_pix_rgb also `norm_rgb` MSE on per-patch
     normalised RGB; depth L1 on MultiMAE's truncated standardisation (input and target);
@@ -2614,20 +3070,23 @@ class MaskMentorPretrain(MaskMentorModel):
     and one batch for every step of a 3 teacher : 1 student cycle; `warmup` is a fraction
     of the run's steps (MaskMentor Sec. 4.1: ~100 of 500 epochs of complete-modality MIM,
     0.2), unless `warmup_steps` is given. The trainer passes the phase to forward. Masking
-    is the objective, so it is drawn from the global RNG in train and eval mode alike.
+    is the objective, so it is drawn (through `draw_policy()`) in train and eval mode alike.
     """
 
     pretraining = True  # no logits: nothing to evaluate
 
-    def __init__(self, backbone, num_classes, decoder_dim=256, decoder_heads=8, decoder_depth=2, mask_ratio=5 / 6,
-                 p_m=0.5, warmup=0.2, warmup_steps=None, teacher_iters=3, token_weight=1.0, norm_pix_rgb=True,
+    def __init__(self, backbone, num_classes, decoder_dim=256, decoder_heads=8, decoder_depth=2,
+                 mask_ratio=5 / 6,
+                 p_m=0.5, warmup=0.2, warmup_steps=None, teacher_iters=3, token_weight=1.0,
+                 norm_pix_rgb=True,
                  depth_standardize=True, img_size=224):
         super().__init__()
         tasks = list(backbone.input_adapters)
         if tasks != ['rgb', 'depth', 'semseg']:
             raise ValueError(f"pre-training needs the adapters rgb, depth, semseg, got {tasks}")
         if not 0 < mask_ratio < 1 or not 0 <= warmup <= 1:
-            raise ValueError(f"mask_ratio must be in (0, 1) and warmup in [0, 1], got {mask_ratio}, {warmup}")
+            raise ValueError(f"mask_ratio must be in (0, 1) and warmup in [0, 1], got "
+                             f"{mask_ratio}, {warmup}")
         self.backbone = backbone
         self.mask_ratio, self.p_m, self.token_weight = mask_ratio, p_m, token_weight
         self.warmup, self.warmup_steps, self.teacher_iters = warmup, warmup_steps, teacher_iters
@@ -2635,11 +3094,14 @@ class MaskMentorPretrain(MaskMentorModel):
         adapters = backbone.input_adapters
         chans = {'rgb': 3, 'depth': adapters['depth'].in_chans, 'semseg': num_classes}
         heads = {t: t for t in tasks}
-        if norm_pix_rgb:  # MultiMAE's extra_norm_pix_loss: a second RGB decoder for the per-patch normalised target
+        # MultiMAE's extra_norm_pix_loss: a second RGB decoder for the per-patch normalised target
+        if norm_pix_rgb:
             heads['norm_rgb'] = 'rgb'
         self.output_adapters = nn.ModuleDict({
-            name: SpatialOutputAdapter(task, tasks, backbone.dim, decoder_dim, decoder_heads, decoder_depth,
-                                       chans[task], backbone.patch_size, getattr(adapters[task], 'stride', 1), img_size)
+            name: SpatialOutputAdapter(task, tasks, backbone.dim, decoder_dim, decoder_heads,
+                                       decoder_depth,
+                                       chans[task], backbone.patch_size,
+                                       getattr(adapters[task], 'stride', 1), img_size)
             for name, task in heads.items()})
 
     def schedule(self, step, total_steps):
@@ -2655,15 +3117,19 @@ class MaskMentorPretrain(MaskMentorModel):
         K = len(self.backbone.input_adapters)
         T = round((1 - self.mask_ratio) * K * num_tokens)
         if T < 1:
-            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves no visible token of {K} x {num_tokens}: the "
-                             f"input gives only {num_tokens} tokens per modality; use a larger crop or a smaller mask_ratio")
+            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves no visible token of {K} x "
+                             f"{num_tokens}: the "
+                             f"input gives only {num_tokens} tokens per modality; use a larger crop "
+                             f"or a smaller mask_ratio")
         if T > num_tokens:
-            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves {T} visible tokens of {K} x {num_tokens}, more "
+            raise ValueError(f"mask_ratio {self.mask_ratio:.3f} leaves {T} visible tokens of {K} x "
+                             f"{num_tokens}, more "
                              f"than one modality holds; need mask_ratio >= {1 - 1 / K:.3f}")
         return T
 
     def encode(self, inputs):
-        """Encoder tokens of `inputs` with no masking: (B, T + 1, D), adapter order, global token last."""
+        """Encoder tokens of `inputs` with no masking: (B, T + 1, D), adapter order, global token
+        last."""
         tokens, _ = self.backbone.embed(inputs)  # (B, M, N, D)
         return self.backbone(tokens.flatten(1, 2))
 
@@ -2671,7 +3137,8 @@ class MaskMentorPretrain(MaskMentorModel):
         """MultiMAE's forward with given task masks: {name: prediction} of every output adapter."""
         tasks = [t for t in self.backbone.input_adapters if t in inputs]
         if set(masks) - set(tasks):
-            raise ValueError(f"masks for {sorted(set(masks) - set(tasks))}, which are not inputs ({tasks})")
+            raise ValueError(f"masks for {sorted(set(masks) - set(tasks))}, which are not "
+                             f"inputs ({tasks})")
         tokens, grid = self.backbone.embed(inputs)  # (B, M, N, D)
         B, N = tokens.shape[0], tokens.shape[2]
         for t, m in masks.items():
@@ -2691,10 +3158,13 @@ class MaskMentorPretrain(MaskMentorModel):
         flat = mask.flatten(1)  # (B, M*N)
         shown = (~flat).sum(1)
         if (shown != shown[0]).any() or shown[0] == 0:
-            raise ValueError(f"every sample must show the same number (> 0) of tokens, got {shown.tolist()}")
-        ids_shuffle = flat.int().argsort(dim=1, stable=True)  # (B, M*N): visible tokens first, in grid order
+            raise ValueError(f"every sample must show the same number (> 0) of tokens, got "
+                             f"{shown.tolist()}")
+        # (B, M*N): visible tokens first, in grid order
+        ids_shuffle = flat.int().argsort(dim=1, stable=True)
         ids_keep, ids_restore = ids_shuffle[:, :int(shown[0])], ids_shuffle.argsort(1)
-        x = torch.gather(tokens.flatten(1, 2), 1, ids_keep[..., None].expand(-1, -1, D))  # (B, T, D)
+        # (B, T, D)
+        x = torch.gather(tokens.flatten(1, 2), 1, ids_keep[..., None].expand(-1, -1, D))
         x = self.backbone(x)  # (B, T + 1, D)
         H, W = self.image_size(inputs)
         out = {}
@@ -2718,21 +3188,26 @@ class MaskMentorPretrain(MaskMentorModel):
         p = self.backbone.patch_size
         inputs = {'rgb': rgb, 'depth': standardize_depth(x) if self.depth_standardize else x,
                   'semseg': label[:, ::4, ::4]}
-        norm = patch_normalised(pad_to_multiple(rgb, p, (2, 3)), p)[..., :rgb.shape[-2], :rgb.shape[-1]]
+        padded = pad_to_multiple(rgb, p, (2, 3))
+        norm = patch_normalised(padded, p)[..., :rgb.shape[-2], :rgb.shape[-1]]
         return inputs, {**inputs, 'norm_rgb': norm}
 
     def pixel_loss(self, name, pred, target, mask, grid):
         """MultiMAE's loss of one output over its masked tokens (criterion.py).
         pred, target at the output's resolution, mask (B, N) bool -> scalar."""
-        if name == 'semseg':  # cross-entropy at 1/4 resolution; design choice: 255 pixels do not count
-            loss = F.cross_entropy(pred.float(), target, ignore_index=255, reduction='none')  # (B, h4, w4)
+        # cross-entropy at 1/4 resolution; design choice: 255 pixels do not count
+        if name == 'semseg':
+            # (B, h4, w4)
+            loss = F.cross_entropy(pred.float(), target, ignore_index=255, reduction='none')
             return masked_mean(loss, mask, grid, valid=target != 255)
         err = pred.float() - target
-        loss = (err.abs() if name == 'depth' else err.square()).mean(1)  # (B, H, W): L1 for depth, else MSE
+        # (B, H, W): L1 for depth, else MSE
+        loss = (err.abs() if name == 'depth' else err.square()).mean(1)
         return masked_mean(loss, mask, grid)
 
     def draw_mask(self, keep, num_tokens):
-        """MultiMAE patch masking of the kept modalities: keep (B, K) bool -> mask (B, K, N), True = masked."""
+        """MultiMAE patch masking of the kept modalities: keep (B, K) bool -> mask (B, K, N), True =
+        masked."""
         return random_masking(visible_counts(keep, self.budget(num_tokens)), num_tokens)
 
     def losses(self, rgb, x, label, phase):
@@ -2743,27 +3218,34 @@ class MaskMentorPretrain(MaskMentorModel):
         p = self.backbone.patch_size
         grid = (-(-rgb.shape[-2] // p), -(-rgb.shape[-1] // p))
         tasks = list(inputs)
-        keep = torch.ones(rgb.shape[0], len(tasks), dtype=torch.bool, device=rgb.device)  # complete modalities
-        teach = phase == 'student' and self.token_weight != 0  # token_weight 0: M2IM without STTP's token loss
+        # complete modalities
+        keep = torch.ones(rgb.shape[0], len(tasks), dtype=torch.bool, device=rgb.device)
+        # token_weight 0: M2IM without STTP's token loss
+        teach = phase == 'student' and self.token_weight != 0
         if teach:
-            with torch.no_grad():  # the teacher: complete modalities, patch masking only; its tokens carry no gradient
+            # the teacher: complete modalities, patch masking only; its tokens carry no gradient
+            with torch.no_grad():
                 teacher = self.decode(inputs, self.draw_mask(keep, grid[0] * grid[1]))
         if phase == 'student':  # MaskMentor addition: M2IM's modality masking (Alg. 1)
             keep = m2im_keep_batch(rgb.shape[0], len(tasks), self.p_m, rgb.device)
         mask = self.draw_mask(keep, grid[0] * grid[1])
         outs = self.decode(inputs, mask)
-        terms = {name: self.pixel_loss(name, pred, targets[name], mask[:, tasks.index(adapter.task)], grid)
+        terms = {name: self.pixel_loss(name, pred, targets[name],
+                                       mask[:, tasks.index(adapter.task)], grid)
                  for (name, (pred, _)), adapter in zip(outs.items(), self.output_adapters.values())}
         if teach:  # MaskMentor addition: STTP's token loss
             cos = torch.stack([F.cosine_similarity(outs[t][1], teacher[t][1], dim=-1) for t in tasks])  # (K, B, N)
-            terms['token'] = self.token_weight * (1 - cos).mean()
+            mean = (1 - cos).sum() / draw_policy().count(cos.numel())  # the mean over (K, B, N)
+            terms['token'] = self.token_weight * mean
         return terms
 
-    def forward(self, rgb, x, label=None, phase='mim'):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None, phase: str = 'mim'
+                ) -> tuple[torch.Tensor, None]:
         """The loss of `phase` ('mim', 'teacher' or 'student'; the trainer passes the one of
         `schedule`) on rgb (B, 3, H, W), depth x (B, 1, H, W), label (B, H, W) -> (loss, None)."""
         if label is None:
-            raise ValueError("MaskMentor pre-training reconstructs the semantic map too: pass label (B, H, W)")
+            raise ValueError("MaskMentor pre-training reconstructs the semantic map too: pass "
+                             "label (B, H, W)")
         return sum(self.losses(rgb, x, label, phase).values()), None
 
 
@@ -2792,12 +3274,15 @@ class MaskMentorSeg(MaskMentorModel):
     # an absent or dropped modality's adapter gets no gradient in a step where no sample has it
     find_unused_parameters = True
 
-    def __init__(self, backbone, num_classes, head_dim=384, head_depth=4, modality_drop=0.5, depth_standardize=True):
+    def __init__(self, backbone, num_classes, head_dim=384, head_depth=4, modality_drop=0.5,
+                 depth_standardize=True):
         super().__init__()
         if list(backbone.input_adapters) != ['rgb', 'depth']:
-            raise ValueError(f"fine-tuning needs the adapters rgb, depth, got {list(backbone.input_adapters)}")
+            raise ValueError(f"fine-tuning needs the adapters rgb, depth, got "
+                             f"{list(backbone.input_adapters)}")
         self.backbone, self.modality_drop, self.depth_standardize = backbone, modality_drop, depth_standardize
-        self.head = ConvNeXtHead(backbone.dim, num_classes, head_dim, head_depth, backbone.patch_size)
+        self.head = ConvNeXtHead(backbone.dim, num_classes, head_dim, head_depth,
+                                 backbone.patch_size)
 
     def presence(self, inputs, present):
         """(B, M) bool, True = the sample has the modality."""
@@ -2805,12 +3290,15 @@ class MaskMentorSeg(MaskMentorModel):
         B = inputs[names[0]].shape[0]
         if present is not None:
             if isinstance(present, str) or not present or set(present) - set(names):
-                raise ValueError(f"present must be a non-empty tuple out of {names}, got {present!r}")
+                raise ValueError(f"present must be a non-empty tuple out of {names}, "
+                                 f"got {present!r}")
             return torch.tensor([n in present for n in names], device=inputs[names[0]].device).expand(B, -1)
-        # design choice: a modality that is exactly all zeros for a sample (eval.py's missing input) is absent
+        # design choice: a modality that is exactly all zeros for a sample (eval.py's missing input)
+        # is absent
         has = torch.stack([v.flatten(1).ne(0).any(1) for v in inputs.values()], 1)  # (B, M)
         if not has.any(1).all():
-            raise ValueError(f"samples {(~has.any(1)).nonzero()[:, 0].tolist()} have no modality: all inputs are zeros")
+            raise ValueError(f"samples {(~has.any(1)).nonzero()[:, 0].tolist()} have no modality: "
+                             f"all inputs are zeros")
         return has
 
     def features(self, inputs, keep):
@@ -2819,30 +3307,34 @@ class MaskMentorSeg(MaskMentorModel):
         feats, order = [], []
         for i, pattern in enumerate(patterns.tolist()):  # at most 2^M - 1 groups
             idx = (group == i).nonzero()[:, 0]
+            # (b, m, N, D)
             tokens, grid = self.backbone.embed({n: v[idx] for (n, v), k in zip(inputs.items(), pattern) if k})  # (b, m, N, D)
             y = self.backbone(tokens.flatten(1, 2))[:, :-1]  # (b, m*N, D), global token dropped
             feats.append(y.view(tokens.shape).mean(1))  # (b, N, D)
             order.append(idx)
         return torch.cat(feats)[torch.cat(order).argsort()], grid
 
-    def forward(self, rgb, x, label=None, present=None):
+    def forward(self, rgb: torch.Tensor, x: torch.Tensor, label: torch.Tensor | None = None,
+                present: tuple[str, ...] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         inputs = {'rgb': rgb, 'depth': x}
         keep = self.presence(inputs, present)
         if self.depth_standardize:  # after `presence`: an absent (all-zero) depth stays all zeros
             inputs['depth'] = torch.where(keep[:, 1].view(-1, 1, 1, 1), standardize_depth(x), x)
-        if self.training and self.modality_drop > 0:  # design choice: M2IM's rule drops modalities in fine-tuning
+        # design choice: M2IM's rule drops modalities in fine-tuning
+        if self.training and self.modality_drop > 0:
             drop = keep & m2im_keep_batch(rgb.shape[0], len(inputs), self.modality_drop, rgb.device)
             keep = torch.where(drop.any(1, keepdim=True), drop, keep)
-        feats, grid = self.features(inputs, keep)  # design choice: mean of the present modalities' tokens
+        # design choice: mean of the present modalities' tokens
+        feats, grid = self.features(inputs, keep)
         logits = self.head(feats, grid, rgb.shape[-2:])
         if label is None:
             return logits
         return segmentation_loss(logits, label), logits
 
 
-# MaskMentor Sec. 4.1: pre-training AdamW lr 1e-5, cosine, batch 12 (reached with accumulation when 12 do
-# not fit), betas 0.9 / 0.95 as MultiMAE pre-trains; fine-tuning lr 3e-5, cosine, batch 2. Epochs, crop,
-# weight decay and warm-up come from the baselines' recipe of the dataset.
+# MaskMentor Sec. 4.1: pre-training AdamW lr 1e-5, cosine, batch 12 (reached with accumulation when
+# 12 do not fit), betas 0.9 / 0.95 as MultiMAE pre-trains; fine-tuning lr 3e-5, cosine, batch 2.
+# Epochs, crop, weight decay and warm-up come from the baselines' recipe of the dataset.
 MASKMENTOR_RECIPES = {'pretrain': dict(lr=1e-5, batch_size=12, schedule='cosine', beta2=0.95),
                       'finetune': dict(lr=3e-5, batch_size=2, schedule='cosine')}
 
@@ -2853,87 +3345,147 @@ def maskmentor_recipe(dataset, options=None):
     return replace(baseline_recipe(dataset), **MASKMENTOR_RECIPES[stage])
 
 
-def build_maskmentor(backbone_name, num_classes, x_channels, pretrained=None, stage='finetune', img_size=224,
-                     drop_path_rate=0.0, class_dim=64, decoder_dim=256, decoder_heads=8, decoder_depth=2,
-                     mask_ratio=5 / 6, p_m=0.5, warmup=0.2, warmup_steps=None, teacher_iters=3, token_weight=1.0,
-                     norm_pix_rgb=True, depth_standardize=True, head_dim=384, head_depth=4, modality_drop=0.5,
-                     freeze_backbone=False, **overrides):
-    """MaskMentor on a ViT preset ('base' = ViT-B/16, MultiMAE-B; `overrides` change dim, depth, heads, mlp_ratio).
+@dataclass
+class MaskMentorConfig(Options):
+    """MaskMentor's options, besides the ViT preset's sizes (`ViTSizes`); 'pretrain:' and
+    'finetune:' name the stage an option acts in."""
+    owner: typing.ClassVar[str] = 'maskmentor'
+    stage: str = option(
+        'finetune', "'pretrain': M2IM + STTP on MultiMAE's network (Alg. 1, Sec. 3.4); 'finetune': "
+        "segmentation (Sec. 3.5)", choices=('pretrain', 'finetune'))
+    img_size: int = option(
+        224, "the image side the position tables are stored for (other sizes interpolate)",
+        default_from='MultiMAE')
+    drop_path_rate: float = option(
+        0.0, "stochastic depth of the encoder: rates 0 .. this over its blocks",
+        low=0, high=1, high_open=True)
+    class_dim: int = option(
+        64, "pretrain: width of the semantic map's class embedding", default_from='MultiMAE')
+    decoder_dim: int = option(
+        256, "pretrain: width of the output adapters (decoders)", default_from='MultiMAE')
+    decoder_heads: int = option(
+        8, "pretrain: attention heads of the output adapters", default_from='MultiMAE')
+    decoder_depth: int = option(
+        2, "pretrain: transformer blocks of each output adapter", default_from='MultiMAE')
+    mask_ratio: float = option(
+        5 / 6, "pretrain: the share of all K*N tokens masked (MultiMAE shows 98 of 3 x 196)",
+        low=0, high=1, low_open=True, high_open=True, default_from='MultiMAE')
+    p_m: float = option(
+        0.5, "pretrain: M2IM's masking probability of each modality (Alg. 1)",
+        low=0, high=1, default_from='paper')
+    warmup: float = option(
+        0.2,
+        "pretrain: the fraction of the steps of complete-modality MIM before STTP (Sec. 4.1: ~100 "
+        "of 500 epochs)", low=0, high=1, default_from='paper')
+    warmup_steps: int | None = option(
+        None, "pretrain: the warm-up in steps, instead of `warmup`",
+        low=0, none="warmup x the run's steps")
+    teacher_iters: int = option(
+        3, "pretrain: teacher iterations per STTP cycle, then one student iteration (Sec. 3.4)",
+        low=0, default_from='paper')
+    token_weight: float = option(
+        1.0,
+        "pretrain: weight of STTP's token loss 1 - cos(student, teacher) (paper silent; 0: M2IM "
+        "without it)", default_from='design')
+    norm_pix_rgb: bool = option(
+        True, "pretrain: also reconstruct per-patch normalised RGB (MultiMAE's "
+        "extra_norm_pix_loss)",
+        default_from='MultiMAE')
+    depth_standardize: bool = option(
+        True, "depth fed (and reconstructed) after MultiMAE's truncated standardisation per image",
+        default_from='MultiMAE')
+    head_dim: int = option(384, 'finetune: width of the ConvNeXt decoder', default_from='MultiMAE')
+    head_depth: int = option(4, 'finetune: ConvNeXt blocks of the decoder', default_from='MultiMAE')
+    modality_drop: float = option(
+        0.5, "finetune: M2IM's p for dropping modalities of training samples (0: complete input)",
+        low=0, high=1, default_from='paper')
+    freeze_backbone: bool = option(
+        False, "finetune: freeze the encoder (the paper trains the whole network)",
+        default_from='paper')
 
-    stage='pretrain': MaskMentorPretrain (adapters rgb, depth, semseg with a `class_dim`
-    class embedding; MultiMAE output adapters decoder_dim / _heads / _depth; options
-    mask_ratio, p_m, warmup (fraction of the steps) or warmup_steps, teacher_iters,
-    token_weight, norm_pix_rgb).
-    stage='finetune': MaskMentorSeg (adapters rgb, depth; options head_*,
-    modality_drop, freeze_backbone; the paper trains the whole network).
-    `depth_standardize` (both stages): depth standardised per image (MultiMAE's
-    truncated standardisation, in its pre-training and fine-tuning alike).
-    `img_size`: the size the position tables are stored for (MultiMAE: 224).
-    `pretrained`: a MultiMAE file, an MAE ViT file, or an rgbx MaskMentor checkpoint,
-    through `load_pretrained` (which names what it ignores or re-initialises).
-    """
-    if stage not in ('pretrain', 'finetune'):
-        raise ValueError(f"stage must be 'pretrain' or 'finetune', not {stage!r}")
+
+def build_maskmentor(backbone_name: str, num_classes: int, x_channels: int,
+                     pretrained: str | None = None,
+                     **options) -> MaskMentorModel:
+    """MaskMentor on a ViT preset ('base' = ViT-B/16, MultiMAE-B); `options`: `MaskMentorConfig`'s
+    and the ViT's sizes (`ViTSizes`). stage 'pretrain': MaskMentorPretrain (adapters rgb, depth,
+    semseg); 'finetune': MaskMentorSeg (adapters rgb, depth). `pretrained`: a MultiMAE file, an
+    MAE ViT file or an rgbx MaskMentor checkpoint, through `load_pretrained` (which names what it
+    ignores or re-initialises)."""
+    cfg, sizes = split_options(MaskMentorConfig, ViTSizes, options)
     if backbone_name not in VIT_PRESETS:
-        raise ValueError(f"unknown ViT preset {backbone_name!r}; choose one of {sorted(VIT_PRESETS)}")
+        raise ValueError(f"unknown ViT preset {backbone_name!r}; choose one of "
+                         f"{sorted(VIT_PRESETS)}")
     if x_channels < 1:
         raise ValueError("MaskMentor is an RGB-D method: x_channels must be >= 1")
-    cfg = {**VIT_PRESETS[backbone_name], **overrides}
-    patch = 16
-    adapters = {'rgb': PatchedInputAdapter(3, cfg['dim'], patch, img_size),
-                'depth': PatchedInputAdapter(x_channels, cfg['dim'], patch, img_size)}
-    if stage == 'pretrain':
-        adapters['semseg'] = SemSegInputAdapter(num_classes, cfg['dim'], patch, 4, class_dim, img_size)
-    backbone = MultiModalViT(adapters, patch_size=patch, drop_path_rate=drop_path_rate, **cfg)
-    if stage == 'pretrain':
-        model = MaskMentorPretrain(backbone, num_classes, decoder_dim, decoder_heads, decoder_depth, mask_ratio, p_m,
-                                   warmup, warmup_steps, teacher_iters, token_weight, norm_pix_rgb, depth_standardize,
-                                   img_size)
+    vit_sizes = {**VIT_PRESETS[backbone_name], **sizes}
+    patch, img = 16, cfg.img_size
+    adapters = {'rgb': PatchedInputAdapter(3, vit_sizes['dim'], patch, img),
+                'depth': PatchedInputAdapter(x_channels, vit_sizes['dim'], patch, img)}
+    if cfg.stage == 'pretrain':
+        adapters['semseg'] = SemSegInputAdapter(num_classes, vit_sizes['dim'], patch, 4,
+                                                cfg.class_dim, img)
+    backbone = MultiModalViT(adapters, patch_size=patch, drop_path_rate=cfg.drop_path_rate,
+                             **vit_sizes)
+    if cfg.stage == 'pretrain':
+        model = MaskMentorPretrain(
+            backbone, num_classes, decoder_dim=cfg.decoder_dim, decoder_heads=cfg.decoder_heads,
+            decoder_depth=cfg.decoder_depth, mask_ratio=cfg.mask_ratio, p_m=cfg.p_m,
+            warmup=cfg.warmup,
+            warmup_steps=cfg.warmup_steps, teacher_iters=cfg.teacher_iters,
+            token_weight=cfg.token_weight,
+            norm_pix_rgb=cfg.norm_pix_rgb, depth_standardize=cfg.depth_standardize, img_size=img)
     else:
-        model = MaskMentorSeg(backbone, num_classes, head_dim, head_depth, modality_drop, depth_standardize)
+        model = MaskMentorSeg(backbone, num_classes, head_dim=cfg.head_dim,
+                              head_depth=cfg.head_depth,
+                              modality_drop=cfg.modality_drop,
+                              depth_standardize=cfg.depth_standardize)
     if pretrained:
         load_pretrained(model, pretrained)
-    if stage == 'finetune' and freeze_backbone:
+    if cfg.stage == 'finetune' and cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
 
 
 # ----------------------------------------------------------------------------
-# Building a method by name: builders, their options, their recipes, paper backbones
+# Building a method by name: each method's builder, config, recipe and backbone
 # ----------------------------------------------------------------------------
 
-# method -> (builder, recipe, the family of its backbone, the backbone of its paper)
+@dataclass(frozen=True)
+class Method:
+    """What `--method NAME` builds: the builder, its typed config, the recipe, the backbone
+    family it runs on (None: either), its paper's backbone, and whether the backbone
+    preset's sizes (`SwinSizes` / `ViTSizes`) are options of it too."""
+    build: typing.Callable
+    config: type
+    recipe: typing.Callable
+    family: str | None
+    paper_backbone: str
+    takes_sizes: bool = True
+
+
 METHODS = {
-    'early_fusion': (build_early_fusion, baseline_recipe, None, 'swin-base'),
-    'rgb_only': (build_rgb_only, baseline_recipe, None, 'swin-base'),
-    'ktb': (build_ktb, ktb_recipe, 'swin', 'swin-base'),
-    'gopt': (build_gopt, gopt_recipe, 'vit', 'vit-base'),
-    'maskmentor': (build_maskmentor, maskmentor_recipe, 'vit', 'vit-base'),
+    'early_fusion': Method(build=build_early_fusion, config=EarlyFusionConfig,
+                           recipe=baseline_recipe, family=None,
+                           paper_backbone='swin-base'),
+    'rgb_only': Method(build=build_rgb_only, config=RGBOnlyConfig, recipe=baseline_recipe,
+                       family=None,
+                       paper_backbone='swin-base'),
+    'ktb': Method(build=build_ktb, config=KTBConfig, recipe=ktb_recipe, family='swin',
+                  paper_backbone='swin-base',
+                  takes_sizes=False),
+    'gopt': Method(build=build_gopt, config=GoPTConfig, recipe=gopt_recipe, family='vit',
+                   paper_backbone='vit-base'),
+    'maskmentor': Method(build=build_maskmentor, config=MaskMentorConfig, recipe=maskmentor_recipe,
+                         family='vit',
+                         paper_backbone='vit-base'),
 }
-# what each backbone family takes as options (the preset's values by default)
-BACKBONE_OPTIONS = {'swin': ('embed_dim', 'depths', 'heads', 'window_size', 'mlp_ratio', 'drop_path_rate'),
-                    'vit': ('dim', 'depth', 'heads', 'mlp_ratio', 'img_size', 'drop_path_rate')}
-# the type of the options whose default is None (one int per stage, or an int)
-NONE_DEFAULT_TYPES = {'prompt_ranks': list, 'adapter_ranks': list, 'dscf_ranks': list, 'warmup_steps': int}
-# what a None default means
-NONE_DEFAULT_MEANING = {'prompt_ranks': 'C/8 per stage', 'adapter_ranks': 'C/16 per stage', 'dscf_ranks': 'C/8 per stage',
-                        'warmup_steps': "warmup x the run's steps"}
-# choices of the text options
-OPTION_CHOICES = {'variant': GOPT_VARIANTS, 'assignment': ('hard', 'soft'), 'attention': CUP_ATTENTION,
-                  'stage': ('pretrain', 'finetune')}
-# options that only name a file to start some weights from: a model rebuilt to load trained weights skips them
-START_FILES = ('head_from',)
-# allowed ranges of numbers: (low, high, low allowed, high allowed); any other number must be >= 1 (ints) or >= 0
-OPTION_RANGES = {'mask_ratio': (0, 1, False, False), 'p_m': (0, 1, True, True), 'warmup': (0, 1, True, True),
-                 'modality_drop': (0, 1, True, True), 'drop_path_rate': (0, 1, True, False),
-                 'tau': (0, math.inf, False, True), 'class_scale': (0, math.inf, False, True),
-                 'mlp_ratio': (0, math.inf, False, True), 'warmup_steps': (0, math.inf, True, True),
-                 'teacher_iters': (0, math.inf, True, True), 'alpha': (0, math.inf, True, True)}
-TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+# family -> presets, sizes
+BACKBONES = {'swin': (SWIN_PRESETS, SwinSizes), 'vit': (VIT_PRESETS, ViTSizes)}
 
 
 def method_spec(method):
-    """(builder, recipe, family, paper backbone) of `method`, or an error naming the methods."""
+    """The `Method` named `method`, or an error naming the methods."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[method]
@@ -2942,119 +3494,65 @@ def method_spec(method):
 def split_backbone(method, backbone):
     """'swin-base' -> ('swin', 'base'), checked against the family `method` is built on."""
     family, _, size = backbone.partition('-')
-    presets = {'swin': SWIN_PRESETS, 'vit': VIT_PRESETS}
-    if family not in presets or size not in presets[family]:
+    if family not in BACKBONES or size not in BACKBONES[family][0]:
         raise ValueError(f"unknown backbone {backbone!r}: use swin-<{'|'.join(SWIN_PRESETS)}> "
                          f"or vit-<{'|'.join(VIT_PRESETS)}>")
-    want = method_spec(method)[2]
+    want = method_spec(method).family
     if want and family != want:
-        raise ValueError(f"{method} is built on a {want} backbone, not {backbone!r}: use {want}-base (or -large)")
+        raise ValueError(f"{method} is built on a {want} backbone, not {backbone!r}: use "
+                         f"{want}-base (or -large)")
     return family, size
 
 
-def method_options(method, backbone):
-    """Every option of `method` on `backbone` with its default: {name: default}. From the
-    builder's keyword arguments (and KTB's), plus the backbone preset's sizes."""
-    builder = method_spec(method)[0]
+def option_fields(method, backbone):
+    """The options of `method` on `backbone`: [(dataclass field, default)], the config's
+    fields, then the backbone sizes it takes, whose None defaults are the preset's values."""
+    spec = method_spec(method)
     family, size = split_backbone(method, backbone)
-    params = dict(inspect.signature(builder).parameters)
-    if method == 'rgb_only':
-        params = {**dict(inspect.signature(build_early_fusion).parameters), **params}
-        params.pop('use_x')
-    if method == 'ktb':
-        params = {**dict(inspect.signature(KTB.__init__).parameters), **params}
-    skip = ('self', 'backbone', 'backbone_name', 'num_classes', 'x_channels', 'pretrained', 'options', 'overrides')
-    opts = {k: p.default for k, p in params.items() if k not in skip and p.kind is p.POSITIONAL_OR_KEYWORD}
-    if method != 'ktb':  # KTB's Swin takes only window_size and drop_path_rate (above)
-        preset = {**dict(drop_path_rate=0.0, mlp_ratio=4.0, img_size=224), **(SWIN_PRESETS if family == 'swin' else VIT_PRESETS)[size]}
-        opts.update({k: preset[k] for k in BACKBONE_OPTIONS[family] if k not in opts and k in preset})
-    return opts
+    own = fields(spec.config)
+    presets, sizes = BACKBONES[family]
+    extra = [f for f in fields(sizes) if f.name not in {g.name for g in own}] if spec.takes_sizes else []
+    names = {f.name for f in extra}
+    preset = asdict(sizes(**{k: v for k, v in presets[size].items() if k in names}))
+    default = {**asdict(spec.config()), **{k: v for k, v in preset.items() if k in names}}
+    return [(f, default[f.name]) for f in (*own, *extra)]
 
 
-def option_value(method, name, default, value):
-    """`value` of option `name` (a string from the command line, or a Python value) as
-    the option's type, or an error naming the option and what it takes."""
-    kind = NONE_DEFAULT_TYPES.get(name, type(default))
-    what = f"option {name!r} of {method}"
-    if default is None and (value is None or isinstance(value, str) and value.strip().lower() in ('none', '')):
-        return None
-    if kind is bool:
-        text = str(value).strip().lower()
-        if isinstance(value, bool) or text in TRUE + FALSE:
-            return value if isinstance(value, bool) else text in TRUE
-        raise ValueError(f"{what} takes true or false (also yes/no, on/off, 1/0), not {value!r}")
-    try:
-        if kind in (list, tuple):
-            items = value.split(':') if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
-            value = [int(str(v).strip()) if isinstance(v, str) else v for v in items]
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise ValueError
-        elif kind is int:
-            value = int(value.strip()) if isinstance(value, str) else value
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError
-        elif kind is float:
-            value = float(value.strip()) if isinstance(value, str) else value
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError
-            value = float(value)
-        elif kind is str:
-            value = str(value).strip()
-    except ValueError:
-        shape = {list: 'integers separated by ":" (one per stage), e.g. 8:16:32:64', tuple: 'integers separated by ":"',
-                 int: 'an integer', float: 'a number'}[kind]
-        raise ValueError(f"{what} takes {shape}, not {value!r}") from None
-    check_option_range(what, name, kind, value)
-    return value
-
-
-def check_option_range(what, name, kind, value):
-    """Raise unless `value` lies in the option's range (OPTION_RANGES, choices)."""
-    if kind is str and name in OPTION_CHOICES and value not in OPTION_CHOICES[name]:
-        raise ValueError(f"{what} takes one of {', '.join(OPTION_CHOICES[name])}, not {value!r}")
-    if kind not in (int, float, list, tuple):
-        return
-    low, high, low_ok, high_ok = OPTION_RANGES.get(name, (1 if kind is not float else 0, math.inf, True, True))
-    for v in (value if isinstance(value, list) else [value]):
-        if v < low or v > high or (v == low and not low_ok) or (v == high and not high_ok):
-            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
-            raise ValueError(f"{what} must lie in {bounds}, not {value!r}")
-
-
-def resolve_options(method, backbone, given):
+def resolve_options(method: str, backbone: str, given: dict) -> dict:
     """Every option of `method` on `backbone` after its defaults, `given` ({name: value},
     values as text or Python values) converted to each option's type and checked:
-    {name: value}, the arguments that rebuild the model. Unknown names are an error
-    that lists the method's options."""
-    opts = method_options(method, backbone)
-    unknown = sorted(set(given) - set(opts))
-    if unknown:
-        raise ValueError(f"{method} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(sorted(opts))}")
-    resolved = {k: v if k not in given else option_value(method, k, v, given[k]) for k, v in opts.items()}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+    {name: value}, the arguments that rebuild the model (a checkpoint stores them). Unknown
+    names are an error that lists the method's options."""
+    spec = method_spec(method)
+    family, _ = split_backbone(method, backbone)
+    cfg, sizes = split_options(spec.config, BACKBONES[family][1] if spec.takes_sizes else None,
+                               given)
+    defaults = dict((f.name, v) for f, v in option_fields(method, backbone))
+    return {**defaults, **asdict(cfg), **sizes}
 
 
-def build_model(method, backbone, num_classes, x_channels, pretrained=None, **options):
+def build_model(method: str, backbone: str, num_classes: int, x_channels: int,
+                pretrained: str | None = None,
+                **options) -> 'RGBXModel':
     """Build `method` ('early_fusion', 'rgb_only', 'ktb', 'gopt', 'maskmentor') on
-    `backbone` ('swin-base', 'vit-large', ...) with `options` (`resolve_options`),
-    `pretrained` loaded into it (`load_pretrained`)."""
-    builder = method_spec(method)[0]
+    `backbone` ('swin-base', 'vit-large', ...) with `options` (the method's config fields,
+    as text or values), `pretrained` loaded into it (`load_pretrained`)."""
+    spec = method_spec(method)
     _, size = split_backbone(method, backbone)
-    options = resolve_options(method, backbone, options)
-    if method in ('early_fusion', 'rgb_only'):
-        size = backbone  # the baselines take a backbone of either family
-    return builder(size, num_classes, x_channels, pretrained=pretrained, **options)
+    return spec.build(backbone if spec.family is None else size, num_classes, x_channels,
+                      pretrained=pretrained,
+                      **options)
 
 
-def recipe(method, dataset, options=None):
+def recipe(method: str, dataset: str, options: dict | None = None) -> Recipe:
     """The training defaults (`Recipe`) of `method` on `dataset` (a preset name), with
     `options` (resolved: MaskMentor's depends on its stage)."""
-    return method_spec(method)[1](dataset, options or {})
+    return method_spec(method).recipe(dataset, options or {})
 
 
-def paper_backbone(method):
+def paper_backbone(method: str) -> str:
     """The backbone `method`'s paper uses ('swin-base' / 'vit-base'; the baselines: swin-base)."""
-    return method_spec(method)[3]
+    return method_spec(method).paper_backbone
 
 
 def trainable_state(model):
@@ -3084,8 +3582,10 @@ def load_trained(model, state, source='checkpoint'):
     keys = set(state)
     if keys != expected and keys != full:
         missing, unexpected = sorted(expected - keys), sorted(keys - full)
-        raise ValueError(f"{source} does not fit this model: missing {missing[:20]}{'...' if len(missing) > 20 else ''}, "
-                         f"unexpected {unexpected[:20]}{'...' if len(unexpected) > 20 else ''}. Build the model with the "
+        raise ValueError(f"{source} does not fit this model: missing "
+                         f"{missing[:20]}{'...' if len(missing) > 20 else ''}, "
+                         f"unexpected {unexpected[:20]}{'...' if len(unexpected) > 20 else ''}. "
+                         f"Build the model with the "
                          f"method, backbone and options the checkpoint was trained with.")
     model.load_state_dict(state, strict=keys == full)
     return model

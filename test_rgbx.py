@@ -1,5 +1,6 @@
 """Tests for rgbx: tiny configs on CPU, each checked against something computed another way."""
 import copy
+import datetime
 import itertools
 import json
 import math
@@ -20,15 +21,19 @@ import eval as ev  # eval.py; the builtin `eval` is not used here
 import rgbx
 import train as tr
 
+torch.set_num_threads(data.usable_cores())  # on a busy machine, the cores other processes leave free
+
 
 # ----------------------------------------------------------------------------
 # Shared: real-data paths, tiny models, fixtures and helpers used by several sections
 # ----------------------------------------------------------------------------
 
-REALDATA = Path(__file__).resolve().parent.parent / 'shared' / 'realdata'
+# real frames: RGBX_REALDATA=DIR points the tests at yours (DIR/NYUDepthv2/{RGB,Depth,DepthFilled,HHA,Label}, ...)
+REALDATA = Path(os.environ.get('RGBX_REALDATA') or Path(__file__).resolve().parent.parent / 'shared' / 'realdata')
 NYU = REALDATA / 'NYUDepthv2'
 needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(),
-                                    reason=f"{REALDATA} is absent (the real frames are not part of a clone)")
+                                    reason=f"{REALDATA} is absent (the real frames are not part of a clone; "
+                                           f"RGBX_REALDATA=DIR points the tests at yours)")
 
 
 def png(path, arr, mode=None):
@@ -127,6 +132,41 @@ def one_line_error(res, *words):
     for w in words:
         assert w in lines[0], (w, lines[0])
     return lines[0]
+
+
+class Child:
+    """A `python -u train.py args` process whose stdout lines are read as they come (a thread),
+    so that a test acts on what the run has said ("step 2/...") rather than on timing or on
+    files appearing."""
+
+    def __init__(self, *args):
+        import queue
+        import subprocess
+        import sys
+        import threading
+        here = Path(__file__).resolve().parent
+        self.p = subprocess.Popen([sys.executable, '-u', str(here / 'train.py'), *map(str, args)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        self.lines = queue.Queue()
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        for line in self.p.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, text, timeout=300):
+        """The first line holding `text`; an error when the run ends (or says nothing for `timeout` s) before."""
+        while True:
+            line = self.lines.get(timeout=timeout)
+            assert line is not None, f"the run ended before saying {text!r}: {self.p.stderr.read()[-2000:]}"
+            if text in line:
+                return line
+
+    def finish(self, timeout=300):
+        """Wait for the end; the result as run_cli gives it (returncode, stderr)."""
+        self.p.wait(timeout=timeout)
+        return type('Result', (), dict(returncode=self.p.returncode, stderr=self.p.stderr.read()))
 
 
 def nyu_pair(tmp_path, bad_test_label=False):
@@ -577,6 +617,138 @@ def test_heads_convnext_channels_last_equals_channels_first():
     grads = torch.autograd.grad(out.square().sum(), [tokens] + list(head.parameters()))
     for g, g_ref in zip(grads, torch.autograd.grad(expected.square().sum(), [tokens] + list(head.parameters()))):
         torch.testing.assert_close(g, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=1e-4)
+
+
+# --- Draw policy: per-sample draws and loss denominators ---
+
+class RecordingDraws(rgbx.DrawPolicy):
+    """The default policy that also records which of its methods were called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def draw(self, draw, n, dim=0):
+        self.calls.append('draw')
+        return super().draw(draw, n, dim)
+
+    def count(self, n):
+        self.calls.append('count')
+        return super().count(n)
+
+    def gather(self, values):
+        self.calls.append('gather')
+        return values
+
+
+class ThreadRank(rgbx.DrawPolicy):
+    """Rank `rank` of 2 threads meeting at a barrier: GlobalBatch's counts and gathers
+    without processes (each thread has its own context, as each process has)."""
+
+    def __init__(self, rank, shared, barrier):
+        self.rank, self.shared, self.barrier = rank, shared, barrier
+
+    def exchange(self, value):
+        self.shared[self.rank] = value
+        self.barrier.wait()
+        both = list(self.shared)
+        self.barrier.wait()
+        return both
+
+    def count(self, n):
+        return max(sum(float(v) for v in self.exchange(n)), 1.0) / 2
+
+    def gather(self, values):
+        return torch.cat(self.exchange(values))
+
+
+def on_two_threads(fn, halves):
+    """fn(half) on two threads under ThreadRank policies -> their two results."""
+    import threading
+    shared, barrier, out = [None, None], threading.Barrier(2), [None, None]
+
+    def rank(r):
+        with rgbx.draws(ThreadRank(r, shared, barrier)):
+            out[r] = fn(*halves[r])
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return out
+
+
+def test_draws_default_draws_as_plain_torch_and_the_context_restores():
+    counts = torch.tensor([[2, 1, 0], [0, 0, 3]])
+    torch.manual_seed(0)
+    got = rgbx.random_masking(counts, 6)
+    torch.manual_seed(0)
+    assert torch.equal(got, torch.rand(2, 3, 6).argsort(-1).argsort(-1) >= counts[..., None])
+    x = torch.randn(4, 5)
+    torch.manual_seed(1)
+    dropped = rgbx.Dropout(0.5).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(dropped, x * torch.empty(4, 5).bernoulli_(0.5) / 0.5)
+    default = rgbx.draw_policy()
+    outer, inner = RecordingDraws(), RecordingDraws()
+    with rgbx.draws(outer):
+        with rgbx.draws(inner):
+            assert rgbx.draw_policy() is inner
+        assert rgbx.draw_policy() is outer
+    assert rgbx.draw_policy() is default and type(default) is rgbx.DrawPolicy
+
+
+def test_draws_every_draw_and_denominator_goes_through_the_policy():
+    """Dropout, stochastic depth, MMST, Gumbel noise, M2IM, the patch masks, the cross-entropy
+    mean, OHEM and MaskMentor's masked mean each call the policy in force."""
+    torch.manual_seed(0)
+    logits, label = torch.randn(2, 3, 4, 4), torch.randint(3, (2, 4, 4))
+    calls = {
+        'dropout': lambda: rgbx.Dropout(0.5).train()(torch.randn(2, 3)),
+        'drop_path': lambda: rgbx.DropPath(0.5).train()(torch.randn(2, 3)),
+        'mmst': lambda: nano_ktb().train().embed(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)),
+        'gumbel': lambda: rgbx.gumbel_assign(torch.randn(2, 5, 3), noise=True),
+        'm2im': lambda: rgbx.m2im_keep_batch(2, 3),
+        'counts': lambda: rgbx.visible_counts(torch.ones(2, 3, dtype=torch.bool), 4),
+        'patches': lambda: rgbx.random_masking(torch.tensor([[2, 1, 1], [4, 0, 0]]), 4),
+        'ce': lambda: rgbx.segmentation_loss(logits, label),
+        'ohem': lambda: rgbx.segmentation_loss(logits, label, ohem=True),
+        'masked_mean': lambda: rgbx.masked_mean(torch.rand(2, 4, 4), torch.ones(2, 4, dtype=torch.bool), (2, 2)),
+    }
+    for name, call in calls.items():
+        policy = RecordingDraws()
+        with rgbx.draws(policy):
+            call()
+        want = {'ce': {'count'}, 'ohem': {'count', 'gather'}, 'masked_mean': {'count'}}.get(name, {'draw'})
+        assert set(policy.calls) == want, (name, policy.calls)
+
+
+@pytest.mark.parametrize('case', ['hard', 'top_k_with_ties', 'masked_mean'])
+def test_draws_two_ranks_compute_the_whole_batch_loss_and_gradient(case):
+    """Split over two ranks (threads, counts and gathers exchanged), the mean of the two
+    losses and the sum of their gradients / 2 are the whole batch's: OHEM both ways
+    (ties at the k-th largest loss included) and the masked mean over samples that have
+    masked pixels (one rank's sample has none)."""
+    torch.manual_seed(0)
+    if case == 'masked_mean':
+        loss = torch.rand(4, 4, 4, requires_grad=True)
+        mask = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+        fn = lambda l, m: rgbx.masked_mean(l, m, (2, 2))
+        args = (loss, mask)
+    else:
+        label = torch.randint(3, (4, 8, 8))
+        label[:, 0] = 255
+        logits = F.one_hot(label.clamp(max=2), 3).permute(0, 3, 1, 2).float() * (6.0 if case != 'hard' else 0.3)
+        logits[0, :, 5, 1:4] = 0.0  # 3 hard pixels; the other labelled pixels' losses are equal: tied k-th place
+        logits.requires_grad_(True)
+        fn = lambda z, y: rgbx.segmentation_loss(z, y, ohem=True)
+        args = (logits, label)
+    whole = fn(*args)
+    (grad,) = torch.autograd.grad(whole, args[0])
+    halves = [tuple(a[r * 2:(r + 1) * 2] for a in args) for r in range(2)]
+    parts = on_two_threads(fn, halves)
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, whole)
+    split = torch.autograd.grad(sum(parts) / 2, args[0])[0]
+    torch.testing.assert_close(split, grad)
 
 
 # ----------------------------------------------------------------------------
@@ -1778,7 +1950,7 @@ def test_gopt_acp_aligned_identity_gradients_and_options():
         a, b = wake_up(gopt(variant, acp='aligned')).eval(), wake_up(gopt(variant, acp='literal')).eval()
         with torch.no_grad():
             assert torch.equal(a(rgb, x), b(rgb, x))
-    with pytest.raises(ValueError, match='acp must be one of'):
+    with pytest.raises(ValueError, match="option 'acp' of gopt takes one of literal, aligned, not 'both'"):
         rgbx.build_gopt('nano', 5, 1, acp='both')
 
 
@@ -1858,11 +2030,11 @@ def test_gopt_bad_input():
             model(torch.cat([rgb, x[:, :1]], 1), x)  # 4-channel "RGB"
         with pytest.raises(ValueError):
             model(rgb[0], x[0])  # no batch dimension
-    with pytest.raises(ValueError, match='unknown GoPT variant'):
+    with pytest.raises(ValueError, match="option 'variant' of gopt takes one of gopt, gopt_shallow"):
         rgbx.build_gopt('nano', 5, 1, variant='vpt_medium')
     with pytest.raises(ValueError, match='assignment'):
         rgbx.build_gopt('nano', 5, 1, assignment='gumbel')
-    for interval in (0, -2, 1.5, '2'):
+    for interval in (0, -2, 1.5, 'two'):
         with pytest.raises(ValueError, match='interval'):
             rgbx.build_gopt('nano', 5, 1, interval=interval)
     for variant in ('gopt_shallow', 'vpt_shallow'):
@@ -2714,6 +2886,7 @@ class ThreadsSeen(torch.utils.data.Dataset):
 def test_data_loader_keeps_workers_and_main_process_to_the_cores(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})  # a 4-core machine
+    monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))  # and a quiet one
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     try:
         loader = data.loader(ThreadsSeen(), 2, workers=1)
@@ -2728,6 +2901,20 @@ def test_data_loader_keeps_workers_and_main_process_to_the_cores(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize('cores,load,omp,threads', [(2, 0.1, None, 2), (2, 1.0, None, 1), (2, 0.6, None, 1),
+                                                      (2, 5.0, None, 1), (16, 3.2, None, 13), (2, 1.0, '2', 2)])
+def test_data_threads_leave_the_cores_other_processes_keep_busy(monkeypatch, cores, load, omp, threads):
+    """On 2 cores beside one busy process (load about 1) the model computes on 1 thread, on a quiet
+    machine on every core; OMP_NUM_THREADS, when set, decides; the run says which and why."""
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, 'getloadavg', lambda: (load, load, load))
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    if omp:
+        monkeypatch.setenv('OMP_NUM_THREADS', omp)
+    n, why = data.core_budget()
+    assert n == threads and (f'OMP_NUM_THREADS={omp}' if omp else f'load average {load:.1f}') in why
 
 
 # --- Bad input ---
@@ -2957,6 +3144,199 @@ def test_data_demo_validation_preset_is_carved_from_the_training_scenes():
         assert torch.equal(train[i][0], full[j][0])
     assert torch.equal(val[0][0], full[192][0]) and torch.equal(val[63][2], full[255][2])
 
+
+# --- Rendered rooms ---
+
+ROOMS_SIZE = (240, 320)
+
+
+def rooms_truth(split, index, size=ROOMS_SIZE, seed=0):
+    """A rooms scene's geometry (drawn first from its generator), exact depth (H, W) in metres."""
+    rng = data.sample_rng(data.ROOMS, seed, data.ROOMS_SPLITS.index(split), index)
+    scene = data.room_scene(rng)
+    return scene, data.trace(scene, data.rooms_camera(size), size)[0]
+
+
+@pytest.fixture(scope='module')
+def rooms_scenes():
+    """Four 240 x 320 training scenes as stored (rgb, raw, depth, label), their HHA, camera
+    height and exact depth."""
+    scenes = []
+    for i in range(4):
+        rgb, raw, depth, label = data.rooms_scene(0, 'train', i, ROOMS_SIZE)
+        scene, exact = rooms_truth('train', i)
+        scenes.append(dict(rgb=rgb, raw=raw, depth=depth, label=label, eye=scene['eye'],
+                           exact=exact, hha=data.rooms_hha(depth, data.rooms_camera(ROOMS_SIZE))))
+    return scenes
+
+
+def test_data_rooms_floor_back_projects_to_a_plane_at_the_camera_height(rooms_scenes):
+    camera = data.rooms_camera(ROOMS_SIZE)
+    for s in rooms_scenes:
+        floor = (s['label'] == data.ROOM_IDS['floor']) & (s['raw'] > 0)
+        X, Y, Z = data.hha_points(s['raw'] / 1000, camera)
+        p = np.stack([X[floor], Y[floor], Z[floor]], 1)
+        centre = p.mean(0)
+        normal = np.linalg.svd(p - centre, full_matrices=False)[2][2]
+        height = abs(centre @ normal)
+        assert 1.0 <= height <= 1.6 and abs(height - s['eye'][2]) < 0.02
+        assert np.median(np.abs((p - centre) @ normal)) < 0.01  # a plane, up to the sensor's noise
+        pitch = np.degrees(np.arcsin(abs(normal[2])))  # the floor normal against the optical axis
+        assert 4 <= pitch <= 36
+        assert np.degrees(np.arcsin(abs(normal[0]))) < 6  # rolled up to 5 degrees
+    assert data.rooms_camera((480, 640)) == pytest.approx(data.NYU_CAMERA)
+    fx, fy, cx, cy = data.NYU_CAMERA
+    half = [fx / 2, fy / 2, (cx - 0.5) / 2, (cy - 0.5) / 2]  # scaled about pixel centres
+    assert data.rooms_camera((240, 320)) == pytest.approx(half)
+
+
+def test_data_rooms_hha_angle_on_floors_and_walls_height_on_the_floor(rooms_scenes):
+    for s in rooms_scenes:
+        height, angle = s['hha'][..., 1], s['hha'][..., 2]
+        floor, wall = s['label'] == data.ROOM_IDS['floor'], s['label'] == data.ROOM_IDS['wall']
+        assert 36 <= np.median(angle[floor]) <= 42 and 125 <= np.median(angle[wall]) <= 131
+        assert np.median(height[floor]) <= 10  # cm above the lowest point
+
+
+def test_data_rooms_raw_depth_has_kinect_noise_and_holes_and_depth_fills_them(rooms_scenes):
+    errors = []
+    for s in rooms_scenes:
+        raw, depth, exact = s['raw'], s['depth'], s['exact']
+        measured = raw > 0
+        assert 0.01 <= 1 - measured.mean() <= 0.15
+        assert not measured[:, 0].any()  # the band the depth camera does not see
+        np.testing.assert_array_equal(depth[measured], raw[measured])
+        assert (depth > 0).all()
+        z = exact[measured]
+        assert z.min() >= 0.5 and z.max() <= 8
+        errors.append((raw[measured] / 1000 - z) / z ** 2)
+    errors = np.concatenate(errors)
+    assert abs(np.median(errors)) < 2e-4 and 1.1e-3 < np.std(errors) < 1.8e-3  # sd 1.425e-3 z^2
+    steps = np.diff(np.unique(rooms_scenes[0]['raw'][rooms_scenes[0]['raw'] > 3000]))
+    assert steps.min() > 15  # disparity quantisation: beyond 3 m, steps of over 1.5 cm
+
+
+def test_data_rooms_classes_by_geometry_pictures_and_mats_by_colour_only():
+    size, seen, colours = (120, 160), set(), {}
+    for i in range(30):
+        rgb, raw, depth, label = data.rooms_scene(0, 'train', i, size)
+        scene, exact = rooms_truth('train', i, size)
+        seen |= set(np.unique(label).tolist())
+        t, index, part, d = data.trace(scene, data.rooms_camera(size), size)
+        flat = (label == data.ROOM_IDS['picture']) | (label == data.ROOM_IDS['mat'])
+        assert (index[flat] == -1).all()  # on the wall or floor plane: no depth of their own
+        for c in ('cabinet', 'bed', 'chair', 'table', 'bookshelf', 'box'):
+            sel = label == data.ROOM_IDS[c]
+            if sel.sum() > 20:
+                colours.setdefault(c, []).append(rgb[sel].mean(0))
+    assert len(seen) >= 12 and seen <= set(data.ROOM_IDS.values())
+    means = np.stack([np.mean(v, 0) for v in colours.values()])
+    spread = np.mean([np.std(v, 0) for v in colours.values()], 0)
+    assert (means.std(0) < 0.35 * spread).all()  # furniture colours from one pool: classes overlap
+
+
+# version 1, seed 7, 48 x 64: sha256 (16 hex digits) of the files' pixels, in the order of
+# data.ROOMS_FOLDERS (RGB, RawDepth, Depth, HHA, Label)
+ROOMS_SHA256 = {
+    'train_0000': ('fe1837e9c4ae6fcb', '2f3db40813c18b08', '24d3f8a2d57ff4d4', '0f3f7a00376e803c',
+                   'e0f53dbd14736073'),
+    'test_0000': ('985b216f3706e70e', 'd482f70f714a47f2', 'a18bc7f3298eb8d9', 'd7e66b03e28fd532',
+                  'a8e9adbf2961dc74'),
+}
+
+
+def test_data_rooms_same_seed_and_version_same_files(tmp_path):
+    assert data.rooms_folder(tmp_path / 'a', 5, (48, 64), 7) == (5, 0)
+    meta = json.loads((tmp_path / 'a' / 'camera.json').read_text())
+    assert meta['version'] == data.ROOMS_VERSION == 1 and meta['seed'] == 7
+    import hashlib
+    for name, want in ROOMS_SHA256.items():
+        pixels = [np.array(Image.open(tmp_path / 'a' / f / f'{name}.png'))
+                  for f in data.ROOMS_FOLDERS]
+        assert tuple(hashlib.sha256(p.tobytes()).hexdigest()[:16] for p in pixels) == want, name
+    data.rooms_folder(tmp_path / 'b', 5, (48, 64), 7, workers=2)
+    for f in data.ROOMS_FOLDERS:  # the same bytes from other processes
+        a, b = (tmp_path / r / f / 'train_0003.png' for r in 'ab')
+        assert a.read_bytes() == b.read_bytes()
+    other = data.rooms_scene(8, 'train', 0, (48, 64))[0]
+    assert not np.array_equal(other, data.rooms_scene(7, 'train', 0, (48, 64))[0])
+
+
+def test_data_rooms_cli_writes_the_nyudv2_layout_resumes_refuses_other_folders(tmp_path, capsys):
+    out = tmp_path / 'rooms'
+    res = run_data_cli('rooms', '--out', out, '--scenes', 5, '--size', '48x64', '--seed', 7)
+    assert res.returncode == 0 and 'rooms: 5 written, 0 already there' in res.stderr, res.stderr
+    cam = json.loads((out / 'camera.json').read_text())
+    assert [cam[k] for k in ('fx', 'fy', 'cx', 'cy')] == list(data.rooms_camera((48, 64)))
+    assert [cam[k] for k in ('height', 'width', 'seed', 'train', 'test')] == [48, 64, 7, 4, 1]
+    assert (out / 'test.txt').read_text() == 'RGB/test_0000.png Label/test_0000.png\n'
+    hha_files = sorted(p.name for p in (out / 'HHA').iterdir())
+    assert hha_files == ['test_0000.png'] + [f'train_{i:04d}.png' for i in range(4)]
+    camera = tuple(cam[k] for k in ('fx', 'fy', 'cx', 'cy'))
+    for name in ('train_0002', 'test_0000'):
+        file = {f: out / f / f'{name}.png' for f in data.ROOMS_FOLDERS}
+        assert data.png_bit_depth(file['Depth']) == 16 == data.png_bit_depth(file['RawDepth'])
+        assert Image.open(file['RGB']).mode == 'RGB' and Image.open(file['Label']).mode == 'L'
+        depth, _ = data.read_depth_metres(file['Depth'])
+        np.testing.assert_array_equal(np.array(Image.open(file['HHA'])), data.hha(depth, camera))
+    for x in ('hha', 'depth'):  # read as NYUDv2
+        rgb, xt, label = data.RGBXDataset(out, 'train', 'nyudv2', x)[3]
+        assert rgb.shape == (3, 48, 64) and xt.shape == ((3 if x == 'hha' else 1), 48, 64)
+        assert label.max() < 40
+    # resume: finished scenes are kept, a scene with a file missing is rendered again
+    stamp = (out / 'RGB' / 'train_0000.png').stat().st_mtime_ns
+    (out / 'HHA' / 'train_0001.png').unlink()
+    capsys.readouterr()
+    assert data.main(['rooms', '--out', str(out), '--scenes', '5', '--size', '48x64',
+                      '--seed', '7']) == 0
+    assert 'rooms: 1 written, 4 already there' in capsys.readouterr().err
+    assert (out / 'RGB' / 'train_0000.png').stat().st_mtime_ns == stamp
+    assert (out / 'HHA' / 'train_0001.png').is_file()
+    assert not [p for p in out.rglob('*') if p.name.endswith('.tmp')]
+
+    def cli(*args, where=out):
+        capsys.readouterr()
+        code = data.main(['rooms', '--out', str(where), *map(str, args)])
+        return type('Result', (), dict(returncode=code, stderr=capsys.readouterr().err))
+
+    assert_one_line_error(cli('--scenes', 5, '--size', '48x64', '--seed', 8), '--seed 7', 'another')
+    assert_one_line_error(cli('--scenes', 5, '--size', '64x64', '--seed', 7), '--size')
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('keep')
+    assert_one_line_error(cli('--scenes', 5, where=tmp_path / 'mine'), 'not a rooms dataset')
+    assert [p.name for p in (tmp_path / 'mine').iterdir()] == ['notes.txt']
+    assert_one_line_error(cli('--scenes', 5, where=tmp_path / 'mine' / 'notes.txt'), 'is a file')
+    assert_one_line_error(cli('--scenes', 1, where=tmp_path / 'new'), '--scenes')
+    assert_one_line_error(cli('--scenes', 5, '--size', '48', where=tmp_path / 'new'), '--size')
+    assert_one_line_error(cli('--scenes', 5, '--workers', 0, where=tmp_path / 'new'), '--workers')
+
+
+def test_data_rooms_in_memory_equals_the_files(tmp_path):
+    data.rooms_folder(tmp_path, 2, ROOMS_SIZE, 0)  # train_0000 and test_0000 of --dataset rooms
+    for x in ('hha', 'depth'):
+        for split in ('train', 'test'):
+            memory = data.build_dataset('rooms', '', split, x)
+            files = data.RGBXDataset(tmp_path, split, 'nyudv2', x)
+            assert memory.names[0] == files.names[0] == f'{split}_0000'
+            for a, b in zip(memory[0], files[0]):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+    train, test = (data.build_dataset('rooms', '', s) for s in ('train', 'test'))
+    fit, val = (data.build_dataset('rooms-val', '', s) for s in ('train', 'test'))
+    assert (len(train), len(test), len(fit), len(val)) == (800, 200, 640, 160)
+    assert [val.names[0], val.names[-1], fit.names[-1]] == ['train_0640', 'train_0799', 'train_0639']
+    assert torch.equal(val[0][2], train[640][2])
+
+
+def test_data_rooms_contact_sheet_panels():
+    size = (32, 48)
+    sheet = data.rooms_sheet(seed=5, scenes=2, size=size)
+    rgb, raw, depth, label = data.rooms_scene(5, 'train', 1, size)
+    row = sheet[32:]
+    assert sheet.shape == (64, 4 * 48, 3)
+    np.testing.assert_array_equal(row[:, :48], rgb)
+    assert ((row[:, 48:96, 0] == 0) == (raw == 0)).all()  # holes black, measured depth grey
+    np.testing.assert_array_equal(row[:, 96:144], data.rooms_hha(depth, data.rooms_camera(size)))
+    np.testing.assert_array_equal(row[:, 144:], data.palette('nyudv2')[label.astype(int) - 1])
 
 # --- Augmentation ---
 
@@ -3210,7 +3590,7 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     assert_one_line_error(cli(camera='nyu,x'), '--camera')
     assert_one_line_error(cli(depth_dir=tmp_path / 'nowhere'), 'no such folder')
     assert_one_line_error(cli('--raw', tmp_path / 'nowhere'), '--raw', 'no such folder')
-    assert_one_line_error(cli(out_dir=tmp_path / 'depth'), 'source folder')
+    assert_one_line_error(cli(out_dir=tmp_path / 'depth'), '--out', 'is the --depth folder')
     (tmp_path / 'a_file').write_text('')
     assert_one_line_error(cli(out_dir=tmp_path / 'a_file' / 'sub'), 'cannot be written')
     png(tmp_path / 'small' / 'a.png', raw[:100])
@@ -3224,6 +3604,57 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     assert_one_line_error(cli(depth_dir=tmp_path / 'empty'), 'no .png')
     assert not [p for p in (tmp_path / 'o2').iterdir()]  # nothing written, not even half
     assert sorted(p.name for p in (tmp_path / 'depth').iterdir()) == ['a.png', 'b.png']
+
+
+@pytest.mark.slow
+def test_hha_cli_refuses_constant_hha_other_files_and_says_raw_depth(tmp_path, small_disk, monkeypatch, capsys):
+    """data.py hha through a real process: an all-zero depth, a 3 x 3 one and a camera that
+    overflows are errors naming the file or flag (no constant HHA, no numpy warning); an --out
+    folder holding other images of the same names (RGB photos) is an error, not "already there";
+    a raw depth (holes) converts and says so; a full disk names the file."""
+    depth, _ = hha_scene()
+    mm = np.round(np.nan_to_num(depth, posinf=0) * 1000).astype(np.uint16)
+    raw = mm.copy()
+    raw[::3] = 0  # a third of the rows unmeasured, as a raw Kinect depth has holes
+    png(tmp_path / 'zero' / 'a.png', np.zeros_like(mm))
+    png(tmp_path / 'tiny' / 'a.png', mm[:3, :3])
+    png(tmp_path / 'raw' / 'a.png', raw)
+    png(tmp_path / 'photos' / 'a.png', np.random.default_rng(0).integers(0, 256, (*mm.shape, 3), dtype=np.uint8))
+    cam = ','.join(map(str, HHA_CAMERA))
+    for depth_dir, camera, words in (('zero', cam, ['zero/a.png', 'no measured pixel']),
+                                     ('tiny', cam, ['tiny/a.png', 'smaller than']),
+                                     ('raw', '1e308,1e308,1e308,1e308', ['beyond float range'])):
+        res = run_data_cli('hha', '--depth', tmp_path / depth_dir, '--out', tmp_path / 'o', '--camera', camera)
+        assert_one_line_error(res, *words)
+        assert 'Warning' not in res.stderr
+    assert not list((tmp_path / 'o').glob('*.png'))
+    photos = (tmp_path / 'photos' / 'a.png').read_bytes()
+    res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'photos', '--camera', cam)
+    assert_one_line_error(res, 'photos', 'a.png', 'not the HHA')
+    assert (tmp_path / 'photos' / 'a.png').read_bytes() == photos
+    res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'o', '--camera', cam)
+    assert res.returncode == 0 and 'note: the --depth files have pixels of 0 (no measurement; 33% of a.png)' in res.stderr
+    assert '1 written' in res.stderr.splitlines()[-1]
+    res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'o', '--camera', cam)
+    assert res.returncode == 0 and '0 written, 1 already there' in res.stderr  # a true HHA file is skipped
+    if os.path.ismount(small_disk):
+        free = os.statvfs(small_disk)
+        (small_disk / 'filler').write_bytes(b'\0' * (free.f_bavail * free.f_frsize - 4096))
+    else:
+        import errno
+        real_save = Image.Image.save
+
+        def save(im, fp, *a, **k):
+            if str(small_disk) in str(fp):
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return real_save(im, fp, *a, **k)
+        monkeypatch.setattr(Image.Image, 'save', save)
+    capsys.readouterr()
+    assert data.main(['hha', '--depth', str(tmp_path / 'raw'), '--out', str(small_disk / 'hha'), '--camera', cam]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: disk full: cannot write {small_disk / 'hha' / 'a.png'}; free space on that disk or write to " \
+                  f"another one", err
+    assert not [p for p in (small_disk / 'hha').iterdir()]
 
 
 def test_hha_bad_arguments_are_one_line_errors(tmp_path):
@@ -3242,12 +3673,72 @@ def test_hha_bad_arguments_are_one_line_errors(tmp_path):
     assert data.NYU_CAMERA[2] == 325.58244941119034 - 1 and data.NYU_CAMERA[3] == 253.73616633400465 - 1
 
 
+def test_data_palette_labels_with_a_grey_palette_that_disagrees_with_the_indices_are_refused(nyu_like):
+    """A grey label saved through a palette (Image.quantize orders the palette by frequency) shows
+    the classes as greys but stores other indices: refused; a palette whose greys are its indices,
+    and a colour palette (VOC-style), are read by index."""
+    grey = np.array(Image.open(nyu_like / 'Label' / '0.png'))
+    quantized = Image.fromarray(grey).quantize(256)
+    shown = np.array(quantized.convert('L'))
+    assert (shown == grey).all() and (np.array(quantized) != grey).mean() > 0.5  # looks right, stores other values
+    quantized.save(nyu_like / 'Label' / '0.png')
+    with pytest.raises(ValueError, match=r'Label/0\.png is a palette PNG whose grey palette shows other values'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2').read(0)
+    for palette in ([v for i in range(256) for v in (i, i, i)], data.voc_colormap().flatten().tolist()):
+        im = Image.fromarray(grey, 'P')
+        im.putpalette(palette)
+        im.save(nyu_like / 'Label' / '0.png')
+        assert (data.RGBXDataset(nyu_like, 'train', 'nyudv2').read(0)[2] == torch.from_numpy(
+            grey.astype(np.int64) - 1).where(torch.from_numpy(grey) > 0, torch.tensor(255)).numpy()).all()
+
+
+@pytest.mark.parametrize('dataset,stored', [('nyudv2', 40), ('mfnet', 8)])
+def test_data_label_255_is_void_in_every_dataset(tmp_path, dataset, stored):
+    """255 on disk is the ignore index of every preset (README's table says so), the largest
+    class stays a class, and a value just above it is an error."""
+    label = np.full((4, 5), stored, np.uint8)
+    label[0, :2] = 255
+    png(tmp_path / 'l.png', label)
+    read = data.read_label(tmp_path / 'l.png', dataset)
+    assert (read[0, :2] == 255).all() and (read[1:] == data.get_preset(dataset).num_classes - 1).all()
+    label[0, 0] = stored + 1
+    png(tmp_path / 'l.png', label)
+    with pytest.raises(ValueError, match=rf'values \[{stored + 1}\] are outside'):
+        data.read_label(tmp_path / 'l.png', dataset)
+    readme = (Path(__file__).resolve().parent / 'README.md').read_text()
+    assert re.search(rf"\| `{dataset}` \|[^\n]*255 void", readme)
+
+
 def test_data_labels_are_read_from_lossless_files_only(nyu_like):
     img = Image.open(nyu_like / 'Label' / '0.png')
     (nyu_like / 'Label' / '0.png').unlink()
     img.convert('L').save(nyu_like / 'Label' / '0.jpg')
     with pytest.raises(ValueError, match=r'Label/0\.jpg is a lossy file.*convert the labels to PNG'):
         data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+
+
+def test_data_hidden_files_upper_case_extensions_and_link_loops(nyu_like, tmp_path):
+    """macOS's '._0.png' beside PST900-style folders are not samples; 'RGB/0.PNG' is found for id
+    0; a symbolic link loop is named as such, not "not found"; a 16-bit grey --rgb gets the
+    conversion that keeps its values, not convert('RGB')."""
+    release = tmp_path / 'pst' / 'test'
+    for folder, arr in (('rgb', np.zeros((4, 4, 3), np.uint8)), ('thermal', np.zeros((4, 4), np.uint8)),
+                        ('labels', np.zeros((4, 4), np.uint8))):
+        png(release / folder / '0.png', arr)
+        (release / folder / '._0.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+    assert data.RGBXDataset(tmp_path / 'pst', 'test', 'pst900').names == ['0']
+    (nyu_like / 'RGB' / '0.png').rename(nyu_like / 'RGB' / '0.PNG')
+    (nyu_like / 'train.txt').write_text('0\n1\n')
+    ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+    assert ds.samples[0][1].name == '0.PNG' and ds[0][0].shape == (3, 8, 10)
+    (nyu_like / 'HHA' / '1.png').unlink()
+    os.symlink(nyu_like / 'HHA' / '1.png', nyu_like / 'HHA' / '1.png')  # a link to itself: a loop
+    with pytest.raises(FileNotFoundError, match=r'HHA/1\.png is a symbolic link that leads to no file'):
+        data.RGBXDataset(nyu_like, 'train', 'nyudv2')
+    png(tmp_path / 'deep.png', np.full((4, 4), 4000, np.uint16))
+    with pytest.raises(ValueError, match=r"I;16 values.*round\(v / 257\)") as e:
+        data.read_rgb(tmp_path / 'deep.png')
+    assert "convert('RGB')" not in str(e.value)
 
 
 def test_data_split_ids_with_spaces_and_folders(nyu_like):
@@ -3370,6 +3861,24 @@ def test_eval_panel_has_a_legend_and_void_apart_from_class_0(tmp_path):
     assert {tuple(palette[c]) for c in (0, 1, 2)} <= colours  # a swatch per class present in either map
     assert tuple(palette[3]) not in colours and tuple(palette[4]) not in colours
     assert (255, 255, 255) in colours and (strip < 255).any(axis=2).sum() > 300  # names drawn
+
+
+def test_eval_panel_draws_the_demo_classes_in_their_colours_with_titles_and_spaced_names(tmp_path):
+    palette = data.palette('demo').astype(int)
+    for c, name in enumerate(data.PRESETS['demo'].class_names[1:], 1):  # 'red high' is red, 'blue low' blue, ...
+        hue = 0 if name.startswith('red') else 2
+        assert palette[c, hue] == palette[c].max() and palette[c, hue] > palette[c, 1], (name, palette[c])
+    assert palette[2].sum() > palette[1].sum() and palette[4].sum() > palette[3].sum()  # high: lighter than low
+    strip = ev.legend([], ['unused'], data.palette('demo'), 200)
+    text = (strip[2:12, 16:] < 128).any(axis=(0, 2))  # columns with ink right of the void swatch
+    ink = np.flatnonzero(text)
+    blank_runs = np.diff(ink) - 1
+    assert (blank_runs >= 3).sum() == 2, blank_runs  # 'void', '(not', 'scored)': two word gaps
+    gt = np.zeros((32, 40), np.int64)
+    img = np.full((32, 40, 3), 90, np.uint8)
+    ev.save_panel(tmp_path / 'p.png', img, img, gt, gt, data.palette('demo'), data.PRESETS['demo'].class_names)
+    titles = np.array(Image.open(tmp_path / 'p.png'))[32:46]
+    assert all((titles[:, 40 * i:40 * (i + 1)] < 128).any() for i in range(4))  # a title under each column
 
 
 # --- Evaluating a run: the command line ---
@@ -3875,6 +4384,48 @@ def test_eval_out_never_replaces_an_input_and_names_png(demo_run, tmp_path):
     assert 'is a folder' in cli_error(ev.main, ['--checkpoint', str(tmp_path)])
 
 
+def tree_bytes(folder):
+    """Every file under `folder` with its bytes: what a refused command must leave alone."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob('*')) if p.is_file()}
+
+
+def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_path, monkeypatch):
+    """Every output flag of eval.py, through a real process where it matters: the dataset's
+    Label/ and RGB/ (--save-pred), a run's checkpoint and config (--json, also with --benchmark),
+    the split file (--json), reached directly, through a symbolic link and by a relative path:
+    refused with one line naming the flag, nothing changed. A success says what it wrote."""
+    root = nyu_pair(tmp_path / 'nyu')
+    cfg = demo_config(tmp_path, max_steps=1, eval_every=0)
+    tr.train(cfg)
+    run_dir = Path(cfg.out_dir)
+    last = run_dir / 'last.pt'
+    (tmp_path / 'link').symlink_to(root)
+    before = {d: tree_bytes(d) for d in (root, run_dir)}
+    monkeypatch.chdir(tmp_path / 'link' / 'RGB')
+    refused = [(['--save-pred', str(root / 'Label')], ['--save-pred', 'inside the dataset']),
+               (['--save-pred', '.'], ['--save-pred', 'the dataset']),
+               (['--json', str(last)], ['--json', 'the --checkpoint file']),
+               (['--json', str(run_dir / 'config.json')], ['--json', "the run's config.json"]),
+               (['--json', '../test.txt'], ['--json', 'the dataset']),
+               (['--json', str(tmp_path / 'link' / 'test.txt')], ['--json', 'the dataset'])]
+    for argv, words in refused:
+        message = cli_error(ev.main, ['--checkpoint', str(last), *argv])
+        assert all(w in message for w in words), message
+    res = run_cli('eval.py', '--benchmark', '--json', run_dir / 'last.pt', '--repeats', '1', '--size', '32x32')
+    one_line_error(res, '--json', 'another run')
+    res = run_cli('eval.py', '--checkpoint', last, '--save-pred', root / 'RGB')
+    one_line_error(res, '--save-pred', 'dataset')
+    (tmp_path / 'notes.txt').write_text('my notes')
+    assert 'not a JSON file' in cli_error(ev.main, ['--checkpoint', str(last), '--json', str(tmp_path / 'notes.txt')])
+    pair = ['--rgb', str(root / 'RGB' / '0.png'), '--x', str(root / 'HHA' / '0.png'), '--out', str(tmp_path / 's.png')]
+    assert 'drop --json' in cli_error(ev.main, ['--checkpoint', str(last), *pair, '--json', str(tmp_path / 'm.json')])
+    assert {d: tree_bytes(d) for d in (root, run_dir)} == before and (tmp_path / 'notes.txt').read_text() == 'my notes'
+    res = run_cli('eval.py', '--checkpoint', last, '--json', run_dir / 'metrics.json', '--save-pred', run_dir / 'pred')
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {run_dir / 'metrics.json'}" in res.stdout and f"to {run_dir / 'pred'}" in res.stdout
+    assert json.loads((run_dir / 'metrics.json').read_text())['miou'] >= 0
+
+
 def test_eval_all_void_labels_explain_the_nan(tmp_path):
     m = ev.metrics(torch.zeros(3, 3, dtype=torch.long))
     assert 'no labelled pixel' in ev.format_metrics(m, ['a', 'b', 'c'])
@@ -3893,7 +4444,7 @@ def test_eval_own_rgbd_frame_gets_hha_from_its_depth(tmp_path, monkeypatch):
     """--depth on a model trained on HHA: HHA is computed from the depth (said in the output)
     and equals feeding the same HHA as a file with --x."""
     torch.manual_seed(0)
-    run = ev.run_of('early_fusion', 'swin-nano', 'nyudv2', 'hha', 'head_dim=8,embed_dim=8')
+    run = ev.run_spec('early_fusion', 'swin-nano', 'nyudv2', 'hha', 'head_dim=8,embed_dim=8')
     model = run.build().eval()
     ckpt = tmp_path / 'hha.pt'
     from dataclasses import asdict
@@ -3933,6 +4484,68 @@ def test_eval_bf16_column_times_and_compares_with_fp32(monkeypatch):
     model = rgbx.build_model('early_fusion', 'swin-nano', 5, 1, head_dim=8)
     col = ev.bf16_column(model, torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32), torch.device('cpu'), 1)
     assert col['latency_bf16_s'] > 0 and 0 < col['bf16_rel_err'] < 0.1  # bf16's 8-bit mantissa, not garbage
+
+
+def eval_rank(rank, world, rendezvous, argvs, out):
+    """One process of a 2-process `eval.py` (as torchrun runs it): its exit message, or 'ok'."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')
+    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
+                                         timeout=RENDEZVOUS_TIMEOUT)
+    try:
+        ev.main(argvs[rank])
+        message = 'ok'
+    except SystemExit as e:
+        message = str(e.code)
+    left = ' (its process group left to the exit, which can abort it)' if torch.distributed.is_initialized() else ''
+    Path(out[rank]).write_text(message + left)
+
+
+@pytest.mark.slow
+def test_eval_torchrun_where_one_rank_fails_ends_in_one_line_on_each(tmp_path, demo_run):
+    """Rank 1 fails on a missing checkpoint; rank 0, waiting for it in the evaluation's
+    all-reduce, ends with one line saying another process stopped, not gloo's traceback."""
+    cfg, _ = demo_run
+    good, missing = os.path.join(cfg.out_dir, 'best.pt'), str(tmp_path / 'gone.pt')
+    out = [str(tmp_path / 'rank0'), str(tmp_path / 'rank1')]
+    torch.multiprocessing.spawn(eval_rank, args=(2, str(tmp_path / 'rdv'), [['--checkpoint', good],
+                                                                           ['--checkpoint', missing]], out), nprocs=2)
+    said = [Path(o).read_text() for o in out]
+    assert said[1].startswith('error: ') and 'gone.pt' in said[1]
+    assert said[0] == f'error: {ev.PEER_FAILED}', said[0]
+
+
+def test_eval_run_spec_takes_the_recipes_options_unless_given():
+    """One resolution: the options given, then the recipe's for the dataset where none is given
+    (KTB's OHEM on MCubeS), MaskMentor's recipe picked by its stage."""
+    options = lambda *a, **k: ev.run_spec(*a, **k).model_args['options']
+    assert options('ktb', 'swin-base', 'mcubes')['ohem'] is True
+    assert options('ktb', 'swin-base', 'mcubes', opts='ohem=no')['ohem'] is False
+    assert options('ktb', 'swin-base', 'nyudv2')['ohem'] is False
+    assert options('maskmentor', 'vit-base', 'nyudv2', opts='stage=pretrain') == \
+        rgbx.resolve_options('maskmentor', 'vit-base', {'stage': 'pretrain'})
+
+
+def test_eval_older_run_format_loads_as_it_ran():
+    """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
+    the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
+    from dataclasses import asdict
+    stored = asdict(ev.run_spec('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
+    assert stored['format'] == ev.RUN_FORMAT and stored['model_args']['options']['depth_standardize'] is True
+    old = {k: v for k, v in stored.items() if k != 'format'}
+    assert ev.checkpoint_run({'run': old}, 'x.pt').model_args['options']['depth_standardize'] is False
+    assert ev.checkpoint_run({'run': stored}, 'x.pt').model_args['options']['depth_standardize'] is True
+    legacy = dict(method='maskmentor', backbone='vit-nano', dataset='demo', x_modality='', opts='head_dim=16',
+                  pretrained='', data_root='', crop='')
+    assert ev.checkpoint_run({'config': legacy}, 'x.pt').model_args['options']['depth_standardize'] is False
+    pre = ev.checkpoint_run({'run': {**old, 'model_args': {**old['model_args'], 'options': {
+        **old['model_args']['options'], 'stage': 'pretrain'}}}}, 'x.pt')
+    assert pre.model_args['options']['depth_standardize'] is True  # pre-training always used it
+
+
+def test_eval_checkpoint_with_model_arguments_of_another_version_is_one_line():
+    with pytest.raises(ValueError, match='model arguments this code does not know'):
+        ev.checkpoint_run({'run': {'model_args': {}, 'dataset': 'demo', 'x_modality': 'depth', 'colour': 1}}, 'x.pt')
+    assert ev.trained_weights({'model': {'a': 1, 'steps_done': 2}}) == {'a': 1}
 
 
 # ----------------------------------------------------------------------------
@@ -4041,6 +4654,25 @@ def test_train_checkpoint_of_the_previous_format_still_loads_and_gives_its_numbe
     assert m['miou'] == pytest.approx(ckpt['evaluation']['miou'], abs=1e-12)
 
 
+@pytest.mark.parametrize('name', ['ktb_swin-nano_demo_2steps', 'maskmentor_vit-nano_demo_2steps'])
+def test_train_checkpoint_written_before_typed_configs_loads_and_gives_its_numbers(tmp_path, name):
+    """KTB and MaskMentor fine-tuning checkpoints written by train.py before each method's options
+    became a typed config (less their optimizer state; KTB's frozen Swin-nano: its seed-0
+    initialisation) rebuild from their stored arguments and reproduce their stored mIoU."""
+    path = Path(__file__).resolve().parent / 'fixtures' / 'checkpoints' / f'{name}.pt'
+    ckpt = ev.load_run_checkpoint(path)
+    pretrained = None
+    if name.startswith('ktb'):
+        torch.manual_seed(0)
+        pretrained = str(tmp_path / 'swin_nano.pth')
+        torch.save({'model': rgbx.swin('nano').state_dict()}, pretrained)
+    model, run = ev.load_model(path, pretrained)
+    assert run.model_args['options'] == ckpt['run']['model_args']['options']
+    loader = data.loader(data.build_dataset('demo', '', 'test', x_standardised=run.x_standardised))
+    m = ev.metrics(ev.evaluate(model, loader, 5, torch.device('cpu')))
+    assert m['miou'] == pytest.approx(ckpt['evaluation']['miou'], abs=1e-12)
+
+
 @pytest.mark.slow
 def test_train_checkpoint_stores_its_model_arguments_and_rebuilds_from_them(tmp_path, monkeypatch):
     cfg = demo_config(tmp_path, method='gopt', backbone='vit-nano', pretrained='none', max_steps=1,
@@ -4050,8 +4682,8 @@ def test_train_checkpoint_stores_its_model_arguments_and_rebuilds_from_them(tmp_
     run = ev.checkpoint_run(ckpt, 'last.pt')
     assert ckpt['run']['model_args']['options']['carry_aux'] is False
     assert run.model_args['options'] == rgbx.resolve_options('gopt', 'vit-nano', dict(prompt_dim=4, head_dim=8))
-    today = rgbx.method_options
-    monkeypatch.setattr(rgbx, 'method_options', lambda *a: {**today(*a), 'prompt_dim': 99, 'tau': 3.0})  # new defaults
+    today = rgbx.resolve_options
+    monkeypatch.setattr(rgbx, 'resolve_options', lambda *a: {**today(*a), 'prompt_dim': 99, 'tau': 3.0})  # new defaults
     model, _ = ev.load_model(os.path.join(cfg.out_dir, 'last.pt'))
     assert model.prompts.down[1].out_features == 4  # rebuilt from the stored arguments, not today's defaults
 
@@ -4095,17 +4727,59 @@ def test_train_stale_tmp_of_dead_runs_removed_live_ones_kept(tmp_path):
     import sys
     dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
                               text=True, check=True).stdout)
-    live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    live = subprocess.Popen([sys.executable, '-c', 'import signal; signal.pause()'])  # alive until killed below
     try:
         cfg = demo_config(tmp_path, max_steps=1, eval_every=0)
         os.makedirs(cfg.out_dir)
         for pid in (dead, live.pid):
             (Path(cfg.out_dir) / f'last.pt.tmp.{pid}').write_bytes(b'\0' * 1000)
         tr.train(cfg, model=SplitInvariantModel())
-        assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'last.pt', f'last.pt.tmp.{live.pid}', 'log.jsonl']
+        assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'curves.png', 'last.pt', f'last.pt.tmp.{live.pid}',
+                                                   'log.jsonl']
     finally:
         live.kill()
         live.wait()
+
+
+def test_train_curves_png_is_drawn_from_the_log(tmp_path):
+    """curves.png: one panel per series of log.jsonl (loss, lr, test mIoU), each point where the
+    log puts it (x by step, y between the series' lowest and highest value)."""
+    cfg = demo_config(tmp_path, max_steps=4)
+    tr.train(cfg)
+    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
+    img = np.array(Image.open(os.path.join(cfg.out_dir, 'curves.png'))).astype(int)
+    assert img.shape == (3 * 160, 480, 3)
+    blue = (np.abs(img - [31, 119, 180]).sum(-1) < 60)
+    for panel, (key, get) in enumerate((('loss', lambda r: r['loss']), ('lr', lambda r: r['lr']),
+                                        ('eval', lambda r: r['eval']['miou']))):
+        pts = [(r['step'], get(r)) for r in records if key in r]
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        for step, v in pts:
+            x = round(60 + 410 * step / 4)
+            y = round(panel * 160 + 140 - 120 * (v - lo) / ((hi - lo) or 1))
+            assert blue[y - 2:y + 3, x - 2:x + 3].any(), (key, step, v)
+
+
+def test_train_tensorboard_events_hold_the_logs_numbers(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = demo_config(tmp_path, max_steps=3, tensorboard=True)
+    tr.train(cfg)
+    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, 'log.jsonl'))]
+    events = EventAccumulator(cfg.out_dir)
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars('train/loss')] == \
+        [(r['step'], r['loss']) for r in records if 'loss' in r]
+    assert [e.value for e in events.Scalars('eval/miou')] == pytest.approx([r['eval']['miou'] for r in records
+                                                                           if 'eval' in r])
+
+
+def test_train_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'tensorboard' else real(name, *a))
+    message = cli_error(tr.main, ['--tensorboard', '--max-steps', '1', '--out-dir', str(tmp_path / 'run')])
+    assert 'pip install tensorboard' in message and not (tmp_path / 'run').exists()
 
 
 # --- Accumulation, resume, reruns ---
@@ -4295,6 +4969,8 @@ def test_train_full_disk_is_a_one_line_error_and_leaves_no_partial_file(small_di
     assert 'disk full' in message and str(small_disk) in message
     assert not [n for n in os.listdir(small_disk) if '.tmp' in n]
     if os.path.ismount(small_disk):  # the run's small files too (one 4 KiB page left)
+        for name in ('config.json', 'log.jsonl'):  # the failed run's: a run folder is never written into by another
+            (small_disk / name).unlink()
         free = os.statvfs(small_disk)
         (small_disk / 'filler').write_bytes(b'\0' * (free.f_bavail * free.f_frsize - 4096))
         message = cli_error(tr.main, ['--max-steps', '2', '--crop', '32x32', '--workers', '0', '--eval-every', '0',
@@ -4328,42 +5004,21 @@ def test_train_corrupt_checkpoint_is_a_one_line_error(tmp_path):
 
 # --- DDP ---
 
+# a process that never reaches the rendezvous or a collective fails the test after this, not after gloo's 30 minutes
+RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=120)
+
+
 def ddp_worker(rank, world, rendezvous, configs):
     """One process of a 2-process run: the process group meets through a file (no port
     to pick, so no race for it), then trains each config as torchrun would run train.py."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')  # as torchrun
-    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world)
+    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world,
+                                         timeout=RENDEZVOUS_TIMEOUT)
     try:
         for cfg in configs:
             tr.train(cfg)
     finally:
         torch.distributed.destroy_process_group()
-
-
-def eval_rank(rank, world, rendezvous, argvs, out):
-    """One process of a 2-process `eval.py` (as torchrun runs it): its exit message, or 'ok'."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS='1')
-    torch.distributed.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world)
-    try:
-        ev.main(argvs[rank])
-        message = 'ok'
-    except SystemExit as e:
-        message = str(e.code)
-    Path(out[rank]).write_text(message)
-
-
-@pytest.mark.slow
-def test_eval_torchrun_where_one_rank_fails_ends_in_one_line_on_each(tmp_path, demo_run):
-    """Rank 1 fails on a missing checkpoint; rank 0, waiting for it in the evaluation's
-    all-reduce, ends with one line saying another process stopped, not gloo's traceback."""
-    cfg, _ = demo_run
-    good, missing = os.path.join(cfg.out_dir, 'best.pt'), str(tmp_path / 'gone.pt')
-    out = [str(tmp_path / 'rank0'), str(tmp_path / 'rank1')]
-    torch.multiprocessing.spawn(eval_rank, args=(2, str(tmp_path / 'rdv'), [['--checkpoint', good],
-                                                                           ['--checkpoint', missing]], out), nprocs=2)
-    said = [Path(o).read_text() for o in out]
-    assert said[1].startswith('error: ') and 'gone.pt' in said[1]
-    assert said[0] == f'error: {ev.PEER_FAILED}', said[0]
 
 
 @pytest.mark.slow
@@ -4424,23 +5079,18 @@ def test_train_demo_trains_well_beyond_chance(demo_run):
 @pytest.mark.slow
 def test_train_a_second_run_into_a_locked_folder_is_refused(tmp_path):
     """Two real processes: while run A writes its folder, run B into it is refused and A's files stay A's;
-    a lock left by a killed run (its process gone) does not hold a new run back."""
+    a lock left by a killed run (its process gone) does not hold a new run back. B starts once A has
+    said its first step (A holds the lock from before anything is written until it ends): no timing."""
     import subprocess
     import sys
-    import time as _time
     out = tmp_path / 'twin'
-    here = Path(__file__).resolve().parent
-    a = subprocess.Popen([sys.executable, str(here / 'train.py'), '--seed', '1', '--max-steps', '100000', '--crop',
-                          '32x32', '--eval-every', '0', '--log-every', '1', '--out-dir', str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1'})  # runs until it is interrupted below
-    deadline = _time.time() + 120
-    while not (out / 'config.json').exists() and _time.time() < deadline and a.poll() is None:
-        _time.sleep(0.1)
+    a = Child('--seed', '1', '--max-steps', '100000', '--crop', '32x32', '--eval-every', '0', '--log-every', '1',
+              '--out-dir', out)  # runs until it is interrupted below
+    a.wait_for('step 1/')
     b = run_cli('train.py', '--seed', '2', '--lr', '5e-4', '--max-steps', '2', '--crop', '32x32', '--out-dir', out)
-    assert a.poll() is None, a.communicate()[1]  # A was still writing while B tried
-    a.send_signal(__import__('signal').SIGINT)
-    a_out, a_err = a.communicate(timeout=120)
+    assert a.p.poll() is None, a.p.stderr.read()  # A was still writing while B tried
+    a.p.send_signal(__import__('signal').SIGINT)
+    a_err = a.finish().stderr
     assert 'interrupted' in a_err and 'Traceback' not in a_err, a_err
     one_line_error(b, str(out), 'another run')
     assert json.load(open(out / 'config.json'))['seed'] == 1 and not (out / '.lock').exists()
@@ -4472,7 +5122,7 @@ def test_train_overwrite_replaces_nothing_before_the_new_run_is_valid(tmp_path, 
                                             ('adapter_ranks=2:2:2:2', 'adapter_ranks', [2, 2, 2, 2])])
 def test_train_opts_take_each_option_type(opts, key, value):
     cfg = tr.resolve(tr.Config(method='ktb', pretrained='none', opts=opts))
-    assert tr.run_of(cfg).model_args['options'][key] == value
+    assert tr.run_spec(cfg).model_args['options'][key] == value
 
 
 @pytest.mark.parametrize('method,opts,words', [
@@ -4509,24 +5159,18 @@ def test_train_resume_onto_a_dataset_of_another_size_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_ctrl_c_is_one_line_and_resumable(tmp_path):
+@pytest.mark.parametrize('sig,said', [('SIGINT', 'interrupted'), ('SIGTERM', 'terminated (SIGTERM)')])
+def test_train_ctrl_c_and_sigterm_are_one_line_and_resumable(tmp_path, sig, said):
+    """A real Ctrl-C (SIGINT) or SIGTERM once the run has said step 2 (step 1's checkpoint is saved before
+    step 2 runs): one line saying how to resume, the lock gone, a whole last.pt to resume from."""
     import signal
-    import subprocess
-    import sys
-    import time as _time
-    here = Path(__file__).resolve().parent
-    p = subprocess.Popen([sys.executable, str(here / 'train.py'), '--max-steps', '400', '--crop', '32x32',
-                          '--save-every', '1', '--eval-every', '0', '--out-dir', str(tmp_path / 'run')],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    deadline = _time.time() + 120
-    while not (tmp_path / 'run' / 'last.pt').exists() and _time.time() < deadline:
-        _time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    res = type('R', (), dict(returncode=p.returncode, stderr=err))
-    one_line_error(res, 'interrupted', '--resume')
+    run = Child('--max-steps', '400', '--crop', '32x32', '--save-every', '1', '--eval-every', '0', '--log-every', '1',
+                '--out-dir', tmp_path / 'run')
+    run.wait_for('step 2/')
+    run.p.send_signal(getattr(signal, sig))
+    one_line_error(run.finish(), said, '--resume')
     assert not (tmp_path / 'run' / '.lock').exists()
+    assert ev.load_run_checkpoint(tmp_path / 'run' / 'last.pt')['step'] >= 1
 
 
 def test_train_out_dir_of_someone_elses_files_is_never_written(tmp_path):
@@ -4542,6 +5186,30 @@ def test_train_out_dir_of_someone_elses_files_is_never_written(tmp_path):
     only_log.mkdir()
     (only_log / 'log.jsonl').write_text('x\n')
     assert 'no run config' in cli_error(tr.main, ['--max-steps', '1', '--out-dir', str(only_log)])
+
+
+@pytest.mark.parametrize('argv,flag', [(['--lr', 'nan'], '--lr'), (['--lr', 'inf'], '--lr'),
+                                       (['--weight-decay', 'nan'], '--weight-decay'),
+                                       (['--warmup-epochs', 'nan'], '--warmup-epochs'), (['--beta2', 'nan'], '--beta2'),
+                                       (['--crop', '-1x5'], '--crop'), (['--crop', '-32'], '--crop')])
+def test_train_non_finite_and_negative_values_name_the_flag_before_any_step(tmp_path, capsys, argv, flag):
+    message = cli_error(tr.main, argv + ['--out-dir', str(tmp_path / 'run')])
+    assert message.startswith(f'error: {flag} '), message
+    assert 'step' not in capsys.readouterr().out and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_train_pretrained_given_a_training_checkpoint_says_what_it_is(tmp_path):
+    """A run's last.pt passed as --pretrained to a KTB: one short line saying what the file is
+    and what to do with it, not the 117-key list of load_pretrained."""
+    cfg = demo_config(tmp_path, max_steps=1, eval_every=0)
+    tr.train(cfg)
+    last = os.path.join(cfg.out_dir, 'last.pt')
+    res = run_cli('train.py', '--method', 'ktb', '--pretrained', last, '--max-steps', '1', '--crop', '32x32',
+                  '--out-dir', tmp_path / 'ktb')
+    line = one_line_error(res, f'--pretrained {last} is a training checkpoint of train.py',
+                          'early_fusion swin-nano run on demo, step 1', 'eval.py --checkpoint', '--resume')
+    assert len(line) < 600, len(line)
 
 
 def test_train_flags_that_would_be_ignored_are_refused(tmp_path):
@@ -4575,6 +5243,27 @@ def test_train_resume_with_other_frozen_weights_names_the_runs_file(tmp_path):
 
 
 @pytest.mark.slow
+def test_train_epochs_with_max_steps_stops_at_the_first_and_a_long_warm_up_is_said(tmp_path):
+    """4 samples at batch 2: --epochs 1 is 2 steps, --max-steps 6 would be 3 epochs: 2 steps run,
+    and the run says so; --max-steps alone sets the length; a warm-up of 10 epochs in a run of 1
+    is said with the share of --lr it reaches (lr_at at the last step)."""
+    root = nyu_pair(tmp_path / 'nyu')
+    res = run_cli('train.py', *nyu_argv(root, tmp_path / 'a', '--max-steps', '6', '--eval-every', '0',
+                                        '--warmup-epochs', '10', '--log-every', '1'))
+    assert res.returncode == 0, res.stderr
+    assert 'the run stops at whichever comes first, after 2 steps' in res.stdout
+    reach = tr.lr_at(1, 2, 20, 1.0)
+    assert f'reaches {reach:.0%} of --lr 0.001' in res.stdout and '--warmup-epochs below 1 ' in res.stdout
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'a' / 'log.jsonl')] == [1, 2]
+    res = run_cli('train.py', '--dataset', 'nyudv2', '--data-root', root, '--backbone', 'swin-nano', '--crop', '16x16',
+                  '--batch-size', '2', '--lr', '1e-3', '--max-steps', '3', '--eval-every', '0', '--log-every', '1',
+                  '--warmup-epochs', '0', '--out-dir', tmp_path / 'b')
+    assert res.returncode == 0 and 'note:' not in res.stdout, res.stdout + res.stderr
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'b' / 'log.jsonl')] == [1, 2, 3]
+    assert json.load(open(tmp_path / 'b' / 'config.json'))['epochs'] is None
+
+
+@pytest.mark.slow
 def test_train_closing_line_after_a_resume_counts_the_whole_run(tmp_path, capsys):
     def crash(step):
         if step == 2:
@@ -4583,6 +5272,82 @@ def test_train_closing_line_after_a_resume_counts_the_whole_run(tmp_path, capsys
         tr.train(demo_config(tmp_path, max_steps=3, save_every=1), on_step=crash)
     tr.train(demo_config(tmp_path, max_steps=3, save_every=1, resume=True))
     assert 'done: 3 steps (1 in this session' in capsys.readouterr().out
+
+
+def test_train_out_dir_never_lands_in_a_dataset_or_another_run_nor_on_its_pretrained_file(tmp_path):
+    root = nyu_pair(tmp_path / 'nyu')
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'log.jsonl').write_text('{"step": 1}\n')
+    (tmp_path / 'link').symlink_to(root)
+    torch.save(rgbx.swin('nano', window_size=4).state_dict(), tmp_path / 'pre' / 'last.pt') if (
+        tmp_path / 'pre').mkdir() is None else None
+    before = tree_bytes(root)
+    ktb = ['--method', 'ktb', '--opts', 'window_size=4', '--max-steps', '1']
+    for argv, words in ((['--out-dir', str(root / 'runs')], ['--out-dir', 'inside the --data-root folder']),
+                        (['--data-root', str(tmp_path / 'link'), '--out-dir', str(root / 'r')], ['--data-root']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(tmp_path / 'link' / 'r')],
+                         ['--out-dir', 'the dataset']),
+                        (['--dataset', 'demo', '--data-root', '', '--out-dir', str(other / 'sub')],
+                         ['--out-dir', 'another run']),
+                        (['--dataset', 'demo', '--data-root', '', *ktb, '--pretrained', str(tmp_path / 'pre' / 'last.pt'),
+                          '--out-dir', str(tmp_path / 'pre'), '--overwrite'], ['--out-dir', 'the --pretrained file'])):
+        message = cli_error(tr.main, nyu_argv(root, tmp_path / 'unused') + argv)
+        assert all(w in message for w in words), message
+    assert tree_bytes(root) == before and not (tmp_path / 'unused').exists()
+    assert os.listdir(tmp_path / 'pre') == ['last.pt'] and os.listdir(other) == ['log.jsonl']
+
+
+@pytest.mark.parametrize('method,backbone', [('early_fusion', 'swin-nano'), ('early_fusion', 'vit-nano'),
+                                            ('rgb_only', 'swin-base'), ('ktb', 'swin-base'), ('gopt', 'vit-base'),
+                                            ('maskmentor', 'vit-base')])
+def test_train_list_opts_describes_every_option_of_every_method(method, backbone):
+    """--list-opts: every option of the method on the backbone, each with its type, its default
+    (the one resolve_options gives) and a line saying in words what it is."""
+    lines = tr.list_opts(method, backbone).splitlines()[1:]
+    resolved = rgbx.resolve_options(method, backbone, {})
+    names = [line.split()[0] for line in lines[::2]]
+    assert names == list(resolved)
+    for (head, meaning), name in zip(zip(lines[::2], lines[1::2]), names):
+        assert f"default {resolved[name]!r}" in head, head
+        assert meaning.startswith('      ') and len(meaning.split()) >= 4, (name, meaning)
+    for f, _ in rgbx.option_fields(method, backbone):  # every field declares its meaning and a checkable default
+        assert f.metadata['meaning'] and f.type in (int, float, bool, str, list[int], int | None, list[int] | None)
+
+
+def test_train_opts_keep_every_key_of_the_previous_registry():
+    """The --opts keys and defaults checkpoints store: the typed configs give today's set."""
+    keys = {'ktb': 'window_size drop_path_rate prompt_ranks adapter_ranks dscf_ranks dscf_strides dscf_groups '
+                   'dscf_heads dscf_kernel bias_grid mmst dscf prompting adapters lambda2 ohem fused_head_dim '
+                   'aux_head_dim x_embed_norm',
+            'gopt': 'variant interval assignment prompt_dim tau head_dim attention class_scale carry_aux identity '
+                    'scaled vpt_rank head_from acp dim depth heads mlp_ratio img_size drop_path_rate',
+            'maskmentor': 'stage img_size drop_path_rate class_dim decoder_dim decoder_heads decoder_depth mask_ratio '
+                          'p_m warmup warmup_steps teacher_iters token_weight norm_pix_rgb depth_standardize head_dim '
+                          'head_depth modality_drop freeze_backbone dim depth heads mlp_ratio',
+            'early_fusion': 'use_x head_dim embed_dim depths heads window_size mlp_ratio drop_path_rate'}
+    for method, names in keys.items():
+        backbone = 'vit-base' if method in ('gopt', 'maskmentor') else 'swin-base'
+        assert set(rgbx.resolve_options(method, backbone, {})) == set(names.split()), method
+    ktb = rgbx.resolve_options('ktb', 'swin-base', {'dscf_ranks': '8:8:8:8', 'mmst': 'off'})
+    assert ktb['dscf_ranks'] == [8, 8, 8, 8] and ktb['mmst'] is False and ktb['bias_grid'] == [60, 80]
+    assert rgbx.KTBConfig(lambda2='0.5').lambda2 == 0.5 and rgbx.GoPTConfig().acp == rgbx.ACP_DEFAULT
+
+
+def test_train_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path):
+    """--overwrite sets the old run aside: a new run that stops before its first checkpoint
+    (a diverging lr) puts it back; one that saves replaces it, old best.pt included."""
+    cfg = demo_config(tmp_path, max_steps=1)
+    tr.train(cfg)
+    before = {n: (Path(cfg.out_dir) / n).read_bytes() for n in ('last.pt', 'best.pt', 'config.json', 'log.jsonl')}
+    message = cli_error(tr.main, ['--overwrite', '--lr', '1e12', '--max-steps', '30', '--eval-every', '0',
+                                  '--crop', '32x32', '--out-dir', cfg.out_dir])
+    assert 'non-finite loss' in message
+    assert {n: (Path(cfg.out_dir) / n).read_bytes() for n in before} == before
+    assert not (Path(cfg.out_dir) / tr.REPLACED).exists()
+    tr.main(['--overwrite', '--max-steps', '1', '--eval-every', '0', '--crop', '32x32', '--out-dir', cfg.out_dir])
+    assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'curves.png', 'last.pt', 'log.jsonl']  # the old best.pt went
+    assert json.load(open(Path(cfg.out_dir) / 'config.json'))['eval_every'] == 0
 
 
 # ----------------------------------------------------------------------------
@@ -4772,6 +5537,74 @@ def test_study_pretraining_structure_tells_a_flat_prediction_from_a_spatial_one(
     assert vt == pytest.approx(float((target[0, 0] - target[0, 0].mean())[m[0]].square().sum() + z[4:, 8:].square().sum()), rel=1e-5)
 
 
+def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
+    import subprocess
+    import sys
+    root = nyu_pair(tmp_path / 'nyu')
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'last.pt').write_bytes(b'a checkpoint')
+    here = Path(__file__).resolve().parent
+    for module, argv, words in (('study.run', ['--quick', '--out', root / 'runs'], ['--out', 'the dataset']),
+                                ('study.run', ['--quick', '--out', tmp_path / 'o', '--report', run_dir],
+                                 ['--report', 'another run']),
+                                ('study.pretraining', ['--steps', '1', '--report', root / 'Label'], ['--report'])):
+        res = subprocess.run([sys.executable, '-m', module, *map(str, argv)], capture_output=True, text=True, cwd=here,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        one_line_error(res, *words)
+    assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
+
+
+def test_study_modules_import_one_way():
+    """study.run -> study.pretraining -> study.common: no module of the study imports one that imports it."""
+    import ast
+    here = Path(__file__).resolve().parent / 'study'
+    graph = {}
+    for path in here.glob('*.py'):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+                {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == 'study'
+                 for a in n.names} | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        graph[path.stem] = {m.split('.')[1] for m in names if m.startswith('study.')}
+    assert graph['run'] == {'pretraining', 'common'} and graph['pretraining'] == {'common'} and not graph['common']
+
+
+def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
+    """`python -m study.run --tables`: a report's results.md comes from its results.json, no training:
+    the GoPT decisions' report is rewritten identically."""
+    import shutil
+    from study import run as study
+    here = Path(__file__).resolve().parent / 'study' / 'gopt-validation'
+    shutil.copy(here / 'results.json', tmp_path / 'results.json')
+    study.write_report(str(tmp_path))
+    assert (tmp_path / 'results.md').read_text() == (here / 'results.md').read_text()
+
+
+@pytest.mark.slow
+def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
+    """`python -m study.pretraining`: the validation losses of MaskMentor's pre-training and of the trivial
+    predictions on the same masked tokens; the zero prediction's MSE on the per-patch normalised RGB is that
+    target's mean square over the masked pixels, checked by hand."""
+    from study import pretraining
+    pretraining.main(['--steps', '2', '--every', '1', '--lrs', '1e-3', '--jobs', '1', '--out', str(tmp_path / 'runs'),
+                      '--report', str(tmp_path)])
+    saved = json.load(open(tmp_path / 'results.json'))['0.001']
+    assert [p['step'] for p in saved['points']] == [0, 1, 2]
+    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image'}
+    assert 'Chosen: lr 0.001 (the lowest mean ratio at the last step)' in (tmp_path / 'results.md').read_text()
+    assert (tmp_path / 'results.png').exists()
+    model = mm_pretrain()
+    rgb, x, label = mm_batch(B=2, H=64, W=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mask = model.draw_mask(torch.ones(2, 3, dtype=torch.bool), 16)[:, 0]  # (B, N) the RGB tokens
+    _, targets = model.targets(rgb, x, label)
+    by_hand = torch.stack([targets['norm_rgb'][b].square().mean(0).view(4, 16, 4, 16).permute(0, 2, 1, 3)
+                           .reshape(16, -1)[mask[b]].mean() for b in range(2)]).mean()
+    got = model.pixel_loss('norm_rgb', torch.zeros_like(targets['norm_rgb']), targets['norm_rgb'], mask, (4, 4))
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------
 # Layout: what imports what, where code and recipes live, the allocator, the test file itself
 # ----------------------------------------------------------------------------
@@ -4790,18 +5623,19 @@ def test_layout_recipes_sit_with_their_methods():
 
 @pytest.mark.slow
 def test_layout_freed_memory_is_reused_without_page_faults():
-    """rgbx keeps freed heap memory (glibc): allocating and freeing a 64 MiB tensor again and again
+    """The entry points keep freed heap memory (glibc, eval.keep_freed_memory): allocating and
+    freeing a 64 MiB tensor again and again
     touches fresh pages (minor faults) only until the heap has grown; RGBX_KEEP_FREED_MEMORY=0 or any of
     glibc's own MALLOC_* variables leave glibc's defaults alone."""
     import subprocess
     import sys
-    code = ("import resource, torch, rgbx\n"
+    code = ("import resource, torch, eval\n"
             "f = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "torch.set_num_threads(1)\n"
             "for _ in range(3): torch.empty(2 ** 24).fill_(1)\n"  # the heap settles
             "f0 = f()\n"
             "for _ in range(5): torch.empty(2 ** 24).fill_(1)\n"
-            "kept = rgbx.keep_freed_memory()\n"
+            "kept = eval.keep_freed_memory()\n"
             "for _ in range(3): torch.empty(2 ** 24).fill_(1)\n"  # the heap settles
             "f0 = f()\n"
             "for _ in range(5): torch.empty(2 ** 24).fill_(1)\n"
@@ -4819,7 +5653,7 @@ def test_layout_freed_memory_is_reused_without_page_faults():
     for env in ({'RGBX_KEEP_FREED_MEMORY': '0'}, {'MALLOC_ARENA_MAX': '2'}):
         applied, faults = run(**env)
         assert applied == 'False' and int(faults) > pages // 2, (env, faults)  # glibc's default: every page again
-    odd = subprocess.run([sys.executable, '-c', 'import rgbx; print(rgbx.keep_freed_memory())'], capture_output=True,
+    odd = subprocess.run([sys.executable, '-c', 'import eval; print(eval.keep_freed_memory())'], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).resolve().parent,
                          env={**{k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')
                                  and k != 'GLIBC_TUNABLES'}, 'RGBX_KEEP_FREED_MEMORY': 'banana'})
@@ -4857,15 +5691,164 @@ def test_layout_no_function_over_80_lines():
                 assert n.end_lineno - n.lineno + 1 <= 80, (f, n.name, n.end_lineno - n.lineno + 1)
 
 
+def rgbx_definitions():
+    """rgbx.py's module-level definitions in file order: {name: (node, section title)}, an
+    import counting as the definition of the names it binds."""
+    import ast
+    text = (Path(__file__).resolve().parent / 'rgbx.py').read_text()
+    lines, section, sections = text.splitlines(), '', {}
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith('# ----') and lines[i + 1].startswith('# ') and not lines[i + 1].startswith('# ----'):
+            sections[i + 2] = lines[i + 1][2:]  # the banner's title line (1-based)
+    defs = {}
+    for node in ast.parse(text).body:
+        section = next((title for start, title in reversed(sections.items()) if start <= node.lineno), '')
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split('.')[0] for a in node.names]
+        else:
+            continue
+        defs.update({name: (node, section) for name in names})
+    return defs, lines
+
+
+def rgbx_closure(defs, root):
+    """The definitions `root` needs, itself included, in file order (the names its code uses,
+    transitively), less torch, nn, F and math."""
+    import ast
+    seen, todo = set(), [root]
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in defs:
+            seen.add(name)
+            todo += [n.id for n in ast.walk(defs[name][0]) if isinstance(n, ast.Name)]
+    seen -= {'torch', 'nn', 'F', 'math'}
+    return sorted(seen, key=lambda n: (defs[n][0].lineno, n))
+
+
+def test_layout_each_method_needs_its_own_parts_only():
+    """GoPT's definitions (build_gopt's closure) hold no KTB, DSCF or Swin definition; KTB's no GoPT
+    or MaskMentor one: loading asks each model to convert its own files."""
+    defs, _ = rgbx_definitions()
+    section = lambda names, prefix: {n for n in names if defs[n][1].startswith(prefix)}
+    gopt = set(rgbx_closure(defs, 'build_gopt'))
+    assert {'GoPT', 'GroupingPrompts', 'VisionTransformer', 'load_pretrained'} <= gopt
+    assert not gopt & {'KTB', 'DSCF', 'SwinTransformer', 'WindowAttention'}
+    assert not section(gopt, 'Swin') | section(gopt, 'KTB') | section(gopt, 'MaskMentor'), gopt
+    ktb = set(rgbx_closure(defs, 'build_ktb'))
+    assert {'KTB', 'DSCF', 'SwinTransformer'} <= ktb and not section(ktb, 'GoPT') | section(ktb, 'MaskMentor')
+    mm = set(rgbx_closure(defs, 'build_maskmentor'))
+    assert not section(mm, 'Swin') | section(mm, 'KTB') | section(mm, 'GoPT'), mm
+
+
+# Each row of the README's "Copying a module" table: how to build the module and its inputs.
+COPY_ROWS = {
+    'DSCF': (lambda m: m.DSCF(32, 8, 2, 2, 4, 3, (4, 4)), lambda: (torch.randn(2, 8, 8, 32), torch.randn(2, 8, 8, 32))),
+    'MAPAPrompt': (lambda m: m.MAPAPrompt(16, 4), lambda: (torch.randn(4, 6, 6, 16),)),
+    'MAPAAdapter': (lambda m: m.MAPAAdapter(16, 4), lambda: (torch.randn(4, 6, 6, 16),)),
+    'CUP': (lambda m: m.CUP(16), lambda: (torch.randn(2, 9, 16), torch.randn(2, 5, 16))),
+    'ACP': (lambda m: m.ACP(16), lambda: (torch.randn(2, 9, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16))),
+    'GroupingPrompter': (lambda m: m.GroupingPrompter(16),
+                         lambda: (torch.randn(2, 9, 16), torch.randn(2, 9, 16), torch.randn(2, 5, 16))),
+    'SegFormerHead': (lambda m: m.SegFormerHead([8, 16], 12, 5),
+                      lambda: ([torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)], (30, 31))),
+    'SETRNaiveHead': (lambda m: m.SETRNaiveHead(16, 5, 12), lambda: (torch.randn(2, 12, 16), (3, 4), (45, 62))),
+    'ConvNeXtHead': (lambda m: m.ConvNeXtHead(16, 5, 12, 1), lambda: (torch.randn(2, 12, 16), (3, 4), (45, 62))),
+    'MultiModalViT': (lambda m: m.MultiModalViT({}, dim=16, depth=2, heads=2), lambda: (torch.randn(2, 10, 16),)),
+    'SwinTransformer': (lambda m: m.SwinTransformer(16, (1, 1), (1, 2), 4), lambda: (torch.randn(1, 3, 40, 57),)),
+    'VisionTransformer': (lambda m: m.VisionTransformer(16, 2, 2, img_size=32), lambda: (torch.randn(1, 3, 40, 57),)),
+}
+
+
+def test_layout_readme_copy_table_is_the_ast_closure_and_each_row_runs_alone():
+    """The README's table is what `rgbx_closure` computes, and each row copied alone (its
+    definitions in file order, with torch, nn, F and math) builds and computes what rgbx's
+    module computes with the same weights."""
+    import types as pytypes
+    defs, lines = rgbx_definitions()
+    rows = {m: rgbx_closure(defs, m) for m in COPY_ROWS}
+    table = '\n'.join(['| module | also copy |', '|---|---|'] + [
+        f"| `{m}` | {', '.join(f'`{n}`' for n in names if n != m)} |" for m, names in rows.items()])
+    assert table in (Path(__file__).resolve().parent / 'README.md').read_text(), 'the README table:\n' + table
+    for m, (build, inputs) in COPY_ROWS.items():
+        nodes = list(dict.fromkeys(defs[n][0] for n in rows[m]))
+        code = 'import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n' + '\n\n'.join(
+            '\n'.join(lines[min([node.lineno] + [d.lineno for d in getattr(node, 'decorator_list', [])]) - 1:
+                           node.end_lineno]) for node in nodes)
+        copied = pytypes.ModuleType(f'copied_{m}')
+        exec(compile(code, f'<copy of {m}>', 'exec'), copied.__dict__)
+        torch.manual_seed(0)
+        alone = build(copied).eval()
+        torch.manual_seed(0)
+        original = build(rgbx).eval()
+        torch.manual_seed(1)
+        args = inputs()
+        with torch.no_grad():
+            out, ref = alone(*args), original(*args)
+        out, ref = [o for o in (out if isinstance(out, (tuple, list)) else [out])], \
+            [r for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
+        assert len(out) == len(ref) and all(torch.isfinite(o).all() and torch.equal(o, r) for o, r in zip(out, ref)), m
+
+
+def test_layout_rgbx_lines_within_100_characters_and_no_module_state_rebound():
+    """At most 2 % of rgbx.py's lines exceed 100 characters, and no function rebinds a module
+    name (no `global` statement: the draw policy is a context variable)."""
+    import ast
+    text = (Path(__file__).resolve().parent / 'rgbx.py').read_text()
+    lines = text.splitlines()
+    assert sum(len(line) > 100 for line in lines) <= 0.02 * len(lines)
+    assert not [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Global, ast.Nonlocal))]
+
+
+def test_layout_each_test_sits_in_its_modules_section():
+    """A test's name carries its module, and it sits in that module's section of this file."""
+    prefixes = {'Foundations': ('test_swin', 'test_vit', 'test_heads', 'test_draws'), 'KTB': ('test_ktb',),
+                'GoPT': ('test_gopt',), 'MaskMentor': ('test_maskmentor',),
+                'Data': ('test_data', 'test_hha', 'test_every_real_data'), 'Evaluation': ('test_eval',),
+                'Training': ('test_train',), 'The reproduction study': ('test_study',), 'Layout': ('test_layout',)}
+    lines, section, misplaced = Path(__file__).read_text().splitlines(), '', []
+    for i, line in enumerate(lines):
+        if line.startswith('# ----') and i + 1 < len(lines) and re.match(r'# \w', lines[i + 1]):
+            section = lines[i + 1][2:]
+        name = re.match(r'def (test_\w+)', line)
+        allowed = next((p for title, p in prefixes.items() if section.startswith(title)), None)
+        if name and allowed is not None and not name[1].startswith(allowed):
+            misplaced.append((section.split(':')[0], name[1]))
+    assert not misplaced, misplaced
+
+
 def test_layout_train_calls_models_through_the_interface_only():
     code = (Path(__file__).resolve().parent / 'train.py').read_text()
     assert 'hasattr(' not in code and 'getattr(' not in code
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_layout_readme_python_examples_run_and_write_nothing_into_the_repository(tmp_path):
+    """Each ```python block of README.md, run as a user runs it (a file in the repository root's
+    working folder, the temporary folder under the test's), ends without error and leaves the
+    repository's files as they were (the GoPT stand-in mae.pth goes to the temporary folder)."""
+    import subprocess
+    import sys
+    here = Path(__file__).resolve().parent
+    blocks = re.findall(r'```python\n(.*?)```', (here / 'README.md').read_text(), re.S)
+    assert len(blocks) >= 3
+    before = sorted(os.listdir(here))
+    for block in blocks:
+        res = subprocess.run([sys.executable, '-c', block], cwd=here, capture_output=True, text=True,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1', 'TMPDIR': str(tmp_path)})
+        assert res.returncode == 0, block + res.stderr[-2000:]
+    assert sorted(os.listdir(here)) == before
+    assert (tmp_path / 'mae.pth').is_file()
+
+
 def test_layout_import_leaves_the_allocator_alone():
     """A 256 MiB tensor freed after `import rgbx` is given back to the OS (glibc's default):
-    only the entry points keep freed memory (rgbx.keep_freed_memory)."""
+    only the entry points keep freed memory (eval.keep_freed_memory)."""
     import subprocess
     import sys
     code = ("import torch, rgbx, data, eval, train\n"
@@ -4903,76 +5886,3 @@ def test_layout_train_help_describes_every_flag_and_lists_the_methods(capsys):
     assert 'acp' in listed and 'prompt_dim' in listed and 'default 55' in listed
 
 
-def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
-    """`python -m study.run --tables`: a report's results.md comes from its results.json, no training:
-    the GoPT decisions' report is rewritten identically."""
-    import shutil
-    from study import run as study
-    here = Path(__file__).resolve().parent / 'study' / 'gopt-validation'
-    shutil.copy(here / 'results.json', tmp_path / 'results.json')
-    study.write_report(str(tmp_path))
-    assert (tmp_path / 'results.md').read_text() == (here / 'results.md').read_text()
-
-
-def test_train_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path):
-    """--overwrite sets the old run aside: a new run that stops before its first checkpoint
-    (a diverging lr) puts it back; one that saves replaces it, old best.pt included."""
-    cfg = demo_config(tmp_path, max_steps=1)
-    tr.train(cfg)
-    before = {n: (Path(cfg.out_dir) / n).read_bytes() for n in ('last.pt', 'best.pt', 'config.json', 'log.jsonl')}
-    message = cli_error(tr.main, ['--overwrite', '--lr', '1e12', '--max-steps', '30', '--eval-every', '0',
-                                  '--crop', '32x32', '--out-dir', cfg.out_dir])
-    assert 'non-finite loss' in message
-    assert {n: (Path(cfg.out_dir) / n).read_bytes() for n in before} == before
-    assert not (Path(cfg.out_dir) / tr.REPLACED).exists()
-    tr.main(['--overwrite', '--max-steps', '1', '--eval-every', '0', '--crop', '32x32', '--out-dir', cfg.out_dir])
-    assert sorted(os.listdir(cfg.out_dir)) == ['config.json', 'last.pt', 'log.jsonl']  # the old best.pt went too
-    assert json.load(open(Path(cfg.out_dir) / 'config.json'))['eval_every'] == 0
-
-
-@pytest.mark.slow
-def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
-    """`python -m study.pretraining`: the validation losses of MaskMentor's pre-training and of the trivial
-    predictions on the same masked tokens; the zero prediction's MSE on the per-patch normalised RGB is that
-    target's mean square over the masked pixels, checked by hand."""
-    from study import pretraining
-    pretraining.main(['--steps', '2', '--every', '1', '--lrs', '1e-3', '--jobs', '1', '--out', str(tmp_path / 'runs'),
-                      '--report', str(tmp_path)])
-    saved = json.load(open(tmp_path / 'results.json'))['0.001']
-    assert [p['step'] for p in saved['points']] == [0, 1, 2]
-    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image'}
-    assert 'Chosen: lr 0.001 (the lowest mean ratio at the last step)' in (tmp_path / 'results.md').read_text()
-    assert (tmp_path / 'results.png').exists()
-    model = mm_pretrain()
-    rgb, x, label = mm_batch(B=2, H=64, W=64)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        mask = model.draw_mask(torch.ones(2, 3, dtype=torch.bool), 16)[:, 0]  # (B, N) the RGB tokens
-    _, targets = model.targets(rgb, x, label)
-    by_hand = torch.stack([targets['norm_rgb'][b].square().mean(0).view(4, 16, 4, 16).permute(0, 2, 1, 3)
-                           .reshape(16, -1)[mask[b]].mean() for b in range(2)]).mean()
-    got = model.pixel_loss('norm_rgb', torch.zeros_like(targets['norm_rgb']), targets['norm_rgb'], mask, (4, 4))
-    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
-
-
-def test_eval_older_run_format_loads_as_it_ran():
-    """Format 1 stored MaskMentor fine-tuning's depth_standardize without using it: such a run (and one of
-    the format before stored runs) is read with it off, as it trained; a run of today's format keeps it."""
-    from dataclasses import asdict
-    stored = asdict(ev.run_of('maskmentor', 'vit-nano', 'demo', opts='head_dim=16'))
-    assert stored['format'] == ev.RUN_FORMAT and stored['model_args']['options']['depth_standardize'] is True
-    old = {k: v for k, v in stored.items() if k != 'format'}
-    assert ev.checkpoint_run({'run': old}, 'x.pt').model_args['options']['depth_standardize'] is False
-    assert ev.checkpoint_run({'run': stored}, 'x.pt').model_args['options']['depth_standardize'] is True
-    legacy = dict(method='maskmentor', backbone='vit-nano', dataset='demo', x_modality='', opts='head_dim=16',
-                  pretrained='', data_root='', crop='')
-    assert ev.checkpoint_run({'config': legacy}, 'x.pt').model_args['options']['depth_standardize'] is False
-    pre = ev.checkpoint_run({'run': {**old, 'model_args': {**old['model_args'], 'options': {
-        **old['model_args']['options'], 'stage': 'pretrain'}}}}, 'x.pt')
-    assert pre.model_args['options']['depth_standardize'] is True  # pre-training always used it
-
-
-def test_eval_checkpoint_with_model_arguments_of_another_version_is_one_line():
-    with pytest.raises(ValueError, match='model arguments this code does not know'):
-        ev.checkpoint_run({'run': {'model_args': {}, 'dataset': 'demo', 'x_modality': 'depth', 'colour': 1}}, 'x.pt')
-    assert ev.trained_weights({'model': {'a': 1, 'steps_done': 2}}) == {'a': 1}

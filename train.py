@@ -15,14 +15,16 @@ set-up (DDP from the RANK environment variable, device, precision, data, model,
 optimizer, resume) and the loop. A run directory holds config.json, log.jsonl,
 last.pt and best.pt; a new run never writes into a folder holding a run's
 checkpoints (--resume or --overwrite), and a resume with another config is refused.
-Checkpoints store the model's resolved arguments (eval.Run), which rebuild it.
+Checkpoints store the model's resolved arguments (eval.RunSpec), which rebuild it.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -73,12 +76,15 @@ class Config:
     opts: str = flag('', "method options key=value,... e.g. 'mmst=false,adapter_ranks=8:8:8:8' "
                          "(--list-opts lists them)")
     # optimisation; None = the method's recipe for the dataset
-    epochs: Optional[int] = flag(None, "epochs (default: the recipe's)")
+    epochs: Optional[int] = flag(None, "epochs (default: the recipe's; with --max-steps alone: as many as its "
+                                       "steps take)")
     batch_size: Optional[int] = flag(None, "batch per process; the global batch is batch x processes x grad-accum "
                                            "(default: the recipe's)")
     lr: Optional[float] = flag(None, "AdamW learning rate (default: the recipe's)")
     weight_decay: Optional[float] = flag(None, "AdamW weight decay (default: the recipe's)")
-    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the recipe's)")
+    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the recipe's); a warm-up "
+                                                "as long as the run or longer is kept, and the run says which share "
+                                                "of --lr it reaches")
     schedule: Optional[str] = flag(None, "learning-rate decay after the warm-up (default: the recipe's, else poly)",
                                    ['poly', 'cosine'])
     beta2: Optional[float] = flag(None, "AdamW beta2 (default: the recipe's, else 0.999)")
@@ -87,7 +93,8 @@ class Config:
                                            "recipe's global batch, e.g. gopt's 64)")
     augment: Optional[str] = flag(None, "full = the joint augmentation, crop = the random crop only "
                                         "(default: the recipe's, else full)", ['full', 'crop'])
-    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all epochs)")
+    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all epochs); with "
+                                          "--epochs too, the run stops at whichever comes first (said at the start)")
     # system
     device: str = flag('', "cpu, cuda or cuda:N ('' = cuda if available, else cpu)")
     amp: str = flag('none', "mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, with a gradient scaler)",
@@ -101,7 +108,7 @@ class Config:
     allow_changes: bool = flag(False, "with --resume: accept changes to the settings that do not change what a "
                                       "step computes (" + ', '.join('--' + k.replace('_', '-') for k in
                                       ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every',
-                                       'save_full', 'nonfinite', 'device', 'compile')) + ")")
+                                       'save_full', 'nonfinite', 'device', 'compile', 'tensorboard')) + ")")
     overwrite: bool = flag(False, "start afresh in an --out-dir that holds a run (its files are replaced once the "
                                   "new run has started)")
     save_every: int = flag(0, "also save last.pt every N steps (0: at the end of each epoch only)")
@@ -110,6 +117,8 @@ class Config:
     save_full: bool = flag(False, "also store the frozen weights in the checkpoints")
     nonfinite: str = flag('stop', "on a non-finite loss: stop, or skip the step (at most 5% of the steps)",
                           ['stop', 'skip'])
+    tensorboard: bool = flag(False, "also write TensorBoard event files into --out-dir (needs the tensorboard "
+                                    "package; curves.png is drawn from log.jsonl in any case)")
 
 
 # Fields a resumed run may change with --allow-changes: they decide what is logged,
@@ -117,7 +126,7 @@ class Config:
 # compile: only its float rounding; pretrained: the frozen weights are checked by
 # fingerprint; data_root: the files are checked to be the same number of samples).
 HARMLESS_CHANGES = ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every', 'save_full',
-                    'nonfinite', 'device', 'compile')
+                    'nonfinite', 'device', 'compile', 'tensorboard')
 RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir')  # say how to run, not what: never compared
 # design choice: a run may skip at most 5% of its steps (at least 1) under --nonfinite skip; a diverged run
 # (lr 1e9 skipped 63 of 64) then stops instead of "finishing" on the few steps it took
@@ -152,7 +161,7 @@ def parser():
 
 def parse_config(argv=None):
     """The Config of a command line, resolved (`resolve`); --list-opts prints the options and exits."""
-    args = vars(parser().parse_args(argv))
+    args = vars(parser().parse_args(data.dash_values(argv, ('--crop',))))
     if args.pop('list_opts'):
         print(list_opts(args['method'], args['backbone'] or default_backbone(args['method'], args['dataset'])))
         sys.exit(0)
@@ -170,14 +179,20 @@ def default_backbone(method, dataset):
 
 
 def list_opts(method, backbone):
-    """The options of `method` on `backbone`, one line each: name, type, default (and choices)."""
+    """The options of `method` on `backbone`: per option a line with its name, type, default
+    (where it comes from), choices or range, and a line saying what it is."""
     lines = [f"options of {method} on {backbone} (--opts key=value,...; lists as a:b:c):"]
-    for name, default in rgbx.method_options(method, backbone).items():
-        kind = rgbx.NONE_DEFAULT_TYPES.get(name, type(default)).__name__
-        kind = 'ints a:b:c' if kind in ('list', 'tuple') else kind
-        choices = rgbx.OPTION_CHOICES.get(name)
-        meaning = f" ({rgbx.NONE_DEFAULT_MEANING[name]})" if default is None and name in rgbx.NONE_DEFAULT_MEANING else ''
-        lines.append(f"  {name:20s} {kind:10s} default {default!r}{meaning}" + (f"  ({'|'.join(choices)})" if choices else ''))
+    for f, default in rgbx.option_fields(method, backbone):
+        kind = rgbx.option_kind(f).__name__
+        meta = f.metadata
+        shown = f"default {default!r}" + (f" ({meta['none']})" if default is None and meta['none'] else '') \
+            + (f", {meta['default_from']}" if meta['default_from'] else '')
+        takes = f"  one of {'|'.join(meta['choices'])}" if meta['choices'] else ''
+        if meta['range']:
+            low, high, low_open, high_open = meta['range']
+            takes = f"  in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        lines.append(f"  {f.name:18s} {'ints a:b:c' if kind == 'list' else kind:10s} {shown}{takes}")
+        lines.append(f"      {meta['meaning']}")
     return '\n'.join(lines)
 
 
@@ -201,15 +216,15 @@ def resolve(cfg):
     preset = data.get_preset(cfg.dataset)
     rgbx.method_spec(cfg.method)
     cfg.backbone = cfg.backbone or default_backbone(cfg.method, cfg.dataset)
-    run = ev.run_of(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts)
+    run = ev.run_spec(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts)
     recipe = rgbx.recipe(cfg.method, cfg.dataset, run.model_args['options'])
     given = {k: v for k, v in asdict(recipe).items() if k in RECIPE_FIELDS and v is not None}
     fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults,
             **given}  # the method's recipe over the dataset's own settings (the demo's) over the trainer's
     for k, v in fill.items():
-        if vars(cfg)[k] is None:
+        if vars(cfg)[k] is None and not (k == 'epochs' and cfg.max_steps is not None):  # --max-steps sets the length
             setattr(cfg, k, v)
-    if cfg.epochs is None or cfg.lr is None or cfg.weight_decay is None:
+    if (cfg.epochs is None and cfg.max_steps is None) or cfg.lr is None or cfg.weight_decay is None:
         raise ValueError(f"{cfg.method} has no recipe for {cfg.dataset}: pass --epochs, --lr and --weight-decay")
     if cfg.grad_accum is None:  # a recipe's global batch (GoPT: 64) is reached by accumulation
         per_step = cfg.batch_size * int(os.environ.get('WORLD_SIZE', 1))
@@ -228,11 +243,21 @@ def resolve(cfg):
         cfg.out_dir = os.path.join('runs', f'{cfg.dataset}-{cfg.method}-{cfg.backbone}')
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir} is a file, not a folder: pass a folder")
+    if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
+        raise ValueError("--tensorboard writes TensorBoard's event files, which needs the tensorboard package: "
+                         "pip install tensorboard (curves.png is drawn without it)")
+    inputs = [('--pretrained', cfg.pretrained if cfg.pretrained != 'none' else ''), ('--data-root', cfg.data_root),
+              ('--split', cfg.split if cfg.split.endswith('.txt') else '')]
+    data.check_output('--out-dir', cfg.out_dir, inputs, folder=True, own_run=cfg.out_dir, writes=data.RUN_FILES)
     return cfg
 
 
 def check_fields(cfg):
     """Raise a one-line error naming the flag of any field out of its range or choices."""
+    for f in fields(Config):
+        v = vars(cfg)[f.name]
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, not {v}")
     for name, low, inclusive in RANGES:
         v = vars(cfg)[name]
         if v is not None and (v < low or (v == low and not inclusive)):
@@ -255,15 +280,29 @@ def check_fields(cfg):
         raise ValueError("--allow-changes only acts with --resume")
 
 
-def run_of(cfg):
-    """The eval.Run of a resolved config: what its checkpoints store to rebuild the model."""
-    return ev.run_of(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts, cfg.pretrained, cfg.data_root,
+def run_spec(cfg):
+    """The eval.RunSpec of a resolved config: what its checkpoints store to rebuild the model."""
+    return ev.run_spec(cfg.method, cfg.backbone, cfg.dataset, cfg.x_modality, cfg.opts, cfg.pretrained, cfg.data_root,
                      cfg.crop, cfg.seed)
 
 
 def build_model(cfg):
-    """The model of a resolved config, with its pretrained file loaded (rgbx.build_model)."""
-    return run_of(cfg).build(None if cfg.pretrained in ('', 'none') else cfg.pretrained)
+    """The model of a resolved config, with its pretrained file loaded (rgbx.build_model). A
+    training checkpoint of this script that does not fit (only a MaskMentor pre-training run
+    feeds its fine-tuning) is said as such, in place of the list of its keys."""
+    pretrained = None if cfg.pretrained in ('', 'none') else cfg.pretrained
+    try:
+        return run_spec(cfg).build(pretrained)
+    except ValueError:
+        ckpt = rgbx.read_checkpoint(pretrained) if pretrained else None
+        if not (isinstance(ckpt, dict) and {'model', 'config', 'step'} <= set(ckpt)):
+            raise
+        c = ckpt['config']
+        raise ValueError(f"--pretrained {pretrained} is a training checkpoint of train.py (a {c.get('method')} "
+                         f"{c.get('backbone')} run on {c.get('dataset')}, step {ckpt['step']}), not a backbone file "
+                         f"for {cfg.method} {cfg.backbone}: evaluate it with `python eval.py --checkpoint "
+                         f"{pretrained}`, continue its run with --resume --out-dir {os.path.dirname(pretrained) or '.'}; "
+                         f"a new run starts from an official backbone file (README, 'Pretrained files')") from None
 
 
 def resume_changes(saved, cfg, allow, source):
@@ -291,29 +330,40 @@ def resume_changes(saved, cfg, allow, source):
 # ----------------------------------------------------------------------------
 # Process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1 of the global batch
 # of world*B (ResumableSampler deals them so). The models draw their per-sample random
-# numbers and take their loss means through rgbx.BATCH; under DDP that is GlobalBatch:
-# every process draws for the global batch (the generators, seeded alike, stay in step)
-# and keeps its rows, and loss means divide by the global count. BatchNorm uses the
-# global batch's statistics (sync_batchnorm).
+# numbers and take their loss means through rgbx.draw_policy(); under DDP the loop runs
+# inside `rgbx.draws(GlobalBatch(device))`: every process draws for the global batch
+# (the generators, seeded alike, stay in step) and keeps its rows, and loss means divide
+# by the global count. BatchNorm uses the global batch's statistics (sync_batchnorm).
 
-class GlobalBatch(rgbx.Batch):
-    """rgbx.Batch under torch.distributed: draws for the global batch, cut to this
-    process's rows; counts summed over the processes."""
+class GlobalBatch(rgbx.DrawPolicy):
+    """rgbx.DrawPolicy under torch.distributed: draws for the global batch, cut to this
+    process's rows; counts summed and values gathered over the processes."""
 
-    def __init__(self):
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+    def __init__(self, device):
+        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
 
     def draw(self, draw, n, dim=0):
         """draw(world * n), rows rank*n .. (rank+1)*n - 1 along `dim`."""
         return draw(self.world * n).narrow(dim, self.rank * n, n)
 
-    def count(self, n, device):
+    def count(self, n):
         """The global count / world (at least 1): DDP averages the processes' gradients,
         which then equal the gradient of the global batch's mean. A collective: every
         process computes the same losses."""
-        total = torch.tensor([n], dtype=torch.float64, device=device)
+        total = torch.as_tensor(n, dtype=torch.float64, device=self.device).reshape(1)
         dist.all_reduce(total)
         return max(total.item(), 1.0) / self.world
+
+    def gather(self, values):
+        """The 1-D `values` of every process, concatenated in rank order (no gradient)."""
+        n = torch.tensor([values.numel()], device=values.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        padded = values.new_zeros(int(max(sizes)))
+        padded[:values.numel()] = values
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.detach())
+        return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -481,7 +531,7 @@ def process_alive(pid):
     return True
 
 
-RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt')  # what a run writes into its folder
+RUN_FILES = data.RUN_FILES  # what a run writes into its folder
 
 
 class RunLock:
@@ -721,6 +771,45 @@ def prepare_model(cfg, model, device, world, say):
     return model, counts
 
 
+def tensorboard_writer(folder, step):
+    """--tensorboard: a SummaryWriter on `folder`; a resumed run drops the events after `step`."""
+    from torch.utils.tensorboard import SummaryWriter  # the tensorboard package: an option, never required
+    return SummaryWriter(folder, purge_step=step or None)
+
+
+def plot_log(log_path, png_path, size=(480, 160)):
+    """curves.png of a run: the training loss, the learning rate and each evaluation's mIoU
+    over the steps, one panel each, from its log.jsonl, drawn with pillow; written atomically."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    series = [('training loss', [(r['step'], r['loss']) for r in records if 'loss' in r]),
+              ('learning rate', [(r['step'], r['lr']) for r in records if 'lr' in r]),
+              ('test mIoU', [(r['step'], r['eval']['miou']) for r in records if 'eval' in r])]
+    series = [(name, pts) for name, pts in series if pts]
+    w, h = size
+    font = ImageFont.load_default()
+    img = Image.new('RGB', (w, h * max(1, len(series))), 'white')
+    draw = ImageDraw.Draw(img)
+    last = max((p[0] for _, pts in series for p in pts), default=1)
+    for i, (name, pts) in enumerate(series):
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        box = (60, i * h + 20, w - 10, (i + 1) * h - 20)  # left, top, right, bottom of the plot area
+        xy = [(box[0] + (box[2] - box[0]) * step / max(last, 1),
+               box[3] - (box[3] - box[1]) * (v - lo) / ((hi - lo) or 1)) for step, v in pts]
+        draw.rectangle(box, outline=(160, 160, 160))
+        if len(xy) > 1:
+            draw.line(xy, fill=(31, 119, 180), width=2)
+        else:  # one point: a dot
+            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(31, 119, 180))
+        ev.words(draw, (box[0], i * h + 4), f"{name} over steps 0..{last}", font)
+        draw.text((2, box[1]), f"{hi:.3g}", fill='black')
+        draw.text((2, box[3] - 10), f"{lo:.3g}", fill='black')
+    tmp = f"{png_path}.tmp.{os.getpid()}"
+    with data.disk_full_names(png_path):
+        img.save(tmp, format='PNG')
+    os.replace(tmp, png_path)
+
+
 class RunFiles:
     """What a run writes to its folder (rank 0): config.json, the log.jsonl records and
     the progress line, and the checkpoints, which hold every rank's RNG state and
@@ -739,6 +828,7 @@ class RunFiles:
             with data.disk_full_names(config_path), open(config_path, 'w') as f:
                 json.dump(asdict(cfg), f, indent=2)
             self.log = open(self.log_path, 'a' if cfg.resume else 'w')
+        self.board = tensorboard_writer(cfg.out_dir, step) if master and cfg.tensorboard else None
         self.t0 = self.t_last = time.time()
         self.step_at_t = self.step_at_start = step
 
@@ -751,6 +841,16 @@ class RunFiles:
             with data.disk_full_names(self.log_path):
                 self.log.write(json.dumps(record) + '\n')
                 self.log.flush()
+        if self.board is not None:  # the log's numbers, as TensorBoard scalars
+            scalars = {f'train/{k}': record[k] for k in ('loss', 'lr') if k in record}
+            scalars.update({f'eval/{k}': v for k, v in record.get('eval', {}).items()})
+            for tag, value in scalars.items():
+                self.board.add_scalar(tag, value, record['step'])
+
+    def plot(self):
+        """Draw curves.png from log.jsonl (rank 0)."""
+        if self.master:
+            plot_log(self.log_path, os.path.join(self.cfg.out_dir, 'curves.png'))
 
     def progress(self, step, total, epoch, loss, lr, **extra):
         """The progress line (loss, lr, it/s, ETA) and its log record (with `extra`)."""
@@ -787,6 +887,8 @@ class RunFiles:
         if self.master:
             with data.disk_full_names(self.log_path):
                 self.log.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def on_nonfinite_loss(cfg, loss, step, skipped, total, files):
@@ -808,7 +910,7 @@ def on_nonfinite_loss(cfg, loss, step, skipped, total, files):
 class Session:
     """Everything a training run holds while it runs (`setup`)."""
     cfg: Config
-    run: ev.Run
+    run: ev.RunSpec
     rank: int
     world: int
     device: torch.device
@@ -828,7 +930,7 @@ class Session:
     step: int
     best: float
     skipped: int
-    previous_batch: rgbx.Batch
+    policy: rgbx.DrawPolicy | None  # the draws of the loop: GlobalBatch under DDP, None: the default
 
 
 def setup(cfg, model=None):
@@ -836,12 +938,13 @@ def setup(cfg, model=None):
     rank, world, device = ev.setup_distributed(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     ev.check_cpu_bf16(cfg.amp, device, say)
-    run = run_of(cfg)
+    run = run_spec(cfg)
     resumed = resume_checkpoint(cfg) if cfg.resume else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     train_set, sampler, loader, test_loader = make_loaders(cfg, run, rank, world, device)
+    say(f"threads: {torch.get_num_threads()} ({data.core_budget()[1]})")
     held = check_out_dir(cfg, rank == 0, say)
     if rank == 0:
         data.check_files(train_set, cfg.workers, say)  # every file of both splits, before the first step
@@ -852,7 +955,7 @@ def setup(cfg, model=None):
                                   fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total = run_length(cfg, steps_per_epoch, say)
     if resumed and resumed.get('train_samples', len(train_set)) != len(train_set):
         raise ValueError(f"--resume: the training split now has {len(train_set)} samples, the run had "
                          f"{resumed['train_samples']} (its schedule, warm-up and epochs depend on them): pass the "
@@ -865,10 +968,27 @@ def setup(cfg, model=None):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
                     find_unused_parameters=raw.find_unused_parameters)
-    previous = rgbx.use_batch(GlobalBatch() if world > 1 else rgbx.Batch())
+    policy = GlobalBatch(device) if world > 1 else None
     return Session(cfg, run, rank, world, device, raw, model, counts, optimizer, scaler, train_set, sampler, loader,
                    test_loader, files, steps_per_epoch, total, int(cfg.warmup_epochs * steps_per_epoch), step, best,
-                   skipped, previous)
+                   skipped, policy)
+
+
+def run_length(cfg, steps_per_epoch, say):
+    """The run's optimizer steps: --max-steps, or --epochs, or with both whichever ends first;
+    a warm-up at least as long as the run is said with the share of --lr it reaches."""
+    lengths = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * steps_per_epoch) if n]
+    total = min(lengths)
+    if len(set(lengths)) > 1:
+        say(f"note: --epochs {cfg.epochs} ({cfg.epochs * steps_per_epoch} steps) and --max-steps {cfg.max_steps}: "
+            f"the run stops at whichever comes first, after {total} steps")
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if warmup >= total:
+        reach = lr_at(total - 1, total, warmup, 1.0)
+        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the run ({total} steps) "
+            f"or longer: the learning rate reaches {reach:.0%} of --lr {cfg.lr:g} at the last step; pass "
+            f"--warmup-epochs below {total / steps_per_epoch:.3g} for a full warm-up")
+    return total
 
 
 def train(cfg, model=None, on_step=None):
@@ -885,15 +1005,15 @@ def train(cfg, model=None, on_step=None):
         raise
     result = {}
     try:
-        while s.step < s.total:
-            result = run_epoch(s, on_step) or result
+        with rgbx.draws(s.policy):
+            while s.step < s.total:
+                result = run_epoch(s, on_step) or result
     except BaseException:
         if s.rank == 0:
             restore_old_run(cfg.out_dir, s.files.say)
         raise
     finally:
         s.files.close()
-        rgbx.use_batch(s.previous_batch)
         if lock is not None:
             lock.release()
     s.files.say(f"done: {s.total} steps" + (f" ({s.skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
@@ -966,26 +1086,38 @@ def end_epoch(s, epoch):
             s.best = evaluation['miou']
             s.files.checkpoint(s.files.best, s.step, s.best, s.skipped, evaluation)
     s.files.checkpoint(s.files.last, s.step, s.best, s.skipped, evaluation)
+    s.files.plot()
     return evaluation
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler, torchrun stopping its processes): the run ends as on Ctrl-C."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
-    rgbx.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
+    ev.keep_freed_memory()  # this process keeps the memory freed tensors leave (RGBX_KEEP_FREED_MEMORY=0: not)
     cfg = None
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cfg = parse_config(argv)
         train(cfg)
     except (ValueError, OSError, NonFiniteLoss, rgbx.CheckpointError) as e:
         sys.exit(f"error: {ev.error_line(e)}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         last = cfg is not None and os.path.exists(os.path.join(cfg.out_dir, 'last.pt'))
-        sys.exit("error: interrupted; " + ("continue from the last checkpoint with --resume" if last else
-                                           "no checkpoint was saved: nothing to resume"))
+        sys.exit(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; "
+                 + ("continue from the last checkpoint with --resume" if last else
+                    "no checkpoint was saved: nothing to resume"))
     except RuntimeError as e:
         if not ev.peer_failed(e):
             raise
         sys.exit(f"error: {ev.PEER_FAILED}")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

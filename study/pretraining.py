@@ -5,7 +5,7 @@ losses against trivial baselines, for choosing its budget (steps) and learning r
     python -m study.pretraining --steps 40 --every 20 --lrs 1e-3 --out /tmp/curves   # a smoke run
 
 The MaskMentor pre-training of the study (MultiMAE's network at nano width, the study's
-decoders, `study.run.MM_PRE`, its recipe: cosine, AdamW betas 0.9 / 0.95, batch 4; 20%
+decoders, `study.common.MM_PRE`, its recipe: cosine, AdamW betas 0.9 / 0.95, batch 4; 20%
 complete-modality MIM warm-up, then 3 teacher + 1 student steps per batch) is trained from
 random weights (the study starts it from its RGB foundation) on the training scenes of the
 validation preset `demo128-val` and, every `--every` steps,
@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 import data
 import train
-from study.run import HERE, MM_PRE, VALIDATION
+from study.common import HERE, MM_PRE, VALIDATION, check_outputs
 
 TASKS = ('rgb', 'norm_rgb', 'depth', 'semseg')
 BASELINES = {'rgb': 'colour prior', 'norm_rgb': 'zero', 'depth': 'image median', 'semseg': 'class prior'}
@@ -279,6 +279,7 @@ def main(argv=None):
         p.error("--steps, --every and every lr must be > 0")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    check_outputs(args.out, args.report)
     results = {}
     os.makedirs(args.report, exist_ok=True)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context('spawn')) as pool:

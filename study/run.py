@@ -1,8 +1,8 @@
 """Small-scale reproduction study: each paper's central claims, tested on CPU on the
 built-in demo data (README, "Results").
 
-    python -m study.run            # the whole study, from the repository's root (about 1.5 h on 2 cores)
-    python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~2 min)
+    python -m study.run            # the whole study, from the repository's root (about an hour on 2 cores)
+    python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~3 min)
     python -m study.run --tables   # rewrite the reports and the README's claims table from the results.json
     python -m study.run --decide --seeds 2   # GoPT's open decisions on held-out training scenes (study/gopt-validation)
 
@@ -54,13 +54,13 @@ import data
 import rgbx
 import train
 from eval import evaluate, metrics
+from study import pretraining
+from study.common import HERE, MM, MM_PRE, VALIDATION, check_outputs
 
 DATASET = 'demo128'
-VALIDATION = 'demo128-val'  # 64 training scenes held out, the foundations trained on the other 192
 STEPS, FOUNDATION_STEPS = 400, 800  # optimizer steps of batch 4
 VALIDATION_SEEDS = 2
 LRS = (3e-4, 1e-3, 3e-3)  # each family's fine-tuning lr grid (the papers: KTB 4e-4, GoPT 4e-5, MaskMentor 3e-5)
-HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), 'README.md')
 MARKERS = ('<!-- study:claims:start -->', '<!-- study:claims:end -->')
 
@@ -80,13 +80,6 @@ GOPT = GOPT_BASE + f',acp={ACP}'
 # 15.5k (0.56), VPT-deep with rank 187 96.2k (3.5); ViT-nano's 4 layers cannot give both with one rank
 VPT_SHALLOW = 'variant=vpt_shallow,vpt_rank=48,head_dim=64,head_from=foundation'
 VPT_DEEP = 'variant=vpt_deep,vpt_rank=187,head_dim=64,head_from=foundation'
-# MaskMentor: a decoder and a ConvNeXt head as wide as the encoder
-MM = 'decoder_dim=64,decoder_heads=4,decoder_depth=1,head_dim=64,head_depth=2'
-# MaskMentor pre-training in the paper's shape (Sec. 3.4, 4.1): complete-modality MIM warm-up for the first
-# 20% of the steps (the default `warmup`), then cycles of 3 teacher + 1 student iterations on one batch;
-# its lr and number of steps: chosen on validation scenes by its losses against trivial baselines
-# (study.pretraining, `pretraining_choice`)
-MM_PRE = MM + ',stage=pretrain'
 
 # (name, family, method, options, what its backbone comes from); 'pretrain:<name>' = that
 # MaskMentor pre-training run of the same seed
@@ -327,7 +320,6 @@ def pretraining_choice(report=os.path.join(HERE, 'maskmentor-pretraining')):
     if not os.path.exists(path):
         raise SystemExit(f"study: {path} is missing: run `python -m study.pretraining` first (it chooses MaskMentor's "
                          f"pre-training lr and budget on validation scenes)")
-    from study import pretraining
     with open(path) as f:
         saved = json.load(f)
     lr, steps = pretraining.choose({float(k): v for k, v in saved.items()})[:2]
@@ -375,7 +367,7 @@ def execute(args):
         os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
     else:
         test = data.shard_loader(data.build_dataset(cfg.dataset, '', run.get('eval_split', 'test'),
-                                                    x_standardised=train.run_of(cfg).x_standardised),
+                                                    x_standardised=train.run_spec(cfg).x_standardised),
                                  workers=0, batch_size=8)
         for modality, _ in COLUMNS:
             result[modality] = metrics(evaluate(model, test, preset.num_classes, torch.device('cpu'),
@@ -636,8 +628,7 @@ def main(argv=None):
             if os.path.exists(os.path.join(HERE, part, 'results.json')):
                 write_report(os.path.join(HERE, part), readme=README if part == '' else None)
                 print(f"study: rewrote {os.path.join(HERE, part, 'results.md')}")
-        from study import pretraining
-        pretraining.main(['--tables'])
+            pretraining.main(['--tables'])
         return 0
     if args.seeds < 1 or args.jobs < 1 or args.steps < 0 or args.foundation_steps < 0:
         p.error(f"need --seeds >= 1, --jobs >= 1 and step counts >= 0, got {args.seeds}, {args.jobs}, "
@@ -649,6 +640,7 @@ def main(argv=None):
     foundation_steps = args.foundation_steps or (6 if args.quick else FOUNDATION_STEPS)
     out = args.out or 'runs/study' + ('-gopt-val' if args.decide else '') + ('-quick' if args.quick else '')
     report = args.report or (out if args.quick else os.path.join(HERE, 'gopt-validation' if args.decide else ''))
+    check_outputs(out, report)
     start = time.time()
     if args.decide:
         return decide_gopt(args, seeds, steps, foundation_steps, out, report)
@@ -722,7 +714,6 @@ def untestable_claims():
     """{claim: why} for the claims this scale cannot test: MaskMentor's pre-training claims
     when, at the chosen budget, some pre-training output does not get below its trivial
     baseline on the validation scenes (study/maskmentor-pretraining)."""
-    from study import pretraining
     path = os.path.join(HERE, 'maskmentor-pretraining', 'results.json')
     if not os.path.exists(path):
         return {}
