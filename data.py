@@ -132,7 +132,8 @@ NYU40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'w
          'floor mat', 'clothes', 'ceiling', 'books', 'refridgerator', 'television', 'paper', 'towel',
          'shower curtain', 'box', 'whiteboard', 'person', 'night stand', 'toilet', 'sink', 'lamp',
          'bathtub', 'bag', 'otherstructure', 'otherfurniture', 'otherprop')
-RGBD_LAYOUT = (Layout('RGB', 'Label', {'hha': 'HHA', 'depth': 'Depth', 'depth8': 'Depth'}),)
+RGBD_X = {'hha': 'HHA', 'depth': 'Depth', 'depth8': 'Depth'}
+RGBD_LAYOUT = (Layout('RGB', 'Label', RGBD_X), Layout('RGB', 'labels', RGBD_X))  # labels/: the KTB release's SUN RGB-D
 
 
 def demo_preset(size, holdout=0):
@@ -173,7 +174,8 @@ PRESETS = {
     # SUN RGB-D's 37 classes are NYU-40's first 37; on disk 0 = void, 1..37. The original
     # bit-rotated 16-bit depth must be converted to millimetres first (depth), or DFormer's
     # 8-bit Depth/ PNGs read as they are (depth8: the KTB release's SUN RGB-D X).
-    'sunrgbd': Preset(NYU40[:37], {'hha': IMAGE, 'depth': DEPTH, 'depth8': DEPTH8}, 'hha', RGBD_LAYOUT,
+    'sunrgbd': Preset(NYU40[:37], {'hha': IMAGE, 'depth': DEPTH, 'depth8': DEPTH8}, 'hha',
+                      RGBD_LAYOUT,
                       (480, 480),
                       'datasets/SUNRGBD', label_shift=-1),
     # 0 = unlabelled is a class, as in the community. Three layouts: prepared RGB/ Thermal/
@@ -181,7 +183,8 @@ PRESETS = {
     # the KTB release's: rgb/ ther/ labels/, {train,test}.txt
     'mfnet': Preset(('unlabelled', 'car', 'person', 'bike', 'curve', 'car_stop', 'guardrail', 'color_cone',
                      'bump'), {'thermal': GREY}, 'thermal',
-                    (Layout('RGB', 'Label', {'thermal': 'Thermal'}), Layout('images', 'labels', {'thermal': None}),
+                    (Layout('RGB', 'Label', {'thermal': 'Thermal'}),
+                     Layout('images', 'labels', {'thermal': None}),
                      Layout('rgb', 'labels', {'thermal': 'ther'})),
                     (480, 640), 'datasets/MFNet',
                     palette=((0, 0, 0), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 192), (128, 128, 0),
@@ -197,10 +200,11 @@ PRESETS = {
     # folder, whose AoLP is read from its .npy files (aolp-npy; split list_folder/test.txt).
     'mcubes': Preset(('asphalt', 'concrete', 'metal', 'road_marking', 'fabric', 'glass', 'plaster', 'plastic',
                       'rubber', 'sand', 'gravel', 'ceramic', 'cobblestone', 'brick', 'grass', 'wood', 'leaf',
-                      'water', 'human', 'sky'), {'aolp': IMAGE, 'dolp': GREY, 'nir': GREY, 'aolp-npy': AOLP_NPY},
-                     'aolp',
+                      'water', 'human', 'sky'),
+                     {'aolp': IMAGE, 'dolp': GREY, 'nir': GREY, 'aolp-npy': AOLP_NPY}, 'aolp',
                      (Layout('RGB', 'Label', {'aolp': 'AoLP', 'dolp': 'DoLP', 'nir': 'NIR'}),
-                      Layout('polL_color', 'GT', {'aolp-npy': ('polL_aolp_sin', 'polL_aolp_cos'), 'nir': 'NIR_warped'})),
+                      Layout('polL_color', 'GT',
+                             {'aolp-npy': ('polL_aolp_sin', 'polL_aolp_cos'), 'nir': 'NIR_warped'})),
                      (512, 512), 'datasets/MCubeS'),
     # CMNeXt's classes; on disk 0 and 255 = void, 1..25. X with 3 channels, as CMNeXt feeds
     # them (it repeats 1-channel files: save those as 3 channels). The release's
@@ -318,8 +322,9 @@ def read_aolp_npy(sin_path, cos_path):
     sin, cos = (np.load(p, allow_pickle=False) for p in (sin_path, cos_path))
     for p, a in ((sin_path, sin), (cos_path, cos)):
         if a.ndim != 2 or not np.isfinite(a).all() or np.abs(a).max(initial=0) > 1 + 1e-6:
-            raise ValueError(f"{p}: MCubeS' AoLP .npy holds one (H, W) map of finite values in [-1, 1], not "
-                             f"shape {a.shape} of range {a.min(initial=0):.3g}..{a.max(initial=0):.3g}")
+            raise ValueError(f"{p}: MCubeS' AoLP .npy holds one (H, W) map of finite values in [-1, 1], "
+                             f"not shape {a.shape} of range "
+                             f"{a.min(initial=0):.3g}..{a.max(initial=0):.3g}")
     check_sizes((sin_path, sin), (cos_path, cos))
     return np.stack([sin, cos, sin], -1).astype(np.float32)
 
@@ -610,15 +615,16 @@ class RGBXDataset(SegmentationDataset):
             raise ValueError(f"{where}: {rgb!r} is not in the RGB folder {lay.rgb}/ of this layout")
         stem = str(Path(rest).with_suffix('')) if Path(rest).suffix.lower() in EXTENSIONS else rest
         if self.x_modality not in lay.x:
-            raise ValueError(f"X modality {self.x_modality!r} is not stored in the layout found at {self.root} "
-                             f"(its X folders: {', '.join(lay.x)}): pick one of those with --x-modality")
+            raise ValueError(f"X modality {self.x_modality!r} is not stored in the layout found at "
+                             f"{self.root} (its X folders: {', '.join(lay.x)}): pick one of those "
+                             f"with --x-modality")
         x_folder = lay.x[self.x_modality]
         if isinstance(x_folder, tuple):  # X read from .npy files, one per folder (MCubeS' AoLP)
             x_path = tuple(self.root / folder / f"{stem}.npy" for folder in x_folder)
             for path in x_path:
                 if not path.is_file():
                     raise FileNotFoundError(f"{where}: {path} not found; every sample needs its "
-                                            f"{' and '.join(x_folder)} .npy files under the same id")
+                                            f"{' and '.join(x_folder)} .npy files under one id")
         else:
             x_path = None if x_folder is None else find_file(self.root, f"{x_folder}/{stem}", where)
         return (stem, find_file(self.root, rgb, where), x_path,
@@ -649,16 +655,20 @@ def describe(root, preset, x_modality):
         if isinstance(folder, tuple):
             return ''.join(f"{f}/<id>.npy, " for f in folder)
         return f"{folder}/<id>.png|jpg, " if folder else ''
-    return ' or '.join(f"{root}/{{{lay.rgb}/<id>.jpg|png, {x_files(lay.x[x])}{lay.label}/<id>.png, train.txt, "
-                       f"test.txt}}" + (' (RGBA: thermal in alpha)' if lay.x[x] is None else '')
+    return ' or '.join(f"{root}/{{{lay.rgb}/<id>.jpg|png, {x_files(lay.x[x])}{lay.label}/<id>.png, "
+                       f"train.txt, test.txt}}" + (' (RGBA: thermal in alpha)' if lay.x[x] is None else '')
                        for lay in preset.layouts if x in lay.x)
 
 
 def find_layout(root, preset, x_modality):
-    """The first layout of the preset whose RGB folder exists under root."""
-    for lay in preset.layouts:
-        if (root / lay.rgb).is_dir():
+    """The first layout of the preset whose RGB and label folders exist under root, else
+    the first whose RGB folder does (SUN RGB-D's `Label/` or the KTB release's `labels/`)."""
+    found = [lay for lay in preset.layouts if (root / lay.rgb).is_dir()]
+    for lay in found:
+        if (root / lay.label).is_dir():
             return lay
+    if found:
+        return found[0]
     raise FileNotFoundError(f"no dataset found at {root}: expected {describe(root, preset, x_modality)}. "
                             f"Put the data there or pass the folder that holds it (--data-root)")
 

@@ -179,8 +179,8 @@ def metrics(conf, average='present'):
     present, everything = iou.nanmean().item(), iou.nan_to_num(0.0).mean().item()
     if average not in ('present', 'all'):
         raise ValueError(f"average takes 'present' or 'all', not {average!r}")
-    return dict(miou=present if average == 'present' else everything, miou_present=present, miou_all=everything,
-                average=average, absent=[int(c) for c in torch.nonzero(union == 0).flatten()],
+    return dict(miou=present if average == 'present' else everything, miou_present=present,
+                miou_all=everything, average=average, absent=[int(c) for c in torch.nonzero(union == 0).flatten()],
                 macc=acc.nanmean().item(), pixel_acc=oa, oa=oa, aa=acc.nanmean().item(),
                 kappa=(oa - pe) / (1 - pe) if pe < 1 else 0.0, iou=iou.tolist())
 
@@ -196,12 +196,14 @@ def format_metrics(m, class_names, short=False):
     if short:
         return head
     every = m.get('average', 'present') == 'all'
-    other = (f"mIoU over the {len(m['iou']) - len(m['absent'])} classes present {100 * m['miou_present']:.2f}"
-             if every else f"mIoU over all {len(m['iou'])} classes (absent = 0) {100 * m['miou_all']:.2f}")
+    k = len(m['iou'])
+    other = (f"mIoU over the {k - len(m['absent'])} classes present {100 * m['miou_present']:.2f}" if every
+             else f"mIoU over all {k} classes (absent = 0) {100 * m['miou_all']:.2f}")
     absent = ', '.join(class_names[c] for c in m['absent']) or 'none'
     rows = [f"  {name:<24s} {'   n/a' if math.isnan(v) else f'{100 * v:6.2f}'}" for name, v in zip(class_names, m['iou'])]
     return (head + f"\n{other}\nabsent classes (no pixel in ground truth or prediction"
-            f"{', IoU 0 in the mIoU' if every else ''}): {absent}\n  class                     IoU %\n" + '\n'.join(rows))
+            f"{', IoU 0 in the mIoU' if every else ''}): {absent}\n  class                     IoU %\n"
+            + '\n'.join(rows))
 
 
 def window_starts(size, crop, stride):
@@ -273,7 +275,8 @@ def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop
         rgb, x, label = rgb.to(device), x.to(device), label.to(device)
         with ctx:
             inputs = drop_modality(rgb, x, modality)
-            pred = (probs(model, *inputs) if probs else predict(model, *inputs, num_classes, scales, flip, crop)).argmax(1)
+            out = probs(model, *inputs) if probs else predict(model, *inputs, num_classes, scales, flip, crop)
+            pred = out.argmax(1)
         conf += confusion(pred, label, num_classes)
         if on_batch is not None:
             on_batch(i, rgb, x, label, pred)
@@ -289,9 +292,10 @@ def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop
 # (docs/protocols.md). rgbx: `predict` above, at the stored size, with the flags.
 # ----------------------------------------------------------------------------
 
-RELEASE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the release's configs/*.yaml EVAL.MSF (with flip)
+RELEASE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the release's configs' EVAL.MSF (with flip)
 # the release's EVAL.IMAGE_SIZE[0] per dataset: its Resize's short side (MCubeS: none, its own crop)
-RELEASE_SHORT_SIDE = {'nyudv2': 480, 'sunrgbd': 480, 'mfnet': 480, 'pst900': 720, 'deliver': 1024, 'mcubes': None}
+RELEASE_SHORT_SIDE = {'nyudv2': 480, 'sunrgbd': 480, 'mfnet': 480, 'pst900': 720, 'deliver': 1024,
+                      'mcubes': None}
 MCUBES_LEFT, MCUBES_CROP = 192, 1024  # the release's MCubeS: 192 left columns dropped, a centred 1024 x 1024 crop
 
 

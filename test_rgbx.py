@@ -3044,6 +3044,8 @@ def test_data_release_inputs_depth8_aolp_npy_and_mfnet_layout(tmp_path):
     assert x.shape == (1, 6, 7) and torch.equal(x[0], torch.from_numpy(depth).float() / 255)
     with pytest.raises(ValueError, match='8-bit image'):  # the millimetre reader still refuses 8-bit depth
         data.build_dataset('sunrgbd', tmp_path / 'sun', 'test', 'depth')[0]
+    (tmp_path / 'sun' / 'Label').rename(tmp_path / 'sun' / 'labels')  # the KTB release's SUN RGB-D folder
+    assert data.build_dataset('sunrgbd', tmp_path / 'sun', 'test', 'depth8')[0][2].shape == (6, 7)
 
     mc = tmp_path / 'mcubes'
     angle = rng.uniform(-np.pi, np.pi, (6, 7))
