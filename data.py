@@ -121,10 +121,10 @@ GREY = Modality(1, (0.449,), (0.226,))  # 8-bit 1-channel X: thermal, NIR, DoLP,
 DEPTH = Modality(1, (0.25,), (0.15,), max16=10000.0)
 # DFormer's 8-bit depth PNGs (Depth/ of its NYUDepthv2 and SUNRGBD folders: each image's depth
 # min-max stretched to 0..255), read as v / 255 (1 channel; grey saved as 3 equal channels reads
-# losslessly as 1), as the KTB release reads SUN RGB-D's X. No measured statistics: ImageNet's mean.
+# losslessly as 1), as CMNeXt's toolkit reads SUN RGB-D's X. No measured statistics: ImageNet's mean.
 DEPTH8 = Modality(1, (0.449,), (0.226,))
 # MCubeS' AoLP as its release stores it: polL_aolp_sin/ and polL_aolp_cos/ .npy in [-1, 1], stacked
-# (sin, cos, sin) as CMNeXt and the KTB release feed them; fed as they are (mean 0, std 1).
+# (sin, cos, sin) as CMNeXt's toolkit feeds them; fed as they are (mean 0, std 1).
 AOLP_NPY = Modality(3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 NYU40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'window', 'bookshelf',
@@ -133,7 +133,7 @@ NYU40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'w
          'shower curtain', 'box', 'whiteboard', 'person', 'night stand', 'toilet', 'sink', 'lamp',
          'bathtub', 'bag', 'otherstructure', 'otherfurniture', 'otherprop')
 RGBD_X = {'hha': 'HHA', 'depth': 'Depth', 'depth8': 'Depth'}
-RGBD_LAYOUT = (Layout('RGB', 'Label', RGBD_X), Layout('RGB', 'labels', RGBD_X))  # labels/: the KTB release's SUN RGB-D
+RGBD_LAYOUT = (Layout('RGB', 'Label', RGBD_X), Layout('RGB', 'labels', RGBD_X))  # labels/: CMNeXt's SUN
 
 
 def demo_preset(size, holdout=0):
@@ -173,14 +173,14 @@ PRESETS = {
                      'datasets/NYUDepthv2', label_shift=-1),
     # SUN RGB-D's 37 classes are NYU-40's first 37; on disk 0 = void, 1..37. The original
     # bit-rotated 16-bit depth must be converted to millimetres first (depth), or DFormer's
-    # 8-bit Depth/ PNGs read as they are (depth8: the KTB release's SUN RGB-D X).
+    # 8-bit Depth/ PNGs read as they are (depth8: the X of CMNeXt's toolkit for SUN RGB-D).
     'sunrgbd': Preset(NYU40[:37], {'hha': IMAGE, 'depth': DEPTH, 'depth8': DEPTH8}, 'hha',
                       RGBD_LAYOUT,
                       (480, 480),
                       'datasets/SUNRGBD', label_shift=-1),
     # 0 = unlabelled is a class, as in the community. Three layouts: prepared RGB/ Thermal/
     # Label/; MFNet's release: images/ (RGBA PNG, thermal in alpha), labels/, {train,val,test}.txt;
-    # the KTB release's: rgb/ ther/ labels/, {train,test}.txt
+    # CMNeXt's toolkit's: rgb/ ther/ labels/, {train,test}.txt
     'mfnet': Preset(('unlabelled', 'car', 'person', 'bike', 'curve', 'car_stop', 'guardrail', 'color_cone',
                      'bump'), {'thermal': GREY}, 'thermal',
                     (Layout('RGB', 'Label', {'thermal': 'Thermal'}),
@@ -662,7 +662,7 @@ def describe(root, preset, x_modality):
 
 def find_layout(root, preset, x_modality):
     """The first layout of the preset whose RGB and label folders exist under root, else
-    the first whose RGB folder does (SUN RGB-D's `Label/` or the KTB release's `labels/`)."""
+    the first whose RGB folder does (SUN RGB-D's `Label/` or CMNeXt's toolkit's `labels/`)."""
     found = [lay for lay in preset.layouts if (root / lay.rgb).is_dir()]
     for lay in found:
         if (root / lay.label).is_dir():

@@ -180,7 +180,8 @@ def metrics(conf, average='present'):
     if average not in ('present', 'all'):
         raise ValueError(f"average takes 'present' or 'all', not {average!r}")
     return dict(miou=present if average == 'present' else everything, miou_present=present,
-                miou_all=everything, average=average, absent=[int(c) for c in torch.nonzero(union == 0).flatten()],
+                miou_all=everything, average=average,
+                absent=[int(c) for c in torch.nonzero(union == 0).flatten()],
                 macc=acc.nanmean().item(), pixel_acc=oa, oa=oa, aa=acc.nanmean().item(),
                 kappa=(oa - pe) / (1 - pe) if pe < 1 else 0.0, iou=iou.tolist())
 
@@ -197,13 +198,13 @@ def format_metrics(m, class_names, short=False):
         return head
     every = m.get('average', 'present') == 'all'
     k = len(m['iou'])
-    other = (f"mIoU over the {k - len(m['absent'])} classes present {100 * m['miou_present']:.2f}" if every
-             else f"mIoU over all {k} classes (absent = 0) {100 * m['miou_all']:.2f}")
+    present = f"mIoU over the {k - len(m['absent'])} classes present {100 * m['miou_present']:.2f}"
+    other = present if every else f"mIoU over all {k} classes (absent = 0) {100 * m['miou_all']:.2f}"
     absent = ', '.join(class_names[c] for c in m['absent']) or 'none'
     rows = [f"  {name:<24s} {'   n/a' if math.isnan(v) else f'{100 * v:6.2f}'}" for name, v in zip(class_names, m['iou'])]
     return (head + f"\n{other}\nabsent classes (no pixel in ground truth or prediction"
-            f"{', IoU 0 in the mIoU' if every else ''}): {absent}\n  class                     IoU %\n"
-            + '\n'.join(rows))
+            f"{', IoU 0 in the mIoU' if every else ''}): {absent}\n"
+            f"  class                     IoU %\n" + '\n'.join(rows))
 
 
 def window_starts(size, crop, stride):
@@ -275,7 +276,8 @@ def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop
         rgb, x, label = rgb.to(device), x.to(device), label.to(device)
         with ctx:
             inputs = drop_modality(rgb, x, modality)
-            out = probs(model, *inputs) if probs else predict(model, *inputs, num_classes, scales, flip, crop)
+            out = probs(model, *inputs) if probs else \
+                predict(model, *inputs, num_classes, scales, flip, crop)
             pred = out.argmax(1)
         conf += confusion(pred, label, num_classes)
         if on_batch is not None:
@@ -296,7 +298,7 @@ RELEASE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the release's configs' EVA
 # the release's EVAL.IMAGE_SIZE[0] per dataset: its Resize's short side (MCubeS: none, its own crop)
 RELEASE_SHORT_SIDE = {'nyudv2': 480, 'sunrgbd': 480, 'mfnet': 480, 'pst900': 720, 'deliver': 1024,
                       'mcubes': None}
-MCUBES_LEFT, MCUBES_CROP = 192, 1024  # the release's MCubeS: 192 left columns dropped, a centred 1024 x 1024 crop
+MCUBES_LEFT, MCUBES_CROP = 192, 1024  # the release's MCubeS: 192 left columns off, a centred 1024^2 crop
 
 
 def resize_rounded(t, size, nearest=False):
@@ -328,8 +330,8 @@ def mcubes_crop(*maps):
     H, W = maps[0].shape[-2:]
     h, w = H, W - MCUBES_LEFT
     if min(h, w) != MCUBES_CROP:
-        raise ValueError(f"the release evaluates MCubeS frames of 1024 x 1224 pixels (its crop assumes them), "
-                         f"not {H} x {W}")
+        raise ValueError(f"the release evaluates MCubeS frames of 1024 x 1224 pixels (its crop assumes "
+                         f"them), not {H} x {W}")
     y, x = (int(round((n - MCUBES_CROP) / 2)) for n in (h, w))
     return [m[..., y:y + MCUBES_CROP, MCUBES_LEFT + x:MCUBES_LEFT + x + MCUBES_CROP] for m in maps]
 
@@ -346,14 +348,16 @@ class ReleaseTransform:
         self.short = short
 
     def __call__(self, rgb, x, label, rng=None):
-        rgb, x = (torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float() for a in (rgb, x))
+        rgb, x = (torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float()
+                  for a in (rgb, x))
         label = torch.from_numpy(label)
         if self.short is None:
             rgb, x, label = mcubes_crop(rgb, x, label)
         else:
             rgb, x, label = release_resize(rgb, (x * 255).round(), label, self.short)
             x = x / 255
-        return data.normalize(rgb / 255, x, data.IMAGENET, ((0.0,) * len(x), (1.0,) * len(x)))[0], x, label
+        rgb = data.normalize(rgb / 255, x, data.IMAGENET, ((0.0,) * len(x), (1.0,) * len(x)))[0]
+        return rgb, x, label
 
 
 def release_probs(model, rgb, x, num_classes, scales=RELEASE_SCALES, flip=True, forward=None):
@@ -378,21 +382,22 @@ def release_probs(model, rgb, x, num_classes, scales=RELEASE_SCALES, flip=True, 
 def release_transform(dataset, x_modality, preset):
     """The release's data transform for `dataset`, or an error naming what it cannot read."""
     if dataset not in RELEASE_SHORT_SIDE:
-        raise ValueError(f"--protocol release evaluates the release's datasets ({', '.join(RELEASE_SHORT_SIDE)}), "
-                         f"not {dataset}; use --protocol rgbx")
+        raise ValueError(f"--protocol release evaluates the release's datasets "
+                         f"({', '.join(RELEASE_SHORT_SIDE)}), not {dataset}; use --protocol rgbx")
     npy = dataset == 'mcubes'
     if npy != (x_modality == 'aolp-npy'):
-        raise ValueError("--protocol release reads MCubeS' AoLP from the .npy files (--x-modality aolp-npy) and the "
-                         f"other datasets' X from 8-bit images, not X {x_modality!r} of {dataset}")
+        raise ValueError("--protocol release reads MCubeS' AoLP from the .npy files (--x-modality "
+                         f"aolp-npy) and the other datasets' X from 8-bit images, not X {x_modality!r} "
+                         f"of {dataset}")
     if preset.modalities[x_modality].max16:
-        raise ValueError(f"--protocol release reads X from 8-bit images; {dataset}'s X {x_modality!r} is 16-bit "
-                         f"depth: evaluate a model of an 8-bit X (e.g. depth8 or hha)")
+        raise ValueError(f"--protocol release reads X from 8-bit images; {dataset}'s X {x_modality!r} is "
+                         f"16-bit depth: evaluate a model of an 8-bit X (e.g. depth8 or hha)")
     return ReleaseTransform(RELEASE_SHORT_SIDE[dataset])
 
 
-DFORMER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # DFormer's utils/eval.py --mst (with flip; eval.sh adds --sliding)
-DFORMER_CROP = {'nyudv2': (480, 640), 'sunrgbd': (480, 480)}  # its configs' eval_crop_size, eval_stride_rate 2/3
-CMX_SCALES, CMX_CROP = (0.75, 1.0, 1.25), (480, 640)  # CMX's config: multi-scale eval_scale_array (+ flip), crop
+DFORMER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # DFormer's utils/eval.py --mst, flip; eval.sh: --sliding
+DFORMER_CROP = {'nyudv2': (480, 640), 'sunrgbd': (480, 480)}  # its eval_crop_size; eval_stride_rate 2/3
+CMX_SCALES, CMX_CROP = (0.75, 1.0, 1.25), (480, 640)  # CMX's multi-scale eval_scale_array (+ flip), crop
 
 
 class InputTransform:
@@ -409,7 +414,8 @@ class InputTransform:
         if self.bgr:
             rgb, x = rgb.flip(0), (x.flip(0) if len(x) == 3 else x)
         mean, std = self.x_norm
-        return *data.normalize(rgb, x, self.rgb_norm, (mean[:len(x)], std[:len(x)])), torch.from_numpy(label)
+        rgb, x = data.normalize(rgb, x, self.rgb_norm, (mean[:len(x)], std[:len(x)]))
+        return rgb, x, torch.from_numpy(label)
 
 
 def dformer_windows(model, rgb, x, crop, stride_rate=2 / 3):
@@ -419,7 +425,8 @@ def dformer_windows(model, rgb, x, crop, stride_rate=2 / 3):
     logits averaged where windows overlap: (B, K, h, w) at the (maybe resized) input size."""
     ch, cw = crop
     if ch > rgb.shape[-2] or cw > rgb.shape[-1]:
-        rgb, x = (F.interpolate(v, size=tuple(crop), mode='bilinear', align_corners=True) for v in (rgb, x))
+        rgb, x = (F.interpolate(v, size=tuple(crop), mode='bilinear', align_corners=True)
+                  for v in (rgb, x))
     H, W = rgb.shape[-2:]
     sh, sw = int(stride_rate * ch), int(stride_rate * cw)
     out, count = None, rgb.new_zeros(1, 1, H, W)
@@ -488,14 +495,15 @@ def cmx_probs(model, rgb, x, num_classes, scales=CMX_SCALES, flip=True, crop=CMX
     total = rgb.new_zeros(rgb.shape[0], num_classes, H, W, dtype=torch.float32)
     for s in scales:
         size = [round(H * s), round(W * s)]
-        r, t = (torch.ops.aten.upsample_bilinear2d(v, size, False, s, s) for v in (rgb, x))  # bilinear, factor s
+        r, t = (torch.ops.aten.upsample_bilinear2d(v, size, False, s, s)  # bilinear, sampling by factor s
+                for v in (rgb, x))
         total += F.interpolate(cmx_scale(model, r, t, num_classes, crop, 2 / 3, flip), size=(H, W),
                                mode='bilinear', align_corners=False)
     return total
 
 
-MULTIMAE_CANVAS = 640  # its NYUv2 config's input_size: LongestMaxSize(640), PadIfNeeded(640, 640) at the top-left
-MULTIMAE_DEPTH_UNIT = 2 ** 16 / 10  # its tools/prepare_nyuv2.py stores depth as uint16(metres * 6553.6)
+MULTIMAE_CANVAS = 640  # its NYUv2 input_size: LongestMaxSize(640), PadIfNeeded(640, 640) at the top-left
+MULTIMAE_DEPTH_UNIT = 2 ** 16 / 10  # tools/prepare_nyuv2.py stores depth as uint16(metres * 6553.6)
 
 
 def multimae_depth(depth, valid, trunc=0.1):
@@ -505,7 +513,8 @@ def multimae_depth(depth, valid, trunc=0.1):
     others 0 afterwards (its mask_valid step)."""
     v = depth[valid].sort().values
     mid = v[int(trunc * len(v)):int((1 - trunc) * len(v))]
-    return torch.where(valid, (depth - mid.mean()) / (mid.var() + 1e-6).sqrt(), torch.zeros_like(depth))
+    standardised = (depth - mid.mean()) / (mid.var() + 1e-6).sqrt()
+    return torch.where(valid, standardised, torch.zeros_like(depth))
 
 
 class MultiMAETransform:
@@ -524,7 +533,8 @@ class MultiMAETransform:
         if max(H, W) != MULTIMAE_CANVAS:
             size = tuple(round(n * MULTIMAE_CANVAS / max(H, W)) for n in (H, W))
             rgb = F.interpolate(rgb[None], size=size, mode='bilinear', align_corners=False)[0]
-            depth, label = (F.interpolate(t[None].float(), size=size, mode='nearest')[0] for t in (depth, label[None]))
+            depth, label = (F.interpolate(t[None].float(), size=size, mode='nearest')[0]
+                            for t in (depth, label[None]))
             label = label[0].long()
         h, w = label.shape
         pad = (0, MULTIMAE_CANVAS - w, 0, MULTIMAE_CANVAS - h)
@@ -552,24 +562,24 @@ def multimae_probs(model, rgb, x, num_classes, dataset):
 def multimae_transform(dataset, x_modality, preset):
     """MultiMAE's NYUv2 input: depth in millimetres (rgbx's `depth`)."""
     if dataset != 'nyudv2' or x_modality != 'depth':
-        raise ValueError(f"--protocol multimae evaluates NYUDv2 with depth (--x-modality depth, 16-bit mm), "
-                         f"as MultiMAE's NYUv2 fine-tuning does, not {dataset} with X {x_modality!r}")
+        raise ValueError(f"--protocol multimae evaluates NYUDv2 with depth (--x-modality depth, 16-bit "
+                         f"mm), as MultiMAE's NYUv2 fine-tuning does, not {dataset} with X {x_modality!r}")
     return MultiMAETransform()
 
 
 def dformer_transform(dataset, x_modality, preset):
-    """DFormer's ValPre: NYUDv2 / SUN RGB-D with its 8-bit depth, BGR, depth (v / 255 - 0.48) / 0.28."""
+    """DFormer's ValPre: NYUDv2 / SUN RGB-D, its 8-bit depth, BGR, depth (v / 255 - 0.48) / 0.28."""
     if dataset not in DFORMER_CROP or x_modality != 'depth8':
-        raise ValueError(f"--protocol dformer evaluates NYUDv2 and SUN RGB-D with DFormer's 8-bit depth "
-                         f"(--x-modality depth8), not {dataset} with X {x_modality!r}")
+        raise ValueError(f"--protocol dformer evaluates NYUDv2 and SUN RGB-D with DFormer's 8-bit "
+                         f"depth (--x-modality depth8), not {dataset} with X {x_modality!r}")
     return InputTransform(True, data.IMAGENET, ((0.48,) * 3, (0.28,) * 3))
 
 
 def cmx_transform(dataset, x_modality, preset):
-    """CMX's input: BGR RGB and a 3-channel X in BGR order (cv2), both with the ImageNet statistics."""
+    """CMX's input: RGB and a 3-channel X in BGR order (cv2's), both with ImageNet's statistics."""
     if preset.modalities[x_modality].channels != 3 or preset.modalities[x_modality].max16:
-        raise ValueError(f"--protocol cmx normalises a 3-channel 8-bit X (HHA, ...) with the ImageNet statistics, "
-                         f"not {dataset}'s X {x_modality!r}")
+        raise ValueError(f"--protocol cmx normalises a 3-channel 8-bit X (HHA, ...) with the ImageNet "
+                         f"statistics, not {dataset}'s X {x_modality!r}")
     return InputTransform(True, data.IMAGENET, data.IMAGENET)
 
 
