@@ -26,6 +26,7 @@ or a split file that is not UTF-8 raises an error naming the file and the fix.
 import colorsys
 import errno
 import json
+import mmap
 import os
 import sys
 import time
@@ -145,7 +146,8 @@ def demo_preset(size, holdout=0):
     return Preset(('background', 'red low', 'red high', 'blue low', 'blue high'),
                   {'depth': Modality(1, (0.68,), (0.13,))}, 'depth', (), (size, size),
                   generator='demo', holdout=holdout,
-                  palette=((0, 0, 0), (128, 0, 0), (255, 96, 96), (0, 0, 128), (96, 128, 255)),  # dark = low
+                  # the colours the classes are named by: dark = low, light = high
+                  palette=((0, 0, 0), (128, 0, 0), (255, 96, 96), (0, 0, 128), (96, 128, 255)),
                   defaults=dict(epochs=20, lr=1e-3, weight_decay=0.01, batch_size=4, warmup_epochs=1))
 
 
@@ -265,9 +267,9 @@ def open_image(path, modes, what, fix16=TO_8BIT):
             mode, arr = im.mode, np.array(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path} cannot be decoded as an image ({e}); re-save it as PNG") from e
-    if mode not in modes and mode.startswith(('I', 'F')):  # 16/32-bit values: convert('RGB') would clip them
-        raise ValueError(f"{path} stores {mode} values (PIL mode {mode!r}), which the {what.split(' (')[0]} cannot "
-                         f"be: {fix16}")
+    if mode not in modes and mode.startswith(('I', 'F')):  # 16/32-bit: convert('RGB') would clip
+        raise ValueError(f"{path} stores {mode} values (PIL mode {mode!r}), which the "
+                         f"{what.split(' (')[0]} cannot be: {fix16}")
     if mode not in modes:
         raise ValueError(f"{path} is a PIL {mode!r} image; the {what} must be one of the modes {modes}")
     if arr.dtype == np.uint8 and arr.ndim == 3 and png_bit_depth(path) == 16:
@@ -375,9 +377,10 @@ def check_grey_palette(path, arr):
     shown = colours[used]
     if len(used) and (shown == shown[:, :1]).all() and (shown[:, 0] != used).any():
         i = int(used[np.argmax(shown[:, 0] != used)])
-        raise ValueError(f"{path} is a palette PNG whose grey palette shows other values than its indices (index {i} "
-                         f"is shown as grey {colours[i, 0]}): labels are read by index; save it as a grey PNG of "
-                         f"class indices (e.g. Image.open(p).convert('L').save(p) if the grey values are the classes)")
+        raise ValueError(f"{path} is a palette PNG whose grey palette shows other values than its "
+                         f"indices (index {i} is shown as grey {colours[i, 0]}): labels are read "
+                         f"by index; save it as a grey PNG of class indices (e.g. "
+                         f"Image.open(p).convert('L').save(p) if the grey values are the classes)")
 
 
 def check_sizes(*pairs):
@@ -448,7 +451,7 @@ def no_space(e):
     return False
 
 
-RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt', 'curves.png')  # what a training run writes
+RUN_FILES = ('config.json', 'log.jsonl', 'last.pt', 'best.pt', 'curves.png')  # a run's folder
 
 
 def is_run_folder(folder):
@@ -457,49 +460,60 @@ def is_run_folder(folder):
 
 
 def is_dataset_root(folder):
-    """Whether `folder` holds a dataset in one of the presets' layouts (its RGB and label folders)."""
+    """Whether `folder` holds a dataset in a preset's layout (its RGB and label folders)."""
     return any((folder / lay.rgb).is_dir() and (folder / lay.label).is_dir()
                for p in PRESETS.values() for lay in p.layouts)
 
 
-def check_output(flag, path, inputs=(), folder=False, own_run=None, dataset_x=None, writes=(), kind=None):
+def check_output(flag, path, inputs=(), folder=False, own_run=None, dataset_x=None, writes=(),
+                 kind=None):
     """Refuse, with a one-line ValueError naming `flag`, an output that would write over
     what a command reads or into data and runs it does not own. Every command's output
     paths pass here. Paths are compared resolved (symbolic links, '..', relative paths).
 
     path      the output: a file, or with folder=True a folder written into (the names it
               `writes` there, when known);
-    inputs    (flag, path) pairs of what the command reads, files or folders: the output (and
-              what it writes) is none of them and lies in none of the folders among them;
-    own_run   the run folder the command may write into (train.py's --out-dir, the checkpoint's
-              run for eval.py), though never over a run file of it (RUN_FILES) as a file output;
-    dataset_x an X modality whose folder of a dataset root the output folder may be, or a new
-              folder there (data.py hha writes a dataset's HHA/); no other output enters a dataset;
+    inputs    (flag, path) pairs of what the command reads, files or folders: the output
+              (and what it writes) is none of them and lies in none of the folders among them;
+    own_run   the run folder the command may write into (train.py's --out-dir, the
+              checkpoint's run for eval.py), never over one of its RUN_FILES as a file output;
+    dataset_x an X modality whose folder of a dataset root the output folder may be, or a
+              new folder there (data.py hha writes a dataset's HHA/); no other output enters
+              a dataset;
     kind      'png' or 'json': an existing file at `path` is replaced only when it is one."""
     out = Path(os.path.realpath(path))
+    targets = [out] + [out / n for n in writes]
     for name, p in inputs:
         if p and os.path.exists(p):
-            q = Path(os.path.realpath(p))
-            same = [t for t in [out] + [out / n for n in writes] if t == q or (t.exists() and os.path.samefile(t, q))]
-            if same or (q.is_dir() and q in out.parents):
-                what = f"would write {same[0]}, which is" if same and same[0] != out else 'is' if same else 'is inside'
-                raise ValueError(f"{flag} {path} {what} the {name} {'folder' if q.is_dir() else 'file'} {p}: "
-                                 f"it would be overwritten; write elsewhere")
+            check_not_input(flag, path, targets, name, p)
     own = Path(os.path.realpath(own_run)) if own_run else None
     if not folder and out.parent == own and out.name in RUN_FILES:
-        raise ValueError(f"{flag} {path} is the run's {out.name}: it would be overwritten; write elsewhere")
+        raise ValueError(f"{flag} {path} is the run's {out.name}: it would be overwritten; "
+                         f"write elsewhere")
     for a in ([out] if folder else []) + list(out.parents):
-        if a == own:
-            continue
-        if is_run_folder(a):
-            raise ValueError(f"{flag} {path} is {'' if a == out else 'inside '}the folder of another run ({a}): "
-                             f"its checkpoints and log are never written over; write elsewhere")
-        if is_dataset_root(a) and not (dataset_x and a == out.parent and allowed_in_dataset(a, out.name, dataset_x)):
-            raise ValueError(f"{flag} {path} is {'' if a == out else 'inside '}the dataset at {a}: nothing is "
-                             f"written into a dataset's files; write elsewhere")
+        where = f"{flag} {path} is {'' if a == out else 'inside '}"
+        if a != own and is_run_folder(a):
+            raise ValueError(f"{where}the folder of another run ({a}): its checkpoints and log "
+                             f"are never written over; write elsewhere")
+        into_x = dataset_x and a == out.parent and allowed_in_dataset(out.name, dataset_x)
+        if a != own and is_dataset_root(a) and not into_x:
+            raise ValueError(f"{where}the dataset at {a}: nothing is written into a dataset's "
+                             f"files; write elsewhere")
     if kind and out.is_file() and not is_kind(out, kind):
-        raise ValueError(f"{flag} {path} exists and is not a {kind.upper()} file: it would be overwritten; "
-                         f"write elsewhere (or remove it first)")
+        raise ValueError(f"{flag} {path} exists and is not a {kind.upper()} file: it would be "
+                         f"overwritten; write elsewhere (or remove it first)")
+
+
+def check_not_input(flag, path, targets, name, p):
+    """Refuse output `targets` (the output path first) that are the input `p` of flag
+    `name`, or lie in it when it is a folder."""
+    q = Path(os.path.realpath(p))
+    same = [t for t in targets if t == q or (t.exists() and os.path.samefile(t, q))]
+    if same or (q.is_dir() and q in targets[0].parents):
+        what = ('is inside' if not same else 'is' if same[0] == targets[0] else
+                f"would write {same[0]}, which is")
+        raise ValueError(f"{flag} {path} {what} the {name} {'folder' if q.is_dir() else 'file'} "
+                         f"{p}: it would be overwritten; write elsewhere")
 
 
 def is_kind(path, kind):
@@ -515,7 +529,7 @@ def is_kind(path, kind):
         return False
 
 
-def allowed_in_dataset(root, name, x):
+def allowed_in_dataset(name, x):
     """Whether a folder `name` of a dataset root may receive X modality `x`: it is that
     modality's folder in a layout, or a folder no layout names."""
     layouts = [lay for p in PRESETS.values() for lay in p.layouts]
@@ -540,7 +554,9 @@ def sample_rng(stream, seed, step, index):
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Items (rgb, x, label) = transform(*read(i), rng); the augmentation rng of item i
-    is sample_rng(AUGMENT, seed, epoch, i), with the epoch set by set_epoch."""
+    is sample_rng(AUGMENT, seed, epoch, i), with the epoch set by set_epoch, or given
+    with the index: item (epoch, i), so that loader workers kept over epochs
+    (persistent_workers) need no set_epoch."""
 
     def __init__(self, preset, x_modality, transform, seed):
         self.preset = get_preset(preset)
@@ -552,7 +568,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index):
-        return self.transform(*self.read(index), sample_rng(AUGMENT, self.seed, self.epoch, index))
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        return self.transform(*self.read(index), sample_rng(AUGMENT, self.seed, epoch, index))
 
     def __len__(self):
         return len(self.names)
@@ -682,7 +699,8 @@ def read_split(root, split, preset, x_modality):
     if named and not path.is_file() and (root / split).is_dir():
         folder = root / split
         images = (folder / find_layout(folder, preset, x_modality).rgb).iterdir()
-        return folder, sorted(p.stem for p in images if p.suffix.lower() in EXTENSIONS and visible(p.name)), folder
+        ids = sorted(p.stem for p in images if p.suffix.lower() in EXTENSIONS and visible(p.name))
+        return folder, ids, folder
     if not path.is_file():
         find_layout(root, preset, x_modality)  # a root that holds no dataset at all is reported as such
         raise FileNotFoundError(f"split file {path} not found: expected lines like 'RGB/0.jpg Label/0.png' or "
@@ -702,7 +720,7 @@ LOSSLESS = ('.png',)  # labels: a lossy format (JPEG) changes class values at ed
 
 
 def visible(name):
-    """Whether a file listed in a folder is data: not hidden, such as macOS's '._0.png' metadata files."""
+    """Whether a file listed in a folder is data: not hidden (macOS's '._0.png' metadata)."""
     return not name.startswith('.')
 
 
@@ -722,8 +740,8 @@ def find_file(root, rel, where, extensions=EXTENSIONS):
                          f"(JPEG compression changes class values at every edge): convert the labels to PNG")
     dangling = [c for c in [str(path)] + [stem + e for e in extensions] if os.path.islink(c)]
     if dangling:
-        raise FileNotFoundError(f"{where}: {dangling[0]} is a symbolic link that leads to no file (broken, or a loop "
-                                f"of links): point it at the file")
+        raise FileNotFoundError(f"{where}: {dangling[0]} is a symbolic link that leads to no file "
+                                f"(broken, or a loop of links): point it at the file")
     raise FileNotFoundError(f"{where}: {path} not found (also tried {', '.join(extensions)}); every sample needs "
                             f"its RGB, X and label file in the layout's folders, under the same id")
 
@@ -797,6 +815,47 @@ def demo_scene(rng, size):
     return rgb, np.clip(depth, 0, 1).astype(np.float32)[..., None], label
 
 
+class SceneCache:
+    """Scenes rendered once per run, whichever process renders them: `count` records of
+    fixed-size arrays (`shapes`: ((shape, dtype), ...)) in an anonymous shared mapping, made
+    before DataLoader workers fork, so that the main process and every worker, of this
+    epoch or a later one, find what any of them rendered (pages are allocated as they are
+    written). A copy sent to a spawned process (no fork) keeps a cache of its own."""
+
+    def __init__(self, count, shapes):
+        self.count, self.shapes = count, shapes
+        self.sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in shapes]
+        self.shared, self.own = mmap.mmap(-1, max(1, count * (1 + sum(self.sizes)))), {}  # flags, records
+
+    def __getstate__(self):
+        return dict(self.__dict__, shared=None)
+
+    def get(self, index):
+        """The arrays of record `index` (copies), or None if not yet stored."""
+        if self.shared is None:
+            return self.own.get(index)
+        buf = np.frombuffer(self.shared, np.uint8)
+        if not buf[index]:
+            return None
+        start, out = self.count + index * sum(self.sizes), []
+        for (shape, dtype), size in zip(self.shapes, self.sizes):
+            out.append(buf[start:start + size].view(dtype).reshape(shape).copy())
+            start += size
+        return tuple(out)
+
+    def put(self, index, arrays):
+        """Store the arrays of record `index`; its ready flag is set last."""
+        if self.shared is None:
+            self.own[index] = arrays
+            return
+        buf = np.frombuffer(self.shared, np.uint8)
+        start = self.count + index * sum(self.sizes)
+        for a, size in zip(arrays, self.sizes):
+            buf[start:start + size] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            start += size
+        buf[index] = 1
+
+
 class RoomsDataset(SegmentationDataset):
     """Rendered indoor RGB-D scenes in memory (presets 'rooms', 'rooms-val'): 800
     training and 200 test scenes of the preset's crop size, scene i of a split drawn
@@ -805,7 +864,7 @@ class RoomsDataset(SegmentationDataset):
     uint8 RGB, X = HHA of the mm depth (rooms_hha) or the mm depth / 10000, labels
     shifted from NYU-40 ids (0 void -> 255). The scenes are fixed (scene_seed 0),
     whatever the training seed, so that test numbers compare across runs. Each scene
-    is rendered once per process and kept (about 0.5 MB each)."""
+    is rendered once per run and kept (SceneCache; 0.5 MB a scene with HHA)."""
     SCENES = {'train': 800, 'test': 200}
 
     def __init__(self, split='train', preset='rooms', x_modality=None, transform=None, seed=0,
@@ -820,17 +879,22 @@ class RoomsDataset(SegmentationDataset):
             raise ValueError(f"rooms split {split!r}: choose one of {tuple(carved)}")
         self.source, self.first, count = carved[split]
         self.names = [f"{self.source}_{self.first + i:04d}" for i in range(n or count)]
-        self.scene_seed, self.size, self.cache = scene_seed, self.preset.crop, {}
+        self.scene_seed, self.size = scene_seed, self.preset.crop
+        h, w = self.size
+        x = ((h, w, 3), np.uint8) if self.x_modality == 'hha' else ((h, w), np.uint16)
+        self.cache = SceneCache(len(self.names), (((h, w, 3), np.uint8), x, ((h, w), np.uint8)))
 
     def stored(self, index):
         """Scene `index` as its files store it: rgb uint8 (H, W, 3), X (HHA uint8 (H, W, 3)
         or depth uint16 (H, W) in mm) and label uint8 (H, W) of NYU-40 ids; cached."""
-        if index not in self.cache:
+        stored = self.cache.get(index)
+        if stored is None:
             scene = self.scene_seed, self.source, self.first + index, self.size
             rgb, _, depth, label = rooms_scene(*scene)
             x = rooms_hha(depth, rooms_camera(self.size)) if self.x_modality == 'hha' else depth
-            self.cache[index] = rgb, x, label
-        return self.cache[index]
+            stored = rgb, x, label
+            self.cache.put(index, stored)
+        return stored
 
     def read(self, index):
         """Scene `index`: rgb uint8 (H, W, 3), x float32 (H, W, C) on its [0, 1] scale,
@@ -855,18 +919,29 @@ class Checked(torch.utils.data.Dataset):
         return index
 
 
-def check_files(dataset, workers=0, say=print):
+def check_files(dataset, workers=0, say=print, rank=0, world=1):
     """Read every file of `dataset` once (exists, decodes, sizes agree, labels in
     range) before training starts, so that a bad file of either split stops the run
     before its first step rather than after an epoch; `workers` processes read in
-    parallel. The generated demo has nothing to check."""
+    parallel. Under data parallelism each of the `world` processes reads its share,
+    samples rank::world: the processes finish together, and none waits for another's
+    reading in a collective (NCCL's watchdog ends a collective after 10 minutes). The
+    generated demo has nothing to check."""
     if not isinstance(dataset, RGBXDataset):
         return
     start = time.perf_counter()
-    for _ in torch.utils.data.DataLoader(Checked(dataset), batch_size=16, num_workers=workers,
+    share = torch.utils.data.Subset(Checked(dataset), range(rank, len(dataset), world))
+    for _ in torch.utils.data.DataLoader(share, batch_size=16, num_workers=workers,
                                          worker_init_fn=one_thread if workers else None):
         pass
-    say(f"checked the {len(dataset)} samples of {dataset.source} in {time.perf_counter() - start:.1f}s")
+    say(f"checked the {len(dataset)} samples of {dataset.source}"
+        + (f" ({len(share)} in each of {world} processes)" if world > 1 else '')
+        + f" in {time.perf_counter() - start:.1f}s")
+
+
+def affine_cores():
+    """The cores this process may run on (its CPU affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def usable_cores():
@@ -880,9 +955,10 @@ def core_budget():
     other processes keep busy (the 1-minute load average, rounded), at least 1. Design choice:
     threads that wait for a core another process holds slow every operation down (the demo
     on 2 cores beside one busy process: 5x slower on 2 threads than on 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    if os.environ.get('OMP_NUM_THREADS'):
-        return min(cores, int(os.environ['OMP_NUM_THREADS'])), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    cores = affine_cores()
+    omp = os.environ.get('OMP_NUM_THREADS')
+    if omp:
+        return min(cores, int(omp)), f"OMP_NUM_THREADS={omp}"
     load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
     return max(1, min(cores, cores - round(load))), (f"{cores} cores, load average {load:.1f}; "
                                                       f"OMP_NUM_THREADS=N sets them")
@@ -893,15 +969,16 @@ def one_thread(worker_id):
     torch.set_num_threads(1)
 
 
-def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False):
+def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False, persistent=False):
     """A DataLoader that keeps to the cores: each of the `workers` processes runs 1
     thread and the main process usable_cores() - workers (at least 1), so that loading
-    and the model never oversubscribe the cores. Worker seeds come from a fresh
-    generator: the global RNG is left alone."""
+    and the model never oversubscribe the cores; `persistent`: the workers live as long
+    as the loader (not restarted each epoch). Worker seeds come from a fresh generator:
+    the global RNG is left alone."""
     torch.set_num_threads(max(1, usable_cores() - workers))
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                                        drop_last=drop_last, worker_init_fn=one_thread if workers else None,
-                                       generator=torch.Generator())
+                                       generator=torch.Generator(), persistent_workers=persistent and workers > 0)
 
 
 def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, x_standardised=True,
@@ -1248,16 +1325,19 @@ def hha(depth, camera, missing=None):
         valid &= ~missing
     side = 2 * HHA_PATCH[1] + 1
     if min(depth.shape) < side:
-        raise ValueError(f"a depth of {depth.shape[0]} x {depth.shape[1]} pixels is smaller than HHA's {side} x {side} "
-                         f"window of the gravity estimate: its HHA would be constant")
+        raise ValueError(f"a depth of {depth.shape[0]} x {depth.shape[1]} pixels is smaller than "
+                         f"HHA's {side} x {side} window of the gravity estimate: its HHA would be "
+                         f"constant")
     if not valid.any():
-        raise ValueError("the depth has no measured pixel (every value is 0 or missing): its HHA would be constant")
+        raise ValueError("the depth has no measured pixel (every value is 0 or missing): its HHA "
+                         "would be constant")
     try:
         with np.errstate(over='raise'):
             return hha_channels(depth, camera, valid)
     except FloatingPointError:
-        raise ValueError(f"camera {camera} puts the points beyond float range: give the intrinsics in pixels "
-                         f"(e.g. nyu: {', '.join(f'{v:.1f}' for v in NYU_CAMERA)})") from None
+        raise ValueError(f"camera {camera} puts the points beyond float range: give the "
+                         f"intrinsics in pixels (e.g. nyu: "
+                         f"{', '.join(f'{v:.1f}' for v in NYU_CAMERA)})") from None
 
 
 def hha_channels(depth, camera, valid):
@@ -1283,8 +1363,8 @@ def read_depth_metres(path, scale=0.001):
     (H, W) (v == 0). The metres are v / (1 / scale) when 1 / scale is a whole number,
     so one depth stored in different units gives the same floats."""
     if not 0 < scale < float('inf'):
-        raise ValueError(f"the depth scale (--depth-scale) must be a finite number > 0 (metres per stored unit), "
-                         f"not {scale}")
+        raise ValueError(f"the depth scale (--depth-scale) must be a finite number > 0 (metres "
+                         f"per stored unit), not {scale}")
     arr = open_image(path, ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I', 'F'),
                      'depth image (1-channel 16-bit PNG, millimetres)')
     if png_bit_depth(path) != 16 or arr.ndim != 2:
@@ -1338,9 +1418,9 @@ def check_hha_there(path, depth_path):
     except (OSError, SyntaxError, ValueError):
         ok = False
     if not ok or angle.min() < 38 or angle.max() > 218:
-        raise ValueError(f"--out {path.parent} holds {path.name}, which is not the HHA of {depth_path} (an 8-bit RGB "
-                         f"PNG of its size, angles 38..218): its files are not HHA; pass an empty folder or the "
-                         f"HHA folder")
+        raise ValueError(f"--out {path.parent} holds {path.name}, which is not the HHA of "
+                         f"{depth_path} (an 8-bit RGB PNG of its size, angles 38..218): its files "
+                         f"are not HHA; pass an empty folder or the HHA folder")
 
 
 def _hha_job(job):
@@ -1357,8 +1437,10 @@ def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1,
     for flag, d in (('--depth', depth_dir), ('--raw', raw_dir)):
         if d is not None and not Path(d).is_dir():
             raise FileNotFoundError(f"{flag} {d}: no such folder")
-    check_output('--out', out_dir, [('--depth', depth_dir), ('--raw', raw_dir)], folder=True, dataset_x='hha')
-    names = sorted(p.name for p in depth_dir.iterdir() if p.suffix.lower() == '.png' and p.is_file() and visible(p.name))
+    check_output('--out', out_dir, [('--depth', depth_dir), ('--raw', raw_dir)], folder=True,
+                 dataset_x='hha')
+    names = sorted(p.name for p in depth_dir.iterdir()
+                   if p.suffix.lower() == '.png' and p.is_file() and visible(p.name))
     if not names:
         raise FileNotFoundError(f"--depth {depth_dir} holds no .png depth files")
     if raw_dir is not None:
@@ -1659,12 +1741,12 @@ def surface_coordinates(p, normal):
 
 
 def room_view(rng):
-    """The room (x, y, z extent, metres: 3-7 wide, 2.5-3 high) and the camera: eye (3,)
+    """The room (x, y, z extent, metres: 3-7 wide, 2.4-2.8 high) and the camera: eye (3,)
     1.0-1.6 m high near the wall y = 0, rotation R (3, 3) whose columns are the camera's
     right, down and forward axes: turned up to 35 degrees from facing +y (into the room),
     pitched down 5-35 degrees (5 + 30 u^2, u uniform: half the views below 12.5, which
     see the ceiling), rolled up to 5."""
-    room = np.array([rng.uniform(3, 7), rng.uniform(3, 7), rng.uniform(2.5, 3.0)])
+    room = np.array([rng.uniform(3, 7), rng.uniform(3, 7), rng.uniform(2.4, 2.8)])
     eye = np.array([rng.uniform(0.3, 0.7) * room[0], rng.uniform(0.15, 0.5), rng.uniform(1.0, 1.6)])
     yaw, pitch, roll = np.radians([rng.uniform(-35, 35), 5 + 30 * rng.random() ** 2,
                                    rng.uniform(-5, 5)])
@@ -2268,9 +2350,10 @@ def main(argv=None):
         return 130
     end_line()
     if holes and args.command == 'hha' and args.raw is None:
-        print(f"hha: note: the --depth files have pixels of 0 (no measurement; {holes:.0%} of {name}): they are raw "
-              f"depths, whose holes are left out of the normals (Gupta's saveHHA). The NYUDv2 HHA files the "
-              f"released models take were made from the hole-filled depth: pass that as --depth", file=sys.stderr)
+        print(f"hha: note: the --depth files have pixels of 0 (no measurement; {holes:.0%} of "
+              f"{name}): they are raw depths, whose holes are left out of the normals (Gupta's "
+              f"saveHHA). The NYUDv2 HHA files the released models take were made from the "
+              f"hole-filled depth: pass that as --depth", file=sys.stderr)
     print(f"{args.command}: {written} written, {skipped} already there, in {args.out}", file=sys.stderr)
     return 0
 

@@ -644,19 +644,47 @@ def check_device(name, flag='--device'):
                          f"use {flag} cpu")
     if device.type not in ('cpu', 'cuda'):
         raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}")
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}; pass one of them")
     return device
+
+
+def check_cuda_bf16(amp, device):
+    """--amp bf16 on a GPU without bf16 units (before Ampere, compute capability 8.0): a one-line error."""
+    if amp != 'bf16' or device.type != 'cuda':
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise ValueError(f"--amp bf16: {device} ({torch.cuda.get_device_name(device)}, compute capability "
+                         f"{major}.{minor}) has no bf16 units (Ampere, 8.0, and later have them): use --amp fp16")
+
+
+def set_tf32(enabled):
+    """The float32 policy on CUDA: TF32 (10-bit mantissa) tensor cores for matrix products
+    and cuDNN convolutions when `enabled` (on Ampere and later: several times faster, about
+    1e-3 relative error per product), true float32 when not. CPU computation is unaffected."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def setup_distributed(device_name):
     """(rank, world, device): one process, or under torchrun (RANK in the environment)
-    its rank, with the process group (nccl on CUDA, gloo on CPU) and this rank's GPU."""
+    its rank, with the process group (nccl on CUDA, gloo on CPU) and this rank's GPU
+    (LOCAL_RANK). On CUDA the process's device is made the current one, so that nothing
+    (the caching allocator, NCCL, pinned memory) lands on GPU 0 by default."""
     device = check_device(device_name)
     if 'RANK' not in os.environ:
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
         return 0, 1, device
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
     if device.type == 'cuda':
-        torch.cuda.set_device(local)
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started process {local} of this machine, which has {torch.cuda.device_count()} "
+                             f"CUDA device(s): pass --nproc_per_node {torch.cuda.device_count()} (one per GPU)")
         device = torch.device(f'cuda:{local}')
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
@@ -873,7 +901,7 @@ def legend(classes, class_names, palette, width, row=14):
     then void (hatched, as data.colorize draws it), in as many columns as fit."""
     font = ImageFont.load_default()
     entries = [(c, class_names[c]) for c in classes] + [(data.IGNORE, 'void (not scored)')]
-    cell = 16 + max(words(None, (0, 0), name, font) for _, name in entries)  # swatch, gap, the longest name
+    cell = 16 + max(words(None, (0, 0), name, font) for _, name in entries)  # swatch, gap, name
     cols = max(1, width // cell)
     strip = Image.new('RGB', (width, row * -(-len(entries) // cols) + 2), 'white')
     draw = ImageDraw.Draw(strip)
@@ -894,7 +922,8 @@ def captions(titles, column, row=14):
     strip = Image.new('RGB', (len(titles) * column, row), 'white')
     draw = ImageDraw.Draw(strip)
     for i, title in enumerate(titles):
-        words(draw, (i * column + max(2, (column - words(None, (0, 0), title, font)) // 2), 1), title, font)
+        left = i * column + max(2, (column - words(None, (0, 0), title, font)) // 2)  # centred
+        words(draw, (left, 1), title, font)
     return np.array(strip)
 
 
@@ -903,8 +932,9 @@ def save_panel(path, rgb_img, x_img, gt, pred, palette, class_names):
     legend of the classes present in either map (void hatched), as one PNG."""
     panel = np.concatenate([rgb_img, x_img, data.colorize(gt, palette, hatch=True), data.colorize(pred, palette)], 1)
     present = sorted(set(np.unique(gt).tolist()) - {data.IGNORE} | set(np.unique(pred).tolist()))
-    Image.fromarray(np.concatenate([panel, captions(PANEL_TITLES, rgb_img.shape[1]),
-                                    legend(present, class_names, palette, panel.shape[1])])).save(path)
+    strips = [captions(PANEL_TITLES, rgb_img.shape[1]),
+              legend(present, class_names, palette, panel.shape[1])]
+    Image.fromarray(np.concatenate([panel, *strips])).save(path)
 
 
 # ----------------------------------------------------------------------------
@@ -1115,6 +1145,9 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
                    help="default none (a --protocol other than rgbx: the precision that code ran with on CUDA)")
+    p.add_argument('--tf32', default=True, action=argparse.BooleanOptionalAction,
+                   help="on CUDA, TF32 tensor cores for float32 matrix products and convolutions (--no-tf32: "
+                        "true float32)")
     p.add_argument('--workers', type=int, default=0, help="loader processes (evaluation and benchmark); see docs/performance.md")
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
     b = p.add_argument_group('model from flags: --benchmark (the --checkpoint model, or a random-weights one chosen by '
@@ -1188,11 +1221,12 @@ def check_flags(args):
             raise ValueError(f"--save-pred saves the predictions over a dataset split, {given('rgb', 'x', 'depth', 'out')} "
                              f"segment one image pair: use one or the other")
     if args.json and (args.reconstruct or given('rgb', 'x', 'depth', 'out')):
-        raise ValueError("--json writes the metrics of a dataset split (or the benchmark's figures); "
-                         f"{'--reconstruct' if args.reconstruct else given('rgb', 'x', 'depth', 'out')} computes none: "
-                         f"drop --json")
+        others = '--reconstruct' if args.reconstruct else given('rgb', 'x', 'depth', 'out')
+        raise ValueError(f"--json writes the metrics of a dataset split (or the benchmark's "
+                         f"figures); {others} computes none: drop --json")
     if args.out is not None and not args.out.lower().endswith('.png'):
-        raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: name it *.png")
+        raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: "
+                         f"name it *.png")
     check_outputs(args)
     if args.amp is None:
         args.amp = PROTOCOLS[args.protocol].amp if check_device(args.device).type == 'cuda' else 'none'
@@ -1208,12 +1242,15 @@ def check_outputs(args):
     """Every output flag: its folder exists, and it writes over no input, into no dataset
     and into no other run's folder (data.check_output; the checkpoint's own run folder
     may receive pictures and metrics, never over its run files)."""
-    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in ('checkpoint', 'rgb', 'x', 'depth', 'pretrained',
-                                                                     'data_root', 'split')]
+    read = ('checkpoint', 'rgb', 'x', 'depth', 'pretrained', 'data_root', 'split')
+    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in read]
     own = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None
     for flag, path in (('--out', args.out), ('--json', args.json)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+        folder = os.path.dirname(os.path.abspath(path)) if path else ''
+        if path and not os.path.isdir(folder):
+            raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+        if path and os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is a folder: name the file to write")
         if path:
             data.check_output(flag, path, inputs, own_run=own, kind=flag[2:].replace('out', 'png'))
     for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
@@ -1225,6 +1262,9 @@ def check_outputs(args):
 
 def run_command(args):
     rank, world, device = setup_distributed(args.device)
+    check_cuda_bf16(args.amp, device)
+    if device.type == 'cuda':
+        set_tf32(args.tf32)
     if rank == 0:
         check_cpu_bf16(args.amp, device)
     if args.benchmark:
@@ -1324,7 +1364,8 @@ def evaluate_split(args, model, run, root, rank, world, device):
         print(f"{run.dataset} {split} ({len(dataset)} images), modality {args.modality}, {how}")
         print(format_metrics(m, preset.class_names))
         if args.save_pred:
-            print(f"wrote the predictions and panels of the {len(dataset)} images to {args.save_pred}")
+            print(f"wrote the predictions and panels of the {len(dataset)} images to "
+                  f"{args.save_pred}")
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump(dict(m, modality=args.modality, protocol=args.protocol, checkpoint=args.checkpoint), f, indent=2)

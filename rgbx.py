@@ -20,6 +20,7 @@ Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
+import collections
 import contextlib
 import contextvars
 import hashlib
@@ -69,22 +70,29 @@ class DrawPolicy:
 
 
 DRAW_POLICY = contextvars.ContextVar('rgbx.DRAW_POLICY', default=DrawPolicy())
+COMPILED_POLICY = [DrawPolicy()]  # what compiled code reads: the policy `draws` entered last
 
 
 def draw_policy():
-    """The `DrawPolicy` in force in this context (the default: one process)."""
-    return DRAW_POLICY.get()
+    """The `DrawPolicy` in force in this context (the default: one process). Code that
+    torch.compile traces reads COMPILED_POLICY instead (Dynamo cannot trace
+    ContextVar.get: a graph break at every draw); it guards on that object, so a forward
+    under another policy recompiles. Compile and run a model in one thread."""
+    return COMPILED_POLICY[0] if torch.compiler.is_compiling() else DRAW_POLICY.get()
 
 
 @contextlib.contextmanager
 def draws(policy):
     """`with rgbx.draws(policy): ...`: the forwards inside draw and count with `policy`
     (a `DrawPolicy`; None: the default), the one before it is back on exit."""
-    token = DRAW_POLICY.set(policy if policy is not None else DrawPolicy())
+    policy = policy if policy is not None else DrawPolicy()
+    token, before = DRAW_POLICY.set(policy), COMPILED_POLICY[0]
+    COMPILED_POLICY[0] = policy
     try:
         yield policy
     finally:
         DRAW_POLICY.reset(token)
+        COMPILED_POLICY[0] = before
 
 
 class Dropout(nn.Module):
@@ -185,7 +193,7 @@ def segmentation_loss(logits, label, ohem=False, ignore_index=255, thresh=0.7):
         weight = ohem_weights(loss.detach(), valid, thresh)  # (B*H*W,)
         return (loss * weight).sum() / draw_policy().count(weight.sum())
     # the mean over the batch's labelled pixels
-    return loss.sum() / draw_policy().count(int(valid.sum()))
+    return loss.sum() / draw_policy().count(valid.sum())
 
 
 def ohem_weights(loss, valid, thresh):
@@ -482,9 +490,10 @@ def window_layout(H, W, window, shift, device):
     region = band(r, Hp) * 3 + band(c, Wp)  # (Hp, Wp), the 9 regions of the shifted frame
     # (Hp, Wp) -> (nW*N,)
     part = lambda t: window_partition(t.expand(Hp, Wp)[None, :, :, None], window).flatten()
-    order, real, region = part(torch.where(real, src_r * W + src_c, H * W)), part(real), part(region)
-    back = torch.empty(H * W, dtype=torch.long, device=device)
-    back[order[real]] = torch.arange(order.numel(), device=device)[real]
+    order, region = part(torch.where(real, src_r * W + src_c, H * W)), part(region)
+    slots = torch.arange(order.numel(), device=device)
+    # each real token's slot; the padding slots all write index H*W, cut off
+    back = torch.zeros(H * W + 1, dtype=torch.long, device=device).scatter_(0, order, slots)[:H * W]
     if shift == 0:
         return order, back, None
     region = region.view(-1, window * window)  # (nW, N)
@@ -612,17 +621,23 @@ class BasicLayer(nn.Module):
             SwinTransformerBlock(dim, heads, window, mlp_ratio, drop_paths[i],
                                  streams) for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
-        self._layouts = {}
+        self._layouts = collections.OrderedDict()
+
+    LAYOUTS_KEPT = 16  # sizes cached per stage: multi-scale evaluation of many sizes stays bounded
 
     def layouts(self, H, W, device):
         """`window_layout` of the W-MSA and of the SW-MSA blocks for an H x W map,
-        cached per size and device. Every SW-MSA block shifts, also on a map that
-        fits in one window (as the segmentation Swins and the KTB release do)."""
+        cached per size and device, the LAYOUTS_KEPT most recently used. Every SW-MSA
+        block shifts, also on a map that fits in one window (as the segmentation Swins
+        and the KTB release do)."""
         key = (H, W, str(device))
         if key not in self._layouts:
             # plain tensors: a cache filled under inference_mode must serve autograd too
             with torch.inference_mode(False):
                 self._layouts[key] = tuple(window_layout(H, W, self.window, s, device) for s in (0, self.window // 2))
+            while len(self._layouts) > self.LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)  # the least recently used
+        self._layouts.move_to_end(key)
         return self._layouts[key]
 
     def forward(self, x: torch.Tensor, parallel: nn.ModuleList | None = None) -> torch.Tensor:
@@ -1581,15 +1596,15 @@ def mmst_drop(batch, generator=None):
     sample is intact with probability 1/2 and loses either modality with 1/4);
     batch 2 always has one intact sample and one without RGB or X (a coin flip);
     batch 1 is intact, without RGB or without X with probabilities 1/2, 1/4, 1/4.
-    Draws come from `generator` (torch's global RNG when None).
-    Returns drop (2, batch) bool: row 0 = RGB tokens zeroed, row 1 = X tokens zeroed.
+    Draws come from `generator` (torch's global RNG when None), on the host.
+    Returns drop (2, batch) bool on the CPU: row 0 = RGB tokens zeroed, row 1 = X tokens zeroed.
     """
     if batch < 1:
         raise ValueError(f"mmst_drop needs a batch of at least 1, got {batch}")
-    phase = torch.randint(4, (), generator=generator)
-    order = torch.randperm(batch, generator=generator)
-    role = torch.empty(batch, dtype=torch.long)
-    role[order] = (torch.arange(batch) + phase) % 4  # 0, 2 intact; 1 no RGB; 3 no X
+    phase = torch.randint(4, (), generator=generator, device='cpu')
+    order = torch.randperm(batch, generator=generator, device='cpu')
+    role = torch.empty(batch, dtype=torch.long, device='cpu')
+    role[order] = (torch.arange(batch, device='cpu') + phase) % 4  # 0, 2 intact; 1 no RGB; 3 no X
     return torch.stack([role == 1, role == 3])
 
 
@@ -1777,6 +1792,8 @@ class KTB(RGBXModel):
             raise ValueError("KTB stacks its two streams on the batch axis: build the Swin's "
                              "stochastic depth "
                              "per stream, rgbx.swin(..., streams=2) (as build_ktb does)")
+        if cfg is not None and (not isinstance(cfg, KTBConfig) or options):
+            raise TypeError("KTB takes a KTBConfig or its fields as keywords, not both nor other values")
         cfg = cfg if cfg is not None else split_options(KTBConfig, None, options)[0]
         dims = backbone.dims
         n = len(dims)
@@ -1827,8 +1844,6 @@ class KTB(RGBXModel):
         drop = torch.stack([rgb.flatten(1).eq(0).all(1), x.flatten(1).eq(0).all(1)])  # (2, B)
         if self.training and self.mmst:
             drop = drop | draw_policy().draw(mmst_drop, B, dim=1).to(rgb.device)  # (2, B)
-        elif not drop.any():
-            return tokens  # nothing to zero: skip a pass over the stage-1 maps
         # keep (2B, 1, 1, 1)
         return tokens * (~drop).flatten().to(tokens.dtype)[:, None, None, None]
 
@@ -2565,21 +2580,22 @@ def m2im_keep(num_modalities, p_m=0.5, generator=None):
 
     Returns a (num_modalities,) bool tensor, True = modality kept (in O); at
     least one modality is always kept. Random draws come from `generator`, or
-    from torch's global RNG when it is None.
+    from torch's global RNG when it is None, on the host (a CPU tensor).
     """
     if num_modalities < 1 or not 0.0 <= p_m <= 1.0:
         raise ValueError(f"m2im_keep needs num_modalities >= 1 and 0 <= p_m <= 1, got "
                          f"{num_modalities}, {p_m}")
     # line 1: O = {}, g = 0 (the paper's "q" is g)
-    kept, g = torch.zeros(num_modalities, dtype=torch.bool), False
+    kept, g = torch.zeros(num_modalities, dtype=torch.bool, device='cpu'), False
     # line 2: Q <- RandomSort(Q)
-    order = torch.randperm(num_modalities, generator=generator).tolist()
+    order = torch.randperm(num_modalities, generator=generator, device='cpu').tolist()
     for k in order[:-1]:  # line 3: for k = 1 .. K-1
-        if torch.rand((), generator=generator) >= p_m:  # lines 4-5: v ~ U[0, 1], v >= p_m
+        # lines 4-5: v ~ U[0, 1], v >= p_m
+        if torch.rand((), generator=generator, device='cpu') >= p_m:
             kept[k], g = True, True  # line 6: O <- O + {X_k}, g <- 1
     if not g:  # line 9
         kept[order[-1]] = True  # line 10: the last modality survives when all others were masked
-    elif torch.rand((), generator=generator) >= p_m:  # lines 12-13
+    elif torch.rand((), generator=generator, device='cpu') >= p_m:  # lines 12-13
         kept[order[-1]] = True  # line 14
     return kept
 
@@ -2606,15 +2622,16 @@ def visible_counts(keep, budget):
     return cum.diff(dim=1, prepend=cum.new_zeros(keep.shape[0], 1))
 
 
-def random_masking(counts, num_tokens):
+def random_masking(counts, num_tokens, check=True):
     """MAE patch masking (MaskMentor Alg. 1, lines 17-19) of K modality grids at once:
     per-sample shuffling by argsort of random noise, per modality.
 
-    counts: (B, K) visible tokens per sample and modality, every row summing to T.
+    counts: (B, K) visible tokens per sample and modality, every row summing to T
+    (`check`: verified, a host read; `visible_counts` gives such rows by construction).
     Returns mask (B, K, N) bool, True = masked: the counts[b, k] lowest-noise tokens stay visible.
     """
     total = counts.sum(1)
-    if (total != total[0]).any():
+    if check and (total != total[0]).any():
         raise ValueError(f"every sample must show the same number of tokens, got {total.tolist()}")
     noise = draw_policy().draw(lambda n: torch.rand(n, counts.shape[1], num_tokens, device=counts.device),
                                counts.shape[0])  # (B, K, N)
@@ -3148,21 +3165,25 @@ class MaskMentorPretrain(MaskMentorModel):
                             for t in tasks], 1)  # (B, M, N)
         return {name: pred for name, (pred, _) in self.decode(inputs, mask).items()}
 
-    def decode(self, inputs, mask):
+    def decode(self, inputs, mask, shown=None):
         """Encode the visible tokens and run every output adapter. inputs {name: tensor},
-        mask (B, M, N) bool over the inputs in adapter order, True = masked
+        mask (B, M, N) bool over the inputs in adapter order, True = masked; `shown`: the
+        visible tokens of every sample when the caller drew the mask with that budget
+        (None: counted from the mask and checked, a host read)
         -> {output name: (prediction at the input's size, output tokens (B, N, dim))}."""
         tasks = [t for t in self.backbone.input_adapters if t in inputs]
         tokens, grid = self.backbone.embed(inputs)  # (B, M, N, D)
         D = tokens.shape[-1]
         flat = mask.flatten(1)  # (B, M*N)
-        shown = (~flat).sum(1)
-        if (shown != shown[0]).any() or shown[0] == 0:
-            raise ValueError(f"every sample must show the same number (> 0) of tokens, got "
-                             f"{shown.tolist()}")
+        if shown is None:
+            counted = (~flat).sum(1)
+            if (counted != counted[0]).any() or counted[0] == 0:
+                raise ValueError(f"every sample must show the same number (> 0) of tokens, got "
+                                 f"{counted.tolist()}")
+            shown = int(counted[0])
         # (B, M*N): visible tokens first, in grid order
         ids_shuffle = flat.int().argsort(dim=1, stable=True)
-        ids_keep, ids_restore = ids_shuffle[:, :int(shown[0])], ids_shuffle.argsort(1)
+        ids_keep, ids_restore = ids_shuffle[:, :shown], ids_shuffle.argsort(1)
         # (B, T, D)
         x = torch.gather(tokens.flatten(1, 2), 1, ids_keep[..., None].expand(-1, -1, D))
         x = self.backbone(x)  # (B, T + 1, D)
@@ -3206,9 +3227,10 @@ class MaskMentorPretrain(MaskMentorModel):
         return masked_mean(loss, mask, grid)
 
     def draw_mask(self, keep, num_tokens):
-        """MultiMAE patch masking of the kept modalities: keep (B, K) bool -> mask (B, K, N), True =
-        masked."""
-        return random_masking(visible_counts(keep, self.budget(num_tokens)), num_tokens)
+        """MultiMAE patch masking of the kept modalities: keep (B, K) bool -> mask (B, K, N),
+        True = masked."""
+        counts = visible_counts(keep, self.budget(num_tokens))  # (B, K), rows summing to the budget
+        return random_masking(counts, num_tokens, check=False)
 
     def losses(self, rgb, x, label, phase):
         """The terms of `phase`'s objective: {output name, ['token']} -> scalars."""
@@ -3222,14 +3244,15 @@ class MaskMentorPretrain(MaskMentorModel):
         keep = torch.ones(rgb.shape[0], len(tasks), dtype=torch.bool, device=rgb.device)
         # token_weight 0: M2IM without STTP's token loss
         teach = phase == 'student' and self.token_weight != 0
+        N = grid[0] * grid[1]
         if teach:
             # the teacher: complete modalities, patch masking only; its tokens carry no gradient
             with torch.no_grad():
-                teacher = self.decode(inputs, self.draw_mask(keep, grid[0] * grid[1]))
+                teacher = self.decode(inputs, self.draw_mask(keep, N), self.budget(N))
         if phase == 'student':  # MaskMentor addition: M2IM's modality masking (Alg. 1)
             keep = m2im_keep_batch(rgb.shape[0], len(tasks), self.p_m, rgb.device)
-        mask = self.draw_mask(keep, grid[0] * grid[1])
-        outs = self.decode(inputs, mask)
+        mask = self.draw_mask(keep, N)
+        outs = self.decode(inputs, mask, self.budget(N))
         terms = {name: self.pixel_loss(name, pred, targets[name],
                                        mask[:, tasks.index(adapter.task)], grid)
                  for (name, (pred, _)), adapter in zip(outs.items(), self.output_adapters.values())}

@@ -3,7 +3,7 @@
     python train.py                                    # the demo: a small model on built-in data, CPU, minutes
     python train.py --dataset nyudv2 --data-root DIR --method ktb \\
                     --pretrained swin_base_patch4_window12_384_22k.pth
-    torchrun --nproc_per_node 4 train.py ...           # DDP: one process per GPU (gloo on CPU)
+    torchrun --standalone --nproc_per_node 4 train.py ...  # DDP: one process per GPU (gloo on CPU)
     python train.py ... --resume                       # continue the run in --out-dir exactly where it stopped
     python train.py --method ktb --list-opts           # a method's options (--opts), their defaults and types
 
@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 import typing
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -48,6 +49,14 @@ import rgbx
 
 BACKBONES = [f'swin-{s}' for s in rgbx.SWIN_PRESETS] + [f'vit-{s}' for s in rgbx.VIT_PRESETS]
 X_MODALITIES = sorted({x for p in data.PRESETS.values() for x in p.modalities})
+
+
+# Fields a resumed run may change with --allow-changes: they decide what is logged,
+# saved, evaluated or where files are found, not what a step computes (device, tf32 and
+# compile: only its float rounding; pretrained: the frozen weights are checked by
+# fingerprint; data_root: the files are checked to be the same number of samples).
+HARMLESS_CHANGES = ('data_root', 'pretrained', 'save_every', 'eval_every', 'log_every', 'save_full', 'nonfinite',
+                    'device', 'tf32', 'compile', 'tensorboard')
 
 
 def flag(default, help, choices=None):
@@ -76,15 +85,16 @@ class Config:
     opts: str = flag('', "method options key=value,... e.g. 'mmst=false,adapter_ranks=8:8:8:8' "
                          "(--list-opts lists them)")
     # optimisation; None = the method's recipe for the dataset
-    epochs: Optional[int] = flag(None, "epochs (default: the recipe's; with --max-steps alone: as many as its "
-                                       "steps take)")
+    epochs: Optional[int] = flag(None, "epochs (default: the recipe's; with --max-steps alone: as "
+                                       "many as its steps take)")
     batch_size: Optional[int] = flag(None, "batch per process; the global batch is batch x processes x grad-accum "
                                            "(default: the recipe's)")
     lr: Optional[float] = flag(None, "AdamW learning rate (default: the recipe's)")
     weight_decay: Optional[float] = flag(None, "AdamW weight decay (default: the recipe's)")
-    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the recipe's); a warm-up "
-                                                "as long as the run or longer is kept, and the run says which share "
-                                                "of --lr it reaches")
+    warmup_epochs: Optional[float] = flag(None, "linear warm-up from 0.1 x lr (default: the "
+                                                "recipe's); a warm-up as long as the run or longer "
+                                                "is kept, and the run says which share of --lr it "
+                                                "reaches")
     schedule: Optional[str] = flag(None, "learning-rate decay after the warm-up (default: the recipe's, else poly)",
                                    ['poly', 'cosine'])
     beta2: Optional[float] = flag(None, "AdamW beta2 (default: the recipe's, else 0.999)")
@@ -93,22 +103,26 @@ class Config:
                                            "recipe's global batch, e.g. gopt's 64)")
     augment: Optional[str] = flag(None, "full = the joint augmentation, crop = the random crop only "
                                         "(default: the recipe's, else full)", ['full', 'crop'])
-    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all epochs); with "
-                                          "--epochs too, the run stops at whichever comes first (said at the start)")
+    max_steps: Optional[int] = flag(None, "stop after this many optimizer steps (default: all "
+                                          "epochs); with --epochs too, the run stops at whichever "
+                                          "comes first (said at the start)")
     # system
     device: str = flag('', "cpu, cuda or cuda:N ('' = cuda if available, else cpu)")
     amp: str = flag('none', "mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, with a gradient scaler)",
                     ['none', 'bf16', 'fp16'])
-    compile: bool = flag(False, "torch.compile the model")
-    workers: int = flag(0, "data-loading processes (0: in the main process, fastest for the demo on 2 cores)")
+    tf32: bool = flag(True, "on CUDA, TF32 tensor cores for float32 matrix products and convolutions (--no-tf32: "
+                            "true float32, as the parity checks use)")
+    compile: bool = flag(False, "torch.compile the model (after its DDP wrapper)")
+    workers: Optional[int] = flag(None, "data-loading processes, kept for the whole run (default: 0 on CPU, where "
+                                        "the model takes the cores; on CUDA this process's share of the cores less "
+                                        "one, at most 8)")
     seed: int = flag(3407, "seed of the initialisation, the sample order and the augmentation")
     # run
     out_dir: str = flag('', "run folder ('' = runs/<dataset>-<method>-<backbone>)")
     resume: bool = flag(False, "continue the run in --out-dir where it stopped (refused if the config differs)")
     allow_changes: bool = flag(False, "with --resume: accept changes to the settings that do not change what a "
                                       "step computes (" + ', '.join('--' + k.replace('_', '-') for k in
-                                      ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every',
-                                       'save_full', 'nonfinite', 'device', 'compile', 'tensorboard')) + ")")
+                                      HARMLESS_CHANGES) + ")")
     overwrite: bool = flag(False, "start afresh in an --out-dir that holds a run (its files are replaced once the "
                                   "new run has started)")
     save_every: int = flag(0, "also save last.pt every N steps (0: at the end of each epoch only)")
@@ -117,17 +131,12 @@ class Config:
     save_full: bool = flag(False, "also store the frozen weights in the checkpoints")
     nonfinite: str = flag('stop', "on a non-finite loss: stop, or skip the step (at most 5% of the steps)",
                           ['stop', 'skip'])
-    tensorboard: bool = flag(False, "also write TensorBoard event files into --out-dir (needs the tensorboard "
-                                    "package; curves.png is drawn from log.jsonl in any case)")
+    tensorboard: bool = flag(False, "also write TensorBoard event files into --out-dir (needs the "
+                                    "tensorboard package; curves.png is drawn from log.jsonl in "
+                                    "any case)")
 
 
-# Fields a resumed run may change with --allow-changes: they decide what is logged,
-# saved, evaluated or where files are found, not what a step computes (device and
-# compile: only its float rounding; pretrained: the frozen weights are checked by
-# fingerprint; data_root: the files are checked to be the same number of samples).
-HARMLESS_CHANGES = ('data_root', 'pretrained', 'workers', 'save_every', 'eval_every', 'log_every', 'save_full',
-                    'nonfinite', 'device', 'compile', 'tensorboard')
-RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir')  # say how to run, not what: never compared
+RUN_ONLY = ('resume', 'allow_changes', 'overwrite', 'out_dir', 'workers')  # say how to run, not what: never compared
 # design choice: a run may skip at most 5% of its steps (at least 1) under --nonfinite skip; a diverged run
 # (lr 1e9 skipped 63 of 64) then stops instead of "finishing" on the few steps it took
 MAX_SKIPPED = 0.05
@@ -148,8 +157,9 @@ def parser():
         meta = f.metadata
         opt = '--' + f.name.replace('_', '-')
         shown = '' if f.default is None or f.default == '' or f.type is bool else f" (default: {f.default})"
-        if f.type is bool:
-            p.add_argument(opt, action='store_true', help=meta['help'])
+        if f.type is bool:  # off by default: --flag; on by default: --flag / --no-flag
+            p.add_argument(opt, action=argparse.BooleanOptionalAction if f.default else 'store_true',
+                           default=f.default, help=meta['help'])
         else:
             p.add_argument(opt, type=flag_type(f.type), default=f.default, help=meta['help'].replace('%', '%%') + shown,
                            choices=meta['choices'], metavar=None if meta['choices'] is None else
@@ -222,7 +232,7 @@ def resolve(cfg):
     fill = {**dict(batch_size=4, warmup_epochs=10, schedule='poly', beta2=0.999, augment='full'), **preset.defaults,
             **given}  # the method's recipe over the dataset's own settings (the demo's) over the trainer's
     for k, v in fill.items():
-        if vars(cfg)[k] is None and not (k == 'epochs' and cfg.max_steps is not None):  # --max-steps sets the length
+        if vars(cfg)[k] is None and not (k == 'epochs' and cfg.max_steps is not None):  # its length
             setattr(cfg, k, v)
     if (cfg.epochs is None and cfg.max_steps is None) or cfg.lr is None or cfg.weight_decay is None:
         raise ValueError(f"{cfg.method} has no recipe for {cfg.dataset}: pass --epochs, --lr and --weight-decay")
@@ -230,6 +240,8 @@ def resolve(cfg):
         per_step = cfg.batch_size * int(os.environ.get('WORLD_SIZE', 1))
         cfg.grad_accum = max(1, recipe.global_batch // per_step) if recipe.global_batch else 1
     cfg.crop = '%dx%d' % (ev.parse_size(cfg.crop, '--crop') if cfg.crop else preset.crop)
+    if cfg.workers is None:
+        cfg.workers = default_workers(ev.check_device(cfg.device))
     check_fields(cfg)
     if cfg.data_root and preset.generated:
         raise ValueError(f"--data-root: the {cfg.dataset} data is generated in memory and reads no folder; drop it")
@@ -244,12 +256,24 @@ def resolve(cfg):
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir} is a file, not a folder: pass a folder")
     if cfg.tensorboard and importlib.util.find_spec('tensorboard') is None:
-        raise ValueError("--tensorboard writes TensorBoard's event files, which needs the tensorboard package: "
-                         "pip install tensorboard (curves.png is drawn without it)")
-    inputs = [('--pretrained', cfg.pretrained if cfg.pretrained != 'none' else ''), ('--data-root', cfg.data_root),
-              ('--split', cfg.split if cfg.split.endswith('.txt') else '')]
-    data.check_output('--out-dir', cfg.out_dir, inputs, folder=True, own_run=cfg.out_dir, writes=data.RUN_FILES)
+        raise ValueError("--tensorboard writes TensorBoard's event files, which needs the "
+                         "tensorboard package: pip install tensorboard (curves.png is drawn "
+                         "without it)")
+    split_file = cfg.split if cfg.split.endswith('.txt') else ''
+    inputs = [('--pretrained', cfg.pretrained if cfg.pretrained != 'none' else ''),
+              ('--data-root', cfg.data_root), ('--split', split_file)]
+    data.check_output('--out-dir', cfg.out_dir, inputs, folder=True, own_run=cfg.out_dir,
+                      writes=data.RUN_FILES)
     return cfg
+
+
+def default_workers(device):
+    """Loader processes: 0 on CPU (the model's threads take the cores, data.loader); on CUDA
+    the cores of this process's share of the machine (torchrun: LOCAL_WORLD_SIZE processes)
+    less one for the main process, at most 8."""
+    if device.type != 'cuda':
+        return 0
+    return max(0, min(8, data.affine_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1))
 
 
 def check_fields(cfg):
@@ -298,11 +322,13 @@ def build_model(cfg):
         if not (isinstance(ckpt, dict) and {'model', 'config', 'step'} <= set(ckpt)):
             raise
         c = ckpt['config']
-        raise ValueError(f"--pretrained {pretrained} is a training checkpoint of train.py (a {c.get('method')} "
-                         f"{c.get('backbone')} run on {c.get('dataset')}, step {ckpt['step']}), not a backbone file "
-                         f"for {cfg.method} {cfg.backbone}: evaluate it with `python eval.py --checkpoint "
-                         f"{pretrained}`, continue its run with --resume --out-dir {os.path.dirname(pretrained) or '.'}; "
-                         f"a new run starts from an official backbone file (README, 'Pretrained files')") from None
+        folder = os.path.dirname(pretrained) or '.'
+        raise ValueError(f"--pretrained {pretrained} is a training checkpoint of train.py (a "
+                         f"{c.get('method')} {c.get('backbone')} run on {c.get('dataset')}, step "
+                         f"{ckpt['step']}), not a backbone file for {cfg.method} {cfg.backbone}: "
+                         f"evaluate it with `python eval.py --checkpoint {pretrained}`, continue "
+                         f"its run with --resume --out-dir {folder}; a new run starts from an "
+                         f"official backbone file (README, 'Pretrained files')") from None
 
 
 def resume_changes(saved, cfg, allow, source):
@@ -351,8 +377,8 @@ class GlobalBatch(rgbx.DrawPolicy):
         which then equal the gradient of the global batch's mean. A collective: every
         process computes the same losses."""
         total = torch.as_tensor(n, dtype=torch.float64, device=self.device).reshape(1)
-        dist.all_reduce(total)
-        return max(total.item(), 1.0) / self.world
+        dist.all_reduce(total)  # on the device: nothing is read on the host
+        return (total.clamp(min=1) / self.world).float().reshape(())
 
     def gather(self, values):
         """The 1-D `values` of every process, concatenated in rank order (no gradient)."""
@@ -458,7 +484,8 @@ class ResumableSampler(torch.utils.data.Sampler):
         return dealt[:, self.rank].flatten().tolist()
 
     def __iter__(self):
-        return iter(self.indices()[self.start:])
+        """(epoch, index) pairs: the dataset draws the sample's augmentation of that epoch."""
+        return iter([(self.epoch, i) for i in self.indices()[self.start:]])
 
     def __len__(self):
         return len(self.indices()) - self.start
@@ -648,21 +675,31 @@ def trim_log(path, step):
     os.replace(path + '.tmp', path)
 
 
-def rng_state():
-    """Every random state a step draws from, in weights_only-loadable types."""
+def rng_state(device):
+    """Every random state a step draws from, in weights_only-loadable types: Python's,
+    numpy's, torch's CPU generator and, on CUDA, the generator of the GPU this process
+    computes on (the only one it draws from)."""
     np_state = np.random.get_state()
     return dict(python=[random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
                 torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                cuda=[torch.cuda.get_rng_state(device)] if device.type == 'cuda' else [])
 
 
-def set_rng_state(s):
+def set_rng_state(s, device, say=print):
+    """Restore `rng_state`'s states. CUDA: this device's generator takes the saved one;
+    checkpoints written before hold one state per GPU visible to each process, of
+    which this device's index is the one it drew from (a run resumed with fewer GPUs
+    visible takes its device's; a CPU run's states leave the CUDA generator seeded)."""
     random.setstate((s['python'][0], tuple(s['python'][1]), s['python'][2]))
     np.random.set_state((s['numpy'][0], s['numpy'][1].numpy().astype(np.uint32), *s['numpy'][2:]))
     torch.set_rng_state(s['torch'])
-    if s['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s['cuda'])
+    if device.type == 'cuda' and s['cuda']:
+        index = 0 if len(s['cuda']) == 1 else device.index or 0
+        if index >= len(s['cuda']):
+            say(f"note: the checkpoint holds no CUDA random state for {device}: its CUDA draws start from the seed")
+            return
+        torch.cuda.set_rng_state(s['cuda'][index], device)
 
 
 # ----------------------------------------------------------------------------
@@ -690,8 +727,7 @@ def make_loaders(cfg, run, rank, world, device):
                          + (f"; --grad-accum {cfg.grad_accum} comes from {cfg.method}'s recipe (a global batch of "
                             f"{recipe}): pass a smaller --grad-accum or --batch-size" if recipe else ''))
     pin = device.type == 'cuda'
-    # workers are not persistent: they restart each epoch with the sampler's start offset
-    loader = data.loader(train_set, cfg.batch_size, cfg.workers, sampler, drop_last=True, pin=pin)
+    loader = data.loader(train_set, cfg.batch_size, cfg.workers, sampler, drop_last=True, pin=pin, persistent=True)
     return train_set, sampler, loader, data.shard_loader(test_set, rank, world, cfg.workers, pin)
 
 
@@ -710,9 +746,9 @@ def resume_checkpoint(cfg):
     return ckpt
 
 
-def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, say):
+def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, device, say):
     """Load a resume checkpoint into model, optimizer, scaler and the RNGs, after
-    checking the frozen weights; log.jsonl is cut back to its step. Returns (step, best, skipped)."""
+    checking the frozen weights; log.jsonl is cut back to its step. Returns (step, best, SkippedSteps)."""
     last_path = os.path.join(cfg.out_dir, 'last.pt')
     if ckpt['frozen_sha1'] != fingerprint:
         raise ValueError(f"{last_path} was trained on other frozen weights than those of --pretrained "
@@ -720,27 +756,27 @@ def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, say):
     rgbx.load_trained(model, ev.trained_weights(ckpt), last_path)
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
-    set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
+    set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0], device, say)
     if rank == 0:
         trim_log(os.path.join(cfg.out_dir, 'log.jsonl'), ckpt['step'])
     say(f"resumed from {last_path} at step {ckpt['step']}"
         + (f", with the changes {ckpt['changes']}" if ckpt['changes'] else ''))
-    return ckpt['step'], ckpt['best'], ckpt['skipped']
+    return ckpt['step'], ckpt['best'], SkippedSteps(device, ckpt['skipped'], ckpt.get('overflows', 0))
 
 
 def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, step_inputs):
     """One optimizer step over cfg.grad_accum micro-batches (gradient sync on the
-    last one only); a non-finite loss leaves the weights untouched. `step_inputs`: what
-    the model's schedule gives this step's forward. Returns the mean loss over
-    micro-batches and processes, and the last micro-batch's (rgb, x)."""
+    last one only); a non-finite loss or gradient leaves the weights untouched
+    (`apply_step`). `step_inputs`: what the model's schedule gives this step's forward.
+    Returns the mean loss over micro-batches and processes, `apply_step`'s flags, and
+    the last micro-batch's (rgb, x); all on the device, nothing read on the host."""
     for g in optimizer.param_groups:
         g['lr'] = lr
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         rgb, x, label = (t.to(device, non_blocking=device.type == 'cuda') for t in next(batches))
-        if world > 1:
-            model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-        with ev.autocast(cfg.amp, device):
+        sync = world == 1 or micro == cfg.grad_accum - 1  # DDP all-reduces the gradients of the last one
+        with nullcontext() if sync else model.no_sync(), ev.autocast(cfg.amp, device):
             loss, _ = model(rgb, x, label, **step_inputs)
             loss = loss / cfg.grad_accum
         scaler.scale(loss).backward()
@@ -748,11 +784,70 @@ def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, step_i
     if world > 1:
         dist.all_reduce(loss_sum)
         loss_sum /= world
-    if torch.isfinite(loss_sum):
-        scaler.step(optimizer)
-        scaler.update()
+    flags = apply_step(optimizer, scaler, loss_sum)
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, (rgb, x)
+    return loss_sum, flags, (rgb, x)
+
+
+def apply_step(optimizer, scaler, loss):
+    """The optimizer step unless the loss or a gradient is non-finite, decided where
+    the numbers are: fused AdamW (CUDA) takes the flag as `found_inf` (GradScaler's
+    protocol) and skips on the device, no host read; the CPU optimizer's step reads the
+    flag (a CPU tensor: no device to wait for). fp16: the gradients are unscaled first,
+    and the scaler lowers its scale after an overflow. Returns booleans on the device:
+    (the loss is non-finite, the gradients alone overflowed)."""
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    grads = [p.grad for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
+    norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else loss.new_zeros(())  # inf/nan if any is
+    loss_bad, grad_bad = ~torch.isfinite(loss), ~torch.isfinite(norm)
+    bad = loss_bad | grad_bad
+    if optimizer.defaults.get('fused'):
+        optimizer.found_inf = bad.float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif not bad:
+        optimizer.step()
+    if scaler.is_enabled():
+        scaler.update()
+    return loss_bad, grad_bad & ~loss_bad
+
+
+class SkippedSteps:
+    """The steps `apply_step` skipped, counted on the device and read on the host every
+    log step and before every checkpoint (one read per log step, none per step):
+    non-finite losses (and gradients), which --nonfinite governs, and under fp16 the
+    gradient scaler's overflows, which are part of its scale search."""
+
+    def __init__(self, device, skipped=0, overflows=0):
+        self.skipped, self.overflows = skipped, overflows  # read so far
+        self.new = torch.zeros(2, dtype=torch.long, device=device)  # (non-finite, overflows) since the last read
+        self.first = torch.zeros((), dtype=torch.long, device=device)  # the first non-finite step since then
+
+    def add(self, flags, step):
+        loss_bad, overflow = flags
+        self.first = torch.where(loss_bad & (self.new[0] == 0), step, self.first)
+        self.new += torch.stack([loss_bad, overflow]).long()
+
+    def read(self, cfg, step, total, files):
+        """Take the counts to the host; a non-finite step ends the run unless --nonfinite
+        skip allows it (at most MAX_SKIPPED of the run's steps, at least 1)."""
+        (new, overflows), first = self.new.tolist(), int(self.first)
+        self.new.zero_()
+        self.overflows += overflows
+        if not new:
+            return
+        self.skipped += new
+        limit = max(1, int(MAX_SKIPPED * total))
+        if cfg.nonfinite == 'skip' and self.skipped <= limit:
+            files.say(f"step {step}: non-finite loss at step {first}" + (f" and {new - 1} more" if new > 1 else '')
+                      + f", skipped ({self.skipped} so far, at most {limit})")
+            return
+        raise NonFiniteLoss(f"non-finite loss at step {first}"
+                            + (f", {self.skipped} of {step} steps skipped, more than --nonfinite skip allows "
+                               f"({limit}: {MAX_SKIPPED:.0%} of {total})" if cfg.nonfinite == 'skip' else '')
+                            + f"; {files.last_good()}. Lower --lr, try --amp none"
+                            + ('' if cfg.nonfinite == 'skip' else ', or pass --nonfinite skip'))
 
 
 def prepare_model(cfg, model, device, world, say):
@@ -773,7 +868,7 @@ def prepare_model(cfg, model, device, world, say):
 
 def tensorboard_writer(folder, step):
     """--tensorboard: a SummaryWriter on `folder`; a resumed run drops the events after `step`."""
-    from torch.utils.tensorboard import SummaryWriter  # the tensorboard package: an option, never required
+    from torch.utils.tensorboard import SummaryWriter  # the tensorboard package: optional
     return SummaryWriter(folder, purge_step=step or None)
 
 
@@ -793,14 +888,15 @@ def plot_log(log_path, png_path, size=(480, 160)):
     last = max((p[0] for _, pts in series for p in pts), default=1)
     for i, (name, pts) in enumerate(series):
         lo, hi = min(v for _, v in pts), max(v for _, v in pts)
-        box = (60, i * h + 20, w - 10, (i + 1) * h - 20)  # left, top, right, bottom of the plot area
+        box = (60, i * h + 20, w - 10, (i + 1) * h - 20)  # the plot area: left, top, right, bottom
         xy = [(box[0] + (box[2] - box[0]) * step / max(last, 1),
                box[3] - (box[3] - box[1]) * (v - lo) / ((hi - lo) or 1)) for step, v in pts]
         draw.rectangle(box, outline=(160, 160, 160))
         if len(xy) > 1:
             draw.line(xy, fill=(31, 119, 180), width=2)
         else:  # one point: a dot
-            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(31, 119, 180))
+            (x, y), = xy
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(31, 119, 180))
         ev.words(draw, (box[0], i * h + 4), f"{name} over steps 0..{last}", font)
         draw.text((2, box[1]), f"{hi:.3g}", fill='black')
         draw.text((2, box[3] - 10), f"{lo:.3g}", fill='black')
@@ -816,8 +912,9 @@ class RunFiles:
     never non-finite weights. Without a pretrained file the frozen weights are random
     and exist nowhere else: checkpoints then hold them too."""
 
-    def __init__(self, cfg, run, model, optimizer, scaler, fingerprint, world, master, step, train_samples):
+    def __init__(self, cfg, run, model, optimizer, scaler, fingerprint, world, master, step, train_samples, device):
         self.cfg, self.run, self.model, self.optimizer, self.scaler = cfg, run, model, optimizer, scaler
+        self.device = device
         self.train_samples = train_samples
         self.fingerprint, self.world, self.master = fingerprint, world, master
         self.last, self.best = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
@@ -866,19 +963,21 @@ class RunFiles:
         return f"the last good checkpoint is {self.last if os.path.exists(self.last) else 'none (none saved yet)'}"
 
     def checkpoint(self, path, step, best, skipped, evaluation=None):
+        """Save a checkpoint at `step` (`skipped`: the SkippedSteps, read)."""
         full = self.cfg.save_full or self.cfg.pretrained in ('', 'none')
         state = self.model.state_dict() if full else rgbx.trainable_state(self.model)
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise NonFiniteLoss(f"the weights are non-finite at step {step} ({len(bad)} tensors, the first {bad[0]!r}) "
                                 f"and were not saved; {self.last_good()}. Lower --lr or try --amp none")
-        states = [rng_state()]
+        states = [rng_state(self.device)]
         if self.world > 1:
             states = [None] * self.world
-            dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(states, rng_state(self.device))
         if self.master:
             save_checkpoint(dict(model=state, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                                 step=step, best=best, skipped=skipped, config=asdict(self.cfg), rng=states,
+                                 step=step, best=best, skipped=skipped.skipped, overflows=skipped.overflows,
+                                 config=asdict(self.cfg), rng=states,
                                  run=asdict(self.run), train_samples=self.train_samples,
                                  frozen_sha1=self.fingerprint, evaluation=evaluation), path)
             shutil.rmtree(os.path.join(self.cfg.out_dir, REPLACED), ignore_errors=True)  # --overwrite: now replaced
@@ -889,21 +988,6 @@ class RunFiles:
                 self.log.close()
         if self.board is not None:
             self.board.close()
-
-
-def on_nonfinite_loss(cfg, loss, step, skipped, total, files):
-    """A non-finite loss at `step` (its update was not applied, `skipped` so far with
-    this one): stop, or under --nonfinite skip go on while at most MAX_SKIPPED of the
-    run's steps (at least 1) are skipped."""
-    limit = max(1, int(MAX_SKIPPED * total))
-    if cfg.nonfinite == 'skip' and skipped <= limit:
-        files.say(f"step {step}: non-finite loss, step skipped ({skipped} so far, at most {limit})")
-        return
-    raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}"
-                        + (f", {skipped} of {step} steps skipped, more than --nonfinite skip allows ({limit}: "
-                           f"{MAX_SKIPPED:.0%} of {total})" if cfg.nonfinite == 'skip' else '')
-                        + f"; {files.last_good()}. Lower --lr, try --amp none"
-                        + ('' if cfg.nonfinite == 'skip' else ', or pass --nonfinite skip'))
 
 
 @dataclass
@@ -929,7 +1013,7 @@ class Session:
     warmup: int
     step: int
     best: float
-    skipped: int
+    skipped: SkippedSteps
     policy: rgbx.DrawPolicy | None  # the draws of the loop: GlobalBatch under DDP, None: the default
 
 
@@ -938,6 +1022,9 @@ def setup(cfg, model=None):
     rank, world, device = ev.setup_distributed(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     ev.check_cpu_bf16(cfg.amp, device, say)
+    ev.check_cuda_bf16(cfg.amp, device)
+    if device.type == 'cuda':
+        ev.set_tf32(cfg.tf32)
     run = run_spec(cfg)
     resumed = resume_checkpoint(cfg) if cfg.resume else None
     random.seed(cfg.seed)
@@ -946,9 +1033,8 @@ def setup(cfg, model=None):
     train_set, sampler, loader, test_loader = make_loaders(cfg, run, rank, world, device)
     say(f"threads: {torch.get_num_threads()} ({data.core_budget()[1]})")
     held = check_out_dir(cfg, rank == 0, say)
-    if rank == 0:
-        data.check_files(train_set, cfg.workers, say)  # every file of both splits, before the first step
-        data.check_files(test_loader.dataset.dataset, cfg.workers, say)
+    for dataset in (train_set, test_loader.dataset.dataset):  # every file of both splits, before the first step
+        data.check_files(dataset, cfg.workers, say, rank, world)
     raw, counts = prepare_model(cfg, model, device, world, say)
     fingerprint = rgbx.frozen_fingerprint(raw)
     optimizer = torch.optim.AdamW(raw.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
@@ -960,14 +1046,16 @@ def setup(cfg, model=None):
         raise ValueError(f"--resume: the training split now has {len(train_set)} samples, the run had "
                          f"{resumed['train_samples']} (its schedule, warm-up and epochs depend on them): pass the "
                          f"run's --data-root ({resumed['config']['data_root']!r}) or start a new run")
-    step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, say) if resumed else (0, -1.0, 0)
+    step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, device, say) if resumed else (0, -1.0, SkippedSteps(device))
     if rank == 0:
         set_old_run_aside(cfg, held, say)
-    files = RunFiles(cfg, run, raw, optimizer, scaler, fingerprint, world, rank == 0, step, len(train_set))
-    model = torch.compile(raw) if cfg.compile else raw
+    files = RunFiles(cfg, run, raw, optimizer, scaler, fingerprint, world, rank == 0, step, len(train_set), device)
+    model = raw
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
+        model = DDP(raw, device_ids=[device.index] if device.type == 'cuda' else None,
                     find_unused_parameters=raw.find_unused_parameters)
+    if cfg.compile:  # the DDP model compiled: its gradient all-reduces overlap the compiled backward
+        model = torch.compile(model)
     policy = GlobalBatch(device) if world > 1 else None
     return Session(cfg, run, rank, world, device, raw, model, counts, optimizer, scaler, train_set, sampler, loader,
                    test_loader, files, steps_per_epoch, total, int(cfg.warmup_epochs * steps_per_epoch), step, best,
@@ -980,14 +1068,15 @@ def run_length(cfg, steps_per_epoch, say):
     lengths = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * steps_per_epoch) if n]
     total = min(lengths)
     if len(set(lengths)) > 1:
-        say(f"note: --epochs {cfg.epochs} ({cfg.epochs * steps_per_epoch} steps) and --max-steps {cfg.max_steps}: "
-            f"the run stops at whichever comes first, after {total} steps")
+        say(f"note: --epochs {cfg.epochs} ({cfg.epochs * steps_per_epoch} steps) and --max-steps "
+            f"{cfg.max_steps}: the run stops at whichever comes first, after {total} steps")
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if warmup >= total:
         reach = lr_at(total - 1, total, warmup, 1.0)
-        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the run ({total} steps) "
-            f"or longer: the learning rate reaches {reach:.0%} of --lr {cfg.lr:g} at the last step; pass "
-            f"--warmup-epochs below {total / steps_per_epoch:.3g} for a full warm-up")
+        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the "
+            f"run ({total} steps) or longer: the learning rate reaches {reach:.0%} of --lr "
+            f"{cfg.lr:g} at the last step; pass --warmup-epochs below "
+            f"{total / steps_per_epoch:.3g} for a full warm-up")
     return total
 
 
@@ -1016,10 +1105,12 @@ def train(cfg, model=None, on_step=None):
         s.files.close()
         if lock is not None:
             lock.release()
-    s.files.say(f"done: {s.total} steps" + (f" ({s.skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
+    s.files.say(f"done: {s.total} steps" + (f" ({s.skipped.skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
+                + (f" ({s.skipped.overflows} skipped by the fp16 gradient scaler)" if cfg.amp == 'fp16' else '')
                 + f" ({s.step - s.files.step_at_start} in this session, {time.time() - s.files.t0:.0f}s)"
                 + (f", best mIoU {100 * s.best:.2f}" if s.best >= 0 else "") + f", checkpoints in {cfg.out_dir}")
-    return dict(result, best=s.best, step=s.step, skipped=s.skipped, params=s.counts)
+    return dict(result, best=s.best, step=s.step, skipped=s.skipped.skipped, overflows=s.skipped.overflows,
+                params=s.counts)
 
 
 def batch_of(s, step):
@@ -1039,11 +1130,9 @@ def run_epoch(s, on_step):
         first = cycle_start(of, s.step)
         first_epoch = first // s.steps_per_epoch
         s.sampler.set_epoch(first_epoch, draws(of, first_epoch * s.steps_per_epoch, first) * per_draw)
-        s.train_set.set_epoch(first_epoch)
         again = iter(s.loader)
         held = (of(s.step), [next(again) for _ in range(cfg.grad_accum)])
     s.sampler.set_epoch(epoch, draws(of, epoch * s.steps_per_epoch, s.step) * per_draw)
-    s.train_set.set_epoch(epoch)
     s.model.train()
     batches, evaluation = iter(s.loader), None
     for _ in range(done_in_epoch, s.steps_per_epoch):
@@ -1051,18 +1140,19 @@ def run_epoch(s, on_step):
         index, step_inputs = s.raw.schedule(s.step, s.total)
         if held is None or held[0] != index:
             held = (index, [next(batches) for _ in range(cfg.grad_accum)])
-        loss, inputs = train_step(s.model, iter(held[1]), s.optimizer, s.scaler, cfg, s.device, s.world, lr,
-                                  step_inputs)
-        loss = loss.item()
+        loss, flags, inputs = train_step(s.model, iter(held[1]), s.optimizer, s.scaler, cfg, s.device, s.world, lr,
+                                         step_inputs)
         s.step += 1
-        if not math.isfinite(loss):
-            s.skipped += 1
-            on_nonfinite_loss(cfg, loss, s.step, s.skipped, s.total, s.files)
-        if s.step % cfg.log_every == 0 or s.step == s.total:
-            health = s.raw.diagnostics(*inputs)  # GoPT: gopt_diagnostics on the last micro-batch
-            s.files.progress(s.step, s.total, epoch, loss, lr, **(dict(diagnostics=health) if health else {}))
+        s.skipped.add(flags, s.step)
+        log = s.step % cfg.log_every == 0 or s.step == s.total
         end_of_epoch = s.step % s.steps_per_epoch == 0 or s.step == s.total
-        if cfg.save_every and s.step % cfg.save_every == 0 and not end_of_epoch:
+        save = cfg.save_every and s.step % cfg.save_every == 0 and not end_of_epoch
+        if log or save or end_of_epoch:  # the host reads the step's numbers here only
+            s.skipped.read(cfg, s.step, s.total, s.files)
+        if log:
+            health = s.raw.diagnostics(*inputs)  # GoPT: gopt_diagnostics on the last micro-batch
+            s.files.progress(s.step, s.total, epoch, loss.item(), lr, **(dict(diagnostics=health) if health else {}))
+        if save:
             s.files.checkpoint(s.files.last, s.step, s.best, s.skipped)
         if end_of_epoch:
             evaluation = end_epoch(s, epoch)
@@ -1091,7 +1181,7 @@ def end_epoch(s, epoch):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler, torchrun stopping its processes): the run ends as on Ctrl-C."""
+    """SIGTERM (`kill`, a job scheduler, torchrun stopping its processes): ended as Ctrl-C."""
 
 
 def on_sigterm(signum, frame):
@@ -1109,9 +1199,9 @@ def main(argv=None):
         sys.exit(f"error: {ev.error_line(e)}")
     except KeyboardInterrupt as e:
         last = cfg is not None and os.path.exists(os.path.join(cfg.out_dir, 'last.pt'))
-        sys.exit(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; "
-                 + ("continue from the last checkpoint with --resume" if last else
-                    "no checkpoint was saved: nothing to resume"))
+        how = 'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'
+        sys.exit(f"error: {how}; " + ("continue from the last checkpoint with --resume" if last else
+                                      "no checkpoint was saved: nothing to resume"))
     except RuntimeError as e:
         if not ev.peer_failed(e):
             raise

@@ -17,8 +17,8 @@ MM_PRE = MM + ',stage=pretrain'
 
 
 def check_outputs(out, report):
-    """--out (the run folders) and --report: not in a dataset nor in a run's folder (data.check_output);
-    a refusal ends the command with one line."""
+    """--out (the run folders) and --report: not in a dataset nor in a run's folder
+    (data.check_output); a refusal ends the command with one line."""
     try:
         for flag, path in (('--out', out), ('--report', report)):
             data.check_output(flag, path, folder=True)
