@@ -1,7 +1,8 @@
 """Data for RGB-X semantic segmentation: dataset presets (classes, X modalities,
 folder layouts, training crop), the community's prepared folder layout (CMX /
-SA-Gate / DFormer), a built-in synthetic RGB-D demo, joint augmentation and
-colourising. Nothing here depends on a method: a method's recipe (how it scales X,
+SA-Gate / DFormer), a built-in synthetic RGB-D demo, rendered NYUDv2-like rooms
+(in memory, or written as a dataset folder by `python data.py rooms`), joint
+augmentation and colourising. Nothing here depends on a method: a method's recipe (how it scales X,
 its learning rate ...) is rgbx's, and train.py passes what the data needs.
 
 Every dataset item is a triple (rgb, x, label):

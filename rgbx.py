@@ -20,13 +20,10 @@ Layout conventions: images are (B, C, H, W) float tensors; Swin keeps its token
 maps channels-last as (B, H, W, C) (LayerNorm and Linear act on the last axis,
 windows are plain reshapes); ViT tokens are (B, 1 + N, D) with the cls token first.
 """
-import collections
 import contextlib
-import contextvars
 import hashlib
 import math
 import os
-import re
 import types
 import typing
 import warnings
@@ -69,7 +66,14 @@ class DrawPolicy:
         return values
 
 
-DRAW_POLICY = contextvars.ContextVar('rgbx.DRAW_POLICY', default=DrawPolicy())
+def context_variable(name, default):
+    """A `contextvars.ContextVar` (standard library): one value per thread and asyncio task.
+    Imported here, so that a module copied with the draw policy needs no import but torch."""
+    import contextvars
+    return contextvars.ContextVar(name, default=default)
+
+
+DRAW_POLICY = context_variable('rgbx.DRAW_POLICY', DrawPolicy())
 COMPILED_POLICY = [DrawPolicy()]  # what compiled code reads: the policy `draws` entered last
 
 
@@ -621,7 +625,7 @@ class BasicLayer(nn.Module):
             SwinTransformerBlock(dim, heads, window, mlp_ratio, drop_paths[i],
                                  streams) for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
-        self._layouts = collections.OrderedDict()
+        self._layouts = {}
 
     LAYOUTS_KEPT = 16  # sizes cached per stage: multi-scale evaluation of many sizes stays bounded
 
@@ -631,14 +635,15 @@ class BasicLayer(nn.Module):
         block shifts, also on a map that fits in one window (as the segmentation Swins
         and the KTB release do)."""
         key = (H, W, str(device))
-        if key not in self._layouts:
+        layouts = self._layouts.pop(key, None)
+        if layouts is None:
             # plain tensors: a cache filled under inference_mode must serve autograd too
             with torch.inference_mode(False):
-                self._layouts[key] = tuple(window_layout(H, W, self.window, s, device) for s in (0, self.window // 2))
-            while len(self._layouts) > self.LAYOUTS_KEPT:
-                self._layouts.popitem(last=False)  # the least recently used
-        self._layouts.move_to_end(key)
-        return self._layouts[key]
+                layouts = tuple(window_layout(H, W, self.window, s, device) for s in (0, self.window // 2))
+        self._layouts[key] = layouts  # a dict keeps insertion order: the most recently used last
+        while len(self._layouts) > self.LAYOUTS_KEPT:
+            del self._layouts[next(iter(self._layouts))]  # the least recently used
+        return layouts
 
     def forward(self, x: torch.Tensor, parallel: nn.ModuleList | None = None) -> torch.Tensor:
         layouts = self.layouts(x.shape[1], x.shape[2], x.device)
@@ -1073,6 +1078,8 @@ def rename_keys(sd, rules, own):
       1x1     a 1x1 conv weight (O, I, 1, 1) -> nn.Linear's (O, I)
       yx      a 1x1 conv to (y, x) offsets -> nn.Linear to (x, y), grid_sample's order
       rgb, x  one modality's row of a tensor stacked (2, ...) here, RGB row first"""
+    import re  # here, so that a model copied with its converter needs no import but torch
+
     def rule(key):
         for pattern, name, how in rules:
             m = re.fullmatch(pattern, key)

@@ -6478,6 +6478,9 @@ def test_layout_readme_copy_table_is_the_ast_closure_and_each_row_runs_alone():
     import types as pytypes
     defs, lines = rgbx_definitions()
     rows = {m: rgbx_closure(defs, m) for m in COPY_ROWS}
+    imports = {m: [n for n in names if type(defs[n][0]).__name__ in ('Import', 'ImportFrom')]
+               for m, names in rows.items()}
+    assert not any(imports.values()), imports  # a row needs no import beyond torch, nn, F and math
     table = '\n'.join(['| module | also copy |', '|---|---|'] + [
         f"| `{m}` | {', '.join(f'`{n}`' for n in names if n != m)} |" for m, names in rows.items()])
     assert table in (Path(__file__).resolve().parent / 'README.md').read_text(), 'the README table:\n' + table

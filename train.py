@@ -9,13 +9,15 @@
 
 Reads top to bottom: the configuration (Config, its command line, and `resolve`,
 which fills what the command line leaves open from the method's recipe in rgbx and
-the dataset), data parallelism (global-batch draws and loss means, synchronised
-BatchNorm), the schedule and sampler, checkpoints and the run folder, then `train`:
-set-up (DDP from the RANK environment variable, device, precision, data, model,
-optimizer, resume) and the loop. A run directory holds config.json, log.jsonl,
-last.pt and best.pt; a new run never writes into a folder holding a run's
-checkpoints (--resume or --overwrite), and a resume with another config is refused.
-Checkpoints store the model's resolved arguments (eval.RunSpec), which rebuild it.
+the dataset); the run folder's guard in one place (the lock, --resume / --overwrite,
+atomic writes, log trimming, and RunFiles, what a run writes); the set-up (processes
+with DDP from the RANK environment variable, global-batch draws and loss means,
+synchronised BatchNorm, data, model, optimizer, resume: `setup` gives a Session); the
+loop (learning rate, the schedule's batches, one optimizer step, epochs: `train`); the
+command line. A run directory holds config.json, log.jsonl, last.pt and best.pt; a new
+run never writes into a folder holding a run's checkpoints (--resume or --overwrite),
+and a resume with another config is refused. Checkpoints store the model's resolved
+arguments (eval.RunSpec), which rebuild it.
 """
 import argparse
 import importlib.util
@@ -43,14 +45,14 @@ import data
 import eval as ev
 import rgbx
 
+
 # ----------------------------------------------------------------------------
-# Configuration
+# Configuration: Config, its command line, and `resolve`, which fills what the command
+# line leaves open from the method's recipe (rgbx) and the dataset
 # ----------------------------------------------------------------------------
 
 BACKBONES = [f'swin-{s}' for s in rgbx.SWIN_PRESETS] + [f'vit-{s}' for s in rgbx.VIT_PRESETS]
 X_MODALITIES = sorted({x for p in data.PRESETS.values() for x in p.modalities})
-
-
 # Fields a resumed run may change with --allow-changes: they decide what is logged,
 # saved, evaluated or where files are found, not what a step computes (device, tf32 and
 # compile: only its float rounding; pretrained: the frozen weights are checked by
@@ -352,211 +354,9 @@ def resume_changes(saved, cfg, allow, source):
 
 
 # ----------------------------------------------------------------------------
-# Data parallelism: N processes compute what one process computes at the global batch
+# The run folder, one guard: the lock, --resume / --overwrite, atomic writes, log trimming
+# and what a run writes (RunFiles); nothing of another run is ever overwritten
 # ----------------------------------------------------------------------------
-# Process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1 of the global batch
-# of world*B (ResumableSampler deals them so). The models draw their per-sample random
-# numbers and take their loss means through rgbx.draw_policy(); under DDP the loop runs
-# inside `rgbx.draws(GlobalBatch(device))`: every process draws for the global batch
-# (the generators, seeded alike, stay in step) and keeps its rows, and loss means divide
-# by the global count. BatchNorm uses the global batch's statistics (sync_batchnorm).
-
-class GlobalBatch(rgbx.DrawPolicy):
-    """rgbx.DrawPolicy under torch.distributed: draws for the global batch, cut to this
-    process's rows; counts summed and values gathered over the processes."""
-
-    def __init__(self, device):
-        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
-
-    def draw(self, draw, n, dim=0):
-        """draw(world * n), rows rank*n .. (rank+1)*n - 1 along `dim`."""
-        return draw(self.world * n).narrow(dim, self.rank * n, n)
-
-    def count(self, n):
-        """The global count / world (at least 1): DDP averages the processes' gradients,
-        which then equal the gradient of the global batch's mean. A collective: every
-        process computes the same losses."""
-        total = torch.as_tensor(n, dtype=torch.float64, device=self.device).reshape(1)
-        dist.all_reduce(total)  # on the device: nothing is read on the host
-        return (total.clamp(min=1) / self.world).float().reshape(())
-
-    def gather(self, values):
-        """The 1-D `values` of every process, concatenated in rank order (no gradient)."""
-        n = torch.tensor([values.numel()], device=values.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.world)]
-        dist.all_gather(sizes, n)
-        padded = values.new_zeros(int(max(sizes)))
-        padded[:values.numel()] = values
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded.detach())
-        return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
-
-
-class AllReduceSum(torch.autograd.Function):
-    """The sum of a tensor over the processes; its gradient is the sum of theirs."""
-
-    @staticmethod
-    def forward(ctx, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduceSum.forward(ctx, grad)
-
-
-class SyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d with the statistics of the global batch in training: the per-channel
-    sum and sum of squared deviations are summed over the processes (AllReduceSum), as
-    in torch.nn.SyncBatchNorm, which has CUDA kernels only; this one runs on any backend
-    (gloo on CPU). In eval mode and in one process it is BatchNorm2d."""
-
-    def forward(self, x):
-        if not self.training or not dist.is_initialized():
-            return super().forward(x)
-        xf = x.float()  # statistics in float32 also under autocast
-        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)  # pixels per channel
-        dist.all_reduce(count)
-        mean = AllReduceSum.apply(xf.sum((0, 2, 3))) / count  # (C,)
-        var = AllReduceSum.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))) / count  # (C,), biased
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
-                self.running_mean.lerp_(mean, m)
-                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), m)
-        out = (xf - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
-        return (out * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else out).to(x.dtype)
-
-
-def sync_batchnorm(module, device):
-    """`module` with every BatchNorm2d made to use the global batch's statistics under
-    data parallelism: torch.nn.SyncBatchNorm on CUDA, SyncBatchNorm above elsewhere
-    (same parameters, buffers and names)."""
-    if device.type == 'cuda':
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats).to(child.weight.device if child.affine else device)
-            synced.load_state_dict(child.state_dict())
-            synced.train(child.training).requires_grad_(child.affine and child.weight.requires_grad)
-            setattr(module, name, synced)
-        else:
-            sync_batchnorm(child, device)
-    return module
-
-
-# ----------------------------------------------------------------------------
-# Learning rate, sampling
-# ----------------------------------------------------------------------------
-
-def lr_at(step, total, warmup, base, warmup_ratio=0.1, power=0.9, schedule='poly'):
-    """Linear warm-up from warmup_ratio * base to base over `warmup` steps, then to 0
-    at `total` by poly decay base * (1 - t)^power or cosine decay base * (1 + cos(pi t)) / 2
-    (a pure function of the step)."""
-    if step < warmup:
-        return base * (warmup_ratio + (1 - warmup_ratio) * step / warmup)
-    t = (step - warmup) / max(1, total - warmup)
-    return base * (1 + math.cos(math.pi * t)) / 2 if schedule == 'cosine' else base * (1 - t) ** power
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """A seeded shuffle per epoch (set_epoch), dealt in global batches of world x
-    batch: rank r takes rows r*batch .. (r+1)*batch - 1 of each, so the processes
-    together see exactly one process's batches at the global batch size (GlobalBatch);
-    `start`: the number of this rank's samples of the epoch already consumed, so that
-    a resumed run sees the same order."""
-
-    def __init__(self, n, seed, rank=0, world=1, batch=1):
-        self.n, self.seed, self.rank, self.world, self.batch = n, seed, rank, world, batch
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def indices(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        steps = len(order) // (self.world * self.batch)  # whole global batches only (drop_last)
-        dealt = torch.tensor(order[:steps * self.world * self.batch]).view(steps, self.world, self.batch)  # (step, rank, i)
-        return dealt[:, self.rank].flatten().tolist()
-
-    def __iter__(self):
-        """(epoch, index) pairs: the dataset draws the sample's augmentation of that epoch."""
-        return iter([(self.epoch, i) for i in self.indices()[self.start:]])
-
-    def __len__(self):
-        return len(self.indices()) - self.start
-
-
-def fresh_batch(batch_of, step):
-    """Whether `step` draws a new batch. `batch_of(step)` names the batch a step trains on:
-    the step itself, or for MaskMentor's STTP (Sec. 3.4: "for each input batch", three
-    teacher iterations then one student iteration) one batch per cycle."""
-    return step == 0 or batch_of(step) != batch_of(step - 1)
-
-
-def draws(batch_of, start, stop):
-    """How many batches steps start..stop-1 draw from the loader."""
-    return sum(fresh_batch(batch_of, s) for s in range(start, stop))
-
-
-def cycle_start(batch_of, step):
-    """The first step that trains on the batch of `step`."""
-    while step > 0 and batch_of(step - 1) == batch_of(step):
-        step -= 1
-    return step
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints and the run folder: atomic, verified, exact, nothing overwritten
-# ----------------------------------------------------------------------------
-
-def save_checkpoint(obj, path):
-    """Write atomically: temporary file, flush + fsync, rename, fsync the folder.
-    A crash at any moment leaves either the old file or the new one, never a torn one;
-    a failed write removes its temporary file, and a full disk raises data.DiskFull naming `path`."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    try:
-        with data.disk_full_names(path), open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_tmp(folder):
-    """Delete the temporary checkpoint files ('<name>.tmp.<pid>') of processes that no
-    longer run: a process killed while writing leaves one. Returns their names."""
-    stale = []
-    for name in sorted(os.listdir(folder)):
-        pid = name.rpartition('.tmp.')[2]
-        if '.tmp.' in name and pid.isdigit() and not process_alive(int(pid)):
-            os.remove(os.path.join(folder, name))
-            stale.append(name)
-    return stale
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
 
 RUN_FILES = data.RUN_FILES  # what a run writes into its folder
 
@@ -656,6 +456,50 @@ def restore_old_run(out_dir, say):
     say(f"the run this one was to replace is back in {out_dir}")
 
 
+def save_checkpoint(obj, path):
+    """Write atomically: temporary file, flush + fsync, rename, fsync the folder.
+    A crash at any moment leaves either the old file or the new one, never a torn one;
+    a failed write removes its temporary file, and a full disk raises data.DiskFull naming `path`."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+        with data.disk_full_names(path), open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_tmp(folder):
+    """Delete the temporary checkpoint files ('<name>.tmp.<pid>') of processes that no
+    longer run: a process killed while writing leaves one. Returns their names."""
+    stale = []
+    for name in sorted(os.listdir(folder)):
+        pid = name.rpartition('.tmp.')[2]
+        if '.tmp.' in name and pid.isdigit() and not process_alive(int(pid)):
+            os.remove(os.path.join(folder, name))
+            stale.append(name)
+    return stale
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def trim_log(path, step):
     """Keep the records of log.jsonl up to `step`: a resumed run writes the later ones
     again (a torn last line, from a kill mid-write, goes too)."""
@@ -673,6 +517,300 @@ def trim_log(path, step):
     with open(path + '.tmp', 'w') as f:
         f.writelines(keep)
     os.replace(path + '.tmp', path)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def tensorboard_writer(folder, step):
+    """--tensorboard: a SummaryWriter on `folder`; a resumed run drops the events after `step`."""
+    from torch.utils.tensorboard import SummaryWriter  # the tensorboard package: optional
+    return SummaryWriter(folder, purge_step=step or None)
+
+
+def plot_log(log_path, png_path, size=(480, 160)):
+    """curves.png of a run: the training loss, the learning rate and each evaluation's mIoU
+    over the steps, one panel each, from its log.jsonl, drawn with pillow; written atomically."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    series = [('training loss', [(r['step'], r['loss']) for r in records if 'loss' in r]),
+              ('learning rate', [(r['step'], r['lr']) for r in records if 'lr' in r]),
+              ('test mIoU', [(r['step'], r['eval']['miou']) for r in records if 'eval' in r])]
+    series = [(name, pts) for name, pts in series if pts]
+    w, h = size
+    font = ImageFont.load_default()
+    img = Image.new('RGB', (w, h * max(1, len(series))), 'white')
+    draw = ImageDraw.Draw(img)
+    last = max((p[0] for _, pts in series for p in pts), default=1)
+    for i, (name, pts) in enumerate(series):
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        box = (60, i * h + 20, w - 10, (i + 1) * h - 20)  # the plot area: left, top, right, bottom
+        xy = [(box[0] + (box[2] - box[0]) * step / max(last, 1),
+               box[3] - (box[3] - box[1]) * (v - lo) / ((hi - lo) or 1)) for step, v in pts]
+        draw.rectangle(box, outline=(160, 160, 160))
+        if len(xy) > 1:
+            draw.line(xy, fill=(31, 119, 180), width=2)
+        else:  # one point: a dot
+            (x, y), = xy
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(31, 119, 180))
+        ev.words(draw, (box[0], i * h + 4), f"{name} over steps 0..{last}", font)
+        draw.text((2, box[1]), f"{hi:.3g}", fill='black')
+        draw.text((2, box[3] - 10), f"{lo:.3g}", fill='black')
+    tmp = f"{png_path}.tmp.{os.getpid()}"
+    with data.disk_full_names(png_path):
+        img.save(tmp, format='PNG')
+    os.replace(tmp, png_path)
+
+
+class RunFiles:
+    """What a run writes to its folder (rank 0): config.json, the log.jsonl records and
+    the progress line, and the checkpoints, which hold every rank's RNG state and
+    never non-finite weights. Without a pretrained file the frozen weights are random
+    and exist nowhere else: checkpoints then hold them too."""
+
+    def __init__(self, *, cfg, run, model, optimizer, scaler, fingerprint, world, master, step, train_samples,
+                 device):
+        self.cfg, self.run, self.model, self.optimizer, self.scaler = cfg, run, model, optimizer, scaler
+        self.device = device
+        self.train_samples = train_samples
+        self.fingerprint, self.world, self.master = fingerprint, world, master
+        self.last, self.best = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
+        self.log = None
+        self.log_path = os.path.join(cfg.out_dir, 'log.jsonl')
+        if master:
+            config_path = os.path.join(cfg.out_dir, 'config.json')
+            with data.disk_full_names(config_path), open(config_path, 'w') as f:
+                json.dump(asdict(cfg), f, indent=2)
+            self.log = open(self.log_path, 'a' if cfg.resume else 'w')
+        self.board = tensorboard_writer(cfg.out_dir, step) if master and cfg.tensorboard else None
+        self.t0 = self.t_last = time.time()
+        self.step_at_t = self.step_at_start = step
+
+    def say(self, *text):
+        if self.master:
+            print(*text)
+
+    def record(self, **record):
+        if self.master:
+            with data.disk_full_names(self.log_path):
+                self.log.write(json.dumps(record) + '\n')
+                self.log.flush()
+        if self.board is not None:  # the log's numbers, as TensorBoard scalars
+            scalars = {f'train/{k}': record[k] for k in ('loss', 'lr') if k in record}
+            scalars.update({f'eval/{k}': v for k, v in record.get('eval', {}).items()})
+            for tag, value in scalars.items():
+                self.board.add_scalar(tag, value, record['step'])
+
+    def plot(self):
+        """Draw curves.png from log.jsonl (rank 0)."""
+        if self.master:
+            plot_log(self.log_path, os.path.join(self.cfg.out_dir, 'curves.png'))
+
+    def progress(self, step, total, epoch, loss, lr, **extra):
+        """The progress line (loss, lr, it/s, ETA) and its log record (with `extra`)."""
+        now = time.time()
+        rate = (step - self.step_at_t) / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_at_t = now, step
+        eta = (total - step) / max(rate, 1e-9)
+        self.say(f"step {step}/{total} | epoch {epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | {rate:.2f} it/s | "
+                 f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+        self.record(step=step, epoch=epoch + 1, loss=loss, lr=lr, time=now - self.t0, **extra)
+
+    def last_good(self):
+        return f"the last good checkpoint is {self.last if os.path.exists(self.last) else 'none (none saved yet)'}"
+
+    def checkpoint(self, path, step, best, skipped, evaluation=None):
+        """Save a checkpoint at `step` (`skipped`: the SkippedSteps, read)."""
+        full = self.cfg.save_full or self.cfg.pretrained in ('', 'none')
+        state = self.model.state_dict() if full else rgbx.trainable_state(self.model)
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLoss(f"the weights are non-finite at step {step} ({len(bad)} tensors, the first {bad[0]!r}) "
+                                f"and were not saved; {self.last_good()}. Lower --lr or try --amp none")
+        states = [rng_state(self.device)]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, rng_state(self.device))
+        if self.master:
+            save_checkpoint(dict(model=state, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                                 step=step, best=best, skipped=skipped.skipped, overflows=skipped.overflows,
+                                 config=asdict(self.cfg), rng=states,
+                                 run=asdict(self.run), train_samples=self.train_samples,
+                                 frozen_sha1=self.fingerprint, evaluation=evaluation), path)
+            shutil.rmtree(os.path.join(self.cfg.out_dir, REPLACED), ignore_errors=True)  # --overwrite: now replaced
+
+    def close(self):
+        if self.master:
+            with data.disk_full_names(self.log_path):
+                self.log.close()
+        if self.board is not None:
+            self.board.close()
+
+
+# ----------------------------------------------------------------------------
+# Set-up: processes (DDP from the RANK environment variable), data, model, optimizer,
+# resume; data parallelism computes what one process computes at the global batch
+# ----------------------------------------------------------------------------
+
+# Process `rank` of `world` holds samples rank*B .. (rank+1)*B - 1 of the global batch
+# of world*B (ResumableSampler deals them so). The models draw their per-sample random
+# numbers and take their loss means through rgbx.draw_policy(); under DDP the loop runs
+# inside `rgbx.draws(GlobalBatch(device))`: every process draws for the global batch
+# (the generators, seeded alike, stay in step) and keeps its rows, and loss means divide
+# by the global count. BatchNorm uses the global batch's statistics (sync_batchnorm).
+
+class GlobalBatch(rgbx.DrawPolicy):
+    """rgbx.DrawPolicy under torch.distributed: draws for the global batch, cut to this
+    process's rows; counts summed and values gathered over the processes."""
+
+    def __init__(self, device):
+        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
+
+    def draw(self, draw, n, dim=0):
+        """draw(world * n), rows rank*n .. (rank+1)*n - 1 along `dim`."""
+        return draw(self.world * n).narrow(dim, self.rank * n, n)
+
+    def count(self, n):
+        """The global count / world (at least 1): DDP averages the processes' gradients,
+        which then equal the gradient of the global batch's mean. A collective: every
+        process computes the same losses."""
+        total = torch.as_tensor(n, dtype=torch.float64, device=self.device).reshape(1)
+        dist.all_reduce(total)  # on the device: nothing is read on the host
+        return (total.clamp(min=1) / self.world).float().reshape(())
+
+    def gather(self, values):
+        """The 1-D `values` of every process, concatenated in rank order (no gradient)."""
+        n = torch.tensor([values.numel()], device=values.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        padded = values.new_zeros(int(max(sizes)))
+        padded[:values.numel()] = values
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.detach())
+        return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the processes; its gradient is the sum of theirs."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduceSum.forward(ctx, grad)
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with the statistics of the global batch in training: the per-channel
+    sum and sum of squared deviations are summed over the processes (AllReduceSum), as
+    in torch.nn.SyncBatchNorm, which has CUDA kernels only; this one runs on any backend
+    (gloo on CPU). In eval mode and in one process it is BatchNorm2d."""
+
+    def forward(self, x):
+        if not self.training or not dist.is_initialized():
+            return super().forward(x)
+        xf = x.float()  # statistics in float32 also under autocast
+        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)  # pixels per channel
+        dist.all_reduce(count)
+        mean = AllReduceSum.apply(xf.sum((0, 2, 3))) / count  # (C,)
+        var = AllReduceSum.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))) / count  # (C,), biased
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), m)
+        out = (xf - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
+        return (out * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else out).to(x.dtype)
+
+
+def sync_batchnorm(module, device):
+    """`module` with every BatchNorm2d made to use the global batch's statistics under
+    data parallelism: torch.nn.SyncBatchNorm on CUDA, SyncBatchNorm above elsewhere
+    (same parameters, buffers and names)."""
+    if device.type == 'cuda':
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            synced = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(child.weight.device if child.affine else device)
+            synced.load_state_dict(child.state_dict())
+            synced.train(child.training).requires_grad_(child.affine and child.weight.requires_grad)
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child, device)
+    return module
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per epoch (set_epoch), dealt in global batches of world x
+    batch: rank r takes rows r*batch .. (r+1)*batch - 1 of each, so the processes
+    together see exactly one process's batches at the global batch size (GlobalBatch);
+    `start`: the number of this rank's samples of the epoch already consumed, so that
+    a resumed run sees the same order."""
+
+    def __init__(self, n, seed, rank=0, world=1, batch=1):
+        self.n, self.seed, self.rank, self.world, self.batch = n, seed, rank, world, batch
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def indices(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        steps = len(order) // (self.world * self.batch)  # whole global batches only (drop_last)
+        dealt = torch.tensor(order[:steps * self.world * self.batch]).view(steps, self.world, self.batch)  # (step, rank, i)
+        return dealt[:, self.rank].flatten().tolist()
+
+    def __iter__(self):
+        """(epoch, index) pairs: the dataset draws the sample's augmentation of that epoch."""
+        return iter([(self.epoch, i) for i in self.indices()[self.start:]])
+
+    def __len__(self):
+        return len(self.indices()) - self.start
+
+
+def make_loaders(cfg, run, rank, world, device):
+    """The training set, its resumable sampler and loader, and the test loader. The
+    augmentation randomness is a function of (seed, epoch, sample), so the order of
+    workers and a resume cannot change it."""
+    train_set = data.build_dataset(cfg.dataset, cfg.data_root, cfg.split, run.x_modality,
+                                   crop=ev.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed,
+                                   x_standardised=run.x_standardised, augment=cfg.augment == 'full')
+    test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', run.x_modality,
+                                  x_standardised=run.x_standardised)
+    sampler = ResumableSampler(len(train_set), cfg.seed, rank, world, cfg.batch_size)
+    if len(sampler.indices()) < cfg.batch_size * cfg.grad_accum:
+        recipe = rgbx.recipe(cfg.method, cfg.dataset, run.model_args['options']).global_batch
+        raise ValueError(f"{len(train_set)} training samples cannot fill one step of {world} x {cfg.batch_size} x "
+                         f"{cfg.grad_accum} (processes x batch x accumulation)"
+                         + (f"; --grad-accum {cfg.grad_accum} comes from {cfg.method}'s recipe (a global batch of "
+                            f"{recipe}): pass a smaller --grad-accum or --batch-size" if recipe else ''))
+    pin = device.type == 'cuda'
+    loader = data.loader(train_set, cfg.batch_size, cfg.workers, sampler, drop_last=True, pin=pin, persistent=True)
+    return train_set, sampler, loader, data.shard_loader(test_set, rank, world, cfg.workers, pin)
+
+
+def prepare_model(cfg, model, device, world, say):
+    """The model `cfg` names (or `model`, an rgbx.RGBXModel) on `device`, its BatchNorms
+    synchronised across processes under DDP; prints the config and the parameter counts.
+    Returns (model, counts)."""
+    model = (model if model is not None else build_model(cfg)).to(device)
+    if not isinstance(model, rgbx.RGBXModel):
+        raise TypeError(f"train takes an rgbx.RGBXModel (the interface it trains through), not {type(model).__name__}")
+    if world > 1:  # BatchNorm on the global batch's statistics (docs/distributed.md)
+        model = sync_batchnorm(model, device)
+    counts = model.param_counts()
+    say(f"config: {json.dumps(asdict(cfg))}")
+    parts = {k: v for k, v in counts.items() if k not in ('trainable', 'total')}
+    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} total" + (f" | {parts}" if parts else ''))
+    return model, counts
 
 
 def rng_state(device):
@@ -700,35 +838,6 @@ def set_rng_state(s, device, say=print):
             say(f"note: the checkpoint holds no CUDA random state for {device}: its CUDA draws start from the seed")
             return
         torch.cuda.set_rng_state(s['cuda'][index], device)
-
-
-# ----------------------------------------------------------------------------
-# The run: set-up steps, one optimizer step, the loop
-# ----------------------------------------------------------------------------
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def make_loaders(cfg, run, rank, world, device):
-    """The training set, its resumable sampler and loader, and the test loader. The
-    augmentation randomness is a function of (seed, epoch, sample), so the order of
-    workers and a resume cannot change it."""
-    train_set = data.build_dataset(cfg.dataset, cfg.data_root, cfg.split, run.x_modality,
-                                   crop=ev.parse_size(cfg.crop, '--crop'), train=True, seed=cfg.seed,
-                                   x_standardised=run.x_standardised, augment=cfg.augment == 'full')
-    test_set = data.build_dataset(cfg.dataset, cfg.data_root, 'test', run.x_modality,
-                                  x_standardised=run.x_standardised)
-    sampler = ResumableSampler(len(train_set), cfg.seed, rank, world, cfg.batch_size)
-    if len(sampler.indices()) < cfg.batch_size * cfg.grad_accum:
-        recipe = rgbx.recipe(cfg.method, cfg.dataset, run.model_args['options']).global_batch
-        raise ValueError(f"{len(train_set)} training samples cannot fill one step of {world} x {cfg.batch_size} x "
-                         f"{cfg.grad_accum} (processes x batch x accumulation)"
-                         + (f"; --grad-accum {cfg.grad_accum} comes from {cfg.method}'s recipe (a global batch of "
-                            f"{recipe}): pass a smaller --grad-accum or --batch-size" if recipe else ''))
-    pin = device.type == 'cuda'
-    loader = data.loader(train_set, cfg.batch_size, cfg.workers, sampler, drop_last=True, pin=pin, persistent=True)
-    return train_set, sampler, loader, data.shard_loader(test_set, rank, world, cfg.workers, pin)
 
 
 def resume_checkpoint(cfg):
@@ -762,6 +871,133 @@ def restore(ckpt, cfg, model, optimizer, scaler, fingerprint, rank, device, say)
     say(f"resumed from {last_path} at step {ckpt['step']}"
         + (f", with the changes {ckpt['changes']}" if ckpt['changes'] else ''))
     return ckpt['step'], ckpt['best'], SkippedSteps(device, ckpt['skipped'], ckpt.get('overflows', 0))
+
+
+@dataclass(kw_only=True)
+class Session:
+    """Everything a training run holds while it runs (`setup` builds it, by keyword)."""
+    cfg: Config
+    run: ev.RunSpec
+    rank: int
+    world: int
+    device: torch.device
+    raw: rgbx.RGBXModel  # the model itself; `model` is what is called (compiled, DDP-wrapped)
+    model: nn.Module
+    counts: dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_set: torch.utils.data.Dataset
+    sampler: ResumableSampler
+    loader: torch.utils.data.DataLoader
+    test_loader: torch.utils.data.DataLoader
+    files: 'RunFiles'
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    step: int
+    best: float
+    skipped: 'SkippedSteps'
+    policy: rgbx.DrawPolicy | None  # the draws of the loop: GlobalBatch under DDP, None: the default
+
+
+def setup(cfg, model=None):
+    """Processes, the run folder, seeds, data, model, optimizer, schedule and resume: a Session."""
+    rank, world, device = ev.setup_distributed(cfg.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    ev.check_cpu_bf16(cfg.amp, device, say)
+    ev.check_cuda_bf16(cfg.amp, device)
+    if device.type == 'cuda':
+        ev.set_tf32(cfg.tf32)
+    run = run_spec(cfg)
+    resumed = resume_checkpoint(cfg) if cfg.resume else None
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+    train_set, sampler, loader, test_loader = make_loaders(cfg, run, rank, world, device)
+    say(f"threads: {torch.get_num_threads()} ({data.core_budget()[1]})")
+    held = check_out_dir(cfg, rank == 0, say)
+    for dataset in (train_set, test_loader.dataset.dataset):  # every file of both splits, before the first step
+        data.check_files(dataset, cfg.workers, say, rank, world)
+    raw, counts = prepare_model(cfg, model, device, world, say)
+    fingerprint = rgbx.frozen_fingerprint(raw)
+    optimizer = torch.optim.AdamW(raw.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
+                                  fused=device.type == 'cuda')
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
+    steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
+    total = run_length(cfg, steps_per_epoch, say)
+    if resumed and resumed.get('train_samples', len(train_set)) != len(train_set):
+        raise ValueError(f"--resume: the training split now has {len(train_set)} samples, the run had "
+                         f"{resumed['train_samples']} (its schedule, warm-up and epochs depend on them): pass the "
+                         f"run's --data-root ({resumed['config']['data_root']!r}) or start a new run")
+    step, best, skipped = (restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, device, say) if resumed
+                           else (0, -1.0, SkippedSteps(device)))
+    if rank == 0:
+        set_old_run_aside(cfg, held, say)
+    files = RunFiles(cfg=cfg, run=run, model=raw, optimizer=optimizer, scaler=scaler, fingerprint=fingerprint,
+                     world=world, master=rank == 0, step=step, train_samples=len(train_set), device=device)
+    model = raw
+    if world > 1:
+        model = DDP(raw, device_ids=[device.index] if device.type == 'cuda' else None,
+                    find_unused_parameters=raw.find_unused_parameters)
+    if cfg.compile:  # the DDP model compiled: its gradient all-reduces overlap the compiled backward
+        model = torch.compile(model)
+    policy = GlobalBatch(device) if world > 1 else None
+    return Session(cfg=cfg, run=run, rank=rank, world=world, device=device, raw=raw, model=model, counts=counts,
+                   optimizer=optimizer, scaler=scaler, train_set=train_set, sampler=sampler, loader=loader,
+                   test_loader=test_loader, files=files, steps_per_epoch=steps_per_epoch, total=total,
+                   warmup=int(cfg.warmup_epochs * steps_per_epoch), step=step, best=best, skipped=skipped,
+                   policy=policy)
+
+
+def run_length(cfg, steps_per_epoch, say):
+    """The run's optimizer steps: --max-steps, or --epochs, or with both whichever ends first;
+    a warm-up at least as long as the run is said with the share of --lr it reaches."""
+    lengths = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * steps_per_epoch) if n]
+    total = min(lengths)
+    if len(set(lengths)) > 1:
+        say(f"note: --epochs {cfg.epochs} ({cfg.epochs * steps_per_epoch} steps) and --max-steps "
+            f"{cfg.max_steps}: the run stops at whichever comes first, after {total} steps")
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if warmup >= total:
+        reach = lr_at(total - 1, total, warmup, 1.0)
+        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the "
+            f"run ({total} steps) or longer: the learning rate reaches {reach:.0%} of --lr "
+            f"{cfg.lr:g} at the last step; pass --warmup-epochs below "
+            f"{total / steps_per_epoch:.3g} for a full warm-up")
+    return total
+
+
+# ----------------------------------------------------------------------------
+# The loop: the learning rate, the batches of the schedule, one optimizer step, epochs
+# ----------------------------------------------------------------------------
+
+def lr_at(step, total, warmup, base, warmup_ratio=0.1, power=0.9, schedule='poly'):
+    """Linear warm-up from warmup_ratio * base to base over `warmup` steps, then to 0
+    at `total` by poly decay base * (1 - t)^power or cosine decay base * (1 + cos(pi t)) / 2
+    (a pure function of the step)."""
+    if step < warmup:
+        return base * (warmup_ratio + (1 - warmup_ratio) * step / warmup)
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (1 + math.cos(math.pi * t)) / 2 if schedule == 'cosine' else base * (1 - t) ** power
+
+
+def fresh_batch(batch_of, step):
+    """Whether `step` draws a new batch. `batch_of(step)` names the batch a step trains on:
+    the step itself, or for MaskMentor's STTP (Sec. 3.4: "for each input batch", three
+    teacher iterations then one student iteration) one batch per cycle."""
+    return step == 0 or batch_of(step) != batch_of(step - 1)
+
+
+def draws(batch_of, start, stop):
+    """How many batches steps start..stop-1 draw from the loader."""
+    return sum(fresh_batch(batch_of, s) for s in range(start, stop))
+
+
+def cycle_start(batch_of, step):
+    """The first step that trains on the batch of `step`."""
+    while step > 0 and batch_of(step - 1) == batch_of(step):
+        step -= 1
+    return step
 
 
 def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, step_inputs):
@@ -848,236 +1084,6 @@ class SkippedSteps:
                                f"({limit}: {MAX_SKIPPED:.0%} of {total})" if cfg.nonfinite == 'skip' else '')
                             + f"; {files.last_good()}. Lower --lr, try --amp none"
                             + ('' if cfg.nonfinite == 'skip' else ', or pass --nonfinite skip'))
-
-
-def prepare_model(cfg, model, device, world, say):
-    """The model `cfg` names (or `model`, an rgbx.RGBXModel) on `device`, its BatchNorms
-    synchronised across processes under DDP; prints the config and the parameter counts.
-    Returns (model, counts)."""
-    model = (model if model is not None else build_model(cfg)).to(device)
-    if not isinstance(model, rgbx.RGBXModel):
-        raise TypeError(f"train takes an rgbx.RGBXModel (the interface it trains through), not {type(model).__name__}")
-    if world > 1:  # BatchNorm on the global batch's statistics (docs/distributed.md)
-        model = sync_batchnorm(model, device)
-    counts = model.param_counts()
-    say(f"config: {json.dumps(asdict(cfg))}")
-    parts = {k: v for k, v in counts.items() if k not in ('trainable', 'total')}
-    say(f"parameters: trainable {counts['trainable']:,} of {counts['total']:,} total" + (f" | {parts}" if parts else ''))
-    return model, counts
-
-
-def tensorboard_writer(folder, step):
-    """--tensorboard: a SummaryWriter on `folder`; a resumed run drops the events after `step`."""
-    from torch.utils.tensorboard import SummaryWriter  # the tensorboard package: optional
-    return SummaryWriter(folder, purge_step=step or None)
-
-
-def plot_log(log_path, png_path, size=(480, 160)):
-    """curves.png of a run: the training loss, the learning rate and each evaluation's mIoU
-    over the steps, one panel each, from its log.jsonl, drawn with pillow; written atomically."""
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    series = [('training loss', [(r['step'], r['loss']) for r in records if 'loss' in r]),
-              ('learning rate', [(r['step'], r['lr']) for r in records if 'lr' in r]),
-              ('test mIoU', [(r['step'], r['eval']['miou']) for r in records if 'eval' in r])]
-    series = [(name, pts) for name, pts in series if pts]
-    w, h = size
-    font = ImageFont.load_default()
-    img = Image.new('RGB', (w, h * max(1, len(series))), 'white')
-    draw = ImageDraw.Draw(img)
-    last = max((p[0] for _, pts in series for p in pts), default=1)
-    for i, (name, pts) in enumerate(series):
-        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
-        box = (60, i * h + 20, w - 10, (i + 1) * h - 20)  # the plot area: left, top, right, bottom
-        xy = [(box[0] + (box[2] - box[0]) * step / max(last, 1),
-               box[3] - (box[3] - box[1]) * (v - lo) / ((hi - lo) or 1)) for step, v in pts]
-        draw.rectangle(box, outline=(160, 160, 160))
-        if len(xy) > 1:
-            draw.line(xy, fill=(31, 119, 180), width=2)
-        else:  # one point: a dot
-            (x, y), = xy
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(31, 119, 180))
-        ev.words(draw, (box[0], i * h + 4), f"{name} over steps 0..{last}", font)
-        draw.text((2, box[1]), f"{hi:.3g}", fill='black')
-        draw.text((2, box[3] - 10), f"{lo:.3g}", fill='black')
-    tmp = f"{png_path}.tmp.{os.getpid()}"
-    with data.disk_full_names(png_path):
-        img.save(tmp, format='PNG')
-    os.replace(tmp, png_path)
-
-
-class RunFiles:
-    """What a run writes to its folder (rank 0): config.json, the log.jsonl records and
-    the progress line, and the checkpoints, which hold every rank's RNG state and
-    never non-finite weights. Without a pretrained file the frozen weights are random
-    and exist nowhere else: checkpoints then hold them too."""
-
-    def __init__(self, cfg, run, model, optimizer, scaler, fingerprint, world, master, step, train_samples, device):
-        self.cfg, self.run, self.model, self.optimizer, self.scaler = cfg, run, model, optimizer, scaler
-        self.device = device
-        self.train_samples = train_samples
-        self.fingerprint, self.world, self.master = fingerprint, world, master
-        self.last, self.best = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
-        self.log = None
-        self.log_path = os.path.join(cfg.out_dir, 'log.jsonl')
-        if master:
-            config_path = os.path.join(cfg.out_dir, 'config.json')
-            with data.disk_full_names(config_path), open(config_path, 'w') as f:
-                json.dump(asdict(cfg), f, indent=2)
-            self.log = open(self.log_path, 'a' if cfg.resume else 'w')
-        self.board = tensorboard_writer(cfg.out_dir, step) if master and cfg.tensorboard else None
-        self.t0 = self.t_last = time.time()
-        self.step_at_t = self.step_at_start = step
-
-    def say(self, *text):
-        if self.master:
-            print(*text)
-
-    def record(self, **record):
-        if self.master:
-            with data.disk_full_names(self.log_path):
-                self.log.write(json.dumps(record) + '\n')
-                self.log.flush()
-        if self.board is not None:  # the log's numbers, as TensorBoard scalars
-            scalars = {f'train/{k}': record[k] for k in ('loss', 'lr') if k in record}
-            scalars.update({f'eval/{k}': v for k, v in record.get('eval', {}).items()})
-            for tag, value in scalars.items():
-                self.board.add_scalar(tag, value, record['step'])
-
-    def plot(self):
-        """Draw curves.png from log.jsonl (rank 0)."""
-        if self.master:
-            plot_log(self.log_path, os.path.join(self.cfg.out_dir, 'curves.png'))
-
-    def progress(self, step, total, epoch, loss, lr, **extra):
-        """The progress line (loss, lr, it/s, ETA) and its log record (with `extra`)."""
-        now = time.time()
-        rate = (step - self.step_at_t) / max(now - self.t_last, 1e-9)
-        self.t_last, self.step_at_t = now, step
-        eta = (total - step) / max(rate, 1e-9)
-        self.say(f"step {step}/{total} | epoch {epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | {rate:.2f} it/s | "
-                 f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-        self.record(step=step, epoch=epoch + 1, loss=loss, lr=lr, time=now - self.t0, **extra)
-
-    def last_good(self):
-        return f"the last good checkpoint is {self.last if os.path.exists(self.last) else 'none (none saved yet)'}"
-
-    def checkpoint(self, path, step, best, skipped, evaluation=None):
-        """Save a checkpoint at `step` (`skipped`: the SkippedSteps, read)."""
-        full = self.cfg.save_full or self.cfg.pretrained in ('', 'none')
-        state = self.model.state_dict() if full else rgbx.trainable_state(self.model)
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteLoss(f"the weights are non-finite at step {step} ({len(bad)} tensors, the first {bad[0]!r}) "
-                                f"and were not saved; {self.last_good()}. Lower --lr or try --amp none")
-        states = [rng_state(self.device)]
-        if self.world > 1:
-            states = [None] * self.world
-            dist.all_gather_object(states, rng_state(self.device))
-        if self.master:
-            save_checkpoint(dict(model=state, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                                 step=step, best=best, skipped=skipped.skipped, overflows=skipped.overflows,
-                                 config=asdict(self.cfg), rng=states,
-                                 run=asdict(self.run), train_samples=self.train_samples,
-                                 frozen_sha1=self.fingerprint, evaluation=evaluation), path)
-            shutil.rmtree(os.path.join(self.cfg.out_dir, REPLACED), ignore_errors=True)  # --overwrite: now replaced
-
-    def close(self):
-        if self.master:
-            with data.disk_full_names(self.log_path):
-                self.log.close()
-        if self.board is not None:
-            self.board.close()
-
-
-@dataclass
-class Session:
-    """Everything a training run holds while it runs (`setup`)."""
-    cfg: Config
-    run: ev.RunSpec
-    rank: int
-    world: int
-    device: torch.device
-    raw: rgbx.RGBXModel  # the model itself; `model` is what is called (compiled, DDP-wrapped)
-    model: nn.Module
-    counts: dict
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    train_set: torch.utils.data.Dataset
-    sampler: ResumableSampler
-    loader: torch.utils.data.DataLoader
-    test_loader: torch.utils.data.DataLoader
-    files: 'RunFiles'
-    steps_per_epoch: int
-    total: int
-    warmup: int
-    step: int
-    best: float
-    skipped: SkippedSteps
-    policy: rgbx.DrawPolicy | None  # the draws of the loop: GlobalBatch under DDP, None: the default
-
-
-def setup(cfg, model=None):
-    """Processes, the run folder, seeds, data, model, optimizer, schedule and resume: a Session."""
-    rank, world, device = ev.setup_distributed(cfg.device)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    ev.check_cpu_bf16(cfg.amp, device, say)
-    ev.check_cuda_bf16(cfg.amp, device)
-    if device.type == 'cuda':
-        ev.set_tf32(cfg.tf32)
-    run = run_spec(cfg)
-    resumed = resume_checkpoint(cfg) if cfg.resume else None
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    train_set, sampler, loader, test_loader = make_loaders(cfg, run, rank, world, device)
-    say(f"threads: {torch.get_num_threads()} ({data.core_budget()[1]})")
-    held = check_out_dir(cfg, rank == 0, say)
-    for dataset in (train_set, test_loader.dataset.dataset):  # every file of both splits, before the first step
-        data.check_files(dataset, cfg.workers, say, rank, world)
-    raw, counts = prepare_model(cfg, model, device, world, say)
-    fingerprint = rgbx.frozen_fingerprint(raw)
-    optimizer = torch.optim.AdamW(raw.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
-                                  fused=device.type == 'cuda')
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
-    steps_per_epoch = len(sampler.indices()) // (cfg.batch_size * cfg.grad_accum)
-    total = run_length(cfg, steps_per_epoch, say)
-    if resumed and resumed.get('train_samples', len(train_set)) != len(train_set):
-        raise ValueError(f"--resume: the training split now has {len(train_set)} samples, the run had "
-                         f"{resumed['train_samples']} (its schedule, warm-up and epochs depend on them): pass the "
-                         f"run's --data-root ({resumed['config']['data_root']!r}) or start a new run")
-    step, best, skipped = restore(resumed, cfg, raw, optimizer, scaler, fingerprint, rank, device, say) if resumed else (0, -1.0, SkippedSteps(device))
-    if rank == 0:
-        set_old_run_aside(cfg, held, say)
-    files = RunFiles(cfg, run, raw, optimizer, scaler, fingerprint, world, rank == 0, step, len(train_set), device)
-    model = raw
-    if world > 1:
-        model = DDP(raw, device_ids=[device.index] if device.type == 'cuda' else None,
-                    find_unused_parameters=raw.find_unused_parameters)
-    if cfg.compile:  # the DDP model compiled: its gradient all-reduces overlap the compiled backward
-        model = torch.compile(model)
-    policy = GlobalBatch(device) if world > 1 else None
-    return Session(cfg, run, rank, world, device, raw, model, counts, optimizer, scaler, train_set, sampler, loader,
-                   test_loader, files, steps_per_epoch, total, int(cfg.warmup_epochs * steps_per_epoch), step, best,
-                   skipped, policy)
-
-
-def run_length(cfg, steps_per_epoch, say):
-    """The run's optimizer steps: --max-steps, or --epochs, or with both whichever ends first;
-    a warm-up at least as long as the run is said with the share of --lr it reaches."""
-    lengths = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * steps_per_epoch) if n]
-    total = min(lengths)
-    if len(set(lengths)) > 1:
-        say(f"note: --epochs {cfg.epochs} ({cfg.epochs * steps_per_epoch} steps) and --max-steps "
-            f"{cfg.max_steps}: the run stops at whichever comes first, after {total} steps")
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if warmup >= total:
-        reach = lr_at(total - 1, total, warmup, 1.0)
-        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the "
-            f"run ({total} steps) or longer: the learning rate reaches {reach:.0%} of --lr "
-            f"{cfg.lr:g} at the last step; pass --warmup-epochs below "
-            f"{total / steps_per_epoch:.3g} for a full warm-up")
-    return total
 
 
 def train(cfg, model=None, on_step=None):
@@ -1179,6 +1185,10 @@ def end_epoch(s, epoch):
     s.files.plot()
     return evaluation
 
+
+# ----------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a job scheduler, torchrun stopping its processes): ended as Ctrl-C."""
