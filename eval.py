@@ -675,7 +675,8 @@ def setup_distributed(device_name):
     (the caching allocator, NCCL, pinned memory) lands on GPU 0 by default."""
     device = check_device(device_name)
     if 'RANK' not in os.environ:
-        if device.type == 'cuda':
+        if device.type == 'cuda':  # 'cuda' names the current device: its index made explicit
+            device = torch.device('cuda', torch.cuda.current_device() if device.index is None else device.index)
             torch.cuda.set_device(device)
         return 0, 1, device
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))

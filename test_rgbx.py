@@ -4711,7 +4711,13 @@ def pretend_one_gpu(monkeypatch, capability, name):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
-    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: set_to.append(torch.device(device)))
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+
+    def set_device(device):  # as torch checks it: an index is needed
+        if torch.device(device).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        set_to.append(torch.device(device))
+    monkeypatch.setattr(torch.cuda, 'set_device', set_device)
     return set_to
 
 
@@ -4726,6 +4732,8 @@ def test_eval_cuda_devices_checked_on_a_one_gpu_machine(monkeypatch, tmp_path):
     assert '--device cuda:5' in cli_error(tr.main, ['--device', 'cuda:5', '--out-dir', str(tmp_path / 'run')])
     monkeypatch.delenv('RANK', raising=False)
     assert ev.setup_distributed('cuda:0') == (0, 1, torch.device('cuda:0')) and set_to == [torch.device('cuda:0')]
+    assert ev.setup_distributed('cuda') == (0, 1, torch.device('cuda:0')) and set_to[-1] == torch.device('cuda:0')
+    assert ev.setup_distributed('') == (0, 1, torch.device('cuda:0'))
     monkeypatch.setenv('RANK', '1')
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('LOCAL_RANK', '1')
@@ -6236,8 +6244,8 @@ def test_train_cuda_torchrun_with_nccl(tmp_path):
 
 # What a CUDA training step may wait for (beyond the log steps' reads), by function: the
 # host reads of HOST_READS but apply_step's (fused AdamW decides on the device), and the
-# copy of M2IM's host-drawn masks to the GPU.
-CUDA_SYNCS_ALLOWED = set().union(*HOST_READS.values()) - {'apply_step'} | {'m2im_keep_batch'}
+# copies of the masks MMST (KTB's embed) and M2IM draw on the CPU generator to the GPU.
+CUDA_SYNCS_ALLOWED = set().union(*HOST_READS.values()) - {'apply_step'} | {'embed', 'm2im_keep_batch'}
 
 
 @pytest.mark.cuda
