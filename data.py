@@ -25,6 +25,7 @@ sizes that disagree, a label value outside the classes, an id listed twice in a 
 or a split file that is not UTF-8 raises an error naming the file and the fix.
 """
 import colorsys
+import argparse
 import errno
 import json
 import mmap
@@ -2250,6 +2251,14 @@ def parse_hw(text, flag):
     return h, w
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, whose errors (an unknown flag, a value of the wrong type, a missing one) end
+    the command with one line, 'error: ...', as every other refusal does (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
+
+
 def dash_values(argv, flags):
     """argv with a value that starts with '-' attached to its flag (`--crop -1x5` ->
     `--crop=-1x5`) for the `flags` that take one, so that argparse hands it to the flag's
@@ -2266,8 +2275,7 @@ def dash_values(argv, flags):
 
 def cli_parser():
     """The command line of data.py: the subcommands hha and rooms."""
-    import argparse
-    ap = argparse.ArgumentParser(prog='data.py', description="Data tools of rgbx.")
+    ap = OneLineParser(prog='data.py', description="Data tools of rgbx.")
     sub = ap.add_subparsers(dest='command', required=True)
     p = sub.add_parser('hha', help="convert depth PNGs to HHA PNGs (Gupta et al., ECCV 2014)",
                        description="Convert every depth PNG of a folder to an HHA PNG of the same name "

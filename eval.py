@@ -1115,7 +1115,7 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
 # ----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=__doc__.split('\n')[0])
     p.add_argument('--checkpoint', default=None,
                    help="a training checkpoint (last.pt / best.pt), or a file without rgbx's config (a trained "
                         "KTB of the authors' release): its model is then built from --method, --backbone, "
@@ -1239,22 +1239,30 @@ def check_flags(args):
             raise ValueError(f"--{name} must be >= {low}, not {getattr(args, name)}")
 
 
+# What eval.py reads and writes, by flag: every output flag is checked by `check_outputs`
+# (a new one joins OUTPUT_FILES or OUTPUT_FOLDERS); a file's kind is what may be replaced.
+INPUT_FLAGS = ('checkpoint', 'rgb', 'x', 'depth', 'pretrained', 'data_root', 'split')
+OUTPUT_FILES = {'out': 'png', 'json': 'json'}
+OUTPUT_FOLDERS = ('save_pred', 'reconstruct')
+
+
 def check_outputs(args):
     """Every output flag: its folder exists, and it writes over no input, into no dataset
     and into no other run's folder (data.check_output; the checkpoint's own run folder
     may receive pictures and metrics, never over its run files)."""
-    read = ('checkpoint', 'rgb', 'x', 'depth', 'pretrained', 'data_root', 'split')
-    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in read]
+    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in INPUT_FLAGS]
     own = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None
-    for flag, path in (('--out', args.out), ('--json', args.json)):
+    for name, kind in OUTPUT_FILES.items():
+        flag, path = '--' + name.replace('_', '-'), getattr(args, name)
         folder = os.path.dirname(os.path.abspath(path)) if path else ''
         if path and not os.path.isdir(folder):
             raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
         if path and os.path.isdir(path):
             raise ValueError(f"{flag} {path} is a folder: name the file to write")
         if path:
-            data.check_output(flag, path, inputs, own_run=own, kind=flag[2:].replace('out', 'png'))
-    for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
+            data.check_output(flag, path, inputs, own_run=own, kind=kind)
+    for name in OUTPUT_FOLDERS:
+        flag, path = '--' + name.replace('_', '-'), getattr(args, name)
         if path and os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{flag} {path} is a file: pass a folder for the pictures")
         if path:

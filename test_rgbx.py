@@ -6546,6 +6546,21 @@ def test_layout_train_calls_models_through_the_interface_only():
 
 @pytest.mark.slow
 @pytest.mark.slow
+def test_layout_every_command_refuses_bad_flags_in_one_line():
+    """argparse's own refusals (an unknown flag, a value of the wrong type, a missing one) end
+    each command with one 'error:' line and a non-zero status, like every other refusal."""
+    import subprocess
+    import sys
+    here = Path(__file__).resolve().parent
+    for argv, words in ((['train.py', '--epochs', 'abc'], ['--epochs', 'abc']), (['eval.py', '--bogus'], ['--bogus']),
+                        (['data.py', 'hha', '--depth', 'x'], ['--out', '--camera']),
+                        (['-m', 'study.run', '--seeds', 'x'], ['--seeds'])):
+        res = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=here,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        one_line_error(res, *words)
+
+
+@pytest.mark.slow
 def test_layout_readme_python_examples_run_and_write_nothing_into_the_repository(tmp_path):
     """Each ```python block of README.md, run as a user runs it (a file in the repository root's
     working folder, the temporary folder under the test's), ends without error and leaves the

@@ -153,7 +153,7 @@ RECIPE_FIELDS = ('epochs', 'lr', 'weight_decay', 'batch_size', 'warmup_epochs', 
 
 def parser():
     """argparse built from the Config fields, each with its help, default and choices."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md and docs/; "
+    p = data.OneLineParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md and docs/; "
                                 "options of a method: python train.py --method NAME --list-opts")
     for f in fields(Config):
         meta = f.metadata

@@ -28,7 +28,6 @@ their spread (std) over the target's; a decoder that predicts one value per imag
 spread 0, whatever its loss. Writes results.json, results.md (the ratios, the chosen lr and budget) and
 results.png (the curves) to study/maskmentor-pretraining/.
 """
-import argparse
 import json
 import multiprocessing
 import os
@@ -256,7 +255,7 @@ def plot(results, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=__doc__.split('\n')[0])
     p.add_argument('--lrs', default='1e-3,3e-3', help='comma-separated learning rates (1e-4 and 3e-4 trailed 1e-3 '
                                                         'over 2000 steps)')
     p.add_argument('--steps', type=int, default=5000, help='optimizer steps per lr')

@@ -34,7 +34,6 @@ Every run is a train.py configuration (its command line is in its train.log); ru
 resumes where it stopped. Reports: study/results.md (+ .png, .json), study/validation/,
 and the README's claims table between its `study:claims` markers.
 """
-import argparse
 import contextlib
 import json
 import multiprocessing
@@ -606,7 +605,7 @@ def wall_time(out, seconds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='a few steps and one seed: checks that every step runs')
     p.add_argument('--seeds', type=int, default=3)
     p.add_argument('--steps', type=int, default=0, help="optimizer steps of each adaptation run (0 = the study's)")
