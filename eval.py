@@ -1370,8 +1370,8 @@ def evaluate_split(args, model, run, root, rank, world, device):
     if rank == 0:
         how = (f"protocol {args.protocol} ({protocol.summary})" if protocol.probs else
                f"scales {list(scales)}{' + flip' if args.flip else ''}")
-        print(f"{run.dataset} {split} ({len(dataset)} images), modality {args.modality}, {how}")
-        print(format_metrics(m, preset.class_names))
+        print(format_metrics(m, preset.class_names))  # first line: mIoU XX.XX, as the protocol averages
+        print(f"evaluated: {run.dataset} {split} ({len(dataset)} images), modality {args.modality}, {how}")
         if args.save_pred:
             print(f"wrote the predictions and panels of the {len(dataset)} images to "
                   f"{args.save_pred}")

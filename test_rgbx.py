@@ -4373,7 +4373,8 @@ def test_eval_protocol_release_command_line_on_a_release_checkpoint(tmp_path, ca
              '--data-root', str(tmp_path / 'small'), '--protocol', 'release', '--device', 'cpu',
              '--json', str(tmp_path / 'm.json')])
     out = capsys.readouterr().out.splitlines()
-    assert out[1].startswith(f"mIoU {ref['miou']:.2f} |") and 'absent' in out[3] and 'survivor' in out[3]
+    assert out[0].startswith(f"mIoU {ref['miou']:.2f} |") and 'absent' in out[2] and 'survivor' in out[2]
+    assert out[1].startswith('mIoU over the 4 classes present') and 'protocol release' in out[-2]
     m = json.loads((tmp_path / 'm.json').read_text())  # within 0.01 points (one grey level may round apart)
     assert np.nan_to_num(m['iou']) == pytest.approx(ref['ious'], abs=1e-4) and m['protocol'] == 'release'
 
