@@ -153,13 +153,13 @@ def demo_preset(size, holdout=0):
                   defaults=dict(epochs=20, lr=1e-3, weight_decay=0.01, batch_size=4, warmup_epochs=1))
 
 
-def rooms_preset(holdout=0):
+def rooms_preset(holdout=0, size=(240, 320)):
     """Rendered rooms (RoomsDataset; `python data.py rooms` writes the same scenes as
-    files): NYUDv2's classes, X modalities and statistics, 240 x 320 scenes. holdout > 0:
+    files): NYUDv2's classes, X modalities and statistics, scenes of `size`. holdout > 0:
     a validation preset whose 'train' split is the first 800 - holdout training scenes
     and whose 'test' split the last `holdout` (never the test scenes). `defaults`: the
     training settings of every method here (no paper trains on rooms)."""
-    return Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', (), (240, 320), label_shift=-1,
+    return Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', (), size, label_shift=-1,
                   generator='rooms', holdout=holdout,
                   defaults=dict(epochs=40, lr=1e-3, weight_decay=0.01, batch_size=8,
                                 warmup_epochs=1))
@@ -171,6 +171,9 @@ PRESETS = {
     'demo128-val': demo_preset(128, holdout=64),  # the study's validation split, for decisions a paper leaves open
     'rooms': rooms_preset(),  # rendered indoor RGB-D scenes, NYU-40 classes (data.py rooms)
     'rooms-val': rooms_preset(holdout=160),  # its validation split, carved from the training scenes
+    # the same scenes at 144 x 192 (a 9 x 12 token grid for ViT/16): the reproduction study's data
+    'rooms144': rooms_preset(size=(144, 192)),
+    'rooms144-val': rooms_preset(holdout=160, size=(144, 192)),
     # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
     'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH, 'depth8': DEPTH8}, 'hha', RGBD_LAYOUT,
                      (480, 640),
@@ -858,6 +861,11 @@ class SceneCache:
         buf[index] = 1
 
 
+# (scene_seed, split, first scene, count, size, X) -> its SceneCache: the datasets of one process
+# share it, so that the runs of a process (a study's runs, one after another) render each scene once
+SCENE_CACHES = {}
+
+
 class RoomsDataset(SegmentationDataset):
     """Rendered indoor RGB-D scenes in memory (presets 'rooms', 'rooms-val'): 800
     training and 200 test scenes of the preset's crop size, scene i of a split drawn
@@ -866,7 +874,8 @@ class RoomsDataset(SegmentationDataset):
     uint8 RGB, X = HHA of the mm depth (rooms_hha) or the mm depth / 10000, labels
     shifted from NYU-40 ids (0 void -> 255). The scenes are fixed (scene_seed 0),
     whatever the training seed, so that test numbers compare across runs. Each scene
-    is rendered once per run and kept (SceneCache; 0.5 MB a scene with HHA)."""
+    is rendered once per process and kept (SceneCache, shared by the process's datasets of
+    the same scenes: SCENE_CACHES; 0.5 MB a scene with HHA)."""
     SCENES = {'train': 800, 'test': 200}
 
     def __init__(self, split='train', preset='rooms', x_modality=None, transform=None, seed=0,
@@ -884,7 +893,11 @@ class RoomsDataset(SegmentationDataset):
         self.scene_seed, self.size = scene_seed, self.preset.crop
         h, w = self.size
         x = ((h, w, 3), np.uint8) if self.x_modality == 'hha' else ((h, w), np.uint16)
-        self.cache = SceneCache(len(self.names), (((h, w, 3), np.uint8), x, ((h, w), np.uint8)))
+        key = scene_seed, self.source, self.first, len(self.names), self.size, self.x_modality
+        if key not in SCENE_CACHES:
+            shapes = ((h, w, 3), np.uint8), x, ((h, w), np.uint8)
+            SCENE_CACHES[key] = SceneCache(len(self.names), shapes)
+        self.cache = SCENE_CACHES[key]
 
     def stored(self, index):
         """Scene `index` as its files store it: rgb uint8 (H, W, 3), X (HHA uint8 (H, W, 3)
@@ -971,7 +984,8 @@ def one_thread(worker_id):
     torch.set_num_threads(1)
 
 
-def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False, persistent=False):
+def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False,
+           persistent=False):
     """A DataLoader that keeps to the cores: each of the `workers` processes runs 1
     thread and the main process usable_cores() - workers (at least 1), so that loading
     and the model never oversubscribe the cores; `persistent`: the workers live as long
@@ -980,7 +994,8 @@ def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=
     torch.set_num_threads(max(1, usable_cores() - workers))
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                                        drop_last=drop_last, worker_init_fn=one_thread if workers else None,
-                                       generator=torch.Generator(), persistent_workers=persistent and workers > 0)
+                                       generator=torch.Generator(),
+                                       persistent_workers=persistent and workers > 0)
 
 
 def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, x_standardised=True,

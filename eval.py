@@ -644,20 +644,22 @@ def check_device(name, flag='--device'):
                          f"use {flag} cpu")
     if device.type not in ('cpu', 'cuda'):
         raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}")
-    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}; pass one of them")
+    count = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if device.type == 'cuda' and device.index is not None and device.index >= count:
+        raise ValueError(f"{flag} {name}: this machine has {count} CUDA device(s), cuda:0 .. "
+                         f"cuda:{count - 1}; pass one of them")
     return device
 
 
 def check_cuda_bf16(amp, device):
-    """--amp bf16 on a GPU without bf16 units (before Ampere, compute capability 8.0): a one-line error."""
+    """--amp bf16 on a GPU without bf16 units (before Ampere, compute capability 8.0): an error."""
     if amp != 'bf16' or device.type != 'cuda':
         return
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        raise ValueError(f"--amp bf16: {device} ({torch.cuda.get_device_name(device)}, compute capability "
-                         f"{major}.{minor}) has no bf16 units (Ampere, 8.0, and later have them): use --amp fp16")
+        raise ValueError(f"--amp bf16: {device} ({torch.cuda.get_device_name(device)}, compute "
+                         f"capability {major}.{minor}) has no bf16 units (Ampere, 8.0, and later have "
+                         f"them): use --amp fp16")
 
 
 def set_tf32(enabled):
@@ -676,14 +678,16 @@ def setup_distributed(device_name):
     device = check_device(device_name)
     if 'RANK' not in os.environ:
         if device.type == 'cuda':  # 'cuda' names the current device: its index made explicit
-            device = torch.device('cuda', torch.cuda.current_device() if device.index is None else device.index)
+            index = torch.cuda.current_device() if device.index is None else device.index
+            device = torch.device('cuda', index)
             torch.cuda.set_device(device)
         return 0, 1, device
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
     if device.type == 'cuda':
         if local >= torch.cuda.device_count():
-            raise ValueError(f"torchrun started process {local} of this machine, which has {torch.cuda.device_count()} "
-                             f"CUDA device(s): pass --nproc_per_node {torch.cuda.device_count()} (one per GPU)")
+            count = torch.cuda.device_count()
+            raise ValueError(f"torchrun started process {local} of this machine, which has {count} CUDA "
+                             f"device(s): pass --nproc_per_node {count} (one per GPU)")
         device = torch.device(f'cuda:{local}')
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -1147,8 +1151,8 @@ def main(argv=None):
     p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
                    help="default none (a --protocol other than rgbx: the precision that code ran with on CUDA)")
     p.add_argument('--tf32', default=True, action=argparse.BooleanOptionalAction,
-                   help="on CUDA, TF32 tensor cores for float32 matrix products and convolutions (--no-tf32: "
-                        "true float32)")
+                   help="on CUDA, TF32 tensor cores for float32 matrix products and convolutions "
+                        "(--no-tf32: true float32)")
     p.add_argument('--workers', type=int, default=0, help="loader processes (evaluation and benchmark); see docs/performance.md")
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
     b = p.add_argument_group('model from flags: --benchmark (the --checkpoint model, or a random-weights one chosen by '

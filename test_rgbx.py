@@ -5973,7 +5973,7 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     runs = [r for r in study.plan([0], steps=2, foundation_steps=2, choices=STUDY_CHOICES)
             if r['name'] in ('Swin foundation (RGB)', 'KTB')]
     assert runs[1]['need'] == runs[0]['key']
-    results = study.run_all(runs, str(tmp_path), jobs=1)
+    results = study.run_all(runs, str(tmp_path), jobs=1, scenes=4)  # evaluated on 4 test scenes
     assert set(results) == {'Swin foundation (RGB)/0', 'KTB/0'}
     for r in results.values():
         assert all(0 <= r[c] <= 1 for c in ('both', 'rgb', 'x')) and r['step_seconds'] > 0
@@ -5984,14 +5984,87 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     assert ev.load_run_checkpoint(os.path.join(ktb, 'last.pt'))['config']['pretrained'] == \
         study.backbone_file(str(tmp_path), runs[0]['key'])
     stamp = os.path.getmtime(os.path.join(ktb, 'result.json'))
-    assert study.run_all(runs, str(tmp_path), jobs=1) == results
+    assert study.run_all(runs, str(tmp_path), jobs=1, scenes=4) == results
     assert os.path.getmtime(os.path.join(ktb, 'result.json')) == stamp
     longer = study.plan([0], steps=3, foundation_steps=2, choices=STUDY_CHOICES)  # another budget in the same folder is refused, not reused
     with pytest.raises(ValueError, match='KTB-0.*another --out'):
-        study.run_all([r for r in longer if r['name'] in ('Swin foundation (RGB)', 'KTB')], str(tmp_path), jobs=1)
+        study.run_all([r for r in longer if r['name'] in ('Swin foundation (RGB)', 'KTB')], str(tmp_path), jobs=1,
+                      scenes=4)
     trained = ev.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
     for name, p in backbone.named_parameters():  # the file holds exactly the foundation's trained backbone
         assert torch.equal(p, trained['backbone.' + name]), name
+
+
+def test_study_rooms_plan_holds_every_claims_rows_and_its_inputs():
+    """The study runs on rendered rooms: every claim's A and B rows are planned for every seed,
+    on the study's preset, validation runs on scenes carved from its training scenes; KTB has
+    rows on HHA (the default X) and on depth, GoPT both readings of ACP, MaskMentor depth."""
+    from study import run as study
+    assert data.PRESETS[study.DATASET].generator == 'rooms' and data.PRESETS[study.DATASET].crop == (144, 192)
+    val = data.get_preset(study.VALIDATION)
+    assert (val.generator, val.crop, val.holdout) == ('rooms', (144, 192), 160)
+    runs = study.plan(range(3), 4, 6, STUDY_CHOICES)
+    keys = {r['key'] for r in runs}
+    for paper, text, a, b, columns in study.CLAIMS:
+        assert all(f'{n}/{s}' in keys for n in (a, b) for s in range(3)), text
+    assert {r['config']['dataset'] for r in runs} == {'rooms144'}
+    assert {r['config']['dataset'] for r in study.validation_plan([0], 4, 6, dict(lr=1e-3, steps=4))} == \
+        {'rooms144-val'}
+    resolved = {r['name']: tr.resolve(tr.Config(**dict(r['config'], opts=r['config']['opts'].replace(
+        ',head_from=foundation', '')), pretrained='none')) for r in runs if r['seed'] == 0}
+    x = {name: ev.run_spec(c.method, c.backbone, c.dataset, c.x_modality, c.opts).x_modality
+         for name, c in resolved.items()}
+    assert {x[c[2]] for c in study.CLAIMS if c[0] == 'KTB'} == {'hha', 'depth'}
+    assert x['KTB'] == x['KTB w/o MMST'] == 'hha' and x['KTB, X = depth'] == x['KTB w/o MMST, X = depth'] == 'depth'
+    assert {x[n] for n in x if resolved[n].method == 'maskmentor'} == {'depth'}
+    assert {ev.parse_opts(resolved[c[2]].opts)['acp'] for c in study.CLAIMS if c[0] == 'GoPT'} == \
+        set(rgbx.ACP_READINGS)
+    # every adaptation at the study's batch; the foundations at the dataset's recipe
+    assert {c.batch_size for n, c in resolved.items() if 'foundation (RGB)' not in n} == {study.BATCH}
+    assert resolved['Swin foundation (RGB)'].batch_size == data.PRESETS['rooms144'].defaults['batch_size']
+
+
+@pytest.mark.slow
+def test_study_quick_on_rooms_writes_results_that_tables_read(tmp_path):
+    """`python -m study.run --quick` on rooms: every planned run ends in the report's
+    results.json (dataset, runs done = runs planned, each run's three inputs), the validation
+    report holds its choices, and rewriting the reports from the results.json alone gives the
+    same results.md."""
+    from study import run as study
+    report = tmp_path / 'report'
+    assert study.main(['--quick', '--out', str(tmp_path / 'runs'), '--report', str(report)]) == 0
+    saved = json.load(open(report / 'results.json'))
+    planned = study.plan([0], 4, 6, dict(saved['choices'], pretrain=dict(lr=1e-3, steps=4)))
+    assert (saved['dataset'], saved['validation_dataset']) == ('rooms144', 'rooms144-val')
+    assert saved['runs_done'] == saved['runs_planned'] == len(planned) == len(saved['runs'])
+    assert saved['scenes'] == f'the {study.QUICK_SCENES} test scenes'
+    for r in saved['runs']:
+        assert ('both' in r) != ('stage=pretrain' in r['config']['opts']), r['name']
+        assert all(0 <= r[c] <= 1 for c in ('both', 'rgb', 'x') if c in r) and r['cpu_seconds'] > 0
+    assert set(json.load(open(report / 'validation' / 'results.json'))['choices']['lr']) == \
+        {f[0] for f in study.FAMILIES}
+    text = (report / 'results.md').read_text()
+    assert all(f"| {paper} | {claim} |" in text for paper, claim, *_ in study.CLAIMS)
+    assert 'not judged (fewer than 3 seeds)' in text
+    study.write_report(str(report))
+    assert (report / 'results.md').read_text() == text
+
+
+def test_study_pretraining_choice_only_from_the_studys_validation_scenes(tmp_path):
+    """study.run takes MaskMentor pre-training's lr and budget from a report measured on its
+    own validation preset; one measured on other scenes (or none) stops it with the command."""
+    from study import run as study
+    curve = lambda dataset: dict(baseline={t: 1.0 for t in ('rgb', 'norm_rgb', 'depth', 'semseg')}, dataset=dataset,
+                                 points=[dict(step=s, loss={t: 1.0 - s / 1000 for t in ('rgb', 'norm_rgb', 'depth',
+                                                                                        'semseg')})
+                                         for s in (0, 100, 200)])
+    with pytest.raises(SystemExit, match='is missing: run `python -m study.pretraining`'):
+        study.pretraining_choice(str(tmp_path))
+    (tmp_path / 'results.json').write_text(json.dumps({'0.001': curve('demo128-val')}))
+    with pytest.raises(SystemExit, match='measured on demo128-val: run `python -m study.pretraining`'):
+        study.pretraining_choice(str(tmp_path))
+    (tmp_path / 'results.json').write_text(json.dumps({'0.001': curve(study.VALIDATION)}))
+    assert study.pretraining_choice(str(tmp_path)) == dict(lr=1e-3, steps=200)
 
 
 def test_study_maskmentor_plan_isolates_sttp_and_takes_the_choices():
@@ -6099,7 +6172,11 @@ def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
                       '--report', str(tmp_path)])
     saved = json.load(open(tmp_path / 'results.json'))['0.001']
     assert [p['step'] for p in saved['points']] == [0, 1, 2]
-    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image'}
+    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image', 'depth_median',
+                                                                 'depth_position'}
+    # depth's baseline is the better trivial rule; on rooms the position's mean depth beats each image's median
+    b = saved['baseline']
+    assert saved['dataset'] == pretraining.VALIDATION and b['depth'] == b['depth_position'] < b['depth_median']
     assert 'Chosen: lr 0.001 (the lowest mean ratio at the last step)' in (tmp_path / 'results.md').read_text()
     assert (tmp_path / 'results.png').exists()
     model = mm_pretrain()
