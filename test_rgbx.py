@@ -4281,6 +4281,34 @@ def test_eval_protocol_release_matches_the_release_code_on_a_720x1280_frame(tmp_
     check_release_case(tmp_path, 'wide')
 
 
+def test_eval_protocol_release_reads_mcubes_as_the_release(tmp_path):
+    """MCubeS through --protocol release: the release's own MCubeS reader (its compiled file's test list,
+    FixScaleCrop(1024), Normalize, ToTensor; fixtures/ktb-release/eval/mcubes.pt) on a synthetic 1024 x 1224
+    frame in its folders: the crop (columns 196-1219), RGB with the ImageNet statistics, AoLP from the .npy
+    stacked (sin, cos, sin) as stored, the labels."""
+    if not (RELEASE_EVAL / 'mcubes.pt').exists():
+        pytest.skip(f"KTB release MCubeS fixture absent ({RELEASE_EVAL})")
+    saved = torch.load(RELEASE_EVAL / 'mcubes.pt', map_location='cpu', weights_only=True)
+    y, x = np.meshgrid(np.arange(1024), np.arange(1224), indexing='ij')  # the fixture script's `pattern`
+    rgb = np.stack([127.5 + 127.5 * np.sin(0.013 * y * (c + 1) + 0.021 * x + c) for c in range(3)], -1)
+    angle = 0.004 * y - 0.003 * x + np.sin(0.01 * x)
+    label = ((y // 97 + x // 131) % 20).astype(np.uint8)
+    label[100:200, 150:400] = 255
+    png(tmp_path / 'polL_color' / 'f.png', np.round(rgb).astype(np.uint8))
+    png(tmp_path / 'GT' / 'f.png', label)
+    for folder, v in (('polL_aolp_sin', np.sin(angle)), ('polL_aolp_cos', np.cos(angle))):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / 'f.npy', v)
+    (tmp_path / 'list_folder').mkdir()
+    (tmp_path / 'list_folder' / 'test.txt').write_text('f\n')
+    dataset = data.build_dataset('mcubes', tmp_path, str(tmp_path / 'list_folder' / 'test.txt'), 'aolp-npy')
+    dataset.transform = ev.release_transform('mcubes', 'aolp-npy', data.get_preset('mcubes'))
+    image, aolp, lab = dataset[0]
+    assert [list(image.shape), list(aolp.shape), [1] + list(lab.shape)] == saved['shapes'].tolist()
+    assert rel_max_err(image[:, ::16, ::16], saved['image']) < 1e-6
+    assert torch.equal(aolp[:, ::16, ::16], saved['aolp']) and torch.equal(lab[::16, ::16], saved['label'])
+
+
 def test_eval_protocol_release_resize_by_hand():
     """The release's Resize: sizes (short side, then multiples of 32), bilinear on 0..255 values rounded half
     to even without antialiasing, labels by legacy nearest (source floor(i * in / out), not pixel centres)."""
