@@ -4223,6 +4223,7 @@ def tree_bytes(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob('*')) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_path, monkeypatch):
     """Every output flag of eval.py, through a real process where it matters: the dataset's
     Label/ and RGB/ (--save-pred), a run's checkpoint and config (--json, also with --benchmark),
@@ -5654,6 +5655,7 @@ def test_study_pretraining_structure_tells_a_flat_prediction_from_a_spatial_one(
     assert vt == pytest.approx(float((target[0, 0] - target[0, 0].mean())[m[0]].square().sum() + z[4:, 8:].square().sum()), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
     import subprocess
     import sys
