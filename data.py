@@ -984,7 +984,8 @@ def one_thread(worker_id):
     torch.set_num_threads(1)
 
 
-def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False, persistent=False):
+def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False,
+           persistent=False):
     """A DataLoader that keeps to the cores: each of the `workers` processes runs 1
     thread and the main process usable_cores() - workers (at least 1), so that loading
     and the model never oversubscribe the cores; `persistent`: the workers live as long
@@ -993,7 +994,8 @@ def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=
     torch.set_num_threads(max(1, usable_cores() - workers))
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                                        drop_last=drop_last, worker_init_fn=one_thread if workers else None,
-                                       generator=torch.Generator(), persistent_workers=persistent and workers > 0)
+                                       generator=torch.Generator(),
+                                       persistent_workers=persistent and workers > 0)
 
 
 def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, x_standardised=True,

@@ -199,7 +199,8 @@ def format_metrics(m, class_names, short=False):
     every = m.get('average', 'present') == 'all'
     k = len(m['iou'])
     present = f"mIoU over the {k - len(m['absent'])} classes present {100 * m['miou_present']:.2f}"
-    other = present if every else f"mIoU over all {k} classes (absent = 0) {100 * m['miou_all']:.2f}"
+    other = present if every else \
+        f"mIoU over all {k} classes (absent = 0) {100 * m['miou_all']:.2f}"
     absent = ', '.join(class_names[c] for c in m['absent']) or 'none'
     rows = [f"  {name:<24s} {'   n/a' if math.isnan(v) else f'{100 * v:6.2f}'}" for name, v in zip(class_names, m['iou'])]
     return (head + f"\n{other}\nabsent classes (no pixel in ground truth or prediction"
@@ -298,7 +299,7 @@ RELEASE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the release's configs' EVA
 # the release's EVAL.IMAGE_SIZE[0] per dataset: its Resize's short side (MCubeS: none, its own crop)
 RELEASE_SHORT_SIDE = {'nyudv2': 480, 'sunrgbd': 480, 'mfnet': 480, 'pst900': 720, 'deliver': 1024,
                       'mcubes': None}
-MCUBES_LEFT, MCUBES_CROP = 192, 1024  # the release's MCubeS: 192 left columns off, a centred 1024^2 crop
+MCUBES_LEFT, MCUBES_CROP = 192, 1024  # the release's MCubeS: 192 left columns off, a centred crop
 
 
 def resize_rounded(t, size, nearest=False):
@@ -330,8 +331,8 @@ def mcubes_crop(*maps):
     H, W = maps[0].shape[-2:]
     h, w = H, W - MCUBES_LEFT
     if min(h, w) != MCUBES_CROP:
-        raise ValueError(f"the release evaluates MCubeS frames of 1024 x 1224 pixels (its crop assumes "
-                         f"them), not {H} x {W}")
+        raise ValueError(f"the release evaluates MCubeS frames of 1024 x 1224 pixels (its crop "
+                         f"assumes them), not {H} x {W}")
     y, x = (int(round((n - MCUBES_CROP) / 2)) for n in (h, w))
     return [m[..., y:y + MCUBES_CROP, MCUBES_LEFT + x:MCUBES_LEFT + x + MCUBES_CROP] for m in maps]
 
@@ -387,17 +388,18 @@ def release_transform(dataset, x_modality, preset):
     npy = dataset == 'mcubes'
     if npy != (x_modality == 'aolp-npy'):
         raise ValueError("--protocol release reads MCubeS' AoLP from the .npy files (--x-modality "
-                         f"aolp-npy) and the other datasets' X from 8-bit images, not X {x_modality!r} "
-                         f"of {dataset}")
+                         f"aolp-npy) and the other datasets' X from 8-bit images, not X "
+                         f"{x_modality!r} of {dataset}")
     if preset.modalities[x_modality].max16:
-        raise ValueError(f"--protocol release reads X from 8-bit images; {dataset}'s X {x_modality!r} is "
-                         f"16-bit depth: evaluate a model of an 8-bit X (e.g. depth8 or hha)")
+        raise ValueError(f"--protocol release reads X from 8-bit images; {dataset}'s X "
+                         f"{x_modality!r} is 16-bit depth: evaluate a model of an 8-bit X "
+                         f"(depth8, hha)")
     return ReleaseTransform(RELEASE_SHORT_SIDE[dataset])
 
 
-DFORMER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # DFormer's utils/eval.py --mst, flip; eval.sh: --sliding
-DFORMER_CROP = {'nyudv2': (480, 640), 'sunrgbd': (480, 480)}  # its eval_crop_size; eval_stride_rate 2/3
-CMX_SCALES, CMX_CROP = (0.75, 1.0, 1.25), (480, 640)  # CMX's multi-scale eval_scale_array (+ flip), crop
+DFORMER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # DFormer's utils/eval.py --mst (+ flip, --sliding)
+DFORMER_CROP = {'nyudv2': (480, 640), 'sunrgbd': (480, 480)}  # eval_crop_size; stride rate 2/3
+CMX_SCALES, CMX_CROP = (0.75, 1.0, 1.25), (480, 640)  # CMX's multi-scale eval_scale_array, crop
 
 
 class InputTransform:
@@ -495,14 +497,14 @@ def cmx_probs(model, rgb, x, num_classes, scales=CMX_SCALES, flip=True, crop=CMX
     total = rgb.new_zeros(rgb.shape[0], num_classes, H, W, dtype=torch.float32)
     for s in scales:
         size = [round(H * s), round(W * s)]
-        r, t = (torch.ops.aten.upsample_bilinear2d(v, size, False, s, s)  # bilinear, sampling by factor s
+        r, t = (torch.ops.aten.upsample_bilinear2d(v, size, False, s, s)  # sampling by factor s
                 for v in (rgb, x))
         total += F.interpolate(cmx_scale(model, r, t, num_classes, crop, 2 / 3, flip), size=(H, W),
                                mode='bilinear', align_corners=False)
     return total
 
 
-MULTIMAE_CANVAS = 640  # its NYUv2 input_size: LongestMaxSize(640), PadIfNeeded(640, 640) at the top-left
+MULTIMAE_CANVAS = 640  # NYUv2 input_size: LongestMaxSize(640), PadIfNeeded(640, 640), top-left
 MULTIMAE_DEPTH_UNIT = 2 ** 16 / 10  # tools/prepare_nyuv2.py stores depth as uint16(metres * 6553.6)
 
 
@@ -562,8 +564,9 @@ def multimae_probs(model, rgb, x, num_classes, dataset):
 def multimae_transform(dataset, x_modality, preset):
     """MultiMAE's NYUv2 input: depth in millimetres (rgbx's `depth`)."""
     if dataset != 'nyudv2' or x_modality != 'depth':
-        raise ValueError(f"--protocol multimae evaluates NYUDv2 with depth (--x-modality depth, 16-bit "
-                         f"mm), as MultiMAE's NYUv2 fine-tuning does, not {dataset} with X {x_modality!r}")
+        raise ValueError(f"--protocol multimae evaluates NYUDv2 with depth (--x-modality depth, "
+                         f"16-bit mm), as MultiMAE's NYUv2 fine-tuning does, not {dataset} with X "
+                         f"{x_modality!r}")
     return MultiMAETransform()
 
 
@@ -578,8 +581,8 @@ def dformer_transform(dataset, x_modality, preset):
 def cmx_transform(dataset, x_modality, preset):
     """CMX's input: RGB and a 3-channel X in BGR order (cv2's), both with ImageNet's statistics."""
     if preset.modalities[x_modality].channels != 3 or preset.modalities[x_modality].max16:
-        raise ValueError(f"--protocol cmx normalises a 3-channel 8-bit X (HHA, ...) with the ImageNet "
-                         f"statistics, not {dataset}'s X {x_modality!r}")
+        raise ValueError(f"--protocol cmx normalises a 3-channel 8-bit X (HHA, ...) with the "
+                         f"ImageNet statistics, not {dataset}'s X {x_modality!r}")
     return InputTransform(True, data.IMAGENET, data.IMAGENET)
 
 
@@ -596,24 +599,33 @@ class Protocol:
     transform: object = None
 
 
+def release_single_scale(model, rgb, x, k, dataset):
+    """The release's single-scale `evaluate`: one pass at the resized size."""
+    return release_probs(model, rgb, x, k, (1.0,), False)
+
+
 PROTOCOLS = {
-    'rgbx': Protocol("this project's: the stored size, --multi-scale / --flip / --sliding as given, "
-                     "mIoU over the classes present"),
-    'release': Protocol("the KTB release's evaluate_msf: Resize, scales 0.5-1.75 + flip, mIoU over all classes",
-                        'all', 'none', lambda model, rgb, x, k, dataset: release_probs(model, rgb, x, k),
+    'rgbx': Protocol("this project's: the stored size, --multi-scale / --flip / --sliding as "
+                     "given, mIoU over the classes present"),
+    'release': Protocol("the KTB release's evaluate_msf: Resize, scales 0.5-1.75 + flip, mIoU over "
+                        "all classes", 'all', 'none',
+                        lambda model, rgb, x, k, dataset: release_probs(model, rgb, x, k),
                         release_transform),
-    'release-single-scale': Protocol(
-        "the KTB release's single-scale evaluate: Resize, one pass, mIoU over all classes", 'all', 'none',
-        lambda model, rgb, x, k, dataset: release_probs(model, rgb, x, k, (1.0,), False), release_transform),
-    'dformer': Protocol("DFormer's evaluate_msf --sliding: BGR, scales 0.5-1.5 + flip, windows of 480 x 640 "
-                        "(SUN RGB-D 480 x 480), fp16 on CUDA, mIoU over all classes", 'all', 'fp16',
-                        lambda model, rgb, x, k, dataset: dformer_probs(model, rgb, x, k, DFORMER_CROP[dataset]),
+    'release-single-scale': Protocol("the KTB release's single-scale evaluate: Resize, one pass, "
+                                     "mIoU over all classes", 'all', 'none', release_single_scale,
+                                     release_transform),
+    'multimae': Protocol("MultiMAE's NYUv2 fine-tuning evaluate: a 640 x 640 canvas padded at the "
+                         "top-left, depth standardised per image, one pass, fp16 on CUDA, mIoU "
+                         "over the classes present", 'present', 'fp16', multimae_probs,
+                         multimae_transform),
+    'dformer': Protocol("DFormer's evaluate_msf --sliding: BGR, scales 0.5-1.5 + flip, windows of "
+                        "480 x 640 (SUN RGB-D 480 x 480), fp16 on CUDA, mIoU over all classes",
+                        'all', 'fp16',
+                        lambda model, rgb, x, k, dataset: dformer_probs(model, rgb, x, k,
+                                                                        DFORMER_CROP[dataset]),
                         dformer_transform),
-    'multimae': Protocol("MultiMAE's NYUv2 fine-tuning evaluate: a 640 x 640 canvas padded at the top-left, depth "
-                         "standardised per image, one pass, fp16 on CUDA, mIoU over the classes present", 'present',
-                         'fp16', multimae_probs, multimae_transform),
-    'cmx': Protocol("CMX's sliding_eval_rgbX: BGR, scales 0.75-1.25 + flip, centred padding to 480 x 640 and its "
-                    "windows, mIoU over the classes present", 'present', 'none',
+    'cmx': Protocol("CMX's sliding_eval_rgbX: BGR, scales 0.75-1.25 + flip, centred padding to "
+                    "480 x 640 and its windows, mIoU over the classes present", 'present', 'none',
                     lambda model, rgb, x, k, dataset: cmx_probs(model, rgb, x, k), cmx_transform),
 }
 
@@ -644,20 +656,22 @@ def check_device(name, flag='--device'):
                          f"use {flag} cpu")
     if device.type not in ('cpu', 'cuda'):
         raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}")
-    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}; pass one of them")
+    count = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if device.type == 'cuda' and device.index is not None and device.index >= count:
+        raise ValueError(f"{flag} {name}: this machine has {count} CUDA device(s), cuda:0 .. "
+                         f"cuda:{count - 1}; pass one of them")
     return device
 
 
 def check_cuda_bf16(amp, device):
-    """--amp bf16 on a GPU without bf16 units (before Ampere, compute capability 8.0): a one-line error."""
+    """--amp bf16 on a GPU without bf16 units (before Ampere, compute capability 8.0): an error."""
     if amp != 'bf16' or device.type != 'cuda':
         return
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        raise ValueError(f"--amp bf16: {device} ({torch.cuda.get_device_name(device)}, compute capability "
-                         f"{major}.{minor}) has no bf16 units (Ampere, 8.0, and later have them): use --amp fp16")
+        raise ValueError(f"--amp bf16: {device} ({torch.cuda.get_device_name(device)}, compute "
+                         f"capability {major}.{minor}) has no bf16 units (Ampere, 8.0, and later have "
+                         f"them): use --amp fp16")
 
 
 def set_tf32(enabled):
@@ -676,14 +690,16 @@ def setup_distributed(device_name):
     device = check_device(device_name)
     if 'RANK' not in os.environ:
         if device.type == 'cuda':  # 'cuda' names the current device: its index made explicit
-            device = torch.device('cuda', torch.cuda.current_device() if device.index is None else device.index)
+            index = torch.cuda.current_device() if device.index is None else device.index
+            device = torch.device('cuda', index)
             torch.cuda.set_device(device)
         return 0, 1, device
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
     if device.type == 'cuda':
         if local >= torch.cuda.device_count():
-            raise ValueError(f"torchrun started process {local} of this machine, which has {torch.cuda.device_count()} "
-                             f"CUDA device(s): pass --nproc_per_node {torch.cuda.device_count()} (one per GPU)")
+            count = torch.cuda.device_count()
+            raise ValueError(f"torchrun started process {local} of this machine, which has {count} CUDA "
+                             f"device(s): pass --nproc_per_node {count} (one per GPU)")
         device = torch.device(f'cuda:{local}')
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -1147,8 +1163,8 @@ def main(argv=None):
     p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
                    help="default none (a --protocol other than rgbx: the precision that code ran with on CUDA)")
     p.add_argument('--tf32', default=True, action=argparse.BooleanOptionalAction,
-                   help="on CUDA, TF32 tensor cores for float32 matrix products and convolutions (--no-tf32: "
-                        "true float32)")
+                   help="on CUDA, TF32 tensor cores for float32 matrix products and convolutions "
+                        "(--no-tf32: true float32)")
     p.add_argument('--workers', type=int, default=0, help="loader processes (evaluation and benchmark); see docs/performance.md")
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
     b = p.add_argument_group('model from flags: --benchmark (the --checkpoint model, or a random-weights one chosen by '
@@ -1370,8 +1386,8 @@ def evaluate_split(args, model, run, root, rank, world, device):
     if rank == 0:
         how = (f"protocol {args.protocol} ({protocol.summary})" if protocol.probs else
                f"scales {list(scales)}{' + flip' if args.flip else ''}")
-        print(f"{run.dataset} {split} ({len(dataset)} images), modality {args.modality}, {how}")
-        print(format_metrics(m, preset.class_names))
+        print(format_metrics(m, preset.class_names))  # first line: mIoU XX.XX, as the protocol averages
+        print(f"evaluated: {run.dataset} {split} ({len(dataset)} images), modality {args.modality}, {how}")
         if args.save_pred:
             print(f"wrote the predictions and panels of the {len(dataset)} images to "
                   f"{args.save_pred}")

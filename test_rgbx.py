@@ -8,6 +8,7 @@ import os
 import re
 import struct
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -3837,12 +3838,16 @@ def test_hha_cli_refuses_constant_hha_other_files_and_says_raw_depth(tmp_path, s
     png(tmp_path / 'raw' / 'a.png', raw)
     png(tmp_path / 'photos' / 'a.png', np.random.default_rng(0).integers(0, 256, (*mm.shape, 3), dtype=np.uint8))
     cam = ','.join(map(str, HHA_CAMERA))
-    for depth_dir, camera, words in (('zero', cam, ['zero/a.png', 'no measured pixel']),
-                                     ('tiny', cam, ['tiny/a.png', 'smaller than']),
+    res = run_data_cli('hha', '--depth', tmp_path / 'zero', '--out', tmp_path / 'o', '--camera', cam)
+    assert_one_line_error(res, 'zero/a.png', 'no measured pixel')  # a real process: no numpy warning either
+    assert 'Warning' not in res.stderr
+    for depth_dir, camera, words in (('tiny', cam, ['tiny/a.png', 'smaller than']),
                                      ('raw', '1e308,1e308,1e308,1e308', ['beyond float range'])):
-        res = run_data_cli('hha', '--depth', tmp_path / depth_dir, '--out', tmp_path / 'o', '--camera', camera)
-        assert_one_line_error(res, *words)
-        assert 'Warning' not in res.stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            code = data.main(['hha', '--depth', str(tmp_path / depth_dir), '--out', str(tmp_path / 'o'),
+                              '--camera', camera])
+        assert_one_line_error(type('R', (), dict(returncode=code, stderr=capsys.readouterr().err)), *words)
     assert not list((tmp_path / 'o').glob('*.png'))
     photos = (tmp_path / 'photos' / 'a.png').read_bytes()
     res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'photos', '--camera', cam)
@@ -4281,6 +4286,34 @@ def test_eval_protocol_release_matches_the_release_code_on_a_720x1280_frame(tmp_
     check_release_case(tmp_path, 'wide')
 
 
+def test_eval_protocol_release_reads_mcubes_as_the_release(tmp_path):
+    """MCubeS through --protocol release: the release's own MCubeS reader (its compiled file's test list,
+    FixScaleCrop(1024), Normalize, ToTensor; fixtures/ktb-release/eval/mcubes.pt) on a synthetic 1024 x 1224
+    frame in its folders: the crop (columns 196-1219), RGB with the ImageNet statistics, AoLP from the .npy
+    stacked (sin, cos, sin) as stored, the labels."""
+    if not (RELEASE_EVAL / 'mcubes.pt').exists():
+        pytest.skip(f"KTB release MCubeS fixture absent ({RELEASE_EVAL})")
+    saved = torch.load(RELEASE_EVAL / 'mcubes.pt', map_location='cpu', weights_only=True)
+    y, x = np.meshgrid(np.arange(1024), np.arange(1224), indexing='ij')  # the fixture script's `pattern`
+    rgb = np.stack([127.5 + 127.5 * np.sin(0.013 * y * (c + 1) + 0.021 * x + c) for c in range(3)], -1)
+    angle = 0.004 * y - 0.003 * x + np.sin(0.01 * x)
+    label = ((y // 97 + x // 131) % 20).astype(np.uint8)
+    label[100:200, 150:400] = 255
+    png(tmp_path / 'polL_color' / 'f.png', np.round(rgb).astype(np.uint8))
+    png(tmp_path / 'GT' / 'f.png', label)
+    for folder, v in (('polL_aolp_sin', np.sin(angle)), ('polL_aolp_cos', np.cos(angle))):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / 'f.npy', v)
+    (tmp_path / 'list_folder').mkdir()
+    (tmp_path / 'list_folder' / 'test.txt').write_text('f\n')
+    dataset = data.build_dataset('mcubes', tmp_path, str(tmp_path / 'list_folder' / 'test.txt'), 'aolp-npy')
+    dataset.transform = ev.release_transform('mcubes', 'aolp-npy', data.get_preset('mcubes'))
+    image, aolp, lab = dataset[0]
+    assert [list(image.shape), list(aolp.shape), [1] + list(lab.shape)] == saved['shapes'].tolist()
+    assert rel_max_err(image[:, ::16, ::16], saved['image']) < 1e-6
+    assert torch.equal(aolp[:, ::16, ::16], saved['aolp']) and torch.equal(lab[::16, ::16], saved['label'])
+
+
 def test_eval_protocol_release_resize_by_hand():
     """The release's Resize: sizes (short side, then multiples of 32), bilinear on 0..255 values rounded half
     to even without antialiasing, labels by legacy nearest (source floor(i * in / out), not pixel centres)."""
@@ -4373,7 +4406,8 @@ def test_eval_protocol_release_command_line_on_a_release_checkpoint(tmp_path, ca
              '--data-root', str(tmp_path / 'small'), '--protocol', 'release', '--device', 'cpu',
              '--json', str(tmp_path / 'm.json')])
     out = capsys.readouterr().out.splitlines()
-    assert out[1].startswith(f"mIoU {ref['miou']:.2f} |") and 'absent' in out[3] and 'survivor' in out[3]
+    assert out[0].startswith(f"mIoU {ref['miou']:.2f} |") and 'absent' in out[2] and 'survivor' in out[2]
+    assert out[1].startswith('mIoU over the 4 classes present') and 'protocol release' in out[-2]
     m = json.loads((tmp_path / 'm.json').read_text())  # within 0.01 points (one grey level may round apart)
     assert np.nan_to_num(m['iou']) == pytest.approx(ref['ious'], abs=1e-4) and m['protocol'] == 'release'
 
@@ -4614,6 +4648,7 @@ def tree_bytes(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob('*')) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_path, monkeypatch):
     """Every output flag of eval.py, through a real process where it matters: the dataset's
     Label/ and RGB/ (--save-pred), a run's checkpoint and config (--json, also with --benchmark),
@@ -6118,6 +6153,7 @@ def test_study_pretraining_structure_tells_a_flat_prediction_from_a_spatial_one(
     assert vt == pytest.approx(float((target[0, 0] - target[0, 0].mean())[m[0]].square().sum() + z[4:, 8:].square().sum()), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
     import subprocess
     import sys
@@ -6623,30 +6659,31 @@ def test_layout_train_calls_models_through_the_interface_only():
 
 @pytest.mark.slow
 @pytest.mark.slow
-def test_layout_every_command_refuses_bad_flags_in_one_line():
+def test_layout_every_command_refuses_bad_flags_in_one_line(capsys):
     """argparse's own refusals (an unknown flag, a value of the wrong type, a missing one) end
     each command with one 'error:' line and a non-zero status, like every other refusal."""
-    import subprocess
-    import sys
-    here = Path(__file__).resolve().parent
-    for argv, words in ((['train.py', '--epochs', 'abc'], ['--epochs', 'abc']), (['eval.py', '--bogus'], ['--bogus']),
-                        (['data.py', 'hha', '--depth', 'x'], ['--out', '--camera']),
-                        (['-m', 'study.run', '--seeds', 'x'], ['--seeds'])):
-        res = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=here,
-                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
-        one_line_error(res, *words)
+    one_line_error(run_cli('train.py', '--epochs', 'abc'), '--epochs', 'abc')  # a real process
+    from study import run as study_run
+    for main, argv, words in ((ev.main, ['--bogus'], ['--bogus']), (data.main, ['hha', '--depth', 'x'], ['--camera']),
+                              (study_run.main, ['--seeds', 'x'], ['--seeds'])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        one_line_error(type('R', (), dict(returncode=e.value.code, stderr=err)), *words)
 
 
 @pytest.mark.slow
 def test_layout_readme_python_examples_run_and_write_nothing_into_the_repository(tmp_path):
-    """Each ```python block of README.md, run as a user runs it (a file in the repository root's
-    working folder, the temporary folder under the test's), ends without error and leaves the
-    repository's files as they were (the GoPT stand-in mae.pth goes to the temporary folder)."""
+    """Each ```python block of README.md that writes a file, run as a user runs it (a file in the
+    repository root's working folder, the temporary folder under the test's), ends without error
+    and leaves the repository's files as they were (GoPT's stand-in mae.pth goes to the temporary
+    folder)."""
     import subprocess
     import sys
     here = Path(__file__).resolve().parent
-    blocks = re.findall(r'```python\n(.*?)```', (here / 'README.md').read_text(), re.S)
-    assert len(blocks) >= 3
+    blocks = [b for b in re.findall(r'```python\n(.*?)```', (here / 'README.md').read_text(), re.S)
+              if 'save(' in b or 'open(' in b]  # the examples that write files
+    assert blocks
     before = sorted(os.listdir(here))
     for block in blocks:
         res = subprocess.run([sys.executable, '-c', block], cwd=here, capture_output=True, text=True,
