@@ -3774,7 +3774,7 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     res = run_data_cli('hha', '--depth', tmp_path / 'depth', '--raw', tmp_path / 'raw', '--out', out,
                        '--camera', cam, '--workers', 2)
     assert res.returncode == 0 and 'Traceback' not in res.stderr, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'b.png']  # no temporary file left
+    assert sorted(p.name for p in out.iterdir()) == ['.hha.json', 'a.png', 'b.png']  # no temporary file
     ref = np.array(Image.open(HHA_FIXTURES / 'scene_hha_matlab_raw.png'))
     for mae, within1 in hha_agreement(np.array(Image.open(out / 'a.png')), ref):
         assert mae <= 0.5 and within1 >= 0.98
@@ -3970,6 +3970,30 @@ def test_data_split_ids_with_spaces_and_folders(nyu_like):
     (nyu_like / 'train.txt').write_text('a/0\na_0 x\n')
     ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2')
     assert ds.names == ['a/0', 'a_0 x'] and ds[1][2].shape == (8, 10)
+
+
+def test_data_hha_folder_refuses_other_settings_over_the_files_it_skips(tmp_path, capsys):
+    """Rerun with another camera, --raw or --depth-scale, the folder's files (made with the
+    first settings) are not silently kept: a one-line error; the same settings complete it."""
+    rng = np.random.default_rng(0)
+    for n in ('a', 'b'):
+        png(tmp_path / 'depth' / f'{n}.png', rng.integers(500, 4000, (24, 32)).astype(np.uint16))
+
+    def cli(camera, *args):
+        code = data.main(['hha', '--depth', str(tmp_path / 'depth'), '--out', str(tmp_path / 'hha'),
+                          '--camera', camera, *args])
+        return type('Result', (), dict(returncode=code, stderr=capsys.readouterr().err))
+    assert cli('30,30,15.5,11.5').returncode == 0
+    first = (tmp_path / 'hha' / 'a.png').read_bytes()
+    (tmp_path / 'hha' / 'b.png').unlink()
+    for camera, args in (('nyu', ()), ('30,30,15.5,11.5', ('--depth-scale', '0.0001'))):
+        assert_one_line_error(cli(camera, *args), '--out', 'other settings')
+    assert not (tmp_path / 'hha' / 'b.png').exists()
+    res = cli('30,30,15.5,11.5')
+    assert res.returncode == 0 and '1 written, 1 already there' in res.stderr
+    assert (tmp_path / 'hha' / 'a.png').read_bytes() == first
+    assert sorted(p.name for p in (tmp_path / 'hha').iterdir()
+                  if data.visible(p.name)) == ['a.png', 'b.png']
 
 
 def test_data_hha_from_a_depth_only_dataset_prints_the_conversion_command(tmp_path):
