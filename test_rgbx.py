@@ -5777,6 +5777,12 @@ def test_train_pretrained_given_a_training_checkpoint_says_what_it_is(tmp_path):
     line = one_line_error(res, f'--pretrained {last} is a training checkpoint of train.py',
                           'early_fusion swin-nano run on demo, step 1', 'eval.py --checkpoint', '--resume')
     assert len(line) < 600, len(line)
+    (tmp_path / 'kept').mkdir()  # a copy away from its run: no --resume there to suggest
+    kept = tmp_path / 'kept' / 'early.pt'
+    kept.write_bytes(Path(last).read_bytes())
+    msg = cli_error(tr.main, ['--method', 'ktb', '--pretrained', str(kept), '--max-steps', '1',
+                              '--crop', '32x32', '--out-dir', str(tmp_path / 'ktb2')])
+    assert 'is a training checkpoint' in msg and 'eval.py --checkpoint' in msg and '--resume' not in msg
 
 
 def test_train_flags_that_would_be_ignored_are_refused(tmp_path):
