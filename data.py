@@ -2206,8 +2206,10 @@ def check_rooms_folder(out, meta):
                          f"{ROOMS_RENDERER}); give a new or empty folder")
     for key, flag in (('version', 'renderer version'), ('seed', '--seed'), ('height', '--size'),
                       ('width', '--size')):
-        if old.get(key) != meta[key]:
-            raise ValueError(f"--out {out} holds rooms of {flag} {old.get(key)}, not {meta[key]}: "
+        if old.get(key) != meta[key]:  # --size shown as HxW, as it is given
+            was, now = (f"{m.get('height')}x{m.get('width')}" if flag == '--size' else m.get(key)
+                        for m in (old, meta))
+            raise ValueError(f"--out {out} holds rooms of {flag} {was}, not {now}: "
                              f"give another folder (or the same {flag} to resume)")
 
 

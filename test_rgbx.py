@@ -3339,7 +3339,7 @@ def test_data_rooms_cli_writes_the_nyudv2_layout_resumes_refuses_other_folders(t
         return type('Result', (), dict(returncode=code, stderr=capsys.readouterr().err))
 
     assert_one_line_error(cli('--scenes', 5, '--size', '48x64', '--seed', 8), '--seed 7', 'another')
-    assert_one_line_error(cli('--scenes', 5, '--size', '64x64', '--seed', 7), '--size')
+    assert_one_line_error(cli('--scenes', 5, '--size', '64x64', '--seed', 7), '--size 48x64, not 64x64')
     (tmp_path / 'mine').mkdir()
     (tmp_path / 'mine' / 'notes.txt').write_text('keep')
     assert_one_line_error(cli('--scenes', 5, where=tmp_path / 'mine'), 'not a rooms dataset')
