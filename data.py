@@ -25,6 +25,7 @@ sizes that disagree, a label value outside the classes, an id listed twice in a 
 or a split file that is not UTF-8 raises an error naming the file and the fix.
 """
 import colorsys
+import argparse
 import errno
 import json
 import mmap
@@ -121,13 +122,21 @@ class Preset:
 IMAGE = Modality(3, *IMAGENET)  # 8-bit 3-channel X: HHA, AoLP, DeLiVER's
 GREY = Modality(1, (0.449,), (0.226,))  # 8-bit 1-channel X: thermal, NIR, DoLP, SAR
 DEPTH = Modality(1, (0.25,), (0.15,), max16=10000.0)
+# DFormer's 8-bit depth PNGs (Depth/ of its NYUDepthv2 and SUNRGBD folders: each image's depth
+# min-max stretched to 0..255), read as v / 255 (1 channel; grey saved as 3 equal channels reads
+# losslessly as 1), as CMNeXt's toolkit reads SUN RGB-D's X. No measured statistics: ImageNet's mean.
+DEPTH8 = Modality(1, (0.449,), (0.226,))
+# MCubeS' AoLP as its release stores it: polL_aolp_sin/ and polL_aolp_cos/ .npy in [-1, 1], stacked
+# (sin, cos, sin) as CMNeXt's toolkit feeds them; fed as they are (mean 0, std 1).
+AOLP_NPY = Modality(3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 NYU40 = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'window', 'bookshelf',
          'picture', 'counter', 'blinds', 'desk', 'shelves', 'curtain', 'dresser', 'pillow', 'mirror',
          'floor mat', 'clothes', 'ceiling', 'books', 'refridgerator', 'television', 'paper', 'towel',
          'shower curtain', 'box', 'whiteboard', 'person', 'night stand', 'toilet', 'sink', 'lamp',
          'bathtub', 'bag', 'otherstructure', 'otherfurniture', 'otherprop')
-RGBD_LAYOUT = (Layout('RGB', 'Label', {'hha': 'HHA', 'depth': 'Depth'}),)
+RGBD_X = {'hha': 'HHA', 'depth': 'Depth', 'depth8': 'Depth'}
+RGBD_LAYOUT = (Layout('RGB', 'Label', RGBD_X), Layout('RGB', 'labels', RGBD_X))  # labels/: CMNeXt's SUN
 
 
 def demo_preset(size, holdout=0):
@@ -144,13 +153,13 @@ def demo_preset(size, holdout=0):
                   defaults=dict(epochs=20, lr=1e-3, weight_decay=0.01, batch_size=4, warmup_epochs=1))
 
 
-def rooms_preset(holdout=0):
+def rooms_preset(holdout=0, size=(240, 320)):
     """Rendered rooms (RoomsDataset; `python data.py rooms` writes the same scenes as
-    files): NYUDv2's classes, X modalities and statistics, 240 x 320 scenes. holdout > 0:
+    files): NYUDv2's classes, X modalities and statistics, scenes of `size`. holdout > 0:
     a validation preset whose 'train' split is the first 800 - holdout training scenes
     and whose 'test' split the last `holdout` (never the test scenes). `defaults`: the
     training settings of every method here (no paper trains on rooms)."""
-    return Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', (), (240, 320), label_shift=-1,
+    return Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', (), size, label_shift=-1,
                   generator='rooms', holdout=holdout,
                   defaults=dict(epochs=40, lr=1e-3, weight_decay=0.01, batch_size=8,
                                 warmup_epochs=1))
@@ -162,20 +171,28 @@ PRESETS = {
     'demo128-val': demo_preset(128, holdout=64),  # the study's validation split, for decisions a paper leaves open
     'rooms': rooms_preset(),  # rendered indoor RGB-D scenes, NYU-40 classes (data.py rooms)
     'rooms-val': rooms_preset(holdout=160),  # its validation split, carved from the training scenes
+    # the same scenes at 144 x 192 (a 9 x 12 token grid for ViT/16): the reproduction study's data
+    'rooms144': rooms_preset(size=(144, 192)),
+    'rooms144-val': rooms_preset(holdout=160, size=(144, 192)),
     # on disk 0 = void, 1..40 (SA-Gate / CMX / DFormer)
-    'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
+    'nyudv2': Preset(NYU40, {'hha': IMAGE, 'depth': DEPTH, 'depth8': DEPTH8}, 'hha', RGBD_LAYOUT,
                      (480, 640),
                      'datasets/NYUDepthv2', label_shift=-1),
     # SUN RGB-D's 37 classes are NYU-40's first 37; on disk 0 = void, 1..37. The original
-    # bit-rotated 16-bit depth must be converted to millimetres first.
-    'sunrgbd': Preset(NYU40[:37], {'hha': IMAGE, 'depth': DEPTH}, 'hha', RGBD_LAYOUT,
+    # bit-rotated 16-bit depth must be converted to millimetres first (depth), or DFormer's
+    # 8-bit Depth/ PNGs read as they are (depth8: the X of CMNeXt's toolkit for SUN RGB-D).
+    'sunrgbd': Preset(NYU40[:37], {'hha': IMAGE, 'depth': DEPTH, 'depth8': DEPTH8}, 'hha',
+                      RGBD_LAYOUT,
                       (480, 480),
                       'datasets/SUNRGBD', label_shift=-1),
-    # 0 = unlabelled is a class, as in the community. Two layouts: prepared RGB/ Thermal/
-    # Label/, or MFNet's release: images/ (RGBA PNG, thermal in alpha), labels/, {train,val,test}.txt
+    # 0 = unlabelled is a class, as in the community. Three layouts: prepared RGB/ Thermal/
+    # Label/; MFNet's release: images/ (RGBA PNG, thermal in alpha), labels/, {train,val,test}.txt;
+    # CMNeXt's toolkit's: rgb/ ther/ labels/, {train,test}.txt
     'mfnet': Preset(('unlabelled', 'car', 'person', 'bike', 'curve', 'car_stop', 'guardrail', 'color_cone',
                      'bump'), {'thermal': GREY}, 'thermal',
-                    (Layout('RGB', 'Label', {'thermal': 'Thermal'}), Layout('images', 'labels', {'thermal': None})),
+                    (Layout('RGB', 'Label', {'thermal': 'Thermal'}),
+                     Layout('images', 'labels', {'thermal': None}),
+                     Layout('rgb', 'labels', {'thermal': 'ther'})),
                     (480, 640), 'datasets/MFNet',
                     palette=((0, 0, 0), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 192), (128, 128, 0),
                              (64, 64, 128), (192, 128, 128), (192, 64, 0))),
@@ -185,13 +202,16 @@ PRESETS = {
                      {'thermal': GREY}, 'thermal',
                      (Layout('RGB', 'Label', {'thermal': 'Thermal'}), Layout('rgb', 'labels', {'thermal': 'thermal'})),
                      (480, 640), 'datasets/PST900'),
-    # CMNeXt's class order; GT 0..19, 255 = void. The release's .npy AoLP (sin, cos) and DoLP
-    # must be saved as 8-bit images first: AoLP/ as (sin, cos, sin) scaled to 0..255, as CMNeXt
-    # stacks them.
+    # CMNeXt's class order; GT 0..19, 255 = void. Prepared RGB/ AoLP/ DoLP/ NIR/ Label/ (8-bit
+    # images: AoLP as (sin, cos, sin) scaled to 0..255), or the release's multimodal_dataset/
+    # folder, whose AoLP is read from its .npy files (aolp-npy; split list_folder/test.txt).
     'mcubes': Preset(('asphalt', 'concrete', 'metal', 'road_marking', 'fabric', 'glass', 'plaster', 'plastic',
                       'rubber', 'sand', 'gravel', 'ceramic', 'cobblestone', 'brick', 'grass', 'wood', 'leaf',
-                      'water', 'human', 'sky'), {'aolp': IMAGE, 'dolp': GREY, 'nir': GREY}, 'aolp',
-                     (Layout('RGB', 'Label', {'aolp': 'AoLP', 'dolp': 'DoLP', 'nir': 'NIR'}),),
+                      'water', 'human', 'sky'),
+                     {'aolp': IMAGE, 'dolp': GREY, 'nir': GREY, 'aolp-npy': AOLP_NPY}, 'aolp',
+                     (Layout('RGB', 'Label', {'aolp': 'AoLP', 'dolp': 'DoLP', 'nir': 'NIR'}),
+                      Layout('polL_color', 'GT',
+                             {'aolp-npy': ('polL_aolp_sin', 'polL_aolp_cos'), 'nir': 'NIR_warped'})),
                      (512, 512), 'datasets/MCubeS'),
     # CMNeXt's classes; on disk 0 and 255 = void, 1..25. X with 3 channels, as CMNeXt feeds
     # them (it repeats 1-channel files: save those as 3 channels). The release's
@@ -301,6 +321,19 @@ def scale_x(arr, modality, path):
     if c == 3 and want == 1 and (v == v[..., :1]).all():
         return v[..., :1]
     raise ValueError(f"{path} has {c} channels; this X modality has {want}: re-save it with {want}")
+
+
+def read_aolp_npy(sin_path, cos_path):
+    """MCubeS' AoLP as its release stores it, sin and cos of the angle (H, W) in [-1, 1]
+    in two .npy files -> float32 (H, W, 3) stacked (sin, cos, sin), as CMNeXt feeds it."""
+    sin, cos = (np.load(p, allow_pickle=False) for p in (sin_path, cos_path))
+    for p, a in ((sin_path, sin), (cos_path, cos)):
+        if a.ndim != 2 or not np.isfinite(a).all() or np.abs(a).max(initial=0) > 1 + 1e-6:
+            raise ValueError(f"{p}: MCubeS' AoLP .npy holds one (H, W) map of finite values in [-1, 1], "
+                             f"not shape {a.shape} of range "
+                             f"{a.min(initial=0):.3g}..{a.max(initial=0):.3g}")
+    check_sizes((sin_path, sin), (cos_path, cos))
+    return np.stack([sin, cos, sin], -1).astype(np.float32)
 
 
 def read_x(path, modality):
@@ -603,9 +636,20 @@ class RGBXDataset(SegmentationDataset):
         if folder != lay.rgb:
             raise ValueError(f"{where}: {rgb!r} is not in the RGB folder {lay.rgb}/ of this layout")
         stem = str(Path(rest).with_suffix('')) if Path(rest).suffix.lower() in EXTENSIONS else rest
+        if self.x_modality not in lay.x:
+            raise ValueError(f"X modality {self.x_modality!r} is not stored in the layout found at "
+                             f"{self.root} (its X folders: {', '.join(lay.x)}): pick one of those "
+                             f"with --x-modality")
         x_folder = lay.x[self.x_modality]
-        return (stem, find_file(self.root, rgb, where),
-                None if x_folder is None else find_file(self.root, f"{x_folder}/{stem}", where),
+        if isinstance(x_folder, tuple):  # X read from .npy files, one per folder (MCubeS' AoLP)
+            x_path = tuple(self.root / folder / f"{stem}.npy" for folder in x_folder)
+            for path in x_path:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{where}: {path} not found; every sample needs its "
+                                            f"{' and '.join(x_folder)} .npy files under one id")
+        else:
+            x_path = None if x_folder is None else find_file(self.root, f"{x_folder}/{stem}", where)
+        return (stem, find_file(self.root, rgb, where), x_path,
                 find_file(self.root, cols[1] if len(cols) == 2 else f"{lay.label}/{stem}", where, LOSSLESS))
 
     def read(self, index):
@@ -616,6 +660,8 @@ class RGBXDataset(SegmentationDataset):
         if x_path is None:
             rgb, x = split_rgbt(read_rgb(rgb_path, alpha=True))
             x, x_path = scale_x(x, modality, rgb_path), rgb_path
+        elif isinstance(x_path, tuple):
+            rgb, x = read_rgb(rgb_path), read_aolp_npy(*x_path)
         else:
             rgb, x = read_rgb(rgb_path), read_x(x_path, modality)
         label = read_label(label_path, self.preset)
@@ -626,16 +672,25 @@ class RGBXDataset(SegmentationDataset):
 def describe(root, preset, x_modality):
     """The layouts a preset reads, as text for error messages."""
     x = preset.x_name(x_modality)
-    return ' or '.join(f"{root}/{{{lay.rgb}/<id>.jpg|png, "
-                       f"{lay.x[x] + '/<id>.png|jpg, ' if lay.x[x] else ''}{lay.label}/<id>.png, train.txt, test.txt}}"
-                       + (' (RGBA: thermal in alpha)' if lay.x[x] is None else '') for lay in preset.layouts)
+
+    def x_files(folder):
+        if isinstance(folder, tuple):
+            return ''.join(f"{f}/<id>.npy, " for f in folder)
+        return f"{folder}/<id>.png|jpg, " if folder else ''
+    return ' or '.join(f"{root}/{{{lay.rgb}/<id>.jpg|png, {x_files(lay.x[x])}{lay.label}/<id>.png, "
+                       f"train.txt, test.txt}}" + (' (RGBA: thermal in alpha)' if lay.x[x] is None else '')
+                       for lay in preset.layouts if x in lay.x)
 
 
 def find_layout(root, preset, x_modality):
-    """The first layout of the preset whose RGB folder exists under root."""
-    for lay in preset.layouts:
-        if (root / lay.rgb).is_dir():
+    """The first layout of the preset whose RGB and label folders exist under root, else
+    the first whose RGB folder does (SUN RGB-D's `Label/` or CMNeXt's toolkit's `labels/`)."""
+    found = [lay for lay in preset.layouts if (root / lay.rgb).is_dir()]
+    for lay in found:
+        if (root / lay.label).is_dir():
             return lay
+    if found:
+        return found[0]
     raise FileNotFoundError(f"no dataset found at {root}: expected {describe(root, preset, x_modality)}. "
                             f"Put the data there or pass the folder that holds it (--data-root)")
 
@@ -806,6 +861,11 @@ class SceneCache:
         buf[index] = 1
 
 
+# (scene_seed, split, first scene, count, size, X) -> its SceneCache: the datasets of one process
+# share it, so that the runs of a process (a study's runs, one after another) render each scene once
+SCENE_CACHES = {}
+
+
 class RoomsDataset(SegmentationDataset):
     """Rendered indoor RGB-D scenes in memory (presets 'rooms', 'rooms-val'): 800
     training and 200 test scenes of the preset's crop size, scene i of a split drawn
@@ -814,7 +874,8 @@ class RoomsDataset(SegmentationDataset):
     uint8 RGB, X = HHA of the mm depth (rooms_hha) or the mm depth / 10000, labels
     shifted from NYU-40 ids (0 void -> 255). The scenes are fixed (scene_seed 0),
     whatever the training seed, so that test numbers compare across runs. Each scene
-    is rendered once per run and kept (SceneCache; 0.5 MB a scene with HHA)."""
+    is rendered once per process and kept (SceneCache, shared by the process's datasets of
+    the same scenes: SCENE_CACHES; 0.5 MB a scene with HHA)."""
     SCENES = {'train': 800, 'test': 200}
 
     def __init__(self, split='train', preset='rooms', x_modality=None, transform=None, seed=0,
@@ -832,7 +893,11 @@ class RoomsDataset(SegmentationDataset):
         self.scene_seed, self.size = scene_seed, self.preset.crop
         h, w = self.size
         x = ((h, w, 3), np.uint8) if self.x_modality == 'hha' else ((h, w), np.uint16)
-        self.cache = SceneCache(len(self.names), (((h, w, 3), np.uint8), x, ((h, w), np.uint8)))
+        key = scene_seed, self.source, self.first, len(self.names), self.size, self.x_modality
+        if key not in SCENE_CACHES:
+            shapes = ((h, w, 3), np.uint8), x, ((h, w), np.uint8)
+            SCENE_CACHES[key] = SceneCache(len(self.names), shapes)
+        self.cache = SCENE_CACHES[key]
 
     def stored(self, index):
         """Scene `index` as its files store it: rgb uint8 (H, W, 3), X (HHA uint8 (H, W, 3)
@@ -919,7 +984,8 @@ def one_thread(worker_id):
     torch.set_num_threads(1)
 
 
-def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False, persistent=False):
+def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=False,
+           persistent=False):
     """A DataLoader that keeps to the cores: each of the `workers` processes runs 1
     thread and the main process usable_cores() - workers (at least 1), so that loading
     and the model never oversubscribe the cores; `persistent`: the workers live as long
@@ -928,7 +994,8 @@ def loader(dataset, batch_size=1, workers=0, sampler=None, drop_last=False, pin=
     torch.set_num_threads(max(1, usable_cores() - workers))
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                                        drop_last=drop_last, worker_init_fn=one_thread if workers else None,
-                                       generator=torch.Generator(), persistent_workers=persistent and workers > 0)
+                                       generator=torch.Generator(),
+                                       persistent_workers=persistent and workers > 0)
 
 
 def build_dataset(name, root, split, x_modality=None, crop=None, train=False, seed=0, x_standardised=True,
@@ -2199,6 +2266,14 @@ def parse_hw(text, flag):
     return h, w
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, whose errors (an unknown flag, a value of the wrong type, a missing one) end
+    the command with one line, 'error: ...', as every other refusal does (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
+
+
 def dash_values(argv, flags):
     """argv with a value that starts with '-' attached to its flag (`--crop -1x5` ->
     `--crop=-1x5`) for the `flags` that take one, so that argparse hands it to the flag's
@@ -2215,8 +2290,7 @@ def dash_values(argv, flags):
 
 def cli_parser():
     """The command line of data.py: the subcommands hha and rooms."""
-    import argparse
-    ap = argparse.ArgumentParser(prog='data.py', description="Data tools of rgbx.")
+    ap = OneLineParser(prog='data.py', description="Data tools of rgbx.")
     sub = ap.add_subparsers(dest='command', required=True)
     p = sub.add_parser('hha', help="convert depth PNGs to HHA PNGs (Gupta et al., ECCV 2014)",
                        description="Convert every depth PNG of a folder to an HHA PNG of the same name "

@@ -160,10 +160,14 @@ def confusion(pred, label, num_classes, ignore=255):
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
-def metrics(conf):
+def metrics(conf, average='present'):
     """mIoU, per-class IoU, mAcc, pixel accuracy, and OA / AA / Cohen's kappa (the
     WHU-OPT-SAR figures: OA = pixel accuracy, AA = mAcc). Classes with an empty
-    union (IoU) or no ground truth (accuracy) are NaN and left out of the means."""
+    union (IoU) or no ground truth (accuracy) are NaN and left out of the means.
+    Both averages of the IoUs: miou_present (those classes left out, NaN-mean) and
+    miou_all (over all K classes, an absent class scoring 0, as the KTB release and
+    DFormer average); `miou` is the one `average` ('present' or 'all') names; `absent`
+    lists the classes left out."""
     conf = conf.double()
     tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
     union = gt + pr - tp
@@ -172,19 +176,36 @@ def metrics(conf):
     n = conf.sum().clamp(min=1)
     oa = (tp.sum() / n).item()
     pe = ((gt * pr).sum() / n ** 2).item()
-    return dict(miou=iou.nanmean().item(), macc=acc.nanmean().item(), pixel_acc=oa, oa=oa,
-                aa=acc.nanmean().item(), kappa=(oa - pe) / (1 - pe) if pe < 1 else 0.0, iou=iou.tolist())
+    present, everything = iou.nanmean().item(), iou.nan_to_num(0.0).mean().item()
+    if average not in ('present', 'all'):
+        raise ValueError(f"average takes 'present' or 'all', not {average!r}")
+    return dict(miou=present if average == 'present' else everything, miou_present=present,
+                miou_all=everything, average=average,
+                absent=[int(c) for c in torch.nonzero(union == 0).flatten()],
+                macc=acc.nanmean().item(), pixel_acc=oa, oa=oa, aa=acc.nanmean().item(),
+                kappa=(oa - pe) / (1 - pe) if pe < 1 else 0.0, iou=iou.tolist())
 
 
 def format_metrics(m, class_names, short=False):
+    """The metrics as text: a first line `mIoU XX.XX | ...` with the average the evaluation
+    uses (`m['average']`), then (unless `short`) the other average, the classes absent from
+    both ground truth and prediction, and the per-class IoUs."""
     if math.isnan(m['miou']):
         return "mIoU nan: no labelled pixel in the evaluated images (every label is void / ignore)"
     head = (f"mIoU {100 * m['miou']:.2f} | mAcc {100 * m['macc']:.2f} | pixel acc {100 * m['pixel_acc']:.2f} | "
             f"kappa {m['kappa']:.4f}")
     if short:
         return head
+    every = m.get('average', 'present') == 'all'
+    k = len(m['iou'])
+    present = f"mIoU over the {k - len(m['absent'])} classes present {100 * m['miou_present']:.2f}"
+    other = present if every else \
+        f"mIoU over all {k} classes (absent = 0) {100 * m['miou_all']:.2f}"
+    absent = ', '.join(class_names[c] for c in m['absent']) or 'none'
     rows = [f"  {name:<24s} {'   n/a' if math.isnan(v) else f'{100 * v:6.2f}'}" for name, v in zip(class_names, m['iou'])]
-    return head + '\n  class                     IoU %\n' + '\n'.join(rows)
+    return (head + f"\n{other}\nabsent classes (no pixel in ground truth or prediction"
+            f"{', IoU 0 in the mIoU' if every else ''}): {absent}\n"
+            f"  class                     IoU %\n" + '\n'.join(rows))
 
 
 def window_starts(size, crop, stride):
@@ -243,10 +264,11 @@ def drop_modality(rgb, x, modality):
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop=None, modality='both',
-             amp='none', on_batch=None):
+             amp='none', on_batch=None, probs=None):
     """Confusion matrix of `model` over `loader`, summed over processes when
     torch.distributed is initialised. `on_batch(index, rgb, x, label, pred)` sees
-    every batch (used to save predictions)."""
+    every batch (used to save predictions). `probs(model, rgb, x)`: a protocol's
+    inference (Protocol.probs) instead of `predict` with scales, flip and crop."""
     was_training = model.training
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
@@ -254,7 +276,10 @@ def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop
     for i, (rgb, x, label) in enumerate(loader):
         rgb, x, label = rgb.to(device), x.to(device), label.to(device)
         with ctx:
-            pred = predict(model, *drop_modality(rgb, x, modality), num_classes, scales, flip, crop).argmax(1)
+            inputs = drop_modality(rgb, x, modality)
+            out = probs(model, *inputs) if probs else \
+                predict(model, *inputs, num_classes, scales, flip, crop)
+            pred = out.argmax(1)
         conf += confusion(pred, label, num_classes)
         if on_batch is not None:
             on_batch(i, rgb, x, label, pred)
@@ -262,6 +287,347 @@ def evaluate(model, loader, num_classes, device, scales=(1.0,), flip=False, crop
         dist.all_reduce(conf)
     model.train(was_training)
     return conf.cpu()
+
+
+# ----------------------------------------------------------------------------
+# Protocols (--protocol): how the code base behind a set of checkpoints evaluated,
+# step for step, so that its checkpoints give the numbers its paper reports
+# (docs/protocols.md). rgbx: `predict` above, at the stored size, with the flags.
+# ----------------------------------------------------------------------------
+
+RELEASE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the release's configs' EVAL.MSF (with flip)
+# the release's EVAL.IMAGE_SIZE[0] per dataset: its Resize's short side (MCubeS: none, its own crop)
+RELEASE_SHORT_SIDE = {'nyudv2': 480, 'sunrgbd': 480, 'mfnet': 480, 'pst900': 720, 'deliver': 1024,
+                      'mcubes': None}
+MCUBES_LEFT, MCUBES_CROP = 192, 1024  # the release's MCubeS: 192 left columns off, a centred crop
+
+
+def resize_rounded(t, size, nearest=False):
+    """t (C, H, W) of whole numbers (uint8 pixel or label values) resized as the tensor
+    `resize` of torchvision 0.11 (the release's pin) does: in float, bilinear without
+    antialiasing (align_corners=False) or legacy nearest (source pixel floor(i * in / out)),
+    then rounded (half to even) back to whole numbers; float (C, *size)."""
+    mode = dict(mode='nearest') if nearest else dict(mode='bilinear', align_corners=False)
+    return F.interpolate(t[None].float(), size=tuple(size), **mode)[0].round()
+
+
+def release_resize(rgb, x, label, short):
+    """The release's `Resize(EVAL.IMAGE_SIZE)` (semseg/augmentations_mm.py): the short side to
+    `short` (each side round(n * short / min(H, W)), Python's rounding), then each side up to
+    a multiple of 32: two `resize_rounded` of rgb (3, H, W) and x (C, H, W) (0..255 values,
+    bilinear) and of the label (H, W) (nearest), whose result is what gets scored."""
+    H, W = label.shape
+    first = tuple(round(n * short / min(H, W)) for n in (H, W))
+    for size in (first, tuple(32 * math.ceil(n / 32) for n in first)):
+        rgb, x = resize_rounded(rgb, size), resize_rounded(x, size)
+        label = resize_rounded(label[None], size, nearest=True)[0]
+    return rgb, x, label.long()
+
+
+def mcubes_crop(*maps):
+    """The release's MCubeS evaluation crop (its FixScaleCrop(1024) after dropping the 192
+    left columns): rows [y, y + 1024), columns [192 + x, 192 + x + 1024) with y, x the
+    centring offsets round((n - 1024) / 2) of the remaining 1024 x 1032 (so columns 196-1219)."""
+    H, W = maps[0].shape[-2:]
+    h, w = H, W - MCUBES_LEFT
+    if min(h, w) != MCUBES_CROP:
+        raise ValueError(f"the release evaluates MCubeS frames of 1024 x 1224 pixels (its crop "
+                         f"assumes them), not {H} x {W}")
+    y, x = (int(round((n - MCUBES_CROP) / 2)) for n in (h, w))
+    return [m[..., y:y + MCUBES_CROP, MCUBES_LEFT + x:MCUBES_LEFT + x + MCUBES_CROP] for m in maps]
+
+
+class ReleaseTransform:
+    """A sample as the KTB release feeds it: (rgb uint8 (H, W, 3), x float32 (H, W, C),
+    label int64 (H, W)) -> rgb (3, H', W') v / 255 with the ImageNet mean and std, x
+    (C, H', W'), label (H', W'). `short` set: X read from 8-bit files ([0, 1] = v / 255)
+    goes through `release_resize` as its 0..255 values with rgb and the label, then
+    v / 255 (the release's Normalize leaves X unstandardised). `short` None (MCubeS): no
+    resize, `mcubes_crop`, and X as read (AoLP from the .npy files, in [-1, 1])."""
+
+    def __init__(self, short):
+        self.short = short
+
+    def __call__(self, rgb, x, label, rng=None):
+        rgb, x = (torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float()
+                  for a in (rgb, x))
+        label = torch.from_numpy(label)
+        if self.short is None:
+            rgb, x, label = mcubes_crop(rgb, x, label)
+        else:
+            rgb, x, label = release_resize(rgb, (x * 255).round(), label, self.short)
+            x = x / 255
+        rgb = data.normalize(rgb / 255, x, data.IMAGENET, ((0.0,) * len(x), (1.0,) * len(x)))[0]
+        return rgb, x, label
+
+
+def release_probs(model, rgb, x, num_classes, scales=RELEASE_SCALES, flip=True, forward=None):
+    """The release's `evaluate_msf` (val_mm.py; DFormer's is the same): each scale s feeds
+    `forward` (default the model) ceil(int(s * H) / 32) * 32 x ceil(int(s * W) / 32) * 32
+    inputs (bilinear, align_corners=True), its logits (flipped back first for the flipped
+    pass) go back to (H, W) the same way, and the softmaxes add up: (B, K, H, W). scales
+    (1.0,) without flip is its single-scale `evaluate` (the resized sides are multiples of 32)."""
+    forward = forward or model
+    H, W = rgb.shape[-2:]
+    probs = rgb.new_zeros(rgb.shape[0], num_classes, H, W, dtype=torch.float32)
+    for s in scales:
+        size = tuple(32 * math.ceil(int(s * n) / 32) for n in (H, W))
+        r, t = (F.interpolate(v, size=size, mode='bilinear', align_corners=True) for v in (rgb, x))
+        for flipped in ((False, True) if flip else (False,)):
+            logits = forward(r.flip(-1), t.flip(-1)).flip(-1) if flipped else forward(r, t)
+            logits = F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=True)
+            probs += logits.float().softmax(1)
+    return probs
+
+
+def release_transform(dataset, x_modality, preset):
+    """The release's data transform for `dataset`, or an error naming what it cannot read."""
+    if dataset not in RELEASE_SHORT_SIDE:
+        raise ValueError(f"--protocol release evaluates the release's datasets "
+                         f"({', '.join(RELEASE_SHORT_SIDE)}), not {dataset}; use --protocol rgbx")
+    npy = dataset == 'mcubes'
+    if npy != (x_modality == 'aolp-npy'):
+        raise ValueError("--protocol release reads MCubeS' AoLP from the .npy files (--x-modality "
+                         f"aolp-npy) and the other datasets' X from 8-bit images, not X "
+                         f"{x_modality!r} of {dataset}")
+    if preset.modalities[x_modality].max16:
+        raise ValueError(f"--protocol release reads X from 8-bit images; {dataset}'s X "
+                         f"{x_modality!r} is 16-bit depth: evaluate a model of an 8-bit X "
+                         f"(depth8, hha)")
+    return ReleaseTransform(RELEASE_SHORT_SIDE[dataset])
+
+
+DFORMER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # DFormer's utils/eval.py --mst (+ flip, --sliding)
+DFORMER_CROP = {'nyudv2': (480, 640), 'sunrgbd': (480, 480)}  # eval_crop_size; stride rate 2/3
+CMX_SCALES, CMX_CROP = (0.75, 1.0, 1.25), (480, 640)  # CMX's multi-scale eval_scale_array, crop
+
+
+class InputTransform:
+    """A code base's input conventions, nothing resized: (rgb uint8 (H, W, 3), x float32
+    (H, W, C) on [0, 1], label) -> rgb and a 3-channel x in BGR order when `bgr` (cv2's,
+    which DFormer and CMX read and keep: the ImageNet mean of R then applies to B),
+    (v - mean) / std with `rgb_norm` and `x_norm` ((mean, std) on [0, 1]), the label as read."""
+
+    def __init__(self, bgr, rgb_norm, x_norm):
+        self.bgr, self.rgb_norm, self.x_norm = bgr, rgb_norm, x_norm
+
+    def __call__(self, rgb, x, label, rng=None):
+        rgb, x = data.to_chw(rgb, x)
+        if self.bgr:
+            rgb, x = rgb.flip(0), (x.flip(0) if len(x) == 3 else x)
+        mean, std = self.x_norm
+        rgb, x = data.normalize(rgb, x, self.rgb_norm, (mean[:len(x)], std[:len(x)]))
+        return rgb, x, torch.from_numpy(label)
+
+
+def dformer_windows(model, rgb, x, crop, stride_rate=2 / 3):
+    """DFormer's slide_inference (utils/val_mm.py): an input smaller than the crop on
+    either side is first resized to exactly the crop (bilinear, align_corners=True);
+    windows of the crop at stride int(rate * crop) per side, the last ending at the border;
+    logits averaged where windows overlap: (B, K, h, w) at the (maybe resized) input size."""
+    ch, cw = crop
+    if ch > rgb.shape[-2] or cw > rgb.shape[-1]:
+        rgb, x = (F.interpolate(v, size=tuple(crop), mode='bilinear', align_corners=True)
+                  for v in (rgb, x))
+    H, W = rgb.shape[-2:]
+    sh, sw = int(stride_rate * ch), int(stride_rate * cw)
+    out, count = None, rgb.new_zeros(1, 1, H, W)
+    for i in range(max(H - ch + sh - 1, 0) // sh + 1):
+        for j in range(max(W - cw + sw - 1, 0) // sw + 1):
+            y2, x2 = min(i * sh + ch, H), min(j * sw + cw, W)
+            win = (..., slice(max(y2 - ch, 0), y2), slice(max(x2 - cw, 0), x2))
+            logits = model(rgb[win], x[win])
+            out = logits.new_zeros(*logits.shape[:2], H, W) if out is None else out
+            out[win] += logits
+            count[win] += 1
+    return out / count
+
+
+def dformer_probs(model, rgb, x, num_classes, crop):
+    """DFormer's evaluate_msf with --sliding: `release_probs`' geometry (the same code),
+    scales 0.5-1.5 + flip, each pass through `dformer_windows`."""
+    return release_probs(model, rgb, x, num_classes, DFORMER_SCALES, True,
+                         lambda r, t: dformer_windows(model, r, t, crop))
+
+
+def cmx_pad(t, crop):
+    """CMX's pad_image_to_shape: (..., h, w) padded with 0 up to `crop` where smaller,
+    centred (the odd pixel at the bottom / right). Returns (padded, (top, bottom, left, right))."""
+    ph, pw = max(crop[0] - t.shape[-2], 0), max(crop[1] - t.shape[-1], 0)
+    m = (ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
+    return F.pad(t, (m[2], m[3], m[0], m[1])), m
+
+
+def cmx_window(model, rgb, x, crop, flip=True):
+    """CMX's process_image_rgbX + val_func_process_rgbX: the normalised window padded to
+    the crop (cmx_pad), the model's logits plus the flipped window's flipped back, then
+    exp (of the summed logits, as CMX scores), the padding cut: (B, K, h, w)."""
+    (r, m), (t, _) = cmx_pad(rgb, crop), cmx_pad(x, crop)
+    score = model(r, t) + (model(r.flip(-1), t.flip(-1)).flip(-1) if flip else 0)
+    return score.float().exp()[..., m[0]:score.shape[-2] - m[1], m[2]:score.shape[-1] - m[3]]
+
+
+def cmx_scale(model, rgb, x, num_classes, crop=CMX_CROP, stride_rate=2 / 3, flip=True):
+    """CMX's scale_process_rgbX on one scaled input (B, C, h, w) -> summed scores (B, K, h, w).
+    Not larger than the crop on one side: one padded window. Else windows as CMX lays them:
+    its column step and window width come from the crop's height (stride ceil(rate * crop)),
+    its row step and window height from the crop's width, a window's start is its end minus
+    that size (negative: counted from the far border, Python slicing), and scores add up
+    without averaging."""
+    h, w = rgb.shape[-2:]
+    if w <= crop[1] or h <= crop[0]:
+        return cmx_window(model, rgb, x, crop, flip)
+    stride = (math.ceil(crop[0] * stride_rate), math.ceil(crop[1] * stride_rate))
+    out = rgb.new_zeros(rgb.shape[0], num_classes, h, w, dtype=torch.float32)
+    for i in range(math.ceil((h - crop[0]) / stride[0]) + 1):
+        for j in range(math.ceil((w - crop[1]) / stride[1]) + 1):
+            e_x, e_y = min(j * stride[0] + crop[0], w), min(i * stride[1] + crop[1], h)
+            win = (..., slice(e_y - crop[1], e_y), slice(e_x - crop[0], e_x))
+            out[win] += cmx_window(model, rgb[win], x[win], crop, flip)
+    return out
+
+
+def cmx_probs(model, rgb, x, num_classes, scales=CMX_SCALES, flip=True, crop=CMX_CROP):
+    """CMX's sliding_eval_rgbX: each scale s resizes the input as cv2.resize(fx=s, fy=s)
+    does: to round(s * H) x round(s * W), sampling source pixel (i + 0.5) / s - 0.5 (the
+    factor, not the ratio of the sizes; CMX resizes the uint8 image before normalising,
+    which differs from resizing the normalised one only by cv2's rounding), `cmx_scale`,
+    and the scores go back to (H, W) (bilinear, the ratio of the sizes) and add up: (B, K, H, W)."""
+    H, W = rgb.shape[-2:]
+    total = rgb.new_zeros(rgb.shape[0], num_classes, H, W, dtype=torch.float32)
+    for s in scales:
+        size = [round(H * s), round(W * s)]
+        r, t = (torch.ops.aten.upsample_bilinear2d(v, size, False, s, s)  # sampling by factor s
+                for v in (rgb, x))
+        total += F.interpolate(cmx_scale(model, r, t, num_classes, crop, 2 / 3, flip), size=(H, W),
+                               mode='bilinear', align_corners=False)
+    return total
+
+
+MULTIMAE_CANVAS = 640  # NYUv2 input_size: LongestMaxSize(640), PadIfNeeded(640, 640), top-left
+MULTIMAE_DEPTH_UNIT = 2 ** 16 / 10  # tools/prepare_nyuv2.py stores depth as uint16(metres * 6553.6)
+
+
+def multimae_depth(depth, valid, trunc=0.1):
+    """MultiMAE's standardize_depth_map (utils/datasets_semseg.py) on one depth map (H, W):
+    (d - mean) / sqrt(var + 1e-6), mean and unbiased variance of the values between the
+    10th and 90th percentile of the `valid` ones (not padding; here not holes either), the
+    others 0 afterwards (its mask_valid step)."""
+    v = depth[valid].sort().values
+    mid = v[int(trunc * len(v)):int((1 - trunc) * len(v))]
+    standardised = (depth - mid.mean()) / (mid.var() + 1e-6).sqrt()
+    return torch.where(valid, standardised, torch.zeros_like(depth))
+
+
+class MultiMAETransform:
+    """MultiMAE's NYUv2 semantic-segmentation evaluation input (simple_transform(train=False)
+    and DataAugmentationForSemSeg): the long side to 640 if it is not (bilinear for RGB,
+    nearest for depth and labels; NYUv2's 640 x 480 frames are not resized), then a 640 x 640
+    canvas holding the image at its top-left: RGB padded with 128 before normalising
+    (ImageNet, RGB order), depth (in MultiMAE's unit, 6553.6 per metre, from rgbx's v / 10000
+    of millimetres) standardised by `multimae_depth` with padding and holes (0) left out and
+    set to 0, labels padded with ignore."""
+
+    def __call__(self, rgb, x, label, rng=None):
+        rgb, depth = data.to_chw(rgb, x)
+        label = torch.from_numpy(label)
+        H, W = label.shape
+        if max(H, W) != MULTIMAE_CANVAS:
+            size = tuple(round(n * MULTIMAE_CANVAS / max(H, W)) for n in (H, W))
+            rgb = F.interpolate(rgb[None], size=size, mode='bilinear', align_corners=False)[0]
+            depth, label = (F.interpolate(t[None].float(), size=size, mode='nearest')[0]
+                            for t in (depth, label[None]))
+            label = label[0].long()
+        h, w = label.shape
+        pad = (0, MULTIMAE_CANVAS - w, 0, MULTIMAE_CANVAS - h)
+        rgb = F.pad(rgb, pad, value=128 / 255)
+        depth = F.pad(depth[0] * 10 * MULTIMAE_DEPTH_UNIT, pad)
+        valid = F.pad(torch.ones(h, w, dtype=torch.bool), pad) & (depth > 0)
+        rgb, _ = data.normalize(rgb, depth[None], data.IMAGENET, ((0.0,), (1.0,)))
+        return rgb, multimae_depth(depth, valid)[None], F.pad(label, pad, value=data.IGNORE)
+
+
+def multimae_probs(model, rgb, x, num_classes, dataset):
+    """MultiMAE's evaluate: one pass on the canvas. A model that standardises depth itself
+    (MaskMentor fine-tuning, `depth_standardize`) is given the protocol's standardised depth
+    as it is: its own standardisation is off for the pass."""
+    own = getattr(model, 'depth_standardize', False)
+    if own:
+        model.depth_standardize = False
+    try:
+        return model(rgb, x).float().softmax(1)
+    finally:
+        if own:
+            model.depth_standardize = True
+
+
+def multimae_transform(dataset, x_modality, preset):
+    """MultiMAE's NYUv2 input: depth in millimetres (rgbx's `depth`)."""
+    if dataset != 'nyudv2' or x_modality != 'depth':
+        raise ValueError(f"--protocol multimae evaluates NYUDv2 with depth (--x-modality depth, "
+                         f"16-bit mm), as MultiMAE's NYUv2 fine-tuning does, not {dataset} with X "
+                         f"{x_modality!r}")
+    return MultiMAETransform()
+
+
+def dformer_transform(dataset, x_modality, preset):
+    """DFormer's ValPre: NYUDv2 / SUN RGB-D, its 8-bit depth, BGR, depth (v / 255 - 0.48) / 0.28."""
+    if dataset not in DFORMER_CROP or x_modality != 'depth8':
+        raise ValueError(f"--protocol dformer evaluates NYUDv2 and SUN RGB-D with DFormer's 8-bit "
+                         f"depth (--x-modality depth8), not {dataset} with X {x_modality!r}")
+    return InputTransform(True, data.IMAGENET, ((0.48,) * 3, (0.28,) * 3))
+
+
+def cmx_transform(dataset, x_modality, preset):
+    """CMX's input: RGB and a 3-channel X in BGR order (cv2's), both with ImageNet's statistics."""
+    if preset.modalities[x_modality].channels != 3 or preset.modalities[x_modality].max16:
+        raise ValueError(f"--protocol cmx normalises a 3-channel 8-bit X (HHA, ...) with the "
+                         f"ImageNet statistics, not {dataset}'s X {x_modality!r}")
+    return InputTransform(True, data.IMAGENET, data.IMAGENET)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One evaluation protocol: `transform(dataset, x_modality, preset)` gives the dataset
+    transform (None: rgbx's EvalTransform), `probs(model, rgb, x, K, dataset)` the summed
+    probabilities (B, K, H, W) at the scored size; `average` of the IoUs ('all' or 'present',
+    see `metrics`); `amp`: the precision the code ran with on CUDA (CPU runs fp32)."""
+    summary: str
+    average: str = 'present'
+    amp: str = 'none'
+    probs: object = None
+    transform: object = None
+
+
+def release_single_scale(model, rgb, x, k, dataset):
+    """The release's single-scale `evaluate`: one pass at the resized size."""
+    return release_probs(model, rgb, x, k, (1.0,), False)
+
+
+PROTOCOLS = {
+    'rgbx': Protocol("this project's: the stored size, --multi-scale / --flip / --sliding as "
+                     "given, mIoU over the classes present"),
+    'release': Protocol("the KTB release's evaluate_msf: Resize, scales 0.5-1.75 + flip, mIoU over "
+                        "all classes", 'all', 'none',
+                        lambda model, rgb, x, k, dataset: release_probs(model, rgb, x, k),
+                        release_transform),
+    'release-single-scale': Protocol("the KTB release's single-scale evaluate: Resize, one pass, "
+                                     "mIoU over all classes", 'all', 'none', release_single_scale,
+                                     release_transform),
+    'multimae': Protocol("MultiMAE's NYUv2 fine-tuning evaluate: a 640 x 640 canvas padded at the "
+                         "top-left, depth standardised per image, one pass, fp16 on CUDA, mIoU "
+                         "over the classes present", 'present', 'fp16', multimae_probs,
+                         multimae_transform),
+    'dformer': Protocol("DFormer's evaluate_msf --sliding: BGR, scales 0.5-1.5 + flip, windows of "
+                        "480 x 640 (SUN RGB-D 480 x 480), fp16 on CUDA, mIoU over all classes",
+                        'all', 'fp16',
+                        lambda model, rgb, x, k, dataset: dformer_probs(model, rgb, x, k,
+                                                                        DFORMER_CROP[dataset]),
+                        dformer_transform),
+    'cmx': Protocol("CMX's sliding_eval_rgbX: BGR, scales 0.75-1.25 + flip, centred padding to "
+                    "480 x 640 and its windows, mIoU over the classes present", 'present', 'none',
+                    lambda model, rgb, x, k, dataset: cmx_probs(model, rgb, x, k), cmx_transform),
+}
 
 
 # ----------------------------------------------------------------------------
@@ -290,20 +656,22 @@ def check_device(name, flag='--device'):
                          f"use {flag} cpu")
     if device.type not in ('cpu', 'cuda'):
         raise ValueError(f"{flag} takes cpu, cuda or cuda:N, not {name!r}")
-    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}; pass one of them")
+    count = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if device.type == 'cuda' and device.index is not None and device.index >= count:
+        raise ValueError(f"{flag} {name}: this machine has {count} CUDA device(s), cuda:0 .. "
+                         f"cuda:{count - 1}; pass one of them")
     return device
 
 
 def check_cuda_bf16(amp, device):
-    """--amp bf16 on a GPU without bf16 units (before Ampere, compute capability 8.0): a one-line error."""
+    """--amp bf16 on a GPU without bf16 units (before Ampere, compute capability 8.0): an error."""
     if amp != 'bf16' or device.type != 'cuda':
         return
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        raise ValueError(f"--amp bf16: {device} ({torch.cuda.get_device_name(device)}, compute capability "
-                         f"{major}.{minor}) has no bf16 units (Ampere, 8.0, and later have them): use --amp fp16")
+        raise ValueError(f"--amp bf16: {device} ({torch.cuda.get_device_name(device)}, compute "
+                         f"capability {major}.{minor}) has no bf16 units (Ampere, 8.0, and later have "
+                         f"them): use --amp fp16")
 
 
 def set_tf32(enabled):
@@ -321,14 +689,17 @@ def setup_distributed(device_name):
     (the caching allocator, NCCL, pinned memory) lands on GPU 0 by default."""
     device = check_device(device_name)
     if 'RANK' not in os.environ:
-        if device.type == 'cuda':
+        if device.type == 'cuda':  # 'cuda' names the current device: its index made explicit
+            index = torch.cuda.current_device() if device.index is None else device.index
+            device = torch.device('cuda', index)
             torch.cuda.set_device(device)
         return 0, 1, device
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
     if device.type == 'cuda':
         if local >= torch.cuda.device_count():
-            raise ValueError(f"torchrun started process {local} of this machine, which has {torch.cuda.device_count()} "
-                             f"CUDA device(s): pass --nproc_per_node {torch.cuda.device_count()} (one per GPU)")
+            count = torch.cuda.device_count()
+            raise ValueError(f"torchrun started process {local} of this machine, which has {count} CUDA "
+                             f"device(s): pass --nproc_per_node {count} (one per GPU)")
         device = torch.device(f'cuda:{local}')
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -760,7 +1131,7 @@ def benchmark(model, dataset, num_classes, size, device, repeats=3, batch=2, wor
 # ----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=__doc__.split('\n')[0])
     p.add_argument('--checkpoint', default=None,
                    help="a training checkpoint (last.pt / best.pt), or a file without rgbx's config (a trained "
                         "KTB of the authors' release): its model is then built from --method, --backbone, "
@@ -768,9 +1139,14 @@ def main(argv=None):
     p.add_argument('--data-root', default=None, help='dataset folder (default: the one the run used)')
     p.add_argument('--split', default=None, help='default test')
     p.add_argument('--pretrained', default=None, help='frozen backbone file, if not where the run found it')
+    p.add_argument('--protocol', default='rgbx', choices=tuple(PROTOCOLS),
+                   help='how to evaluate: ' + '; '.join(f'{k}: {v.summary}' for k, v in PROTOCOLS.items()) +
+                        ' (docs/protocols.md)')
     p.add_argument('--multi-scale', action='store_true', help=f'scales {SCALES}')
     p.add_argument('--flip', action='store_true')
-    p.add_argument('--sliding', action='store_true', help='sliding-window inference with the training crop')
+    p.add_argument('--sliding', action='store_true',
+                   help="sliding-window inference with the training crop (a checkpoint without rgbx's config: "
+                        "the dataset's training crop)")
     p.add_argument('--modality', default='both', choices=('both', 'rgb', 'x'))
     p.add_argument('--save-pred', default=None, metavar='DIR')
     p.add_argument('--rgb', default=None, help='segment one image pair: RGB file')
@@ -784,10 +1160,11 @@ def main(argv=None):
     p.add_argument('--reconstruct', default=None, metavar='DIR',
                    help='MaskMentor pre-training checkpoint: save depth-from-RGB and RGB-from-depth panels (Fig. 4)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--amp', default='none', choices=('none', 'bf16', 'fp16'))
+    p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
+                   help="default none (a --protocol other than rgbx: the precision that code ran with on CUDA)")
     p.add_argument('--tf32', default=True, action=argparse.BooleanOptionalAction,
-                   help="on CUDA, TF32 tensor cores for float32 matrix products and convolutions (--no-tf32: "
-                        "true float32)")
+                   help="on CUDA, TF32 tensor cores for float32 matrix products and convolutions "
+                        "(--no-tf32: true float32)")
     p.add_argument('--workers', type=int, default=0, help="loader processes (evaluation and benchmark); see docs/performance.md")
     p.add_argument('--json', default=None, help='also write the metrics (or benchmark figures) here')
     b = p.add_argument_group('model from flags: --benchmark (the --checkpoint model, or a random-weights one chosen by '
@@ -827,6 +1204,14 @@ def check_flags(args):
     """Refuse flags that would be ignored: every flag given must act."""
     def given(*names):
         return ', '.join('--' + n.replace('_', '-') for n in names if getattr(args, n) not in (None, False))
+    if args.protocol != 'rgbx':
+        fixed = given('multi_scale', 'flip', 'sliding', 'amp')
+        if fixed:
+            raise ValueError(f"--protocol {args.protocol} fixes the scales, flip, sliding windows and precision as "
+                             f"its code ran: drop {fixed}")
+        other = given('benchmark', 'reconstruct', 'rgb', 'x', 'depth', 'out')
+        if other:
+            raise ValueError(f"--protocol {args.protocol} evaluates a dataset split: drop {other}")
     model_choice = given('method', 'backbone', 'opts', 'dataset', 'x_modality')
     if args.benchmark:
         evaluation_only = given('save_pred', 'rgb', 'x', 'depth', 'camera', 'out', 'multi_scale', 'flip', 'sliding', 'split', 'reconstruct')
@@ -860,6 +1245,8 @@ def check_flags(args):
         raise ValueError(f"--out {args.out}: the colourised segmentation is written as PNG: "
                          f"name it *.png")
     check_outputs(args)
+    if args.amp is None:
+        args.amp = PROTOCOLS[args.protocol].amp if check_device(args.device).type == 'cuda' else 'none'
     if args.amp == 'fp16' and check_device(args.device).type != 'cuda':
         raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     for name in ('workers', 'batch', 'repeats'):
@@ -868,22 +1255,30 @@ def check_flags(args):
             raise ValueError(f"--{name} must be >= {low}, not {getattr(args, name)}")
 
 
+# What eval.py reads and writes, by flag: every output flag is checked by `check_outputs`
+# (a new one joins OUTPUT_FILES or OUTPUT_FOLDERS); a file's kind is what may be replaced.
+INPUT_FLAGS = ('checkpoint', 'rgb', 'x', 'depth', 'pretrained', 'data_root', 'split')
+OUTPUT_FILES = {'out': 'png', 'json': 'json'}
+OUTPUT_FOLDERS = ('save_pred', 'reconstruct')
+
+
 def check_outputs(args):
     """Every output flag: its folder exists, and it writes over no input, into no dataset
     and into no other run's folder (data.check_output; the checkpoint's own run folder
     may receive pictures and metrics, never over its run files)."""
-    read = ('checkpoint', 'rgb', 'x', 'depth', 'pretrained', 'data_root', 'split')
-    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in read]
+    inputs = [('--' + n.replace('_', '-'), getattr(args, n)) for n in INPUT_FLAGS]
     own = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else None
-    for flag, path in (('--out', args.out), ('--json', args.json)):
+    for name, kind in OUTPUT_FILES.items():
+        flag, path = '--' + name.replace('_', '-'), getattr(args, name)
         folder = os.path.dirname(os.path.abspath(path)) if path else ''
         if path and not os.path.isdir(folder):
             raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
         if path and os.path.isdir(path):
             raise ValueError(f"{flag} {path} is a folder: name the file to write")
         if path:
-            data.check_output(flag, path, inputs, own_run=own, kind=flag[2:].replace('out', 'png'))
-    for flag, path in (('--save-pred', args.save_pred), ('--reconstruct', args.reconstruct)):
+            data.check_output(flag, path, inputs, own_run=own, kind=kind)
+    for name in OUTPUT_FOLDERS:
+        flag, path = '--' + name.replace('_', '-'), getattr(args, name)
         if path and os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{flag} {path} is a file: pass a folder for the pictures")
         if path:
@@ -932,9 +1327,12 @@ def run_command(args):
 
 
 def inference(args, run):
-    """(scales, crop) of the inference flags: multi-scale, and the run's crop for --sliding."""
+    """(scales, crop) of the inference flags: multi-scale, and for --sliding the run's
+    training crop (a model built from flags, whose run has none: its dataset's crop)."""
     scales = SCALES if args.multi_scale else (1.0,)
-    return scales, (parse_size(run.crop, "the checkpoint's crop") if args.sliding else None)
+    if not args.sliding:
+        return scales, None
+    return scales, (parse_size(run.crop, "the checkpoint's crop") if run.crop else data.get_preset(run.dataset).crop)
 
 
 def segment_pair(args, model, run, device):
@@ -960,34 +1358,42 @@ def evaluate_split(args, model, run, root, rank, world, device):
     """The metrics of a dataset split (this rank's share under torchrun), with --save-pred pictures."""
     preset = data.get_preset(run.dataset)
     palette = data.palette(run.dataset)
+    protocol = PROTOCOLS[args.protocol]
     scales, crop = inference(args, run)
     split = args.split or 'test'
     dataset = data.build_dataset(run.dataset, root, split, run.x_modality, x_standardised=run.x_standardised)
+    probs = None
+    if protocol.probs:
+        dataset.transform = protocol.transform(run.dataset, run.x_modality, preset)
+        probs = lambda model, rgb, x: protocol.probs(model, rgb, x, preset.num_classes, run.dataset)  # noqa: E731
     loader = data.shard_loader(dataset, rank, world, workers=args.workers, pin=device.type == 'cuda')
     on_batch = None
     if args.save_pred:
         os.makedirs(args.save_pred, exist_ok=True)
-        mean_x, std_x = preset.x_norm(run.x_modality, run.x_standardised)
+        mean_x, std_x = preset.x_norm(run.x_modality, run.x_standardised and not protocol.probs)
 
         def on_batch(i, rgb, x, label, pred):
             path = os.path.join(args.save_pred, str(dataset.names[rank + i * world]))  # ids 'a/0' keep their folders
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with data.disk_full_names(path + '.png'):
                 Image.fromarray(data.colorize(pred[0].cpu().numpy(), palette)).save(path + '.png')
-                save_panel(path + '_panel.png', to_image(rgb[0], *preset.rgb_norm), to_image(x[0], mean_x, std_x),
+                shown = rgb[0].flip(0) if getattr(dataset.transform, 'bgr', False) else rgb[0]  # a BGR protocol's input
+                save_panel(path + '_panel.png', to_image(shown, *preset.rgb_norm), to_image(x[0], mean_x, std_x),
                            label[0].cpu().numpy(), pred[0].cpu().numpy(), palette, preset.class_names)
-    conf = evaluate(model, loader, preset.num_classes, device, scales, args.flip, crop, args.modality, args.amp, on_batch)
-    m = metrics(conf)
+    conf = evaluate(model, loader, preset.num_classes, device, scales, args.flip, crop, args.modality, args.amp, on_batch,
+                    probs)
+    m = metrics(conf, protocol.average)
     if rank == 0:
-        print(f"{run.dataset} {split} ({len(dataset)} images), modality {args.modality}, "
-              f"scales {list(scales)}{' + flip' if args.flip else ''}")
-        print(format_metrics(m, preset.class_names))
+        how = (f"protocol {args.protocol} ({protocol.summary})" if protocol.probs else
+               f"scales {list(scales)}{' + flip' if args.flip else ''}")
+        print(format_metrics(m, preset.class_names))  # first line: mIoU XX.XX, as the protocol averages
+        print(f"evaluated: {run.dataset} {split} ({len(dataset)} images), modality {args.modality}, {how}")
         if args.save_pred:
             print(f"wrote the predictions and panels of the {len(dataset)} images to "
                   f"{args.save_pred}")
         if args.json:
             with open(args.json, 'w') as f:
-                json.dump(dict(m, modality=args.modality, checkpoint=args.checkpoint), f, indent=2)
+                json.dump(dict(m, modality=args.modality, protocol=args.protocol, checkpoint=args.checkpoint), f, indent=2)
             print(f"wrote {args.json}")
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import struct
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -3067,6 +3068,51 @@ def test_data_pst900_release_split_folders(tmp_path):
     assert ds.names == ['a', 'b'] and ds[1][2].shape == (6, 7)
 
 
+def test_data_release_inputs_depth8_aolp_npy_and_mfnet_layout(tmp_path):
+    """The KTB release's inputs: DFormer's 8-bit depth (SUN RGB-D, `depth8`: v / 255, grey stored as 3 equal
+    channels read as 1); MCubeS' AoLP from its .npy pair, stacked (sin, cos, sin) as stored in [-1, 1], in its
+    release folders; MFNet in the release's rgb/ ther/ labels/ folders."""
+    rng = np.random.default_rng(0)
+    depth = rng.integers(0, 256, (6, 7), dtype=np.uint8)
+    png(tmp_path / 'sun' / 'RGB' / '0.png', rng.integers(0, 256, (6, 7, 3), dtype=np.uint8))
+    png(tmp_path / 'sun' / 'Depth' / '0.png', np.repeat(depth[..., None], 3, -1))
+    png(tmp_path / 'sun' / 'Label' / '0.png', rng.integers(0, 38, (6, 7)).astype(np.uint8))
+    (tmp_path / 'sun' / 'test.txt').write_text('0\n')
+    x = data.build_dataset('sunrgbd', tmp_path / 'sun', 'test', 'depth8', x_standardised=False)[0][1]
+    assert x.shape == (1, 6, 7) and torch.equal(x[0], torch.from_numpy(depth).float() / 255)
+    with pytest.raises(ValueError, match='8-bit image'):  # the millimetre reader still refuses 8-bit depth
+        data.build_dataset('sunrgbd', tmp_path / 'sun', 'test', 'depth')[0]
+    (tmp_path / 'sun' / 'Label').rename(tmp_path / 'sun' / 'labels')  # the KTB release's SUN RGB-D folder
+    assert data.build_dataset('sunrgbd', tmp_path / 'sun', 'test', 'depth8')[0][2].shape == (6, 7)
+
+    mc = tmp_path / 'mcubes'
+    angle = rng.uniform(-np.pi, np.pi, (6, 7))
+    png(mc / 'polL_color' / 'f.png', rng.integers(0, 256, (6, 7, 3), dtype=np.uint8))
+    png(mc / 'GT' / 'f.png', rng.integers(0, 20, (6, 7)).astype(np.uint8))
+    for folder, v in (('polL_aolp_sin', np.sin(angle)), ('polL_aolp_cos', np.cos(angle))):
+        (mc / folder).mkdir()
+        np.save(mc / folder / 'f.npy', v)
+    (mc / 'list_folder').mkdir()
+    (mc / 'list_folder' / 'test.txt').write_text('f\n')
+    ds = data.build_dataset('mcubes', mc, str(mc / 'list_folder' / 'test.txt'), 'aolp-npy')
+    expected = np.stack([np.sin(angle), np.cos(angle), np.sin(angle)]).astype(np.float32)
+    assert torch.equal(ds[0][1], torch.from_numpy(expected))
+    with pytest.raises(ValueError, match="'aolp' is not stored in the layout"):
+        data.build_dataset('mcubes', mc, str(mc / 'list_folder' / 'test.txt'), 'aolp')
+    (mc / 'polL_aolp_cos' / 'f.npy').unlink()
+    with pytest.raises(FileNotFoundError, match='polL_aolp_cos/f.npy not found'):
+        data.build_dataset('mcubes', mc, str(mc / 'list_folder' / 'test.txt'), 'aolp-npy')
+
+    mf = tmp_path / 'mfnet'
+    thermal = rng.integers(0, 256, (6, 7), dtype=np.uint8)
+    png(mf / 'rgb' / '01202N.png', rng.integers(0, 256, (6, 7, 3), dtype=np.uint8))
+    png(mf / 'ther' / '01202N.png', thermal)
+    png(mf / 'labels' / '01202N.png', rng.integers(0, 9, (6, 7)).astype(np.uint8))
+    (mf / 'test.txt').write_text('01202N\n')
+    x = data.build_dataset('mfnet', mf, 'test', x_standardised=False)[0][1]
+    assert torch.equal(x[0], torch.from_numpy(thermal).float() / 255)
+
+
 # --- Demo dataset ---
 
 def test_data_demo_deterministic_splits_differ_labels_in_range():
@@ -3793,12 +3839,16 @@ def test_hha_cli_refuses_constant_hha_other_files_and_says_raw_depth(tmp_path, s
     png(tmp_path / 'raw' / 'a.png', raw)
     png(tmp_path / 'photos' / 'a.png', np.random.default_rng(0).integers(0, 256, (*mm.shape, 3), dtype=np.uint8))
     cam = ','.join(map(str, HHA_CAMERA))
-    for depth_dir, camera, words in (('zero', cam, ['zero/a.png', 'no measured pixel']),
-                                     ('tiny', cam, ['tiny/a.png', 'smaller than']),
+    res = run_data_cli('hha', '--depth', tmp_path / 'zero', '--out', tmp_path / 'o', '--camera', cam)
+    assert_one_line_error(res, 'zero/a.png', 'no measured pixel')  # a real process: no numpy warning either
+    assert 'Warning' not in res.stderr
+    for depth_dir, camera, words in (('tiny', cam, ['tiny/a.png', 'smaller than']),
                                      ('raw', '1e308,1e308,1e308,1e308', ['beyond float range'])):
-        res = run_data_cli('hha', '--depth', tmp_path / depth_dir, '--out', tmp_path / 'o', '--camera', camera)
-        assert_one_line_error(res, *words)
-        assert 'Warning' not in res.stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            code = data.main(['hha', '--depth', str(tmp_path / depth_dir), '--out', str(tmp_path / 'o'),
+                              '--camera', camera])
+        assert_one_line_error(type('R', (), dict(returncode=code, stderr=capsys.readouterr().err)), *words)
     assert not list((tmp_path / 'o').glob('*.png'))
     photos = (tmp_path / 'photos' / 'a.png').read_bytes()
     res = run_data_cli('hha', '--depth', tmp_path / 'raw', '--out', tmp_path / 'photos', '--camera', cam)
@@ -4144,6 +4194,381 @@ def test_eval_saves_cross_modal_reconstructions_of_a_pretraining_run(tmp_path):
         ev.main(['--checkpoint', last])
 
 
+# --- Protocols: the KTB release's evaluation (fixtures/ktb-release/eval, README there) ---
+
+RELEASE_EVAL = KTB_FIXTURE / 'eval'
+
+
+def release_eval_case(tmp_path, case):
+    """(fixture metadata, saved tensors, the tiny release model as rgbx loads it, a pst900 dataset of
+    the case in the layout the release read: <case>/test/{rgb,thermal,labels}/)."""
+    if not (RELEASE_EVAL / 'release_eval.pt').exists():
+        pytest.skip(f"KTB release evaluation fixture absent ({RELEASE_EVAL})")
+    meta = json.loads((RELEASE_EVAL / 'release_eval.json').read_text())
+    saved = torch.load(RELEASE_EVAL / 'release_eval.pt', map_location='cpu', weights_only=True)
+    state = torch.load(KTB_FIXTURE / 'ktb_release_tiny.pth', map_location='cpu', weights_only=True)
+    torch.save({**state, **saved['delta']}, tmp_path / 'release_eval_model.pth')
+    cfg, _ = release_fixture()
+    model = rgbx.load_pretrained(release_sized_ktb(cfg, x_channels=1), tmp_path / 'release_eval_model.pth').eval()
+    root = tmp_path / case / 'test'
+    for sub in ('rgb', 'thermal', 'labels'):
+        (root / sub).mkdir(parents=True)
+        for f in sorted((RELEASE_EVAL / case / sub).glob('*.png')) if (RELEASE_EVAL / case / sub).is_dir() else ():
+            (root / sub / f.name).write_bytes(f.read_bytes())
+    if case == 'real':  # the real frames' RGB, cropped as the fixture's script cropped them
+        if not NYU.is_dir():
+            pytest.skip(f"{NYU} is absent")
+        (r0, r1), (c0, c1) = meta['real_crop']['rows'], meta['real_crop']['cols']
+        for name in meta['real_crop']['frames']:
+            png(root / 'rgb' / f'{name}.png', np.array(Image.open(NYU / 'RGB' / f'{name}.png'))[r0:r1, c0:c1])
+    return meta, saved, model, data.build_dataset('pst900', tmp_path / case, 'test', 'thermal')
+
+
+def check_release_case(tmp_path, case):
+    """eval.py's release protocol against the release's own evaluate_msf / evaluate on one fixture case:
+    the scored (resized) label sizes, the summed probabilities to 1e-5 relative, the per-class true /
+    false positive / false negative counts (a near-tie pixel may differ), IoUs within 0.01 points and the
+    mIoU over all classes at 2 decimals."""
+    meta, saved, model, dataset = release_eval_case(tmp_path, case)
+    spec = meta['cases'][case]
+    dataset.transform = ev.ReleaseTransform(spec['short'])  # the case's EVAL.IMAGE_SIZE
+    threads = torch.get_num_threads()
+    # the fixture's threads: bilinear interpolation's last bits depend on the thread count, and rounding
+    # to whole grey values (the release's Resize) can turn them into one grey level
+    torch.set_num_threads(2)
+    try:
+        check_release_protocols(meta, saved, model, dataset, case, spec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_release_protocols(meta, saved, model, dataset, case, spec):
+    for protocol in [k.split('/')[1] for k in meta['results'] if k.startswith(case + '/')]:
+        ref = meta['results'][f'{case}/{protocol}']
+        scales, flip = (spec['scales'], spec['flip']) if protocol == 'release' else ((1.0,), False)
+        conf = torch.zeros(5, 5, dtype=torch.long)
+        for i, name in enumerate(dataset.names):
+            assert name == ref['images'][i]
+            rgb, x, label = dataset[i]
+            assert list(label.shape) == ref['sizes_scored'][i]
+            with torch.no_grad():
+                probs = ev.release_probs(model, rgb[None], x[None], 5, scales, flip)
+            stride = ref['probs_stride']
+            assert rel_max_err(probs[..., ::stride, ::stride], saved['probs'][f'{case}/{protocol}/{name}']) < 1e-5
+            conf += ev.confusion(probs.argmax(1), label[None], 5)
+        tp, fp, fn = conf.diag(), conf.sum(0) - conf.diag(), conf.sum(1) - conf.diag()
+        counts = torch.tensor([ref['tp'], ref['fp'], ref['fn']])
+        # a pixel whose two best classes tie to float rounding may go either way: at most 1 in 10^4
+        assert (torch.stack([tp, fp, fn]) - counts).abs().sum() <= 1e-4 * conf.sum(), protocol
+        m = ev.metrics(conf, 'all')
+        assert np.nan_to_num(m['iou']) == pytest.approx(ref['ious'], abs=1e-4)
+        assert f"{100 * m['miou']:.2f}" == f"{ref['miou']:.2f}" and m['absent'] == [4]
+        assert m['miou_present'] > m['miou_all']  # class 4 is absent: left out of one average, 0 in the other
+
+
+def test_eval_protocol_release_matches_the_release_code_on_awkward_sizes(tmp_path):
+    """75 x 103 and 118 x 67 frames, EVAL.IMAGE_SIZE 72 (both resizes of the release's Resize change the
+    size), scales 0.5-1.75 + flip (evaluate_msf) and the single-scale evaluate."""
+    check_release_case(tmp_path, 'small')
+
+
+@pytest.mark.slow
+@needs_realdata
+def test_eval_protocol_release_matches_the_release_code_on_real_frames(tmp_path):
+    """Three real NYUDv2 frames cut to 427 x 561 (X: their depth min-max stretched to 8 bits), EVAL.IMAGE_SIZE
+    240, scales 0.5-1.75 + flip."""
+    check_release_case(tmp_path, 'real')
+
+
+@pytest.mark.slow
+def test_eval_protocol_release_matches_the_release_code_on_a_720x1280_frame(tmp_path):
+    """A 720 x 1280 frame (PST900's size) resized by half without antialiasing, to 384 x 640, scales 0.75 and
+    1.25 + flip."""
+    check_release_case(tmp_path, 'wide')
+
+
+def test_eval_protocol_release_reads_mcubes_as_the_release(tmp_path):
+    """MCubeS through --protocol release: the release's own MCubeS reader (its compiled file's test list,
+    FixScaleCrop(1024), Normalize, ToTensor; fixtures/ktb-release/eval/mcubes.pt) on a synthetic 1024 x 1224
+    frame in its folders: the crop (columns 196-1219), RGB with the ImageNet statistics, AoLP from the .npy
+    stacked (sin, cos, sin) as stored, the labels."""
+    if not (RELEASE_EVAL / 'mcubes.pt').exists():
+        pytest.skip(f"KTB release MCubeS fixture absent ({RELEASE_EVAL})")
+    saved = torch.load(RELEASE_EVAL / 'mcubes.pt', map_location='cpu', weights_only=True)
+    y, x = np.meshgrid(np.arange(1024), np.arange(1224), indexing='ij')  # the fixture script's `pattern`
+    rgb = np.stack([127.5 + 127.5 * np.sin(0.013 * y * (c + 1) + 0.021 * x + c) for c in range(3)], -1)
+    angle = 0.004 * y - 0.003 * x + np.sin(0.01 * x)
+    label = ((y // 97 + x // 131) % 20).astype(np.uint8)
+    label[100:200, 150:400] = 255
+    png(tmp_path / 'polL_color' / 'f.png', np.round(rgb).astype(np.uint8))
+    png(tmp_path / 'GT' / 'f.png', label)
+    for folder, v in (('polL_aolp_sin', np.sin(angle)), ('polL_aolp_cos', np.cos(angle))):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / 'f.npy', v)
+    (tmp_path / 'list_folder').mkdir()
+    (tmp_path / 'list_folder' / 'test.txt').write_text('f\n')
+    dataset = data.build_dataset('mcubes', tmp_path, str(tmp_path / 'list_folder' / 'test.txt'), 'aolp-npy')
+    dataset.transform = ev.release_transform('mcubes', 'aolp-npy', data.get_preset('mcubes'))
+    image, aolp, lab = dataset[0]
+    assert [list(image.shape), list(aolp.shape), [1] + list(lab.shape)] == saved['shapes'].tolist()
+    assert rel_max_err(image[:, ::16, ::16], saved['image']) < 1e-6
+    assert torch.equal(aolp[:, ::16, ::16], saved['aolp']) and torch.equal(lab[::16, ::16], saved['label'])
+
+
+def test_eval_protocol_release_resize_by_hand():
+    """The release's Resize: sizes (short side, then multiples of 32), bilinear on 0..255 values rounded half
+    to even without antialiasing, labels by legacy nearest (source floor(i * in / out), not pixel centres)."""
+    for (H, W), short, scored in (((427, 561), 480, (480, 640)), ((720, 1280), 720, (736, 1280)),
+                                  ((1042, 1042), 1024, (1024, 1024)), ((480, 640), 480, (480, 640))):
+        _, _, label = ev.release_resize(torch.zeros(3, H, W), torch.zeros(1, H, W), torch.zeros(H, W).long(), short)
+        assert tuple(label.shape) == scored
+    assert ev.resize_rounded(torch.tensor([[[0.0, 1.0, 2.0, 3.0]]]), (1, 6), nearest=True).tolist() == \
+        [[[0, 0, 1, 2, 2, 3]]]
+    # bilinear, align_corners=False: output pixel 1 of 3 samples the input at 0.5 -> 127.5 -> 128 (half to even)
+    assert ev.resize_rounded(torch.tensor([[[0.0, 255.0]]]), (1, 3)).tolist() == [[[0, 128, 255]]]
+    rgb = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    x = np.full((5, 7, 1), 128 / 255, np.float32)
+    r, t, lab = ev.ReleaseTransform(32)(rgb, x, np.full((5, 7), 2))
+    assert r.shape == (3, 32, 64) and lab.shape == (32, 64) and (lab == 2).all()
+    assert torch.allclose(t, torch.full_like(t, 128 / 255))  # X: v / 255 after the resize, not standardised
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in data.IMAGENET)
+    assert torch.allclose(r[:, :1, :1], (torch.from_numpy(rgb[0, 0]).float().view(3, 1, 1) / 255 - mean) / std)
+
+
+def test_eval_protocol_release_geometry_and_flip_by_hand():
+    """evaluate_msf's geometry: scale s feeds ceil(int(s * H) / 32) * 32 per side (10 of 12 passes differ from
+    round(s * H)), the flipped pass sees the mirrored input, and the summed softmaxes come back at (H, W)."""
+    seen = []
+
+    def model(rgb, x):
+        seen.append((tuple(rgb.shape[-2:]), rgb[0, 0, 0, 0].item()))
+        return torch.zeros(rgb.shape[0], 3, *rgb.shape[-2:])
+    rgb = torch.arange(96 * 160, dtype=torch.float32).view(1, 1, 96, 160).expand(1, 3, -1, -1)
+    probs = ev.release_probs(model, rgb, torch.zeros(1, 1, 96, 160), 3)
+    sizes = [s for s, _ in seen[::2]]
+    assert sizes == [(64, 96), (96, 128), (96, 160), (128, 224), (160, 256), (192, 288)]
+    assert all(a == b for (a, _), (b, _) in zip(seen[::2], seen[1::2]))
+    assert seen[0][1] == 0 and seen[1][1] == 159  # align_corners=True keeps the corner pixels; flip mirrors
+    assert probs.shape == (1, 3, 96, 160) and torch.allclose(probs, torch.full_like(probs, 12 / 3))
+    seen.clear()
+    ev.PROTOCOLS['release-single-scale'].probs(model, rgb, torch.zeros(1, 1, 96, 160), 3, 'pst900')
+    assert [s for s, _ in seen] == [(96, 160)]
+
+
+def test_eval_protocol_release_mcubes_crop():
+    """MCubeS: the 192 left columns dropped, then the centred 1024 x 1024 of the 1024 x 1032 left: columns
+    196-1219, all rows; other frame sizes are refused."""
+    cols = torch.arange(1224).expand(1, 1024, 1224)
+    (crop,) = ev.mcubes_crop(cols)
+    assert crop.shape == (1, 1024, 1024) and crop[0, 0, 0] == 196 and crop[0, -1, -1] == 1219
+    with pytest.raises(ValueError, match='1024 x 1224'):
+        ev.mcubes_crop(torch.zeros(1, 480, 640))
+
+
+def test_eval_protocol_metrics_both_averages_by_hand():
+    """One confusion matrix, two averages: over the classes present (3 of 4) and over all K (absent = 0)."""
+    conf = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    present, every = ev.metrics(conf), ev.metrics(conf, 'all')
+    assert present['miou'] == pytest.approx(5 / 9) and every['miou'] == pytest.approx(5 / 12)
+    assert every['miou_present'] == present['miou'] and present['absent'] == every['absent'] == [3]
+    text = ev.format_metrics(every, ['a', 'b', 'c', 'd']).splitlines()
+    assert text[0].startswith('mIoU 41.67 |') and text[1] == 'mIoU over the 3 classes present 55.56'
+    assert text[2].endswith(', IoU 0 in the mIoU): d')
+    assert ev.format_metrics(present, ['a', 'b', 'c', 'd']).splitlines()[1] == \
+        'mIoU over all 4 classes (absent = 0) 41.67'
+
+
+def test_eval_protocol_refuses_the_flags_it_fixes_and_data_it_cannot_read():
+    for flag in (['--flip'], ['--multi-scale'], ['--sliding'], ['--amp', 'none']):
+        message = cli_error(ev.main, ['--checkpoint', 'any.pt', '--protocol', 'release'] + flag)
+        assert flag[0] in message and 'fixes' in message
+    assert '--rgb' in cli_error(ev.main, ['--checkpoint', 'any.pt', '--protocol', 'release', '--rgb', 'a.png'])
+    for dataset, x, words in (('demo', 'depth', "release's datasets"), ('nyudv2', 'depth', '16-bit'),
+                              ('mcubes', 'aolp', 'aolp-npy'), ('nyudv2', 'hha', None)):
+        if words is None:
+            assert ev.release_transform(dataset, x, data.get_preset(dataset)).short == 480
+        else:
+            with pytest.raises(ValueError, match=words):
+                ev.release_transform(dataset, x, data.get_preset(dataset))
+
+
+def test_eval_protocol_release_command_line_on_a_release_checkpoint(tmp_path, capsys, monkeypatch):
+    """`eval.py --protocol release` on the release's tiny checkpoint and the fixture's awkward frames (as a
+    PST900 split, EVAL.IMAGE_SIZE 72 for the test): the release's per-class IoUs and mIoU, first line mIoU."""
+    meta, _, _, _ = release_eval_case(tmp_path, 'small')
+    cfg, _ = release_fixture()
+    monkeypatch.setitem(rgbx.SWIN_PRESETS, 'nano', dict(embed_dim=cfg['embed_dim'], depths=tuple(cfg['depths']),
+                                                        heads=tuple(cfg['heads']), window_size=cfg['window_size']))
+    monkeypatch.setitem(ev.RELEASE_SHORT_SIDE, 'pst900', meta['cases']['small']['short'])
+    ref = meta['results']['small/release']
+    capsys.readouterr()
+    ev.main(['--checkpoint', str(tmp_path / 'release_eval_model.pth'), '--method', 'ktb', '--backbone', 'swin-nano',
+             '--dataset', 'pst900', '--opts', f"fused_head_dim=64,aux_head_dim=32,window_size={cfg['window_size']}",
+             '--data-root', str(tmp_path / 'small'), '--protocol', 'release', '--device', 'cpu',
+             '--json', str(tmp_path / 'm.json')])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"mIoU {ref['miou']:.2f} |") and 'absent' in out[2] and 'survivor' in out[2]
+    assert out[1].startswith('mIoU over the 4 classes present') and 'protocol release' in out[-2]
+    m = json.loads((tmp_path / 'm.json').read_text())  # within 0.01 points (one grey level may round apart)
+    assert np.nan_to_num(m['iou']) == pytest.approx(ref['ious'], abs=1e-4) and m['protocol'] == 'release'
+
+
+def test_eval_sliding_on_a_checkpoint_built_from_flags(capsys, monkeypatch):
+    """--sliding on a checkpoint without rgbx's config (no run crop): the dataset's training crop."""
+    cfg, _ = release_fixture()
+    monkeypatch.setitem(rgbx.SWIN_PRESETS, 'nano', dict(embed_dim=cfg['embed_dim'], depths=tuple(cfg['depths']),
+                                                        heads=tuple(cfg['heads']), window_size=cfg['window_size']))
+    calls = []
+    monkeypatch.setattr(ev, 'sliding_logits', lambda model, r, x, k, crop: calls.append(crop) or model(r, x))
+    ev.main(['--checkpoint', str(KTB_FIXTURE / 'ktb_release_tiny.pth'), '--method', 'ktb', '--backbone', 'swin-nano',
+             '--dataset', 'demo', '--opts', f"fused_head_dim=64,aux_head_dim=32,window_size={cfg['window_size']}",
+             '--device', 'cpu', '--sliding'])
+    assert 'mIoU' in capsys.readouterr().out and set(calls) == {data.PRESETS['demo'].crop}
+
+
+# --- Protocols: DFormer's and CMX's evaluation (fixtures/protocols: their own functions on random logits) ---
+
+PROTOCOL_FIXTURE = Path(__file__).resolve().parent / 'fixtures' / 'protocols'
+MM_EVAL = Path(__file__).resolve().parent / 'fixtures' / 'multimae' / 'eval'
+
+
+def protocol_fixture():
+    if not (PROTOCOL_FIXTURE / 'dformer_cmx.pt').exists():
+        pytest.skip(f"DFormer / CMX fixture absent ({PROTOCOL_FIXTURE})")
+    saved = torch.load(PROTOCOL_FIXTURE / 'dformer_cmx.pt', map_location='cpu', weights_only=True)
+    meta = json.loads((PROTOCOL_FIXTURE / 'dformer_cmx.json').read_text())['results']
+    weight, bias = saved['model.weight'], saved['model.bias']
+    return meta, saved, lambda rgb, x: F.conv2d(torch.cat([rgb, x], 1), weight, bias, padding=1)
+
+
+def protocol_pattern(h, w, phase):
+    """The fixture script's inputs: a smooth float32 image (h, w, 3) in [0, 255] and labels (h, w)."""
+    y, x, c = np.meshgrid(np.arange(h), np.arange(w), np.arange(3), indexing='ij')
+    img = (127.5 + 127.5 * np.sin(0.031 * y * (c + 1) + 0.047 * x + phase + c)).astype(np.float32)
+    label = (y[..., 0] // 23 + x[..., 0] // 37 + int(phase)) % 4
+    label[: h // 4, : w // 5] = 255
+    return img, torch.from_numpy(label)
+
+
+def test_eval_protocol_dformer_matches_dformer_code_on_random_logits():
+    """DFormer's evaluate_msf --sliding (scales 0.5-1.5 + flip, 480 x 640 and 480 x 480 windows at stride 2/3,
+    inputs smaller than a window upsampled to it) on a 3x3-convolution model: summed probabilities to 1e-5,
+    the confusion matrix, and its mIoU over all classes (class 4 absent: 0)."""
+    meta, saved, model = protocol_fixture()
+    for case in ('dformer_nyu', 'dformer_sun'):
+        ref, conf = meta[case], torch.zeros(5, 5, dtype=torch.long)
+        for i, (h, w) in enumerate(ref['sizes']):
+            (img, label), (xi, _) = protocol_pattern(h, w, i), protocol_pattern(h, w, i + 0.5)
+            rgb, x = (torch.from_numpy(v.transpose(2, 0, 1)[None] / 255 - 0.5) for v in (img, xi))
+            with torch.no_grad():
+                probs = ev.dformer_probs(model, rgb, x, 5, tuple(ref['crop']))
+            s = ref['probs_stride']
+            assert rel_max_err(probs[..., ::s, ::s], saved[f'{case}/{i}/probs']) < 1e-5, (case, i)
+            conf += ev.confusion(probs.argmax(1), label[None], 5)
+        assert conf.tolist() == ref['hist'], case
+        m = ev.metrics(conf, 'all')
+        assert np.round(100 * np.nan_to_num(m['iou']), 2) == pytest.approx(ref['ious'], abs=1e-4)
+        assert f"{100 * m['miou']:.2f}" == f"{ref['miou']:.2f}" and m['absent'] == [4]
+
+
+def test_eval_protocol_cmx_matches_cmx_code_on_random_logits():
+    """CMX's sliding_eval_rgbX (scales 0.75-1.25, flip, centred padding to 480 x 640, its windows with the
+    height and width steps as it lays them, exp of the summed logits) on a 3x3-convolution model, frames of
+    480 x 640, 427 x 561 and 700 x 900: summed scores to 1e-5, the confusion matrix, mIoU over the present."""
+    meta, saved, model = protocol_fixture()
+    ref, conf = meta['cmx'], torch.zeros(5, 5, dtype=torch.long)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in data.IMAGENET)
+    for i, (h, w) in enumerate(ref['sizes']):
+        (img, label), (xi, _) = protocol_pattern(h, w, i), protocol_pattern(h, w, i + 0.5)
+        rgb, x = (((torch.from_numpy(v.transpose(2, 0, 1)).double() / 255 - mean) / std).float()[None]
+                  for v in (img, xi))
+        with torch.no_grad():
+            scores = ev.cmx_probs(model, rgb, x, 5)
+        s = ref['scores_stride']
+        assert rel_max_err(scores[..., ::s, ::s], saved[f'cmx/{i}/scores']) < 1e-5, i
+        conf += ev.confusion(scores.argmax(1), label[None], 5)
+    assert conf.tolist() == ref['hist']
+    m = ev.metrics(conf)
+    assert m['miou'] == pytest.approx(ref['miou'], abs=1e-12) and m['absent'] == [4]
+
+
+def test_eval_protocol_input_conventions_by_hand():
+    """DFormer and CMX keep cv2's BGR order: channel 0 fed to the model is B, normalised with the ImageNet
+    mean of R; DFormer's depth (v / 255 - 0.48) / 0.28; the inputs they refuse."""
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[..., 2] = 255  # pure blue
+    r, x, _ = ev.dformer_transform('nyudv2', 'depth8', data.get_preset('nyudv2'))(
+        rgb, np.full((2, 3, 1), 0.5, np.float32), np.zeros((2, 3), np.int64))
+    assert r[0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229) and r[2, 0, 0].item() == pytest.approx(-0.406 / 0.225)
+    assert x.shape == (1, 2, 3) and x[0, 0, 0].item() == pytest.approx((0.5 - 0.48) / 0.28)
+    with pytest.raises(ValueError, match='depth8'):
+        ev.dformer_transform('nyudv2', 'hha', data.get_preset('nyudv2'))
+    with pytest.raises(ValueError, match='3-channel'):
+        ev.cmx_transform('nyudv2', 'depth', data.get_preset('nyudv2'))
+    hha = np.zeros((2, 3, 3), np.float32)
+    hha[..., 0] = 1.0
+    _, x, _ = ev.cmx_transform('nyudv2', 'hha', data.get_preset('nyudv2'))(rgb, hha, np.zeros((2, 3), np.int64))
+    assert x[2, 0, 0].item() == pytest.approx((1 - 0.406) / 0.225)  # HHA's first channel lands last (BGR)
+
+
+def multimae_eval_fixture():
+    if not (MM_EVAL / 'multimae_eval.pt').exists():
+        pytest.skip(f"MultiMAE evaluation fixture absent ({MM_EVAL})")
+    return (torch.load(MM_EVAL / 'multimae_eval.pt', map_location='cpu', weights_only=True),
+            json.loads((MM_EVAL / 'multimae_eval.json').read_text()))
+
+
+def test_eval_protocol_multimae_averages_as_its_mean_iou():
+    """MultiMAE's mean_iou (mmseg's) on random maps (fixtures/multimae/eval): per-class IoU, NaN for a class
+    in neither map, nan-mean; a class predicted but never present scores 0 and counts."""
+    saved, meta = multimae_eval_fixture()
+    preds, gts = saved['preds'].long(), saved['gts'].long()
+    m = ev.metrics(sum(ev.confusion(p, g, 8) for p, g in zip(preds, gts)))
+    assert [None if math.isnan(v) else pytest.approx(v, abs=1e-12) for v in m['iou']] == meta['mean_iou']['iou']
+    assert f"{100 * m['miou']:.2f}" == f"{meta['mean_iou']['miou']:.2f}" and m['absent'] == [7]
+
+
+@needs_realdata
+def test_eval_protocol_multimae_matches_multimae_code_on_a_real_frame():
+    """MultiMAE's NYUv2 evaluation input on a real frame: the 640 x 640 canvas with the frame at its top-left,
+    depth standardised on its 10-90 % values without the padding (then 0), labels shifted with padding ignored
+    (fixtures/multimae/eval)."""
+    saved, _ = multimae_eval_fixture()
+    rgb = np.array(Image.open(NYU / 'RGB' / '0.png'))
+    x = data.read_x(NYU / 'DepthFilled' / '0.png', data.DEPTH)
+    label = data.read_label(NYU / 'Label' / '0.png', 'nyudv2')
+    r, d, lab = ev.multimae_transform('nyudv2', 'depth', data.get_preset('nyudv2'))(rgb, x, label)
+    assert r.shape == (3, 640, 640) and d.shape == (1, 640, 640) and lab.shape == (640, 640)
+    assert rel_max_err(d[0, ::4, ::4], saved['depth']) < 1e-5
+    assert torch.equal(lab[::4, ::4], saved['labels'].long())
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in data.IMAGENET)
+    assert torch.allclose(r[:, 600:, 600:], (128 / 255 - mean) / std)  # padded with 128 before normalising
+
+
+def test_eval_protocol_multimae_depth_leaves_out_holes_and_padding():
+    """Holes (0) and padding take no part in the statistics and are 0 afterwards; a model that standardises
+    depth itself is given the protocol's depth as it is."""
+    depth = torch.tensor([[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 0.0]])
+    valid = depth > 0
+    out = ev.multimae_depth(depth, valid)
+    mid = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[0:5]  # int(0.1 * 6) = 0 .. int(0.9 * 6) = 5
+    assert torch.allclose(out[valid], (depth[valid] - mid.mean()) / (mid.var() + 1e-6).sqrt())
+    assert out[0, 0] == 0 and out[1, 3] == 0
+    seen = []
+
+    class Model(torch.nn.Module):
+        depth_standardize = True
+
+        def forward(self, rgb, x):
+            seen.append(self.depth_standardize)
+            return torch.zeros(1, 3, *rgb.shape[-2:])
+    model = Model()
+    ev.multimae_probs(model, torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4), 3, 'nyudv2')
+    assert seen == [False] and model.depth_standardize is True
+    with pytest.raises(ValueError, match='--x-modality depth'):
+        ev.multimae_transform('nyudv2', 'hha', data.get_preset('nyudv2'))
+
+
 # --- Benchmark ---
 
 @pytest.mark.slow
@@ -4224,6 +4649,7 @@ def tree_bytes(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob('*')) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_eval_outputs_never_write_over_inputs_checkpoints_or_split_files(tmp_path, monkeypatch):
     """Every output flag of eval.py, through a real process where it matters: the dataset's
     Label/ and RGB/ (--save-pred), a run's checkpoint and config (--json, also with --benchmark),
@@ -4321,7 +4747,13 @@ def pretend_one_gpu(monkeypatch, capability, name):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
-    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: set_to.append(torch.device(device)))
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)
+
+    def set_device(device):  # as torch checks it: an index is needed
+        if torch.device(device).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        set_to.append(torch.device(device))
+    monkeypatch.setattr(torch.cuda, 'set_device', set_device)
     return set_to
 
 
@@ -4336,6 +4768,8 @@ def test_eval_cuda_devices_checked_on_a_one_gpu_machine(monkeypatch, tmp_path):
     assert '--device cuda:5' in cli_error(tr.main, ['--device', 'cuda:5', '--out-dir', str(tmp_path / 'run')])
     monkeypatch.delenv('RANK', raising=False)
     assert ev.setup_distributed('cuda:0') == (0, 1, torch.device('cuda:0')) and set_to == [torch.device('cuda:0')]
+    assert ev.setup_distributed('cuda') == (0, 1, torch.device('cuda:0')) and set_to[-1] == torch.device('cuda:0')
+    assert ev.setup_distributed('') == (0, 1, torch.device('cuda:0'))
     monkeypatch.setenv('RANK', '1')
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('LOCAL_RANK', '1')
@@ -5574,7 +6008,7 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     runs = [r for r in study.plan([0], steps=2, foundation_steps=2, choices=STUDY_CHOICES)
             if r['name'] in ('Swin foundation (RGB)', 'KTB')]
     assert runs[1]['need'] == runs[0]['key']
-    results = study.run_all(runs, str(tmp_path), jobs=1)
+    results = study.run_all(runs, str(tmp_path), jobs=1, scenes=4)  # evaluated on 4 test scenes
     assert set(results) == {'Swin foundation (RGB)/0', 'KTB/0'}
     for r in results.values():
         assert all(0 <= r[c] <= 1 for c in ('both', 'rgb', 'x')) and r['step_seconds'] > 0
@@ -5585,14 +6019,87 @@ def test_study_foundation_feeds_its_adaptation_and_resumes(tmp_path):
     assert ev.load_run_checkpoint(os.path.join(ktb, 'last.pt'))['config']['pretrained'] == \
         study.backbone_file(str(tmp_path), runs[0]['key'])
     stamp = os.path.getmtime(os.path.join(ktb, 'result.json'))
-    assert study.run_all(runs, str(tmp_path), jobs=1) == results
+    assert study.run_all(runs, str(tmp_path), jobs=1, scenes=4) == results
     assert os.path.getmtime(os.path.join(ktb, 'result.json')) == stamp
     longer = study.plan([0], steps=3, foundation_steps=2, choices=STUDY_CHOICES)  # another budget in the same folder is refused, not reused
     with pytest.raises(ValueError, match='KTB-0.*another --out'):
-        study.run_all([r for r in longer if r['name'] in ('Swin foundation (RGB)', 'KTB')], str(tmp_path), jobs=1)
+        study.run_all([r for r in longer if r['name'] in ('Swin foundation (RGB)', 'KTB')], str(tmp_path), jobs=1,
+                      scenes=4)
     trained = ev.load_run_checkpoint(os.path.join(study.folder(str(tmp_path), runs[0]['key']), 'last.pt'))['model']
     for name, p in backbone.named_parameters():  # the file holds exactly the foundation's trained backbone
         assert torch.equal(p, trained['backbone.' + name]), name
+
+
+def test_study_rooms_plan_holds_every_claims_rows_and_its_inputs():
+    """The study runs on rendered rooms: every claim's A and B rows are planned for every seed,
+    on the study's preset, validation runs on scenes carved from its training scenes; KTB has
+    rows on HHA (the default X) and on depth, GoPT both readings of ACP, MaskMentor depth."""
+    from study import run as study
+    assert data.PRESETS[study.DATASET].generator == 'rooms' and data.PRESETS[study.DATASET].crop == (144, 192)
+    val = data.get_preset(study.VALIDATION)
+    assert (val.generator, val.crop, val.holdout) == ('rooms', (144, 192), 160)
+    runs = study.plan(range(3), 4, 6, STUDY_CHOICES)
+    keys = {r['key'] for r in runs}
+    for paper, text, a, b, columns in study.CLAIMS:
+        assert all(f'{n}/{s}' in keys for n in (a, b) for s in range(3)), text
+    assert {r['config']['dataset'] for r in runs} == {'rooms144'}
+    assert {r['config']['dataset'] for r in study.validation_plan([0], 4, 6, dict(lr=1e-3, steps=4))} == \
+        {'rooms144-val'}
+    resolved = {r['name']: tr.resolve(tr.Config(**dict(r['config'], opts=r['config']['opts'].replace(
+        ',head_from=foundation', '')), pretrained='none')) for r in runs if r['seed'] == 0}
+    x = {name: ev.run_spec(c.method, c.backbone, c.dataset, c.x_modality, c.opts).x_modality
+         for name, c in resolved.items()}
+    assert {x[c[2]] for c in study.CLAIMS if c[0] == 'KTB'} == {'hha', 'depth'}
+    assert x['KTB'] == x['KTB w/o MMST'] == 'hha' and x['KTB, X = depth'] == x['KTB w/o MMST, X = depth'] == 'depth'
+    assert {x[n] for n in x if resolved[n].method == 'maskmentor'} == {'depth'}
+    assert {ev.parse_opts(resolved[c[2]].opts)['acp'] for c in study.CLAIMS if c[0] == 'GoPT'} == \
+        set(rgbx.ACP_READINGS)
+    # every adaptation at the study's batch; the foundations at the dataset's recipe
+    assert {c.batch_size for n, c in resolved.items() if 'foundation (RGB)' not in n} == {study.BATCH}
+    assert resolved['Swin foundation (RGB)'].batch_size == data.PRESETS['rooms144'].defaults['batch_size']
+
+
+@pytest.mark.slow
+def test_study_quick_on_rooms_writes_results_that_tables_read(tmp_path):
+    """`python -m study.run --quick` on rooms: every planned run ends in the report's
+    results.json (dataset, runs done = runs planned, each run's three inputs), the validation
+    report holds its choices, and rewriting the reports from the results.json alone gives the
+    same results.md."""
+    from study import run as study
+    report = tmp_path / 'report'
+    assert study.main(['--quick', '--out', str(tmp_path / 'runs'), '--report', str(report)]) == 0
+    saved = json.load(open(report / 'results.json'))
+    planned = study.plan([0], 4, 6, dict(saved['choices'], pretrain=dict(lr=1e-3, steps=4)))
+    assert (saved['dataset'], saved['validation_dataset']) == ('rooms144', 'rooms144-val')
+    assert saved['runs_done'] == saved['runs_planned'] == len(planned) == len(saved['runs'])
+    assert saved['scenes'] == f'the {study.QUICK_SCENES} test scenes'
+    for r in saved['runs']:
+        assert ('both' in r) != ('stage=pretrain' in r['config']['opts']), r['name']
+        assert all(0 <= r[c] <= 1 for c in ('both', 'rgb', 'x') if c in r) and r['cpu_seconds'] > 0
+    assert set(json.load(open(report / 'validation' / 'results.json'))['choices']['lr']) == \
+        {f[0] for f in study.FAMILIES}
+    text = (report / 'results.md').read_text()
+    assert all(f"| {paper} | {claim} |" in text for paper, claim, *_ in study.CLAIMS)
+    assert 'not judged (fewer than 3 seeds)' in text
+    study.write_report(str(report))
+    assert (report / 'results.md').read_text() == text
+
+
+def test_study_pretraining_choice_only_from_the_studys_validation_scenes(tmp_path):
+    """study.run takes MaskMentor pre-training's lr and budget from a report measured on its
+    own validation preset; one measured on other scenes (or none) stops it with the command."""
+    from study import run as study
+    curve = lambda dataset: dict(baseline={t: 1.0 for t in ('rgb', 'norm_rgb', 'depth', 'semseg')}, dataset=dataset,
+                                 points=[dict(step=s, loss={t: 1.0 - s / 1000 for t in ('rgb', 'norm_rgb', 'depth',
+                                                                                        'semseg')})
+                                         for s in (0, 100, 200)])
+    with pytest.raises(SystemExit, match='is missing: run `python -m study.pretraining`'):
+        study.pretraining_choice(str(tmp_path))
+    (tmp_path / 'results.json').write_text(json.dumps({'0.001': curve('demo128-val')}))
+    with pytest.raises(SystemExit, match='measured on demo128-val: run `python -m study.pretraining`'):
+        study.pretraining_choice(str(tmp_path))
+    (tmp_path / 'results.json').write_text(json.dumps({'0.001': curve(study.VALIDATION)}))
+    assert study.pretraining_choice(str(tmp_path)) == dict(lr=1e-3, steps=200)
 
 
 def test_study_maskmentor_plan_isolates_sttp_and_takes_the_choices():
@@ -5647,6 +6154,7 @@ def test_study_pretraining_structure_tells_a_flat_prediction_from_a_spatial_one(
     assert vt == pytest.approx(float((target[0, 0] - target[0, 0].mean())[m[0]].square().sum() + z[4:, 8:].square().sum()), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
     import subprocess
     import sys
@@ -5700,7 +6208,11 @@ def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
                       '--report', str(tmp_path)])
     saved = json.load(open(tmp_path / 'results.json'))['0.001']
     assert [p['step'] for p in saved['points']] == [0, 1, 2]
-    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image'}
+    assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image', 'depth_median',
+                                                                 'depth_position'}
+    # depth's baseline is the better trivial rule; on rooms the position's mean depth beats each image's median
+    b = saved['baseline']
+    assert saved['dataset'] == pretraining.VALIDATION and b['depth'] == b['depth_position'] < b['depth_median']
     assert 'Chosen: lr 0.001 (the lowest mean ratio at the last step)' in (tmp_path / 'results.md').read_text()
     assert (tmp_path / 'results.png').exists()
     model = mm_pretrain()
@@ -5846,8 +6358,8 @@ def test_train_cuda_torchrun_with_nccl(tmp_path):
 
 # What a CUDA training step may wait for (beyond the log steps' reads), by function: the
 # host reads of HOST_READS but apply_step's (fused AdamW decides on the device), and the
-# copy of M2IM's host-drawn masks to the GPU.
-CUDA_SYNCS_ALLOWED = set().union(*HOST_READS.values()) - {'apply_step'} | {'m2im_keep_batch'}
+# copies of the masks MMST (KTB's embed) and M2IM draw on the CPU generator to the GPU.
+CUDA_SYNCS_ALLOWED = set().union(*HOST_READS.values()) - {'apply_step'} | {'embed', 'm2im_keep_batch'}
 
 
 @pytest.mark.cuda
@@ -6148,15 +6660,31 @@ def test_layout_train_calls_models_through_the_interface_only():
 
 @pytest.mark.slow
 @pytest.mark.slow
+def test_layout_every_command_refuses_bad_flags_in_one_line(capsys):
+    """argparse's own refusals (an unknown flag, a value of the wrong type, a missing one) end
+    each command with one 'error:' line and a non-zero status, like every other refusal."""
+    one_line_error(run_cli('train.py', '--epochs', 'abc'), '--epochs', 'abc')  # a real process
+    from study import run as study_run
+    for main, argv, words in ((ev.main, ['--bogus'], ['--bogus']), (data.main, ['hha', '--depth', 'x'], ['--camera']),
+                              (study_run.main, ['--seeds', 'x'], ['--seeds'])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        one_line_error(type('R', (), dict(returncode=e.value.code, stderr=err)), *words)
+
+
+@pytest.mark.slow
 def test_layout_readme_python_examples_run_and_write_nothing_into_the_repository(tmp_path):
-    """Each ```python block of README.md, run as a user runs it (a file in the repository root's
-    working folder, the temporary folder under the test's), ends without error and leaves the
-    repository's files as they were (the GoPT stand-in mae.pth goes to the temporary folder)."""
+    """Each ```python block of README.md that writes a file, run as a user runs it (a file in the
+    repository root's working folder, the temporary folder under the test's), ends without error
+    and leaves the repository's files as they were (GoPT's stand-in mae.pth goes to the temporary
+    folder)."""
     import subprocess
     import sys
     here = Path(__file__).resolve().parent
-    blocks = re.findall(r'```python\n(.*?)```', (here / 'README.md').read_text(), re.S)
-    assert len(blocks) >= 3
+    blocks = [b for b in re.findall(r'```python\n(.*?)```', (here / 'README.md').read_text(), re.S)
+              if 'save(' in b or 'open(' in b]  # the examples that write files
+    assert blocks
     before = sorted(os.listdir(here))
     for block in blocks:
         res = subprocess.run([sys.executable, '-c', block], cwd=here, capture_output=True, text=True,

@@ -153,7 +153,7 @@ RECIPE_FIELDS = ('epochs', 'lr', 'weight_decay', 'batch_size', 'warmup_epochs', 
 
 def parser():
     """argparse built from the Config fields, each with its help, default and choices."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md and docs/; "
+    p = data.OneLineParser(description=__doc__.split('\n')[0], epilog="Methods and their recipes: README.md and docs/; "
                                 "options of a method: python train.py --method NAME --list-opts")
     for f in fields(Config):
         meta = f.metadata
@@ -835,7 +835,8 @@ def set_rng_state(s, device, say=print):
     if device.type == 'cuda' and s['cuda']:
         index = 0 if len(s['cuda']) == 1 else device.index or 0
         if index >= len(s['cuda']):
-            say(f"note: the checkpoint holds no CUDA random state for {device}: its CUDA draws start from the seed")
+            say(f"note: the checkpoint holds no CUDA random state for {device}: its CUDA draws "
+                f"start from the seed")
             return
         torch.cuda.set_rng_state(s['cuda'][index], device)
 
@@ -1011,7 +1012,7 @@ def train_step(model, batches, optimizer, scaler, cfg, device, world, lr, step_i
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         rgb, x, label = (t.to(device, non_blocking=device.type == 'cuda') for t in next(batches))
-        sync = world == 1 or micro == cfg.grad_accum - 1  # DDP all-reduces the gradients of the last one
+        sync = world == 1 or micro == cfg.grad_accum - 1  # DDP all-reduces the last one's gradients
         with nullcontext() if sync else model.no_sync(), ev.autocast(cfg.amp, device):
             loss, _ = model(rgb, x, label, **step_inputs)
             loss = loss / cfg.grad_accum
@@ -1035,7 +1036,8 @@ def apply_step(optimizer, scaler, loss):
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     grads = [p.grad for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
-    norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else loss.new_zeros(())  # inf/nan if any is
+    # the sum of the gradients' norms: inf or nan if any element is
+    norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else loss.new_zeros(())
     loss_bad, grad_bad = ~torch.isfinite(loss), ~torch.isfinite(norm)
     bad = loss_bad | grad_bad
     if optimizer.defaults.get('fused'):
@@ -1057,8 +1059,9 @@ class SkippedSteps:
 
     def __init__(self, device, skipped=0, overflows=0):
         self.skipped, self.overflows = skipped, overflows  # read so far
-        self.new = torch.zeros(2, dtype=torch.long, device=device)  # (non-finite, overflows) since the last read
-        self.first = torch.zeros((), dtype=torch.long, device=device)  # the first non-finite step since then
+        # (non-finite, overflows) since the last read, and the first non-finite step since then
+        self.new = torch.zeros(2, dtype=torch.long, device=device)
+        self.first = torch.zeros((), dtype=torch.long, device=device)
 
     def add(self, flags, step):
         loss_bad, overflow = flags
@@ -1076,14 +1079,14 @@ class SkippedSteps:
         self.skipped += new
         limit = max(1, int(MAX_SKIPPED * total))
         if cfg.nonfinite == 'skip' and self.skipped <= limit:
-            files.say(f"step {step}: non-finite loss at step {first}" + (f" and {new - 1} more" if new > 1 else '')
-                      + f", skipped ({self.skipped} so far, at most {limit})")
+            more = f" and {new - 1} more" if new > 1 else ''
+            files.say(f"step {step}: non-finite loss at step {first}{more}, skipped ({self.skipped} so far, "
+                      f"at most {limit})")
             return
-        raise NonFiniteLoss(f"non-finite loss at step {first}"
-                            + (f", {self.skipped} of {step} steps skipped, more than --nonfinite skip allows "
-                               f"({limit}: {MAX_SKIPPED:.0%} of {total})" if cfg.nonfinite == 'skip' else '')
-                            + f"; {files.last_good()}. Lower --lr, try --amp none"
-                            + ('' if cfg.nonfinite == 'skip' else ', or pass --nonfinite skip'))
+        capped = (f", {self.skipped} of {step} steps skipped, more than --nonfinite skip allows ({limit}: "
+                  f"{MAX_SKIPPED:.0%} of {total})" if cfg.nonfinite == 'skip' else '')
+        raise NonFiniteLoss(f"non-finite loss at step {first}{capped}; {files.last_good()}. Lower --lr, try "
+                            f"--amp none" + ('' if cfg.nonfinite == 'skip' else ', or pass --nonfinite skip'))
 
 
 def train(cfg, model=None, on_step=None):
@@ -1111,8 +1114,9 @@ def train(cfg, model=None, on_step=None):
         s.files.close()
         if lock is not None:
             lock.release()
-    s.files.say(f"done: {s.total} steps" + (f" ({s.skipped.skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else '')
-                + (f" ({s.skipped.overflows} skipped by the fp16 gradient scaler)" if cfg.amp == 'fp16' else '')
+    skipped = f" ({s.skipped.skipped} skipped: non-finite loss)" if cfg.nonfinite == 'skip' else ''
+    overflows = f" ({s.skipped.overflows} skipped by the fp16 gradient scaler)" if cfg.amp == 'fp16' else ''
+    s.files.say(f"done: {s.total} steps{skipped}{overflows}"
                 + f" ({s.step - s.files.step_at_start} in this session, {time.time() - s.files.t0:.0f}s)"
                 + (f", best mIoU {100 * s.best:.2f}" if s.best >= 0 else "") + f", checkpoints in {cfg.out_dir}")
     return dict(result, best=s.best, step=s.step, skipped=s.skipped.skipped, overflows=s.skipped.overflows,

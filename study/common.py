@@ -6,7 +6,10 @@ import sys
 import data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VALIDATION = 'demo128-val'  # 64 training scenes held out, the foundations trained on the other 192
+# the study's data: rendered rooms at 144 x 192 (docs/study.md: the size and the wall time); its
+# validation preset holds the last 160 of the 800 training scenes out, never the test scenes
+DATASET, VALIDATION = 'rooms144', 'rooms144-val'
+MM_X = 'depth'  # MaskMentor's X: MultiMAE's depth (rooms' filled depth), whatever the default
 # MaskMentor: a decoder and a ConvNeXt head as wide as the encoder
 MM = 'decoder_dim=64,decoder_heads=4,decoder_depth=1,head_dim=64,head_depth=2'
 # MaskMentor pre-training in the paper's shape (Sec. 3.4, 4.1): complete-modality MIM warm-up for the first

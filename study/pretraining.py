@@ -8,11 +8,13 @@ The MaskMentor pre-training of the study (MultiMAE's network at nano width, the 
 decoders, `study.common.MM_PRE`, its recipe: cosine, AdamW betas 0.9 / 0.95, batch 4; 20%
 complete-modality MIM warm-up, then 3 teacher + 1 student steps per batch) is trained from
 random weights (the study starts it from its RGB foundation) on the training scenes of the
-validation preset `demo128-val` and, every `--every` steps,
+study's validation preset (study.common.VALIDATION, X = depth) and, every `--every` steps,
 scored on its held-out scenes (never the test scenes): the pixel loss of each output on
 its masked tokens, with one fixed MultiMAE mask per scene (complete modalities, as in
 'mim'), and, on the same masked tokens, the loss of a trivial prediction:
-    depth     each image's median of the standardised depth (L1; its mean is worse);
+    depth     the better of two (L1 on the standardised depth): each image's median (its
+              mean is worse), and the training scenes' mean at each pixel position (on
+              rooms floors get deeper with the image row: position alone beats the median);
     rgb       the colour prior: the training scenes' mean colour (MSE on the normalised
               pixels); each image's own mean colour, which the model cannot see (5 of
               6 tokens are masked), is reported as a stricter reference;
@@ -20,7 +22,8 @@ its masked tokens, with one fixed MultiMAE mask per scene (complete modalities, 
     semseg    the training scenes' class frequencies at every pixel (cross-entropy;
               the best constant, which predicts background everywhere).
 A ratio loss / baseline below 1 means the model predicts more than that trivial rule.
-Depth is also scored per region (floor, objects, invalid pixels, and the masked depth
+Depth is also scored per region, against the image median (floor, objects, invalid pixels, and
+the masked depth
 patches whose RGB patch is visible, where RGB alone tells object from floor), which tells
 where it gains. And the spatial structure of the RGB and depth predictions on the masked
 pixels, deviations from each image's own mean: their correlation with the target's and
@@ -28,7 +31,6 @@ their spread (std) over the target's; a decoder that predicts one value per imag
 spread 0, whatever its loss. Writes results.json, results.md (the ratios, the chosen lr and budget) and
 results.png (the curves) to study/maskmentor-pretraining/.
 """
-import argparse
 import json
 import multiprocessing
 import os
@@ -41,12 +43,17 @@ from PIL import Image, ImageDraw
 
 import data
 import train
-from study.common import HERE, MM_PRE, VALIDATION, check_outputs
+from study.common import HERE, MM_PRE, MM_X, VALIDATION, check_outputs
 
 TASKS = ('rgb', 'norm_rgb', 'depth', 'semseg')
-BASELINES = {'rgb': 'colour prior', 'norm_rgb': 'zero', 'depth': 'image median', 'semseg': 'class prior'}
-REGIONS = ('floor', 'objects', 'invalid', 'RGB seen')  # depth scored apart on each (label 0 / label > 0 / depth 0 /
-# the masked depth patches whose RGB patch the model sees: there depth is predictable from RGB alone)
+BASELINES = {'rgb': 'colour prior', 'norm_rgb': 'zero',
+             'depth': 'best of median, position', 'semseg': 'class prior'}
+DEPTH_BASELINE = 'the lower of the image median and the position mean'
+# depth's two trivial rules; its baseline is the lower of them
+DEPTH_BASELINES = (('depth_median', 'image median'), ('depth_position', 'position mean'))
+# depth scored apart on each (floor / the rest / depth 0 / the masked depth patches whose RGB patch
+# the model sees: there depth is predictable from RGB alone)
+REGIONS = ('floor', 'objects', 'invalid', 'RGB seen')
 STRUCTURE = ('rgb corr', 'rgb spread', 'depth corr', 'depth spread')  # the prediction's spatial structure (`structure`)
 COLUMNS = TASKS + tuple(f'depth {r}' for r in REGIONS)  # the ratios reported (region: against the image median)
 MASK_SEED = 1234  # the fixed masks of the validation scenes
@@ -57,20 +64,23 @@ def validation_batches(batch=8):
     """The held-out scenes of the validation preset, as batches (rgb, x, label), depth in
     metres-like [0, 1] (0 = invalid): the model standardises it per image, which no affine
     scaling of the dataset changes."""
-    ds = data.build_dataset(VALIDATION, '', 'test', x_standardised=False)
+    ds = data.build_dataset(VALIDATION, '', 'test', MM_X, x_standardised=False)
     return list(data.loader(ds, batch_size=batch))
 
 
-def priors(num_classes):
-    """Over the training scenes of the validation preset: log frequencies of the classes (K,)
-    and the mean of the normalised RGB (3,)."""
-    ds = data.build_dataset(VALIDATION, '', 'train', augment=False)
-    counts, colour = torch.zeros(num_classes), torch.zeros(3)
+@torch.no_grad()
+def priors(model, num_classes):
+    """Over the training scenes of the validation preset: log frequencies of the classes (K,),
+    the mean of the normalised RGB (3,) and the mean of the model's depth target at each
+    pixel position (1, H, W)."""
+    ds = data.build_dataset(VALIDATION, '', 'train', MM_X, x_standardised=False)
+    counts, colour, depth = torch.zeros(num_classes), torch.zeros(3), 0.0
     for i in range(len(ds)):
-        rgb, _, label = ds[i]
+        rgb, x, label = ds[i]
         counts += torch.bincount(label[label != data.IGNORE], minlength=num_classes).float()
         colour += rgb.mean((1, 2)) / len(ds)
-    return (counts / counts.sum()).clamp_min(1e-8).log(), colour
+        depth = depth + model.targets(rgb[None], x[None], label[None])[1]['depth'][0] / len(ds)
+    return (counts / counts.sum()).clamp_min(1e-8).log(), colour, depth
 
 
 @torch.no_grad()
@@ -79,10 +89,14 @@ def scores(model, batches, prior):
     (also 'depth <region>' for REGIONS and the references 'depth_mean', 'rgb_image')."""
     was = model.training
     model.eval()
-    class_prior, colour = prior
+    class_prior, colour, position = prior
+    names = data.get_preset(VALIDATION).class_names
+    floor = names.index('floor') if 'floor' in names else 0  # the demo's floor: its background
     got = {t: [] for t in TASKS + tuple(f'depth {r}' for r in REGIONS)}
     sums = {f'{t} {part}': 0.0 for t in ('rgb', 'depth') for part in ('cov', 'var_pred', 'var_target')}
-    base = {t: [] for t in TASKS + ('depth_mean', 'rgb_image') + tuple(f'depth {r}' for r in REGIONS)}
+    trivials = ('rgb', 'norm_rgb', 'semseg', 'depth_median', 'depth_position', 'depth_mean',
+                'rgb_image')
+    base = {t: [] for t in trivials + tuple(f'depth {r}' for r in REGIONS)}
     for i, (rgb, x, label) in enumerate(batches):
         with torch.random.fork_rng():
             torch.manual_seed(MASK_SEED + i)
@@ -98,28 +112,33 @@ def scores(model, batches, prior):
         trivial = {'rgb': colour.view(1, 3, 1, 1).expand_as(targets['rgb']),
                    'rgb_image': targets['rgb'].mean((2, 3), keepdim=True).expand_as(targets['rgb']),
                    'norm_rgb': torch.zeros_like(targets['norm_rgb']),
-                   'depth': image(depth.median(1).values), 'depth_mean': image(depth.mean(1)),
+                   'depth_median': image(depth.median(1).values),
+                   'depth_mean': image(depth.mean(1)),
+                   'depth_position': position.expand_as(targets['depth']),
                    'semseg': class_prior.view(1, -1, 1, 1).expand(rgb.shape[0], -1, *targets['semseg'].shape[-2:])}
-        which = {'rgb': 0, 'rgb_image': 0, 'norm_rgb': 0, 'depth': 1, 'depth_mean': 1, 'semseg': 2}
+        which = {'rgb': 0, 'rgb_image': 0, 'norm_rgb': 0, 'depth_median': 1, 'depth_position': 1,
+                 'depth_mean': 1, 'semseg': 2}
         for t in TASKS:
             got[t].append(terms[t].item())
         for t, pred in trivial.items():
-            name = t.split('_')[0] if t in ('depth_mean', 'rgb_image') else t
+            name = t.split('_')[0] if t != 'norm_rgb' else t
             base[t].append(model.pixel_loss(name, pred, targets[name], mask[:, which[t]], grid).item())
-        regions = {'floor': (label == 0) & (x[:, 0] > 0), 'objects': (label > 0) & (x[:, 0] > 0), 'invalid': x[:, 0] == 0,
+        regions = {'floor': (label == floor) & (x[:, 0] > 0),
+                   'objects': (label != floor) & (x[:, 0] > 0), 'invalid': x[:, 0] == 0,
                    'RGB seen': pixels(~mask[:, 0], grid, label.shape[-2:])}  # the place's RGB patch is visible
         for t, k in (('rgb', 0), ('depth', 1)):
             for part, v in zip(('cov', 'var_pred', 'var_target'), structure(decoded[t][0], targets[t], mask[:, k], grid)):
                 sums[f'{t} {part}'] += v
         for r, where in regions.items():
-            for into, pred in ((got, predicted), (base, trivial['depth'])):
+            for into, pred in ((got, predicted), (base, trivial['depth_median'])):
                 into[f'depth {r}'].append(region_loss(pred, targets['depth'], mask[:, 1], grid, where))
     model.train(was)
     got = {t: float(np.nanmean(v)) for t, v in got.items()}
     for t in ('rgb', 'depth'):  # spatial structure of the prediction: correlation, and spread relative to the target's
         cov, vp, vt = (sums[f'{t} {part}'] for part in ('cov', 'var_pred', 'var_target'))
         got[f'{t} corr'], got[f'{t} spread'] = cov / max((vp * vt) ** 0.5, 1e-12), (vp / max(vt, 1e-12)) ** 0.5
-    return got, {t: float(np.nanmean(v)) for t, v in base.items()}
+    base = {t: float(np.nanmean(v)) for t, v in base.items()}
+    return got, {**base, 'depth': min(base[t] for t, _ in DEPTH_BASELINES)}  # the better rule
 
 
 def structure(pred, target, mask, grid):
@@ -148,14 +167,16 @@ def region_loss(pred, target, mask, grid, where):
 def curve(lr, steps, every, out, seed=0):
     """Train the study's MaskMentor pre-training at `lr` for `steps`, scoring it every `every`
     steps: [{'step', 'loss': {task: value}}], and the baselines."""
-    cfg = train.resolve(train.Config(dataset=VALIDATION, method='maskmentor', backbone='vit-nano', opts=MM_PRE,
+    cfg = train.resolve(train.Config(dataset=VALIDATION, x_modality=MM_X, method='maskmentor',
+                                     backbone='vit-nano', opts=MM_PRE,
                                      max_steps=steps, pretrained='none', seed=seed, eval_every=0, log_every=10 ** 6,
                                      workers=0, out_dir=os.path.join(out, f'lr{lr:g}'), overwrite=True,
                                      lr=lr, batch_size=4))
+    os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)  # the same initial weights for every lr
     model = train.build_model(cfg)
     batches = validation_batches()
-    prior = priors(data.get_preset(VALIDATION).num_classes)
+    prior = priors(model, data.get_preset(VALIDATION).num_classes)
     points, baseline = [], None
 
     def score(step):
@@ -163,7 +184,12 @@ def curve(lr, steps, every, out, seed=0):
         if step % every == 0 or step == steps:
             loss, baseline = scores(model, batches, prior)
             points.append(dict(step=step, loss=loss))
+            # the points so far, as they come
+            with open(os.path.join(out, f'curve-lr{lr:g}.json'), 'w') as f:
+                json.dump(dict(points=points, baseline=baseline, dataset=VALIDATION), f)
             print(f"lr {lr:g} step {step}: " + ', '.join(f"{t} {loss[t] / baseline[t]:.3f}" for t in COLUMNS) +
+                  ''.join(f", depth / {n} {loss['depth'] / baseline[t]:.3f}"
+                          for t, n in DEPTH_BASELINES) +
                   ', ' + ', '.join(f"{t} {loss[t]:.3f}" for t in STRUCTURE),
                   flush=True)
     score(0)
@@ -209,21 +235,31 @@ def chosen_point(results):
 
 def markdown(results, steps_run):
     lr, steps, mean = choose(results)
-    lines = [f"# MaskMentor pre-training against trivial baselines (validation scenes of `{VALIDATION}`)", '',
+    dataset = next(iter(results.values())).get('dataset', 'demo128-val')
+    lines = [f"# MaskMentor pre-training against trivial baselines (validation scenes of "
+             f"`{dataset}`)", '',
              f"{steps_run} steps per lr, batch 4, the study's pre-training recipe; loss / baseline on the held-out "
              f"scenes (below 1: better than the trivial prediction). Baselines: " +
-             ', '.join(f"{t}: {BASELINES[t]}" for t in TASKS) + '.', '',
-             '| lr | step | ' + ' | '.join(COLUMNS) + ' | rgb / image mean colour | ' + ' | '.join(STRUCTURE) + ' |',
-             '|---|---|' + '---|' * (len(COLUMNS) + 1 + len(STRUCTURE))]
+             ', '.join(f"{t}: {dict(BASELINES, depth=DEPTH_BASELINE)[t]}" for t in TASKS) +
+             '; the depth regions against the image median.', '',
+             '| lr | step | ' + ' | '.join(COLUMNS) +
+             ''.join(f' | depth / {n}' for _, n in DEPTH_BASELINES) +
+             ' | rgb / image mean colour | ' + ' | '.join(STRUCTURE) + ' |',
+             '|---|---|' + '---|' * (len(COLUMNS) + 3 + len(STRUCTURE))]
     for key, r in results.items():
+        b = r['baseline']
         for p in r['points']:
-            lines.append(f"| {key:g} | {p['step']} | " + ' | '.join(f"{p['loss'][t] / r['baseline'][t]:.3f}"
-                                                            for t in COLUMNS) +
-                         f" | {p['loss']['rgb'] / r['baseline']['rgb_image']:.3f} | " +
+            lines.append(f"| {key:g} | {p['step']} | " +
+                         ' | '.join(f"{p['loss'][t] / b[t]:.3f}" for t in COLUMNS) +
+                         ''.join(f" | {p['loss']['depth'] / b[t]:.3f}"
+                                 for t, _ in DEPTH_BASELINES) +
+                         f" | {p['loss']['rgb'] / b['rgb_image']:.3f} | " +
                          ' | '.join(f"{p['loss'][t]:.3f}" if t in p['loss'] else '-' for t in STRUCTURE) + ' |')
     b, left = results[lr]['baseline'], stuck(results)
     lines += ['', f"Baseline losses: " + ', '.join(f"{t} {b[t]:.4f}" for t in TASKS) +
-              f" (depth, image mean instead of median: {b['depth_mean']:.4f}; rgb, each image's own mean colour: "
+              f" (depth: image median {b['depth_median']:.4f}, position mean "
+              f"{b['depth_position']:.4f}, image mean "
+              f"{b['depth_mean']:.4f}; rgb, each image's own mean colour: "
               f"{b['rgb_image']:.4f}).", '',
               f"Chosen: lr {lr:g} (the lowest mean ratio at the last step), budget {steps} steps (the first step "
               f"with {PLATEAU:.0%} of the run's gain in mean ratio), mean ratio there {mean:.3f}; " +
@@ -256,7 +292,7 @@ def plot(results, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=__doc__.split('\n')[0])
     p.add_argument('--lrs', default='1e-3,3e-3', help='comma-separated learning rates (1e-4 and 3e-4 trailed 1e-3 '
                                                         'over 2000 steps)')
     p.add_argument('--steps', type=int, default=5000, help='optimizer steps per lr')
@@ -286,7 +322,7 @@ def main(argv=None):
         futures = {pool.submit(curve_job, lr, args.steps, args.every, args.out): lr for lr in lrs}
         for future in as_completed(futures):
             points, baseline = future.result()
-            results[futures[future]] = dict(points=points, baseline=baseline)
+            results[futures[future]] = dict(points=points, baseline=baseline, dataset=VALIDATION)
             with open(os.path.join(args.report, 'results.json'), 'w') as f:  # as each lr ends: an interruption keeps them
                 json.dump({f"{k:g}": results[k] for k in sorted(results)}, f, indent=1)
     write_report({k: results[k] for k in sorted(results)}, args.report)

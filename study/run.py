@@ -1,40 +1,43 @@
-"""Small-scale reproduction study: each paper's central claims, tested on CPU on the
-built-in demo data (README, "Results").
+"""Small-scale reproduction study: each paper's central claims, tested on CPU on rendered
+rooms (README, "Results"; docs/study.md: the size, the budget and the wall time).
 
-    python -m study.run            # the whole study, from the repository's root (about an hour on 2 cores)
-    python -m study.run --quick    # every step with a few iterations and one seed (a smoke test, ~3 min)
+    python -m study.pretraining    # first: MaskMentor pre-training's lr and budget
+    python -m study.run            # the whole study, from the repository's root (hours on 2 cores)
+    python -m study.run --quick    # every step with a few iterations, one seed, 8 evaluation scenes
     python -m study.run --tables   # rewrite the reports and the README's claims table from the results.json
     python -m study.run --decide --seeds 2   # GoPT's open decisions on held-out training scenes (study/gopt-validation)
 
-Set-up, mirroring the papers at toy scale (`demo128`: 128 x 128 synthetic RGB-D scenes
-where RGB tells an object's colour and only depth its height, see data.DemoDataset):
+Set-up, mirroring the papers at toy scale (`rooms144`: indoor RGB-D scenes rendered at
+144 x 192 with NYU-40 labels, HHA and depth; see data.RoomsDataset and docs/rooms.md):
 1. foundation: a Swin-nano and a ViT-nano trained with RGB only (full fine-tuning,
    method rgb_only), the stand-ins for the ImageNet / MAE files the papers start
    from; their backbones are saved in the official key format and loaded with
    --pretrained like those files. One foundation per seed.
-2. validation (`validation_plan`, never the test scenes): on `demo128-val` (64 of the
-   training scenes held out, foundations trained on the other 192), each method family's
+2. validation (`validation_plan`, never the test scenes): on `rooms144-val` (the last 160
+   training scenes held out, foundations trained on the other 640), each method family's
    fine-tuning lr from the grid LRS (the same lr for all its rows, FAMILIES) and
    MaskMentor fine-tuning's depth scaling (per image as MultiMAE, or the dataset's mean /
    std); MaskMentor's pre-training lr and budget come from its curves against trivial
    baselines (`python -m study.pretraining`, study/maskmentor-pretraining).
 3. adaptation, the same number of steps for every method, from the foundation of the same
    seed: early fusion with full fine-tuning (the papers' reference line), KTB with and
-   without MMST (Swin), GoPT hard / soft / 2 and 1 prompters / w/o ACP / the other reading
-   of ACP (rgbx.ACP_READINGS; its claims name the reading), VPT-shallow and VPT-deep at the
-   paper's budget ratios to GoPT, the frozen foundation with a trained head and no prompts
-   (ViT), MaskMentor fine-tuning after no pre-training, MIM, M2IM, M2IM + STTP, and STTP's
-   schedule without its token loss (the control that isolates STTP's token loss).
+   without MMST (Swin) on HHA and on depth, and with its X patch embedding without the
+   LayerNorm (a control), GoPT hard / soft / 2 and 1 prompters / w/o ACP / the other
+   reading of ACP (rgbx.ACP_READINGS; its claims name the reading), VPT-shallow and
+   VPT-deep at the paper's budget ratios to GoPT, the frozen foundation with a trained head
+   and no prompts (ViT), MaskMentor (X = depth) fine-tuning after no pre-training, MIM,
+   M2IM, M2IM + STTP, and STTP's schedule without its token loss (the control that isolates
+   STTP's token loss).
 4. evaluation of the final weights on the test scenes, once, with RGB + X, RGB only and
    X only (eval.py's --modality: the missing input is zeroed); GoPT's models also with
    rgbx.gopt_diagnostics. Each claim is judged by one rule (`verdict`).
 
 Every run is a train.py configuration (its command line is in its train.log); runs go to
 --out (default runs/study), each with result.json as it ends, so an interrupted study
-resumes where it stopped. Reports: study/results.md (+ .png, .json), study/validation/,
-and the README's claims table between its `study:claims` markers.
+resumes where it stopped (finished runs are read back). Reports: study/results.md (+ .png,
+.json, rewritten as each run ends), study/validation/, and the README's claims table
+between its `study:claims` markers.
 """
-import argparse
 import contextlib
 import json
 import multiprocessing
@@ -55,10 +58,12 @@ import rgbx
 import train
 from eval import evaluate, metrics
 from study import pretraining
-from study.common import HERE, MM, MM_PRE, VALIDATION, check_outputs
+from study.common import DATASET, HERE, MM, MM_PRE, MM_X, VALIDATION, check_outputs
 
-DATASET = 'demo128'
-STEPS, FOUNDATION_STEPS = 400, 800  # optimizer steps of batch 4
+# foundations: the dataset's recipe (rooms: batch 8, lr 1e-3, 1 warm-up epoch, poly);
+# every adaptation: STEPS of batch BATCH at its family's lr (docs/study.md: the budget)
+STEPS, FOUNDATION_STEPS, BATCH = 400, 800, 4
+QUICK_SCENES = 8  # --quick: evaluated on the first 8 scenes of each split only
 VALIDATION_SEEDS = 2
 LRS = (3e-4, 1e-3, 3e-3)  # each family's fine-tuning lr grid (the papers: KTB 4e-4, GoPT 4e-5, MaskMentor 3e-5)
 README = os.path.join(os.path.dirname(HERE), 'README.md')
@@ -81,8 +86,11 @@ GOPT = GOPT_BASE + f',acp={ACP}'
 VPT_SHALLOW = 'variant=vpt_shallow,vpt_rank=48,head_dim=64,head_from=foundation'
 VPT_DEEP = 'variant=vpt_deep,vpt_rank=187,head_dim=64,head_from=foundation'
 
-# (name, family, method, options, what its backbone comes from); 'pretrain:<name>' = that
-# MaskMentor pre-training run of the same seed
+# X of a row when not the dataset's default (rooms: HHA): depth, for KTB's rows on depth and for
+# MaskMentor (MultiMAE's depth)
+DEPTH, MM_DATA = dict(x_modality='depth'), dict(x_modality=MM_X)
+# (name, family, method, options, what its backbone comes from[, train.Config fields]);
+# 'pretrain:<name>' = that MaskMentor pre-training run of the same seed
 CONDITIONS = [
     ('Swin foundation (RGB)', 'swin', 'rgb_only', HEAD, None),
     ('Swin early fusion, full FT', 'swin', 'early_fusion', HEAD, 'foundation'),
@@ -92,6 +100,9 @@ CONDITIONS = [
     # bias, makes a flat X patch embed alike whatever its value (rgbx.KTB, x_embed_norm)
     ('KTB, X embedding w/o LayerNorm', 'swin', 'ktb', KTB + ',x_embed_norm=false', 'foundation'),
     ('KTB w/o MMST, X embedding w/o LayerNorm', 'swin', 'ktb', KTB + ',mmst=false,x_embed_norm=false', 'foundation'),
+    # the release's X embedding on the other X: depth, one channel with structure inside every patch
+    ('KTB, X = depth', 'swin', 'ktb', KTB, 'foundation', DEPTH),
+    ('KTB w/o MMST, X = depth', 'swin', 'ktb', KTB + ',mmst=false', 'foundation', DEPTH),
     ('ViT foundation (RGB)', 'vit', 'rgb_only', HEAD, None),
     ('ViT early fusion, full FT', 'vit', 'early_fusion', HEAD, 'foundation'),
     ('Frozen foundation + head, no prompts', 'vit', 'gopt', 'variant=head_only,head_dim=64,head_from=foundation',
@@ -104,17 +115,20 @@ CONDITIONS = [
     ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation'),
     ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation'),  # X by place: see docs/gopt.md
     (f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}', 'vit', 'gopt', GOPT_BASE + f',acp={ACP_OTHER}', 'foundation'),
-    ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation'),  # all steps MIM
-    ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0', 'foundation'),
-    ('M2IM + STTP pre-training', 'vit', 'maskmentor', MM_PRE, 'foundation'),
+    ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation', MM_DATA),  # MIM only
+    ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0',
+     'foundation', MM_DATA),
+    ('M2IM + STTP pre-training', 'vit', 'maskmentor', MM_PRE, 'foundation', MM_DATA),
     # the control: STTP's warm-up, 3:1 teacher / student schedule and batches, without the token loss
-    ('STTP schedule w/o token loss', 'vit', 'maskmentor', MM_PRE + ',token_weight=0', 'foundation'),
-    ('MaskMentor FT, no pre-training', 'vit', 'maskmentor', MM, 'foundation'),
-    ('MaskMentor FT after MIM', 'vit', 'maskmentor', MM, 'pretrain:MIM pre-training'),
-    ('MaskMentor FT after M2IM', 'vit', 'maskmentor', MM, 'pretrain:M2IM pre-training'),
-    ('MaskMentor FT after M2IM + STTP', 'vit', 'maskmentor', MM, 'pretrain:M2IM + STTP pre-training'),
+    ('STTP schedule w/o token loss', 'vit', 'maskmentor', MM_PRE + ',token_weight=0', 'foundation',
+     MM_DATA),
+    ('MaskMentor FT, no pre-training', 'vit', 'maskmentor', MM, 'foundation', MM_DATA),
+    ('MaskMentor FT after MIM', 'vit', 'maskmentor', MM, 'pretrain:MIM pre-training', MM_DATA),
+    ('MaskMentor FT after M2IM', 'vit', 'maskmentor', MM, 'pretrain:M2IM pre-training', MM_DATA),
+    ('MaskMentor FT after M2IM + STTP', 'vit', 'maskmentor', MM,
+     'pretrain:M2IM + STTP pre-training', MM_DATA),
     ('MaskMentor FT after STTP schedule w/o token loss', 'vit', 'maskmentor', MM,
-     'pretrain:STTP schedule w/o token loss'),
+     'pretrain:STTP schedule w/o token loss', MM_DATA),
 ]
 
 # each claim: (paper, what it says, condition A, condition B, the inputs it is on: A - B is their mean mIoU's)
@@ -126,6 +140,10 @@ CLAIMS = [
      'Swin foundation (RGB)', ('both',)),
     ('KTB', 'MMST raises the single-modality columns (X embedding w/o LayerNorm)', 'KTB, X embedding w/o LayerNorm',
      'KTB w/o MMST, X embedding w/o LayerNorm', ('rgb', 'x')),
+    ('KTB', 'RGB+X beats the RGB foundation (X = depth)', 'KTB, X = depth', 'Swin foundation (RGB)',
+     ('both',)),
+    ('KTB', 'MMST raises the single-modality columns (X = depth)', 'KTB, X = depth',
+     'KTB w/o MMST, X = depth', ('rgb', 'x')),
     # GoPT's claims, each with the reading of ACP its GoPT rows use
     ('GoPT', f'beats the foundation (ACP {ACP})', 'GoPT (hard, 4 prompters)', 'ViT foundation (RGB)', ('both',)),
     ('GoPT', f'the prompts help: beats the frozen foundation + trained head (ACP {ACP})', 'GoPT (hard, 4 prompters)',
@@ -153,8 +171,9 @@ CLAIMS = [
 ]
 COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 
-# GoPT's decisions the paper leaves open (`--decide`), on `demo128-val` (64 of the training scenes held
-# out; the foundation is trained on the other 192), never on the test scenes. Round 1: each switch flipped
+# GoPT's decisions the paper leaves open (`--decide`, on the validation preset), decided on
+# `demo128-val` (64 of the demo's training scenes held out; the foundation trained on the other
+# 192; study/gopt-validation), never on the test scenes. Round 1: each switch flipped
 # alone from the paper's xavier start with a fresh head; round 2: the two winners together (the
 # defaults), then each remaining switch flipped alone from them. (name, options, extra train.Config
 # fields besides the study's.) The study keeps its shared augmentation for GoPT too: the paper's
@@ -207,11 +226,11 @@ def family_of(name):
 def conditions(decide=False):
     """The CONDITIONS, or with `decide` the ViT foundation and the DECISIONS, as (name,
     family, method, options, source, extra train.Config fields)."""
-    vit_foundation = next(c for c in CONDITIONS if c[0] == 'ViT foundation (RGB)')
+    rows = [(*c, {}) if len(c) == 5 else c for c in CONDITIONS]
     if decide:
-        return [(*vit_foundation, {})] + [(name, 'vit', 'gopt', opts, 'foundation', extra)
-                                          for name, opts, extra in DECISIONS]
-    return [(*c, {}) for c in CONDITIONS]
+        return [next(c for c in rows if c[0] == 'ViT foundation (RGB)')] + [
+            (name, 'vit', 'gopt', opts, 'foundation', extra) for name, opts, extra in DECISIONS]
+    return rows
 
 
 def source_key(family, source, seed, prefix=''):
@@ -229,14 +248,15 @@ def run_config(name, method, family, opts, seed, dataset, steps, choices):
     config = dict(dataset=dataset, method=method, backbone=f'{family}-nano', opts=opts, seed=seed, max_steps=steps)
     if choices is None:
         return config
+    config['batch_size'] = BATCH
     if 'stage=pretrain' in opts:  # MaskMentor pre-training: MaskMentor's recipe at the study's batch
-        return dict(config, max_steps=choices['pretrain']['steps'], lr=choices['pretrain']['lr'], batch_size=4)
+        return dict(config, max_steps=choices['pretrain']['steps'], lr=choices['pretrain']['lr'])
     fam = family_of(name)
     if fam:
         config['lr'] = choices['lr'][fam[0]]
-    if method == 'maskmentor':  # the study's common fine-tuning recipe (poly, batch 4), as every other adaptation
+    if method == 'maskmentor':  # the study's common fine-tuning recipe (poly), as every adaptation
         config.update(opts=f"{opts},depth_standardize={str(choices['depth_standardize']).lower()}",
-                      batch_size=4, schedule='poly')
+                      schedule='poly')
     return config
 
 
@@ -273,24 +293,25 @@ def validation_plan(seeds, steps, foundation_steps, pretrain):
     on VALIDATION (never the test scenes): per seed the two foundations, MaskMentor's M2IM +
     STTP pre-training (`pretrain`: {'lr', 'steps'}), and every grid point of FAMILIES'
     grid rows, each run with its 'family', 'lr' and (MaskMentor) 'depth_standardize'."""
-    spec = {c[0]: c for c in CONDITIONS}
+    spec = {c[0]: c for c in conditions()}
     runs = []
     for seed in seeds:
         for name in ('Swin foundation (RGB)', 'ViT foundation (RGB)', 'M2IM + STTP pre-training'):
-            _, family, method, opts, source, = spec[name]
+            _, family, method, opts, source, extra = spec[name]
             need = source_key(family, source, seed, 'val: ')
             config = run_config(name, method, family, opts, seed, VALIDATION, foundation_steps if need is None else steps,
                                 dict(pretrain=pretrain) if need else None)
             runs.append(dict(name=f'val: {name}', seed=seed, key=f'val: {name}/{seed}', need=need,
-                             pretraining='stage=pretrain' in opts, config=config))
+                             pretraining='stage=pretrain' in opts, config={**config, **extra}))
         for fam, _, grid_rows, _ in FAMILIES:
             for name in grid_rows:
-                _, family, method, opts, source = spec[name]
+                _, family, method, opts, source, extra = spec[name]
                 for lr in LRS:
                     for scaling in (True, False) if method == 'maskmentor' else (None,):
                         label = f'val: {name}, lr {lr:g}' + (f', depth {DEPTH_SCALINGS[scaling]}' if scaling is not None else '')
-                        config = run_config(name, method, family, opts, seed, VALIDATION, steps,
-                                            dict(lr={fam: lr}, depth_standardize=scaling))
+                        config = {**run_config(name, method, family, opts, seed, VALIDATION, steps,
+                                               dict(lr={fam: lr}, depth_standardize=scaling)),
+                                  **extra}
                         runs.append(dict(name=label, seed=seed, key=f'{label}/{seed}',
                                          need=source_key(family, source, seed, 'val: '), pretraining=False, config=config,
                                          family=fam, lr=lr, **({} if scaling is None else {'depth_standardize': scaling})))
@@ -315,14 +336,19 @@ def chosen(results):
 
 def pretraining_choice(report=os.path.join(HERE, 'maskmentor-pretraining')):
     """MaskMentor pre-training's {'lr', 'steps'}, as study.pretraining chose them on validation
-    scenes (its results.json); a missing report is an error naming the command that makes it."""
+    scenes (its results.json); a missing report, or one measured on another validation preset,
+    is an error naming the command that makes it."""
     path = os.path.join(report, 'results.json')
+    run = (f"run `python -m study.pretraining` first (it chooses MaskMentor's pre-training lr and "
+           f"budget on the validation scenes of {VALIDATION})")
     if not os.path.exists(path):
-        raise SystemExit(f"study: {path} is missing: run `python -m study.pretraining` first (it chooses MaskMentor's "
-                         f"pre-training lr and budget on validation scenes)")
+        raise SystemExit(f"study: {path} is missing: {run}")
     with open(path) as f:
-        saved = json.load(f)
-    lr, steps = pretraining.choose({float(k): v for k, v in saved.items()})[:2]
+        saved = {float(k): v for k, v in json.load(f).items()}
+    measured = {v.get('dataset', 'demo128-val') for v in saved.values()}
+    if measured != {VALIDATION}:
+        raise SystemExit(f"study: {path} was measured on {', '.join(sorted(measured))}: {run}")
+    lr, steps = pretraining.choose(saved)[:2]
     return dict(lr=lr, steps=steps)
 
 
@@ -339,9 +365,10 @@ def backbone_file(out, key):
 
 
 def execute(args):
-    """Train one run, evaluate its final weights on the three inputs; returns (key, figures).
-    Runs in a worker process with one thread (two runs share the two cores)."""
-    run, out = args
+    """Train one run, evaluate its final weights on the three inputs (on the first `scenes`
+    of the split only, when > 0); returns (key, figures). Runs in a worker process with one
+    thread (two runs share the two cores)."""
+    run, out, scenes = args
     os.environ['OMP_NUM_THREADS'] = '1'  # data.loader keeps to it (it would give the process every core)
     torch.set_num_threads(1)
     config = dict(run['config'])
@@ -357,7 +384,7 @@ def execute(args):
         print('python train.py ' + ' '.join(f"--{k.replace('_', '-')} '{v}'" for k, v in asdict(cfg).items()
                                              if v != getattr(train.Config, k)))
         model = train.build_model(cfg)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         report = train.train(cfg, model=model)
         seconds = time.perf_counter() - start
     result = dict(name=run['name'], seed=run['seed'], config=run['config'], trainable=report['params']['trainable'],
@@ -366,9 +393,11 @@ def execute(args):
     if run['pretraining']:  # its last checkpoint is what the fine-tuning runs load
         os.replace(os.path.join(cfg.out_dir, 'last.pt'), backbone_file(out, run['key']))
     else:
-        test = data.shard_loader(data.build_dataset(cfg.dataset, '', run.get('eval_split', 'test'),
-                                                    x_standardised=train.run_spec(cfg).x_standardised),
-                                 workers=0, batch_size=8)
+        spec = train.run_spec(cfg)
+        test = data.build_dataset(cfg.dataset, '', 'test', spec.x_modality,
+                                  x_standardised=spec.x_standardised)
+        test = data.shard_loader(torch.utils.data.Subset(test, range(scenes or len(test))),
+                                 batch_size=8)
         for modality, _ in COLUMNS:
             result[modality] = metrics(evaluate(model, test, preset.num_classes, torch.device('cpu'),
                                                 modality=modality))['miou']
@@ -378,14 +407,16 @@ def execute(args):
         if run['need'] is None:  # a foundation: its backbone in the format of an official file, for load_pretrained
             train.save_checkpoint({'model': model.backbone.state_dict()}, backbone_file(out, run['key']))
     result['seconds'] = time.perf_counter() - start  # training and evaluation, one thread
+    result['cpu_seconds'] = time.process_time() - cpu  # its wall time on a quiet machine
     with open(os.path.join(cfg.out_dir, 'result.json'), 'w') as f:
         json.dump(result, f)
     return run['key'], result
 
 
-def run_all(runs, out, jobs):
+def run_all(runs, out, jobs, scenes=0, on_result=None):
     """Each run starts as soon as the run it loads has finished, longest first, `jobs`
-    at a time; finished runs (result.json present) are read back, not repeated."""
+    at a time; finished runs (result.json present) are read back, not repeated. `scenes`:
+    as `execute`'s; `on_result(key, result)` is called as each run ends."""
     results = {}
     for run in runs:
         done = os.path.join(folder(out, run['key']), 'result.json')
@@ -402,13 +433,15 @@ def run_all(runs, out, jobs):
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
         while pending or running:
             for run in [r for r in pending if r['need'] is None or r['need'] in results]:
-                running[pool.submit(execute, (run, out))] = run
+                running[pool.submit(execute, (run, out, scenes))] = run
                 pending.remove(run)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 key, result = future.result()
                 del running[future]
                 results[key] = result
+                if on_result:
+                    on_result(key, result)
                 print(f"  {key}: " + ', '.join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)),
                       flush=True)
     return results
@@ -482,10 +515,10 @@ def inputs_label(columns):
     return ' and '.join(dict(COLUMNS)[c] for c in columns) + (' (mean)' if len(columns) > 1 else '')
 
 
-def markdown(table, claims, setup, scenes='test'):
+def markdown(table, claims, setup, scenes='the 64 test scenes'):
     pct = lambda m: f"{100 * m[0]:.1f} ± {100 * m[1]:.1f}"
-    lines = [f"Set-up: {setup}. mIoU (%) on the 64 {scenes} scenes, mean ± standard deviation over seeds, of the final "
-             f"weights; a missing input is zeroed.", '',
+    lines = [f"Set-up: {setup}. mIoU (%) on {scenes}, mean ± standard deviation over seeds, of "
+             f"the final weights; a missing input is zeroed.", '',
              '| condition | RGB+X | RGB only | X only | trainable params | step (s) |', '|---|---|---|---|---|---|']
     for name, e in table.items():
         cells = [pct(e[c]) if c in e else '-' for c, _ in COLUMNS]
@@ -525,9 +558,12 @@ RULE = ("A claim is held when A beats B in every seed (at least 3) and the mean 
 
 def readme_table(claims, saved):
     """The README's claims table (between MARKERS), from the study's results.json."""
+    done, planned = saved['runs_done'], saved.get('runs_planned', saved['runs_done'])
+    runs = f"{done} runs" + (f" of {planned} planned" if planned > done else '')
     lines = [MARKERS[0], f"<!-- written by `python -m study.run --tables` from study/results.json: edit neither -->", '',
-             f"{saved['when']}: {saved['runs_done']} runs, {saved['wall']}. {RULE} The figure: A - B in mIoU points "
-             f"(mean over seeds, then its lowest and highest seed).", '',
+             f"{saved['when']}, on `{saved.get('dataset', 'demo128')}`: {runs}, {saved['wall']}. "
+             f"{RULE} The figure: A - B in mIoU points (mean over seeds, then its lowest and "
+             f"highest seed).", '',
              '| paper | claim (A vs B) | inputs | A - B | A > B in | verdict |', '|---|---|---|---|---|---|']
     for c in claims:
         lines.append(f"| {c['paper']} | {c['claim']} | {inputs_label(c['columns'])} | {100 * c['mean']:+.1f} "
@@ -594,26 +630,32 @@ def machine():
     return f"{name}, {os.cpu_count()} cores"
 
 
-def wall_time(out, seconds):
-    """Add this sitting's `seconds` to the study's wall time in `out`/sittings.json; the total
-    over every sitting that worked on `out` (an interrupted study resumes in later sittings)."""
+def wall_time(out, sitting, seconds):
+    """Record that sitting number `sitting` (None: a new one) has run `seconds` in
+    `out`/sittings.json; returns (its number, the wall time summed over every sitting that
+    worked on `out`, their count): an interrupted study resumes in later sittings."""
     path = os.path.join(out, 'sittings.json')
     sittings = json.load(open(path)) if os.path.exists(path) else []
-    sittings.append(seconds)
+    if sitting is None:
+        sitting = len(sittings)
+        sittings.append(0.0)
+    sittings[sitting] = seconds
+    os.makedirs(out, exist_ok=True)
     with open(path, 'w') as f:
         json.dump(sittings, f)
-    return sum(sittings), len(sittings)
+    return sitting, sum(sittings), len(sittings)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='a few steps and one seed: checks that every step runs')
     p.add_argument('--seeds', type=int, default=3)
     p.add_argument('--steps', type=int, default=0, help="optimizer steps of each adaptation run (0 = the study's)")
     p.add_argument('--foundation-steps', type=int, default=0)
     p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
     p.add_argument('--decide', action='store_true',
-                   help="GoPT's open decisions on the validation preset demo128-val (report in study/gopt-validation)")
+                   help=f"GoPT's open decisions on the validation preset {VALIDATION} (report in "
+                        f"study/gopt-validation)")
     p.add_argument('--only', default='', metavar='REGEX',
                    help="with --decide: only the decisions whose name this regular expression finds (and the "
                         "foundation); the report keeps the other decisions' runs from its results.json")
@@ -628,7 +670,7 @@ def main(argv=None):
             if os.path.exists(os.path.join(HERE, part, 'results.json')):
                 write_report(os.path.join(HERE, part), readme=README if part == '' else None)
                 print(f"study: rewrote {os.path.join(HERE, part, 'results.md')}")
-            pretraining.main(['--tables'])
+        pretraining.main(['--tables'])
         return 0
     if args.seeds < 1 or args.jobs < 1 or args.steps < 0 or args.foundation_steps < 0:
         p.error(f"need --seeds >= 1, --jobs >= 1 and step counts >= 0, got {args.seeds}, {args.jobs}, "
@@ -641,47 +683,92 @@ def main(argv=None):
     out = args.out or 'runs/study' + ('-gopt-val' if args.decide else '') + ('-quick' if args.quick else '')
     report = args.report or (out if args.quick else os.path.join(HERE, 'gopt-validation' if args.decide else ''))
     check_outputs(out, report)
-    start = time.time()
     if args.decide:
         return decide_gopt(args, seeds, steps, foundation_steps, out, report)
+    return study(args, seeds, steps, foundation_steps, out, report)
+
+
+def study(args, seeds, steps, foundation_steps, out, report):
+    """The validation runs, the choices, then the study's runs; the reports are written
+    after every finished run of the study (results.json with 'runs_done' so far)."""
+    start, scenes = time.time(), QUICK_SCENES if args.quick else 0
     pretrain = dict(lr=1e-3, steps=steps) if args.quick else pretraining_choice()
-    validation = validation_plan(range(1 if args.quick else VALIDATION_SEEDS), steps, foundation_steps, pretrain)
+    val_seeds = range(1 if args.quick else VALIDATION_SEEDS)
+    validation = validation_plan(val_seeds, steps, foundation_steps, pretrain)
     print(f"study: {len(validation)} runs on the validation scenes choose the lrs and the depth scaling; the test "
           f"study's foundations run beside them", flush=True)
-    results = run_all(validation + plan(seeds, steps, foundation_steps), out, args.jobs)
+    results = run_all(validation + plan(seeds, steps, foundation_steps), out, args.jobs, scenes)
     choices, scores = chosen({k: v for k, v in results.items() if k.startswith('val: ')})
     choices['pretrain'] = pretrain
     print(f"study: chosen on validation: {choices}", flush=True)
     runs = plan(seeds, steps, foundation_steps, choices)
     print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
-    results.update(run_all(runs, out, args.jobs))
-    wall, sittings = wall_time(out, time.time() - start)
-    compute = sum(r.get('seconds', 0) for r in results.values())
-    saved = dict(
-        when=time.strftime('%Y-%m-%d'), runs_done=len(results), choices={**choices, 'lr': choices['lr']},
-        wall=f"{wall / 60:.0f} min wall time ({sittings} sitting{'s' * (sittings > 1)}, {args.jobs} runs at a time, "
-             f"{compute / 3600:.1f} h of one-thread run time) on {machine()}",
-        setup=(f"`{DATASET}` (128 x 128), {len(seeds)} seed(s); foundations {foundation_steps} steps at lr 1e-3; every "
-               f"adaptation {steps} steps, batch 4, AdamW (warm-up 1 epoch, poly decay) at its family's lr chosen on "
-               f"`{VALIDATION}` (" + ', '.join(f"{k} {v:g}" for k, v in choices['lr'].items()) + "); MaskMentor "
-               f"fine-tuning's depth {DEPTH_SCALINGS[choices['depth_standardize']]} (chosen there too); MaskMentor "
-               f"pre-training {pretrain['steps']} steps at lr {pretrain['lr']:g} (chosen by study.pretraining), 20% MIM "
-               f"warm-up then 3 teacher + 1 student iterations per batch, cosine, betas 0.9 / 0.95"),
-        validation=dict(scores={fam: [[lr, ds, v] for (lr, ds), v in sc.items()] for fam, sc in scores.items()}),
-        runs=sorted((r for k, r in results.items() if not k.startswith('val: ')), key=lambda r: (r['name'], r['seed'])))
-    os.makedirs(os.path.join(report, 'validation'), exist_ok=True)
-    with open(os.path.join(report, 'validation', 'results.json'), 'w') as f:
-        json.dump(dict(setup=f"`{VALIDATION}`: {len(range(1 if args.quick else VALIDATION_SEEDS))} seed(s), "
-                             f"{steps} steps per run, evaluated on its 64 held-out training scenes",
-                       choices=saved['choices'], scores=saved['validation']['scores'],
-                       runs=sorted((r for k, r in results.items() if k.startswith('val: ')),
-                                   key=lambda r: (r['name'], r['seed']))), f, indent=1)
-    with open(os.path.join(report, 'results.json'), 'w') as f:
-        json.dump(saved, f, indent=1)
+    setup = setup_text(len(seeds), steps, foundation_steps, choices)
+    val_setup = (f"`{VALIDATION}`: {len(val_seeds)} seed(s), {steps} steps per run, evaluated on "
+                 f"{scene_count(VALIDATION, scenes)} held-out training scenes")
+    val_runs = sorted((r for k, r in results.items() if k.startswith('val: ')),
+                      key=lambda r: (r['name'], r['seed']))
+    val_scores = {fam: [[lr, ds, v] for (lr, ds), v in sc.items()] for fam, sc in scores.items()}
+    validation_report = dict(setup=val_setup, choices=choices, scores=val_scores, runs=val_runs)
+    save_json(os.path.join(report, 'validation'), validation_report)
     write_report(os.path.join(report, 'validation'))
-    write_report(report, readme=README if os.path.abspath(report) == HERE else None)
-    print(f"study: done, {saved['wall']}; {os.path.join(report, 'results.md')}")
+
+    sitting = wall_time(out, None, 0.0)[0]
+
+    def save(done):  # the study's report as it stands, after each finished run
+        _, wall, sittings = wall_time(out, sitting, time.time() - start)
+        compute = sum(r.get('seconds', 0) for r in done.values())
+        wall = (f"{wall / 60:.0f} min wall time ({sittings} sitting{'s' * (sittings > 1)}, "
+                f"{args.jobs} runs at a time, {compute / 3600:.1f} h of one-thread run time) on "
+                f"{machine()}")
+        save_json(report, dict(
+            when=time.strftime('%Y-%m-%d'), dataset=DATASET, validation_dataset=VALIDATION,
+            scenes=f"the {scene_count(DATASET, scenes)} test scenes", runs_done=len(done),
+            runs_planned=len(runs), choices=choices, setup=setup, wall=wall,
+            validation=dict(scores=val_scores),
+            runs=sorted(done.values(), key=lambda r: (r['name'], r['seed']))))
+        write_report(report, readme=README if os.path.abspath(report) == HERE else None)
+
+    done = {k: v for k, v in results.items() if not k.startswith('val: ')}
+
+    def finished(key, result):
+        done[key] = result
+        save(done)
+    done.update(run_all(runs, out, args.jobs, scenes, on_result=finished))
+    save(done)
+    print(f"study: done, {len(done)} runs; {os.path.join(report, 'results.md')}")
     return 0
+
+
+def scene_count(dataset, scenes=0):
+    """The number of test scenes of a preset that the study evaluates (`scenes` > 0: that many)."""
+    return scenes or len(data.build_dataset(dataset, '', 'test'))
+
+
+def setup_text(seeds, steps, foundation_steps, choices):
+    """The study's set-up in one paragraph, for its reports."""
+    preset, pretrain = data.PRESETS[DATASET], choices['pretrain']
+    d = preset.defaults
+    lrs = ', '.join(f"{k} {v:g}" for k, v in choices['lr'].items())
+    scaling = DEPTH_SCALINGS[choices['depth_standardize']]
+    return (f"`{DATASET}` ({preset.crop[0]} x {preset.crop[1]}), {seeds} seed(s); foundations "
+            f"{foundation_steps} steps of the dataset's recipe (batch {d['batch_size']}, "
+            f"lr {d['lr']:g}); every adaptation {steps} steps, batch {BATCH}, AdamW (warm-up "
+            f"{d['warmup_epochs']} epoch, poly decay) at its family's lr chosen on `{VALIDATION}` "
+            f"({lrs}); X = {preset.default_x} unless the row says otherwise, MaskMentor's X = "
+            f"{MM_X}; MaskMentor fine-tuning's depth {scaling} (chosen there too); MaskMentor "
+            f"pre-training {pretrain['steps']} steps at lr {pretrain['lr']:g} (chosen by "
+            f"study.pretraining), 20% MIM warm-up then 3 teacher + 1 student iterations per batch, "
+            f"cosine, betas 0.9 / 0.95")
+
+
+def save_json(report, saved):
+    """`report`/results.json, written whole under a temporary name, then renamed."""
+    os.makedirs(report, exist_ok=True)
+    path = os.path.join(report, 'results.json')
+    with open(path + '.tmp', 'w') as f:
+        json.dump(saved, f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 def decide_gopt(args, seeds, steps, foundation_steps, out, report):
@@ -689,8 +776,11 @@ def decide_gopt(args, seeds, steps, foundation_steps, out, report):
     runs = plan(seeds, steps, foundation_steps, decide=True, only=args.only)
     print(f"study: {len(runs)} runs in {out}, {args.jobs} at a time", flush=True)
     results = run_all(runs, out, args.jobs)
-    setup = (f"`{VALIDATION}` (128 x 128), {len(seeds)} seed(s), foundations {foundation_steps} steps, every "
-             f"adaptation {steps} steps, batch 4, AdamW lr 1e-3 (warm-up 1 epoch, poly decay)")
+    preset = data.PRESETS[VALIDATION]
+    d = preset.defaults
+    setup = (f"`{VALIDATION}` ({preset.crop[0]} x {preset.crop[1]}), {len(seeds)} seed(s), "
+             f"foundations {foundation_steps} steps, every adaptation {steps} steps, batch {d['batch_size']}, "
+             f"AdamW lr {d['lr']:g} (warm-up 1 epoch, poly decay)")
     os.makedirs(report, exist_ok=True)
     if args.only and os.path.exists(os.path.join(report, 'results.json')):
         # the decisions not rerun now: their runs as the report holds them
@@ -710,15 +800,18 @@ def decide_gopt(args, seeds, steps, foundation_steps, out, report):
     return 0
 
 
-def untestable_claims():
+def untestable_claims(validation=VALIDATION):
     """{claim: why} for the claims this scale cannot test: MaskMentor's pre-training claims
     when, at the chosen budget, some pre-training output does not get below its trivial
-    baseline on the validation scenes (study/maskmentor-pretraining)."""
+    baseline on the validation scenes (study/maskmentor-pretraining, if measured on the
+    validation preset `validation`)."""
     path = os.path.join(HERE, 'maskmentor-pretraining', 'results.json')
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         saved = {float(k): v for k, v in json.load(f).items()}
+    if any(v.get('dataset', 'demo128-val') != validation for v in saved.values()):
+        return {}
     stuck = pretraining.stuck(saved)
     if not stuck:
         return {}
@@ -757,10 +850,12 @@ def write_report(report, readme=None):
         return
     results = {f"{r['name']}/{r['seed']}": r for r in saved['runs']}
     table = summarise(results)
-    claims = claim_rows(results, untestable_claims() if 'choices' in saved else None)
+    validation = saved.get('validation_dataset', 'demo128-val')
+    claims = claim_rows(results, untestable_claims(validation) if 'choices' in saved else None)
     setup = saved['setup'] + (f"; {saved['wall']}" if 'wall' in saved else '')
+    scenes = saved.get('scenes', f"the 64 {'test' if 'choices' in saved else 'validation'} scenes")
     with open(os.path.join(report, 'results.md'), 'w') as f:
-        f.write(markdown(table, claims, setup, 'test' if 'choices' in saved else 'validation'))
+        f.write(markdown(table, claims, setup, scenes))
     plot(table, os.path.join(report, 'results.png'))
     if readme:
         write_readme(claims, saved, readme)
