@@ -782,6 +782,7 @@ def test_draws_two_ranks_compute_the_whole_batch_loss_and_gradient(case):
     (grad,) = torch.autograd.grad(whole, args[0])
     halves = [tuple(a[r * 2:(r + 1) * 2] for a in args) for r in range(2)]
     parts = on_two_threads(fn, halves)
+    assert rgbx.COMPILED_POLICY[0] is rgbx.draw_policy()  # the threads' policies are gone for compiled code too
     torch.testing.assert_close((parts[0] + parts[1]) / 2, whole)
     split = torch.autograd.grad(sum(parts) / 2, args[0])[0]
     torch.testing.assert_close(split, grad)
