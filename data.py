@@ -708,6 +708,9 @@ def read_split(root, split, preset, x_modality):
         return folder, ids, folder
     if not path.is_file():
         find_layout(root, preset, x_modality)  # a root that holds no dataset at all is reported as such
+        if not named and (root / split).is_file():  # a split file path is read from the working folder
+            raise FileNotFoundError(f"split file {path} not found in the working folder; the data root "
+                                    f"holds {root / split}: pass --split {Path(split).stem} or that path")
         raise FileNotFoundError(f"split file {path} not found: expected lines like 'RGB/0.jpg Label/0.png' or "
                                 f"'0' (or a folder {root / str(split)}/ holding the layout)")
     try:

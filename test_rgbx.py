@@ -3029,9 +3029,14 @@ def test_data_grey_saved_as_three_channels_reads_as_one(nyu_like):
         data.read_x(nyu_like / 't.png', data.PRESETS['pst900'].modalities['thermal'])
 
 
-def test_data_split_file_problems(nyu_like):
+def test_data_split_file_problems(nyu_like, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r'val\.txt not found'):
         data.RGBXDataset(nyu_like, 'val', 'nyudv2')
+    (tmp_path / 'elsewhere').mkdir()  # nyu_like is tmp_path: run from another folder
+    monkeypatch.chdir(tmp_path / 'elsewhere')
+    with pytest.raises(FileNotFoundError, match=r'working folder; the data root holds .*train\.txt: '
+                                                r'pass --split train '):  # a path, read from here
+        data.RGBXDataset(nyu_like, 'train.txt', 'nyudv2')
     (nyu_like / 'test.txt').write_text('\n  \n')
     with pytest.raises(ValueError, match=r'test\.txt is empty'):
         data.RGBXDataset(nyu_like, 'test', 'nyudv2')
