@@ -1444,6 +1444,27 @@ def _hha_job(job):
     return hha_file(*job)
 
 
+HHA_RECORD = '.hha.json'  # in an HHA folder: the settings its files were made with
+
+
+def hha_settings_record(out_dir, camera, raw, scale, resumed):
+    """Skipping the files out_dir holds is right only when they were made with these settings:
+    refuse other ones (one line naming the flags). Returns what records them once a first file
+    is written into a folder that held none (None: files of unknown origin are not claimed)."""
+    record, now = out_dir / HHA_RECORD, {'camera': [float(c) for c in camera], 'raw': bool(raw),
+                                         'depth_scale': float(scale)}
+    if resumed and record.is_file():
+        try:
+            was = json.loads(record.read_text())
+        except (OSError, ValueError):
+            was = None
+        if was != now:
+            raise ValueError(f"--out {out_dir} holds HHA made with other settings ({record.name}: "
+                             f"{was}; now {now}): give another --out, or the same --camera, --raw "
+                             f"and --depth-scale to complete it")
+    return None if resumed else lambda: record.write_text(json.dumps(now))
+
+
 def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1, progress=None):
     """Convert every *.png of depth_dir to an HHA PNG of the same name in out_dir
     (created), skipping the HHA files out_dir already holds (`check_hha_there`). raw_dir: raw
@@ -1474,6 +1495,7 @@ def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1,
     todo = [n for n in names if not (out_dir / n).exists()]
     for n in sorted(set(names) - set(todo)):
         check_hha_there(out_dir / n, depth_dir / n)
+    record = hha_settings_record(out_dir, camera, raw_dir is not None, scale, len(names) > len(todo))
     jobs = [(depth_dir / n, None if raw_dir is None else Path(raw_dir) / n, out_dir / n, camera, scale) for n in todo]
     skipped, done = len(names) - len(todo), 0
     if progress:
@@ -1485,6 +1507,8 @@ def hha_folder(depth_dir, out_dir, camera, raw_dir=None, scale=0.001, workers=1,
         for path, share in results:
             holes = max(holes, (share, path.name), key=lambda h: h[0])
             done += 1
+            if done == 1 and record:
+                record()
             if progress:
                 progress(skipped + done, len(names))
     tally(run_jobs(_hha_job, jobs, workers))
@@ -2182,8 +2206,10 @@ def check_rooms_folder(out, meta):
                          f"{ROOMS_RENDERER}); give a new or empty folder")
     for key, flag in (('version', 'renderer version'), ('seed', '--seed'), ('height', '--size'),
                       ('width', '--size')):
-        if old.get(key) != meta[key]:
-            raise ValueError(f"--out {out} holds rooms of {flag} {old.get(key)}, not {meta[key]}: "
+        if old.get(key) != meta[key]:  # --size shown as HxW, as it is given
+            was, now = (f"{m.get('height')}x{m.get('width')}" if flag == '--size' else m.get(key)
+                        for m in (old, meta))
+            raise ValueError(f"--out {out} holds rooms of {flag} {was}, not {now}: "
                              f"give another folder (or the same {flag} to resume)")
 
 

@@ -74,7 +74,7 @@ def context_variable(name, default):
 
 
 DRAW_POLICY = context_variable('rgbx.DRAW_POLICY', DrawPolicy())
-COMPILED_POLICY = [DrawPolicy()]  # what compiled code reads: the policy `draws` entered last
+COMPILED_POLICY = [DRAW_POLICY.get()]  # what compiled code reads: the policy `draws` entered last
 
 
 def draw_policy():
@@ -90,13 +90,13 @@ def draws(policy):
     """`with rgbx.draws(policy): ...`: the forwards inside draw and count with `policy`
     (a `DrawPolicy`; None: the default), the one before it is back on exit."""
     policy = policy if policy is not None else DrawPolicy()
-    token, before = DRAW_POLICY.set(policy), COMPILED_POLICY[0]
+    token = DRAW_POLICY.set(policy)
     COMPILED_POLICY[0] = policy
     try:
         yield policy
     finally:
         DRAW_POLICY.reset(token)
-        COMPILED_POLICY[0] = before
+        COMPILED_POLICY[0] = DRAW_POLICY.get()  # this context's own again, however threads interleave
 
 
 class Dropout(nn.Module):

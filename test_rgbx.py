@@ -782,6 +782,7 @@ def test_draws_two_ranks_compute_the_whole_batch_loss_and_gradient(case):
     (grad,) = torch.autograd.grad(whole, args[0])
     halves = [tuple(a[r * 2:(r + 1) * 2] for a in args) for r in range(2)]
     parts = on_two_threads(fn, halves)
+    assert rgbx.COMPILED_POLICY[0] is rgbx.draw_policy()  # the threads' policies are gone for compiled code too
     torch.testing.assert_close((parts[0] + parts[1]) / 2, whole)
     split = torch.autograd.grad(sum(parts) / 2, args[0])[0]
     torch.testing.assert_close(split, grad)
@@ -3339,7 +3340,7 @@ def test_data_rooms_cli_writes_the_nyudv2_layout_resumes_refuses_other_folders(t
         return type('Result', (), dict(returncode=code, stderr=capsys.readouterr().err))
 
     assert_one_line_error(cli('--scenes', 5, '--size', '48x64', '--seed', 8), '--seed 7', 'another')
-    assert_one_line_error(cli('--scenes', 5, '--size', '64x64', '--seed', 7), '--size')
+    assert_one_line_error(cli('--scenes', 5, '--size', '64x64', '--seed', 7), '--size 48x64, not 64x64')
     (tmp_path / 'mine').mkdir()
     (tmp_path / 'mine' / 'notes.txt').write_text('keep')
     assert_one_line_error(cli('--scenes', 5, where=tmp_path / 'mine'), 'not a rooms dataset')
@@ -3774,7 +3775,7 @@ def test_hha_cli_converts_a_folder_skips_finished_files_and_reports_errors(tmp_p
     res = run_data_cli('hha', '--depth', tmp_path / 'depth', '--raw', tmp_path / 'raw', '--out', out,
                        '--camera', cam, '--workers', 2)
     assert res.returncode == 0 and 'Traceback' not in res.stderr, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'b.png']  # no temporary file left
+    assert sorted(p.name for p in out.iterdir()) == ['.hha.json', 'a.png', 'b.png']  # no temporary file
     ref = np.array(Image.open(HHA_FIXTURES / 'scene_hha_matlab_raw.png'))
     for mae, within1 in hha_agreement(np.array(Image.open(out / 'a.png')), ref):
         assert mae <= 0.5 and within1 >= 0.98
@@ -3970,6 +3971,30 @@ def test_data_split_ids_with_spaces_and_folders(nyu_like):
     (nyu_like / 'train.txt').write_text('a/0\na_0 x\n')
     ds = data.RGBXDataset(nyu_like, 'train', 'nyudv2')
     assert ds.names == ['a/0', 'a_0 x'] and ds[1][2].shape == (8, 10)
+
+
+def test_data_hha_folder_refuses_other_settings_over_the_files_it_skips(tmp_path, capsys):
+    """Rerun with another camera, --raw or --depth-scale, the folder's files (made with the
+    first settings) are not silently kept: a one-line error; the same settings complete it."""
+    rng = np.random.default_rng(0)
+    for n in ('a', 'b'):
+        png(tmp_path / 'depth' / f'{n}.png', rng.integers(500, 4000, (24, 32)).astype(np.uint16))
+
+    def cli(camera, *args):
+        code = data.main(['hha', '--depth', str(tmp_path / 'depth'), '--out', str(tmp_path / 'hha'),
+                          '--camera', camera, *args])
+        return type('Result', (), dict(returncode=code, stderr=capsys.readouterr().err))
+    assert cli('30,30,15.5,11.5').returncode == 0
+    first = (tmp_path / 'hha' / 'a.png').read_bytes()
+    (tmp_path / 'hha' / 'b.png').unlink()
+    for camera, args in (('nyu', ()), ('30,30,15.5,11.5', ('--depth-scale', '0.0001'))):
+        assert_one_line_error(cli(camera, *args), '--out', 'other settings')
+    assert not (tmp_path / 'hha' / 'b.png').exists()
+    res = cli('30,30,15.5,11.5')
+    assert res.returncode == 0 and '1 written, 1 already there' in res.stderr
+    assert (tmp_path / 'hha' / 'a.png').read_bytes() == first
+    assert sorted(p.name for p in (tmp_path / 'hha').iterdir()
+                  if data.visible(p.name)) == ['a.png', 'b.png']
 
 
 def test_data_hha_from_a_depth_only_dataset_prints_the_conversion_command(tmp_path):
@@ -5753,6 +5778,12 @@ def test_train_pretrained_given_a_training_checkpoint_says_what_it_is(tmp_path):
     line = one_line_error(res, f'--pretrained {last} is a training checkpoint of train.py',
                           'early_fusion swin-nano run on demo, step 1', 'eval.py --checkpoint', '--resume')
     assert len(line) < 600, len(line)
+    (tmp_path / 'kept').mkdir()  # a copy away from its run: no --resume there to suggest
+    kept = tmp_path / 'kept' / 'early.pt'
+    kept.write_bytes(Path(last).read_bytes())
+    msg = cli_error(tr.main, ['--method', 'ktb', '--pretrained', str(kept), '--max-steps', '1',
+                              '--crop', '32x32', '--out-dir', str(tmp_path / 'ktb2')])
+    assert 'is a training checkpoint' in msg and 'eval.py --checkpoint' in msg and '--resume' not in msg
 
 
 def test_train_flags_that_would_be_ignored_are_refused(tmp_path):
@@ -6604,7 +6635,9 @@ def test_layout_readme_copy_table_is_the_ast_closure_and_each_row_runs_alone():
     assert not any(imports.values()), imports  # a row needs no import beyond torch, nn, F and math
     table = '\n'.join(['| module | also copy |', '|---|---|'] + [
         f"| `{m}` | {', '.join(f'`{n}`' for n in names if n != m)} |" for m, names in rows.items()])
-    assert table in (Path(__file__).resolve().parent / 'README.md').read_text(), 'the README table:\n' + table
+    readme = (Path(__file__).resolve().parent / 'README.md').read_text()
+    start = readme.index('| module | also copy |')  # the whole block up to its blank line, no stray line
+    assert readme[start:readme.index('\n\n', start)] == table, 'the README table:\n' + table
     for m, (build, inputs) in COPY_ROWS.items():
         nodes = list(dict.fromkeys(defs[n][0] for n in rows[m]))
         code = 'import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n' + '\n\n'.join(

@@ -324,12 +324,14 @@ def build_model(cfg):
         if not (isinstance(ckpt, dict) and {'model', 'config', 'step'} <= set(ckpt)):
             raise
         c = ckpt['config']
-        folder = os.path.dirname(pretrained) or '.'
+        folder = os.path.dirname(pretrained) or '.'  # --resume reads the folder's last.pt
+        resume = (f", continue its run with --resume --out-dir {folder}"
+                  if os.path.isfile(os.path.join(folder, 'last.pt')) else '')
         raise ValueError(f"--pretrained {pretrained} is a training checkpoint of train.py (a "
                          f"{c.get('method')} {c.get('backbone')} run on {c.get('dataset')}, step "
                          f"{ckpt['step']}), not a backbone file for {cfg.method} {cfg.backbone}: "
-                         f"evaluate it with `python eval.py --checkpoint {pretrained}`, continue "
-                         f"its run with --resume --out-dir {folder}; a new run starts from an "
+                         f"evaluate it with `python eval.py --checkpoint {pretrained}`{resume}; "
+                         f"a new run starts from an "
                          f"official backbone file (README, 'Pretrained files')") from None
 
 
