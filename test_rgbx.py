@@ -5894,6 +5894,16 @@ def test_train_list_opts_describes_every_option_of_every_method(method, backbone
         assert f.metadata['meaning'] and f.type in (int, float, bool, str, list[int], int | None, list[int] | None)
 
 
+def test_train_list_opts_refuses_the_flags_it_would_ignore(capsys):
+    """--list-opts trains nothing: --opts (or any training flag) beside it is a one-line error,
+    not silently dropped; --method, --backbone and --dataset choose what it prints."""
+    for flags in (['--opts', 'mmst=false'], ['--max-steps', '3']):
+        assert flags[0] in cli_error(tr.main, ['--method', 'ktb', '--list-opts', *flags])
+    with pytest.raises(SystemExit) as e:
+        tr.main(['--method', 'ktb', '--dataset', 'nyudv2', '--list-opts'])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith('options of ktb on swin-base')
+
+
 def test_train_opts_keep_every_key_of_the_previous_registry():
     """The --opts keys and defaults checkpoints store: the typed configs give today's set."""
     keys = {'ktb': 'window_size drop_path_rate prompt_ranks adapter_ranks dscf_ranks dscf_strides dscf_groups '

@@ -173,8 +173,14 @@ def parser():
 
 def parse_config(argv=None):
     """The Config of a command line, resolved (`resolve`); --list-opts prints the options and exits."""
-    args = vars(parser().parse_args(data.dash_values(argv, ('--crop',))))
+    p = parser()
+    args = vars(p.parse_args(data.dash_values(argv, ('--crop',))))
     if args.pop('list_opts'):
+        ignored = [n for n, v in args.items()  # it trains nothing: a flag beside it would be ignored
+                   if n not in ('method', 'backbone', 'dataset') and v != p.get_default(n)]
+        if ignored:
+            raise ValueError(f"--list-opts prints the options of --method on --backbone and trains "
+                             f"nothing: drop --{ignored[0].replace('_', '-')}")
         print(list_opts(args['method'], args['backbone'] or default_backbone(args['method'], args['dataset'])))
         sys.exit(0)
     return resolve(Config(**args))
