@@ -17,6 +17,7 @@ line. train.py imports this file for its evaluation and its checkpoints' models.
 """
 import argparse
 import ctypes
+import functools
 import json
 import math
 import os
@@ -380,18 +381,19 @@ def release_probs(model, rgb, x, num_classes, scales=RELEASE_SCALES, flip=True, 
     return probs
 
 
-def release_transform(dataset, x_modality, preset):
-    """The release's data transform for `dataset`, or an error naming what it cannot read."""
+def release_transform(dataset, x_modality, preset, name='release'):
+    """The release's data transform for `dataset`, or an error naming what it cannot read
+    (and the --protocol `name` given: both release protocols read alike)."""
     if dataset not in RELEASE_SHORT_SIDE:
-        raise ValueError(f"--protocol release evaluates the release's datasets "
+        raise ValueError(f"--protocol {name} evaluates the release's datasets "
                          f"({', '.join(RELEASE_SHORT_SIDE)}), not {dataset}; use --protocol rgbx")
     npy = dataset == 'mcubes'
     if npy != (x_modality == 'aolp-npy'):
-        raise ValueError("--protocol release reads MCubeS' AoLP from the .npy files (--x-modality "
+        raise ValueError(f"--protocol {name} reads MCubeS' AoLP from the .npy files (--x-modality "
                          f"aolp-npy) and the other datasets' X from 8-bit images, not X "
                          f"{x_modality!r} of {dataset}")
     if preset.modalities[x_modality].max16:
-        raise ValueError(f"--protocol release reads X from 8-bit images; {dataset}'s X "
+        raise ValueError(f"--protocol {name} reads X from 8-bit images; {dataset}'s X "
                          f"{x_modality!r} is 16-bit depth: evaluate a model of an 8-bit X "
                          f"(depth8, hha)")
     return ReleaseTransform(RELEASE_SHORT_SIDE[dataset])
@@ -613,7 +615,8 @@ PROTOCOLS = {
                         release_transform),
     'release-single-scale': Protocol("the KTB release's single-scale evaluate: Resize, one pass, "
                                      "mIoU over all classes", 'all', 'none', release_single_scale,
-                                     release_transform),
+                                     functools.partial(release_transform,
+                                                       name='release-single-scale')),
     'multimae': Protocol("MultiMAE's NYUv2 fine-tuning evaluate: a 640 x 640 canvas padded at the "
                          "top-left, depth standardised per image, one pass, fp16 on CUDA, mIoU "
                          "over the classes present", 'present', 'fp16', multimae_probs,

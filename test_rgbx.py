@@ -4419,6 +4419,8 @@ def test_eval_protocol_refuses_the_flags_it_fixes_and_data_it_cannot_read():
         else:
             with pytest.raises(ValueError, match=words):
                 ev.release_transform(dataset, x, data.get_preset(dataset))
+    with pytest.raises(ValueError, match='--protocol release-single-scale evaluates'):  # the name given
+        ev.PROTOCOLS['release-single-scale'].transform('demo', 'depth', data.get_preset('demo'))
 
 
 def test_eval_protocol_release_command_line_on_a_release_checkpoint(tmp_path, capsys, monkeypatch):
