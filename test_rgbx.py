@@ -164,12 +164,16 @@ class Child:
 
     def __init__(self, *args):
         import queue
+        import signal
         import subprocess
         import sys
         import threading
         here = Path(__file__).resolve().parent
+        # SIGINT back to its default in the child: a shell starts background jobs (nohup ... &) with
+        # SIGINT ignored, which the child would inherit, and then Ctrl-C could not reach it
         self.p = subprocess.Popen([sys.executable, '-u', str(here / 'train.py'), *map(str, args)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines = queue.Queue()
         threading.Thread(target=self.read, daemon=True).start()
 
