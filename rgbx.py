@@ -204,17 +204,20 @@ def ohem_weights(loss, valid, thresh):
     """OHEM's pixel selection as weights (B*H*W,): 1 where the loss exceeds -log(thresh);
     when fewer than k = (labelled pixels // 16) do, 1 on the losses above the k-th largest
     v and (k - n_above) / n_at_v on those equal to v, so that the weighted mean is the
-    mean of the k largest (ties shared: design choice). Ranked over `gather`'s batch."""
+    mean of the k largest (ties shared: design choice). Ranked over `gather`'s batch.
+    Shapes are fixed and counts stay tensors: nothing is read on the host."""
     policy = draw_policy()
-    ranked = policy.gather(loss[valid])  # every labelled pixel's loss of the batch
-    hard = loss > -math.log(thresh)
-    k = ranked.numel() // 16
-    if int((ranked > -math.log(thresh)).sum()) >= k:
-        return hard.float()
-    v = ranked.topk(k).values[-1]  # the k-th largest loss
+    t = -math.log(thresh)
+    # every pixel's loss of the batch, -1 where unlabelled (a cross-entropy is >= 0)
+    ranked = policy.gather(torch.where(valid, loss, loss.new_full((), -1.0)))
+    k = (ranked >= 0).sum() // 16  # a tensor: how many the batch keeps at least
+    # the k-th largest: k is at most numel // 16, so the top numel // 16 hold it
+    top = ranked.topk(max(ranked.numel() // 16, 1)).values
+    v = top.index_select(0, (k - 1).clamp(min=0).view(1)).reshape(())
     above, at = (loss > v) & valid, (loss == v) & valid
-    share = (k - (ranked > v).sum()) / (ranked == v).sum()  # each tie's part of the k-th place
-    return above.float() + at.float() * share
+    share = (k - (ranked > v).sum()) / (ranked == v).sum().clamp(min=1)  # each tie's part of the k-th place
+    enough = (ranked > t).sum() >= k
+    return torch.where(enough, (loss > t).float(), above.float() + at.float() * share)
 
 
 @dataclass(frozen=True)

@@ -1204,6 +1204,27 @@ def ce_by_hand(logits, label):
     return np.where(y == 255, 0.0, loss), y != 255
 
 
+@pytest.mark.parametrize('hard', [False, True])
+def test_ktb_ohem_reads_nothing_on_the_host(hard):
+    """OHEM's selection (either branch: enough hard pixels or the top k) keeps its counts on
+    the device: no item, bool, int or boolean indexing; the weights are those of the
+    hand-computed rule (test_ktb_ohem_hand_computed_both_branches)."""
+    torch.manual_seed(0)
+    label = torch.randint(3, (2, 8, 8))
+    label[0, :2] = 255
+    logits = torch.randn(2, 3, 8, 8) * (4.0 if hard else 0.1)
+    logits.scatter_(1, torch.where(label == 255, 0, label)[:, None], 8.0)  # every pixel confident and right...
+    if hard:
+        logits[1, :, 2:6, 2:6] = -logits[1, :, 2:6, 2:6]  # ...but 16 wrong ones: enough (>= 112 // 16 = 7)
+    with HostReads() as reads:
+        got = rgbx.segmentation_loss(logits, label, ohem=True)
+    assert reads.seen == {}
+    loss, valid = ce_by_hand(logits, label)
+    above = loss[valid & (loss > -math.log(0.7))]
+    assert (len(above) >= 7) == hard
+    np.testing.assert_allclose(got.item(), above.mean() if hard else np.sort(loss[valid])[-7:].mean(), rtol=1e-4)
+
+
 def test_ktb_ohem_hand_computed_both_branches():
     torch.manual_seed(0)
     label = torch.randint(3, (1, 5, 9))
@@ -6118,7 +6139,7 @@ def test_study_quick_on_rooms_writes_results_that_tables_read(tmp_path):
     same results.md."""
     from study import run as study
     report = tmp_path / 'report'
-    assert study.main(['--quick', '--out', str(tmp_path / 'runs'), '--report', str(report)]) == 0
+    assert study.main(['--quick', '--jobs', '2', '--out', str(tmp_path / 'runs'), '--report', str(report)]) == 0
     saved = json.load(open(report / 'results.json'))
     planned = study.plan([0], 4, 6, dict(saved['choices'], pretrain=dict(lr=1e-3, steps=4)))
     assert (saved['dataset'], saved['validation_dataset']) == ('rooms144', 'rooms144-val')
@@ -6148,6 +6169,9 @@ def test_study_pretraining_choice_only_from_the_studys_validation_scenes(tmp_pat
         study.pretraining_choice(str(tmp_path))
     (tmp_path / 'results.json').write_text(json.dumps({'0.001': curve('demo128-val')}))
     with pytest.raises(SystemExit, match='measured on demo128-val: run `python -m study.pretraining`'):
+        study.pretraining_choice(str(tmp_path))
+    (tmp_path / 'results.json').write_text(json.dumps({'0.001': dict(curve(study.VALIDATION), scenes=16)}))
+    with pytest.raises(SystemExit, match=r'measured on a few scenes only \(--scenes\)'):
         study.pretraining_choice(str(tmp_path))
     (tmp_path / 'results.json').write_text(json.dumps({'0.001': curve(study.VALIDATION)}))
     assert study.pretraining_choice(str(tmp_path)) == dict(lr=1e-3, steps=200)
@@ -6224,6 +6248,16 @@ def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
     assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
 
 
+def test_study_names_each_cpu_its_runs_were_timed_on():
+    """A study resumed on another machine says so: each CPU with its run count, and that the
+    step times compare only within one; one CPU is named alone."""
+    from study import run as study
+    assert study.cpus([{'cpu': 'A, 2 cores'}] * 3) == 'A, 2 cores'
+    assert study.cpus([{'cpu': 'A'}] * 3 + [{'cpu': 'B'}]) == \
+        'A (3 runs), B (1 run): step times compare only between runs on one CPU'
+    assert study.cpus([]) == study.machine()
+
+
 def test_study_modules_import_one_way():
     """study.run -> study.pretraining -> study.common: no module of the study imports one that imports it."""
     import ast
@@ -6256,8 +6290,9 @@ def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
     target's mean square over the masked pixels, checked by hand."""
     from study import pretraining
     pretraining.main(['--steps', '2', '--every', '1', '--lrs', '1e-3', '--jobs', '1', '--out', str(tmp_path / 'runs'),
-                      '--report', str(tmp_path)])
+                      '--report', str(tmp_path), '--scenes', '16'])
     saved = json.load(open(tmp_path / 'results.json'))['0.001']
+    assert saved['scenes'] == 16 and 'on the first 16 held-out scenes' in (tmp_path / 'results.md').read_text()
     assert [p['step'] for p in saved['points']] == [0, 1, 2]
     assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image', 'depth_median',
                                                                  'depth_position'}

@@ -89,6 +89,9 @@ VPT_DEEP = 'variant=vpt_deep,vpt_rank=187,head_dim=64,head_from=foundation'
 # X of a row when not the dataset's default (rooms: HHA): depth, for KTB's rows on depth and for
 # MaskMentor (MultiMAE's depth)
 DEPTH, MM_DATA = dict(x_modality='depth'), dict(x_modality=MM_X)
+# the prompt-tuning rows train with the random crop only: GoPT's "no data expansion", and the
+# decision on rooms144-val (R2 + no augmentation 19.8 +- 0.2 against R2's 18.4 +- 0.0, 2 of 2 seeds)
+CROP = dict(augment='crop')
 # (name, family, method, options, what its backbone comes from[, train.Config fields]);
 # 'pretrain:<name>' = that MaskMentor pre-training run of the same seed
 CONDITIONS = [
@@ -106,15 +109,15 @@ CONDITIONS = [
     ('ViT foundation (RGB)', 'vit', 'rgb_only', HEAD, None),
     ('ViT early fusion, full FT', 'vit', 'early_fusion', HEAD, 'foundation'),
     ('Frozen foundation + head, no prompts', 'vit', 'gopt', 'variant=head_only,head_dim=64,head_from=foundation',
-     'foundation'),
-    ('GoPT (hard, 4 prompters)', 'vit', 'gopt', GOPT, 'foundation'),
-    ('GoPT soft', 'vit', 'gopt', GOPT + ',assignment=soft', 'foundation'),
-    ('GoPT 2 prompters', 'vit', 'gopt', GOPT + ',interval=2', 'foundation'),
-    ('GoPT 1 prompter', 'vit', 'gopt', GOPT + ',interval=4', 'foundation'),
-    ('VPT-shallow', 'vit', 'gopt', VPT_SHALLOW, 'foundation'),
-    ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation'),
-    ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation'),  # X by place: see docs/gopt.md
-    (f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}', 'vit', 'gopt', GOPT_BASE + f',acp={ACP_OTHER}', 'foundation'),
+     'foundation', CROP),
+    ('GoPT (hard, 4 prompters)', 'vit', 'gopt', GOPT, 'foundation', CROP),
+    ('GoPT soft', 'vit', 'gopt', GOPT + ',assignment=soft', 'foundation', CROP),
+    ('GoPT 2 prompters', 'vit', 'gopt', GOPT + ',interval=2', 'foundation', CROP),
+    ('GoPT 1 prompter', 'vit', 'gopt', GOPT + ',interval=4', 'foundation', CROP),
+    ('VPT-shallow', 'vit', 'gopt', VPT_SHALLOW, 'foundation', CROP),
+    ('VPT-deep', 'vit', 'gopt', VPT_DEEP, 'foundation', CROP),
+    ('GoPT w/o ACP', 'vit', 'gopt', GOPT_BASE + ',variant=no_acp', 'foundation', CROP),  # X by place: see docs/gopt.md
+    (f'GoPT (hard, 4 prompters), ACP {ACP_OTHER}', 'vit', 'gopt', GOPT_BASE + f',acp={ACP_OTHER}', 'foundation', CROP),
     ('MIM pre-training', 'vit', 'maskmentor', MM_PRE + ',warmup=1', 'foundation', MM_DATA),  # MIM only
     ('M2IM pre-training', 'vit', 'maskmentor', MM_PRE + ',teacher_iters=0,token_weight=0',
      'foundation', MM_DATA),
@@ -171,16 +174,14 @@ CLAIMS = [
 ]
 COLUMNS = (('both', 'RGB+X'), ('rgb', 'RGB only'), ('x', 'X only'))
 
-# GoPT's decisions the paper leaves open (`--decide`, on the validation preset), decided on
-# `demo128-val` (64 of the demo's training scenes held out; the foundation trained on the other
-# 192; study/gopt-validation), never on the test scenes. Round 1: each switch flipped
-# alone from the paper's xavier start with a fresh head; round 2: the two winners together (the
-# defaults), then each remaining switch flipped alone from them. (name, options, extra train.Config
-# fields besides the study's.) The study keeps its shared augmentation for GoPT too: the paper's
-# "no data expansion" gave 40.5 +- 0.4 against 39.2 +- 2.1 (round 2), inside the seeds' spread.
-# Rounds 1-2 read ACP literally (acp=literal, the reading of their time). Round 3: the reading of ACP
-# (eq. 11-14, rgbx.GroupingPrompter), both from the round-2 defaults, in one sitting with its foundation
-# (`--decide --only R3`).
+# GoPT's decisions the paper leaves open (`--decide`, on the validation preset `rooms144-val`: 160
+# of the training scenes held out, the foundation trained on the other 640; study/gopt-validation),
+# never on the test scenes. Round 1: each switch flipped alone from the paper's xavier start with a
+# fresh head; round 2: the two winners together (the defaults), then each remaining switch flipped
+# alone from them. (name, options, extra train.Config fields besides the study's.) Rounds 1-2 read
+# ACP literally (acp=literal); round 3: the reading of ACP (eq. 11-14, rgbx.GroupingPrompter), both
+# from the round-2 defaults. The one round-2 switch that won by more than the seeds' spread, no
+# augmentation, is the prompt-tuning rows' recipe (CROP).
 R1 = 'prompt_dim=16,head_dim=64,identity=false,acp=literal'
 R2 = GOPT_BASE + ',acp=literal'
 DECISIONS = [
@@ -336,8 +337,8 @@ def chosen(results):
 
 def pretraining_choice(report=os.path.join(HERE, 'maskmentor-pretraining')):
     """MaskMentor pre-training's {'lr', 'steps'}, as study.pretraining chose them on validation
-    scenes (its results.json); a missing report, or one measured on another validation preset,
-    is an error naming the command that makes it."""
+    scenes (its results.json); a missing report, or one measured on another validation preset
+    or on a few of its scenes (--scenes), is an error naming the command that makes it."""
     path = os.path.join(report, 'results.json')
     run = (f"run `python -m study.pretraining` first (it chooses MaskMentor's pre-training lr and "
            f"budget on the validation scenes of {VALIDATION})")
@@ -348,6 +349,8 @@ def pretraining_choice(report=os.path.join(HERE, 'maskmentor-pretraining')):
     measured = {v.get('dataset', 'demo128-val') for v in saved.values()}
     if measured != {VALIDATION}:
         raise SystemExit(f"study: {path} was measured on {', '.join(sorted(measured))}: {run}")
+    if any(v.get('scenes') for v in saved.values()):
+        raise SystemExit(f"study: {path} was measured on a few scenes only (--scenes): {run}")
     lr, steps = pretraining.choose(saved)[:2]
     return dict(lr=lr, steps=steps)
 
@@ -408,6 +411,7 @@ def execute(args):
             train.save_checkpoint({'model': model.backbone.state_dict()}, backbone_file(out, run['key']))
     result['seconds'] = time.perf_counter() - start  # training and evaluation, one thread
     result['cpu_seconds'] = time.process_time() - cpu  # its wall time on a quiet machine
+    result['cpu'] = machine()  # its times hold on this CPU (a study resumed elsewhere mixes CPUs)
     with open(os.path.join(cfg.out_dir, 'result.json'), 'w') as f:
         json.dump(result, f)
     return run['key'], result
@@ -630,6 +634,18 @@ def machine():
     return f"{name}, {os.cpu_count()} cores"
 
 
+def cpus(results):
+    """The CPU the runs were timed on; several (a study resumed on another machine) are
+    each named with their run count, and the step times compare only within one."""
+    counts = {}
+    for r in results:
+        counts[r.get('cpu', machine())] = counts.get(r.get('cpu', machine()), 0) + 1
+    if len(counts) <= 1:
+        return next(iter(counts), machine())
+    return ', '.join(f"{name} ({n} run{'s' * (n > 1)})" for name, n in sorted(counts.items(), key=lambda c: -c[1])) + \
+        ": step times compare only between runs on one CPU"
+
+
 def wall_time(out, sitting, seconds):
     """Record that sitting number `sitting` (None: a new one) has run `seconds` in
     `out`/sittings.json; returns (its number, the wall time summed over every sitting that
@@ -720,7 +736,7 @@ def study(args, seeds, steps, foundation_steps, out, report):
         compute = sum(r.get('seconds', 0) for r in done.values())
         wall = (f"{wall / 60:.0f} min wall time ({sittings} sitting{'s' * (sittings > 1)}, "
                 f"{args.jobs} runs at a time, {compute / 3600:.1f} h of one-thread run time) on "
-                f"{machine()}")
+                f"{cpus(done.values())}")
         save_json(report, dict(
             when=time.strftime('%Y-%m-%d'), dataset=DATASET, validation_dataset=VALIDATION,
             scenes=f"the {scene_count(DATASET, scenes)} test scenes", runs_done=len(done),
@@ -794,7 +810,7 @@ def decide_gopt(args, seeds, steps, foundation_steps, out, report):
                   "; kept from an earlier sitting, with the foundations of that sitting (compare them with each "
                   "other, not with the rows rerun now): " + ', '.join(kept)) if kept else ''
     with open(os.path.join(report, 'results.json'), 'w') as f:
-        json.dump(dict(setup=setup, runs=sorted(results.values(), key=lambda r: (r['name'], r['seed']))), f, indent=1)
+        json.dump(dict(setup=setup, scenes=f"the {scene_count(VALIDATION)} validation scenes", runs=sorted(results.values(), key=lambda r: (r['name'], r['seed']))), f, indent=1)
     write_report(report)
     print(f"study: done; {os.path.join(report, 'results.md')}")
     return 0
