@@ -6308,7 +6308,7 @@ def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
 
 
 @pytest.mark.slow
-def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
+def test_study_pretraining_curves_against_trivial_baselines(tmp_path, capsys):
     """`python -m study.pretraining`: the validation losses of MaskMentor's pre-training and of the trivial
     predictions on the same masked tokens; the zero prediction's MSE on the per-patch normalised RGB is that
     target's mean square over the masked pixels, checked by hand."""
@@ -6317,6 +6317,14 @@ def test_study_pretraining_curves_against_trivial_baselines(tmp_path):
                       '--report', str(tmp_path), '--scenes', '16'])
     saved = json.load(open(tmp_path / 'results.json'))['0.001']
     assert saved['scenes'] == 16 and 'on the first 16 held-out scenes' in (tmp_path / 'results.md').read_text()
+    # --score: a trained checkpoint against the same baselines, without training
+    checkpoint = tmp_path / 'runs' / 'lr0.001' / 'last.pt'
+    assert pretraining.main(['--score', str(checkpoint), '--scenes', '16']) == 0
+    said = capsys.readouterr().out.splitlines()[-1]
+    last = saved['points'][-1]['loss']
+    assert said.startswith(f"{checkpoint}: rgb {last['rgb'] / saved['baseline']['rgb']:.3f}, ") and 'depth / position mean' in said
+    with pytest.raises(SystemExit, match='no such file'):
+        pretraining.main(['--score', str(tmp_path / 'gone.pt')])
     assert [p['step'] for p in saved['points']] == [0, 1, 2]
     assert set(saved['baseline']) == set(pretraining.COLUMNS) | {'depth_mean', 'rgb_image', 'depth_median',
                                                                  'depth_position'}
