@@ -313,7 +313,12 @@ def main(argv=None):
                                                           'baselines from the first N training scenes (0: all; a '
                                                           'quick check: the study refuses such a report)')
     p.add_argument('--tables', action='store_true', help="rewrite results.md and results.png from results.json")
+    p.add_argument('--score', metavar='CHECKPOINT', help="score a trained MaskMentor pre-training checkpoint (e.g. "
+                                                         "the study's, runs/study/val_*_pre_training-0/backbone.pth) "
+                                                         "against the baselines on the held-out scenes; no training")
     args = p.parse_args(argv)
+    if args.score:
+        return score_checkpoint(args.score, args.scenes)
     if args.tables:
         with open(os.path.join(args.report, 'results.json')) as f:
             saved = json.load(f)
@@ -340,6 +345,26 @@ def main(argv=None):
             with open(os.path.join(args.report, 'results.json'), 'w') as f:  # as each lr ends: an interruption keeps them
                 json.dump({f"{k:g}": results[k] for k in sorted(results)}, f, indent=1)
     write_report({k: results[k] for k in sorted(results)}, args.report)
+
+
+def score_checkpoint(path, scenes=0):
+    """Print a pre-training checkpoint's loss / baseline on the held-out scenes of the
+    validation preset (the curves' columns, one fixed mask per scene); below 1 is better
+    than the trivial prediction."""
+    import eval as ev
+    if not os.path.isfile(path):
+        raise SystemExit(f"study.pretraining: --score {path}: no such file")
+    model, run = ev.load_model(path)
+    if not getattr(model, 'pretraining', False) or run.dataset != VALIDATION:
+        raise SystemExit(f"study.pretraining: --score {path}: not a MaskMentor pre-training run on {VALIDATION} "
+                         f"(its held-out scenes would not be held out)")
+    torch.manual_seed(0)
+    loss, baseline = scores(model, validation_batches(scenes=scenes), priors(model, data.get_preset(VALIDATION)
+                                                                                .num_classes, scenes))
+    print(f"{path}: " + ', '.join(f"{t} {loss[t] / baseline[t]:.3f}" for t in COLUMNS) +
+          ''.join(f", depth / {n} {loss['depth'] / baseline[t]:.3f}" for t, n in DEPTH_BASELINES) +
+          ', ' + ', '.join(f"{t} {loss[t]:.3f}" for t in STRUCTURE))
+    return 0
 
 
 def write_report(results, report):

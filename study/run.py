@@ -74,9 +74,9 @@ MARKERS = ('<!-- study:claims:start -->', '<!-- study:claims:end -->')
 # ViT-nano has D = 64: GoPT's d_p of 55 (of 768) would not be low rank, 16 is; heads 64 wide.
 HEAD = 'head_dim=64'
 KTB = 'fused_head_dim=128,aux_head_dim=64'
-# GoPT and its variants start Psi from the head of their foundation (decided on demo128-val, see DECISIONS);
-# GoPT's rows state their reading of ACP (eq. 11-14): rgbx's default, decided on demo128-val (round 3),
-# and one row with the other reading
+# GoPT and its variants start Psi from the head of their foundation (decided on rooms144-val, see DECISIONS);
+# GoPT's rows state their reading of ACP (eq. 11-14): rgbx's default, aligned (round 3 on rooms144-val, as
+# on demo128-val before), and one row with the other reading
 GOPT_BASE = 'prompt_dim=16,head_dim=64,head_from=foundation'
 ACP, ACP_OTHER = rgbx.ACP_DEFAULT, next(r for r in rgbx.ACP_READINGS if r != rgbx.ACP_DEFAULT)
 GOPT = GOPT_BASE + f',acp={ACP}'
