@@ -6692,7 +6692,7 @@ def test_layout_each_method_needs_its_own_parts_only():
     assert not section(mm, 'Swin') | section(mm, 'KTB') | section(mm, 'GoPT'), mm
 
 
-# Each row of the README's "Copying a module" table: how to build the module and its inputs.
+# Each row of docs/copying.md's table: how to build the module and its inputs.
 COPY_ROWS = {
     'DSCF': (lambda m: m.DSCF(32, 8, 2, 2, 4, 3, (4, 4)), lambda: (torch.randn(2, 8, 8, 32), torch.randn(2, 8, 8, 32))),
     'MAPAPrompt': (lambda m: m.MAPAPrompt(16, 4), lambda: (torch.randn(4, 6, 6, 16),)),
@@ -6711,8 +6711,8 @@ COPY_ROWS = {
 }
 
 
-def test_layout_readme_copy_table_is_the_ast_closure_and_each_row_runs_alone():
-    """The README's table is what `rgbx_closure` computes, and each row copied alone (its
+def test_layout_copy_table_is_the_ast_closure_and_each_row_runs_alone():
+    """docs/copying.md's table is what `rgbx_closure` computes, and each row copied alone (its
     definitions in file order, with torch, nn, F and math) builds and computes what rgbx's
     module computes with the same weights."""
     import types as pytypes
@@ -6723,9 +6723,9 @@ def test_layout_readme_copy_table_is_the_ast_closure_and_each_row_runs_alone():
     assert not any(imports.values()), imports  # a row needs no import beyond torch, nn, F and math
     table = '\n'.join(['| module | also copy |', '|---|---|'] + [
         f"| `{m}` | {', '.join(f'`{n}`' for n in names if n != m)} |" for m, names in rows.items()])
-    readme = (Path(__file__).resolve().parent / 'README.md').read_text()
-    start = readme.index('| module | also copy |')  # the whole block up to its blank line, no stray line
-    assert readme[start:readme.index('\n\n', start)] == table, 'the README table:\n' + table
+    doc = (Path(__file__).resolve().parent / 'docs' / 'copying.md').read_text()
+    start = doc.index('| module | also copy |')  # the whole block up to its blank line, no stray line
+    assert doc[start:doc.index('\n\n', start)] == table, 'the table of docs/copying.md:\n' + table
     for m, (build, inputs) in COPY_ROWS.items():
         nodes = list(dict.fromkeys(defs[n][0] for n in rows[m]))
         code = 'import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n' + '\n\n'.join(
