@@ -138,12 +138,20 @@ def scores(model, batches, prior):
             for into, pred in ((got, predicted), (base, trivial['depth_median'])):
                 into[f'depth {r}'].append(region_loss(pred, targets['depth'], mask[:, 1], grid, where))
     model.train(was)
-    got = {t: float(np.nanmean(v)) for t, v in got.items()}
+    got = {t: finite_mean(v) for t, v in got.items()}
     for t in ('rgb', 'depth'):  # spatial structure of the prediction: correlation, and spread relative to the target's
         cov, vp, vt = (sums[f'{t} {part}'] for part in ('cov', 'var_pred', 'var_target'))
         got[f'{t} corr'], got[f'{t} spread'] = cov / max((vp * vt) ** 0.5, 1e-12), (vp / max(vt, 1e-12)) ** 0.5
-    base = {t: float(np.nanmean(v)) for t, v in base.items()}
+    base = {t: finite_mean(v) for t, v in base.items()}
     return got, {**base, 'depth': min(base[t] for t, _ in DEPTH_BASELINES)}  # the better rule
+
+
+def finite_mean(values):
+    """The mean of the finite values; NaN when there is none (a region no scored scene has,
+    e.g. invalid depth on rendered rooms)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float('nan')
 
 
 def structure(pred, target, mask, grid):

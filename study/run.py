@@ -733,10 +733,12 @@ def study(args, seeds, steps, foundation_steps, out, report):
 
     def save(done):  # the study's report as it stands, after each finished run
         _, wall, sittings = wall_time(out, sitting, time.time() - start)
-        compute = sum(r.get('seconds', 0) for r in done.values())
-        wall = (f"{wall / 60:.0f} min wall time ({sittings} sitting{'s' * (sittings > 1)}, "
-                f"{args.jobs} runs at a time, {compute / 3600:.1f} h of one-thread run time) on "
-                f"{cpus(done.values())}")
+        # the sittings' wall time covers the validation runs too: so does the run time beside it
+        every = [*val_runs, *done.values()]
+        compute = sum(r.get('seconds', 0) for r in every)
+        wall = (f"{wall / 60:.0f} min wall time with the {len(val_runs)} validation runs "
+                f"({sittings} sitting{'s' * (sittings > 1)}, {args.jobs} runs at a time, "
+                f"{compute / 3600:.1f} h of one-thread run time in all) on {cpus(every)}")
         save_json(report, dict(
             when=time.strftime('%Y-%m-%d'), dataset=DATASET, validation_dataset=VALIDATION,
             scenes=f"the {scene_count(DATASET, scenes)} test scenes", runs_done=len(done),
