@@ -6272,6 +6272,34 @@ def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
     assert not (root / 'runs').exists() and os.listdir(run_dir) == ['last.pt'] and not (tmp_path / 'o').exists()
 
 
+def test_study_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
+    """study.run and study.pretraining: a file given as a folder, a bad --only pattern, flags
+    --tables would ignore, a missing results.json, and a --score file that is not a pre-training
+    run end in one 'error:' line naming the flag, before any run starts."""
+    from study import pretraining
+    from study import run as study_run
+    junk, weights, empty = tmp_path / 'junk.pth', tmp_path / 'weights.pth', tmp_path / 'empty'
+    junk.write_text('not a checkpoint')
+    torch.save({'w': torch.zeros(2)}, weights)
+    empty.mkdir()
+    for main, argv, words in (
+            (study_run.main, ['--out', str(junk)], ['--out', 'is a file']),
+            (study_run.main, ['--quick', '--out', str(tmp_path / 'o'), '--report', str(junk)], ['--report', 'is a file']),
+            (study_run.main, ['--decide', '--only', '(', '--out', str(tmp_path / 'o')], ['--only', 'regular expression']),
+            (study_run.main, ['--tables', '--seeds', '2'], ['--tables', 'drop --seeds']),
+            (study_run.main, ['--tables', '--report', str(empty)], ['drop --report']),
+            (pretraining.main, ['--tables', '--report', str(empty)], ['--tables', 'results.json', 'does not exist']),
+            (pretraining.main, ['--score', str(junk)], ['--score', 'junk.pth', 'cannot read']),
+            (pretraining.main, ['--score', str(weights)], ['--score', 'pre-training run']),
+            (pretraining.main, ['--report', str(junk)], ['--report', 'is a file'])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        said = e.value.code if isinstance(e.value.code, str) else err
+        one_line_error(type('R', (), dict(returncode=1, stderr=said)), *words)
+    assert sorted(os.listdir(tmp_path)) == ['empty', 'junk.pth', 'weights.pth'] and not os.listdir(empty)
+
+
 def test_study_names_each_cpu_its_runs_were_timed_on():
     """A study resumed on another machine says so: each CPU with its run count, and that the
     step times compare only within one; one CPU is named alone."""

@@ -24,6 +24,8 @@ def check_outputs(out, report):
     (data.check_output); a refusal ends the command with one line."""
     try:
         for flag, path in (('--out', out), ('--report', report)):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ValueError(f"{flag} {path} is a file: give a folder")
             data.check_output(flag, path, folder=True)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -42,6 +42,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import rgbx
 import train
 from study.common import HERE, MM_PRE, MM_X, VALIDATION, check_outputs
 
@@ -309,7 +310,7 @@ def plot(results, path):
 
 
 def main(argv=None):
-    p = data.OneLineParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=' '.join(__doc__.split('\n\n')[0].split()))
     p.add_argument('--lrs', default='1e-3,3e-3', help='comma-separated learning rates (1e-4 and 3e-4 trailed 1e-3 '
                                                         'over 2000 steps)')
     p.add_argument('--steps', type=int, default=5000, help='optimizer steps per lr')
@@ -328,8 +329,14 @@ def main(argv=None):
     if args.score:
         return score_checkpoint(args.score, args.scenes)
     if args.tables:
-        with open(os.path.join(args.report, 'results.json')) as f:
-            saved = json.load(f)
+        path = os.path.join(args.report, 'results.json')
+        if not os.path.isfile(path):
+            p.error(f"--tables reads {path}, which does not exist: point --report at a folder this command wrote")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--tables cannot read {path} ({e}): rerun the curves to rewrite it")
         write_report({float(k): v for k, v in saved.items()}, args.report)
         return 0
     try:
@@ -361,10 +368,16 @@ def score_checkpoint(path, scenes=0):
     than the trivial prediction."""
     import eval as ev
     if not os.path.isfile(path):
-        raise SystemExit(f"study.pretraining: --score {path}: no such file")
-    model, run = ev.load_model(path)
+        raise SystemExit(f"error: --score {path}: no such file")
+    try:
+        model, run = ev.load_model(path)
+    except rgbx.CheckpointError as e:
+        raise SystemExit(f"error: --score {path}: {e}")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --score {path}: {str(e).split(';')[0]}: --score takes a MaskMentor "
+                         f"pre-training run's checkpoint (e.g. runs/study/val_*_pre_training-0/backbone.pth)")
     if not getattr(model, 'pretraining', False) or run.dataset != VALIDATION:
-        raise SystemExit(f"study.pretraining: --score {path}: not a MaskMentor pre-training run on {VALIDATION} "
+        raise SystemExit(f"error: --score {path}: not a MaskMentor pre-training run on {VALIDATION} "
                          f"(its held-out scenes would not be held out)")
     torch.manual_seed(0)
     loss, baseline = scores(model, validation_batches(scenes=scenes), priors(model, data.get_preset(VALIDATION)

@@ -663,11 +663,12 @@ def wall_time(out, sitting, seconds):
 
 
 def main(argv=None):
-    p = data.OneLineParser(description=__doc__.split('\n')[0])
+    p = data.OneLineParser(description=' '.join(__doc__.split('\n\n')[0].split()))
     p.add_argument('--quick', action='store_true', help='a few steps and one seed: checks that every step runs')
-    p.add_argument('--seeds', type=int, default=3)
+    p.add_argument('--seeds', type=int, default=3, help='seeds of every row (the claim rule needs at least 3)')
     p.add_argument('--steps', type=int, default=0, help="optimizer steps of each adaptation run (0 = the study's)")
-    p.add_argument('--foundation-steps', type=int, default=0)
+    p.add_argument('--foundation-steps', type=int, default=0,
+                   help="optimizer steps of each foundation (0 = the study's)")
     p.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
     p.add_argument('--decide', action='store_true',
                    help=f"GoPT's open decisions on the validation preset {VALIDATION} (report in "
@@ -682,6 +683,10 @@ def main(argv=None):
                    help="rewrite every report and the README's claims table from the results.json, without training")
     args = p.parse_args(argv)
     if args.tables:
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k != 'tables' and v != p.get_default(k)]
+        if given:
+            p.error(f"--tables rewrites the committed reports (study/) from their results.json and takes no other "
+                    f"flag: drop {' '.join(given)}")
         for part in ('', 'validation', 'gopt-validation'):
             if os.path.exists(os.path.join(HERE, part, 'results.json')):
                 write_report(os.path.join(HERE, part), readme=README if part == '' else None)
@@ -693,6 +698,11 @@ def main(argv=None):
                 f"{args.steps}, {args.foundation_steps}")
     if args.only and not args.decide:
         p.error("--only goes with --decide: the study's claims need all their rows from one sitting")
+    if args.only:
+        try:
+            re.compile(args.only)
+        except re.error as e:
+            p.error(f"--only {args.only!r} is not a regular expression ({e})")
     seeds = range(1 if args.quick else args.seeds)
     steps = args.steps or (4 if args.quick else STEPS)
     foundation_steps = args.foundation_steps or (6 if args.quick else FOUNDATION_STEPS)
