@@ -6300,6 +6300,46 @@ def test_study_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ['empty', 'junk.pth', 'weights.pth'] and not os.listdir(empty)
 
 
+def test_study_probes_vary_one_thing_each_and_compare_by_seed(tmp_path):
+    """study.probes: each probe is its validation run with one change (options, lr, steps, or
+    the run it starts from), every run it needs is planned, no test scene is involved, and the
+    report's paired differences are the hand-computed ones."""
+    from study import probes
+    from study import run as study_run
+    runs = probes.plan(range(2), 4, 6, dict(lr=1e-3, steps=4))
+    keys = {r['key'] for r in runs}
+    assert all(r['need'] is None or r['need'] in keys for r in runs) and len(keys) == len(runs)
+    assert all(r['config']['dataset'] == study_run.VALIDATION for r in runs)
+    base = {r['key']: r for r in runs}
+    for name, varies, change, _ in probes.PROBES:
+        for seed in (0, 1):
+            probe, run = base[f'probe: {name}/{seed}'], base[f'{varies}/{seed}']
+            differ = {k for k in probe['config'] if probe['config'][k] != run['config'][k]}
+            expect = {k for k, field in (('opts', 'opts'), ('lr', 'lr'), ('steps', 'max_steps')) if k in change}
+            assert differ == {dict(opts='opts', lr='lr', steps='max_steps')[k] for k in expect}, (name, differ)
+            assert probe['need'] == (f"{change['from']}/{seed}" if 'from' in change else run['need'])
+            if 'steps' in change:
+                assert probe['config']['max_steps'] == probes.LONG * run['config']['max_steps']
+    ktb = base['probe: KTB, ranks x4/0']['config']['opts']
+    model = rgbx.build_model('ktb', 'swin-nano', 13, 3, **dict(kv.split('=') for kv in ktb.split(',')))
+    assert model.per_stage['prompt_ranks'] == [16, 32, 64, 128] and model.per_stage['adapter_ranks'] == [8, 16, 32, 64]
+    # the report: A - B paired by seed, on the mean over A's family's inputs
+    fake = [dict(name=probes.KTB_VAL, seed=s, both=0.2 + s / 100, rgb=0.1, x=0.15, step_seconds=1.0) for s in (0, 1)]
+    fake += [dict(name='probe: KTB, ranks x4', seed=s, both=0.26, rgb=0.1 + s / 50, x=0.15, step_seconds=2.0)
+             for s in (0, 1)]
+    rows, comparisons = probes.summary(fake)
+    wider = next(c for c in comparisons if c['what'] == 'wider KTB ranks')
+    assert np.allclose(wider['differences'], [(26 + 10 + 15) / 3 - (20 + 10 + 15) / 3,
+                                              (26 + 12 + 15) / 3 - (21 + 10 + 15) / 3])
+    assert [c['what'] for c in comparisons] == ['wider KTB ranks']  # no comparison without both rows
+    fake += [dict(name=probes.SWIN_EF_VAL, seed=s, both=0.3, rgb=0.0, x=0.0, step_seconds=1.0) for s in (0, 1)]
+    across = next(c for c in probes.summary(fake)[1] if c['a'] == probes.KTB_VAL and c['b'] == probes.SWIN_EF_VAL)
+    assert across['inputs'] == ('both',) and np.allclose(across['differences'], [20 - 30, 21 - 30])  # RGB+X only
+    probes.write_report(str(tmp_path), dict(setup='set-up', runs=fake))
+    assert '| wider KTB ranks | KTB, ranks x4 | val: KTB, lr 0.001 | RGB+X and RGB only and X only | +2.2 (+2.0, +2.3) |' in \
+        (tmp_path / 'results.md').read_text()
+
+
 def test_study_names_each_cpu_its_runs_were_timed_on():
     """A study resumed on another machine says so: each CPU with its run count, and that the
     step times compare only within one; one CPU is named alone."""
