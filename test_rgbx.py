@@ -6351,7 +6351,8 @@ def test_study_names_each_cpu_its_runs_were_timed_on():
 
 
 def test_study_modules_import_one_way():
-    """study.run -> study.pretraining -> study.common: no module of the study imports one that imports it."""
+    """study.probes -> study.run -> study.pretraining -> study.common: no module of the study imports one
+    that imports it."""
     import ast
     here = Path(__file__).resolve().parent / 'study'
     graph = {}
@@ -6362,6 +6363,7 @@ def test_study_modules_import_one_way():
                  for a in n.names} | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         graph[path.stem] = {m.split('.')[1] for m in names if m.startswith('study.')}
     assert graph['run'] == {'pretraining', 'common'} and graph['pretraining'] == {'common'} and not graph['common']
+    assert graph['probes'] == {'run', 'common'} and set(graph) == {'probes', 'run', 'pretraining', 'common'}
 
 
 def test_study_tables_are_rewritten_from_results_json_alone(tmp_path):
