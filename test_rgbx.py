@@ -3459,19 +3459,21 @@ def test_data_rooms_scenes_rendered_in_loader_workers_are_kept_for_the_next_epoc
     copy = pickle.loads(pickle.dumps(ds))  # a spawned worker's copy: a cache of its own
     assert copy.cache.get(0) is None and torch.equal(copy[0][1], ds[0][1]) and copy.cache.get(0) is not None
 
-def rooms_tensors(split, n, size=(48, 64)):
-    """n scenes of `split` at `size`: rgb and hha (n, 3, H, W) in [0, 1], depth (n, 1, H, W)
-    in metres, classes (n, H, W) (the 13 room classes as 0..12)."""
+def rooms_tensors(split, n, size=(48, 64), hha=True):
+    """n scenes of `split` at `size`: rgb and hha (n, 3, H, W) in [0, 1] (hha None when not
+    asked for), depth (n, 1, H, W) in metres, classes (n, H, W) (the 13 room classes as 0..12)."""
     ids = sorted(data.ROOM_IDS.values())
     lut = np.zeros(41, np.int64)
     lut[ids] = np.arange(len(ids))
     rgb, hha, depth, label = [], [], [], []
     for i in range(n):
         r, _, d, lab = data.rooms_scene(0, split, i, size)
-        rgb.append(r), hha.append(data.rooms_hha(d, data.rooms_camera(size))), depth.append(d)
+        rgb.append(r), depth.append(d)
+        if hha is not False:
+            hha.append(data.rooms_hha(d, data.rooms_camera(size)))
         label.append(lut[lab])
     to_chw = lambda a: torch.tensor(np.stack(a)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-    return to_chw(rgb), to_chw(hha), torch.tensor(np.stack(depth)[:, None] / 1000.0).float(), \
+    return to_chw(rgb), to_chw(hha) if hha else None, torch.tensor(np.stack(depth)[:, None] / 1000.0).float(), \
         torch.tensor(np.stack(label))
 
 
@@ -3545,10 +3547,10 @@ class DepthProbe(torch.nn.Module):
 @pytest.mark.slow
 def test_data_rooms_depth_is_learnable_from_rgb_beyond_position():
     """Log depth relative to each image's median, predicted from RGB alone by a small U-Net
-    (600 steps on 800 scenes of 36 x 48): closer to the truth (mean absolute error) than the
+    (400 steps on 800 scenes of 36 x 48): closer to the truth (mean absolute error) than the
     image's median and than the mean training value at each pixel position."""
-    (rgb, _, depth, _), (rgb_t, _, depth_t, _) = rooms_tensors('train', 800, (36, 48)), \
-        rooms_tensors('test', 40, (36, 48))
+    (rgb, _, depth, _), (rgb_t, _, depth_t, _) = rooms_tensors('train', 800, (36, 48), hha=False), \
+        rooms_tensors('test', 40, (36, 48), hha=False)
     relative = lambda d: d.log() - d.log().flatten(1).median(1).values.view(-1, 1, 1, 1)  # noqa: E731
     target, target_t = relative(depth), relative(depth_t)
     g = torch.Generator().manual_seed(0)
@@ -3556,8 +3558,8 @@ def test_data_rooms_depth_is_learnable_from_rgb_beyond_position():
         torch.manual_seed(0)
         net = DepthProbe()
     opt = torch.optim.Adam(net.parameters(), 2e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 600)
-    for step in range(600):
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 400)
+    for step in range(400):  # 0.87 of the position's error here, 0.83 after 600 steps
         idx = torch.randint(len(rgb), (16,), generator=g)
         x, y = (rgb[idx] - 0.5) / 0.25, target[idx]
         if step % 2:
