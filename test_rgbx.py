@@ -6275,10 +6275,10 @@ def test_study_outputs_never_land_in_a_dataset_or_a_run(tmp_path):
 
 
 def test_study_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
-    """study.run and study.pretraining: a file given as a folder, a bad --only pattern, flags
+    """study.run, study.pretraining and study.probes: a file given as a folder, a bad --only pattern, flags
     --tables would ignore, a missing results.json, and a --score file that is not a pre-training
     run end in one 'error:' line naming the flag, before any run starts."""
-    from study import pretraining
+    from study import pretraining, probes
     from study import run as study_run
     junk, weights, empty = tmp_path / 'junk.pth', tmp_path / 'weights.pth', tmp_path / 'empty'
     junk.write_text('not a checkpoint')
@@ -6293,7 +6293,10 @@ def test_study_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
             (pretraining.main, ['--tables', '--report', str(empty)], ['--tables', 'results.json', 'does not exist']),
             (pretraining.main, ['--score', str(junk)], ['--score', 'junk.pth', 'cannot read']),
             (pretraining.main, ['--score', str(weights)], ['--score', 'pre-training run']),
-            (pretraining.main, ['--report', str(junk)], ['--report', 'is a file'])):
+            (pretraining.main, ['--report', str(junk)], ['--report', 'is a file']),
+            (probes.main, ['--out', str(junk)], ['--out', 'is a file']),
+            (probes.main, ['--tables', '--jobs', '3'], ['--tables', '--jobs']),
+            (probes.main, ['--tables', '--report', str(empty)], ['--tables', 'results.json'])):
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err

@@ -154,6 +154,9 @@ def main(argv=None):
     p.add_argument('--tables', action='store_true', help='rewrite results.md from results.json, without training')
     args = p.parse_args(argv)
     if args.tables:
+        given = [f"--{k}" for k in ('quick', 'jobs', 'out') if getattr(args, k) != p.get_default(k)]
+        if given:
+            p.error(f"--tables only rewrites results.md (of --report) and takes no {' '.join(given)}")
         report = args.report or REPORT
         path = os.path.join(report, 'results.json')
         if not os.path.isfile(path):
