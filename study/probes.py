@@ -2,7 +2,8 @@
 validation run of the study (docs/study.md, "What the results say") in one thing that the
 write-up could not rule out, and compares it, paired by seed, with the run it varies.
 
-    python -m study.probes            # after study.run: its validation runs are read back, not redone
+    python -m study.probes            # after study.run: its validation runs are read back, not redone (42 min
+                                      # on 2 cores; alone, those runs are trained first: about an hour)
     python -m study.probes --quick    # every probe with a few steps, one seed, 8 scenes
     python -m study.probes --tables   # rewrite study/probes/results.md from its results.json
 
