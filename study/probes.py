@@ -89,13 +89,8 @@ def plan(seeds, steps, foundation_steps, pretrain):
             need = f"{change['from']}/{seed}" if 'from' in change else run['need']
             probes.append(dict(name=f'probe: {name}', seed=seed, key=f'probe: {name}/{seed}', need=need,
                                pretraining=False, config=config))
-    keep = {r['key'] for r in probes} | {f'{varies}/{s}' for _, varies, _, _ in PROBES for s in seeds}
-    while True:  # and every run these start from
-        more = keep | {r['need'] for r in [*base.values(), *probes] if r['key'] in keep and r['need']}
-        if more == keep:
-            break
-        keep = more
-    return [r for r in base.values() if r['key'] in keep] + probes
+    keys = {r['key'] for r in probes} | {f'{varies}/{s}' for _, varies, _, _ in PROBES for s in seeds}
+    return study_run.with_needs([*base.values(), *probes], keys)
 
 
 def row(results, name, columns):
@@ -162,8 +157,12 @@ def main(argv=None):
         path = os.path.join(report, 'results.json')
         if not os.path.isfile(path):
             p.error(f"--tables reads {path}, which does not exist: run `python -m study.probes` first")
-        with open(path) as f:
-            write_report(report, json.load(f))
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--tables cannot read {path} ({e}): rerun `python -m study.probes` to rewrite it")
+        write_report(report, saved)
         print(f"probes: rewrote {os.path.join(report, 'results.md')}")
         return 0
     if args.jobs < 1:

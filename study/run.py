@@ -279,14 +279,19 @@ def plan(seeds, steps, foundation_steps, choices=None, decide=False, only=''):
             runs.append(dict(name=name, seed=seed, key=f'{name}/{seed}', need=need, pretraining='stage=pretrain' in opts,
                              config={**config, **extra}))
     if only:
-        keep = {r['key'] for r in runs if re.search(only, r['name'])}
-        while True:  # and what they start from
-            more = keep | {r['need'] for r in runs if r['key'] in keep and r['need']}
-            if more == keep:
-                break
-            keep = more
-        runs = [r for r in runs if r['key'] in keep]
+        runs = with_needs(runs, {r['key'] for r in runs if re.search(only, r['name'])})
     return runs
+
+
+def with_needs(runs, keys):
+    """The runs whose key is in `keys`, and every run they start from, directly or not (in
+    the order of `runs`)."""
+    keep = set(keys)
+    while True:
+        more = keep | {r['need'] for r in runs if r['key'] in keep and r['need']}
+        if more == keep:
+            return [r for r in runs if r['key'] in keep]
+        keep = more
 
 
 def validation_plan(seeds, steps, foundation_steps, pretrain):
